@@ -1,1 +1,5 @@
+//! Job files (in progress).
+
+pub mod hostlist;
+
 pub struct JobSpec;
