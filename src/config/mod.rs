@@ -1,5 +1,275 @@
-//! Job files (in progress).
+//! Job files: TOML -> typed [`JobSpec`], Slurm hostlists, and the rank plan.
+//!
+//! The lowest layer of swarmrun: it knows nothing of networks or models, it
+//! only turns a job file into plain data every other module reads.
+//!
+//! # API
+//!
+//! - [`load`]`(path) -> Result<JobSpec, ConfigError>` reads and checks a file;
+//!   [`parse`]`(text, path)` does the same for text already in memory (`path`
+//!   is only used in error messages).
+//! - [`JobSpec`] has one field per section: [`JobMeta`] (`[job]`),
+//!   [`ModelSpec`], [`PipelineSpec`], `sites: Vec<`[`SiteSpec`]`>` (`[[site]]`),
+//!   [`RolesSpec`], [`NetworkSpec`], [`FaultsSpec`]. Defaults are applied and
+//!   every constraint below holds once `parse` returns `Ok`. Helpers:
+//!   [`JobMeta::run_dir`] and [`JobSpec::stage_layers`] resolve the two
+//!   defaults that depend on other fields.
+//! - String-typed values are parsed: [`Rendezvous`] (`tcp://host:port`,
+//!   `file:///abs/dir`, `slurm`; also `FromStr` + `Display` for the CLI),
+//!   [`Fabric`], [`Task`], and `max_frame` via [`parse_size`] into bytes.
+//! - [`hostlist::expand`]`(s) -> Result<Vec<String>, HostlistError>` expands
+//!   Slurm hostlists; `SiteSpec::hosts` is already expanded.
+//! - [`JobSpec::plan`]`(world_size: Option<usize>) -> Result<Plan, PlanError>`
+//!   maps ranks to sites, hosts, local ranks and [`Role`]s; [`Plan::render`]
+//!   is the table `swarmrun check` prints, [`Role::short_label`] the output
+//!   prefix label (`orch`, `val`, `miner s1`).
+//! - [`ConfigError::Invalid`] carries `file`, `line`, `column` (1-based),
+//!   `field` (`site[1].ranks_per_host`) and `message`, and displays as
+//!   ``FILE:LINE:COL: field `PATH`: MESSAGE``; [`ConfigError::Io`] names an
+//!   unreadable file.
+//!
+//! # Where errors point
+//!
+//! Type errors, unknown keys and missing fields come from serde while
+//! deserializing: `serde_path_to_error` supplies the field path and the toml
+//! error its byte span. Constraints that involve more than one value (layers
+//! summing to `n_layer`, unique site names) are checked after
+//! deserialization, on plain types; only when one fails is the text parsed
+//! again with `toml::de::DeTable`, which keeps spans, to find the offending
+//! value by its field path. This keeps `toml::Spanned` out of the public
+//! types, so the rest of the crate reads `spec.model.n_head`, not
+//! `spec.model.n_head.get_ref()`, and the valid path parses once.
 
+mod error;
 pub mod hostlist;
+mod validate;
+mod values;
 
-pub struct JobSpec;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use error::ConfigError;
+pub use hostlist::HostlistError;
+pub use values::{parse_size, Fabric, Rendezvous, RendezvousError, SizeError, Task};
+
+/// A whole job file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub job: JobMeta,
+    #[serde(default)]
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub pipeline: PipelineSpec,
+    /// `[[site]]` blocks in file order; at least one.
+    #[serde(rename = "site")]
+    pub sites: Vec<SiteSpec>,
+    #[serde(default)]
+    pub roles: RolesSpec,
+    #[serde(default)]
+    pub network: NetworkSpec,
+    #[serde(default)]
+    pub faults: FaultsSpec,
+}
+
+/// `[job]`: names the job and says what its ranks do.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMeta {
+    /// Non-empty, `[A-Za-z0-9_.-]` only, because it becomes part of paths
+    /// and of the job key derivation.
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// As written; `None` means `runs/<name>`. Use [`JobMeta::run_dir`].
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub task: Task,
+}
+
+impl JobMeta {
+    /// The directory for the job's logs, checkpoints and ledger; relative
+    /// paths are relative to the current directory, like every other tool
+    /// run from a shell.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("runs").join(&self.name))
+    }
+}
+
+/// `[model]`: a character-level GPT. Defaults are nanoGPT's small CPU
+/// shakespeare-char model, which trains in minutes on a laptop.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSpec {
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// Divisible by `n_head`.
+    pub n_embd: usize,
+    pub block_size: usize,
+    /// In `[0, 1)`.
+    pub dropout: f64,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec {
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            block_size: 64,
+            dropout: 0.0,
+        }
+    }
+}
+
+/// `[pipeline]`: how the model is cut into stages and fed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// In `1..=model.n_layer`, so every stage holds at least one block.
+    pub stages: usize,
+    /// Blocks per stage; `len == stages`, each >= 1, sum == `model.n_layer`.
+    /// `None` splits evenly; see [`JobSpec::stage_layers`].
+    pub layers: Option<Vec<usize>>,
+    pub microbatch_size: usize,
+    pub microbatches_per_window: usize,
+}
+
+impl Default for PipelineSpec {
+    fn default() -> Self {
+        PipelineSpec {
+            stages: 1,
+            layers: None,
+            microbatch_size: 12,
+            microbatches_per_window: 8,
+        }
+    }
+}
+
+/// One `[[site]]`: a group of hosts sharing a fast local fabric.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSpec {
+    /// Unique across sites.
+    pub name: String,
+    /// Expanded from the Slurm hostlist in the file, in order.
+    #[serde(deserialize_with = "deserialize_hostlist")]
+    pub hosts: Vec<String>,
+    /// At least 1.
+    #[serde(default = "one")]
+    pub ranks_per_host: u32,
+    #[serde(default)]
+    pub fabric: Fabric,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn deserialize_hostlist<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    hostlist::expand(&text).map_err(|e| serde::de::Error::custom(format!("bad hostlist: {e}")))
+}
+
+/// `[roles]`: how many ranks after the orchestrator are validators.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolesSpec {
+    pub validators: u32,
+}
+
+/// `[network]`: rendezvous, framing and timeouts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub rendezvous: Rendezvous,
+    /// Largest frame a peer may send, in bytes; in `4 KiB..=4 GiB`. Bounds the
+    /// memory one malicious or broken peer can make a rank allocate.
+    #[serde(deserialize_with = "values::deserialize_size")]
+    pub max_frame: usize,
+    /// Job key written by `swarmrun keygen`; relative to the current
+    /// directory.
+    pub key_file: Option<PathBuf>,
+    /// Seconds, > 0.
+    pub connect_timeout_s: f64,
+    /// Seconds, > 0.
+    pub collective_timeout_s: f64,
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        NetworkSpec {
+            rendezvous: Rendezvous::default(),
+            max_frame: 64 << 20,
+            key_file: None,
+            connect_timeout_s: 30.0,
+            collective_timeout_s: 60.0,
+        }
+    }
+}
+
+/// `[faults]`: fault injection, not designed yet. The section is accepted
+/// so job files can carry it, and any key in it is an error so that nobody
+/// believes a fault is being injected when it is not.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsSpec {}
+
+impl JobSpec {
+    /// Blocks per pipeline stage: `pipeline.layers` if given, else
+    /// `model.n_layer` split as evenly as possible with the earlier stages
+    /// taking the remainder (stage 0 also embeds, the last also computes the
+    /// loss, but the blocks dominate).
+    pub fn stage_layers(&self) -> Vec<usize> {
+        if let Some(layers) = &self.pipeline.layers {
+            return layers.clone();
+        }
+        let (n, s) = (self.model.n_layer, self.pipeline.stages);
+        (0..s).map(|i| n / s + usize::from(i < n % s)).collect()
+    }
+}
+
+/// Reads and checks the job file at `path`.
+pub fn load(path: &Path) -> Result<JobSpec, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and checks a job file's text; `path` only names it in errors.
+pub fn parse(text: &str, path: &Path) -> Result<JobSpec, ConfigError> {
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| ConfigError::at(text, path, e.span(), None, e.message()))?;
+    let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message();
+        // serde reports a missing field at the table that lacks it; name the
+        // field itself, so the path says what to add and where.
+        let field = match missing_field(message) {
+            Some(name) if field == "." => name.to_string(),
+            Some(name) => format!("{field}.{name}"),
+            None if field == "." => {
+                return ConfigError::at(text, path, inner.span(), None, message)
+            }
+            None => field,
+        };
+        ConfigError::at(text, path, inner.span(), Some(field), message)
+    })?;
+    validate::check(&spec).map_err(|v| {
+        let span = validate::locate(text, &v.field);
+        ConfigError::at(text, path, span, Some(v.field), v.message)
+    })?;
+    Ok(spec)
+}
+
+/// The field name in serde's "missing field `NAME`" message.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.strip_suffix('`')
+}

@@ -1,0 +1,201 @@
+//! Constraints serde cannot express, checked on the deserialized
+//! [`JobSpec`], and [`locate`], which finds the offending value in the text.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use toml::de::{DeTable, DeValue};
+
+use super::JobSpec;
+
+/// The first broken constraint: the field path as written in the file
+/// (`site[1].name`) and what is wrong with it.
+#[derive(Debug)]
+pub(crate) struct Violation {
+    pub field: String,
+    pub message: String,
+}
+
+fn violation(field: impl Into<String>, message: impl Into<String>) -> Result<(), Violation> {
+    Err(Violation {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+const MIN_FRAME: usize = 4 << 10;
+const MAX_FRAME: u64 = 4 << 30;
+
+/// Checks the constraints documented on the `JobSpec` fields, in file order,
+/// and reports the first one broken.
+pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
+    check_name("job.name", &spec.job.name)?;
+
+    let m = &spec.model;
+    for (field, value) in [
+        ("n_layer", m.n_layer),
+        ("n_head", m.n_head),
+        ("n_embd", m.n_embd),
+        ("block_size", m.block_size),
+    ] {
+        if value == 0 {
+            return violation(format!("model.{field}"), "must be at least 1");
+        }
+    }
+    if m.n_embd % m.n_head != 0 {
+        return violation(
+            "model.n_embd",
+            format!(
+                "n_embd = {} is not divisible by n_head = {}",
+                m.n_embd, m.n_head
+            ),
+        );
+    }
+    if !(0.0..1.0).contains(&m.dropout) {
+        return violation("model.dropout", format!("{} is not in [0, 1)", m.dropout));
+    }
+
+    let p = &spec.pipeline;
+    if p.stages == 0 {
+        return violation("pipeline.stages", "must be at least 1");
+    }
+    if p.stages > m.n_layer {
+        return violation(
+            "pipeline.stages",
+            format!(
+                "{} stages cannot share n_layer = {} blocks; every stage needs at least one",
+                p.stages, m.n_layer
+            ),
+        );
+    }
+    if let Some(layers) = &p.layers {
+        if layers.len() != p.stages {
+            return violation(
+                "pipeline.layers",
+                format!(
+                    "has {} entries but stages = {}; give one block count per stage",
+                    layers.len(),
+                    p.stages
+                ),
+            );
+        }
+        if let Some(i) = layers.iter().position(|&n| n == 0) {
+            return violation(
+                format!("pipeline.layers[{i}]"),
+                "every stage needs at least one block",
+            );
+        }
+        let sum: usize = layers.iter().sum();
+        if sum != m.n_layer {
+            return violation(
+                "pipeline.layers",
+                format!("sums to {sum} but model.n_layer = {}", m.n_layer),
+            );
+        }
+    }
+    if p.microbatch_size == 0 {
+        return violation("pipeline.microbatch_size", "must be at least 1");
+    }
+    if p.microbatches_per_window == 0 {
+        return violation("pipeline.microbatches_per_window", "must be at least 1");
+    }
+
+    if spec.sites.is_empty() {
+        return violation("site", "at least one [[site]] is required");
+    }
+    let mut seen = HashMap::new();
+    for (i, site) in spec.sites.iter().enumerate() {
+        check_name(&format!("site[{i}].name"), &site.name)?;
+        if let Some(first) = seen.insert(site.name.as_str(), i) {
+            return violation(
+                format!("site[{i}].name"),
+                format!("duplicate site name `{}` (also site[{first}])", site.name),
+            );
+        }
+        if site.ranks_per_host == 0 {
+            return violation(format!("site[{i}].ranks_per_host"), "must be at least 1");
+        }
+    }
+
+    let n = &spec.network;
+    if n.max_frame < MIN_FRAME || n.max_frame as u64 > MAX_FRAME {
+        return violation(
+            "network.max_frame",
+            format!("{} bytes is outside 4KiB..=4GiB", n.max_frame),
+        );
+    }
+    for (field, value) in [
+        ("connect_timeout_s", n.connect_timeout_s),
+        ("collective_timeout_s", n.collective_timeout_s),
+    ] {
+        if !(value > 0.0 && value.is_finite()) {
+            return violation(
+                format!("network.{field}"),
+                format!("{value} is not a positive number of seconds"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Job and site names end up in paths, log prefixes and key derivation, so
+/// they are limited to characters that are safe in all three.
+fn check_name(field: &str, name: &str) -> Result<(), Violation> {
+    if name.is_empty() {
+        return violation(field, "must not be empty");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return violation(
+            field,
+            format!("{c:?} is not allowed; use only A-Z a-z 0-9 _ . -"),
+        );
+    }
+    Ok(())
+}
+
+/// Byte span of the value at `field` (`a.b[2].c`) in `text`. When the value
+/// is not written in the file (a default broke a constraint), the span of the
+/// nearest enclosing table or array that is; `None` if the text does not
+/// parse, which cannot happen for text that deserialized.
+pub(crate) fn locate(text: &str, field: &str) -> Option<Range<usize>> {
+    let root = DeTable::parse(text).ok()?;
+    let mut span = root.span();
+    let root = DeValue::Table(root.into_inner());
+    let mut node = &root;
+    for step in steps(field) {
+        let next = match step {
+            Step::Key(key) => node.get(key),
+            Step::Index(i) => node.get(i),
+        };
+        let Some(next) = next else { break };
+        span = next.span();
+        node = next.get_ref();
+    }
+    Some(span)
+}
+
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Splits `site[1].hosts` into `site`, `1`, `hosts`. Keys of a job file are
+/// plain identifiers, so `.` and `[` never occur inside one.
+fn steps(field: &str) -> Vec<Step<'_>> {
+    let mut out = Vec::new();
+    for part in field.split('.') {
+        let mut pieces = part.split('[');
+        if let Some(key) = pieces.next().filter(|k| !k.is_empty()) {
+            out.push(Step::Key(key));
+        }
+        for index in pieces {
+            if let Ok(i) = index.trim_end_matches(']').parse() {
+                out.push(Step::Index(i));
+            }
+        }
+    }
+    out
+}
