@@ -42,6 +42,7 @@
 
 mod error;
 pub mod hostlist;
+mod plan;
 mod validate;
 mod values;
 
@@ -51,6 +52,7 @@ use serde::Deserialize;
 
 pub use error::ConfigError;
 pub use hostlist::HostlistError;
+pub use plan::{Plan, PlanError, RankPlan, Role};
 pub use values::{parse_size, Fabric, Rendezvous, RendezvousError, SizeError, Task};
 
 /// A whole job file.
