@@ -10,8 +10,9 @@
 //!   is only used in error messages).
 //! - [`JobSpec`] has one field per section: [`JobMeta`] (`[job]`),
 //!   [`ModelSpec`], [`PipelineSpec`], `sites: Vec<`[`SiteSpec`]`>` (`[[site]]`),
-//!   [`RolesSpec`], [`NetworkSpec`], [`FaultsSpec`]. Defaults are applied and
-//!   every constraint below holds once `parse` returns `Ok`. Helpers:
+//!   [`RolesSpec`], [`NetworkSpec`], [`FaultsSpec`]. Once `parse` returns
+//!   `Ok`, defaults are filled in and the constraints documented on the
+//!   fields hold. Helpers:
 //!   [`JobMeta::run_dir`] and [`JobSpec::stage_layers`] resolve the two
 //!   defaults that depend on other fields.
 //! - String-typed values are parsed: [`Rendezvous`] (`tcp://host:port`,
@@ -20,7 +21,9 @@
 //! - [`hostlist::expand`]`(s) -> Result<Vec<String>, HostlistError>` expands
 //!   Slurm hostlists; `SiteSpec::hosts` is already expanded.
 //! - [`JobSpec::plan`]`(world_size: Option<usize>) -> Result<Plan, PlanError>`
-//!   maps ranks to sites, hosts, local ranks and [`Role`]s; [`Plan::render`]
+//!   maps ranks to sites, hosts, local ranks and [`Role`]s ([`Plan`] =
+//!   `job_name`, `task`, `stages`, `rendezvous`, `ranks: Vec<`[`RankPlan`]`>`,
+//!   `RankPlan` = `rank`, `site`, `host`, `local_rank`, `role`); [`Plan::render`]
 //!   is the table `swarmrun check` prints, [`Role::short_label`] the output
 //!   prefix label (`orch`, `val`, `miner s1`).
 //! - [`ConfigError::Invalid`] carries `file`, `line`, `column` (1-based),
@@ -30,15 +33,20 @@
 //!
 //! # Where errors point
 //!
-//! Type errors, unknown keys and missing fields come from serde while
-//! deserializing: `serde_path_to_error` supplies the field path and the toml
-//! error its byte span. Constraints that involve more than one value (layers
-//! summing to `n_layer`, unique site names) are checked after
-//! deserialization, on plain types; only when one fails is the text parsed
-//! again with `toml::de::DeTable`, which keeps spans, to find the offending
-//! value by its field path. This keeps `toml::Spanned` out of the public
-//! types, so the rest of the crate reads `spec.model.n_head`, not
-//! `spec.model.n_head.get_ref()`, and the valid path parses once.
+//! Type errors, unknown keys, missing fields and the string conversions
+//! (hostlists, rendezvous, sizes, enums) fail while deserializing:
+//! `serde_path_to_error` supplies the field path and the toml error its byte
+//! span (a missing field is reported at the header of the table that lacks
+//! it, with the field's own path). Range and cross-field constraints (ranks
+//! per host >= 1, layers summing to `n_layer`, unique site names) are checked
+//! afterwards on plain types; only when one fails is the text parsed again
+//! with `toml::de::DeTable`, which keeps spans, to find the offending value
+//! by its field path (or, for a default that breaks a constraint, its
+//! enclosing table). This keeps `toml::Spanned` out of the public types, so
+//! the rest of the crate reads `spec.model.n_head`, not
+//! `spec.model.n_head.get_ref()`, and a valid file is parsed once. toml's
+//! `preserve_order` feature makes the first error reported the first one in
+//! the file.
 
 mod error;
 pub mod hostlist;
@@ -80,7 +88,7 @@ pub struct JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct JobMeta {
     /// Non-empty, `[A-Za-z0-9_.-]` only, because it becomes part of paths
-    /// and of the job key derivation.
+    /// (`runs/<name>`) and of log lines.
     pub name: String,
     #[serde(default)]
     pub seed: u64,

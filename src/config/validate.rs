@@ -138,8 +138,8 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     Ok(())
 }
 
-/// Job and site names end up in paths, log prefixes and key derivation, so
-/// they are limited to characters that are safe in all three.
+/// Job and site names end up in paths and log lines, so they are limited to
+/// characters that are safe in both.
 fn check_name(field: &str, name: &str) -> Result<(), Violation> {
     if name.is_empty() {
         return violation(field, "must not be empty");
