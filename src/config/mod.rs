@@ -81,6 +81,8 @@ pub struct JobSpec {
     pub network: NetworkSpec,
     #[serde(default)]
     pub faults: FaultsSpec,
+    #[serde(default)]
+    pub hello: HelloSpec,
 }
 
 /// `[job]`: names the job and says what its ranks do.
@@ -222,12 +224,49 @@ impl Default for NetworkSpec {
     }
 }
 
-/// `[faults]`: fault injection, not designed yet. The section is accepted
-/// so job files can carry it, and any key in it is an error so that nobody
-/// believes a fault is being injected when it is not.
+/// `[faults]`: faults injected on purpose, to test how the launcher and the
+/// surviving ranks cope. Unknown keys are errors so that nobody believes a
+/// fault is being injected when it is not.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultsSpec {
+    /// `[[faults.crash]]`: ranks that exit on their own after joining.
+    pub crash: Vec<CrashFault>,
+}
+
+/// One rank that exits with `exit_code` (1..=255) `after_s` seconds after
+/// it has joined the job.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FaultsSpec {}
+pub struct CrashFault {
+    pub rank: usize,
+    pub exit_code: i32,
+    #[serde(default)]
+    pub after_s: f64,
+}
+
+/// `[hello]`: the smoke job's ring (used when `job.task = "hello"`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HelloSpec {
+    /// Times the token goes around the ring.
+    pub rounds: usize,
+    /// Token size in bytes.
+    pub token_bytes: usize,
+    /// Seconds every rank stays alive after the barrier (for watching a job
+    /// or testing signals).
+    pub hold_s: f64,
+}
+
+impl Default for HelloSpec {
+    fn default() -> Self {
+        HelloSpec {
+            rounds: 10,
+            token_bytes: 1024,
+            hold_s: 0.0,
+        }
+    }
+}
 
 impl JobSpec {
     /// Blocks per pipeline stage: `pipeline.layers` if given, else

@@ -135,6 +135,27 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             );
         }
     }
+
+    for (i, c) in spec.faults.crash.iter().enumerate() {
+        if !(1..=255).contains(&c.exit_code) {
+            return violation(
+                format!("faults.crash[{i}].exit_code"),
+                format!("{} is not an exit status in 1..=255", c.exit_code),
+            );
+        }
+        if !(c.after_s >= 0.0 && c.after_s.is_finite()) {
+            return violation(
+                format!("faults.crash[{i}].after_s"),
+                format!("{} is not a non-negative number of seconds", c.after_s),
+            );
+        }
+    }
+    if !(spec.hello.hold_s >= 0.0 && spec.hello.hold_s.is_finite()) {
+        return violation(
+            "hello.hold_s",
+            format!("{} is not a non-negative number of seconds", spec.hello.hold_s),
+        );
+    }
     Ok(())
 }
 

@@ -66,12 +66,11 @@ impl FromStr for Rendezvous {
         if host.is_empty() || host.contains(['/', '[', ']']) {
             return Err(fail("missing or malformed host"));
         }
+        // Port 0 is allowed: `swarmrun launch` then picks a free port, as
+        // torchrun's --standalone does; `swarmrun rank` refuses it.
         let port: u16 = port
             .parse()
-            .map_err(|_| fail("port is not a number in 1..=65535"))?;
-        if port == 0 {
-            return Err(fail("port is not a number in 1..=65535"));
-        }
+            .map_err(|_| fail("port is not a number in 0..=65535"))?;
         Ok(Rendezvous::Tcp {
             host: host.to_string(),
             port,
@@ -233,8 +232,7 @@ mod tests {
             ("udp://h:1", "unknown scheme"),
             ("tcp://host", "missing :PORT"),
             ("tcp://:29500", "missing or malformed host"),
-            ("tcp://h:0", "port is not a number in 1..=65535"),
-            ("tcp://h:70000", "port is not a number in 1..=65535"),
+            ("tcp://h:70000", "port is not a number in 0..=65535"),
             ("tcp://[::1:5", "unclosed `[` in host"),
             ("file://rel/dir", "the directory must be an absolute path"),
             ("", "unknown scheme"),
