@@ -13,7 +13,7 @@ use std::path::PathBuf;
 pub enum WireError {
     /// The peer does not speak the swarmrun protocol at all (a port scanner,
     /// an HTTP client, a stray connection to the wrong port).
-    #[error("{peer}: not a swarmrun peer (bad magic {got:02x?})")]
+    #[error("{peer}: not a swarmrun peer (bad magic \"{}\")", got.escape_ascii())]
     BadMagic { peer: SocketAddr, got: [u8; 4] },
 
     /// The peer speaks another version of the wire protocol.

@@ -21,3 +21,14 @@ pub use error::WireError;
 pub use frame::{Frame, FrameHeader, FrameKind};
 pub use key::{JobKey, KEY_ENV, KEY_LEN};
 pub use stream::{job_id, AuthStream, FrameReader, FrameWriter, Hello, StreamOptions};
+
+use std::time::{Duration, Instant};
+
+/// Longest timeout honoured as given; longer ones (such as `Duration::MAX`,
+/// meaning "practically never") are cut to this so `Instant` cannot overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The instant `timeout` from now, without the overflow panic of `+`.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    Instant::now() + timeout.min(MAX_TIMEOUT)
+}

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use constant_time_eq::constant_time_eq_n;
 
 use super::frame::{Frame, FrameHeader, FrameKind, HEADER_LEN, MAC_LEN, MAGIC, VERSION};
-use super::{JobKey, WireError};
+use super::{deadline_after, JobKey, WireError};
 
 /// Socket buffer size on each side: large enough that a header, a modest
 /// payload and its MAC go out in one system call; payloads larger than this
@@ -342,7 +342,7 @@ struct Handshake {
 
 impl Handshake {
     fn start(stream: TcpStream, opts: StreamOptions) -> Result<Handshake, WireError> {
-        let deadline = Instant::now() + opts.handshake_timeout;
+        let deadline = deadline_after(opts.handshake_timeout);
         let peer = stream.peer_addr().map_err(WireError::PeerAddr)?;
         let setup = |e| WireError::from_io(peer, "setting up the socket", e);
         // Small frames (barriers, receipts) must not wait for Nagle's timer.
