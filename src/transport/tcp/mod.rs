@@ -33,7 +33,8 @@
 //! [`TcpTransport::shutdown`] (also run on drop) sends each peer a `Close`
 //! frame, so it sees a clean exit as `PeerLost` at once instead of a timeout,
 //! waits briefly for peers to finish reading, then closes every socket and
-//! joins every thread.
+//! joins every thread. A peer's goodbye is not logged, since every job ends
+//! that way; any other loss of a peer is.
 
 use std::fmt;
 use std::net::{SocketAddr, TcpListener, TcpStream};
