@@ -1,0 +1,82 @@
+//! Point-to-point messaging between the ranks of a job.
+//!
+//! [`Transport`] is the communicator the collectives are generic over, the
+//! way rsmpi's collectives are generic over a communicator: tagged,
+//! ordered, reliable messages between dense ranks `0..size`, with deadlines,
+//! because on unreliable machines a wait without one is a hang. Sending to
+//! one's own rank works like sending to any other, so collectives need no
+//! special case for it.
+//!
+//! [`TcpTransport`] is the implementation between hosts and sites: a full
+//! mesh of [`crate::wire::AuthStream`]s.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+mod tcp;
+
+pub use tcp::{TcpOptions, TcpTransport};
+
+/// Tagged point-to-point messages between the ranks of one job.
+pub trait Transport: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Sends one message; messages between one pair with one tag arrive in order.
+    fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError>;
+    /// Waits for the next message from `from` with `tag` until `deadline`.
+    fn recv_deadline(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError>;
+    /// recv with the transport's default timeout.
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError>;
+}
+
+/// Why a message could not be sent or received.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The connection to `rank` is gone: it closed or reset, or was dropped
+    /// for breaking the protocol (bad MAC, oversized frame, ...). `reason`
+    /// names the peer's address and what happened. Messages that arrived
+    /// before the loss are still delivered.
+    #[error("lost rank {rank}: {reason}")]
+    PeerLost { rank: usize, reason: String },
+
+    /// Nothing arrived from `rank` with `tag` before the deadline; the
+    /// connection itself is still up.
+    #[error("timed out waiting for a message from rank {rank} with tag {tag}")]
+    Timeout { rank: usize, tag: u64 },
+
+    /// While setting up the mesh, `rank` answered but was not acceptable
+    /// (another key or job, or not the rank its address belongs to).
+    #[error("rank {rank} failed the handshake: {reason}")]
+    Protocol { rank: usize, reason: String },
+
+    #[error("rank {rank} does not exist (the job has {size} ranks)")]
+    NoSuchRank { rank: usize, size: usize },
+
+    /// Connecting to `rank` kept failing until the connect timeout.
+    #[error("cannot reach rank {rank} at {addr}: {reason}")]
+    Unreachable {
+        rank: usize,
+        addr: SocketAddr,
+        reason: String,
+    },
+
+    /// These ranks never connected to us within the connect timeout.
+    #[error("ranks {ranks:?} did not connect within {waited:?}")]
+    MissingPeers { ranks: Vec<usize>, waited: Duration },
+
+    #[error("invalid transport options: {0}")]
+    InvalidOptions(String),
+
+    /// Local resources failed (the listener, spawning a thread).
+    #[error("{during}: {source}")]
+    Io {
+        during: &'static str,
+        source: io::Error,
+    },
+}

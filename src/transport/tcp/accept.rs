@@ -1,0 +1,117 @@
+//! The acceptor: admits higher ranks into the mesh, for the transport's
+//! whole lifetime, and turns everyone else away without disturbing the job.
+
+use std::io;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use super::state::{lock, Shared};
+use crate::wire::AuthStream;
+
+/// How often the non-blocking listener is polled. Polling, rather than a
+/// blocking accept, is what lets shutdown stop the acceptor without having
+/// to connect to itself; 20 ms is invisible next to a mesh setup.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// Handshakes allowed in flight at once. Each ends within the handshake
+/// timeout, so this bounds the threads a flood of connections can cost.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// A handshake in progress.
+struct Pending {
+    thread: JoinHandle<()>,
+    abort: AbortHandle,
+}
+
+/// A second handle on a socket in handshake, for the acceptor to cut it at
+/// shutdown. The handshake thread disarms it once the handshake is done, so
+/// cutting can never hit a connection that has become a live link.
+type AbortHandle = Arc<Mutex<Option<TcpStream>>>;
+
+pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut pending: Vec<Pending> = Vec::new();
+    while !shared.stopping() {
+        let (done, running): (Vec<_>, Vec<_>) =
+            pending.into_iter().partition(|p| p.thread.is_finished());
+        pending = running;
+        done.into_iter().for_each(|p| {
+            let _ = p.thread.join();
+        });
+        match listener.accept() {
+            Ok((stream, addr)) => {
+                if pending.len() >= MAX_PENDING_HANDSHAKES {
+                    shared.log(format_args!(
+                        "rejected connection from {addr}: too many handshakes in progress"
+                    ));
+                    continue;
+                }
+                match start_handshake(&shared, stream) {
+                    Ok(started) => pending.push(started),
+                    Err(e) => {
+                        shared.log(format_args!("rejected connection from {addr}: {e}"));
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // Out of file descriptors and the like: say so, and back off
+                // instead of spinning on the error.
+                shared.log(format_args!("accept failed: {e}"));
+                thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+    for p in pending {
+        if let Some(socket) = lock(&p.abort).take() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        let _ = p.thread.join();
+    }
+}
+
+fn start_handshake(shared: &Arc<Shared>, stream: TcpStream) -> io::Result<Pending> {
+    // Accepted sockets inherit non-blocking mode on some platforms.
+    stream.set_nonblocking(false)?;
+    let abort: AbortHandle = Arc::new(Mutex::new(Some(stream.try_clone()?)));
+    let shared = Arc::clone(shared);
+    let disarm = Arc::clone(&abort);
+    let thread = thread::Builder::new()
+        .name("swarmrun-handshake".into())
+        .spawn(move || {
+            if let Err(reason) = admit(&shared, stream, &disarm) {
+                if !shared.stopping() {
+                    // `reason` names the address already.
+                    shared.log(format_args!("rejected connection: {reason}"));
+                }
+            }
+        })?;
+    Ok(Pending { thread, abort })
+}
+
+/// Authenticates one incoming connection and, if it is a rank that should
+/// connect to us and has not yet, links it in.
+fn admit(shared: &Arc<Shared>, stream: TcpStream, abort: &AbortHandle) -> Result<(), String> {
+    let (stream, hello) =
+        AuthStream::server(stream, &shared.key, shared.hello, shared.stream_options())
+            .map_err(|e| e.to_string())?;
+    lock(abort).take();
+    let addr = stream.peer_addr();
+    let src = usize::try_from(hello.rank).unwrap_or(usize::MAX);
+    let size = shared.peers.len();
+    if src >= size {
+        return Err(format!(
+            "{addr}: claims rank {}, but the job has {size} ranks",
+            hello.rank
+        ));
+    }
+    if src <= shared.rank {
+        return Err(format!(
+            "{addr}: claims rank {src}, but only higher ranks connect to rank {}",
+            shared.rank
+        ));
+    }
+    shared.install(src, stream)
+}

@@ -1,0 +1,340 @@
+//! [`Transport`] over authenticated TCP: the path between hosts and sites.
+//!
+//! # Mesh
+//!
+//! Every pair of ranks shares one [`AuthStream`]. Rank `i` dials every rank
+//! `j < i` (retrying with backoff until the connect timeout, since ranks
+//! start at different times) and accepts every `j > i`, so each pair
+//! connects exactly once and nobody waits on a cycle. The acceptor keeps
+//! running after setup: a connection that fails the handshake (another key
+//! or job, garbage) or claims a rank that is out of range or already
+//! connected is logged to stderr with its address and the reason, closed,
+//! and the job goes on.
+//!
+//! # Receiving
+//!
+//! One reader thread per peer verifies frames and files each message into a
+//! per-(source, tag) queue, so `recv` on one tag never blocks behind another.
+//! A frame that breaks the protocol (bad MAC, oversized, bad magic, unknown
+//! kind) ends that peer's link: the reason, naming its rank and address, is
+//! logged and returned by every later `recv` from it as
+//! [`TransportError::PeerLost`]; other peers carry on.
+//!
+//! # Sending
+//!
+//! Each link's writer sits behind its own mutex, held for a whole message.
+//! A message larger than `max_frame` goes as `DataMore` frames followed by a
+//! final `Data` frame, and the reader joins them, so big tensors need no big
+//! frame limit (which is also the most any single frame can make a receiver
+//! allocate up front).
+//!
+//! # Shutdown
+//!
+//! [`TcpTransport::shutdown`] (also run on drop) sends each peer a `Close`
+//! frame, so it sees a clean exit as `PeerLost` at once instead of a timeout,
+//! waits briefly for peers to finish reading, then closes every socket and
+//! joins every thread. A peer's goodbye is not logged, since every job ends
+//! that way; any other loss of a peer is.
+
+use std::fmt;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, TryLockError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use super::{Transport, TransportError};
+use crate::wire::{deadline_after, AuthStream, FrameKind, FrameWriter, Hello, JobKey, WireError};
+
+mod accept;
+mod state;
+
+use state::{lock, Loss, Shared};
+
+/// First and largest pause between attempts to reach a rank that is not
+/// listening yet: quick when it is a moment late, gentle when it is minutes.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// How long shutdown waits for peers to acknowledge our `Close` before
+/// cutting the connections.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Limits and timeouts of a [`TcpTransport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// Largest frame payload, in bytes; longer messages are split. At most
+    /// `u32::MAX`, the wire's length field.
+    pub max_frame: usize,
+    /// How long [`TcpTransport::connect`] may take to build the whole mesh.
+    pub connect_timeout: Duration,
+    /// Deadline of [`Transport::recv`], and how long a send may make no
+    /// progress before its peer is declared lost.
+    pub default_timeout: Duration,
+    /// How long one handshake may take; bounds how long a silent connection
+    /// can occupy the acceptor.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> TcpOptions {
+        TcpOptions {
+            max_frame: 8 << 20,
+            connect_timeout: Duration::from_secs(60),
+            default_timeout: Duration::from_secs(300),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A full mesh of authenticated TCP connections between the ranks of a job.
+pub struct TcpTransport {
+    shared: Arc<Shared>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl TcpTransport {
+    /// Joins the mesh as `rank`. `listener` is this rank's bound listener and
+    /// `peers[r]` the address rank `r` listens on (our own entry included,
+    /// so every rank can be handed the same list). Returns once a link to
+    /// every other rank is up, or fails after `opts.connect_timeout`.
+    pub fn connect(
+        rank: usize,
+        listener: TcpListener,
+        peers: &[SocketAddr],
+        key: &JobKey,
+        job_name: &str,
+        opts: TcpOptions,
+    ) -> Result<TcpTransport, TransportError> {
+        let size = peers.len();
+        if rank >= size {
+            return Err(TransportError::NoSuchRank { rank, size });
+        }
+        let wire_rank = u32::try_from(rank).map_err(|_| {
+            TransportError::InvalidOptions(format!("rank {rank} does not fit in 32 bits"))
+        })?;
+        if opts.max_frame == 0 || u32::try_from(opts.max_frame).is_err() {
+            return Err(TransportError::InvalidOptions(format!(
+                "max_frame is {}, must be between 1 and {}",
+                opts.max_frame,
+                u32::MAX
+            )));
+        }
+        if opts.default_timeout.is_zero() || opts.handshake_timeout.is_zero() {
+            return Err(TransportError::InvalidOptions(
+                "default_timeout and handshake_timeout must not be zero".into(),
+            ));
+        }
+        let deadline = deadline_after(opts.connect_timeout);
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| TransportError::Io {
+                during: "setting up the listener",
+                source,
+            })?;
+
+        let hello = Hello::new(wire_rank, job_name);
+        let shared = Arc::new(Shared::new(rank, size, key.clone(), hello, opts));
+        // Built before anything can fail, so that a failed connect shuts
+        // down whatever it started, through Drop.
+        let transport = TcpTransport {
+            shared: Arc::clone(&shared),
+            acceptor: Mutex::new(None),
+        };
+        let acceptor = thread::Builder::new()
+            .name("swarmrun-accept".into())
+            .spawn(move || accept::accept_loop(shared, listener))
+            .map_err(|source| TransportError::Io {
+                during: "starting the acceptor thread",
+                source,
+            })?;
+        *lock(&transport.acceptor) = Some(acceptor);
+
+        for (to, addr) in peers.iter().enumerate().take(rank) {
+            transport.dial(to, *addr, deadline)?;
+        }
+        let missing: Vec<usize> = (rank + 1..size)
+            .filter(|&from| transport.shared.wait_connected(from, deadline))
+            .collect();
+        if !missing.is_empty() {
+            return Err(TransportError::MissingPeers {
+                ranks: missing,
+                waited: opts.connect_timeout,
+            });
+        }
+        Ok(transport)
+    }
+
+    /// Connects to lower rank `to`, retrying while it is not up yet. A peer
+    /// that answers but fails the handshake is not retried: another key or
+    /// job will not fix itself.
+    fn dial(&self, to: usize, addr: SocketAddr, deadline: Instant) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        let mut backoff = FIRST_BACKOFF;
+        let mut last_error = String::from("connect timeout elapsed before the first attempt");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Unreachable {
+                    rank: to,
+                    addr,
+                    reason: last_error,
+                });
+            }
+            let handshake = TcpStream::connect_timeout(&addr, left)
+                .map_err(|e| WireError::from_io(addr, "connecting", e))
+                .and_then(|stream| {
+                    AuthStream::client(stream, &shared.key, shared.hello, shared.stream_options())
+                });
+            match handshake {
+                Ok((stream, hello)) if usize::try_from(hello.rank) == Ok(to) => {
+                    return shared
+                        .install(to, stream)
+                        .map_err(|reason| TransportError::Protocol { rank: to, reason });
+                }
+                Ok((_, hello)) => {
+                    return Err(TransportError::Protocol {
+                        rank: to,
+                        reason: format!("{addr}: answered as rank {}", hello.rank),
+                    })
+                }
+                Err(e) if e.is_transient() => last_error = e.to_string(),
+                Err(e) => {
+                    return Err(TransportError::Protocol {
+                        rank: to,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+            thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Says goodbye to every peer, closes every connection and joins every
+    /// thread. Idempotent; also run on drop. Waits at most about a second
+    /// for peers to acknowledge, so a hung peer cannot hang us.
+    pub fn shutdown(&self) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // The acceptor first, so no new link appears behind our back.
+        if let Some(acceptor) = lock(&self.acceptor).take() {
+            let _ = acceptor.join();
+        }
+        let remote = || (0..self.shared.peers.len()).filter(|&r| r != self.shared.rank);
+        for rank in remote() {
+            self.say_goodbye(rank);
+        }
+        let grace = Instant::now() + CLOSE_GRACE;
+        for rank in remote() {
+            self.shared.wait_not_up(rank, grace);
+        }
+        for rank in remote() {
+            let reason = "this transport was shut down".to_string();
+            self.shared.mark_lost(rank, Loss::Goodbye(reason));
+        }
+        for reader in self.shared.take_readers() {
+            let _ = reader.join();
+        }
+    }
+
+    /// Sends `Close` unless a sender is busy on the link (then the peer
+    /// learns of our exit from the closed socket instead), and half-closes.
+    fn say_goodbye(&self, rank: usize) {
+        if self.shared.lost_reason(rank).is_some() {
+            return;
+        }
+        let Some(peer) = self.shared.peers.get(rank) else {
+            return;
+        };
+        let mut writer = match peer.writer.try_lock() {
+            Ok(writer) => Some(writer),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(writer) = writer.as_mut().and_then(|w| w.as_mut()) {
+            let _ = writer.send(FrameKind::Close, 0, &[]);
+        }
+        self.shared.half_close(rank);
+    }
+}
+
+impl fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("rank", &self.shared.rank)
+            .field("size", &self.shared.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.shared.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.peers.len()
+    }
+
+    fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
+        let peer = self.shared.peer(to)?;
+        if to == self.shared.rank {
+            self.shared.deliver(to, tag, payload.to_vec());
+            return Ok(());
+        }
+        let lost = |reason| TransportError::PeerLost { rank: to, reason };
+        if let Some(reason) = self.shared.lost_reason(to) {
+            return Err(lost(reason));
+        }
+        let mut writer = lock(&peer.writer);
+        let Some(writer) = writer.as_mut() else {
+            return Err(lost("not connected".into()));
+        };
+        send_message(writer, tag, payload, self.shared.opts.max_frame)
+            .map_err(|e| lost(self.shared.mark_lost(to, Loss::Failure(e.to_string()))))
+    }
+
+    fn recv_deadline(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.shared.take(from, tag, deadline)
+    }
+
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
+        self.recv_deadline(from, tag, deadline_after(self.shared.opts.default_timeout))
+    }
+}
+
+/// Sends `payload` as one `Data` frame, or as `DataMore` frames of
+/// `max_frame` bytes followed by a final `Data` frame.
+fn send_message(
+    writer: &mut FrameWriter,
+    tag: u64,
+    payload: &[u8],
+    max_frame: usize,
+) -> Result<(), WireError> {
+    let mut chunks = payload.chunks(max_frame).peekable();
+    if chunks.peek().is_none() {
+        return writer.send(FrameKind::Data, tag, &[]);
+    }
+    while let Some(chunk) = chunks.next() {
+        let kind = if chunks.peek().is_some() {
+            FrameKind::DataMore
+        } else {
+            FrameKind::Data
+        };
+        writer.send(kind, tag, chunk)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! State shared by a transport's caller threads, its acceptor and its
+//! per-peer reader threads.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use super::TcpOptions;
+use crate::transport::TransportError;
+use crate::wire::{AuthStream, FrameKind, FrameReader, FrameWriter, Hello, JobKey, StreamOptions};
+
+pub(super) struct Shared {
+    pub(super) rank: usize,
+    pub(super) key: JobKey,
+    pub(super) hello: Hello,
+    pub(super) opts: TcpOptions,
+    /// Indexed by rank. Our own entry only ever holds loopback messages.
+    pub(super) peers: Vec<Peer>,
+    pub(super) stopping: AtomicBool,
+    readers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+pub(super) struct Peer {
+    inbox: Mutex<Inbox>,
+    /// Signalled when a message arrives or the link changes state.
+    changed: Condvar,
+    /// Held for a whole message, so chunks of two messages never interleave.
+    pub(super) writer: Mutex<Option<FrameWriter>>,
+}
+
+struct Inbox {
+    queues: HashMap<u64, VecDeque<Vec<u8>>>,
+    link: Link,
+}
+
+enum Link {
+    /// Not connected yet (and, for our own rank, never).
+    Waiting,
+    /// Connected; `socket` is a second handle so the link can be shut down
+    /// while its reader or a writer is blocked on it.
+    Up { socket: TcpStream, addr: SocketAddr },
+    /// Gone for good, and why.
+    Down(String),
+}
+
+/// Why a link went down.
+pub(super) enum Loss {
+    /// The peer said goodbye. Every job ends this way, so it is not logged.
+    Goodbye(String),
+    /// Anything else; logged, since it is news to whoever reads stderr.
+    Failure(String),
+}
+
+/// Locks a mutex whose holder panicked: every critical section here leaves
+/// the data consistent (a push, a pop, a state swap), so the data is usable.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(super) fn new(
+        rank: usize,
+        size: usize,
+        key: JobKey,
+        hello: Hello,
+        opts: TcpOptions,
+    ) -> Shared {
+        let peers = (0..size)
+            .map(|_| Peer {
+                inbox: Mutex::new(Inbox {
+                    queues: HashMap::new(),
+                    link: Link::Waiting,
+                }),
+                changed: Condvar::new(),
+                writer: Mutex::new(None),
+            })
+            .collect();
+        Shared {
+            rank,
+            key,
+            hello,
+            opts,
+            peers,
+            stopping: AtomicBool::new(false),
+            readers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(super) fn stream_options(&self) -> StreamOptions {
+        StreamOptions {
+            max_frame: self.opts.max_frame,
+            handshake_timeout: self.opts.handshake_timeout,
+        }
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn log(&self, message: fmt::Arguments<'_>) {
+        eprintln!("swarmrun rank {}: {message}", self.rank);
+    }
+
+    pub(super) fn peer(&self, rank: usize) -> Result<&Peer, TransportError> {
+        self.peers.get(rank).ok_or(TransportError::NoSuchRank {
+            rank,
+            size: self.peers.len(),
+        })
+    }
+
+    /// Makes `stream` the link to rank `src` and starts its reader thread.
+    /// Refuses (with the reason) a rank that is already connected or lost:
+    /// a second connection claiming a live rank is an impostor or a bug.
+    pub(super) fn install(self: &Arc<Self>, src: usize, stream: AuthStream) -> Result<(), String> {
+        let addr = stream.peer_addr();
+        let socket = stream.try_clone_socket().map_err(|e| e.to_string())?;
+        // A peer that stops reading for this long is treated as dead rather
+        // than blocking our senders forever.
+        socket
+            .set_write_timeout(Some(self.opts.default_timeout))
+            .map_err(|e| format!("{addr}: cannot set the send timeout: {e}"))?;
+        let (reader, writer) = stream.into_split();
+        let peer = self.peer(src).map_err(|e| e.to_string())?;
+        {
+            let mut inbox = lock(&peer.inbox);
+            if self.stopping() {
+                return Err(format!("{addr}: this transport is shutting down"));
+            }
+            match &inbox.link {
+                Link::Waiting => {}
+                Link::Up { addr: current, .. } => {
+                    return Err(format!(
+                        "{addr}: claims rank {src}, which is already connected from {current}"
+                    ))
+                }
+                Link::Down(_) => {
+                    return Err(format!(
+                        "{addr}: claims rank {src}, which was lost; rejoining is not supported"
+                    ))
+                }
+            }
+            *lock(&peer.writer) = Some(writer);
+            inbox.link = Link::Up { socket, addr };
+            peer.changed.notify_all();
+        }
+        let shared = Arc::clone(self);
+        let spawned = thread::Builder::new()
+            .name(format!("swarmrun-recv-{src}"))
+            .spawn(move || shared.read_loop(src, reader));
+        match spawned {
+            Ok(handle) => {
+                lock(&self.readers).push(handle);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("{addr}: cannot start its reader thread: {e}");
+                Err(self.mark_lost(src, Loss::Failure(reason)))
+            }
+        }
+    }
+
+    /// Takes the link to `src` down (unless it already is) and wakes everyone
+    /// waiting on it. Returns the reason that stands: the first one, which is
+    /// the cause rather than a consequence.
+    pub(super) fn mark_lost(&self, src: usize, loss: Loss) -> String {
+        let (reason, news) = match loss {
+            Loss::Goodbye(reason) => (reason, false),
+            Loss::Failure(reason) => (reason, true),
+        };
+        let Some(peer) = self.peers.get(src) else {
+            return reason;
+        };
+        let mut inbox = lock(&peer.inbox);
+        if let Link::Down(first) = &inbox.link {
+            return first.clone();
+        }
+        if let Link::Up { socket, .. } = &inbox.link {
+            // Already-broken sockets refuse this too; either way it is closed.
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        if news && !self.stopping() {
+            self.log(format_args!("lost rank {src}: {reason}"));
+        }
+        inbox.link = Link::Down(reason.clone());
+        peer.changed.notify_all();
+        reason
+    }
+
+    /// The reason `src` was lost, if it was.
+    pub(super) fn lost_reason(&self, src: usize) -> Option<String> {
+        let peer = self.peers.get(src)?;
+        match &lock(&peer.inbox).link {
+            Link::Down(reason) => Some(reason.clone()),
+            Link::Waiting | Link::Up { .. } => None,
+        }
+    }
+
+    /// Half-closes an up link after our goodbye: the peer reads everything we
+    /// sent, then answers with its own close, which ends our reader.
+    pub(super) fn half_close(&self, src: usize) {
+        if let Some(peer) = self.peers.get(src) {
+            if let Link::Up { socket, .. } = &lock(&peer.inbox).link {
+                let _ = socket.shutdown(Shutdown::Write);
+            }
+        }
+    }
+
+    /// Waits until the link to `src` is no longer up, or `deadline`.
+    pub(super) fn wait_not_up(&self, src: usize, deadline: Instant) {
+        self.wait_for(src, deadline, |inbox| {
+            (!matches!(inbox.link, Link::Up { .. })).then_some(())
+        });
+    }
+
+    /// Waits until `src` has connected (or was lost), or `deadline`; returns
+    /// whether it is still missing.
+    pub(super) fn wait_connected(&self, src: usize, deadline: Instant) -> bool {
+        self.wait_for(src, deadline, |inbox| {
+            (!matches!(inbox.link, Link::Waiting)).then_some(())
+        })
+        .is_none()
+    }
+
+    pub(super) fn deliver(&self, src: usize, tag: u64, message: Vec<u8>) {
+        if let Some(peer) = self.peers.get(src) {
+            let mut inbox = lock(&peer.inbox);
+            inbox.queues.entry(tag).or_default().push_back(message);
+            peer.changed.notify_all();
+        }
+    }
+
+    /// Takes the next message from `src` with `tag`. Messages that arrived
+    /// before a link went down are still handed out; only then does the
+    /// loss show.
+    pub(super) fn take(
+        &self,
+        src: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.peer(src)?;
+        self.wait_for(src, deadline, |inbox| {
+            if let Some(queue) = inbox.queues.get_mut(&tag) {
+                let message = queue.pop_front();
+                if queue.is_empty() {
+                    // Tags are often per step; do not keep one empty queue
+                    // per step forever.
+                    inbox.queues.remove(&tag);
+                }
+                if let Some(message) = message {
+                    return Some(Ok(message));
+                }
+            }
+            match &inbox.link {
+                Link::Down(reason) => Some(Err(TransportError::PeerLost {
+                    rank: src,
+                    reason: reason.clone(),
+                })),
+                Link::Waiting | Link::Up { .. } => None,
+            }
+        })
+        .unwrap_or(Err(TransportError::Timeout { rank: src, tag }))
+    }
+
+    /// Waits on `src`'s inbox until `ready` returns something, or `deadline`.
+    fn wait_for<R>(
+        &self,
+        src: usize,
+        deadline: Instant,
+        mut ready: impl FnMut(&mut Inbox) -> Option<R>,
+    ) -> Option<R> {
+        let peer = self.peers.get(src)?;
+        let mut inbox = lock(&peer.inbox);
+        loop {
+            if let Some(result) = ready(&mut inbox) {
+                return Some(result);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            inbox = peer
+                .changed
+                .wait_timeout(inbox, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Every reader thread started so far, for joining at shutdown.
+    pub(super) fn take_readers(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *lock(&self.readers))
+    }
+
+    fn read_loop(&self, src: usize, mut reader: FrameReader) {
+        let loss = self.pump(src, &mut reader);
+        self.mark_lost(src, loss);
+    }
+
+    /// Moves messages from `src`'s connection into its inbox until the
+    /// connection ends; returns why it ended.
+    fn pump(&self, src: usize, reader: &mut FrameReader) -> Loss {
+        let addr = reader.peer_addr();
+        // A message split into DataMore frames, waiting for its last piece.
+        let mut partial: Option<(u64, Vec<u8>)> = None;
+        loop {
+            let frame = match reader.recv() {
+                Ok(frame) => frame,
+                Err(e) => return Loss::Failure(e.to_string()),
+            };
+            match frame.kind {
+                FrameKind::Data | FrameKind::DataMore => {
+                    let message = match partial.take() {
+                        None => frame.payload,
+                        Some((tag, mut pieces)) if tag == frame.tag => {
+                            pieces.extend_from_slice(&frame.payload);
+                            pieces
+                        }
+                        Some((tag, _)) => {
+                            return Loss::Failure(format!(
+                                "{addr}: started a message on tag {} before finishing the one on tag {tag}",
+                                frame.tag
+                            ))
+                        }
+                    };
+                    if frame.kind == FrameKind::DataMore {
+                        partial = Some((frame.tag, message));
+                    } else {
+                        self.deliver(src, frame.tag, message);
+                    }
+                }
+                FrameKind::Close => return Loss::Goodbye(format!("{addr}: closed its transport")),
+                FrameKind::Control => {
+                    return Loss::Failure(format!(
+                        "{addr}: sent a control frame, which the transport does not use"
+                    ))
+                }
+            }
+        }
+    }
+}
