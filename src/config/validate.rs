@@ -153,7 +153,10 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     if !(spec.hello.hold_s >= 0.0 && spec.hello.hold_s.is_finite()) {
         return violation(
             "hello.hold_s",
-            format!("{} is not a non-negative number of seconds", spec.hello.hold_s),
+            format!(
+                "{} is not a non-negative number of seconds",
+                spec.hello.hold_s
+            ),
         );
     }
     Ok(())

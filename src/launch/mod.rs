@@ -1,0 +1,104 @@
+//! Starting ranks: `swarmrun launch` (our own spawner for one host) and
+//! `swarmrun rank` (one rank, under any launcher).
+
+pub mod rank;
+pub mod spawn;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::config::{JobSpec, PlanError, Rendezvous};
+use crate::wire::JobKey;
+
+pub use rank::{join, JoinError, Joined};
+pub use spawn::{launch, LaunchError, LaunchOptions, Outcome};
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("rendezvous `slurm` is for ranks started by srun (`srun swarmrun rank JOB`), not for `swarmrun launch`")]
+    SlurmUnderLaunch,
+    #[error("cannot find a free port on {host}: {source}")]
+    NoFreePort {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("cannot find this executable: {0}")]
+    Exe(std::io::Error),
+}
+
+/// What `swarmrun launch` was asked.
+#[derive(Debug, Clone)]
+pub struct LaunchRequest<'a> {
+    pub job_path: &'a Path,
+    pub nprocs: Option<usize>,
+    pub rdzv: Option<&'a str>,
+    pub max_restarts: u32,
+    pub grace: Duration,
+}
+
+/// Plans the ranks, fixes the rendezvous and the key, and runs the job.
+///
+/// A `tcp://host:0` rendezvous gets a free port here, as torchrun's
+/// `--standalone` does. Without a job key (no SWARMRUN_JOB_KEY, no
+/// `key_file`), a fresh key is made for this launch: every rank is our own
+/// child, so the key never leaves this host.
+pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError> {
+    let plan = spec.plan(req.nprocs)?;
+    let rendezvous = match rank::rendezvous_choice(spec, req.rdzv)? {
+        Rendezvous::Slurm => return Err(StartError::SlurmUnderLaunch),
+        Rendezvous::Tcp { host, port: 0 } => {
+            let port = TcpListener::bind((host.as_str(), 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|source| StartError::NoFreePort {
+                    host: host.clone(),
+                    source,
+                })?
+                .port();
+            Rendezvous::Tcp { host, port }
+        }
+        other => other,
+    };
+    let key = if std::env::var_os(rank::ENV_JOB_KEY).is_none() && spec.network.key_file.is_none() {
+        JobKey::generate().map_err(JoinError::Key)?
+    } else {
+        rank::job_key(spec)?
+    };
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    let opts = LaunchOptions {
+        exe: std::env::current_exe().map_err(StartError::Exe)?,
+        rank_args: vec![req.job_path.as_os_str().to_owned()],
+        labels: plan
+            .ranks
+            .iter()
+            .map(|r| format!("r{} {}", r.rank, r.role.short_label()))
+            .collect(),
+        env: {
+            let mut env = vec![
+                (rank::ENV_RENDEZVOUS.to_string(), rendezvous.to_string()),
+                (rank::ENV_JOB_KEY.to_string(), key.to_hex()),
+            ];
+            // A start time set by whoever started us (a benchmark) is kept:
+            // it is the earlier and truer one.
+            if std::env::var_os(rank::ENV_LAUNCH_T0_US).is_none() {
+                env.push((rank::ENV_LAUNCH_T0_US.to_string(), now_us.to_string()));
+            }
+            env
+        },
+        run_id: format!("{}-{}-{}", spec.job.name, std::process::id(), now_us),
+        max_restarts: req.max_restarts,
+        grace: req.grace,
+    };
+    Ok(launch(&opts)?)
+}

@@ -1,0 +1,157 @@
+//! `swarmrun rank`: one rank joins the job, whoever started it (our
+//! launcher, `mpirun`, `srun`, torchrun or a shell script).
+//!
+//! Order of events: identity from the environment, the rank's place in the
+//! job file's plan, the job key, a transport listener on an ephemeral port,
+//! the rendezvous (which publishes that port), then the full transport mesh.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::config::{JobSpec, Plan, PlanError, RankPlan, Rendezvous};
+use crate::transport::{TcpOptions, TcpTransport, TransportError};
+use crate::wire::{JobKey, WireError};
+use crate::world::{self, DetectError, Endpoint, RendezvousError, RendezvousOptions, World};
+
+/// Environment variable `swarmrun launch` passes the resolved rendezvous in;
+/// it overrides the job file, as `--rdzv` does.
+pub const ENV_RENDEZVOUS: &str = "SWARMRUN_RENDEZVOUS";
+/// The job key, hex; wins over the job file's `key_file`.
+pub const ENV_JOB_KEY: &str = "SWARMRUN_JOB_KEY";
+/// Unix time in microseconds when `swarmrun launch` started, so ranks can
+/// say how long their start-up took.
+pub const ENV_LAUNCH_T0_US: &str = "SWARMRUN_LAUNCH_T0_US";
+
+#[derive(Debug, Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Detect(#[from] DetectError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("job key: {0}")]
+    Key(WireError),
+    #[error("bad rendezvous {value:?} from {source_name}: {reason}")]
+    BadRendezvous {
+        value: String,
+        source_name: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Rendezvous(#[from] RendezvousError),
+    #[error("cannot listen for the transport: {0}")]
+    Listen(std::io::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+}
+
+/// A rank that has joined: who it is, its place in the plan, and the mesh.
+pub struct Joined {
+    pub world: World,
+    pub plan: Plan,
+    pub transport: TcpTransport,
+    /// Time from process start (or launcher start, when known) to a
+    /// connected mesh.
+    pub startup: Duration,
+    pub launcher: world::LauncherKind,
+}
+
+impl Joined {
+    pub fn me(&self) -> &RankPlan {
+        &self.plan.ranks[self.world.rank]
+    }
+}
+
+/// Where the rendezvous is: `--rdzv`, else SWARMRUN_RENDEZVOUS, else the job
+/// file.
+pub fn rendezvous_choice(spec: &JobSpec, cli: Option<&str>) -> Result<Rendezvous, JoinError> {
+    let (value, source_name) = match (cli, std::env::var(ENV_RENDEZVOUS).ok()) {
+        (Some(v), _) => (v.to_string(), "--rdzv"),
+        (None, Some(v)) => (v, ENV_RENDEZVOUS),
+        (None, None) => return Ok(spec.network.rendezvous.clone()),
+    };
+    value
+        .parse::<Rendezvous>()
+        .map_err(|reason| JoinError::BadRendezvous {
+            value,
+            source_name,
+            reason: reason.to_string(),
+        })
+}
+
+/// The job key from SWARMRUN_JOB_KEY or the job file's `key_file`.
+pub fn job_key(spec: &JobSpec) -> Result<JobKey, JoinError> {
+    JobKey::resolve(
+        std::env::var(ENV_JOB_KEY).ok().as_deref(),
+        spec.network.key_file.as_deref(),
+    )
+    .map_err(JoinError::Key)
+}
+
+/// Joins the job: detect, plan, rendezvous, connect.
+pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError> {
+    let started = Instant::now();
+    let slots = spec.plan(None)?.ranks.len();
+    let env = world::detect_from_process(Some(slots))?;
+    let plan = spec.plan(Some(env.size))?;
+    let key = job_key(spec)?;
+    let endpoint = Endpoint::resolve(
+        &rendezvous_choice(spec, rdzv_cli)?,
+        env.slurm_nodelist.as_deref(),
+        env.slurm_job,
+    )?;
+    let listener = TcpListener::bind(("0.0.0.0", 0)).map_err(JoinError::Listen)?;
+    let listen_port = listener.local_addr().map_err(JoinError::Listen)?.port();
+    let connect_timeout = Duration::from_secs_f64(spec.network.connect_timeout_s);
+    let run_id = env.run_id.clone().unwrap_or_else(|| {
+        // Without a launcher-provided id, runs of the same job share a
+        // directory; the job name at least keeps different jobs apart.
+        format!("{}-default", spec.job.name)
+    });
+    let world = world::rendezvous(
+        &endpoint,
+        &RendezvousOptions {
+            rank: env.rank,
+            size: env.size,
+            local_rank: env.local_rank,
+            site: &plan.ranks[env.rank].site,
+            listen_port,
+            key: &key,
+            job_name: &spec.job.name,
+            run_id: &run_id,
+            timeout: connect_timeout,
+        },
+    )?;
+    let transport = TcpTransport::connect(
+        world.rank,
+        listener,
+        &world.addrs(),
+        &key,
+        &spec.job.name,
+        TcpOptions {
+            max_frame: spec.network.max_frame,
+            connect_timeout,
+            default_timeout: Duration::from_secs_f64(spec.network.collective_timeout_s),
+            ..TcpOptions::default()
+        },
+    )?;
+    let startup = launch_t0_elapsed().unwrap_or_else(|| started.elapsed());
+    Ok(Joined {
+        world,
+        plan,
+        transport,
+        startup,
+        launcher: env.launcher,
+    })
+}
+
+/// Time since `swarmrun launch` started, when it told us.
+fn launch_t0_elapsed() -> Option<Duration> {
+    let t0_us: u64 = std::env::var(ENV_LAUNCH_T0_US).ok()?.parse().ok()?;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_micros() as u64;
+    Some(Duration::from_micros(now_us.saturating_sub(t0_us)))
+}

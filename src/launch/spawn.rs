@@ -1,0 +1,305 @@
+//! `swarmrun launch`: start the ranks of one host as child processes, the
+//! way torchrun's standalone mode does, and own their lifetime.
+//!
+//! - Each child runs `swarmrun rank` in a process group of its own, so the
+//!   launcher decides which signals reach it and can end a rank's whole
+//!   process tree.
+//! - Output is relayed whole lines at a time with a `[r3 miner s1]` prefix.
+//! - The first rank to exit non-zero ends the job: the others get SIGTERM,
+//!   then SIGKILL after the grace period; the launcher exits with that
+//!   rank's status, or restarts the whole job up to `max_restarts` times.
+//! - SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to every rank.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use thiserror::Error;
+
+use crate::world::detect::identity_variables;
+
+/// What one launch needs to know.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// The `swarmrun` binary the ranks run (normally this one).
+    pub exe: PathBuf,
+    /// Arguments after `swarmrun rank` (the job file and rank options).
+    pub rank_args: Vec<OsString>,
+    /// One output prefix per rank, e.g. `r3 miner s1`; its length is the
+    /// number of ranks.
+    pub labels: Vec<String>,
+    /// Extra environment for every rank (rendezvous endpoint, job key).
+    pub env: Vec<(String, String)>,
+    /// Shared by all ranks of one attempt; suffixed with the attempt number.
+    pub run_id: String,
+    pub max_restarts: u32,
+    pub grace: Duration,
+}
+
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    #[error("cannot start rank {rank} ({exe}): {source}")]
+    Spawn {
+        rank: usize,
+        exe: String,
+        source: io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+/// How a launch ended: the status the launcher itself should exit with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// A rank failed (and restarts ran out): its rank and shell-style status.
+    RankFailed {
+        rank: usize,
+        status: i32,
+    },
+    /// The launcher was signalled; 128 + signal number.
+    Signalled {
+        signal: i32,
+    },
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::RankFailed { status, .. } => status,
+            Outcome::Signalled { signal } => 128 + signal,
+        }
+    }
+}
+
+/// Runs the job, restarting it on failure as allowed; returns how it ended.
+pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
+    let signal = Arc::new(AtomicUsize::new(0));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
+            .map_err(LaunchError::Signals)?;
+    }
+    let mut attempt = 0;
+    loop {
+        let outcome = run_attempt(opts, attempt, &signal)?;
+        match outcome {
+            Outcome::RankFailed { rank, status } if attempt < opts.max_restarts => {
+                attempt += 1;
+                eprintln!(
+                    "swarmrun: rank {rank} failed with status {status}; restarting the job ({attempt}/{})",
+                    opts.max_restarts
+                );
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
+/// One start of all ranks, until all have exited.
+fn run_attempt(
+    opts: &LaunchOptions,
+    attempt: u32,
+    signal: &AtomicUsize,
+) -> Result<Outcome, LaunchError> {
+    let size = opts.labels.len();
+    let (exit_tx, exit_rx) = mpsc::channel::<(usize, i32)>();
+    let mut pids: Vec<Pid> = Vec::with_capacity(size);
+    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(3 * size);
+    for (rank, label) in opts.labels.iter().enumerate() {
+        let child = match spawn_rank(opts, rank, attempt) {
+            Ok(c) => c,
+            Err(source) => {
+                // Do not leave the ranks already started behind.
+                signal_alive(&pids, &vec![false; pids.len()], Signal::SIGKILL);
+                return Err(LaunchError::Spawn {
+                    rank,
+                    exe: opts.exe.display().to_string(),
+                    source,
+                });
+            }
+        };
+        pids.push(Pid::from_raw(child.id() as i32));
+        threads.extend(relay_and_wait(child, rank, label, exit_tx.clone()));
+    }
+    drop(exit_tx);
+
+    let mut exited = vec![false; size];
+    let mut first_failure: Option<(usize, i32)> = None;
+    let mut signalled: Option<i32> = None;
+    let mut kill_at: Option<Instant> = None;
+    while exited.iter().any(|e| !e) {
+        let sig = signal.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            let sig = sig as i32;
+            eprintln!("swarmrun: got signal {sig}, forwarding it to every rank");
+            if let Ok(s) = Signal::try_from(sig) {
+                signal_alive(&pids, &exited, s);
+            }
+            signalled.get_or_insert(sig);
+            kill_at.get_or_insert(Instant::now() + opts.grace);
+        }
+        match exit_rx.recv_timeout(Duration::from_millis(20)) {
+            Ok((rank, status)) => {
+                exited[rank] = true;
+                if status != 0 && first_failure.is_none() && signalled.is_none() {
+                    first_failure = Some((rank, status));
+                    if exited.iter().any(|e| !e) {
+                        eprintln!(
+                            "swarmrun: rank {rank} exited with status {status}; stopping the other ranks"
+                        );
+                        signal_alive(&pids, &exited, Signal::SIGTERM);
+                        kill_at = Some(Instant::now() + opts.grace);
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Every waiter is gone, so every rank has been reaped.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if kill_at.is_some_and(|t| Instant::now() >= t) {
+            eprintln!(
+                "swarmrun: grace period of {:?} is over, killing the remaining ranks",
+                opts.grace
+            );
+            signal_alive(&pids, &exited, Signal::SIGKILL);
+            kill_at = None;
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(match (signalled, first_failure) {
+        (Some(signal), _) => Outcome::Signalled { signal },
+        (None, Some((rank, status))) => Outcome::RankFailed { rank, status },
+        (None, None) => Outcome::Success,
+    })
+}
+
+fn spawn_rank(opts: &LaunchOptions, rank: usize, attempt: u32) -> io::Result<Child> {
+    let size = opts.labels.len();
+    let mut cmd = Command::new(&opts.exe);
+    cmd.arg("rank").args(&opts.rank_args);
+    for var in identity_variables() {
+        cmd.env_remove(var);
+    }
+    cmd.envs(opts.env.iter().map(|(k, v)| (k, v)))
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", size.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", size.to_string())
+        .env("SWARMRUN_RUN_ID", format!("{}-{attempt}", opts.run_id))
+        .env("SWARMRUN_RESTART_COUNT", attempt.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd.spawn()
+}
+
+/// Starts the threads that relay a child's stdout and stderr and the one
+/// that waits for it, which reports `(rank, status)` on `exits`.
+fn relay_and_wait(
+    mut child: Child,
+    rank: usize,
+    label: &str,
+    exits: mpsc::Sender<(usize, i32)>,
+) -> Vec<JoinHandle<()>> {
+    let prefix = format!("[{label}] ").into_bytes();
+    let mut handles = Vec::with_capacity(3);
+    if let Some(out) = child.stdout.take() {
+        let prefix = prefix.clone();
+        handles.push(thread::spawn(move || relay_lines(out, &prefix, io::stdout)));
+    }
+    if let Some(err) = child.stderr.take() {
+        handles.push(thread::spawn(move || relay_lines(err, &prefix, io::stderr)));
+    }
+    handles.push(thread::spawn(move || {
+        let status = child.wait().map(shell_status).unwrap_or(1);
+        let _ = exits.send((rank, status));
+    }));
+    handles
+}
+
+/// Copies `from` to `to` line by line, each line prefixed and written with
+/// one locked write so lines of different ranks never interleave.
+fn relay_lines<R: Read, W: Write>(from: R, prefix: &[u8], to: impl Fn() -> W) {
+    let mut reader = BufReader::with_capacity(64 * 1024, from);
+    let mut line = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        out.clear();
+        out.extend_from_slice(prefix);
+        out.extend_from_slice(&line);
+        if !line.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+        let mut sink = to();
+        // A closed terminal is no reason to stop draining the child's pipe.
+        let _ = sink.write_all(&out).and_then(|_| sink.flush());
+    }
+}
+
+/// A shell's view of a status: the exit code, or 128 + the signal.
+fn shell_status(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+fn signal_alive(pids: &[Pid], exited: &[bool], sig: Signal) {
+    for (pid, _) in pids.iter().zip(exited).filter(|(_, e)| !**e) {
+        // The group may be gone already; that is what we wanted.
+        let _ = killpg(*pid, sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_lines_carry_the_prefix_and_end_in_a_newline() {
+        let input: &[u8] = b"hello\npartial";
+        let sink = std::sync::Mutex::new(Vec::new());
+        struct Sink<'a>(&'a std::sync::Mutex<Vec<u8>>);
+        impl Write for Sink<'_> {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        relay_lines(input, b"[r1 miner s0] ", || Sink(&sink));
+        assert_eq!(
+            String::from_utf8(sink.into_inner().unwrap()).unwrap(),
+            "[r1 miner s0] hello\n[r1 miner s0] partial\n"
+        );
+    }
+
+    #[test]
+    fn killed_by_signal_reads_as_128_plus_signal() {
+        assert_eq!(shell_status(ExitStatus::from_raw(15)), 128 + 15);
+        assert_eq!(shell_status(ExitStatus::from_raw(7 << 8)), 7);
+    }
+}

@@ -1,0 +1,54 @@
+//! What the integration tests share: the binary, job files, free ports.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn swarmrun() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_swarmrun"));
+    // Tests must not pick up a developer's key or rendezvous.
+    cmd.env_remove("SWARMRUN_JOB_KEY")
+        .env_remove("SWARMRUN_RENDEZVOUS");
+    cmd
+}
+
+pub fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A port nobody listens on right now (the OS's next ephemeral one).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Writes a job file into `dir` and returns its path.
+pub fn job_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write job file");
+    path
+}
+
+/// The smoke job with extra TOML appended (sections `[hello]`, `[faults]`).
+pub fn hello_job(dir: &Path, ranks: usize, extra: &str) -> PathBuf {
+    job_file(
+        dir,
+        "job.toml",
+        &format!(
+            "[job]\nname = \"t\"\ntask = \"hello\"\n\n[[site]]\nname = \"local\"\n\
+             hosts = \"localhost\"\nranks_per_host = {ranks}\n\n\
+             [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n{extra}"
+        ),
+    )
+}

@@ -1,0 +1,193 @@
+//! `swarmrun launch`: ranks as real child processes on this host.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn launch_hello(n: usize, rdzv: &str) -> std::process::Output {
+    swarmrun()
+        .args(["launch", "-n", &n.to_string(), "--rdzv", rdzv])
+        .arg(repo_file("configs/hello.toml"))
+        .output()
+        .expect("run swarmrun launch")
+}
+
+fn assert_hello_ran(out: &std::process::Output, n: usize) {
+    let text = stdout(out);
+    assert!(
+        out.status.success(),
+        "launch failed: {}\n{}",
+        text,
+        stderr(out)
+    );
+    let passed: BTreeSet<String> = text
+        .lines()
+        .filter(|l| l.ends_with("barrier passed"))
+        .map(|l| l.split(']').next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        passed.len(),
+        n,
+        "every rank passes the barrier once:\n{text}"
+    );
+    let ring: Vec<&str> = text.lines().filter(|l| l.contains("ring of")).collect();
+    assert_eq!(ring.len(), 1, "rank 0 alone reports the ring:\n{text}");
+    assert!(ring[0].starts_with("[r0 "), "{}", ring[0]);
+    assert!(
+        ring[0].contains(&format!("ring of {n} ranks")),
+        "{}",
+        ring[0]
+    );
+}
+
+#[test]
+fn launch_runs_the_hello_job_with_1_4_and_8_ranks() {
+    for n in [1, 4, 8] {
+        let out = launch_hello(n, "tcp://127.0.0.1:0");
+        assert_hello_ran(&out, n);
+    }
+}
+
+#[test]
+fn every_output_line_is_whole_and_prefixed_with_rank_and_role() {
+    let out = launch_hello(4, "tcp://127.0.0.1:0");
+    for line in stdout(&out).lines() {
+        assert!(
+            line.starts_with("[r") && line.contains("] "),
+            "line without prefix: {line:?}"
+        );
+        assert_eq!(line.matches("[r").count(), 1, "interleaved line: {line:?}");
+    }
+    assert!(stdout(&out).lines().any(|l| l.starts_with("[r0 orch] ")));
+}
+
+#[test]
+fn tcp_rendezvous_on_a_fixed_port_connects_every_rank() {
+    let port = free_port();
+    assert_hello_ran(&launch_hello(4, &format!("tcp://127.0.0.1:{port}")), 4);
+}
+
+#[test]
+fn file_rendezvous_through_a_shared_directory_connects_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let rdzv = format!("file://{}", dir.path().display());
+    assert_hello_ran(&launch_hello(4, &rdzv), 4);
+    // One directory per run, one record per rank.
+    let runs: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(runs.len(), 1);
+    let run = runs[0].as_ref().unwrap().path();
+    assert_eq!(std::fs::read_dir(run).unwrap().count(), 4);
+}
+
+#[test]
+fn a_failing_rank_ends_the_job_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = hello_job(
+        dir.path(),
+        4,
+        "[hello]\nhold_s = 60\n\n[[faults.crash]]\nrank = 2\nexit_code = 7\n",
+    );
+    let start = Instant::now();
+    let out = swarmrun().args(["launch"]).arg(&job).output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "the other ranks (holding 60 s) were stopped"
+    );
+    assert!(
+        stderr(&out).contains("rank 2 exited with status 7"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn max_restarts_restarts_the_job_before_giving_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = hello_job(dir.path(), 2, "[[faults.crash]]\nrank = 1\nexit_code = 3\n");
+    let out = swarmrun()
+        .args(["launch", "--max-restarts", "2"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = stderr(&out);
+    assert!(err.contains("restarting the job (1/2)"), "{err}");
+    assert!(err.contains("restarting the job (2/2)"), "{err}");
+    assert!(!err.contains("(3/2)"), "{err}");
+}
+
+/// Pids the ranks report in their start-up lines.
+fn rank_pids(lines: &[String]) -> Vec<i32> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            l.split("pid ")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // Zombies count as gone: the launcher reaps its children.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_signal_to_the_launcher_ends_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = hello_job(dir.path(), 4, "[hello]\nhold_s = 120\n");
+    let mut child = swarmrun()
+        .arg("launch")
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    while lines
+        .iter()
+        .filter(|l: &&String| l.ends_with("barrier passed"))
+        .count()
+        < 4
+    {
+        let mut line = String::new();
+        assert_ne!(
+            reader.read_line(&mut line).unwrap(),
+            0,
+            "launcher output ended early: {lines:?}"
+        );
+        lines.push(line.trim_end().to_string());
+    }
+    let pids = rank_pids(&lines);
+    assert_eq!(pids.len(), 4, "{lines:?}");
+    assert!(pids.iter().all(|p| alive(*p)));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        pids.iter().all(|p| !alive(*p)),
+        "ranks outlived the launcher"
+    );
+}

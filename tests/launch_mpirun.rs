@@ -1,0 +1,78 @@
+//! `swarmrun rank` under a real OpenMPI `mpirun`: no MPI linked, rank and
+//! size read from OMPI_COMM_WORLD_*.
+//!
+//! `launch/test.sh` installs OpenMPI; without it these tests fail rather
+//! than pass silently, unless SWARMRUN_SKIP_MPIRUN=1 says so on purpose.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn mpirun() -> Option<Command> {
+    let found = Command::new("mpirun").arg("--version").output().is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("SWARMRUN_SKIP_MPIRUN").is_some(),
+            "mpirun not found: run ./launch/test.sh (it installs openmpi-bin) or set SWARMRUN_SKIP_MPIRUN=1"
+        );
+        return None;
+    }
+    let mut cmd = Command::new("mpirun");
+    if nix::unistd::geteuid().is_root() {
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd.args(["--oversubscribe", "--bind-to", "none"]);
+    Some(cmd)
+}
+
+#[test]
+fn hello_job_runs_under_mpirun_with_4_ranks() {
+    let Some(mut cmd) = mpirun() else { return };
+    let key = "ab".repeat(32);
+    let out = cmd
+        .args(["-n", "4", "-x", "SWARMRUN_JOB_KEY"])
+        .env("SWARMRUN_JOB_KEY", &key)
+        .arg(env!("CARGO_BIN_EXE_swarmrun"))
+        .args([
+            "rank",
+            "--rdzv",
+            &format!("tcp://127.0.0.1:{}", free_port()),
+        ])
+        .arg(repo_file("configs/hello.toml"))
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert_eq!(text.matches("barrier passed").count(), 4, "{text}");
+    assert_eq!(
+        text.matches("OpenMPI").count(),
+        4,
+        "ranks found mpirun's variables: {text}"
+    );
+    for r in 0..4 {
+        assert!(text.contains(&format!("rank {r}/4 on")), "{text}");
+    }
+    assert!(text.contains("ring of 4 ranks"), "{text}");
+}
+
+#[test]
+fn mpirun_ranks_meet_through_a_file_rendezvous() {
+    let Some(mut cmd) = mpirun() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = cmd
+        .args(["-n", "3", "-x", "SWARMRUN_JOB_KEY"])
+        .env("SWARMRUN_JOB_KEY", "cd".repeat(32))
+        .arg(env!("CARGO_BIN_EXE_swarmrun"))
+        .args([
+            "rank",
+            "--rdzv",
+            &format!("file://{}", dir.path().display()),
+        ])
+        .arg(repo_file("configs/hello.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).matches("barrier passed").count(), 3);
+}
