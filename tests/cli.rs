@@ -118,3 +118,61 @@ fn ranks_with_different_keys_never_form_a_job() {
     assert!(stderr(&o0).contains("refused"), "{}", stderr(&o0));
     assert!(!stdout(&o0).contains("barrier passed"));
 }
+
+#[test]
+fn a_stranger_with_a_wrong_key_is_refused_and_the_job_goes_on() {
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    use swarmrun::wire::{AuthStream, Hello, JobKey, StreamOptions, WireError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let job = hello_job(dir.path(), 2, "");
+    let port = free_port();
+    let rdzv = format!("tcp://127.0.0.1:{port}");
+    let key = "33".repeat(32);
+    let spawn = |rank: &str| {
+        swarmrun()
+            .args(["rank", "--rdzv", &rdzv])
+            .arg(&job)
+            .env("RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .env("SWARMRUN_JOB_KEY", &key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let rank0 = spawn("0");
+    // The stranger reaches rank 0 before rank 1 does, claiming to be rank 1.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("rank 0 never listened: {e}"),
+        }
+    };
+    let wrong = JobKey::from_hex(&"44".repeat(32)).unwrap();
+    let opts = StreamOptions {
+        max_frame: 1 << 16,
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let refused = AuthStream::client(stream, &wrong, Hello::new(1, "t"), opts);
+    assert!(
+        matches!(refused, Err(WireError::AuthFailed { .. })),
+        "{refused:?}"
+    );
+    let rank1 = spawn("1");
+    let (o0, o1) = (
+        rank0.wait_with_output().unwrap(),
+        rank1.wait_with_output().unwrap(),
+    );
+    assert!(o0.status.success(), "{}", stderr(&o0));
+    assert!(o1.status.success(), "{}", stderr(&o1));
+    assert!(stdout(&o0).contains("barrier passed"));
+    assert!(
+        stderr(&o0).contains("refused"),
+        "rank 0 logs the stranger: {}",
+        stderr(&o0)
+    );
+}
