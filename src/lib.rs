@@ -2,6 +2,7 @@
 //! language model across many unreliable machines.
 //!
 //! Layers, lowest first (a module uses only modules before it):
-//! `config`, `wire`, `world`, `transport`, `launch`.
+//! `config`, `wire`, `world`, `transport`, `collective`, `launch`.
+pub mod collective;
 pub mod config;
 pub mod transport;
