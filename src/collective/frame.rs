@@ -12,8 +12,15 @@
 //! otherwise wait out the timeout when that peer's call has already failed
 //! elsewhere. Since messages of one pair and tag arrive in order, the next
 //! frame a waiting rank reads from a failed peer is its abort frame.
+//!
+//! An abort frame points at the rank its sender gave up on, which may
+//! itself be alive and waiting on a third. When the deadline passes, every
+//! rank of a chain of waiters times out at once, each on its neighbour; to
+//! agree on the silent rank at the end, a failing rank sends its pointer at
+//! once and then follows the others' pointers (see [`guarded`]).
 
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use super::element::{copy_bytes, reduce_bytes, Element, ReduceOp};
 use super::{Call, CollectiveError};
@@ -26,6 +33,11 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// Last byte of an abort frame (any odd-length frame must end with it).
 const ABORT_MARK: u8 = 0xab;
+
+/// How long a failing rank waits for a peer's abort frame while following
+/// pointers: the time a live peer needs to notice the same failure and say
+/// so. Only a rank that stays silent this long is blamed for it.
+pub const BLAME_GRACE: Duration = Duration::from_millis(200);
 
 pub(crate) fn send<T: Transport + ?Sized>(
     c: &Call<T>,
@@ -49,7 +61,10 @@ pub(crate) fn recv<T: Transport + ?Sized>(
     }
     .map_err(|e| CollectiveError::from(e).renamed(|r| c.outer(r)))?;
     if frame.len() % 2 == 1 {
-        return Err(read_abort(c, from, &frame));
+        return Err(match parse_abort(c, &frame) {
+            Some(rank) => CollectiveError::PeerLost { rank },
+            None => malformed_abort(c, from, &frame),
+        });
     }
     if frame.len() != expected {
         return Err(CollectiveError::Protocol {
@@ -63,35 +78,47 @@ pub(crate) fn recv<T: Transport + ?Sized>(
     Ok(frame)
 }
 
-fn read_abort<T: Transport + ?Sized>(c: &Call<T>, from: usize, frame: &[u8]) -> CollectiveError {
-    let blamed = match frame {
-        [rank @ .., ABORT_MARK] => <[u8; 8]>::try_from(rank)
-            .ok()
-            .and_then(|r| usize::try_from(u64::from_le_bytes(r)).ok())
-            // A phase of a bigger call names ranks outside its own group.
-            .filter(|&r| c.names.is_some() || r < c.size()),
-        _ => None,
+/// The rank an abort frame blames, if it is well formed.
+fn parse_abort<T: Transport + ?Sized>(c: &Call<T>, frame: &[u8]) -> Option<usize> {
+    let [rank @ .., ABORT_MARK] = frame else {
+        return None;
     };
-    match blamed {
-        Some(rank) => CollectiveError::PeerLost { rank },
-        None => CollectiveError::Protocol {
-            rank: c.outer(from),
-            reason: format!("malformed {}-byte abort frame", frame.len()),
-        },
+    <[u8; 8]>::try_from(rank)
+        .ok()
+        .and_then(|r| usize::try_from(u64::from_le_bytes(r)).ok())
+        // A phase of a bigger call names ranks outside its own group.
+        .filter(|&r| c.names.is_some() || r < c.size())
+}
+
+fn malformed_abort<T: Transport + ?Sized>(
+    c: &Call<T>,
+    from: usize,
+    frame: &[u8],
+) -> CollectiveError {
+    CollectiveError::Protocol {
+        rank: c.outer(from),
+        reason: format!("malformed {}-byte abort frame", frame.len()),
     }
 }
 
-/// Runs the body of one call on `c`; if it fails, tells every other rank
-/// whom to blame, so that nobody waits for this rank's part.
+/// Runs the body of one call on `c`. If it fails, tells every other rank
+/// whom this rank gave up on, so that nobody waits for this rank's part,
+/// then follows abort frames from that rank onwards (each peer's pointer,
+/// waiting at most [`BLAME_GRACE`] for it) to the rank at the end of the
+/// chain, and reports that one as lost.
 pub(crate) fn guarded<T: Transport + ?Sized, R>(
     c: &Call<T>,
     body: impl FnOnce() -> Result<R, CollectiveError>,
 ) -> Result<R, CollectiveError> {
-    let result = body();
-    if let Err(e) = &result {
-        abort(c, e);
-    }
-    result
+    body().map_err(|e| {
+        abort(c, &e);
+        match e {
+            CollectiveError::PeerLost { rank } => CollectiveError::PeerLost {
+                rank: follow(c, rank),
+            },
+            other => other,
+        }
+    })
 }
 
 /// Sends the abort frame for `e` to every other rank of `c`. A send that
@@ -107,6 +134,36 @@ pub(crate) fn abort<T: Transport + ?Sized>(c: &Call<T>, e: &CollectiveError) {
     frame[..8].copy_from_slice(&(blamed as u64).to_le_bytes());
     for to in (0..c.size()).filter(|&to| to != c.rank()) {
         let _ = c.transport.send(to, c.tag, &frame);
+    }
+}
+
+/// Follows abort pointers from `blamed` (an outer rank) while they lead to
+/// live members of `c` that point elsewhere; returns the last rank reached.
+fn follow<T: Transport + ?Sized>(c: &Call<T>, mut blamed: usize) -> usize {
+    let me = c.outer(c.rank());
+    let mut visited = Vec::new();
+    while let Some(peer) = c
+        .inner(blamed)
+        .filter(|p| *p != c.rank() && !visited.contains(p))
+    {
+        visited.push(peer);
+        match pointer_of(c, peer) {
+            Some(next) if next != me => blamed = next,
+            _ => break,
+        }
+    }
+    blamed
+}
+
+/// The rank `peer`'s abort frame points at, skipping data frames this rank
+/// will no longer read; `None` if `peer` is gone or sends none in time.
+fn pointer_of<T: Transport + ?Sized>(c: &Call<T>, peer: usize) -> Option<usize> {
+    let deadline = Instant::now() + BLAME_GRACE;
+    loop {
+        let frame = c.transport.recv_deadline(peer, c.tag, deadline).ok()?;
+        if frame.len() % 2 == 1 {
+            return parse_abort(c, &frame);
+        }
     }
 }
 

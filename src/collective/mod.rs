@@ -60,7 +60,7 @@ pub use all_reduce::{all_reduce, all_reduce_partitioned, AllReduceAlgorithm, RIN
 pub use barrier::barrier;
 pub use broadcast::broadcast;
 pub use element::{Element, ReduceOp, PARALLEL_REDUCE_MIN};
-pub use frame::CHUNK_BYTES;
+pub use frame::{BLAME_GRACE, CHUNK_BYTES};
 pub use group::Group;
 pub use hierarchical::hierarchical_all_reduce;
 pub use partition::Partition;
@@ -135,6 +135,14 @@ impl<'a, T: Transport + ?Sized> Call<'a, T> {
         self.names
             .and_then(|n| n.get(rank).copied())
             .unwrap_or(rank)
+    }
+
+    /// This transport's number for the outer rank `rank`, if it is a member.
+    fn inner(&self, rank: usize) -> Option<usize> {
+        match self.names {
+            Some(names) => names.iter().position(|&r| r == rank),
+            None => (rank < self.size()).then_some(rank),
+        }
     }
 }
 
