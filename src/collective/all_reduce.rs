@@ -10,8 +10,7 @@ use crate::transport::Transport;
 /// Which algorithm a reduce-scatter or all-reduce uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AllReduceAlgorithm {
-    /// Butterfly, except [`Ring`](AllReduceAlgorithm::Ring) for buffers of at
-    /// least [`RING_MIN_BYTES`] on worlds whose size is not a power of two.
+    /// Butterfly below [`RING_MIN_BYTES`], ring from there on.
     #[default]
     Auto,
     /// Rabenseifner: recursive halving then doubling, log2(n) steps each.
@@ -20,11 +19,14 @@ pub enum AllReduceAlgorithm {
     Ring,
 }
 
-/// From this many bytes, `Auto` prefers the ring on worlds that are not a
-/// power of two, where the butterfly's fold sends the whole buffer twice
-/// more between the folded pairs. A first guess, to be set from
-/// `swarmrun bench` measurements over TCP.
-pub const RING_MIN_BYTES: usize = 1 << 20;
+/// From this many bytes `Auto` picks the ring. Measured in one process
+/// (`LocalTransport`, 3 to 8 ranks on 2 cores, release build): the
+/// butterfly is ahead up to 1-2 MiB, the ring from about 4 MiB (16 MiB:
+/// 11-24 ms against 15-31 ms), worst for the butterfly on worlds that are
+/// not a power of two, where its fold moves the whole buffer twice more.
+/// Over a WAN the ring's 2(n-1) latencies weigh more: re-measure with
+/// `swarmrun bench` on the real transport.
+pub const RING_MIN_BYTES: usize = 4 << 20;
 
 /// The algorithm a call actually runs.
 pub(crate) enum Chosen {
@@ -33,9 +35,9 @@ pub(crate) enum Chosen {
 }
 
 impl AllReduceAlgorithm {
-    pub(crate) fn resolve(self, bytes: usize, size: usize) -> Chosen {
+    pub(crate) fn resolve(self, bytes: usize) -> Chosen {
         match self {
-            Self::Auto if bytes >= RING_MIN_BYTES && !size.is_power_of_two() => Chosen::Ring,
+            Self::Auto if bytes >= RING_MIN_BYTES => Chosen::Ring,
             Self::Auto | Self::Butterfly => Chosen::Butterfly,
             Self::Ring => Chosen::Ring,
         }
@@ -59,11 +61,14 @@ pub fn all_reduce<T: Transport + ?Sized, E: Element>(
     )
 }
 
-/// [`all_reduce`] where rank `i` reduces part `i` of `part`, e.g. a
-/// [`Partition::weighted`] one that gives a slow rank a small part. With the
-/// butterfly a rank's part sets only its last halving step; with the ring
-/// every rank handles every part in turn, so weights balance the final
-/// reduction work, not all traffic.
+/// [`all_reduce`] where rank `i` owns part `i` of `part`, e.g. a
+/// [`Partition::weighted`] one that gives a slow rank a small part.
+///
+/// The owner of a part finishes it (the last addition and the `Avg`
+/// division) and is its source in the all-gather; how much a rank sends
+/// and adds before that depends on the algorithm: with the butterfly the
+/// halves exchanged at each step are sized by the weights of the ranks on
+/// each side, while the ring has every rank add into every part but one.
 pub fn all_reduce_partitioned<T: Transport + ?Sized, E: Element>(
     c: Call<'_, T>,
     buf: &mut [E],
@@ -74,7 +79,7 @@ pub fn all_reduce_partitioned<T: Transport + ?Sized, E: Element>(
     guarded(&c, || {
         part.check(c.size(), buf.len())?;
         let (rank, size) = (c.rank(), c.size());
-        match algorithm.resolve(std::mem::size_of_val(buf), size) {
+        match algorithm.resolve(std::mem::size_of_val(buf)) {
             Chosen::Ring => {
                 ring::reduce_scatter(&c, buf, op, part)?;
                 finish(&mut buf[part.range(rank)], op, size);

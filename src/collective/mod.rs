@@ -5,24 +5,54 @@
 //! takes a [`Call`]: the transport, the tag that keeps this call's messages
 //! apart from concurrent calls, and an optional deadline. All ranks of the
 //! transport must make the same calls in the same order with the same tags
-//! and agreeing arguments (same lengths, partitions, ops), as in MPI.
+//! and agreeing arguments (same lengths, partitions, ops), as in MPI. A call
+//! uses its tag and, for [`hierarchical_all_reduce`], the next one: space
+//! concurrent calls [`TAGS_PER_CALL`] apart.
 //!
-//! * [`barrier`]
-//! * [`broadcast`] (binomial tree, chunk-pipelined)
-//! * [`all_gather`] over a [`Partition`] (variable sizes), [`all_gather_varied`]
-//!   when sizes are not known in advance
-//! * [`reduce_scatter`] and [`all_reduce`] / [`all_reduce_partitioned`] with
-//!   [`AllReduceAlgorithm::Butterfly`] (Rabenseifner: recursive halving, then
-//!   recursive doubling; any world size, extra ranks folded in as MPICH does)
-//!   or [`AllReduceAlgorithm::Ring`]
-//! * [`all_reduce_redundant`]: each slice reduced by `r` ranks, digests compared
-//! * [`hierarchical_all_reduce`]: inside sites, between site leaders, back
-//! * [`Group`]: the survivors of a failure as a densely renumbered transport
+//! ```
+//! use swarmrun::collective::{all_reduce, AllReduceAlgorithm, Call, ReduceOp};
+//! use swarmrun::transport::{LocalTransport, Transport};
 //!
-//! Elements are [`Element`]s (`f32`, `bf16`, `f16`, `i32`), reduced with a
-//! [`ReduceOp`]. Buffers are cut into [`CHUNK_BYTES`] messages; a step sends
-//! its chunks from a second thread while the caller's thread receives and
-//! reduces, so the two directions and the arithmetic overlap.
+//! let sums = LocalTransport::run(LocalTransport::world(3), |t| {
+//!     let mut grads = vec![t.rank() as f32; 4];
+//!     all_reduce(Call::new(&t, 7), &mut grads, ReduceOp::Sum, AllReduceAlgorithm::Auto)?;
+//!     Ok::<_, swarmrun::collective::CollectiveError>(grads)
+//! });
+//! assert!(sums.into_iter().all(|s| s.unwrap() == [3.0; 4]));
+//! ```
+//!
+//! The calls, `c` being a [`Call`], `buf: &mut [E]` with `E:` [`Element`]:
+//!
+//! ```text
+//! barrier(c)
+//! broadcast(c, buf, root)
+//! all_gather(c, buf, &Partition)                     parts may differ in size
+//! all_gather_varied(c, &[E]) -> (Vec<E>, Partition)  sizes exchanged first
+//! reduce_scatter(c, buf, op, algorithm, &Partition) -> Range<usize>
+//! all_reduce(c, buf, op, algorithm)
+//! all_reduce_partitioned(c, buf, op, algorithm, &Partition)
+//! all_reduce_redundant(c, buf, op, copies, Option<&SliceTamper<E>>)
+//! hierarchical_all_reduce(c, buf, op, sites: &[usize])
+//! Group::new(&transport, members) / Group::without(&transport, &lost)
+//! Partition::equal(len, n) / weighted(len, &[f64]) / from_lens(&[usize])
+//! ```
+//!
+//! * [`AllReduceAlgorithm::Butterfly`] is Rabenseifner's (recursive halving,
+//!   then recursive doubling) for any world size, extra ranks folded in as
+//!   MPICH does; [`AllReduceAlgorithm::Ring`] is the bandwidth baseline;
+//!   `Auto` switches at [`RING_MIN_BYTES`].
+//! * [`all_reduce_redundant`] has each slice reduced by `copies` ranks and
+//!   compares their blake3 digests before anyone uses the result.
+//! * [`hierarchical_all_reduce`] reduces inside sites, then between site
+//!   leaders, then broadcasts inside sites.
+//! * [`Group`] is a subset of ranks renumbered densely, itself a transport:
+//!   the survivors of a failure, or one site.
+//!
+//! Elements are `f32`, `bf16`, `f16` and `i32`, reduced with a [`ReduceOp`].
+//! Buffers are cut into [`CHUNK_BYTES`] messages; a step sends its chunks
+//! from a second thread while the caller's thread receives and reduces
+//! (with rayon from [`PARALLEL_REDUCE_MIN`] elements), so the two
+//! directions and the arithmetic overlap.
 //!
 //! **Determinism.** Which rank adds which values in which order is fixed by
 //! the algorithm, world size and partition, never by arrival timing, and
@@ -33,13 +63,16 @@
 //!
 //! **Failure.** A peer that dies, misses the deadline or sends a malformed
 //! frame ends the call on every rank that depends on it with
-//! [`CollectiveError::PeerLost`] naming it: a rank whose call fails tells
-//! all others (an abort frame, see `frame.rs`), so survivors learn promptly
-//! and agree on whom to blame. A failed call leaves buffers half-reduced and
-//! stray frames under its tag: retry on a [`Group`] of the survivors with a
-//! tag not used before. A rank that dies after delivering everything its
-//! peers need may leave some survivors finished and others failed; agreeing
-//! on that is the membership layer's job, not this module's.
+//! [`CollectiveError::PeerLost`] naming it. A rank whose call fails sends
+//! every other rank an abort frame naming the rank it gave up on, then
+//! follows the others' abort frames to the rank at the end of the chain
+//! (waiting [`BLAME_GRACE`] at most for each), so survivors learn promptly
+//! and name the same rank even when they all time out at once. A failed
+//! call leaves buffers half-reduced and stray frames under its tag: retry
+//! on a [`Group`] of the survivors with a tag not used before. A rank that
+//! dies after delivering everything its peers need may leave some
+//! survivors finished and others failed; agreeing on that is the
+//! membership layer's job, not this module's.
 
 mod all_gather;
 mod all_reduce;
