@@ -4,7 +4,8 @@
 //! A **data frame** is the raw bytes of whole elements, a `u64` count or a
 //! 32-byte digest: always an even number of bytes, because every
 //! [`Element`] is 2 or 4 bytes wide. An **abort frame** is 9 bytes, the
-//! blamed rank as a little-endian `u64` followed by [`ABORT_MARK`]: its odd
+//! blamed rank (numbered as the caller of the outermost call knows it) as a
+//! little-endian `u64` followed by [`ABORT_MARK`]: its odd
 //! length is what sets it apart, so data needs no header and is sent
 //! straight from the caller's buffer without a copy.
 //!

@@ -47,7 +47,7 @@ pub fn hierarchical_all_reduce<T: Transport + ?Sized, E: Element>(
         Ok((site, leaders))
     })?;
     let in_site = c.within(&site, c.tag);
-    let between = leaders.as_ref().map(|l| c.within(l, c.tag + 1));
+    let between = leaders.as_ref().map(|l| c.within(l, c.tag.wrapping_add(1)));
     // Avg divides once, by the whole world, after the last sum.
     let partial = if op == ReduceOp::Avg {
         ReduceOp::Sum
