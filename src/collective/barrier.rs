@@ -4,16 +4,21 @@
 //! root to become a hot spot — the same pattern MPICH and NCCL-less MPI
 //! barriers use.
 
-use crate::transport::{Transport, TransportError};
+use super::frame::{guarded, recv, send};
+use super::{Call, CollectiveError};
+use crate::transport::Transport;
 
-/// Returns once every rank of `t` has entered the barrier with the same `tag`.
-pub fn barrier<T: Transport + ?Sized>(t: &T, tag: u64) -> Result<(), TransportError> {
-    let (rank, size) = (t.rank(), t.size());
-    let mut distance = 1;
-    while distance < size {
-        t.send((rank + distance) % size, tag, &[])?;
-        t.recv((rank + size - distance) % size, tag)?;
-        distance *= 2;
-    }
-    Ok(())
+/// Returns once every rank of the call's transport has entered the barrier
+/// with the same tag.
+pub fn barrier<T: Transport + ?Sized>(c: Call<'_, T>) -> Result<(), CollectiveError> {
+    let (rank, size) = (c.rank(), c.size());
+    guarded(&c, || {
+        let mut distance = 1;
+        while distance < size {
+            send(&c, (rank + distance) % size, &[])?;
+            recv(&c, (rank + size - distance) % size, 0)?;
+            distance *= 2;
+        }
+        Ok(())
+    })
 }

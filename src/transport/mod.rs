@@ -8,14 +8,17 @@
 //! special case for it.
 //!
 //! [`TcpTransport`] is the implementation between hosts and sites: a full
-//! mesh of [`crate::wire::AuthStream`]s.
+//! mesh of [`crate::wire::AuthStream`]s. [`LocalTransport`] runs a world of
+//! threads inside one process (the test bed of the collectives).
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+pub mod local;
 mod tcp;
 
+pub use local::LocalTransport;
 pub use tcp::{TcpOptions, TcpTransport};
 
 /// Tagged point-to-point messages between the ranks of one job.

@@ -1,0 +1,96 @@
+//! All-reduce: reduce-scatter, finish each reduced part once, all-gather.
+
+use super::butterfly::Butterfly;
+use super::element::{finish, Element, ReduceOp};
+use super::frame::guarded;
+use super::partition::Partition;
+use super::{ring, Call, CollectiveError};
+use crate::transport::Transport;
+
+/// Which algorithm a reduce-scatter or all-reduce uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AllReduceAlgorithm {
+    /// Butterfly below [`RING_MIN_BYTES`], ring from there on.
+    #[default]
+    Auto,
+    /// Rabenseifner: recursive halving then doubling, log2(n) steps each.
+    Butterfly,
+    /// Ring: 2(n-1) steps, the bandwidth baseline.
+    Ring,
+}
+
+/// From this many bytes `Auto` picks the ring. Measured in one process
+/// (`LocalTransport`, 3 to 8 ranks on 2 cores, release build): the
+/// butterfly is ahead up to 1-2 MiB, the ring from about 4 MiB (16 MiB:
+/// 11-24 ms against 15-31 ms), worst for the butterfly on worlds that are
+/// not a power of two, where its fold moves the whole buffer twice more.
+/// Over a WAN the ring's 2(n-1) latencies weigh more: re-measure with
+/// `swarmrun bench` on the real transport.
+pub const RING_MIN_BYTES: usize = 4 << 20;
+
+/// The algorithm a call actually runs.
+pub(crate) enum Chosen {
+    Butterfly,
+    Ring,
+}
+
+impl AllReduceAlgorithm {
+    pub(crate) fn resolve(self, bytes: usize) -> Chosen {
+        match self {
+            Self::Auto if bytes >= RING_MIN_BYTES => Chosen::Ring,
+            Self::Auto | Self::Butterfly => Chosen::Butterfly,
+            Self::Ring => Chosen::Ring,
+        }
+    }
+}
+
+/// Reduces `buf` over all ranks with `op`, in place, splitting the work
+/// equally.
+pub fn all_reduce<T: Transport + ?Sized, E: Element>(
+    c: Call<'_, T>,
+    buf: &mut [E],
+    op: ReduceOp,
+    algorithm: AllReduceAlgorithm,
+) -> Result<(), CollectiveError> {
+    all_reduce_partitioned(
+        c,
+        buf,
+        op,
+        algorithm,
+        &Partition::equal(buf.len(), c.size()),
+    )
+}
+
+/// [`all_reduce`] where rank `i` owns part `i` of `part`, e.g. a
+/// [`Partition::weighted`] one that gives a slow rank a small part.
+///
+/// The owner of a part finishes it (the last addition and the `Avg`
+/// division) and is its source in the all-gather; how much a rank sends
+/// and adds before that depends on the algorithm: with the butterfly the
+/// halves exchanged at each step are sized by the weights of the ranks on
+/// each side, while the ring has every rank add into every part but one.
+pub fn all_reduce_partitioned<T: Transport + ?Sized, E: Element>(
+    c: Call<'_, T>,
+    buf: &mut [E],
+    op: ReduceOp,
+    algorithm: AllReduceAlgorithm,
+    part: &Partition,
+) -> Result<(), CollectiveError> {
+    guarded(&c, || {
+        part.check(c.size(), buf.len())?;
+        let (rank, size) = (c.rank(), c.size());
+        match algorithm.resolve(std::mem::size_of_val(buf)) {
+            Chosen::Ring => {
+                ring::reduce_scatter(&c, buf, op, part)?;
+                finish(&mut buf[part.range(rank)], op, size);
+                ring::all_gather(&c, buf, part)
+            }
+            Chosen::Butterfly => {
+                let butterfly = Butterfly::new(rank, size);
+                butterfly.reduce_scatter(&c, buf, op, part)?;
+                finish(&mut buf[butterfly.owned(part)], op, size);
+                butterfly.all_gather(&c, buf, part)
+            }
+        }
+    })
+}

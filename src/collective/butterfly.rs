@@ -1,0 +1,196 @@
+//! Rabenseifner's algorithm: reduce-scatter by recursive halving, then
+//! all-gather by recursive doubling, among a power-of-two number of ranks.
+//! log2(n) steps each way and every byte of the buffer crosses the network
+//! about twice, so it serves small (latency-bound) and large buffers alike.
+//!
+//! Other world sizes are folded onto p, the largest power of two not above
+//! n, as MPICH does: of the first 2(n-p) ranks, each even one hands its
+//! whole buffer to the odd one after it and sits out, and gets the result
+//! back at the end. The p remaining ranks are the *virtual* ranks 0..p; a
+//! virtual rank that stands for a pair owns both partners' parts, which are
+//! adjacent, so the halving always splits at part boundaries and any
+//! [`Partition`], weighted ones included, is honoured.
+
+use std::ops::Range;
+
+use super::element::{Element, ReduceOp};
+use super::frame::{split, step, Merge};
+use super::partition::Partition;
+use super::{Call, CollectiveError};
+use crate::transport::Transport;
+
+/// The fold of one world: who sits out and who stands for whom.
+pub(crate) struct Butterfly {
+    rank: usize,
+    /// Ranks left after folding: the largest power of two ≤ the world size.
+    p: usize,
+    /// Number of folded pairs: the world size minus `p`.
+    extra: usize,
+}
+
+impl Butterfly {
+    pub(crate) fn new(rank: usize, size: usize) -> Self {
+        let p = 1 << size.ilog2();
+        Butterfly {
+            rank,
+            p,
+            extra: size - p,
+        }
+    }
+
+    /// This rank's virtual rank, or `None` if it sits out.
+    fn virtual_rank(&self) -> Option<usize> {
+        match self.rank {
+            r if r >= 2 * self.extra => Some(r - self.extra),
+            r if r % 2 == 1 => Some(r / 2),
+            _ => None,
+        }
+    }
+
+    /// The real rank that does virtual rank `v`'s work.
+    fn real(&self, v: usize) -> usize {
+        if v < self.extra {
+            2 * v + 1
+        } else {
+            v + self.extra
+        }
+    }
+
+    /// Elements owned by virtual ranks `v`: from the first part of the first
+    /// to the last part of the last. Virtual rank `p` maps to part `n`, the end.
+    fn span(&self, part: &Partition, v: Range<usize>) -> Range<usize> {
+        let first_part = |v: usize| {
+            if v < self.extra {
+                2 * v
+            } else {
+                v + self.extra
+            }
+        };
+        part.span(first_part(v.start)..first_part(v.end))
+    }
+
+    /// The partner of this rank in the fold, if it has one, and whether it
+    /// is the one that sits out.
+    fn fold_partner(&self) -> Option<(usize, bool)> {
+        (self.rank < 2 * self.extra).then(|| {
+            let sits_out = self.rank % 2 == 0;
+            (self.rank ^ 1, sits_out)
+        })
+    }
+
+    /// Leaves each virtual rank's span of `buf` reduced over all ranks (not
+    /// finished for `Avg`).
+    pub(crate) fn reduce_scatter<T: Transport + ?Sized, E: Element>(
+        &self,
+        c: &Call<T>,
+        buf: &mut [E],
+        op: ReduceOp,
+        part: &Partition,
+    ) -> Result<(), CollectiveError> {
+        match self.fold_partner() {
+            Some((partner, true)) => return step(c, Some((partner, &*buf)), None),
+            Some((partner, false)) => step(c, None, Some((partner, &mut *buf, Merge::Reduce(op))))?,
+            None => {}
+        }
+        let Some(v) = self.virtual_rank() else {
+            return Ok(());
+        };
+        let (mut lo, mut hi) = (0, self.p);
+        let mut mask = self.p / 2;
+        while mask > 0 {
+            let mid = lo + mask;
+            let (keep, give) = if v < mid {
+                (lo..mid, mid..hi)
+            } else {
+                (mid..hi, lo..mid)
+            };
+            let partner = self.real(v ^ mask);
+            let (out, into) = split(buf, self.span(part, give), self.span(part, keep.clone()));
+            step(
+                c,
+                Some((partner, out)),
+                Some((partner, into, Merge::Reduce(op))),
+            )?;
+            (lo, hi) = (keep.start, keep.end);
+            mask /= 2;
+        }
+        Ok(())
+    }
+
+    /// This rank's span after [`Butterfly::reduce_scatter`]; empty if it sits out.
+    pub(crate) fn owned(&self, part: &Partition) -> Range<usize> {
+        self.virtual_rank()
+            .map_or(0..0, |v| self.span(part, v..v + 1))
+    }
+
+    /// After [`Butterfly::reduce_scatter`]: hands the partner that sat out
+    /// its own part, so every rank owns part `rank` as in any reduce-scatter.
+    pub(crate) fn return_parts<T: Transport + ?Sized, E: Element>(
+        &self,
+        c: &Call<T>,
+        buf: &mut [E],
+        part: &Partition,
+    ) -> Result<(), CollectiveError> {
+        match self.fold_partner() {
+            Some((partner, true)) => step(
+                c,
+                None,
+                Some((partner, &mut buf[part.range(self.rank)], Merge::Copy)),
+            ),
+            Some((partner, false)) => step(c, Some((partner, &buf[part.range(partner)])), None),
+            None => Ok(()),
+        }
+    }
+
+    /// Given each virtual rank's span reduced, gives every rank the whole
+    /// buffer: recursive doubling, then the result to the partners that sat out.
+    pub(crate) fn all_gather<T: Transport + ?Sized, E: Element>(
+        &self,
+        c: &Call<T>,
+        buf: &mut [E],
+        part: &Partition,
+    ) -> Result<(), CollectiveError> {
+        if let Some(v) = self.virtual_rank() {
+            let mut mask = 1;
+            while mask < self.p {
+                let lo = v & !(mask - 1);
+                let other = lo ^ mask;
+                let (out, into) = split(
+                    buf,
+                    self.span(part, lo..lo + mask),
+                    self.span(part, other..other + mask),
+                );
+                let partner = self.real(v ^ mask);
+                step(c, Some((partner, out)), Some((partner, into, Merge::Copy)))?;
+                mask *= 2;
+            }
+        }
+        match self.fold_partner() {
+            Some((partner, true)) => step(c, None, Some((partner, buf, Merge::Copy))),
+            Some((partner, false)) => step(c, Some((partner, &*buf)), None),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folded_world_covers_every_part_once() {
+        for n in 1..=13 {
+            let part = Partition::equal(100, n);
+            let mut owned: Vec<Range<usize>> = (0..n)
+                .map(|r| Butterfly::new(r, n).owned(&part))
+                .filter(|r| !r.is_empty())
+                .collect();
+            owned.sort_by_key(|r| r.start);
+            let ends: Vec<usize> = owned.iter().map(|r| r.end).collect();
+            let starts: Vec<usize> = owned.iter().map(|r| r.start).skip(1).collect();
+            assert_eq!(owned[0].start, 0, "n {n}");
+            assert_eq!(&ends[..ends.len() - 1], &starts[..], "n {n}");
+            assert_eq!(*ends.last().unwrap(), 100, "n {n}");
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! A subset of a transport's ranks, renumbered densely, as a transport of
+//! its own: what survivors shrink the world to after a failure (like
+//! `MPI_Comm_shrink`), and what hierarchical collectives run sites on.
+
+use std::time::Instant;
+
+use super::CollectiveError;
+use crate::transport::{Transport, TransportError};
+
+/// Ranks `members` of `parent`, where parent rank `members[i]` is rank `i`.
+/// Members are sorted so that every member computes the same numbering.
+///
+/// A group shares its parent's tags: messages of a failed call still sit
+/// under that call's tag, so retry on a group with a tag never used before.
+pub struct Group<'a, T: ?Sized> {
+    parent: &'a T,
+    members: Vec<usize>,
+    rank: usize,
+}
+
+impl<'a, T: Transport + ?Sized> Group<'a, T> {
+    /// The group of `members` (parent ranks, in any order, duplicates
+    /// ignored); the calling rank must be one of them.
+    pub fn new(
+        parent: &'a T,
+        members: impl IntoIterator<Item = usize>,
+    ) -> Result<Self, CollectiveError> {
+        let mut members: Vec<usize> = members.into_iter().collect();
+        members.sort_unstable();
+        members.dedup();
+        if let Some(&r) = members.iter().find(|&&r| r >= parent.size()) {
+            return Err(CollectiveError::Transport(TransportError::NoSuchRank(r)));
+        }
+        let rank = members.binary_search(&parent.rank()).map_err(|_| {
+            CollectiveError::InvalidArgument(format!(
+                "rank {} is not in the group {members:?}",
+                parent.rank()
+            ))
+        })?;
+        Ok(Group {
+            parent,
+            members,
+            rank,
+        })
+    }
+
+    /// Every parent rank except `lost`: the survivors of a failure.
+    pub fn without(parent: &'a T, lost: &[usize]) -> Result<Self, CollectiveError> {
+        Self::new(parent, (0..parent.size()).filter(|r| !lost.contains(r)))
+    }
+
+    /// Parent ranks of the members, in group order.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    /// The parent's number for group rank `rank`.
+    pub fn parent_rank(&self, rank: usize) -> usize {
+        self.members[rank]
+    }
+
+    fn to_parent(&self, rank: usize) -> Result<usize, TransportError> {
+        self.members
+            .get(rank)
+            .copied()
+            .ok_or(TransportError::NoSuchRank(rank))
+    }
+
+    /// Renames the peer in a parent's error to its group number.
+    fn renamed(&self, e: TransportError) -> TransportError {
+        let local = |r: usize| self.members.binary_search(&r).unwrap_or(r);
+        match e {
+            TransportError::PeerLost { rank, reason } => TransportError::PeerLost {
+                rank: local(rank),
+                reason,
+            },
+            TransportError::Timeout { rank, tag } => TransportError::Timeout {
+                rank: local(rank),
+                tag,
+            },
+            TransportError::Protocol { rank, reason } => TransportError::Protocol {
+                rank: local(rank),
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Group<'_, T> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
+        self.parent
+            .send(self.to_parent(to)?, tag, payload)
+            .map_err(|e| self.renamed(e))
+    }
+
+    fn recv_deadline(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.parent
+            .recv_deadline(self.to_parent(from)?, tag, deadline)
+            .map_err(|e| self.renamed(e))
+    }
+
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
+        self.parent
+            .recv(self.to_parent(from)?, tag)
+            .map_err(|e| self.renamed(e))
+    }
+}

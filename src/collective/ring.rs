@@ -1,0 +1,54 @@
+//! Ring algorithms: n-1 steps, each rank sending one part to the next rank
+//! while receiving one from the previous. Every link carries the same load
+//! at every step, which makes the ring the bandwidth baseline for large
+//! buffers (NCCL's default); its cost is 2(n-1) latencies per all-reduce.
+
+use super::element::{Element, ReduceOp};
+use super::frame::{split, step, Merge};
+use super::partition::Partition;
+use super::{Call, CollectiveError};
+use crate::transport::Transport;
+
+/// Leaves part `rank` of `buf` reduced over all ranks (not yet finished for
+/// `Avg`); other parts are left partly reduced.
+///
+/// Part `j` starts at rank j+1, and each rank after it adds its own values,
+/// so the order of additions is fixed by the ring.
+pub(crate) fn reduce_scatter<T: Transport + ?Sized, E: Element>(
+    c: &Call<T>,
+    buf: &mut [E],
+    op: ReduceOp,
+    part: &Partition,
+) -> Result<(), CollectiveError> {
+    run(c, buf, part, 1, Merge::Reduce(op))
+}
+
+/// Fills every part of `buf` from its owner, given that each rank holds its own part.
+pub(crate) fn all_gather<T: Transport + ?Sized, E: Element>(
+    c: &Call<T>,
+    buf: &mut [E],
+    part: &Partition,
+) -> Result<(), CollectiveError> {
+    run(c, buf, part, 0, Merge::Copy)
+}
+
+/// At step s rank r sends part r-s-lag to r+1 and merges part r-s-lag-1
+/// from r-1: with lag 1 the last part merged is r's own (reduce-scatter),
+/// with lag 0 the first part sent is (all-gather).
+fn run<T: Transport + ?Sized, E: Element>(
+    c: &Call<T>,
+    buf: &mut [E],
+    part: &Partition,
+    lag: usize,
+    merge: Merge,
+) -> Result<(), CollectiveError> {
+    let (rank, n) = (c.rank(), c.size());
+    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+    for s in 0..n - 1 {
+        let out = (rank + 2 * n - s - lag) % n;
+        let into = (out + n - 1) % n;
+        let (out, into) = split(buf, part.range(out), part.range(into));
+        step(c, Some((next, out)), Some((prev, into, merge)))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! All-reduce family on in-process worlds: results against a plain
+//! reduction, determinism, weighted parts, the redundant and hierarchical
+//! variants.
+
+use std::fmt::Debug;
+
+use half::{bf16, f16};
+use swarmrun::collective::{
+    all_reduce, all_reduce_partitioned, all_reduce_redundant, hierarchical_all_reduce,
+    AllReduceAlgorithm, Call, CollectiveError, Element, Partition, ReduceOp, SliceTamper,
+    CHUNK_BYTES,
+};
+use swarmrun::transport::{LocalTransport, Transport};
+
+const ALGORITHMS: [AllReduceAlgorithm; 2] =
+    [AllReduceAlgorithm::Butterfly, AllReduceAlgorithm::Ring];
+const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
+
+/// Element types built from small integers, so that sums over nine ranks
+/// are exact even in bf16 and results can be compared with `==`.
+trait Exact: Element + PartialEq + Debug {
+    fn from_i32(v: i32) -> Self;
+    /// What `Avg` must give for an exact sum over `n` ranks.
+    fn average(sum: i32, n: usize) -> Self;
+}
+
+impl Exact for f32 {
+    fn from_i32(v: i32) -> Self {
+        v as f32
+    }
+    fn average(sum: i32, n: usize) -> Self {
+        sum as f32 / n as f32
+    }
+}
+
+impl Exact for i32 {
+    fn from_i32(v: i32) -> Self {
+        v
+    }
+    fn average(sum: i32, n: usize) -> Self {
+        sum / n as i32
+    }
+}
+
+impl Exact for bf16 {
+    fn from_i32(v: i32) -> Self {
+        bf16::from_f32(v as f32)
+    }
+    fn average(sum: i32, n: usize) -> Self {
+        bf16::from_f32(sum as f32 / n as f32)
+    }
+}
+
+impl Exact for f16 {
+    fn from_i32(v: i32) -> Self {
+        f16::from_f32(v as f32)
+    }
+    fn average(sum: i32, n: usize) -> Self {
+        f16::from_f32(sum as f32 / n as f32)
+    }
+}
+
+/// Rank `rank`'s value at index `i`: in -10..=10, so |any partial sum| ≤ 90.
+fn value(rank: usize, i: usize) -> i32 {
+    ((rank * 7 + i * 13) % 21) as i32 - 10
+}
+
+fn input<E: Exact>(rank: usize, len: usize) -> Vec<E> {
+    (0..len).map(|i| E::from_i32(value(rank, i))).collect()
+}
+
+/// The reduction of `ranks`' inputs, computed the obvious way.
+fn plain<E: Exact>(ranks: &[usize], len: usize, op: ReduceOp) -> Vec<E> {
+    (0..len)
+        .map(|i| {
+            let values = ranks.iter().map(|&r| value(r, i));
+            match op {
+                ReduceOp::Sum => E::from_i32(values.sum()),
+                ReduceOp::Avg => E::average(values.sum(), ranks.len()),
+                ReduceOp::Max => E::from_i32(values.max().unwrap_or_default()),
+            }
+        })
+        .collect()
+}
+
+/// Runs one all-reduce of the test inputs on a world of `n` and returns every rank's buffer.
+fn reduce_world<E: Exact>(
+    n: usize,
+    len: usize,
+    op: ReduceOp,
+    algorithm: AllReduceAlgorithm,
+) -> Vec<Vec<E>> {
+    LocalTransport::run(LocalTransport::world(n), |t| {
+        let mut buf = input::<E>(t.rank(), len);
+        all_reduce(Call::new(&t, 1), &mut buf, op, algorithm).unwrap();
+        buf
+    })
+}
+
+fn check<E: Exact>(n: usize, len: usize, op: ReduceOp, algorithm: AllReduceAlgorithm) {
+    let want = plain::<E>(&(0..n).collect::<Vec<_>>(), len, op);
+    for (rank, got) in reduce_world::<E>(n, len, op, algorithm).iter().enumerate() {
+        assert!(
+            *got == want,
+            "{} n={n} len={len} {op:?} {algorithm:?}: rank {rank} differs",
+            std::any::type_name::<E>()
+        );
+    }
+}
+
+#[test]
+fn all_reduce_equals_a_plain_reduction_for_every_size_length_type_op_and_algorithm() {
+    for n in 1..=9 {
+        for len in [0, 1, 1009] {
+            for algorithm in ALGORITHMS {
+                for op in OPS {
+                    check::<f32>(n, len, op, algorithm);
+                    check::<bf16>(n, len, op, algorithm);
+                    check::<f16>(n, len, op, algorithm);
+                    check::<i32>(n, len, op, algorithm);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn all_reduce_of_megabytes_crosses_chunks_and_stays_exact() {
+    // 3 MiB of f32 plus a ragged tail: several chunks per step.
+    let len = 3 * (1 << 20) / 4 + 3;
+    for n in [5, 8] {
+        for algorithm in ALGORITHMS {
+            check::<f32>(n, len, ReduceOp::Sum, algorithm);
+        }
+    }
+    check::<bf16>(3, len, ReduceOp::Max, AllReduceAlgorithm::Auto);
+}
+
+/// Non-integer values in [-1, 1) from a hash of (rank, index): sums round.
+fn noise(rank: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let mut x = (rank as u64) << 32 | i as u64;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((x >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn rounded_results_are_bit_identical_on_every_rank_and_across_runs() {
+    let len = CHUNK_BYTES / 4 * 2 + 17;
+    for n in [3, 6, 8] {
+        for algorithm in ALGORITHMS {
+            let run = || {
+                LocalTransport::run(LocalTransport::world(n), |t| {
+                    let mut buf = noise(t.rank(), len);
+                    all_reduce(Call::new(&t, 1), &mut buf, ReduceOp::Avg, algorithm).unwrap();
+                    buf.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+                })
+            };
+            let first = run();
+            assert!(
+                first.iter().all(|b| *b == first[0]),
+                "n={n} {algorithm:?}: ranks differ"
+            );
+            assert_eq!(first, run(), "n={n} {algorithm:?}: runs differ");
+            // The values really were rounded: the check above is not trivial.
+            assert!(first[0].iter().any(|&b| f32::from_bits(b).fract() != 0.0));
+        }
+    }
+}
+
+#[test]
+fn weighted_partitions_give_the_same_result_as_equal_ones() {
+    let len = 1009;
+    for n in 1..=9 {
+        let weights: Vec<f64> = (0..n).map(|r| (r % 3 + 1) as f64).collect();
+        let part = Partition::weighted(len, &weights).unwrap();
+        let want = plain::<f32>(&(0..n).collect::<Vec<_>>(), len, ReduceOp::Sum);
+        for algorithm in ALGORITHMS {
+            let got = LocalTransport::run(LocalTransport::world(n), |t| {
+                let mut buf = input::<f32>(t.rank(), len);
+                all_reduce_partitioned(Call::new(&t, 1), &mut buf, ReduceOp::Sum, algorithm, &part)
+                    .unwrap();
+                buf
+            });
+            assert!(got.iter().all(|b| *b == want), "n={n} {algorithm:?}");
+        }
+    }
+}
+
+#[test]
+fn hierarchical_all_reduce_equals_the_flat_one() {
+    let len = 1009;
+    for n in 2..=9 {
+        let layouts: [Vec<usize>; 2] = [
+            (0..n).map(|r| usize::from(r >= n / 3)).collect(),
+            (0..n).map(|r| r % 2).collect(),
+        ];
+        for sites in &layouts {
+            for op in OPS {
+                let flat = reduce_world::<f32>(n, len, op, AllReduceAlgorithm::Auto);
+                let hier = LocalTransport::run(LocalTransport::world(n), |t| {
+                    let mut buf = input::<f32>(t.rank(), len);
+                    hierarchical_all_reduce(Call::new(&t, 1), &mut buf, op, sites).unwrap();
+                    buf
+                });
+                assert_eq!(hier, flat, "n={n} sites={sites:?} {op:?}");
+            }
+        }
+    }
+}
+
+/// Runs a redundant all-reduce where rank `liar` (if any) adds one to its copy of `slice`.
+fn redundant_world(
+    n: usize,
+    copies: usize,
+    liar: Option<(usize, usize)>,
+) -> Vec<Result<Vec<i32>, CollectiveError>> {
+    let len = 101;
+    LocalTransport::run(LocalTransport::world(n), |t| {
+        let mut buf = input::<i32>(t.rank(), len);
+        let tamper = |slice: usize, data: &mut [i32]| {
+            if liar.is_some_and(|(_, s)| s == slice) {
+                data[0] += 1;
+            }
+        };
+        let hook: Option<&SliceTamper<i32>> = match liar {
+            Some((rank, _)) if rank == t.rank() => Some(&tamper),
+            _ => None,
+        };
+        all_reduce_redundant(Call::new(&t, 1), &mut buf, ReduceOp::Sum, copies, hook).map(|()| buf)
+    })
+}
+
+#[test]
+fn redundant_all_reduce_without_faults_equals_a_plain_reduction() {
+    for n in 1..=7 {
+        for copies in 1..=n.min(3) {
+            let want = plain::<i32>(&(0..n).collect::<Vec<_>>(), 101, ReduceOp::Sum);
+            for got in redundant_world(n, copies, None) {
+                assert_eq!(got.unwrap(), want, "n={n} copies={copies}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_tampered_slice_copy_is_reported_with_its_slice_and_rank_on_every_rank() {
+    // With 3 copies slice 1 is held by ranks 1, 2, 3; rank 2's copy is the odd one out,
+    // then the owner's.
+    for liar in [2, 1] {
+        for got in redundant_world(5, 3, Some((liar, 1))) {
+            match got {
+                Err(CollectiveError::SliceMismatch { slice: 1, ranks }) => {
+                    assert_eq!(ranks, [liar])
+                }
+                other => panic!("liar {liar}: expected a mismatch in slice 1, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_mismatch_without_majority_names_every_holder() {
+    for got in redundant_world(4, 2, Some((3, 3))) {
+        match got {
+            Err(CollectiveError::SliceMismatch { slice: 3, ranks }) => assert_eq!(ranks, [0, 3]),
+            other => panic!("expected a mismatch in slice 3, got {other:?}"),
+        }
+    }
+}

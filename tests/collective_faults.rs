@@ -1,0 +1,194 @@
+//! Ranks that die or go silent: survivors learn who, promptly and alike,
+//! and can shrink the world to a Group and retry.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use swarmrun::collective::{
+    all_reduce, broadcast, hierarchical_all_reduce, AllReduceAlgorithm, Call, CollectiveError,
+    Group, ReduceOp,
+};
+use swarmrun::transport::{LocalTransport, Transport, TransportError};
+
+/// Long enough that a test relying on it would be obviously slow.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A rank that crashes on its `sends`-th send, part-way through whatever it is doing.
+struct DiesAfter {
+    inner: LocalTransport,
+    sends_left: AtomicUsize,
+}
+
+impl DiesAfter {
+    fn new(inner: LocalTransport, sends: usize) -> Self {
+        DiesAfter {
+            inner,
+            sends_left: AtomicUsize::new(sends),
+        }
+    }
+}
+
+impl Transport for DiesAfter {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
+        let left = self.sends_left.fetch_sub(1, Ordering::SeqCst);
+        if left == 0 {
+            self.inner.kill();
+        }
+        self.inner.send(to, tag, payload)
+    }
+    fn recv_deadline(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.inner.recv_deadline(from, tag, deadline)
+    }
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
+        self.inner.recv(from, tag)
+    }
+}
+
+fn input(rank: usize, len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((rank * 31 + i) % 17) as f32).collect()
+}
+
+fn sum_over(ranks: impl Iterator<Item = usize>, len: usize) -> Vec<f32> {
+    ranks
+        .map(|r| input(r, len))
+        .fold(vec![0.0; len], |mut acc, x| {
+            acc.iter_mut().zip(x).for_each(|(a, x)| *a += x);
+            acc
+        })
+}
+
+#[test]
+fn survivors_of_a_rank_killed_mid_all_reduce_blame_it_and_retry_without_it() {
+    let (n, victim, len) = (6, 3, 300_001);
+    let want = sum_over((0..n).filter(|&r| r != victim), len);
+    for algorithm in [AllReduceAlgorithm::Butterfly, AllReduceAlgorithm::Ring] {
+        // Dying before its contribution is out leaves no survivor able to finish;
+        // a rank that dies later may let some finish (see the module docs).
+        for sends in [0, 1] {
+            let start = Instant::now();
+            let results =
+                LocalTransport::run(LocalTransport::world_with_timeout(n, PATIENCE), |t| {
+                    let mut buf = input(t.rank(), len);
+                    if t.rank() == victim {
+                        let dying = DiesAfter::new(t, sends);
+                        assert!(all_reduce(
+                            Call::new(&dying, 1),
+                            &mut buf,
+                            ReduceOp::Sum,
+                            algorithm
+                        )
+                        .is_err());
+                        return None;
+                    }
+                    let first = all_reduce(Call::new(&t, 1), &mut buf, ReduceOp::Sum, algorithm);
+                    let lost = match first {
+                        Err(CollectiveError::PeerLost { rank }) => rank,
+                        other => panic!(
+                            "rank {} {algorithm:?} sends={sends}: expected PeerLost, got {other:?}",
+                            t.rank()
+                        ),
+                    };
+                    let survivors = Group::without(&t, &[lost]).unwrap();
+                    let mut buf = input(t.rank(), len);
+                    all_reduce(Call::new(&survivors, 2), &mut buf, ReduceOp::Sum, algorithm)
+                        .unwrap();
+                    Some((lost, buf))
+                });
+            assert!(
+                start.elapsed() < PATIENCE / 2,
+                "{algorithm:?}: waited for a timeout"
+            );
+            for (rank, result) in results
+                .into_iter()
+                .enumerate()
+                .filter(|(r, _)| *r != victim)
+            {
+                let (lost, buf) = result.unwrap();
+                assert_eq!(
+                    lost, victim,
+                    "{algorithm:?} sends={sends}: rank {rank} blamed {lost}"
+                );
+                assert!(
+                    buf == want,
+                    "{algorithm:?} sends={sends}: rank {rank} retried wrong"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rank_that_misses_the_deadline_is_reported_lost_by_everyone() {
+    let n = 4;
+    let results = LocalTransport::run(LocalTransport::world_with_timeout(n, PATIENCE), |t| {
+        if t.rank() == 2 {
+            // Alive but silent until everyone else has given up.
+            std::thread::sleep(Duration::from_millis(600));
+            return None;
+        }
+        let mut buf = input(t.rank(), 10);
+        let call = Call::new(&t, 1).until(Instant::now() + Duration::from_millis(200));
+        Some(all_reduce(
+            call,
+            &mut buf,
+            ReduceOp::Sum,
+            AllReduceAlgorithm::Auto,
+        ))
+    });
+    for result in results.into_iter().flatten() {
+        assert!(
+            matches!(result, Err(CollectiveError::PeerLost { rank: 2 })),
+            "{result:?}"
+        );
+    }
+}
+
+#[test]
+fn every_site_blames_the_rank_that_died_in_another_site() {
+    let (n, victim) = (6, 4);
+    let sites = [0, 0, 0, 1, 1, 1];
+    let results = LocalTransport::run(LocalTransport::world_with_timeout(n, PATIENCE), |t| {
+        if t.rank() == victim {
+            return None;
+        }
+        let mut buf = input(t.rank(), 1000);
+        Some(hierarchical_all_reduce(
+            Call::new(&t, 1),
+            &mut buf,
+            ReduceOp::Sum,
+            &sites,
+        ))
+    });
+    for (rank, result) in results
+        .into_iter()
+        .enumerate()
+        .filter(|(r, _)| *r != victim)
+    {
+        let result = result.unwrap();
+        assert!(
+            matches!(result, Err(CollectiveError::PeerLost { rank: 4 })),
+            "rank {rank}: {result:?}"
+        );
+    }
+}
+
+#[test]
+fn a_broadcast_from_a_missing_root_is_refused_on_every_rank() {
+    let results = LocalTransport::run(LocalTransport::world(3), |t| {
+        broadcast(Call::new(&t, 1), &mut [0i32; 4], 3)
+    });
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Err(CollectiveError::InvalidArgument(_)))));
+}
