@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::collective::barrier;
+use crate::collective::{barrier, Call, CollectiveError};
 use crate::transport::{Transport, TransportError};
 
 /// Tags of the smoke job; collectives use their own range.
@@ -42,6 +42,8 @@ impl RingTimes {
 pub enum HelloError {
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
     #[error("round {round}: token from rank {from} is corrupt ({len} bytes)")]
     CorruptToken {
         round: usize,
@@ -87,6 +89,6 @@ pub fn run<T: Transport + ?Sized>(t: &T, opts: &HelloOptions) -> Result<RingTime
             t.send(next, TAG_RING, &got)?;
         }
     }
-    barrier(t, TAG_BARRIER)?;
+    barrier(Call::new(t, TAG_BARRIER))?;
     Ok(times)
 }

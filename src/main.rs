@@ -79,6 +79,42 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// nccl-tests-style all-reduce table per transport, beside memcpy.
+    Allreduce {
+        #[arg(short = 'n', long = "nprocs", default_value_t = 4)]
+        nprocs: usize,
+        /// Comma-separated: tcp, shm, mpi (mpi = OpenMPI's MPI_Allreduce; needs --features mpi).
+        #[arg(long, default_value = "tcp", value_delimiter = ',')]
+        transport: Vec<String>,
+        /// Smallest message (1K, 64KiB, 4M...).
+        #[arg(long, default_value = "1K", value_parser = parse_size_arg)]
+        min: usize,
+        /// Largest message.
+        #[arg(long, default_value = "64M", value_parser = parse_size_arg)]
+        max: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// auto, butterfly or ring.
+        #[arg(long, default_value = "auto", value_parser = parse_algorithm)]
+        algorithm: config::AllReduceChoice,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<usize, String> {
+    config::parse_size(s)
+        .map_err(|e| e.to_string())
+        .and_then(|v| usize::try_from(v).map_err(|e| e.to_string()))
+}
+
+fn parse_algorithm(s: &str) -> Result<config::AllReduceChoice, String> {
+    match s {
+        "auto" => Ok(config::AllReduceChoice::Auto),
+        "butterfly" => Ok(config::AllReduceChoice::Butterfly),
+        "ring" => Ok(config::AllReduceChoice::Ring),
+        other => Err(format!("{other:?} is not auto, butterfly or ring")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -161,6 +197,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 swarmrun::bench::launch::run(nprocs, reps)?;
                 Ok(ExitCode::SUCCESS)
             }
+            BenchCmd::Allreduce {
+                nprocs,
+                transport,
+                min,
+                max,
+                iters,
+                warmup,
+                algorithm,
+            } => {
+                swarmrun::bench::allreduce::run(&swarmrun::bench::allreduce::DriverOptions {
+                    nprocs,
+                    transports: transport,
+                    spec: config::BenchSpec {
+                        min_bytes: min,
+                        max_bytes: max,
+                        iters,
+                        warmup,
+                    },
+                    algorithm,
+                })?;
+                Ok(ExitCode::SUCCESS)
+            }
         },
     }
 }
@@ -183,6 +241,7 @@ fn run_rank(spec: &JobSpec, rdzv: Option<&str>) -> Result<()> {
     match spec.job.task {
         Task::Hello => run_hello(spec, &joined),
         Task::Train => anyhow::bail!("task `train` is not built yet; use task = \"hello\""),
+        Task::BenchAllreduce => run_bench_allreduce(spec, &joined),
     }
 }
 
@@ -199,9 +258,31 @@ fn crash_if_planned(spec: &JobSpec, rank: usize) {
     }
 }
 
+/// A rank of `swarmrun bench allreduce`: rank 0 prints the rows.
+fn run_bench_allreduce(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
+    use swarmrun::bench::allreduce::{self, AllReduceUnderTest, Ours, ROW_MARK};
+    let t = joined.transport.as_dyn();
+    let ours = Ours {
+        transport: t,
+        algorithm: allreduce::algorithm(spec.collective.algorithm),
+    };
+    let under_test: &dyn AllReduceUnderTest = match &joined.transport {
+        #[cfg(feature = "mpi")]
+        launch::RankTransport::Mpi(m) => &allreduce::MpiNative(m),
+        _ => &ours,
+    };
+    let rank0 = joined.world.rank == 0;
+    allreduce::run_rank(t, &spec.bench, under_test, |row| {
+        if rank0 {
+            println!("{ROW_MARK}{}", row.format(joined.world.size));
+        }
+    })?;
+    Ok(())
+}
+
 fn run_hello(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
     let times = swarmrun::hello::run(
-        &joined.transport,
+        joined.transport.as_dyn(),
         &swarmrun::hello::HelloOptions {
             rounds: spec.hello.rounds,
             token_bytes: spec.hello.token_bytes,

@@ -2,6 +2,7 @@
 //! reference measured in the same run (these machines are shared and noisy,
 //! so only same-run ratios mean anything).
 
+pub mod allreduce;
 pub mod launch;
 
 use std::time::Duration;

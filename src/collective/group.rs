@@ -29,7 +29,10 @@ impl<'a, T: Transport + ?Sized> Group<'a, T> {
         members.sort_unstable();
         members.dedup();
         if let Some(&r) = members.iter().find(|&&r| r >= parent.size()) {
-            return Err(CollectiveError::Transport(TransportError::NoSuchRank(r)));
+            return Err(CollectiveError::Transport(TransportError::NoSuchRank {
+                rank: r,
+                size: parent.size(),
+            }));
         }
         let rank = members.binary_search(&parent.rank()).map_err(|_| {
             CollectiveError::InvalidArgument(format!(
@@ -63,7 +66,10 @@ impl<'a, T: Transport + ?Sized> Group<'a, T> {
         self.members
             .get(rank)
             .copied()
-            .ok_or(TransportError::NoSuchRank(rank))
+            .ok_or(TransportError::NoSuchRank {
+                rank,
+                size: self.members.len(),
+            })
     }
 
     /// Renames the peer in a parent's error to its group number.

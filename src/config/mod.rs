@@ -61,7 +61,9 @@ use serde::Deserialize;
 pub use error::ConfigError;
 pub use hostlist::HostlistError;
 pub use plan::{Plan, PlanError, RankPlan, Role};
-pub use values::{parse_size, Fabric, Rendezvous, RendezvousError, SizeError, Task};
+pub use values::{
+    parse_size, AllReduceChoice, Fabric, Rendezvous, RendezvousError, SizeError, Task,
+};
 
 /// A whole job file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -83,6 +85,10 @@ pub struct JobSpec {
     pub faults: FaultsSpec,
     #[serde(default)]
     pub hello: HelloSpec,
+    #[serde(default)]
+    pub collective: CollectiveSpec,
+    #[serde(default)]
+    pub bench: BenchSpec,
 }
 
 /// `[job]`: names the job and says what its ranks do.
@@ -243,6 +249,39 @@ pub struct CrashFault {
     pub exit_code: i32,
     #[serde(default)]
     pub after_s: f64,
+}
+
+/// `[collective]`: how ranks merge their updates.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectiveSpec {
+    /// Fixes the all-reduce algorithm; `auto` chooses by message size.
+    pub algorithm: AllReduceChoice,
+}
+
+/// `[bench]`: what the benchmark tasks measure (`task = "bench-allreduce"`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BenchSpec {
+    /// Smallest message, bytes (size string); doubled up to `max_bytes`.
+    #[serde(deserialize_with = "values::deserialize_size")]
+    pub min_bytes: usize,
+    #[serde(deserialize_with = "values::deserialize_size")]
+    pub max_bytes: usize,
+    /// Timed repetitions per size (after `warmup` untimed ones).
+    pub iters: usize,
+    pub warmup: usize,
+}
+
+impl Default for BenchSpec {
+    fn default() -> Self {
+        BenchSpec {
+            min_bytes: 1 << 10,
+            max_bytes: 64 << 20,
+            iters: 20,
+            warmup: 2,
+        }
+    }
 }
 
 /// `[hello]`: the smoke job's ring (used when `job.task = "hello"`).

@@ -150,6 +150,16 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             );
         }
     }
+    let b = &spec.bench;
+    if b.min_bytes == 0 || b.min_bytes > b.max_bytes {
+        return violation(
+            "bench.min_bytes",
+            format!("{} is not in 1..=max_bytes ({})", b.min_bytes, b.max_bytes),
+        );
+    }
+    if b.iters == 0 {
+        return violation("bench.iters", "must be at least 1");
+    }
     if !(spec.hello.hold_s >= 0.0 && spec.hello.hold_s.is_finite()) {
         return violation(
             "hello.hold_s",

@@ -133,6 +133,22 @@ pub enum Task {
     /// Pipeline-parallel training of the model.
     #[default]
     Train,
+    /// `swarmrun bench allreduce`'s ranks: time all-reduce over `[bench]` sizes.
+    #[serde(rename = "bench-allreduce")]
+    BenchAllreduce,
+}
+
+/// `[collective] algorithm`: which all-reduce to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllReduceChoice {
+    /// Chosen by message size and world size.
+    #[default]
+    Auto,
+    /// Rabenseifner: recursive halving, then recursive doubling.
+    Butterfly,
+    /// Ring reduce-scatter and all-gather.
+    Ring,
 }
 
 impl fmt::Display for Task {
@@ -141,6 +157,7 @@ impl fmt::Display for Task {
         f.write_str(match self {
             Task::Hello => "hello",
             Task::Train => "train",
+            Task::BenchAllreduce => "bench-allreduce",
         })
     }
 }

@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::config::{JobSpec, PlanError, Rendezvous};
 use crate::wire::JobKey;
 
-pub use rank::{join, JoinError, Joined};
+pub use rank::{join, JoinError, Joined, RankTransport};
 pub use spawn::{launch, LaunchError, LaunchOptions, Outcome};
 
 #[derive(Debug, Error)]
@@ -33,6 +33,13 @@ pub enum StartError {
     },
     #[error("cannot find this executable: {0}")]
     Exe(std::io::Error),
+}
+
+/// A port on `host` that nobody listens on now (the kernel's next ephemeral
+/// one). Another process may take it before we do; launchers accept that
+/// small race, as torchrun does.
+pub fn free_port(host: &str) -> std::io::Result<u16> {
+    Ok(TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 
 /// What `swarmrun launch` was asked.
@@ -56,13 +63,10 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
     let rendezvous = match rank::rendezvous_choice(spec, req.rdzv)? {
         Rendezvous::Slurm => return Err(StartError::SlurmUnderLaunch),
         Rendezvous::Tcp { host, port: 0 } => {
-            let port = TcpListener::bind((host.as_str(), 0))
-                .and_then(|l| l.local_addr())
-                .map_err(|source| StartError::NoFreePort {
-                    host: host.clone(),
-                    source,
-                })?
-                .port();
+            let port = free_port(&host).map_err(|source| StartError::NoFreePort {
+                host: host.clone(),
+                source,
+            })?;
             Rendezvous::Tcp { host, port }
         }
         other => other,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::config::{JobSpec, Plan, PlanError, RankPlan, Rendezvous};
-use crate::transport::{TcpOptions, TcpTransport, TransportError};
+use crate::config::{Fabric, JobSpec, Plan, PlanError, RankPlan, Rendezvous};
+use crate::transport::{TcpOptions, TcpTransport, Transport, TransportError};
 use crate::wire::{JobKey, WireError};
 use crate::world::{self, DetectError, Endpoint, RendezvousError, RendezvousOptions, World};
 
@@ -44,13 +44,34 @@ pub enum JoinError {
     Listen(std::io::Error),
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    #[error("fabric {0:?} needs swarmrun built with `--features {1}`")]
+    FabricNotBuilt(Fabric, &'static str),
+    #[error("fabric {fabric:?}: {reason}")]
+    FabricUnusable { fabric: Fabric, reason: String },
+}
+
+/// The transport a rank's collectives run over, chosen by the site's fabric.
+pub enum RankTransport {
+    Tcp(TcpTransport),
+    #[cfg(feature = "mpi")]
+    Mpi(crate::transport::mpi::MpiTransport),
+}
+
+impl RankTransport {
+    pub fn as_dyn(&self) -> &dyn Transport {
+        match self {
+            RankTransport::Tcp(t) => t,
+            #[cfg(feature = "mpi")]
+            RankTransport::Mpi(t) => t,
+        }
+    }
 }
 
 /// A rank that has joined: who it is, its place in the plan, and the mesh.
 pub struct Joined {
     pub world: World,
     pub plan: Plan,
-    pub transport: TcpTransport,
+    pub transport: RankTransport,
     /// Time from process start (or launcher start, when known) to a
     /// connected mesh.
     pub startup: Duration,
@@ -123,19 +144,48 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
             timeout: connect_timeout,
         },
     )?;
-    let transport = TcpTransport::connect(
-        world.rank,
-        listener,
-        &world.addrs(),
-        &key,
-        &spec.job.name,
-        TcpOptions {
-            max_frame: spec.network.max_frame,
-            connect_timeout,
-            default_timeout: Duration::from_secs_f64(spec.network.collective_timeout_s),
-            ..TcpOptions::default()
-        },
-    )?;
+    let default_timeout = Duration::from_secs_f64(spec.network.collective_timeout_s);
+    let transport = match world_fabric(spec, &plan) {
+        Fabric::Tcp => RankTransport::Tcp(TcpTransport::connect(
+            world.rank,
+            listener,
+            &world.addrs(),
+            &key,
+            &spec.job.name,
+            TcpOptions {
+                max_frame: spec.network.max_frame,
+                connect_timeout,
+                default_timeout,
+                ..TcpOptions::default()
+            },
+        )?),
+        #[cfg(feature = "mpi")]
+        Fabric::Mpi => {
+            let t = crate::transport::mpi::MpiTransport::init(default_timeout)?;
+            if (t.rank(), t.size()) != (world.rank, world.size) {
+                return Err(JoinError::FabricUnusable {
+                    fabric: Fabric::Mpi,
+                    reason: format!(
+                        "MPI says rank {}/{}, the launcher said {}/{}: start the ranks with mpirun",
+                        t.rank(),
+                        t.size(),
+                        world.rank,
+                        world.size
+                    ),
+                });
+            }
+            RankTransport::Mpi(t)
+        }
+        #[cfg(not(feature = "mpi"))]
+        Fabric::Mpi => return Err(JoinError::FabricNotBuilt(Fabric::Mpi, "mpi")),
+        Fabric::Nccl => return Err(JoinError::FabricNotBuilt(Fabric::Nccl, "cuda")),
+        Fabric::Shm => {
+            return Err(JoinError::FabricUnusable {
+                fabric: Fabric::Shm,
+                reason: "not available yet".into(),
+            })
+        }
+    };
     let startup = launch_t0_elapsed().unwrap_or_else(|| started.elapsed());
     Ok(Joined {
         world,
@@ -144,6 +194,17 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
         startup,
         launcher: env.launcher,
     })
+}
+
+/// The fabric the world's transport uses: the site's own when the whole
+/// world is one site, else TCP, the one fabric that crosses sites.
+fn world_fabric(spec: &JobSpec, plan: &Plan) -> Fabric {
+    let first = plan.ranks.first().map(|r| r.site.as_str());
+    let one_site = plan.ranks.iter().all(|r| Some(r.site.as_str()) == first);
+    match spec.sites.iter().find(|s| Some(s.name.as_str()) == first) {
+        Some(site) if one_site => site.fabric,
+        _ => Fabric::Tcp,
+    }
 }
 
 /// Time since `swarmrun launch` started, when it told us.

@@ -113,7 +113,10 @@ impl LocalTransport {
 
     fn check_rank(&self, rank: usize) -> Result<(), TransportError> {
         if rank >= self.size() {
-            return Err(TransportError::NoSuchRank(rank));
+            return Err(TransportError::NoSuchRank {
+                rank,
+                size: self.size(),
+            });
         }
         if !self.is_alive(self.rank) {
             return Err(lost(self.rank, "this rank was killed"));
@@ -270,7 +273,7 @@ mod tests {
         let w = LocalTransport::world(2);
         assert!(matches!(
             w[0].send(2, 0, &[]),
-            Err(TransportError::NoSuchRank(2))
+            Err(TransportError::NoSuchRank { rank: 2, .. })
         ));
     }
 }

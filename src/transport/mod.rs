@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod tcp;
 
 pub use local::LocalTransport;

@@ -1,0 +1,345 @@
+//! `swarmrun bench allreduce`: the nccl-tests table for our all-reduce over
+//! TCP, shared memory or MPI, and for OpenMPI's own `MPI_Allreduce`.
+//!
+//! The driver (`run`) measures memcpy bandwidth, the physical limit, then
+//! starts the ranks of a generated job (`task = "bench-allreduce"`) for each
+//! transport asked for: `swarmrun launch` for tcp and shm, `mpirun` for mpi.
+//! Rank 0 prints the table's rows; the driver relays them under one header.
+//!
+//! The ranks (`run_rank`) time each size nccl-tests' way: the slowest rank's
+//! average over `iters` calls after `warmup` ones. Inputs are small
+//! integers whose sum is known exactly, so `#wrong` counts real errors, not
+//! rounding.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::is_root;
+use crate::collective::{self, AllReduceAlgorithm, Call, CollectiveError, ReduceOp};
+use crate::config::{AllReduceChoice, BenchSpec, Fabric};
+use crate::launch::free_port;
+use crate::transport::Transport;
+use crate::wire::{JobKey, WireError, KEY_ENV};
+
+#[derive(Debug, Error)]
+pub enum BenchAllreduceError {
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("bench allreduce: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{what} failed ({status}); its last lines:\n{tail}")]
+    Failed {
+        what: String,
+        status: std::process::ExitStatus,
+        tail: String,
+    },
+    #[error("transport {0:?} is not one of tcp, shm, mpi")]
+    UnknownTransport(String),
+    #[error("job key: {0}")]
+    Key(#[from] WireError),
+    #[error("--transport mpi needs a binary built with `--features mpi`")]
+    NoMpiFeature,
+}
+
+/// Tags of the benchmark's collectives.
+const TAG_BENCH: u64 = 0x4245_4e43_4800_0000;
+
+/// Per-size figures, as nccl-tests prints them.
+#[derive(Debug, Clone, Copy)]
+pub struct Row {
+    pub bytes: usize,
+    pub time_us: f64,
+    pub wrong: u64,
+}
+
+impl Row {
+    /// GB/s (1e9 bytes) of the user's buffer.
+    pub fn algbw(&self) -> f64 {
+        self.bytes as f64 / self.time_us / 1e3
+    }
+
+    /// algbw x 2(n-1)/n: what each link carried, comparable across n.
+    pub fn busbw(&self, n: usize) -> f64 {
+        self.algbw() * 2.0 * (n as f64 - 1.0) / n as f64
+    }
+
+    pub fn format(&self, n: usize) -> String {
+        format!(
+            "{:>12} {:>12} {:>6} {:>6} {:>10.1} {:>8.3} {:>8.3} {:>7}",
+            self.bytes,
+            self.bytes / 4,
+            "float",
+            "sum",
+            self.time_us,
+            self.algbw(),
+            self.busbw(n),
+            self.wrong
+        )
+    }
+}
+
+pub const TABLE_HEADER: &str = "#        size        count   type  redop   time(us)   algbw   busbw  #wrong\n#         (B)   (elements)                             (GB/s)  (GB/s)";
+
+/// Sizes from `min` doubling to `max` (both rounded to whole f32s).
+fn sizes(spec: &BenchSpec) -> impl Iterator<Item = usize> {
+    let max = spec.max_bytes / 4 * 4;
+    std::iter::successors(Some((spec.min_bytes / 4).max(1) * 4), move |b| {
+        b.checked_mul(2).filter(|n| *n <= max)
+    })
+}
+
+/// Rank `r`'s input: small integers, so every sum is exact in f32.
+fn input(rank: usize, count: usize) -> Vec<f32> {
+    (0..count)
+        .map(|i| ((rank + 1) * (i % 7 + 1)) as f32)
+        .collect()
+}
+
+/// The exact sum of all ranks' inputs at index `i`.
+fn expected(size: usize, i: usize) -> f32 {
+    ((i % 7 + 1) * size * (size + 1) / 2) as f32
+}
+
+/// One all-reduce implementation under test, called out of place.
+pub trait AllReduceUnderTest {
+    fn all_reduce(&self, input: &[f32], output: &mut [f32]) -> Result<(), CollectiveError>;
+}
+
+/// Our all-reduce over any transport.
+pub struct Ours<'a, T: ?Sized> {
+    pub transport: &'a T,
+    pub algorithm: AllReduceAlgorithm,
+}
+
+impl<T: Transport + ?Sized> AllReduceUnderTest for Ours<'_, T> {
+    fn all_reduce(&self, input: &[f32], output: &mut [f32]) -> Result<(), CollectiveError> {
+        output.copy_from_slice(input);
+        collective::all_reduce(
+            Call::new(self.transport, TAG_BENCH),
+            output,
+            ReduceOp::Sum,
+            self.algorithm,
+        )
+    }
+}
+
+pub fn algorithm(choice: AllReduceChoice) -> AllReduceAlgorithm {
+    match choice {
+        AllReduceChoice::Auto => AllReduceAlgorithm::Auto,
+        AllReduceChoice::Butterfly => AllReduceAlgorithm::Butterfly,
+        AllReduceChoice::Ring => AllReduceAlgorithm::Ring,
+    }
+}
+
+/// OpenMPI's `MPI_Allreduce`, the reference.
+#[cfg(feature = "mpi")]
+pub struct MpiNative<'a>(pub &'a crate::transport::mpi::MpiTransport);
+
+#[cfg(feature = "mpi")]
+impl AllReduceUnderTest for MpiNative<'_> {
+    fn all_reduce(&self, input: &[f32], output: &mut [f32]) -> Result<(), CollectiveError> {
+        self.0.mpi_all_reduce_sum_f32(input, output);
+        Ok(())
+    }
+}
+
+/// Times every size on every rank; returns the rows (the same on all ranks).
+pub fn run_rank<T: Transport + ?Sized>(
+    t: &T,
+    spec: &BenchSpec,
+    under_test: &dyn AllReduceUnderTest,
+    mut print: impl FnMut(&Row),
+) -> Result<Vec<Row>, BenchAllreduceError> {
+    let (rank, size) = (t.rank(), t.size());
+    let mut rows = Vec::new();
+    for bytes in sizes(spec) {
+        let count = bytes / 4;
+        let src = input(rank, count);
+        let mut out = vec![0f32; count];
+        for _ in 0..spec.warmup {
+            under_test.all_reduce(&src, &mut out)?;
+        }
+        collective::barrier(Call::new(t, TAG_BENCH + 8))?;
+        let start = Instant::now();
+        for _ in 0..spec.iters {
+            under_test.all_reduce(&src, &mut out)?;
+        }
+        let mut stats = [start.elapsed().as_secs_f32() * 1e6 / spec.iters as f32];
+        // The slowest rank sets the time, as in nccl-tests.
+        collective::all_reduce(
+            Call::new(t, TAG_BENCH + 16),
+            &mut stats,
+            ReduceOp::Max,
+            AllReduceAlgorithm::Auto,
+        )?;
+        let wrong_here = out
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| **v != expected(size, *i))
+            .count();
+        let mut wrong = [wrong_here.min(i32::MAX as usize) as i32];
+        collective::all_reduce(
+            Call::new(t, TAG_BENCH + 24),
+            &mut wrong,
+            ReduceOp::Sum,
+            AllReduceAlgorithm::Auto,
+        )?;
+        let row = Row {
+            bytes,
+            time_us: f64::from(stats[0]),
+            wrong: wrong[0].max(0) as u64,
+        };
+        print(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Single-thread memcpy bandwidth of a `bytes` buffer, best of a few, GB/s.
+pub fn memcpy_gbps(bytes: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed());
+        std::hint::black_box(&dst);
+    }
+    bytes as f64 / best.as_secs_f64() / 1e9
+}
+
+/// What the driver was asked.
+#[derive(Debug, Clone)]
+pub struct DriverOptions {
+    pub nprocs: usize,
+    pub transports: Vec<String>,
+    pub spec: BenchSpec,
+    pub algorithm: AllReduceChoice,
+}
+
+/// The driver: memcpy, then one table per transport.
+pub fn run(opts: &DriverOptions) -> Result<(), BenchAllreduceError> {
+    let exe = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let memcpy_bytes = opts.spec.max_bytes.min(256 << 20);
+    println!(
+        "# swarmrun bench allreduce: {} ranks on one host, {} iters after {} warm-up, algorithm {:?}",
+        opts.nprocs, opts.spec.iters, opts.spec.warmup, opts.algorithm
+    );
+    println!(
+        "# memcpy (1 thread, {} MiB): {:.2} GB/s",
+        memcpy_bytes >> 20,
+        memcpy_gbps(memcpy_bytes)
+    );
+    for name in &opts.transports {
+        let (fabric, label) = match name.as_str() {
+            "tcp" => (Fabric::Tcp, "ours over TCP"),
+            "shm" => (Fabric::Shm, "ours over shared memory"),
+            "mpi" if cfg!(feature = "mpi") => (Fabric::Mpi, "OpenMPI MPI_Allreduce"),
+            "mpi" => return Err(BenchAllreduceError::NoMpiFeature),
+            other => return Err(BenchAllreduceError::UnknownTransport(other.to_string())),
+        };
+        let job = dir.path().join(format!("bench-allreduce-{name}.toml"));
+        std::fs::write(&job, job_text(opts, fabric))?;
+        println!("#\n# {label}\n{TABLE_HEADER}");
+        let cmd = if fabric == Fabric::Mpi {
+            mpirun(&exe, &job, opts.nprocs, &JobKey::generate()?)?
+        } else {
+            let mut c = Command::new(&exe);
+            c.arg("launch")
+                .arg("-n")
+                .arg(opts.nprocs.to_string())
+                .arg(&job);
+            c
+        };
+        relay_rank0(cmd, label)?;
+    }
+    Ok(())
+}
+
+fn job_text(opts: &DriverOptions, fabric: Fabric) -> String {
+    let fabric = match fabric {
+        Fabric::Tcp => "tcp",
+        Fabric::Shm => "shm",
+        Fabric::Mpi => "mpi",
+        Fabric::Nccl => "nccl",
+    };
+    let algorithm = match opts.algorithm {
+        AllReduceChoice::Auto => "auto",
+        AllReduceChoice::Butterfly => "butterfly",
+        AllReduceChoice::Ring => "ring",
+    };
+    format!(
+        "[job]\nname = \"bench-allreduce\"\ntask = \"bench-allreduce\"\n\n\
+         [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {n}\nfabric = \"{fabric}\"\n\n\
+         [network]\nrendezvous = \"tcp://127.0.0.1:0\"\nmax_frame = \"64MiB\"\ncollective_timeout_s = 300.0\n\n\
+         [collective]\nalgorithm = \"{algorithm}\"\n\n\
+         [bench]\nmin_bytes = {min}\nmax_bytes = {max}\niters = {iters}\nwarmup = {warmup}\n",
+        n = opts.nprocs,
+        min = opts.spec.min_bytes,
+        max = opts.spec.max_bytes,
+        iters = opts.spec.iters,
+        warmup = opts.spec.warmup,
+    )
+}
+
+/// `mpirun` of our ranks; the key travels in the environment (`-x`), as a
+/// user would pass it.
+fn mpirun(exe: &Path, job: &Path, nprocs: usize, key: &JobKey) -> std::io::Result<Command> {
+    let mut c = Command::new("mpirun");
+    c.env(KEY_ENV, key.to_hex()).args(["-x", KEY_ENV]);
+    if is_root() {
+        c.arg("--allow-run-as-root");
+    }
+    c.args(["--oversubscribe", "--bind-to", "none", "-n"])
+        .arg(nprocs.to_string())
+        .arg(exe)
+        .arg("rank")
+        .arg("--rdzv")
+        .arg(format!("tcp://127.0.0.1:{}", free_port("127.0.0.1")?))
+        .arg(job);
+    Ok(c)
+}
+
+/// Prints the table rows rank 0 writes (`BENCH ` lines), prefix removed.
+fn relay_rank0(mut cmd: Command, what: &str) -> Result<(), BenchAllreduceError> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut tail: Vec<String> = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            match line.split_once(ROW_MARK) {
+                Some((_, row)) => println!("{row}"),
+                None => {
+                    tail.push(line);
+                    if tail.len() > 20 {
+                        tail.remove(0);
+                    }
+                }
+            }
+        }
+    }
+    let err = child.wait_with_output()?;
+    if !err.status.success() {
+        tail.extend(
+            String::from_utf8_lossy(&err.stderr)
+                .lines()
+                .map(String::from),
+        );
+        let start = tail.len().saturating_sub(30);
+        return Err(BenchAllreduceError::Failed {
+            what: what.to_string(),
+            status: err.status,
+            tail: tail[start..].join("\n"),
+        });
+    }
+    Ok(())
+}
+
+/// Rank 0 marks table rows so the driver finds them among other output.
+pub const ROW_MARK: &str = "BENCH ";
