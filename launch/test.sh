@@ -26,5 +26,9 @@ fi
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+# Default features need no system library; `mpi` builds against OpenMPI.
+for features in "" "mpi"; do
+    echo "test.sh: features [${features}]"
+    cargo clippy --all-targets --locked --features "$features" -- -D warnings
+    cargo test --all-targets --locked --features "$features"
+done

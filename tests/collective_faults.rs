@@ -1,59 +1,19 @@
 //! Ranks that die or go silent: survivors learn who, promptly and alike,
 //! and can shrink the world to a Group and retry.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use swarmrun::collective::{
     all_reduce, broadcast, hierarchical_all_reduce, AllReduceAlgorithm, Call, CollectiveError,
     Group, ReduceOp,
 };
-use swarmrun::transport::{LocalTransport, Transport, TransportError};
+use swarmrun::transport::{LocalTransport, Transport};
+
+mod common;
+use common::DiesAfter;
 
 /// Long enough that a test relying on it would be obviously slow.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// A rank that crashes on its `sends`-th send, part-way through whatever it is doing.
-struct DiesAfter {
-    inner: LocalTransport,
-    sends_left: AtomicUsize,
-}
-
-impl DiesAfter {
-    fn new(inner: LocalTransport, sends: usize) -> Self {
-        DiesAfter {
-            inner,
-            sends_left: AtomicUsize::new(sends),
-        }
-    }
-}
-
-impl Transport for DiesAfter {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn size(&self) -> usize {
-        self.inner.size()
-    }
-    fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
-        let left = self.sends_left.fetch_sub(1, Ordering::SeqCst);
-        if left == 0 {
-            self.inner.kill();
-        }
-        self.inner.send(to, tag, payload)
-    }
-    fn recv_deadline(
-        &self,
-        from: usize,
-        tag: u64,
-        deadline: Instant,
-    ) -> Result<Vec<u8>, TransportError> {
-        self.inner.recv_deadline(from, tag, deadline)
-    }
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.inner.recv(from, tag)
-    }
-}
 
 fn input(rank: usize, len: usize) -> Vec<f32> {
     (0..len).map(|i| ((rank * 31 + i) % 17) as f32).collect()
@@ -81,7 +41,7 @@ fn survivors_of_a_rank_killed_mid_all_reduce_blame_it_and_retry_without_it() {
                 LocalTransport::run(LocalTransport::world_with_timeout(n, PATIENCE), |t| {
                     let mut buf = input(t.rank(), len);
                     if t.rank() == victim {
-                        let dying = DiesAfter::new(t, sends);
+                        let dying = DiesAfter::new(t, sends, LocalTransport::kill);
                         assert!(all_reduce(
                             Call::new(&dying, 1),
                             &mut buf,

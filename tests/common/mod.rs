@@ -2,8 +2,12 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use swarmrun::transport::{Transport, TransportError};
 
 pub fn swarmrun() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_swarmrun"));
@@ -51,4 +55,48 @@ pub fn hello_job(dir: &Path, ranks: usize, extra: &str) -> PathBuf {
              [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n{extra}"
         ),
     )
+}
+
+/// A rank that crashes on its `sends`-th send, part-way through whatever it
+/// is doing: `kill` cuts the transport as a dying process would.
+pub struct DiesAfter<T> {
+    inner: T,
+    sends_left: AtomicUsize,
+    kill: fn(&T),
+}
+
+impl<T> DiesAfter<T> {
+    pub fn new(inner: T, sends: usize, kill: fn(&T)) -> Self {
+        DiesAfter {
+            inner,
+            sends_left: AtomicUsize::new(sends),
+            kill,
+        }
+    }
+}
+
+impl<T: Transport> Transport for DiesAfter<T> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
+        if self.sends_left.fetch_sub(1, Ordering::SeqCst) == 0 {
+            (self.kill)(&self.inner);
+        }
+        self.inner.send(to, tag, payload)
+    }
+    fn recv_deadline(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.inner.recv_deadline(from, tag, deadline)
+    }
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
+        self.inner.recv(from, tag)
+    }
 }

@@ -1,0 +1,44 @@
+//! `swarmrun bench allreduce` end to end: real ranks, the nccl-tests table,
+//! and no wrong element at any size.
+
+mod common;
+
+use common::*;
+
+fn rows(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn bench_allreduce_prints_every_size_with_no_wrong_element() {
+    let transports = if cfg!(feature = "mpi") {
+        "tcp,mpi"
+    } else {
+        "tcp"
+    };
+    let out = swarmrun()
+        .args(["bench", "allreduce", "-n", "3", "--transport", transports])
+        .args([
+            "--min", "4", "--max", "256K", "--iters", "2", "--warmup", "1",
+        ])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("memcpy"), "{text}");
+    let rows = rows(&text);
+    // 4 B .. 256 KiB doubling: 17 sizes per transport.
+    let tables = transports.split(',').count();
+    assert_eq!(rows.len(), 17 * tables, "{text}");
+    for row in &rows {
+        assert_eq!(row.len(), 8, "{row:?}");
+        assert_eq!(row[7], "0", "wrong elements: {row:?}");
+        let time_us: f64 = row[4].parse().unwrap();
+        assert!(time_us > 0.0, "{row:?}");
+    }
+    let largest = rows.iter().find(|r| r[0] == "262144").unwrap();
+    assert!(largest[6].parse::<f64>().unwrap() > 0.0, "{largest:?}");
+}
