@@ -4,3 +4,4 @@
 //! Layers, lowest first (a module uses only modules before it):
 //! `config`, `wire`, `world`, `transport`, `launch`.
 pub mod config;
+pub mod transport;
