@@ -4,6 +4,9 @@
 //! generic over a communicator; each fabric (TCP between hosts, shared memory
 //! inside one host) implements it.
 
+#[cfg(target_os = "linux")]
+pub mod shm;
+
 pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
