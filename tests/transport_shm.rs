@@ -50,7 +50,7 @@ fn sum_f32(dst: &mut [u8], src: &[u8]) {
 #[test]
 fn a_message_sent_to_self_arrives() {
     let ranks = open_all(&name("self"), 1, &small_opts());
-    let me = &ranks[0];
+    let me: &dyn Transport = &ranks[0];
     let big = vec![7u8; 10 * 4096];
     me.send(0, 1, b"hi").unwrap();
     me.send(0, 2, &big).unwrap();
@@ -353,4 +353,44 @@ fn a_length_that_is_not_whole_elements_is_refused_before_any_barrier() {
         .all_reduce_bytes(&mut buf, 4, &sum_f32)
         .unwrap_err();
     assert!(matches!(err, TransportError::Io(_)), "{err}");
+}
+
+#[test]
+fn alternating_chunked_and_shared_buffer_all_reduces_stay_correct() {
+    // Every length from one to four chunks, interleaved with shared-buffer
+    // reductions, walks the pipeline through every rotation of its sets.
+    let ranks = open_all(&name("reduce-mixed"), 4, &small_opts());
+    let value = |rank: usize, round: usize, i: usize| ((rank * 7 + round * 3 + i) % 50) as f32;
+    thread::scope(|s| {
+        for t in &ranks {
+            s.spawn(move || {
+                for round in 0..60 {
+                    let n = 1 + round * 8192 * 4 / 4 / 60 + round % 5;
+                    let mut buf: Vec<u8> = (0..n)
+                        .flat_map(|i| value(t.rank(), round, i).to_ne_bytes())
+                        .collect();
+                    t.all_reduce_bytes(&mut buf, 4, &sum_f32).unwrap();
+                    for (i, c) in buf.chunks_exact(4).enumerate() {
+                        let want: f32 = (0..4).map(|r| value(r, round, i)).sum();
+                        assert_eq!(
+                            f32::from_ne_bytes(c.try_into().unwrap()),
+                            want,
+                            "round {round} elem {i}"
+                        );
+                    }
+                    if round % 3 == 0 {
+                        let mut shared = t.shared_buffer(4 * 100).unwrap();
+                        for (i, c) in shared.as_mut_slice().chunks_exact_mut(4).enumerate() {
+                            c.copy_from_slice(&value(t.rank(), round, i).to_ne_bytes());
+                        }
+                        let reduced = shared.all_reduce(4, &sum_f32).unwrap();
+                        for (i, c) in reduced.chunks_exact(4).enumerate() {
+                            let want: f32 = (0..4).map(|r| value(r, round, i)).sum();
+                            assert_eq!(f32::from_ne_bytes(c.try_into().unwrap()), want);
+                        }
+                    }
+                }
+            });
+        }
+    });
 }

@@ -3,29 +3,30 @@
 //!
 //! # Phases
 //!
-//! Scratch memory holds two *sets* of regions, one region per rank per set,
-//! each [`ShmOptions::chunk_bytes`](super::ShmOptions) long. An all-reduce
-//! moves its buffer through them one chunk at a time; each chunk is one
-//! *phase*, and phase `p` uses set `p % 2`:
+//! Scratch memory holds three *sets* of regions, one region per rank per
+//! set, each [`ShmOptions::chunk_bytes`](super::ShmOptions) long. An
+//! all-reduce moves its buffer through them one chunk at a time; each chunk is
+//! one *phase*, numbered on from the previous collective, and phase `p` uses
+//! set `p % 3`. A phase has three steps, separated by barriers:
 //!
-//! 1. each rank writes its input chunk into its own region (or, with
-//!    [`SharedBuffer`], the caller has already written it there);
-//! 2. barrier;
-//! 3. each rank reduces its own slice of the chunk: it combines the slices of
-//!    regions 1, 2, ... n-1 into that slice of region 0, in rank order, so
-//!    every element is reduced in the same order whoever does it, and the
-//!    result is bit-identical on all ranks;
-//! 4. barrier;
-//! 5. each rank copies region 0 (the whole reduced chunk) out.
+//! - **in**: each rank writes its input chunk into its own region (or, with
+//!   [`SharedBuffer`], the caller has already written it there);
+//! - **reduce**: each rank reduces its own slice of the chunk: it combines the
+//!   slices of regions 1, 2, ... n-1 into that slice of region 0, in rank
+//!   order, so every element is reduced in the same order whoever does it
+//!   and the result is bit-identical on all ranks;
+//! - **out**: each rank copies region 0 (the whole reduced chunk) out.
 //!
-//! Step 5 of phase `p` and step 1 of phase `p + 1` follow each other with no
-//! barrier between them, which is safe because they use different sets; set
-//! `p % 2` is written again only in phase `p + 2`, after the barrier of phase
-//! `p + 1`'s step 2, which no rank reaches before finishing its own step 5
-//! of phase `p`. So each region is, between two barriers, either written by
-//! one rank and read by none, or read by any; that is the contract
-//! [`Segment::region`](super::segment::Segment) asks of callers, and what
-//! each SAFETY comment below relies on.
+//! Phases overlap: between two consecutive barriers a rank does *out* of
+//! phase `p - 2`, *in* of phase `p` and *reduce* of phase `p - 1`, so a
+//! buffer of `c` chunks takes `c + 1` barriers, not `2c`. The three steps in
+//! flight touch three different sets. A set is reused by phase `p + 3`, whose
+//! *in* comes after the barrier that follows *in* of phase `p + 2`, which every
+//! rank reaches only after its *out* of phase `p`. So between two barriers
+//! each region is either written by one rank (its own slice of region 0, or
+//! its own input region) and read by none, or only read; that is the contract
+//! [`Segment::region`](super::segment::Segment) asks of callers, and what each
+//! SAFETY comment below relies on.
 //!
 //! Per rank and byte of the buffer this costs one copy in, 1/n of a
 //! reduction, and one copy out; with [`SharedBuffer`] the copies disappear
@@ -47,6 +48,7 @@ use std::time::Instant;
 
 use super::futex::{self, Backoff};
 use super::p2p::{lock, ShmTransport};
+use super::segment::SETS;
 use super::{CHECK_PERIOD, CONTROL_TAG};
 use crate::transport::TransportError;
 
@@ -72,7 +74,7 @@ impl CollectiveState {
     }
 
     fn set(&self) -> usize {
-        (self.phase % 2) as usize
+        (self.phase % SETS as u64) as usize
     }
 }
 
@@ -173,28 +175,41 @@ impl ShmTransport {
             return Ok(());
         }
         let chunk = self.opts.chunk_bytes / elem_size * elem_size;
+        let chunks = buf.len().div_ceil(chunk).max(1);
+        let len = buf.len();
+        let piece = |k: usize| k * chunk..len.min((k + 1) * chunk);
         let mut state = lock(&self.collective);
         self.publish_descriptor(&mut state, buf.len(), elem_size);
-        let mut offset = 0;
-        let mut first = true;
-        loop {
-            let piece = offset..buf.len().min(offset + chunk);
-            let set = state.set();
-            // SAFETY: step 1 of a phase: our own region of this phase's set,
-            // which nobody reads until the barrier (module docs, "Phases").
-            let region = unsafe { self.segment.region_mut(set, self.rank, 0..piece.len()) };
-            region.copy_from_slice(&buf[piece.clone()]);
-            self.reduce_phase(&mut state, piece.len(), elem_size, combine, first)?;
-            // SAFETY: step 5: region 0 is only read until the next phase
-            // that uses this set, see the module docs.
-            let reduced = unsafe { self.segment.region(set, 0, 0..piece.len()) };
-            buf[piece.clone()].copy_from_slice(reduced);
-            offset = piece.end;
-            first = false;
-            if offset == buf.len() {
-                return Ok(());
+        let first = state.phase;
+        let set = |k: usize| ((first + k as u64) % SETS as u64) as usize;
+        // Iteration k: in(k), reduce(k - 1), barrier, out(k - 1).
+        for k in 0..=chunks {
+            if k < chunks {
+                let piece = piece(k);
+                // SAFETY: *in*: our own region of this phase's set, which
+                // nobody reads until the barrier (module docs, "Phases").
+                let region = unsafe { self.segment.region_mut(set(k), self.rank, 0..piece.len()) };
+                region.copy_from_slice(&buf[piece]);
+            }
+            if k > 0 {
+                self.reduce_slice(set(k - 1), piece(k - 1).len(), elem_size, combine);
+            }
+            self.barrier_locked(&mut state)?;
+            if k == 0 {
+                if let Err(mismatch) = self.compare_descriptors() {
+                    state.phase = first + 1;
+                    return Err(self.abandon(&mut state, mismatch));
+                }
+            } else {
+                let piece = piece(k - 1);
+                // SAFETY: *out*: region 0 of phase k - 1's set is only read
+                // until after the next barrier.
+                let reduced = unsafe { self.segment.region(set(k - 1), 0, 0..piece.len()) };
+                buf[piece].copy_from_slice(reduced);
             }
         }
+        state.phase = first + chunks as u64;
+        Ok(())
     }
 
     /// Borrows this rank's scratch region for the next collective, so that
@@ -240,41 +255,32 @@ impl ShmTransport {
         state.ops += 1;
     }
 
-    /// Steps 2 to 4 of a phase: barrier, (on an operation's first phase)
-    /// descriptor check, reduction of this rank's slice, barrier.
-    fn reduce_phase(
-        &self,
-        state: &mut CollectiveState,
-        len: usize,
-        elem_size: usize,
-        combine: Combine<'_>,
-        check_descriptors: bool,
-    ) -> Result<(), TransportError> {
-        let set = state.set();
-        state.phase += 1;
-        self.barrier_locked(state)?;
-        if check_descriptors {
-            if let Err(mismatch) = self.compare_descriptors() {
-                // Everyone sees the mismatch; the second barrier keeps the
-                // descriptors in place until all have compared, and the
-                // group in step for whatever comes next.
-                self.barrier_locked(state)?;
-                return Err(mismatch);
-            }
-        }
+    /// *reduce* for this rank's slice of a `len`-byte chunk in `set`.
+    fn reduce_slice(&self, set: usize, len: usize, elem_size: usize, combine: Combine<'_>) {
         let slice = my_slice(len, elem_size, self.size, self.rank);
-        if !slice.is_empty() {
-            // SAFETY: step 3: this rank alone touches bytes `slice` of region 0
-            // until the next barrier, and region 0 is not among the sources.
-            let dst = unsafe { self.segment.region_mut(set, 0, slice.clone()) };
-            for rank in 1..self.size {
-                // SAFETY: step 3: the other regions are only read until the
-                // next barrier.
-                let src = unsafe { self.segment.region(set, rank, slice.clone()) };
-                combine(dst, src);
-            }
+        if slice.is_empty() {
+            return;
         }
-        self.barrier_locked(state)
+        // SAFETY: *reduce*: this rank alone touches bytes `slice` of region
+        // 0 until the next barrier, and region 0 is not among the sources.
+        let dst = unsafe { self.segment.region_mut(set, 0, slice.clone()) };
+        for rank in 1..self.size {
+            // SAFETY: *reduce*: the other regions of the set are only read
+            // until the next barrier.
+            let src = unsafe { self.segment.region(set, rank, slice.clone()) };
+            combine(dst, src);
+        }
+    }
+
+    /// Ends an operation whose descriptors disagree. Every rank sees the
+    /// mismatch after the first barrier; one more barrier keeps the
+    /// descriptors in place until all have compared, and the group in step
+    /// for whatever comes next.
+    fn abandon(&self, state: &mut CollectiveState, mismatch: TransportError) -> TransportError {
+        match self.barrier_locked(state) {
+            Ok(()) => mismatch,
+            Err(lost) => lost,
+        }
     }
 
     fn compare_descriptors(&self) -> Result<(), TransportError> {
@@ -350,7 +356,7 @@ impl<'a> SharedBuffer<'a> {
     /// This rank's input, in shared memory; its contents before writing are
     /// whatever an earlier collective left there.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: step 1 of the phase this buffer will run: our own region of
+        // SAFETY: *in* of the phase this buffer will run: our own region of
         // its set, which nobody reads until its first barrier; the `&mut self`
         // borrow ends before `all_reduce` can start that barrier.
         unsafe {
@@ -371,8 +377,16 @@ impl<'a> SharedBuffer<'a> {
         check_elements(self.len, elem_size, transport.opts.chunk_bytes)?;
         let set = self.state.set();
         if transport.size > 1 {
-            transport.publish_descriptor(&mut self.state, self.len, elem_size);
-            transport.reduce_phase(&mut self.state, self.len, elem_size, combine, true)?;
+            // One phase: the caller did *in*; barrier, *reduce*, barrier.
+            let state = &mut *self.state;
+            transport.publish_descriptor(state, self.len, elem_size);
+            state.phase += 1;
+            transport.barrier_locked(state)?;
+            if let Err(mismatch) = transport.compare_descriptors() {
+                return Err(transport.abandon(state, mismatch));
+            }
+            transport.reduce_slice(set, self.len, elem_size, combine);
+            transport.barrier_locked(state)?;
         }
         Ok(Reduced {
             transport,
@@ -387,8 +401,8 @@ impl<'a> SharedBuffer<'a> {
 /// to let this rank's next collective start.
 pub struct Reduced<'a> {
     transport: &'a ShmTransport,
-    /// Held so that no later phase (which would reuse the other set, and
-    /// then ours) starts on this rank while the result is borrowed.
+    /// Held so that no later phase starts on this rank (and so on none)
+    /// while the result is borrowed.
     _state: MutexGuard<'a, CollectiveState>,
     set: usize,
     len: usize,
@@ -398,9 +412,10 @@ impl Deref for Reduced<'_> {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: step 5 of the finished phase: region 0 of its set is only
-        // read until phase + 2, which no rank can reach while this rank holds
-        // its collective lock and so stays out of phase + 1.
+        // SAFETY: *out* of the finished phase p: region 0 of its set is
+        // written again only in phase p + 3, and no rank gets past phase
+        // p + 1's first barrier while this rank holds its collective lock and
+        // so stays out of phase p + 1.
         unsafe { self.transport.segment.region(self.set, 0, 0..self.len) }
     }
 }

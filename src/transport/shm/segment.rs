@@ -63,6 +63,10 @@ const S_BELL_WAITERS: usize = LINE + 4;
 const R_HEAD: usize = 0;
 const R_TAIL: usize = LINE;
 
+/// Scratch sets: the all-reduce pipeline has three chunks in flight (one
+/// being copied in, one reduced, one copied out); see the `collective` module.
+pub(crate) const SETS: usize = 3;
+
 /// Header `state` once the creator has written every field.
 pub(crate) const STATE_READY: u32 = 1;
 
@@ -76,7 +80,7 @@ pub(crate) const STATE_READY: u32 = 1;
 ///                  collective descriptor; doorbell on its own line
 /// rings    one per ordered pair i -> j, i != j, in order (i, j):
 ///                  256 B header (head, tail on separate lines) + capacity
-/// scratch  page aligned: 2 sets x size regions x chunk bytes
+/// scratch  page aligned: SETS (3) sets x size regions x chunk bytes
 /// ```
 ///
 /// The layout is public so that tools (and tests playing a misbehaving peer)
@@ -130,7 +134,8 @@ impl SegmentLayout {
             .and_then(|end| end.checked_next_multiple_of(PAGE))
             .ok_or_else(too_big)?;
         let total_len = size
-            .checked_mul(2 * chunk_bytes)
+            .checked_mul(chunk_bytes)
+            .and_then(|per_set| per_set.checked_mul(SETS))
             .and_then(|scratch| scratch.checked_add(scratch_offset))
             .filter(|&len| isize::try_from(len).is_ok())
             .ok_or_else(too_big)?;
@@ -198,7 +203,10 @@ impl SegmentLayout {
     }
 
     fn region_offset(&self, set: usize, rank: usize) -> usize {
-        assert!(set < 2 && rank < self.size, "scratch region out of range");
+        assert!(
+            set < SETS && rank < self.size,
+            "scratch region out of range"
+        );
         self.scratch_offset + (set * self.size + rank) * self.chunk_bytes
     }
 }
