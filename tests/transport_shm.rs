@@ -394,3 +394,16 @@ fn alternating_chunked_and_shared_buffer_all_reduces_stay_correct() {
         }
     });
 }
+
+#[test]
+fn a_barrier_with_a_dropped_peer_fails_with_peer_lost_at_once() {
+    let mut ranks = open_all(&name("barrier-dropped"), 2, &small_opts());
+    drop(ranks.pop());
+    let start = Instant::now();
+    let err = ranks[0].barrier().unwrap_err();
+    assert!(
+        matches!(err, TransportError::PeerLost { rank: 1, .. }),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_millis(500));
+}

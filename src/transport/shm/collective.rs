@@ -105,10 +105,11 @@ impl ShmTransport {
             .store(state.barriers, Ordering::Relaxed);
         let arrivals = self.segment.header().arrivals;
         // AcqRel: the Release half publishes everything this rank wrote
-        // before arriving; every arrival is a read-modify-write, so the count
-        // that completes the barrier heads a release sequence containing all
-        // of them, and the Acquire loads below (or the Acquire half here, for
-        // the last arrival) synchronize with every rank's writes.
+        // before arriving. Each arrival heads a release sequence that every
+        // later arrival, being a read-modify-write, continues; so the Acquire
+        // loads below that read the completing count (or a later one), and
+        // the Acquire half here for the last arrival, synchronize with every
+        // rank's arrival and see everything written before it.
         let before = arrivals.fetch_add(1, Ordering::AcqRel);
         if before.wrapping_add(1) == target {
             futex::wake_all(arrivals);
@@ -123,7 +124,8 @@ impl ShmTransport {
                 return Ok(());
             }
             let now = Instant::now();
-            if now >= next_check || now >= deadline {
+            let someone_left = (0..self.size).any(|rank| self.has_left(rank));
+            if someone_left || now >= next_check || now >= deadline {
                 let late = self.latecomers(state.barriers);
                 for &rank in &late {
                     self.peer_status(rank)?;

@@ -121,14 +121,21 @@ impl ShmTransport {
         }
     }
 
-    /// `Err(PeerLost)` when `rank` has left or its process is gone.
+    /// Whether `rank` has dropped its transport: one atomic load, cheap
+    /// enough for every wake-up (a leaving rank rings everyone's doorbell).
+    pub(super) fn has_left(&self, rank: usize) -> bool {
+        // Acquire: pairs with the Release store of LEFT in `drop`; whatever the
+        // peer published before leaving is visible after this load.
+        rank != self.rank && self.segment.slot(rank).state.load(Ordering::Acquire) == SLOT_LEFT
+    }
+
+    /// `Err(PeerLost)` when `rank` has left or its process is gone; reads
+    /// `/proc`, so waiters call it every [`CHECK_PERIOD`].
     pub(super) fn peer_status(&self, rank: usize) -> Result<(), TransportError> {
         if rank == self.rank {
             return Ok(());
         }
-        // Acquire: pairs with the Release store of LEFT in `drop`; whatever the
-        // peer published before leaving is visible after this load.
-        if self.segment.slot(rank).state.load(Ordering::Acquire) == SLOT_LEFT {
+        if self.has_left(rank) {
             return Err(TransportError::PeerLost {
                 rank,
                 reason: "it closed its transport".into(),
@@ -233,7 +240,7 @@ impl ShmTransport {
                 }
                 self.pump_others(self.rank);
                 let now = Instant::now();
-                if now >= next_check || now >= deadline {
+                if self.has_left(to) || now >= next_check || now >= deadline {
                     if let Err(lost) = self.peer_status(to) {
                         return (wrote_any, Err(lost));
                     }
@@ -277,11 +284,8 @@ impl Transport for ShmTransport {
                 reason: reason.clone(),
             });
         }
-        if self.segment.slot(to).state.load(Ordering::Acquire) == SLOT_LEFT {
-            return Err(TransportError::PeerLost {
-                rank: to,
-                reason: "it closed its transport".into(),
-            });
+        if self.has_left(to) {
+            return self.peer_status(to);
         }
         let header = ring::frame_header(tag, payload.len());
         let (wrote_any, result) = self.stream(&mut tx, to, tag, [&header, payload]);
@@ -311,7 +315,7 @@ impl Transport for ShmTransport {
                 return Ok(message);
             }
             let now = Instant::now();
-            if now >= next_check || now >= deadline {
+            if self.has_left(from) || now >= next_check || now >= deadline {
                 // Status first, then one more look: whatever a peer sent
                 // before leaving or dying is delivered before its loss.
                 let status = self.peer_status(from);
@@ -338,7 +342,7 @@ impl Transport for ShmTransport {
 
 impl Drop for ShmTransport {
     fn drop(&mut self) {
-        // Release: pairs with the Acquire load in `peer_status`; everything
+        // Release: pairs with the Acquire load in `has_left`; everything
         // this rank wrote into rings before is visible to a peer that sees it
         // has left.
         self.segment
