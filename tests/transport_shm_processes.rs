@@ -448,6 +448,44 @@ fn bench(segment: &str, rank: usize, size: usize) {
         &format!("shared_buffer    64 MiB f32 x{size}, in place"),
         times,
     );
+    drop(t);
+
+    // Point to point between ranks 0 and 1 while the others wait in a barrier.
+    let t =
+        ShmTransport::open(&format!("{segment}-p2p"), rank, size, ShmOptions::default()).unwrap();
+    if rank < 2 {
+        let peer = 1 - rank;
+        const ROUND_TRIPS: usize = 2000;
+        let start = Instant::now();
+        for _ in 0..ROUND_TRIPS {
+            if rank == 0 {
+                t.send(peer, 1, &[0; 8]).unwrap();
+                t.recv(peer, 1).unwrap();
+            } else {
+                let ping = t.recv(peer, 1).unwrap();
+                t.send(peer, 1, &ping).unwrap();
+            }
+        }
+        let rtt = start.elapsed().as_secs_f64() / ROUND_TRIPS as f64;
+        let (median, _) = time_iterations(|| {
+            if rank == 0 {
+                t.send(peer, 2, &input).unwrap();
+                t.recv(peer, 3).unwrap();
+            } else {
+                assert_eq!(t.recv(peer, 2).unwrap().len(), BENCH_BYTES);
+                t.send(peer, 3, &[]).unwrap();
+            }
+        });
+        if rank == 0 {
+            println!(
+                "send/recv: 8-byte round trip {:.1} us; 64 MiB message {:.2} ms, {:.2} GB/s",
+                rtt * 1e6,
+                median * 1e3,
+                BENCH_BYTES as f64 / median / 1e9
+            );
+        }
+    }
+    t.barrier().unwrap();
 }
 
 /// Prints all_reduce_bytes busbw for 64 MiB of f32 over 4 processes, next to
@@ -468,7 +506,10 @@ fn timing_all_reduce_64mib_f32_four_processes() {
         BENCH_BYTES as f64 / best / 1e9
     );
     for lines in run_group("bench", 4, "bench") {
-        for line in lines.iter().filter(|l| l.contains("busbw")) {
+        for line in lines
+            .iter()
+            .filter(|l| l.contains("busbw") || l.starts_with("send/recv"))
+        {
             println!("{line}");
         }
     }

@@ -43,6 +43,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Entry points: [`ShmTransport::open`] with [`ShmOptions`]; the
+//! [`Transport`](crate::transport::Transport) methods; [`ShmTransport::barrier`],
+//! [`ShmTransport::all_reduce_bytes`] (a [`Combine`] does the typed
+//! reduction), [`ShmTransport::shared_buffer`] → [`SharedBuffer::all_reduce`]
+//! → [`Reduced`]; [`ShmTransport::run_nonce`] and [`ShmTransport::layout`]
+//! ([`SegmentLayout`]) for tools and tests.
+//!
+//! Measured on a 2-core EPYC VM (32 MiB L3), 64 MiB of f32 over 4 processes:
+//! `all_reduce_bytes` about 3.5 to 4 GB/s busbw, `shared_buffer` about 8.5,
+//! where single-thread memcpy of the buffer runs at 7 to 10 GB/s and
+//! OpenMPI's shared-memory `MPI_Allreduce` at about 1.1 GB/s busbw
+//! (`timing_all_reduce_64mib_f32_four_processes` in
+//! `tests/transport_shm_processes.rs` prints these).
+//!
 //! # Lifecycle and stale segments
 //!
 //! Local rank 0 creates the segment fully (header with magic, version, sizes
@@ -53,7 +67,10 @@
 //! [`ShmOptions::join_timeout`]. A file left by a crashed run (creator dead,
 //! or not a segment of this version) is replaced, never trusted; a file whose
 //! creator is alive is refused. Rank 0 removes the name when it drops the
-//! transport; every rank marks its slot as left.
+//! transport; every rank marks its slot as left. The file is created with
+//! mode 0600, so all ranks run as one user, and liveness checks use pids, so
+//! all ranks live in one pid namespace (as ranks sharing `/dev/shm` on one
+//! host normally do).
 //!
 //! # Waiting and lost peers
 //!
@@ -63,7 +80,10 @@
 //! that the peer it waits for is alive (pid and start time, zombies count as
 //! dead) and has not left, so a dead peer gives
 //! [`TransportError::PeerLost`](crate::transport::TransportError) within a
-//! fraction of a second, and a deadline gives `Timeout`.
+//! fraction of a second (at once if it dropped its transport), and a
+//! deadline gives `Timeout`. As on TCP, a send that fits into the ring
+//! succeeds even if the receiver has just died; the loss shows on the next
+//! wait for that peer.
 //!
 //! # Trust
 //!

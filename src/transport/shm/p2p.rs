@@ -213,6 +213,9 @@ impl ShmTransport {
         let mine = self.doorbell(self.rank);
         let theirs = self.doorbell(to);
         let mut wrote_any = false;
+        // Bytes written since the receiver was last told: it hears once per
+        // message, or when the ring is full, not once per piece.
+        let mut unannounced = false;
         let mut deadline = Instant::now() + self.opts.timeout;
         let mut next_check = Instant::now() + CHECK_PERIOD;
         let mut backoff = Backoff::new();
@@ -232,11 +235,15 @@ impl ShmTransport {
                 if n > 0 {
                     done += n;
                     wrote_any = true;
-                    theirs.ring();
+                    unannounced = true;
                     // The timeout bounds a stall, not a whole large message.
                     deadline = Instant::now() + self.opts.timeout;
                     backoff.reset();
                     continue;
+                }
+                if unannounced {
+                    theirs.ring();
+                    unannounced = false;
                 }
                 self.pump_others(self.rank);
                 let now = Instant::now();
@@ -254,6 +261,9 @@ impl ShmTransport {
                     None => backoff.snooze(),
                 }
             }
+        }
+        if unannounced {
+            theirs.ring();
         }
         (wrote_any, Ok(()))
     }

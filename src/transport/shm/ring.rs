@@ -30,11 +30,6 @@ use super::segment::RingView;
 
 const FRAME_HEADER_LEN: usize = 16;
 
-/// How much buffer a frame may make us reserve before its bytes arrive:
-/// a garbage length can then cost a refusal (above the maximum) or a wait,
-/// never a huge allocation.
-const MAX_PREALLOC: usize = 16 << 20;
-
 /// Producer side of one ring; lives behind the sender's per-destination lock.
 pub(crate) struct TxState {
     head: u64,
@@ -240,10 +235,19 @@ impl RxState {
                      {max_message_len}"
                 )
             })?;
+        // The whole message is reserved at once, so that it is copied once,
+        // ring to buffer, with no reallocation on the way. Reserving costs
+        // address space, not memory, until bytes arrive; a garbage length
+        // within the limit costs a wait, and one the allocator cannot satisfy
+        // an error rather than an abort.
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(len).map_err(|e| {
+            format!("frame with tag {tag:#x} claims {len} bytes, which cannot be allocated: {e}")
+        })?;
         Ok(Partial {
             tag,
             remaining: len,
-            bytes: Vec::with_capacity(len.min(MAX_PREALLOC)),
+            bytes,
         })
     }
 }
