@@ -267,6 +267,7 @@ fn run_bench_allreduce(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
         algorithm: allreduce::algorithm(spec.collective.algorithm),
     };
     let under_test: &dyn AllReduceUnderTest = match &joined.transport {
+        launch::RankTransport::Shm(shm) => &allreduce::ShmFast(shm),
         #[cfg(feature = "mpi")]
         launch::RankTransport::Mpi(m) => &allreduce::MpiNative(m),
         _ => &ours,

@@ -135,6 +135,15 @@ pub fn algorithm(choice: AllReduceChoice) -> AllReduceAlgorithm {
     }
 }
 
+/// Our shared-memory fast path.
+pub struct ShmFast<'a>(pub &'a crate::transport::shm::ShmTransport);
+
+impl AllReduceUnderTest for ShmFast<'_> {
+    fn all_reduce(&self, input: &[f32], output: &mut [f32]) -> Result<(), CollectiveError> {
+        collective::all_reduce_shm_into(self.0, input, output, ReduceOp::Sum)
+    }
+}
+
 /// OpenMPI's `MPI_Allreduce`, the reference.
 #[cfg(feature = "mpi")]
 pub struct MpiNative<'a>(pub &'a crate::transport::mpi::MpiTransport);

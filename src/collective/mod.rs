@@ -87,6 +87,8 @@ mod partition;
 mod reduce_scatter;
 mod redundant;
 mod ring;
+#[cfg(target_os = "linux")]
+mod shm;
 
 pub use all_gather::{all_gather, all_gather_varied};
 pub use all_reduce::{all_reduce, all_reduce_partitioned, AllReduceAlgorithm, RING_MIN_BYTES};
@@ -99,6 +101,8 @@ pub use hierarchical::hierarchical_all_reduce;
 pub use partition::Partition;
 pub use reduce_scatter::reduce_scatter;
 pub use redundant::{all_reduce_redundant, SliceTamper};
+#[cfg(target_os = "linux")]
+pub use shm::{all_reduce_shm, all_reduce_shm_into};
 
 use std::time::Instant;
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::config::{Fabric, JobSpec, Plan, PlanError, RankPlan, Rendezvous};
+use crate::transport::shm::{ShmOptions, ShmTransport};
 use crate::transport::{TcpOptions, TcpTransport, Transport, TransportError};
 use crate::wire::{JobKey, WireError};
 use crate::world::{self, DetectError, Endpoint, RendezvousError, RendezvousOptions, World};
@@ -53,6 +54,8 @@ pub enum JoinError {
 /// The transport a rank's collectives run over, chosen by the site's fabric.
 pub enum RankTransport {
     Tcp(TcpTransport),
+    /// Boxed: the shared-memory transport carries its segment layout inline.
+    Shm(Box<ShmTransport>),
     #[cfg(feature = "mpi")]
     Mpi(crate::transport::mpi::MpiTransport),
 }
@@ -61,6 +64,7 @@ impl RankTransport {
     pub fn as_dyn(&self) -> &dyn Transport {
         match self {
             RankTransport::Tcp(t) => t,
+            RankTransport::Shm(t) => t.as_ref(),
             #[cfg(feature = "mpi")]
             RankTransport::Mpi(t) => t,
         }
@@ -180,10 +184,39 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
         Fabric::Mpi => return Err(JoinError::FabricNotBuilt(Fabric::Mpi, "mpi")),
         Fabric::Nccl => return Err(JoinError::FabricNotBuilt(Fabric::Nccl, "cuda")),
         Fabric::Shm => {
-            return Err(JoinError::FabricUnusable {
-                fabric: Fabric::Shm,
-                reason: "not available yet".into(),
-            })
+            if let Some(other) = world.peers.iter().find(|p| p.host != world.me().host) {
+                return Err(JoinError::FabricUnusable {
+                    fabric: Fabric::Shm,
+                    reason: format!(
+                        "rank {} is on host {}, not {}: shared memory needs one host",
+                        other.rank,
+                        other.host,
+                        world.me().host
+                    ),
+                });
+            }
+            // Every rank of this run derives the same name; runs differ.
+            let name: String = format!("swarmrun-{}-{run_id}", spec.job.name)
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(200)
+                .collect();
+            RankTransport::Shm(Box::new(ShmTransport::open(
+                &name,
+                world.rank,
+                world.size,
+                ShmOptions {
+                    timeout: default_timeout,
+                    join_timeout: connect_timeout,
+                    ..ShmOptions::default()
+                },
+            )?))
         }
     };
     let startup = launch_t0_elapsed().unwrap_or_else(|| started.elapsed());

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(target_os = "linux")]
+pub mod shm;
 mod tcp;
 
 pub use local::LocalTransport;
@@ -78,10 +80,22 @@ pub enum TransportError {
     #[error("invalid transport options: {0}")]
     InvalidOptions(String),
 
-    /// Local resources failed (the listener, spawning a thread).
+    /// Local resources failed (the listener, spawning a thread, a shared
+    /// memory segment).
     #[error("{during}: {source}")]
     Io {
         during: &'static str,
         source: io::Error,
     },
+}
+
+impl From<io::Error> for TransportError {
+    /// Local failures of the shared-memory transport, whose errors already
+    /// say what was being done.
+    fn from(source: io::Error) -> Self {
+        TransportError::Io {
+            during: "shared memory",
+            source,
+        }
+    }
 }
