@@ -76,6 +76,7 @@
 
 mod all_gather;
 mod all_reduce;
+mod bandwidth;
 mod barrier;
 mod broadcast;
 mod butterfly;
@@ -92,6 +93,7 @@ mod shm;
 
 pub use all_gather::{all_gather, all_gather_varied};
 pub use all_reduce::{all_reduce, all_reduce_partitioned, AllReduceAlgorithm, RING_MIN_BYTES};
+pub use bandwidth::measure_bandwidth;
 pub use barrier::barrier;
 pub use broadcast::broadcast;
 pub use element::{Element, ReduceOp, PARALLEL_REDUCE_MIN};
