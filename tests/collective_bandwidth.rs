@@ -31,8 +31,8 @@ impl Transport for SlowUplink {
     ) -> Result<Vec<u8>, TransportError> {
         self.0.recv_deadline(from, tag, deadline)
     }
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.0.recv(from, tag)
+    fn default_timeout(&self) -> Duration {
+        self.0.default_timeout()
     }
 }
 

@@ -119,9 +119,7 @@ impl<T: Transport + ?Sized> Transport for Group<'_, T> {
             .map_err(|e| self.renamed(e))
     }
 
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.parent
-            .recv(self.to_parent(from)?, tag)
-            .map_err(|e| self.renamed(e))
+    fn default_timeout(&self) -> std::time::Duration {
+        self.parent.default_timeout()
     }
 }

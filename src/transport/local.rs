@@ -195,8 +195,8 @@ impl Transport for LocalTransport {
         }
     }
 
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.recv_deadline(from, tag, Instant::now() + self.timeout)
+    fn default_timeout(&self) -> std::time::Duration {
+        self.timeout
     }
 }
 

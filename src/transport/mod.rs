@@ -38,8 +38,17 @@ pub trait Transport: Send + Sync {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError>;
-    /// recv with the transport's default timeout.
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError>;
+    /// How long [`recv`](Transport::recv) waits.
+    fn default_timeout(&self) -> Duration;
+    /// [`recv_deadline`](Transport::recv_deadline) with the transport's
+    /// default timeout.
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
+        self.recv_deadline(
+            from,
+            tag,
+            crate::wire::deadline_after(self.default_timeout()),
+        )
+    }
 }
 
 /// Why a message could not be sent or received.

@@ -196,7 +196,7 @@ impl Transport for MpiTransport {
         }
     }
 
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.recv_deadline(from, tag, Instant::now() + self.default_timeout)
+    fn default_timeout(&self) -> Duration {
+        self.default_timeout
     }
 }

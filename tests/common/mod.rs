@@ -96,7 +96,7 @@ impl<T: Transport> Transport for DiesAfter<T> {
     ) -> Result<Vec<u8>, TransportError> {
         self.inner.recv_deadline(from, tag, deadline)
     }
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.inner.recv(from, tag)
+    fn default_timeout(&self) -> std::time::Duration {
+        self.inner.default_timeout()
     }
 }

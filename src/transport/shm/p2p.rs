@@ -351,8 +351,8 @@ impl Transport for ShmTransport {
         }
     }
 
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.recv_deadline(from, tag, Instant::now() + self.opts.timeout)
+    fn default_timeout(&self) -> std::time::Duration {
+        self.opts.timeout
     }
 }
 

@@ -311,8 +311,8 @@ impl Transport for TcpTransport {
         self.shared.take(from, tag, deadline)
     }
 
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
-        self.recv_deadline(from, tag, deadline_after(self.shared.opts.default_timeout))
+    fn default_timeout(&self) -> Duration {
+        self.shared.opts.default_timeout
     }
 }
 
