@@ -43,18 +43,7 @@ fn hello_job_runs_under_mpirun_with_4_ranks() {
         .arg(repo_file("configs/hello.toml"))
         .output()
         .unwrap();
-    let text = stdout(&out);
-    assert!(out.status.success(), "{text}\n{}", stderr(&out));
-    assert_eq!(text.matches("barrier passed").count(), 4, "{text}");
-    assert_eq!(
-        text.matches("OpenMPI").count(),
-        4,
-        "ranks found mpirun's variables: {text}"
-    );
-    for r in 0..4 {
-        assert!(text.contains(&format!("rank {r}/4 on")), "{text}");
-    }
-    assert!(text.contains("ring of 4 ranks"), "{text}");
+    assert_hello_under(&out, 4, "OpenMPI");
 }
 
 #[test]

@@ -36,13 +36,5 @@ fn hello_job_runs_under_srun_with_the_slurm_rendezvous() {
         .arg(repo_file("configs/hello.toml"))
         .output()
         .unwrap();
-    let text = stdout(&out);
-    assert!(out.status.success(), "{text}\n{}", stderr(&out));
-    assert_eq!(text.matches("barrier passed").count(), 4, "{text}");
-    assert_eq!(
-        text.matches("Slurm").count(),
-        4,
-        "ranks found Slurm's variables: {text}"
-    );
-    assert!(text.contains("ring of 4 ranks"), "{text}");
+    assert_hello_under(&out, 4, "Slurm");
 }

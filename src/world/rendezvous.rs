@@ -252,32 +252,18 @@ fn admit(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "unknown peer".into());
-    let wire = |source| RendezvousError::Wire {
-        peer: peer.clone(),
-        source,
-    };
-    let io = |source| RendezvousError::Io {
-        peer: peer.clone(),
-        source,
-    };
+    let blame = Blame(peer);
+    let (wire, io) = (|e| blame.wire(e), |e| blame.io(e));
     stream.set_nonblocking(false).map_err(io)?;
     let local_ip = stream.local_addr().map_err(io)?.ip();
     let hello = Hello::new(0, opts.job_name);
     let (mut s, their_hello) =
         AuthStream::server(stream, opts.key, hello, stream_options(opts)).map_err(wire)?;
     let frame = s.recv().map_err(wire)?;
-    let text = std::str::from_utf8(&frame.payload).map_err(|_| RendezvousError::Protocol {
-        peer: peer.clone(),
-        reason: "address line is not UTF-8".into(),
-    })?;
-    let info = decode_line(text).map_err(|reason| RendezvousError::Protocol {
-        peer: peer.clone(),
-        reason,
-    })?;
-    let protocol = |reason: String| RendezvousError::Protocol {
-        peer: peer.clone(),
-        reason,
-    };
+    let protocol = |reason: String| blame.protocol(reason);
+    let text = std::str::from_utf8(&frame.payload)
+        .map_err(|_| protocol("address line is not UTF-8".into()))?;
+    let info = decode_line(text).map_err(protocol)?;
     if info.rank as u32 != their_hello.rank {
         return Err(protocol(format!(
             "handshake says rank {} but line says rank {}",
@@ -333,15 +319,8 @@ fn tcp_join(
         thread::sleep(backoff.min(deadline - now));
         backoff = (backoff * 2).min(Duration::from_millis(500));
     };
-    let peer = format!("rank 0 at {endpoint}");
-    let wire = |source| RendezvousError::Wire {
-        peer: peer.clone(),
-        source,
-    };
-    let io = |source| RendezvousError::Io {
-        peer: peer.clone(),
-        source,
-    };
+    let blame = Blame(format!("rank 0 at {endpoint}"));
+    let (wire, io) = (|e| blame.wire(e), |e| blame.io(e));
     let local_ip = stream.local_addr().map_err(io)?.ip();
     let hello = Hello::new(opts.rank as u32, opts.job_name);
     let (mut s, _) =
@@ -362,13 +341,36 @@ fn tcp_join(
         .set_read_timeout(Some(left.max(Duration::from_millis(1))))
         .map_err(io)?;
     let frame = s.recv().map_err(wire)?;
-    let protocol = |reason: String| RendezvousError::Protocol {
-        peer: peer.clone(),
-        reason,
-    };
+    let protocol = |reason: String| blame.protocol(reason);
     let text =
         std::str::from_utf8(&frame.payload).map_err(|_| protocol("table is not UTF-8".into()))?;
     decode_table(text, opts.size).map_err(protocol)
+}
+
+/// Errors that name one peer.
+struct Blame(String);
+
+impl Blame {
+    fn wire(&self, source: WireError) -> RendezvousError {
+        RendezvousError::Wire {
+            peer: self.0.clone(),
+            source,
+        }
+    }
+
+    fn io(&self, source: io::Error) -> RendezvousError {
+        RendezvousError::Io {
+            peer: self.0.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, reason: String) -> RendezvousError {
+        RendezvousError::Protocol {
+            peer: self.0.clone(),
+            reason,
+        }
+    }
 }
 
 /// `file://`: write our line, then wait for everybody's.
@@ -401,15 +403,10 @@ fn file_exchange(
             let path = run_dir.join(format!("rank-{r}"));
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
-                    let info = decode_line(&text).map_err(|reason| RendezvousError::Protocol {
-                        peer: path.display().to_string(),
-                        reason,
-                    })?;
+                    let blame = Blame(path.display().to_string());
+                    let info = decode_line(&text).map_err(|e| blame.protocol(e))?;
                     if info.rank != r {
-                        return Err(RendezvousError::Protocol {
-                            peer: path.display().to_string(),
-                            reason: format!("file names rank {}", info.rank),
-                        });
+                        return Err(blame.protocol(format!("file names rank {}", info.rank)));
                     }
                     *slot = Some(info);
                 }

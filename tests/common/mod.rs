@@ -37,6 +37,23 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts that the hello job ran to the end with `n` ranks, each of which
+/// found its identity through `launcher` (as named in its start-up line).
+pub fn assert_hello_under(out: &Output, n: usize, launcher: &str) {
+    let text = stdout(out);
+    assert!(out.status.success(), "{text}\n{}", stderr(out));
+    assert_eq!(text.matches("barrier passed").count(), n, "{text}");
+    assert_eq!(
+        text.matches(launcher).count(),
+        n,
+        "ranks found the launcher's variables: {text}"
+    );
+    for r in 0..n {
+        assert!(text.contains(&format!("rank {r}/{n} on")), "{text}");
+    }
+    assert!(text.contains(&format!("ring of {n} ranks")), "{text}");
+}
+
 /// Writes a job file into `dir` and returns its path.
 pub fn job_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
