@@ -83,7 +83,7 @@ enum BenchCmd {
     Allreduce {
         #[arg(short = 'n', long = "nprocs", default_value_t = 4)]
         nprocs: usize,
-        /// Comma-separated: tcp, shm, mpi (mpi = OpenMPI's MPI_Allreduce; needs --features mpi).
+        /// Comma-separated: tcp, shm, shm-registered, mpi (OpenMPI's MPI_Allreduce; needs --features mpi).
         #[arg(long, default_value = "tcp", value_delimiter = ',')]
         transport: Vec<String>,
         /// Smallest message (1K, 64KiB, 4M...).
@@ -214,6 +214,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         max_bytes: max,
                         iters,
                         warmup,
+                        registered: false,
                     },
                     algorithm,
                 })?;
@@ -267,6 +268,7 @@ fn run_bench_allreduce(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
         algorithm: allreduce::algorithm(spec.collective.algorithm),
     };
     let under_test: &dyn AllReduceUnderTest = match &joined.transport {
+        launch::RankTransport::Shm(shm) if spec.bench.registered => &allreduce::ShmRegistered(shm),
         launch::RankTransport::Shm(shm) => &allreduce::ShmFast(shm),
         #[cfg(feature = "mpi")]
         launch::RankTransport::Mpi(m) => &allreduce::MpiNative(m),

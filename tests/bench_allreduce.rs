@@ -15,9 +15,9 @@ fn rows(text: &str) -> Vec<Vec<String>> {
 #[test]
 fn bench_allreduce_prints_every_size_with_no_wrong_element() {
     let transports = if cfg!(feature = "mpi") {
-        "tcp,mpi"
+        "tcp,shm,shm-registered,mpi"
     } else {
-        "tcp"
+        "tcp,shm,shm-registered"
     };
     let out = swarmrun()
         .args(["bench", "allreduce", "-n", "3", "--transport", transports])

@@ -37,7 +37,7 @@ pub enum BenchAllreduceError {
         status: std::process::ExitStatus,
         tail: String,
     },
-    #[error("transport {0:?} is not one of tcp, shm, mpi")]
+    #[error("transport {0:?} is not one of tcp, shm, shm-registered, mpi")]
     UnknownTransport(String),
     #[error("job key: {0}")]
     Key(#[from] WireError),
@@ -104,9 +104,15 @@ fn expected(size: usize, i: usize) -> f32 {
     ((i % 7 + 1) * size * (size + 1) / 2) as f32
 }
 
-/// One all-reduce implementation under test, called out of place.
+/// One all-reduce implementation under test.
 pub trait AllReduceUnderTest {
+    /// Out of place; its result is checked.
     fn all_reduce(&self, input: &[f32], output: &mut [f32]) -> Result<(), CollectiveError>;
+    /// What the timing loop calls: the same, unless the implementation
+    /// keeps its data elsewhere (registered buffers).
+    fn timed(&self, input: &[f32], output: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce(input, output)
+    }
 }
 
 /// Our all-reduce over any transport.
@@ -144,6 +150,32 @@ impl AllReduceUnderTest for ShmFast<'_> {
     }
 }
 
+/// Our shared-memory all-reduce on registered buffers: the data lives in
+/// the segment (as gradients written there in place would), so the timed
+/// call copies nothing in or out, like nccl-tests' in-place run on buffers
+/// NCCL can reach directly. The checked call copies the input in and the
+/// result out, so `#wrong` still tests the same reduction.
+pub struct ShmRegistered<'a>(pub &'a crate::transport::shm::ShmTransport);
+
+impl AllReduceUnderTest for ShmRegistered<'_> {
+    fn all_reduce(&self, input: &[f32], output: &mut [f32]) -> Result<(), CollectiveError> {
+        let mut shared = self.0.shared_buffer(std::mem::size_of_val(input))?;
+        shared
+            .as_mut_slice()
+            .copy_from_slice(bytemuck::cast_slice(input));
+        let reduced = collective::all_reduce_shared::<f32>(shared, ReduceOp::Sum)?;
+        bytemuck::cast_slice_mut(output).copy_from_slice(&reduced);
+        Ok(())
+    }
+
+    fn timed(&self, input: &[f32], _output: &mut [f32]) -> Result<(), CollectiveError> {
+        let shared = self.0.shared_buffer(std::mem::size_of_val(input))?;
+        let reduced = collective::all_reduce_shared::<f32>(shared, ReduceOp::Sum)?;
+        std::hint::black_box(&reduced[..]);
+        Ok(())
+    }
+}
+
 /// OpenMPI's `MPI_Allreduce`, the reference.
 #[cfg(feature = "mpi")]
 pub struct MpiNative<'a>(pub &'a crate::transport::mpi::MpiTransport);
@@ -170,12 +202,12 @@ pub fn run_rank<T: Transport + ?Sized>(
         let src = input(rank, count);
         let mut out = vec![0f32; count];
         for _ in 0..spec.warmup {
-            under_test.all_reduce(&src, &mut out)?;
+            under_test.timed(&src, &mut out)?;
         }
         collective::barrier(Call::new(t, TAG_BENCH + 8))?;
         let start = Instant::now();
         for _ in 0..spec.iters {
-            under_test.all_reduce(&src, &mut out)?;
+            under_test.timed(&src, &mut out)?;
         }
         let mut stats = [start.elapsed().as_secs_f32() * 1e6 / spec.iters as f32];
         // The slowest rank sets the time, as in nccl-tests.
@@ -185,6 +217,7 @@ pub fn run_rank<T: Transport + ?Sized>(
             ReduceOp::Max,
             AllReduceAlgorithm::Auto,
         )?;
+        under_test.all_reduce(&src, &mut out)?;
         let wrong_here = out
             .iter()
             .enumerate()
@@ -248,13 +281,27 @@ pub fn run(opts: &DriverOptions) -> Result<(), BenchAllreduceError> {
     for name in &opts.transports {
         let (fabric, label) = match name.as_str() {
             "tcp" => (Fabric::Tcp, "ours over TCP"),
-            "shm" => (Fabric::Shm, "ours over shared memory"),
+            "shm" => (
+                Fabric::Shm,
+                "ours over shared memory (out of place: copy in, reduce, copy out)",
+            ),
+            "shm-registered" => (
+                Fabric::Shm,
+                "ours over shared memory, registered buffers (in place, nothing copied)",
+            ),
             "mpi" if cfg!(feature = "mpi") => (Fabric::Mpi, "OpenMPI MPI_Allreduce"),
             "mpi" => return Err(BenchAllreduceError::NoMpiFeature),
             other => return Err(BenchAllreduceError::UnknownTransport(other.to_string())),
         };
         let job = dir.path().join(format!("bench-allreduce-{name}.toml"));
-        std::fs::write(&job, job_text(opts, fabric))?;
+        // Registering a buffer needs a chunk as large as the largest size.
+        let registered = name == "shm-registered";
+        let shm_chunk = if registered {
+            opts.spec.max_bytes.next_multiple_of(4096)
+        } else {
+            1 << 20
+        };
+        std::fs::write(&job, job_text(opts, fabric, shm_chunk, registered))?;
         println!("#\n# {label}\n{TABLE_HEADER}");
         let cmd = if fabric == Fabric::Mpi {
             mpirun(&exe, &job, opts.nprocs, &JobKey::generate()?)?
@@ -271,7 +318,7 @@ pub fn run(opts: &DriverOptions) -> Result<(), BenchAllreduceError> {
     Ok(())
 }
 
-fn job_text(opts: &DriverOptions, fabric: Fabric) -> String {
+fn job_text(opts: &DriverOptions, fabric: Fabric, shm_chunk: usize, registered: bool) -> String {
     let fabric = match fabric {
         Fabric::Tcp => "tcp",
         Fabric::Shm => "shm",
@@ -286,9 +333,9 @@ fn job_text(opts: &DriverOptions, fabric: Fabric) -> String {
     format!(
         "[job]\nname = \"bench-allreduce\"\ntask = \"bench-allreduce\"\n\n\
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {n}\nfabric = \"{fabric}\"\n\n\
-         [network]\nrendezvous = \"tcp://127.0.0.1:0\"\nmax_frame = \"64MiB\"\ncollective_timeout_s = 300.0\n\n\
+         [network]\nrendezvous = \"tcp://127.0.0.1:0\"\nmax_frame = \"64MiB\"\ncollective_timeout_s = 300.0\nshm_chunk = {shm_chunk}\n\n\
          [collective]\nalgorithm = \"{algorithm}\"\n\n\
-         [bench]\nmin_bytes = {min}\nmax_bytes = {max}\niters = {iters}\nwarmup = {warmup}\n",
+         [bench]\nmin_bytes = {min}\nmax_bytes = {max}\niters = {iters}\nwarmup = {warmup}\nregistered = {registered}\n",
         n = opts.nprocs,
         min = opts.spec.min_bytes,
         max = opts.spec.max_bytes,

@@ -104,7 +104,7 @@ pub use partition::Partition;
 pub use reduce_scatter::reduce_scatter;
 pub use redundant::{all_reduce_redundant, SliceTamper};
 #[cfg(target_os = "linux")]
-pub use shm::{all_reduce_shm, all_reduce_shm_into};
+pub use shm::{all_reduce_shared, all_reduce_shm, all_reduce_shm_into};
 
 use std::time::Instant;
 

@@ -7,7 +7,7 @@
 
 use super::element::{finish, reduce_bytes, Element, ReduceOp};
 use super::CollectiveError;
-use crate::transport::shm::ShmTransport;
+use crate::transport::shm::{Reduced, SharedBuffer, ShmTransport};
 use crate::transport::Transport;
 
 /// Reduces `buf` over all ranks of `t` with `op`, in place.
@@ -35,19 +35,7 @@ fn run<E: Element>(
     buf: &mut [E],
     op: ReduceOp,
 ) -> Result<(), CollectiveError> {
-    let combine = |dst: &mut [u8], src: &[u8]| match bytemuck::try_cast_slice_mut::<u8, E>(dst) {
-        Ok(typed) => reduce_bytes(typed, src, op),
-        // The segment's slices are 64-byte aligned, so this is the rare
-        // path of a caller's odd buffer: reduce through an aligned copy.
-        Err(_) => {
-            let mut typed: Vec<E> = dst
-                .chunks_exact(std::mem::size_of::<E>())
-                .map(bytemuck::pod_read_unaligned)
-                .collect();
-            reduce_bytes(&mut typed, src, op);
-            dst.copy_from_slice(bytemuck::cast_slice(&typed));
-        }
-    };
+    let combine = combiner::<E>(op);
     let width = std::mem::size_of::<E>();
     match input {
         Some(input) => t.all_reduce_bytes_into(
@@ -60,4 +48,38 @@ fn run<E: Element>(
     }
     finish(buf, op, t.size());
     Ok(())
+}
+
+/// Reduces the ranks' registered buffers (`ShmTransport::shared_buffer`,
+/// written in place by the caller) and leaves the result in shared memory:
+/// no copy in, no copy out. `Avg` is refused: its division needs a buffer
+/// of our own, use [`all_reduce_shm`].
+pub fn all_reduce_shared<'a, E: Element>(
+    buf: SharedBuffer<'a>,
+    op: ReduceOp,
+) -> Result<Reduced<'a>, CollectiveError> {
+    if op == ReduceOp::Avg {
+        return Err(CollectiveError::InvalidArgument(
+            "Avg over a shared buffer: use all_reduce_shm, which divides in a private buffer"
+                .into(),
+        ));
+    }
+    Ok(buf.all_reduce(std::mem::size_of::<E>(), &combiner::<E>(op))?)
+}
+
+/// The byte-level reduction the shared-memory layer calls: `dst op= src`.
+fn combiner<E: Element>(op: ReduceOp) -> impl Fn(&mut [u8], &[u8]) {
+    move |dst: &mut [u8], src: &[u8]| match bytemuck::try_cast_slice_mut::<u8, E>(dst) {
+        Ok(typed) => reduce_bytes(typed, src, op),
+        // The segment's slices are 64-byte aligned, so this is the rare
+        // path of a caller's odd buffer: reduce through an aligned copy.
+        Err(_) => {
+            let mut typed: Vec<E> = dst
+                .chunks_exact(std::mem::size_of::<E>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect();
+            reduce_bytes(&mut typed, src, op);
+            dst.copy_from_slice(bytemuck::cast_slice(&typed));
+        }
+    }
 }

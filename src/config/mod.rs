@@ -216,6 +216,12 @@ pub struct NetworkSpec {
     pub connect_timeout_s: f64,
     /// Seconds, > 0.
     pub collective_timeout_s: f64,
+    /// Shared-memory fabric: bytes each rank reduces per step, and the
+    /// largest buffer that can be registered in shared memory; a multiple
+    /// of 4 KiB. 1 MiB keeps a step's working set in cache; raise it to
+    /// register larger buffers.
+    #[serde(deserialize_with = "values::deserialize_size")]
+    pub shm_chunk: usize,
 }
 
 impl Default for NetworkSpec {
@@ -226,6 +232,7 @@ impl Default for NetworkSpec {
             key_file: None,
             connect_timeout_s: 30.0,
             collective_timeout_s: 60.0,
+            shm_chunk: 1 << 20,
         }
     }
 }
@@ -271,6 +278,10 @@ pub struct BenchSpec {
     /// Timed repetitions per size (after `warmup` untimed ones).
     pub iters: usize,
     pub warmup: usize,
+    /// Shared-memory fabric: time all-reduce on buffers registered in the
+    /// segment (nothing copied in or out); needs `network.shm_chunk >=
+    /// max_bytes`.
+    pub registered: bool,
 }
 
 impl Default for BenchSpec {
@@ -280,6 +291,7 @@ impl Default for BenchSpec {
             max_bytes: 64 << 20,
             iters: 20,
             warmup: 2,
+            registered: false,
         }
     }
 }

@@ -124,6 +124,12 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             format!("{} bytes is outside 4KiB..=4GiB", n.max_frame),
         );
     }
+    if n.shm_chunk == 0 || n.shm_chunk % 4096 != 0 {
+        return violation(
+            "network.shm_chunk",
+            format!("{} bytes is not a positive multiple of 4 KiB", n.shm_chunk),
+        );
+    }
     for (field, value) in [
         ("connect_timeout_s", n.connect_timeout_s),
         ("collective_timeout_s", n.collective_timeout_s),
@@ -155,6 +161,15 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
         return violation(
             "bench.min_bytes",
             format!("{} is not in 1..=max_bytes ({})", b.min_bytes, b.max_bytes),
+        );
+    }
+    if b.registered && spec.network.shm_chunk < b.max_bytes {
+        return violation(
+            "bench.registered",
+            format!(
+                "registered buffers up to {} bytes need network.shm_chunk >= that (it is {})",
+                b.max_bytes, spec.network.shm_chunk
+            ),
         );
     }
     if b.iters == 0 {

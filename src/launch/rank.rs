@@ -214,6 +214,7 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
                 ShmOptions {
                     timeout: default_timeout,
                     join_timeout: connect_timeout,
+                    chunk_bytes: spec.network.shm_chunk,
                     ..ShmOptions::default()
                 },
             )?))
