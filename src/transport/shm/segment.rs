@@ -235,7 +235,12 @@ impl Segment {
                 ),
             ));
         }
-        let map = MmapOptions::new().len(layout.total_len).map_raw(file)?;
+        // Populated at open (MAP_POPULATE): the page faults of a fresh
+        // segment land here, once, not inside the first collectives.
+        let map = MmapOptions::new()
+            .len(layout.total_len)
+            .populate()
+            .map_raw(file)?;
         Ok(Self { map, layout })
     }
 
