@@ -148,13 +148,34 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
             timeout: connect_timeout,
         },
     )?;
+    let transport = open_transport(spec, &plan, &world, listener, &key, &run_id)?;
+    let startup = launch_t0_elapsed().unwrap_or_else(|| started.elapsed());
+    Ok(Joined {
+        world,
+        plan,
+        transport,
+        startup,
+        launcher: env.launcher,
+    })
+}
+
+/// Connects the transport of the world's fabric.
+fn open_transport(
+    spec: &JobSpec,
+    plan: &Plan,
+    world: &World,
+    listener: TcpListener,
+    key: &JobKey,
+    run_id: &str,
+) -> Result<RankTransport, JoinError> {
+    let connect_timeout = Duration::from_secs_f64(spec.network.connect_timeout_s);
     let default_timeout = Duration::from_secs_f64(spec.network.collective_timeout_s);
-    let transport = match world_fabric(spec, &plan) {
+    Ok(match world_fabric(spec, plan) {
         Fabric::Tcp => RankTransport::Tcp(TcpTransport::connect(
             world.rank,
             listener,
             &world.addrs(),
-            &key,
+            key,
             &spec.job.name,
             TcpOptions {
                 max_frame: spec.network.max_frame,
@@ -219,14 +240,6 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
                 },
             )?))
         }
-    };
-    let startup = launch_t0_elapsed().unwrap_or_else(|| started.elapsed());
-    Ok(Joined {
-        world,
-        plan,
-        transport,
-        startup,
-        launcher: env.launcher,
     })
 }
 
