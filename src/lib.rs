@@ -2,13 +2,16 @@
 //! language model across many unreliable machines.
 //!
 //! Layers, lowest first (a module uses only modules before it):
-//! `config`, `fsutil`, `wire`, `world`, `transport`, `collective`, `hello`,
-//! `launch`, `bench`. `wire` (framed, authenticated streams) sits below
-//! `world` because the TCP rendezvous authenticates with the same handshake
-//! as the transport.
+//! `config`, `fsutil`, `wire`, `world`, `transport`, `collective`, `data`,
+//! `model`, `hello`, `launch`, `bench`. `wire` (framed, authenticated
+//! streams) sits below `world` because the TCP rendezvous authenticates with
+//! the same handshake as the transport. `data` and `model` need no network:
+//! a stage's forward and backward pass are pure functions of its weights and
+//! inputs.
 pub mod bench;
 pub mod collective;
 pub mod config;
+pub mod data;
 pub mod fsutil;
 pub mod hello;
 pub mod launch;
