@@ -1,0 +1,328 @@
+//! SWARM's stochastic wiring: which miner of each stage serves a
+//! microbatch, how the miners are spread over stages, and what happens to
+//! the work of a miner that disappears.
+//!
+//! - [`Router::route`] picks one miner per stage at random with probability
+//!   proportional to its measured throughput, so a fast miner gets more
+//!   work and a slow one still gets some (and keeps being measured).
+//! - [`Router::rebalance`] moves one miner from the stage with the most
+//!   spare capacity to the bottleneck stage, between windows, when that
+//!   raises the pipeline's throughput (the slowest stage's capacity).
+//! - [`InFlight`] remembers which microbatch runs on which miners, so a lost
+//!   miner's microbatches are queued again exactly once and none is counted
+//!   twice.
+//!
+//! Everything is plain data and deterministic for a seed: the orchestrator
+//! decides, and a replay of its decisions gives the same paths.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::data::rng::SplitMix64;
+
+/// Throughput given to a miner before it has been measured: the mean of
+/// the measured ones would favour nobody, but at start there are none.
+const UNMEASURED: f64 = 1.0;
+/// Weight of a new measurement in the moving average.
+const EMA: f64 = 0.3;
+
+/// One miner as the router sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct Miner {
+    stage: usize,
+    /// Microbatches per second, moving average; `None` until measured.
+    throughput: Option<f64>,
+}
+
+/// A miner moved between stages by [`Router::rebalance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub rank: usize,
+    pub from: usize,
+    pub to: usize,
+}
+
+/// Miners per stage and their measured throughput.
+#[derive(Debug, Clone)]
+pub struct Router {
+    stages: usize,
+    miners: BTreeMap<usize, Miner>,
+    rng: SplitMix64,
+}
+
+impl Router {
+    /// `assignment` is (rank, stage) for every miner.
+    pub fn new(stages: usize, assignment: &[(usize, usize)], seed: u64) -> Router {
+        Router {
+            stages,
+            miners: assignment
+                .iter()
+                .map(|&(rank, stage)| {
+                    (
+                        rank,
+                        Miner {
+                            stage,
+                            throughput: None,
+                        },
+                    )
+                })
+                .collect(),
+            rng: SplitMix64::new(seed, 0x524f_5554_4552),
+        }
+    }
+
+    /// Miners serving `stage`, by rank.
+    pub fn stage_miners(&self, stage: usize) -> Vec<usize> {
+        self.miners
+            .iter()
+            .filter(|(_, m)| m.stage == stage)
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
+    /// The stage `rank` serves, if it is a live miner.
+    pub fn stage_of(&self, rank: usize) -> Option<usize> {
+        self.miners.get(&rank).map(|m| m.stage)
+    }
+
+    fn weight(m: &Miner) -> f64 {
+        m.throughput.unwrap_or(UNMEASURED)
+    }
+
+    /// One miner per stage, each drawn with probability proportional to its
+    /// throughput; `None` when some stage has no miner left.
+    pub fn route(&mut self) -> Option<Vec<usize>> {
+        (0..self.stages)
+            .map(|stage| {
+                let candidates: Vec<(usize, f64)> = self
+                    .miners
+                    .iter()
+                    .filter(|(_, m)| m.stage == stage)
+                    .map(|(r, m)| (*r, Self::weight(m)))
+                    .collect();
+                let total: f64 = candidates.iter().map(|(_, w)| w).sum();
+                let mut point = self.rng.unit_open0() * total;
+                let last = candidates.last()?.0;
+                Some(
+                    candidates
+                        .iter()
+                        .find(|(_, w)| {
+                            point -= w;
+                            point <= 0.0
+                        })
+                        .map_or(last, |(r, _)| *r),
+                )
+            })
+            .collect()
+    }
+
+    /// Records that `rank` took `seconds` for one microbatch.
+    pub fn observe(&mut self, rank: usize, seconds: f64) {
+        let Some(m) = self.miners.get_mut(&rank) else {
+            return;
+        };
+        if !(seconds > 0.0 && seconds.is_finite()) {
+            return;
+        }
+        let rate = 1.0 / seconds;
+        m.throughput = Some(match m.throughput {
+            Some(old) => (1.0 - EMA) * old + EMA * rate,
+            None => rate,
+        });
+    }
+
+    /// Forgets a miner that left; returns whether it was one.
+    pub fn remove(&mut self, rank: usize) -> bool {
+        self.miners.remove(&rank).is_some()
+    }
+
+    /// Microbatches per second stage `stage` can take (sum of its miners).
+    pub fn capacity(&self, stage: usize) -> f64 {
+        self.miners
+            .values()
+            .filter(|m| m.stage == stage)
+            .map(Self::weight)
+            .sum()
+    }
+
+    /// Moves one miner to the bottleneck stage if that raises the slowest
+    /// stage's capacity; the donor keeps at least one miner.
+    pub fn rebalance(&mut self) -> Option<Move> {
+        let caps: Vec<f64> = (0..self.stages).map(|s| self.capacity(s)).collect();
+        let bottleneck = (0..self.stages).min_by(|&a, &b| caps[a].total_cmp(&caps[b]))?;
+        let before = caps[bottleneck];
+        let mut best: Option<(Move, f64)> = None;
+        for (&rank, m) in &self.miners {
+            if m.stage == bottleneck || self.stage_miners(m.stage).len() < 2 {
+                continue;
+            }
+            let w = Self::weight(m);
+            let mut after = caps.clone();
+            after[m.stage] -= w;
+            after[bottleneck] += w;
+            let slowest = after.iter().cloned().fold(f64::INFINITY, f64::min);
+            if slowest > before && best.as_ref().is_none_or(|(_, s)| slowest > *s) {
+                best = Some((
+                    Move {
+                        rank,
+                        from: m.stage,
+                        to: bottleneck,
+                    },
+                    slowest,
+                ));
+            }
+        }
+        let (mv, _) = best?;
+        if let Some(m) = self.miners.get_mut(&mv.rank) {
+            m.stage = mv.to;
+            // Its speed on the new stage is unknown.
+            m.throughput = None;
+        }
+        Some(mv)
+    }
+}
+
+/// Which microbatches are waiting and which run on which miners.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight {
+    queue: VecDeque<u64>,
+    running: BTreeMap<u64, Vec<usize>>,
+    done: BTreeSet<u64>,
+}
+
+impl InFlight {
+    /// A window's microbatch ids, all waiting.
+    pub fn new(ids: impl IntoIterator<Item = u64>) -> InFlight {
+        InFlight {
+            queue: ids.into_iter().collect(),
+            ..InFlight::default()
+        }
+    }
+
+    /// The next waiting microbatch, now running on `path`.
+    pub fn start(&mut self, path: Vec<usize>) -> Option<u64> {
+        let id = self.queue.pop_front()?;
+        self.running.insert(id, path);
+        Some(id)
+    }
+
+    /// Marks `id` finished; `false` if it was not running (a late or
+    /// duplicate report, which must not count twice).
+    pub fn finish(&mut self, id: u64) -> bool {
+        self.running.remove(&id).is_some() && self.done.insert(id)
+    }
+
+    /// A miner left: every running microbatch whose path uses it is queued
+    /// again (at the front, so the window still ends soon). Returns them.
+    pub fn lose(&mut self, rank: usize) -> Vec<u64> {
+        let lost: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|(_, path)| path.contains(&rank))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost.iter().rev() {
+            self.running.remove(id);
+            self.queue.push_front(*id);
+        }
+        lost
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.queue.is_empty() && self.running.is_empty()
+    }
+
+    /// Finished microbatch ids, in order.
+    pub fn done(&self) -> impl Iterator<Item = u64> + '_ {
+        self.done.iter().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_stages() -> Router {
+        Router::new(2, &[(1, 0), (2, 0), (3, 1), (4, 1)], 7)
+    }
+
+    #[test]
+    fn routes_take_one_miner_per_stage_in_proportion_to_throughput() {
+        let mut r = two_stages();
+        r.observe(1, 0.1); // 10 microbatches/s
+        r.observe(2, 0.4); // 2.5 microbatches/s
+        let mut on_fast = 0;
+        for _ in 0..4000 {
+            let path = r.route().unwrap();
+            assert_eq!(path.len(), 2);
+            assert!([1, 2].contains(&path[0]) && [3, 4].contains(&path[1]));
+            on_fast += usize::from(path[0] == 1);
+        }
+        // Expected share 10 / 12.5 = 0.8.
+        let share = on_fast as f64 / 4000.0;
+        assert!((share - 0.8).abs() < 0.03, "fast miner's share {share}");
+    }
+
+    #[test]
+    fn the_same_seed_routes_the_same_way() {
+        let (mut a, mut b) = (two_stages(), two_stages());
+        let pa: Vec<_> = (0..50).map(|_| a.route()).collect();
+        let pb: Vec<_> = (0..50).map(|_| b.route()).collect();
+        assert_eq!(pa, pb);
+    }
+
+    #[test]
+    fn a_removed_miner_is_never_routed_to_and_an_empty_stage_stops_routing() {
+        let mut r = two_stages();
+        assert!(r.remove(3));
+        assert!((0..200).all(|_| r.route().unwrap()[1] == 4));
+        r.remove(4);
+        assert_eq!(r.route(), None);
+    }
+
+    #[test]
+    fn rebalance_moves_a_miner_from_the_over_served_stage_to_the_bottleneck() {
+        let mut r = Router::new(2, &[(1, 0), (2, 0), (3, 0), (4, 1)], 1);
+        for rank in 1..=4 {
+            r.observe(rank, 0.1);
+        }
+        let mv = r.rebalance().unwrap();
+        assert_eq!((mv.from, mv.to), (0, 1));
+        assert_eq!(r.stage_miners(1).len(), 2);
+        assert_eq!(r.stage_miners(0).len(), 2);
+        // Balanced now (2 and 2 at equal speed... the mover is unmeasured
+        // again, but moving another would not raise the minimum).
+        r.observe(mv.rank, 0.1);
+        assert_eq!(r.rebalance(), None);
+    }
+
+    #[test]
+    fn rebalance_never_empties_a_stage() {
+        let mut r = Router::new(2, &[(1, 0), (2, 1)], 1);
+        r.observe(1, 0.01);
+        r.observe(2, 1.0);
+        assert_eq!(r.rebalance(), None);
+    }
+
+    #[test]
+    fn a_lost_miners_microbatches_are_queued_again_once_and_never_counted_twice() {
+        let mut f = InFlight::new(0..4);
+        assert_eq!(f.start(vec![1, 3]), Some(0));
+        assert_eq!(f.start(vec![2, 3]), Some(1));
+        assert_eq!(f.start(vec![2, 4]), Some(2));
+        assert!(f.finish(1));
+        assert_eq!(f.lose(2), vec![2]);
+        assert!(!f.finish(2), "a report from the lost miner does not count");
+        assert_eq!(f.lose(2), Vec::<u64>::new());
+        // Re-queued first, then the untouched one.
+        assert_eq!(f.start(vec![1, 4]), Some(2));
+        assert_eq!(f.start(vec![1, 4]), Some(3));
+        assert!(f.finish(0) && f.finish(2) && f.finish(3));
+        assert!(!f.finish(3));
+        assert!(f.is_complete());
+        assert_eq!(f.done().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    }
+}
