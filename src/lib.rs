@@ -15,6 +15,7 @@ pub mod data;
 pub mod fsutil;
 pub mod hello;
 pub mod launch;
+pub mod model;
 pub mod pipeline;
 pub mod transport;
 pub mod wire;

@@ -1,0 +1,169 @@
+//! The GPT's layers, written out on candle tensors as nanoGPT's model.py.
+//!
+//! candle-nn's fused `layer_norm` and `softmax_last_dim` have no backward
+//! pass, so LayerNorm and softmax are composed from primitive ops here. All
+//! linear layers are bias-free (nanoGPT's `bias = False`) and keep weights
+//! as `(in, out)`, so a layer is `x @ W` with no transpose.
+
+use candle_core::{Tensor, Var, D};
+
+use super::params::{Init, ParamSet};
+use super::{GptConfig, ModelError};
+
+/// nanoGPT's initial weight spread.
+const INIT_STD: f64 = 0.02;
+const LN_EPS: f64 = 1e-5;
+
+/// `x: (B, T, in) @ w: (in, out)`, as one 2-D matmul so the weight gradient
+/// is one matmul too (a broadcast matmul would sum B partial products).
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let out = w.dim(1)?;
+    x.reshape((b * t, c))?.matmul(w)?.reshape((b, t, out))
+}
+
+/// LayerNorm over the last dimension with a gain and no bias.
+fn layer_norm(x: &Tensor, gain: &Tensor) -> candle_core::Result<Tensor> {
+    let c = x.dim(D::Minus1)? as f64;
+    let centred = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / c)?)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / c)?;
+    centred
+        .broadcast_div(&(var + LN_EPS)?.sqrt()?)?
+        .broadcast_mul(gain)
+}
+
+/// `(T, T)` additive causal mask: 0 on and below the diagonal, -inf above.
+pub(crate) fn causal_mask(t: usize, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(values, (t, t), &candle_core::Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Token and position embeddings (stage 0 only). Not tied to the LM head:
+/// the head lives on the last stage, and a tied weight would need its
+/// gradient merged across stages every window.
+#[derive(Debug)]
+pub(crate) struct Embeddings {
+    wte: Var,
+    wpe: Var,
+}
+
+impl Embeddings {
+    pub(crate) fn new(params: &mut ParamSet, cfg: &GptConfig) -> Result<Self, ModelError> {
+        let c = cfg.n_embd;
+        Ok(Embeddings {
+            wte: params.add(
+                "wte.weight".into(),
+                &[cfg.vocab_size, c],
+                Init::Normal(INIT_STD),
+            )?,
+            wpe: params.add(
+                "wpe.weight".into(),
+                &[cfg.block_size, c],
+                Init::Normal(INIT_STD),
+            )?,
+        })
+    }
+
+    /// `ids: (B, T)` u32 -> `(B, T, n_embd)`.
+    pub(crate) fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = self.wte.dim(1)?;
+        let tok = self
+            .wte
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, c))?;
+        tok.broadcast_add(&self.wpe.narrow(0, 0, t)?)
+    }
+}
+
+/// A pre-LayerNorm transformer block: causal self-attention, then a GELU
+/// MLP four times as wide, each added to the residual stream.
+#[derive(Debug)]
+pub(crate) struct Block {
+    ln_1: Var,
+    c_attn: Var,
+    attn_proj: Var,
+    ln_2: Var,
+    c_fc: Var,
+    mlp_proj: Var,
+    n_head: usize,
+}
+
+impl Block {
+    /// Block `index` (global, counted over the whole model).
+    pub(crate) fn new(
+        params: &mut ParamSet,
+        index: usize,
+        cfg: &GptConfig,
+    ) -> Result<Self, ModelError> {
+        let c = cfg.n_embd;
+        // GPT-2: residual projections start smaller so the stream's variance
+        // does not grow with depth.
+        let proj_std = INIT_STD / (2.0 * cfg.n_layer as f64).sqrt();
+        let mut add = |name: &str, shape: &[usize], init| {
+            params.add(format!("h.{index}.{name}"), shape, init)
+        };
+        Ok(Block {
+            ln_1: add("ln_1.weight", &[c], Init::Ones)?,
+            c_attn: add("attn.c_attn.weight", &[c, 3 * c], Init::Normal(INIT_STD))?,
+            attn_proj: add("attn.c_proj.weight", &[c, c], Init::Normal(proj_std))?,
+            ln_2: add("ln_2.weight", &[c], Init::Ones)?,
+            c_fc: add("mlp.c_fc.weight", &[c, 4 * c], Init::Normal(INIT_STD))?,
+            mlp_proj: add("mlp.c_proj.weight", &[4 * c, c], Init::Normal(proj_std))?,
+            n_head: cfg.n_head,
+        })
+    }
+
+    /// `x: (B, T, C)` -> `(B, T, C)`; `mask` is at least `(T, T)`.
+    pub(crate) fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attention(&layer_norm(x, &self.ln_1)?, mask)?)?;
+        let h = linear(&layer_norm(&x, &self.ln_2)?, &self.c_fc)?.gelu_erf()?;
+        x + linear(&h, &self.mlp_proj)?
+    }
+
+    fn attention(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (nh, hs) = (self.n_head, c / self.n_head);
+        // (B, T, 3C) -> (3, B, nh, T, hs): q, k, v with heads as a batch dim.
+        let qkv = linear(x, &self.c_attn)?
+            .reshape((b, t, 3, nh, hs))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?;
+        let att = att.broadcast_add(&mask.narrow(0, 0, t)?.narrow(1, 0, t)?)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        linear(&y, &self.attn_proj)
+    }
+}
+
+/// Final LayerNorm, LM head and cross-entropy (last stage only).
+#[derive(Debug)]
+pub(crate) struct Head {
+    ln_f: Var,
+    lm_head: Var,
+}
+
+impl Head {
+    pub(crate) fn new(params: &mut ParamSet, cfg: &GptConfig) -> Result<Self, ModelError> {
+        let c = cfg.n_embd;
+        Ok(Head {
+            ln_f: params.add("ln_f.weight".into(), &[c], Init::Ones)?,
+            lm_head: params.add(
+                "lm_head.weight".into(),
+                &[c, cfg.vocab_size],
+                Init::Normal(INIT_STD),
+            )?,
+        })
+    }
+
+    /// Mean cross-entropy of `x: (B, T, C)` against `targets: (B, T)` u32.
+    pub(crate) fn loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = linear(&layer_norm(x, &self.ln_f)?, &self.lm_head)?;
+        candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+    }
+}

@@ -1,0 +1,97 @@
+//! A whole pipeline in one process: the reference a distributed run is
+//! checked against, and a plain single-machine trainer.
+
+use super::stage::{Pass, StageInput, StageModel};
+use super::{batch_tensors, AdamW, AdamWConfig, GptConfig, ModelError};
+use crate::data::Batch;
+
+/// Every stage of one model with its optimizer, boundary tensors and their
+/// gradients handed from stage to stage in memory exactly as a pipeline
+/// would send them over the network.
+#[derive(Debug)]
+pub struct LocalPipeline {
+    stages: Vec<StageModel>,
+    optimizers: Vec<AdamW>,
+}
+
+impl LocalPipeline {
+    /// All stages of the model split as `layers`, initialized from `seed`.
+    pub fn new(
+        config: &GptConfig,
+        layers: &[usize],
+        seed: u64,
+        adamw: &AdamWConfig,
+    ) -> Result<Self, ModelError> {
+        // At least one stage, so an empty split gets StageModel's error.
+        let stages = (0..layers.len().max(1))
+            .map(|s| StageModel::new(config, layers, s, seed))
+            .collect::<Result<Vec<_>, _>>()?;
+        let optimizers = stages
+            .iter()
+            .map(|s| AdamW::new(adamw.clone(), s.layout()))
+            .collect();
+        Ok(LocalPipeline { stages, optimizers })
+    }
+
+    pub fn stages(&self) -> &[StageModel] {
+        &self.stages
+    }
+
+    /// One optimizer step: forward and backward of each microbatch through
+    /// every stage, then AdamW on each stage with the gradients averaged
+    /// over the microbatches. Returns the mean loss before the step.
+    pub fn train_step(&mut self, microbatches: &[Batch]) -> Result<f32, ModelError> {
+        if microbatches.is_empty() {
+            return Err(ModelError::NoMicrobatches);
+        }
+        let mut loss_sum = 0.0;
+        for batch in microbatches {
+            let passes = self.forward(batch)?;
+            loss_sum += last_loss(&passes)?;
+            let mut grad = None;
+            for (stage, pass) in self.stages.iter_mut().zip(passes).rev() {
+                grad = stage.backward(pass, grad.as_ref())?;
+            }
+        }
+        let scale = 1.0 / microbatches.len() as f32;
+        for (stage, opt) in self.stages.iter_mut().zip(&mut self.optimizers) {
+            let grads = stage.grads_flat();
+            stage.optimizer_step(opt, &grads, scale)?;
+            stage.zero_grads();
+        }
+        Ok(loss_sum / microbatches.len() as f32)
+    }
+
+    /// Mean cross-entropy of `batch` under the current weights.
+    pub fn loss(&self, batch: &Batch) -> Result<f32, ModelError> {
+        last_loss(&self.forward(batch)?)
+    }
+
+    /// The parameters of all stages, concatenated in stage order; equal to
+    /// the single-stage model's flat buffer.
+    pub fn params_flat(&self) -> Result<Vec<f32>, ModelError> {
+        let mut flat = Vec::new();
+        for stage in &self.stages {
+            flat.extend(stage.params_flat()?);
+        }
+        Ok(flat)
+    }
+
+    fn forward(&self, batch: &Batch) -> Result<Vec<Pass>, ModelError> {
+        let (ids, targets) = batch_tensors(batch)?;
+        let mut passes: Vec<Pass> = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            let input = match passes.last() {
+                None => StageInput::Tokens(&ids),
+                Some(prev) => StageInput::Activations(prev.output()),
+            };
+            let targets = stage.is_last().then_some(&targets);
+            passes.push(stage.forward(input, targets)?);
+        }
+        Ok(passes)
+    }
+}
+
+fn last_loss(passes: &[Pass]) -> Result<f32, ModelError> {
+    passes.last().ok_or(ModelError::NotLastStage)?.loss()
+}

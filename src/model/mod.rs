@@ -1,0 +1,194 @@
+//! A character GPT (nanoGPT's architecture) on candle, cut into pipeline
+//! stages, with flat `f32` buffers for the collectives and AdamW.
+//!
+//! A stage's work is a pure function of its weights and its inputs, and
+//! every rank computes it identically on CPU: initial weights come from the
+//! seed and the parameter's global name (not from the split), the backward
+//! pass of a split model computes the same numbers as the whole model's,
+//! AdamW is plain sequential Rust. So 1, 2 and 4 stage splits train to the
+//! same losses bit for bit (`tests/model_parity.rs`), and a validator
+//! replays a miner's pass exactly.
+//!
+//! ```
+//! use swarmrun::config::ModelSpec;
+//! use swarmrun::data::{Corpus, Dataset, Split};
+//! use swarmrun::model::{batch_tensors, AdamW, AdamWConfig, GptConfig, StageInput, StageModel};
+//!
+//! let data = Dataset::new(&Corpus::from_text("to be or not to be, that is the question"))?;
+//! let spec = ModelSpec { n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, dropout: 0.0 };
+//! let config = GptConfig::new(&spec, data.tokenizer().vocab_size())?;
+//! let layers = [1, 1];
+//! let mut s0 = StageModel::new(&config, &layers, 0, 1337)?;
+//! let mut s1 = StageModel::new(&config, &layers, 1, 1337)?;
+//!
+//! let batch = data.batch(Split::Train, 0, 1337, 2, 8)?;
+//! let (ids, targets) = batch_tensors(&batch)?;
+//! let p0 = s0.forward(StageInput::Tokens(&ids), None)?;
+//! let p1 = s1.forward(StageInput::Activations(p0.output()), Some(&targets))?;
+//! assert!(p1.loss()? > 0.0);
+//! let grad = s1.backward(p1, None)?.expect("stage 1 has an input gradient");
+//! s0.backward(p0, Some(&grad))?;
+//!
+//! let mut opt = AdamW::new(AdamWConfig::default(), s0.layout());
+//! let grads = s0.grads_flat(); // all-reduce these among the stage's miners
+//! s0.optimizer_step(&mut opt, &grads, 1.0 / s0.microbatches() as f32)?;
+//! s0.zero_grads();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! API:
+//!
+//! ```text
+//! GptConfig::new(&ModelSpec, vocab_size) -> GptConfig {vocab_size, n_layer, n_head, n_embd, block_size}
+//! StageModel::new(&GptConfig, layers: &[usize], stage, seed) / with_dtype(.., DType)
+//!   .forward(StageInput::{Tokens(&ids), Activations(&x)}, targets: Option<&Tensor>) -> Pass
+//!   .backward(Pass, grad_output: Option<&Tensor>) -> Option<Tensor>   input gradient
+//!   .grads_flat() -> Vec<f32>, .microbatches(), .zero_grads()         summed over passes
+//!   .params_flat() -> Vec<f32>, .set_params_flat(&[f32]), .layout() -> &[ParamInfo]
+//!   .optimizer_step(&mut AdamW, grads, grad_scale), .weights_digest() -> blake3::Hash
+//!   .save_safetensors(&Path), .load_safetensors(&Path)
+//!   .stage(), .n_stages(), .is_first(), .is_last(), .blocks(), .numel(), .config()
+//! Pass: .output() -> &Tensor (boundary (B, T, n_embd), or the loss), .loss() -> f32
+//! AdamW::new(AdamWConfig, &[ParamInfo]); .step(&mut params, &grads, grad_scale), .steps_taken()
+//! AdamWConfig {lr, min_lr, warmup_steps, decay_steps, beta1, beta2, eps, weight_decay}; .lr_at(step)
+//! LocalPipeline::new(&GptConfig, layers, seed, &AdamWConfig); .train_step(&[Batch]) -> mean loss,
+//!   .loss(&Batch), .params_flat(), .stages()
+//! batch_tensors(&Batch) -> (ids, targets)   (B, T) u32 tensors
+//! digest(&[f32]) -> blake3::Hash            of the little-endian bytes
+//! ```
+//!
+//! The model: token and position embeddings (stage 0), pre-LayerNorm
+//! blocks of causal self-attention and a 4x GELU MLP, final LayerNorm and
+//! LM head with mean cross-entropy (last stage). As nanoGPT with
+//! `bias = False`, except that the LM head is not tied to the token
+//! embedding: they live on different stages, and a tied weight would need
+//! its gradient merged across stages. No dropout: [`GptConfig::new`]
+//! refuses `dropout > 0`, because dropout masks would have to be replayed
+//! by validators and nanoGPT's small models train fine without.
+//!
+//! Only the CPU is used; parameters and flat buffers are `f32` (a stage
+//! built with `DType::F64` computes in `f64` but still trades `f32`
+//! buffers). Thread count does not change results: candle's matmul (gemm)
+//! splits work across threads without splitting the sums
+//! (`tests/model_determinism.rs`).
+
+mod adamw;
+mod checkpoint;
+mod layers;
+mod local;
+mod params;
+mod stage;
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use local::LocalPipeline;
+pub use params::ParamInfo;
+pub use stage::{Pass, StageInput, StageModel};
+
+use crate::config::ModelSpec;
+use crate::data::Batch;
+
+/// The model's shape: `ModelSpec` plus the tokenizer's vocabulary size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+}
+
+impl GptConfig {
+    pub fn new(spec: &ModelSpec, vocab_size: usize) -> Result<GptConfig, ModelError> {
+        if spec.dropout != 0.0 {
+            return Err(ModelError::Dropout(spec.dropout));
+        }
+        if spec.n_head == 0 || spec.n_embd % spec.n_head != 0 {
+            return Err(ModelError::Heads {
+                n_embd: spec.n_embd,
+                n_head: spec.n_head,
+            });
+        }
+        Ok(GptConfig {
+            vocab_size,
+            n_layer: spec.n_layer,
+            n_head: spec.n_head,
+            n_embd: spec.n_embd,
+            block_size: spec.block_size,
+        })
+    }
+}
+
+/// Token ids and targets of `batch` as `(B, T)` `u32` tensors.
+pub fn batch_tensors(batch: &Batch) -> Result<(Tensor, Tensor), ModelError> {
+    let shape = (batch.batch_size, batch.block_size);
+    Ok((
+        Tensor::from_slice(&batch.inputs, shape, &Device::Cpu)?,
+        Tensor::from_slice(&batch.targets, shape, &Device::Cpu)?,
+    ))
+}
+
+/// BLAKE3 of a flat weight buffer's little-endian bytes: the "known hash"
+/// of a stage's weights in a window, computable from the all-reduced
+/// buffer alone.
+pub fn digest(flat: &[f32]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    for chunk in flat.chunks(4096) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+        hasher.update(&bytes);
+    }
+    hasher.finalize()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("dropout {0} is not supported: the model trains without dropout (set it to 0)")]
+    Dropout(f64),
+    #[error("n_embd {n_embd} is not a multiple of n_head {n_head}")]
+    Heads { n_embd: usize, n_head: usize },
+    #[error("stage split {layers:?} does not add up to the model's {n_layer} blocks")]
+    LayerSplit { layers: Vec<usize>, n_layer: usize },
+    #[error("stage {stage} does not exist in a {stages}-stage split")]
+    NoSuchStage { stage: usize, stages: usize },
+    #[error("stage {stage} takes {}", if *tokens_expected { "token ids" } else { "activations" })]
+    WrongInput { stage: usize, tokens_expected: bool },
+    #[error("stage {stage} {}", if *needed { "is the last and needs targets" } else { "takes no targets" })]
+    Targets { stage: usize, needed: bool },
+    #[error("stage {stage} {}", if *needed { "needs the gradient of its output" } else { "computes the loss and takes no output gradient" })]
+    GradOutput { stage: usize, needed: bool },
+    #[error("{what} has shape {got:?}, expected {expected}")]
+    Shape {
+        what: &'static str,
+        expected: String,
+        got: Vec<usize>,
+    },
+    #[error("flat buffer has {got} values, the stage has {want} parameters")]
+    FlatLength { got: usize, want: usize },
+    #[error("only the last stage computes a loss")]
+    NotLastStage,
+    #[error("no gradient reached {0}")]
+    NoGradient(String),
+    #[error("a step needs at least one microbatch")]
+    NoMicrobatches,
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    fn checkpoint(path: &std::path::Path, message: impl std::fmt::Display) -> ModelError {
+        ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! One pipeline stage: a slice of the GPT's blocks, its forward and
+//! backward pass, and its parameters as flat `f32` buffers.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::layers::{causal_mask, Block, Embeddings, Head};
+use super::params::{ParamInfo, ParamSet};
+use super::{GptConfig, ModelError};
+
+/// What enters a stage.
+#[derive(Debug, Clone, Copy)]
+pub enum StageInput<'a> {
+    /// Token ids `(B, T)`, `u32`: the input of stage 0.
+    Tokens(&'a Tensor),
+    /// The boundary tensor `(B, T, n_embd)` from the previous stage.
+    Activations(&'a Tensor),
+}
+
+/// A forward pass kept for its backward pass: it owns the autograd graph,
+/// so a miner can hold several microbatches in flight.
+#[derive(Debug)]
+pub struct Pass {
+    /// The input as a leaf whose gradient is the stage's input gradient;
+    /// `None` on stage 0 (token ids have none).
+    input: Option<Var>,
+    /// Boundary tensor `(B, T, n_embd)`, or the scalar loss on the last stage.
+    output: Tensor,
+    is_loss: bool,
+}
+
+impl Pass {
+    /// The boundary tensor to send on, or the loss tensor on the last stage.
+    pub fn output(&self) -> &Tensor {
+        &self.output
+    }
+
+    /// The microbatch's mean cross-entropy; last stage only.
+    pub fn loss(&self) -> Result<f32, ModelError> {
+        if !self.is_loss {
+            return Err(ModelError::NotLastStage);
+        }
+        Ok(self.output.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+    }
+}
+
+/// Stage `stage` of a GPT cut into `layers.len()` stages: stage 0 also owns
+/// the embeddings, the last stage the final LayerNorm, LM head and loss.
+///
+/// Parameters live as candle `Var`s in the compute dtype (`f32` unless
+/// built with [`StageModel::with_dtype`]); the flat buffers the collectives
+/// and AdamW work on are always `f32`, ordered as [`StageModel::layout`].
+#[derive(Debug)]
+pub struct StageModel {
+    config: GptConfig,
+    stage: usize,
+    n_stages: usize,
+    blocks_range: Range<usize>,
+    embeddings: Option<Embeddings>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    params: ParamSet,
+    mask: Tensor,
+    grads: Vec<f32>,
+    microbatches: usize,
+}
+
+impl StageModel {
+    /// Stage `stage` with `layers[s]` blocks on stage `s` (as
+    /// `JobSpec::stage_layers`), `f32`, initialized from `seed`. A block's
+    /// weights depend only on `seed` and its global index.
+    pub fn new(
+        config: &GptConfig,
+        layers: &[usize],
+        stage: usize,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        Self::with_dtype(config, layers, stage, seed, DType::F32)
+    }
+
+    /// As [`StageModel::new`], computing in `dtype` (`F64` for gradient
+    /// checks; the initial values are the same `f32` numbers).
+    pub fn with_dtype(
+        config: &GptConfig,
+        layers: &[usize],
+        stage: usize,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        if layers.is_empty() || layers.iter().sum::<usize>() != config.n_layer {
+            return Err(ModelError::LayerSplit {
+                layers: layers.to_vec(),
+                n_layer: config.n_layer,
+            });
+        }
+        if stage >= layers.len() {
+            return Err(ModelError::NoSuchStage {
+                stage,
+                stages: layers.len(),
+            });
+        }
+        let first_block: usize = layers[..stage].iter().sum();
+        let blocks_range = first_block..first_block + layers[stage];
+        let n_stages = layers.len();
+
+        let mut params = ParamSet::new(seed, dtype);
+        let embeddings = match stage {
+            0 => Some(Embeddings::new(&mut params, config)?),
+            _ => None,
+        };
+        let blocks = blocks_range
+            .clone()
+            .map(|i| Block::new(&mut params, i, config))
+            .collect::<Result<Vec<_>, _>>()?;
+        let head = match stage + 1 == n_stages {
+            true => Some(Head::new(&mut params, config)?),
+            false => None,
+        };
+        let grads = vec![0.0; params.numel()];
+        Ok(StageModel {
+            config: config.clone(),
+            stage,
+            n_stages,
+            blocks_range,
+            embeddings,
+            blocks,
+            head,
+            mask: causal_mask(config.block_size, dtype)?,
+            params,
+            grads,
+            microbatches: 0,
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    pub fn stage(&self) -> usize {
+        self.stage
+    }
+
+    pub fn n_stages(&self) -> usize {
+        self.n_stages
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.stage == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.stage + 1 == self.n_stages
+    }
+
+    /// Global indices of this stage's blocks.
+    pub fn blocks(&self) -> Range<usize> {
+        self.blocks_range.clone()
+    }
+
+    /// The parameters in flat-buffer order.
+    pub fn layout(&self) -> &[ParamInfo] {
+        &self.params.infos
+    }
+
+    /// Number of `f32`s in the flat buffers.
+    pub fn numel(&self) -> usize {
+        self.params.numel()
+    }
+
+    /// Runs the stage. `targets` (`(B, T)` u32) must be given to the last
+    /// stage and only to it.
+    pub fn forward(
+        &self,
+        input: StageInput<'_>,
+        targets: Option<&Tensor>,
+    ) -> Result<Pass, ModelError> {
+        let (mut x, input) = match (&self.embeddings, input) {
+            (Some(emb), StageInput::Tokens(ids)) => {
+                self.check_tokens(ids)?;
+                (emb.forward(ids)?, None)
+            }
+            (None, StageInput::Activations(acts)) => {
+                self.check_activations(acts)?;
+                // A fresh leaf (copied, so no graph links back to the
+                // sender): its gradient is what this stage sends back.
+                let var = Var::from_tensor(&acts.detach().to_dtype(self.params.dtype())?)?;
+                (var.as_tensor().clone(), Some(var))
+            }
+            (Some(_), StageInput::Activations(_)) | (None, StageInput::Tokens(_)) => {
+                return Err(ModelError::WrongInput {
+                    stage: self.stage,
+                    tokens_expected: self.is_first(),
+                });
+            }
+        };
+        for block in &self.blocks {
+            x = block.forward(&x, &self.mask)?;
+        }
+        let output = match (&self.head, targets) {
+            (Some(head), Some(targets)) => head.loss(&x, targets)?,
+            (None, None) => x,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ModelError::Targets {
+                    stage: self.stage,
+                    needed: self.is_last(),
+                })
+            }
+        };
+        Ok(Pass {
+            input,
+            output,
+            is_loss: self.is_last(),
+        })
+    }
+
+    /// Backward pass of `pass`: adds the parameter gradients into the
+    /// stage's accumulator and returns the gradient of the stage's input
+    /// boundary tensor (`None` on stage 0). `grad_output` is the gradient of
+    /// `pass.output()` sent back by the next stage; the last stage, whose
+    /// output is the loss, takes `None`.
+    ///
+    /// For a non-last stage the backward pass starts from
+    /// `sum(output * grad_output)`, whose gradient with respect to `output`
+    /// is exactly `grad_output`, so a split model computes the same numbers
+    /// as the whole one.
+    pub fn backward(
+        &mut self,
+        pass: Pass,
+        grad_output: Option<&Tensor>,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let root = match (grad_output, pass.is_loss) {
+            (None, true) => pass.output.clone(),
+            (Some(grad), false) => {
+                if grad.dims() != pass.output.dims() {
+                    return Err(ModelError::Shape {
+                        what: "grad_output",
+                        expected: format!("{:?}", pass.output.dims()),
+                        got: grad.dims().to_vec(),
+                    });
+                }
+                let grad = grad.detach().to_dtype(pass.output.dtype())?;
+                (&pass.output * grad)?.sum_all()?
+            }
+            (_, is_loss) => {
+                return Err(ModelError::GradOutput {
+                    stage: self.stage,
+                    needed: !is_loss,
+                })
+            }
+        };
+        let grads = root.backward()?;
+        for (info, var) in self.params.infos.iter().zip(&self.params.vars) {
+            let grad = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| ModelError::NoGradient(info.name.clone()))?;
+            let values = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for (acc, g) in self.grads[info.range()].iter_mut().zip(values) {
+                *acc += g;
+            }
+        }
+        self.microbatches += 1;
+        match pass.input {
+            None => Ok(None),
+            Some(input) => grads
+                .get(input.as_tensor())
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| ModelError::NoGradient("stage input".into())),
+        }
+    }
+
+    /// Sum of the parameter gradients of every backward pass since the last
+    /// [`StageModel::zero_grads`]: a copy, for the all-reduce to merge in
+    /// place. Divide by the number of microbatches (over all miners) through
+    /// `grad_scale` of [`super::AdamW::step`].
+    pub fn grads_flat(&self) -> Vec<f32> {
+        self.grads.clone()
+    }
+
+    /// Backward passes accumulated in [`StageModel::grads_flat`].
+    pub fn microbatches(&self) -> usize {
+        self.microbatches
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+        self.microbatches = 0;
+    }
+
+    /// The parameters as `f32`, in [`StageModel::layout`] order.
+    pub fn params_flat(&self) -> Result<Vec<f32>, ModelError> {
+        let mut flat = Vec::with_capacity(self.numel());
+        for var in &self.params.vars {
+            flat.extend(var.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(flat)
+    }
+
+    /// Replaces the parameters. Do it between windows: a [`Pass`] still in
+    /// flight shares the weights' storage and would be corrupted.
+    pub fn set_params_flat(&mut self, flat: &[f32]) -> Result<(), ModelError> {
+        check_flat_len(flat.len(), self.numel())?;
+        for (info, var) in self.params.infos.iter().zip(&self.params.vars) {
+            let tensor =
+                Tensor::from_slice(&flat[info.range()], info.shape.as_slice(), &Device::Cpu)?;
+            var.set(&tensor.to_dtype(self.params.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on this stage's weights with `grads` (the merged
+    /// [`StageModel::grads_flat`] of the window) times `grad_scale`.
+    pub fn optimizer_step(
+        &mut self,
+        opt: &mut super::AdamW,
+        grads: &[f32],
+        grad_scale: f32,
+    ) -> Result<(), ModelError> {
+        let mut params = self.params_flat()?;
+        opt.step(&mut params, grads, grad_scale)?;
+        self.set_params_flat(&params)
+    }
+
+    /// BLAKE3 of the weights: the window's "known hash" of this stage.
+    pub fn weights_digest(&self) -> Result<blake3::Hash, ModelError> {
+        Ok(super::digest(&self.params_flat()?))
+    }
+
+    fn check_tokens(&self, ids: &Tensor) -> Result<(), ModelError> {
+        match ids.dims() {
+            &[_, t] if t <= self.config.block_size => Ok(()),
+            dims => Err(ModelError::Shape {
+                what: "token ids",
+                expected: format!("(B, T <= {})", self.config.block_size),
+                got: dims.to_vec(),
+            }),
+        }
+    }
+
+    fn check_activations(&self, acts: &Tensor) -> Result<(), ModelError> {
+        match acts.dims() {
+            &[_, t, c] if t <= self.config.block_size && c == self.config.n_embd => Ok(()),
+            dims => Err(ModelError::Shape {
+                what: "input activations",
+                expected: format!(
+                    "(B, T <= {}, {})",
+                    self.config.block_size, self.config.n_embd
+                ),
+                got: dims.to_vec(),
+            }),
+        }
+    }
+}
+
+pub(crate) fn check_flat_len(got: usize, want: usize) -> Result<(), ModelError> {
+    match got == want {
+        true => Ok(()),
+        false => Err(ModelError::FlatLength { got, want }),
+    }
+}
