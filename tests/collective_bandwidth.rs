@@ -9,7 +9,8 @@ use swarmrun::collective::{
 };
 use swarmrun::transport::{LocalTransport, Transport, TransportError};
 
-/// A rank behind a slow uplink: every send takes 20 ms per MiB.
+/// A rank behind a slow uplink: every send takes 250 ms per MiB, far above
+/// the scheduling noise of a loaded 2-core machine.
 struct SlowUplink(LocalTransport);
 
 impl Transport for SlowUplink {
@@ -20,7 +21,7 @@ impl Transport for SlowUplink {
         self.0.size()
     }
     fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
-        std::thread::sleep(Duration::from_micros(20 * payload.len() as u64 / 1024));
+        std::thread::sleep(Duration::from_micros(250 * payload.len() as u64 / 1024));
         self.0.send(to, tag, payload)
     }
     fn recv_deadline(
