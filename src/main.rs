@@ -241,7 +241,7 @@ fn run_rank(spec: &JobSpec, rdzv: Option<&str>) -> Result<()> {
     crash_if_planned(spec, joined.world.rank);
     match spec.job.task {
         Task::Hello => run_hello(spec, &joined),
-        Task::Train => anyhow::bail!("task `train` is not built yet; use task = \"hello\""),
+        Task::Train => run_train(spec, &joined),
         Task::BenchAllreduce => run_bench_allreduce(spec, &joined),
     }
 }
@@ -257,6 +257,24 @@ fn crash_if_planned(spec: &JobSpec, rank: usize) {
         );
         std::process::exit(c.exit_code);
     }
+}
+
+/// A rank of the training job, by its role.
+fn run_train(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
+    use swarmrun::config::Role;
+    use swarmrun::roles;
+    let t = joined.transport.as_dyn();
+    match joined.me().role {
+        Role::Orchestrator => roles::orchestrate(t, spec, &joined.plan, |w| {
+            println!(
+                "window {:>5}  loss {:.4}  {:.0} tokens/s",
+                w.window, w.mean_loss, w.tokens_per_s
+            )
+        })?,
+        Role::Validator => roles::observe(t, spec)?,
+        Role::Miner { stage } => roles::mine(t, spec, &joined.plan, stage)?,
+    }
+    Ok(())
 }
 
 /// A rank of `swarmrun bench allreduce`: rank 0 prints the rows.

@@ -88,6 +88,8 @@ pub struct JobSpec {
     #[serde(default)]
     pub collective: CollectiveSpec,
     #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
     pub bench: BenchSpec,
 }
 
@@ -256,6 +258,33 @@ pub struct CrashFault {
     pub exit_code: i32,
     #[serde(default)]
     pub after_s: f64,
+}
+
+/// `[train]`: how long and how fast the model learns (`task = "train"`).
+/// One window is one optimizer step over `pipeline.microbatches_per_window`
+/// microbatches.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSpec {
+    pub windows: u64,
+    /// Peak learning rate, after `warmup_windows`; cosine decay to `min_lr`
+    /// at the last window.
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_windows: u64,
+    pub weight_decay: f64,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        TrainSpec {
+            windows: 100,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_windows: 10,
+            weight_decay: 0.1,
+        }
+    }
 }
 
 /// `[collective]`: how ranks merge their updates.

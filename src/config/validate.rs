@@ -156,6 +156,22 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             );
         }
     }
+    let t = &spec.train;
+    if t.windows == 0 {
+        return violation("train.windows", "must be at least 1");
+    }
+    for (field, value) in [
+        ("lr", t.lr),
+        ("min_lr", t.min_lr),
+        ("weight_decay", t.weight_decay),
+    ] {
+        if !(value >= 0.0 && value.is_finite()) {
+            return violation(
+                format!("train.{field}"),
+                format!("{value} is not a non-negative number"),
+            );
+        }
+    }
     let b = &spec.bench;
     if b.min_bytes == 0 || b.min_bytes > b.max_bytes {
         return violation(
