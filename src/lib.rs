@@ -3,7 +3,7 @@
 //!
 //! Layers, lowest first (a module uses only modules before it):
 //! `config`, `fsutil`, `wire`, `world`, `transport`, `collective`, `data`,
-//! `model`, `pipeline`, `roles`, `hello`, `launch`, `bench`. `wire` (framed, authenticated
+//! `model`, `pipeline`, `roles`, `metrics`, `hello`, `launch`, `bench`. `wire` (framed, authenticated
 //! streams) sits below `world` because the TCP rendezvous authenticates with
 //! the same handshake as the transport. `data` and `model` need no network:
 //! a stage's forward and backward pass are pure functions of its weights and
@@ -15,6 +15,7 @@ pub mod data;
 pub mod fsutil;
 pub mod hello;
 pub mod launch;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod roles;

@@ -265,12 +265,26 @@ fn run_train(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
     use swarmrun::roles;
     let t = joined.transport.as_dyn();
     match joined.me().role {
-        Role::Orchestrator => roles::orchestrate(t, spec, &joined.plan, |w| {
-            println!(
-                "window {:>5}  loss {:.4}  {:.0} tokens/s",
-                w.window, w.mean_loss, w.tokens_per_s
-            )
-        })?,
+        Role::Orchestrator => {
+            let run_dir = spec.job.run_dir();
+            let mut metrics = swarmrun::metrics::MetricsLog::create(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+            let started = std::time::Instant::now();
+            let mut written = Ok(());
+            roles::orchestrate(t, spec, &joined.plan, |w| {
+                let val = w
+                    .val_loss
+                    .map_or(String::new(), |v| format!("  val_loss {v:.4}"));
+                println!(
+                    "window {:>5}  loss {:.4}{val}  {:.0} tokens/s",
+                    w.window, w.mean_loss, w.tokens_per_s
+                );
+                if written.is_ok() {
+                    written = metrics.append(w, started.elapsed().as_secs_f64());
+                }
+            })?;
+            written.with_context(|| format!("writing {}", metrics.path().display()))?;
+        }
         Role::Validator => roles::observe(t, spec)?,
         Role::Miner { stage } => roles::mine(t, spec, &joined.plan, stage)?,
     }

@@ -273,6 +273,10 @@ pub struct TrainSpec {
     pub min_lr: f64,
     pub warmup_windows: u64,
     pub weight_decay: f64,
+    /// Validation loss every this many windows (and after the last).
+    pub eval_every: u64,
+    /// Validation microbatches per evaluation.
+    pub eval_microbatches: u64,
 }
 
 impl Default for TrainSpec {
@@ -283,6 +287,8 @@ impl Default for TrainSpec {
             min_lr: 1e-4,
             warmup_windows: 10,
             weight_decay: 0.1,
+            eval_every: 10,
+            eval_microbatches: 8,
         }
     }
 }

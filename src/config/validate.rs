@@ -160,6 +160,9 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     if t.windows == 0 {
         return violation("train.windows", "must be at least 1");
     }
+    if t.eval_every == 0 {
+        return violation("train.eval_every", "must be at least 1");
+    }
     for (field, value) in [
         ("lr", t.lr),
         ("min_lr", t.min_lr),

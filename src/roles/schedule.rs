@@ -40,6 +40,14 @@ pub fn digest_tag(window: u64) -> u64 {
     tag(KIND_DIGEST, window * 4)
 }
 
+/// Marks a validation microbatch id: forward only, tokens from the
+/// validation split. Below the 56 bits tags carry, so it survives them.
+pub const VALIDATION: u64 = 1 << 55;
+
+pub fn is_validation(id: u64) -> bool {
+    id & VALIDATION != 0
+}
+
 /// One window's plan: microbatch ids and their paths; empty means stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schedule {

@@ -56,7 +56,11 @@ pub enum TrainError {
 #[derive(Debug, Clone)]
 pub struct WindowReport {
     pub window: u64,
+    /// Mean training loss of the window's microbatches.
     pub mean_loss: f32,
+    /// Mean loss on validation microbatches, in evaluation windows.
+    pub val_loss: Option<f32>,
+    /// Training tokens per second over the window.
     pub tokens_per_s: f64,
 }
 
@@ -111,10 +115,19 @@ pub fn orchestrate<T: Transport + ?Sized>(
     let tokens = (setup.per_window as usize * setup.batch_size * setup.config.block_size) as f64;
     for window in 0..spec.train.windows {
         let start = Instant::now();
-        let paths = (0..setup.per_window)
-            .map(|i| {
+        let last_window = window + 1 == spec.train.windows;
+        let evals = if last_window || (window + 1) % spec.train.eval_every == 0 {
+            spec.train.eval_microbatches
+        } else {
+            0
+        };
+        let train_ids = (0..setup.per_window).map(|i| window * setup.per_window + i);
+        let val_ids = (0..evals).map(|i| schedule::VALIDATION | (window * evals + i));
+        let paths = train_ids
+            .chain(val_ids)
+            .map(|id| {
                 let path = router.route().ok_or(TrainError::EmptyStage { stage: 0 })?;
-                Ok((window * setup.per_window + i, path))
+                Ok((id, path))
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
         let sched = Schedule { window, paths };
@@ -122,7 +135,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         for &r in &others {
             t.send(r, schedule::schedule_tag(window), &bytes)?;
         }
-        let mut sum = 0.0f64;
+        let (mut sum, mut val_sum) = (0.0f64, 0.0f64);
         for (id, path) in &sched.paths {
             let last = path[setup.stages - 1];
             let got = t.recv(last, schedule::loss_tag(*id))?;
@@ -132,11 +145,16 @@ pub fn orchestrate<T: Transport + ?Sized>(
                     rank: last,
                     reason: format!("loss message of {} bytes", got.len()),
                 })?;
-            sum += f64::from(loss);
+            if schedule::is_validation(*id) {
+                val_sum += f64::from(loss);
+            } else {
+                sum += f64::from(loss);
+            }
         }
         report(&WindowReport {
             window,
             mean_loss: (sum / setup.per_window as f64) as f32,
+            val_loss: (evals > 0).then(|| (val_sum / evals as f64) as f32),
             tokens_per_s: tokens / start.elapsed().as_secs_f64(),
         });
     }
@@ -254,9 +272,11 @@ fn run_window<T: Transport + ?Sized>(
         sched.paths.iter().filter(|(_, p)| p[stage] == me).collect();
     let mut pending = Vec::with_capacity(mine.len());
     for (id, path) in &mine {
+        let validation = schedule::is_validation(*id);
+        let split = if validation { Split::Val } else { Split::Train };
         let batch = setup.data.batch(
-            Split::Train,
-            *id,
+            split,
+            *id & !schedule::VALIDATION,
             setup.seed,
             setup.batch_size,
             setup.config.block_size,
@@ -282,6 +302,9 @@ fn run_window<T: Transport + ?Sized>(
         if stage == last {
             let loss = pass.loss()?;
             t.send(0, schedule::loss_tag(*id), &loss.to_le_bytes())?;
+            if validation {
+                continue;
+            }
             if let Some(grad) = model.backward(pass, None)? {
                 t.send(
                     path[stage - 1],
@@ -295,7 +318,9 @@ fn run_window<T: Transport + ?Sized>(
                 schedule::activation_tag(*id),
                 &to_bytes(pass.output())?,
             )?;
-            pending.push((*id, path, pass));
+            if !validation {
+                pending.push((*id, path, pass));
+            }
         }
     }
     for (id, path, pass) in pending {

@@ -1,0 +1,77 @@
+//! `RUN_DIR/metrics.jsonl`: one JSON object per training window, each
+//! written with one `write` so a reader never sees half a line and a crash
+//! loses at most the window being written.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::roles::WindowReport;
+
+pub struct MetricsLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Opens `run_dir/metrics.jsonl` for appending, creating the directory.
+    pub fn create(run_dir: &Path) -> io::Result<MetricsLog> {
+        fs::create_dir_all(run_dir)?;
+        let path = run_dir.join("metrics.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(MetricsLog { file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one window; `elapsed_s` counts from the start of training.
+    pub fn append(&mut self, r: &WindowReport, elapsed_s: f64) -> io::Result<()> {
+        let val = r
+            .val_loss
+            .map_or_else(|| "null".to_string(), |v| format!("{v:.6}"));
+        let line = format!(
+            "{{\"window\":{},\"step\":{},\"loss\":{:.6},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"elapsed_s\":{:.3}}}\n",
+            r.window,
+            r.window + 1,
+            r.mean_loss,
+            r.tokens_per_s,
+            elapsed_s
+        );
+        self.file.write_all(line.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_window_is_one_json_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::create(&dir.path().join("run")).unwrap();
+        let r = WindowReport {
+            window: 4,
+            mean_loss: 2.5,
+            val_loss: None,
+            tokens_per_s: 1000.0,
+        };
+        log.append(&r, 1.5).unwrap();
+        log.append(
+            &WindowReport {
+                val_loss: Some(2.25),
+                ..r
+            },
+            3.0,
+        )
+        .unwrap();
+        let text = fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "{\"window\":4,\"step\":5,\"loss\":2.500000,\"val_loss\":null,\"tokens_per_s\":1000.0,\"elapsed_s\":1.500}"
+        );
+        assert!(lines[1].contains("\"val_loss\":2.250000"));
+    }
+}
