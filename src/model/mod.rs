@@ -6,7 +6,7 @@
 //! seed and the parameter's global name (not from the split), the backward
 //! pass of a split model computes the same numbers as the whole model's,
 //! AdamW is plain sequential Rust. So 1, 2 and 4 stage splits train to the
-//! same losses bit for bit (`tests/model_parity.rs`), and a validator
+//! same losses bit for bit (`tests/model_training.rs`), and a validator
 //! replays a miner's pass exactly.
 //!
 //! ```
@@ -70,7 +70,7 @@
 //! built with `DType::F64` computes in `f64` but still trades `f32`
 //! buffers). Thread count does not change results: candle's matmul (gemm)
 //! splits work across threads without splitting the sums
-//! (`tests/model_determinism.rs`).
+//! (`tests/model_training.rs`).
 
 mod adamw;
 mod checkpoint;
