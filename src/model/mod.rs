@@ -60,11 +60,16 @@
 //! The model: token and position embeddings (stage 0), pre-LayerNorm
 //! blocks of causal self-attention and a 4x GELU MLP, final LayerNorm and
 //! LM head with mean cross-entropy (last stage). As nanoGPT with
-//! `bias = False`, except that the LM head is not tied to the token
-//! embedding: they live on different stages, and a tied weight would need
-//! its gradient merged across stages. No dropout: [`GptConfig::new`]
-//! refuses `dropout > 0`, because dropout masks would have to be replayed
-//! by validators and nanoGPT's small models train fine without.
+//! `bias = False`, except:
+//! - the LM head is not tied to the token embedding: they live on
+//!   different stages, and a tied weight would need its gradient merged
+//!   across stages;
+//! - GELU is GPT-2's tanh form (nanoGPT's is the erf form; they differ by
+//!   under 1e-3), computed by our fused kernel with the causal softmax and
+//!   LayerNorm (`ops.rs`);
+//! - no dropout: [`GptConfig::new`] refuses `dropout > 0`, because dropout
+//!   masks would have to be replayed by validators, and nanoGPT's small
+//!   models train fine without.
 //!
 //! Only the CPU is used; parameters and flat buffers are `f32` (a stage
 //! built with `DType::F64` computes in `f64` but still trades `f32`
@@ -76,6 +81,7 @@ mod adamw;
 mod checkpoint;
 mod layers;
 mod local;
+mod ops;
 mod params;
 mod stage;
 

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::layers::{causal_mask, Block, Embeddings, Head};
+use super::layers::{Block, Embeddings, Head};
 use super::params::{ParamInfo, ParamSet};
 use super::{GptConfig, ModelError};
 
@@ -61,7 +61,6 @@ pub struct StageModel {
     blocks: Vec<Block>,
     head: Option<Head>,
     params: ParamSet,
-    mask: Tensor,
     grads: Vec<f32>,
     microbatches: usize,
 }
@@ -126,7 +125,6 @@ impl StageModel {
             embeddings,
             blocks,
             head,
-            mask: causal_mask(config.block_size, dtype)?,
             params,
             grads,
             microbatches: 0,
@@ -195,7 +193,7 @@ impl StageModel {
             }
         };
         for block in &self.blocks {
-            x = block.forward(&x, &self.mask)?;
+            x = block.forward(&x)?;
         }
         let output = match (&self.head, targets) {
             (Some(head), Some(targets)) => head.loss(&x, targets)?,
