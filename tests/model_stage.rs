@@ -231,6 +231,10 @@ fn misuse_is_a_typed_error() {
         StageModel::new(&cfg, &[1, 1], 2, SEED),
         Err(ModelError::NoSuchStage { .. })
     ));
+    assert!(matches!(
+        StageModel::with_dtype(&cfg, &[1, 1], 0, SEED, DType::BF16),
+        Err(ModelError::DType(DType::BF16))
+    ));
 
     let mut first = StageModel::new(&cfg, &[1, 1], 0, SEED).unwrap();
     let mut last = StageModel::new(&cfg, &[1, 1], 1, SEED).unwrap();

@@ -74,8 +74,19 @@
 //! Only the CPU is used; parameters and flat buffers are `f32` (a stage
 //! built with `DType::F64` computes in `f64` but still trades `f32`
 //! buffers). Thread count does not change results: candle's matmul (gemm)
-//! splits work across threads without splitting the sums
-//! (`tests/model_determinism.rs`).
+//! splits work across threads without splitting the sums, and our kernels
+//! split only by rows (`tests/model_training.rs` compares 1 and 2 threads).
+//!
+//! Speed: nanoGPT's small CPU model (4 layers, 4 heads, 128 wide, block
+//! 64, batch 12) trains at about 10k tokens/s on two cores, forward,
+//! backward and AdamW (`tests/model_throughput.rs`), and reaches nanoGPT's
+//! validation loss (1.90 after 2000 steps; nanoGPT reports 1.88). Matmuls
+//! take about 40% of a step and run near the core's peak; the rest is
+//! candle's one allocation per op and its backward pass adding every
+//! gradient into a fresh zero tensor. Run ranks with
+//! `CANDLE_NUM_THREADS=1`: candle's elementwise thread pool spins between
+//! ops and then competes with gemm's rayon threads for the two cores
+//! (8k tokens/s without it).
 
 mod adamw;
 mod checkpoint;
@@ -155,6 +166,8 @@ pub enum ModelError {
     Dropout(f64),
     #[error("n_embd {n_embd} is not a multiple of n_head {n_head}")]
     Heads { n_embd: usize, n_head: usize },
+    #[error("dtype {0:?} is not supported: stages compute in F32 or F64")]
+    DType(candle_core::DType),
     #[error("stage split {layers:?} does not add up to the model's {n_layer} blocks")]
     LayerSplit { layers: Vec<usize>, n_layer: usize },
     #[error("stage {stage} does not exist in a {stages}-stage split")]

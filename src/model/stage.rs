@@ -78,8 +78,8 @@ impl StageModel {
         Self::with_dtype(config, layers, stage, seed, DType::F32)
     }
 
-    /// As [`StageModel::new`], computing in `dtype` (`F64` for gradient
-    /// checks; the initial values are the same `f32` numbers).
+    /// As [`StageModel::new`], computing in `dtype`: `F32` or `F64` (for
+    /// gradient checks; the initial values are the same `f32` numbers).
     pub fn with_dtype(
         config: &GptConfig,
         layers: &[usize],
@@ -87,6 +87,9 @@ impl StageModel {
         seed: u64,
         dtype: DType,
     ) -> Result<Self, ModelError> {
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            return Err(ModelError::DType(dtype));
+        }
         if layers.is_empty() || layers.iter().sum::<usize>() != config.n_layer {
             return Err(ModelError::LayerSplit {
                 layers: layers.to_vec(),
