@@ -43,6 +43,8 @@
 //! StageModel::new(&GptConfig, layers: &[usize], stage, seed) / with_dtype(.., DType)
 //!   .forward(StageInput::{Tokens(&ids), Activations(&x)}, targets: Option<&Tensor>) -> Pass
 //!   .backward(Pass, grad_output: Option<&Tensor>) -> Option<Tensor>   input gradient
+//!   .gradients(Pass, grad_output) -> PassGrads {params, input}, .accumulate(&PassGrads)
+//!                                         backward in two halves, for concurrent microbatches
 //!   .grads_flat() -> Vec<f32>, .microbatches(), .zero_grads()         summed over passes
 //!   .params_flat() -> Vec<f32>, .set_params_flat(&[f32]), .layout() -> &[ParamInfo]
 //!   .optimizer_step(&mut AdamW, grads, grad_scale), .weights_digest() -> blake3::Hash
@@ -78,15 +80,17 @@
 //! split only by rows (`tests/model_training.rs` compares 1 and 2 threads).
 //!
 //! Speed: nanoGPT's small CPU model (4 layers, 4 heads, 128 wide, block
-//! 64, batch 12) trains at about 10k tokens/s on two cores, forward,
-//! backward and AdamW (`tests/model_throughput.rs`), and reaches nanoGPT's
-//! validation loss (1.90 after 2000 steps; nanoGPT reports 1.88). Matmuls
-//! take about 40% of a step and run near the core's peak; the rest is
-//! candle's one allocation per op and its backward pass adding every
-//! gradient into a fresh zero tensor. Run ranks with
-//! `CANDLE_NUM_THREADS=1`: candle's elementwise thread pool spins between
-//! ops and then competes with gemm's rayon threads for the two cores
-//! (8k tokens/s without it).
+//! 64, 12 sequences a step) trains at about 16k tokens/s on two cores,
+//! forward, backward and AdamW, when [`LocalPipeline`] runs the step as two
+//! concurrent microbatches of 6, and at about 10.5k as one microbatch of 12
+//! (9.3k on one thread); it reaches nanoGPT's validation loss (1.89 after
+//! 2000 steps; nanoGPT reports 1.88). See `tests/model_throughput.rs`.
+//! One microbatch per core beats splitting each op across cores: matmuls
+//! run near the core's peak either way, but the rest of a step (candle's
+//! one allocation per op, its backward pass adding every gradient into a
+//! fresh zero tensor) is serial. Run ranks with `CANDLE_NUM_THREADS=1`:
+//! candle's elementwise thread pool spins between ops and serializes
+//! concurrent callers (two microbatches then reach only 6.6k tokens/s).
 
 mod adamw;
 mod checkpoint;
@@ -103,7 +107,7 @@ use candle_core::{Device, Tensor};
 pub use adamw::{AdamW, AdamWConfig};
 pub use local::LocalPipeline;
 pub use params::ParamInfo;
-pub use stage::{Pass, StageInput, StageModel};
+pub use stage::{Pass, PassGrads, StageInput, StageModel};
 
 use crate::config::ModelSpec;
 use crate::data::Batch;
