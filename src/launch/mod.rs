@@ -35,6 +35,9 @@ pub enum StartError {
     Exe(std::io::Error),
 }
 
+/// candle's thread count for one process.
+const CANDLE_THREADS: &str = "CANDLE_NUM_THREADS";
+
 /// A port on `host` that nobody listens on now (the kernel's next ephemeral
 /// one). Another process may take it before we do; launchers accept that
 /// small race, as torchrun does.
@@ -97,6 +100,13 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
             // it is the earlier and truer one.
             if std::env::var_os(rank::ENV_LAUNCH_T0_US).is_none() {
                 env.push((rank::ENV_LAUNCH_T0_US.to_string(), now_us.to_string()));
+            }
+            // As torchrun sets OMP_NUM_THREADS=1: several ranks share this
+            // host's cores, and candle's elementwise pool spins between ops,
+            // so a thread pool per rank only makes ranks fight. The user's
+            // own setting wins.
+            if plan.ranks.len() > 1 && std::env::var_os(CANDLE_THREADS).is_none() {
+                env.push((CANDLE_THREADS.to_string(), "1".to_string()));
             }
             env
         },

@@ -130,3 +130,61 @@ impl AdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Vec<ParamInfo> {
+        let info = |name: &str, shape: Vec<usize>, offset| ParamInfo {
+            name: name.into(),
+            decay: shape.len() >= 2,
+            shape,
+            offset,
+        };
+        vec![info("w", vec![2, 2], 0), info("gain", vec![2], 4)]
+    }
+
+    #[test]
+    fn schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr() {
+        let c = AdamWConfig {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 9,
+            decay_steps: 109,
+            ..AdamWConfig::default()
+        };
+        assert_eq!(c.lr_at(0), 0.1);
+        assert_eq!(c.lr_at(9), 1.0);
+        assert!((c.lr_at(59) - 0.55).abs() < 1e-12);
+        assert_eq!(c.lr_at(109), 0.1);
+        assert_eq!(c.lr_at(10_000), 0.1);
+        assert!((10..109).all(|s| c.lr_at(s) < c.lr_at(s - 1)));
+    }
+
+    #[test]
+    fn first_step_moves_each_weight_by_lr_against_its_gradient_sign_and_decays_matrices() {
+        let c = AdamWConfig {
+            lr: 0.01,
+            warmup_steps: 0,
+            weight_decay: 0.5,
+            ..AdamWConfig::default()
+        };
+        let mut opt = AdamW::new(c, &layout());
+        let mut p = vec![1.0f32; 6];
+        let g = [2.0, -4.0, 0.5, -0.5, 3.0, -3.0];
+        // The gradient is scaled by 0.5 first; Adam's first step is
+        // lr * m / sqrt(v) = lr * sign(g) after bias correction.
+        opt.step(&mut p, &g, 0.5).unwrap();
+        for (i, (&p, &g)) in p.iter().zip(&g).enumerate() {
+            let keep = if i < 4 { 1.0 - 0.01 * 0.5 } else { 1.0 };
+            let expected = keep - 0.01 * g.signum();
+            assert!((p - expected).abs() < 1e-6, "{i}: {p} vs {expected}");
+        }
+        assert_eq!(opt.steps_taken(), 1);
+        assert!(matches!(
+            opt.step(&mut [0.0; 5], &g, 1.0),
+            Err(ModelError::FlatLength { got: 5, want: 6 })
+        ));
+    }
+}

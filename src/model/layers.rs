@@ -1,18 +1,18 @@
 //! The GPT's layers, written out on candle tensors as nanoGPT's model.py.
 //!
-//! candle-nn's fused `layer_norm` and `softmax_last_dim` have no backward
-//! pass, so LayerNorm and softmax are composed from primitive ops here. All
-//! linear layers are bias-free (nanoGPT's `bias = False`) and keep weights
-//! as `(in, out)`, so a layer is `x @ W` with no transpose.
+//! Matmuls are candle's; GELU, the causal softmax and LayerNorm's
+//! normalization are our fused kernels (`ops`). All linear layers are
+//! bias-free (nanoGPT's `bias = False`) and keep weights as `(in, out)`, so
+//! a layer is `x @ W` with no transpose.
 
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 
+use super::ops::{causal_softmax, gelu, normalize};
 use super::params::{Init, ParamSet};
 use super::{GptConfig, ModelError};
 
 /// nanoGPT's initial weight spread.
 const INIT_STD: f64 = 0.02;
-const LN_EPS: f64 = 1e-5;
 
 /// `x: (B, T, in) @ w: (in, out)`, as one 2-D matmul so the weight gradient
 /// is one matmul too (a broadcast matmul would sum B partial products).
@@ -24,20 +24,7 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// LayerNorm over the last dimension with a gain and no bias.
 fn layer_norm(x: &Tensor, gain: &Tensor) -> candle_core::Result<Tensor> {
-    let c = x.dim(D::Minus1)? as f64;
-    let centred = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / c)?)?;
-    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / c)?;
-    centred
-        .broadcast_div(&(var + LN_EPS)?.sqrt()?)?
-        .broadcast_mul(gain)
-}
-
-/// `(T, T)` additive causal mask: 0 on and below the diagonal, -inf above.
-pub(crate) fn causal_mask(t: usize, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
-    let values: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Tensor::from_vec(values, (t, t), &candle_core::Device::Cpu)?.to_dtype(dtype)
+    normalize(x)?.broadcast_mul(gain)
 }
 
 /// Token and position embeddings (stage 0 only). Not tied to the LM head:
@@ -116,14 +103,14 @@ impl Block {
         })
     }
 
-    /// `x: (B, T, C)` -> `(B, T, C)`; `mask` is at least `(T, T)`.
-    pub(crate) fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.attention(&layer_norm(x, &self.ln_1)?, mask)?)?;
-        let h = linear(&layer_norm(&x, &self.ln_2)?, &self.c_fc)?.gelu_erf()?;
+    /// `x: (B, T, C)` -> `(B, T, C)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attention(&layer_norm(x, &self.ln_1)?)?)?;
+        let h = gelu(&linear(&layer_norm(&x, &self.ln_2)?, &self.c_fc)?)?;
         x + linear(&h, &self.mlp_proj)?
     }
 
-    fn attention(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn attention(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (nh, hs) = (self.n_head, c / self.n_head);
         // (B, T, 3C) -> (3, B, nh, T, hs): q, k, v with heads as a batch dim.
@@ -133,9 +120,7 @@ impl Block {
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?;
-        let att = att.broadcast_add(&mask.narrow(0, 0, t)?.narrow(1, 0, t)?)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         linear(&y, &self.attn_proj)
     }

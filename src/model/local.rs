@@ -1,7 +1,9 @@
 //! A whole pipeline in one process: the reference a distributed run is
 //! checked against, and a plain single-machine trainer.
 
-use super::stage::{Pass, StageInput, StageModel};
+use rayon::prelude::*;
+
+use super::stage::{Pass, PassGrads, StageInput, StageModel};
 use super::{batch_tensors, AdamW, AdamWConfig, GptConfig, ModelError};
 use crate::data::Batch;
 
@@ -40,17 +42,24 @@ impl LocalPipeline {
     /// One optimizer step: forward and backward of each microbatch through
     /// every stage, then AdamW on each stage with the gradients averaged
     /// over the microbatches. Returns the mean loss before the step.
+    ///
+    /// Microbatches run concurrently on rayon's threads, as the miners of
+    /// a swarm would run them side by side; their gradients are added in
+    /// microbatch order, so the result is the same on any number of
+    /// threads.
     pub fn train_step(&mut self, microbatches: &[Batch]) -> Result<f32, ModelError> {
         if microbatches.is_empty() {
             return Err(ModelError::NoMicrobatches);
         }
+        let results = microbatches
+            .par_iter()
+            .map(|batch| self.microbatch(batch))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut loss_sum = 0.0;
-        for batch in microbatches {
-            let passes = self.forward(batch)?;
-            loss_sum += last_loss(&passes)?;
-            let mut grad = None;
-            for (stage, pass) in self.stages.iter_mut().zip(passes).rev() {
-                grad = stage.backward(pass, grad.as_ref())?;
+        for (loss, grads) in &results {
+            loss_sum += loss;
+            for (stage, grads) in self.stages.iter_mut().zip(grads) {
+                stage.accumulate(grads)?;
             }
         }
         let scale = 1.0 / microbatches.len() as f32;
@@ -60,6 +69,20 @@ impl LocalPipeline {
             stage.zero_grads();
         }
         Ok(loss_sum / microbatches.len() as f32)
+    }
+
+    /// Loss and per-stage gradients of one microbatch: the boundary
+    /// gradient each stage returns is what the stage before it receives.
+    fn microbatch(&self, batch: &Batch) -> Result<(f32, Vec<PassGrads>), ModelError> {
+        let passes = self.forward(batch)?;
+        let loss = last_loss(&passes)?;
+        let mut grads = Vec::with_capacity(passes.len());
+        for (stage, pass) in self.stages.iter().zip(passes).rev() {
+            let grad_output = grads.last().and_then(|g: &PassGrads| g.input.as_ref());
+            grads.push(stage.gradients(pass, grad_output)?);
+        }
+        grads.reverse();
+        Ok((loss, grads))
     }
 
     /// Mean cross-entropy of `batch` under the current weights.

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::layers::{causal_mask, Block, Embeddings, Head};
+use super::layers::{Block, Embeddings, Head};
 use super::params::{ParamInfo, ParamSet};
 use super::{GptConfig, ModelError};
 
@@ -45,6 +45,15 @@ impl Pass {
     }
 }
 
+/// The gradients of one backward pass of one stage.
+#[derive(Debug, Clone)]
+pub struct PassGrads {
+    /// Parameter gradients, flat, in [`StageModel::layout`] order.
+    pub params: Vec<f32>,
+    /// Gradient of the stage's input boundary tensor (`None` on stage 0).
+    pub input: Option<Tensor>,
+}
+
 /// Stage `stage` of a GPT cut into `layers.len()` stages: stage 0 also owns
 /// the embeddings, the last stage the final LayerNorm, LM head and loss.
 ///
@@ -61,7 +70,6 @@ pub struct StageModel {
     blocks: Vec<Block>,
     head: Option<Head>,
     params: ParamSet,
-    mask: Tensor,
     grads: Vec<f32>,
     microbatches: usize,
 }
@@ -79,8 +87,8 @@ impl StageModel {
         Self::with_dtype(config, layers, stage, seed, DType::F32)
     }
 
-    /// As [`StageModel::new`], computing in `dtype` (`F64` for gradient
-    /// checks; the initial values are the same `f32` numbers).
+    /// As [`StageModel::new`], computing in `dtype`: `F32` or `F64` (for
+    /// gradient checks; the initial values are the same `f32` numbers).
     pub fn with_dtype(
         config: &GptConfig,
         layers: &[usize],
@@ -88,6 +96,9 @@ impl StageModel {
         seed: u64,
         dtype: DType,
     ) -> Result<Self, ModelError> {
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            return Err(ModelError::DType(dtype));
+        }
         if layers.is_empty() || layers.iter().sum::<usize>() != config.n_layer {
             return Err(ModelError::LayerSplit {
                 layers: layers.to_vec(),
@@ -126,7 +137,6 @@ impl StageModel {
             embeddings,
             blocks,
             head,
-            mask: causal_mask(config.block_size, dtype)?,
             params,
             grads,
             microbatches: 0,
@@ -195,7 +205,7 @@ impl StageModel {
             }
         };
         for block in &self.blocks {
-            x = block.forward(&x, &self.mask)?;
+            x = block.forward(&x)?;
         }
         let output = match (&self.head, targets) {
             (Some(head), Some(targets)) => head.loss(&x, targets)?,
@@ -218,17 +228,32 @@ impl StageModel {
     /// stage's accumulator and returns the gradient of the stage's input
     /// boundary tensor (`None` on stage 0). `grad_output` is the gradient of
     /// `pass.output()` sent back by the next stage; the last stage, whose
-    /// output is the loss, takes `None`.
-    ///
-    /// For a non-last stage the backward pass starts from
-    /// `sum(output * grad_output)`, whose gradient with respect to `output`
-    /// is exactly `grad_output`, so a split model computes the same numbers
-    /// as the whole one.
+    /// output is the loss, takes `None`. The same as
+    /// [`StageModel::gradients`] then [`StageModel::accumulate`].
     pub fn backward(
         &mut self,
         pass: Pass,
         grad_output: Option<&Tensor>,
     ) -> Result<Option<Tensor>, ModelError> {
+        let grads = self.gradients(pass, grad_output)?;
+        self.accumulate(&grads)?;
+        Ok(grads.input)
+    }
+
+    /// Backward pass of `pass` without touching the stage, so several
+    /// microbatches can run backward at once (`&self`); add the results
+    /// with [`StageModel::accumulate`] in a fixed order to stay
+    /// deterministic.
+    ///
+    /// For a non-last stage the backward pass starts from
+    /// `sum(output * grad_output)`, whose gradient with respect to `output`
+    /// is exactly `grad_output`, so a split model computes the same numbers
+    /// as the whole one.
+    pub fn gradients(
+        &self,
+        pass: Pass,
+        grad_output: Option<&Tensor>,
+    ) -> Result<PassGrads, ModelError> {
         let root = match (grad_output, pass.is_loss) {
             (None, true) => pass.output.clone(),
             (Some(grad), false) => {
@@ -250,24 +275,33 @@ impl StageModel {
             }
         };
         let grads = root.backward()?;
+        let mut params = Vec::with_capacity(self.numel());
         for (info, var) in self.params.infos.iter().zip(&self.params.vars) {
             let grad = grads
                 .get(var.as_tensor())
                 .ok_or_else(|| ModelError::NoGradient(info.name.clone()))?;
-            let values = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            for (acc, g) in self.grads[info.range()].iter_mut().zip(values) {
-                *acc += g;
-            }
+            params.extend(grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let input = match pass.input {
+            None => None,
+            Some(input) => Some(
+                grads
+                    .get(input.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| ModelError::NoGradient("stage input".into()))?,
+            ),
+        };
+        Ok(PassGrads { params, input })
+    }
+
+    /// Adds one backward pass's parameter gradients to the stage's sum.
+    pub fn accumulate(&mut self, grads: &PassGrads) -> Result<(), ModelError> {
+        check_flat_len(grads.params.len(), self.numel())?;
+        for (acc, g) in self.grads.iter_mut().zip(&grads.params) {
+            *acc += g;
         }
         self.microbatches += 1;
-        match pass.input {
-            None => Ok(None),
-            Some(input) => grads
-                .get(input.as_tensor())
-                .cloned()
-                .map(Some)
-                .ok_or_else(|| ModelError::NoGradient("stage input".into())),
-        }
+        Ok(())
     }
 
     /// Sum of the parameter gradients of every backward pass since the last
