@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::is_root;
 use crate::collective::{self, AllReduceAlgorithm, Call, CollectiveError, ReduceOp};
 use crate::config::{AllReduceChoice, BenchSpec, Fabric};
 use crate::launch::free_port;
@@ -347,13 +346,9 @@ fn job_text(opts: &DriverOptions, fabric: Fabric, shm_chunk: usize, registered: 
 /// `mpirun` of our ranks; the key travels in the environment (`-x`), as a
 /// user would pass it.
 fn mpirun(exe: &Path, job: &Path, nprocs: usize, key: &JobKey) -> std::io::Result<Command> {
-    let mut c = Command::new("mpirun");
-    c.env(KEY_ENV, key.to_hex()).args(["-x", KEY_ENV]);
-    if is_root() {
-        c.arg("--allow-run-as-root");
-    }
-    c.args(["--oversubscribe", "--bind-to", "none", "-n"])
-        .arg(nprocs.to_string())
+    let mut c = super::mpirun(nprocs);
+    c.env(KEY_ENV, key.to_hex())
+        .args(["-x", KEY_ENV])
         .arg(exe)
         .arg("rank")
         .arg("--rdzv")

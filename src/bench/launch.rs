@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use super::{is_root, median};
+use super::{median, mpirun};
 use crate::launch::rank::ENV_LAUNCH_T0_US;
 
 #[derive(Debug, Error)]
@@ -77,7 +77,9 @@ pub fn run(nprocs: usize, reps: usize) -> Result<(), BenchLaunchError> {
             .arg(&job);
         ours.push(measure("swarmrun launch", cmd, nprocs)?);
         if let Some(prog) = &mpi {
-            theirs.push(measure("mpirun", mpirun_command(prog, nprocs), nprocs)?);
+            let mut cmd = mpirun(nprocs);
+            cmd.arg(prog);
+            theirs.push(measure("mpirun", cmd, nprocs)?);
         }
     }
 
@@ -157,17 +159,6 @@ fn prepare_mpi(dir: &Path) -> Option<PathBuf> {
         .status()
         .is_ok();
     (ok && has_mpirun).then_some(bin)
-}
-
-fn mpirun_command(prog: &Path, nprocs: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    if is_root() {
-        cmd.arg("--allow-run-as-root");
-    }
-    cmd.args(["--oversubscribe", "--bind-to", "none", "-n"])
-        .arg(nprocs.to_string())
-        .arg(prog);
-    cmd
 }
 
 /// Runs one launch with the start time in its environment and reads every

@@ -13,7 +13,14 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-/// Whether this process runs as root (mpirun then needs --allow-run-as-root).
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// `mpirun -n N` on this host, ranks oversubscribed and unbound (they
+/// share two cores with each other), with --allow-run-as-root when root.
+pub fn mpirun(nprocs: usize) -> std::process::Command {
+    let mut cmd = std::process::Command::new("mpirun");
+    if nix::unistd::geteuid().is_root() {
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd.args(["--oversubscribe", "--bind-to", "none", "-n"])
+        .arg(nprocs.to_string());
+    cmd
 }
