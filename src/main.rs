@@ -249,7 +249,8 @@ fn run_rank(spec: &JobSpec, rdzv: Option<&str>) -> Result<()> {
 /// `[[faults.crash]]`: this rank exits on purpose, to exercise the
 /// launcher and the survivors.
 fn crash_if_planned(spec: &JobSpec, rank: usize) {
-    if let Some(c) = spec.faults.crash.iter().find(|c| c.rank == rank) {
+    let timed = spec.faults.crash.iter().filter(|c| c.window.is_none());
+    if let Some(c) = timed.into_iter().find(|c| c.rank == rank) {
         std::thread::sleep(Duration::from_secs_f64(c.after_s));
         eprintln!(
             "exiting with status {} on purpose (faults.crash)",
@@ -275,9 +276,17 @@ fn run_train(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
                 let val = w
                     .val_loss
                     .map_or(String::new(), |v| format!("  val_loss {v:.4}"));
+                let retried = if w.attempts > 1 {
+                    format!("  ({} attempts)", w.attempts)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "window {:>5}  loss {:.4}{val}  {:.0} tokens/s",
-                    w.window, w.mean_loss, w.tokens_per_s
+                    "window {:>5}  loss {:.4}{val}  {:.0} tokens/s  bubble {:.0}%{retried}",
+                    w.window,
+                    w.mean_loss,
+                    w.tokens_per_s,
+                    100.0 * w.bubble
                 );
                 if written.is_ok() {
                     written = metrics.append(w, started.elapsed().as_secs_f64());

@@ -27,16 +27,20 @@ impl MetricsLog {
     }
 
     /// Appends one window; `elapsed_s` counts from the start of training.
+    /// Losses are written in the shortest form that reads back as the same
+    /// `f32`, so runs can be compared bit for bit from this file.
     pub fn append(&mut self, r: &WindowReport, elapsed_s: f64) -> io::Result<()> {
         let val = r
             .val_loss
-            .map_or_else(|| "null".to_string(), |v| format!("{v:.6}"));
+            .map_or_else(|| "null".to_string(), |v| v.to_string());
         let line = format!(
-            "{{\"window\":{},\"step\":{},\"loss\":{:.6},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"elapsed_s\":{:.3}}}\n",
+            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"elapsed_s\":{:.3}}}\n",
             r.window,
             r.window + 1,
             r.mean_loss,
             r.tokens_per_s,
+            r.bubble,
+            r.attempts,
             elapsed_s
         );
         self.file.write_all(line.as_bytes())
@@ -56,6 +60,8 @@ mod tests {
             mean_loss: 2.5,
             val_loss: None,
             tokens_per_s: 1000.0,
+            bubble: 0.25,
+            attempts: 1,
         };
         log.append(&r, 1.5).unwrap();
         log.append(
@@ -70,8 +76,8 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "{\"window\":4,\"step\":5,\"loss\":2.500000,\"val_loss\":null,\"tokens_per_s\":1000.0,\"elapsed_s\":1.500}"
+            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"elapsed_s\":1.500}"
         );
-        assert!(lines[1].contains("\"val_loss\":2.250000"));
+        assert!(lines[1].contains("\"val_loss\":2.25,"));
     }
 }

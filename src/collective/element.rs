@@ -14,7 +14,7 @@ use rayon::prelude::*;
 /// How the values of one slot from all ranks are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
-    /// Floats add in IEEE order fixed by the algorithm; `i32` wraps on overflow
+    /// Floats add in IEEE order fixed by the algorithm; integers wrap on overflow
     /// (input comes from the network, so it must not panic).
     Sum,
     /// `Sum`, then one division by the world size at the end. For `i32` this is
@@ -30,6 +30,7 @@ mod sealed {
     impl Sealed for half::bf16 {}
     impl Sealed for half::f16 {}
     impl Sealed for i32 {}
+    impl Sealed for i64 {}
 }
 
 /// A value collectives can move and reduce.
@@ -67,6 +68,20 @@ impl Element for i32 {
     fn div_count(self, count: usize) -> Self {
         // A world of more than i32::MAX ranks leaves every average at 0.
         i32::try_from(count).map_or(0, |c| self.wrapping_div(c))
+    }
+}
+
+/// The integer sums of [`super::all_reduce_fixed_point`]: exact and
+/// associative, so their result does not depend on the order of reduction.
+impl Element for i64 {
+    fn sum(self, other: Self) -> Self {
+        self.wrapping_add(other)
+    }
+    fn max(self, other: Self) -> Self {
+        Ord::max(self, other)
+    }
+    fn div_count(self, count: usize) -> Self {
+        i64::try_from(count).map_or(0, |c| self.wrapping_div(c))
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! A **data frame** is the raw bytes of whole elements, a `u64` count or a
 //! 32-byte digest: always an even number of bytes, because every
-//! [`Element`] is 2 or 4 bytes wide. An **abort frame** is 9 bytes, the
+//! [`Element`] is 2, 4 or 8 bytes wide. An **abort frame** is 9 bytes, the
 //! blamed rank (numbered as the caller of the outermost call knows it) as a
 //! little-endian `u64` followed by [`ABORT_MARK`]: its odd
 //! length is what sets it apart, so data needs no header and is sent
@@ -127,7 +127,7 @@ pub(crate) fn guarded<T: Transport + ?Sized, R>(
 pub(crate) fn abort<T: Transport + ?Sized>(c: &Call<T>, e: &CollectiveError) {
     let blamed = match e {
         // Every rank reaches the same verdict from the same digests: no one waits.
-        CollectiveError::SliceMismatch { .. } => return,
+        CollectiveError::SliceMismatch { .. } | CollectiveError::NonFinite { .. } => return,
         CollectiveError::PeerLost { rank } | CollectiveError::Protocol { rank, .. } => *rank,
         CollectiveError::InvalidArgument(_) | CollectiveError::Transport(_) => c.outer(c.rank()),
     };

@@ -48,7 +48,7 @@
 //! * [`Group`] is a subset of ranks renumbered densely, itself a transport:
 //!   the survivors of a failure, or one site.
 //!
-//! Elements are `f32`, `bf16`, `f16` and `i32`, reduced with a [`ReduceOp`].
+//! Elements are `f32`, `bf16`, `f16`, `i32` and `i64`, reduced with a [`ReduceOp`].
 //! Buffers are cut into [`CHUNK_BYTES`] messages; a step sends its chunks
 //! from a second thread while the caller's thread receives and reduces
 //! (with rayon from [`PARALLEL_REDUCE_MIN`] elements), so the two
@@ -82,6 +82,7 @@ mod broadcast;
 mod butterfly;
 mod element;
 mod frame;
+mod fixed_point;
 mod group;
 mod hierarchical;
 mod partition;
@@ -97,6 +98,7 @@ pub use bandwidth::measure_bandwidth;
 pub use barrier::barrier;
 pub use broadcast::broadcast;
 pub use element::{Element, ReduceOp, PARALLEL_REDUCE_MIN};
+pub use fixed_point::{all_reduce_fixed_point, MAX_CONTRIBUTIONS};
 pub use frame::{BLAME_GRACE, CHUNK_BYTES};
 pub use group::Group;
 pub use hierarchical::hierarchical_all_reduce;
@@ -208,6 +210,10 @@ pub enum CollectiveError {
     /// disagree with the majority (all holders when there is none).
     #[error("slice {slice} reduced differently by ranks {ranks:?}")]
     SliceMismatch { slice: usize, ranks: Vec<usize> },
+    /// A NaN or infinity in `segment` of a fixed-point sum's input, seen by
+    /// every rank of the call.
+    #[error("non-finite value in segment {segment}")]
+    NonFinite { segment: usize },
     /// This rank's own arguments are unusable; peers see it as lost.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -249,8 +249,10 @@ pub struct FaultsSpec {
     pub crash: Vec<CrashFault>,
 }
 
-/// One rank that exits with `exit_code` (1..=255) `after_s` seconds after
-/// it has joined the job.
+/// One rank that exits with `exit_code` (1..=255): `after_s` seconds after
+/// it has joined the job, or, in a training job, during window `window`
+/// (a miner right after the first microbatch it serves in that window,
+/// so that it leaves work half done; another rank as the window begins).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CrashFault {
@@ -258,6 +260,18 @@ pub struct CrashFault {
     pub exit_code: i32,
     #[serde(default)]
     pub after_s: f64,
+    #[serde(default)]
+    pub window: Option<u64>,
+}
+
+impl FaultsSpec {
+    /// The exit status `rank` must leave with during `window`, if any.
+    pub fn crash_in_window(&self, rank: usize, window: u64) -> Option<i32> {
+        self.crash
+            .iter()
+            .find(|c| c.rank == rank && c.window == Some(window))
+            .map(|c| c.exit_code)
+    }
 }
 
 /// `[train]`: how long and how fast the model learns (`task = "train"`).

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
 
-use super::JobSpec;
+use super::{JobSpec, Task};
 
 /// The first broken constraint: the field path as written in the file
 /// (`site[1].name`) and what is wrong with it.
@@ -153,6 +153,18 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             return violation(
                 format!("faults.crash[{i}].after_s"),
                 format!("{} is not a non-negative number of seconds", c.after_s),
+            );
+        }
+        if c.window.is_some() && c.after_s != 0.0 {
+            return violation(
+                format!("faults.crash[{i}].window"),
+                "give either `window` or `after_s`, not both",
+            );
+        }
+        if c.window.is_some() && spec.job.task != Task::Train {
+            return violation(
+                format!("faults.crash[{i}].window"),
+                "only a training job (`task = \"train\"`) has windows",
             );
         }
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use crate::config::{JobSpec, PlanError, Rendezvous};
+use crate::config::{JobSpec, PlanError, Rendezvous, Role, Task};
 use crate::wire::JobKey;
 
 pub use rank::{join, JoinError, Joined, RankTransport};
@@ -90,6 +90,11 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
             .ranks
             .iter()
             .map(|r| format!("r{} {}", r.rank, r.role.short_label()))
+            .collect(),
+        expendable: plan
+            .ranks
+            .iter()
+            .map(|r| spec.job.task == Task::Train && matches!(r.role, Role::Miner { .. }))
             .collect(),
         env: {
             let mut env = vec![

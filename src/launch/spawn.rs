@@ -8,6 +8,8 @@
 //! - The first rank to exit non-zero ends the job: the others get SIGTERM,
 //!   then SIGKILL after the grace period; the launcher exits with that
 //!   rank's status, or restarts the whole job up to `max_restarts` times.
+//! - Except an expendable rank (a miner of a training job: SWARM survives
+//!   miners leaving): its failure is reported and the job goes on without it.
 //! - SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to every rank.
 
 use std::ffi::OsString;
@@ -36,6 +38,9 @@ pub struct LaunchOptions {
     /// One output prefix per rank, e.g. `r3 miner s1`; its length is the
     /// number of ranks.
     pub labels: Vec<String>,
+    /// Per rank: whether the job survives its failure (same length as
+    /// `labels`).
+    pub expendable: Vec<bool>,
     /// Extra environment for every rank (rendezvous endpoint, job key).
     pub env: Vec<(String, String)>,
     /// Shared by all ranks of one attempt; suffixed with the attempt number.
@@ -154,7 +159,13 @@ fn run_attempt(
         match exit_rx.recv_timeout(Duration::from_millis(20)) {
             Ok((rank, status)) => {
                 exited[rank] = true;
-                if status != 0 && first_failure.is_none() && signalled.is_none() {
+                let survivable = opts.expendable.get(rank).copied().unwrap_or(false);
+                if status != 0 && survivable && signalled.is_none() && first_failure.is_none() {
+                    eprintln!(
+                        "swarmrun: rank {rank} ({}) exited with status {status}; the job goes on without it",
+                        opts.labels[rank]
+                    );
+                } else if status != 0 && first_failure.is_none() && signalled.is_none() {
                     first_failure = Some((rank, status));
                     if exited.iter().any(|e| !e) {
                         eprintln!(

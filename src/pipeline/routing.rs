@@ -15,7 +15,7 @@
 //! Everything is plain data and deterministic for a seed: the orchestrator
 //! decides, and a replay of its decisions gives the same paths.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::data::rng::SplitMix64;
 
@@ -181,12 +181,17 @@ impl Router {
     }
 }
 
-/// Which microbatches are waiting and which run on which miners.
+/// Which microbatches of a window are waiting, running or done, and on
+/// which miners.
+///
+/// A done microbatch is not safe yet: its gradients live on the miners of
+/// its path until the window closes, so losing one of them sends it back
+/// to the queue like a running one.
 #[derive(Debug, Clone, Default)]
 pub struct InFlight {
     queue: VecDeque<u64>,
     running: BTreeMap<u64, Vec<usize>>,
-    done: BTreeSet<u64>,
+    done: BTreeMap<u64, Vec<usize>>,
 }
 
 impl InFlight {
@@ -208,36 +213,61 @@ impl InFlight {
     /// Marks `id` finished; `false` if it was not running (a late or
     /// duplicate report, which must not count twice).
     pub fn finish(&mut self, id: u64) -> bool {
-        self.running.remove(&id).is_some() && self.done.insert(id)
+        match self.running.remove(&id) {
+            Some(path) => self.done.insert(id, path).is_none(),
+            None => false,
+        }
     }
 
-    /// A miner left: every running microbatch whose path uses it is queued
-    /// again (at the front, so the window still ends soon). Returns them.
+    /// A miner left: every running or done microbatch whose path uses it is
+    /// queued again, at the front in ascending id so the window still ends
+    /// soon. Returns them.
     pub fn lose(&mut self, rank: usize) -> Vec<u64> {
-        let lost: Vec<u64> = self
+        let mut lost: Vec<u64> = self
             .running
             .iter()
+            .chain(&self.done)
             .filter(|(_, path)| path.contains(&rank))
             .map(|(id, _)| *id)
             .collect();
-        for id in lost.iter().rev() {
+        lost.sort_unstable();
+        for id in &lost {
             self.running.remove(id);
+            self.done.remove(id);
+        }
+        self.requeue(&lost);
+        lost
+    }
+
+    /// Every running microbatch goes back to the queue (its attempt was
+    /// abandoned); done ones stay done.
+    pub fn abandon_running(&mut self) {
+        let ids: Vec<u64> = std::mem::take(&mut self.running).into_keys().collect();
+        self.requeue(&ids);
+    }
+
+    fn requeue(&mut self, ascending: &[u64]) {
+        for id in ascending.iter().rev() {
             self.queue.push_front(*id);
         }
-        lost
+        self.queue.make_contiguous().sort_unstable();
     }
 
     pub fn running(&self) -> usize {
         self.running.len()
     }
 
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
     pub fn is_complete(&self) -> bool {
         self.queue.is_empty() && self.running.is_empty()
     }
 
-    /// Finished microbatch ids, in order.
-    pub fn done(&self) -> impl Iterator<Item = u64> + '_ {
-        self.done.iter().copied()
+    /// Finished microbatches and their paths, in id order.
+    pub fn done(&self) -> impl Iterator<Item = (u64, &[usize])> + '_ {
+        self.done.iter().map(|(id, path)| (*id, path.as_slice()))
     }
 }
 
@@ -309,20 +339,42 @@ mod tests {
 
     #[test]
     fn a_lost_miners_microbatches_are_queued_again_once_and_never_counted_twice() {
-        let mut f = InFlight::new(0..4);
+        let mut f = InFlight::new(0..5);
         assert_eq!(f.start(vec![1, 3]), Some(0));
         assert_eq!(f.start(vec![2, 3]), Some(1));
         assert_eq!(f.start(vec![2, 4]), Some(2));
         assert!(f.finish(1));
-        assert_eq!(f.lose(2), vec![2]);
+        // Both the running 2 and the done 1 used miner 2.
+        assert_eq!(f.lose(2), vec![1, 2]);
         assert!(!f.finish(2), "a report from the lost miner does not count");
         assert_eq!(f.lose(2), Vec::<u64>::new());
-        // Re-queued first, then the untouched one.
+        // Re-queued first, in id order, then the untouched ones.
+        assert_eq!(f.start(vec![1, 4]), Some(1));
         assert_eq!(f.start(vec![1, 4]), Some(2));
         assert_eq!(f.start(vec![1, 4]), Some(3));
-        assert!(f.finish(0) && f.finish(2) && f.finish(3));
+        assert!(f.finish(0) && f.finish(1) && f.finish(2) && f.finish(3));
         assert!(!f.finish(3));
+        assert!(!f.is_complete(), "4 is still waiting");
+        assert_eq!(f.start(vec![1, 3]), Some(4));
+        assert!(f.finish(4));
         assert!(f.is_complete());
-        assert_eq!(f.done().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        let done: Vec<(u64, Vec<usize>)> = f.done().map(|(i, p)| (i, p.to_vec())).collect();
+        assert_eq!(done[0], (0, vec![1, 3]));
+        assert_eq!(done[1], (1, vec![1, 4]));
+        assert_eq!(done.len(), 5);
+    }
+
+    #[test]
+    fn an_abandoned_attempt_queues_its_running_microbatches_and_keeps_the_done_ones() {
+        let mut f = InFlight::new(0..3);
+        f.start(vec![1]);
+        f.start(vec![1]);
+        f.start(vec![2]);
+        assert!(f.finish(1));
+        f.abandon_running();
+        assert_eq!(f.running(), 0);
+        assert_eq!(f.start(vec![2]), Some(0));
+        assert_eq!(f.start(vec![2]), Some(2));
+        assert_eq!(f.done().map(|(i, _)| i).collect::<Vec<_>>(), vec![1]);
     }
 }

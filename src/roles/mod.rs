@@ -1,7 +1,11 @@
 //! What ranks do in a training job: the orchestrator routes and collects,
 //! miners compute their stage, validators observe.
 
-pub mod schedule;
+mod miner;
+mod orchestrator;
+pub mod protocol;
 pub mod train;
 
-pub use train::{mine, observe, orchestrate, TrainError, WindowReport};
+pub use miner::mine;
+pub use orchestrator::orchestrate;
+pub use train::{observe, TrainError, WindowReport};

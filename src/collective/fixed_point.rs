@@ -1,0 +1,266 @@
+//! A sum of `f32` contributions whose bits depend only on the set of
+//! contributions: not on how they are spread over ranks, nor on the order
+//! or algorithm that adds them.
+//!
+//! Why: in SWARM training, which miner computes a microbatch is drawn at
+//! random and weighted by measured speed, so the gradients a miner sums
+//! change from run to run. Float addition is not associative, so a plain
+//! all-reduce would give other bits every run: a resumed job could not
+//! repeat an uninterrupted one, one stage could not be compared with two,
+//! and a validator could not replay an optimizer step.
+//!
+//! How: every contribution is rounded to a multiple of `2^-e`, where `e`
+//! is fixed per segment (one parameter tensor) from the largest magnitude
+//! any rank holds in it, agreed by a max all-reduce; the multiples are
+//! added as `i64` (exact, hence associative) and converted back once. The
+//! rounding step is `2^-42` of the segment's largest value, 2^18 times
+//! finer than `f32` resolves at that value, and up to
+//! [`MAX_CONTRIBUTIONS`] contributions fit in 63 bits without overflow.
+
+use std::ops::Range;
+
+use super::{all_reduce, AllReduceAlgorithm, Call, CollectiveError, ReduceOp, TAGS_PER_CALL};
+use crate::transport::Transport;
+
+/// Most contributions (over all ranks) one sum may have.
+pub const MAX_CONTRIBUTIONS: usize = 1 << 20;
+/// Bits of one rounded contribution; with 20 bits of count, 62 in all.
+const VALUE_BITS: i32 = 42;
+
+/// Sets `out` to the sum of every rank's `parts`, each as long as `out`,
+/// identically on every rank of `call`. `segments` cut `out` into pieces
+/// with a scale each (parameter tensors: a tiny tensor keeps its precision
+/// beside a large one). Uses the tags `call.tag .. call.tag + 2 *
+/// TAGS_PER_CALL`.
+///
+/// A NaN or infinity anywhere makes every rank return
+/// [`CollectiveError::NonFinite`] with the first such segment.
+pub fn all_reduce_fixed_point<T: Transport + ?Sized>(
+    call: Call<'_, T>,
+    parts: &[&[f32]],
+    segments: &[Range<usize>],
+    out: &mut [f32],
+) -> Result<(), CollectiveError> {
+    check_arguments(parts, segments, out.len())?;
+    // Largest magnitude per segment, then the local count in the last slot.
+    let mut maxes: Vec<f32> = segments
+        .iter()
+        .map(|seg| {
+            parts.iter().fold(0.0f32, |m, p| {
+                p[seg.clone()].iter().fold(m, |m, x| {
+                    if x.is_finite() {
+                        m.max(x.abs())
+                    } else {
+                        f32::INFINITY
+                    }
+                })
+            })
+        })
+        .collect();
+    maxes.push(parts.len() as f32);
+    let scales_call = Call {
+        transport: call.transport,
+        tag: call.tag,
+        deadline: call.deadline,
+        names: call.names,
+    };
+    all_reduce(
+        scales_call,
+        &mut maxes,
+        ReduceOp::Max,
+        AllReduceAlgorithm::Auto,
+    )?;
+    let most_per_rank = maxes.pop().unwrap_or(0.0) as usize;
+    if most_per_rank.saturating_mul(call.transport.size()) > MAX_CONTRIBUTIONS {
+        return Err(CollectiveError::InvalidArgument(format!(
+            "up to {most_per_rank} contributions on each of {} ranks: more than {MAX_CONTRIBUTIONS}",
+            call.transport.size()
+        )));
+    }
+    if let Some(segment) = maxes.iter().position(|m| !m.is_finite()) {
+        return Err(CollectiveError::NonFinite { segment });
+    }
+    let exponents: Vec<i32> = maxes.iter().map(|&m| exponent(m)).collect();
+
+    let mut sums = vec![0i64; out.len()];
+    for (seg, &e) in segments.iter().zip(&exponents) {
+        let scale = 2f64.powi(e);
+        for part in parts {
+            for (acc, &x) in sums[seg.clone()].iter_mut().zip(&part[seg.clone()]) {
+                *acc += (f64::from(x) * scale).round() as i64;
+            }
+        }
+    }
+    let sums_call = Call {
+        tag: call.tag + TAGS_PER_CALL,
+        ..call
+    };
+    all_reduce(
+        sums_call,
+        &mut sums,
+        ReduceOp::Sum,
+        AllReduceAlgorithm::Auto,
+    )?;
+    for (seg, &e) in segments.iter().zip(&exponents) {
+        let unscale = 2f64.powi(-e);
+        for (o, &s) in out[seg.clone()].iter_mut().zip(&sums[seg.clone()]) {
+            *o = (s as f64 * unscale) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// `e` such that `max * 2^e < 2^VALUE_BITS`, as large as possible in
+/// powers of two; 0 for an all-zero segment.
+fn exponent(max: f32) -> i32 {
+    if max == 0.0 {
+        return 0;
+    }
+    // max = f * 2^k with f in [0.5, 1), so max < 2^k.
+    let k = max.log2().floor() as i32 + 1;
+    VALUE_BITS - k
+}
+
+fn check_arguments(
+    parts: &[&[f32]],
+    segments: &[Range<usize>],
+    len: usize,
+) -> Result<(), CollectiveError> {
+    if let Some(p) = parts.iter().find(|p| p.len() != len) {
+        return Err(CollectiveError::InvalidArgument(format!(
+            "a contribution of {} elements to a sum of {len}",
+            p.len()
+        )));
+    }
+    let mut next = 0;
+    for seg in segments {
+        if seg.start != next || seg.end < seg.start {
+            return Err(CollectiveError::InvalidArgument(format!(
+                "segment {seg:?} does not continue at {next}"
+            )));
+        }
+        next = seg.end;
+    }
+    if next != len {
+        return Err(CollectiveError::InvalidArgument(format!(
+            "segments cover {next} of {len} elements"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::LocalTransport;
+
+    /// `per_rank[r]` are rank r's contributions; returns rank 0's result
+    /// after checking every rank got the same bits.
+    fn run(per_rank: Vec<Vec<Vec<f32>>>, segments: Vec<Range<usize>>) -> Vec<f32> {
+        let n = per_rank.len();
+        let len = segments.last().map_or(0, |s| s.end);
+        let results = LocalTransport::run(LocalTransport::world(n), |t| {
+            let mine = &per_rank[t.rank()];
+            let parts: Vec<&[f32]> = mine.iter().map(Vec::as_slice).collect();
+            let mut out = vec![0.0; len];
+            all_reduce_fixed_point(Call::new(&t, 100), &parts, &segments, &mut out).unwrap();
+            out
+        });
+        for r in &results {
+            assert_eq!(
+                r.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                results[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        results[0].clone()
+    }
+
+    fn contributions(count: usize, len: usize) -> Vec<Vec<f32>> {
+        let mut rng = crate::data::rng::SplitMix64::new(7, 0);
+        (0..count)
+            .map(|_| {
+                (0..len)
+                    .map(|i| {
+                        let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                        // Segments of very different magnitudes.
+                        if i < len / 2 {
+                            u * 3.0
+                        } else {
+                            u * 1e-5
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_sum_has_the_same_bits_however_contributions_are_spread_over_ranks() {
+        let all = contributions(8, 1000);
+        let segments = vec![0..500, 500..1000];
+        let one_rank = run(vec![all.clone()], segments.clone());
+        let spread = run(
+            vec![
+                vec![all[5].clone(), all[0].clone()],
+                vec![all[1].clone(), all[7].clone(), all[3].clone()],
+                vec![all[2].clone()],
+                vec![all[6].clone(), all[4].clone()],
+            ],
+            segments.clone(),
+        );
+        let reversed: Vec<Vec<f32>> = all.iter().rev().cloned().collect();
+        let three = run(
+            vec![reversed[..3].to_vec(), vec![], reversed[3..].to_vec()],
+            segments,
+        );
+        assert_eq!(one_rank, spread);
+        assert_eq!(one_rank, three);
+    }
+
+    #[test]
+    fn the_sum_is_within_the_stated_rounding_of_the_exact_sum() {
+        let all = contributions(6, 1000);
+        let segments = vec![0..500, 500..1000];
+        let got = run(vec![all[..2].to_vec(), all[2..].to_vec()], segments.clone());
+        for seg in segments {
+            let max = all
+                .iter()
+                .flat_map(|p| p[seg.clone()].iter())
+                .fold(0.0f64, |m, x| m.max(f64::from(x.abs())));
+            for i in seg {
+                let exact: f64 = all.iter().map(|p| f64::from(p[i])).sum();
+                // Each contribution rounded by at most 2^-42 of the
+                // largest value, then the sum rounded once to f32.
+                let bound = 6.0 * max / 2f64.powi(42) + exact.abs() / 2f64.powi(23);
+                assert!(
+                    (f64::from(got[i]) - exact).abs() <= bound,
+                    "element {i}: {} vs {exact}",
+                    got[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_anywhere_is_reported_by_every_rank() {
+        let mut all = contributions(2, 10);
+        all[1][7] = f32::NAN;
+        let results = LocalTransport::run(LocalTransport::world(2), |t| {
+            let parts = [all[t.rank()].as_slice()];
+            let mut out = vec![0.0; 10];
+            all_reduce_fixed_point(Call::new(&t, 100), &parts, &[0..4, 4..10], &mut out)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(results.iter().all(|e| e.contains("segment 1")), "{results:?}");
+    }
+
+    #[test]
+    fn segments_that_do_not_cover_the_buffer_are_refused() {
+        let parts = [&[1.0f32, 2.0, 3.0][..]];
+        let mut out = [0.0; 3];
+        let t = LocalTransport::world(1).pop().unwrap();
+        let err = all_reduce_fixed_point(Call::new(&t, 0), &parts, &[0..2], &mut out).unwrap_err();
+        assert!(err.to_string().contains("cover 2 of 3"), "{err}");
+    }
+}

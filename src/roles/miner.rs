@@ -1,0 +1,366 @@
+//! A miner: serves its stage's part of the microbatches routed to it,
+//! keeps each one's gradients apart until the window closes, then merges
+//! the counted ones with the other miners of its stage.
+//!
+//! Keeping gradients per microbatch (instead of one running sum) is what
+//! lets a window survive a lost miner: the orchestrator decides at close
+//! which copy of each microbatch counts, so work redone elsewhere is never
+//! added twice, and the fixed-point all-reduce makes the sum the same bits
+//! whichever miners did the work.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::protocol::{self, Order, Report, Route};
+use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
+use crate::collective::{all_reduce_fixed_point, Call, CollectiveError, Group};
+use crate::config::{JobSpec, Plan, Role};
+use crate::data::Split;
+use crate::model::{batch_tensors, AdamW, Pass, StageInput, StageModel};
+use crate::transport::{Transport, TransportError};
+
+/// How long a miner waits on a peer before looking for new orders.
+const POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Serves stage `stage` until told to stop.
+pub fn mine<T: Transport + ?Sized>(
+    t: &T,
+    spec: &JobSpec,
+    plan: &Plan,
+    stage: usize,
+) -> Result<(), TrainError> {
+    let setup = Setup::new(spec)?;
+    let model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
+    let opt = AdamW::new(adamw_config(spec), model.layout());
+    let stage_miners = plan
+        .ranks
+        .iter()
+        .filter(|r| r.role == Role::Miner { stage })
+        .map(|r| r.rank)
+        .collect();
+    let mut miner = Miner {
+        t,
+        spec,
+        setup,
+        stage,
+        stage_miners,
+        model,
+        opt,
+        grads: BTreeMap::new(),
+        reduced: None,
+    };
+    let mut order = recv_order(t)?;
+    loop {
+        order = match order {
+            Order::Run {
+                window,
+                attempt,
+                routes,
+            } => match miner.run(window, attempt, &routes)? {
+                Some(next) => next,
+                None => recv_order(t)?,
+            },
+            Order::Close {
+                window,
+                attempt,
+                counted,
+                lost,
+            } => {
+                miner.close(window, attempt, &counted, &lost)?;
+                recv_order(t)?
+            }
+            Order::Step { window, .. } => {
+                miner.step(window)?;
+                recv_order(t)?
+            }
+            Order::Stop => return Ok(()),
+        }
+    }
+}
+
+struct Miner<'a, T: ?Sized> {
+    t: &'a T,
+    spec: &'a JobSpec,
+    setup: Setup,
+    stage: usize,
+    /// Every miner the plan gave this stage, lost or not.
+    stage_miners: Vec<usize>,
+    model: StageModel,
+    opt: AdamW,
+    /// Parameter gradients of each microbatch served this window.
+    grads: BTreeMap<u64, Vec<f32>>,
+    /// The stage's all-reduced gradient sum, waiting for `Step`.
+    reduced: Option<(u64, Vec<f32>)>,
+}
+
+/// What a wait on a peer ended with.
+enum Wait {
+    Got(Vec<u8>),
+    /// The orchestrator gave a new order, or the peer is gone and this is
+    /// the order that deals with it: the attempt is over for this miner.
+    Order(Order),
+}
+
+impl<T: Transport + ?Sized> Miner<'_, T> {
+    fn last(&self) -> usize {
+        self.setup.stages - 1
+    }
+
+    fn shape(&self) -> (usize, usize, usize) {
+        let s = &self.setup;
+        (s.batch_size, s.config.block_size, s.config.n_embd)
+    }
+
+    /// Forwards in ascending id, then backwards in ascending id. Waits only
+    /// point upstream in the forward phase and downstream in the backward
+    /// phase, in one global id order, so they cannot form a cycle. Returns
+    /// the order that cut the attempt short, if one did.
+    fn run(
+        &mut self,
+        window: u64,
+        attempt: u32,
+        routes: &[Route],
+    ) -> Result<Option<Order>, TrainError> {
+        let me = self.t.rank();
+        let stage = self.stage;
+        let mine = routes.iter().filter(|r| r.path.get(stage) == Some(&me));
+        let mut pending: Vec<(&Route, Pass, f64)> = Vec::new();
+        for (served, route) in mine.enumerate() {
+            let id = route.id;
+            let validation = protocol::is_validation(id);
+            let split = if validation { Split::Val } else { Split::Train };
+            let batch = self.setup.data.batch(
+                split,
+                id & !protocol::VALIDATION,
+                self.setup.seed,
+                self.setup.batch_size,
+                self.setup.config.block_size,
+            )?;
+            let (tokens, targets) = batch_tensors(&batch)?;
+            let input = if stage == 0 {
+                tokens
+            } else {
+                let from = route.path[stage - 1];
+                match self.wait(from, protocol::activation_tag(id, attempt))? {
+                    Wait::Got(bytes) => from_bytes(&bytes, self.shape(), from)?,
+                    Wait::Order(next) => return Ok(Some(next)),
+                }
+            };
+            let started = Instant::now();
+            let pass = self.model.forward(
+                if stage == 0 {
+                    StageInput::Tokens(&input)
+                } else {
+                    StageInput::Activations(&input)
+                },
+                (stage == self.last()).then_some(&targets),
+            )?;
+            if stage == self.last() {
+                let loss = pass.loss()?;
+                if !validation {
+                    let grads = self.model.gradients(pass, None)?;
+                    self.grads.insert(id, grads.params);
+                    if let Some(g) = grads.input {
+                        let to = route.path[stage - 1];
+                        if let Some(next) =
+                            self.send(to, protocol::gradient_tag(id, attempt), &to_bytes(&g)?)?
+                        {
+                            return Ok(Some(next));
+                        }
+                    }
+                }
+                self.served(window, attempt, id, started.elapsed().as_secs_f64(), Some(loss))?;
+            } else {
+                let out = to_bytes(pass.output())?;
+                let compute = started.elapsed().as_secs_f64();
+                let to = route.path[stage + 1];
+                if let Some(next) = self.send(to, protocol::activation_tag(id, attempt), &out)? {
+                    return Ok(Some(next));
+                }
+                if validation {
+                    self.served(window, attempt, id, compute, None)?;
+                } else {
+                    pending.push((route, pass, compute));
+                }
+            }
+            if served == 0 && attempt == 0 {
+                // Leave with one microbatch served and the rest in flight.
+                crash_if_planned(self.spec, me, window);
+            }
+        }
+        for (route, pass, forward_s) in pending {
+            let id = route.id;
+            let from = route.path[stage + 1];
+            let grad_out = match self.wait(from, protocol::gradient_tag(id, attempt))? {
+                Wait::Got(bytes) => from_bytes(&bytes, self.shape(), from)?,
+                Wait::Order(next) => return Ok(Some(next)),
+            };
+            let started = Instant::now();
+            let grads = self.model.gradients(pass, Some(&grad_out))?;
+            self.grads.insert(id, grads.params);
+            if let Some(g) = grads.input {
+                let to = route.path[stage - 1];
+                if let Some(next) =
+                    self.send(to, protocol::gradient_tag(id, attempt), &to_bytes(&g)?)?
+                {
+                    return Ok(Some(next));
+                }
+            }
+            let compute = forward_s + started.elapsed().as_secs_f64();
+            self.served(window, attempt, id, compute, None)?;
+        }
+        Ok(None)
+    }
+
+    fn served(
+        &self,
+        window: u64,
+        attempt: u32,
+        id: u64,
+        compute_s: f64,
+        loss: Option<f32>,
+    ) -> Result<(), TrainError> {
+        send_report(
+            self.t,
+            &Report::Served {
+                window,
+                attempt,
+                id,
+                stage: self.stage,
+                compute_s,
+                loss,
+            },
+        )
+    }
+
+    /// The next message from `from` with `tag`, unless an order comes first
+    /// or `from` is gone (then the orchestrator's next order). A peer alive
+    /// but silent for the transport's timeout ends this miner with an
+    /// error: it leaves, and the orchestrator routes around it.
+    fn wait(&self, from: usize, tag: u64) -> Result<Wait, TrainError> {
+        let deadline = Instant::now() + self.t.default_timeout();
+        loop {
+            match self.t.recv_deadline(0, protocol::ORDER_TAG, Instant::now()) {
+                Ok(bytes) => return Ok(Wait::Order(protocol::decode_order(&bytes, 0)?)),
+                Err(TransportError::Timeout { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let until = (Instant::now() + POLL).min(deadline);
+            match self.t.recv_deadline(from, tag, until) {
+                Ok(bytes) => return Ok(Wait::Got(bytes)),
+                Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
+                Err(TransportError::PeerLost { .. }) => return Ok(Wait::Order(recv_order(self.t)?)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends a boundary tensor; when the receiver is gone, returns the
+    /// orchestrator's next order instead.
+    fn send(&self, to: usize, tag: u64, bytes: &[u8]) -> Result<Option<Order>, TrainError> {
+        match self.t.send(to, tag, bytes) {
+            Ok(()) => Ok(None),
+            Err(TransportError::PeerLost { .. }) => Ok(Some(recv_order(self.t)?)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sums the gradients of the microbatches `counted` credits to this
+    /// miner and all-reduces them among the stage's live miners.
+    fn close(
+        &mut self,
+        window: u64,
+        attempt: u32,
+        counted: &[Route],
+        lost: &[usize],
+    ) -> Result<(), TrainError> {
+        let me = self.t.rank();
+        // A miner routed nothing in its crash window leaves here.
+        crash_if_planned(self.spec, me, window);
+        let mut parts = Vec::new();
+        for route in counted.iter().filter(|r| r.path.get(self.stage) == Some(&me)) {
+            let grads = self.grads.get(&route.id).ok_or_else(|| TrainError::Protocol {
+                rank: 0,
+                reason: format!(
+                    "window {window} counts microbatch {} on rank {me}, which never served it",
+                    route.id
+                ),
+            })?;
+            parts.push(grads.as_slice());
+        }
+        let peers = self
+            .stage_miners
+            .iter()
+            .copied()
+            .filter(|r| !lost.contains(r));
+        let group = Group::new(self.t, peers)?;
+        let segments: Vec<_> = self.model.layout().iter().map(|p| p.range()).collect();
+        let mut sum = vec![0.0f32; self.model.numel()];
+        let call = Call::new(&group, protocol::close_tag(window, attempt));
+        let report = match all_reduce_fixed_point(call, &parts, &segments, &mut sum) {
+            Ok(()) => {
+                self.reduced = Some((window, sum));
+                Report::Reduced { window, attempt }
+            }
+            Err(e @ CollectiveError::PeerLost { .. }) => Report::ReduceFailed {
+                window,
+                attempt,
+                reason: e.to_string(),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        send_report(self.t, &report)
+    }
+
+    /// Applies the reduced gradients (the mean over the window's training
+    /// microbatches) and reports the new weights' digest.
+    fn step(&mut self, window: u64) -> Result<(), TrainError> {
+        let sum = match self.reduced.take() {
+            Some((w, sum)) if w == window => sum,
+            _ => {
+                return Err(TrainError::Protocol {
+                    rank: 0,
+                    reason: format!("step of window {window} before its gradients were reduced"),
+                })
+            }
+        };
+        let scale = 1.0 / self.setup.per_window as f32;
+        self.model.optimizer_step(&mut self.opt, &sum, scale)?;
+        self.grads.clear();
+        send_report(
+            self.t,
+            &Report::Stepped {
+                window,
+                stage: self.stage,
+                digest: self.model.weights_digest()?.to_hex().to_string(),
+                checkpoint: None,
+            },
+        )
+    }
+}
+
+fn to_bytes(x: &Tensor) -> Result<Vec<u8>, TrainError> {
+    let v = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(bytemuck::cast_slice(&v).to_vec())
+}
+
+fn from_bytes(
+    bytes: &[u8],
+    shape: (usize, usize, usize),
+    from: usize,
+) -> Result<Tensor, TrainError> {
+    let want = shape.0 * shape.1 * shape.2 * 4;
+    if bytes.len() != want {
+        return Err(TrainError::Protocol {
+            rank: from,
+            reason: format!("boundary tensor of {} bytes, expected {want}", bytes.len()),
+        });
+    }
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}

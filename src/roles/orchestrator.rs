@@ -1,0 +1,369 @@
+//! The orchestrator (rank 0): routes every microbatch, notices lost
+//! miners, re-routes their work, and closes each window in two phases
+//! (reduce everywhere, then step everywhere) so that no stage applies an
+//! update another stage may still have to redo.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use super::protocol::{self, Order, Report, Route};
+use super::train::{crash_if_planned, miners_of, Setup, TrainError, WindowReport};
+use crate::config::{JobSpec, Plan};
+use crate::pipeline::{InFlight, Router};
+use crate::transport::{Transport, TransportError};
+
+/// How long one poll waits on one miner when none has anything to say.
+const POLL: Duration = Duration::from_millis(1);
+
+/// Runs the job's windows, calling `report` after each.
+pub fn orchestrate<T: Transport + ?Sized>(
+    t: &T,
+    spec: &JobSpec,
+    plan: &Plan,
+    mut report: impl FnMut(&WindowReport),
+) -> Result<(), TrainError> {
+    let setup = Setup::new(spec)?;
+    let miners: BTreeMap<usize, usize> = miners_of(plan).into_iter().collect();
+    let assignment: Vec<(usize, usize)> = miners.iter().map(|(r, s)| (*r, *s)).collect();
+    let mut o = Orchestrator {
+        t,
+        router: Router::new(setup.stages, &assignment, spec.job.seed),
+        setup,
+        listeners: (1..t.size()).collect(),
+        miners,
+        lost: BTreeSet::new(),
+        cursor: 0,
+    };
+    for window in 0..spec.train.windows {
+        crash_if_planned(spec, t.rank(), window);
+        let last_window = window + 1 == spec.train.windows;
+        let evals = if last_window || (window + 1) % spec.train.eval_every == 0 {
+            spec.train.eval_microbatches
+        } else {
+            0
+        };
+        report(&o.window(window, evals)?);
+    }
+    o.broadcast(&Order::Stop)
+}
+
+struct Orchestrator<'a, T: ?Sized> {
+    t: &'a T,
+    setup: Setup,
+    router: Router,
+    /// Every rank still in the job but this one: miners and validators.
+    listeners: BTreeSet<usize>,
+    /// Live miners and their stages.
+    miners: BTreeMap<usize, usize>,
+    lost: BTreeSet<usize>,
+    /// Where the next poll starts, so every miner gets heard.
+    cursor: usize,
+}
+
+enum Event {
+    Report(usize, Report),
+    Lost(usize),
+}
+
+/// What happened to the training microbatches of a window so far.
+struct WindowState {
+    window: u64,
+    attempt: u32,
+    flight: InFlight,
+    losses: BTreeMap<u64, f32>,
+    /// Seconds miners spent computing, all attempts included.
+    busy_s: f64,
+}
+
+impl<T: Transport + ?Sized> Orchestrator<'_, T> {
+    fn window(&mut self, window: u64, evals: u64) -> Result<WindowReport, TrainError> {
+        let started = Instant::now();
+        let per_window = self.setup.per_window;
+        let train_ids = (0..per_window).map(|i| window * per_window + i);
+        let val_ids = (0..evals).map(|i| protocol::VALIDATION | (window * evals + i));
+        let mut w = WindowState {
+            window,
+            attempt: 0,
+            flight: InFlight::new(train_ids.chain(val_ids)),
+            losses: BTreeMap::new(),
+            busy_s: 0.0,
+        };
+        loop {
+            self.serve(&mut w)?;
+            let newly_lost = self.close(&w)?;
+            if newly_lost.is_empty() {
+                break;
+            }
+            for rank in newly_lost {
+                w.flight.lose(rank);
+            }
+            self.next_attempt(&mut w)?;
+        }
+        self.step(window)?;
+
+        let (mut train, mut val) = (0.0f64, 0.0f64);
+        for (id, loss) in &w.losses {
+            if protocol::is_validation(*id) {
+                val += f64::from(*loss);
+            } else {
+                train += f64::from(*loss);
+            }
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let tokens = per_window as usize * self.setup.batch_size * self.setup.config.block_size;
+        Ok(WindowReport {
+            window,
+            mean_loss: (train / per_window as f64) as f32,
+            val_loss: (evals > 0).then(|| (val / evals as f64) as f32),
+            tokens_per_s: tokens as f64 / wall,
+            bubble: 1.0 - w.busy_s / (self.miners.len() as f64 * wall),
+            attempts: w.attempt + 1,
+        })
+    }
+
+    /// Routes and runs attempts until every microbatch of the window is
+    /// done.
+    fn serve(&mut self, w: &mut WindowState) -> Result<(), TrainError> {
+        loop {
+            let mut routes = Vec::new();
+            while w.flight.queued() > 0 {
+                let path = self.route()?;
+                if let Some(id) = w.flight.start(path.clone()) {
+                    routes.push(Route { id, path });
+                }
+            }
+            self.broadcast(&Order::Run {
+                window: w.window,
+                attempt: w.attempt,
+                routes,
+            })?;
+            // Stages that reported each running microbatch.
+            let mut served: BTreeMap<u64, BTreeSet<usize>> = BTreeMap::new();
+            while w.flight.running() > 0 {
+                match self.next_event()? {
+                    Event::Lost(rank) => {
+                        w.flight.lose(rank);
+                        self.next_attempt(w)?;
+                        break;
+                    }
+                    Event::Report(
+                        from,
+                        Report::Served {
+                            window,
+                            attempt,
+                            id,
+                            stage,
+                            compute_s,
+                            loss,
+                        },
+                    ) if window == w.window && attempt == w.attempt => {
+                        self.router.observe(from, compute_s);
+                        w.busy_s += compute_s;
+                        if let Some(loss) = loss {
+                            w.losses.insert(id, loss);
+                        }
+                        let stages = served.entry(id).or_default();
+                        stages.insert(stage);
+                        let complete = if protocol::is_validation(id) {
+                            stage == self.setup.stages - 1
+                        } else {
+                            stages.len() == self.setup.stages
+                        };
+                        if complete {
+                            w.flight.finish(id);
+                        }
+                    }
+                    // Late news of an abandoned attempt.
+                    Event::Report(..) => {}
+                }
+            }
+            if w.flight.is_complete() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Abandons the running attempt: what was running is queued again.
+    fn next_attempt(&mut self, w: &mut WindowState) -> Result<(), TrainError> {
+        w.flight.abandon_running();
+        w.attempt += 1;
+        if w.attempt >= protocol::MAX_ATTEMPTS {
+            return Err(TrainError::Protocol {
+                rank: 0,
+                reason: format!(
+                    "window {} lost miners in {} attempts",
+                    w.window,
+                    protocol::MAX_ATTEMPTS
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Phase one of closing: every stage all-reduces the gradients of the
+    /// done microbatches. Returns the miners lost meanwhile (their work
+    /// must be redone), empty when every stage reduced.
+    fn close(&mut self, w: &WindowState) -> Result<Vec<usize>, TrainError> {
+        let counted = w
+            .flight
+            .done()
+            .filter(|(id, _)| !protocol::is_validation(*id))
+            .map(|(id, path)| Route {
+                id,
+                path: path.to_vec(),
+            })
+            .collect();
+        self.broadcast(&Order::Close {
+            window: w.window,
+            attempt: w.attempt,
+            counted,
+            lost: self.lost.iter().copied().collect(),
+        })?;
+        let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
+        let mut newly_lost = Vec::new();
+        let mut failure = None;
+        while !waiting.is_empty() {
+            match self.next_event()? {
+                Event::Lost(rank) => {
+                    waiting.remove(&rank);
+                    newly_lost.push(rank);
+                }
+                Event::Report(from, Report::Reduced { window, attempt })
+                    if window == w.window && attempt == w.attempt =>
+                {
+                    waiting.remove(&from);
+                }
+                Event::Report(
+                    from,
+                    Report::ReduceFailed {
+                        window,
+                        attempt,
+                        reason,
+                    },
+                ) if window == w.window && attempt == w.attempt => {
+                    waiting.remove(&from);
+                    failure.get_or_insert((from, reason));
+                }
+                Event::Report(..) => {}
+            }
+        }
+        match failure {
+            // The all-reduce blamed a miner that is still connected: a
+            // hung peer, which this protocol does not evict.
+            Some((rank, reason)) if newly_lost.is_empty() => Err(TrainError::Protocol {
+                rank,
+                reason: format!("window {} failed to reduce: {reason}", w.window),
+            }),
+            _ => Ok(newly_lost),
+        }
+    }
+
+    /// Phase two: every miner steps; digests must agree within each stage.
+    fn step(&mut self, window: u64) -> Result<(), TrainError> {
+        self.broadcast(&Order::Step {
+            window,
+            checkpoint: false,
+        })?;
+        let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
+        let mut digests: BTreeMap<usize, String> = BTreeMap::new();
+        while !waiting.is_empty() {
+            match self.next_event()? {
+                // Its stage already holds the reduced gradients: the loss
+                // costs nothing but the miner.
+                Event::Lost(rank) => {
+                    waiting.remove(&rank);
+                }
+                Event::Report(
+                    from,
+                    Report::Stepped {
+                        window: w,
+                        stage,
+                        digest,
+                        ..
+                    },
+                ) if w == window => {
+                    waiting.remove(&from);
+                    if digests.get(&stage).is_some_and(|d| *d != digest) {
+                        return Err(TrainError::DigestMismatch { window, stage });
+                    }
+                    digests.insert(stage, digest);
+                }
+                Event::Report(..) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn route(&mut self) -> Result<Vec<usize>, TrainError> {
+        self.router.route().ok_or_else(|| {
+            let stage = (0..self.setup.stages)
+                .find(|s| self.router.stage_miners(*s).is_empty())
+                .unwrap_or(0);
+            TrainError::EmptyStage { stage }
+        })
+    }
+
+    /// Sends `order` to every rank still in the job. A miner that cannot
+    /// be reached is left for [`Orchestrator::next_event`] to report.
+    fn broadcast(&self, order: &Order) -> Result<(), TrainError> {
+        let bytes = protocol::encode(order);
+        for &r in &self.listeners {
+            match self.t.send(r, protocol::ORDER_TAG, &bytes) {
+                Err(TransportError::PeerLost { .. }) if self.miners.contains_key(&r) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The next report of any live miner, or the loss of one. Silence from
+    /// every miner for the transport's timeout is an error: the job is
+    /// stuck, not merely short of a miner.
+    fn next_event(&mut self) -> Result<Event, TrainError> {
+        let deadline = Instant::now() + self.t.default_timeout();
+        loop {
+            let live: Vec<usize> = self.miners.keys().copied().collect();
+            if live.is_empty() {
+                return Err(TrainError::EmptyStage { stage: 0 });
+            }
+            // One sweep without waiting, then a short wait on one miner.
+            for k in 0..=live.len() {
+                let rank = live[(self.cursor + k) % live.len()];
+                let until = if k < live.len() {
+                    Instant::now()
+                } else {
+                    Instant::now() + POLL
+                };
+                match self.t.recv_deadline(rank, protocol::REPORT_TAG, until) {
+                    Ok(bytes) => {
+                        self.cursor = (self.cursor + k + 1) % live.len();
+                        return Ok(Event::Report(rank, protocol::decode_report(&bytes, rank)?));
+                    }
+                    Err(TransportError::Timeout { .. }) => {}
+                    Err(TransportError::PeerLost { reason, .. }) => {
+                        self.lose(rank, &reason);
+                        return Ok(Event::Lost(rank));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.cursor = (self.cursor + 1) % live.len();
+            if Instant::now() >= deadline {
+                return Err(TrainError::Stalled {
+                    waited: self.t.default_timeout(),
+                });
+            }
+        }
+    }
+
+    fn lose(&mut self, rank: usize, reason: &str) {
+        let stage = self.miners.remove(&rank);
+        self.listeners.remove(&rank);
+        self.router.remove(rank);
+        self.lost.insert(rank);
+        eprintln!(
+            "orchestrator: lost miner {rank} of stage {} ({reason}); its microbatches go to the others",
+            stage.map_or("?".to_string(), |s| s.to_string())
+        );
+    }
+}

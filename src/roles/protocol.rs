@@ -1,0 +1,204 @@
+//! What the orchestrator and the miners say to each other, and the tags
+//! their messages travel under.
+//!
+//! Control is centralized and ordered: the orchestrator sends [`Order`]s
+//! to every other rank on one tag, so each rank reads them in the order
+//! they were given; miners answer with [`Report`]s on another. Boundary
+//! tensors go directly between miners under tags that carry the
+//! microbatch id and the attempt, so a tensor of an abandoned attempt can
+//! never be taken for one of the attempt that replaced it.
+//!
+//! One window, as orders:
+//! 1. `Run` (attempt 0): every microbatch id with its path, one miner per
+//!    stage. When a miner is lost, the orchestrator sends another `Run`
+//!    (attempt 1, 2, ...) with every microbatch not yet complete plus the
+//!    complete ones the lost miner worked on (its gradients left with
+//!    it); a miner drops whatever it was doing when a new order comes.
+//! 2. `Close`: the final path of every training microbatch. Each miner
+//!    sums the gradients of the ids whose final path names it and the
+//!    miners of a stage all-reduce them; nothing is applied yet. A miner
+//!    lost now sends the window back to step 1.
+//! 3. `Step`: every stage reduced, so every miner applies the same AdamW
+//!    step and reports its weight digest, which the orchestrator compares
+//!    within each stage.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Tag kinds, in the top byte; the low bytes carry a window or microbatch.
+const KIND_ORDER: u64 = 0x4f;
+const KIND_REPORT: u64 = 0x52;
+const KIND_ACTIVATION: u64 = 0x41;
+const KIND_GRADIENT: u64 = 0x47;
+const KIND_CLOSE: u64 = 0x43;
+
+fn tag(kind: u64, n: u64) -> u64 {
+    (kind << 56) | (n & ((1 << 56) - 1))
+}
+
+/// Orders, orchestrator to everyone else.
+pub const ORDER_TAG: u64 = KIND_ORDER << 56;
+/// Reports, miners to the orchestrator.
+pub const REPORT_TAG: u64 = KIND_REPORT << 56;
+
+/// Marks a validation microbatch id: forward only, tokens from the
+/// validation split.
+pub const VALIDATION: u64 = 1 << 55;
+/// Attempts of one window are numbered below this (7 bits of a tag).
+pub const MAX_ATTEMPTS: u32 = 1 << 7;
+/// Microbatch ids proper are below this (48 bits of a tag).
+pub const MAX_ID: u64 = 1 << 48;
+
+pub fn is_validation(id: u64) -> bool {
+    id & VALIDATION != 0
+}
+
+/// Bits: validation flag (55), attempt (48..55), id (0..48).
+fn microbatch_tag(kind: u64, id: u64, attempt: u32) -> u64 {
+    tag(
+        kind,
+        (id & VALIDATION) | (u64::from(attempt) << 48) | (id & (MAX_ID - 1)),
+    )
+}
+
+pub fn activation_tag(id: u64, attempt: u32) -> u64 {
+    microbatch_tag(KIND_ACTIVATION, id, attempt)
+}
+pub fn gradient_tag(id: u64, attempt: u32) -> u64 {
+    microbatch_tag(KIND_GRADIENT, id, attempt)
+}
+/// The collectives of closing `window` in `attempt`: 8 tags apart, enough
+/// for a fixed-point all-reduce.
+pub fn close_tag(window: u64, attempt: u32) -> u64 {
+    tag(KIND_CLOSE, ((window << 7) | u64::from(attempt)) << 3)
+}
+
+/// One microbatch and the miner of each stage that serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub id: u64,
+    pub path: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Order {
+    /// Serve these microbatches, in ascending id; drop any earlier attempt.
+    Run {
+        window: u64,
+        attempt: u32,
+        routes: Vec<Route>,
+    },
+    /// Sum and all-reduce the gradients of `counted` (final paths of every
+    /// training microbatch of the window) among the stage's live miners.
+    Close {
+        window: u64,
+        attempt: u32,
+        counted: Vec<Route>,
+        /// Every miner lost so far in the job.
+        lost: Vec<usize>,
+    },
+    /// Apply the reduced gradients; write this stage's checkpoint if asked
+    /// (the lowest live miner of each stage does).
+    Step { window: u64, checkpoint: bool },
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Report {
+    /// This miner finished its part of a microbatch: the forward (and for
+    /// training ids the backward, gradients stored) of its stage. The last
+    /// stage adds the loss.
+    Served {
+        window: u64,
+        attempt: u32,
+        id: u64,
+        stage: usize,
+        compute_s: f64,
+        loss: Option<f32>,
+    },
+    /// The stage's gradients are all-reduced and held for `Step`.
+    Reduced { window: u64, attempt: u32 },
+    /// The all-reduce failed (a peer was lost); waiting for orders.
+    ReduceFailed {
+        window: u64,
+        attempt: u32,
+        reason: String,
+    },
+    /// The step is applied; `checkpoint` is the written stage file's entry
+    /// as JSON, when this miner wrote one.
+    Stepped {
+        window: u64,
+        stage: usize,
+        digest: String,
+        checkpoint: Option<String>,
+    },
+}
+
+#[derive(Debug, Error)]
+#[error("malformed {what} from rank {rank}: {reason}")]
+pub struct ProtocolError {
+    pub what: &'static str,
+    pub rank: usize,
+    pub reason: String,
+}
+
+pub fn encode<M: Serialize>(message: &M) -> Vec<u8> {
+    // Plain enums of numbers, strings and vectors always serialize.
+    serde_json::to_vec(message).unwrap_or_default()
+}
+
+pub fn decode_order(bytes: &[u8], from: usize) -> Result<Order, ProtocolError> {
+    serde_json::from_slice(bytes).map_err(|e| ProtocolError {
+        what: "order",
+        rank: from,
+        reason: e.to_string(),
+    })
+}
+
+pub fn decode_report(bytes: &[u8], from: usize) -> Result<Report, ProtocolError> {
+    serde_json::from_slice(bytes).map_err(|e| ProtocolError {
+        what: "report",
+        rank: from,
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_and_reports_round_trip_and_garbage_is_refused() {
+        let order = Order::Run {
+            window: 3,
+            attempt: 1,
+            routes: vec![Route {
+                id: 24 | VALIDATION,
+                path: vec![1, 3],
+            }],
+        };
+        assert_eq!(decode_order(&encode(&order), 0).unwrap(), order);
+        let report = Report::Served {
+            window: 3,
+            attempt: 1,
+            id: 24,
+            stage: 1,
+            compute_s: 0.25,
+            loss: Some(2.5),
+        };
+        assert_eq!(decode_report(&encode(&report), 4).unwrap(), report);
+        let err = decode_report(b"{\"Served\":{}}", 4).unwrap_err();
+        assert!(err.to_string().starts_with("malformed report from rank 4"), "{err}");
+        assert!(decode_order(&[0xff; 9], 0).is_err());
+    }
+
+    #[test]
+    fn tags_of_other_kinds_attempts_or_splits_never_collide() {
+        assert_ne!(activation_tag(7, 0), gradient_tag(7, 0));
+        assert_ne!(activation_tag(7, 0), activation_tag(7, 1));
+        assert_ne!(activation_tag(7, 0), activation_tag(7 | VALIDATION, 0));
+        assert_ne!(close_tag(1, 0), close_tag(1, 1));
+        assert!(close_tag(1, 0) + 8 <= close_tag(1, 1));
+        assert_ne!(ORDER_TAG, REPORT_TAG);
+    }
+}
