@@ -252,7 +252,10 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         });
-        assert!(results.iter().all(|e| e.contains("segment 1")), "{results:?}");
+        assert!(
+            results.iter().all(|e| e.contains("segment 1")),
+            "{results:?}"
+        );
     }
 
     #[test]
@@ -260,7 +263,8 @@ mod tests {
         let parts = [&[1.0f32, 2.0, 3.0][..]];
         let mut out = [0.0; 3];
         let t = LocalTransport::world(1).pop().unwrap();
-        let err = all_reduce_fixed_point(Call::new(&t, 0), &parts, &[0..2], &mut out).unwrap_err();
+        let err =
+            all_reduce_fixed_point(Call::new(&t, 0), &parts, &[0..1, 1..2], &mut out).unwrap_err();
         assert!(err.to_string().contains("cover 2 of 3"), "{err}");
     }
 }

@@ -171,7 +171,13 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                         }
                     }
                 }
-                self.served(window, attempt, id, started.elapsed().as_secs_f64(), Some(loss))?;
+                self.served(
+                    window,
+                    attempt,
+                    id,
+                    started.elapsed().as_secs_f64(),
+                    Some(loss),
+                )?;
             } else {
                 let out = to_bytes(pass.output())?;
                 let compute = started.elapsed().as_secs_f64();
@@ -251,7 +257,9 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             match self.t.recv_deadline(from, tag, until) {
                 Ok(bytes) => return Ok(Wait::Got(bytes)),
                 Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
-                Err(TransportError::PeerLost { .. }) => return Ok(Wait::Order(recv_order(self.t)?)),
+                Err(TransportError::PeerLost { .. }) => {
+                    return Ok(Wait::Order(recv_order(self.t)?))
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -280,14 +288,20 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         // A miner routed nothing in its crash window leaves here.
         crash_if_planned(self.spec, me, window);
         let mut parts = Vec::new();
-        for route in counted.iter().filter(|r| r.path.get(self.stage) == Some(&me)) {
-            let grads = self.grads.get(&route.id).ok_or_else(|| TrainError::Protocol {
-                rank: 0,
-                reason: format!(
-                    "window {window} counts microbatch {} on rank {me}, which never served it",
-                    route.id
-                ),
-            })?;
+        for route in counted
+            .iter()
+            .filter(|r| r.path.get(self.stage) == Some(&me))
+        {
+            let grads = self
+                .grads
+                .get(&route.id)
+                .ok_or_else(|| TrainError::Protocol {
+                    rank: 0,
+                    reason: format!(
+                        "window {window} counts microbatch {} on rank {me}, which never served it",
+                        route.id
+                    ),
+                })?;
             parts.push(grads.as_slice());
         }
         let peers = self

@@ -99,7 +99,10 @@ pub enum Order {
     },
     /// Apply the reduced gradients; write this stage's checkpoint if asked
     /// (the lowest live miner of each stage does).
-    Step { window: u64, checkpoint: bool },
+    Step {
+        window: u64,
+        checkpoint: bool,
+    },
     Stop,
 }
 
@@ -188,7 +191,10 @@ mod tests {
         };
         assert_eq!(decode_report(&encode(&report), 4).unwrap(), report);
         let err = decode_report(b"{\"Served\":{}}", 4).unwrap_err();
-        assert!(err.to_string().starts_with("malformed report from rank 4"), "{err}");
+        assert!(
+            err.to_string().starts_with("malformed report from rank 4"),
+            "{err}"
+        );
         assert!(decode_order(&[0xff; 9], 0).is_err());
     }
 
