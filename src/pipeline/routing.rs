@@ -115,6 +115,41 @@ impl Router {
             .collect()
     }
 
+    /// Paths for `n` microbatches that run together (one window): stage by
+    /// stage, each goes to the miner that would finish it first given what
+    /// it already holds, `(held + 1) / throughput`, ties drawn at random.
+    /// Shares follow throughput as [`Router::route`]'s do, but a small
+    /// window is never piled onto one miner by chance. `None` when some
+    /// stage has no miner left.
+    pub fn route_batch(&mut self, n: usize) -> Option<Vec<Vec<usize>>> {
+        let mut paths = vec![Vec::with_capacity(self.stages); n];
+        for stage in 0..self.stages {
+            let candidates: Vec<(usize, f64)> = self
+                .miners
+                .iter()
+                .filter(|(_, m)| m.stage == stage)
+                .map(|(r, m)| (*r, Self::weight(m)))
+                .collect();
+            if candidates.is_empty() {
+                return None;
+            }
+            let mut held = vec![0usize; candidates.len()];
+            for path in &mut paths {
+                let start = self.rng.below(candidates.len() as u64) as usize;
+                let finish = |k: usize| (held[k] + 1) as f64 / candidates[k].1;
+                let mut best = start;
+                for k in (0..candidates.len()).map(|i| (start + i) % candidates.len()) {
+                    if finish(k) < finish(best) {
+                        best = k;
+                    }
+                }
+                held[best] += 1;
+                path.push(candidates[best].0);
+            }
+        }
+        Some(paths)
+    }
+
     /// Records that `rank` took `seconds` for one microbatch.
     pub fn observe(&mut self, rank: usize, seconds: f64) {
         let Some(m) = self.miners.get_mut(&rank) else {
@@ -294,6 +329,28 @@ mod tests {
         // Expected share 10 / 12.5 = 0.8.
         let share = on_fast as f64 / 4000.0;
         assert!((share - 0.8).abs() < 0.03, "fast miner's share {share}");
+    }
+
+    #[test]
+    fn a_window_is_spread_over_miners_in_proportion_to_throughput() {
+        let mut r = two_stages();
+        let even = r.route_batch(4).unwrap();
+        for (stage, miners) in [(0, [1, 2]), (1, [3, 4])] {
+            for m in miners {
+                assert_eq!(even.iter().filter(|p| p[stage] == m).count(), 2, "{even:?}");
+            }
+        }
+        r.observe(1, 0.1); // 10 microbatches/s
+        r.observe(2, 0.4); // 2.5 microbatches/s
+        let weighted = r.route_batch(10).unwrap();
+        assert_eq!(
+            weighted.iter().filter(|p| p[0] == 1).count(),
+            8,
+            "{weighted:?}"
+        );
+        r.remove(3);
+        r.remove(4);
+        assert_eq!(r.route_batch(1), None);
     }
 
     #[test]

@@ -126,8 +126,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     fn serve(&mut self, w: &mut WindowState) -> Result<(), TrainError> {
         loop {
             let mut routes = Vec::new();
-            while w.flight.queued() > 0 {
-                let path = self.route()?;
+            for path in self.route(w.flight.queued())? {
                 if let Some(id) = w.flight.start(path.clone()) {
                     routes.push(Route { id, path });
                 }
@@ -294,8 +293,8 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         Ok(())
     }
 
-    fn route(&mut self) -> Result<Vec<usize>, TrainError> {
-        self.router.route().ok_or_else(|| {
+    fn route(&mut self, n: usize) -> Result<Vec<Vec<usize>>, TrainError> {
+        self.router.route_batch(n).ok_or_else(|| {
             let stage = (0..self.setup.stages)
                 .find(|s| self.router.stage_miners(*s).is_empty())
                 .unwrap_or(0);
