@@ -3,12 +3,13 @@
 //!
 //! Layers, lowest first (a module uses only modules before it):
 //! `config`, `fsutil`, `wire`, `world`, `transport`, `collective`, `data`,
-//! `model`, `pipeline`, `roles`, `metrics`, `hello`, `launch`, `bench`. `wire` (framed, authenticated
-//! streams) sits below `world` because the TCP rendezvous authenticates with
-//! the same handshake as the transport. `data` and `model` need no network:
-//! a stage's forward and backward pass are pure functions of its weights and
-//! inputs.
+//! `model`, `pipeline`, `checkpoint`, `roles`, `metrics`, `hello`, `launch`,
+//! `bench`. `wire` (framed, authenticated streams) sits below `world`
+//! because the TCP rendezvous authenticates with the same handshake as the
+//! transport. `data` and `model` need no network: a stage's forward and
+//! backward pass are pure functions of its weights and inputs.
 pub mod bench;
+pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod data;

@@ -93,6 +93,24 @@ impl AdamW {
         self.step
     }
 
+    /// The first and second moments, flat in the stage's layout order: with
+    /// [`AdamW::steps_taken`], all of the state a checkpoint must keep for a
+    /// resumed run to take the same steps as an uninterrupted one.
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// Puts back state read from a checkpoint: `step` steps taken and the
+    /// moments `m`, `v`, which must match the stage's flat length.
+    pub fn restore(&mut self, step: u64, m: &[f32], v: &[f32]) -> Result<(), ModelError> {
+        check_flat_len(m.len(), self.m.len())?;
+        check_flat_len(v.len(), self.v.len())?;
+        self.step = step;
+        self.m.copy_from_slice(m);
+        self.v.copy_from_slice(v);
+        Ok(())
+    }
+
     /// One update of `params` with gradient `grads * grad_scale` (pass
     /// `1 / microbatches` to turn a summed gradient into a mean), as
     /// PyTorch's `AdamW` with bias correction.
@@ -185,6 +203,28 @@ mod tests {
         assert!(matches!(
             opt.step(&mut [0.0; 5], &g, 1.0),
             Err(ModelError::FlatLength { got: 5, want: 6 })
+        ));
+    }
+
+    #[test]
+    fn a_restored_optimizer_takes_the_same_next_step_as_the_original() {
+        let mut opt = AdamW::new(AdamWConfig::default(), &layout());
+        let mut p = vec![0.5f32; 6];
+        let g = [0.3, -0.2, 0.1, 0.7, -0.4, 0.9];
+        opt.step(&mut p, &g, 1.0).unwrap();
+        opt.step(&mut p, &g, 1.0).unwrap();
+
+        let mut restored = AdamW::new(AdamWConfig::default(), &layout());
+        let (m, v) = opt.moments();
+        restored.restore(opt.steps_taken(), m, v).unwrap();
+        let mut q = p.clone();
+        opt.step(&mut p, &g, 1.0).unwrap();
+        restored.step(&mut q, &g, 1.0).unwrap();
+        assert_eq!(p, q);
+        assert_eq!(restored.moments(), opt.moments());
+        assert!(matches!(
+            restored.restore(1, &[0.0; 6], &[0.0; 7]),
+            Err(ModelError::FlatLength { got: 7, want: 6 })
         ));
     }
 }

@@ -146,9 +146,14 @@ impl Head {
         })
     }
 
+    /// Logits `(B, T, vocab_size)` of `x: (B, T, C)`.
+    pub(crate) fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear(&layer_norm(x, &self.ln_f)?, &self.lm_head)
+    }
+
     /// Mean cross-entropy of `x: (B, T, C)` against `targets: (B, T)` u32.
     pub(crate) fn loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = linear(&layer_norm(x, &self.ln_f)?, &self.lm_head)?;
+        let logits = self.logits(x)?;
         candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
     }
 }

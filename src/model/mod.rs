@@ -49,14 +49,19 @@
 //!   .params_flat() -> Vec<f32>, .set_params_flat(&[f32]), .layout() -> &[ParamInfo]
 //!   .optimizer_step(&mut AdamW, grads, grad_scale), .weights_digest() -> blake3::Hash
 //!   .save_safetensors(&Path), .load_safetensors(&Path)
+//!   .to_safetensors(Option<&AdamW>, &Path) -> bytes, .load_safetensors_bytes(&[u8], &Path, Option<&mut AdamW>)
+//!                                         weights with the optimizer state, for checkpoints
+//!   .logits(StageInput) -> (B, T, vocab)  last stage, for sampling
 //!   .stage(), .n_stages(), .is_first(), .is_last(), .blocks(), .numel(), .config()
 //! Pass: .output() -> &Tensor (boundary (B, T, n_embd), or the loss), .loss() -> f32
-//! AdamW::new(AdamWConfig, &[ParamInfo]); .step(&mut params, &grads, grad_scale), .steps_taken()
+//! AdamW::new(AdamWConfig, &[ParamInfo]); .step(&mut params, &grads, grad_scale), .steps_taken(),
+//!   .moments() -> (&m, &v), .restore(step, &m, &v)
 //! AdamWConfig {lr, min_lr, warmup_steps, decay_steps, beta1, beta2, eps, weight_decay}; .lr_at(step)
 //! LocalPipeline::new(&GptConfig, layers, seed, &AdamWConfig); .train_step(&[Batch]) -> mean loss,
 //!   .loss(&Batch), .params_flat(), .stages()
 //! batch_tensors(&Batch) -> (ids, targets)   (B, T) u32 tensors
 //! digest(&[f32]) -> blake3::Hash            of the little-endian bytes
+//! generate(&[StageModel], context, &SampleOptions {tokens, temperature, top_k, seed}) -> new token ids
 //! ```
 //!
 //! The model: token and position embeddings (stage 0), pre-LayerNorm
@@ -94,6 +99,7 @@
 
 mod adamw;
 mod checkpoint;
+mod generate;
 mod layers;
 mod local;
 mod ops;
@@ -105,6 +111,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use generate::{generate, SampleOptions};
 pub use local::LocalPipeline;
 pub use params::ParamInfo;
 pub use stage::{Pass, PassGrads, StageInput, StageModel};
@@ -190,12 +197,18 @@ pub enum ModelError {
     },
     #[error("flat buffer has {got} values, the stage has {want} parameters")]
     FlatLength { got: usize, want: usize },
-    #[error("only the last stage computes a loss")]
+    #[error("only the last stage computes logits and a loss")]
     NotLastStage,
     #[error("no gradient reached {0}")]
     NoGradient(String),
     #[error("a step needs at least one microbatch")]
     NoMicrobatches,
+    #[error("sampling needs every stage of the model in order, got stages {0:?}")]
+    IncompletePipeline(Vec<usize>),
+    #[error("sampling needs at least one token of context")]
+    EmptyContext,
+    #[error("temperature {0} is not a finite number >= 0")]
+    Temperature(f64),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

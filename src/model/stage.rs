@@ -185,6 +185,36 @@ impl StageModel {
         input: StageInput<'_>,
         targets: Option<&Tensor>,
     ) -> Result<Pass, ModelError> {
+        let (x, input) = self.trunk(input)?;
+        let output = match (&self.head, targets) {
+            (Some(head), Some(targets)) => head.loss(&x, targets)?,
+            (None, None) => x,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ModelError::Targets {
+                    stage: self.stage,
+                    needed: self.is_last(),
+                })
+            }
+        };
+        Ok(Pass {
+            input,
+            output,
+            is_loss: self.is_last(),
+        })
+    }
+
+    /// Next-token logits `(B, T, vocab_size)` of the last stage, where
+    /// [`StageModel::forward`] gives the loss: what sampling needs.
+    pub fn logits(&self, input: StageInput<'_>) -> Result<Tensor, ModelError> {
+        let head = self.head.as_ref().ok_or(ModelError::NotLastStage)?;
+        let (x, _) = self.trunk(input)?;
+        Ok(head.logits(&x)?)
+    }
+
+    /// The embeddings (stage 0) or the input leaf (later stages), then the
+    /// blocks: everything but the head. Returns the leaf too, whose
+    /// gradient the backward pass sends upstream.
+    fn trunk(&self, input: StageInput<'_>) -> Result<(Tensor, Option<Var>), ModelError> {
         let (mut x, input) = match (&self.embeddings, input) {
             (Some(emb), StageInput::Tokens(ids)) => {
                 self.check_tokens(ids)?;
@@ -207,21 +237,7 @@ impl StageModel {
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
-        let output = match (&self.head, targets) {
-            (Some(head), Some(targets)) => head.loss(&x, targets)?,
-            (None, None) => x,
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(ModelError::Targets {
-                    stage: self.stage,
-                    needed: self.is_last(),
-                })
-            }
-        };
-        Ok(Pass {
-            input,
-            output,
-            is_loss: self.is_last(),
-        })
+        Ok((x, input))
     }
 
     /// Backward pass of `pass`: adds the parameter gradients into the

@@ -6,4 +6,4 @@
 
 pub mod routing;
 
-pub use routing::{InFlight, Move, Router};
+pub use routing::{InFlight, Miner, Move, Router, RouterState};

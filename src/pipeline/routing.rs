@@ -17,6 +17,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use crate::data::rng::SplitMix64;
 
 /// Throughput given to a miner before it has been measured: the mean of
@@ -26,11 +28,11 @@ const UNMEASURED: f64 = 1.0;
 const EMA: f64 = 0.3;
 
 /// One miner as the router sees it.
-#[derive(Debug, Clone, PartialEq)]
-struct Miner {
-    stage: usize,
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Miner {
+    pub stage: usize,
     /// Microbatches per second, moving average; `None` until measured.
-    throughput: Option<f64>,
+    pub throughput: Option<f64>,
 }
 
 /// A miner moved between stages by [`Router::rebalance`].
@@ -47,6 +49,18 @@ pub struct Router {
     stages: usize,
     miners: BTreeMap<usize, Miner>,
     rng: SplitMix64,
+}
+
+/// A [`Router`] as plain data, for checkpoints: the router that
+/// [`Router::from_state`] rebuilds from it makes exactly the decisions the
+/// original would have made, so a resumed run routes as an uninterrupted one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterState {
+    pub stages: usize,
+    /// Live miners by rank.
+    pub miners: BTreeMap<usize, Miner>,
+    /// The routing generator's position ([`SplitMix64::state`]).
+    pub rng: u64,
 }
 
 impl Router {
@@ -67,6 +81,22 @@ impl Router {
                 })
                 .collect(),
             rng: SplitMix64::new(seed, 0x524f_5554_4552),
+        }
+    }
+
+    pub fn state(&self) -> RouterState {
+        RouterState {
+            stages: self.stages,
+            miners: self.miners.clone(),
+            rng: self.rng.state(),
+        }
+    }
+
+    pub fn from_state(state: RouterState) -> Router {
+        Router {
+            stages: state.stages,
+            miners: state.miners,
+            rng: SplitMix64::from_state(state.rng),
         }
     }
 
@@ -359,6 +389,24 @@ mod tests {
         let pa: Vec<_> = (0..50).map(|_| a.route()).collect();
         let pb: Vec<_> = (0..50).map(|_| b.route()).collect();
         assert_eq!(pa, pb);
+    }
+
+    #[test]
+    fn a_router_restored_from_its_saved_state_routes_and_rebalances_as_the_original() {
+        let mut a = two_stages();
+        a.observe(1, 0.1);
+        a.observe(3, 0.37);
+        a.observe(3, 0.11);
+        let first: Vec<_> = (0..50).map(|_| a.route()).collect();
+        assert!(first.iter().all(Option::is_some));
+        // Through JSON, as a checkpoint's manifest stores it.
+        let json = serde_json::to_string(&a.state()).unwrap();
+        let mut b = Router::from_state(serde_json::from_str(&json).unwrap());
+        assert_eq!(b.state(), a.state());
+        let pa: Vec<_> = (0..50).map(|_| a.route()).collect();
+        let pb: Vec<_> = (0..50).map(|_| b.route()).collect();
+        assert_eq!(pa, pb);
+        assert_eq!(a.rebalance(), b.rebalance());
     }
 
     #[test]

@@ -1,0 +1,353 @@
+//! Checkpoints of a whole pipeline: every stage's weights and AdamW state
+//! and the orchestrator's state, committed together or not at all.
+//!
+//! ```text
+//! RUN_DIR/checkpoints/
+//!   window-00000123/              committed: complete, manifest last
+//!     stage-0.safetensors         weights, adamw.m, adamw.v, step in the metadata
+//!     stage-1.safetensors
+//!     manifest.json               window, step, job text, seed, stages, router
+//!   .partial-window-00000124/     being written; never read
+//! ```
+//!
+//! Stages live on different ranks, so no one process can write a
+//! checkpoint alone. One miner per stage writes its file into the window's
+//! partial directory ([`Checkpoints::write_stage`]) and reports the
+//! returned [`StageEntry`]; the orchestrator, once it has every stage's
+//! entry, writes the manifest and renames the directory
+//! ([`Checkpoints::commit`]). The rename is the commit point: a crash before
+//! it leaves only a partial directory, which [`Checkpoints::latest`] never
+//! looks at, and every file is fsynced before it, so a committed directory
+//! survives a power cut whole.
+//!
+//! The manifest records each file's BLAKE3 and its weights digest, so
+//! loading refuses a damaged or swapped file, naming it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::fsutil::write_atomic;
+use crate::model::{AdamW, GptConfig, ModelError, StageModel};
+use crate::pipeline::RouterState;
+
+const MANIFEST: &str = "manifest.json";
+const COMMITTED_PREFIX: &str = "window-";
+const PARTIAL_PREFIX: &str = ".partial-window-";
+
+/// What a committed checkpoint holds, as `manifest.json`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// The last completed window: a resumed run starts at `window + 1`.
+    pub window: u64,
+    /// Optimizer steps taken (each stage's AdamW step count).
+    pub step: u64,
+    /// The job file's text, so the checkpoint alone says which model it
+    /// is (shape, stage split) and how it was trained.
+    pub job: String,
+    /// The job's seed: initial weights and data order.
+    pub seed: u64,
+    /// One entry per stage, in stage order.
+    pub stages: Vec<StageEntry>,
+    /// The orchestrator's routing state, so a resumed run routes the same.
+    pub router: RouterState,
+}
+
+/// One stage's file in a checkpoint, as its writer reports it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StageEntry {
+    pub stage: usize,
+    /// File name inside the checkpoint directory.
+    pub file: String,
+    /// BLAKE3 of the whole file, hex.
+    pub blake3: String,
+    /// BLAKE3 of the weights' flat buffer ([`StageModel::weights_digest`]),
+    /// hex: the window's known hash of the stage.
+    pub weights_digest: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("manifest {}: {message}", path.display())]
+    Manifest { path: PathBuf, message: String },
+    #[error("{}: {what} {actual} does not match the manifest's {expected}", path.display())]
+    Digest {
+        path: PathBuf,
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("checkpoint {} exists already", path.display())]
+    Exists { path: PathBuf },
+    #[error(transparent)]
+    Job(#[from] ConfigError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The checkpoints of one run: `RUN_DIR/checkpoints`.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    root: PathBuf,
+}
+
+impl Checkpoints {
+    pub fn new(run_dir: &Path) -> Checkpoints {
+        Checkpoints {
+            root: run_dir.join("checkpoints"),
+        }
+    }
+
+    /// `RUN_DIR/checkpoints`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The committed checkpoint directory of `window`.
+    pub fn dir(&self, window: u64) -> PathBuf {
+        self.root.join(format!("{COMMITTED_PREFIX}{window:08}"))
+    }
+
+    fn partial_dir(&self, window: u64) -> PathBuf {
+        self.root.join(format!("{PARTIAL_PREFIX}{window:08}"))
+    }
+
+    /// Writes `model`'s stage (weights, and `opt`'s moments and step) into
+    /// the partial checkpoint of `window`; the entry goes to the
+    /// orchestrator for the manifest. One miner per stage calls this.
+    pub fn write_stage(
+        &self,
+        window: u64,
+        model: &StageModel,
+        opt: &AdamW,
+    ) -> Result<StageEntry, CheckpointError> {
+        let dir = self.partial_dir(window);
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let file = format!("stage-{}.safetensors", model.stage());
+        let path = dir.join(&file);
+        let bytes = model.to_safetensors(Some(opt), &path)?;
+        write_atomic(&path, &bytes).map_err(io_error(&path))?;
+        Ok(StageEntry {
+            stage: model.stage(),
+            file,
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            weights_digest: model.weights_digest()?.to_hex().to_string(),
+        })
+    }
+
+    /// Commits the partial checkpoint of `manifest.window`: checks that
+    /// every stage's file is there as its entry says, writes the manifest,
+    /// renames the directory, and fsyncs. Then deletes all but the `keep`
+    /// newest committed checkpoints (at least this one is kept) and
+    /// abandoned partial ones of earlier windows. Returns the directory.
+    pub fn commit(&self, manifest: &Manifest, keep: usize) -> Result<PathBuf, CheckpointError> {
+        let partial = self.partial_dir(manifest.window);
+        let manifest_path = partial.join(MANIFEST);
+        let bad = |message: String| CheckpointError::Manifest {
+            path: manifest_path.clone(),
+            message,
+        };
+        let order: Vec<usize> = manifest.stages.iter().map(|e| e.stage).collect();
+        if order.is_empty() || order.iter().enumerate().any(|(i, &s)| s != i) {
+            return Err(bad(format!(
+                "stage entries {order:?} are not stages 0, 1, ... in order"
+            )));
+        }
+        for entry in &manifest.stages {
+            let path = partial.join(&entry.file);
+            let bytes = fs::read(&path).map_err(io_error(&path))?;
+            check_digest(&path, "file blake3", &entry.blake3, blake3::hash(&bytes))?;
+        }
+        let dir = self.dir(manifest.window);
+        if dir.exists() {
+            return Err(CheckpointError::Exists { path: dir });
+        }
+        let json = serde_json::to_vec_pretty(manifest).map_err(|e| bad(e.to_string()))?;
+        write_atomic(&manifest_path, &json).map_err(io_error(&manifest_path))?;
+        fs::rename(&partial, &dir).map_err(io_error(&partial))?;
+        // The rename, and on the first commit the checkpoints directory
+        // itself, are durable only once their parents are synced.
+        let run_dir = match self.root.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        for d in [self.root.as_path(), run_dir] {
+            fs::File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(io_error(d))?;
+        }
+        self.prune(manifest.window, keep)?;
+        Ok(dir)
+    }
+
+    /// Keeps the `keep` newest committed checkpoints up to `newest` whose
+    /// manifest reads, and deletes every other one up to `newest`, with the
+    /// partial ones before it (abandoned by a crash or a lost miner).
+    fn prune(&self, newest: u64, keep: usize) -> Result<(), CheckpointError> {
+        let (committed, partial) = self.windows()?;
+        let mut kept = 0;
+        for &window in committed.iter().rev().filter(|&&w| w <= newest) {
+            if kept < keep.max(1) && self.manifest(window).is_ok() {
+                kept += 1;
+                continue;
+            }
+            let dir = self.dir(window);
+            fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
+        }
+        for &window in partial.iter().filter(|&&w| w < newest) {
+            let dir = self.partial_dir(window);
+            fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// Windows of the committed and of the partial directories, ascending;
+    /// none if the run has no checkpoints directory yet.
+    fn windows(&self) -> Result<(Vec<u64>, Vec<u64>), CheckpointError> {
+        let (mut committed, mut partial) = (Vec::new(), Vec::new());
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((committed, partial)),
+            Err(e) => return Err(io_error(&self.root)(e)),
+        };
+        for entry in entries {
+            let name = entry.map_err(io_error(&self.root))?.file_name();
+            let name = name.to_string_lossy();
+            let parsed = |prefix: &str| name.strip_prefix(prefix)?.parse::<u64>().ok();
+            if let Some(w) = parsed(COMMITTED_PREFIX) {
+                committed.push(w);
+            } else if let Some(w) = parsed(PARTIAL_PREFIX) {
+                partial.push(w);
+            }
+        }
+        committed.sort_unstable();
+        partial.sort_unstable();
+        Ok((committed, partial))
+    }
+
+    /// The manifest of the committed checkpoint of `window`.
+    pub fn manifest(&self, window: u64) -> Result<Manifest, CheckpointError> {
+        let path = self.dir(window).join(MANIFEST);
+        let text = fs::read(&path).map_err(io_error(&path))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&text).map_err(|e| CheckpointError::Manifest {
+                path: path.clone(),
+                message: format!("unparsable: {e}"),
+            })?;
+        if manifest.window != window {
+            return Err(CheckpointError::Manifest {
+                path,
+                message: format!("names window {}", manifest.window),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// The newest committed checkpoint: the highest window whose manifest
+    /// reads. Partial directories are ignored, and so is a directory whose
+    /// manifest is missing (a crash while pruning it) or unreadable.
+    pub fn latest(&self) -> Result<Option<Manifest>, CheckpointError> {
+        let (committed, _) = self.windows()?;
+        Ok(committed.iter().rev().find_map(|&w| self.manifest(w).ok()))
+    }
+
+    /// Loads `model.stage()`'s weights and optimizer state from the
+    /// checkpoint of `manifest`, refusing a file whose BLAKE3 or weights
+    /// digest differs from the manifest's.
+    pub fn load_stage(
+        &self,
+        manifest: &Manifest,
+        model: &mut StageModel,
+        opt: &mut AdamW,
+    ) -> Result<(), CheckpointError> {
+        self.load(manifest, model, Some(opt))
+    }
+
+    /// Every stage of the checkpoint's model, weights loaded (no optimizer
+    /// state): the model for sampling. The shape and split come from the
+    /// manifest's job text; `vocab_size` from the corpus's tokenizer.
+    pub fn load_model(
+        &self,
+        manifest: &Manifest,
+        vocab_size: usize,
+    ) -> Result<Vec<StageModel>, CheckpointError> {
+        let spec = crate::config::parse(&manifest.job, &self.dir(manifest.window).join(MANIFEST))?;
+        let config = GptConfig::new(&spec.model, vocab_size)?;
+        let layers = spec.stage_layers();
+        (0..layers.len())
+            .map(|stage| {
+                let mut model = StageModel::new(&config, &layers, stage, manifest.seed)?;
+                self.load(manifest, &mut model, None)?;
+                Ok(model)
+            })
+            .collect()
+    }
+
+    /// Loads `model`'s stage, and the optimizer state if `opt` is given.
+    /// If the weights digest is wrong the weights are already replaced:
+    /// the caller must not go on with `model`.
+    fn load(
+        &self,
+        manifest: &Manifest,
+        model: &mut StageModel,
+        opt: Option<&mut AdamW>,
+    ) -> Result<(), CheckpointError> {
+        let dir = self.dir(manifest.window);
+        let entry = manifest
+            .stages
+            .iter()
+            .find(|e| e.stage == model.stage())
+            .filter(|_| manifest.stages.len() == model.n_stages())
+            .ok_or_else(|| CheckpointError::Manifest {
+                path: dir.join(MANIFEST),
+                message: format!(
+                    "has {} stages, no stage {} of {}",
+                    manifest.stages.len(),
+                    model.stage(),
+                    model.n_stages()
+                ),
+            })?;
+        let path = dir.join(&entry.file);
+        let bytes = fs::read(&path).map_err(io_error(&path))?;
+        check_digest(&path, "file blake3", &entry.blake3, blake3::hash(&bytes))?;
+        model.load_safetensors_bytes(&bytes, &path, opt)?;
+        check_digest(
+            &path,
+            "weights digest",
+            &entry.weights_digest,
+            model.weights_digest()?,
+        )
+    }
+}
+
+fn check_digest(
+    path: &Path,
+    what: &'static str,
+    expected: &str,
+    actual: blake3::Hash,
+) -> Result<(), CheckpointError> {
+    let actual = actual.to_hex().to_string();
+    if actual == expected {
+        return Ok(());
+    }
+    Err(CheckpointError::Digest {
+        path: path.to_path_buf(),
+        what,
+        expected: expected.to_string(),
+        actual,
+    })
+}
