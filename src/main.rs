@@ -45,6 +45,9 @@ enum Cmd {
         /// Rendezvous endpoint, overriding the job file (tcp://host:port, file:///dir).
         #[arg(long)]
         rdzv: Option<String>,
+        /// Continue a training job from the newest checkpoint in its run_dir.
+        #[arg(long)]
+        resume: bool,
         job: PathBuf,
     },
     /// Run one rank; rank and size come from mpirun, srun, PMI(x) or RANK/WORLD_SIZE.
@@ -52,6 +55,10 @@ enum Cmd {
         /// Rendezvous endpoint, overriding the job file and SWARMRUN_RENDEZVOUS.
         #[arg(long)]
         rdzv: Option<String>,
+        /// Continue a training job from the newest checkpoint in its run_dir
+        /// (implied when a launcher restarts the job).
+        #[arg(long)]
+        resume: bool,
         job: PathBuf,
     },
     /// Validate a job file and print each rank's site, host, role and stage.
@@ -180,6 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_restarts,
             grace_period,
             rdzv,
+            resume,
             job,
         } => {
             let spec = config::load(&job)?;
@@ -191,13 +199,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     rdzv: rdzv.as_deref(),
                     max_restarts,
                     grace: Duration::from_secs_f64(grace_period.max(0.0)),
+                    resume,
                 },
             )?;
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
         }
-        Cmd::Rank { rdzv, job } => {
+        Cmd::Rank { rdzv, resume, job } => {
             let spec = config::load(&job)?;
-            run_rank(&spec, rdzv.as_deref())?;
+            run_rank(&spec, &job, rdzv.as_deref(), resume)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check { nprocs, job } => {
@@ -300,7 +309,7 @@ fn sample(run_dir: &Path, prompt: &str, opts: &SampleOptions) -> Result<()> {
 }
 
 /// One rank: join the world, run the job file's task.
-fn run_rank(spec: &JobSpec, rdzv: Option<&str>) -> Result<()> {
+fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Result<()> {
     let joined = launch::join(spec, rdzv)?;
     let me = joined.me();
     println!(
@@ -316,7 +325,12 @@ fn run_rank(spec: &JobSpec, rdzv: Option<&str>) -> Result<()> {
     crash_if_planned(spec, joined.world.rank);
     match spec.job.task {
         Task::Hello => run_hello(spec, &joined),
-        Task::Train => run_train(spec, &joined),
+        Task::Train => {
+            // torchrun's restarts rerun the script, which loads its own
+            // checkpoint; ours resume for the user.
+            let restarted = std::env::var("SWARMRUN_RESTART_COUNT").is_ok_and(|n| n != "0");
+            run_train(spec, job, &joined, resume || restarted)
+        }
         Task::BenchAllreduce => run_bench_allreduce(spec, &joined),
     }
 }
@@ -336,18 +350,32 @@ fn crash_if_planned(spec: &JobSpec, rank: usize) {
 }
 
 /// A rank of the training job, by its role.
-fn run_train(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
+fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) -> Result<()> {
     use swarmrun::config::Role;
-    use swarmrun::roles;
+    use swarmrun::metrics::MetricsLog;
+    use swarmrun::roles::{self, StartPoint};
     let t = joined.transport.as_dyn();
     match joined.me().role {
         Role::Orchestrator => {
+            let text = std::fs::read_to_string(job)
+                .with_context(|| format!("reading {}", job.display()))?;
+            let start = StartPoint::find(spec, text, resume)?;
             let run_dir = spec.job.run_dir();
-            let mut metrics = swarmrun::metrics::MetricsLog::create(&run_dir)
-                .with_context(|| format!("creating {}", run_dir.display()))?;
+            let mut metrics = match &start.resumed {
+                Some(m) => {
+                    println!(
+                        "resuming after window {} from {}",
+                        m.window,
+                        run_dir.join("checkpoints").display()
+                    );
+                    MetricsLog::resume(&run_dir, m.window)
+                }
+                None => MetricsLog::create(&run_dir),
+            }
+            .with_context(|| format!("opening the metrics in {}", run_dir.display()))?;
             let started = std::time::Instant::now();
             let mut written = Ok(());
-            roles::orchestrate(t, spec, &joined.plan, |w| {
+            roles::orchestrate(t, spec, &joined.plan, &start, |w| {
                 let val = w
                     .val_loss
                     .map_or(String::new(), |v| format!("  val_loss {v:.4}"));
@@ -363,6 +391,9 @@ fn run_train(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
                     w.tokens_per_s,
                     100.0 * w.bubble
                 );
+                if let Some(dir) = &w.checkpoint {
+                    println!("checkpoint {}", dir.display());
+                }
                 if written.is_ok() {
                     written = metrics.append(w, started.elapsed().as_secs_f64());
                 }

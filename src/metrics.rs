@@ -14,11 +14,42 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens `run_dir/metrics.jsonl` for appending, creating the directory.
+    /// Starts `run_dir/metrics.jsonl` afresh, creating the directory.
     pub fn create(run_dir: &Path) -> io::Result<MetricsLog> {
         fs::create_dir_all(run_dir)?;
         let path = run_dir.join("metrics.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        fs::write(&path, b"")?;
+        Self::open(path)
+    }
+
+    /// Continues `run_dir/metrics.jsonl` after `window`, the checkpoint a
+    /// run resumes from: lines of later windows (written before the
+    /// interruption, and about to be redone) are dropped, so each window
+    /// appears once.
+    pub fn resume(run_dir: &Path, window: u64) -> io::Result<MetricsLog> {
+        fs::create_dir_all(run_dir)?;
+        let path = run_dir.join("metrics.jsonl");
+        let old = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let kept: String = old
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("window")?.as_u64())
+                    .is_some_and(|w| w <= window)
+            })
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        crate::fsutil::write_atomic(&path, kept.as_bytes())?;
+        Self::open(path)
+    }
+
+    fn open(path: PathBuf) -> io::Result<MetricsLog> {
+        let file = OpenOptions::new().append(true).open(&path)?;
         Ok(MetricsLog { file, path })
     }
 
@@ -62,6 +93,7 @@ mod tests {
             tokens_per_s: 1000.0,
             bubble: 0.25,
             attempts: 1,
+            checkpoint: None,
         };
         log.append(&r, 1.5).unwrap();
         log.append(
@@ -79,5 +111,32 @@ mod tests {
             "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"elapsed_s\":1.500}"
         );
         assert!(lines[1].contains("\"val_loss\":2.25,"));
+    }
+
+    #[test]
+    fn resuming_drops_the_windows_after_the_checkpoint_and_a_fresh_start_drops_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let mut log = MetricsLog::create(&run).unwrap();
+        for window in 0..5 {
+            let r = WindowReport {
+                window,
+                mean_loss: 2.5,
+                val_loss: None,
+                tokens_per_s: 1.0,
+                bubble: 0.0,
+                attempts: 1,
+                checkpoint: None,
+            };
+            log.append(&r, 1.0).unwrap();
+        }
+        let log = MetricsLog::resume(&run, 2).unwrap();
+        let text = fs::read_to_string(log.path()).unwrap();
+        let windows: Vec<bool> = (0..5)
+            .map(|w| text.contains(&format!("{{\"window\":{w},")))
+            .collect();
+        assert_eq!(windows, [true, true, true, false, false], "{text}");
+        let log = MetricsLog::create(&run).unwrap();
+        assert_eq!(fs::read_to_string(log.path()).unwrap(), "");
     }
 }

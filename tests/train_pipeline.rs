@@ -137,3 +137,65 @@ fn a_stage_left_without_miners_ends_the_job_with_an_error() {
         stderr(&out)
     );
 }
+
+/// The orchestrator dies in window 9; checkpoints were written after
+/// windows 3 and 7. `launch --resume` continues from window 8 and the
+/// metrics end with the loss bits of the run that was never interrupted.
+#[test]
+fn a_resumed_run_continues_the_exact_loss_sequence_of_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let every = "checkpoint_every = 4\n";
+    let (whole, _) = run(&train_job(dir.path(), "whole", 2, 12, every));
+
+    let crash = format!("{every}\n[[faults.crash]]\nrank = 0\nexit_code = 5\nwindow = 9\n");
+    let job = train_job(dir.path(), "cut", 2, 12, &crash);
+    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let checkpoints = dir.path().join("cut/checkpoints");
+    let mut kept: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["window-00000003", "window-00000007"]);
+
+    // Without --resume the run directory is not reused.
+    let again = swarmrun().arg("launch").arg(&job).output().unwrap();
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("pass --resume"),
+        "{}",
+        stderr(&again)
+    );
+
+    // The same job without the fault, resumed.
+    let job = train_job(dir.path(), "cut", 2, 12, every);
+    let out = swarmrun()
+        .args(["launch", "--resume"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("resuming after window 7"),
+        "{}",
+        stdout(&out)
+    );
+    let resumed = std::fs::read_to_string(dir.path().join("cut/metrics.jsonl")).unwrap();
+    let resumed: Vec<String> = resumed.lines().map(str::to_string).collect();
+    assert_eq!(losses(&whole), losses(&resumed));
+
+    // The last checkpoint samples text from the corpus' alphabet.
+    let sample = swarmrun()
+        .args(["sample", "--tokens", "50", "--prompt", "ROMEO:"])
+        .arg(dir.path().join("cut"))
+        .output()
+        .unwrap();
+    assert!(sample.status.success(), "{}", stderr(&sample));
+    assert!(stdout(&sample).starts_with("ROMEO:"));
+    assert!(
+        stderr(&sample).contains("window-00000011"),
+        "{}",
+        stderr(&sample)
+    );
+}

@@ -291,6 +291,10 @@ pub struct TrainSpec {
     pub eval_every: u64,
     /// Validation microbatches per evaluation.
     pub eval_microbatches: u64,
+    /// A checkpoint every this many windows (and after the last); 0 never.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in `run_dir/checkpoints`, newest first (at least 1).
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainSpec {
@@ -303,6 +307,8 @@ impl Default for TrainSpec {
             weight_decay: 0.1,
             eval_every: 10,
             eval_microbatches: 8,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
         }
     }
 }

@@ -175,6 +175,9 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     if t.eval_every == 0 {
         return violation("train.eval_every", "must be at least 1");
     }
+    if t.keep_checkpoints == 0 {
+        return violation("train.keep_checkpoints", "must be at least 1");
+    }
     for (field, value) in [
         ("lr", t.lr),
         ("min_lr", t.min_lr),

@@ -53,6 +53,8 @@ pub struct LaunchRequest<'a> {
     pub rdzv: Option<&'a str>,
     pub max_restarts: u32,
     pub grace: Duration,
+    /// Pass `--resume` to every rank.
+    pub resume: bool,
 }
 
 /// Plans the ranks, fixes the rendezvous and the key, and runs the job.
@@ -85,7 +87,13 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
         .unwrap_or(0);
     let opts = LaunchOptions {
         exe: std::env::current_exe().map_err(StartError::Exe)?,
-        rank_args: vec![req.job_path.as_os_str().to_owned()],
+        rank_args: {
+            let mut args = vec![req.job_path.as_os_str().to_owned()];
+            if req.resume {
+                args.push("--resume".into());
+            }
+            args
+        },
         labels: plan
             .ranks
             .iter()

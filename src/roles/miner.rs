@@ -15,6 +15,7 @@ use candle_core::{Device, Tensor};
 
 use super::protocol::{self, Order, Report, Route};
 use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
+use crate::checkpoint::Checkpoints;
 use crate::collective::{all_reduce_fixed_point, Call, CollectiveError, Group};
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::Split;
@@ -32,8 +33,24 @@ pub fn mine<T: Transport + ?Sized>(
     stage: usize,
 ) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
-    let model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
-    let opt = AdamW::new(adamw_config(spec), model.layout());
+    let mut model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
+    let mut opt = AdamW::new(adamw_config(spec), model.layout());
+    let checkpoints = Checkpoints::new(&spec.job.run_dir());
+    match recv_order(t)? {
+        Order::Start { checkpoint: None } => {}
+        Order::Start {
+            checkpoint: Some(window),
+        } => {
+            let manifest = checkpoints.manifest(window)?;
+            checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
+        }
+        other => {
+            return Err(TrainError::Protocol {
+                rank: 0,
+                reason: format!("expected Start, got {other:?}"),
+            })
+        }
+    }
     let stage_miners = plan
         .ranks
         .iter()
@@ -43,6 +60,7 @@ pub fn mine<T: Transport + ?Sized>(
     let mut miner = Miner {
         t,
         spec,
+        checkpoints,
         setup,
         stage,
         stage_miners,
@@ -71,11 +89,17 @@ pub fn mine<T: Transport + ?Sized>(
                 miner.close(window, attempt, &counted, &lost)?;
                 recv_order(t)?
             }
-            Order::Step { window, .. } => {
-                miner.step(window)?;
+            Order::Step { window, writers } => {
+                miner.step(window, &writers)?;
                 recv_order(t)?
             }
             Order::Stop => return Ok(()),
+            Order::Start { .. } => {
+                return Err(TrainError::Protocol {
+                    rank: 0,
+                    reason: "a second Start".into(),
+                })
+            }
         }
     }
 }
@@ -83,6 +107,7 @@ pub fn mine<T: Transport + ?Sized>(
 struct Miner<'a, T: ?Sized> {
     t: &'a T,
     spec: &'a JobSpec,
+    checkpoints: Checkpoints,
     setup: Setup,
     stage: usize,
     /// Every miner the plan gave this stage, lost or not.
@@ -329,8 +354,9 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
     }
 
     /// Applies the reduced gradients (the mean over the window's training
-    /// microbatches) and reports the new weights' digest.
-    fn step(&mut self, window: u64) -> Result<(), TrainError> {
+    /// microbatches), writes the stage's checkpoint if this miner is among
+    /// `writers`, and reports the new weights' digest.
+    fn step(&mut self, window: u64, writers: &[usize]) -> Result<(), TrainError> {
         let sum = match self.reduced.take() {
             Some((w, sum)) if w == window => sum,
             _ => {
@@ -343,13 +369,21 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         let scale = 1.0 / self.setup.per_window as f32;
         self.model.optimizer_step(&mut self.opt, &sum, scale)?;
         self.grads.clear();
+        let checkpoint = if writers.contains(&self.t.rank()) {
+            Some(
+                self.checkpoints
+                    .write_stage(window, &self.model, &self.opt)?,
+            )
+        } else {
+            None
+        };
         send_report(
             self.t,
             &Report::Stepped {
                 window,
                 stage: self.stage,
                 digest: self.model.weights_digest()?.to_hex().to_string(),
-                checkpoint: None,
+                checkpoint,
             },
         )
     }

@@ -7,5 +7,5 @@ pub mod protocol;
 pub mod train;
 
 pub use miner::mine;
-pub use orchestrator::orchestrate;
+pub use orchestrator::{orchestrate, StartPoint};
 pub use train::{observe, TrainError, WindowReport};

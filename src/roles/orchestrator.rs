@@ -4,10 +4,12 @@
 //! update another stage may still have to redo.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::protocol::{self, Order, Report, Route};
 use super::train::{crash_if_planned, miners_of, Setup, TrainError, WindowReport};
+use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
 use crate::config::{JobSpec, Plan};
 use crate::pipeline::{InFlight, Router};
 use crate::transport::{Transport, TransportError};
@@ -15,26 +17,70 @@ use crate::transport::{Transport, TransportError};
 /// How long one poll waits on one miner when none has anything to say.
 const POLL: Duration = Duration::from_millis(1);
 
-/// Runs the job's windows, calling `report` after each.
+/// Where a run starts: fresh, or after the newest checkpoint.
+#[derive(Debug, Clone)]
+pub struct StartPoint {
+    /// The checkpoint resumed from.
+    pub resumed: Option<Manifest>,
+    /// The job file's text, recorded in every checkpoint's manifest.
+    pub job_text: String,
+}
+
+impl StartPoint {
+    /// With `resume`, the newest checkpoint in the run directory (none:
+    /// a fresh start). Without it, a run directory that already holds
+    /// checkpoints is refused rather than mixed with a new run.
+    pub fn find(spec: &JobSpec, job_text: String, resume: bool) -> Result<StartPoint, TrainError> {
+        let checkpoints = Checkpoints::new(&spec.job.run_dir());
+        let latest = checkpoints.latest()?;
+        if let (false, Some(m)) = (resume, &latest) {
+            return Err(TrainError::RunDirTaken {
+                dir: spec.job.run_dir(),
+                window: m.window,
+            });
+        }
+        Ok(StartPoint {
+            resumed: latest,
+            job_text,
+        })
+    }
+
+    /// The first window to run.
+    pub fn first_window(&self) -> u64 {
+        self.resumed.as_ref().map_or(0, |m| m.window + 1)
+    }
+}
+
+/// Runs the job's windows from `start`, calling `report` after each.
 pub fn orchestrate<T: Transport + ?Sized>(
     t: &T,
     spec: &JobSpec,
     plan: &Plan,
+    start: &StartPoint,
     mut report: impl FnMut(&WindowReport),
 ) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let miners: BTreeMap<usize, usize> = miners_of(plan).into_iter().collect();
     let assignment: Vec<(usize, usize)> = miners.iter().map(|(r, s)| (*r, *s)).collect();
+    let router = match &start.resumed {
+        Some(m) => Router::from_state(m.router.clone()),
+        None => Router::new(setup.stages, &assignment, spec.job.seed),
+    };
     let mut o = Orchestrator {
         t,
-        router: Router::new(setup.stages, &assignment, spec.job.seed),
+        spec,
+        start,
+        router,
         setup,
         listeners: (1..t.size()).collect(),
         miners,
         lost: BTreeSet::new(),
         cursor: 0,
     };
-    for window in 0..spec.train.windows {
+    o.broadcast(&Order::Start {
+        checkpoint: start.resumed.as_ref().map(|m| m.window),
+    })?;
+    for window in start.first_window()..spec.train.windows {
         crash_if_planned(spec, t.rank(), window);
         let last_window = window + 1 == spec.train.windows;
         let evals = if last_window || (window + 1) % spec.train.eval_every == 0 {
@@ -49,6 +95,8 @@ pub fn orchestrate<T: Transport + ?Sized>(
 
 struct Orchestrator<'a, T: ?Sized> {
     t: &'a T,
+    spec: &'a JobSpec,
+    start: &'a StartPoint,
     setup: Setup,
     router: Router,
     /// Every rank still in the job but this one: miners and validators.
@@ -99,7 +147,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             }
             self.next_attempt(&mut w)?;
         }
-        self.step(window)?;
+        let checkpoint = self.step(window)?;
 
         let (mut train, mut val) = (0.0f64, 0.0f64);
         for (id, loss) in &w.losses {
@@ -118,6 +166,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             tokens_per_s: tokens as f64 / wall,
             bubble: 1.0 - w.busy_s / (self.miners.len() as f64 * wall),
             attempts: w.attempt + 1,
+            checkpoint,
         })
     }
 
@@ -258,17 +307,31 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     }
 
     /// Phase two: every miner steps; digests must agree within each stage.
-    fn step(&mut self, window: u64) -> Result<(), TrainError> {
+    /// When a checkpoint is due, the lowest live miner of each stage writes
+    /// its stage and the manifest is committed here; returns its directory.
+    fn step(&mut self, window: u64) -> Result<Option<PathBuf>, TrainError> {
+        let train = &self.spec.train;
+        let due = train.checkpoint_every > 0
+            && ((window + 1) % train.checkpoint_every == 0 || window + 1 == train.windows);
+        let writers: Vec<usize> = if due {
+            (0..self.setup.stages)
+                .filter_map(|s| self.router.stage_miners(s).into_iter().min())
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.broadcast(&Order::Step {
             window,
-            checkpoint: false,
+            writers: writers.clone(),
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
         let mut digests: BTreeMap<usize, String> = BTreeMap::new();
+        let mut entries: BTreeMap<usize, StageEntry> = BTreeMap::new();
         while !waiting.is_empty() {
             match self.next_event()? {
                 // Its stage already holds the reduced gradients: the loss
-                // costs nothing but the miner.
+                // costs nothing but the miner (and, for a writer, this
+                // window's checkpoint).
                 Event::Lost(rank) => {
                     waiting.remove(&rank);
                 }
@@ -278,7 +341,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                         window: w,
                         stage,
                         digest,
-                        ..
+                        checkpoint,
                     },
                 ) if w == window => {
                     waiting.remove(&from);
@@ -286,11 +349,32 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                         return Err(TrainError::DigestMismatch { window, stage });
                     }
                     digests.insert(stage, digest);
+                    if let Some(entry) = checkpoint.filter(|_| writers.contains(&from)) {
+                        entries.insert(entry.stage, entry);
+                    }
                 }
                 Event::Report(..) => {}
             }
         }
-        Ok(())
+        if !due {
+            return Ok(None);
+        }
+        if entries.len() != self.setup.stages {
+            eprintln!(
+                "orchestrator: a checkpoint writer was lost; no checkpoint for window {window}"
+            );
+            return Ok(None);
+        }
+        let manifest = Manifest {
+            window,
+            step: window + 1,
+            job: self.start.job_text.clone(),
+            seed: self.spec.job.seed,
+            stages: entries.into_values().collect(),
+            router: self.router.state(),
+        };
+        let checkpoints = Checkpoints::new(&self.spec.job.run_dir());
+        Ok(Some(checkpoints.commit(&manifest, train.keep_checkpoints)?))
     }
 
     fn route(&mut self, n: usize) -> Result<Vec<Vec<usize>>, TrainError> {

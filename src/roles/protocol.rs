@@ -20,10 +20,15 @@
 //!    lost now sends the window back to step 1.
 //! 3. `Step`: every stage reduced, so every miner applies the same AdamW
 //!    step and reports its weight digest, which the orchestrator compares
-//!    within each stage.
+//!    within each stage. When a checkpoint is due, one miner per stage
+//!    writes its stage and the orchestrator commits the manifest.
+//!
+//! Before the first window, `Start` says whether to load a checkpoint.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::checkpoint::StageEntry;
 
 /// Tag kinds, in the top byte; the low bytes carry a window or microbatch.
 const KIND_ORDER: u64 = 0x4f;
@@ -82,6 +87,10 @@ pub struct Route {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Order {
+    /// The first order: load the checkpoint of this window, or start fresh.
+    Start {
+        checkpoint: Option<u64>,
+    },
     /// Serve these microbatches, in ascending id; drop any earlier attempt.
     Run {
         window: u64,
@@ -97,11 +106,11 @@ pub enum Order {
         /// Every miner lost so far in the job.
         lost: Vec<usize>,
     },
-    /// Apply the reduced gradients; write this stage's checkpoint if asked
-    /// (the lowest live miner of each stage does).
+    /// Apply the reduced gradients; the miners in `writers` (one per stage,
+    /// empty when no checkpoint is due) write their stage's checkpoint.
     Step {
         window: u64,
-        checkpoint: bool,
+        writers: Vec<usize>,
     },
     Stop,
 }
@@ -127,13 +136,13 @@ pub enum Report {
         attempt: u32,
         reason: String,
     },
-    /// The step is applied; `checkpoint` is the written stage file's entry
-    /// as JSON, when this miner wrote one.
+    /// The step is applied; `checkpoint` is the stage file this miner
+    /// wrote, when it was a writer.
     Stepped {
         window: u64,
         stage: usize,
         digest: String,
-        checkpoint: Option<String>,
+        checkpoint: Option<StageEntry>,
     },
 }
 

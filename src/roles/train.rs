@@ -2,11 +2,13 @@
 //! orchestrator lives in [`super::orchestrator`], miners in
 //! [`super::miner`], the protocol between them in [`super::protocol`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
 
 use super::protocol::{self, Order, ProtocolError, Report};
+use crate::checkpoint::CheckpointError;
 use crate::collective::CollectiveError;
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::{Corpus, DataError, Dataset};
@@ -35,6 +37,13 @@ pub enum TrainError {
     Protocol { rank: usize, reason: String },
     #[error("no miner reported anything for {waited:?}")]
     Stalled { waited: Duration },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(
+        "{dir} holds checkpoints up to window {window} of an earlier run: \
+         pass --resume to continue it, or give the job another run_dir"
+    )]
+    RunDirTaken { dir: PathBuf, window: u64 },
 }
 
 /// One window's result, as the orchestrator sees it.
@@ -53,6 +62,8 @@ pub struct WindowReport {
     pub bubble: f64,
     /// Attempts the window needed: more than 1 when miners were lost.
     pub attempts: u32,
+    /// The checkpoint committed after this window, if one was.
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// What every role needs to know about the job.
@@ -132,6 +143,7 @@ pub fn observe<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Train
             Order::Run {
                 window, attempt: 0, ..
             } => crash_if_planned(spec, t.rank(), window),
+            // Every other order is for miners.
             _ => {}
         }
     }
