@@ -376,21 +376,7 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
             let started = std::time::Instant::now();
             let mut written = Ok(());
             roles::orchestrate(t, spec, &joined.plan, &start, |w| {
-                let val = w
-                    .val_loss
-                    .map_or(String::new(), |v| format!("  val_loss {v:.4}"));
-                let retried = if w.attempts > 1 {
-                    format!("  ({} attempts)", w.attempts)
-                } else {
-                    String::new()
-                };
-                println!(
-                    "window {:>5}  loss {:.4}{val}  {:.0} tokens/s  bubble {:.0}%{retried}",
-                    w.window,
-                    w.mean_loss,
-                    w.tokens_per_s,
-                    100.0 * w.bubble
-                );
+                println!("{w}");
                 if let Some(dir) = &w.checkpoint {
                     println!("checkpoint {}", dir.display());
                 }

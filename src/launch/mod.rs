@@ -1,8 +1,9 @@
 //! Starting ranks: `swarmrun launch` (our own spawner for one host) and
 //! `swarmrun rank` (one rank, under any launcher).
 
+pub mod progress;
 pub mod rank;
-pub mod spawn;
+mod spawn;
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -126,6 +127,7 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
         run_id: format!("{}-{}-{}", spec.job.name, std::process::id(), now_us),
         max_restarts: req.max_restarts,
         grace: req.grace,
+        progress_windows: (spec.job.task == Task::Train).then_some(spec.train.windows),
     };
     Ok(launch(&opts)?)
 }

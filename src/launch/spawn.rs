@@ -26,6 +26,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use thiserror::Error;
 
+use super::progress::Progress;
 use crate::world::detect::identity_variables;
 
 /// What one launch needs to know.
@@ -47,6 +48,8 @@ pub struct LaunchOptions {
     pub run_id: String,
     pub max_restarts: u32,
     pub grace: Duration,
+    /// Windows of a training job, for the progress bar on a terminal.
+    pub progress_windows: Option<u64>,
 }
 
 #[derive(Debug, Error)]
@@ -123,6 +126,10 @@ fn run_attempt(
     let (exit_tx, exit_rx) = mpsc::channel::<(usize, i32)>();
     let mut pids: Vec<Pid> = Vec::with_capacity(size);
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(3 * size);
+    let progress = opts
+        .progress_windows
+        .and_then(Progress::on_terminal)
+        .map(Arc::new);
     for (rank, label) in opts.labels.iter().enumerate() {
         let child = match spawn_rank(opts, rank, attempt) {
             Ok(c) => c,
@@ -137,7 +144,12 @@ fn run_attempt(
             }
         };
         pids.push(Pid::from_raw(child.id() as i32));
-        threads.extend(relay_and_wait(child, rank, label, exit_tx.clone()));
+        let relay = match &progress {
+            None => Relay::Plain,
+            Some(p) if rank == 0 => Relay::Feeding(Arc::clone(p)),
+            Some(p) => Relay::Beside(Arc::clone(p)),
+        };
+        threads.extend(relay_and_wait(child, rank, label, relay, exit_tx.clone()));
     }
     drop(exit_tx);
 
@@ -192,6 +204,9 @@ fn run_attempt(
     for t in threads {
         let _ = t.join();
     }
+    if let Some(p) = progress {
+        p.finish();
+    }
     Ok(match (signalled, first_failure) {
         (Some(signal), _) => Outcome::Signalled { signal },
         (None, Some((rank, status))) => Outcome::RankFailed { rank, status },
@@ -220,22 +235,42 @@ fn spawn_rank(opts: &LaunchOptions, rank: usize, attempt: u32) -> io::Result<Chi
     cmd.spawn()
 }
 
+/// What relaying a rank's output does besides copying lines.
+#[derive(Clone)]
+enum Relay {
+    Plain,
+    /// Prints around the progress bar.
+    Beside(Arc<Progress>),
+    /// Rank 0's stdout: its window lines move the bar.
+    Feeding(Arc<Progress>),
+}
+
 /// Starts the threads that relay a child's stdout and stderr and the one
 /// that waits for it, which reports `(rank, status)` on `exits`.
 fn relay_and_wait(
     mut child: Child,
     rank: usize,
     label: &str,
+    relay: Relay,
     exits: mpsc::Sender<(usize, i32)>,
 ) -> Vec<JoinHandle<()>> {
     let prefix = format!("[{label}] ").into_bytes();
     let mut handles = Vec::with_capacity(3);
     if let Some(out) = child.stdout.take() {
         let prefix = prefix.clone();
-        handles.push(thread::spawn(move || relay_lines(out, &prefix, io::stdout)));
+        let relay = relay.clone();
+        handles.push(thread::spawn(move || {
+            relay_lines(out, &prefix, io::stdout, &relay)
+        }));
     }
     if let Some(err) = child.stderr.take() {
-        handles.push(thread::spawn(move || relay_lines(err, &prefix, io::stderr)));
+        let relay = match relay {
+            Relay::Feeding(p) => Relay::Beside(p),
+            other => other,
+        };
+        handles.push(thread::spawn(move || {
+            relay_lines(err, &prefix, io::stderr, &relay)
+        }));
     }
     handles.push(thread::spawn(move || {
         let status = child.wait().map(shell_status).unwrap_or(1);
@@ -246,7 +281,7 @@ fn relay_and_wait(
 
 /// Copies `from` to `to` line by line, each line prefixed and written with
 /// one locked write so lines of different ranks never interleave.
-fn relay_lines<R: Read, W: Write>(from: R, prefix: &[u8], to: impl Fn() -> W) {
+fn relay_lines<R: Read, W: Write>(from: R, prefix: &[u8], to: impl Fn() -> W, relay: &Relay) {
     let mut reader = BufReader::with_capacity(64 * 1024, from);
     let mut line = Vec::with_capacity(256);
     let mut out = Vec::with_capacity(256);
@@ -262,9 +297,16 @@ fn relay_lines<R: Read, W: Write>(from: R, prefix: &[u8], to: impl Fn() -> W) {
         if !line.ends_with(b"\n") {
             out.push(b'\n');
         }
-        let mut sink = to();
-        // A closed terminal is no reason to stop draining the child's pipe.
-        let _ = sink.write_all(&out).and_then(|_| sink.flush());
+        let write = || {
+            let mut sink = to();
+            // A closed terminal is no reason to stop draining the child's pipe.
+            let _ = sink.write_all(&out).and_then(|_| sink.flush());
+        };
+        match relay {
+            Relay::Plain => write(),
+            Relay::Feeding(p) if p.take(&String::from_utf8_lossy(&line)) => {}
+            Relay::Beside(p) | Relay::Feeding(p) => p.above(write),
+        }
     }
 }
 
@@ -301,7 +343,7 @@ mod tests {
                 Ok(())
             }
         }
-        relay_lines(input, b"[r1 miner s0] ", || Sink(&sink));
+        relay_lines(input, b"[r1 miner s0] ", || Sink(&sink), &Relay::Plain);
         assert_eq!(
             String::from_utf8(sink.into_inner().unwrap()).unwrap(),
             "[r1 miner s0] hello\n[r1 miner s0] partial\n"

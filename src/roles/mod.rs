@@ -8,4 +8,4 @@ pub mod train;
 
 pub use miner::mine;
 pub use orchestrator::{orchestrate, StartPoint};
-pub use train::{observe, TrainError, WindowReport};
+pub use train::{observe, TrainError, WindowLine, WindowReport};

@@ -66,6 +66,58 @@ pub struct WindowReport {
     pub checkpoint: Option<PathBuf>,
 }
 
+/// The console line rank 0 prints per window; [`WindowLine::parse`] reads
+/// it back for the launcher's progress bar.
+impl std::fmt::Display for WindowReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "window {:>5}  loss {:.4}", self.window, self.mean_loss)?;
+        if let Some(v) = self.val_loss {
+            write!(f, "  val_loss {v:.4}")?;
+        }
+        write!(
+            f,
+            "  {:.0} tokens/s  bubble {:.0}%",
+            self.tokens_per_s,
+            100.0 * self.bubble
+        )?;
+        if self.attempts > 1 {
+            write!(f, "  ({} attempts)", self.attempts)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the launcher needs from a printed [`WindowReport`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowLine {
+    pub window: u64,
+    pub loss: f32,
+    pub val_loss: Option<f32>,
+    pub tokens_per_s: f64,
+}
+
+impl WindowLine {
+    pub fn parse(line: &str) -> Option<WindowLine> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (val_loss, rest) = match words.get(4) {
+            Some(&"val_loss") => (Some(words.get(5)?.parse().ok()?), &words[6..]),
+            _ => (None, words.get(4..)?),
+        };
+        if words.first() != Some(&"window") || words.get(2) != Some(&"loss") {
+            return None;
+        }
+        if rest.get(1) != Some(&"tokens/s") {
+            return None;
+        }
+        Some(WindowLine {
+            window: words.get(1)?.parse().ok()?,
+            loss: words.get(3)?.parse().ok()?,
+            val_loss,
+            tokens_per_s: rest.first()?.parse().ok()?,
+        })
+    }
+}
+
 /// What every role needs to know about the job.
 pub(super) struct Setup {
     pub stages: usize,
@@ -132,6 +184,38 @@ pub(super) fn recv_order<T: Transport + ?Sized>(t: &T) -> Result<Order, TrainErr
 
 pub(super) fn send_report<T: Transport + ?Sized>(t: &T, r: &Report) -> Result<(), TrainError> {
     Ok(t.send(0, protocol::REPORT_TAG, &protocol::encode(r))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printed_window_reads_back_and_other_lines_do_not() {
+        let mut r = WindowReport {
+            window: 42,
+            mean_loss: 1.98765,
+            val_loss: Some(2.0),
+            tokens_per_s: 12345.6,
+            bubble: 0.5,
+            attempts: 2,
+            checkpoint: None,
+        };
+        let line = WindowLine::parse(&r.to_string()).unwrap();
+        assert_eq!(
+            line,
+            WindowLine {
+                window: 42,
+                loss: 1.9877,
+                val_loss: Some(2.0),
+                tokens_per_s: 12346.0
+            }
+        );
+        r.val_loss = None;
+        assert_eq!(WindowLine::parse(&r.to_string()).unwrap().val_loss, None);
+        assert_eq!(WindowLine::parse("window of opportunity"), None);
+        assert_eq!(WindowLine::parse("rank 0/6 on host"), None);
+    }
 }
 
 /// A validator: follows the orders until told to stop (replay comes with
