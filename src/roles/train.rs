@@ -186,6 +186,21 @@ pub(super) fn send_report<T: Transport + ?Sized>(t: &T, r: &Report) -> Result<()
     Ok(t.send(0, protocol::REPORT_TAG, &protocol::encode(r))?)
 }
 
+/// A validator: follows the orders until told to stop (replay comes with
+/// the validators issue).
+pub fn observe<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+    loop {
+        match recv_order(t)? {
+            Order::Stop => return Ok(()),
+            Order::Run {
+                window, attempt: 0, ..
+            } => crash_if_planned(spec, t.rank(), window),
+            // Every other order is for miners.
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,20 +230,5 @@ mod tests {
         assert_eq!(WindowLine::parse(&r.to_string()).unwrap().val_loss, None);
         assert_eq!(WindowLine::parse("window of opportunity"), None);
         assert_eq!(WindowLine::parse("rank 0/6 on host"), None);
-    }
-}
-
-/// A validator: follows the orders until told to stop (replay comes with
-/// the validators issue).
-pub fn observe<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    loop {
-        match recv_order(t)? {
-            Order::Stop => return Ok(()),
-            Order::Run {
-                window, attempt: 0, ..
-            } => crash_if_planned(spec, t.rank(), window),
-            // Every other order is for miners.
-            _ => {}
-        }
     }
 }
