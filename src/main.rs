@@ -387,7 +387,7 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
             written.with_context(|| format!("writing {}", metrics.path().display()))?;
         }
         Role::Validator => roles::observe(t, spec)?,
-        Role::Miner { stage } => roles::mine(t, spec, &joined.plan, stage)?,
+        Role::Miner { stage } => roles::mine(t, spec, stage)?,
     }
     Ok(())
 }

@@ -21,9 +21,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::rng::SplitMix64;
 
-/// Throughput given to a miner before it has been measured: the mean of
-/// the measured ones would favour nobody, but at start there are none.
+/// Throughput of a miner not yet measured on its stage when no miner of
+/// that stage is: at start all are equal, so any value favours nobody.
 const UNMEASURED: f64 = 1.0;
+/// A move must raise the slowest stage's capacity by this factor: smaller
+/// gains are within the noise of measured throughput, and chasing them
+/// would move miners back and forth.
+const REBALANCE_GAIN: f64 = 1.25;
 /// Weight of a new measurement in the moving average.
 const EMA: f64 = 0.3;
 
@@ -114,8 +118,23 @@ impl Router {
         self.miners.get(&rank).map(|m| m.stage)
     }
 
-    fn weight(m: &Miner) -> f64 {
-        m.throughput.unwrap_or(UNMEASURED)
+    /// A miner's throughput; one not yet measured on its stage (new, or
+    /// just moved) counts as the mean of its stage's measured miners, so
+    /// it gets work and is measured instead of being starved.
+    fn weight(&self, m: &Miner) -> f64 {
+        m.throughput.unwrap_or_else(|| {
+            let measured: Vec<f64> = self
+                .miners
+                .values()
+                .filter(|o| o.stage == m.stage)
+                .filter_map(|o| o.throughput)
+                .collect();
+            if measured.is_empty() {
+                UNMEASURED
+            } else {
+                measured.iter().sum::<f64>() / measured.len() as f64
+            }
+        })
     }
 
     /// One miner per stage, each drawn with probability proportional to its
@@ -127,7 +146,7 @@ impl Router {
                     .miners
                     .iter()
                     .filter(|(_, m)| m.stage == stage)
-                    .map(|(r, m)| (*r, Self::weight(m)))
+                    .map(|(r, m)| (*r, self.weight(m)))
                     .collect();
                 let total: f64 = candidates.iter().map(|(_, w)| w).sum();
                 let mut point = self.rng.unit_open0() * total;
@@ -158,7 +177,7 @@ impl Router {
                 .miners
                 .iter()
                 .filter(|(_, m)| m.stage == stage)
-                .map(|(r, m)| (*r, Self::weight(m)))
+                .map(|(r, m)| (*r, self.weight(m)))
                 .collect();
             if candidates.is_empty() {
                 return None;
@@ -205,12 +224,13 @@ impl Router {
         self.miners
             .values()
             .filter(|m| m.stage == stage)
-            .map(Self::weight)
+            .map(|m| self.weight(m))
             .sum()
     }
 
     /// Moves one miner to the bottleneck stage if that raises the slowest
-    /// stage's capacity; the donor keeps at least one miner.
+    /// stage's capacity by [`REBALANCE_GAIN`]; the donor keeps at least one
+    /// miner.
     pub fn rebalance(&mut self) -> Option<Move> {
         let caps: Vec<f64> = (0..self.stages).map(|s| self.capacity(s)).collect();
         let bottleneck = (0..self.stages).min_by(|&a, &b| caps[a].total_cmp(&caps[b]))?;
@@ -220,12 +240,13 @@ impl Router {
             if m.stage == bottleneck || self.stage_miners(m.stage).len() < 2 {
                 continue;
             }
-            let w = Self::weight(m);
+            let w = self.weight(m);
             let mut after = caps.clone();
             after[m.stage] -= w;
             after[bottleneck] += w;
             let slowest = after.iter().cloned().fold(f64::INFINITY, f64::min);
-            if slowest > before && best.as_ref().is_none_or(|(_, s)| slowest > *s) {
+            if slowest > before * REBALANCE_GAIN && best.as_ref().is_none_or(|(_, s)| slowest > *s)
+            {
                 best = Some((
                     Move {
                         rank,
@@ -431,6 +452,21 @@ mod tests {
         // Balanced now (2 and 2 at equal speed... the mover is unmeasured
         // again, but moving another would not raise the minimum).
         r.observe(mv.rank, 0.1);
+        assert_eq!(r.rebalance(), None);
+    }
+
+    #[test]
+    fn rebalance_ignores_gains_within_measurement_noise() {
+        // Stage 1 is 10% slower per miner: moving one of stage 0's three
+        // miners would lift the minimum from 2 x 9 to min(2 x 10, 3 x 9),
+        // about 11%, which is not worth a move.
+        let mut r = Router::new(2, &[(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)], 1);
+        for rank in 1..=3 {
+            r.observe(rank, 1.0 / 10.0);
+        }
+        for rank in 4..=5 {
+            r.observe(rank, 1.0 / 9.0);
+        }
         assert_eq!(r.rebalance(), None);
     }
 

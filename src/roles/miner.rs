@@ -9,15 +9,16 @@
 //! whichever miners did the work.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::protocol::{self, Order, Report, Route};
+use super::protocol::{self, Handover, Order, Report, Route};
 use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
 use crate::checkpoint::Checkpoints;
 use crate::collective::{all_reduce_fixed_point, Call, CollectiveError, Group};
-use crate::config::{JobSpec, Plan, Role};
+use crate::config::JobSpec;
 use crate::data::Split;
 use crate::model::{batch_tensors, AdamW, Pass, StageInput, StageModel};
 use crate::transport::{Transport, TransportError};
@@ -26,12 +27,7 @@ use crate::transport::{Transport, TransportError};
 const POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Serves stage `stage` until told to stop.
-pub fn mine<T: Transport + ?Sized>(
-    t: &T,
-    spec: &JobSpec,
-    plan: &Plan,
-    stage: usize,
-) -> Result<(), TrainError> {
+pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec, stage: usize) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let mut model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
     let mut opt = AdamW::new(adamw_config(spec), model.layout());
@@ -51,19 +47,12 @@ pub fn mine<T: Transport + ?Sized>(
             })
         }
     }
-    let stage_miners = plan
-        .ranks
-        .iter()
-        .filter(|r| r.role == Role::Miner { stage })
-        .map(|r| r.rank)
-        .collect();
     let mut miner = Miner {
         t,
         spec,
         checkpoints,
         setup,
         stage,
-        stage_miners,
         model,
         opt,
         grads: BTreeMap::new(),
@@ -84,13 +73,21 @@ pub fn mine<T: Transport + ?Sized>(
                 window,
                 attempt,
                 counted,
-                lost,
+                stages,
             } => {
-                miner.close(window, attempt, &counted, &lost)?;
+                let peers = stages.get(miner.stage).cloned().unwrap_or_default();
+                miner.close(window, attempt, &counted, peers)?;
                 recv_order(t)?
             }
-            Order::Step { window, writers } => {
+            Order::Step {
+                window,
+                writers,
+                moves,
+            } => {
                 miner.step(window, &writers)?;
+                for h in &moves {
+                    miner.hand_over(window, h)?;
+                }
                 recv_order(t)?
             }
             Order::Stop => return Ok(()),
@@ -110,8 +107,6 @@ struct Miner<'a, T: ?Sized> {
     checkpoints: Checkpoints,
     setup: Setup,
     stage: usize,
-    /// Every miner the plan gave this stage, lost or not.
-    stage_miners: Vec<usize>,
     model: StageModel,
     opt: AdamW,
     /// Parameter gradients of each microbatch served this window.
@@ -307,7 +302,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         window: u64,
         attempt: u32,
         counted: &[Route],
-        lost: &[usize],
+        peers: Vec<usize>,
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
         // A miner routed nothing in its crash window leaves here.
@@ -329,11 +324,6 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 })?;
             parts.push(grads.as_slice());
         }
-        let peers = self
-            .stage_miners
-            .iter()
-            .copied()
-            .filter(|r| !lost.contains(r));
         let group = Group::new(self.t, peers)?;
         let segments: Vec<_> = self.model.layout().iter().map(|p| p.range()).collect();
         let mut sum = vec![0.0f32; self.model.numel()];
@@ -386,6 +376,29 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 checkpoint,
             },
         )
+    }
+}
+
+impl<T: Transport + ?Sized> Miner<'_, T> {
+    /// Takes part in one move between stages: the donor sends its stage's
+    /// weights and optimizer state (as a checkpoint's stage file), the
+    /// mover becomes a miner of that stage.
+    fn hand_over(&mut self, window: u64, h: &Handover) -> Result<(), TrainError> {
+        let me = self.t.rank();
+        let label = Path::new("handover");
+        if h.donor == me {
+            let bytes = self.model.to_safetensors(Some(&self.opt), label)?;
+            self.t.send(h.rank, protocol::state_tag(window), &bytes)?;
+        }
+        if h.rank == me {
+            let bytes = self.t.recv(h.donor, protocol::state_tag(window))?;
+            let s = &self.setup;
+            let mut model = StageModel::new(&s.config, &s.layers, h.to, s.seed)?;
+            let mut opt = AdamW::new(adamw_config(self.spec), model.layout());
+            model.load_safetensors_bytes(&bytes, label, Some(&mut opt))?;
+            (self.model, self.opt, self.stage) = (model, opt, h.to);
+        }
+        Ok(())
     }
 }
 

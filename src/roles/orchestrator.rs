@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::protocol::{self, Order, Report, Route};
+use super::protocol::{self, Handover, Order, Report, Route};
 use super::train::{crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
 use crate::config::{JobSpec, Plan};
@@ -74,7 +74,6 @@ pub fn orchestrate<T: Transport + ?Sized>(
         setup,
         listeners: (1..t.size()).collect(),
         miners,
-        lost: BTreeSet::new(),
         cursor: 0,
     };
     o.broadcast(&Order::Start {
@@ -103,7 +102,6 @@ struct Orchestrator<'a, T: ?Sized> {
     listeners: BTreeSet<usize>,
     /// Live miners and their stages.
     miners: BTreeMap<usize, usize>,
-    lost: BTreeSet<usize>,
     /// Where the next poll starts, so every miner gets heard.
     cursor: usize,
 }
@@ -265,7 +263,12 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             window: w.window,
             attempt: w.attempt,
             counted,
-            lost: self.lost.iter().copied().collect(),
+            stages: (0..self.setup.stages)
+                .map(|stage| {
+                    let on = self.miners.iter().filter(move |(_, s)| **s == stage);
+                    on.map(|(r, _)| *r).collect()
+                })
+                .collect(),
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
         let mut newly_lost = Vec::new();
@@ -320,9 +323,11 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         } else {
             Vec::new()
         };
+        let moves = self.rebalance();
         self.broadcast(&Order::Step {
             window,
             writers: writers.clone(),
+            moves,
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
         let mut digests: BTreeMap<usize, String> = BTreeMap::new();
@@ -375,6 +380,32 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         };
         let checkpoints = Checkpoints::new(&self.spec.job.run_dir());
         Ok(Some(checkpoints.commit(&manifest, train.keep_checkpoints)?))
+    }
+
+    /// At most one move per window, from the stage with the most spare
+    /// capacity to the bottleneck, when that raises the pipeline's pace.
+    fn rebalance(&mut self) -> Vec<Handover> {
+        let Some(mv) = self.router.rebalance() else {
+            return Vec::new();
+        };
+        let Some(donor) = self
+            .miners
+            .iter()
+            .find(|(_, s)| **s == mv.to)
+            .map(|(r, _)| *r)
+        else {
+            return Vec::new();
+        };
+        self.miners.insert(mv.rank, mv.to);
+        println!(
+            "moving miner {} from stage {} to stage {} (the bottleneck); miner {donor} hands it the stage",
+            mv.rank, mv.from, mv.to
+        );
+        vec![Handover {
+            rank: mv.rank,
+            to: mv.to,
+            donor,
+        }]
     }
 
     fn route(&mut self, n: usize) -> Result<Vec<Vec<usize>>, TrainError> {
@@ -443,7 +474,6 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         let stage = self.miners.remove(&rank);
         self.listeners.remove(&rank);
         self.router.remove(rank);
-        self.lost.insert(rank);
         eprintln!(
             "orchestrator: lost miner {rank} of stage {} ({reason}); its microbatches go to the others",
             stage.map_or("?".to_string(), |s| s.to_string())

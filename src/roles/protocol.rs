@@ -23,6 +23,9 @@
 //!    within each stage. When a checkpoint is due, one miner per stage
 //!    writes its stage and the orchestrator commits the manifest.
 //!
+//!    Then a miner may move to the bottleneck stage (SWARM's rebalancing),
+//!    receiving that stage's state from one of its miners.
+//!
 //! Before the first window, `Start` says whether to load a checkpoint.
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +39,7 @@ const KIND_REPORT: u64 = 0x52;
 const KIND_ACTIVATION: u64 = 0x41;
 const KIND_GRADIENT: u64 = 0x47;
 const KIND_CLOSE: u64 = 0x43;
+const KIND_STATE: u64 = 0x54;
 
 fn tag(kind: u64, n: u64) -> u64 {
     (kind << 56) | (n & ((1 << 56) - 1))
@@ -78,6 +82,21 @@ pub fn close_tag(window: u64, attempt: u32) -> u64 {
     tag(KIND_CLOSE, ((window << 7) | u64::from(attempt)) << 3)
 }
 
+/// A stage's weights and optimizer state handed to a miner moving to it
+/// after `window`.
+pub fn state_tag(window: u64) -> u64 {
+    tag(KIND_STATE, window)
+}
+
+/// A miner moving to the bottleneck stage: `donor`, a miner of stage `to`,
+/// sends it that stage's weights and optimizer state after the step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    pub rank: usize,
+    pub to: usize,
+    pub donor: usize,
+}
+
 /// One microbatch and the miner of each stage that serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
@@ -103,14 +122,16 @@ pub enum Order {
         window: u64,
         attempt: u32,
         counted: Vec<Route>,
-        /// Every miner lost so far in the job.
-        lost: Vec<usize>,
+        /// The live miners of each stage.
+        stages: Vec<Vec<usize>>,
     },
     /// Apply the reduced gradients; the miners in `writers` (one per stage,
-    /// empty when no checkpoint is due) write their stage's checkpoint.
+    /// empty when no checkpoint is due) write their stage's checkpoint;
+    /// then the `moves` change stage.
     Step {
         window: u64,
         writers: Vec<usize>,
+        moves: Vec<Handover>,
     },
     Stop,
 }
