@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use swarmrun::bench::train::BenchTrainError;
 use swarmrun::checkpoint::Checkpoints;
 use swarmrun::config::{self, ConfigError, JobSpec, PlanError, Task};
 use swarmrun::data::{Corpus, Tokenizer};
@@ -132,6 +133,19 @@ enum BenchCmd {
         #[arg(long, default_value = "auto", value_parser = parse_algorithm)]
         algorithm: config::AllReduceChoice,
     },
+    /// Tokens/s of one process and of the job's pipeline, and model FLOP/s
+    /// as a fraction of this machine's matmul FLOP/s, measured in one run.
+    Train {
+        /// The training job whose model and pipeline are measured.
+        #[arg(long, default_value = "configs/quickstart.toml")]
+        job: PathBuf,
+        /// Steps (windows) timed in each setup, after warm-up.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+        windows: u32,
+        /// One measurement of the benchmark, run in its own process by the benchmark itself.
+        #[arg(long, hide = true)]
+        part: Option<swarmrun::bench::train::Part>,
+    },
 }
 
 fn parse_size_arg(s: &str) -> Result<usize, String> {
@@ -176,6 +190,10 @@ fn is_usage_error(e: &anyhow::Error) -> bool {
             || matches!(
                 c.downcast_ref::<StartError>(),
                 Some(StartError::Plan(_) | StartError::SlurmUnderLaunch)
+            )
+            || matches!(
+                c.downcast_ref::<BenchTrainError>(),
+                Some(BenchTrainError::NotTrain(_))
             )
     })
 }
@@ -269,6 +287,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     },
                     algorithm,
                 })?;
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchCmd::Train { job, windows, part } => {
+                let spec = config::load(&job)?;
+                match part {
+                    Some(part) => swarmrun::bench::train::run_part(part, &spec, windows)?,
+                    None => swarmrun::bench::train::run(&spec, &job, windows)?,
+                }
                 Ok(ExitCode::SUCCESS)
             }
         },

@@ -4,8 +4,13 @@
 
 pub mod allreduce;
 pub mod launch;
+pub mod matmul;
+pub mod train;
 
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
+
+use thiserror::Error;
 
 /// The median of some durations (`Duration::ZERO` for none).
 pub fn median(mut v: Vec<Duration>) -> Duration {
@@ -23,4 +28,48 @@ pub fn mpirun(nprocs: usize) -> std::process::Command {
     cmd.args(["--oversubscribe", "--bind-to", "none", "-n"])
         .arg(nprocs.to_string());
     cmd
+}
+
+/// A benchmark's child process that did not run to a clean end.
+#[derive(Debug, Error)]
+pub enum ChildError {
+    #[error("cannot start {what}: {source}")]
+    Start {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} failed ({status}); its last lines:\n{tail}")]
+    Failed {
+        what: String,
+        status: ExitStatus,
+        tail: String,
+    },
+}
+
+/// Lines of a failed child's output kept for its error: the reason is
+/// nearly always among the last ones.
+const TAIL_LINES: usize = 30;
+
+/// Runs `cmd` to its end with stdin closed and its output captured, and
+/// returns its stdout; when it fails, the error carries the last lines of
+/// its stdout and stderr.
+pub fn child_stdout(mut cmd: Command, what: &str) -> Result<String, ChildError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| ChildError::Start {
+            what: what.to_string(),
+            source,
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        return Ok(stdout);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stdout.lines().chain(stderr.lines()).collect();
+    Err(ChildError::Failed {
+        what: what.to_string(),
+        status: out.status,
+        tail: lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n"),
+    })
 }

@@ -1,0 +1,607 @@
+//! `swarmrun bench train [--job JOB] [--windows N]`: training speed of a
+//! job's model in one process and as the job's pipeline, and the model
+//! FLOP/s each reaches as a fraction of this machine's matmul FLOP/s, all
+//! measured in one run.
+//!
+//! Each measurement runs where its thread settings are its own, because
+//! candle fixes its elementwise pool at first use (see [`super::matmul`]):
+//! 1. matmul FLOP/s of square and of the model's shapes, with every core
+//!    in this process, and with one thread in a child started with
+//!    `RAYON_NUM_THREADS=1`;
+//! 2. one process: a child trains the whole model as one stage with
+//!    [`LocalPipeline`], a step being one window's microbatches (run
+//!    concurrently), `N` timed steps after [`ONE_PROCESS_WARMUP`];
+//! 3. the pipeline: `swarmrun launch` of a copy of the job file that runs
+//!    `N` + [`PIPELINE_WARMUP`] windows without evaluation, timed from its
+//!    `metrics.jsonl` over the last `N` windows;
+//! 4. model FLOP/s: [`flops_per_token`] x tokens/s.
+//!
+//! The children are this executable again (`swarmrun bench train --part
+//! ...`), as the other benchmarks start theirs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+use std::time::Instant;
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::{Table, Value};
+
+use super::matmul::{self, Gemm};
+use super::{child_stdout, ChildError};
+use crate::config::{self, ConfigError, JobSpec, Plan, PlanError, Role, Task};
+use crate::data::{Batch, Corpus, DataError, Dataset, Split};
+use crate::model::{AdamWConfig, GptConfig, LocalPipeline, ModelError, StageModel};
+
+#[derive(Debug, Error)]
+pub enum BenchTrainError {
+    #[error("bench train measures a training job (task = \"train\"); {} is not one", .0.display())]
+    NotTrain(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("matmul: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Child(#[from] ChildError),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot find this executable: {0}")]
+    Exe(std::io::Error),
+    #[error("job file as a TOML table: {0}")]
+    JobTable(#[from] toml::de::Error),
+    #[error("writing the benchmark's job file: {0}")]
+    JobText(#[from] toml::ser::Error),
+    #[error("`{0}` in the job file is not a table")]
+    NotATable(String),
+    #[error("{what} printed {output:?}, not {want} numbers")]
+    Figures {
+        what: String,
+        output: String,
+        want: usize,
+    },
+    #[error("{}: {source}", path.display())]
+    Metrics { path: PathBuf, source: MetricsError },
+}
+
+/// Why a pipeline run's `metrics.jsonl` gives no speed.
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("line {line}: {source}")]
+    Line {
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("{got} windows, expected more than the {skip} warm-up ones")]
+    TooFewWindows { got: usize, skip: usize },
+    #[error("no time passed between window {from} and the last")]
+    NoTime { from: usize },
+}
+
+/// One-process steps before timing: the first allocates candle's buffers
+/// and starts rayon's threads, the second runs as every later one does.
+pub const ONE_PROCESS_WARMUP: u64 = 2;
+
+/// Pipeline windows before timing: besides start-up, the first windows
+/// include connection set-up and the first all-reduces.
+pub const PIPELINE_WARMUP: u64 = 3;
+
+/// The environment variable that sizes candle's elementwise pool.
+const CANDLE_THREADS: &str = "CANDLE_NUM_THREADS";
+
+/// A measurement run in a child process (the hidden `--part` option); it
+/// prints its figures as one line of numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// FLOP/s of every shape measured, in the order `run` prints them.
+    Matmul,
+    /// Tokens/s of the whole model trained in this process.
+    OneProcess,
+}
+
+impl Part {
+    fn as_str(self) -> &'static str {
+        match self {
+            Part::Matmul => "matmul",
+            Part::OneProcess => "one-process",
+        }
+    }
+}
+
+impl FromStr for Part {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Part, String> {
+        [Part::Matmul, Part::OneProcess]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not matmul or one-process"))
+    }
+}
+
+/// The job's model as the benchmark sees it.
+struct Model {
+    config: GptConfig,
+    data: Dataset,
+    /// Parameters that multiply activations: see [`matmul_params`].
+    matmul_params: usize,
+}
+
+impl Model {
+    fn of(spec: &JobSpec) -> Result<Model, BenchTrainError> {
+        let data = Dataset::new(&Corpus::embedded()?)?;
+        let config = GptConfig::new(&spec.model, data.tokenizer().vocab_size())?;
+        let whole = StageModel::new(&config, &[config.n_layer], 0, spec.job.seed)?;
+        Ok(Model {
+            matmul_params: matmul_params(&whole),
+            config,
+            data,
+        })
+    }
+}
+
+/// Parameters of the whole model that take part in matmuls: every one but
+/// the token and position embeddings, which are looked up, not multiplied.
+/// This is nanoGPT's count for its FLOPs estimate: it leaves out the
+/// position embedding, and its token embedding, tied to the LM head, counts
+/// once, as the LM head's matmul. Ours is not tied, so our LM head counts
+/// and our token embedding does not. LayerNorm gains count, as in nanoGPT
+/// (a few thousand, noise beside the matrices).
+fn matmul_params(whole: &StageModel) -> usize {
+    whole
+        .layout()
+        .iter()
+        .filter(|p| p.name != "wte.weight" && p.name != "wpe.weight")
+        .map(|p| p.numel())
+        .sum()
+}
+
+/// FLOPs to train on one token, as nanoGPT's `estimate_mfu`: 6 per
+/// matmul parameter (a multiply and an add, once forward and twice
+/// backward) plus 12 x n_layer x n_embd x block_size for attention's two
+/// matmuls (scores and weighted values, same factor of 6), counted over
+/// the whole block as nanoGPT does, though the causal mask needs half.
+pub fn flops_per_token(config: &GptConfig, matmul_params: usize) -> f64 {
+    6.0 * matmul_params as f64 + 12.0 * (config.n_layer * config.n_embd * config.block_size) as f64
+}
+
+/// The shapes whose FLOP/s are measured: the squares, where gemm reaches
+/// its peak, and the model's own forward products (a microbatch's tokens
+/// times each weight matrix).
+fn gemms(config: &GptConfig, microbatch_size: usize) -> Vec<Gemm> {
+    let (rows, c) = (microbatch_size * config.block_size, config.n_embd);
+    let mut all = matmul::squares();
+    all.extend([
+        Gemm::new("attn qkv", rows, c, 3 * c),
+        Gemm::new("attn proj", rows, c, c),
+        Gemm::new("mlp fc", rows, c, 4 * c),
+        Gemm::new("mlp proj", rows, 4 * c, c),
+        Gemm::new("lm head", rows, c, config.vocab_size),
+    ]);
+    all
+}
+
+/// FLOP/s of each shape, measured in this process.
+fn matmul_rates(shapes: &[Gemm]) -> Result<Vec<f64>, candle_core::Error> {
+    shapes.iter().map(matmul::flops_per_s).collect()
+}
+
+/// Training tokens in one window (one optimizer step).
+fn tokens_per_window(spec: &JobSpec) -> f64 {
+    (spec.pipeline.microbatches_per_window * spec.pipeline.microbatch_size * spec.model.block_size)
+        as f64
+}
+
+/// Runs the whole benchmark for the job in `job` (already loaded as
+/// `spec`) and prints its table.
+pub fn run(spec: &JobSpec, job: &Path, windows: u32) -> Result<(), BenchTrainError> {
+    if spec.job.task != Task::Train {
+        return Err(BenchTrainError::NotTrain(job.to_path_buf()));
+    }
+    let exe = std::env::current_exe().map_err(BenchTrainError::Exe)?;
+    let model = Model::of(spec)?;
+    let c = &model.config;
+    println!(
+        "# swarmrun bench train: {}: {} layers, {} wide, block {}, {} microbatches of {} a step; \
+         {windows} steps timed after warm-up",
+        job.display(),
+        c.n_layer,
+        c.n_embd,
+        c.block_size,
+        spec.pipeline.microbatches_per_window,
+        spec.pipeline.microbatch_size
+    );
+
+    let (peak, peak_one) =
+        matmul_peaks(&exe, job, windows, &gemms(c, spec.pipeline.microbatch_size))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "# machine: {cores} cores; matmul f32 peak {:.1} GFLOP/s (all threads: {}), {:.1} GFLOP/s (1 thread)",
+        peak / 1e9,
+        candle_core::utils::get_num_threads(),
+        peak_one / 1e9
+    );
+    let per_token = flops_per_token(c, model.matmul_params);
+    println!(
+        "# model: {} parameters in matmuls (all but the embeddings), {:.2} MFLOP per token",
+        model.matmul_params,
+        per_token / 1e6
+    );
+
+    // As launch does for ranks: candle's spinning elementwise pool only
+    // slows concurrent microbatches down. The user's own setting wins.
+    let mut cmd = part_command(&exe, job, windows, Part::OneProcess);
+    if std::env::var_os(CANDLE_THREADS).is_none() {
+        cmd.env(CANDLE_THREADS, "1");
+    }
+    let one_process = figures(cmd, Part::OneProcess, 1)?[0];
+    let (pipeline, plan) = pipeline(&exe, spec, job, windows)?;
+
+    println!(
+        "#  {:<24} {:>5} {:>10} {:>14} {:>8}",
+        "setup", "ranks", "tokens/s", "model GFLOP/s", "of peak"
+    );
+    for (setup, ranks, tokens_per_s) in [
+        ("one process".to_string(), 1, one_process),
+        (pipeline_label(&plan), plan.ranks.len(), pipeline),
+    ] {
+        let flops = tokens_per_s * per_token;
+        println!(
+            "   {setup:<24} {ranks:>5} {tokens_per_s:>10.0} {:>14.2} {:>7.1}%",
+            flops / 1e9,
+            100.0 * flops / peak
+        );
+    }
+    println!(
+        "   {:<24} {:>5} {:>9.2}x",
+        "pipeline / one process",
+        "",
+        pipeline / one_process
+    );
+    Ok(())
+}
+
+/// Measures every shape with all threads in this process and with one
+/// thread in a child, prints both, and returns the best of each: the peaks.
+fn matmul_peaks(
+    exe: &Path,
+    job: &Path,
+    windows: u32,
+    shapes: &[Gemm],
+) -> Result<(f64, f64), BenchTrainError> {
+    let all_threads = matmul_rates(shapes)?;
+    let mut cmd = part_command(exe, job, windows, Part::Matmul);
+    cmd.env("RAYON_NUM_THREADS", "1").env(CANDLE_THREADS, "1");
+    let one_thread = figures(cmd, Part::Matmul, shapes.len())?;
+    println!(
+        "#   {:<14} {:>6} {:>6} {:>6} {:>12} {:>10}  (GFLOP/s)",
+        "matmul f32", "m", "k", "n", "all threads", "1 thread"
+    );
+    for ((g, all), one) in shapes.iter().zip(&all_threads).zip(&one_thread) {
+        println!(
+            "#   {:<14} {:>6} {:>6} {:>6} {:>12.1} {:>10.1}",
+            g.label,
+            g.m,
+            g.k,
+            g.n,
+            all / 1e9,
+            one / 1e9
+        );
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    Ok((best(&all_threads), best(&one_thread)))
+}
+
+/// Runs one measurement in this process and prints its figures as one
+/// line of numbers, for [`run`] to read.
+pub fn run_part(part: Part, spec: &JobSpec, windows: u32) -> Result<(), BenchTrainError> {
+    let model = Model::of(spec)?;
+    let figures = match part {
+        Part::Matmul => matmul_rates(&gemms(&model.config, spec.pipeline.microbatch_size))?,
+        Part::OneProcess => vec![one_process(spec, &model, windows)?],
+    };
+    let line: Vec<String> = figures.iter().map(f64::to_string).collect();
+    println!("{}", line.join(" "));
+    Ok(())
+}
+
+/// This executable asked to run `part` of the benchmark of `job`.
+fn part_command(exe: &Path, job: &Path, windows: u32, part: Part) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.args(["bench", "train", "--job"])
+        .arg(job)
+        .arg("--windows")
+        .arg(windows.to_string())
+        .args(["--part", part.as_str()]);
+    cmd
+}
+
+/// The `want` numbers a `part` child prints.
+fn figures(cmd: Command, part: Part, want: usize) -> Result<Vec<f64>, BenchTrainError> {
+    let what = format!("bench train --part {}", part.as_str());
+    let output = child_stdout(cmd, &what)?;
+    output
+        .split_whitespace()
+        .map(f64::from_str)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()
+        .filter(|v| v.len() == want)
+        .ok_or(BenchTrainError::Figures { what, output, want })
+}
+
+/// Tokens/s of the whole model trained as one stage in this process.
+/// AdamW's settings are the defaults: they change no step's cost.
+fn one_process(spec: &JobSpec, model: &Model, windows: u32) -> Result<f64, BenchTrainError> {
+    let mut trainer = LocalPipeline::new(
+        &model.config,
+        &[model.config.n_layer],
+        spec.job.seed,
+        &AdamWConfig::default(),
+    )?;
+    for step in 0..ONE_PROCESS_WARMUP {
+        trainer.train_step(&step_batches(spec, model, step)?)?;
+    }
+    let start = Instant::now();
+    for step in ONE_PROCESS_WARMUP..ONE_PROCESS_WARMUP + u64::from(windows) {
+        trainer.train_step(&step_batches(spec, model, step)?)?;
+    }
+    Ok(tokens_per_window(spec) * f64::from(windows) / start.elapsed().as_secs_f64())
+}
+
+/// The microbatches the pipeline trains on in window `step`: the same ids,
+/// so the same tokens.
+fn step_batches(spec: &JobSpec, model: &Model, step: u64) -> Result<Vec<Batch>, DataError> {
+    let per_window = spec.pipeline.microbatches_per_window as u64;
+    (0..per_window)
+        .map(|i| {
+            model.data.batch(
+                Split::Train,
+                step * per_window + i,
+                spec.job.seed,
+                spec.pipeline.microbatch_size,
+                model.config.block_size,
+            )
+        })
+        .collect()
+}
+
+/// Tokens/s of the job itself, started by `swarmrun launch`, and its plan.
+fn pipeline(
+    exe: &Path,
+    spec: &JobSpec,
+    job: &Path,
+    windows: u32,
+) -> Result<(f64, Plan), BenchTrainError> {
+    let file = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BenchTrainError::File { path, source }
+    };
+    let dir = tempfile::tempdir().map_err(file(&std::env::temp_dir()))?;
+    let run_dir = dir.path().join("run");
+    let bench_job_path = dir.path().join("bench-train.toml");
+    let text = std::fs::read_to_string(job).map_err(file(job))?;
+    let text = bench_job(&text, &run_dir, u64::from(windows) + PIPELINE_WARMUP)?;
+    let plan = config::parse(&text, &bench_job_path)?.plan(None)?;
+    std::fs::write(&bench_job_path, text).map_err(file(&bench_job_path))?;
+
+    let mut cmd = Command::new(exe);
+    cmd.arg("launch").arg(&bench_job_path);
+    child_stdout(cmd, "swarmrun launch (the pipeline)")?;
+
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let metrics = std::fs::read_to_string(&metrics_path).map_err(file(&metrics_path))?;
+    let rate = tokens_per_s_after(&metrics, PIPELINE_WARMUP as usize, tokens_per_window(spec))
+        .map_err(|source| BenchTrainError::Metrics {
+            path: metrics_path,
+            source,
+        })?;
+    Ok((rate, plan))
+}
+
+/// The job file `text` changed to run `windows` windows without evaluation
+/// into `run_dir`; every other key is kept (comments are not: the copy is
+/// for `swarmrun launch`, not for people).
+fn bench_job(text: &str, run_dir: &Path, windows: u64) -> Result<String, BenchTrainError> {
+    let mut job: Table = text.parse()?;
+    let count = |n: u64| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+    set(
+        &mut job,
+        "job",
+        "run_dir",
+        Value::String(run_dir.display().to_string()),
+    )?;
+    set(&mut job, "train", "windows", count(windows))?;
+    // The last window always evaluates, so no validation microbatches at
+    // all, and no evaluation window before it.
+    set(&mut job, "train", "eval_microbatches", count(0))?;
+    set(&mut job, "train", "eval_every", count(windows + 1))?;
+    Ok(toml::to_string(&job)?)
+}
+
+fn set(job: &mut Table, section: &str, key: &str, value: Value) -> Result<(), BenchTrainError> {
+    job.entry(section)
+        .or_insert_with(|| Value::Table(Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| BenchTrainError::NotATable(section.to_string()))?
+        .insert(key.to_string(), value);
+    Ok(())
+}
+
+/// One line of `metrics.jsonl`, as far as the benchmark reads it.
+#[derive(Debug, Deserialize)]
+struct WindowLine {
+    /// Seconds from the start of training to the end of this window.
+    elapsed_s: f64,
+}
+
+/// Tokens/s over the windows after the first `skip` in a run's
+/// `metrics.jsonl`: their tokens over the time from the end of window
+/// `skip - 1` to the end of the last.
+fn tokens_per_s_after(
+    metrics: &str,
+    skip: usize,
+    tokens_per_window: f64,
+) -> Result<f64, MetricsError> {
+    let ends = metrics
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<WindowLine>(l)
+                .map(|w| w.elapsed_s)
+                .map_err(|source| MetricsError::Line {
+                    line: i + 1,
+                    source,
+                })
+        })
+        .collect::<Result<Vec<f64>, _>>()?;
+    let (Some(&last), true) = (ends.last(), ends.len() > skip) else {
+        return Err(MetricsError::TooFewWindows {
+            got: ends.len(),
+            skip,
+        });
+    };
+    let start = skip.checked_sub(1).map_or(0.0, |i| ends[i]);
+    let secs = last - start;
+    if secs <= 0.0 {
+        return Err(MetricsError::NoTime { from: skip });
+    }
+    Ok((ends.len() - skip) as f64 * tokens_per_window / secs)
+}
+
+/// The pipeline row's name: stages and miners per stage.
+fn pipeline_label(plan: &Plan) -> String {
+    let miners = plan
+        .ranks
+        .iter()
+        .filter(|r| matches!(r.role, Role::Miner { .. }))
+        .count();
+    let stages = format!(
+        "{} stage{}",
+        plan.stages,
+        if plan.stages == 1 { "" } else { "s" }
+    );
+    if miners % plan.stages == 0 {
+        format!("{stages} x {} miners", miners / plan.stages)
+    } else {
+        format!("{stages}, {miners} miners")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_per_token_is_nanogpts_estimate() {
+        let config = GptConfig {
+            vocab_size: 65,
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            block_size: 64,
+        };
+        // 6 x 1000 + 12 x 4 x 128 x 64
+        assert_eq!(flops_per_token(&config, 1000), 6000.0 + 393_216.0);
+    }
+
+    #[test]
+    fn matmul_params_leave_out_both_embeddings_and_keep_the_lm_head() {
+        let spec = config::ModelSpec {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            block_size: 4,
+            dropout: 0.0,
+        };
+        let config = GptConfig::new(&spec, 10).unwrap();
+        let whole = StageModel::new(&config, &[2], 0, 1).unwrap();
+        // Per block: 2 LayerNorm gains (8 each), c_attn 8x24, c_proj 8x8,
+        // c_fc 8x32, mlp c_proj 32x8; then ln_f (8) and the LM head 8x10.
+        let block = 2 * 8 + 8 * 24 + 8 * 8 + 8 * 32 + 32 * 8;
+        assert_eq!(matmul_params(&whole), 2 * block + 8 + 8 * 10);
+        // The embeddings, wte 10x8 and wpe 4x8, are all that is left out.
+        assert_eq!(whole.numel() - matmul_params(&whole), 10 * 8 + 4 * 8);
+    }
+
+    #[test]
+    fn the_bench_job_keeps_other_keys_and_turns_evaluation_off() {
+        let text = "# a comment\n[job]\nname = \"q\"\ntask = \"train\"\nseed = 7\n\n\
+                    [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = 4\n\n\
+                    [train]\nwindows = 600\nlr = 2e-3\neval_every = 50\neval_microbatches = 8\n";
+        let run_dir = Path::new("/tmp/somewhere/run");
+        let out = bench_job(text, run_dir, 33).unwrap();
+        let spec = config::parse(&out, Path::new("bench.toml")).unwrap();
+        assert_eq!(spec.job.seed, 7);
+        assert_eq!(spec.train.lr, 2e-3);
+        assert_eq!(spec.sites[0].ranks_per_host, 4);
+        assert_eq!(spec.job.run_dir.as_deref(), Some(run_dir));
+        assert_eq!(spec.train.windows, 33);
+        assert_eq!(spec.train.eval_microbatches, 0);
+        assert!(spec.train.eval_every > spec.train.windows);
+    }
+
+    #[test]
+    fn the_bench_job_adds_a_missing_train_table() {
+        let text = "[job]\nname = \"q\"\ntask = \"train\"\n\n\
+                    [[site]]\nname = \"local\"\nhosts = \"localhost\"\n";
+        let out = bench_job(text, Path::new("run"), 5).unwrap();
+        let spec = config::parse(&out, Path::new("bench.toml")).unwrap();
+        assert_eq!(spec.train.windows, 5);
+    }
+
+    fn metrics(elapsed: &[f64]) -> String {
+        elapsed
+            .iter()
+            .enumerate()
+            .map(|(w, e)| {
+                format!(
+                    "{{\"window\":{w},\"step\":{},\"loss\":4.0,\"val_loss\":null,\
+                     \"tokens_per_s\":1.0,\"elapsed_s\":{e}}}\n",
+                    w + 1
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pipeline_speed_counts_only_the_windows_after_the_warm_up() {
+        // Slow warm-up windows (ending at 5, 6, 7 s), then 2 windows of 1 s.
+        let text = metrics(&[5.0, 6.0, 7.0, 8.0, 9.0]);
+        assert_eq!(tokens_per_s_after(&text, 3, 100.0).unwrap(), 100.0);
+    }
+
+    #[test]
+    fn pipeline_speed_needs_a_window_after_the_warm_up() {
+        let text = metrics(&[1.0, 2.0, 3.0]);
+        assert!(matches!(
+            tokens_per_s_after(&text, 3, 100.0),
+            Err(MetricsError::TooFewWindows { got: 3, skip: 3 })
+        ));
+    }
+
+    #[test]
+    fn a_malformed_metrics_line_is_named_by_its_number() {
+        let text = format!("{}not json\n", metrics(&[1.0]));
+        assert!(matches!(
+            tokens_per_s_after(&text, 0, 1.0),
+            Err(MetricsError::Line { line: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn parts_parse_from_their_names() {
+        for part in [Part::Matmul, Part::OneProcess] {
+            assert_eq!(part.as_str().parse::<Part>(), Ok(part));
+        }
+        assert!("both".parse::<Part>().is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! `swarmrun bench train` end to end on a tiny job: the matmul figures, the
+//! one-process row, the pipeline row (a real 6-rank launch) and their ratio.
+
+mod common;
+
+use common::*;
+
+/// The numbers in `line` after its text label (`%` and `x` stripped).
+fn numbers(line: &str) -> Vec<f64> {
+    line.split_whitespace()
+        .filter_map(|w| w.trim_end_matches(['%', 'x']).parse().ok())
+        .collect()
+}
+
+fn row<'a>(text: &'a str, label: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no row {label:?}:\n{text}"))
+}
+
+#[test]
+fn bench_train_prints_both_setups_with_positive_finite_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        dir.path(),
+        "tiny.toml",
+        "[job]\nname = \"tiny\"\ntask = \"train\"\nseed = 3\n\n\
+         [model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
+         [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 4\n\n\
+         [roles]\nvalidators = 1\n\n\
+         [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = 6\n\n\
+         [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
+         [train]\nwindows = 3\neval_every = 1\n",
+    );
+    let out = swarmrun()
+        .args(["bench", "train", "--windows", "3", "--job"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let positive = |v: &[f64]| v.iter().all(|x| x.is_finite() && *x > 0.0);
+
+    let machine = numbers(row(&text, "# machine:"));
+    assert!(machine.len() >= 3 && positive(&machine), "{text}");
+    // 3 squares and the model's 5 forward products, each with both rates.
+    let matmuls: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| l.starts_with("#   ") && !l.contains("matmul f32"))
+        .map(numbers)
+        .collect();
+    assert_eq!(matmuls.len(), 8, "{text}");
+    assert!(
+        matmuls.iter().all(|m| m.len() == 5 && positive(m)),
+        "{text}"
+    );
+
+    let one = numbers(row(&text, "one process"));
+    assert_eq!(one.len(), 4, "ranks, tokens/s, GFLOP/s, % of peak: {text}");
+    assert_eq!(one[0], 1.0, "{text}");
+    assert!(positive(&one), "{text}");
+    let pipeline = numbers(row(&text, "2 stages x 2 miners"));
+    // The label "2 stages x 2 miners" holds two of the numbers.
+    assert_eq!(pipeline.len(), 6, "{text}");
+    assert_eq!(pipeline[2], 6.0, "all six ranks: {text}");
+    assert!(positive(&pipeline), "{text}");
+    let ratio = numbers(row(&text, "pipeline / one process"));
+    assert_eq!(ratio.len(), 1, "{text}");
+    assert!(positive(&ratio), "{text}");
+}
+
+#[test]
+fn bench_train_refuses_a_job_that_does_not_train_with_exit_status_2() {
+    let out = swarmrun()
+        .args(["bench", "train", "--job"])
+        .arg(repo_file("configs/hello.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("task = \"train\""),
+        "{}",
+        stderr(&out)
+    );
+}
