@@ -408,7 +408,7 @@ fn pipeline(
 }
 
 /// The job file `text` changed to run `windows` windows without evaluation
-/// into `run_dir`; every other key is kept (comments are not: the copy is
+/// or checkpoints into `run_dir`; every other key is kept (comments are not: the copy is
 /// for `swarmrun launch`, not for people).
 fn bench_job(text: &str, run_dir: &Path, windows: u64) -> Result<String, BenchTrainError> {
     let mut job: Table = text.parse()?;
@@ -424,6 +424,7 @@ fn bench_job(text: &str, run_dir: &Path, windows: u64) -> Result<String, BenchTr
     // all, and no evaluation window before it.
     set(&mut job, "train", "eval_microbatches", count(0))?;
     set(&mut job, "train", "eval_every", count(windows + 1))?;
+    set(&mut job, "train", "checkpoint_every", count(0))?;
     Ok(toml::to_string(&job)?)
 }
 
@@ -547,6 +548,7 @@ mod tests {
         assert_eq!(spec.train.windows, 33);
         assert_eq!(spec.train.eval_microbatches, 0);
         assert!(spec.train.eval_every > spec.train.windows);
+        assert_eq!(spec.train.checkpoint_every, 0);
     }
 
     #[test]
