@@ -20,7 +20,7 @@ use crate::checkpoint::Checkpoints;
 use crate::collective::{all_reduce_fixed_point, Call, CollectiveError, Group};
 use crate::config::JobSpec;
 use crate::data::Split;
-use crate::model::{batch_tensors, AdamW, Pass, StageInput, StageModel};
+use crate::model::{batch_tensors, AdamW, Pass, PassGrads, StageInput, StageModel};
 use crate::transport::{Transport, TransportError};
 
 /// How long a miner waits on a peer before looking for new orders.
@@ -181,14 +181,8 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 let loss = pass.loss()?;
                 if !validation {
                     let grads = self.model.gradients(pass, None)?;
-                    self.grads.insert(id, grads.params);
-                    if let Some(g) = grads.input {
-                        let to = route.path[stage - 1];
-                        if let Some(next) =
-                            self.send(to, protocol::gradient_tag(id, attempt), &to_bytes(&g)?)?
-                        {
-                            return Ok(Some(next));
-                        }
+                    if let Some(next) = self.keep_and_pass_back(route, attempt, grads)? {
+                        return Ok(Some(next));
                     }
                 }
                 self.served(
@@ -225,19 +219,32 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             };
             let started = Instant::now();
             let grads = self.model.gradients(pass, Some(&grad_out))?;
-            self.grads.insert(id, grads.params);
-            if let Some(g) = grads.input {
-                let to = route.path[stage - 1];
-                if let Some(next) =
-                    self.send(to, protocol::gradient_tag(id, attempt), &to_bytes(&g)?)?
-                {
-                    return Ok(Some(next));
-                }
+            if let Some(next) = self.keep_and_pass_back(route, attempt, grads)? {
+                return Ok(Some(next));
             }
             let compute = forward_s + started.elapsed().as_secs_f64();
             self.served(window, attempt, id, compute, None)?;
         }
         Ok(None)
+    }
+
+    /// Keeps a microbatch's parameter gradients for the close and sends
+    /// its input gradient upstream (none on stage 0).
+    fn keep_and_pass_back(
+        &mut self,
+        route: &Route,
+        attempt: u32,
+        grads: PassGrads,
+    ) -> Result<Option<Order>, TrainError> {
+        self.grads.insert(route.id, grads.params);
+        match grads.input {
+            Some(g) => {
+                let to = route.path[self.stage - 1];
+                let tag = protocol::gradient_tag(route.id, attempt);
+                self.send(to, tag, &to_bytes(&g)?)
+            }
+            None => Ok(None),
+        }
     }
 
     fn served(
