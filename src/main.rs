@@ -413,7 +413,7 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
             written.with_context(|| format!("writing {}", metrics.path().display()))?;
         }
         Role::Validator => roles::observe(t, spec)?,
-        Role::Miner { stage } => roles::mine(t, spec, stage)?,
+        Role::Miner { .. } => roles::mine(t, spec)?,
     }
     Ok(())
 }

@@ -10,6 +10,18 @@ use common::*;
 /// A tiny training job in `dir/NAME.toml` writing to `dir/NAME/`, with
 /// extra TOML appended.
 fn train_job(dir: &Path, name: &str, stages: usize, windows: u64, extra: &str) -> PathBuf {
+    sized_train_job(dir, name, stages, 6, windows, extra)
+}
+
+/// [`train_job`] with `ranks` ranks: an orchestrator, a validator, miners.
+fn sized_train_job(
+    dir: &Path,
+    name: &str,
+    stages: usize,
+    ranks: usize,
+    windows: u64,
+    extra: &str,
+) -> PathBuf {
     let run_dir = dir.join(name);
     job_file(
         dir,
@@ -19,7 +31,7 @@ fn train_job(dir: &Path, name: &str, stages: usize, windows: u64, extra: &str) -
              [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
              [pipeline]\nstages = {stages}\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
              [roles]\nvalidators = 1\n\n\
-             [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = 6\n\n\
+             [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {ranks}\n\n\
              [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
              [train]\nwindows = {windows}\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n\
              {extra}"
@@ -121,6 +133,28 @@ fn a_miner_killed_mid_window_changes_no_loss_and_the_job_finishes() {
     assert_eq!(attempts[..5], ["1"; 5]);
     assert_ne!(attempts[5], "1", "window 5 was redone: {:?}", crashed[5]);
     assert_eq!(attempts[6..], ["1"; 4]);
+}
+
+/// Stage 0 has miners 2, 4, 6 and stage 1 has 3 and 5; when 3 leaves,
+/// stage 1 is the bottleneck and one of stage 0's miners moves there,
+/// taking over the stage's weights and optimizer state from miner 5. The
+/// losses keep the bits of the run where nobody left.
+#[test]
+fn a_miner_moves_to_the_stage_that_lost_one_and_no_loss_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, _) = run(&sized_train_job(dir.path(), "clean", 2, 7, 14, ""));
+    let crash = "[[faults.crash]]\nrank = 3\nexit_code = 9\nwindow = 3\n";
+    let job = sized_train_job(dir.path(), "moved", 2, 7, 14, crash);
+    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("from stage 0 to stage 1 (the bottleneck); miner 5 hands it the stage"),
+        "{text}"
+    );
+    let moved = std::fs::read_to_string(dir.path().join("moved/metrics.jsonl")).unwrap();
+    let moved: Vec<String> = moved.lines().map(str::to_string).collect();
+    assert_eq!(losses(&clean), losses(&moved));
 }
 
 #[test]

@@ -27,7 +27,10 @@ const UNMEASURED: f64 = 1.0;
 /// A move must raise the slowest stage's capacity by this factor: smaller
 /// gains are within the noise of measured throughput, and chasing them
 /// would move miners back and forth.
-const REBALANCE_GAIN: f64 = 1.25;
+const REBALANCE_GAIN: f64 = 1.5;
+/// Measurements every miner needs (since joining or moving) before any
+/// move: one slow microbatch on a busy host is not a slow miner.
+const REBALANCE_SAMPLES: u32 = 8;
 /// Weight of a new measurement in the moving average.
 const EMA: f64 = 0.3;
 
@@ -37,6 +40,9 @@ pub struct Miner {
     pub stage: usize,
     /// Microbatches per second, moving average; `None` until measured.
     pub throughput: Option<f64>,
+    /// Measurements since it joined or last moved.
+    #[serde(default)]
+    pub samples: u32,
 }
 
 /// A miner moved between stages by [`Router::rebalance`].
@@ -80,6 +86,7 @@ impl Router {
                         Miner {
                             stage,
                             throughput: None,
+                            samples: 0,
                         },
                     )
                 })
@@ -186,10 +193,26 @@ impl Router {
             return;
         }
         let rate = 1.0 / seconds;
+        m.samples = m.samples.saturating_add(1);
         m.throughput = Some(match m.throughput {
             Some(old) => (1.0 - EMA) * old + EMA * rate,
             None => rate,
         });
+    }
+
+    /// Adds a miner of `stage` unless `rank` is known (as when a run resumes
+    /// with every miner back, some of which had left before the checkpoint).
+    pub fn join(&mut self, rank: usize, stage: usize) {
+        self.miners.entry(rank).or_insert(Miner {
+            stage,
+            throughput: None,
+            samples: 0,
+        });
+    }
+
+    /// (rank, stage) of every miner.
+    pub fn assignment(&self) -> Vec<(usize, usize)> {
+        self.miners.iter().map(|(r, m)| (*r, m.stage)).collect()
     }
 
     /// Forgets a miner that left; returns whether it was one.
@@ -210,6 +233,9 @@ impl Router {
     /// stage's capacity by [`REBALANCE_GAIN`]; the donor keeps at least one
     /// miner.
     pub fn rebalance(&mut self) -> Option<Move> {
+        if self.miners.values().any(|m| m.samples < REBALANCE_SAMPLES) {
+            return None;
+        }
         let caps: Vec<f64> = (0..self.stages).map(|s| self.capacity(s)).collect();
         let bottleneck = (0..self.stages).min_by(|&a, &b| caps[a].total_cmp(&caps[b]))?;
         let before = caps[bottleneck];
@@ -240,6 +266,7 @@ impl Router {
             m.stage = mv.to;
             // Its speed on the new stage is unknown.
             m.throughput = None;
+            m.samples = 0;
         }
         Some(mv)
     }
@@ -416,19 +443,33 @@ mod tests {
         assert_eq!(r.route_batch(1), None);
     }
 
+    /// Enough measurements of `rank` for rebalancing to trust them.
+    fn measure(r: &mut Router, rank: usize, seconds: f64) {
+        for _ in 0..REBALANCE_SAMPLES {
+            r.observe(rank, seconds);
+        }
+    }
+
     #[test]
     fn rebalance_moves_a_miner_from_the_over_served_stage_to_the_bottleneck() {
         let mut r = Router::new(2, &[(1, 0), (2, 0), (3, 0), (4, 1)], 1);
-        for rank in 1..=4 {
-            r.observe(rank, 0.1);
+        for rank in 1..=3 {
+            measure(&mut r, rank, 0.1);
         }
+        r.observe(4, 0.1);
+        assert_eq!(r.rebalance(), None, "miner 4 is measured once only");
+        measure(&mut r, 4, 0.1);
         let mv = r.rebalance().unwrap();
         assert_eq!((mv.from, mv.to), (0, 1));
         assert_eq!(r.stage_miners(1).len(), 2);
         assert_eq!(r.stage_miners(0).len(), 2);
-        // Balanced now (2 and 2 at equal speed... the mover is unmeasured
-        // again, but moving another would not raise the minimum).
-        r.observe(mv.rank, 0.1);
+        assert_eq!(
+            r.rebalance(),
+            None,
+            "the mover is not measured on stage 1 yet"
+        );
+        // Balanced now: moving another would not raise the minimum.
+        measure(&mut r, mv.rank, 0.1);
         assert_eq!(r.rebalance(), None);
     }
 
@@ -436,13 +477,14 @@ mod tests {
     fn rebalance_ignores_gains_within_measurement_noise() {
         // Stage 1 is 10% slower per miner: moving one of stage 0's three
         // miners would lift the minimum from 2 x 9 to min(2 x 10, 3 x 9),
-        // about 11%, which is not worth a move.
+        // about 11%, which is not worth a move. Nor is a 2 + 2 job's
+        // noise: one stage would be left with a single miner.
         let mut r = Router::new(2, &[(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)], 1);
         for rank in 1..=3 {
-            r.observe(rank, 1.0 / 10.0);
+            measure(&mut r, rank, 1.0 / 10.0);
         }
         for rank in 4..=5 {
-            r.observe(rank, 1.0 / 9.0);
+            measure(&mut r, rank, 1.0 / 9.0);
         }
         assert_eq!(r.rebalance(), None);
     }
@@ -450,8 +492,8 @@ mod tests {
     #[test]
     fn rebalance_never_empties_a_stage() {
         let mut r = Router::new(2, &[(1, 0), (2, 1)], 1);
-        r.observe(1, 0.01);
-        r.observe(2, 1.0);
+        measure(&mut r, 1, 0.01);
+        measure(&mut r, 2, 1.0);
         assert_eq!(r.rebalance(), None);
     }
 

@@ -26,19 +26,19 @@ use crate::transport::{Transport, TransportError};
 /// How long a miner waits on a peer before looking for new orders.
 const POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// Serves stage `stage` until told to stop.
-pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec, stage: usize) -> Result<(), TrainError> {
+/// Serves the stage the orchestrator's `Start` names until told to stop.
+pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
-    let mut model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
-    let mut opt = AdamW::new(adamw_config(spec), model.layout());
     let checkpoints = Checkpoints::new(&spec.job.run_dir());
-    match recv_order(t)? {
-        Order::Start { checkpoint: None } => {}
-        Order::Start {
-            checkpoint: Some(window),
-        } => {
-            let manifest = checkpoints.manifest(window)?;
-            checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
+    let me = t.rank();
+    let (stage, checkpoint) = match recv_order(t)? {
+        Order::Start { stages, checkpoint } => {
+            let stage = stages.iter().position(|miners| miners.contains(&me));
+            let stage = stage.ok_or_else(|| TrainError::Protocol {
+                rank: 0,
+                reason: format!("Start gives rank {me} no stage"),
+            })?;
+            (stage, checkpoint)
         }
         other => {
             return Err(TrainError::Protocol {
@@ -46,6 +46,12 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec, stage: usize) -> Resul
                 reason: format!("expected Start, got {other:?}"),
             })
         }
+    };
+    let mut model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
+    let mut opt = AdamW::new(adamw_config(spec), model.layout());
+    if let Some(window) = checkpoint {
+        let manifest = checkpoints.manifest(window)?;
+        checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
     }
     let mut miner = Miner {
         t,

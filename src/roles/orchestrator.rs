@@ -60,12 +60,17 @@ pub fn orchestrate<T: Transport + ?Sized>(
     mut report: impl FnMut(&WindowReport),
 ) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
-    let miners: BTreeMap<usize, usize> = miners_of(plan).into_iter().collect();
-    let assignment: Vec<(usize, usize)> = miners.iter().map(|(r, s)| (*r, *s)).collect();
-    let router = match &start.resumed {
+    let planned = miners_of(plan);
+    let mut router = match &start.resumed {
+        // Miners keep the stages they had moved to; those lost before the
+        // checkpoint are back, at their planned stage.
         Some(m) => Router::from_state(m.router.clone()),
-        None => Router::new(setup.stages, &assignment, spec.job.seed),
+        None => Router::new(setup.stages, &planned, spec.job.seed),
     };
+    for &(rank, stage) in &planned {
+        router.join(rank, stage);
+    }
+    let miners: BTreeMap<usize, usize> = router.assignment().into_iter().collect();
     let mut o = Orchestrator {
         t,
         spec,
@@ -77,6 +82,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         cursor: 0,
     };
     o.broadcast(&Order::Start {
+        stages: o.stage_miners(),
         checkpoint: start.resumed.as_ref().map(|m| m.window),
     })?;
     for window in start.first_window()..spec.train.windows {
@@ -263,12 +269,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             window: w.window,
             attempt: w.attempt,
             counted,
-            stages: (0..self.setup.stages)
-                .map(|stage| {
-                    let on = self.miners.iter().filter(move |(_, s)| **s == stage);
-                    on.map(|(r, _)| *r).collect()
-                })
-                .collect(),
+            stages: self.stage_miners(),
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
         let mut newly_lost = Vec::new();
@@ -380,6 +381,16 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         };
         let checkpoints = Checkpoints::new(&self.spec.job.run_dir());
         Ok(Some(checkpoints.commit(&manifest, train.keep_checkpoints)?))
+    }
+
+    /// The live miners of each stage.
+    fn stage_miners(&self) -> Vec<Vec<usize>> {
+        (0..self.setup.stages)
+            .map(|stage| {
+                let on = self.miners.iter().filter(|(_, s)| **s == stage);
+                on.map(|(r, _)| *r).collect()
+            })
+            .collect()
     }
 
     /// At most one move per window, from the stage with the most spare

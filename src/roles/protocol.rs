@@ -26,7 +26,8 @@
 //!    Then a miner may move to the bottleneck stage (SWARM's rebalancing),
 //!    receiving that stage's state from one of its miners.
 //!
-//! Before the first window, `Start` says whether to load a checkpoint.
+//! Before the first window, `Start` gives every miner its stage and says
+//! whether to load a checkpoint.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -106,8 +107,11 @@ pub struct Route {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Order {
-    /// The first order: load the checkpoint of this window, or start fresh.
+    /// The first order: the miners of each stage (the plan's, or after a
+    /// resume the checkpoint's, where miners may have moved), and the
+    /// checkpoint to load, if any.
     Start {
+        stages: Vec<Vec<usize>>,
         checkpoint: Option<u64>,
     },
     /// Serve these microbatches, in ascending id; drop any earlier attempt.
