@@ -74,7 +74,9 @@ pub enum FrameError {
         elements: u64,
         max: usize,
     },
-    #[error("a {rows} x {width} matrix does not fit a frame (32-bit rows, width and section lengths)")]
+    #[error(
+        "a {rows} x {width} matrix does not fit a frame (32-bit rows, width and section lengths)"
+    )]
     TooLarge { rows: usize, width: usize },
     #[error("zstd: {0}")]
     Zstd(std::io::Error),
