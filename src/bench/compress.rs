@@ -1,5 +1,5 @@
 //! `swarmrun bench compress`: encode and decode speed of the boundary codec
-//! (quantize + frame, frame + dequantize) on one thread, beside memcpy of
+//! (quantize + frame into reused buffers; frame + dequantize) on one thread, beside memcpy of
 //! the same f32 buffer in the same run, with the reconstruction error and
 //! compression ratio each codec reaches on activation-like input.
 
@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::median;
-use crate::compress::{compression_ratio, frame, quantize, Bits, FrameError, QuantError, Rounding};
+use crate::compress::quant::quantize_into;
+use crate::compress::{
+    compression_ratio, frame, Bits, FrameError, QuantError, Quantized, Rounding,
+};
 
 #[derive(Debug, Error)]
 pub enum BenchCompressError {
@@ -110,12 +113,13 @@ fn measure_here(
         (Bits::Int4, false),
         (Bits::Int4, true),
     ] {
-        let encode = || -> Result<Vec<u8>, BenchCompressError> {
-            let q = quantize(&x, rows, width, bits, Rounding::Nearest)?;
-            Ok(frame::encode(&q, zstd)?)
-        };
-        let wire = encode()?;
-        let enc = time(budget, || encode().map(|f| drop(std::hint::black_box(f))))?;
+        // A sender's steady state: the same buffers for every tensor.
+        let mut q = Quantized::empty(bits);
+        let mut wire = Vec::new();
+        let enc = time(budget, || {
+            quantize_into(&x, rows, width, bits, Rounding::Nearest, &mut q)?;
+            Ok(frame::encode_into(&q, zstd, &mut wire)?)
+        })?;
         let dec = time(budget, || {
             frame::decode(&wire, x.len())?.dequantize_into(&mut out);
             Ok(())

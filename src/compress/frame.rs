@@ -22,6 +22,8 @@
 //! Then the payload: scales (f16, little-endian) followed by codes in
 //! `quant`'s layout, or the zstd frame of those bytes.
 
+use std::io::Write;
+
 use half::f16;
 use thiserror::Error;
 
@@ -103,6 +105,14 @@ fn bits_of(byte: u8) -> Result<Bits, FrameError> {
 /// that would make it larger (then the flag stays clear): the flag says
 /// what the bytes are, not what was asked.
 pub fn encode(q: &Quantized, zstd: bool) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode_into(q, zstd, &mut out)?;
+    Ok(out)
+}
+
+/// `encode` into `out`, replacing its contents and reusing its capacity
+/// (a sender writes every microbatch's frame into the same buffer).
+pub fn encode_into(q: &Quantized, zstd: bool, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let too_large = || FrameError::TooLarge {
         rows: q.rows(),
         width: q.width(),
@@ -110,36 +120,35 @@ pub fn encode(q: &Quantized, zstd: bool) -> Result<Vec<u8>, FrameError> {
     let u32_of = |n: usize| u32::try_from(n).map_err(|_| too_large());
     let scale_bytes = 2 * q.scales().len();
     let raw_len = scale_bytes + q.codes().len();
-    let mut raw = Vec::with_capacity(raw_len);
-    raw.extend(q.scales().iter().flat_map(|s| s.to_le_bytes()));
-    raw.extend_from_slice(q.codes());
-    let mut flags = 0;
-    let payload = match zstd {
-        true => {
-            let packed = zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(FrameError::Zstd)?;
-            if packed.len() < raw.len() {
-                flags |= FLAG_ZSTD;
-                packed
-            } else {
-                raw
-            }
-        }
-        false => raw,
-    };
-    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.clear();
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[VERSION, codec_byte(q.bits()), flags, 0]);
-    for n in [
-        q.rows(),
-        q.width(),
-        scale_bytes,
-        q.codes().len(),
-        payload.len(),
-    ] {
+    out.extend_from_slice(&[VERSION, codec_byte(q.bits()), 0, 0]);
+    for n in [q.rows(), q.width(), scale_bytes, q.codes().len()] {
         out.extend_from_slice(&u32_of(n)?.to_le_bytes());
     }
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(&[0; 4]); // payload length, known below
+    if zstd {
+        let mut enc =
+            zstd::stream::Encoder::new(&mut *out, ZSTD_LEVEL).map_err(FrameError::Zstd)?;
+        for s in q.scales() {
+            enc.write_all(&s.to_le_bytes()).map_err(FrameError::Zstd)?;
+        }
+        enc.write_all(q.codes()).map_err(FrameError::Zstd)?;
+        enc.finish().map_err(FrameError::Zstd)?;
+        if out.len() - HEADER_BYTES < raw_len {
+            out[6] = FLAG_ZSTD;
+        } else {
+            out.truncate(HEADER_BYTES);
+        }
+    }
+    if out.len() == HEADER_BYTES {
+        out.reserve(raw_len);
+        out.extend(q.scales().iter().flat_map(|s| s.to_le_bytes()));
+        out.extend_from_slice(q.codes());
+    }
+    let payload = u32_of(out.len() - HEADER_BYTES)?;
+    out[24..HEADER_BYTES].copy_from_slice(&payload.to_le_bytes());
+    Ok(())
 }
 
 /// The header's fields, as read, before any is believed.

@@ -160,6 +160,17 @@ impl Quantized {
         })
     }
 
+    /// No rows: what `quantize_into` fills.
+    pub fn empty(bits: Bits) -> Quantized {
+        Quantized {
+            bits,
+            rows: 0,
+            width: 0,
+            scales: Vec::new(),
+            codes: Vec::new(),
+        }
+    }
+
     pub fn bits(&self) -> Bits {
         self.bits
     }
@@ -210,6 +221,25 @@ pub fn quantize(
     bits: Bits,
     rounding: Rounding,
 ) -> Result<Quantized, QuantError> {
+    let mut q = Quantized::empty(bits);
+    quantize_into(x, rows, width, bits, rounding, &mut q)?;
+    Ok(q)
+}
+
+/// `quantize` into `q`, reusing its buffers: a sender quantizes every
+/// microbatch's boundary tensor into the same one, and fresh buffers would
+/// cost their page faults on every call. On an error `q` is left empty.
+pub fn quantize_into(
+    x: &[f32],
+    rows: usize,
+    width: usize,
+    bits: Bits,
+    rounding: Rounding,
+    q: &mut Quantized,
+) -> Result<(), QuantError> {
+    let mut scales = std::mem::take(&mut q.scales);
+    let mut codes = std::mem::take(&mut q.codes);
+    *q = Quantized::empty(bits);
     if rows.checked_mul(width) != Some(x.len()) {
         return Err(QuantError::Shape {
             rows,
@@ -218,8 +248,10 @@ pub fn quantize(
         });
     }
     let row_bytes = bits.row_bytes(width);
-    let mut scales = vec![f16::ZERO; rows];
-    let mut codes = vec![0u8; rows * row_bytes];
+    // Every element is overwritten below, so what the buffers held does
+    // not matter, only their capacity.
+    scales.resize(rows, f16::ZERO);
+    codes.resize(rows * row_bytes, 0);
     if width > 0 {
         x.par_chunks_exact(width)
             .zip(codes.par_chunks_exact_mut(row_bytes))
@@ -231,13 +263,14 @@ pub fn quantize(
                 Ok(())
             })?;
     }
-    Ok(Quantized {
+    *q = Quantized {
         bits,
         rows,
         width,
         scales,
         codes,
-    })
+    };
+    Ok(())
 }
 
 /// One row: its scale, then its codes into `out` (`bits.row_bytes(width)`

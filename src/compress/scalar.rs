@@ -62,10 +62,15 @@ pub(crate) fn round_even(v: f32) -> i32 {
     ((v + ROUND_MAGIC).to_bits() as i32) - (ROUND_MAGIC.to_bits() as i32)
 }
 
-/// The round-to-nearest code of `x` given `inv = inverse(scale)`.
+/// The round-to-nearest code of `x` given `inv = inverse(scale)`. The
+/// clamp comes before rounding, in floats (`minps`/`maxps` on plain SSE2,
+/// which has no 32-bit integer min or max); since `|x * inv| <= qmax (1 +
+/// 2^-23)`, it gives the code of rounding first and clamping after, as the
+/// kernel does.
 #[inline(always)]
 pub(crate) fn code_nearest(x: f32, inv: f32, qmax: i32) -> i32 {
-    round_even(x * inv).clamp(-qmax, qmax)
+    let q = qmax as f32;
+    round_even((x * inv).clamp(-q, q))
 }
 
 /// The stochastic code of `x`: `floor(x / scale + u)` with `u` uniform in
