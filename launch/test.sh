@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of swarmrun. Installs what the tests need first, when it is
 # missing and we may: OpenMPI (integration tests under a real mpirun), hwloc,
-# libclang and pkg-config (for the `mpi` and `hwloc` cargo features), and a
-# one-node Slurm for the srun tests.
+# libclang and pkg-config (for the `mpi` and `hwloc` cargo features), a
+# one-node Slurm for the srun tests, and pip's NVRTC wheel (the `cuda`
+# feature's test compiles every kernels/*.cu with it, no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,11 +25,36 @@ if [ "$(id -u)" = 0 ] && [ -z "${SWARMRUN_SKIP_SLURM:-}" ]; then
     ./launch/slurm-local.sh || echo "test.sh: no local Slurm; the srun test will fail" >&2
 fi
 
+# NVRTC from pip (no CUDA toolkit): cudarc dlopens libnvrtc.so.12, found
+# through LD_LIBRARY_PATH.
+nvrtc_wheel=nvidia-cuda-nvrtc-cu12==12.9.*
+nvrtc_lib() {
+    python3 -c 'import nvidia.cuda_nvrtc as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null
+}
+if ! nvrtc_dir=$(nvrtc_lib); then
+    echo "test.sh: installing $nvrtc_wheel (pip)"
+    python3 -m pip install -q "$nvrtc_wheel" 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages "$nvrtc_wheel" ||
+        echo "test.sh: could not install $nvrtc_wheel; the NVRTC test will fail" >&2
+    nvrtc_dir=$(nvrtc_lib) || nvrtc_dir=
+fi
+if [ -n "$nvrtc_dir" ]; then
+    export LD_LIBRARY_PATH="$nvrtc_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 cargo fmt --all -- --check
-# Default features need no system library; `mpi` builds against OpenMPI.
-for features in "" "mpi"; do
+# Default features need no system library; `mpi` builds against OpenMPI;
+# `cuda` builds without a CUDA toolkit (NVRTC and the driver are loaded at
+# run time) and changes only the codec, so only the codec's tests run again.
+for features in "" "mpi" "cuda"; do
     echo "test.sh: features [${features}]"
     cargo clippy --all-targets --locked --features "$features" -- -D warnings
-    cargo test --all-targets --locked --features "$features"
+    case "$features" in
+        cuda)
+            cargo test --locked --features cuda --lib compress
+            cargo test --locked --features cuda --test 'compress_*'
+            ;;
+        *) cargo test --all-targets --locked --features "$features" ;;
+    esac
 done

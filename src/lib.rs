@@ -2,15 +2,16 @@
 //! language model across many unreliable machines.
 //!
 //! Layers, lowest first (a module uses only modules before it):
-//! `config`, `fsutil`, `wire`, `world`, `transport`, `collective`, `data`,
-//! `model`, `pipeline`, `checkpoint`, `roles`, `metrics`, `hello`, `launch`,
-//! `bench`. `wire` (framed, authenticated streams) sits below `world`
-//! because the TCP rendezvous authenticates with the same handshake as the
-//! transport. `data` and `model` need no network: a stage's forward and
+//! `config`, `fsutil`, `wire`, `world`, `transport`, `collective`,
+//! `compress`, `data`, `model`, `pipeline`, `checkpoint`, `roles`,
+//! `metrics`, `hello`, `launch`, `bench`. `wire` (framed, authenticated
+//! streams) sits below `world` because the TCP rendezvous authenticates
+//! with the same handshake as the transport. `data` and `model` need no network: a stage's forward and
 //! backward pass are pure functions of its weights and inputs.
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;
+pub mod compress;
 pub mod config;
 pub mod data;
 pub mod fsutil;

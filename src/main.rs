@@ -146,6 +146,16 @@ enum BenchCmd {
         #[arg(long, hide = true)]
         part: Option<swarmrun::bench::train::Part>,
     },
+    /// Boundary codec (int8/int4, with and without zstd): encode and decode
+    /// GB/s on one thread beside memcpy, reconstruction error, ratio.
+    Compress {
+        /// Tokens (rows) of the boundary tensor.
+        #[arg(long, default_value_t = 4096)]
+        rows: usize,
+        /// Width of the boundary tensor (the bottleneck's code width).
+        #[arg(long, default_value_t = 128)]
+        width: usize,
+    },
 }
 
 fn parse_size_arg(s: &str) -> Result<usize, String> {
@@ -295,6 +305,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Some(part) => swarmrun::bench::train::run_part(part, &spec, windows)?,
                     None => swarmrun::bench::train::run(&spec, &job, windows)?,
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchCmd::Compress { rows, width } => {
+                swarmrun::bench::compress::run(rows, width)?;
                 Ok(ExitCode::SUCCESS)
             }
         },

@@ -3,6 +3,7 @@
 //! so only same-run ratios mean anything).
 
 pub mod allreduce;
+pub mod compress;
 pub mod launch;
 pub mod matmul;
 pub mod train;

@@ -1,0 +1,318 @@
+//! The codec's CUDA kernels (`kernels/quant.cu`), compiled at run time by
+//! NVRTC and launched through the driver API, both loaded with `dlopen` by
+//! cudarc: a build needs no CUDA toolkit, a run needs `libnvrtc` to compile
+//! and a GPU driver to launch. The kernels give the CPU reference's codes
+//! bit for bit (see `scalar`).
+//!
+//! Unsafe code stays at the bottom of this file: library probes and kernel
+//! launches, each with the reason it is sound; callers see safe functions.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use half::f16;
+use thiserror::Error;
+
+use super::quant::{quantize, Bits, QuantError, Quantized, Rounding};
+
+/// Every kernel source of the crate, by file name, embedded at build time.
+pub const SOURCES: &[(&str, &str)] = &[("quant.cu", include_str!("../../kernels/quant.cu"))];
+
+const QUANT_SOURCE: &str = SOURCES[0].1;
+
+/// Real architectures the sources are checked against: compiling for a
+/// real one (`sm_*`) runs ptxas inside NVRTC, which checks the inline PTX
+/// too, where a virtual one (`compute_*`) would pass it on unread.
+pub const CHECK_ARCHS: &[&str] = &["sm_80", "sm_90"];
+
+/// The virtual architecture launched kernels are compiled for: the driver
+/// compiles the PTX for whatever GPU it finds (Ampere or newer).
+const LAUNCH_ARCH: &str = "compute_80";
+
+/// Threads per block of the element-wise kernels, and of `row_scales`
+/// (whose reduction needs a power of two, at most 1024).
+const BLOCK: u32 = 256;
+
+/// Why a kernel could not be compiled or run.
+#[derive(Debug, Error)]
+pub enum CudaError {
+    #[error("libnvrtc cannot be loaded: put its directory (e.g. pip's nvidia/cuda_nvrtc/lib) on LD_LIBRARY_PATH")]
+    NoNvrtc,
+    #[error("no CUDA driver (libcuda cannot be loaded)")]
+    NoDriver,
+    #[error("no CUDA device: {0}")]
+    NoDevice(DriverError),
+    #[error("NVRTC could not compile {name} for {arch}:\n{log}")]
+    Compile {
+        name: String,
+        arch: String,
+        log: String,
+    },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("{rows} x {width} is too large for the kernels' 32-bit shapes")]
+    TooLarge { rows: usize, width: usize },
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    /// The kernel flags only rows the CPU reference refuses too; this is
+    /// a kernel bug, reported rather than hidden.
+    #[error("the GPU flagged a row that the CPU reference accepts (a kernel bug)")]
+    FlagMismatch,
+}
+
+/// Compiles one kernel source with NVRTC for `arch`, and returns its PTX.
+pub fn compile(name: &str, source: &str, arch: &'static str) -> Result<Ptx, CudaError> {
+    if !nvrtc_present() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile {
+        name: name.to_string(),
+        arch: arch.to_string(),
+        log: match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
+            other => other.to_string(),
+        },
+    })
+}
+
+/// The codec's kernels, loaded on one GPU.
+pub struct CudaCodec {
+    stream: Arc<CudaStream>,
+    row_scales: CudaFunction,
+    quantize_int8: CudaFunction,
+    quantize_int4: CudaFunction,
+    dequantize_int8: CudaFunction,
+    dequantize_int4: CudaFunction,
+}
+
+impl CudaCodec {
+    /// Compiles and loads the kernels on GPU `ordinal`. `NoDriver` and
+    /// `NoDevice` say that this machine has no GPU to use.
+    pub fn new(ordinal: usize) -> Result<CudaCodec, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(CudaError::NoDevice)?;
+        let module = ctx.load_module(compile("quant.cu", QUANT_SOURCE, LAUNCH_ARCH)?)?;
+        Ok(CudaCodec {
+            stream: ctx.default_stream(),
+            row_scales: module.load_function("row_scales")?,
+            quantize_int8: module.load_function("quantize_int8")?,
+            quantize_int4: module.load_function("quantize_int4")?,
+            dequantize_int8: module.load_function("dequantize_int8")?,
+            dequantize_int4: module.load_function("dequantize_int4")?,
+        })
+    }
+
+    /// `quant::quantize` on the GPU: the same codes and scales. When a row
+    /// is bad (non-finite, or past f16's range), the kernel only flags it;
+    /// the CPU reference then names the row in the error.
+    pub fn quantize(
+        &self,
+        x: &[f32],
+        rows: usize,
+        width: usize,
+        bits: Bits,
+        rounding: Rounding,
+    ) -> Result<Quantized, CudaError> {
+        let shape = Shape::new(x.len(), rows, width, bits)?;
+        let (stochastic, seed) = match rounding {
+            Rounding::Nearest => (0i32, 0u64),
+            Rounding::Stochastic { seed } => (1, seed),
+        };
+        let x_dev = self.stream.clone_htod(x)?;
+        let mut scales = self.stream.alloc_zeros::<u16>(rows)?;
+        let mut codes = self.stream.alloc_zeros::<u8>(shape.code_bytes)?;
+        let mut status = self.stream.alloc_zeros::<u32>(1)?;
+        let quantize_fn = match bits {
+            Bits::Int8 => &self.quantize_int8,
+            Bits::Int4 => &self.quantize_int4,
+        };
+        launch_quantize(
+            &self.stream,
+            [&self.row_scales, quantize_fn],
+            &shape,
+            QuantArgs {
+                x: &x_dev,
+                scales: &mut scales,
+                codes: &mut codes,
+                status: &mut status,
+                qmax: bits.qmax(),
+                stochastic,
+                seed,
+            },
+        )?;
+        if self.stream.clone_dtoh(&status)?[0] != 0 {
+            quantize(x, rows, width, bits, rounding)?;
+            return Err(CudaError::FlagMismatch);
+        }
+        let scales = self
+            .stream
+            .clone_dtoh(&scales)?
+            .into_iter()
+            .map(f16::from_bits)
+            .collect();
+        let codes = self.stream.clone_dtoh(&codes)?;
+        Ok(Quantized::from_parts(bits, rows, width, scales, codes)?)
+    }
+
+    /// `Quantized::dequantize` on the GPU.
+    pub fn dequantize(&self, q: &Quantized) -> Result<Vec<f32>, CudaError> {
+        let shape = Shape::new(q.rows() * q.width(), q.rows(), q.width(), q.bits())?;
+        let scale_bits: Vec<u16> = q.scales().iter().map(|s| s.to_bits()).collect();
+        let scales = self.stream.clone_htod(&scale_bits)?;
+        let codes = self.stream.clone_htod(q.codes())?;
+        let mut out = self.stream.alloc_zeros::<f32>(shape.elements as usize)?;
+        let f = match q.bits() {
+            Bits::Int8 => &self.dequantize_int8,
+            Bits::Int4 => &self.dequantize_int4,
+        };
+        launch_dequantize(&self.stream, f, &shape, &codes, &scales, &mut out)?;
+        Ok(self.stream.clone_dtoh(&out)?)
+    }
+}
+
+/// A matrix's sizes as the kernels take them (32-bit rows and width).
+struct Shape {
+    rows: u32,
+    width: u32,
+    elements: u64,
+    code_bytes: usize,
+}
+
+impl Shape {
+    fn new(len: usize, rows: usize, width: usize, bits: Bits) -> Result<Shape, CudaError> {
+        if rows.checked_mul(width) != Some(len) {
+            return Err(QuantError::Shape { rows, width, len }.into());
+        }
+        let too_large = || CudaError::TooLarge { rows, width };
+        Ok(Shape {
+            rows: u32::try_from(rows).map_err(|_| too_large())?,
+            width: u32::try_from(width).map_err(|_| too_large())?,
+            elements: len as u64,
+            code_bytes: rows * bits.row_bytes(width),
+        })
+    }
+
+    /// Blocks of `BLOCK` threads for one thread per each of `n` items.
+    fn grid(n: u64) -> Result<u32, CudaError> {
+        u32::try_from(n.div_ceil(BLOCK as u64)).map_err(|_| CudaError::TooLarge {
+            rows: n as usize,
+            width: 1,
+        })
+    }
+}
+
+/// The buffers and parameters of one quantization.
+struct QuantArgs<'a> {
+    x: &'a CudaSlice<f32>,
+    scales: &'a mut CudaSlice<u16>,
+    codes: &'a mut CudaSlice<u8>,
+    status: &'a mut CudaSlice<u32>,
+    qmax: i32,
+    stochastic: i32,
+    seed: u64,
+}
+
+fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen libnvrtc under its usual names; loading
+    // it runs no code of ours and keeps no pointer.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn driver_present() -> bool {
+    // SAFETY: as for `nvrtc_present`, with libcuda.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// `row_scales` (one block per row), then the quantize kernel (one thread
+/// per code byte), on one stream so the second sees the first's scales.
+fn launch_quantize(
+    stream: &CudaStream,
+    [row_scales, quantize_fn]: [&CudaFunction; 2],
+    shape: &Shape,
+    a: QuantArgs<'_>,
+) -> Result<(), CudaError> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    if shape.elements == 0 {
+        return Ok(());
+    }
+    let per_row = LaunchConfig {
+        grid_dim: (shape.rows, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let per_byte = LaunchConfig {
+        grid_dim: (Shape::grid(shape.code_bytes as u64)?, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the argument list matches the kernels' signatures in
+    // quant.cu (types and order); every buffer holds what the kernels index:
+    // `x` rows x width floats, `scales` rows, `codes` the code bytes,
+    // `status` one word; each thread bounds-checks its index.
+    unsafe {
+        stream
+            .launch_builder(row_scales)
+            .arg(a.x)
+            .arg(&mut *a.scales)
+            .arg(&mut *a.status)
+            .arg(&shape.rows)
+            .arg(&shape.width)
+            .arg(&a.qmax)
+            .launch(per_row)?;
+        stream
+            .launch_builder(quantize_fn)
+            .arg(a.x)
+            .arg(&*a.scales)
+            .arg(&mut *a.codes)
+            .arg(&shape.rows)
+            .arg(&shape.width)
+            .arg(&a.stochastic)
+            .arg(&a.seed)
+            .launch(per_byte)?;
+    }
+    Ok(())
+}
+
+/// A dequantize kernel, one thread per element.
+fn launch_dequantize(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    shape: &Shape,
+    codes: &CudaSlice<u8>,
+    scales: &CudaSlice<u16>,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    if shape.elements == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (Shape::grid(shape.elements)?, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as in `launch_quantize`: the arguments match
+    // `dequantize_int8/int4(codes, scales, out, rows, width)` and `out`
+    // holds rows x width floats.
+    unsafe {
+        stream
+            .launch_builder(f)
+            .arg(codes)
+            .arg(scales)
+            .arg(out)
+            .arg(&shape.rows)
+            .arg(&shape.width)
+            .launch(cfg)?;
+    }
+    Ok(())
+}
