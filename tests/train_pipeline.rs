@@ -304,3 +304,29 @@ fn a_run_resumed_after_miners_moved_keeps_their_stages_and_its_losses() {
     let resumed: Vec<String> = resumed.lines().map(str::to_string).collect();
     assert_eq!(losses(&whole), losses(&resumed));
 }
+
+#[test]
+fn resuming_with_another_stage_count_is_refused_and_names_both() {
+    let dir = tempfile::tempdir().unwrap();
+    run(&train_job(
+        dir.path(),
+        "run",
+        2,
+        4,
+        "checkpoint_every = 2\n",
+    ));
+    let job = train_job(dir.path(), "run", 1, 4, "checkpoint_every = 2\n");
+    let out = swarmrun()
+        .args(["launch", "--resume"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(
+            "cannot resume from the checkpoint of window 3: it has 2 stages, the job file 1"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -39,6 +39,19 @@ impl StartPoint {
                 window: m.window,
             });
         }
+        if let Some(m) = latest
+            .as_ref()
+            .filter(|m| m.stages.len() != spec.pipeline.stages)
+        {
+            return Err(TrainError::CheckpointMismatch {
+                window: m.window,
+                reason: format!(
+                    "it has {} stages, the job file {}",
+                    m.stages.len(),
+                    spec.pipeline.stages
+                ),
+            });
+        }
         Ok(StartPoint {
             resumed: latest,
             job_text,
@@ -63,10 +76,16 @@ pub fn orchestrate<T: Transport + ?Sized>(
     let planned = miners_of(plan);
     let mut router = match &start.resumed {
         // Miners keep the stages they had moved to; those lost before the
-        // checkpoint are back, at their planned stage.
+        // checkpoint are back, at their planned stage; ranks this run's
+        // plan has no miner for are dropped.
         Some(m) => Router::from_state(m.router.clone()),
         None => Router::new(setup.stages, &planned, spec.job.seed),
     };
+    for (rank, _) in router.assignment() {
+        if !planned.iter().any(|(r, _)| *r == rank) {
+            router.remove(rank);
+        }
+    }
     for &(rank, stage) in &planned {
         router.join(rank, stage);
     }

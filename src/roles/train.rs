@@ -44,6 +44,8 @@ pub enum TrainError {
          pass --resume to continue it, or give the job another run_dir"
     )]
     RunDirTaken { dir: PathBuf, window: u64 },
+    #[error("cannot resume from the checkpoint of window {window}: {reason}")]
+    CheckpointMismatch { window: u64, reason: String },
 }
 
 /// One window's result, as the orchestrator sees it.
