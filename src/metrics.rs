@@ -65,13 +65,15 @@ impl MetricsLog {
             .val_loss
             .map_or_else(|| "null".to_string(), |v| v.to_string());
         let line = format!(
-            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"elapsed_s\":{:.3}}}\n",
+            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"elapsed_s\":{:.3}}}\n",
             r.window,
             r.window + 1,
             r.mean_loss,
             r.tokens_per_s,
             r.bubble,
             r.attempts,
+            r.compression
+                .map_or_else(|| "null".to_string(), |c| format!("{c:.2}")),
             elapsed_s
         );
         self.file.write_all(line.as_bytes())
@@ -94,6 +96,7 @@ mod tests {
             bubble: 0.25,
             attempts: 1,
             checkpoint: None,
+            compression: None,
         };
         log.append(&r, 1.5).unwrap();
         log.append(
@@ -108,7 +111,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"elapsed_s\":1.500}"
+            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"elapsed_s\":1.500}"
         );
         assert!(lines[1].contains("\"val_loss\":2.25,"));
     }
@@ -127,6 +130,7 @@ mod tests {
                 bubble: 0.0,
                 attempts: 1,
                 checkpoint: None,
+                compression: None,
             };
             log.append(&r, 1.0).unwrap();
         }

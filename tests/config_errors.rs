@@ -330,3 +330,14 @@ fn unreadable_file_is_an_io_error_naming_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn unknown_boundary_code_lists_the_known_ones() {
+    assert_error(
+        "unknown_quant",
+        9,
+        9,
+        Some("pipeline.compression.quant"),
+        "int8",
+    );
+}

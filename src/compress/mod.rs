@@ -2,12 +2,11 @@
 //! (activations forward, their gradients backward): per-row int8 or int4
 //! quantization (`quant`, with the per-element arithmetic that CPU and GPU
 //! share in `scalar`), the wire frame that carries it (`frame`), error
-//! feedback for gradients (`feedback`), the job's choice of codec
-//! (`codec`), and the CUDA kernels of the same layout (`cuda`, feature
-//! `cuda`). The learned bottleneck that shrinks the width first belongs to
+//! feedback for gradients (`feedback`), and the CUDA kernels of the same
+//! layout (`cuda`, feature `cuda`). The job file chooses the codec in
+//! `[pipeline.compression]` (`crate::config::CompressionSpec`). The learned bottleneck that shrinks the width first belongs to
 //! the model.
 
-pub mod codec;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod feedback;
@@ -15,7 +14,6 @@ pub mod frame;
 pub mod quant;
 mod scalar;
 
-pub use codec::{Codec, Quant};
 pub use feedback::ErrorFeedback;
 pub use frame::{compression_ratio, FrameError};
 pub use quant::{quantize, Bits, QuantError, Quantized, Rounding};

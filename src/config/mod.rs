@@ -157,6 +157,9 @@ pub struct PipelineSpec {
     pub layers: Option<Vec<usize>>,
     pub microbatch_size: usize,
     pub microbatches_per_window: usize,
+    /// `[pipeline.compression]`: how boundary tensors and their gradients
+    /// travel between stages.
+    pub compression: CompressionSpec,
 }
 
 impl Default for PipelineSpec {
@@ -166,8 +169,31 @@ impl Default for PipelineSpec {
             layers: None,
             microbatch_size: 12,
             microbatches_per_window: 8,
+            compression: CompressionSpec::default(),
         }
     }
+}
+
+/// `[pipeline.compression]`: `quant` codes each token's boundary vector
+/// with one f16 scale (see `crate::compress`); `zstd` squeezes the frame
+/// further when that makes it smaller. Default: plain f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionSpec {
+    pub quant: Quant,
+    pub zstd: bool,
+}
+
+/// Code width of boundary tensors on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quant {
+    /// f32 as computed.
+    #[default]
+    None,
+    Int8,
+    /// Two codes per byte.
+    Int4,
 }
 
 /// One `[[site]]`: a group of hosts sharing a fast local fabric.

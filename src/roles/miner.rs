@@ -21,6 +21,7 @@ use crate::collective::{all_reduce_fixed_point, Call, CollectiveError, Group};
 use crate::config::JobSpec;
 use crate::data::Split;
 use crate::model::{batch_tensors, AdamW, Pass, PassGrads, StageInput, StageModel};
+use crate::pipeline::BoundaryCodec;
 use crate::transport::{Transport, TransportError};
 
 /// How long a miner waits on a peer before looking for new orders.
@@ -53,6 +54,11 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
         let manifest = checkpoints.manifest(window)?;
         checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
     }
+    let boundary = BoundaryCodec::new(
+        spec.pipeline.compression,
+        setup.batch_size * setup.config.block_size,
+        setup.config.n_embd,
+    );
     let mut miner = Miner {
         t,
         spec,
@@ -63,6 +69,8 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
         opt,
         grads: BTreeMap::new(),
         reduced: None,
+        boundary,
+        unreported: (0, 0),
     };
     let mut order = recv_order(t)?;
     loop {
@@ -119,6 +127,9 @@ struct Miner<'a, T: ?Sized> {
     grads: BTreeMap<u64, Vec<f32>>,
     /// The stage's all-reduced gradient sum, waiting for `Step`.
     reduced: Option<(u64, Vec<f32>)>,
+    boundary: BoundaryCodec,
+    /// Boundary bytes sent and not yet reported: as computed, on the wire.
+    unreported: (u64, u64),
 }
 
 /// What a wait on a peer ended with.
@@ -170,7 +181,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             } else {
                 let from = route.path[stage - 1];
                 match self.wait(from, protocol::activation_tag(id, attempt))? {
-                    Wait::Got(bytes) => from_bytes(&bytes, self.shape(), from)?,
+                    Wait::Got(bytes) => self.tensor_from(&bytes, from)?,
                     Wait::Order(next) => return Ok(Some(next)),
                 }
             };
@@ -199,10 +210,10 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                     Some(loss),
                 )?;
             } else {
-                let out = to_bytes(pass.output())?;
                 let compute = started.elapsed().as_secs_f64();
                 let to = route.path[stage + 1];
-                if let Some(next) = self.send(to, protocol::activation_tag(id, attempt), &out)? {
+                let tag = protocol::activation_tag(id, attempt);
+                if let Some(next) = self.send_boundary(to, tag, pass.output())? {
                     return Ok(Some(next));
                 }
                 if validation {
@@ -220,7 +231,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             let id = route.id;
             let from = route.path[stage + 1];
             let grad_out = match self.wait(from, protocol::gradient_tag(id, attempt))? {
-                Wait::Got(bytes) => from_bytes(&bytes, self.shape(), from)?,
+                Wait::Got(bytes) => self.tensor_from(&bytes, from)?,
                 Wait::Order(next) => return Ok(Some(next)),
             };
             let started = Instant::now();
@@ -247,20 +258,23 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             Some(g) => {
                 let to = route.path[self.stage - 1];
                 let tag = protocol::gradient_tag(route.id, attempt);
-                self.send(to, tag, &to_bytes(&g)?)
+                self.send_boundary(to, tag, &g)
             }
             None => Ok(None),
         }
     }
 
+    /// Reports a microbatch served, with the boundary bytes sent since the
+    /// last report.
     fn served(
-        &self,
+        &mut self,
         window: u64,
         attempt: u32,
         id: u64,
         compute_s: f64,
         loss: Option<f32>,
     ) -> Result<(), TrainError> {
+        let (dense_bytes, wire_bytes) = std::mem::take(&mut self.unreported);
         send_report(
             self.t,
             &Report::Served {
@@ -270,8 +284,37 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 stage: self.stage,
                 compute_s,
                 loss,
+                dense_bytes,
+                wire_bytes,
             },
         )
+    }
+
+    /// Sends a boundary tensor (activations or their gradient) coded as
+    /// the job says; see [`Miner::send`] for a receiver that is gone.
+    fn send_boundary(
+        &mut self,
+        to: usize,
+        tag: u64,
+        x: &Tensor,
+    ) -> Result<Option<Order>, TrainError> {
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let bytes = self.boundary.encode(&values)?;
+        self.unreported.0 += self.boundary.dense_bytes() as u64;
+        self.unreported.1 += bytes.len() as u64;
+        self.send(to, tag, &bytes)
+    }
+
+    /// A boundary tensor received from `from`, decoded and shaped.
+    fn tensor_from(&self, bytes: &[u8], from: usize) -> Result<Tensor, TrainError> {
+        let values = self
+            .boundary
+            .decode(bytes)
+            .map_err(|e| TrainError::Protocol {
+                rank: from,
+                reason: e.to_string(),
+            })?;
+        Ok(Tensor::from_vec(values, self.shape(), &Device::Cpu)?)
     }
 
     /// The next message from `from` with `tag`, unless an order comes first
@@ -413,28 +456,4 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         }
         Ok(())
     }
-}
-
-fn to_bytes(x: &Tensor) -> Result<Vec<u8>, TrainError> {
-    let v = x.flatten_all()?.to_vec1::<f32>()?;
-    Ok(bytemuck::cast_slice(&v).to_vec())
-}
-
-fn from_bytes(
-    bytes: &[u8],
-    shape: (usize, usize, usize),
-    from: usize,
-) -> Result<Tensor, TrainError> {
-    let want = shape.0 * shape.1 * shape.2 * 4;
-    if bytes.len() != want {
-        return Err(TrainError::Protocol {
-            rank: from,
-            reason: format!("boundary tensor of {} bytes, expected {want}", bytes.len()),
-        });
-    }
-    let v: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }

@@ -144,6 +144,9 @@ struct WindowState {
     losses: BTreeMap<u64, f32>,
     /// Seconds miners spent computing, all attempts included.
     busy_s: f64,
+    /// Boundary bytes sent: as computed, and on the wire.
+    dense_bytes: u64,
+    wire_bytes: u64,
 }
 
 impl<T: Transport + ?Sized> Orchestrator<'_, T> {
@@ -158,6 +161,8 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             flight: InFlight::new(train_ids.chain(val_ids)),
             losses: BTreeMap::new(),
             busy_s: 0.0,
+            dense_bytes: 0,
+            wire_bytes: 0,
         };
         loop {
             self.serve(&mut w)?;
@@ -190,6 +195,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             bubble: 1.0 - w.busy_s / (self.miners.len() as f64 * wall),
             attempts: w.attempt + 1,
             checkpoint,
+            compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
         })
     }
 
@@ -226,10 +232,14 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                             stage,
                             compute_s,
                             loss,
+                            dense_bytes,
+                            wire_bytes,
                         },
                     ) if window == w.window && attempt == w.attempt => {
                         self.router.observe(from, compute_s);
                         w.busy_s += compute_s;
+                        w.dense_bytes += dense_bytes;
+                        w.wire_bytes += wire_bytes;
                         if let Some(loss) = loss {
                             w.losses.insert(id, loss);
                         }

@@ -152,6 +152,10 @@ pub enum Report {
         stage: usize,
         compute_s: f64,
         loss: Option<f32>,
+        /// Boundary tensors sent since the miner's last report: their bytes
+        /// as computed (f32) and on the wire.
+        dense_bytes: u64,
+        wire_bytes: u64,
     },
     /// The stage's gradients are all-reduced and held for `Step`.
     Reduced { window: u64, attempt: u32 },
@@ -222,6 +226,8 @@ mod tests {
             stage: 1,
             compute_s: 0.25,
             loss: Some(2.5),
+            dense_bytes: 4096,
+            wire_bytes: 1040,
         };
         assert_eq!(decode_report(&encode(&report), 4).unwrap(), report);
         let err = decode_report(b"{\"Served\":{}}", 4).unwrap_err();

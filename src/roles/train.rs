@@ -13,6 +13,7 @@ use crate::collective::CollectiveError;
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::{Corpus, DataError, Dataset};
 use crate::model::{AdamWConfig, GptConfig, ModelError};
+use crate::pipeline::BoundaryError;
 use crate::transport::{Transport, TransportError};
 
 #[derive(Debug, Error)]
@@ -39,6 +40,8 @@ pub enum TrainError {
     Stalled { waited: Duration },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Boundary(#[from] BoundaryError),
     #[error(
         "{dir} holds checkpoints up to window {window} of an earlier run: \
          pass --resume to continue it, or give the job another run_dir"
@@ -66,6 +69,9 @@ pub struct WindowReport {
     pub attempts: u32,
     /// The checkpoint committed after this window, if one was.
     pub checkpoint: Option<PathBuf>,
+    /// Boundary bytes as computed / bytes on the wire (headers and scales
+    /// included); `None` with one stage.
+    pub compression: Option<f64>,
 }
 
 /// The console line rank 0 prints per window; [`WindowLine::parse`] reads
@@ -82,6 +88,9 @@ impl std::fmt::Display for WindowReport {
             self.tokens_per_s,
             100.0 * self.bubble
         )?;
+        if let Some(ratio) = self.compression.filter(|r| *r != 1.0) {
+            write!(f, "  wire {ratio:.1}x")?;
+        }
         if self.attempts > 1 {
             write!(f, "  ({} attempts)", self.attempts)?;
         }
@@ -217,6 +226,7 @@ mod tests {
             bubble: 0.5,
             attempts: 2,
             checkpoint: None,
+            compression: Some(3.9),
         };
         let line = WindowLine::parse(&r.to_string()).unwrap();
         assert_eq!(
