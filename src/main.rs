@@ -177,14 +177,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("swarmrun: error: {e:#}");
-            if is_usage_error(&e) {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Err(e) => ExitCode::from(report(&e)),
+    }
+}
+
+/// Prints `e` and returns the status to exit with.
+fn report(e: &anyhow::Error) -> u8 {
+    eprintln!("swarmrun: error: {e:#}");
+    if is_usage_error(e) {
+        EXIT_USAGE
+    } else {
+        1
     }
 }
 
@@ -363,7 +366,7 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
         joined.startup.as_secs_f64() * 1e3
     );
     crash_if_planned(spec, joined.world.rank);
-    match spec.job.task {
+    let result = match spec.job.task {
         Task::Hello => run_hello(spec, &joined),
         Task::Train => {
             // torchrun's restarts rerun the script, which loads its own
@@ -372,7 +375,13 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
             run_train(spec, job, &joined, resume || restarted)
         }
         Task::BenchAllreduce => run_bench_allreduce(spec, &joined),
+    };
+    if let Err(e) = &result {
+        // Say why while the transport is still open: once it closes, peers
+        // fail at once and the launcher may stop this rank before it could.
+        std::process::exit(i32::from(report(e)));
     }
+    result
 }
 
 /// `[[faults.crash]]`: this rank exits on purpose, to exercise the

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::*;
 
@@ -189,26 +190,56 @@ fn a_stage_left_without_miners_ends_the_job_with_an_error() {
     );
 }
 
+/// Checkpoints after windows 3, 7 and 11 of 12 or 14.
+const EVERY_4: &str = "checkpoint_every = 4\n";
+
+/// Runs `job(name, extra)` as "whole" without faults, then as "cut" with
+/// `faults` and the orchestrator exiting in window 9, and returns the
+/// whole run's metrics and the cut run's output.
+fn whole_and_cut(job: impl Fn(&str, &str) -> PathBuf, faults: &str) -> (Vec<String>, Output) {
+    let (whole, _) = run(&job("whole", EVERY_4));
+    let faults =
+        format!("{EVERY_4}{faults}\n[[faults.crash]]\nrank = 0\nexit_code = 5\nwindow = 9\n");
+    let cut = swarmrun()
+        .arg("launch")
+        .arg(job("cut", &faults))
+        .output()
+        .unwrap();
+    // The launcher reports the first exit it reaps: the orchestrator's 5,
+    // or 1 from a rank that noticed the orchestrator gone a moment later.
+    assert!(!cut.status.success());
+    assert!(
+        stderr(&cut).contains("exiting with status 5 during window 9"),
+        "{}",
+        stderr(&cut)
+    );
+    (whole, cut)
+}
+
+/// `launch --resume` of the cut run, without faults; asserts its losses
+/// are the whole run's, bit for bit, and returns its output.
+fn resume_cut(job: impl Fn(&str, &str) -> PathBuf, whole: &[String]) -> Output {
+    let job = job("cut", EVERY_4);
+    let out = swarmrun()
+        .args(["launch", "--resume"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics = std::fs::read_to_string(job.with_extension("").join("metrics.jsonl")).unwrap();
+    let resumed: Vec<String> = metrics.lines().map(str::to_string).collect();
+    assert_eq!(losses(whole), losses(&resumed));
+    out
+}
+
 /// The orchestrator dies in window 9; checkpoints were written after
 /// windows 3 and 7. `launch --resume` continues from window 8 and the
 /// metrics end with the loss bits of the run that was never interrupted.
 #[test]
 fn a_resumed_run_continues_the_exact_loss_sequence_of_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
-    let every = "checkpoint_every = 4\n";
-    let (whole, _) = run(&train_job(dir.path(), "whole", 2, 12, every));
-
-    let crash = format!("{every}\n[[faults.crash]]\nrank = 0\nexit_code = 5\nwindow = 9\n");
-    let job = train_job(dir.path(), "cut", 2, 12, &crash);
-    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
-    // The launcher reports the first exit it reaps: the orchestrator's 5,
-    // or 1 from a rank that noticed the orchestrator gone a moment later.
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("exiting with status 5 during window 9"),
-        "{}",
-        stderr(&out)
-    );
+    let job = |name: &str, extra: &str| train_job(dir.path(), name, 2, 12, extra);
+    let (whole, _) = whole_and_cut(job, "");
     let checkpoints = dir.path().join("cut/checkpoints");
     let mut kept: Vec<String> = std::fs::read_dir(&checkpoints)
         .unwrap()
@@ -218,7 +249,11 @@ fn a_resumed_run_continues_the_exact_loss_sequence_of_an_uninterrupted_one() {
     assert_eq!(kept, ["window-00000003", "window-00000007"]);
 
     // Without --resume the run directory is not reused.
-    let again = swarmrun().arg("launch").arg(&job).output().unwrap();
+    let again = swarmrun()
+        .arg("launch")
+        .arg(job("cut", EVERY_4))
+        .output()
+        .unwrap();
     assert!(!again.status.success());
     assert!(
         stderr(&again).contains("pass --resume"),
@@ -226,22 +261,12 @@ fn a_resumed_run_continues_the_exact_loss_sequence_of_an_uninterrupted_one() {
         stderr(&again)
     );
 
-    // The same job without the fault, resumed.
-    let job = train_job(dir.path(), "cut", 2, 12, every);
-    let out = swarmrun()
-        .args(["launch", "--resume"])
-        .arg(&job)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = resume_cut(job, &whole);
     assert!(
         stdout(&out).contains("resuming after window 7"),
         "{}",
         stdout(&out)
     );
-    let resumed = std::fs::read_to_string(dir.path().join("cut/metrics.jsonl")).unwrap();
-    let resumed: Vec<String> = resumed.lines().map(str::to_string).collect();
-    assert_eq!(losses(&whole), losses(&resumed));
 
     // The last checkpoint samples text from the corpus' alphabet.
     let sample = swarmrun()
@@ -264,45 +289,16 @@ fn a_resumed_run_continues_the_exact_loss_sequence_of_an_uninterrupted_one() {
 #[test]
 fn a_run_resumed_after_miners_moved_keeps_their_stages_and_its_losses() {
     let dir = tempfile::tempdir().unwrap();
-    let every = "checkpoint_every = 4\n";
-    let (whole, _) = run(&sized_train_job(
-        dir.path(),
-        "whole",
-        HEAVY_STAGE_1,
-        7,
-        14,
-        every,
-    ));
-    let faults = format!(
-        "{every}\n[[faults.crash]]\nrank = 3\nexit_code = 9\nwindow = 3\n\n\
-         [[faults.crash]]\nrank = 0\nexit_code = 5\nwindow = 9\n"
-    );
-    let job = sized_train_job(dir.path(), "cut", HEAVY_STAGE_1, 7, 14, &faults);
-    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
-    // The launcher reports the first exit it reaps: the orchestrator's 5,
-    // or 1 from a rank that noticed the orchestrator gone a moment later.
-    assert!(!out.status.success());
+    let job =
+        |name: &str, extra: &str| sized_train_job(dir.path(), name, HEAVY_STAGE_1, 7, 14, extra);
+    let miner_leaves = "\n[[faults.crash]]\nrank = 3\nexit_code = 9\nwindow = 3\n";
+    let (whole, cut) = whole_and_cut(job, miner_leaves);
     assert!(
-        stderr(&out).contains("exiting with status 5 during window 9"),
+        stdout(&cut).contains("to stage 1 (the bottleneck)"),
         "{}",
-        stderr(&out)
+        stdout(&cut)
     );
-    assert!(
-        stdout(&out).contains("to stage 1 (the bottleneck)"),
-        "{}",
-        stdout(&out)
-    );
-
-    let job = sized_train_job(dir.path(), "cut", HEAVY_STAGE_1, 7, 14, every);
-    let out = swarmrun()
-        .args(["launch", "--resume"])
-        .arg(&job)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let resumed = std::fs::read_to_string(dir.path().join("cut/metrics.jsonl")).unwrap();
-    let resumed: Vec<String> = resumed.lines().map(str::to_string).collect();
-    assert_eq!(losses(&whole), losses(&resumed));
+    resume_cut(job, &whole);
 }
 
 #[test]
