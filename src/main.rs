@@ -379,9 +379,44 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
     if let Err(e) = &result {
         // Say why while the transport is still open: once it closes, peers
         // fail at once and the launcher may stop this rank before it could.
-        std::process::exit(i32::from(report(e)));
+        let code = report(e);
+        if lost_a_peer(e) {
+            // A consequence of another rank's failure: let the launcher,
+            // which reports the first failed rank it reaps, reap the cause.
+            std::thread::sleep(CONSEQUENCE_DELAY);
+        }
+        std::process::exit(i32::from(code));
     }
     result
+}
+
+/// How long a rank that failed because a peer was lost waits before
+/// exiting.
+const CONSEQUENCE_DELAY: Duration = Duration::from_millis(300);
+
+/// Whether `e` is the loss of a peer, as a rank's transport or collective
+/// reports it, directly or inside a task's error.
+fn lost_a_peer(e: &anyhow::Error) -> bool {
+    use swarmrun::collective::CollectiveError;
+    use swarmrun::hello::HelloError;
+    use swarmrun::roles::TrainError;
+    use swarmrun::transport::TransportError;
+    let transport = |t: &TransportError| matches!(t, TransportError::PeerLost { .. });
+    let collective = |c: &CollectiveError| matches!(c, CollectiveError::PeerLost { .. });
+    e.chain().any(|c| {
+        c.downcast_ref::<TransportError>().is_some_and(transport)
+            || c.downcast_ref::<CollectiveError>().is_some_and(collective)
+            || match c.downcast_ref::<HelloError>() {
+                Some(HelloError::Transport(t)) => transport(t),
+                Some(HelloError::Collective(c)) => collective(c),
+                _ => false,
+            }
+            || match c.downcast_ref::<TrainError>() {
+                Some(TrainError::Transport(t)) => transport(t),
+                Some(TrainError::Collective(c)) => collective(c),
+                _ => false,
+            }
+    })
 }
 
 /// `[[faults.crash]]`: this rank exits on purpose, to exercise the
