@@ -28,6 +28,9 @@ const UNMEASURED: f64 = 1.0;
 /// gains are within the noise of measured throughput, and chasing them
 /// would move miners back and forth.
 const REBALANCE_GAIN: f64 = 1.5;
+/// Miners a donor stage keeps: a move never leaves a stage one failure
+/// away from stopping the job.
+const MIN_STAGE_MINERS: usize = 2;
 /// Measurements every miner needs (since joining or moving) before any
 /// move: one slow microbatch on a busy host is not a slow miner.
 const REBALANCE_SAMPLES: u32 = 8;
@@ -230,8 +233,8 @@ impl Router {
     }
 
     /// Moves one miner to the bottleneck stage if that raises the slowest
-    /// stage's capacity by [`REBALANCE_GAIN`]; the donor keeps at least one
-    /// miner.
+    /// stage's capacity by [`REBALANCE_GAIN`]; the donor keeps at least
+    /// [`MIN_STAGE_MINERS`].
     pub fn rebalance(&mut self) -> Option<Move> {
         if self.miners.values().any(|m| m.samples < REBALANCE_SAMPLES) {
             return None;
@@ -241,7 +244,7 @@ impl Router {
         let before = caps[bottleneck];
         let mut best: Option<(Move, f64)> = None;
         for (&rank, m) in &self.miners {
-            if m.stage == bottleneck || self.stage_miners(m.stage).len() < 2 {
+            if m.stage == bottleneck || self.stage_miners(m.stage).len() <= MIN_STAGE_MINERS {
                 continue;
             }
             let w = self.weight(m);
@@ -490,10 +493,12 @@ mod tests {
     }
 
     #[test]
-    fn rebalance_never_empties_a_stage() {
-        let mut r = Router::new(2, &[(1, 0), (2, 1)], 1);
+    fn rebalance_never_leaves_a_stage_with_one_miner() {
+        // Stage 1 is 100x slower, but stage 0 has only two miners to give.
+        let mut r = Router::new(2, &[(1, 0), (2, 0), (3, 1)], 1);
         measure(&mut r, 1, 0.01);
-        measure(&mut r, 2, 1.0);
+        measure(&mut r, 2, 0.01);
+        measure(&mut r, 3, 1.0);
         assert_eq!(r.rebalance(), None);
     }
 
