@@ -55,9 +55,13 @@ fn run(job: &Path) -> (Vec<String>, String) {
     let out = swarmrun().arg("launch").arg(job).output().unwrap();
     let (text, err) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "{text}\n{err}");
-    let run_dir = job.with_extension("");
-    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    (metrics.lines().map(str::to_string).collect(), err)
+    (metrics_of(job), err)
+}
+
+/// The metrics.jsonl lines of `job`'s run directory (`job` without `.toml`).
+fn metrics_of(job: &Path) -> Vec<String> {
+    let metrics = std::fs::read_to_string(job.with_extension("").join("metrics.jsonl")).unwrap();
+    metrics.lines().map(str::to_string).collect()
 }
 
 /// The value of `"field":` in a metrics line, as written.
@@ -170,9 +174,7 @@ fn a_miner_moves_to_the_stage_that_lost_one_and_no_loss_changes() {
         text.contains("from stage 0 to stage 1 (the bottleneck)"),
         "{text}"
     );
-    let moved = std::fs::read_to_string(dir.path().join("moved/metrics.jsonl")).unwrap();
-    let moved: Vec<String> = moved.lines().map(str::to_string).collect();
-    assert_eq!(losses(&clean), losses(&moved));
+    assert_eq!(losses(&clean), losses(&metrics_of(&job)));
 }
 
 #[test]
@@ -226,9 +228,7 @@ fn resume_cut(job: impl Fn(&str, &str) -> PathBuf, whole: &[String]) -> Output {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let metrics = std::fs::read_to_string(job.with_extension("").join("metrics.jsonl")).unwrap();
-    let resumed: Vec<String> = metrics.lines().map(str::to_string).collect();
-    assert_eq!(losses(whole), losses(&resumed));
+    assert_eq!(losses(whole), losses(&metrics_of(&job)));
     out
 }
 
