@@ -147,3 +147,36 @@ extern "C" __global__ void dequantize_int4(const unsigned char* __restrict__ cod
     int q = nibble >= 8 ? nibble - 16 : nibble;
     out[i] = __fmul_rn((float)q, f16_to_f32(scales[r]));
 }
+
+// The code of element (r, c) read straight from the frame's bytes.
+__device__ __forceinline__ int code_at(const unsigned char* __restrict__ codes, unsigned long long r,
+                                       unsigned int c, unsigned int width, int int4) {
+    if (!int4) return (int)(signed char)codes[r * width + c];
+    unsigned int byte = codes[r * ((width + 1u) / 2u) + c / 2u];
+    int nibble = (int)((c & 1u) ? (byte >> 4) : (byte & 0xfu));
+    return nibble >= 8 ? nibble - 16 : nibble;
+}
+
+// The receiving side of a bottleneck: its up-projection with the
+// dequantization fused into the input, one thread per output element:
+// out[r * n + j] = scale_r * sum_k code(r, k) * w[k * n + j], with w the
+// row-major width x n weight. The codes are read as they came off the wire,
+// never written out as floats, and the scale multiplies once per output
+// instead of once per code. Sums run in k order, every op rounded to
+// nearest (the CPU reference in tests/compress_nvrtc.rs does the same).
+extern "C" __global__ void dequantize_project(const unsigned char* __restrict__ codes,
+                                              const unsigned short* __restrict__ scales,
+                                              const float* __restrict__ w,
+                                              float* __restrict__ out,
+                                              unsigned int rows, unsigned int width,
+                                              unsigned int n, int int4) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (unsigned long long)rows * n) return;
+    unsigned long long r = i / n;
+    unsigned int j = (unsigned int)(i % n);
+    float acc = 0.0f;
+    for (unsigned int k = 0; k < width; ++k) {
+        acc = __fadd_rn(acc, __fmul_rn((float)code_at(codes, r, k, width, int4), w[(unsigned long long)k * n + j]));
+    }
+    out[i] = __fmul_rn(acc, f16_to_f32(scales[r]));
+}

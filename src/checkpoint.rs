@@ -286,7 +286,7 @@ impl Checkpoints {
         vocab_size: usize,
     ) -> Result<Vec<StageModel>, CheckpointError> {
         let spec = crate::config::parse(&manifest.job, &self.dir(manifest.window).join(MANIFEST))?;
-        let config = GptConfig::new(&spec.model, vocab_size)?;
+        let config = GptConfig::for_job(&spec, vocab_size)?;
         let layers = spec.stage_layers();
         (0..layers.len())
             .map(|stage| {

@@ -80,6 +80,56 @@ fn stochastic_rounding_is_unbiased_over_seeds() {
 }
 
 #[test]
+fn the_straight_through_gradient_matches_central_differences_of_the_expected_codec() {
+    // Backward passes take the codec for the identity (straight-through):
+    // the gradient of `<g, decode(encode(x))>` with respect to `x` is taken
+    // to be `g`. With stochastic rounding `E[decode(encode(x))] = x`, so `g`
+    // is the exact gradient of the expected output; check it by central
+    // differences averaged over seeds (the same seed on both sides), in a
+    // direction `v` that leaves each row's largest element, so its scale,
+    // alone.
+    let (rows, width) = (4, 16);
+    let mut x = matrix(rows, width, 21);
+    let g = matrix(rows, width, 22);
+    let mut v = matrix(rows, width, 23);
+    for r in 0..rows {
+        x[r * width] = 4.0;
+        v[r * width] = 0.0;
+    }
+    let analytic: f64 = g.iter().zip(&v).map(|(a, b)| f64::from(a * b)).sum();
+    // Large steps are fine: the expected output is linear while no
+    // element passes its row's maximum (|x|, |v| <= 2 here).
+    let h = 0.5f32;
+    for bits in [Bits::Int8, Bits::Int4] {
+        let f = |sign: f32, seed: u64| -> f64 {
+            let probe: Vec<f32> = x.iter().zip(&v).map(|(x, v)| x + sign * h * v).collect();
+            let q = quantize(&probe, rows, width, bits, Rounding::Stochastic { seed }).unwrap();
+            q.dequantize()
+                .iter()
+                .zip(&g)
+                .map(|(y, g)| f64::from(y * g))
+                .sum()
+        };
+        let seeds = 20_000u64;
+        let samples: Vec<f64> = (0..seeds)
+            .map(|seed| (f(1.0, seed) - f(-1.0, seed)) / (2.0 * f64::from(h)))
+            .collect();
+        let mean = samples.iter().sum::<f64>() / seeds as f64;
+        let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / seeds as f64;
+        let std_of_mean = (var / seeds as f64).sqrt();
+        assert!(
+            (mean - analytic).abs() <= 5.0 * std_of_mean,
+            "{bits:?}: straight-through {analytic}, central differences {mean} +- {std_of_mean}"
+        );
+        // The check has teeth: a codec off by 3% would fail it.
+        assert!(
+            0.03 * analytic.abs() > 5.0 * std_of_mean,
+            "{bits:?}: too noisy: {std_of_mean} for {analytic}"
+        );
+    }
+}
+
+#[test]
 fn same_seed_gives_same_codes_and_another_seed_others() {
     let x = matrix(8, 32, 2);
     let code = |seed| {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use swarmrun::compress::cuda::{self, CudaCodec, CudaError};
-use swarmrun::compress::{quantize, Bits, Rounding};
+use swarmrun::compress::{quantize, Bits, Quantized, Rounding};
 
 /// Every kernel file in the crate's `kernels/`, read from disk so that a
 /// new file is checked without being listed anywhere.
@@ -121,4 +121,50 @@ fn gpu_codes_and_dequantized_values_are_bit_identical_to_the_cpu_reference() {
         .quantize(&bad, 2, 10, Bits::Int8, Rounding::Nearest)
         .unwrap_err();
     assert!(err.to_string().contains("row 1"), "{err}");
+}
+
+/// The fused kernel's arithmetic on the CPU: `scale * sum_k code_k * w[k, j]`
+/// in `k` order, each op rounded to nearest (Rust never fuses them).
+fn project_reference(q: &Quantized, w: &[f32], n: usize) -> Vec<f32> {
+    let (rows, width) = (q.rows(), q.width());
+    // Codes as exact integers: dequantizing with scale 1 is code * 1.
+    let ones = vec![half::f16::ONE; rows];
+    let codes = Quantized::from_parts(q.bits(), rows, width, ones, q.codes().to_vec())
+        .unwrap()
+        .dequantize();
+    let mut out = vec![0.0f32; rows * n];
+    for r in 0..rows {
+        for j in 0..n {
+            let acc = (0..width).fold(0.0f32, |acc, k| acc + codes[r * width + k] * w[k * n + j]);
+            out[r * n + j] = acc * q.scales()[r].to_f32();
+        }
+    }
+    out
+}
+
+#[test]
+fn gpu_fused_dequantize_and_projection_is_bit_identical_to_the_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, width, n) in [(1, 1, 1), (768, 4, 128), (33, 7, 65)] {
+        let x: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0)
+            .collect();
+        let w: Vec<f32> = (0..width * n)
+            .map(|i| ((i * 13 % 11) as f32 - 5.0) / 50.0)
+            .collect();
+        for bits in [Bits::Int8, Bits::Int4] {
+            let q = quantize(&x, rows, width, bits, Rounding::Nearest).unwrap();
+            let dev = gpu.dequantize_project(&q, &w, n).unwrap();
+            let want = project_reference(&q, &w, n);
+            assert!(
+                dev.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{rows}x{width}x{n} {bits:?}"
+            );
+        }
+    }
+    let q = quantize(&[1.0; 8], 2, 4, Bits::Int8, Rounding::Nearest).unwrap();
+    let err = gpu.dequantize_project(&q, &[0.0; 7], 2).unwrap_err();
+    assert!(matches!(err, CudaError::Weights { .. }), "{err}");
 }

@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 25);
+    assert_eq!(count, 26);
 }
 
 #[test]
@@ -339,5 +339,16 @@ fn unknown_boundary_code_lists_the_known_ones() {
         9,
         Some("pipeline.compression.quant"),
         "int8",
+    );
+}
+
+#[test]
+fn a_bottleneck_wider_than_the_model_is_refused() {
+    assert_error(
+        "bottleneck_too_wide",
+        12,
+        14,
+        Some("pipeline.compression.bottleneck"),
+        "not in 1..=64",
     );
 }

@@ -15,6 +15,7 @@ fn tiny(n_layer: usize) -> GptConfig {
         n_head: 2,
         n_embd: 8,
         block_size: 6,
+        bottleneck: None,
     }
 }
 
@@ -23,9 +24,9 @@ fn normal(len: usize, id: u64) -> Vec<f64> {
     (0..len).map(|_| rng.normal()).collect()
 }
 
-/// `(2, 5, 8)` activations.
-fn acts(values: Vec<f64>, dtype: DType) -> Tensor {
-    Tensor::from_vec(values, (2, 5, 8), &Device::Cpu)
+/// `(2, 5, width)` activations.
+fn acts(values: Vec<f64>, width: usize, dtype: DType) -> Tensor {
+    Tensor::from_vec(values, (2, 5, width), &Device::Cpu)
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
@@ -73,25 +74,31 @@ fn check_param_grads(stage: &mut StageModel, analytic: &[f32], f: impl Fn(&Stage
     stage.set_params_flat(&params).unwrap();
 }
 
-#[test]
-fn block_gradients_match_finite_differences_in_f64() {
-    // The middle stage of three holds exactly one block.
-    let mut stage = StageModel::with_dtype(&tiny(3), &[1, 1, 1], 1, SEED, DType::F64).unwrap();
-    let x = normal(80, 0);
-    let r = acts(normal(80, 1), DType::F64);
+/// Checks the input and parameter gradients of the middle stage of three
+/// (one block, and the bottleneck's two halves if `config` has one)
+/// against central differences.
+fn check_middle_stage_gradients(config: &GptConfig) {
+    let mut stage = StageModel::with_dtype(config, &[1, 1, 1], 1, SEED, DType::F64).unwrap();
+    let width = config.boundary_width();
+    let n = 10 * width;
+    let x = normal(n, 0);
+    let r = acts(normal(n, 1), width, DType::F64);
     let f = |stage: &StageModel, x: &[f64]| {
-        let x = acts(x.to_vec(), DType::F64);
+        let x = acts(x.to_vec(), width, DType::F64);
         let pass = stage.forward(StageInput::Activations(&x), None).unwrap();
         scalar(&(pass.output() * &r).unwrap().sum_all().unwrap())
     };
     let pass = stage
-        .forward(StageInput::Activations(&acts(x.clone(), DType::F64)), None)
+        .forward(
+            StageInput::Activations(&acts(x.clone(), width, DType::F64)),
+            None,
+        )
         .unwrap();
     let grad_x = stage.backward(pass, Some(&r)).unwrap().unwrap();
     let grad_x: Vec<f64> = grad_x.flatten_all().unwrap().to_vec1().unwrap();
 
     let eps = 1e-6;
-    for i in (0..80).step_by(7) {
+    for i in (0..n).step_by(7) {
         let (mut up, mut down) = (x.clone(), x.clone());
         up[i] += eps;
         down[i] -= eps;
@@ -104,6 +111,49 @@ fn block_gradients_match_finite_differences_in_f64() {
     }
     let grads = stage.grads_flat();
     check_param_grads(&mut stage, &grads, |s| f(s, &x));
+}
+
+#[test]
+fn block_gradients_match_finite_differences_in_f64() {
+    check_middle_stage_gradients(&tiny(3));
+}
+
+#[test]
+fn bottleneck_gradients_match_finite_differences_in_f64() {
+    let config = GptConfig {
+        bottleneck: Some(3),
+        ..tiny(3)
+    };
+    let stage = StageModel::new(&config, &[1, 1, 1], 1, SEED).unwrap();
+    let names: Vec<&str> = stage.layout().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names.first(), Some(&"boundary.0.up.weight"));
+    assert_eq!(
+        names[names.len() - 2..],
+        ["boundary.1.ln.weight", "boundary.1.down.weight"]
+    );
+    check_middle_stage_gradients(&config);
+}
+
+#[test]
+fn only_the_bottleneck_code_crosses_a_boundary() {
+    let config = GptConfig {
+        bottleneck: Some(3),
+        ..tiny(2)
+    };
+    let s0 = StageModel::new(&config, &[1, 1], 0, SEED).unwrap();
+    let s1 = StageModel::new(&config, &[1, 1], 1, SEED).unwrap();
+    let code = s0.forward(StageInput::Tokens(&tokens(0)), None).unwrap();
+    assert_eq!(code.output().dims(), &[2, 5, 3]);
+    let pass = s1
+        .forward(StageInput::Activations(code.output()), Some(&tokens(1)))
+        .unwrap();
+    assert!(pass.loss().unwrap().is_finite());
+    // The whole residual stream is refused: the receiver expects the code.
+    let stream = acts(normal(80, 2), 8, DType::F32);
+    let err = s1
+        .forward(StageInput::Activations(&stream), Some(&tokens(1)))
+        .unwrap_err();
+    assert!(err.to_string().contains("(B, T <= 6, 3)"), "{err}");
 }
 
 #[test]
@@ -129,7 +179,7 @@ fn attention_is_causal() {
     let mut later = x.clone();
     later[8 * 3 + 2] += 1.0; // sequence 0, position 3
     let out = |x: Vec<f64>| {
-        let x = acts(x, DType::F32);
+        let x = acts(x, 8, DType::F32);
         let pass = stage.forward(StageInput::Activations(&x), None).unwrap();
         pass.output().to_vec3::<f32>().unwrap()
     };
@@ -238,7 +288,7 @@ fn misuse_is_a_typed_error() {
 
     let mut first = StageModel::new(&cfg, &[1, 1], 0, SEED).unwrap();
     let mut last = StageModel::new(&cfg, &[1, 1], 1, SEED).unwrap();
-    let (ids, x) = (tokens(0), acts(normal(80, 0), DType::F32));
+    let (ids, x) = (tokens(0), acts(normal(80, 0), 8, DType::F32));
     assert!(matches!(
         first.forward(StageInput::Activations(&x), None),
         Err(ModelError::WrongInput { stage: 0, .. })

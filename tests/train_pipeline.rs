@@ -353,3 +353,36 @@ fn int4_boundaries_cut_the_wire_bytes_and_barely_change_the_losses() {
     let single = run(&train_job(dir.path(), "single", 1, 2, "")).0;
     assert_eq!(field(&single[0], "compression"), "null", "no boundary");
 }
+
+/// A bottleneck of 2 values a token, int4-coded: the tiny model's 32-wide
+/// stream (128 bytes a token in f32) crosses as 1 byte of codes and 2 of
+/// scale, plus a 28-byte header per 64-token frame: 37x fewer bytes than
+/// f32. The model still learns, and its checkpoint (bottleneck weights
+/// included) samples text.
+#[test]
+fn a_bottleneck_job_sends_35x_fewer_bytes_learns_and_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "checkpoint_every = 10\n\n\
+                 [pipeline.compression]\nbottleneck = 2\nquant = \"int4\"\nzstd = true\n";
+    let (lines, _) = run(&train_job(dir.path(), "narrow", 2, 20, extra));
+    for l in &lines {
+        let ratio: f64 = field(l, "compression").parse().unwrap();
+        assert!(ratio >= 35.0, "{l}");
+    }
+    let loss: Vec<f32> = lines
+        .iter()
+        .map(|l| field(l, "loss").parse().unwrap())
+        .collect();
+    let (head, tail) = (
+        loss[..5].iter().sum::<f32>(),
+        loss[15..].iter().sum::<f32>(),
+    );
+    assert!(tail < head - 0.5, "the loss did not go down: {loss:?}");
+    let sample = swarmrun()
+        .args(["sample", "--tokens", "20", "--prompt", "ROMEO:"])
+        .arg(dir.path().join("narrow"))
+        .output()
+        .unwrap();
+    assert!(sample.status.success(), "{}", stderr(&sample));
+    assert!(stdout(&sample).starts_with("ROMEO:"));
+}

@@ -139,7 +139,7 @@ struct Model {
 impl Model {
     fn of(spec: &JobSpec) -> Result<Model, BenchTrainError> {
         let data = Dataset::new(&Corpus::embedded()?)?;
-        let config = GptConfig::new(&spec.model, data.tokenizer().vocab_size())?;
+        let config = GptConfig::for_job(spec, data.tokenizer().vocab_size())?;
         let whole = StageModel::new(&config, &[config.n_layer], 0, spec.job.seed)?;
         Ok(Model {
             matmul_params: matmul_params(&whole),
@@ -509,6 +509,7 @@ mod tests {
             n_head: 4,
             n_embd: 128,
             block_size: 64,
+            bottleneck: None,
         };
         // 6 x 1000 + 12 x 4 x 128 x 64
         assert_eq!(flops_per_token(&config, 1000), 6000.0 + 393_216.0);

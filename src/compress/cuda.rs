@@ -51,6 +51,8 @@ pub enum CudaError {
     },
     #[error("CUDA driver: {0}")]
     Driver(#[from] DriverError),
+    #[error("a {width} x {n} projection needs {} weights, got {got}", width * n)]
+    Weights { width: usize, n: usize, got: usize },
     #[error("{rows} x {width} is too large for the kernels' 32-bit shapes")]
     TooLarge { rows: usize, width: usize },
     #[error(transparent)]
@@ -91,6 +93,7 @@ pub struct CudaCodec {
     quantize_int4: CudaFunction,
     dequantize_int8: CudaFunction,
     dequantize_int4: CudaFunction,
+    dequantize_project: CudaFunction,
 }
 
 impl CudaCodec {
@@ -109,6 +112,7 @@ impl CudaCodec {
             quantize_int4: module.load_function("quantize_int4")?,
             dequantize_int8: module.load_function("dequantize_int8")?,
             dequantize_int4: module.load_function("dequantize_int4")?,
+            dequantize_project: module.load_function("dequantize_project")?,
         })
     }
 
@@ -176,6 +180,64 @@ impl CudaCodec {
             Bits::Int4 => &self.dequantize_int4,
         };
         launch_dequantize(&self.stream, f, &shape, &codes, &scales, &mut out)?;
+        Ok(self.stream.clone_dtoh(&out)?)
+    }
+
+    /// A bottleneck's up-projection `dequantize(q) @ w` (`w` row-major
+    /// `q.width() x n`) with the dequantization fused into it: the codes go
+    /// to the GPU as they came off the wire and are never expanded to
+    /// floats in memory. Each output is `scale * sum_k code_k * w[k, j]`,
+    /// summed in `k` order: the scale is applied once, after the sum.
+    pub fn dequantize_project(
+        &self,
+        q: &Quantized,
+        w: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>, CudaError> {
+        if q.width().checked_mul(n) != Some(w.len()) {
+            return Err(CudaError::Weights {
+                width: q.width(),
+                n,
+                got: w.len(),
+            });
+        }
+        let shape = Shape::new(q.rows() * n, q.rows(), n, Bits::Int8)?;
+        let width = u32::try_from(q.width()).map_err(|_| CudaError::TooLarge {
+            rows: q.rows(),
+            width: q.width(),
+        })?;
+        let int4 = i32::from(q.bits() == Bits::Int4);
+        let scale_bits: Vec<u16> = q.scales().iter().map(|s| s.to_bits()).collect();
+        let scales = self.stream.clone_htod(&scale_bits)?;
+        let codes = self.stream.clone_htod(q.codes())?;
+        let w_dev = self.stream.clone_htod(w)?;
+        let mut out = self.stream.alloc_zeros::<f32>(shape.elements as usize)?;
+        if shape.elements > 0 {
+            use cudarc::driver::{LaunchConfig, PushKernelArg};
+            let cfg = LaunchConfig {
+                grid_dim: (Shape::grid(shape.elements)?, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `dequantize_project(codes,
+            // scales, w, out, rows, width, n, int4)` in quant.cu; `codes`
+            // and `scales` are a checked `Quantized`'s, `w` holds width x n
+            // floats (checked above), `out` rows x n; each thread
+            // bounds-checks its index.
+            unsafe {
+                self.stream
+                    .launch_builder(&self.dequantize_project)
+                    .arg(&codes)
+                    .arg(&scales)
+                    .arg(&w_dev)
+                    .arg(&mut out)
+                    .arg(&shape.rows)
+                    .arg(&width)
+                    .arg(&shape.width)
+                    .arg(&int4)
+                    .launch(cfg)?;
+            }
+        }
         Ok(self.stream.clone_dtoh(&out)?)
     }
 }

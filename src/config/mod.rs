@@ -174,12 +174,18 @@ impl Default for PipelineSpec {
     }
 }
 
-/// `[pipeline.compression]`: `quant` codes each token's boundary vector
-/// with one f16 scale (see `crate::compress`); `zstd` squeezes the frame
-/// further when that makes it smaller. Default: plain f32.
+/// `[pipeline.compression]`: `bottleneck = b` puts a learned projection
+/// `n_embd -> b` at the end of every stage but the last and `b -> n_embd`
+/// at the start of every stage but the first, so only `b` numbers per
+/// token cross a boundary; `quant` codes each token's boundary vector with
+/// one f16 scale (see `crate::compress`); `zstd` squeezes the frame further
+/// when that makes it smaller. Default: the full `n_embd` residual stream
+/// as plain f32.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CompressionSpec {
+    /// In `1..=model.n_embd`.
+    pub bottleneck: Option<usize>,
     pub quant: Quant,
     pub zstd: bool,
 }

@@ -99,6 +99,17 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     if p.microbatches_per_window == 0 {
         return violation("pipeline.microbatches_per_window", "must be at least 1");
     }
+    if let Some(b) = p.compression.bottleneck {
+        if b == 0 || b > m.n_embd {
+            return violation(
+                "pipeline.compression.bottleneck",
+                format!(
+                    "{b} is not in 1..={}: the code is narrower than model.n_embd",
+                    m.n_embd
+                ),
+            );
+        }
+    }
 
     if spec.sites.is_empty() {
         return violation("site", "at least one [[site]] is required");

@@ -157,3 +157,72 @@ impl Head {
         candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
     }
 }
+
+/// The sending half of a stage boundary's bottleneck: LayerNorm, then a
+/// projection of the residual stream `n_embd -> b`. Its output, the code,
+/// is all that crosses the boundary. The LayerNorm makes the code's scale
+/// independent of how the stream grew over the stage's blocks, as `ln_f`
+/// does for the LM head.
+#[derive(Debug)]
+pub(crate) struct BottleneckDown {
+    ln: Var,
+    down: Var,
+}
+
+impl BottleneckDown {
+    /// The bottleneck at the end of stage `stage` (the boundary between
+    /// stages `stage` and `stage + 1`).
+    pub(crate) fn new(
+        params: &mut ParamSet,
+        stage: usize,
+        cfg: &GptConfig,
+        width: usize,
+    ) -> Result<Self, ModelError> {
+        let c = cfg.n_embd;
+        Ok(BottleneckDown {
+            ln: params.add(format!("boundary.{stage}.ln.weight"), &[c], Init::Ones)?,
+            down: params.add(
+                format!("boundary.{stage}.down.weight"),
+                &[c, width],
+                Init::Normal(INIT_STD),
+            )?,
+        })
+    }
+
+    /// `x: (B, T, n_embd)` -> code `(B, T, b)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear(&layer_norm(x, &self.ln)?, &self.down)
+    }
+}
+
+/// The receiving half: the code projected back to the residual stream
+/// `b -> n_embd`, which the stage's blocks then continue as if it had
+/// crossed whole.
+#[derive(Debug)]
+pub(crate) struct BottleneckUp {
+    up: Var,
+}
+
+impl BottleneckUp {
+    /// The bottleneck at the start of stage `stage + 1`, the partner of
+    /// [`BottleneckDown::new`] with the same `stage`.
+    pub(crate) fn new(
+        params: &mut ParamSet,
+        stage: usize,
+        cfg: &GptConfig,
+        width: usize,
+    ) -> Result<Self, ModelError> {
+        Ok(BottleneckUp {
+            up: params.add(
+                format!("boundary.{stage}.up.weight"),
+                &[width, cfg.n_embd],
+                Init::Normal(INIT_STD),
+            )?,
+        })
+    }
+
+    /// Code `(B, T, b)` -> `(B, T, n_embd)`.
+    pub(crate) fn forward(&self, code: &Tensor) -> candle_core::Result<Tensor> {
+        linear(code, &self.up)
+    }
+}

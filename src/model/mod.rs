@@ -116,7 +116,7 @@ pub use local::LocalPipeline;
 pub use params::ParamInfo;
 pub use stage::{Pass, PassGrads, StageInput, StageModel};
 
-use crate::config::ModelSpec;
+use crate::config::{JobSpec, ModelSpec};
 use crate::data::Batch;
 
 /// The model's shape: `ModelSpec` plus the tokenizer's vocabulary size.
@@ -127,6 +127,10 @@ pub struct GptConfig {
     pub n_head: usize,
     pub n_embd: usize,
     pub block_size: usize,
+    /// Width of the learned code that crosses each stage boundary in
+    /// place of the `n_embd` residual stream (`[pipeline.compression]
+    /// bottleneck`); `None`: the stream itself crosses.
+    pub bottleneck: Option<usize>,
 }
 
 impl GptConfig {
@@ -146,7 +150,23 @@ impl GptConfig {
             n_head: spec.n_head,
             n_embd: spec.n_embd,
             block_size: spec.block_size,
+            bottleneck: None,
         })
+    }
+
+    /// The model a job trains: its `[model]` with the bottleneck of its
+    /// `[pipeline.compression]`, which is part of the model (its
+    /// projections are trained weights), not of the wire.
+    pub fn for_job(spec: &JobSpec, vocab_size: usize) -> Result<GptConfig, ModelError> {
+        Ok(GptConfig {
+            bottleneck: spec.pipeline.compression.bottleneck,
+            ..GptConfig::new(&spec.model, vocab_size)?
+        })
+    }
+
+    /// Width of the tensor that crosses a stage boundary.
+    pub fn boundary_width(&self) -> usize {
+        self.bottleneck.unwrap_or(self.n_embd)
     }
 }
 

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::layers::{Block, Embeddings, Head};
+use super::layers::{Block, BottleneckDown, BottleneckUp, Embeddings, Head};
 use super::params::{ParamInfo, ParamSet};
 use super::{GptConfig, ModelError};
 
@@ -14,7 +14,9 @@ use super::{GptConfig, ModelError};
 pub enum StageInput<'a> {
     /// Token ids `(B, T)`, `u32`: the input of stage 0.
     Tokens(&'a Tensor),
-    /// The boundary tensor `(B, T, n_embd)` from the previous stage.
+    /// The boundary tensor `(B, T, w)` from the previous stage: the
+    /// residual stream (`w = n_embd`) or the bottleneck's code (`w = b`),
+    /// see [`GptConfig::boundary_width`].
     Activations(&'a Tensor),
 }
 
@@ -25,7 +27,7 @@ pub struct Pass {
     /// The input as a leaf whose gradient is the stage's input gradient;
     /// `None` on stage 0 (token ids have none).
     input: Option<Var>,
-    /// Boundary tensor `(B, T, n_embd)`, or the scalar loss on the last stage.
+    /// Boundary tensor `(B, T, w)`, or the scalar loss on the last stage.
     output: Tensor,
     is_loss: bool,
 }
@@ -67,7 +69,13 @@ pub struct StageModel {
     n_stages: usize,
     blocks_range: Range<usize>,
     embeddings: Option<Embeddings>,
+    /// The receiving half of the bottleneck before this stage (not on
+    /// stage 0).
+    up: Option<BottleneckUp>,
     blocks: Vec<Block>,
+    /// The sending half of the bottleneck after this stage (not on the
+    /// last).
+    down: Option<BottleneckDown>,
     head: Option<Head>,
     params: ParamSet,
     grads: Vec<f32>,
@@ -116,15 +124,24 @@ impl StageModel {
         let n_stages = layers.len();
 
         let mut params = ParamSet::new(seed, dtype);
+        let is_last = stage + 1 == n_stages;
         let embeddings = match stage {
             0 => Some(Embeddings::new(&mut params, config)?),
+            _ => None,
+        };
+        let up = match (config.bottleneck, stage) {
+            (Some(b), 1..) => Some(BottleneckUp::new(&mut params, stage - 1, config, b)?),
             _ => None,
         };
         let blocks = blocks_range
             .clone()
             .map(|i| Block::new(&mut params, i, config))
             .collect::<Result<Vec<_>, _>>()?;
-        let head = match stage + 1 == n_stages {
+        let down = match config.bottleneck {
+            Some(b) if !is_last => Some(BottleneckDown::new(&mut params, stage, config, b)?),
+            _ => None,
+        };
+        let head = match is_last {
             true => Some(Head::new(&mut params, config)?),
             false => None,
         };
@@ -135,7 +152,9 @@ impl StageModel {
             n_stages,
             blocks_range,
             embeddings,
+            up,
             blocks,
+            down,
             head,
             params,
             grads,
@@ -188,7 +207,10 @@ impl StageModel {
         let (x, input) = self.trunk(input)?;
         let output = match (&self.head, targets) {
             (Some(head), Some(targets)) => head.loss(&x, targets)?,
-            (None, None) => x,
+            (None, None) => match &self.down {
+                Some(down) => down.forward(&x)?,
+                None => x,
+            },
             (Some(_), None) | (None, Some(_)) => {
                 return Err(ModelError::Targets {
                     stage: self.stage,
@@ -211,8 +233,9 @@ impl StageModel {
         Ok(head.logits(&x)?)
     }
 
-    /// The embeddings (stage 0) or the input leaf (later stages), then the
-    /// blocks: everything but the head. Returns the leaf too, whose
+    /// The embeddings (stage 0) or the input leaf (later stages, through
+    /// the bottleneck's up-projection if any), then the blocks: everything
+    /// but the head and the down-projection. Returns the leaf too, whose
     /// gradient the backward pass sends upstream.
     fn trunk(&self, input: StageInput<'_>) -> Result<(Tensor, Option<Var>), ModelError> {
         let (mut x, input) = match (&self.embeddings, input) {
@@ -225,7 +248,11 @@ impl StageModel {
                 // A fresh leaf (copied, so no graph links back to the
                 // sender): its gradient is what this stage sends back.
                 let var = Var::from_tensor(&acts.detach().to_dtype(self.params.dtype())?)?;
-                (var.as_tensor().clone(), Some(var))
+                let x = match &self.up {
+                    Some(up) => up.forward(var.as_tensor())?,
+                    None => var.as_tensor().clone(),
+                };
+                (x, Some(var))
             }
             (Some(_), StageInput::Activations(_)) | (None, StageInput::Tokens(_)) => {
                 return Err(ModelError::WrongInput {
@@ -390,12 +417,15 @@ impl StageModel {
 
     fn check_activations(&self, acts: &Tensor) -> Result<(), ModelError> {
         match acts.dims() {
-            &[_, t, c] if t <= self.config.block_size && c == self.config.n_embd => Ok(()),
+            &[_, t, c] if t <= self.config.block_size && c == self.config.boundary_width() => {
+                Ok(())
+            }
             dims => Err(ModelError::Shape {
                 what: "input activations",
                 expected: format!(
                     "(B, T <= {}, {})",
-                    self.config.block_size, self.config.n_embd
+                    self.config.block_size,
+                    self.config.boundary_width()
                 ),
                 got: dims.to_vec(),
             }),

@@ -1,6 +1,7 @@
-//! A boundary tensor (one microbatch's `B x T x d` activations, or their
-//! gradient) as bytes on the wire: plain little-endian f32, or each token's
-//! `d` values quantized with one f16 scale and framed
+//! A boundary tensor (one microbatch's `B x T x w` activations, or their
+//! gradient; `w` is the model width `d`, or the bottleneck's code width `b`)
+//! as bytes on the wire: plain little-endian f32, or each token's `w`
+//! values quantized with one f16 scale and framed
 //! ([`crate::compress::frame`]), as the job's `[pipeline.compression]`
 //! says. Both directions use the same codec, so the gradient a stage sends
 //! back is as coarse as the activations it received: the sender's backward
@@ -35,13 +36,22 @@ pub enum BoundaryError {
 pub struct BoundaryCodec {
     bits: Option<Bits>,
     zstd: bool,
-    /// Tokens per microbatch (`B x T`) and the model width `d`.
+    /// Tokens per microbatch (`B x T`) and the width `w` of what crosses.
     rows: usize,
     width: usize,
+    /// The model width `d`: without a bottleneck, `w`.
+    stream_width: usize,
 }
 
 impl BoundaryCodec {
-    pub fn new(spec: CompressionSpec, rows: usize, width: usize) -> BoundaryCodec {
+    /// The codec of `rows x width` boundary tensors of a model whose
+    /// residual stream is `stream_width` wide.
+    pub fn new(
+        spec: CompressionSpec,
+        rows: usize,
+        width: usize,
+        stream_width: usize,
+    ) -> BoundaryCodec {
         let bits = match spec.quant {
             Quant::None => None,
             Quant::Int8 => Some(Bits::Int8),
@@ -52,13 +62,15 @@ impl BoundaryCodec {
             zstd: spec.zstd,
             rows,
             width,
+            stream_width,
         }
     }
 
-    /// Bytes of the tensor as computed (f32): the numerator of the
+    /// Bytes of the residual stream at the boundary as computed (f32):
+    /// what would cross without bottleneck and codec, the numerator of the
     /// compression ratio.
     pub fn dense_bytes(&self) -> usize {
-        self.rows * self.width * 4
+        self.rows * self.stream_width * 4
     }
 
     pub fn encode(&self, x: &[f32]) -> Result<Vec<u8>, BoundaryError> {
@@ -74,10 +86,11 @@ impl BoundaryCodec {
     /// The tensor back, refusing anything but this job's shape and codec.
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<f32>, BoundaryError> {
         let Some(want) = self.bits else {
-            if bytes.len() != self.dense_bytes() {
+            let expected = self.rows * self.width * 4;
+            if bytes.len() != expected {
                 return Err(BoundaryError::Length {
                     got: bytes.len(),
-                    expected: self.dense_bytes(),
+                    expected,
                 });
             }
             return Ok(bytes
@@ -109,7 +122,16 @@ mod tests {
     use super::*;
 
     fn codec(quant: Quant, zstd: bool) -> BoundaryCodec {
-        BoundaryCodec::new(CompressionSpec { quant, zstd }, 6, 128)
+        BoundaryCodec::new(
+            CompressionSpec {
+                bottleneck: None,
+                quant,
+                zstd,
+            },
+            6,
+            128,
+            128,
+        )
     }
 
     fn tensor() -> Vec<f32> {
@@ -154,10 +176,12 @@ mod tests {
         ));
         let narrow = BoundaryCodec::new(
             CompressionSpec {
+                bottleneck: None,
                 quant: Quant::Int8,
                 zstd: false,
             },
             12,
+            64,
             64,
         );
         assert!(matches!(

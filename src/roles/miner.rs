@@ -57,6 +57,7 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
     let boundary = BoundaryCodec::new(
         spec.pipeline.compression,
         setup.batch_size * setup.config.block_size,
+        setup.config.boundary_width(),
         setup.config.n_embd,
     );
     let mut miner = Miner {
@@ -147,7 +148,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
 
     fn shape(&self) -> (usize, usize, usize) {
         let s = &self.setup;
-        (s.batch_size, s.config.block_size, s.config.n_embd)
+        (s.batch_size, s.config.block_size, s.config.boundary_width())
     }
 
     /// Forwards in ascending id, then backwards in ascending id. Waits only

@@ -143,7 +143,7 @@ pub(super) struct Setup {
 impl Setup {
     pub fn new(spec: &JobSpec) -> Result<Setup, TrainError> {
         let data = Dataset::new(&Corpus::embedded()?)?;
-        let config = GptConfig::new(&spec.model, data.tokenizer().vocab_size())?;
+        let config = GptConfig::for_job(spec, data.tokenizer().vocab_size())?;
         Ok(Setup {
             stages: spec.pipeline.stages,
             layers: spec.stage_layers(),
