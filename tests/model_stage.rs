@@ -85,12 +85,14 @@ fn check_middle_stage_gradients(config: &GptConfig) {
     let r = acts(normal(n, 1), width, DType::F64);
     let f = |stage: &StageModel, x: &[f64]| {
         let x = acts(x.to_vec(), width, DType::F64);
-        let pass = stage.forward(StageInput::Activations(&x), None).unwrap();
+        let pass = stage
+            .forward(StageInput::Activations(&x, &tokens(0)), None)
+            .unwrap();
         scalar(&(pass.output() * &r).unwrap().sum_all().unwrap())
     };
     let pass = stage
         .forward(
-            StageInput::Activations(&acts(x.clone(), width, DType::F64)),
+            StageInput::Activations(&acts(x.clone(), width, DType::F64), &tokens(0)),
             None,
         )
         .unwrap();
@@ -126,7 +128,14 @@ fn bottleneck_gradients_match_finite_differences_in_f64() {
     };
     let stage = StageModel::new(&config, &[1, 1, 1], 1, SEED).unwrap();
     let names: Vec<&str> = stage.layout().iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names.first(), Some(&"boundary.0.up.weight"));
+    assert_eq!(
+        names[..3],
+        [
+            "boundary.0.up.weight",
+            "boundary.0.wte.weight",
+            "boundary.0.wpe.weight"
+        ]
+    );
     assert_eq!(
         names[names.len() - 2..],
         ["boundary.1.ln.weight", "boundary.1.down.weight"]
@@ -145,13 +154,19 @@ fn only_the_bottleneck_code_crosses_a_boundary() {
     let code = s0.forward(StageInput::Tokens(&tokens(0)), None).unwrap();
     assert_eq!(code.output().dims(), &[2, 5, 3]);
     let pass = s1
-        .forward(StageInput::Activations(code.output()), Some(&tokens(1)))
+        .forward(
+            StageInput::Activations(code.output(), &tokens(0)),
+            Some(&tokens(1)),
+        )
         .unwrap();
     assert!(pass.loss().unwrap().is_finite());
     // The whole residual stream is refused: the receiver expects the code.
     let stream = acts(normal(80, 2), 8, DType::F32);
     let err = s1
-        .forward(StageInput::Activations(&stream), Some(&tokens(1)))
+        .forward(
+            StageInput::Activations(&stream, &tokens(0)),
+            Some(&tokens(1)),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("(B, T <= 6, 3)"), "{err}");
 }
@@ -180,7 +195,9 @@ fn attention_is_causal() {
     later[8 * 3 + 2] += 1.0; // sequence 0, position 3
     let out = |x: Vec<f64>| {
         let x = acts(x, 8, DType::F32);
-        let pass = stage.forward(StageInput::Activations(&x), None).unwrap();
+        let pass = stage
+            .forward(StageInput::Activations(&x, &tokens(0)), None)
+            .unwrap();
         pass.output().to_vec3::<f32>().unwrap()
     };
     let (a, b) = (out(x), out(later));
@@ -290,11 +307,11 @@ fn misuse_is_a_typed_error() {
     let mut last = StageModel::new(&cfg, &[1, 1], 1, SEED).unwrap();
     let (ids, x) = (tokens(0), acts(normal(80, 0), 8, DType::F32));
     assert!(matches!(
-        first.forward(StageInput::Activations(&x), None),
+        first.forward(StageInput::Activations(&x, &ids), None),
         Err(ModelError::WrongInput { stage: 0, .. })
     ));
     assert!(matches!(
-        last.forward(StageInput::Activations(&x), None),
+        last.forward(StageInput::Activations(&x, &ids), None),
         Err(ModelError::Targets { needed: true, .. })
     ));
     assert!(matches!(
@@ -303,7 +320,7 @@ fn misuse_is_a_typed_error() {
     ));
     let wide = Tensor::zeros((2, 5, 9), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(
-        last.forward(StageInput::Activations(&wide), Some(&ids)),
+        last.forward(StageInput::Activations(&wide, &ids), Some(&ids)),
         Err(ModelError::Shape { .. })
     ));
 
@@ -314,7 +331,7 @@ fn misuse_is_a_typed_error() {
         Err(ModelError::GradOutput { needed: true, .. })
     ));
     let pass = last
-        .forward(StageInput::Activations(&x), Some(&ids))
+        .forward(StageInput::Activations(&x, &ids), Some(&ids))
         .unwrap();
     assert!(matches!(
         last.backward(pass, Some(&x)),

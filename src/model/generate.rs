@@ -70,14 +70,14 @@ fn next_logits(
     let ids = Tensor::from_slice(window, (1, window.len()), &Device::Cpu)?;
     let mut acts: Option<Tensor> = None;
     for stage in body {
-        let input = acts
-            .as_ref()
-            .map_or(StageInput::Tokens(&ids), StageInput::Activations);
+        let input = acts.as_ref().map_or(StageInput::Tokens(&ids), |a| {
+            StageInput::Activations(a, &ids)
+        });
         acts = Some(stage.forward(input, None)?.output().clone());
     }
-    let input = acts
-        .as_ref()
-        .map_or(StageInput::Tokens(&ids), StageInput::Activations);
+    let input = acts.as_ref().map_or(StageInput::Tokens(&ids), |a| {
+        StageInput::Activations(a, &ids)
+    });
     let logits = last.logits(input)?;
     Ok(logits
         .i((0, window.len() - 1))?

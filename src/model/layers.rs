@@ -38,15 +38,20 @@ pub(crate) struct Embeddings {
 
 impl Embeddings {
     pub(crate) fn new(params: &mut ParamSet, cfg: &GptConfig) -> Result<Self, ModelError> {
+        Self::named(params, cfg, "")
+    }
+
+    /// Embeddings whose parameter names start with `prefix`.
+    fn named(params: &mut ParamSet, cfg: &GptConfig, prefix: &str) -> Result<Self, ModelError> {
         let c = cfg.n_embd;
         Ok(Embeddings {
             wte: params.add(
-                "wte.weight".into(),
+                format!("{prefix}wte.weight"),
                 &[cfg.vocab_size, c],
                 Init::Normal(INIT_STD),
             )?,
             wpe: params.add(
-                "wpe.weight".into(),
+                format!("{prefix}wpe.weight"),
                 &[cfg.block_size, c],
                 Init::Normal(INIT_STD),
             )?,
@@ -196,11 +201,16 @@ impl BottleneckDown {
 }
 
 /// The receiving half: the code projected back to the residual stream
-/// `b -> n_embd`, which the stage's blocks then continue as if it had
-/// crossed whole.
+/// `b -> n_embd`, plus the receiver's own token and position embeddings of
+/// the microbatch's tokens, which every miner derives from the microbatch
+/// id and so cost no byte on the wire. Side information: the code then
+/// spends none of its few numbers on which token it is, only on what the
+/// sender's blocks made of its context. The stage's blocks continue from
+/// there as if the stream had crossed whole.
 #[derive(Debug)]
 pub(crate) struct BottleneckUp {
     up: Var,
+    embeddings: Embeddings,
 }
 
 impl BottleneckUp {
@@ -218,11 +228,12 @@ impl BottleneckUp {
                 &[width, cfg.n_embd],
                 Init::Normal(INIT_STD),
             )?,
+            embeddings: Embeddings::named(params, cfg, &format!("boundary.{stage}."))?,
         })
     }
 
-    /// Code `(B, T, b)` -> `(B, T, n_embd)`.
-    pub(crate) fn forward(&self, code: &Tensor) -> candle_core::Result<Tensor> {
-        linear(code, &self.up)
+    /// Code `(B, T, b)` and token ids `(B, T)` -> `(B, T, n_embd)`.
+    pub(crate) fn forward(&self, code: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+        linear(code, &self.up)? + self.embeddings.forward(ids)?
     }
 }

@@ -106,7 +106,7 @@ impl LocalPipeline {
         for stage in &self.stages {
             let input = match passes.last() {
                 None => StageInput::Tokens(&ids),
-                Some(prev) => StageInput::Activations(prev.output()),
+                Some(prev) => StageInput::Activations(prev.output(), &ids),
             };
             let targets = stage.is_last().then_some(&targets);
             passes.push(stage.forward(input, targets)?);

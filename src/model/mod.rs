@@ -24,7 +24,7 @@
 //! let batch = data.batch(Split::Train, 0, 1337, 2, 8)?;
 //! let (ids, targets) = batch_tensors(&batch)?;
 //! let p0 = s0.forward(StageInput::Tokens(&ids), None)?;
-//! let p1 = s1.forward(StageInput::Activations(p0.output()), Some(&targets))?;
+//! let p1 = s1.forward(StageInput::Activations(p0.output(), &ids), Some(&targets))?;
 //! assert!(p1.loss()? > 0.0);
 //! let grad = s1.backward(p1, None)?.expect("stage 1 has an input gradient");
 //! s0.backward(p0, Some(&grad))?;
@@ -41,7 +41,7 @@
 //! ```text
 //! GptConfig::new(&ModelSpec, vocab_size) -> GptConfig {vocab_size, n_layer, n_head, n_embd, block_size}
 //! StageModel::new(&GptConfig, layers: &[usize], stage, seed) / with_dtype(.., DType)
-//!   .forward(StageInput::{Tokens(&ids), Activations(&x)}, targets: Option<&Tensor>) -> Pass
+//!   .forward(StageInput::{Tokens(&ids), Activations(&x, &ids)}, targets: Option<&Tensor>) -> Pass
 //!   .backward(Pass, grad_output: Option<&Tensor>) -> Option<Tensor>   input gradient
 //!   .gradients(Pass, grad_output) -> PassGrads {params, input}, .accumulate(&PassGrads)
 //!                                         backward in two halves, for concurrent microbatches
@@ -77,6 +77,17 @@
 //! - no dropout: [`GptConfig::new`] refuses `dropout > 0`, because dropout
 //!   masks would have to be replayed by validators, and nanoGPT's small
 //!   models train fine without.
+//!
+//! With a bottleneck (`GptConfig::bottleneck = Some(b)`, from the job's
+//! `[pipeline.compression]`), every stage but the last ends in LayerNorm
+//! and a projection to `b` numbers a token (`boundary.S.ln`,
+//! `boundary.S.down`), and every stage but the first starts by projecting
+//! them back (`boundary.S.up`) and adding its own token and position
+//! embeddings of the microbatch's tokens (`boundary.S.wte`, `.wpe`): the
+//! tokens are known to every miner from the microbatch id, so they cross no
+//! wire, and the code carries only what the sender's blocks computed. The
+//! bottleneck is part of the model: its weights train end to end with the
+//! rest, and a split with a bottleneck is another model than the whole.
 //!
 //! Only the CPU is used; parameters and flat buffers are `f32` (a stage
 //! built with `DType::F64` computes in `f64` but still trades `f32`

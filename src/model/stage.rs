@@ -14,10 +14,11 @@ use super::{GptConfig, ModelError};
 pub enum StageInput<'a> {
     /// Token ids `(B, T)`, `u32`: the input of stage 0.
     Tokens(&'a Tensor),
-    /// The boundary tensor `(B, T, w)` from the previous stage: the
-    /// residual stream (`w = n_embd`) or the bottleneck's code (`w = b`),
-    /// see [`GptConfig::boundary_width`].
-    Activations(&'a Tensor),
+    /// The boundary tensor `(B, T, w)` from the previous stage, the
+    /// residual stream (`w = n_embd`) or the bottleneck's code (`w = b`, see
+    /// [`GptConfig::boundary_width`]), and the microbatch's token ids `(B,
+    /// T)`, which a bottleneck embeds again on the receiving side.
+    Activations(&'a Tensor, &'a Tensor),
 }
 
 /// A forward pass kept for its backward pass: it owns the autograd graph,
@@ -243,18 +244,18 @@ impl StageModel {
                 self.check_tokens(ids)?;
                 (emb.forward(ids)?, None)
             }
-            (None, StageInput::Activations(acts)) => {
-                self.check_activations(acts)?;
+            (None, StageInput::Activations(acts, ids)) => {
+                self.check_activations(acts, ids)?;
                 // A fresh leaf (copied, so no graph links back to the
                 // sender): its gradient is what this stage sends back.
                 let var = Var::from_tensor(&acts.detach().to_dtype(self.params.dtype())?)?;
                 let x = match &self.up {
-                    Some(up) => up.forward(var.as_tensor())?,
+                    Some(up) => up.forward(var.as_tensor(), ids)?,
                     None => var.as_tensor().clone(),
                 };
                 (x, Some(var))
             }
-            (Some(_), StageInput::Activations(_)) | (None, StageInput::Tokens(_)) => {
+            (Some(_), StageInput::Activations(..)) | (None, StageInput::Tokens(_)) => {
                 return Err(ModelError::WrongInput {
                     stage: self.stage,
                     tokens_expected: self.is_first(),
@@ -415,7 +416,15 @@ impl StageModel {
         }
     }
 
-    fn check_activations(&self, acts: &Tensor) -> Result<(), ModelError> {
+    fn check_activations(&self, acts: &Tensor, ids: &Tensor) -> Result<(), ModelError> {
+        self.check_tokens(ids)?;
+        if acts.dims().get(..2) != Some(ids.dims()) {
+            return Err(ModelError::Shape {
+                what: "input activations",
+                expected: format!("(B, T, _) with (B, T) = {:?} as the token ids", ids.dims()),
+                got: acts.dims().to_vec(),
+            });
+        }
         match acts.dims() {
             &[_, t, c] if t <= self.config.block_size && c == self.config.boundary_width() => {
                 Ok(())

@@ -177,21 +177,20 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 self.setup.config.block_size,
             )?;
             let (tokens, targets) = batch_tensors(&batch)?;
-            let input = if stage == 0 {
-                tokens
+            let received = if stage == 0 {
+                None
             } else {
                 let from = route.path[stage - 1];
                 match self.wait(from, protocol::activation_tag(id, attempt))? {
-                    Wait::Got(bytes) => self.tensor_from(&bytes, from)?,
+                    Wait::Got(bytes) => Some(self.tensor_from(&bytes, from)?),
                     Wait::Order(next) => return Ok(Some(next)),
                 }
             };
             let started = Instant::now();
             let pass = self.model.forward(
-                if stage == 0 {
-                    StageInput::Tokens(&input)
-                } else {
-                    StageInput::Activations(&input)
+                match &received {
+                    None => StageInput::Tokens(&tokens),
+                    Some(x) => StageInput::Activations(x, &tokens),
                 },
                 (stage == self.last()).then_some(&targets),
             )?;
