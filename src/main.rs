@@ -470,7 +470,7 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
             })?;
             written.with_context(|| format!("writing {}", metrics.path().display()))?;
         }
-        Role::Validator => roles::observe(t, spec)?,
+        Role::Validator => roles::validate(t, spec)?,
         Role::Miner { .. } => roles::mine(t, spec)?,
     }
     Ok(())

@@ -65,7 +65,7 @@ impl MetricsLog {
             .val_loss
             .map_or_else(|| "null".to_string(), |v| v.to_string());
         let line = format!(
-            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"elapsed_s\":{:.3}}}\n",
+            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"elapsed_s\":{:.3}}}\n",
             r.window,
             r.window + 1,
             r.mean_loss,
@@ -74,6 +74,10 @@ impl MetricsLog {
             r.attempts,
             r.compression
                 .map_or_else(|| "null".to_string(), |c| format!("{c:.2}")),
+            r.compute_s,
+            r.replayed,
+            r.replay_s,
+            r.caught,
             elapsed_s
         );
         self.file.write_all(line.as_bytes())
@@ -97,6 +101,10 @@ mod tests {
             attempts: 1,
             checkpoint: None,
             compression: None,
+            compute_s: 1.0,
+            replayed: 0,
+            replay_s: 0.0,
+            caught: Vec::new(),
         };
         log.append(&r, 1.5).unwrap();
         log.append(

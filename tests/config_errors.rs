@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 26);
+    assert_eq!(count, 27);
 }
 
 #[test]
@@ -350,5 +350,16 @@ fn a_bottleneck_wider_than_the_model_is_refused() {
         14,
         Some("pipeline.compression.bottleneck"),
         "not in 1..=64",
+    );
+}
+
+#[test]
+fn a_cheat_probability_outside_0_to_1_is_refused() {
+    assert_error(
+        "cheat_probability",
+        14,
+        15,
+        Some("faults.cheat[0].probability"),
+        "not in 0..=1",
     );
 }

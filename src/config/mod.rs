@@ -227,11 +227,27 @@ fn deserialize_hostlist<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<St
     hostlist::expand(&text).map_err(|e| serde::de::Error::custom(format!("bad hostlist: {e}")))
 }
 
-/// `[roles]`: how many ranks after the orchestrator are validators.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+/// `[roles]`: how many ranks after the orchestrator are validators, and
+/// how much of the miners' work they replay.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RolesSpec {
     pub validators: u32,
+    /// Share of the training passes (one microbatch on one stage) that
+    /// validators replay, in `0..=1`; each is drawn independently, by a
+    /// generator the miners cannot predict. Default 0.05: a replay costs
+    /// what the pass cost, so validators spend about 5% of the miners'
+    /// compute.
+    pub replay_rate: f64,
+}
+
+impl Default for RolesSpec {
+    fn default() -> Self {
+        RolesSpec {
+            validators: 0,
+            replay_rate: 0.05,
+        }
+    }
 }
 
 /// `[network]`: rendezvous, framing and timeouts.
@@ -279,6 +295,40 @@ impl Default for NetworkSpec {
 pub struct FaultsSpec {
     /// `[[faults.crash]]`: ranks that exit on their own after joining.
     pub crash: Vec<CrashFault>,
+    /// `[[faults.cheat]]`: miners that cheat, for testing the validators.
+    pub cheat: Vec<CheatFault>,
+}
+
+/// A miner that cheats on each training microbatch it serves with
+/// `probability` (in `0..=1`), in the way `kind` says. Its receipts state
+/// what it really sent, as a careful cheater's would: only a replay shows
+/// that the work is wrong.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheatFault {
+    pub rank: usize,
+    pub kind: CheatKind,
+    #[serde(default = "always")]
+    pub probability: f64,
+}
+
+fn always() -> f64 {
+    1.0
+}
+
+/// How a cheating miner fakes its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheatKind {
+    /// Random numbers in place of its parameter gradients.
+    RandomGrad,
+    /// Zeros in place of its output, input gradient and parameter
+    /// gradients: paid work not done.
+    SkipCompute,
+    /// The output and gradients of the previous microbatch it served.
+    ReplayStale,
+    /// Its parameter gradients times 10, to pull the model its way.
+    ScaleUpdate,
 }
 
 /// One rank that exits with `exit_code` (1..=255): `after_s` seconds after

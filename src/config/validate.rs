@@ -153,6 +153,11 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
         }
     }
 
+    let rate = spec.roles.replay_rate;
+    if !(0.0..=1.0).contains(&rate) {
+        return violation("roles.replay_rate", format!("{rate} is not in 0..=1"));
+    }
+
     for (i, c) in spec.faults.crash.iter().enumerate() {
         if !(1..=255).contains(&c.exit_code) {
             return violation(
@@ -176,6 +181,20 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             return violation(
                 format!("faults.crash[{i}].window"),
                 "only a training job (`task = \"train\"`) has windows",
+            );
+        }
+    }
+    for (i, c) in spec.faults.cheat.iter().enumerate() {
+        if !(0.0..=1.0).contains(&c.probability) {
+            return violation(
+                format!("faults.cheat[{i}].probability"),
+                format!("{} is not in 0..=1", c.probability),
+            );
+        }
+        if spec.job.task != Task::Train {
+            return violation(
+                format!("faults.cheat[{i}].kind"),
+                "only a training job (`task = \"train\"`) has miners to cheat",
             );
         }
     }

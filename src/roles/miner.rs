@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::protocol::{self, Handover, Order, Report, Route};
+use super::audit::{self, Bundle, Frames};
+use super::cheat::Cheater;
+use super::protocol::{self, AuditTask, Handover, Order, Receipt, Report, Route};
 use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
 use crate::checkpoint::Checkpoints;
 use crate::collective::{all_reduce_fixed_point, Call, CollectiveError, Group};
@@ -54,12 +56,7 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
         let manifest = checkpoints.manifest(window)?;
         checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
     }
-    let boundary = BoundaryCodec::new(
-        spec.pipeline.compression,
-        setup.batch_size * setup.config.block_size,
-        setup.config.boundary_width(),
-        setup.config.n_embd,
-    );
+    let boundary = setup.codec(spec);
     let mut miner = Miner {
         t,
         spec,
@@ -70,8 +67,10 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
         opt,
         grads: BTreeMap::new(),
         reduced: None,
+        kept: BTreeMap::new(),
         boundary,
         unreported: (0, 0),
+        cheater: Cheater::new(spec, t.rank()),
     };
     let mut order = recv_order(t)?;
     loop {
@@ -105,6 +104,15 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
                 }
                 recv_order(t)?
             }
+            Order::Audit {
+                window,
+                attempt,
+                tasks,
+                ..
+            } => {
+                miner.send_audits(window, attempt, &tasks)?;
+                recv_order(t)?
+            }
             Order::Stop => return Ok(()),
             Order::Start { .. } => {
                 return Err(TrainError::Protocol {
@@ -128,9 +136,23 @@ struct Miner<'a, T: ?Sized> {
     grads: BTreeMap<u64, Vec<f32>>,
     /// The stage's all-reduced gradient sum, waiting for `Step`.
     reduced: Option<(u64, Vec<f32>)>,
+    /// The frames each training microbatch of this window came with, for
+    /// validators' replays.
+    kept: BTreeMap<u64, Frames>,
     boundary: BoundaryCodec,
     /// Boundary bytes sent and not yet reported: as computed, on the wire.
     unreported: (u64, u64),
+    /// `[[faults.cheat]]` for this rank, if any.
+    cheater: Option<Cheater>,
+}
+
+/// A pass's receipt as far as it is known before its backward pass.
+#[derive(Debug, Clone, Default)]
+struct Stated {
+    input: Option<String>,
+    output: String,
+    grad_in: Option<String>,
+    loss: Option<f32>,
 }
 
 /// What a wait on a peer ended with.
@@ -164,7 +186,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         let me = self.t.rank();
         let stage = self.stage;
         let mine = routes.iter().filter(|r| r.path.get(stage) == Some(&me));
-        let mut pending: Vec<(&Route, Pass, f64)> = Vec::new();
+        let mut pending: Vec<(&Route, Pass, f64, Stated)> = Vec::new();
         for (served, route) in mine.enumerate() {
             let id = route.id;
             let validation = protocol::is_validation(id);
@@ -182,7 +204,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             } else {
                 let from = route.path[stage - 1];
                 match self.wait(from, protocol::activation_tag(id, attempt))? {
-                    Wait::Got(bytes) => Some(self.tensor_from(&bytes, from)?),
+                    Wait::Got(bytes) => Some((self.tensor_from(&bytes, from)?, bytes)),
                     Wait::Order(next) => return Ok(Some(next)),
                 }
             };
@@ -190,36 +212,56 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             let pass = self.model.forward(
                 match &received {
                     None => StageInput::Tokens(&tokens),
-                    Some(x) => StageInput::Activations(x, &tokens),
+                    Some((x, _)) => StageInput::Activations(x, &tokens),
                 },
                 (stage == self.last()).then_some(&targets),
             )?;
+            let mut stated = Stated {
+                input: received.as_ref().map(|(_, bytes)| audit::digest(bytes)),
+                ..Stated::default()
+            };
+            if !validation {
+                self.kept.insert(
+                    id,
+                    Frames {
+                        input: received.map(|(_, bytes)| bytes),
+                        grad_in: None,
+                    },
+                );
+            }
             if stage == self.last() {
                 let loss = pass.loss()?;
-                if !validation {
-                    let grads = self.model.gradients(pass, None)?;
-                    if let Some(next) = self.keep_and_pass_back(route, attempt, grads)? {
-                        return Ok(Some(next));
+                stated.output = audit::digest_f32(&[loss]);
+                stated.loss = Some(loss);
+                let compute = started.elapsed().as_secs_f64();
+                let receipt = match validation {
+                    true => None,
+                    false => {
+                        let grads = self.model.gradients(pass, None)?;
+                        match self.keep_and_pass_back(route, attempt, grads, stated.clone())? {
+                            Ok(receipt) => Some(receipt),
+                            Err(next) => return Ok(Some(next)),
+                        }
                     }
-                }
-                self.served(
-                    window,
-                    attempt,
-                    id,
-                    started.elapsed().as_secs_f64(),
-                    Some(loss),
-                )?;
+                };
+                let compute = compute + started.elapsed().as_secs_f64();
+                self.served(window, attempt, id, compute, stated.loss, receipt)?;
             } else {
                 let compute = started.elapsed().as_secs_f64();
+                let output = match (&mut self.cheater, validation) {
+                    (Some(c), false) => c.output(id, pass.output())?,
+                    _ => pass.output().clone(),
+                };
+                let bytes = self.encode_boundary(&output)?;
+                stated.output = audit::digest(&bytes);
                 let to = route.path[stage + 1];
-                let tag = protocol::activation_tag(id, attempt);
-                if let Some(next) = self.send_boundary(to, tag, pass.output())? {
+                if let Some(next) = self.send(to, protocol::activation_tag(id, attempt), &bytes)? {
                     return Ok(Some(next));
                 }
                 if validation {
-                    self.served(window, attempt, id, compute, None)?;
+                    self.served(window, attempt, id, compute, None, None)?;
                 } else {
-                    pending.push((route, pass, compute));
+                    pending.push((route, pass, compute, stated));
                 }
             }
             if served == 0 && attempt == 0 {
@@ -227,41 +269,100 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 crash_if_planned(self.spec, me, window);
             }
         }
-        for (route, pass, forward_s) in pending {
+        for (route, pass, forward_s, mut stated) in pending {
             let id = route.id;
             let from = route.path[stage + 1];
-            let grad_out = match self.wait(from, protocol::gradient_tag(id, attempt))? {
-                Wait::Got(bytes) => self.tensor_from(&bytes, from)?,
+            let bytes = match self.wait(from, protocol::gradient_tag(id, attempt))? {
+                Wait::Got(bytes) => bytes,
                 Wait::Order(next) => return Ok(Some(next)),
             };
+            let grad_out = self.tensor_from(&bytes, from)?;
+            stated.grad_in = Some(audit::digest(&bytes));
+            if let Some(kept) = self.kept.get_mut(&id) {
+                kept.grad_in = Some(bytes);
+            }
             let started = Instant::now();
             let grads = self.model.gradients(pass, Some(&grad_out))?;
-            if let Some(next) = self.keep_and_pass_back(route, attempt, grads)? {
-                return Ok(Some(next));
-            }
+            let receipt = match self.keep_and_pass_back(route, attempt, grads, stated)? {
+                Ok(receipt) => receipt,
+                Err(next) => return Ok(Some(next)),
+            };
             let compute = forward_s + started.elapsed().as_secs_f64();
-            self.served(window, attempt, id, compute, None)?;
+            self.served(window, attempt, id, compute, None, Some(receipt))?;
         }
         Ok(None)
     }
 
     /// Keeps a microbatch's parameter gradients for the close and sends
-    /// its input gradient upstream (none on stage 0).
+    /// its input gradient upstream (none on stage 0); returns the pass's
+    /// receipt, or the order that came instead.
     fn keep_and_pass_back(
         &mut self,
         route: &Route,
         attempt: u32,
         grads: PassGrads,
-    ) -> Result<Option<Order>, TrainError> {
-        self.grads.insert(route.id, grads.params);
-        match grads.input {
+        stated: Stated,
+    ) -> Result<Result<Receipt, Order>, TrainError> {
+        let grads = match &mut self.cheater {
+            Some(c) => c.grads(route.id, grads)?,
+            None => grads,
+        };
+        let grad_out = match grads.input {
             Some(g) => {
+                let bytes = self.encode_boundary(&g)?;
                 let to = route.path[self.stage - 1];
                 let tag = protocol::gradient_tag(route.id, attempt);
-                self.send_boundary(to, tag, &g)
+                if let Some(next) = self.send(to, tag, &bytes)? {
+                    return Ok(Err(next));
+                }
+                Some(audit::digest(&bytes))
             }
-            None => Ok(None),
+            None => None,
+        };
+        let receipt = Receipt {
+            input: stated.input,
+            output: stated.output,
+            grad_in: stated.grad_in,
+            grad_out,
+            params: audit::digest_f32(&grads.params),
+        };
+        self.grads.insert(route.id, grads.params);
+        Ok(Ok(receipt))
+    }
+
+    /// Sends the validators named in `tasks` what they need to replay this
+    /// miner's passes: the window's weights and the frames it kept.
+    fn send_audits(
+        &self,
+        window: u64,
+        attempt: u32,
+        tasks: &[AuditTask],
+    ) -> Result<(), TrainError> {
+        let me = self.t.rank();
+        let mut by_validator: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for task in tasks.iter().filter(|a| a.miner == me) {
+            by_validator.entry(task.validator).or_default().push(task.id);
         }
+        if by_validator.is_empty() {
+            return Ok(());
+        }
+        let weights = self.model.to_safetensors(None, Path::new("audit"))?;
+        for (validator, ids) in by_validator {
+            let passes = ids
+                .into_iter()
+                .map(|id| (id, self.kept.get(&id).cloned().unwrap_or_default()))
+                .collect();
+            let bundle = audit::encode(&Bundle {
+                stage: self.stage,
+                weights: weights.clone(),
+                passes,
+            });
+            match self.t.send(validator, protocol::audit_tag(window, attempt), &bundle) {
+                Ok(()) | Err(TransportError::PeerLost { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Reports a microbatch served, with the boundary bytes sent since the
@@ -273,6 +374,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         id: u64,
         compute_s: f64,
         loss: Option<f32>,
+        receipt: Option<Receipt>,
     ) -> Result<(), TrainError> {
         let (dense_bytes, wire_bytes) = std::mem::take(&mut self.unreported);
         send_report(
@@ -286,23 +388,19 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 loss,
                 dense_bytes,
                 wire_bytes,
+                receipt,
             },
         )
     }
 
-    /// Sends a boundary tensor (activations or their gradient) coded as
-    /// the job says; see [`Miner::send`] for a receiver that is gone.
-    fn send_boundary(
-        &mut self,
-        to: usize,
-        tag: u64,
-        x: &Tensor,
-    ) -> Result<Option<Order>, TrainError> {
+    /// A boundary tensor (activations or their gradient) coded as the job
+    /// says, counted for the next report.
+    fn encode_boundary(&mut self, x: &Tensor) -> Result<Vec<u8>, TrainError> {
         let values = x.flatten_all()?.to_vec1::<f32>()?;
         let bytes = self.boundary.encode(&values)?;
         self.unreported.0 += self.boundary.dense_bytes() as u64;
         self.unreported.1 += bytes.len() as u64;
-        self.send(to, tag, &bytes)
+        Ok(bytes)
     }
 
     /// A boundary tensor received from `from`, decoded and shaped.
@@ -415,6 +513,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         let scale = 1.0 / self.setup.per_window as f32;
         self.model.optimizer_step(&mut self.opt, &sum, scale)?;
         self.grads.clear();
+        self.kept.clear();
         let checkpoint = if writers.contains(&self.t.rank()) {
             Some(
                 self.checkpoints

@@ -1,11 +1,15 @@
 //! What ranks do in a training job: the orchestrator routes and collects,
-//! miners compute their stage, validators observe.
+//! miners compute their stage, validators replay sampled miner work.
 
+mod audit;
+mod cheat;
 mod miner;
 mod orchestrator;
 pub mod protocol;
 pub mod train;
+mod validator;
 
 pub use miner::mine;
 pub use orchestrator::{orchestrate, StartPoint};
-pub use train::{observe, TrainError, WindowLine, WindowReport};
+pub use train::{TrainError, WindowLine, WindowReport};
+pub use validator::validate;

@@ -7,10 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::protocol::{self, Handover, Order, Report, Route};
+use super::protocol::{self, AuditTask, Handover, Order, Receipt, Report, Route, Verdict};
 use super::train::{crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
-use crate::config::{JobSpec, Plan};
+use crate::config::{JobSpec, Plan, Role};
+use crate::data::rng::SplitMix64;
+use crate::model::StageModel;
 use crate::pipeline::{InFlight, Router};
 use crate::transport::{Transport, TransportError};
 
@@ -90,6 +92,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         router.join(rank, stage);
     }
     let miners: BTreeMap<usize, usize> = router.assignment().into_iter().collect();
+    let weights = start_digests(&setup, spec, start)?;
     let mut o = Orchestrator {
         t,
         spec,
@@ -98,6 +101,14 @@ pub fn orchestrate<T: Transport + ?Sized>(
         setup,
         listeners: (1..t.size()).collect(),
         miners,
+        validators: plan
+            .ranks
+            .iter()
+            .filter(|r| r.role == Role::Validator)
+            .map(|r| r.rank)
+            .collect(),
+        weights,
+        draws: SplitMix64::new(unpredictable_seed(), 0),
         cursor: 0,
     };
     o.broadcast(&Order::Start {
@@ -127,6 +138,13 @@ struct Orchestrator<'a, T: ?Sized> {
     listeners: BTreeSet<usize>,
     /// Live miners and their stages.
     miners: BTreeMap<usize, usize>,
+    /// Validator ranks still in the job.
+    validators: Vec<usize>,
+    /// Digest of each stage's weights at the start of the window.
+    weights: Vec<String>,
+    /// Which passes validators replay: seeded from the OS, not from the
+    /// job, so that no miner can tell which of its passes will be checked.
+    draws: SplitMix64,
     /// Where the next poll starts, so every miner gets heard.
     cursor: usize,
 }
@@ -147,6 +165,14 @@ struct WindowState {
     /// Boundary bytes sent: as computed, and on the wire.
     dense_bytes: u64,
     wire_bytes: u64,
+    /// The receipt of each training pass `(id, stage)` and its miner.
+    receipts: BTreeMap<(u64, usize), (usize, Receipt)>,
+    /// Passes replayed and found right, with their miner.
+    passed: BTreeSet<(u64, usize, usize)>,
+    /// Checks each miner failed, and its stage.
+    failed: BTreeMap<usize, (usize, u64)>,
+    /// Seconds validators spent replaying.
+    replay_s: f64,
 }
 
 impl<T: Transport + ?Sized> Orchestrator<'_, T> {
@@ -163,9 +189,21 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             busy_s: 0.0,
             dense_bytes: 0,
             wire_bytes: 0,
+            receipts: BTreeMap::new(),
+            passed: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            replay_s: 0.0,
         };
         loop {
             self.serve(&mut w)?;
+            let caught = self.audit(&mut w)?;
+            if !caught.is_empty() {
+                for rank in caught {
+                    w.flight.lose(rank);
+                }
+                self.next_attempt(&mut w)?;
+                continue;
+            }
             let newly_lost = self.close(&w)?;
             if newly_lost.is_empty() {
                 break;
@@ -196,6 +234,10 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             attempts: w.attempt + 1,
             checkpoint,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
+            compute_s: w.busy_s,
+            replayed: w.passed.len() as u64 + w.failed.values().map(|(_, n)| n).sum::<u64>(),
+            replay_s: w.replay_s,
+            caught: w.failed.keys().copied().collect(),
         })
     }
 
@@ -234,8 +276,12 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                             loss,
                             dense_bytes,
                             wire_bytes,
+                            receipt,
                         },
                     ) if window == w.window && attempt == w.attempt => {
+                        if let Some(receipt) = receipt {
+                            w.receipts.insert((id, stage), (from, receipt));
+                        }
                         self.router.observe(from, compute_s);
                         w.busy_s += compute_s;
                         w.dense_bytes += dense_bytes;
@@ -262,6 +308,163 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 return Ok(());
             }
         }
+    }
+
+    /// Has validators replay a random `replay_rate` of the window's passes
+    /// not yet replayed, and every pass whose receipts do not chain with
+    /// its neighbours' (what one stated it sent, the other that it
+    /// received). Returns the miners caught, told to stop and gone from
+    /// the job; the window must then be redone without them.
+    fn audit(&mut self, w: &mut WindowState) -> Result<Vec<usize>, TrainError> {
+        if self.validators.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rate = self.spec.roles.replay_rate;
+        let mut picked: BTreeSet<(u64, usize)> = BTreeSet::new();
+        // (pass that sent, pass that received) for each break in a chain.
+        let mut breaks = Vec::new();
+        let done: Vec<(u64, usize)> = w
+            .flight
+            .done()
+            .filter(|(id, _)| !protocol::is_validation(*id))
+            .map(|(id, path)| (id, path.len()))
+            .collect();
+        for (id, stages) in done {
+            for stage in 0..stages {
+                let replayed = w.receipts.get(&(id, stage)).is_some_and(|(miner, _)| {
+                    w.passed.contains(&(id, stage, *miner))
+                });
+                if !replayed && self.draws.unit_open0() <= rate {
+                    picked.insert((id, stage));
+                }
+            }
+            for stage in 1..stages {
+                let (Some((_, up)), Some((_, down))) =
+                    (w.receipts.get(&(id, stage - 1)), w.receipts.get(&(id, stage)))
+                else {
+                    continue;
+                };
+                if down.input.as_ref() != Some(&up.output) {
+                    breaks.push(((id, stage - 1), (id, stage)));
+                }
+                if up.grad_in != down.grad_out {
+                    breaks.push(((id, stage), (id, stage - 1)));
+                }
+            }
+        }
+        for &(sender, receiver) in &breaks {
+            picked.extend([sender, receiver]);
+        }
+        let tasks: Vec<AuditTask> = picked
+            .iter()
+            .filter_map(|&(id, stage)| {
+                let (miner, receipt) = w.receipts.get(&(id, stage))?;
+                Some(AuditTask {
+                    id,
+                    stage,
+                    miner: *miner,
+                    validator: self.validators[*miner % self.validators.len()],
+                    receipt: receipt.clone(),
+                })
+            })
+            .collect();
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.broadcast(&Order::Audit {
+            window: w.window,
+            attempt: w.attempt,
+            tasks: tasks.clone(),
+            weights: self.weights.clone(),
+        })?;
+        let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
+        for (task, verdict) in self.verdicts(w, &tasks)? {
+            match verdict {
+                Verdict::Passed => {
+                    w.passed.insert((task.id, task.stage, task.miner));
+                }
+                Verdict::Failed(reason) => {
+                    w.failed.entry(task.miner).or_insert((task.stage, 0)).1 += 1;
+                    reasons.entry(task.miner).or_insert(reason);
+                }
+                Verdict::Unavailable => {}
+            }
+        }
+        // A break between two passes that both replayed right: the
+        // receiver kept (and stated) a frame its sender never sent.
+        for &(sender, receiver) in &breaks {
+            let miner_of = |pass: (u64, usize)| w.receipts.get(&pass).map(|(m, _)| *m);
+            let (Some(s), Some(r)) = (miner_of(sender), miner_of(receiver)) else {
+                continue;
+            };
+            let right = |pass: (u64, usize), m| w.passed.contains(&(pass.0, pass.1, m));
+            if right(sender, s) && right(receiver, r) {
+                w.failed.entry(r).or_insert((receiver.1, 0)).1 += 1;
+                reasons.entry(r).or_insert(format!(
+                    "microbatch {}: it stated a frame that miner {s} never sent",
+                    receiver.0
+                ));
+            }
+        }
+        let caught: Vec<usize> = reasons.keys().copied().filter(|r| self.miners.contains_key(r)).collect();
+        for &rank in &caught {
+            self.exclude(rank, w.window, &reasons[&rank])?;
+        }
+        Ok(caught)
+    }
+
+    /// The validators' verdict on each of `tasks`; a validator lost on the
+    /// way leaves its tasks unjudged.
+    fn verdicts(
+        &mut self,
+        w: &mut WindowState,
+        tasks: &[AuditTask],
+    ) -> Result<Vec<(AuditTask, Verdict)>, TrainError> {
+        let mut owed: BTreeMap<usize, usize> = BTreeMap::new();
+        for task in tasks {
+            *owed.entry(task.validator).or_default() += 1;
+        }
+        let mut verdicts = Vec::new();
+        let deadline = Instant::now() + self.t.default_timeout();
+        while let Some((&v, _)) = owed.iter().find(|(_, n)| **n > 0) {
+            match self.t.recv_deadline(v, protocol::REPORT_TAG, Instant::now() + POLL) {
+                Ok(bytes) => {
+                    if let Report::Audited {
+                        window,
+                        attempt,
+                        task,
+                        verdict,
+                        replay_s,
+                    } = protocol::decode_report(&bytes, v)?
+                    {
+                        if window == w.window && attempt == w.attempt {
+                            w.replay_s += replay_s;
+                            *owed.entry(v).or_default() -= 1;
+                            verdicts.push((task, verdict));
+                        }
+                    }
+                }
+                Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
+                Err(TransportError::PeerLost { reason, .. }) => {
+                    eprintln!("orchestrator: lost validator {v} ({reason})");
+                    owed.remove(&v);
+                    self.validators.retain(|&r| r != v);
+                    self.listeners.remove(&v);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(verdicts)
+    }
+
+    /// Tells a miner caught cheating to leave; the job goes on without it.
+    fn exclude(&mut self, rank: usize, window: u64, reason: &str) -> Result<(), TrainError> {
+        match self.t.send(rank, protocol::ORDER_TAG, &protocol::encode(&Order::Stop)) {
+            Ok(()) | Err(TransportError::PeerLost { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.lose(rank, &format!("failed a check in window {window}: {reason}; excluded"));
+        Ok(())
     }
 
     /// Abandons the running attempt: what was running is queued again.
@@ -382,6 +585,9 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                     waiting.remove(&from);
                     if digests.get(&stage).is_some_and(|d| *d != digest) {
                         return Err(TrainError::DigestMismatch { window, stage });
+                    }
+                    if let Some(w) = self.weights.get_mut(stage) {
+                        w.clone_from(&digest);
                     }
                     digests.insert(stage, digest);
                     if let Some(entry) = checkpoint.filter(|_| writers.contains(&from)) {
@@ -519,4 +725,31 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             stage.map_or("?".to_string(), |s| s.to_string())
         );
     }
+}
+
+/// Digest of each stage's weights before the first window: as the seed
+/// makes them, or as the checkpoint resumed from holds them.
+fn start_digests(
+    setup: &Setup,
+    spec: &JobSpec,
+    start: &StartPoint,
+) -> Result<Vec<String>, TrainError> {
+    let stages = match &start.resumed {
+        Some(m) => Checkpoints::new(&spec.job.run_dir()).load_model(m, setup.config.vocab_size)?,
+        None => (0..setup.stages)
+            .map(|s| StageModel::new(&setup.config, &setup.layers, s, setup.seed))
+            .collect::<Result<_, _>>()?,
+    };
+    stages
+        .iter()
+        .map(|s| Ok(s.weights_digest()?.to_hex().to_string()))
+        .collect()
+}
+
+/// A seed no miner can know: the OS's per-process hash keys.
+fn unpredictable_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
 }

@@ -28,6 +28,12 @@
 //!
 //! Before the first window, `Start` gives every miner its stage and says
 //! whether to load a checkpoint.
+//!
+//! Between 1 and 2, when it drew passes to replay, the orchestrator sends
+//! `Audit`: each named miner sends its stage's weights and the frames it
+//! received for those passes to a validator, which replays them against
+//! the miner's [`Receipt`]s and reports each verdict. A miner caught is
+//! told to `Stop` and the window goes back to step 1 without it.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -41,6 +47,7 @@ const KIND_ACTIVATION: u64 = 0x41;
 const KIND_GRADIENT: u64 = 0x47;
 const KIND_CLOSE: u64 = 0x43;
 const KIND_STATE: u64 = 0x54;
+const KIND_AUDIT: u64 = 0x56;
 
 fn tag(kind: u64, n: u64) -> u64 {
     (kind << 56) | (n & ((1 << 56) - 1))
@@ -89,6 +96,56 @@ pub fn state_tag(window: u64) -> u64 {
     tag(KIND_STATE, window)
 }
 
+/// What a miner sends a validator for the audits of `window`'s `attempt`.
+pub fn audit_tag(window: u64, attempt: u32) -> u64 {
+    tag(KIND_AUDIT, (window << 7) | u64::from(attempt))
+}
+
+/// What a miner states about one training pass (one microbatch through
+/// its stage): BLAKE3 digests, hex, of what it took in and gave out. The
+/// orchestrator checks that neighbours' receipts chain (what one sent is
+/// what the next received), so a miner cannot invent its input; a
+/// validator replays the pass from the same input and weights and must get
+/// the same digests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The activation frame received; `None` on stage 0, whose input is
+    /// the microbatch's tokens.
+    pub input: Option<String>,
+    /// The frame sent downstream, or on the last stage the loss (f32 LE).
+    pub output: String,
+    /// The gradient frame received from downstream; `None` on the last
+    /// stage.
+    pub grad_in: Option<String>,
+    /// The input-gradient frame sent upstream; `None` on stage 0.
+    pub grad_out: Option<String>,
+    /// The pass's parameter gradients (f32 LE, layout order).
+    pub params: String,
+}
+
+/// One pass to replay: microbatch `id` on `stage`, served by `miner`, whose
+/// receipt says `receipt`, replayed by `validator`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditTask {
+    pub id: u64,
+    pub stage: usize,
+    pub miner: usize,
+    pub validator: usize,
+    pub receipt: Receipt,
+}
+
+/// A validator's finding on one [`AuditTask`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The replay gave the receipt's digests, bit for bit.
+    Passed,
+    /// It did not, or the miner's weights or frames were not what it
+    /// stated: why.
+    Failed(String),
+    /// The miner left before sending what the replay needs.
+    Unavailable,
+}
+
 /// A miner moving to the bottleneck stage: `donor`, a miner of stage `to`,
 /// sends it that stage's weights and optimizer state after the step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +186,14 @@ pub enum Order {
         /// The live miners of each stage.
         stages: Vec<Vec<usize>>,
     },
+    /// Send what the validators need to replay `tasks`; `weights` is the
+    /// digest every stage's weights had at the window's start.
+    Audit {
+        window: u64,
+        attempt: u32,
+        tasks: Vec<AuditTask>,
+        weights: Vec<String>,
+    },
     /// Apply the reduced gradients; the miners in `writers` (one per stage,
     /// empty when no checkpoint is due) write their stage's checkpoint;
     /// then the `moves` change stage.
@@ -156,6 +221,16 @@ pub enum Report {
         /// as computed (f32) and on the wire.
         dense_bytes: u64,
         wire_bytes: u64,
+        /// For a training microbatch.
+        receipt: Option<Receipt>,
+    },
+    /// A validator replayed `task` in `replay_s` seconds.
+    Audited {
+        window: u64,
+        attempt: u32,
+        task: AuditTask,
+        verdict: Verdict,
+        replay_s: f64,
     },
     /// The stage's gradients are all-reduced and held for `Step`.
     Reduced { window: u64, attempt: u32 },
@@ -228,6 +303,13 @@ mod tests {
             loss: Some(2.5),
             dense_bytes: 4096,
             wire_bytes: 1040,
+            receipt: Some(Receipt {
+                input: Some("ab".into()),
+                output: "cd".into(),
+                grad_in: None,
+                grad_out: Some("ef".into()),
+                params: "01".into(),
+            }),
         };
         assert_eq!(decode_report(&encode(&report), 4).unwrap(), report);
         let err = decode_report(b"{\"Served\":{}}", 4).unwrap_err();
@@ -246,5 +328,7 @@ mod tests {
         assert_ne!(close_tag(1, 0), close_tag(1, 1));
         assert!(close_tag(1, 0) + 8 <= close_tag(1, 1));
         assert_ne!(ORDER_TAG, REPORT_TAG);
+        assert_ne!(audit_tag(1, 0), audit_tag(1, 1));
+        assert_ne!(audit_tag(1, 0), state_tag(1));
     }
 }

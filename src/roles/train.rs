@@ -13,7 +13,7 @@ use crate::collective::CollectiveError;
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::{Corpus, DataError, Dataset};
 use crate::model::{AdamWConfig, GptConfig, ModelError};
-use crate::pipeline::BoundaryError;
+use crate::pipeline::{BoundaryCodec, BoundaryError};
 use crate::transport::{Transport, TransportError};
 
 #[derive(Debug, Error)]
@@ -72,6 +72,13 @@ pub struct WindowReport {
     /// Boundary bytes as computed / bytes on the wire (headers and scales
     /// included); `None` with one stage.
     pub compression: Option<f64>,
+    /// Seconds miners spent computing, all attempts included.
+    pub compute_s: f64,
+    /// Passes validators replayed, and the seconds it took them.
+    pub replayed: u64,
+    pub replay_s: f64,
+    /// Miners that failed a check in this window (and left the job).
+    pub caught: Vec<usize>,
 }
 
 /// The console line rank 0 prints per window; [`WindowLine::parse`] reads
@@ -93,6 +100,9 @@ impl std::fmt::Display for WindowReport {
         }
         if self.attempts > 1 {
             write!(f, "  ({} attempts)", self.attempts)?;
+        }
+        if !self.caught.is_empty() {
+            write!(f, "  caught {:?}", self.caught)?;
         }
         Ok(())
     }
@@ -141,6 +151,17 @@ pub(super) struct Setup {
 }
 
 impl Setup {
+    /// The codec of this job's boundary tensors, shared by miners and the
+    /// validators who replay them.
+    pub fn codec(&self, spec: &JobSpec) -> BoundaryCodec {
+        BoundaryCodec::new(
+            spec.pipeline.compression,
+            self.batch_size * self.config.block_size,
+            self.config.boundary_width(),
+            self.config.n_embd,
+        )
+    }
+
     pub fn new(spec: &JobSpec) -> Result<Setup, TrainError> {
         let data = Dataset::new(&Corpus::embedded()?)?;
         let config = GptConfig::for_job(spec, data.tokenizer().vocab_size())?;
@@ -197,20 +218,6 @@ pub(super) fn send_report<T: Transport + ?Sized>(t: &T, r: &Report) -> Result<()
     Ok(t.send(0, protocol::REPORT_TAG, &protocol::encode(r))?)
 }
 
-/// A validator: follows the orders until told to stop (replay comes with
-/// the validators issue).
-pub fn observe<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    loop {
-        match recv_order(t)? {
-            Order::Stop => return Ok(()),
-            Order::Run {
-                window, attempt: 0, ..
-            } => crash_if_planned(spec, t.rank(), window),
-            // Every other order is for miners.
-            _ => {}
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -227,6 +234,10 @@ mod tests {
             attempts: 2,
             checkpoint: None,
             compression: Some(3.9),
+            compute_s: 1.0,
+            replayed: 1,
+            replay_s: 0.05,
+            caught: Vec::new(),
         };
         let line = WindowLine::parse(&r.to_string()).unwrap();
         assert_eq!(

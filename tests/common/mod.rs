@@ -1,6 +1,8 @@
 //! What the integration tests share: the binary, job files, free ports.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod train;
+
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;

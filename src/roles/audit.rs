@@ -1,0 +1,276 @@
+//! Replaying a miner's work: what a miner hands a validator for it (its
+//! stage's weights and the frames it received, one message per validator),
+//! and the replay, which must give the miner's [`Receipt`] bit for bit.
+//!
+//! A replay is exact because every pass is a pure function of the stage's
+//! weights and the pass's inputs (see `crate::model`), and the codec is
+//! deterministic: an honest miner's digests are the validator's, so no
+//! tolerance is needed and an honest miner is never flagged. (On a GPU a
+//! replay would need a stated tolerance instead; training runs on CPU.)
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::protocol::Receipt;
+use super::train::Setup;
+use crate::data::Split;
+use crate::model::{batch_tensors, StageInput, StageModel};
+use crate::pipeline::BoundaryCodec;
+
+/// The frames one pass took in, kept by its miner until the window closes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frames {
+    /// The activation frame received (not on stage 0).
+    pub input: Option<Vec<u8>>,
+    /// The gradient frame received (not on the last stage).
+    pub grad_in: Option<Vec<u8>>,
+}
+
+/// A miner's material for one validator: its stage's weights (a stage file
+/// as checkpoints write it, without optimizer state) and the frames of each
+/// pass to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub stage: usize,
+    pub weights: Vec<u8>,
+    pub passes: Vec<(u64, Frames)>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BundleError {
+    #[error("{0} bytes is too short for a bundle")]
+    Short(usize),
+    #[error("bundle header: {0}")]
+    Header(String),
+    #[error("bundle sections add up to {stated} bytes, {got} came")]
+    Length { stated: u64, got: u64 },
+}
+
+/// The bundle header: sizes of what follows it, in order.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    stage: usize,
+    weights: u64,
+    passes: Vec<(u64, Option<u64>, Option<u64>)>,
+}
+
+/// `[header length: u32 LE][header JSON][weights][frames, pass by pass]`.
+pub fn encode(bundle: &Bundle) -> Vec<u8> {
+    let len = |f: &Option<Vec<u8>>| f.as_ref().map(|b| b.len() as u64);
+    let header = Header {
+        stage: bundle.stage,
+        weights: bundle.weights.len() as u64,
+        passes: bundle
+            .passes
+            .iter()
+            .map(|(id, f)| (*id, len(&f.input), len(&f.grad_in)))
+            .collect(),
+    };
+    // A struct of numbers always serializes.
+    let header = serde_json::to_vec(&header).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + header.len() + bundle.weights.len());
+    out.extend((header.len() as u32).to_le_bytes());
+    out.extend(header);
+    out.extend(&bundle.weights);
+    for (_, f) in &bundle.passes {
+        for frame in [&f.input, &f.grad_in].into_iter().flatten() {
+            out.extend(frame);
+        }
+    }
+    out
+}
+
+/// The bundle in `bytes`, refusing a header that does not parse or sizes
+/// that do not add up to what came (checked before any section is copied).
+pub fn decode(bytes: &[u8]) -> Result<Bundle, BundleError> {
+    let short = || BundleError::Short(bytes.len());
+    let head_len = u32::from_le_bytes(bytes.get(..4).ok_or_else(short)?.try_into().map_err(|_| short())?) as usize;
+    let head = bytes.get(4..4 + head_len).ok_or_else(short)?;
+    let header: Header =
+        serde_json::from_slice(head).map_err(|e| BundleError::Header(e.to_string()))?;
+    let mut rest = &bytes[4 + head_len..];
+    let stated = header
+        .passes
+        .iter()
+        .flat_map(|(_, a, b)| [a.unwrap_or(0), b.unwrap_or(0)])
+        .try_fold(header.weights, u64::checked_add);
+    if stated != Some(rest.len() as u64) {
+        return Err(BundleError::Length {
+            stated: stated.unwrap_or(u64::MAX),
+            got: rest.len() as u64,
+        });
+    }
+    // Every size is within `rest` now, so the splits below cannot fail.
+    let mut take = |n: u64| {
+        let (a, b) = rest.split_at(n as usize);
+        rest = b;
+        a.to_vec()
+    };
+    let weights = take(header.weights);
+    let passes = header
+        .passes
+        .iter()
+        .map(|&(id, input, grad_in)| {
+            let input = input.map(&mut take);
+            let grad_in = grad_in.map(&mut take);
+            (id, Frames { input, grad_in })
+        })
+        .collect();
+    Ok(Bundle {
+        stage: header.stage,
+        weights,
+        passes,
+    })
+}
+
+/// BLAKE3 of `bytes`, hex: the digests receipts carry.
+pub fn digest(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// The digest of f32s as little-endian bytes (parameter gradients, a loss).
+pub fn digest_f32(values: &[f32]) -> String {
+    crate::model::digest(values).to_hex().to_string()
+}
+
+/// A stage's model with `weights` (a stage file) loaded, refused unless
+/// their digest is `expected`, the digest every miner of the stage agreed
+/// on: a miner cannot have its work replayed on weights of its own.
+pub(super) fn load_weights(
+    setup: &Setup,
+    stage: usize,
+    weights: &[u8],
+    expected: &str,
+) -> Result<StageModel, String> {
+    let mut model = StageModel::new(&setup.config, &setup.layers, stage, setup.seed)
+        .map_err(|e| e.to_string())?;
+    model
+        .load_safetensors_bytes(weights, Path::new("audit bundle"), None)
+        .map_err(|e| e.to_string())?;
+    let got = model.weights_digest().map_err(|e| e.to_string())?.to_hex();
+    if got.as_str() != expected {
+        return Err(format!(
+            "its stage {stage} weights have digest {got}, the stage's are {expected}"
+        ));
+    }
+    Ok(model)
+}
+
+/// Replays microbatch `id` through `model` from `frames` and checks every
+/// digest of `receipt`; the error says the first that differs.
+pub(super) fn replay(
+    setup: &Setup,
+    codec: &BoundaryCodec,
+    model: &StageModel,
+    id: u64,
+    frames: &Frames,
+    receipt: &Receipt,
+) -> Result<(), String> {
+    let check = |what: &str, got: Option<String>, stated: &Option<String>| match got == *stated {
+        true => Ok(()),
+        false => Err(format!("microbatch {id}: {what} differs from its receipt")),
+    };
+    let batch = setup
+        .data
+        .batch(Split::Train, id, setup.seed, setup.batch_size, setup.config.block_size)
+        .map_err(|e| e.to_string())?;
+    let (tokens, targets) = batch_tensors(&batch).map_err(|e| e.to_string())?;
+    let shape = (setup.batch_size, setup.config.block_size, setup.config.boundary_width());
+    let tensor = |bytes: &[u8]| -> Result<Tensor, String> {
+        let values = codec.decode(bytes).map_err(|e| e.to_string())?;
+        Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| e.to_string())
+    };
+    check("the input frame", frames.input.as_deref().map(digest), &receipt.input)?;
+    let input = frames.input.as_deref().map(tensor).transpose()?;
+    let input = match &input {
+        None => StageInput::Tokens(&tokens),
+        Some(x) => StageInput::Activations(x, &tokens),
+    };
+    let last = model.is_last();
+    let pass = model
+        .forward(input, last.then_some(&targets))
+        .map_err(|e| e.to_string())?;
+    let (output, grad_in) = if last {
+        (digest_f32(&[pass.loss().map_err(|e| e.to_string())?]), None)
+    } else {
+        let values = pass.output().flatten_all().and_then(|t| t.to_vec1::<f32>());
+        let bytes = codec.encode(&values.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        check("the gradient frame", frames.grad_in.as_deref().map(digest), &receipt.grad_in)?;
+        let grad = frames.grad_in.as_deref().map(tensor).transpose()?;
+        (digest(&bytes), grad)
+    };
+    check("the output", Some(output), &Some(receipt.output.clone()))?;
+    let grads = model
+        .gradients(pass, grad_in.as_ref())
+        .map_err(|e| e.to_string())?;
+    check(
+        "the parameter gradient",
+        Some(digest_f32(&grads.params)),
+        &Some(receipt.params.clone()),
+    )?;
+    let grad_out = match grads.input {
+        None => None,
+        Some(g) => {
+            let values = g.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            let bytes = codec.encode(&values.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            Some(digest(&bytes))
+        }
+    };
+    check("the input gradient", grad_out, &receipt.grad_out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle() -> Bundle {
+        Bundle {
+            stage: 1,
+            weights: vec![7; 100],
+            passes: vec![
+                (
+                    4,
+                    Frames {
+                        input: Some(vec![1, 2, 3]),
+                        grad_in: None,
+                    },
+                ),
+                (
+                    9,
+                    Frames {
+                        input: Some(vec![]),
+                        grad_in: Some(vec![5; 10]),
+                    },
+                ),
+            ],
+        }
+    }
+
+    #[test]
+    fn bundles_round_trip() {
+        assert_eq!(decode(&encode(&bundle())).unwrap(), bundle());
+    }
+
+    #[test]
+    fn truncated_padded_or_garbled_bundles_are_refused() {
+        let bytes = encode(&bundle());
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(BundleError::Length { .. })
+        ));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(decode(&longer), Err(BundleError::Length { .. })));
+        assert!(matches!(decode(&bytes[..3]), Err(BundleError::Short(3))));
+        let mut garbled = bytes.clone();
+        garbled[4] = b'x';
+        assert!(matches!(decode(&garbled), Err(BundleError::Header(_))));
+        let mut huge = bytes;
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&huge), Err(BundleError::Short(_))));
+    }
+}

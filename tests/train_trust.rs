@@ -1,0 +1,74 @@
+//! Validators end to end: miners that cheat are caught by replays of
+//! their passes and leave the job, honest miners never are, and checking
+//! changes no bit of training.
+
+mod common;
+
+use common::train::*;
+use common::*;
+
+/// A tiny training job (see `train_job`) whose validator replays `rate`
+/// of the passes, with `cheats` as `[[faults.cheat]]`, and `seed`.
+fn checked_job(
+    dir: &std::path::Path,
+    name: &str,
+    seed: u64,
+    rate: f64,
+    cheats: &[(usize, &str)],
+) -> std::path::PathBuf {
+    let mut extra = String::new();
+    for (rank, kind) in cheats {
+        extra += &format!("\n[[faults.cheat]]\nrank = {rank}\nkind = \"{kind}\"\n");
+    }
+    let job = train_job(dir, name, 2, 6, &extra);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("validators = 1\n", &format!("validators = 1\nreplay_rate = {rate}\n"))
+        .replace("seed = 3\n", &format!("seed = {seed}\n"));
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+fn caught(line: &str) -> &str {
+    field(line, "caught")
+}
+
+#[test]
+fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ranks 2 and 3 serve stage 0, ranks 4 and 5 stage 1.
+    for (rank, kind) in [
+        (2, "random_grad"),
+        (5, "skip_compute"),
+        (4, "replay_stale"),
+        (3, "scale_update"),
+    ] {
+        let (lines, err) = run(&checked_job(dir.path(), kind, 3, 1.0, &[(rank, kind)]));
+        assert_eq!(caught(&lines[0]), format!("[{rank}]"), "{kind}: {}\n{err}", lines[0]);
+        assert!(
+            err.contains(&format!("lost miner {rank} of stage")) && err.contains("excluded"),
+            "{kind}: {err}"
+        );
+        for l in &lines[1..] {
+            assert_eq!(caught(l), "[]", "{kind}: {l}");
+        }
+    }
+}
+
+#[test]
+fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    for seed in [1, 2, 3] {
+        let seeded = |name: &str, rate| {
+            run(&checked_job(dir.path(), &format!("{name}{seed}"), seed, rate, &[])).0
+        };
+        let audited = seeded("audited", 1.0);
+        let unchecked = seeded("unchecked", 0.0);
+        for (a, u) in audited.iter().zip(&unchecked) {
+            assert_eq!(caught(a), "[]", "seed {seed}: {a}");
+            assert_ne!(field(a, "replayed"), "0", "seed {seed}: {a}");
+            assert_eq!(field(u, "replayed"), "0", "seed {seed}: {u}");
+            assert_eq!(field(a, "loss"), field(u, "loss"), "seed {seed}");
+        }
+    }
+}
