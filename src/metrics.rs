@@ -88,16 +88,13 @@ impl MetricsLog {
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_window_is_one_json_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = MetricsLog::create(&dir.path().join("run")).unwrap();
-        let r = WindowReport {
-            window: 4,
+    fn report(window: u64) -> WindowReport {
+        WindowReport {
+            window,
             mean_loss: 2.5,
             val_loss: None,
-            tokens_per_s: 1000.0,
-            bubble: 0.25,
+            tokens_per_s: 1.0,
+            bubble: 0.0,
             attempts: 1,
             checkpoint: None,
             compression: None,
@@ -105,6 +102,20 @@ mod tests {
             replayed: 0,
             replay_s: 0.0,
             caught: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_window_is_one_json_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::create(&dir.path().join("run")).unwrap();
+        let r = WindowReport {
+            tokens_per_s: 1000.0,
+            bubble: 0.25,
+            replayed: 2,
+            replay_s: 0.05,
+            caught: vec![3],
+            ..report(4)
         };
         log.append(&r, 1.5).unwrap();
         log.append(
@@ -119,7 +130,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"elapsed_s\":1.500}"
+            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"replay_s\":0.050,\"caught\":[3],\"elapsed_s\":1.500}"
         );
         assert!(lines[1].contains("\"val_loss\":2.25,"));
     }
@@ -130,17 +141,7 @@ mod tests {
         let run = dir.path().join("run");
         let mut log = MetricsLog::create(&run).unwrap();
         for window in 0..5 {
-            let r = WindowReport {
-                window,
-                mean_loss: 2.5,
-                val_loss: None,
-                tokens_per_s: 1.0,
-                bubble: 0.0,
-                attempts: 1,
-                checkpoint: None,
-                compression: None,
-            };
-            log.append(&r, 1.0).unwrap();
+            log.append(&report(window), 1.0).unwrap();
         }
         let log = MetricsLog::resume(&run, 2).unwrap();
         let text = fs::read_to_string(log.path()).unwrap();

@@ -5,7 +5,6 @@
 mod common;
 
 use common::train::*;
-use common::*;
 
 /// A tiny training job (see `train_job`) whose validator replays `rate`
 /// of the passes, with `cheats` as `[[faults.cheat]]`, and `seed`.
@@ -23,7 +22,10 @@ fn checked_job(
     let job = train_job(dir, name, 2, 6, &extra);
     let text = std::fs::read_to_string(&job)
         .unwrap()
-        .replace("validators = 1\n", &format!("validators = 1\nreplay_rate = {rate}\n"))
+        .replace(
+            "validators = 1\n",
+            &format!("validators = 1\nreplay_rate = {rate}\n"),
+        )
         .replace("seed = 3\n", &format!("seed = {seed}\n"));
     std::fs::write(&job, text).unwrap();
     job
@@ -44,7 +46,12 @@ fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
         (3, "scale_update"),
     ] {
         let (lines, err) = run(&checked_job(dir.path(), kind, 3, 1.0, &[(rank, kind)]));
-        assert_eq!(caught(&lines[0]), format!("[{rank}]"), "{kind}: {}\n{err}", lines[0]);
+        assert_eq!(
+            caught(&lines[0]),
+            format!("[{rank}]"),
+            "{kind}: {}\n{err}",
+            lines[0]
+        );
         assert!(
             err.contains(&format!("lost miner {rank} of stage")) && err.contains("excluded"),
             "{kind}: {err}"
@@ -60,7 +67,14 @@ fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
     let dir = tempfile::tempdir().unwrap();
     for seed in [1, 2, 3] {
         let seeded = |name: &str, rate| {
-            run(&checked_job(dir.path(), &format!("{name}{seed}"), seed, rate, &[])).0
+            run(&checked_job(
+                dir.path(),
+                &format!("{name}{seed}"),
+                seed,
+                rate,
+                &[],
+            ))
+            .0
         };
         let audited = seeded("audited", 1.0);
         let unchecked = seeded("unchecked", 0.0);

@@ -88,7 +88,13 @@ pub fn encode(bundle: &Bundle) -> Vec<u8> {
 /// that do not add up to what came (checked before any section is copied).
 pub fn decode(bytes: &[u8]) -> Result<Bundle, BundleError> {
     let short = || BundleError::Short(bytes.len());
-    let head_len = u32::from_le_bytes(bytes.get(..4).ok_or_else(short)?.try_into().map_err(|_| short())?) as usize;
+    let head_len = u32::from_le_bytes(
+        bytes
+            .get(..4)
+            .ok_or_else(short)?
+            .try_into()
+            .map_err(|_| short())?,
+    ) as usize;
     let head = bytes.get(4..4 + head_len).ok_or_else(short)?;
     let header: Header =
         serde_json::from_slice(head).map_err(|e| BundleError::Header(e.to_string()))?;
@@ -176,15 +182,29 @@ pub(super) fn replay(
     };
     let batch = setup
         .data
-        .batch(Split::Train, id, setup.seed, setup.batch_size, setup.config.block_size)
+        .batch(
+            Split::Train,
+            id,
+            setup.seed,
+            setup.batch_size,
+            setup.config.block_size,
+        )
         .map_err(|e| e.to_string())?;
     let (tokens, targets) = batch_tensors(&batch).map_err(|e| e.to_string())?;
-    let shape = (setup.batch_size, setup.config.block_size, setup.config.boundary_width());
+    let shape = (
+        setup.batch_size,
+        setup.config.block_size,
+        setup.config.boundary_width(),
+    );
     let tensor = |bytes: &[u8]| -> Result<Tensor, String> {
         let values = codec.decode(bytes).map_err(|e| e.to_string())?;
         Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| e.to_string())
     };
-    check("the input frame", frames.input.as_deref().map(digest), &receipt.input)?;
+    check(
+        "the input frame",
+        frames.input.as_deref().map(digest),
+        &receipt.input,
+    )?;
     let input = frames.input.as_deref().map(tensor).transpose()?;
     let input = match &input {
         None => StageInput::Tokens(&tokens),
@@ -198,8 +218,14 @@ pub(super) fn replay(
         (digest_f32(&[pass.loss().map_err(|e| e.to_string())?]), None)
     } else {
         let values = pass.output().flatten_all().and_then(|t| t.to_vec1::<f32>());
-        let bytes = codec.encode(&values.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        check("the gradient frame", frames.grad_in.as_deref().map(digest), &receipt.grad_in)?;
+        let bytes = codec
+            .encode(&values.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        check(
+            "the gradient frame",
+            frames.grad_in.as_deref().map(digest),
+            &receipt.grad_in,
+        )?;
         let grad = frames.grad_in.as_deref().map(tensor).transpose()?;
         (digest(&bytes), grad)
     };
@@ -216,7 +242,9 @@ pub(super) fn replay(
         None => None,
         Some(g) => {
             let values = g.flatten_all().and_then(|t| t.to_vec1::<f32>());
-            let bytes = codec.encode(&values.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            let bytes = codec
+                .encode(&values.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
             Some(digest(&bytes))
         }
     };

@@ -67,7 +67,10 @@ impl Cheater {
         Ok(match (self.kind, previous) {
             (CheatKind::RandomGrad, _) => {
                 let mut rng = SplitMix64::new(self.seed, id);
-                let params = params.iter().map(|_| (rng.normal() * 1e-3) as f32).collect();
+                let params = params
+                    .iter()
+                    .map(|_| (rng.normal() * 1e-3) as f32)
+                    .collect();
                 PassGrads { params, input }
             }
             (CheatKind::SkipCompute, _) => PassGrads {

@@ -341,7 +341,10 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         let me = self.t.rank();
         let mut by_validator: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
         for task in tasks.iter().filter(|a| a.miner == me) {
-            by_validator.entry(task.validator).or_default().push(task.id);
+            by_validator
+                .entry(task.validator)
+                .or_default()
+                .push(task.id);
         }
         if by_validator.is_empty() {
             return Ok(());
@@ -357,7 +360,10 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 weights: weights.clone(),
                 passes,
             });
-            match self.t.send(validator, protocol::audit_tag(window, attempt), &bundle) {
+            match self
+                .t
+                .send(validator, protocol::audit_tag(window, attempt), &bundle)
+            {
                 Ok(()) | Err(TransportError::PeerLost { .. }) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -331,17 +331,19 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             .collect();
         for (id, stages) in done {
             for stage in 0..stages {
-                let replayed = w.receipts.get(&(id, stage)).is_some_and(|(miner, _)| {
-                    w.passed.contains(&(id, stage, *miner))
-                });
+                let replayed = w
+                    .receipts
+                    .get(&(id, stage))
+                    .is_some_and(|(miner, _)| w.passed.contains(&(id, stage, *miner)));
                 if !replayed && self.draws.unit_open0() <= rate {
                     picked.insert((id, stage));
                 }
             }
             for stage in 1..stages {
-                let (Some((_, up)), Some((_, down))) =
-                    (w.receipts.get(&(id, stage - 1)), w.receipts.get(&(id, stage)))
-                else {
+                let (Some((_, up)), Some((_, down))) = (
+                    w.receipts.get(&(id, stage - 1)),
+                    w.receipts.get(&(id, stage)),
+                ) else {
                     continue;
                 };
                 if down.input.as_ref() != Some(&up.output) {
@@ -406,7 +408,11 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 ));
             }
         }
-        let caught: Vec<usize> = reasons.keys().copied().filter(|r| self.miners.contains_key(r)).collect();
+        let caught: Vec<usize> = reasons
+            .keys()
+            .copied()
+            .filter(|r| self.miners.contains_key(r))
+            .collect();
         for &rank in &caught {
             self.exclude(rank, w.window, &reasons[&rank])?;
         }
@@ -427,7 +433,10 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         let mut verdicts = Vec::new();
         let deadline = Instant::now() + self.t.default_timeout();
         while let Some((&v, _)) = owed.iter().find(|(_, n)| **n > 0) {
-            match self.t.recv_deadline(v, protocol::REPORT_TAG, Instant::now() + POLL) {
+            match self
+                .t
+                .recv_deadline(v, protocol::REPORT_TAG, Instant::now() + POLL)
+            {
                 Ok(bytes) => {
                     if let Report::Audited {
                         window,
@@ -459,11 +468,17 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
 
     /// Tells a miner caught cheating to leave; the job goes on without it.
     fn exclude(&mut self, rank: usize, window: u64, reason: &str) -> Result<(), TrainError> {
-        match self.t.send(rank, protocol::ORDER_TAG, &protocol::encode(&Order::Stop)) {
+        match self
+            .t
+            .send(rank, protocol::ORDER_TAG, &protocol::encode(&Order::Stop))
+        {
             Ok(()) | Err(TransportError::PeerLost { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        self.lose(rank, &format!("failed a check in window {window}: {reason}; excluded"));
+        self.lose(
+            rank,
+            &format!("failed a check in window {window}: {reason}; excluded"),
+        );
         Ok(())
     }
 
@@ -750,6 +765,10 @@ fn start_digests(
 fn unpredictable_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }

@@ -218,7 +218,6 @@ pub(super) fn send_report<T: Transport + ?Sized>(t: &T, r: &Report) -> Result<()
     Ok(t.send(0, protocol::REPORT_TAG, &protocol::encode(r))?)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

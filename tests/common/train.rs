@@ -69,4 +69,3 @@ pub fn field<'a>(line: &'a str, field: &str) -> &'a str {
         + key.len()..];
     &rest[..rest.find([',', '}']).unwrap()]
 }
-
