@@ -3,8 +3,10 @@
 //!
 //! Layers, lowest first (a module uses only modules before it):
 //! `config`, `fsutil`, `wire`, `world`, `transport`, `collective`,
-//! `compress`, `data`, `model`, `pipeline`, `checkpoint`, `roles`,
-//! `metrics`, `hello`, `launch`, `bench`. `wire` (framed, authenticated
+//! `compress`, `data`, `model`, `pipeline`, `checkpoint`, `ledger`,
+//! `roles`, `metrics`, `hello`, `launch`, `bench`. `ledger` (the reward
+//! ledger and its verifier) sits below `roles` because the orchestrator
+//! keeps it. `wire` (framed, authenticated
 //! streams) sits below `world` because the TCP rendezvous authenticates
 //! with the same handshake as the transport. `data` and `model` need no network: a stage's forward and
 //! backward pass are pure functions of its weights and inputs.
@@ -17,6 +19,7 @@ pub mod data;
 pub mod fsutil;
 pub mod hello;
 pub mod launch;
+pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -12,6 +12,7 @@ use swarmrun::checkpoint::Checkpoints;
 use swarmrun::config::{self, ConfigError, JobSpec, PlanError, Task};
 use swarmrun::data::{Corpus, Tokenizer};
 use swarmrun::launch::{self, JoinError, LaunchRequest, StartError};
+use swarmrun::ledger;
 use swarmrun::model::SampleOptions;
 use swarmrun::wire::JobKey;
 
@@ -93,6 +94,12 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// The job's run directory; checkpoints are in its checkpoints/.
+        run_dir: PathBuf,
+    },
+    /// Verify a run's reward ledger (RUN_DIR/ledger.jsonl): check the hash
+    /// chain, recompute every share, print each miner's standing.
+    Audit {
+        /// The job's run directory.
         run_dir: PathBuf,
     },
     /// Benchmarks, printed as tables.
@@ -274,6 +281,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             sample(&run_dir, &prompt, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Audit { run_dir } => {
+            audit(&run_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench { which } => match which {
             BenchCmd::Launch { nprocs, reps } => {
                 swarmrun::bench::launch::run(nprocs, reps)?;
@@ -348,6 +359,28 @@ fn sample(run_dir: &Path, prompt: &str, opts: &SampleOptions) -> Result<()> {
     };
     let text = tokenizer.decode(&swarmrun::model::generate(&stages, &context, opts)?)?;
     println!("{prompt}{text}");
+    Ok(())
+}
+
+/// `swarmrun audit`: the table goes to stdout; a torn last line (a crash
+/// while appending) is reported on stderr and is not an error, since the
+/// complete lines before it are intact.
+fn audit(run_dir: &Path) -> Result<()> {
+    let chain = ledger::read(run_dir).map_err(|e| {
+        let what = match e {
+            ledger::LedgerError::Line { .. } => "the ledger fails verification",
+            _ => "reading the ledger",
+        };
+        anyhow::Error::new(e).context(what)
+    })?;
+    print!("{}", ledger::audit_table(&chain));
+    if let Some(line) = chain.torn_line {
+        eprintln!(
+            "warning: {}:{line} ends without a newline (a crash while appending, or a cut file); \
+             it is not part of the record",
+            chain.path.display()
+        );
+    }
     Ok(())
 }
 
