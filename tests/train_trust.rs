@@ -5,6 +5,8 @@
 mod common;
 
 use common::train::*;
+use common::{stderr, swarmrun};
+use swarmrun::ledger;
 
 /// A tiny training job (see `train_job`) whose validator replays `rate`
 /// of the passes, with `cheats` as `[[faults.cheat]]`, and `seed`.
@@ -59,6 +61,37 @@ fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
         for l in &lines[1..] {
             assert_eq!(caught(l), "[]", "{kind}: {l}");
         }
+        // The ledger: no credit for the cheater in the window it was caught,
+        // excluded after; the others share each window's reward by passes.
+        let records = ledger::read(&dir.path().join(kind)).unwrap().records;
+        assert_eq!(records.len(), 6, "{kind}");
+        for record in &records {
+            let cheater = record.miners.iter().find(|m| m.rank == rank).unwrap();
+            assert_eq!(cheater.share, 0.0, "{kind}: {record:?}");
+            assert_eq!(cheater.failed > 0, record.window == 0, "{kind}: {record:?}");
+            assert_eq!(cheater.excluded, record.window > 0, "{kind}: {record:?}");
+            let total: u64 = record
+                .miners
+                .iter()
+                .filter(|m| m.rank != rank)
+                .map(|m| m.verified)
+                .sum();
+            // 6 microbatches through 2 stages.
+            assert_eq!(total, 12, "{kind}: {record:?}");
+            for m in record.miners.iter().filter(|m| m.rank != rank) {
+                assert_eq!(
+                    m.share,
+                    m.verified as f64 / total as f64,
+                    "{kind}: {record:?}"
+                );
+            }
+        }
+        let audit = swarmrun()
+            .arg("audit")
+            .arg(dir.path().join(kind))
+            .output()
+            .unwrap();
+        assert!(audit.status.success(), "{kind}: {}", stderr(&audit));
     }
 }
 
@@ -77,6 +110,14 @@ fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
             .0
         };
         let audited = seeded("audited", 1.0);
+        let records = ledger::read(&dir.path().join(format!("audited{seed}")))
+            .unwrap()
+            .records;
+        for record in &records {
+            assert!(record.miners.iter().all(|m| m.failed == 0 && !m.excluded));
+            let sum: f64 = record.miners.iter().map(|m| m.share).sum();
+            assert!((sum - 1.0).abs() < 1e-12, "{record:?}");
+        }
         let unchecked = seeded("unchecked", 0.0);
         for (a, u) in audited.iter().zip(&unchecked) {
             assert_eq!(caught(a), "[]", "seed {seed}: {a}");

@@ -7,6 +7,7 @@ pub mod compress;
 pub mod launch;
 pub mod matmul;
 pub mod train;
+pub mod trust;
 
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;

@@ -14,8 +14,10 @@
 //!
 //! - `seq`: the line's number, 1 for the first line.
 //! - `window`: the training window; strictly increasing down the file.
-//! - `miners`: one entry per miner, ranks ascending. `verified` backward
-//!   passes the validators replayed and found right, `failed` checks;
+//! - `miners`: one entry per miner, ranks ascending. `verified`: its
+//!   backward passes that count in the window's update (their receipts
+//!   chain with their neighbours', and it failed no check; validators
+//!   replay a random sample of them), `failed` checks;
 //!   `excluded`: the miner failed a check in an earlier window; `share`:
 //!   its part of the window's reward (see below).
 //! - `prev`: the previous line's `hash`; 64 zeros on the first line.
@@ -64,8 +66,9 @@
 //! appending, followed by an fsync (and, when the file is created, an fsync
 //! of the run directory), so a crash loses at most the line being written.
 //!
-//! The orchestrator does not keep a ledger yet; this module is the format,
-//! the writer it will use, and the verifier behind `swarmrun audit`.
+//! The orchestrator appends a line after each window's step
+//! ([`Ledger::create`] on a fresh start, [`Ledger::resume`] after a
+//! checkpoint); `swarmrun audit` reads it with [`read`].
 
 mod rewards;
 
@@ -91,7 +94,8 @@ pub struct Tally {
     pub rank: usize,
     /// The stage it served in the window.
     pub stage: usize,
-    /// Backward passes the validators replayed and found right.
+    /// Backward passes credited: counted in the window's update, receipts
+    /// chained, no check failed.
     pub verified: u64,
     /// Checks it failed.
     pub failed: u64,
@@ -464,6 +468,44 @@ impl Ledger {
                 .map_err(io_error(&path))?;
         }
         Ok(Ledger { file, path, state })
+    }
+
+    /// A fresh run's ledger: whatever an earlier run left in `run_dir` is
+    /// dropped, as its metrics are.
+    pub fn create(run_dir: &Path) -> Result<Ledger, LedgerError> {
+        let path = path(run_dir);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&path)(e)),
+        }
+        Ledger::open(run_dir)
+    }
+
+    /// The ledger of a run resumed after `window`'s checkpoint: verified
+    /// as [`Ledger::open`] does, then cut after `window`'s line, since the
+    /// windows after it are run again.
+    pub fn resume(run_dir: &Path, window: u64) -> Result<Ledger, LedgerError> {
+        let path = path(run_dir);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let (chain, _, complete) = verify(&bytes, &path)?;
+                let keep = chain
+                    .records
+                    .iter()
+                    .take_while(|r| r.window <= window)
+                    .count();
+                let cut: usize = bytes[..complete]
+                    .split_inclusive(|&b| b == b'\n')
+                    .take(keep)
+                    .map(<[u8]>::len)
+                    .sum();
+                crate::fsutil::write_atomic(&path, &bytes[..cut]).map_err(io_error(&path))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&path)(e)),
+        }
+        Ledger::open(run_dir)
     }
 
     /// Appends `window`'s record from its miners' counts (any order) and

@@ -382,3 +382,26 @@ fn random_byte_edits_are_refused_or_cut_as_a_torn_line_and_never_panic() {
         }
     }
 }
+
+#[test]
+fn resuming_cuts_the_windows_after_the_checkpoint_and_a_fresh_start_empties_it() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(sample(dir.path()));
+    let windows = |dir: &Path| -> Vec<u64> {
+        read(dir)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.window)
+            .collect()
+    };
+    let mut ledger = Ledger::resume(dir.path(), 1).unwrap();
+    assert_eq!(windows(dir.path()), [0, 1]);
+    // Window 2 is run again; rank 4, caught in window 1, stays excluded.
+    let record = ledger.append(2, &[tally(1, 0, 3, 0)]).unwrap();
+    assert!(record.miners.iter().any(|m| m.rank == 4 && m.excluded));
+    assert_eq!(windows(dir.path()), [0, 1, 2]);
+    drop(ledger);
+    drop(Ledger::create(dir.path()).unwrap());
+    assert!(windows(dir.path()).is_empty());
+}

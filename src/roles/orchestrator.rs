@@ -12,6 +12,7 @@ use super::train::{crash_if_planned, miners_of, Setup, TrainError, WindowReport}
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::rng::SplitMix64;
+use crate::ledger::{Ledger, Tally};
 use crate::model::StageModel;
 use crate::pipeline::{InFlight, Router};
 use crate::transport::{Transport, TransportError};
@@ -93,6 +94,11 @@ pub fn orchestrate<T: Transport + ?Sized>(
     }
     let miners: BTreeMap<usize, usize> = router.assignment().into_iter().collect();
     let weights = start_digests(&setup, spec, start)?;
+    let run_dir = spec.job.run_dir();
+    let ledger = match &start.resumed {
+        Some(m) => Ledger::resume(&run_dir, m.window)?,
+        None => Ledger::create(&run_dir)?,
+    };
     let mut o = Orchestrator {
         t,
         spec,
@@ -109,6 +115,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
             .collect(),
         weights,
         draws: SplitMix64::new(unpredictable_seed(), 0),
+        ledger,
         cursor: 0,
     };
     o.broadcast(&Order::Start {
@@ -145,6 +152,8 @@ struct Orchestrator<'a, T: ?Sized> {
     /// Which passes validators replay: seeded from the OS, not from the
     /// job, so that no miner can tell which of its passes will be checked.
     draws: SplitMix64,
+    /// Each window's credited passes and failed checks, per miner.
+    ledger: Ledger,
     /// Where the next poll starts, so every miner gets heard.
     cursor: usize,
 }
@@ -213,7 +222,9 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             }
             self.next_attempt(&mut w)?;
         }
+        let tallies = tallies(&w);
         let checkpoint = self.step(window)?;
+        self.ledger.append(window, &tallies)?;
 
         let (mut train, mut val) = (0.0f64, 0.0f64);
         for (id, loss) in &w.losses {
@@ -771,4 +782,37 @@ fn unpredictable_seed() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// Each miner's passes counted in the window's update and its failed
+/// checks: a miner that failed one is credited nothing.
+fn tallies(w: &WindowState) -> Vec<Tally> {
+    let mut by_rank: BTreeMap<usize, Tally> = BTreeMap::new();
+    let training = w
+        .flight
+        .done()
+        .filter(|(id, _)| !protocol::is_validation(*id));
+    for (_, path) in training {
+        for (stage, &rank) in path.iter().enumerate() {
+            let tally = by_rank.entry(rank).or_insert(Tally {
+                rank,
+                stage,
+                verified: 0,
+                failed: 0,
+            });
+            tally.verified += 1;
+        }
+    }
+    for (&rank, &(stage, failed)) in &w.failed {
+        by_rank.insert(
+            rank,
+            Tally {
+                rank,
+                stage,
+                verified: 0,
+                failed,
+            },
+        );
+    }
+    by_rank.into_values().collect()
 }

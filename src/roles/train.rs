@@ -12,6 +12,7 @@ use crate::checkpoint::CheckpointError;
 use crate::collective::CollectiveError;
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::{Corpus, DataError, Dataset};
+use crate::ledger::LedgerError;
 use crate::model::{AdamWConfig, GptConfig, ModelError};
 use crate::pipeline::{BoundaryCodec, BoundaryError};
 use crate::transport::{Transport, TransportError};
@@ -49,6 +50,8 @@ pub enum TrainError {
     RunDirTaken { dir: PathBuf, window: u64 },
     #[error("cannot resume from the checkpoint of window {window}: {reason}")]
     CheckpointMismatch { window: u64, reason: String },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
 }
 
 /// One window's result, as the orchestrator sees it.

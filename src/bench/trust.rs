@@ -1,0 +1,263 @@
+//! `swarmrun bench trust`: real training jobs (a tiny model, 2 stages of 4
+//! miners, under `swarmrun launch`) with one cheating miner each, and what
+//! the validators made of it: how often and how fast the cheater was
+//! caught, whether an honest miner ever was, what the replays cost against
+//! the miners' compute, and how far the ledger's reward shares are from
+//! the truth (a cheater earns nothing; honest miners share by passes).
+//!
+//! The model is tiny so that many windows fit in a benchmark; the code
+//! paths are the training job's: receipts, audits, replays, exclusion and
+//! the ledger are the same at any model size.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::ledger::{self, LedgerError, WindowRecord};
+
+/// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them.
+const KINDS: [&str; 4] = [
+    "random_grad",
+    "skip_compute",
+    "replay_stale",
+    "scale_update",
+];
+
+/// Ranks 0 and 1 are the orchestrator and the validator; 8 miners follow.
+const MINERS: std::ops::Range<usize> = 2..10;
+
+/// Detection counts within this many windows.
+const WITHIN: u64 = 3;
+
+#[derive(Debug, Clone)]
+pub struct TrustOptions {
+    /// Windows of each cheating run.
+    pub windows: u64,
+    /// Runs per kind, each with another seed and another cheating rank.
+    pub seeds: u64,
+    /// Microbatches per window.
+    pub microbatches: u64,
+    /// `[roles] replay_rate`.
+    pub rate: f64,
+    /// `[[faults.cheat]] probability`.
+    pub probability: f64,
+    /// Windows of the run without cheaters (false positives).
+    pub honest_windows: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum BenchTrustError {
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("swarmrun launch {job} failed: {stderr}")]
+    Launch { job: String, stderr: String },
+    #[error("{}: line {line}: {source}", path.display())]
+    Metrics {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// What the benchmark reads from each metrics line.
+#[derive(Debug, Deserialize)]
+struct Line {
+    window: u64,
+    compute_s: f64,
+    replay_s: f64,
+    caught: Vec<usize>,
+}
+
+/// One run's findings.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// The window the cheater was caught in, if it was.
+    caught_in: Option<u64>,
+    /// Honest miners caught.
+    false_positives: usize,
+    compute_s: f64,
+    replay_s: f64,
+    /// Largest |share - true share| of any miner in any window.
+    share_error: f64,
+}
+
+pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
+    let exe = std::env::current_exe().map_err(|source| BenchTrustError::File {
+        path: PathBuf::from("swarmrun"),
+        source,
+    })?;
+    let tmp = tempfile::tempdir().map_err(|source| BenchTrustError::File {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    println!(
+        "# swarmrun bench trust: 2 stages x 4 miners, {} microbatches a window, replay_rate {}, \
+         cheat probability {}, {} runs x {} windows per kind",
+        opts.microbatches, opts.rate, opts.probability, opts.seeds, opts.windows
+    );
+    println!(
+        "{:<16} {:>8} {:>16} {:>10} {:>12} {:>12}",
+        "cheat", "recall", "windows to catch", "honest hit", "validator %", "share error"
+    );
+    for kind in KINDS {
+        let mut outcomes = Vec::new();
+        for seed in 1..=opts.seeds {
+            let cheater = MINERS.start + (seed as usize * 3) % MINERS.len();
+            let dir = tmp.path().join(format!("{kind}-{seed}"));
+            let cheat = Some((cheater, kind));
+            outcomes.push(run_one(&exe, &dir, opts, seed, opts.windows, cheat)?);
+        }
+        let caught: Vec<u64> = outcomes.iter().filter_map(|o| o.caught_in).collect();
+        let within = caught.iter().filter(|w| **w < WITHIN).count();
+        let mean = caught.iter().map(|w| (w + 1) as f64).sum::<f64>() / caught.len().max(1) as f64;
+        let max = caught.iter().map(|w| w + 1).max().unwrap_or(0);
+        println!(
+            "{:<16} {:>7.1}% {:>10.2} / {:<3} {:>10} {:>11.2}% {:>12.4}",
+            kind,
+            100.0 * within as f64 / outcomes.len() as f64,
+            mean,
+            max,
+            outcomes.iter().map(|o| o.false_positives).sum::<usize>(),
+            share_of_compute(&outcomes),
+            outcomes.iter().map(|o| o.share_error).fold(0.0, f64::max),
+        );
+    }
+    let honest = run_one(
+        &exe,
+        &tmp.path().join("honest"),
+        opts,
+        0,
+        opts.honest_windows,
+        None,
+    )?;
+    println!(
+        "{:<16} {:>8} {:>16} {:>10} {:>11.2}% {:>12.4}",
+        format!("none ({}w)", opts.honest_windows),
+        "-",
+        "-",
+        honest.false_positives,
+        share_of_compute(std::slice::from_ref(&honest)),
+        honest.share_error,
+    );
+    Ok(())
+}
+
+fn share_of_compute(outcomes: &[Outcome]) -> f64 {
+    let replay: f64 = outcomes.iter().map(|o| o.replay_s).sum();
+    let compute: f64 = outcomes.iter().map(|o| o.compute_s).sum();
+    100.0 * replay / compute.max(f64::MIN_POSITIVE)
+}
+
+/// Runs one job in `dir` and reads its metrics and ledger.
+fn run_one(
+    exe: &Path,
+    dir: &Path,
+    opts: &TrustOptions,
+    seed: u64,
+    windows: u64,
+    cheat: Option<(usize, &str)>,
+) -> Result<Outcome, BenchTrustError> {
+    let file = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BenchTrustError::File { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(file(dir))?;
+    let run_dir = dir.join("run");
+    let job = dir.join("job.toml");
+    let text = job_text(&run_dir, opts, seed, windows, cheat);
+    std::fs::write(&job, text).map_err(file(&job))?;
+    let out = Command::new(exe)
+        .arg("launch")
+        .arg(&job)
+        .output()
+        .map_err(file(exe))?;
+    if !out.status.success() {
+        return Err(BenchTrustError::Launch {
+            job: job.display().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    let metrics = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).map_err(file(&metrics))?;
+    let mut outcome = Outcome::default();
+    for (i, l) in text.lines().enumerate() {
+        let line: Line = serde_json::from_str(l).map_err(|source| BenchTrustError::Metrics {
+            path: metrics.clone(),
+            line: i + 1,
+            source,
+        })?;
+        outcome.compute_s += line.compute_s;
+        outcome.replay_s += line.replay_s;
+        for rank in line.caught {
+            match cheat {
+                Some((cheater, _)) if rank == cheater => {
+                    outcome.caught_in.get_or_insert(line.window);
+                }
+                _ => outcome.false_positives += 1,
+            }
+        }
+    }
+    let chain = ledger::read(&run_dir)?;
+    outcome.share_error = share_error(&chain.records, cheat.map(|(rank, _)| rank));
+    Ok(outcome)
+}
+
+/// The largest difference, over windows and miners, between the ledger's
+/// share and the true one: nothing for the cheater, the rest split by
+/// passes served.
+fn share_error(records: &[WindowRecord], cheater: Option<usize>) -> f64 {
+    let mut worst = 0.0f64;
+    for record in records {
+        let honest = |rank: usize| Some(rank) != cheater;
+        let total: u64 = record
+            .miners
+            .iter()
+            .filter(|m| honest(m.rank))
+            .map(|m| m.verified)
+            .sum();
+        for m in &record.miners {
+            let truth = match (honest(m.rank), total) {
+                (true, t) if t > 0 => m.verified as f64 / t as f64,
+                _ => 0.0,
+            };
+            worst = worst.max((m.share - truth).abs());
+        }
+    }
+    worst
+}
+
+fn job_text(
+    run_dir: &Path,
+    opts: &TrustOptions,
+    seed: u64,
+    windows: u64,
+    cheat: Option<(usize, &str)>,
+) -> String {
+    let mut text = format!(
+        "[job]\nname = \"bench-trust\"\ntask = \"train\"\nseed = {seed}\nrun_dir = {run_dir:?}\n\n\
+         [model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
+         [pipeline]\nstages = 2\nmicrobatch_size = 2\nmicrobatches_per_window = {}\n\n\
+         [roles]\nvalidators = 1\nreplay_rate = {}\n\n\
+         [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {}\n\n\
+         [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
+         [train]\nwindows = {windows}\neval_every = {}\neval_microbatches = 0\ncheckpoint_every = 0\n",
+        opts.microbatches,
+        opts.rate,
+        MINERS.end,
+        windows + 1,
+    );
+    if let Some((rank, kind)) = cheat {
+        text += &format!(
+            "\n[[faults.cheat]]\nrank = {rank}\nkind = \"{kind}\"\nprobability = {}\n",
+            opts.probability
+        );
+    }
+    text
+}
