@@ -72,7 +72,7 @@
 
 mod rewards;
 
-pub use rewards::{audit_table, standings, Standing};
+pub use rewards::audit_table;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -82,7 +82,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The ledger's file name inside the run directory.
-pub const FILE_NAME: &str = "ledger.jsonl";
+const FILE_NAME: &str = "ledger.jsonl";
 
 /// `prev` of the first line.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

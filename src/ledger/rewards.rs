@@ -28,7 +28,7 @@ pub(super) fn assign_shares(miners: &mut [MinerCredit]) {
 
 /// One miner over a whole ledger.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Standing {
+pub(super) struct Standing {
     pub rank: usize,
     /// The stages it served, ascending.
     pub stages: Vec<usize>,
@@ -50,7 +50,7 @@ pub struct Standing {
 }
 
 /// Each miner's standing over `records`, ranks ascending.
-pub fn standings(records: &[WindowRecord]) -> Vec<Standing> {
+pub(super) fn standings(records: &[WindowRecord]) -> Vec<Standing> {
     let mut by_rank: BTreeMap<usize, (Standing, BTreeSet<usize>, f64)> = BTreeMap::new();
     for record in records {
         for m in &record.miners {
