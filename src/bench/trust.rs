@@ -85,7 +85,10 @@ struct Outcome {
     compute_s: f64,
     replay_s: f64,
     /// Largest |share - true share| of any miner in any window.
-    share_error: f64,
+    window_error: f64,
+    /// Largest |mean share - mean true share| of any miner over the run:
+    /// what it was paid against what it earned.
+    run_error: f64,
 }
 
 pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
@@ -103,8 +106,14 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         opts.microbatches, opts.rate, opts.probability, opts.seeds, opts.windows
     );
     println!(
-        "{:<16} {:>8} {:>16} {:>10} {:>12} {:>12}",
-        "cheat", "recall", "windows to catch", "honest hit", "validator %", "share error"
+        "{:<16} {:>8} {:>16} {:>10} {:>12} {:>13} {:>10}",
+        "cheat",
+        "recall",
+        "windows to catch",
+        "honest hit",
+        "validator %",
+        "share err/win",
+        "share err"
     );
     for kind in KINDS {
         let mut outcomes = Vec::new();
@@ -116,17 +125,22 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         }
         let caught: Vec<u64> = outcomes.iter().filter_map(|o| o.caught_in).collect();
         let within = caught.iter().filter(|w| **w < WITHIN).count();
-        let mean = caught.iter().map(|w| (w + 1) as f64).sum::<f64>() / caught.len().max(1) as f64;
-        let max = caught.iter().map(|w| w + 1).max().unwrap_or(0);
+        let windows = match caught.iter().map(|w| w + 1).max() {
+            None => "-".to_string(),
+            Some(max) => {
+                let mean = caught.iter().map(|w| (w + 1) as f64).sum::<f64>() / caught.len() as f64;
+                format!("{mean:.2} / {max}")
+            }
+        };
         println!(
-            "{:<16} {:>7.1}% {:>10.2} / {:<3} {:>10} {:>11.2}% {:>12.4}",
+            "{:<16} {:>7.1}% {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
             kind,
             100.0 * within as f64 / outcomes.len() as f64,
-            mean,
-            max,
+            windows,
             outcomes.iter().map(|o| o.false_positives).sum::<usize>(),
             share_of_compute(&outcomes),
-            outcomes.iter().map(|o| o.share_error).fold(0.0, f64::max),
+            100.0 * outcomes.iter().map(|o| o.window_error).fold(0.0, f64::max),
+            100.0 * outcomes.iter().map(|o| o.run_error).fold(0.0, f64::max),
         );
     }
     let honest = run_one(
@@ -138,13 +152,14 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         None,
     )?;
     println!(
-        "{:<16} {:>8} {:>16} {:>10} {:>11.2}% {:>12.4}",
+        "{:<16} {:>8} {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
         format!("none ({}w)", opts.honest_windows),
         "-",
         "-",
         honest.false_positives,
         share_of_compute(std::slice::from_ref(&honest)),
-        honest.share_error,
+        100.0 * honest.window_error,
+        100.0 * honest.run_error,
     );
     Ok(())
 }
@@ -205,15 +220,17 @@ fn run_one(
         }
     }
     let chain = ledger::read(&run_dir)?;
-    outcome.share_error = share_error(&chain.records, cheat.map(|(rank, _)| rank));
+    (outcome.window_error, outcome.run_error) =
+        share_errors(&chain.records, cheat.map(|(rank, _)| rank));
     Ok(outcome)
 }
 
-/// The largest difference, over windows and miners, between the ledger's
-/// share and the true one: nothing for the cheater, the rest split by
-/// passes served.
-fn share_error(records: &[WindowRecord], cheater: Option<usize>) -> f64 {
+/// The ledger's shares against the true ones (nothing for the cheater, the
+/// rest split by passes credited): the largest difference of any miner in
+/// any window, and of any miner's mean over the run.
+fn share_errors(records: &[WindowRecord], cheater: Option<usize>) -> (f64, f64) {
     let mut worst = 0.0f64;
+    let mut paid_minus_earned: std::collections::BTreeMap<usize, f64> = Default::default();
     for record in records {
         let honest = |rank: usize| Some(rank) != cheater;
         let total: u64 = record
@@ -228,9 +245,15 @@ fn share_error(records: &[WindowRecord], cheater: Option<usize>) -> f64 {
                 _ => 0.0,
             };
             worst = worst.max((m.share - truth).abs());
+            *paid_minus_earned.entry(m.rank).or_default() += m.share - truth;
         }
     }
-    worst
+    let windows = records.len().max(1) as f64;
+    let run = paid_minus_earned
+        .values()
+        .map(|d| d.abs() / windows)
+        .fold(0.0, f64::max);
+    (worst, run)
 }
 
 fn job_text(

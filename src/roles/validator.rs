@@ -31,9 +31,13 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
                     by_miner.entry(task.miner).or_default().push(task);
                 }
                 for (miner, tasks) in by_miner {
-                    let started = Instant::now();
+                    let mut started = Instant::now();
                     let verdicts = match t.recv(miner, protocol::audit_tag(window, attempt)) {
-                        Ok(bytes) => judge(&setup, &codec, &bytes, &tasks, &weights),
+                        Ok(bytes) => {
+                            // The replay's cost, not the wait for the miner.
+                            started = Instant::now();
+                            judge(&setup, &codec, &bytes, &tasks, &weights)
+                        }
                         Err(TransportError::PeerLost { .. }) => {
                             vec![Verdict::Unavailable; tasks.len()]
                         }
