@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use super::scalar::{self, abs_bits, code_nearest, code_stochastic, inverse, INF_BITS};
+use super::simd::Avx2;
 
 /// Code width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -204,12 +205,14 @@ impl Quantized {
         if self.width == 0 {
             return;
         }
-        let bits = self.bits;
+        let (bits, simd) = (self.bits, Avx2::detect());
         out.par_chunks_exact_mut(self.width)
             .zip(self.codes.par_chunks_exact(bits.row_bytes(self.width)))
             .zip(&self.scales)
             .with_min_len(min_rows_per_task(self.width))
-            .for_each(|((out, codes), scale)| dequantize_row(bits, codes, scale.to_f32(), out));
+            .for_each(|((out, codes), scale)| {
+                dequantize_row(simd, bits, codes, scale.to_f32(), out)
+            });
     }
 }
 
@@ -230,6 +233,20 @@ pub fn quantize(
 /// microbatch's boundary tensor into the same one, and fresh buffers would
 /// cost their page faults on every call. On an error `q` is left empty.
 pub fn quantize_into(
+    x: &[f32],
+    rows: usize,
+    width: usize,
+    bits: Bits,
+    rounding: Rounding,
+    q: &mut Quantized,
+) -> Result<(), QuantError> {
+    quantize_into_with(Avx2::detect(), x, rows, width, bits, rounding, q)
+}
+
+/// `quantize_into` with the AVX2 kernels, or with the scalar loops alone
+/// (`simd` = `None`): the same bytes either way.
+fn quantize_into_with(
+    simd: Option<Avx2>,
     x: &[f32],
     rows: usize,
     width: usize,
@@ -259,7 +276,7 @@ pub fn quantize_into(
             .enumerate()
             .with_min_len(min_rows_per_task(width))
             .try_for_each(|(r, ((x, codes), scale))| {
-                *scale = quantize_row(bits, rounding, r, width, x, codes)?;
+                *scale = quantize_row(simd, bits, rounding, r, width, x, codes)?;
                 Ok(())
             })?;
     }
@@ -274,8 +291,13 @@ pub fn quantize_into(
 }
 
 /// One row: its scale, then its codes into `out` (`bits.row_bytes(width)`
-/// bytes). `r` is the row's index, for errors and stochastic draws.
+/// bytes). `r` is the row's index, for errors and stochastic draws. The
+/// AVX2 kernels, when `simd` has them, take the absolute maximum and the
+/// round-to-nearest codes of all but a row's last `width % 32` elements;
+/// stochastic codes stay scalar (their 64-bit hash per element has no
+/// cheap AVX2 form, and they are the rarer rounding).
 fn quantize_row(
+    simd: Option<Avx2>,
     bits: Bits,
     rounding: Rounding,
     r: usize,
@@ -283,7 +305,10 @@ fn quantize_row(
     x: &[f32],
     out: &mut [u8],
 ) -> Result<f16, QuantError> {
-    let max_bits = x.iter().fold(0u32, |m, &v| m.max(abs_bits(v)));
+    let max_bits = match simd {
+        Some(avx2) => avx2.abs_max_bits(x),
+        None => x.iter().fold(0u32, |m, &v| m.max(abs_bits(v))),
+    };
     if max_bits >= INF_BITS {
         return Err(QuantError::NonFinite { row: r });
     }
@@ -295,7 +320,16 @@ fn quantize_row(
     }
     let inv = inverse(scale.to_f32());
     match rounding {
-        Rounding::Nearest => write_codes(bits, x, out, |_, v| code_nearest(v, inv, qmax)),
+        Rounding::Nearest => {
+            let done = match (simd, bits) {
+                (Some(avx2), Bits::Int8) => avx2.int8_nearest(x, inv, qmax, out),
+                (Some(avx2), Bits::Int4) => avx2.int4_nearest(x, inv, qmax, out),
+                (None, _) => 0,
+            };
+            // `done` is a multiple of 32, so the int4 tail starts a byte.
+            let out = &mut out[bits.row_bytes(done)..];
+            write_codes(bits, &x[done..], out, |_, v| code_nearest(v, inv, qmax))
+        }
         Rounding::Stochastic { seed } => {
             let base = (r * width) as u64;
             write_codes(bits, x, out, |c, v| {
@@ -341,7 +375,15 @@ pub fn unpack(byte: u8) -> (i32, i32) {
     (((b << 4) >> 4) as i32, (b >> 4) as i32)
 }
 
-fn dequantize_row(bits: Bits, codes: &[u8], scale: f32, out: &mut [f32]) {
+/// One row's `code * scale` into `out`, the AVX2 kernels (when `simd` has
+/// them) taking all but the last `width % 32` elements.
+fn dequantize_row(simd: Option<Avx2>, bits: Bits, codes: &[u8], scale: f32, out: &mut [f32]) {
+    let done = match (simd, bits) {
+        (Some(avx2), Bits::Int8) => avx2.dequantize_int8(codes, scale, out),
+        (Some(avx2), Bits::Int4) => avx2.dequantize_int4(codes, scale, out),
+        (None, _) => 0,
+    };
+    let (codes, out) = (&codes[bits.row_bytes(done)..], &mut out[done..]);
     match bits {
         Bits::Int8 => {
             for (o, &q) in out.iter_mut().zip(codes) {
