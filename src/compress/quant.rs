@@ -444,9 +444,10 @@ mod tests {
 
     /// Finite rows of `width` that probe each step of the codec: zeros of
     /// both signs, tiny subnormals, magnitudes from subnormal to huge in
-    /// one row, rows whose scale is just inside f16's range (or, for int4,
-    /// just past it), exact ties `x * inv = k + 1/2` under power-of-two
-    /// scales, and a row's maximum at any position, tail included.
+    /// one row, rows whose scale is just inside, at or just past the top
+    /// of f16's range (an error both ways past it), exact ties `x * inv =
+    /// k + 1/2` under power-of-two scales, and a row's maximum at any
+    /// position, tail included.
     fn finite_rows(width: usize, rng: &mut Rng) -> Vec<Vec<f32>> {
         let mut rows = vec![
             vec![0.0; width],
@@ -466,7 +467,7 @@ mod tests {
                     .collect(),
             );
             for edge in [F16_MAX * 127.0, F16_MAX * 7.0] {
-                for factor in [1.0 - 1.0 / 4096.0, 1.0] {
+                for factor in [1.0 - 1.0 / 4096.0, 1.0, 1.0 + 1.0 / 4096.0] {
                     let mut row: Vec<f32> = (0..width)
                         .map(|_| rng.signed_unit() * edge * factor)
                         .collect();
