@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use super::scalar::{self, abs_bits, code_nearest, code_stochastic, inverse, INF_BITS};
+use super::simd::Avx2;
 
 /// Code width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -204,12 +205,14 @@ impl Quantized {
         if self.width == 0 {
             return;
         }
-        let bits = self.bits;
+        let (bits, simd) = (self.bits, Avx2::detect());
         out.par_chunks_exact_mut(self.width)
             .zip(self.codes.par_chunks_exact(bits.row_bytes(self.width)))
             .zip(&self.scales)
             .with_min_len(min_rows_per_task(self.width))
-            .for_each(|((out, codes), scale)| dequantize_row(bits, codes, scale.to_f32(), out));
+            .for_each(|((out, codes), scale)| {
+                dequantize_row(simd, bits, codes, scale.to_f32(), out)
+            });
     }
 }
 
@@ -230,6 +233,20 @@ pub fn quantize(
 /// microbatch's boundary tensor into the same one, and fresh buffers would
 /// cost their page faults on every call. On an error `q` is left empty.
 pub fn quantize_into(
+    x: &[f32],
+    rows: usize,
+    width: usize,
+    bits: Bits,
+    rounding: Rounding,
+    q: &mut Quantized,
+) -> Result<(), QuantError> {
+    quantize_into_with(Avx2::detect(), x, rows, width, bits, rounding, q)
+}
+
+/// `quantize_into` with the AVX2 kernels, or with the scalar loops alone
+/// (`simd` = `None`): the same bytes either way.
+fn quantize_into_with(
+    simd: Option<Avx2>,
     x: &[f32],
     rows: usize,
     width: usize,
@@ -259,7 +276,7 @@ pub fn quantize_into(
             .enumerate()
             .with_min_len(min_rows_per_task(width))
             .try_for_each(|(r, ((x, codes), scale))| {
-                *scale = quantize_row(bits, rounding, r, width, x, codes)?;
+                *scale = quantize_row(simd, bits, rounding, r, width, x, codes)?;
                 Ok(())
             })?;
     }
@@ -274,8 +291,13 @@ pub fn quantize_into(
 }
 
 /// One row: its scale, then its codes into `out` (`bits.row_bytes(width)`
-/// bytes). `r` is the row's index, for errors and stochastic draws.
+/// bytes). `r` is the row's index, for errors and stochastic draws. The
+/// AVX2 kernels, when `simd` has them, take the absolute maximum and the
+/// round-to-nearest codes of all but a row's last `width % 32` elements;
+/// stochastic codes stay scalar (their 64-bit hash per element has no
+/// cheap AVX2 form, and they are the rarer rounding).
 fn quantize_row(
+    simd: Option<Avx2>,
     bits: Bits,
     rounding: Rounding,
     r: usize,
@@ -283,7 +305,10 @@ fn quantize_row(
     x: &[f32],
     out: &mut [u8],
 ) -> Result<f16, QuantError> {
-    let max_bits = x.iter().fold(0u32, |m, &v| m.max(abs_bits(v)));
+    let max_bits = match simd {
+        Some(avx2) => avx2.abs_max_bits(x),
+        None => x.iter().fold(0u32, |m, &v| m.max(abs_bits(v))),
+    };
     if max_bits >= INF_BITS {
         return Err(QuantError::NonFinite { row: r });
     }
@@ -295,7 +320,16 @@ fn quantize_row(
     }
     let inv = inverse(scale.to_f32());
     match rounding {
-        Rounding::Nearest => write_codes(bits, x, out, |_, v| code_nearest(v, inv, qmax)),
+        Rounding::Nearest => {
+            let done = match (simd, bits) {
+                (Some(avx2), Bits::Int8) => avx2.int8_nearest(x, inv, qmax, out),
+                (Some(avx2), Bits::Int4) => avx2.int4_nearest(x, inv, qmax, out),
+                (None, _) => 0,
+            };
+            // `done` is a multiple of 32, so the int4 tail starts a byte.
+            let out = &mut out[bits.row_bytes(done)..];
+            write_codes(bits, &x[done..], out, |_, v| code_nearest(v, inv, qmax))
+        }
         Rounding::Stochastic { seed } => {
             let base = (r * width) as u64;
             write_codes(bits, x, out, |c, v| {
@@ -341,7 +375,15 @@ pub fn unpack(byte: u8) -> (i32, i32) {
     (((b << 4) >> 4) as i32, (b >> 4) as i32)
 }
 
-fn dequantize_row(bits: Bits, codes: &[u8], scale: f32, out: &mut [f32]) {
+/// One row's `code * scale` into `out`, the AVX2 kernels (when `simd` has
+/// them) taking all but the last `width % 32` elements.
+fn dequantize_row(simd: Option<Avx2>, bits: Bits, codes: &[u8], scale: f32, out: &mut [f32]) {
+    let done = match (simd, bits) {
+        (Some(avx2), Bits::Int8) => avx2.dequantize_int8(codes, scale, out),
+        (Some(avx2), Bits::Int4) => avx2.dequantize_int4(codes, scale, out),
+        (None, _) => 0,
+    };
+    let (codes, out) = (&codes[bits.row_bytes(done)..], &mut out[done..]);
     match bits {
         Bits::Int8 => {
             for (o, &q) in out.iter_mut().zip(codes) {
@@ -357,6 +399,206 @@ fn dequantize_row(bits: Bits, codes: &[u8], scale: f32, out: &mut [f32]) {
             }
             if let [o] = pairs.into_remainder() {
                 *o = unpack(codes[codes.len() - 1]).0 as f32 * scale;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64: test data with no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        /// Uniform in `[-1, 1)`.
+        fn signed_unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn sign(&mut self) -> f32 {
+            if self.next() & 1 == 0 {
+                1.0
+            } else {
+                -1.0
+            }
+        }
+    }
+
+    const WIDTHS: [usize; 17] = [
+        1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 64, 127, 128, 129, 1000,
+    ];
+
+    /// f16's largest finite value: a row's `absmax / qmax` past it has no
+    /// scale.
+    const F16_MAX: f32 = 65504.0;
+
+    /// Finite rows of `width` that probe each step of the codec: zeros of
+    /// both signs, tiny subnormals, magnitudes from subnormal to huge in
+    /// one row, rows whose scale is just inside, at or just past the top
+    /// of f16's range (an error both ways past it), exact ties `x * inv =
+    /// k + 1/2` under power-of-two scales, and a row's maximum at any
+    /// position, tail included.
+    fn finite_rows(width: usize, rng: &mut Rng) -> Vec<Vec<f32>> {
+        let mut rows = vec![
+            vec![0.0; width],
+            (0..width).map(|_| rng.sign() * 0.0).collect(),
+        ];
+        for _ in 0..4 {
+            rows.push((0..width).map(|_| rng.signed_unit()).collect());
+            // Any exponent from subnormal (2^-149) to 2^20.
+            rows.push(
+                (0..width)
+                    .map(|_| rng.signed_unit() * 2f32.powi(rng.below(170) as i32 - 149))
+                    .collect(),
+            );
+            rows.push(
+                (0..width)
+                    .map(|_| rng.sign() * f32::from_bits(rng.below(0x7f_ffff) as u32 + 1))
+                    .collect(),
+            );
+            for edge in [F16_MAX * 127.0, F16_MAX * 7.0] {
+                for factor in [1.0 - 1.0 / 4096.0, 1.0, 1.0 + 1.0 / 4096.0] {
+                    let mut row: Vec<f32> = (0..width)
+                        .map(|_| rng.signed_unit() * edge * factor)
+                        .collect();
+                    row[rng.below(width)] = rng.sign() * edge * factor;
+                    rows.push(row);
+                }
+            }
+            for qmax in [127, 7] {
+                let step = 2f32.powi(rng.below(20) as i32 - 10);
+                let mut row: Vec<f32> = (0..width)
+                    .map(|_| {
+                        let k = rng.below(2 * qmax) as f32 - qmax as f32;
+                        (k + 0.5) * step
+                    })
+                    .collect();
+                row[rng.below(width)] = rng.sign() * qmax as f32 * step;
+                if rng.next() & 1 == 0 {
+                    row[rng.below(width)] = -0.0;
+                }
+                rows.push(row);
+            }
+            let mut row: Vec<f32> = (0..width).map(|_| rng.signed_unit()).collect();
+            let at = if rng.next() & 1 == 0 {
+                width - 1
+            } else {
+                rng.below(width)
+            };
+            row[at] = rng.sign() * 1000.0;
+            rows.push(row);
+        }
+        rows
+    }
+
+    /// Quantizes `x` both ways and requires the same result, byte for
+    /// byte (scales compared as bits), then the same dequantized floats;
+    /// returns whether it quantized (every row had a scale).
+    fn assert_same_bytes(avx2: Avx2, bits: Bits, x: &[f32], rows: usize, width: usize) -> bool {
+        let (mut scalar, mut simd) = (Quantized::empty(bits), Quantized::empty(bits));
+        let nearest = Rounding::Nearest;
+        let a = quantize_into_with(None, x, rows, width, bits, nearest, &mut scalar);
+        let b = quantize_into_with(Some(avx2), x, rows, width, bits, nearest, &mut simd);
+        assert_eq!(a, b, "{bits:?} width {width}: {x:?}");
+        let scale_bits = |q: &Quantized| q.scales().iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            scale_bits(&scalar),
+            scale_bits(&simd),
+            "{bits:?} width {width}: {x:?}"
+        );
+        assert_eq!(
+            scalar.codes(),
+            simd.codes(),
+            "{bits:?} width {width}: {x:?}"
+        );
+        if a.is_ok() {
+            assert_same_dequantized(avx2, &scalar);
+        }
+        a.is_ok()
+    }
+
+    fn assert_same_dequantized(avx2: Avx2, q: &Quantized) {
+        let (bits, width) = (q.bits(), q.width());
+        let mut a = vec![0.0f32; width];
+        let mut b = vec![1.0f32; width];
+        for (codes, scale) in q
+            .codes()
+            .chunks_exact(bits.row_bytes(width))
+            .zip(q.scales())
+        {
+            dequantize_row(None, bits, codes, scale.to_f32(), &mut a);
+            dequantize_row(Some(avx2), bits, codes, scale.to_f32(), &mut b);
+            let as_bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                as_bits(&a),
+                as_bits(&b),
+                "{bits:?} width {width}: {codes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn avx2_kernels_write_the_scalar_bytes_for_every_kind_of_row() {
+        let Some(avx2) = Avx2::detect() else {
+            eprintln!("this CPU has no AVX2: no kernels to compare");
+            return;
+        };
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for width in WIDTHS {
+            let rows = finite_rows(width, &mut rng);
+            for bits in [Bits::Int8, Bits::Int4] {
+                let mut coded = Vec::new();
+                for row in &rows {
+                    if assert_same_bytes(avx2, bits, row, 1, width) {
+                        coded.extend_from_slice(row);
+                    }
+                }
+                // Those that have a scale as one matrix, through the
+                // parallel split (no two errors to race).
+                assert_same_bytes(avx2, bits, &coded, coded.len() / width, width);
+                // Non-finite values anywhere, the tail included: the same
+                // error.
+                for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut row: Vec<f32> = (0..width).map(|_| rng.signed_unit()).collect();
+                    row[rng.below(width)] = bad;
+                    assert!(!assert_same_bytes(avx2, bits, &row, 1, width));
+                    row[width - 1] = bad;
+                    assert!(!assert_same_bytes(avx2, bits, &row, 1, width));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_dequantization_gives_the_scalar_floats_for_any_code_bytes() {
+        let Some(avx2) = Avx2::detect() else {
+            eprintln!("this CPU has no AVX2: no kernels to compare");
+            return;
+        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for width in WIDTHS {
+            for bits in [Bits::Int8, Bits::Int4] {
+                let rows = 5;
+                let scales = (0..rows)
+                    .map(|_| f16::from_bits(rng.below(0x7c00) as u16))
+                    .collect();
+                // Every byte, -128 and the int4 nibble -8 included, which
+                // `quantize` never writes but a frame may carry.
+                let codes = (0..rows * bits.row_bytes(width))
+                    .map(|_| rng.next() as u8)
+                    .collect();
+                let q = Quantized::from_parts(bits, rows, width, scales, codes).unwrap();
+                assert_same_dequantized(avx2, &q);
             }
         }
     }
