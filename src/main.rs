@@ -156,26 +156,7 @@ enum BenchCmd {
     /// Training jobs with one cheating miner of each kind: how often and how
     /// fast validators catch it, honest miners flagged, replay cost against
     /// miner compute, and the ledger's reward-share error.
-    Trust {
-        /// Windows of each cheating run.
-        #[arg(long, default_value_t = 5)]
-        windows: u64,
-        /// Runs per kind of cheat (seeds; the cheating rank changes too).
-        #[arg(long, default_value_t = 4)]
-        seeds: u64,
-        /// Microbatches per window.
-        #[arg(long, default_value_t = 128)]
-        microbatches: u64,
-        /// Share of passes validators replay ([roles] replay_rate).
-        #[arg(long, default_value_t = 0.05)]
-        rate: f64,
-        /// Chance the cheater cheats on each microbatch.
-        #[arg(long, default_value_t = 1.0)]
-        probability: f64,
-        /// Windows of the run without cheaters, for false positives.
-        #[arg(long, default_value_t = 1000)]
-        honest_windows: u64,
-    },
+    Trust(swarmrun::bench::trust::TrustOptions),
     /// Boundary codec (int8/int4, with and without zstd): encode and decode
     /// GB/s on one thread beside memcpy, reconstruction error, ratio.
     Compress {
@@ -336,22 +317,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 })?;
                 Ok(ExitCode::SUCCESS)
             }
-            BenchCmd::Trust {
-                windows,
-                seeds,
-                microbatches,
-                rate,
-                probability,
-                honest_windows,
-            } => {
-                swarmrun::bench::trust::run(&swarmrun::bench::trust::TrustOptions {
-                    windows,
-                    seeds,
-                    microbatches,
-                    rate,
-                    probability,
-                    honest_windows,
-                })?;
+            BenchCmd::Trust(opts) => {
+                swarmrun::bench::trust::run(&opts)?;
                 Ok(ExitCode::SUCCESS)
             }
             BenchCmd::Train { job, windows, part } => {

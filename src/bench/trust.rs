@@ -31,19 +31,26 @@ const MINERS: std::ops::Range<usize> = 2..10;
 /// Detection counts within this many windows.
 const WITHIN: u64 = 3;
 
-#[derive(Debug, Clone)]
+/// What `swarmrun bench trust` runs (its command-line options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct TrustOptions {
     /// Windows of each cheating run.
+    #[arg(long, default_value_t = 5)]
     pub windows: u64,
-    /// Runs per kind, each with another seed and another cheating rank.
+    /// Runs per kind of cheat, each with another seed and cheating rank.
+    #[arg(long, default_value_t = 4)]
     pub seeds: u64,
     /// Microbatches per window.
+    #[arg(long, default_value_t = 128)]
     pub microbatches: u64,
-    /// `[roles] replay_rate`.
+    /// Share of passes validators replay (`[roles] replay_rate`).
+    #[arg(long, default_value_t = 0.05)]
     pub rate: f64,
-    /// `[[faults.cheat]] probability`.
+    /// Chance the cheater cheats on each microbatch.
+    #[arg(long, default_value_t = 1.0)]
     pub probability: f64,
-    /// Windows of the run without cheaters (false positives).
+    /// Windows of the run without cheaters, for false positives.
+    #[arg(long, default_value_t = 1000)]
     pub honest_windows: u64,
 }
 
