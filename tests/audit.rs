@@ -100,7 +100,8 @@ fn audit_prints_each_miners_standing_from_the_verified_counts() {
     );
     let head = ledger::read(dir.path()).unwrap().head;
     assert!(table.contains(&head), "{table}");
-    // Window totals of credited passes: 24, 20 (rank 5 failed), 20.
+    // Window totals of credited passes: 18 (rank 5 forfeits window 10, in
+    // the 3 windows up to its failure), 20 (rank 5 failed), 20.
     let share = |parts: &[f64]| format!("{:.6}", parts.iter().sum::<f64>() / 3.0);
     let expected = [
         // rank stages windows verified credited failed share excluded_after
@@ -111,7 +112,7 @@ fn audit_prints_each_miners_standing_from_the_verified_counts() {
             "20",
             "20",
             "0",
-            &share(&[9.0 / 24.0, 7.0 / 20.0, 4.0 / 20.0]),
+            &share(&[9.0 / 18.0, 7.0 / 20.0, 4.0 / 20.0]),
             "-",
         ],
         [
@@ -121,7 +122,7 @@ fn audit_prints_each_miners_standing_from_the_verified_counts() {
             "15",
             "15",
             "0",
-            &share(&[3.0 / 24.0, 5.0 / 20.0, 7.0 / 20.0]),
+            &share(&[3.0 / 18.0, 5.0 / 20.0, 7.0 / 20.0]),
             "-",
         ],
         [
@@ -131,15 +132,15 @@ fn audit_prints_each_miners_standing_from_the_verified_counts() {
             "23",
             "23",
             "0",
-            &share(&[6.0 / 24.0, 8.0 / 20.0, 9.0 / 20.0]),
+            &share(&[6.0 / 18.0, 8.0 / 20.0, 9.0 / 20.0]),
             "-",
         ],
-        ["5", "1", "1", "17", "6", "2", &share(&[6.0 / 24.0]), "11"],
+        ["5", "1", "0", "17", "0", "2", "0.000000", "11"],
     ];
     assert_eq!(rows(&table), expected, "{table}");
     assert!(
         table.contains(
-            "total: 4 miners, 1 excluded, 64 of 75 verified passes credited, shares sum to 1.000000"
+            "total: 4 miners, 1 excluded, 58 of 75 verified passes credited, shares sum to 1.000000"
         ),
         "{table}"
     );

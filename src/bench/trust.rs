@@ -228,13 +228,14 @@ fn run_one(
     }
     let chain = ledger::read(&run_dir)?;
     (outcome.window_error, outcome.run_error) =
-        share_errors(&chain.records, cheat.map(|(rank, _)| rank));
+        share_errors(&ledger::settled(&chain.records), cheat.map(|(rank, _)| rank));
     Ok(outcome)
 }
 
-/// The ledger's shares against the true ones (nothing for the cheater, the
-/// rest split by passes credited): the largest difference of any miner in
-/// any window, and of any miner's mean over the run.
+/// The ledger's settled shares (see [`ledger::settled`]) against the true
+/// ones (nothing for the cheater, the rest split by passes credited): the
+/// largest difference of any miner in any window, and of any miner's mean
+/// over the run.
 fn share_errors(records: &[WindowRecord], cheater: Option<usize>) -> (f64, f64) {
     let mut worst = 0.0f64;
     let mut paid_minus_earned: std::collections::BTreeMap<usize, f64> = Default::default();

@@ -39,6 +39,12 @@
 //! [`Ledger::open`] recompute both from the counts and refuse a line whose
 //! stored values differ by a single bit.
 //!
+//! Payment settles later: a miner that fails a check in window `c` also
+//! forfeits the windows `c - 2` and `c - 1` ([`SETTLE_WINDOWS`]), since
+//! validators replay a sample and a cheater caught now may have cheated
+//! unseen before; [`settled`] gives the shares as paid, and `swarmrun
+//! audit` prints those. The lines themselves are never rewritten.
+//!
 //! # What the chain protects, and what it does not
 //!
 //! The ledger decides who gets paid, so a quiet edit must not pass for the
@@ -72,7 +78,7 @@
 
 mod rewards;
 
-pub use rewards::audit_table;
+pub use rewards::{audit_table, settled, SETTLE_WINDOWS};
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};

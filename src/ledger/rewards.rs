@@ -26,6 +26,44 @@ pub(super) fn assign_shares(miners: &mut [MinerCredit]) {
     }
 }
 
+/// Windows whose credit a miner forfeits when it fails a check: the window
+/// it was caught in and the two before it. Validators replay a sample of
+/// the passes, so a cheater caught now may have cheated unseen before;
+/// detection within 3 windows is what they are built for (`swarmrun bench
+/// trust`), so 3 windows of credit are held back.
+pub const SETTLE_WINDOWS: u64 = 3;
+
+/// `records` as paid: a miner that failed a check in window `c` also earns
+/// nothing in the [`SETTLE_WINDOWS`]` - 1` windows before `c`, whose shares
+/// go to the others. Each line of the ledger holds the window's shares as
+/// known when it was written; these are final once [`SETTLE_WINDOWS`]
+/// later windows are written.
+pub fn settled(records: &[WindowRecord]) -> Vec<WindowRecord> {
+    let mut caught: BTreeMap<usize, u64> = BTreeMap::new();
+    for record in records {
+        for m in record.miners.iter().filter(|m| m.failed > 0) {
+            caught.entry(m.rank).or_insert(record.window);
+        }
+    }
+    records
+        .iter()
+        .map(|record| {
+            let mut record = record.clone();
+            for m in &mut record.miners {
+                let forfeits = caught
+                    .get(&m.rank)
+                    .is_some_and(|&c| record.window < c && record.window + SETTLE_WINDOWS > c);
+                if forfeits {
+                    // Paid as if excluded: no share, and none of the total.
+                    m.excluded = true;
+                }
+            }
+            assign_shares(&mut record.miners);
+            record
+        })
+        .collect()
+}
+
 /// One miner over a whole ledger.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Standing {
@@ -37,7 +75,8 @@ pub(super) struct Standing {
     /// Verified passes, in all windows.
     pub verified: u64,
     /// Verified passes that earned credit (none from a window in which it
-    /// failed a check, or from one it was excluded from).
+    /// failed a check, the windows it forfeited, or one it was excluded
+    /// from).
     pub credited: u64,
     /// Checks failed.
     pub failed: u64,
@@ -112,7 +151,7 @@ pub fn audit_table(chain: &Chain) -> String {
         records.len(),
         chain.head
     );
-    let rows = standings(records);
+    let rows = standings(&settled(records));
     let _ = writeln!(
         out,
         "{:>6}  {:<8}  {:>7}  {:>9}  {:>9}  {:>6}  {:>8}  excluded_after",

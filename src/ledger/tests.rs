@@ -405,3 +405,24 @@ fn resuming_cuts_the_windows_after_the_checkpoint_and_a_fresh_start_empties_it()
     drop(Ledger::create(dir.path()).unwrap());
     assert!(windows(dir.path()).is_empty());
 }
+
+#[test]
+fn a_miner_caught_forfeits_the_credit_of_the_windows_before_and_the_others_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = Ledger::open(dir.path()).unwrap();
+    for window in 0..4 {
+        let failed = u64::from(window == 3);
+        ledger
+            .append(window, &[tally(1, 0, 3, 0), tally(2, 0, 1, failed)])
+            .unwrap();
+    }
+    let settled = settled(&read(dir.path()).unwrap().records);
+    let share_of = |w: usize, rank: usize| {
+        settled[w].miners.iter().find(|m| m.rank == rank).unwrap().share
+    };
+    // Window 0 is more than SETTLE_WINDOWS - 1 windows before the failure.
+    assert_eq!((share_of(0, 1), share_of(0, 2)), (0.75, 0.25));
+    for w in 1..4 {
+        assert_eq!((share_of(w, 1), share_of(w, 2)), (1.0, 0.0), "window {w}");
+    }
+}
