@@ -143,11 +143,16 @@ fn a_rank_under_another_launcher_binds_from_swarmrun_bind() {
         }
     }
     let out = cmd
-        .args(["rank"])
+        .args([
+            "rank",
+            "--rdzv",
+            &format!("tcp://127.0.0.1:{}", free_port()),
+        ])
         .arg(&job)
         .env("RANK", "0")
         .env("WORLD_SIZE", "1")
         .env("LOCAL_RANK", "0")
+        .env("SWARMRUN_JOB_KEY", "cd".repeat(32))
         .env("SWARMRUN_BIND", "core")
         .env("SWARMRUN_REPORT_BINDINGS", "1")
         .output()
