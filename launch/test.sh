@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test of swarmrun. Installs what the tests need first, when it is
-# missing and we may: OpenMPI (integration tests under a real mpirun), hwloc,
-# libclang and pkg-config (for the `mpi` and `hwloc` cargo features), a
+# missing and we may: OpenMPI (integration tests under a real mpirun), hwloc
+# and libudev (the `hwloc` feature's hwlocality crate), libclang and
+# pkg-config (for the `mpi` and `hwloc` cargo features), a
 # one-node Slurm for the srun tests, and pip's NVRTC wheel (the `cuda`
 # feature's test compiles every kernels/*.cu with it, no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openmpi-bin libopenmpi-dev libhwloc-dev libclang-dev pkg-config)
+packages=(openmpi-bin libopenmpi-dev libhwloc-dev libudev-dev libclang-dev pkg-config)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -46,14 +47,19 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 cargo fmt --all -- --check
 # Default features need no system library; `mpi` builds against OpenMPI;
 # `cuda` builds without a CUDA toolkit (NVRTC and the driver are loaded at
-# run time) and changes only the codec, so only the codec's tests run again.
-for features in "" "mpi" "cuda"; do
+# run time) and changes only the codec, so only the codec's tests run again;
+# `hwloc` builds against the system hwloc and changes only CPU binding.
+for features in "" "mpi" "cuda" "hwloc"; do
     echo "test.sh: features [${features}]"
     cargo clippy --all-targets --locked --features "$features" -- -D warnings
     case "$features" in
         cuda)
             cargo test --locked --features cuda --lib compress
             cargo test --locked --features cuda --test 'compress_*'
+            ;;
+        hwloc)
+            cargo test --locked --features hwloc --lib launch::bind
+            cargo test --locked --features hwloc --test launch_bind --test cli --test launch_local
             ;;
         *) cargo test --all-targets --locked --features "$features" ;;
     esac

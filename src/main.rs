@@ -11,6 +11,7 @@ use swarmrun::bench::train::BenchTrainError;
 use swarmrun::checkpoint::Checkpoints;
 use swarmrun::config::{self, ConfigError, JobSpec, PlanError, Task};
 use swarmrun::data::{Corpus, Tokenizer};
+use swarmrun::launch::bind::{self, BindError, BindTo};
 use swarmrun::launch::{self, JoinError, LaunchRequest, StartError};
 use swarmrun::ledger;
 use swarmrun::model::SampleOptions;
@@ -50,6 +51,14 @@ enum Cmd {
         /// Continue a training job from the newest checkpoint in its run_dir.
         #[arg(long)]
         resume: bool,
+        /// Bind each rank to CPUs, as mpirun's --bind-to: core (local rank
+        /// modulo cores, hwloc's logical order), numa (round-robin over NUMA
+        /// nodes) or none. core and numa need --features hwloc.
+        #[arg(long, value_name = "none|core|numa", default_value = "none")]
+        bind_to: BindTo,
+        /// Each rank prints what it is bound to and the CPUs it may run on.
+        #[arg(long)]
+        report_bindings: bool,
         job: PathBuf,
     },
     /// Run one rank; rank and size come from mpirun, srun, PMI(x) or RANK/WORLD_SIZE.
@@ -211,6 +220,9 @@ fn is_usage_error(e: &anyhow::Error) -> bool {
                 c.downcast_ref::<JoinError>(),
                 Some(JoinError::Detect(_) | JoinError::Plan(_) | JoinError::BadRendezvous { .. })
             )
+            || c.downcast_ref::<BindError>().is_some_and(bind_usage)
+            || matches!(c.downcast_ref::<StartError>(), Some(StartError::Bind(b)) if bind_usage(b))
+            || matches!(c.downcast_ref::<JoinError>(), Some(JoinError::Bind(b)) if bind_usage(b))
             || matches!(
                 c.downcast_ref::<StartError>(),
                 Some(StartError::Plan(_) | StartError::SlurmUnderLaunch)
@@ -222,6 +234,12 @@ fn is_usage_error(e: &anyhow::Error) -> bool {
     })
 }
 
+/// A binding this build cannot do, or a misspelt SWARMRUN_BIND: the
+/// user's to fix. (Errors wrapped `transparent` hide from `chain()`.)
+fn bind_usage(e: &BindError) -> bool {
+    matches!(e, BindError::NotBuilt(_) | BindError::BadEnv { .. })
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Launch {
@@ -230,6 +248,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             grace_period,
             rdzv,
             resume,
+            bind_to,
+            report_bindings,
             job,
         } => {
             let spec = config::load(&job)?;
@@ -242,6 +262,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     max_restarts,
                     grace: Duration::from_secs_f64(grace_period.max(0.0)),
                     resume,
+                    bind_to,
+                    report_bindings,
                 },
             )?;
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
@@ -406,6 +428,9 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
         joined.launcher,
         joined.startup.as_secs_f64() * 1e3
     );
+    if bind::report_requested() {
+        eprintln!("{}", bind::report_line(joined.binding.as_ref()));
+    }
     crash_if_planned(spec, joined.world.rank);
     let result = match spec.job.task {
         Task::Hello => run_hello(spec, &joined),

@@ -176,3 +176,53 @@ fn a_stranger_with_a_wrong_key_is_refused_and_the_job_goes_on() {
         stderr(&o0)
     );
 }
+
+/// Without the `hwloc` feature a binding is refused before any rank starts,
+/// naming the feature, never silently ignored.
+#[cfg(not(feature = "hwloc"))]
+#[test]
+fn bind_to_core_without_the_hwloc_feature_exits_2_naming_the_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = hello_job(dir.path(), 2, "");
+    for to in ["core", "numa"] {
+        let out = swarmrun()
+            .args(["launch", "-n", "2", "--bind-to", to])
+            .arg(&job)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("--features hwloc"), "{err}");
+        assert!(err.contains(to), "{err}");
+        assert!(!stdout(&out).contains("barrier passed"), "no rank ran");
+    }
+    // `none` needs nothing.
+    let out = swarmrun()
+        .args(["launch", "-n", "2", "--bind-to", "none"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A rank told to bind by its environment (mpirun -x SWARMRUN_BIND=core)
+/// that cannot, or reads a misspelt value, says so and exits 2.
+#[test]
+fn a_bad_swarmrun_bind_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = hello_job(dir.path(), 1, "");
+    let out = swarmrun()
+        .arg("rank")
+        .arg(&job)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .env("SWARMRUN_BIND", "socket")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("SWARMRUN_BIND") && err.contains("socket"),
+        "{err}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Starting ranks: `swarmrun launch` (our own spawner for one host) and
 //! `swarmrun rank` (one rank, under any launcher).
 
+pub mod bind;
 pub mod progress;
 pub mod rank;
 mod spawn;
@@ -34,6 +35,8 @@ pub enum StartError {
     },
     #[error("cannot find this executable: {0}")]
     Exe(std::io::Error),
+    #[error(transparent)]
+    Bind(#[from] bind::BindError),
 }
 
 /// candle's thread count for one process.
@@ -56,6 +59,10 @@ pub struct LaunchRequest<'a> {
     pub grace: Duration,
     /// Pass `--resume` to every rank.
     pub resume: bool,
+    /// Binding of each rank to CPUs (`--bind-to`).
+    pub bind_to: bind::BindTo,
+    /// Each rank prints its binding (`--report-bindings`).
+    pub report_bindings: bool,
 }
 
 /// Plans the ranks, fixes the rendezvous and the key, and runs the job.
@@ -65,6 +72,8 @@ pub struct LaunchRequest<'a> {
 /// `key_file`), a fresh key is made for this launch: every rank is our own
 /// child, so the key never leaves this host.
 pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError> {
+    // Before any rank starts: a binding this build cannot do is refused.
+    bind::check(req.bind_to)?;
     let plan = spec.plan(req.nprocs)?;
     let rendezvous = match rank::rendezvous_choice(spec, req.rdzv)? {
         Rendezvous::Slurm => return Err(StartError::SlurmUnderLaunch),
@@ -109,7 +118,13 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
             let mut env = vec![
                 (rank::ENV_RENDEZVOUS.to_string(), rendezvous.to_string()),
                 (rank::ENV_JOB_KEY.to_string(), key.to_hex()),
+                // Always set, so a binding exported by whoever started us
+                // does not leak into a `--bind-to none` launch.
+                (bind::ENV_BIND.to_string(), req.bind_to.to_string()),
             ];
+            if req.report_bindings {
+                env.push((bind::ENV_REPORT_BINDINGS.to_string(), "1".to_string()));
+            }
             // A start time set by whoever started us (a benchmark) is kept:
             // it is the earlier and truer one.
             if std::env::var_os(rank::ENV_LAUNCH_T0_US).is_none() {

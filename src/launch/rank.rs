@@ -1,14 +1,16 @@
 //! `swarmrun rank`: one rank joins the job, whoever started it (our
 //! launcher, `mpirun`, `srun`, torchrun or a shell script).
 //!
-//! Order of events: identity from the environment, the rank's place in the
-//! job file's plan, the job key, a transport listener on an ephemeral port,
+//! Order of events: identity from the environment, the CPU binding asked for
+//! in SWARMRUN_BIND (see [`super::bind`]), the rank's place in the job file's plan, the job key, a transport listener on an ephemeral port,
 //! the rendezvous (which publishes that port), then the full transport mesh.
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use super::bind::{self, BindError, Binding};
 
 use crate::config::{Fabric, JobSpec, Plan, PlanError, RankPlan, Rendezvous};
 use crate::transport::shm::{ShmOptions, ShmTransport};
@@ -49,6 +51,8 @@ pub enum JoinError {
     FabricNotBuilt(Fabric, &'static str),
     #[error("fabric {fabric:?}: {reason}")]
     FabricUnusable { fabric: Fabric, reason: String },
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// The transport a rank's collectives run over, chosen by the site's fabric.
@@ -80,6 +84,8 @@ pub struct Joined {
     /// connected mesh.
     pub startup: Duration,
     pub launcher: world::LauncherKind,
+    /// Where this rank bound itself (SWARMRUN_BIND); `None` when unbound.
+    pub binding: Option<Binding>,
 }
 
 impl Joined {
@@ -119,6 +125,8 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
     let started = Instant::now();
     let slots = spec.plan(None)?.ranks.len();
     let env = world::detect_from_process(Some(slots))?;
+    // Before the transport starts threads; binds every thread anyway.
+    let binding = bind::apply(bind::from_env()?, env.local_rank)?;
     let plan = spec.plan(Some(env.size))?;
     let key = job_key(spec)?;
     let endpoint = Endpoint::resolve(
@@ -156,6 +164,7 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
         transport,
         startup,
         launcher: env.launcher,
+        binding,
     })
 }
 
