@@ -227,8 +227,10 @@ fn run_one(
         }
     }
     let chain = ledger::read(&run_dir)?;
-    (outcome.window_error, outcome.run_error) =
-        share_errors(&ledger::settled(&chain.records), cheat.map(|(rank, _)| rank));
+    (outcome.window_error, outcome.run_error) = share_errors(
+        &ledger::settled(&chain.records),
+        cheat.map(|(rank, _)| rank),
+    );
     Ok(outcome)
 }
 

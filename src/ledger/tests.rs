@@ -418,7 +418,12 @@ fn a_miner_caught_forfeits_the_credit_of_the_windows_before_and_the_others_get_i
     }
     let settled = settled(&read(dir.path()).unwrap().records);
     let share_of = |w: usize, rank: usize| {
-        settled[w].miners.iter().find(|m| m.rank == rank).unwrap().share
+        settled[w]
+            .miners
+            .iter()
+            .find(|m| m.rank == rank)
+            .unwrap()
+            .share
     };
     // Window 0 is more than SETTLE_WINDOWS - 1 windows before the failure.
     assert_eq!((share_of(0, 1), share_of(0, 2)), (0.75, 0.25));
