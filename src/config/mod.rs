@@ -234,10 +234,10 @@ fn deserialize_hostlist<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<St
 pub struct RolesSpec {
     pub validators: u32,
     /// Share of the training passes (one microbatch on one stage) that
-    /// validators replay, in `0..=1`; each is drawn independently, by a
-    /// generator the miners cannot predict. Default 0.05: a replay costs
-    /// what the pass cost, so validators spend about 5% of the miners'
-    /// compute.
+    /// validators replay, in `0..=1`: of a miner's `n` passes in a window,
+    /// `rate * n` rounded down or up at random, drawn by a generator the
+    /// miners cannot predict. Default 0.05: a replay costs what the pass
+    /// cost, so validators spend about 5% of the miners' compute.
     pub replay_rate: f64,
 }
 

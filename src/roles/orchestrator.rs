@@ -331,7 +331,6 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             return Ok(Vec::new());
         }
         let rate = self.spec.roles.replay_rate;
-        let mut picked: BTreeSet<(u64, usize)> = BTreeSet::new();
         // (pass that sent, pass that received) for each break in a chain.
         let mut breaks = Vec::new();
         let done: Vec<(u64, usize)> = w
@@ -340,16 +339,27 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             .filter(|(id, _)| !protocol::is_validation(*id))
             .map(|(id, path)| (id, path.len()))
             .collect();
-        for (id, stages) in done {
+        // Each miner's passes not replayed yet.
+        let mut unchecked: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
+        for &(id, stages) in &done {
             for stage in 0..stages {
-                let replayed = w
-                    .receipts
-                    .get(&(id, stage))
-                    .is_some_and(|(miner, _)| w.passed.contains(&(id, stage, *miner)));
-                if !replayed && self.draws.unit_open0() <= rate {
-                    picked.insert((id, stage));
+                if let Some((miner, _)) = w.receipts.get(&(id, stage)) {
+                    if !w.passed.contains(&(id, stage, *miner)) {
+                        unchecked.entry(*miner).or_default().push((id, stage));
+                    }
                 }
             }
+        }
+        let mut picked: BTreeSet<(u64, usize)> = BTreeSet::new();
+        for passes in unchecked.values_mut() {
+            let k = self.sample_size(rate, passes.len());
+            for i in 0..k {
+                let j = i + self.draws.below((passes.len() - i) as u64) as usize;
+                passes.swap(i, j);
+            }
+            picked.extend(&passes[..k]);
+        }
+        for (id, stages) in done {
             for stage in 1..stages {
                 let (Some((_, up)), Some((_, down))) = (
                     w.receipts.get(&(id, stage - 1)),
@@ -428,6 +438,17 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             self.exclude(rank, w.window, &reasons[&rank])?;
         }
         Ok(caught)
+    }
+
+    /// How many of a miner's `n` passes to replay: `rate * n` rounded down
+    /// or up at random, so that the mean is `rate * n` exactly and a miner
+    /// that serves many passes in a window has at least `floor(rate * n)`
+    /// of them checked (drawing each pass alone would leave a miner of 20
+    /// passes unchecked in 36% of windows at rate 0.05).
+    fn sample_size(&mut self, rate: f64, n: usize) -> usize {
+        let want = rate * n as f64;
+        let k = want.floor() as usize + usize::from(self.draws.unit_open0() <= want.fract());
+        k.min(n)
     }
 
     /// The validators' verdict on each of `tasks`; a validator lost on the

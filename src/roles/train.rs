@@ -212,9 +212,18 @@ pub(super) fn crash_if_planned(spec: &JobSpec, rank: usize, window: u64) {
     }
 }
 
+/// The orchestrator's next order. The next order can be a whole window
+/// away (a validator waits from one audit to the next), and a window can
+/// outlast the transport's timeout on a loaded host, so only the
+/// orchestrator's loss ends the wait.
 pub(super) fn recv_order<T: Transport + ?Sized>(t: &T) -> Result<Order, TrainError> {
-    let bytes = t.recv(0, protocol::ORDER_TAG)?;
-    Ok(protocol::decode_order(&bytes, 0)?)
+    loop {
+        match t.recv(0, protocol::ORDER_TAG) {
+            Ok(bytes) => return Ok(protocol::decode_order(&bytes, 0)?),
+            Err(TransportError::Timeout { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 pub(super) fn send_report<T: Transport + ?Sized>(t: &T, r: &Report) -> Result<(), TrainError> {
