@@ -233,7 +233,6 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 let loss = pass.loss()?;
                 stated.output = audit::digest_f32(&[loss]);
                 stated.loss = Some(loss);
-                let compute = started.elapsed().as_secs_f64();
                 let receipt = match validation {
                     true => None,
                     false => {
@@ -244,7 +243,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                         }
                     }
                 };
-                let compute = compute + started.elapsed().as_secs_f64();
+                let compute = started.elapsed().as_secs_f64();
                 self.served(window, attempt, id, compute, stated.loss, receipt)?;
             } else {
                 let compute = started.elapsed().as_secs_f64();
