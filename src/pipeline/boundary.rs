@@ -7,6 +7,7 @@
 //! back is as coarse as the activations it received: the sender's backward
 //! then treats the quantization as the identity (straight-through).
 
+use candle_core::{Device, Tensor};
 use thiserror::Error;
 
 use crate::compress::{frame, quantize, Bits, FrameError, QuantError, Rounding};
@@ -29,6 +30,8 @@ pub enum BoundaryError {
     Frame(#[from] FrameError),
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error("boundary tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
 }
 
 /// Encodes and decodes the boundary tensors of one job.
@@ -81,6 +84,19 @@ impl BoundaryCodec {
                 Ok(frame::encode(&q, self.zstd)?)
             }
         }
+    }
+
+    /// [`BoundaryCodec::encode`] of a tensor's values, whatever its shape.
+    pub fn encode_tensor(&self, x: &Tensor) -> Result<Vec<u8>, BoundaryError> {
+        self.encode(&x.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// [`BoundaryCodec::decode`] as a `(batch, rows / batch, width)`
+    /// tensor: a microbatch's `B x T` tokens of `width` values.
+    pub fn decode_tensor(&self, bytes: &[u8], batch: usize) -> Result<Tensor, BoundaryError> {
+        let values = self.decode(bytes)?;
+        let shape = (batch, self.rows / batch.max(1), self.width);
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
     }
 
     /// The tensor back, refusing anything but this job's shape and codec.

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -191,15 +191,12 @@ pub(super) fn replay(
         )
         .map_err(|e| e.to_string())?;
     let (tokens, targets) = batch_tensors(&batch).map_err(|e| e.to_string())?;
-    let shape = (
-        setup.batch_size,
-        setup.config.block_size,
-        setup.config.boundary_width(),
-    );
-    let tensor = |bytes: &[u8]| -> Result<Tensor, String> {
-        let values = codec.decode(bytes).map_err(|e| e.to_string())?;
-        Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| e.to_string())
+    let tensor = |bytes: &[u8]| {
+        codec
+            .decode_tensor(bytes, setup.batch_size)
+            .map_err(|e| e.to_string())
     };
+    let encoded = |x: &Tensor| codec.encode_tensor(x).map_err(|e| e.to_string());
     check(
         "the input frame",
         frames.input.as_deref().map(digest),
@@ -217,10 +214,7 @@ pub(super) fn replay(
     let (output, grad_in) = if last {
         (digest_f32(&[pass.loss().map_err(|e| e.to_string())?]), None)
     } else {
-        let values = pass.output().flatten_all().and_then(|t| t.to_vec1::<f32>());
-        let bytes = codec
-            .encode(&values.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        let bytes = encoded(pass.output())?;
         check(
             "the gradient frame",
             frames.grad_in.as_deref().map(digest),
@@ -238,15 +232,9 @@ pub(super) fn replay(
         Some(digest_f32(&grads.params)),
         &Some(receipt.params.clone()),
     )?;
-    let grad_out = match grads.input {
+    let grad_out = match &grads.input {
         None => None,
-        Some(g) => {
-            let values = g.flatten_all().and_then(|t| t.to_vec1::<f32>());
-            let bytes = codec
-                .encode(&values.map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-            Some(digest(&bytes))
-        }
+        Some(g) => Some(digest(&encoded(g)?)),
     };
     check("the input gradient", grad_out, &receipt.grad_out)
 }

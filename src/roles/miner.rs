@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::audit::{self, Bundle, Frames};
 use super::cheat::Cheater;
@@ -152,7 +152,6 @@ struct Stated {
     input: Option<String>,
     output: String,
     grad_in: Option<String>,
-    loss: Option<f32>,
 }
 
 /// What a wait on a peer ended with.
@@ -166,11 +165,6 @@ enum Wait {
 impl<T: Transport + ?Sized> Miner<'_, T> {
     fn last(&self) -> usize {
         self.setup.stages - 1
-    }
-
-    fn shape(&self) -> (usize, usize, usize) {
-        let s = &self.setup;
-        (s.batch_size, s.config.block_size, s.config.boundary_width())
     }
 
     /// Forwards in ascending id, then backwards in ascending id. Waits only
@@ -232,19 +226,18 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             if stage == self.last() {
                 let loss = pass.loss()?;
                 stated.output = audit::digest_f32(&[loss]);
-                stated.loss = Some(loss);
                 let receipt = match validation {
                     true => None,
                     false => {
                         let grads = self.model.gradients(pass, None)?;
-                        match self.keep_and_pass_back(route, attempt, grads, stated.clone())? {
+                        match self.keep_and_pass_back(route, attempt, grads, stated)? {
                             Ok(receipt) => Some(receipt),
                             Err(next) => return Ok(Some(next)),
                         }
                     }
                 };
                 let compute = started.elapsed().as_secs_f64();
-                self.served(window, attempt, id, compute, stated.loss, receipt)?;
+                self.served(window, attempt, id, compute, Some(loss), receipt)?;
             } else {
                 let compute = started.elapsed().as_secs_f64();
                 let output = match (&mut self.cheater, validation) {
@@ -401,8 +394,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
     /// A boundary tensor (activations or their gradient) coded as the job
     /// says, counted for the next report.
     fn encode_boundary(&mut self, x: &Tensor) -> Result<Vec<u8>, TrainError> {
-        let values = x.flatten_all()?.to_vec1::<f32>()?;
-        let bytes = self.boundary.encode(&values)?;
+        let bytes = self.boundary.encode_tensor(x)?;
         self.unreported.0 += self.boundary.dense_bytes() as u64;
         self.unreported.1 += bytes.len() as u64;
         Ok(bytes)
@@ -410,14 +402,12 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
 
     /// A boundary tensor received from `from`, decoded and shaped.
     fn tensor_from(&self, bytes: &[u8], from: usize) -> Result<Tensor, TrainError> {
-        let values = self
-            .boundary
-            .decode(bytes)
+        self.boundary
+            .decode_tensor(bytes, self.setup.batch_size)
             .map_err(|e| TrainError::Protocol {
                 rank: from,
                 reason: e.to_string(),
-            })?;
-        Ok(Tensor::from_vec(values, self.shape(), &Device::Cpu)?)
+            })
     }
 
     /// The next message from `from` with `tag`, unless an order comes first

@@ -93,7 +93,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         router.join(rank, stage);
     }
     let miners: BTreeMap<usize, usize> = router.assignment().into_iter().collect();
-    let weights = start_digests(&setup, spec, start)?;
+    let weights = start_digests(&setup, start)?;
     let run_dir = spec.job.run_dir();
     let ledger = match &start.resumed {
         Some(m) => Ledger::resume(&run_dir, m.window)?,
@@ -775,22 +775,22 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
 }
 
 /// Digest of each stage's weights before the first window: as the seed
-/// makes them, or as the checkpoint resumed from holds them.
-fn start_digests(
-    setup: &Setup,
-    spec: &JobSpec,
-    start: &StartPoint,
-) -> Result<Vec<String>, TrainError> {
-    let stages = match &start.resumed {
-        Some(m) => Checkpoints::new(&spec.job.run_dir()).load_model(m, setup.config.vocab_size)?,
+/// makes them, or as the checkpoint resumed from records them (miners
+/// check their loaded weights against the same entries).
+fn start_digests(setup: &Setup, start: &StartPoint) -> Result<Vec<String>, TrainError> {
+    match &start.resumed {
+        Some(m) => {
+            let mut entries: Vec<_> = m.stages.iter().collect();
+            entries.sort_by_key(|e| e.stage);
+            Ok(entries.iter().map(|e| e.weights_digest.clone()).collect())
+        }
         None => (0..setup.stages)
-            .map(|s| StageModel::new(&setup.config, &setup.layers, s, setup.seed))
-            .collect::<Result<_, _>>()?,
-    };
-    stages
-        .iter()
-        .map(|s| Ok(s.weights_digest()?.to_hex().to_string()))
-        .collect()
+            .map(|s| {
+                let model = StageModel::new(&setup.config, &setup.layers, s, setup.seed)?;
+                Ok(model.weights_digest()?.to_hex().to_string())
+            })
+            .collect(),
+    }
 }
 
 /// A seed no miner can know: the OS's per-process hash keys.
