@@ -65,7 +65,7 @@ impl MetricsLog {
             .val_loss
             .map_or_else(|| "null".to_string(), |v| v.to_string());
         let line = format!(
-            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"elapsed_s\":{:.3}}}\n",
+            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"recomputed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"elapsed_s\":{:.3}}}\n",
             r.window,
             r.window + 1,
             r.mean_loss,
@@ -76,6 +76,7 @@ impl MetricsLog {
                 .map_or_else(|| "null".to_string(), |c| format!("{c:.2}")),
             r.compute_s,
             r.replayed,
+            r.recomputed,
             r.replay_s,
             r.caught,
             elapsed_s
@@ -100,6 +101,7 @@ mod tests {
             compression: None,
             compute_s: 1.0,
             replayed: 0,
+            recomputed: 0,
             replay_s: 0.0,
             caught: Vec::new(),
         }
@@ -113,6 +115,7 @@ mod tests {
             tokens_per_s: 1000.0,
             bubble: 0.25,
             replayed: 2,
+            recomputed: 4,
             replay_s: 0.05,
             caught: vec![3],
             ..report(4)
@@ -130,7 +133,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"replay_s\":0.050,\"caught\":[3],\"elapsed_s\":1.500}"
+            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"recomputed\":4,\"replay_s\":0.050,\"caught\":[3],\"elapsed_s\":1.500}"
         );
         assert!(lines[1].contains("\"val_loss\":2.25,"));
     }

@@ -6,9 +6,9 @@ use std::fmt::Debug;
 
 use half::{bf16, f16};
 use swarmrun::collective::{
-    all_reduce, all_reduce_partitioned, all_reduce_redundant, hierarchical_all_reduce,
-    AllReduceAlgorithm, Call, CollectiveError, Element, Partition, ReduceOp, SliceTamper,
-    CHUNK_BYTES,
+    all_reduce, all_reduce_partitioned, all_reduce_redundant, all_reduce_redundant_checked,
+    hierarchical_all_reduce, AllReduceAlgorithm, Call, CollectiveError, Element, Partition,
+    ReduceOp, SliceTamper, CHUNK_BYTES,
 };
 use swarmrun::transport::{LocalTransport, Transport};
 
@@ -270,5 +270,58 @@ fn a_mismatch_without_majority_names_every_holder() {
             Err(CollectiveError::SliceMismatch { slice: 3, ranks }) => assert_eq!(ranks, [0, 3]),
             other => panic!("expected a mismatch in slice 3, got {other:?}"),
         }
+    }
+}
+
+#[test]
+fn holders_agreeing_on_a_wrong_copy_pass_the_vote_but_their_stated_digests_betray_them() {
+    // Ranks 1 and 2 alone hold slice 1 with 2 copies of 4, and both add one.
+    let (n, len) = (4, 101);
+    let results = LocalTransport::run(LocalTransport::world(n), |t| {
+        let mut buf = input::<i32>(t.rank(), len);
+        let tamper = |slice: usize, data: &mut [i32]| {
+            if slice == 1 {
+                data[0] += 1;
+            }
+        };
+        let hook: Option<&SliceTamper<i32>> = [1, 2].contains(&t.rank()).then_some(&tamper);
+        let copies =
+            all_reduce_redundant_checked(Call::new(&t, 1), &mut buf, ReduceOp::Sum, 2, hook)
+                .unwrap();
+        (buf, copies)
+    });
+    let honest = plain::<i32>(&[0, 1, 2, 3], len, ReduceOp::Sum);
+    let part = Partition::equal(len, n);
+    let digest = |j: usize| blake3::hash(bytemuck::cast_slice(&honest[part.range(j)]));
+    for (rank, (buf, copies)) in results.iter().enumerate() {
+        assert_eq!(copies.mismatch, None, "rank {rank}");
+        assert_eq!(buf[part.range(1)][0], honest[part.range(1)][0] + 1);
+        assert_eq!(buf[part.range(0)], honest[part.range(0)]);
+        // Rank r holds slices r - 1 and r.
+        let held: Vec<usize> = copies.held.iter().map(|(j, _)| *j).collect();
+        let mut want = vec![(rank + n - 1) % n, rank];
+        want.sort_unstable();
+        assert_eq!(held, want);
+        for (j, d) in &copies.held {
+            assert_eq!(*d == digest(*j), *j != 1, "rank {rank} slice {j}");
+        }
+    }
+}
+
+#[test]
+fn a_checked_mismatch_leaves_the_contribution_and_names_the_dissenters() {
+    let (n, len) = (3, 50);
+    let results = LocalTransport::run(LocalTransport::world(n), |t| {
+        let mut buf = input::<i32>(t.rank(), len);
+        let tamper = |_: usize, data: &mut [i32]| data[0] += 1;
+        let hook: Option<&SliceTamper<i32>> = (t.rank() == 2).then_some(&tamper);
+        let copies =
+            all_reduce_redundant_checked(Call::new(&t, 1), &mut buf, ReduceOp::Sum, 3, hook)
+                .unwrap();
+        (buf, copies.mismatch)
+    });
+    for (rank, (buf, mismatch)) in results.into_iter().enumerate() {
+        assert_eq!(mismatch, Some((0, vec![2])), "rank {rank}");
+        assert_eq!(buf, input::<i32>(rank, len), "rank {rank}");
     }
 }

@@ -363,3 +363,14 @@ fn a_cheat_probability_outside_0_to_1_is_refused() {
         "not in 0..=1",
     );
 }
+
+#[test]
+fn a_lone_colluder_is_refused() {
+    assert_error(
+        "lone_colluder",
+        13,
+        8,
+        Some("faults.cheat[0].kind"),
+        "at least two colluding ranks",
+    );
+}

@@ -96,6 +96,46 @@ fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
 }
 
 #[test]
+fn colluders_agreeing_on_a_wrong_slice_are_caught_by_recomputation_and_the_honest_holder_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    // 6 miners: ranks 2, 4, 6 serve stage 0. With 2 copies the colluders
+    // 2 and 4 alone reduce slice 0, so their copies agree; with 3 copies
+    // every slice has them and rank 6 as holders, and they outvote it.
+    for copies in [2, 3] {
+        let name = format!("collude{copies}");
+        let extra = "\n[[faults.cheat]]\nrank = 2\nkind = \"collude\"\n\
+                     \n[[faults.cheat]]\nrank = 4\nkind = \"collude\"\n";
+        let job = sized_train_job(dir.path(), &name, 2, 8, 3, extra);
+        let text = std::fs::read_to_string(&job).unwrap().replace(
+            "validators = 1\n",
+            &format!("validators = 1\nreplay_rate = 0\nslice_copies = {copies}\n"),
+        );
+        std::fs::write(&job, text).unwrap();
+        let (lines, err) = run(&job);
+        assert!(
+            lines[0].contains("\"caught\":[2, 4]"),
+            "{copies}: {}\n{err}",
+            lines[0]
+        );
+        assert!(
+            err.contains("its copy is not the sum of the contributions; excluded"),
+            "{copies}: {err}"
+        );
+        assert!(!err.contains("lost miner 6"), "{copies}: {err}");
+        for l in &lines[1..] {
+            assert_eq!(caught(l), "[]", "{copies}: {l}");
+        }
+        let records = ledger::read(&dir.path().join(&name)).unwrap().records;
+        for record in &records {
+            for m in record.miners.iter().filter(|m| m.rank == 2 || m.rank == 4) {
+                assert_eq!(m.share, 0.0, "{copies}: {record:?}");
+                assert_eq!(m.excluded, record.window > 0, "{copies}: {record:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
     let dir = tempfile::tempdir().unwrap();
     for seed in [1, 2, 3] {

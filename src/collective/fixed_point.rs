@@ -41,73 +41,101 @@ pub fn all_reduce_fixed_point<T: Transport + ?Sized>(
     segments: &[Range<usize>],
     out: &mut [f32],
 ) -> Result<(), CollectiveError> {
-    check_arguments(parts, segments, out.len())?;
-    // Largest magnitude per segment, then the local count in the last slot.
-    let mut maxes: Vec<f32> = segments
-        .iter()
-        .map(|seg| {
-            parts.iter().fold(0.0f32, |m, p| {
-                p[seg.clone()].iter().fold(m, |m, x| {
-                    if x.is_finite() {
-                        m.max(x.abs())
-                    } else {
-                        f32::INFINITY
-                    }
-                })
-            })
-        })
-        .collect();
-    maxes.push(parts.len() as f32);
-    let scales_call = Call {
-        transport: call.transport,
-        tag: call.tag,
-        deadline: call.deadline,
-        names: call.names,
-    };
-    all_reduce(
-        scales_call,
-        &mut maxes,
-        ReduceOp::Max,
-        AllReduceAlgorithm::Auto,
-    )?;
-    let most_per_rank = maxes.pop().unwrap_or(0.0) as usize;
-    if most_per_rank.saturating_mul(call.transport.size()) > MAX_CONTRIBUTIONS {
-        return Err(CollectiveError::InvalidArgument(format!(
-            "up to {most_per_rank} contributions on each of {} ranks: more than {MAX_CONTRIBUTIONS}",
-            call.transport.size()
-        )));
-    }
-    if let Some(segment) = maxes.iter().position(|m| !m.is_finite()) {
-        return Err(CollectiveError::NonFinite { segment });
-    }
-    let exponents: Vec<i32> = maxes.iter().map(|&m| exponent(m)).collect();
-
-    let mut sums = vec![0i64; out.len()];
-    for (seg, &e) in segments.iter().zip(&exponents) {
-        let scale = 2f64.powi(e);
-        for part in parts {
-            for (acc, &x) in sums[seg.clone()].iter_mut().zip(&part[seg.clone()]) {
-                *acc += (f64::from(x) * scale).round() as i64;
-            }
-        }
-    }
     let sums_call = Call {
         tag: call.tag + TAGS_PER_CALL,
         ..call
     };
+    let scale = FixedPoint::agree(call, parts, segments, out.len())?;
+    let mut sums = scale.encode(parts);
     all_reduce(
         sums_call,
         &mut sums,
         ReduceOp::Sum,
         AllReduceAlgorithm::Auto,
     )?;
-    for (seg, &e) in segments.iter().zip(&exponents) {
-        let unscale = 2f64.powi(-e);
-        for (o, &s) in out[seg.clone()].iter_mut().zip(&sums[seg.clone()]) {
-            *o = (s as f64 * unscale) as f32;
+    scale.decode(&sums, out);
+    Ok(())
+}
+
+/// The scale of each segment of a fixed-point sum, agreed by every rank:
+/// the pieces of [`all_reduce_fixed_point`] for callers that sum the
+/// integers their own way (a checked, redundant all-reduce) or keep their
+/// contribution for an audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedPoint {
+    segments: Vec<Range<usize>>,
+    exponents: Vec<i32>,
+}
+
+impl FixedPoint {
+    /// Agrees on each segment's scale from the largest magnitude any rank's
+    /// `parts` hold in it (a max all-reduce under `call.tag`), and checks
+    /// that the contributions fit in 63 bits. `len` is every part's length.
+    pub fn agree<T: Transport + ?Sized>(
+        call: Call<'_, T>,
+        parts: &[&[f32]],
+        segments: &[Range<usize>],
+        len: usize,
+    ) -> Result<FixedPoint, CollectiveError> {
+        check_arguments(parts, segments, len)?;
+        // Largest magnitude per segment, then the local count in the last slot.
+        let mut maxes: Vec<f32> = segments
+            .iter()
+            .map(|seg| {
+                parts.iter().fold(0.0f32, |m, p| {
+                    p[seg.clone()].iter().fold(m, |m, x| {
+                        if x.is_finite() {
+                            m.max(x.abs())
+                        } else {
+                            f32::INFINITY
+                        }
+                    })
+                })
+            })
+            .collect();
+        maxes.push(parts.len() as f32);
+        let size = call.transport.size();
+        all_reduce(call, &mut maxes, ReduceOp::Max, AllReduceAlgorithm::Auto)?;
+        let most_per_rank = maxes.pop().unwrap_or(0.0) as usize;
+        if most_per_rank.saturating_mul(size) > MAX_CONTRIBUTIONS {
+            return Err(CollectiveError::InvalidArgument(format!(
+                "up to {most_per_rank} contributions on each of {size} ranks: more than {MAX_CONTRIBUTIONS}"
+            )));
+        }
+        if let Some(segment) = maxes.iter().position(|m| !m.is_finite()) {
+            return Err(CollectiveError::NonFinite { segment });
+        }
+        Ok(FixedPoint {
+            segments: segments.to_vec(),
+            exponents: maxes.iter().map(|&m| exponent(m)).collect(),
+        })
+    }
+
+    /// This rank's contribution: the sum of its `parts`, each rounded to
+    /// its segment's scale, as integers.
+    pub fn encode(&self, parts: &[&[f32]]) -> Vec<i64> {
+        let len = self.segments.last().map_or(0, |s| s.end);
+        let mut sums = vec![0i64; len];
+        for (seg, &e) in self.segments.iter().zip(&self.exponents) {
+            let scale = 2f64.powi(e);
+            for part in parts {
+                for (acc, &x) in sums[seg.clone()].iter_mut().zip(&part[seg.clone()]) {
+                    *acc += (f64::from(x) * scale).round() as i64;
+                }
+            }
+        }
+        sums
+    }
+
+    /// `out` = the integer `sums` back at each segment's scale.
+    pub fn decode(&self, sums: &[i64], out: &mut [f32]) {
+        for (seg, &e) in self.segments.iter().zip(&self.exponents) {
+            let unscale = 2f64.powi(-e);
+            for (o, &s) in out[seg.clone()].iter_mut().zip(&sums[seg.clone()]) {
+                *o = (s as f64 * unscale) as f32;
+            }
         }
     }
-    Ok(())
 }
 
 /// `e` such that `max * 2^e < 2^VALUE_BITS`, as large as possible in

@@ -32,6 +32,7 @@
 //! all_reduce(c, buf, op, algorithm)
 //! all_reduce_partitioned(c, buf, op, algorithm, &Partition)
 //! all_reduce_redundant(c, buf, op, copies, Option<&SliceTamper<E>>)
+//! all_reduce_redundant_checked(c, buf, op, copies, tamper) -> SliceCopies
 //! hierarchical_all_reduce(c, buf, op, sites: &[usize])
 //! Group::new(&transport, members) / Group::without(&transport, &lost)
 //! Partition::equal(len, n) / weighted(len, &[f64]) / from_lens(&[usize])
@@ -98,13 +99,15 @@ pub use bandwidth::measure_bandwidth;
 pub use barrier::barrier;
 pub use broadcast::broadcast;
 pub use element::{Element, ReduceOp, PARALLEL_REDUCE_MIN};
-pub use fixed_point::{all_reduce_fixed_point, MAX_CONTRIBUTIONS};
+pub use fixed_point::{all_reduce_fixed_point, FixedPoint, MAX_CONTRIBUTIONS};
 pub use frame::{BLAME_GRACE, CHUNK_BYTES};
 pub use group::Group;
 pub use hierarchical::hierarchical_all_reduce;
 pub use partition::Partition;
 pub use reduce_scatter::reduce_scatter;
-pub use redundant::{all_reduce_redundant, SliceTamper};
+pub use redundant::{
+    all_reduce_redundant, all_reduce_redundant_checked, slice_holders, SliceCopies, SliceTamper,
+};
 #[cfg(target_os = "linux")]
 pub use shm::{all_reduce_shared, all_reduce_shm, all_reduce_shm_into};
 

@@ -29,6 +29,36 @@ pub fn all_reduce_redundant<T: Transport + ?Sized, E: Element>(
     copies: usize,
     tamper: Option<&SliceTamper<'_, E>>,
 ) -> Result<(), CollectiveError> {
+    match all_reduce_redundant_checked(c, buf, op, copies, tamper)?.mismatch {
+        Some((slice, ranks)) => Err(CollectiveError::SliceMismatch { slice, ranks }),
+        None => Ok(()),
+    }
+}
+
+/// What one rank knows after [`all_reduce_redundant_checked`]: enough for
+/// an auditor to tell, by recomputing a slice from the contributions, which
+/// holders reduced it wrong, including holders that agreed on a wrong copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceCopies {
+    /// Each slice this rank reduced, ascending, and its copy's blake3 (of
+    /// the elements' native bytes).
+    pub held: Vec<(usize, blake3::Hash)>,
+    /// The first slice whose copies differ, with the holders against the
+    /// majority (all of them when there is none), as outer ranks. `None`:
+    /// the copies agreed and the buffer holds the result.
+    pub mismatch: Option<(usize, Vec<usize>)>,
+}
+
+/// [`all_reduce_redundant`] that reports a mismatch, with this rank's copy
+/// digests, instead of failing on it: the caller decides who is believed.
+/// On a mismatch `buf` is left as it was given (this rank's contribution).
+pub fn all_reduce_redundant_checked<T: Transport + ?Sized, E: Element>(
+    c: Call<'_, T>,
+    buf: &mut [E],
+    op: ReduceOp,
+    copies: usize,
+    tamper: Option<&SliceTamper<'_, E>>,
+) -> Result<SliceCopies, CollectiveError> {
     let (rank, n) = (c.rank(), c.size());
     guarded(&c, || {
         if copies == 0 || copies > n {
@@ -51,22 +81,36 @@ pub fn all_reduce_redundant<T: Transport + ?Sized, E: Element>(
             sent.and(reduced)
         })?;
         let mut digests = Vec::with_capacity(blake3::OUT_LEN * held.len());
+        let mut copy_digests = Vec::with_capacity(held.len());
         for (&j, slice) in held.iter().zip(&mut reduced) {
             finish(slice, op, n);
             if let Some(tamper) = tamper {
                 tamper(j, slice);
             }
-            digests.extend_from_slice(blake3::hash(bytemuck::cast_slice(slice)).as_bytes());
+            let digest = blake3::hash(bytemuck::cast_slice(slice));
+            digests.extend_from_slice(digest.as_bytes());
+            copy_digests.push((j, digest));
         }
         let table = exchange_small(&c, &digests)?;
-        if let Some((slice, ranks)) = first_mismatch(&table, n, copies) {
-            let ranks = ranks.into_iter().map(|r| c.outer(r)).collect();
-            return Err(CollectiveError::SliceMismatch { slice, ranks });
+        let mismatch = first_mismatch(&table, n, copies)
+            .map(|(slice, ranks)| (slice, ranks.into_iter().map(|r| c.outer(r)).collect()));
+        if mismatch.is_none() {
+            let own = held.iter().position(|&j| j == rank).unwrap_or_default();
+            buf[part.range(rank)].copy_from_slice(&reduced[own]);
+            ring::all_gather(&c, buf, &part)?;
         }
-        let own = held.iter().position(|&j| j == rank).unwrap_or_default();
-        buf[part.range(rank)].copy_from_slice(&reduced[own]);
-        ring::all_gather(&c, buf, &part)
+        Ok(SliceCopies {
+            held: copy_digests,
+            mismatch,
+        })
     })
+}
+
+/// Ranks that reduce slice `j` of an [`all_reduce_redundant`] among `n`
+/// ranks with `copies` copies: its owner `j` first, then the next ranks
+/// around.
+pub fn slice_holders(j: usize, n: usize, copies: usize) -> Vec<usize> {
+    holders(j, n, copies).collect()
 }
 
 /// Ranks that reduce slice `j`: its owner first.

@@ -239,6 +239,16 @@ pub struct RolesSpec {
     /// miners cannot predict. Default 0.05: a replay costs what the pass
     /// cost, so validators spend about 5% of the miners' compute.
     pub replay_rate: f64,
+    /// How many miners of a stage reduce each slice of its all-reduce
+    /// (capped at the stage's miners), straight from the contributions, so
+    /// that a lone miner cannot change the update unseen. Default 2.
+    pub slice_copies: usize,
+    /// Share of each stage's all-reduce slices that validators recompute
+    /// from the contributions every window, in `0..=1`, to catch holders
+    /// that agree on a wrong slice. Default 1: a slice costs the
+    /// validator one addition per element and contribution, and the
+    /// miners the bytes of one more all-reduce hop.
+    pub slice_audit_rate: f64,
 }
 
 impl Default for RolesSpec {
@@ -246,6 +256,8 @@ impl Default for RolesSpec {
         RolesSpec {
             validators: 0,
             replay_rate: 0.05,
+            slice_copies: 2,
+            slice_audit_rate: 1.0,
         }
     }
 }
@@ -329,6 +341,11 @@ pub enum CheatKind {
     ReplayStale,
     /// Its parameter gradients times 10, to pull the model its way.
     ScaleUpdate,
+    /// With the other colluders of its stage, doubles every all-reduce
+    /// slice two or more of them reduce, so that their copies agree (and
+    /// outvote an honest copy where they are the majority); `probability`
+    /// is per window, drawn alike by all of them.
+    Collude,
 }
 
 /// One rank that exits with `exit_code` (1..=255): `after_s` seconds after

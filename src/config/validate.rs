@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
 
-use super::{JobSpec, Task};
+use super::{CheatKind, JobSpec, Task};
 
 /// The first broken constraint: the field path as written in the file
 /// (`site[1].name`) and what is wrong with it.
@@ -153,9 +153,16 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
         }
     }
 
-    let rate = spec.roles.replay_rate;
-    if !(0.0..=1.0).contains(&rate) {
-        return violation("roles.replay_rate", format!("{rate} is not in 0..=1"));
+    for (field, rate) in [
+        ("replay_rate", spec.roles.replay_rate),
+        ("slice_audit_rate", spec.roles.slice_audit_rate),
+    ] {
+        if !(0.0..=1.0).contains(&rate) {
+            return violation(format!("roles.{field}"), format!("{rate} is not in 0..=1"));
+        }
+    }
+    if spec.roles.slice_copies == 0 {
+        return violation("roles.slice_copies", "must be at least 1");
     }
 
     for (i, c) in spec.faults.crash.iter().enumerate() {
@@ -195,6 +202,13 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             return violation(
                 format!("faults.cheat[{i}].kind"),
                 "only a training job (`task = \"train\"`) has miners to cheat",
+            );
+        }
+        let colluders = spec.faults.cheat.iter();
+        if c.kind == CheatKind::Collude && colluders.filter(|o| o.kind == c.kind).count() < 2 {
+            return violation(
+                format!("faults.cheat[{i}].kind"),
+                "`collude` needs at least two colluding ranks",
             );
         }
     }

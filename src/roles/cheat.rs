@@ -4,12 +4,15 @@
 
 use candle_core::Tensor;
 
+use crate::collective::slice_holders;
 use crate::config::{CheatKind, JobSpec};
 use crate::data::rng::SplitMix64;
 use crate::model::PassGrads;
 
 /// Salt of the draws, apart from every other use of the job's seed.
 const SALT: u64 = 0xc4ea_7000_0000_0000;
+/// Salt of the colluders' shared draw, apart from the per-pass draws.
+const COLLUDE_SALT: u64 = 0x0c01_1de0_0000_0000;
 
 /// A miner's cheats and what it keeps to replay stale work.
 #[derive(Debug)]
@@ -18,6 +21,8 @@ pub struct Cheater {
     probability: f64,
     seed: u64,
     rank: usize,
+    /// Every rank the job makes a colluder, this one among them for `collude`.
+    colluders: Vec<usize>,
     /// The last output and gradients it computed, for `replay_stale`.
     last_output: Option<Tensor>,
     last_grads: Option<PassGrads>,
@@ -32,16 +37,54 @@ impl Cheater {
             probability: c.probability,
             seed: spec.job.seed ^ SALT,
             rank,
+            colluders: spec
+                .faults
+                .cheat
+                .iter()
+                .filter(|c| c.kind == CheatKind::Collude)
+                .map(|c| c.rank)
+                .collect(),
             last_output: None,
             last_grads: None,
         })
     }
 
     /// Whether it cheats on microbatch `id`: the same answer for the
-    /// forward and the backward pass.
+    /// forward and the backward pass. A colluder's passes are honest.
     pub fn cheats_on(&self, id: u64) -> bool {
         let mut rng = SplitMix64::new(self.seed, ((self.rank as u64) << 48) ^ id);
-        rng.unit_open0() <= self.probability
+        self.kind != CheatKind::Collude && rng.unit_open0() <= self.probability
+    }
+
+    /// For a colluder, the slices of `window`'s all-reduce among `peers`
+    /// (in the all-reduce's rank order) that it changes: those it reduces
+    /// with at least one other colluder, in the windows the colluders'
+    /// shared draw picks. Where they are all the holders their copies
+    /// agree; where they are the majority they outvote the honest copies.
+    pub fn colluded_slices(&self, window: u64, peers: &[usize], copies: usize) -> Vec<usize> {
+        let mut coin = SplitMix64::new(self.seed, COLLUDE_SALT ^ window);
+        if self.kind != CheatKind::Collude || coin.unit_open0() > self.probability {
+            return Vec::new();
+        }
+        let n = peers.len();
+        (0..n)
+            .filter(|&j| {
+                let holders = slice_holders(j, n, copies);
+                let colluding = holders
+                    .iter()
+                    .filter(|&&h| self.colluders.contains(&peers[h]));
+                colluding.count() >= 2
+            })
+            .collect()
+    }
+
+    /// What a colluder makes of a slice it changes: every element doubled
+    /// (wrapping: the integers are fixed-point sums), the same bits on
+    /// every colluder.
+    pub fn collude(slice: &mut [i64]) {
+        for x in slice {
+            *x = x.wrapping_mul(2);
+        }
     }
 
     /// The output it sends in place of `honest`.
@@ -82,7 +125,7 @@ impl Cheater {
                 params: params.iter().map(|g| g * 10.0).collect(),
                 input,
             },
-            (CheatKind::ReplayStale, None) => PassGrads { params, input },
+            (CheatKind::ReplayStale, None) | (CheatKind::Collude, _) => PassGrads { params, input },
         })
     }
 }

@@ -16,10 +16,15 @@ use candle_core::Tensor;
 
 use super::audit::{self, Bundle, Frames};
 use super::cheat::Cheater;
-use super::protocol::{self, AuditTask, Handover, Order, Receipt, Report, Route};
+use super::protocol::{
+    self, slice_digest, AuditTask, Handover, Order, Receipt, Reduction, Report, Route, SliceTask,
+};
 use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
 use crate::checkpoint::Checkpoints;
-use crate::collective::{all_reduce_fixed_point, Call, CollectiveError, Group};
+use crate::collective::{
+    all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition, ReduceOp,
+    SliceTamper, TAGS_PER_CALL,
+};
 use crate::config::JobSpec;
 use crate::data::Split;
 use crate::model::{batch_tensors, AdamW, Pass, PassGrads, StageInput, StageModel};
@@ -67,6 +72,7 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
         opt,
         grads: BTreeMap::new(),
         reduced: None,
+        contribution: None,
         kept: BTreeMap::new(),
         boundary,
         unreported: (0, 0),
@@ -113,6 +119,14 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
                 miner.send_audits(window, attempt, &tasks)?;
                 recv_order(t)?
             }
+            Order::Recompute {
+                window,
+                attempt,
+                tasks,
+            } => {
+                miner.send_slices(window, attempt, &tasks)?;
+                recv_order(t)?
+            }
             Order::Stop => return Ok(()),
             Order::Start { .. } => {
                 return Err(TrainError::Protocol {
@@ -136,6 +150,9 @@ struct Miner<'a, T: ?Sized> {
     grads: BTreeMap<u64, Vec<f32>>,
     /// The stage's all-reduced gradient sum, waiting for `Step`.
     reduced: Option<(u64, Vec<f32>)>,
+    /// What this miner put into its stage's last all-reduce, for validators
+    /// recomputing slices of it.
+    contribution: Option<Contribution>,
     /// The frames each training microbatch of this window came with, for
     /// validators' replays.
     kept: BTreeMap<u64, Frames>,
@@ -144,6 +161,15 @@ struct Miner<'a, T: ?Sized> {
     unreported: (u64, u64),
     /// `[[faults.cheat]]` for this rank, if any.
     cheater: Option<Cheater>,
+}
+
+/// A miner's fixed-point contribution to one all-reduce, cut into the
+/// all-reduce's slices.
+struct Contribution {
+    window: u64,
+    attempt: u32,
+    values: Vec<i64>,
+    part: Partition,
 }
 
 /// A pass's receipt as far as it is known before its backward pass.
@@ -363,6 +389,39 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         Ok(())
     }
 
+    /// Sends the validators named in `tasks` this miner's contribution to
+    /// the slices they recompute, as it stated them in its last `Reduced`.
+    fn send_slices(
+        &self,
+        window: u64,
+        attempt: u32,
+        tasks: &[SliceTask],
+    ) -> Result<(), TrainError> {
+        let me = self.t.rank();
+        let Some(c) = self
+            .contribution
+            .as_ref()
+            .filter(|c| (c.window, c.attempt) == (window, attempt))
+        else {
+            return Ok(());
+        };
+        let mine = tasks
+            .iter()
+            .filter(|task| task.contributors.iter().any(|(r, _)| *r == me));
+        for task in mine.filter(|task| task.slice < c.part.parts()) {
+            let values = &c.values[c.part.range(task.slice)];
+            let tag = protocol::slice_tag(window, attempt, task.slice);
+            match self
+                .t
+                .send(task.validator, tag, bytemuck::cast_slice(values))
+            {
+                Ok(()) | Err(TransportError::PeerLost { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Reports a microbatch served, with the boundary bytes sent since the
     /// last report.
     fn served(
@@ -475,12 +534,58 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         }
         let group = Group::new(self.t, peers)?;
         let segments: Vec<_> = self.model.layout().iter().map(|p| p.range()).collect();
-        let mut sum = vec![0.0f32; self.model.numel()];
-        let call = Call::new(&group, protocol::close_tag(window, attempt));
-        let report = match all_reduce_fixed_point(call, &parts, &segments, &mut sum) {
-            Ok(()) => {
-                self.reduced = Some((window, sum));
-                Report::Reduced { window, attempt }
+        let numel = self.model.numel();
+        let tag = protocol::close_tag(window, attempt);
+        let copies = self.spec.roles.slice_copies.min(group.size());
+        let colluded = self.cheater.as_ref().map_or_else(Vec::new, |c| {
+            c.colluded_slices(window, group.members(), copies)
+        });
+        let collude = |j: usize, slice: &mut [i64]| {
+            if colluded.contains(&j) {
+                Cheater::collude(slice);
+            }
+        };
+        let tamper: Option<&SliceTamper<i64>> = (!colluded.is_empty()).then_some(&collude);
+        let reduced =
+            FixedPoint::agree(Call::new(&group, tag), &parts, &segments, numel).and_then(|scale| {
+                let contribution = scale.encode(&parts);
+                let mut sums = contribution.clone();
+                let call = Call::new(&group, tag + TAGS_PER_CALL);
+                let held =
+                    all_reduce_redundant_checked(call, &mut sums, ReduceOp::Sum, copies, tamper)?;
+                Ok((scale, contribution, sums, held))
+            });
+        let report = match reduced {
+            Ok((scale, contribution, sums, held)) => {
+                let part = Partition::equal(numel, group.size());
+                let agreed = held.mismatch.is_none();
+                let reduction = Reduction {
+                    contributions: (0..group.size())
+                        .map(|j| slice_digest(&contribution[part.range(j)]))
+                        .collect(),
+                    copies: held
+                        .held
+                        .iter()
+                        .map(|(j, d)| (*j, d.to_hex().to_string()))
+                        .collect(),
+                    agreed,
+                };
+                self.reduced = agreed.then(|| {
+                    let mut sum = vec![0.0f32; numel];
+                    scale.decode(&sums, &mut sum);
+                    (window, sum)
+                });
+                self.contribution = Some(Contribution {
+                    window,
+                    attempt,
+                    values: contribution,
+                    part,
+                });
+                Report::Reduced {
+                    window,
+                    attempt,
+                    reduction,
+                }
             }
             Err(e @ CollectiveError::PeerLost { .. }) => Report::ReduceFailed {
                 window,
@@ -509,6 +614,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         self.model.optimizer_step(&mut self.opt, &sum, scale)?;
         self.grads.clear();
         self.kept.clear();
+        self.contribution = None;
         let checkpoint = if writers.contains(&self.t.rank()) {
             Some(
                 self.checkpoints

@@ -7,9 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::protocol::{self, AuditTask, Handover, Order, Receipt, Report, Route, Verdict};
+use super::protocol::{
+    self, AuditTask, Handover, Order, Receipt, Reduction, Report, Route, SliceTask, Verdict,
+};
 use super::train::{crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
+use crate::collective::slice_holders;
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::rng::SplitMix64;
 use crate::ledger::{Ledger, Tally};
@@ -163,6 +166,15 @@ enum Event {
     Lost(usize),
 }
 
+/// How phase one of closing ended.
+struct Closed {
+    /// Miners lost meanwhile: their work must be redone; empty when every
+    /// stage reduced.
+    lost: Vec<usize>,
+    /// What each miner stated about its all-reduce.
+    reductions: BTreeMap<usize, Reduction>,
+}
+
 /// What happened to the training microbatches of a window so far.
 struct WindowState {
     window: u64,
@@ -178,6 +190,10 @@ struct WindowState {
     receipts: BTreeMap<(u64, usize), (usize, Receipt)>,
     /// Passes replayed and found right, with their miner.
     passed: BTreeSet<(u64, usize, usize)>,
+    /// Passes replayed and found wrong.
+    wrong: u64,
+    /// All-reduce slices recomputed, all attempts included.
+    recomputed: u64,
     /// Checks each miner failed, and its stage.
     failed: BTreeMap<usize, (usize, u64)>,
     /// Seconds validators spent replaying.
@@ -200,24 +216,28 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             wire_bytes: 0,
             receipts: BTreeMap::new(),
             passed: BTreeSet::new(),
+            wrong: 0,
+            recomputed: 0,
             failed: BTreeMap::new(),
             replay_s: 0.0,
         };
+        // Until an attempt ends with every stage reduced and nobody caught
+        // or lost; the work of miners caught or lost is redone without them.
         loop {
             self.serve(&mut w)?;
-            let caught = self.audit(&mut w)?;
-            if !caught.is_empty() {
-                for rank in caught {
-                    w.flight.lose(rank);
-                }
-                self.next_attempt(&mut w)?;
-                continue;
+            let mut gone = self.audit(&mut w)?;
+            if gone.is_empty() {
+                let closed = self.close(&w)?;
+                gone = if closed.lost.is_empty() {
+                    self.recompute(&mut w, &closed.reductions)?
+                } else {
+                    closed.lost
+                };
             }
-            let newly_lost = self.close(&w)?;
-            if newly_lost.is_empty() {
+            if gone.is_empty() {
                 break;
             }
-            for rank in newly_lost {
+            for rank in gone {
                 w.flight.lose(rank);
             }
             self.next_attempt(&mut w)?;
@@ -246,7 +266,8 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             checkpoint,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
             compute_s: w.busy_s,
-            replayed: w.passed.len() as u64 + w.failed.values().map(|(_, n)| n).sum::<u64>(),
+            replayed: w.passed.len() as u64 + w.wrong,
+            recomputed: w.recomputed,
             replay_s: w.replay_s,
             caught: w.failed.keys().copied().collect(),
         })
@@ -352,12 +373,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         }
         let mut picked: BTreeSet<(u64, usize)> = BTreeSet::new();
         for passes in unchecked.values_mut() {
-            let k = self.sample_size(rate, passes.len());
-            for i in 0..k {
-                let j = i + self.draws.below((passes.len() - i) as u64) as usize;
-                passes.swap(i, j);
-            }
-            picked.extend(&passes[..k]);
+            picked.extend(self.draw(rate, passes));
         }
         for (id, stages) in done {
             for stage in 1..stages {
@@ -401,12 +417,27 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             weights: self.weights.clone(),
         })?;
         let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
-        for (task, verdict) in self.verdicts(w, &tasks)? {
+        let verdicts =
+            self.owed_reports(tasks.iter().map(|t| t.validator), |report| match report {
+                Report::Audited {
+                    window,
+                    attempt,
+                    task,
+                    verdict,
+                    replay_s,
+                } if (window, attempt) == (w.window, w.attempt) => {
+                    w.replay_s += replay_s;
+                    Some((task, verdict))
+                }
+                _ => None,
+            })?;
+        for (task, verdict) in verdicts {
             match verdict {
                 Verdict::Passed => {
                     w.passed.insert((task.id, task.stage, task.miner));
                 }
                 Verdict::Failed(reason) => {
+                    w.wrong += 1;
                     w.failed.entry(task.miner).or_insert((task.stage, 0)).1 += 1;
                     reasons.entry(task.miner).or_insert(reason);
                 }
@@ -429,15 +460,136 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 ));
             }
         }
+        self.exclude_all(w.window, &reasons)
+    }
+
+    /// Has validators recompute, from the contributions the miners stated,
+    /// a random `slice_audit_rate` of each stage's all-reduce slices, and
+    /// every slice of a stage whose copies disagreed. Returns the miners
+    /// caught (a holder whose copy is not the sum, a contributor that sent
+    /// other numbers than it stated), told to stop and gone from the job.
+    fn recompute(
+        &mut self,
+        w: &mut WindowState,
+        reductions: &BTreeMap<usize, Reduction>,
+    ) -> Result<Vec<usize>, TrainError> {
+        let rate = self.spec.roles.slice_audit_rate;
+        let mut tasks = Vec::new();
+        let mut disagreed = Vec::new();
+        for (stage, peers) in self.stage_miners().into_iter().enumerate() {
+            let n = peers.len();
+            let copies = self.spec.roles.slice_copies.min(n);
+            let stated = |r: &usize| reductions.get(r);
+            let agreed = peers.iter().all(|r| stated(r).is_some_and(|x| x.agreed));
+            let mut slices: Vec<usize> = (0..n).collect();
+            let picked = if agreed {
+                self.draw(rate, &mut slices).to_vec()
+            } else {
+                disagreed.push(stage);
+                slices
+            };
+            for slice in picked {
+                let contributors = peers
+                    .iter()
+                    .map(|r| {
+                        let digest = stated(r).and_then(|x| x.contributions.get(slice));
+                        (*r, digest.cloned().unwrap_or_default())
+                    })
+                    .collect();
+                let holders = slice_holders(slice, n, copies)
+                    .into_iter()
+                    .map(|h| {
+                        let copy = stated(&peers[h]).and_then(|x| {
+                            x.copies.iter().find(|(j, _)| *j == slice).map(|(_, d)| d)
+                        });
+                        (peers[h], copy.cloned().unwrap_or_default())
+                    })
+                    .collect();
+                if self.validators.is_empty() {
+                    continue;
+                }
+                tasks.push(SliceTask {
+                    stage,
+                    slice,
+                    validator: self.validators[tasks.len() % self.validators.len()],
+                    contributors,
+                    holders,
+                });
+            }
+        }
+        let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
+        if !tasks.is_empty() {
+            self.broadcast(&Order::Recompute {
+                window: w.window,
+                attempt: w.attempt,
+                tasks: tasks.clone(),
+            })?;
+            let verdicts =
+                self.owed_reports(tasks.iter().map(|t| t.validator), |report| match report {
+                    Report::Recomputed {
+                        window,
+                        attempt,
+                        task,
+                        verdicts,
+                        replay_s,
+                    } if (window, attempt) == (w.window, w.attempt) => {
+                        w.replay_s += replay_s;
+                        Some((task, verdicts))
+                    }
+                    _ => None,
+                })?;
+            w.recomputed += tasks.len() as u64;
+            for (task, verdicts) in verdicts {
+                for (miner, verdict) in verdicts {
+                    if let Verdict::Failed(reason) = verdict {
+                        w.failed.entry(miner).or_insert((task.stage, 0)).1 += 1;
+                        reasons.entry(miner).or_insert(format!(
+                            "slice {} of stage {}'s all-reduce: {reason}",
+                            task.slice, task.stage
+                        ));
+                    }
+                }
+            }
+        }
+        if let (Some(&stage), true) = (disagreed.first(), reasons.is_empty()) {
+            return Err(TrainError::Protocol {
+                rank: 0,
+                reason: format!(
+                    "window {}: the copies of a slice of stage {stage}'s all-reduce disagree \
+                     and no validator found whose copy was wrong",
+                    w.window
+                ),
+            });
+        }
+        self.exclude_all(w.window, &reasons)
+    }
+
+    /// Excludes every miner in `reasons` still in the job; returns them.
+    fn exclude_all(
+        &mut self,
+        window: u64,
+        reasons: &BTreeMap<usize, String>,
+    ) -> Result<Vec<usize>, TrainError> {
         let caught: Vec<usize> = reasons
             .keys()
             .copied()
             .filter(|r| self.miners.contains_key(r))
             .collect();
         for &rank in &caught {
-            self.exclude(rank, w.window, &reasons[&rank])?;
+            self.exclude(rank, window, &reasons[&rank])?;
         }
         Ok(caught)
+    }
+
+    /// Moves a random sample of `items`, `rate * items.len()` of them (see
+    /// [`Orchestrator::sample_size`]), to the front and returns it.
+    fn draw<'i, I>(&mut self, rate: f64, items: &'i mut [I]) -> &'i [I] {
+        let k = self.sample_size(rate, items.len());
+        for i in 0..k {
+            let j = i + self.draws.below((items.len() - i) as u64) as usize;
+            items.swap(i, j);
+        }
+        &items[..k]
     }
 
     /// How many of a miner's `n` passes to replay: `rate * n` rounded down
@@ -451,51 +603,43 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         k.min(n)
     }
 
-    /// The validators' verdict on each of `tasks`; a validator lost on the
-    /// way leaves its tasks unjudged.
-    fn verdicts(
+    /// One report from a validator for each entry of `owed` (a validator
+    /// rank per task), as `take` accepts them (reports of earlier attempts
+    /// it refuses are dropped); a validator lost on the way leaves its
+    /// reports unmade.
+    fn owed_reports<R>(
         &mut self,
-        w: &mut WindowState,
-        tasks: &[AuditTask],
-    ) -> Result<Vec<(AuditTask, Verdict)>, TrainError> {
-        let mut owed: BTreeMap<usize, usize> = BTreeMap::new();
-        for task in tasks {
-            *owed.entry(task.validator).or_default() += 1;
+        owed: impl Iterator<Item = usize>,
+        mut take: impl FnMut(Report) -> Option<R>,
+    ) -> Result<Vec<R>, TrainError> {
+        let mut count: BTreeMap<usize, usize> = BTreeMap::new();
+        for v in owed {
+            *count.entry(v).or_default() += 1;
         }
-        let mut verdicts = Vec::new();
+        let mut taken = Vec::new();
         let deadline = Instant::now() + self.t.default_timeout();
-        while let Some((&v, _)) = owed.iter().find(|(_, n)| **n > 0) {
+        while let Some((&v, _)) = count.iter().find(|(_, n)| **n > 0) {
             match self
                 .t
                 .recv_deadline(v, protocol::REPORT_TAG, Instant::now() + POLL)
             {
                 Ok(bytes) => {
-                    if let Report::Audited {
-                        window,
-                        attempt,
-                        task,
-                        verdict,
-                        replay_s,
-                    } = protocol::decode_report(&bytes, v)?
-                    {
-                        if window == w.window && attempt == w.attempt {
-                            w.replay_s += replay_s;
-                            *owed.entry(v).or_default() -= 1;
-                            verdicts.push((task, verdict));
-                        }
+                    if let Some(r) = take(protocol::decode_report(&bytes, v)?) {
+                        *count.entry(v).or_default() -= 1;
+                        taken.push(r);
                     }
                 }
                 Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
                 Err(TransportError::PeerLost { reason, .. }) => {
                     eprintln!("orchestrator: lost validator {v} ({reason})");
-                    owed.remove(&v);
+                    count.remove(&v);
                     self.validators.retain(|&r| r != v);
                     self.listeners.remove(&v);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(verdicts)
+        Ok(taken)
     }
 
     /// Tells a miner caught cheating to leave; the job goes on without it.
@@ -532,9 +676,8 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     }
 
     /// Phase one of closing: every stage all-reduces the gradients of the
-    /// done microbatches. Returns the miners lost meanwhile (their work
-    /// must be redone), empty when every stage reduced.
-    fn close(&mut self, w: &WindowState) -> Result<Vec<usize>, TrainError> {
+    /// done microbatches.
+    fn close(&mut self, w: &WindowState) -> Result<Closed, TrainError> {
         let counted = w
             .flight
             .done()
@@ -552,6 +695,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
         let mut newly_lost = Vec::new();
+        let mut reductions = BTreeMap::new();
         let mut failure = None;
         while !waiting.is_empty() {
             match self.next_event()? {
@@ -559,10 +703,16 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                     waiting.remove(&rank);
                     newly_lost.push(rank);
                 }
-                Event::Report(from, Report::Reduced { window, attempt })
-                    if window == w.window && attempt == w.attempt =>
-                {
+                Event::Report(
+                    from,
+                    Report::Reduced {
+                        window,
+                        attempt,
+                        reduction,
+                    },
+                ) if window == w.window && attempt == w.attempt => {
                     waiting.remove(&from);
+                    reductions.insert(from, reduction);
                 }
                 Event::Report(
                     from,
@@ -585,7 +735,10 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 rank,
                 reason: format!("window {} failed to reduce: {reason}", w.window),
             }),
-            _ => Ok(newly_lost),
+            _ => Ok(Closed {
+                lost: newly_lost,
+                reductions,
+            }),
         }
     }
 

@@ -34,6 +34,15 @@
 //! received for those passes to a validator, which replays them against
 //! the miner's [`Receipt`]s and reports each verdict. A miner caught is
 //! told to `Stop` and the window goes back to step 1 without it.
+//!
+//! Between 2 and 3, `Recompute`: every stage's all-reduce is redundant
+//! (each slice reduced by `[roles] slice_copies` miners straight from the
+//! contributions, copies compared by digest), and validators recompute a
+//! sample of the slices, and every slice whose copies differed, from the
+//! contributions each miner stated in its [`Reduction`]. Holders that
+//! agreed on a wrong slice (colluders) are caught here, and so is a
+//! miner that sends a validator a contribution it did not state; the
+//! window then goes back to step 1 without them.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -48,6 +57,7 @@ const KIND_GRADIENT: u64 = 0x47;
 const KIND_CLOSE: u64 = 0x43;
 const KIND_STATE: u64 = 0x54;
 const KIND_AUDIT: u64 = 0x56;
+const KIND_SLICE: u64 = 0x53;
 
 fn tag(kind: u64, n: u64) -> u64 {
     (kind << 56) | (n & ((1 << 56) - 1))
@@ -101,6 +111,20 @@ pub fn audit_tag(window: u64, attempt: u32) -> u64 {
     tag(KIND_AUDIT, (window << 7) | u64::from(attempt))
 }
 
+/// A miner's contribution to `slice` of its stage's all-reduce in
+/// `window`'s `attempt`, sent to the validator recomputing that slice.
+pub fn slice_tag(window: u64, attempt: u32, slice: usize) -> u64 {
+    let slice = (slice as u64) & ((1 << MAX_SLICE_BITS) - 1);
+    tag(
+        KIND_SLICE,
+        (((window << 7) | u64::from(attempt)) << MAX_SLICE_BITS) | slice,
+    )
+}
+
+/// Bits of a slice number in [`slice_tag`]: a stage has at most this
+/// many miners' worth of slices.
+pub const MAX_SLICE_BITS: u32 = 12;
+
 /// What a miner states about one training pass (one microbatch through
 /// its stage): BLAKE3 digests, hex, of what it took in and gave out. The
 /// orchestrator checks that neighbours' receipts chain (what one sent is
@@ -132,6 +156,42 @@ pub struct AuditTask {
     pub miner: usize,
     pub validator: usize,
     pub receipt: Receipt,
+}
+
+/// What a miner states about its part in its stage's all-reduce: enough
+/// for a validator to recompute any slice and say which miner was wrong.
+/// Digests are [`slice_digest`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reduction {
+    /// Its contribution to each slice, by slice.
+    pub contributions: Vec<String>,
+    /// Each slice it reduced, and the digest of its copy.
+    pub copies: Vec<(usize, String)>,
+    /// Whether every slice's copies agreed, so that the stage holds a
+    /// result; when not, validators must say whose copy was wrong.
+    pub agreed: bool,
+}
+
+/// The digest a [`Reduction`] states for fixed-point integers: BLAKE3,
+/// hex, of their bytes as they travel (little-endian on every host we run).
+pub fn slice_digest(values: &[i64]) -> String {
+    blake3::hash(bytemuck::cast_slice(values))
+        .to_hex()
+        .to_string()
+}
+
+/// One slice of `stage`'s all-reduce for `validator` to recompute from
+/// the contributions and compare with the copies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceTask {
+    pub stage: usize,
+    pub slice: usize,
+    pub validator: usize,
+    /// Every miner of the stage, in the all-reduce's rank order, with the
+    /// digest of its contribution to the slice.
+    pub contributors: Vec<(usize, String)>,
+    /// The miners that reduced the slice, with their copies' digests.
+    pub holders: Vec<(usize, String)>,
 }
 
 /// A validator's finding on one [`AuditTask`].
@@ -194,6 +254,13 @@ pub enum Order {
         tasks: Vec<AuditTask>,
         weights: Vec<String>,
     },
+    /// Send the validators named in `tasks` your contribution to each
+    /// slice they recompute.
+    Recompute {
+        window: u64,
+        attempt: u32,
+        tasks: Vec<SliceTask>,
+    },
     /// Apply the reduced gradients; the miners in `writers` (one per stage,
     /// empty when no checkpoint is due) write their stage's checkpoint;
     /// then the `moves` change stage.
@@ -232,8 +299,22 @@ pub enum Report {
         verdict: Verdict,
         replay_s: f64,
     },
-    /// The stage's gradients are all-reduced and held for `Step`.
-    Reduced { window: u64, attempt: u32 },
+    /// The stage's gradients are all-reduced and held for `Step` (when
+    /// the copies agreed).
+    Reduced {
+        window: u64,
+        attempt: u32,
+        reduction: Reduction,
+    },
+    /// A validator recomputed a slice: the verdict on each miner involved
+    /// (contributors and holders), after `replay_s` seconds of work.
+    Recomputed {
+        window: u64,
+        attempt: u32,
+        task: SliceTask,
+        verdicts: Vec<(usize, Verdict)>,
+        replay_s: f64,
+    },
     /// The all-reduce failed (a peer was lost); waiting for orders.
     ReduceFailed {
         window: u64,
@@ -330,5 +411,8 @@ mod tests {
         assert_ne!(ORDER_TAG, REPORT_TAG);
         assert_ne!(audit_tag(1, 0), audit_tag(1, 1));
         assert_ne!(audit_tag(1, 0), state_tag(1));
+        assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 0, 3));
+        assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 1, 2));
+        assert_ne!(slice_tag(1, 0, 2), slice_tag(2, 0, 2));
     }
 }

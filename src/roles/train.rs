@@ -77,8 +77,10 @@ pub struct WindowReport {
     pub compression: Option<f64>,
     /// Seconds miners spent computing, all attempts included.
     pub compute_s: f64,
-    /// Passes validators replayed, and the seconds it took them.
+    /// Passes validators replayed, all-reduce slices they recomputed, and
+    /// the seconds both took them.
     pub replayed: u64,
+    pub recomputed: u64,
     pub replay_s: f64,
     /// Miners that failed a check in this window (and left the job).
     pub caught: Vec<usize>,
@@ -247,6 +249,7 @@ mod tests {
             compression: Some(3.9),
             compute_s: 1.0,
             replayed: 1,
+            recomputed: 2,
             replay_s: 0.05,
             caught: Vec::new(),
         };

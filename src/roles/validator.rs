@@ -1,19 +1,25 @@
 //! A validator: follows the orders, and on `Audit` replays the passes
-//! given to it from what their miners send, reporting one verdict each.
+//! given to it from what their miners send, reporting one verdict each; on
+//! `Recompute` sums all-reduce slices from the miners' contributions and
+//! judges the copies the slices' holders stated.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::audit::{self, Bundle};
-use super::protocol::{self, AuditTask, Order, Report, Verdict};
+use super::protocol::{self, slice_digest, AuditTask, Order, Report, SliceTask, Verdict};
 use super::train::{crash_if_planned, recv_order, send_report, Setup, TrainError};
+use crate::collective::Partition;
 use crate::config::JobSpec;
+use crate::model::StageModel;
 use crate::pipeline::BoundaryCodec;
 use crate::transport::{Transport, TransportError};
 
 pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let codec = setup.codec(spec);
+    // Parameters of each stage, once known.
+    let mut numels: BTreeMap<usize, usize> = BTreeMap::new();
     loop {
         match recv_order(t)? {
             Order::Stop => return Ok(()),
@@ -58,6 +64,25 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
                         };
                         send_report(t, &report)?;
                     }
+                }
+            }
+            Order::Recompute {
+                window,
+                attempt,
+                tasks,
+            } => {
+                for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
+                    let started = Instant::now();
+                    let len = slice_len(&setup, &mut numels, &task)?;
+                    let verdicts = recompute(t, window, attempt, &task, len)?;
+                    let report = Report::Recomputed {
+                        window,
+                        attempt,
+                        task,
+                        verdicts,
+                        replay_s: started.elapsed().as_secs_f64(),
+                    };
+                    send_report(t, &report)?;
                 }
             }
             // Every other order is for miners.
@@ -105,4 +130,85 @@ fn judge(
             }
         })
         .collect()
+}
+
+/// How many integers the slice of `task` holds: its part of an equal
+/// partition of the stage's parameters among the stage's miners.
+fn slice_len(
+    setup: &Setup,
+    numels: &mut BTreeMap<usize, usize>,
+    task: &SliceTask,
+) -> Result<usize, TrainError> {
+    let numel = match numels.get(&task.stage) {
+        Some(&n) => n,
+        None => {
+            let model = StageModel::new(&setup.config, &setup.layers, task.stage, setup.seed)?;
+            *numels.entry(task.stage).or_insert(model.numel())
+        }
+    };
+    let n = task.contributors.len();
+    Ok(if task.slice < n {
+        Partition::equal(numel, n).range(task.slice).len()
+    } else {
+        0
+    })
+}
+
+/// Sums slice `task.slice` of a stage's all-reduce from every miner's
+/// contribution, each checked against the digest it stated, and judges
+/// every miner involved: a contributor by what it sent, a holder by
+/// whether its copy is the sum. Holders go unjudged when the sum cannot be
+/// made (a contributor lost, silent or caught).
+fn recompute<T: Transport + ?Sized>(
+    t: &T,
+    window: u64,
+    attempt: u32,
+    task: &SliceTask,
+    len: usize,
+) -> Result<Vec<(usize, Verdict)>, TrainError> {
+    let tag = protocol::slice_tag(window, attempt, task.slice);
+    let mut sum = vec![0i64; len];
+    let mut whole = true;
+    let mut verdicts = Vec::new();
+    for (rank, stated) in &task.contributors {
+        let verdict = match t.recv(*rank, tag) {
+            Ok(bytes) if bytes.len() != len * 8 => Verdict::Failed(format!(
+                "sent {} bytes of contribution for a slice of {len} integers",
+                bytes.len()
+            )),
+            Ok(bytes) => {
+                let values: Vec<i64> = bytes
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
+                    .collect();
+                if slice_digest(&values) == *stated {
+                    for (acc, x) in sum.iter_mut().zip(values) {
+                        *acc = acc.wrapping_add(x);
+                    }
+                    Verdict::Passed
+                } else {
+                    Verdict::Failed("sent another contribution than it stated".into())
+                }
+            }
+            Err(TransportError::PeerLost { .. }) => Verdict::Unavailable,
+            Err(TransportError::Timeout { .. }) => {
+                Verdict::Failed("sent nothing to recompute".into())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        whole &= verdict == Verdict::Passed;
+        verdicts.push((*rank, verdict));
+    }
+    let digest = slice_digest(&sum);
+    for (rank, copy) in &task.holders {
+        let verdict = if !whole {
+            Verdict::Unavailable
+        } else if *copy == digest {
+            Verdict::Passed
+        } else {
+            Verdict::Failed("its copy is not the sum of the contributions".into())
+        };
+        verdicts.push((*rank, verdict));
+    }
+    Ok(verdicts)
 }
