@@ -1,5 +1,6 @@
 //! `swarmrun bench trust`: real training jobs (a tiny model, 2 stages of 4
-//! miners, under `swarmrun launch`) with one cheating miner each, and what
+//! miners, under `swarmrun launch`) with one cheating miner each (two
+//! colluders for `collude`), and what
 //! the validators made of it: how often and how fast the cheater was
 //! caught, whether an honest miner ever was, what the replays cost against
 //! the miners' compute, and how far the ledger's reward shares are from
@@ -18,11 +19,12 @@ use thiserror::Error;
 use crate::ledger::{self, LedgerError, WindowRecord};
 
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them.
-const KINDS: [&str; 4] = [
+const KINDS: [&str; 5] = [
     "random_grad",
     "skip_compute",
     "replay_stale",
     "scale_update",
+    "collude",
 ];
 
 /// Ranks 0 and 1 are the orchestrator and the validator; 8 miners follow.
@@ -46,6 +48,10 @@ pub struct TrustOptions {
     /// Share of passes validators replay (`[roles] replay_rate`).
     #[arg(long, default_value_t = 0.05)]
     pub rate: f64,
+    /// Share of all-reduce slices validators recompute (`[roles]
+    /// slice_audit_rate`).
+    #[arg(long, default_value_t = 1.0)]
+    pub slice_rate: f64,
     /// Chance the cheater cheats on each microbatch.
     #[arg(long, default_value_t = 1.0)]
     pub probability: f64,
@@ -82,10 +88,36 @@ struct Line {
     caught: Vec<usize>,
 }
 
+/// The cheaters of one run: one rank, or for `collude` two miners of one
+/// stage that reduce a slice together.
+#[derive(Debug, Clone)]
+struct Cheat<'a> {
+    ranks: Vec<usize>,
+    kind: &'a str,
+}
+
+impl<'a> Cheat<'a> {
+    /// The cheat of run `seed` of `kind`: its rank moves with the seed.
+    fn of(kind: &'a str, seed: u64) -> Self {
+        let rank = MINERS.start + (seed as usize * 3) % MINERS.len();
+        let mut ranks = vec![rank];
+        if kind == "collude" {
+            // Stages take alternate ranks, so rank ± 2 is the next miner
+            // of the same stage: with 2 copies of 4 slices they hold one.
+            ranks.push(if rank + 2 < MINERS.end {
+                rank + 2
+            } else {
+                rank - 2
+            });
+        }
+        Cheat { ranks, kind }
+    }
+}
+
 /// One run's findings.
 #[derive(Debug, Default)]
 struct Outcome {
-    /// The window the cheater was caught in, if it was.
+    /// The window a cheater was first caught in, if one was.
     caught_in: Option<u64>,
     /// Honest miners caught.
     false_positives: usize,
@@ -109,8 +141,8 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
     })?;
     println!(
         "# swarmrun bench trust: 2 stages x 4 miners, {} microbatches a window, replay_rate {}, \
-         cheat probability {}, {} runs x {} windows per kind",
-        opts.microbatches, opts.rate, opts.probability, opts.seeds, opts.windows
+         slice_audit_rate {}, slice_copies 2, cheat probability {}, {} runs x {} windows per kind",
+        opts.microbatches, opts.rate, opts.slice_rate, opts.probability, opts.seeds, opts.windows
     );
     println!(
         "{:<16} {:>8} {:>16} {:>10} {:>12} {:>13} {:>10}",
@@ -125,10 +157,9 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
     for kind in KINDS {
         let mut outcomes = Vec::new();
         for seed in 1..=opts.seeds {
-            let cheater = MINERS.start + (seed as usize * 3) % MINERS.len();
             let dir = tmp.path().join(format!("{kind}-{seed}"));
-            let cheat = Some((cheater, kind));
-            outcomes.push(run_one(&exe, &dir, opts, seed, opts.windows, cheat)?);
+            let cheat = Cheat::of(kind, seed);
+            outcomes.push(run_one(&exe, &dir, opts, seed, opts.windows, Some(&cheat))?);
         }
         let caught: Vec<u64> = outcomes.iter().filter_map(|o| o.caught_in).collect();
         let within = caught.iter().filter(|w| **w < WITHIN).count();
@@ -184,7 +215,7 @@ fn run_one(
     opts: &TrustOptions,
     seed: u64,
     windows: u64,
-    cheat: Option<(usize, &str)>,
+    cheat: Option<&Cheat>,
 ) -> Result<Outcome, BenchTrustError> {
     let file = |path: &Path| {
         let path = path.to_path_buf();
@@ -218,31 +249,29 @@ fn run_one(
         outcome.compute_s += line.compute_s;
         outcome.replay_s += line.replay_s;
         for rank in line.caught {
-            match cheat {
-                Some((cheater, _)) if rank == cheater => {
-                    outcome.caught_in.get_or_insert(line.window);
-                }
-                _ => outcome.false_positives += 1,
+            if cheat.is_some_and(|c| c.ranks.contains(&rank)) {
+                outcome.caught_in.get_or_insert(line.window);
+            } else {
+                outcome.false_positives += 1;
             }
         }
     }
     let chain = ledger::read(&run_dir)?;
-    (outcome.window_error, outcome.run_error) = share_errors(
-        &ledger::settled(&chain.records),
-        cheat.map(|(rank, _)| rank),
-    );
+    let cheaters = cheat.map_or(&[][..], |c| &c.ranks);
+    (outcome.window_error, outcome.run_error) =
+        share_errors(&ledger::settled(&chain.records), cheaters);
     Ok(outcome)
 }
 
 /// The ledger's settled shares (see [`ledger::settled`]) against the true
-/// ones (nothing for the cheater, the rest split by passes credited): the
+/// ones (nothing for cheaters, the rest split by passes credited): the
 /// largest difference of any miner in any window, and of any miner's mean
 /// over the run.
-fn share_errors(records: &[WindowRecord], cheater: Option<usize>) -> (f64, f64) {
+fn share_errors(records: &[WindowRecord], cheaters: &[usize]) -> (f64, f64) {
     let mut worst = 0.0f64;
     let mut paid_minus_earned: std::collections::BTreeMap<usize, f64> = Default::default();
     for record in records {
-        let honest = |rank: usize| Some(rank) != cheater;
+        let honest = |rank: usize| !cheaters.contains(&rank);
         let total: u64 = record
             .miners
             .iter()
@@ -271,26 +300,29 @@ fn job_text(
     opts: &TrustOptions,
     seed: u64,
     windows: u64,
-    cheat: Option<(usize, &str)>,
+    cheat: Option<&Cheat>,
 ) -> String {
     let mut text = format!(
         "[job]\nname = \"bench-trust\"\ntask = \"train\"\nseed = {seed}\nrun_dir = {run_dir:?}\n\n\
          [model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
          [pipeline]\nstages = 2\nmicrobatch_size = 2\nmicrobatches_per_window = {}\n\n\
-         [roles]\nvalidators = 1\nreplay_rate = {}\n\n\
+         [roles]\nvalidators = 1\nreplay_rate = {}\nslice_audit_rate = {}\n\n\
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {}\n\n\
          [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
          [train]\nwindows = {windows}\neval_every = {}\neval_microbatches = 0\ncheckpoint_every = 0\n",
         opts.microbatches,
         opts.rate,
+        opts.slice_rate,
         MINERS.end,
         windows + 1,
     );
-    if let Some((rank, kind)) = cheat {
-        text += &format!(
-            "\n[[faults.cheat]]\nrank = {rank}\nkind = \"{kind}\"\nprobability = {}\n",
-            opts.probability
-        );
+    if let Some(c) = cheat {
+        for rank in &c.ranks {
+            text += &format!(
+                "\n[[faults.cheat]]\nrank = {rank}\nkind = \"{}\"\nprobability = {}\n",
+                c.kind, opts.probability
+            );
+        }
     }
     text
 }

@@ -72,15 +72,14 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
                 tasks,
             } => {
                 for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
-                    let started = Instant::now();
                     let len = slice_len(&setup, &mut numels, &task)?;
-                    let verdicts = recompute(t, window, attempt, &task, len)?;
+                    let (verdicts, replay_s) = recompute(t, window, attempt, &task, len)?;
                     let report = Report::Recomputed {
                         window,
                         attempt,
                         task,
                         verdicts,
-                        replay_s: started.elapsed().as_secs_f64(),
+                        replay_s,
                     };
                     send_report(t, &report)?;
                 }
@@ -158,20 +157,33 @@ fn slice_len(
 /// contribution, each checked against the digest it stated, and judges
 /// every miner involved: a contributor by what it sent, a holder by
 /// whether its copy is the sum. Holders go unjudged when the sum cannot be
-/// made (a contributor lost, silent or caught).
+/// made (a contributor lost, silent or caught). Also returns the seconds
+/// the checking took, without the wait for the contributions.
 fn recompute<T: Transport + ?Sized>(
     t: &T,
     window: u64,
     attempt: u32,
     task: &SliceTask,
     len: usize,
-) -> Result<Vec<(usize, Verdict)>, TrainError> {
+) -> Result<(Vec<(usize, Verdict)>, f64), TrainError> {
     let tag = protocol::slice_tag(window, attempt, task.slice);
+    let mut received = Vec::with_capacity(task.contributors.len());
+    for (rank, _) in &task.contributors {
+        received.push(match t.recv(*rank, tag) {
+            Ok(bytes) => Ok(bytes),
+            Err(TransportError::PeerLost { .. }) => Err(Verdict::Unavailable),
+            Err(TransportError::Timeout { .. }) => {
+                Err(Verdict::Failed("sent nothing to recompute".into()))
+            }
+            Err(e) => return Err(e.into()),
+        });
+    }
+    let started = Instant::now();
     let mut sum = vec![0i64; len];
     let mut whole = true;
     let mut verdicts = Vec::new();
-    for (rank, stated) in &task.contributors {
-        let verdict = match t.recv(*rank, tag) {
+    for ((rank, stated), got) in task.contributors.iter().zip(received) {
+        let verdict = match got {
             Ok(bytes) if bytes.len() != len * 8 => Verdict::Failed(format!(
                 "sent {} bytes of contribution for a slice of {len} integers",
                 bytes.len()
@@ -190,11 +202,7 @@ fn recompute<T: Transport + ?Sized>(
                     Verdict::Failed("sent another contribution than it stated".into())
                 }
             }
-            Err(TransportError::PeerLost { .. }) => Verdict::Unavailable,
-            Err(TransportError::Timeout { .. }) => {
-                Verdict::Failed("sent nothing to recompute".into())
-            }
-            Err(e) => return Err(e.into()),
+            Err(verdict) => verdict,
         };
         whole &= verdict == Verdict::Passed;
         verdicts.push((*rank, verdict));
@@ -210,5 +218,5 @@ fn recompute<T: Transport + ?Sized>(
         };
         verdicts.push((*rank, verdict));
     }
-    Ok(verdicts)
+    Ok((verdicts, started.elapsed().as_secs_f64()))
 }
