@@ -66,6 +66,10 @@ pub struct StageEntry {
     /// BLAKE3 of the weights' flat buffer ([`StageModel::weights_digest`]),
     /// hex: the window's known hash of the stage.
     pub weights_digest: String,
+    /// [`AdamW::state_digest`], hex; absent in checkpoints written before
+    /// validators audited checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_digest: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +150,14 @@ impl Checkpoints {
             file,
             blake3: blake3::hash(&bytes).to_hex().to_string(),
             weights_digest: model.weights_digest()?.to_hex().to_string(),
+            optimizer_digest: Some(opt.state_digest().to_hex().to_string()),
         })
+    }
+
+    /// Where [`Checkpoints::write_stage`] put `entry` for `window`, until
+    /// the checkpoint is committed.
+    pub fn written_path(&self, window: u64, entry: &StageEntry) -> PathBuf {
+        self.partial_dir(window).join(&entry.file)
     }
 
     /// Commits the partial checkpoint of `manifest.window`: checks that

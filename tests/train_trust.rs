@@ -136,6 +136,47 @@ fn colluders_agreeing_on_a_wrong_slice_are_caught_by_recomputation_and_the_hones
 }
 
 #[test]
+fn a_forged_checkpoint_is_caught_by_the_validators_replay_of_the_step_and_never_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ranks 2 and 4 serve stage 0; rank 2, the lowest, writes its file.
+    let extra = "checkpoint_every = 1\nkeep_checkpoints = 10\n\
+                 \n[[faults.cheat]]\nrank = 2\nkind = \"forge_checkpoint\"\n";
+    let job = train_job(dir.path(), "forge", 2, 3, extra);
+    let (lines, err) = run(&job);
+    assert!(lines[0].contains("\"caught\":[2]"), "{}\n{err}", lines[0]);
+    assert!(
+        err.contains(
+            "checkpoint of stage 0: its checkpoint file holds another optimizer state than \
+             the replayed step gives; excluded"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("no checkpoint for window 0"), "{err}");
+    let checkpoints = dir.path().join("forge").join("checkpoints");
+    let mut committed: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.') && !name.contains("partial"))
+        .collect();
+    committed.sort();
+    assert_eq!(committed, ["window-00000001", "window-00000002"], "{err}");
+    for l in &lines[1..] {
+        assert_eq!(caught(l), "[]", "{l}");
+    }
+    let records = ledger::read(&dir.path().join("forge")).unwrap().records;
+    let forger = |w: usize| {
+        records[w]
+            .miners
+            .iter()
+            .find(|m| m.rank == 2)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!((forger(0).share, forger(0).failed), (0.0, 1));
+    assert!(forger(1).excluded);
+}
+
+#[test]
 fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
     let dir = tempfile::tempdir().unwrap();
     for seed in [1, 2, 3] {

@@ -346,6 +346,11 @@ pub enum CheatKind {
     /// outvote an honest copy where they are the majority); `probability`
     /// is per window, drawn alike by all of them.
     Collude,
+    /// As a checkpoint writer, writes its stage file with the optimizer's
+    /// second moments times 4 (a run resumed from it would take smaller
+    /// steps) while stating the honest digests; `probability` is per
+    /// checkpoint.
+    ForgeCheckpoint,
 }
 
 /// One rank that exits with `exit_code` (1..=255): `after_s` seconds after

@@ -100,6 +100,18 @@ impl AdamW {
         (&self.m, &self.v)
     }
 
+    /// BLAKE3 of the state a checkpoint keeps (step count, first and
+    /// second moments): what the miners of a stage agree on after each
+    /// step, so a validator can tell a checkpoint's optimizer state from a
+    /// forged one.
+    pub fn state_digest(&self) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.step.to_le_bytes());
+        super::hash_f32(&mut hasher, &self.m);
+        super::hash_f32(&mut hasher, &self.v);
+        hasher.finalize()
+    }
+
     /// Puts back state read from a checkpoint: `step` steps taken and the
     /// moments `m`, `v`, which must match the stage's flat length.
     pub fn restore(&mut self, step: u64, m: &[f32], v: &[f32]) -> Result<(), ModelError> {

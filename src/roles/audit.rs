@@ -14,10 +14,10 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::protocol::Receipt;
+use super::protocol::{CheckpointTask, Receipt};
 use super::train::Setup;
 use crate::data::Split;
-use crate::model::{batch_tensors, StageInput, StageModel};
+use crate::model::{batch_tensors, AdamW, AdamWConfig, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
 
 /// The frames one pass took in, kept by its miner until the window closes.
@@ -143,19 +143,21 @@ pub fn digest_f32(values: &[f32]) -> String {
     crate::model::digest(values).to_hex().to_string()
 }
 
-/// A stage's model with `weights` (a stage file) loaded, refused unless
-/// their digest is `expected`, the digest every miner of the stage agreed
-/// on: a miner cannot have its work replayed on weights of its own.
+/// A stage's model with `weights` (a stage file) loaded, and its optimizer
+/// state into `opt` when given, refused unless the weights' digest is
+/// `expected`, the digest every miner of the stage agreed on: a miner
+/// cannot have its work replayed on weights of its own.
 pub(super) fn load_weights(
     setup: &Setup,
     stage: usize,
     weights: &[u8],
     expected: &str,
+    opt: Option<&mut AdamW>,
 ) -> Result<StageModel, String> {
     let mut model = StageModel::new(&setup.config, &setup.layers, stage, setup.seed)
         .map_err(|e| e.to_string())?;
     model
-        .load_safetensors_bytes(weights, Path::new("audit bundle"), None)
+        .load_safetensors_bytes(weights, Path::new("audit bundle"), opt)
         .map_err(|e| e.to_string())?;
     let got = model.weights_digest().map_err(|e| e.to_string())?.to_hex();
     if got.as_str() != expected {
@@ -164,6 +166,67 @@ pub(super) fn load_weights(
         ));
     }
     Ok(model)
+}
+
+/// Replays the optimizer step of a checkpoint audit. `state` (the writer's
+/// stage file before the step, optimizer state included) and `sum` (the
+/// reduced gradients, f32 LE) must have the digests its stage agreed on,
+/// as `task` states them; after the step, `file` (the checkpoint it wrote)
+/// must hold the replay's weights and optimizer state. Returns the
+/// replay's weights digest, or the first thing that did not check out.
+pub(super) fn replay_step(
+    setup: &Setup,
+    adamw: AdamWConfig,
+    task: &CheckpointTask,
+    state: &[u8],
+    sum: &[u8],
+    file: &[u8],
+) -> Result<String, String> {
+    let layout = StageModel::new(&setup.config, &setup.layers, task.stage, setup.seed)
+        .map_err(|e| e.to_string())?
+        .layout()
+        .to_vec();
+    let mut opt = AdamW::new(adamw, &layout);
+    let mut model = load_weights(setup, task.stage, state, &task.weights, Some(&mut opt))?;
+    let before = opt.state_digest().to_hex();
+    if task
+        .optimizer
+        .as_ref()
+        .is_some_and(|o| before.as_str() != o)
+    {
+        return Err(format!(
+            "its optimizer state before the step has digest {before}, the stage's is {}",
+            task.optimizer.as_deref().unwrap_or_default()
+        ));
+    }
+    if sum.len() != model.numel() * 4 {
+        return Err(format!(
+            "it sent {} bytes of reduced sum for {} parameters",
+            sum.len(),
+            model.numel()
+        ));
+    }
+    let sum: Vec<f32> = sum
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()))
+        .collect();
+    if digest_f32(&sum) != task.sum {
+        return Err("it sent another reduced sum than its stage's".into());
+    }
+    let scale = 1.0 / setup.per_window as f32;
+    model
+        .optimizer_step(&mut opt, &sum, scale)
+        .map_err(|e| e.to_string())?;
+    let weights = model.weights_digest().map_err(|e| e.to_string())?.to_hex();
+    let mut written_opt = AdamW::new(opt.config().clone(), &layout);
+    load_weights(setup, task.stage, file, &weights, Some(&mut written_opt))
+        .map_err(|e| format!("its checkpoint file is not the replayed step's: {e}"))?;
+    if written_opt.state_digest() != opt.state_digest() {
+        return Err(
+            "its checkpoint file holds another optimizer state than the replayed step gives".into(),
+        );
+    }
+    Ok(weights.to_string())
 }
 
 /// Replays microbatch `id` through `model` from `frames` and checks every

@@ -7,12 +7,14 @@ use candle_core::Tensor;
 use crate::collective::slice_holders;
 use crate::config::{CheatKind, JobSpec};
 use crate::data::rng::SplitMix64;
-use crate::model::PassGrads;
+use crate::model::{AdamW, PassGrads};
 
 /// Salt of the draws, apart from every other use of the job's seed.
 const SALT: u64 = 0xc4ea_7000_0000_0000;
-/// Salt of the colluders' shared draw, apart from the per-pass draws.
+/// Salts of the colluders' shared draw and of the forger's, apart from
+/// the per-pass draws.
 const COLLUDE_SALT: u64 = 0x0c01_1de0_0000_0000;
+const FORGE_SALT: u64 = 0xf0e9_e000_0000_0000;
 
 /// A miner's cheats and what it keeps to replay stale work.
 #[derive(Debug)]
@@ -50,10 +52,12 @@ impl Cheater {
     }
 
     /// Whether it cheats on microbatch `id`: the same answer for the
-    /// forward and the backward pass. A colluder's passes are honest.
+    /// forward and the backward pass. A colluder's and a forger's passes
+    /// are honest.
     pub fn cheats_on(&self, id: u64) -> bool {
         let mut rng = SplitMix64::new(self.seed, ((self.rank as u64) << 48) ^ id);
-        self.kind != CheatKind::Collude && rng.unit_open0() <= self.probability
+        let on_passes = !matches!(self.kind, CheatKind::Collude | CheatKind::ForgeCheckpoint);
+        on_passes && rng.unit_open0() <= self.probability
     }
 
     /// For a colluder, the slices of `window`'s all-reduce among `peers`
@@ -76,6 +80,21 @@ impl Cheater {
                 colluding.count() >= 2
             })
             .collect()
+    }
+
+    /// For a forger writing a checkpoint in `window` (when its draw says
+    /// so), the optimizer state it writes instead of `honest`: the second
+    /// moments times 4, so a run resumed from it takes smaller steps.
+    pub fn forged_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
+        let mut coin = SplitMix64::new(self.seed, FORGE_SALT ^ window);
+        if self.kind != CheatKind::ForgeCheckpoint || coin.unit_open0() > self.probability {
+            return None;
+        }
+        let (m, v) = honest.moments();
+        let v: Vec<f32> = v.iter().map(|x| x * 4.0).collect();
+        let mut forged = honest.clone();
+        forged.restore(honest.steps_taken(), m, &v).ok()?;
+        Some(forged)
     }
 
     /// What a colluder makes of a slice it changes: every element doubled
@@ -125,7 +144,8 @@ impl Cheater {
                 params: params.iter().map(|g| g * 10.0).collect(),
                 input,
             },
-            (CheatKind::ReplayStale, None) | (CheatKind::Collude, _) => PassGrads { params, input },
+            (CheatKind::ReplayStale, None)
+            | (CheatKind::Collude | CheatKind::ForgeCheckpoint, _) => PassGrads { params, input },
         })
     }
 }

@@ -17,10 +17,11 @@ use candle_core::Tensor;
 use super::audit::{self, Bundle, Frames};
 use super::cheat::Cheater;
 use super::protocol::{
-    self, slice_digest, AuditTask, Handover, Order, Receipt, Reduction, Report, Route, SliceTask,
+    self, slice_digest, AuditTask, CheckpointTask, Handover, Order, Receipt, Reduction, Report,
+    Route, SliceTask,
 };
 use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
-use crate::checkpoint::Checkpoints;
+use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
     all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition, ReduceOp,
     SliceTamper, TAGS_PER_CALL,
@@ -102,9 +103,10 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
             Order::Step {
                 window,
                 writers,
+                audits,
                 moves,
             } => {
-                miner.step(window, &writers)?;
+                miner.step(window, &writers, &audits)?;
                 for h in &moves {
                     miner.hand_over(window, h)?;
                 }
@@ -378,13 +380,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 weights: weights.clone(),
                 passes,
             });
-            match self
-                .t
-                .send(validator, protocol::audit_tag(window, attempt), &bundle)
-            {
-                Ok(()) | Err(TransportError::PeerLost { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.send_to_validator(validator, protocol::audit_tag(window, attempt), &bundle)?;
         }
         Ok(())
     }
@@ -411,13 +407,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         for task in mine.filter(|task| task.slice < c.part.parts()) {
             let values = &c.values[c.part.range(task.slice)];
             let tag = protocol::slice_tag(window, attempt, task.slice);
-            match self
-                .t
-                .send(task.validator, tag, bytemuck::cast_slice(values))
-            {
-                Ok(()) | Err(TransportError::PeerLost { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.send_to_validator(task.validator, tag, bytemuck::cast_slice(values))?;
         }
         Ok(())
     }
@@ -569,12 +559,17 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                         .map(|(j, d)| (*j, d.to_hex().to_string()))
                         .collect(),
                     agreed,
+                    result: None,
                 };
                 self.reduced = agreed.then(|| {
                     let mut sum = vec![0.0f32; numel];
                     scale.decode(&sums, &mut sum);
                     (window, sum)
                 });
+                let reduction = Reduction {
+                    result: self.reduced.as_ref().map(|(_, sum)| audit::digest_f32(sum)),
+                    ..reduction
+                };
                 self.contribution = Some(Contribution {
                     window,
                     attempt,
@@ -599,8 +594,17 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
 
     /// Applies the reduced gradients (the mean over the window's training
     /// microbatches), writes the stage's checkpoint if this miner is among
-    /// `writers`, and reports the new weights' digest.
-    fn step(&mut self, window: u64, writers: &[usize]) -> Result<(), TrainError> {
+    /// `writers` (sending the validator of its task in `audits` the state
+    /// before the step, the sum, and the file), and reports the new
+    /// weights' and optimizer state's digests.
+    fn step(
+        &mut self,
+        window: u64,
+        writers: &[usize],
+        audits: &[CheckpointTask],
+    ) -> Result<(), TrainError> {
+        let me = self.t.rank();
+        let audit = audits.iter().find(|a| a.writer == me);
         let sum = match self.reduced.take() {
             Some((w, sum)) if w == window => sum,
             _ => {
@@ -610,16 +614,44 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 })
             }
         };
+        let tag = protocol::checkpoint_tag(window);
+        if let Some(a) = audit {
+            let state = self
+                .model
+                .to_safetensors(Some(&self.opt), Path::new("audit"))?;
+            self.send_to_validator(a.validator, tag, &state)?;
+            self.send_to_validator(a.validator, tag, bytemuck::cast_slice(&sum))?;
+        }
         let scale = 1.0 / self.setup.per_window as f32;
         self.model.optimizer_step(&mut self.opt, &sum, scale)?;
         self.grads.clear();
         self.kept.clear();
         self.contribution = None;
-        let checkpoint = if writers.contains(&self.t.rank()) {
-            Some(
-                self.checkpoints
+        let optimizer = self.opt.state_digest().to_hex().to_string();
+        let checkpoint = if writers.contains(&me) {
+            let forged = self
+                .cheater
+                .as_ref()
+                .and_then(|c| c.forged_state(window, &self.opt));
+            let entry = match forged {
+                // Other moments on disk, the honest digest stated.
+                Some(forged) => StageEntry {
+                    optimizer_digest: Some(optimizer.clone()),
+                    ..self.checkpoints.write_stage(window, &self.model, &forged)?
+                },
+                None => self
+                    .checkpoints
                     .write_stage(window, &self.model, &self.opt)?,
-            )
+            };
+            if let Some(a) = audit {
+                let path = self.checkpoints.written_path(window, &entry);
+                let file = std::fs::read(&path).map_err(|source| CheckpointError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                self.send_to_validator(a.validator, tag, &file)?;
+            }
+            Some(entry)
         } else {
             None
         };
@@ -629,9 +661,24 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 window,
                 stage: self.stage,
                 digest: self.model.weights_digest()?.to_hex().to_string(),
+                optimizer,
                 checkpoint,
             },
         )
+    }
+
+    /// Sends a validator what it needs for a check; a validator gone is
+    /// no reason to stop mining.
+    fn send_to_validator(
+        &self,
+        validator: usize,
+        tag: u64,
+        bytes: &[u8],
+    ) -> Result<(), TrainError> {
+        match self.t.send(validator, tag, bytes) {
+            Ok(()) | Err(TransportError::PeerLost { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

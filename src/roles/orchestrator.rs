@@ -8,15 +8,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::protocol::{
-    self, AuditTask, Handover, Order, Receipt, Reduction, Report, Route, SliceTask, Verdict,
+    self, AuditTask, CheckpointTask, Handover, Order, Receipt, Reduction, Report, Route, SliceTask,
+    Verdict,
 };
-use super::train::{crash_if_planned, miners_of, Setup, TrainError, WindowReport};
+use super::train::{adamw_config, crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
 use crate::collective::slice_holders;
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::rng::SplitMix64;
 use crate::ledger::{Ledger, Tally};
-use crate::model::StageModel;
+use crate::model::{AdamW, StageModel};
 use crate::pipeline::{InFlight, Router};
 use crate::transport::{Transport, TransportError};
 
@@ -96,7 +97,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         router.join(rank, stage);
     }
     let miners: BTreeMap<usize, usize> = router.assignment().into_iter().collect();
-    let weights = start_digests(&setup, start)?;
+    let (weights, optimizers) = start_digests(spec, &setup, start)?;
     let run_dir = spec.job.run_dir();
     let ledger = match &start.resumed {
         Some(m) => Ledger::resume(&run_dir, m.window)?,
@@ -117,6 +118,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
             .map(|r| r.rank)
             .collect(),
         weights,
+        optimizers,
         draws: SplitMix64::new(unpredictable_seed(), 0),
         ledger,
         cursor: 0,
@@ -152,6 +154,8 @@ struct Orchestrator<'a, T: ?Sized> {
     validators: Vec<usize>,
     /// Digest of each stage's weights at the start of the window.
     weights: Vec<String>,
+    /// Digest of each stage's optimizer state then, when known.
+    optimizers: Vec<Option<String>>,
     /// Which passes validators replay: seeded from the OS, not from the
     /// job, so that no miner can tell which of its passes will be checked.
     draws: SplitMix64,
@@ -164,6 +168,14 @@ struct Orchestrator<'a, T: ?Sized> {
 enum Event {
     Report(usize, Report),
     Lost(usize),
+}
+
+/// How phase two ended: the checkpoint committed, and the writers whose
+/// checkpoint failed its audit (excluded).
+#[derive(Default)]
+struct StepOutcome {
+    checkpoint: Option<PathBuf>,
+    caught: Vec<usize>,
 }
 
 /// How phase one of closing ended.
@@ -223,7 +235,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         };
         // Until an attempt ends with every stage reduced and nobody caught
         // or lost; the work of miners caught or lost is redone without them.
-        loop {
+        let reductions = loop {
             self.serve(&mut w)?;
             let mut gone = self.audit(&mut w)?;
             if gone.is_empty() {
@@ -233,18 +245,26 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 } else {
                     closed.lost
                 };
-            }
-            if gone.is_empty() {
-                break;
+                if gone.is_empty() {
+                    break closed.reductions;
+                }
             }
             for rank in gone {
                 w.flight.lose(rank);
             }
             self.next_attempt(&mut w)?;
+        };
+        let mut tallies = tallies(&w);
+        let stepped = self.step(window, &reductions)?;
+        for tally in tallies
+            .iter_mut()
+            .filter(|t| stepped.caught.contains(&t.rank))
+        {
+            (tally.verified, tally.failed) = (0, tally.failed + 1);
         }
-        let tallies = tallies(&w);
-        let checkpoint = self.step(window)?;
         self.ledger.append(window, &tallies)?;
+        let mut caught: Vec<usize> = w.failed.keys().copied().collect();
+        caught.extend(&stepped.caught);
 
         let (mut train, mut val) = (0.0f64, 0.0f64);
         for (id, loss) in &w.losses {
@@ -263,13 +283,13 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             tokens_per_s: tokens as f64 / wall,
             bubble: 1.0 - w.busy_s / (self.miners.len() as f64 * wall),
             attempts: w.attempt + 1,
-            checkpoint,
+            checkpoint: stepped.checkpoint,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
             compute_s: w.busy_s,
             replayed: w.passed.len() as u64 + w.wrong,
             recomputed: w.recomputed,
             replay_s: w.replay_s,
-            caught: w.failed.keys().copied().collect(),
+            caught,
         })
     }
 
@@ -744,8 +764,13 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
 
     /// Phase two: every miner steps; digests must agree within each stage.
     /// When a checkpoint is due, the lowest live miner of each stage writes
-    /// its stage and the manifest is committed here; returns its directory.
-    fn step(&mut self, window: u64) -> Result<Option<PathBuf>, TrainError> {
+    /// its stage, validators audit the files, and the manifest is committed
+    /// here if every file passed.
+    fn step(
+        &mut self,
+        window: u64,
+        reductions: &BTreeMap<usize, Reduction>,
+    ) -> Result<StepOutcome, TrainError> {
         let train = &self.spec.train;
         let due = train.checkpoint_every > 0
             && ((window + 1) % train.checkpoint_every == 0 || window + 1 == train.windows);
@@ -756,15 +781,18 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         } else {
             Vec::new()
         };
+        let audits = self.checkpoint_tasks(window, &writers, reductions)?;
         let moves = self.rebalance();
         self.broadcast(&Order::Step {
             window,
             writers: writers.clone(),
+            audits: audits.clone(),
             moves,
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
-        let mut digests: BTreeMap<usize, String> = BTreeMap::new();
-        let mut entries: BTreeMap<usize, StageEntry> = BTreeMap::new();
+        // Each stage's weights and optimizer digests after the step.
+        let mut digests: BTreeMap<usize, (String, String)> = BTreeMap::new();
+        let mut entries: BTreeMap<usize, (usize, StageEntry)> = BTreeMap::new();
         while !waiting.is_empty() {
             match self.next_event()? {
                 // Its stage already holds the reduced gradients: the loss
@@ -779,43 +807,114 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                         window: w,
                         stage,
                         digest,
+                        optimizer,
                         checkpoint,
                     },
                 ) if w == window => {
                     waiting.remove(&from);
-                    if digests.get(&stage).is_some_and(|d| *d != digest) {
+                    let stated = (digest, optimizer);
+                    if digests.get(&stage).is_some_and(|d| *d != stated) {
                         return Err(TrainError::DigestMismatch { window, stage });
                     }
                     if let Some(w) = self.weights.get_mut(stage) {
-                        w.clone_from(&digest);
+                        w.clone_from(&stated.0);
                     }
-                    digests.insert(stage, digest);
+                    if let Some(o) = self.optimizers.get_mut(stage) {
+                        *o = Some(stated.1.clone());
+                    }
+                    digests.insert(stage, stated);
                     if let Some(entry) = checkpoint.filter(|_| writers.contains(&from)) {
-                        entries.insert(entry.stage, entry);
+                        entries.insert(entry.stage, (from, entry));
                     }
                 }
                 Event::Report(..) => {}
             }
         }
+        let audited =
+            self.owed_reports(audits.iter().map(|a| a.validator), |report| match report {
+                Report::CheckpointAudited {
+                    window: w,
+                    task,
+                    file,
+                    weights,
+                    verdict,
+                    replay_s: _,
+                } if w == window => Some((task, file, weights, verdict)),
+                _ => None,
+            })?;
         if !due {
-            return Ok(None);
+            return Ok(StepOutcome::default());
         }
-        if entries.len() != self.setup.stages {
-            eprintln!(
-                "orchestrator: a checkpoint writer was lost; no checkpoint for window {window}"
-            );
-            return Ok(None);
+        let reasons = checkpoint_faults(&entries, &digests, audited);
+        let caught = self.exclude_all(window, &reasons)?;
+        if !caught.is_empty() || entries.len() != self.setup.stages {
+            let why = if caught.is_empty() {
+                "a checkpoint writer was lost"
+            } else {
+                "a checkpoint writer failed its audit"
+            };
+            eprintln!("orchestrator: {why}; no checkpoint for window {window}");
+            return Ok(StepOutcome {
+                checkpoint: None,
+                caught,
+            });
         }
         let manifest = Manifest {
             window,
             step: window + 1,
             job: self.start.job_text.clone(),
             seed: self.spec.job.seed,
-            stages: entries.into_values().collect(),
+            stages: entries.into_values().map(|(_, e)| e).collect(),
             router: self.router.state(),
         };
         let checkpoints = Checkpoints::new(&self.spec.job.run_dir());
-        Ok(Some(checkpoints.commit(&manifest, train.keep_checkpoints)?))
+        Ok(StepOutcome {
+            checkpoint: Some(checkpoints.commit(&manifest, train.keep_checkpoints)?),
+            caught,
+        })
+    }
+
+    /// With validators, one audit per checkpoint writer: its stage's agreed
+    /// digests before the step and the reduced sum all its miners stated.
+    fn checkpoint_tasks(
+        &self,
+        window: u64,
+        writers: &[usize],
+        reductions: &BTreeMap<usize, Reduction>,
+    ) -> Result<Vec<CheckpointTask>, TrainError> {
+        if self.validators.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tasks = Vec::new();
+        for &writer in writers {
+            let Some(&stage) = self.miners.get(&writer) else {
+                continue;
+            };
+            let sums: BTreeSet<Option<&String>> = self
+                .miners
+                .iter()
+                .filter(|(_, s)| **s == stage)
+                .map(|(r, _)| reductions.get(r).and_then(|x| x.result.as_ref()))
+                .collect();
+            let sum = match Vec::from_iter(sums)[..] {
+                [Some(sum)] => sum.clone(),
+                _ => return Err(TrainError::Protocol {
+                    rank: 0,
+                    reason: format!(
+                        "window {window}: the miners of stage {stage} state different reduced sums"
+                    ),
+                }),
+            };
+            tasks.push(CheckpointTask {
+                stage,
+                writer,
+                validator: self.validators[stage % self.validators.len()],
+                weights: self.weights[stage].clone(),
+                optimizer: self.optimizers[stage].clone(),
+                sum,
+            });
+        }
+        Ok(tasks)
     }
 
     /// The live miners of each stage.
@@ -927,22 +1026,35 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     }
 }
 
-/// Digest of each stage's weights before the first window: as the seed
-/// makes them, or as the checkpoint resumed from records them (miners
-/// check their loaded weights against the same entries).
-fn start_digests(setup: &Setup, start: &StartPoint) -> Result<Vec<String>, TrainError> {
+/// Digests of each stage's weights and optimizer state before the first
+/// window: as the seed makes them, or as the checkpoint resumed from
+/// records them (miners check their loaded weights against the same
+/// entries; older checkpoints do not record the optimizer's).
+fn start_digests(
+    spec: &JobSpec,
+    setup: &Setup,
+    start: &StartPoint,
+) -> Result<(Vec<String>, Vec<Option<String>>), TrainError> {
     match &start.resumed {
         Some(m) => {
             let mut entries: Vec<_> = m.stages.iter().collect();
             entries.sort_by_key(|e| e.stage);
-            Ok(entries.iter().map(|e| e.weights_digest.clone()).collect())
+            Ok(entries
+                .iter()
+                .map(|e| (e.weights_digest.clone(), e.optimizer_digest.clone()))
+                .unzip())
         }
         None => (0..setup.stages)
             .map(|s| {
                 let model = StageModel::new(&setup.config, &setup.layers, s, setup.seed)?;
-                Ok(model.weights_digest()?.to_hex().to_string())
+                let opt = AdamW::new(adamw_config(spec), model.layout());
+                Ok((
+                    model.weights_digest()?.to_hex().to_string(),
+                    Some(opt.state_digest().to_hex().to_string()),
+                ))
             })
-            .collect(),
+            .collect::<Result<Vec<_>, TrainError>>()
+            .map(|pairs| pairs.into_iter().unzip()),
     }
 }
 
@@ -956,6 +1068,49 @@ fn unpredictable_seed() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// Why each checkpoint writer failed, if any did: its entry states other
+/// digests than its stage agreed on after the step (`digests`: weights,
+/// optimizer), or a validator found its file is not what the replayed step
+/// gives, or the file the validator checked is not the one it stated.
+fn checkpoint_faults(
+    entries: &BTreeMap<usize, (usize, StageEntry)>,
+    digests: &BTreeMap<usize, (String, String)>,
+    audited: Vec<(CheckpointTask, Option<String>, Option<String>, Verdict)>,
+) -> BTreeMap<usize, String> {
+    let mut reasons = BTreeMap::new();
+    for (stage, (writer, entry)) in entries {
+        let agreed = digests.get(stage);
+        let reason = if agreed.map(|d| &d.0) != Some(&entry.weights_digest) {
+            "its entry states weights other than its stage's"
+        } else if entry.optimizer_digest.as_ref() != agreed.map(|d| &d.1) {
+            "its entry states an optimizer state other than its stage's"
+        } else {
+            continue;
+        };
+        reasons.insert(*writer, format!("checkpoint of stage {stage}: {reason}"));
+    }
+    for (task, file, weights, verdict) in audited {
+        let Some((writer, entry)) = entries.get(&task.stage) else {
+            continue;
+        };
+        let replayed = digests.get(&task.stage).map(|d| &d.0);
+        let reason = match verdict {
+            Verdict::Failed(reason) => reason,
+            Verdict::Passed if file.as_ref() != Some(&entry.blake3) => {
+                "the file it sent the validator is not the one it stated".into()
+            }
+            Verdict::Passed if weights.as_ref() != replayed => {
+                "its stage stepped to other weights than the validator's replay".into()
+            }
+            Verdict::Passed | Verdict::Unavailable => continue,
+        };
+        reasons
+            .entry(*writer)
+            .or_insert(format!("checkpoint of stage {}: {reason}", task.stage));
+    }
+    reasons
 }
 
 /// Each miner's passes counted in the window's update and its failed

@@ -19,9 +19,14 @@
 //!    miners of a stage all-reduce them; nothing is applied yet. A miner
 //!    lost now sends the window back to step 1.
 //! 3. `Step`: every stage reduced, so every miner applies the same AdamW
-//!    step and reports its weight digest, which the orchestrator compares
-//!    within each stage. When a checkpoint is due, one miner per stage
-//!    writes its stage and the orchestrator commits the manifest.
+//!    step and reports its weights' and optimizer state's digests, which
+//!    the orchestrator compares within each stage. When a checkpoint is
+//!    due, one miner per stage writes its stage; with validators, each
+//!    writer first sends one its state and the reduced sum, then the file
+//!    it wrote, and the validator replays the step and compares. The
+//!    orchestrator commits the manifest only when every file passed; a
+//!    writer whose file did not is excluded and the window has no
+//!    checkpoint.
 //!
 //!    Then a miner may move to the bottleneck stage (SWARM's rebalancing),
 //!    receiving that stage's state from one of its miners.
@@ -58,6 +63,7 @@ const KIND_CLOSE: u64 = 0x43;
 const KIND_STATE: u64 = 0x54;
 const KIND_AUDIT: u64 = 0x56;
 const KIND_SLICE: u64 = 0x53;
+const KIND_CHECKPOINT: u64 = 0x4b;
 
 fn tag(kind: u64, n: u64) -> u64 {
     (kind << 56) | (n & ((1 << 56) - 1))
@@ -121,6 +127,12 @@ pub fn slice_tag(window: u64, attempt: u32, slice: usize) -> u64 {
     )
 }
 
+/// What a checkpoint writer sends the validator auditing its stage file
+/// of `window`: its state before the step, the reduced sum, the file.
+pub fn checkpoint_tag(window: u64) -> u64 {
+    tag(KIND_CHECKPOINT, window)
+}
+
 /// Bits of a slice number in [`slice_tag`]: a stage has at most this
 /// many miners' worth of slices.
 pub const MAX_SLICE_BITS: u32 = 12;
@@ -170,6 +182,28 @@ pub struct Reduction {
     /// Whether every slice's copies agreed, so that the stage holds a
     /// result; when not, validators must say whose copy was wrong.
     pub agreed: bool,
+    /// When they agreed, the result it will apply: `model::digest` of the
+    /// summed gradients (f32).
+    pub result: Option<String>,
+}
+
+/// A checkpoint to audit: `writer` sends `validator` its stage's state
+/// before the step and the reduced sum, steps, writes its stage file and
+/// sends it; the validator checks the state and the sum against the
+/// digests the stage agreed on, replays the step and compares the file's
+/// weights and optimizer state with its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointTask {
+    pub stage: usize,
+    pub writer: usize,
+    pub validator: usize,
+    /// The stage's weights digest before the step.
+    pub weights: String,
+    /// Its optimizer state digest before the step, when known (a run
+    /// resumed from a checkpoint that does not record it does not know).
+    pub optimizer: Option<String>,
+    /// The reduced sum's digest ([`Reduction::result`]).
+    pub sum: String,
 }
 
 /// The digest a [`Reduction`] states for fixed-point integers: BLAKE3,
@@ -262,11 +296,13 @@ pub enum Order {
         tasks: Vec<SliceTask>,
     },
     /// Apply the reduced gradients; the miners in `writers` (one per stage,
-    /// empty when no checkpoint is due) write their stage's checkpoint;
-    /// then the `moves` change stage.
+    /// empty when no checkpoint is due) write their stage's checkpoint,
+    /// sending what `audits` asks to validators; then the `moves` change
+    /// stage.
     Step {
         window: u64,
         writers: Vec<usize>,
+        audits: Vec<CheckpointTask>,
         moves: Vec<Handover>,
     },
     Stop,
@@ -321,13 +357,26 @@ pub enum Report {
         attempt: u32,
         reason: String,
     },
-    /// The step is applied; `checkpoint` is the stage file this miner
-    /// wrote, when it was a writer.
+    /// The step is applied; `digest` and `optimizer` are the digests of
+    /// the new weights and optimizer state; `checkpoint` is the stage file
+    /// this miner wrote, when it was a writer.
     Stepped {
         window: u64,
         stage: usize,
         digest: String,
+        optimizer: String,
         checkpoint: Option<StageEntry>,
+    },
+    /// A validator audited `task`'s checkpoint: the BLAKE3 (hex) of the
+    /// file it got, the weights digest its replay of the step gave, and
+    /// whether the file holds what the replay does.
+    CheckpointAudited {
+        window: u64,
+        task: CheckpointTask,
+        file: Option<String>,
+        weights: Option<String>,
+        verdict: Verdict,
+        replay_s: f64,
     },
 }
 
@@ -414,5 +463,6 @@ mod tests {
         assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 0, 3));
         assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 1, 2));
         assert_ne!(slice_tag(1, 0, 2), slice_tag(2, 0, 2));
+        assert_ne!(checkpoint_tag(1), state_tag(1));
     }
 }

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::audit::{self, Bundle};
-use super::protocol::{self, slice_digest, AuditTask, Order, Report, SliceTask, Verdict};
-use super::train::{crash_if_planned, recv_order, send_report, Setup, TrainError};
+use super::protocol::{
+    self, slice_digest, AuditTask, CheckpointTask, Order, Report, SliceTask, Verdict,
+};
+use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
 use crate::collective::Partition;
 use crate::config::JobSpec;
 use crate::model::StageModel;
@@ -66,6 +68,12 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
                     }
                 }
             }
+            Order::Step { window, audits, .. } => {
+                for task in audits.into_iter().filter(|a| a.validator == t.rank()) {
+                    let report = audit_checkpoint(t, spec, &setup, window, task)?;
+                    send_report(t, &report)?;
+                }
+            }
             Order::Recompute {
                 window,
                 attempt,
@@ -113,7 +121,7 @@ fn judge(
     let Some(expected) = weights.get(stage) else {
         return all(format!("no weights digest for stage {stage}"));
     };
-    let model = match audit::load_weights(setup, stage, &bundle.weights, expected) {
+    let model = match audit::load_weights(setup, stage, &bundle.weights, expected, None) {
         Ok(m) => m,
         Err(reason) => return all(reason),
     };
@@ -129,6 +137,55 @@ fn judge(
             }
         })
         .collect()
+}
+
+/// Receives from `task`'s writer its state before the step, the reduced
+/// sum and the checkpoint file it wrote, and replays the step
+/// ([`audit::replay_step`]).
+fn audit_checkpoint<T: Transport + ?Sized>(
+    t: &T,
+    spec: &JobSpec,
+    setup: &Setup,
+    window: u64,
+    task: CheckpointTask,
+) -> Result<Report, TrainError> {
+    let mut got = Vec::with_capacity(3);
+    let mut verdict = None;
+    for _ in 0..3 {
+        match t.recv(task.writer, protocol::checkpoint_tag(window)) {
+            Ok(bytes) => got.push(bytes),
+            Err(TransportError::PeerLost { .. }) => verdict = Some(Verdict::Unavailable),
+            Err(TransportError::Timeout { .. }) => {
+                verdict = Some(Verdict::Failed("sent nothing to audit".into()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if verdict.is_some() {
+            break;
+        }
+    }
+    let started = Instant::now();
+    let (mut file, mut weights) = (None, None);
+    if let [state, sum, written] = &got[..] {
+        file = Some(blake3::hash(written).to_hex().to_string());
+        verdict = Some(
+            match audit::replay_step(setup, adamw_config(spec), &task, state, sum, written) {
+                Ok(w) => {
+                    weights = Some(w);
+                    Verdict::Passed
+                }
+                Err(reason) => Verdict::Failed(reason),
+            },
+        );
+    }
+    Ok(Report::CheckpointAudited {
+        window,
+        task,
+        file,
+        weights,
+        verdict: verdict.unwrap_or(Verdict::Unavailable),
+        replay_s: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// How many integers the slice of `task` holds: its part of an equal
