@@ -19,12 +19,13 @@ use thiserror::Error;
 use crate::ledger::{self, LedgerError, WindowRecord};
 
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them.
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 6] = [
     "random_grad",
     "skip_compute",
     "replay_stale",
     "scale_update",
     "collude",
+    "forge_checkpoint",
 ];
 
 /// Ranks 0 and 1 are the orchestrator and the validator; 8 miners follow.
@@ -100,17 +101,22 @@ impl<'a> Cheat<'a> {
     /// The cheat of run `seed` of `kind`: its rank moves with the seed.
     fn of(kind: &'a str, seed: u64) -> Self {
         let rank = MINERS.start + (seed as usize * 3) % MINERS.len();
-        let mut ranks = vec![rank];
-        if kind == "collude" {
+        let ranks = match kind {
             // Stages take alternate ranks, so rank ± 2 is the next miner
             // of the same stage: with 2 copies of 4 slices they hold one.
-            ranks.push(if rank + 2 < MINERS.end {
-                rank + 2
-            } else {
-                rank - 2
-            });
-        }
+            "collude" if rank + 2 < MINERS.end => vec![rank, rank + 2],
+            "collude" => vec![rank, rank - 2],
+            // The lowest miner of a stage writes its checkpoints.
+            "forge_checkpoint" => vec![MINERS.start + seed as usize % 2],
+            _ => vec![rank],
+        };
         Cheat { ranks, kind }
+    }
+
+    /// Whether its runs write checkpoints (every window): only a forger
+    /// needs them.
+    fn checkpoints(&self) -> bool {
+        self.kind == "forge_checkpoint"
     }
 }
 
@@ -309,12 +315,13 @@ fn job_text(
          [roles]\nvalidators = 1\nreplay_rate = {}\nslice_audit_rate = {}\n\n\
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {}\n\n\
          [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
-         [train]\nwindows = {windows}\neval_every = {}\neval_microbatches = 0\ncheckpoint_every = 0\n",
+         [train]\nwindows = {windows}\neval_every = {}\neval_microbatches = 0\ncheckpoint_every = {}\n",
         opts.microbatches,
         opts.rate,
         opts.slice_rate,
         MINERS.end,
         windows + 1,
+        u64::from(cheat.is_some_and(Cheat::checkpoints)),
     );
     if let Some(c) = cheat {
         for rank in &c.ranks {

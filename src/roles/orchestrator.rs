@@ -170,12 +170,12 @@ enum Event {
     Lost(usize),
 }
 
-/// How phase two ended: the checkpoint committed, and the writers whose
-/// checkpoint failed its audit (excluded).
-#[derive(Default)]
+/// How phase two ended: the checkpoint committed, the writers whose
+/// checkpoint failed its audit (excluded), and the validators' seconds.
 struct StepOutcome {
     checkpoint: Option<PathBuf>,
     caught: Vec<usize>,
+    audit_s: f64,
 }
 
 /// How phase one of closing ended.
@@ -288,7 +288,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             compute_s: w.busy_s,
             replayed: w.passed.len() as u64 + w.wrong,
             recomputed: w.recomputed,
-            replay_s: w.replay_s,
+            replay_s: w.replay_s + stepped.audit_s,
             caught,
         })
     }
@@ -830,6 +830,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 Event::Report(..) => {}
             }
         }
+        let mut audit_s = 0.0;
         let audited =
             self.owed_reports(audits.iter().map(|a| a.validator), |report| match report {
                 Report::CheckpointAudited {
@@ -838,12 +839,20 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                     file,
                     weights,
                     verdict,
-                    replay_s: _,
-                } if w == window => Some((task, file, weights, verdict)),
+                    replay_s,
+                } if w == window => {
+                    audit_s += replay_s;
+                    Some((task, file, weights, verdict))
+                }
                 _ => None,
             })?;
+        let done = |checkpoint, caught| StepOutcome {
+            checkpoint,
+            caught,
+            audit_s,
+        };
         if !due {
-            return Ok(StepOutcome::default());
+            return Ok(done(None, Vec::new()));
         }
         let reasons = checkpoint_faults(&entries, &digests, audited);
         let caught = self.exclude_all(window, &reasons)?;
@@ -854,10 +863,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 "a checkpoint writer failed its audit"
             };
             eprintln!("orchestrator: {why}; no checkpoint for window {window}");
-            return Ok(StepOutcome {
-                checkpoint: None,
-                caught,
-            });
+            return Ok(done(None, caught));
         }
         let manifest = Manifest {
             window,
@@ -868,10 +874,8 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             router: self.router.state(),
         };
         let checkpoints = Checkpoints::new(&self.spec.job.run_dir());
-        Ok(StepOutcome {
-            checkpoint: Some(checkpoints.commit(&manifest, train.keep_checkpoints)?),
-            caught,
-        })
+        let committed = checkpoints.commit(&manifest, train.keep_checkpoints)?;
+        Ok(done(Some(committed), caught))
     }
 
     /// With validators, one audit per checkpoint writer: its stage's agreed
@@ -898,12 +902,14 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 .collect();
             let sum = match Vec::from_iter(sums)[..] {
                 [Some(sum)] => sum.clone(),
-                _ => return Err(TrainError::Protocol {
-                    rank: 0,
-                    reason: format!(
+                _ => {
+                    return Err(TrainError::Protocol {
+                        rank: 0,
+                        reason: format!(
                         "window {window}: the miners of stage {stage} state different reduced sums"
                     ),
-                }),
+                    })
+                }
             };
             tasks.push(CheckpointTask {
                 stage,
