@@ -212,6 +212,16 @@ struct WindowState {
     replay_s: f64,
 }
 
+impl WindowState {
+    /// The training microbatches done, with their final paths: the ones
+    /// the window's update counts.
+    fn trained(&self) -> impl Iterator<Item = (u64, &[usize])> + '_ {
+        self.flight
+            .done()
+            .filter(|(id, _)| !protocol::is_validation(*id))
+    }
+}
+
 impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     fn window(&mut self, window: u64, evals: u64) -> Result<WindowReport, TrainError> {
         let started = Instant::now();
@@ -374,12 +384,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         let rate = self.spec.roles.replay_rate;
         // (pass that sent, pass that received) for each break in a chain.
         let mut breaks = Vec::new();
-        let done: Vec<(u64, usize)> = w
-            .flight
-            .done()
-            .filter(|(id, _)| !protocol::is_validation(*id))
-            .map(|(id, path)| (id, path.len()))
-            .collect();
+        let done: Vec<(u64, usize)> = w.trained().map(|(id, path)| (id, path.len())).collect();
         // Each miner's passes not replayed yet.
         let mut unchecked: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
         for &(id, stages) in &done {
@@ -699,9 +704,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     /// done microbatches.
     fn close(&mut self, w: &WindowState) -> Result<Closed, TrainError> {
         let counted = w
-            .flight
-            .done()
-            .filter(|(id, _)| !protocol::is_validation(*id))
+            .trained()
             .map(|(id, path)| Route {
                 id,
                 path: path.to_vec(),
@@ -1123,11 +1126,7 @@ fn checkpoint_faults(
 /// checks: a miner that failed one is credited nothing.
 fn tallies(w: &WindowState) -> Vec<Tally> {
     let mut by_rank: BTreeMap<usize, Tally> = BTreeMap::new();
-    let training = w
-        .flight
-        .done()
-        .filter(|(id, _)| !protocol::is_validation(*id));
-    for (_, path) in training {
+    for (_, path) in w.trained() {
         for (stage, &rank) in path.iter().enumerate() {
             let tally = by_rank.entry(rank).or_insert(Tally {
                 rank,
