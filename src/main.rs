@@ -203,12 +203,30 @@ fn main() -> ExitCode {
 
 /// Prints `e` and returns the status to exit with.
 fn report(e: &anyhow::Error) -> u8 {
-    eprintln!("swarmrun: error: {e:#}");
+    eprintln!("swarmrun: error: {}", message(e));
     if is_usage_error(e) {
         EXIT_USAGE
     } else {
         1
     }
+}
+
+/// The error and its causes joined by ": ", each cause left out when the
+/// text before it already ends with it: most of our errors put their
+/// source in their own message, so `{e:#}` would print it twice.
+fn message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 /// Bad job files, plans and launch environments exit with status 2.

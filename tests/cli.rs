@@ -226,3 +226,14 @@ fn a_bad_swarmrun_bind_exits_2() {
         "{err}"
     );
 }
+
+#[test]
+fn a_missing_file_is_named_with_its_cause_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let out = swarmrun().arg("launch").arg(&missing).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&*missing.to_string_lossy()), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
