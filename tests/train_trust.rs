@@ -46,6 +46,7 @@ fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
         (5, "skip_compute"),
         (4, "replay_stale"),
         (3, "scale_update"),
+        (2, "scale_contribution"),
     ] {
         let (lines, err) = run(&checked_job(dir.path(), kind, 3, 1.0, &[(rank, kind)]));
         assert_eq!(

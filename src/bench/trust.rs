@@ -19,11 +19,12 @@ use thiserror::Error;
 use crate::ledger::{self, LedgerError, WindowRecord};
 
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them.
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 7] = [
     "random_grad",
     "skip_compute",
     "replay_stale",
     "scale_update",
+    "scale_contribution",
     "collude",
     "forge_checkpoint",
 ];

@@ -79,20 +79,12 @@ impl FixedPoint {
     ) -> Result<FixedPoint, CollectiveError> {
         check_arguments(parts, segments, len)?;
         // Largest magnitude per segment, then the local count in the last slot.
-        let mut maxes: Vec<f32> = segments
-            .iter()
-            .map(|seg| {
-                parts.iter().fold(0.0f32, |m, p| {
-                    p[seg.clone()].iter().fold(m, |m, x| {
-                        if x.is_finite() {
-                            m.max(x.abs())
-                        } else {
-                            f32::INFINITY
-                        }
-                    })
-                })
-            })
-            .collect();
+        let mut maxes = vec![0.0f32; segments.len()];
+        for part in parts {
+            for (m, x) in maxes.iter_mut().zip(segment_maxes(part, segments)) {
+                *m = m.max(x);
+            }
+        }
         maxes.push(parts.len() as f32);
         let size = call.transport.size();
         all_reduce(call, &mut maxes, ReduceOp::Max, AllReduceAlgorithm::Auto)?;
@@ -102,13 +94,41 @@ impl FixedPoint {
                 "up to {most_per_rank} contributions on each of {size} ranks: more than {MAX_CONTRIBUTIONS}"
             )));
         }
-        if let Some(segment) = maxes.iter().position(|m| !m.is_finite()) {
-            return Err(CollectiveError::NonFinite { segment });
+        FixedPoint::from_maxes(segments, &maxes)
+    }
+
+    /// The scales for contributions whose largest magnitude in each segment
+    /// is at most `maxes` (from [`segment_maxes`] of every contribution):
+    /// what [`FixedPoint::agree`] computes, for a caller that gathered the
+    /// maxes itself.
+    pub fn from_maxes(
+        segments: &[Range<usize>],
+        maxes: &[f32],
+    ) -> Result<FixedPoint, CollectiveError> {
+        FixedPoint::with_exponents(segments, scales_for(maxes)?)
+    }
+
+    /// Scales stated by someone else ([`FixedPoint::exponents`]).
+    pub fn with_exponents(
+        segments: &[Range<usize>],
+        exponents: Vec<i32>,
+    ) -> Result<FixedPoint, CollectiveError> {
+        if exponents.len() != segments.len() {
+            return Err(CollectiveError::InvalidArgument(format!(
+                "{} scales for {} segments",
+                exponents.len(),
+                segments.len()
+            )));
         }
         Ok(FixedPoint {
             segments: segments.to_vec(),
-            exponents: maxes.iter().map(|&m| exponent(m)).collect(),
+            exponents,
         })
+    }
+
+    /// Each segment's scale: values are rounded to multiples of `2^-e`.
+    pub fn exponents(&self) -> &[i32] {
+        &self.exponents
     }
 
     /// This rank's contribution: the sum of its `parts`, each rounded to
@@ -116,15 +136,29 @@ impl FixedPoint {
     pub fn encode(&self, parts: &[&[f32]]) -> Vec<i64> {
         let len = self.segments.last().map_or(0, |s| s.end);
         let mut sums = vec![0i64; len];
-        for (seg, &e) in self.segments.iter().zip(&self.exponents) {
-            let scale = 2f64.powi(e);
-            for part in parts {
-                for (acc, &x) in sums[seg.clone()].iter_mut().zip(&part[seg.clone()]) {
-                    *acc += (f64::from(x) * scale).round() as i64;
-                }
-            }
+        for part in parts {
+            self.add_rounded(part, 0..len, &mut sums);
         }
         sums
+    }
+
+    /// Adds `values`, the elements `range` of one contribution, rounded to
+    /// their segments' scales, to `acc` (as long as `range`): one piece of
+    /// [`FixedPoint::encode`], for checking a piece of a contribution.
+    pub fn add_rounded(&self, values: &[f32], range: Range<usize>, acc: &mut [i64]) {
+        for (seg, &e) in self.segments.iter().zip(&self.exponents) {
+            let (start, end) = (seg.start.max(range.start), seg.end.min(range.end));
+            if start >= end {
+                continue;
+            }
+            let scale = 2f64.powi(e);
+            let local = start - range.start..end - range.start;
+            for (a, &x) in acc[local.clone()].iter_mut().zip(&values[local]) {
+                // Wrapping: a contribution beyond the stated maxes (a
+                // cheater's) must give a wrong sum, not a panic.
+                *a = a.wrapping_add((f64::from(x) * scale).round() as i64);
+            }
+        }
     }
 
     /// `out` = the integer `sums` back at each segment's scale.
@@ -136,6 +170,33 @@ impl FixedPoint {
             }
         }
     }
+}
+
+/// The largest magnitude of `part` in each of `segments`; infinity for a
+/// segment holding a NaN or an infinity.
+pub fn segment_maxes(part: &[f32], segments: &[Range<usize>]) -> Vec<f32> {
+    segments
+        .iter()
+        .map(|seg| {
+            part[seg.clone()].iter().fold(0.0f32, |m, x| {
+                if x.is_finite() {
+                    m.max(x.abs())
+                } else {
+                    f32::INFINITY
+                }
+            })
+        })
+        .collect()
+}
+
+/// Each segment's scale ([`FixedPoint::exponents`]) for contributions
+/// whose largest magnitudes are `maxes`; a non-finite max is an error
+/// naming its segment.
+pub fn scales_for(maxes: &[f32]) -> Result<Vec<i32>, CollectiveError> {
+    if let Some(segment) = maxes.iter().position(|m| !m.is_finite()) {
+        return Err(CollectiveError::NonFinite { segment });
+    }
+    Ok(maxes.iter().map(|&m| exponent(m)).collect())
 }
 
 /// `e` such that `max * 2^e < 2^VALUE_BITS`, as large as possible in

@@ -99,7 +99,9 @@ pub use bandwidth::measure_bandwidth;
 pub use barrier::barrier;
 pub use broadcast::broadcast;
 pub use element::{Element, ReduceOp, PARALLEL_REDUCE_MIN};
-pub use fixed_point::{all_reduce_fixed_point, FixedPoint, MAX_CONTRIBUTIONS};
+pub use fixed_point::{
+    all_reduce_fixed_point, scales_for, segment_maxes, FixedPoint, MAX_CONTRIBUTIONS,
+};
 pub use frame::{BLAME_GRACE, CHUNK_BYTES};
 pub use group::Group;
 pub use hierarchical::hierarchical_all_reduce;

@@ -351,6 +351,10 @@ pub enum CheatKind {
     /// steps) while stating the honest digests; `probability` is per
     /// checkpoint.
     ForgeCheckpoint,
+    /// Honest passes, but its contribution to its stage's all-reduce
+    /// times 8 (the scale_update of a careful cheater, whose receipts and
+    /// replays are all right); `probability` is per window.
+    ScaleContribution,
 }
 
 /// One rank that exits with `exit_code` (1..=255): `after_s` seconds after

@@ -99,6 +99,14 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     if p.microbatches_per_window == 0 {
         return violation("pipeline.microbatches_per_window", "must be at least 1");
     }
+    // Each one is a contribution to its stage's fixed-point sum.
+    let most = crate::collective::MAX_CONTRIBUTIONS;
+    if p.microbatches_per_window > most {
+        return violation(
+            "pipeline.microbatches_per_window",
+            format!("{} is more than {most}", p.microbatches_per_window),
+        );
+    }
     if let Some(b) = p.compression.bottleneck {
         if b == 0 || b > m.n_embd {
             return violation(

@@ -8,6 +8,7 @@
 //! tolerance is needed and an honest miner is never flagged. (On a GPU a
 //! replay would need a stated tolerance instead; training runs on CPU.)
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -16,6 +17,7 @@ use thiserror::Error;
 
 use super::protocol::{CheckpointTask, Receipt};
 use super::train::Setup;
+use crate::collective::{segment_maxes, FixedPoint};
 use crate::data::Split;
 use crate::model::{batch_tensors, AdamW, AdamWConfig, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
@@ -136,6 +138,127 @@ pub fn decode(bytes: &[u8]) -> Result<Bundle, BundleError> {
 /// BLAKE3 of `bytes`, hex: the digests receipts carry.
 pub fn digest(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
+}
+
+/// Floats per chunk of a pass's parameter gradients in its receipt's
+/// digest ([`params_digest`]).
+pub const GRAD_CHUNK: usize = 1024;
+
+/// The digest of each [`GRAD_CHUNK`] floats of a pass's parameter
+/// gradients, in order.
+pub fn chunk_digests(params: &[f32]) -> Vec<blake3::Hash> {
+    params
+        .chunks(GRAD_CHUNK)
+        .map(crate::model::digest)
+        .collect()
+}
+
+/// A receipt's `params`: BLAKE3, hex, of the chunks' digests in order, so
+/// that one chunk can be checked against it with the other chunks'
+/// digests alone.
+pub fn params_digest(chunks: &[blake3::Hash]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for chunk in chunks {
+        hasher.update(chunk.as_bytes());
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+/// A receipt's `maxes`: each parameter tensor's largest gradient
+/// magnitude, as f32 bits.
+pub fn gradient_maxes(model: &StageModel, params: &[f32]) -> Vec<u32> {
+    let segments: Vec<_> = model.layout().iter().map(|p| p.range()).collect();
+    segment_maxes(params, &segments)
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// What shows a validator, for each pass's parameter gradients and
+/// their [`chunk_digests`] in `passes`, the chunk holding element `probe`
+/// against the pass's receipt: every chunk's digest, then that chunk's
+/// floats (little-endian).
+pub fn gradient_proof<'p>(
+    passes: impl Iterator<Item = (&'p [f32], &'p [blake3::Hash])>,
+    probe: usize,
+) -> Vec<u8> {
+    let mut proof = Vec::new();
+    for (params, chunks) in passes {
+        for digest in chunks {
+            proof.extend_from_slice(digest.as_bytes());
+        }
+        let chunk = params.chunks(GRAD_CHUNK).nth(probe / GRAD_CHUNK);
+        for x in chunk.unwrap_or_default() {
+            proof.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    proof
+}
+
+/// Checks that `contribution` (a miner's integers for the slice `slice`
+/// of its stage's all-reduce, little-endian) is, in the gradient chunk
+/// holding element `probe`, the fixed-point sum at `scales` of the
+/// gradients of `passes` (its credited passes and their receipts'
+/// `params`). `proof` holds, pass by pass, every chunk's digest and then
+/// the probed chunk's floats, little-endian ([`gradient_proof`]).
+pub fn check_contribution(
+    segments: &[Range<usize>],
+    scales: &[i32],
+    passes: &[(u64, String)],
+    probe: usize,
+    slice: &Range<usize>,
+    contribution: &[u8],
+    proof: &[u8],
+) -> Result<(), String> {
+    if slice.is_empty() {
+        return Ok(());
+    }
+    let numel = segments.last().map_or(0, |s| s.end);
+    let q = probe / GRAD_CHUNK;
+    let chunk = q * GRAD_CHUNK..((q + 1) * GRAD_CHUNK).min(numel);
+    let n_chunks = numel.div_ceil(GRAD_CHUNK);
+    let per_pass = n_chunks * blake3::OUT_LEN + chunk.len() * 4;
+    if proof.len() != per_pass * passes.len() {
+        return Err(format!(
+            "sent {} bytes of gradients for {} passes, not {}",
+            proof.len(),
+            passes.len(),
+            per_pass * passes.len()
+        ));
+    }
+    let fixed = FixedPoint::with_exponents(segments, scales.to_vec()).map_err(|e| e.to_string())?;
+    let probed = chunk.start.max(slice.start)..chunk.end.min(slice.end);
+    let mut sum = vec![0i64; probed.len()];
+    for ((id, stated), bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
+        let (digests, floats) = bytes.split_at(n_chunks * blake3::OUT_LEN);
+        if blake3::hash(digests).to_hex().as_str() != stated {
+            return Err(format!(
+                "microbatch {id}: the gradient chunk digests it sent are not its receipt's"
+            ));
+        }
+        let own = &digests[q * blake3::OUT_LEN..(q + 1) * blake3::OUT_LEN];
+        if blake3::hash(floats).as_bytes() != own {
+            return Err(format!(
+                "microbatch {id}: the gradient chunk it sent is not its receipt's"
+            ));
+        }
+        let values: Vec<f32> = floats
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()))
+            .collect();
+        let inside = probed.start - chunk.start..probed.end - chunk.start;
+        fixed.add_rounded(&values[inside], probed.clone(), &mut sum);
+    }
+    let at = (probed.start - slice.start) * 8..(probed.end - slice.start) * 8;
+    let stated = contribution.get(at).unwrap_or_default().chunks_exact(8);
+    let matches = stated
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .eq(sum.iter().copied());
+    if matches {
+        Ok(())
+    } else {
+        Err("its contribution is not the fixed-point sum of its passes' gradients".into())
+    }
 }
 
 /// The digest of f32s as little-endian bytes (parameter gradients, a loss).
@@ -292,9 +415,14 @@ pub(super) fn replay(
         .map_err(|e| e.to_string())?;
     check(
         "the parameter gradient",
-        Some(digest_f32(&grads.params)),
+        Some(params_digest(&chunk_digests(&grads.params))),
         &Some(receipt.params.clone()),
     )?;
+    if gradient_maxes(model, &grads.params) != receipt.maxes {
+        return Err(format!(
+            "microbatch {id}: the gradient maxes differ from the receipt's"
+        ));
+    }
     let grad_out = match &grads.input {
         None => None,
         Some(g) => Some(digest(&encoded(g)?)),
@@ -305,6 +433,72 @@ pub(super) fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_contribution_is_checked_against_its_passes_in_the_probed_chunk() {
+        let numel = 3 * GRAD_CHUNK + 100;
+        let segments = vec![0..1000, 1000..numel];
+        let mut rng = crate::data::rng::SplitMix64::new(5, 0);
+        let passes: Vec<Vec<f32>> = (0..3)
+            .map(|_| (0..numel).map(|_| rng.normal() as f32 * 1e-3).collect())
+            .collect();
+        let parts: Vec<&[f32]> = passes.iter().map(Vec::as_slice).collect();
+        let mut maxes = vec![0.0f32; segments.len()];
+        for p in &parts {
+            for (m, x) in maxes.iter_mut().zip(segment_maxes(p, &segments)) {
+                *m = m.max(x);
+            }
+        }
+        let fixed = FixedPoint::from_maxes(&segments, &maxes).unwrap();
+        let contribution = fixed.encode(&parts);
+        let stated: Vec<(u64, String)> = passes
+            .iter()
+            .enumerate()
+            .map(|(id, p)| (id as u64, params_digest(&chunk_digests(p))))
+            .collect();
+        // The second of two slices; the probe lands in its first chunk.
+        let slice = numel / 2..numel;
+        let probe = slice.start + 7;
+        let bytes = |c: &[i64]| -> Vec<u8> {
+            c[slice.clone()]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect()
+        };
+        let chunks: Vec<Vec<blake3::Hash>> = parts.iter().map(|p| chunk_digests(p)).collect();
+        let proof = gradient_proof(
+            parts.iter().copied().zip(chunks.iter().map(Vec::as_slice)),
+            probe,
+        );
+        let check = |contribution: &[u8], proof: &[u8]| {
+            check_contribution(
+                &segments,
+                fixed.exponents(),
+                &stated,
+                probe,
+                &slice,
+                contribution,
+                proof,
+            )
+        };
+        assert_eq!(check(&bytes(&contribution), &proof), Ok(()));
+
+        let inflated: Vec<i64> = contribution.iter().map(|x| x * 8).collect();
+        let err = check(&bytes(&inflated), &proof).unwrap_err();
+        assert!(err.contains("not the fixed-point sum"), "{err}");
+
+        let mut forged = proof.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let err = check(&bytes(&contribution), &forged).unwrap_err();
+        assert!(
+            err.contains("microbatch 2: the gradient chunk it sent"),
+            "{err}"
+        );
+
+        let err = check(&bytes(&contribution), &proof[1..]).unwrap_err();
+        assert!(err.contains("bytes of gradients for 3 passes"), "{err}");
+    }
 
     fn bundle() -> Bundle {
         Bundle {

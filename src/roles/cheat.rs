@@ -15,6 +15,7 @@ const SALT: u64 = 0xc4ea_7000_0000_0000;
 /// the per-pass draws.
 const COLLUDE_SALT: u64 = 0x0c01_1de0_0000_0000;
 const FORGE_SALT: u64 = 0xf0e9_e000_0000_0000;
+const INFLATE_SALT: u64 = 0x1f1a_7e00_0000_0000;
 
 /// A miner's cheats and what it keeps to replay stale work.
 #[derive(Debug)]
@@ -56,7 +57,13 @@ impl Cheater {
     /// are honest.
     pub fn cheats_on(&self, id: u64) -> bool {
         let mut rng = SplitMix64::new(self.seed, ((self.rank as u64) << 48) ^ id);
-        let on_passes = !matches!(self.kind, CheatKind::Collude | CheatKind::ForgeCheckpoint);
+        let on_passes = matches!(
+            self.kind,
+            CheatKind::RandomGrad
+                | CheatKind::SkipCompute
+                | CheatKind::ReplayStale
+                | CheatKind::ScaleUpdate
+        );
         on_passes && rng.unit_open0() <= self.probability
     }
 
@@ -95,6 +102,21 @@ impl Cheater {
         let mut forged = honest.clone();
         forged.restore(honest.steps_taken(), m, &v).ok()?;
         Some(forged)
+    }
+
+    /// Whether an inflater multiplies its all-reduce contribution in
+    /// `window` (its passes stay honest).
+    pub fn inflates(&self, window: u64) -> bool {
+        let mut coin = SplitMix64::new(self.seed, INFLATE_SALT ^ window);
+        self.kind == CheatKind::ScaleContribution && coin.unit_open0() <= self.probability
+    }
+
+    /// What an inflater makes of its contribution: every integer times 8,
+    /// as if its gradients were (exactly, since 8 is a power of two).
+    pub fn inflate(contribution: &mut [i64]) {
+        for x in contribution {
+            *x = x.wrapping_mul(8);
+        }
     }
 
     /// What a colluder makes of a slice it changes: every element doubled
@@ -145,7 +167,9 @@ impl Cheater {
                 input,
             },
             (CheatKind::ReplayStale, None)
-            | (CheatKind::Collude | CheatKind::ForgeCheckpoint, _) => PassGrads { params, input },
+            | (CheatKind::Collude | CheatKind::ForgeCheckpoint | CheatKind::ScaleContribution, _) => {
+                PassGrads { params, input }
+            }
         })
     }
 }

@@ -24,7 +24,7 @@ use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setu
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
     all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition, ReduceOp,
-    SliceTamper, TAGS_PER_CALL,
+    SliceTamper,
 };
 use crate::config::JobSpec;
 use crate::data::Split;
@@ -95,9 +95,11 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
                 attempt,
                 counted,
                 stages,
+                scales,
             } => {
                 let peers = stages.get(miner.stage).cloned().unwrap_or_default();
-                miner.close(window, attempt, &counted, peers)?;
+                let scales = scales.get(miner.stage).cloned().unwrap_or_default();
+                miner.close(window, attempt, &counted, peers, scales)?;
                 recv_order(t)?
             }
             Order::Step {
@@ -149,7 +151,7 @@ struct Miner<'a, T: ?Sized> {
     model: StageModel,
     opt: AdamW,
     /// Parameter gradients of each microbatch served this window.
-    grads: BTreeMap<u64, Vec<f32>>,
+    grads: BTreeMap<u64, KeptGrads>,
     /// The stage's all-reduced gradient sum, waiting for `Step`.
     reduced: Option<(u64, Vec<f32>)>,
     /// What this miner put into its stage's last all-reduce, for validators
@@ -163,6 +165,13 @@ struct Miner<'a, T: ?Sized> {
     unreported: (u64, u64),
     /// `[[faults.cheat]]` for this rank, if any.
     cheater: Option<Cheater>,
+}
+
+/// One pass's parameter gradients and the digests of their chunks (its
+/// receipt's `params`), kept until the step.
+struct KeptGrads {
+    params: Vec<f32>,
+    chunks: Vec<blake3::Hash>,
 }
 
 /// A miner's fixed-point contribution to one all-reduce, cut into the
@@ -339,14 +348,20 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             }
             None => None,
         };
+        let chunks = audit::chunk_digests(&grads.params);
         let receipt = Receipt {
             input: stated.input,
             output: stated.output,
             grad_in: stated.grad_in,
             grad_out,
-            params: audit::digest_f32(&grads.params),
+            params: audit::params_digest(&chunks),
+            maxes: audit::gradient_maxes(&self.model, &grads.params),
         };
-        self.grads.insert(route.id, grads.params);
+        let kept = KeptGrads {
+            params: grads.params,
+            chunks,
+        };
+        self.grads.insert(route.id, kept);
         Ok(Ok(receipt))
     }
 
@@ -408,8 +423,21 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             let values = &c.values[c.part.range(task.slice)];
             let tag = protocol::slice_tag(window, attempt, task.slice);
             self.send_to_validator(task.validator, tag, bytemuck::cast_slice(values))?;
+            let Some(credited) = &task.passes else {
+                continue;
+            };
+            let at = task.contributors.iter().position(|(r, _)| *r == me);
+            let passes = at.and_then(|i| credited.get(i)).map_or(&[][..], |p| p);
+            let proof = self.gradient_proof(passes, task.probed(c.part.range(task.slice)));
+            self.send_to_validator(task.validator, tag, &proof)?;
         }
         Ok(())
+    }
+
+    /// [`audit::gradient_proof`] of the gradients of `passes` it kept.
+    fn gradient_proof(&self, passes: &[(u64, String)], probe: usize) -> Vec<u8> {
+        let kept = passes.iter().filter_map(|(id, _)| self.grads.get(id));
+        audit::gradient_proof(kept.map(|k| (&k.params[..], &k.chunks[..])), probe)
     }
 
     /// Reports a microbatch served, with the boundary bytes sent since the
@@ -435,7 +463,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 loss,
                 dense_bytes,
                 wire_bytes,
-                receipt,
+                receipt: receipt.map(Box::new),
             },
         )
     }
@@ -501,6 +529,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
         attempt: u32,
         counted: &[Route],
         peers: Vec<usize>,
+        scales: Vec<i32>,
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
         // A miner routed nothing in its crash window leaves here.
@@ -520,7 +549,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                         route.id
                     ),
                 })?;
-            parts.push(grads.as_slice());
+            parts.push(grads.params.as_slice());
         }
         let group = Group::new(self.t, peers)?;
         let segments: Vec<_> = self.model.layout().iter().map(|p| p.range()).collect();
@@ -536,15 +565,18 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             }
         };
         let tamper: Option<&SliceTamper<i64>> = (!colluded.is_empty()).then_some(&collude);
-        let reduced =
-            FixedPoint::agree(Call::new(&group, tag), &parts, &segments, numel).and_then(|scale| {
-                let contribution = scale.encode(&parts);
-                let mut sums = contribution.clone();
-                let call = Call::new(&group, tag + TAGS_PER_CALL);
-                let held =
-                    all_reduce_redundant_checked(call, &mut sums, ReduceOp::Sum, copies, tamper)?;
-                Ok((scale, contribution, sums, held))
-            });
+        let inflate = self.cheater.as_ref().is_some_and(|c| c.inflates(window));
+        let reduced = FixedPoint::with_exponents(&segments, scales).and_then(|scale| {
+            let mut contribution = scale.encode(&parts);
+            if inflate {
+                Cheater::inflate(&mut contribution);
+            }
+            let mut sums = contribution.clone();
+            let call = Call::new(&group, tag);
+            let held =
+                all_reduce_redundant_checked(call, &mut sums, ReduceOp::Sum, copies, tamper)?;
+            Ok((scale, contribution, sums, held))
+        });
         let report = match reduced {
             Ok((scale, contribution, sums, held)) => {
                 let part = Partition::equal(numel, group.size());

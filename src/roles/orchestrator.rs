@@ -13,7 +13,7 @@ use super::protocol::{
 };
 use super::train::{adamw_config, crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
-use crate::collective::slice_holders;
+use crate::collective::{scales_for, slice_holders};
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::rng::SplitMix64;
 use crate::ledger::{Ledger, Tally};
@@ -185,6 +185,8 @@ struct Closed {
     lost: Vec<usize>,
     /// What each miner stated about its all-reduce.
     reductions: BTreeMap<usize, Reduction>,
+    /// Each stage's fixed-point scales, as the `Close` order gave them.
+    scales: Vec<Vec<i32>>,
 }
 
 /// What happened to the training microbatches of a window so far.
@@ -251,7 +253,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             if gone.is_empty() {
                 let closed = self.close(&w)?;
                 gone = if closed.lost.is_empty() {
-                    self.recompute(&mut w, &closed.reductions)?
+                    self.recompute(&mut w, &closed)?
                 } else {
                     closed.lost
                 };
@@ -342,7 +344,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                         },
                     ) if window == w.window && attempt == w.attempt => {
                         if let Some(receipt) = receipt {
-                            w.receipts.insert((id, stage), (from, receipt));
+                            w.receipts.insert((id, stage), (from, *receipt));
                         }
                         self.router.observe(from, compute_s);
                         w.busy_s += compute_s;
@@ -496,8 +498,9 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     fn recompute(
         &mut self,
         w: &mut WindowState,
-        reductions: &BTreeMap<usize, Reduction>,
+        closed: &Closed,
     ) -> Result<Vec<usize>, TrainError> {
+        let reductions = &closed.reductions;
         let rate = self.spec.roles.slice_audit_rate;
         let mut tasks = Vec::new();
         let mut disagreed = Vec::new();
@@ -513,6 +516,10 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 disagreed.push(stage);
                 slices
             };
+            // The slice whose task carries the contribution check.
+            let proved = picked
+                .get(self.draws.below(picked.len().max(1) as u64) as usize)
+                .copied();
             for slice in picked {
                 let contributors = peers
                     .iter()
@@ -533,12 +540,30 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 if self.validators.is_empty() {
                     continue;
                 }
+                let passes = (proved == Some(slice)).then(|| {
+                    peers
+                        .iter()
+                        .map(|&r| {
+                            let credited =
+                                w.trained().filter(|(_, path)| path.get(stage) == Some(&r));
+                            credited
+                                .filter_map(|(id, _)| {
+                                    let (_, receipt) = w.receipts.get(&(id, stage))?;
+                                    Some((id, receipt.params.clone()))
+                                })
+                                .collect()
+                        })
+                        .collect()
+                });
                 tasks.push(SliceTask {
                     stage,
                     slice,
                     validator: self.validators[tasks.len() % self.validators.len()],
                     contributors,
                     holders,
+                    scales: closed.scales.get(stage).cloned().unwrap_or_default(),
+                    passes,
+                    probe: self.draws.next_u64(),
                 });
             }
         }
@@ -710,11 +735,13 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 path: path.to_vec(),
             })
             .collect();
+        let scales = self.scales(w)?;
         self.broadcast(&Order::Close {
             window: w.window,
             attempt: w.attempt,
             counted,
             stages: self.stage_miners(),
+            scales: scales.clone(),
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
         let mut newly_lost = Vec::new();
@@ -761,8 +788,40 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             _ => Ok(Closed {
                 lost: newly_lost,
                 reductions,
+                scales,
             }),
         }
+    }
+
+    /// Each stage's fixed-point scales for the window's all-reduce, from the
+    /// largest gradient magnitudes the counted passes' receipts state (a
+    /// pass that understates them is caught when replayed).
+    fn scales(&self, w: &WindowState) -> Result<Vec<Vec<i32>>, TrainError> {
+        let mut maxes: Vec<Vec<f32>> = vec![Vec::new(); self.setup.stages];
+        for (id, path) in w.trained() {
+            for (stage, m) in maxes.iter_mut().enumerate().take(path.len()) {
+                let Some((_, receipt)) = w.receipts.get(&(id, stage)) else {
+                    continue;
+                };
+                if m.len() < receipt.maxes.len() {
+                    m.resize(receipt.maxes.len(), 0.0);
+                }
+                for (m, &bits) in m.iter_mut().zip(&receipt.maxes) {
+                    let x = f32::from_bits(bits);
+                    *m = if x.is_nan() { f32::INFINITY } else { m.max(x) };
+                }
+            }
+        }
+        maxes
+            .iter()
+            .enumerate()
+            .map(|(stage, m)| {
+                scales_for(m).map_err(|e| TrainError::Protocol {
+                    rank: 0,
+                    reason: format!("window {}: stage {stage}'s gradients: {e}", w.window),
+                })
+            })
+            .collect()
     }
 
     /// Phase two: every miner steps; digests must agree within each stage.

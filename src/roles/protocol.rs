@@ -155,8 +155,14 @@ pub struct Receipt {
     pub grad_in: Option<String>,
     /// The input-gradient frame sent upstream; `None` on stage 0.
     pub grad_out: Option<String>,
-    /// The pass's parameter gradients (f32 LE, layout order).
+    /// The pass's parameter gradients (f32 LE, layout order), as
+    /// `audit::params_digest` takes it: chunk by chunk, so that a
+    /// validator can check one chunk without the rest.
     pub params: String,
+    /// The largest magnitude of the parameter gradients in each parameter
+    /// tensor (f32 bits; infinity for a NaN): the orchestrator sets the
+    /// all-reduce's fixed-point scales from them.
+    pub maxes: Vec<u32>,
 }
 
 /// One pass to replay: microbatch `id` on `stage`, served by `miner`, whose
@@ -226,6 +232,27 @@ pub struct SliceTask {
     pub contributors: Vec<(usize, String)>,
     /// The miners that reduced the slice, with their copies' digests.
     pub holders: Vec<(usize, String)>,
+    /// The stage's fixed-point scales, as the `Close` order gave them.
+    pub scales: Vec<i32>,
+    /// For each contributor (same order), the passes the window credits
+    /// it with and their receipts' `params` digests: its contribution must
+    /// be their gradients' fixed-point sum. Only one recomputed slice of a
+    /// stage carries them (`None` on the others): one probe per miner and
+    /// window catches a scaled contribution, and each costs the validator
+    /// a chunk of every pass.
+    pub passes: Option<Vec<Vec<(u64, String)>>>,
+    /// Drawn after the miners stated their contributions: picks the
+    /// element of the slice ([`SliceTask::probed`]) in whose gradient chunk
+    /// (`audit::GRAD_CHUNK`) each contribution is checked against its
+    /// passes.
+    pub probe: u64,
+}
+
+impl SliceTask {
+    /// The element [`SliceTask::probe`] picks in the slice's `range`.
+    pub fn probed(&self, range: std::ops::Range<usize>) -> usize {
+        range.start + (self.probe % range.len().max(1) as u64) as usize
+    }
 }
 
 /// A validator's finding on one [`AuditTask`].
@@ -279,6 +306,9 @@ pub enum Order {
         counted: Vec<Route>,
         /// The live miners of each stage.
         stages: Vec<Vec<usize>>,
+        /// Each stage's fixed-point scales (`FixedPoint::exponents`), from
+        /// the counted passes' receipts.
+        scales: Vec<Vec<i32>>,
     },
     /// Send what the validators need to replay `tasks`; `weights` is the
     /// digest every stage's weights had at the window's start.
@@ -324,14 +354,14 @@ pub enum Report {
         /// as computed (f32) and on the wire.
         dense_bytes: u64,
         wire_bytes: u64,
-        /// For a training microbatch.
-        receipt: Option<Receipt>,
+        /// For a training microbatch (boxed: most reports have none).
+        receipt: Option<Box<Receipt>>,
     },
     /// A validator replayed `task` in `replay_s` seconds.
     Audited {
         window: u64,
         attempt: u32,
-        task: AuditTask,
+        task: Box<AuditTask>,
         verdict: Verdict,
         replay_s: f64,
     },
@@ -347,7 +377,7 @@ pub enum Report {
     Recomputed {
         window: u64,
         attempt: u32,
-        task: SliceTask,
+        task: Box<SliceTask>,
         verdicts: Vec<(usize, Verdict)>,
         replay_s: f64,
     },
@@ -433,13 +463,14 @@ mod tests {
             loss: Some(2.5),
             dense_bytes: 4096,
             wire_bytes: 1040,
-            receipt: Some(Receipt {
+            receipt: Some(Box::new(Receipt {
                 input: Some("ab".into()),
                 output: "cd".into(),
                 grad_in: None,
                 grad_out: Some("ef".into()),
                 params: "01".into(),
-            }),
+                maxes: vec![0x3f80_0000],
+            })),
         };
         assert_eq!(decode_report(&encode(&report), 4).unwrap(), report);
         let err = decode_report(b"{\"Served\":{}}", 4).unwrap_err();

@@ -3,7 +3,9 @@
 //! `Recompute` sums all-reduce slices from the miners' contributions and
 //! judges the copies the slices' holders stated.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::Instant;
 
 use super::audit::{self, Bundle};
@@ -21,7 +23,7 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
     let setup = Setup::new(spec)?;
     let codec = setup.codec(spec);
     // Parameters of each stage, once known.
-    let mut numels: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut layouts: BTreeMap<usize, Vec<Range<usize>>> = BTreeMap::new();
     loop {
         match recv_order(t)? {
             Order::Stop => return Ok(()),
@@ -60,7 +62,7 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
                         let report = Report::Audited {
                             window,
                             attempt,
-                            task,
+                            task: Box::new(task),
                             verdict,
                             replay_s,
                         };
@@ -80,12 +82,12 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
                 tasks,
             } => {
                 for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
-                    let len = slice_len(&setup, &mut numels, &task)?;
-                    let (verdicts, replay_s) = recompute(t, window, attempt, &task, len)?;
+                    let segments = stage_segments(&setup, &mut layouts, task.stage)?;
+                    let (verdicts, replay_s) = recompute(t, window, attempt, &task, segments)?;
                     let report = Report::Recomputed {
                         window,
                         attempt,
-                        task,
+                        task: Box::new(task),
                         verdicts,
                         replay_s,
                     };
@@ -188,78 +190,108 @@ fn audit_checkpoint<T: Transport + ?Sized>(
     })
 }
 
-/// How many integers the slice of `task` holds: its part of an equal
-/// partition of the stage's parameters among the stage's miners.
-fn slice_len(
+/// The parameter layout of `stage` (each tensor's range in the flat
+/// buffer), built once per stage.
+fn stage_segments<'c>(
     setup: &Setup,
-    numels: &mut BTreeMap<usize, usize>,
-    task: &SliceTask,
-) -> Result<usize, TrainError> {
-    let numel = match numels.get(&task.stage) {
-        Some(&n) => n,
-        None => {
-            let model = StageModel::new(&setup.config, &setup.layers, task.stage, setup.seed)?;
-            *numels.entry(task.stage).or_insert(model.numel())
+    cache: &'c mut BTreeMap<usize, Vec<Range<usize>>>,
+    stage: usize,
+) -> Result<&'c [Range<usize>], TrainError> {
+    Ok(match cache.entry(stage) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => {
+            let model = StageModel::new(&setup.config, &setup.layers, stage, setup.seed)?;
+            e.insert(model.layout().iter().map(|p| p.range()).collect())
         }
-    };
-    let n = task.contributors.len();
-    Ok(if task.slice < n {
-        Partition::equal(numel, n).range(task.slice).len()
-    } else {
-        0
     })
 }
 
 /// Sums slice `task.slice` of a stage's all-reduce from every miner's
 /// contribution, each checked against the digest it stated, and judges
-/// every miner involved: a contributor by what it sent, a holder by
-/// whether its copy is the sum. Holders go unjudged when the sum cannot be
-/// made (a contributor lost, silent or caught). Also returns the seconds
-/// the checking took, without the wait for the contributions.
+/// every miner involved: a contributor by what it sent (and by whether its
+/// contribution is the fixed-point sum of its passes' gradients in the
+/// probed chunk), a holder by whether its copy is the sum. Holders go
+/// unjudged when the sum cannot be made (a contributor lost, silent, or
+/// sending other numbers than it stated). Also returns the seconds the
+/// checking took, without the wait for the miners' data.
 fn recompute<T: Transport + ?Sized>(
     t: &T,
     window: u64,
     attempt: u32,
     task: &SliceTask,
-    len: usize,
+    segments: &[Range<usize>],
 ) -> Result<(Vec<(usize, Verdict)>, f64), TrainError> {
     let tag = protocol::slice_tag(window, attempt, task.slice);
     let mut received = Vec::with_capacity(task.contributors.len());
     for (rank, _) in &task.contributors {
-        received.push(match t.recv(*rank, tag) {
-            Ok(bytes) => Ok(bytes),
-            Err(TransportError::PeerLost { .. }) => Err(Verdict::Unavailable),
+        let got = || match t.recv(*rank, tag) {
+            Ok(bytes) => Ok(Ok(bytes)),
+            Err(TransportError::PeerLost { .. }) => Ok(Err(Verdict::Unavailable)),
             Err(TransportError::Timeout { .. }) => {
-                Err(Verdict::Failed("sent nothing to recompute".into()))
+                Ok(Err(Verdict::Failed("sent nothing to recompute".into())))
             }
-            Err(e) => return Err(e.into()),
-        });
+            Err(e) => Err(TrainError::from(e)),
+        };
+        let contribution = got()?;
+        let proof = match (&contribution, &task.passes) {
+            (Ok(_), Some(_)) => got()?,
+            _ => Ok(Vec::new()),
+        };
+        received.push(contribution.and_then(|c| proof.map(|p| (c, p))));
     }
     let started = Instant::now();
+    let numel = segments.last().map_or(0, |s| s.end);
+    let n = task.contributors.len();
+    let range = if task.slice < n {
+        Partition::equal(numel, n).range(task.slice)
+    } else {
+        0..0
+    };
+    let len = range.len();
     let mut sum = vec![0i64; len];
     let mut whole = true;
     let mut verdicts = Vec::new();
-    for ((rank, stated), got) in task.contributors.iter().zip(received) {
+    for (i, ((rank, stated), got)) in task.contributors.iter().zip(received).enumerate() {
         let verdict = match got {
-            Ok(bytes) if bytes.len() != len * 8 => Verdict::Failed(format!(
-                "sent {} bytes of contribution for a slice of {len} integers",
-                bytes.len()
-            )),
+            Ok((bytes, _)) if bytes.len() != len * 8 => {
+                whole = false;
+                Verdict::Failed(format!(
+                    "sent {} bytes of contribution for a slice of {len} integers",
+                    bytes.len()
+                ))
+            }
             // The integers travel little-endian: what the digest covers.
-            Ok(bytes) => {
-                if blake3::hash(&bytes).to_hex().as_str() == stated {
-                    for (acc, x) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
-                        let x = i64::from_le_bytes(x.try_into().unwrap_or_default());
-                        *acc = acc.wrapping_add(x);
-                    }
-                    Verdict::Passed
-                } else {
-                    Verdict::Failed("sent another contribution than it stated".into())
+            Ok((bytes, _)) if blake3::hash(&bytes).to_hex().as_str() != stated => {
+                whole = false;
+                Verdict::Failed("sent another contribution than it stated".into())
+            }
+            Ok((bytes, proof)) => {
+                for (acc, x) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
+                    *acc = acc.wrapping_add(i64::from_le_bytes(x.try_into().unwrap_or_default()));
+                }
+                let Some(passes) = task.passes.as_ref().and_then(|p| p.get(i)) else {
+                    verdicts.push((*rank, Verdict::Passed));
+                    continue;
+                };
+                let probe = task.probed(range.clone());
+                match audit::check_contribution(
+                    segments,
+                    &task.scales,
+                    passes,
+                    probe,
+                    &range,
+                    &bytes,
+                    &proof,
+                ) {
+                    Ok(()) => Verdict::Passed,
+                    Err(reason) => Verdict::Failed(reason),
                 }
             }
-            Err(verdict) => verdict,
+            Err(verdict) => {
+                whole = false;
+                verdict
+            }
         };
-        whole &= verdict == Verdict::Passed;
         verdicts.push((*rank, verdict));
     }
     let digest = slice_digest(&sum);
