@@ -152,7 +152,7 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         opts.microbatches, opts.rate, opts.slice_rate, opts.probability, opts.seeds, opts.windows
     );
     println!(
-        "{:<16} {:>8} {:>16} {:>10} {:>12} {:>13} {:>10}",
+        "{:<18} {:>8} {:>16} {:>10} {:>12} {:>13} {:>10}",
         "cheat",
         "recall",
         "windows to catch",
@@ -178,7 +178,7 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
             }
         };
         println!(
-            "{:<16} {:>7.1}% {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
+            "{:<18} {:>7.1}% {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
             kind,
             100.0 * within as f64 / outcomes.len() as f64,
             windows,
@@ -197,7 +197,7 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         None,
     )?;
     println!(
-        "{:<16} {:>8} {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
+        "{:<18} {:>8} {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
         format!("none ({}w)", opts.honest_windows),
         "-",
         "-",

@@ -14,10 +14,12 @@
 //!    (attempt 1, 2, ...) with every microbatch not yet complete plus the
 //!    complete ones the lost miner worked on (its gradients left with
 //!    it); a miner drops whatever it was doing when a new order comes.
-//! 2. `Close`: the final path of every training microbatch. Each miner
-//!    sums the gradients of the ids whose final path names it and the
-//!    miners of a stage all-reduce them; nothing is applied yet. A miner
-//!    lost now sends the window back to step 1.
+//! 2. `Close`: the final path of every training microbatch, and each
+//!    stage's fixed-point scales (from the largest gradient magnitudes
+//!    the counted passes' receipts state). Each miner sums the gradients
+//!    of the ids whose final path names it and the miners of a stage
+//!    all-reduce them; nothing is applied yet. A miner lost now sends the
+//!    window back to step 1.
 //! 3. `Step`: every stage reduced, so every miner applies the same AdamW
 //!    step and reports its weights' and optimizer state's digests, which
 //!    the orchestrator compares within each stage. When a checkpoint is
@@ -46,8 +48,9 @@
 //! sample of the slices, and every slice whose copies differed, from the
 //! contributions each miner stated in its [`Reduction`]. Holders that
 //! agreed on a wrong slice (colluders) are caught here, and so is a
-//! miner that sends a validator a contribution it did not state; the
-//! window then goes back to step 1 without them.
+//! miner that sends a validator a contribution it did not state, or one
+//! that is not, in a probed chunk, the sum of its credited passes'
+//! gradients; the window then goes back to step 1 without them.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
