@@ -73,8 +73,7 @@ impl Cheater {
     /// shared draw picks. Where they are all the holders their copies
     /// agree; where they are the majority they outvote the honest copies.
     pub fn colluded_slices(&self, window: u64, peers: &[usize], copies: usize) -> Vec<usize> {
-        let mut coin = SplitMix64::new(self.seed, COLLUDE_SALT ^ window);
-        if self.kind != CheatKind::Collude || coin.unit_open0() > self.probability {
+        if !self.strikes(CheatKind::Collude, COLLUDE_SALT, window) {
             return Vec::new();
         }
         let n = peers.len();
@@ -93,8 +92,7 @@ impl Cheater {
     /// so), the optimizer state it writes instead of `honest`: the second
     /// moments times 4, so a run resumed from it takes smaller steps.
     pub fn forged_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
-        let mut coin = SplitMix64::new(self.seed, FORGE_SALT ^ window);
-        if self.kind != CheatKind::ForgeCheckpoint || coin.unit_open0() > self.probability {
+        if !self.strikes(CheatKind::ForgeCheckpoint, FORGE_SALT, window) {
             return None;
         }
         let (m, v) = honest.moments();
@@ -107,8 +105,15 @@ impl Cheater {
     /// Whether an inflater multiplies its all-reduce contribution in
     /// `window` (its passes stay honest).
     pub fn inflates(&self, window: u64) -> bool {
-        let mut coin = SplitMix64::new(self.seed, INFLATE_SALT ^ window);
-        self.kind == CheatKind::ScaleContribution && coin.unit_open0() <= self.probability
+        self.strikes(CheatKind::ScaleContribution, INFLATE_SALT, window)
+    }
+
+    /// Whether a once-a-window cheat of `kind` strikes in `window`: it is
+    /// this miner's kind and the draw under `salt` says so. The draw leaves
+    /// the rank out, so every miner with that cheat (colluders) agrees.
+    fn strikes(&self, kind: CheatKind, salt: u64, window: u64) -> bool {
+        let mut coin = SplitMix64::new(self.seed, salt ^ window);
+        self.kind == kind && coin.unit_open0() <= self.probability
     }
 
     /// What an inflater makes of its contribution: every integer times 8,

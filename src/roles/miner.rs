@@ -581,6 +581,11 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             Ok((scale, contribution, sums, held)) => {
                 let part = Partition::equal(numel, group.size());
                 let agreed = held.mismatch.is_none();
+                self.reduced = agreed.then(|| {
+                    let mut sum = vec![0.0f32; numel];
+                    scale.decode(&sums, &mut sum);
+                    (window, sum)
+                });
                 let reduction = Reduction {
                     contributions: (0..group.size())
                         .map(|j| slice_digest(&contribution[part.range(j)]))
@@ -591,16 +596,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                         .map(|(j, d)| (*j, d.to_hex().to_string()))
                         .collect(),
                     agreed,
-                    result: None,
-                };
-                self.reduced = agreed.then(|| {
-                    let mut sum = vec![0.0f32; numel];
-                    scale.decode(&sums, &mut sum);
-                    (window, sum)
-                });
-                let reduction = Reduction {
                     result: self.reduced.as_ref().map(|(_, sum)| audit::digest_f32(sum)),
-                    ..reduction
                 };
                 self.contribution = Some(Contribution {
                     window,

@@ -171,10 +171,11 @@ enum Event {
 }
 
 /// How phase two ended: the checkpoint committed, the writers whose
-/// checkpoint failed its audit (excluded), and the validators' seconds.
+/// checkpoint failed its audit (excluded, with their stages), and the
+/// validators' seconds.
 struct StepOutcome {
     checkpoint: Option<PathBuf>,
-    caught: Vec<usize>,
+    caught: Vec<(usize, usize)>,
     audit_s: f64,
 }
 
@@ -266,17 +267,11 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             }
             self.next_attempt(&mut w)?;
         };
-        let mut tallies = tallies(&w);
         let stepped = self.step(window, &reductions)?;
-        for tally in tallies
-            .iter_mut()
-            .filter(|t| stepped.caught.contains(&t.rank))
-        {
-            (tally.verified, tally.failed) = (0, tally.failed + 1);
+        for &(rank, stage) in &stepped.caught {
+            w.failed.entry(rank).or_insert((stage, 0)).1 += 1;
         }
-        self.ledger.append(window, &tallies)?;
-        let mut caught: Vec<usize> = w.failed.keys().copied().collect();
-        caught.extend(&stepped.caught);
+        self.ledger.append(window, &tallies(&w))?;
 
         let (mut train, mut val) = (0.0f64, 0.0f64);
         for (id, loss) in &w.losses {
@@ -301,7 +296,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             replayed: w.passed.len() as u64 + w.wrong,
             recomputed: w.recomputed,
             replay_s: w.replay_s + stepped.audit_s,
-            caught,
+            caught: w.failed.keys().copied().collect(),
         })
     }
 
@@ -516,6 +511,9 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 disagreed.push(stage);
                 slices
             };
+            if self.validators.is_empty() {
+                continue;
+            }
             // The slice whose task carries the contribution check.
             let proved = picked
                 .get(self.draws.below(picked.len().max(1) as u64) as usize)
@@ -537,9 +535,6 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                         (peers[h], copy.cloned().unwrap_or_default())
                     })
                     .collect();
-                if self.validators.is_empty() {
-                    continue;
-                }
                 let passes = (proved == Some(slice)).then(|| {
                     peers
                         .iter()
@@ -917,7 +912,12 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             return Ok(done(None, Vec::new()));
         }
         let reasons = checkpoint_faults(&entries, &digests, audited);
-        let caught = self.exclude_all(window, &reasons)?;
+        let caught: Vec<(usize, usize)> = self
+            .exclude_all(window, &reasons)?
+            .into_iter()
+            .filter_map(|rank| entries.values().find(|(w, _)| *w == rank))
+            .map(|(rank, entry)| (*rank, entry.stage))
+            .collect();
         if !caught.is_empty() || entries.len() != self.setup.stages {
             let why = if caught.is_empty() {
                 "a checkpoint writer was lost"

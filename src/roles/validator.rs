@@ -151,41 +151,36 @@ fn audit_checkpoint<T: Transport + ?Sized>(
     window: u64,
     task: CheckpointTask,
 ) -> Result<Report, TrainError> {
+    // The state before the step, the reduced sum, the file written.
     let mut got = Vec::with_capacity(3);
-    let mut verdict = None;
-    for _ in 0..3 {
+    let mut missing = None;
+    while got.len() < 3 && missing.is_none() {
         match t.recv(task.writer, protocol::checkpoint_tag(window)) {
             Ok(bytes) => got.push(bytes),
-            Err(TransportError::PeerLost { .. }) => verdict = Some(Verdict::Unavailable),
+            Err(TransportError::PeerLost { .. }) => missing = Some(Verdict::Unavailable),
             Err(TransportError::Timeout { .. }) => {
-                verdict = Some(Verdict::Failed("sent nothing to audit".into()));
+                missing = Some(Verdict::Failed("sent nothing to audit".into()));
             }
             Err(e) => return Err(e.into()),
         }
-        if verdict.is_some() {
-            break;
-        }
     }
     let started = Instant::now();
-    let (mut file, mut weights) = (None, None);
-    if let [state, sum, written] = &got[..] {
-        file = Some(blake3::hash(written).to_hex().to_string());
-        verdict = Some(
+    let (file, weights, verdict) = match (&got[..], missing) {
+        ([state, sum, written], None) => {
+            let file = Some(blake3::hash(written).to_hex().to_string());
             match audit::replay_step(setup, adamw_config(spec), &task, state, sum, written) {
-                Ok(w) => {
-                    weights = Some(w);
-                    Verdict::Passed
-                }
-                Err(reason) => Verdict::Failed(reason),
-            },
-        );
-    }
+                Ok(w) => (file, Some(w), Verdict::Passed),
+                Err(reason) => (file, None, Verdict::Failed(reason)),
+            }
+        }
+        (_, missing) => (None, None, missing.unwrap_or(Verdict::Unavailable)),
+    };
     Ok(Report::CheckpointAudited {
         window,
         task,
         file,
         weights,
-        verdict: verdict.unwrap_or(Verdict::Unavailable),
+        verdict,
         replay_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -269,20 +264,21 @@ fn recompute<T: Transport + ?Sized>(
                 for (acc, x) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
                     *acc = acc.wrapping_add(i64::from_le_bytes(x.try_into().unwrap_or_default()));
                 }
-                let Some(passes) = task.passes.as_ref().and_then(|p| p.get(i)) else {
-                    verdicts.push((*rank, Verdict::Passed));
-                    continue;
-                };
+                // Only the task that carries passes checks contributions.
+                let passes = task.passes.as_ref().and_then(|p| p.get(i));
                 let probe = task.probed(range.clone());
-                match audit::check_contribution(
-                    segments,
-                    &task.scales,
-                    passes,
-                    probe,
-                    &range,
-                    &bytes,
-                    &proof,
-                ) {
+                let checked = passes.map_or(Ok(()), |passes| {
+                    audit::check_contribution(
+                        segments,
+                        &task.scales,
+                        passes,
+                        probe,
+                        &range,
+                        &bytes,
+                        &proof,
+                    )
+                });
+                match checked {
                     Ok(()) => Verdict::Passed,
                     Err(reason) => Verdict::Failed(reason),
                 }
