@@ -44,23 +44,54 @@ if [ -n "$nvrtc_dir" ]; then
 fi
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
-cargo fmt --all -- --check
+
+# Every part runs even when an earlier one failed, so one failure hides no
+# other; the summary at the end has one line per part, and the status is
+# non-zero when any part failed.
+summary=()
+failed=0
+
 # Default features need no system library; `mpi` builds against OpenMPI;
 # `cuda` builds without a CUDA toolkit (NVRTC and the driver are loaded at
 # run time) and changes only the codec, so only the codec's tests run again;
 # `hwloc` builds against the system hwloc and changes only CPU binding.
-for features in "" "mpi" "cuda" "hwloc"; do
-    echo "test.sh: features [${features}]"
-    cargo clippy --all-targets --locked --features "$features" -- -D warnings
+feature_tests() {
+    local features=$1
+    cargo clippy --all-targets --locked --features "$features" -- -D warnings || return
     case "$features" in
         cuda)
-            cargo test --locked --features cuda --lib compress
-            cargo test --locked --features cuda --test 'compress_*'
+            cargo test --locked --features cuda --lib compress &&
+                cargo test --locked --features cuda --test 'compress_*'
             ;;
         hwloc)
-            cargo test --locked --features hwloc --lib launch::bind
-            cargo test --locked --features hwloc --test launch_bind --test cli --test launch_local
+            cargo test --locked --features hwloc --lib launch::bind &&
+                cargo test --locked --features hwloc --test launch_bind --test cli --test launch_local
             ;;
         *) cargo test --all-targets --locked --features "$features" ;;
     esac
+}
+
+# part NAME COMMAND...: runs COMMAND, timed, and records how it ended.
+part() {
+    local name=$1 started=$SECONDS rc=0
+    shift
+    echo "test.sh: $name"
+    "$@" || rc=$?
+    local took=$((SECONDS - started))
+    if [ "$rc" = 0 ]; then
+        summary+=("test.sh: $name passed (${took} s)")
+    else
+        summary+=("test.sh: $name FAILED with status $rc (${took} s)")
+        failed=1
+    fi
+}
+
+suite_started=$SECONDS
+part "cargo fmt --check" cargo fmt --all -- --check
+for features in "" "mpi" "cuda" "hwloc"; do
+    part "features [${features}]" feature_tests "$features"
 done
+
+printf '%s\n' "${summary[@]}"
+echo "test.sh: $((SECONDS - suite_started)) s in all; $([ "$failed" = 0 ] && echo "every part passed" || echo "some part FAILED")"
+exit "$failed"

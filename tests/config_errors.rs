@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 28);
+    assert_eq!(count, 30);
 }
 
 #[test]
@@ -361,6 +361,28 @@ fn a_cheat_probability_outside_0_to_1_is_refused() {
         15,
         Some("faults.cheat[0].probability"),
         "not in 0..=1",
+    );
+}
+
+#[test]
+fn a_slow_factor_below_1_is_refused() {
+    assert_error(
+        "slow_factor",
+        13,
+        10,
+        Some("faults.slow[0].factor"),
+        "0.5 is not a finite factor of at least 1",
+    );
+}
+
+#[test]
+fn an_unknown_pass_clock_is_refused_and_the_known_ones_named() {
+    assert_error(
+        "unknown_clock",
+        12,
+        9,
+        Some("faults.clock"),
+        "unknown variant `cpu`, expected `wall` or `model`",
     );
 }
 

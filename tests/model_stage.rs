@@ -342,3 +342,57 @@ fn misuse_is_a_typed_error() {
         Err(ModelError::FlatLength { got: 3, .. })
     ));
 }
+
+#[test]
+fn matmul_params_leave_out_both_embeddings_and_keep_the_lm_head() {
+    let config = GptConfig {
+        vocab_size: 10,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 8,
+        block_size: 4,
+        bottleneck: None,
+    };
+    let whole = StageModel::new(&config, &[2], 0, 1).unwrap();
+    // Per block: 2 LayerNorm gains (8 each), c_attn 8x24, c_proj 8x8,
+    // c_fc 8x32, mlp c_proj 32x8; then ln_f (8) and the LM head 8x10.
+    let block = 2 * 8 + 8 * 24 + 8 * 8 + 8 * 32 + 32 * 8;
+    assert_eq!(whole.matmul_params(), 2 * block + 8 + 8 * 10);
+    // The embeddings, wte 10x8 and wpe 4x8, are all that is left out.
+    assert_eq!(whole.numel() - whole.matmul_params(), 10 * 8 + 4 * 8);
+    // nanoGPT's estimate: 6 per matmul parameter, 12 x n_layer x n_embd x
+    // block_size for attention.
+    let flops = 6.0 * whole.matmul_params() as f64 + (12 * 2 * 8 * 4) as f64;
+    assert_eq!(whole.flops_per_token(), flops);
+}
+
+/// A receiver's own embeddings of the tokens are looked up, not
+/// multiplied, and the stages of a cut model add up to the whole (less
+/// what the bottleneck adds).
+#[test]
+fn stage_flops_count_their_own_blocks_and_add_up_to_the_whole_model() {
+    let config = tiny(3);
+    let whole = StageModel::new(&config, &[3], 0, SEED).unwrap();
+    let cut: Vec<StageModel> = (0..2)
+        .map(|s| StageModel::new(&config, &[1, 2], s, SEED).unwrap())
+        .collect();
+    let sum: f64 = cut.iter().map(StageModel::flops_per_token).sum();
+    assert_eq!(sum, whole.flops_per_token());
+
+    let narrow = GptConfig {
+        bottleneck: Some(2),
+        ..tiny(3)
+    };
+    let receiver = StageModel::new(&narrow, &[1, 2], 1, SEED).unwrap();
+    let up = receiver
+        .layout()
+        .iter()
+        .filter(|p| p.name.ends_with("wte.weight") || p.name.ends_with("wpe.weight"))
+        .count();
+    assert_eq!(up, 2, "the receiver has embeddings of its own");
+    assert_eq!(
+        receiver.numel() - receiver.matmul_params(),
+        10 * 8 + 6 * 8,
+        "and they are all that is left out"
+    );
+}

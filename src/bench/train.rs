@@ -14,7 +14,8 @@
 //! 3. the pipeline: `swarmrun launch` of a copy of the job file that runs
 //!    `N` + [`PIPELINE_WARMUP`] windows without evaluation, timed from its
 //!    `metrics.jsonl` over the last `N` windows;
-//! 4. model FLOP/s: [`flops_per_token`] x tokens/s.
+//! 4. model FLOP/s: [`StageModel::flops_per_token`] of the whole model x
+//!    tokens/s.
 //!
 //! The children are this executable again (`swarmrun bench train --part
 //! ...`), as the other benchmarks start theirs.
@@ -132,8 +133,10 @@ impl FromStr for Part {
 struct Model {
     config: GptConfig,
     data: Dataset,
-    /// Parameters that multiply activations: see [`matmul_params`].
+    /// Parameters that multiply activations: see
+    /// [`StageModel::matmul_params`].
     matmul_params: usize,
+    flops_per_token: f64,
 }
 
 impl Model {
@@ -142,36 +145,12 @@ impl Model {
         let config = GptConfig::for_job(spec, data.tokenizer().vocab_size())?;
         let whole = StageModel::new(&config, &[config.n_layer], 0, spec.job.seed)?;
         Ok(Model {
-            matmul_params: matmul_params(&whole),
+            matmul_params: whole.matmul_params(),
+            flops_per_token: whole.flops_per_token(),
             config,
             data,
         })
     }
-}
-
-/// Parameters of the whole model that take part in matmuls: every one but
-/// the token and position embeddings, which are looked up, not multiplied.
-/// This is nanoGPT's count for its FLOPs estimate: it leaves out the
-/// position embedding, and its token embedding, tied to the LM head, counts
-/// once, as the LM head's matmul. Ours is not tied, so our LM head counts
-/// and our token embedding does not. LayerNorm gains count, as in nanoGPT
-/// (a few thousand, noise beside the matrices).
-fn matmul_params(whole: &StageModel) -> usize {
-    whole
-        .layout()
-        .iter()
-        .filter(|p| p.name != "wte.weight" && p.name != "wpe.weight")
-        .map(|p| p.numel())
-        .sum()
-}
-
-/// FLOPs to train on one token, as nanoGPT's `estimate_mfu`: 6 per
-/// matmul parameter (a multiply and an add, once forward and twice
-/// backward) plus 12 x n_layer x n_embd x block_size for attention's two
-/// matmuls (scores and weighted values, same factor of 6), counted over
-/// the whole block as nanoGPT does, though the causal mask needs half.
-pub fn flops_per_token(config: &GptConfig, matmul_params: usize) -> f64 {
-    6.0 * matmul_params as f64 + 12.0 * (config.n_layer * config.n_embd * config.block_size) as f64
 }
 
 /// The shapes whose FLOP/s are measured: the squares, where gemm reaches
@@ -230,7 +209,7 @@ pub fn run(spec: &JobSpec, job: &Path, windows: u32) -> Result<(), BenchTrainErr
         candle_core::utils::get_num_threads(),
         peak_one / 1e9
     );
-    let per_token = flops_per_token(c, model.matmul_params);
+    let per_token = model.flops_per_token;
     println!(
         "# model: {} parameters in matmuls (all but the embeddings), {:.2} MFLOP per token",
         model.matmul_params,
@@ -500,39 +479,6 @@ fn pipeline_label(plan: &Plan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn flops_per_token_is_nanogpts_estimate() {
-        let config = GptConfig {
-            vocab_size: 65,
-            n_layer: 4,
-            n_head: 4,
-            n_embd: 128,
-            block_size: 64,
-            bottleneck: None,
-        };
-        // 6 x 1000 + 12 x 4 x 128 x 64
-        assert_eq!(flops_per_token(&config, 1000), 6000.0 + 393_216.0);
-    }
-
-    #[test]
-    fn matmul_params_leave_out_both_embeddings_and_keep_the_lm_head() {
-        let spec = config::ModelSpec {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 8,
-            block_size: 4,
-            dropout: 0.0,
-        };
-        let config = GptConfig::new(&spec, 10).unwrap();
-        let whole = StageModel::new(&config, &[2], 0, 1).unwrap();
-        // Per block: 2 LayerNorm gains (8 each), c_attn 8x24, c_proj 8x8,
-        // c_fc 8x32, mlp c_proj 32x8; then ln_f (8) and the LM head 8x10.
-        let block = 2 * 8 + 8 * 24 + 8 * 8 + 8 * 32 + 32 * 8;
-        assert_eq!(matmul_params(&whole), 2 * block + 8 + 8 * 10);
-        // The embeddings, wte 10x8 and wpe 4x8, are all that is left out.
-        assert_eq!(whole.numel() - matmul_params(&whole), 10 * 8 + 4 * 8);
-    }
 
     #[test]
     fn the_bench_job_keeps_other_keys_and_turns_evaluation_off() {

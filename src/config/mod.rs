@@ -309,6 +309,35 @@ pub struct FaultsSpec {
     pub crash: Vec<CrashFault>,
     /// `[[faults.cheat]]`: miners that cheat, for testing the validators.
     pub cheat: Vec<CheatFault>,
+    /// `[[faults.slow]]`: miners that take longer for every pass.
+    pub slow: Vec<SlowFault>,
+    /// How the orchestrator times miners' passes for routing and
+    /// rebalancing.
+    pub clock: PassClock,
+}
+
+/// A miner that takes `factor` times as long for every pass (it waits out
+/// the difference after computing), like a miner on a slower machine.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowFault {
+    pub rank: usize,
+    pub factor: f64,
+}
+
+/// What the orchestrator's throughput measurements (routing, rebalancing)
+/// are taken with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassClock {
+    /// The seconds each pass took, as its miner reports them.
+    #[default]
+    Wall,
+    /// Each pass's stage FLOPs at a fixed nominal rate, times its miner's
+    /// `[[faults.slow]]` factor: routing and rebalancing then follow the
+    /// job file instead of a busy host's noise, so a test of them has one
+    /// outcome. The window lines' bubble and tokens/s stay measured.
+    Model,
 }
 
 /// A miner that cheats on each training microbatch it serves with
@@ -379,6 +408,15 @@ impl FaultsSpec {
             .iter()
             .find(|c| c.rank == rank && c.window == Some(window))
             .map(|c| c.exit_code)
+    }
+
+    /// How many times as long as its work takes `rank` takes for a pass
+    /// (1 unless `[[faults.slow]]` names it).
+    pub fn slowdown(&self, rank: usize) -> f64 {
+        self.slow
+            .iter()
+            .find(|s| s.rank == rank)
+            .map_or(1.0, |s| s.factor)
     }
 }
 

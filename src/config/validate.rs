@@ -220,6 +220,20 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             );
         }
     }
+    for (i, s) in spec.faults.slow.iter().enumerate() {
+        if !(s.factor >= 1.0 && s.factor.is_finite()) {
+            return violation(
+                format!("faults.slow[{i}].factor"),
+                format!("{} is not a finite factor of at least 1", s.factor),
+            );
+        }
+        if spec.job.task != Task::Train {
+            return violation(
+                format!("faults.slow[{i}].rank"),
+                "only a training job (`task = \"train\"`) has miners to slow down",
+            );
+        }
+    }
     let t = &spec.train;
     if t.windows == 0 {
         return violation("train.windows", "must be at least 1");

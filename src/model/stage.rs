@@ -198,6 +198,35 @@ impl StageModel {
         self.params.numel()
     }
 
+    /// Parameters that take part in matmuls: every one but the token and
+    /// position embeddings (stage 0's, and a bottleneck receiver's own),
+    /// which are looked up, not multiplied. This is nanoGPT's count for its
+    /// FLOPs estimate: it leaves out the position embedding, and its token
+    /// embedding, tied to the LM head, counts once, as the LM head's
+    /// matmul. Ours is not tied, so our LM head counts and our token
+    /// embedding does not. LayerNorm gains count, as in nanoGPT (a few
+    /// thousand, noise beside the matrices).
+    pub fn matmul_params(&self) -> usize {
+        let looked_up = |name: &str| name.ends_with("wte.weight") || name.ends_with("wpe.weight");
+        self.layout()
+            .iter()
+            .filter(|p| !looked_up(&p.name))
+            .map(|p| p.numel())
+            .sum()
+    }
+
+    /// FLOPs to train this stage on one token, as nanoGPT's `estimate_mfu`
+    /// counts them: 6 per matmul parameter (a multiply and an add, once
+    /// forward and twice backward) plus 12 x n_embd x block_size per block
+    /// for attention's two matmuls (scores and weighted values, same factor
+    /// of 6), counted over the whole block as nanoGPT does, though the
+    /// causal mask needs half.
+    pub fn flops_per_token(&self) -> f64 {
+        let c = &self.config;
+        let attention = 12 * self.blocks_range.len() * c.n_embd * c.block_size;
+        6.0 * self.matmul_params() as f64 + attention as f64
+    }
+
     /// Runs the stage. `targets` (`(B, T)` u32) must be given to the last
     /// stage and only to it.
     pub fn forward(

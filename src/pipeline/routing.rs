@@ -24,10 +24,12 @@ use crate::data::rng::SplitMix64;
 /// Throughput of a miner not yet measured on its stage when no miner of
 /// that stage is: at start all are equal, so any value favours nobody.
 const UNMEASURED: f64 = 1.0;
-/// A move must raise the slowest stage's capacity by this factor: smaller
-/// gains are within the noise of measured throughput, and chasing them
-/// would move miners back and forth.
-const REBALANCE_GAIN: f64 = 1.5;
+/// A move must raise the slowest stage's capacity by more than this
+/// factor: smaller gains are within the noise of measured throughput, and
+/// chasing them would move miners back and forth. A gain of exactly this
+/// factor (as moving a third miner to a stage of two gives when every
+/// miner is timed alike) does not move anyone, whatever the rounding.
+const REBALANCE_GAIN: f64 = 1.5 * (1.0 + 1e-9);
 /// Miners a donor stage keeps: a move never leaves a stage one failure
 /// away from stopping the job.
 const MIN_STAGE_MINERS: usize = 2;
@@ -232,6 +234,23 @@ impl Router {
             .sum()
     }
 
+    /// The microbatches per second miner `m` (`w` on its own stage) would
+    /// serve on `stage`: that stage's mean pace, scaled by how `m` compares
+    /// with its own stage's miners. A pass's time is mostly its stage's
+    /// work (a stage of three blocks is three times slower for everyone),
+    /// so a miner's rate on one stage says little of its rate on another;
+    /// how much faster than its peers it is carries over.
+    fn rate_on(&self, m: &Miner, w: f64, stage: usize) -> f64 {
+        let mean = |s: usize| {
+            let miners = self.stage_miners(s).len();
+            (miners > 0).then(|| self.capacity(s) / miners as f64)
+        };
+        match (mean(m.stage), mean(stage)) {
+            (Some(own), Some(there)) if own > 0.0 => w / own * there,
+            _ => w,
+        }
+    }
+
     /// Moves one miner to the bottleneck stage if that raises the slowest
     /// stage's capacity by [`REBALANCE_GAIN`]; the donor keeps at least
     /// [`MIN_STAGE_MINERS`].
@@ -250,7 +269,7 @@ impl Router {
             let w = self.weight(m);
             let mut after = caps.clone();
             after[m.stage] -= w;
-            after[bottleneck] += w;
+            after[bottleneck] += self.rate_on(m, w, bottleneck);
             let slowest = after.iter().cloned().fold(f64::INFINITY, f64::min);
             if slowest > before * REBALANCE_GAIN && best.as_ref().is_none_or(|(_, s)| slowest > *s)
             {
@@ -490,6 +509,24 @@ mod tests {
             measure(&mut r, rank, 1.0 / 9.0);
         }
         assert_eq!(r.rebalance(), None);
+    }
+
+    #[test]
+    fn a_gain_of_exactly_the_threshold_moves_nobody() {
+        // Three miners on stage 0, two on the three-times-slower stage 1:
+        // a third miner there lifts the minimum from 2/3 to 1, 1.5x.
+        let mut r = Router::new(2, &[(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)], 1);
+        for rank in 1..=3 {
+            measure(&mut r, rank, 0.1);
+        }
+        for rank in 4..=5 {
+            measure(&mut r, rank, 0.3);
+        }
+        assert_eq!(r.rebalance(), None);
+        // One of stage 1's miners gone: a move doubles its capacity.
+        r.remove(5);
+        let mv = r.rebalance().unwrap();
+        assert_eq!((mv.from, mv.to), (0, 1));
     }
 
     #[test]

@@ -273,10 +273,10 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                         }
                     }
                 };
-                let compute = started.elapsed().as_secs_f64();
+                let compute = self.computed_since(started);
                 self.served(window, attempt, id, compute, Some(loss), receipt)?;
             } else {
-                let compute = started.elapsed().as_secs_f64();
+                let compute = self.computed_since(started);
                 let output = match (&mut self.cheater, validation) {
                     (Some(c), false) => c.output(id, pass.output())?,
                     _ => pass.output().clone(),
@@ -316,10 +316,23 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
                 Ok(receipt) => receipt,
                 Err(next) => return Ok(Some(next)),
             };
-            let compute = forward_s + started.elapsed().as_secs_f64();
+            let compute = forward_s + self.computed_since(started);
             self.served(window, attempt, id, compute, None, Some(receipt))?;
         }
         Ok(None)
+    }
+
+    /// Seconds of computing since `started`, stretched by the rank's
+    /// `[[faults.slow]]` factor: a slow miner waits out the difference
+    /// before it goes on, as one on a slower machine would still be
+    /// computing.
+    fn computed_since(&self, started: Instant) -> f64 {
+        let took = started.elapsed().as_secs_f64();
+        let factor = self.spec.faults.slowdown(self.t.rank());
+        if factor > 1.0 {
+            std::thread::sleep(std::time::Duration::from_secs_f64(took * (factor - 1.0)));
+        }
+        took * factor
     }
 
     /// Keeps a microbatch's parameter gradients for the close and sends

@@ -14,7 +14,7 @@ use super::protocol::{
 use super::train::{adamw_config, crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
-use crate::config::{JobSpec, Plan, Role};
+use crate::config::{JobSpec, PassClock, Plan, Role};
 use crate::data::rng::SplitMix64;
 use crate::ledger::{Ledger, Tally};
 use crate::model::{AdamW, StageModel};
@@ -108,7 +108,6 @@ pub fn orchestrate<T: Transport + ?Sized>(
         spec,
         start,
         router,
-        setup,
         listeners: (1..t.size()).collect(),
         miners,
         validators: plan
@@ -122,6 +121,11 @@ pub fn orchestrate<T: Transport + ?Sized>(
         draws: SplitMix64::new(unpredictable_seed(), 0),
         ledger,
         cursor: 0,
+        modelled: match spec.faults.clock {
+            PassClock::Wall => None,
+            PassClock::Model => Some(modelled_pass_seconds(&setup)?),
+        },
+        setup,
     };
     o.broadcast(&Order::Start {
         stages: o.stage_miners(),
@@ -163,6 +167,9 @@ struct Orchestrator<'a, T: ?Sized> {
     ledger: Ledger,
     /// Where the next poll starts, so every miner gets heard.
     cursor: usize,
+    /// Under `[faults] clock = "model"`, the seconds a training pass of
+    /// each stage counts as (before its miner's slowdown).
+    modelled: Option<Vec<f64>>,
 }
 
 enum Event {
@@ -341,7 +348,17 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                         if let Some(receipt) = receipt {
                             w.receipts.insert((id, stage), (from, *receipt));
                         }
-                        self.router.observe(from, compute_s);
+                        // A validation pass runs forward only: its time
+                        // says nothing of a training pass's.
+                        if !protocol::is_validation(id) {
+                            let seconds = match &self.modelled {
+                                Some(per_stage) => {
+                                    per_stage[stage] * self.spec.faults.slowdown(from)
+                                }
+                                None => compute_s,
+                            };
+                            self.router.observe(from, seconds);
+                        }
                         w.busy_s += compute_s;
                         w.dense_bytes += dense_bytes;
                         w.wire_bytes += wire_bytes;
@@ -1124,6 +1141,24 @@ fn start_digests(
             .collect::<Result<Vec<_>, TrainError>>()
             .map(|pairs| pairs.into_iter().unzip()),
     }
+}
+
+/// Under `[faults] clock = "model"`, a miner is timed as if it trained at
+/// this rate: any fixed rate gives the same routing, since only ratios of
+/// throughputs matter.
+const MODELLED_FLOPS_PER_S: f64 = 1e9;
+
+/// The seconds a training pass of each stage counts as under the model
+/// clock: its FLOPs (nanoGPT's count) for one microbatch at
+/// [`MODELLED_FLOPS_PER_S`].
+fn modelled_pass_seconds(setup: &Setup) -> Result<Vec<f64>, TrainError> {
+    let tokens = (setup.batch_size * setup.config.block_size) as f64;
+    (0..setup.stages)
+        .map(|s| {
+            let model = StageModel::new(&setup.config, &setup.layers, s, setup.seed)?;
+            Ok(model.flops_per_token() * tokens / MODELLED_FLOPS_PER_S)
+        })
+        .collect()
 }
 
 /// A seed no miner can know: the OS's per-process hash keys.

@@ -10,13 +10,15 @@ pub fn train_job(dir: &Path, name: &str, stages: usize, windows: u64, extra: &st
     sized_train_job(dir, name, stages, 6, windows, extra)
 }
 
-/// Stage 1 with 3 of the 4 blocks, three times stage 0's work: the
-/// bottleneck whatever the noise of a busy host, so rebalancing has a
-/// reason to move miners there.
+/// Stage 1 with 3 of the 4 blocks, about three times stage 0's work, so
+/// rebalancing has a reason to move miners there. Such jobs time passes
+/// with the model clock (`[faults] clock = "model"`): whether and when a
+/// miner moves then follows the job file, never a busy host's noise.
 pub const HEAVY_STAGE_1: usize = 0;
 
 /// [`train_job`] with `ranks` ranks (an orchestrator, a validator, miners);
-/// `stages` == [`HEAVY_STAGE_1`] means 2 stages of 1 and 3 blocks.
+/// `stages` == [`HEAVY_STAGE_1`] means 2 stages of 1 and 3 blocks, timed
+/// by the model clock.
 pub fn sized_train_job(
     dir: &Path,
     name: &str,
@@ -25,9 +27,12 @@ pub fn sized_train_job(
     windows: u64,
     extra: &str,
 ) -> PathBuf {
-    let split = match stages {
-        HEAVY_STAGE_1 => "stages = 2\nlayers = [1, 3]".to_string(),
-        n => format!("stages = {n}"),
+    let (split, clock) = match stages {
+        HEAVY_STAGE_1 => (
+            "stages = 2\nlayers = [1, 3]".to_string(),
+            "[faults]\nclock = \"model\"\n\n",
+        ),
+        n => (format!("stages = {n}"), ""),
     };
     let run_dir = dir.join(name);
     job_file(
@@ -39,7 +44,7 @@ pub fn sized_train_job(
              [pipeline]\n{split}\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
              [roles]\nvalidators = 1\n\n\
              [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {ranks}\n\n\
-             [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
+             [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n{clock}\
              [train]\nwindows = {windows}\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n\
              {extra}"
         ),
