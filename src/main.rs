@@ -465,18 +465,14 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
         // fail at once and the launcher may stop this rank before it could.
         let code = report(e);
         if lost_a_peer(e) {
-            // A consequence of another rank's failure: let the launcher,
-            // which reports the first failed rank it reaps, reap the cause.
-            std::thread::sleep(CONSEQUENCE_DELAY);
+            // A consequence of another rank's failure: the launcher
+            // reports the cause in preference, whichever it reaps first.
+            std::process::exit(launch::PEER_LOST_STATUS);
         }
         std::process::exit(i32::from(code));
     }
     result
 }
-
-/// How long a rank that failed because a peer was lost waits before
-/// exiting.
-const CONSEQUENCE_DELAY: Duration = Duration::from_millis(300);
 
 /// Whether `e` is the loss of a peer, as a rank's transport or collective
 /// reports it, directly or inside a task's error.

@@ -91,10 +91,14 @@ fn keygen_writes_a_private_key_and_never_overwrites_it() {
 
 #[test]
 fn ranks_with_different_keys_never_form_a_job() {
+    use std::io::{BufRead, BufReader, Read};
+
     // Two ranks started by hand, as under a broken launcher set-up: each has
-    // its own key, so the rendezvous refuses the stranger and times out.
+    // its own key, so rank 0 refuses the stranger and rank 1 gives up. No
+    // clock decides the outcome: rank 1 retries until rank 0 listens, and
+    // rank 0 is stopped once it has said what it refused.
     let dir = tempfile::tempdir().unwrap();
-    let job = hello_job(dir.path(), 2, "connect_timeout_s = 2.0\n");
+    let job = hello_job(dir.path(), 2, "");
     let rdzv = format!("tcp://127.0.0.1:{}", free_port());
     let spawn = |rank: &str, key: &str| {
         swarmrun()
@@ -108,15 +112,24 @@ fn ranks_with_different_keys_never_form_a_job() {
             .spawn()
             .unwrap()
     };
-    let r0 = spawn("0", &"11".repeat(32));
+    let mut r0 = spawn("0", &"11".repeat(32));
     let r1 = spawn("1", &"22".repeat(32));
-    let (o0, o1) = (
-        r0.wait_with_output().unwrap(),
-        r1.wait_with_output().unwrap(),
-    );
-    assert!(!o0.status.success() && !o1.status.success());
-    assert!(stderr(&o0).contains("refused"), "{}", stderr(&o0));
-    assert!(!stdout(&o0).contains("barrier passed"));
+    let o1 = r1.wait_with_output().unwrap();
+    assert!(!o1.status.success(), "{}", stderr(&o1));
+    let mut refused = None;
+    for line in BufReader::new(r0.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("refused") {
+            refused = Some(line);
+            break;
+        }
+    }
+    r0.kill().unwrap();
+    let mut out0 = String::new();
+    r0.stdout.take().unwrap().read_to_string(&mut out0).unwrap();
+    r0.wait().unwrap();
+    assert!(refused.is_some(), "rank 0 never said it refused rank 1");
+    assert!(!out0.contains("barrier passed"), "{out0}");
 }
 
 #[test]

@@ -15,12 +15,17 @@ fn name(test: &str) -> String {
     format!("swarmrun-test-{}-{test}", std::process::id())
 }
 
+/// Long beside any scheduling delay of a busy host: a test that waits this
+/// long has failed, and one that asserts "at once" checks it waited well
+/// under half of it, so no outcome depends on how fast the host is.
+const PATIENCE: Duration = Duration::from_secs(30);
+
 fn small_opts() -> ShmOptions {
     ShmOptions {
         ring_capacity: 4096,
         chunk_bytes: 8192,
-        timeout: Duration::from_secs(10),
-        join_timeout: Duration::from_secs(10),
+        timeout: PATIENCE,
+        join_timeout: PATIENCE,
         ..ShmOptions::default()
     }
 }
@@ -69,7 +74,7 @@ fn recv_past_its_deadline_times_out_naming_peer_and_tag() {
         matches!(err, TransportError::Timeout { rank: 1, tag: 0x42 }),
         "{err}"
     );
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(start.elapsed() < PATIENCE / 2, "waited for a timeout");
 }
 
 #[test]
@@ -115,7 +120,7 @@ fn a_dropped_peer_is_reported_lost_after_its_messages_are_delivered() {
         matches!(err, TransportError::PeerLost { rank: 1, .. }),
         "{err}"
     );
-    assert!(start.elapsed() < Duration::from_secs(1));
+    assert!(start.elapsed() < PATIENCE / 2, "waited for a timeout");
     assert!(matches!(
         ranks[0].send(1, 3, b"anyone?"),
         Err(TransportError::PeerLost { rank: 1, .. })
@@ -238,15 +243,11 @@ fn segment_names_that_could_escape_dev_shm_are_refused() {
 }
 
 #[test]
-fn ranks_opened_with_different_ring_sizes_refuse_to_join() {
+fn a_rank_opened_with_another_ring_size_is_refused_and_the_right_one_still_joins() {
     let name = name("mismatch-opts");
     let zero = thread::spawn({
         let name = name.clone();
-        let opts = ShmOptions {
-            join_timeout: Duration::from_secs(1),
-            ..small_opts()
-        };
-        move || ShmTransport::open(&name, 0, 2, opts).err()
+        move || ShmTransport::open(&name, 0, 2, small_opts())
     });
     let other = ShmOptions {
         ring_capacity: 8192,
@@ -259,7 +260,21 @@ fn ranks_opened_with_different_ring_sizes_refuse_to_join() {
         matches!(err, TransportError::Protocol { rank: 0, .. }),
         "{err}"
     );
-    let err = zero.join().unwrap().expect("rank 0 gives up");
+    let one = ShmTransport::open(&name, 1, 2, small_opts()).unwrap();
+    let zero = zero.join().unwrap().unwrap();
+    one.send(0, 4, b"joined").unwrap();
+    assert_eq!(zero.recv(1, 4).unwrap(), b"joined");
+}
+
+#[test]
+fn rank_0_gives_up_on_a_rank_that_never_joins() {
+    let opts = ShmOptions {
+        join_timeout: Duration::from_millis(200),
+        ..small_opts()
+    };
+    let err = ShmTransport::open(&name("never-joined"), 0, 2, opts)
+        .err()
+        .expect("rank 0 gives up");
     assert!(
         matches!(err, TransportError::Timeout { rank: 1, .. }),
         "{err}"
@@ -405,5 +420,5 @@ fn a_barrier_with_a_dropped_peer_fails_with_peer_lost_at_once() {
         matches!(err, TransportError::PeerLost { rank: 1, .. }),
         "{err}"
     );
-    assert!(start.elapsed() < Duration::from_millis(500));
+    assert!(start.elapsed() < PATIENCE / 2, "waited for a timeout");
 }

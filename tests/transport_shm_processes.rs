@@ -290,16 +290,19 @@ fn time_to_notice_killed_peer(survivor: &str, test: &str) -> Duration {
     noticed
 }
 
+/// Rank 0 exits successfully only on `PeerLost` (a timeout fails it);
+/// that it also exits well inside its timeout shows the loss was seen,
+/// not waited out, whatever the host's load.
 #[test]
-fn recv_from_a_killed_peer_process_gives_peer_lost_within_two_seconds() {
+fn recv_from_a_killed_peer_process_gives_peer_lost_before_any_timeout() {
     let noticed = time_to_notice_killed_peer("recv-from-doomed", "killed-recv");
-    assert!(noticed < Duration::from_secs(2), "took {noticed:?}");
+    assert!(noticed < test_opts().timeout / 2, "took {noticed:?}");
 }
 
 #[test]
-fn all_reduce_with_a_killed_peer_process_gives_peer_lost_within_two_seconds() {
+fn all_reduce_with_a_killed_peer_process_gives_peer_lost_before_any_timeout() {
     let noticed = time_to_notice_killed_peer("reduce-with-doomed", "killed-reduce");
-    assert!(noticed < Duration::from_secs(2), "took {noticed:?}");
+    assert!(noticed < test_opts().timeout / 2, "took {noticed:?}");
 }
 
 /// Opens a whole 2-rank segment (rank 1 on a thread), reports its nonce and

@@ -105,7 +105,7 @@ fn malformed_abort<T: Transport + ?Sized>(
 /// Runs the body of one call on `c`. If it fails, tells every other rank
 /// whom this rank gave up on, so that nobody waits for this rank's part,
 /// then follows abort frames from that rank onwards (each peer's pointer,
-/// waiting at most [`BLAME_GRACE`] for it) to the rank at the end of the
+/// waiting at most the call's grace for it) to the rank at the end of the
 /// chain, and reports that one as lost.
 pub(crate) fn guarded<T: Transport + ?Sized, R>(
     c: &Call<T>,
@@ -159,7 +159,7 @@ fn follow<T: Transport + ?Sized>(c: &Call<T>, mut blamed: usize) -> usize {
 /// The rank `peer`'s abort frame points at, skipping data frames this rank
 /// will no longer read; `None` if `peer` is gone or sends none in time.
 fn pointer_of<T: Transport + ?Sized>(c: &Call<T>, peer: usize) -> Option<usize> {
-    let deadline = Instant::now() + BLAME_GRACE;
+    let deadline = Instant::now() + c.grace;
     loop {
         let frame = c.transport.recv_deadline(peer, c.tag, deadline).ok()?;
         if frame.len() % 2 == 1 {

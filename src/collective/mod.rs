@@ -113,7 +113,7 @@ pub use redundant::{
 #[cfg(target_os = "linux")]
 pub use shm::{all_reduce_shared, all_reduce_shm, all_reduce_shm_into};
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::transport::{Transport, TransportError};
 
@@ -127,6 +127,10 @@ pub struct Call<'a, T: ?Sized> {
     pub tag: u64,
     /// `None` waits as long as the transport's default timeout, per message.
     pub deadline: Option<Instant>,
+    /// How long a failing rank waits for each peer's abort frame while
+    /// following blame (see the module docs); [`BLAME_GRACE`] unless
+    /// [`Call::blame_grace`] says otherwise.
+    pub grace: Duration,
     /// Outer rank of each of `transport`'s ranks, when this call runs a phase
     /// of a bigger call on a [`Group`]: errors and abort frames then name
     /// ranks as the bigger call's caller knows them, whichever phase a rank
@@ -140,6 +144,7 @@ impl<'a, T: Transport + ?Sized> Call<'a, T> {
             transport,
             tag,
             deadline: None,
+            grace: BLAME_GRACE,
             names: None,
         }
     }
@@ -153,6 +158,15 @@ impl<'a, T: Transport + ?Sized> Call<'a, T> {
         }
     }
 
+    /// Waits up to `grace` for each peer's abort frame when the call fails:
+    /// longer than the default on links whose round trip is a good part of
+    /// [`BLAME_GRACE`], or on hosts so busy that a live peer may take that
+    /// long to notice the same failure; a longer grace costs time only when
+    /// a peer is silent, never when it is fine or gone.
+    pub fn blame_grace(self, grace: Duration) -> Self {
+        Call { grace, ..self }
+    }
+
     /// A phase of this call run on `group` (of this call's transport) under
     /// `tag`, naming ranks in this call's numbering.
     pub(crate) fn within<'b, 'g>(
@@ -164,6 +178,7 @@ impl<'a, T: Transport + ?Sized> Call<'a, T> {
             transport: group,
             tag,
             deadline: self.deadline,
+            grace: self.grace,
             names: Some(group.members()),
         }
     }

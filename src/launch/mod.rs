@@ -39,13 +39,37 @@ pub enum StartError {
     Bind(#[from] bind::BindError),
 }
 
+/// The exit status of a rank that failed only because a peer was lost
+/// (its transport or a collective said so): 75, `EX_TEMPFAIL`. Whatever
+/// order `swarmrun launch` reaps ranks in, it reports another rank's
+/// failure, the cause, in preference to this one.
+pub const PEER_LOST_STATUS: i32 = 75;
+
 /// candle's thread count for one process.
 const CANDLE_THREADS: &str = "CANDLE_NUM_THREADS";
 
-/// A port on `host` that nobody listens on now (the kernel's next ephemeral
-/// one). Another process may take it before we do; launchers accept that
-/// small race, as torchrun does.
+/// A port on `host` that nobody listens on now, for a rank to bind a
+/// moment later. It is drawn at random below the kernel's ephemeral range:
+/// the kernel's own next ephemeral port (torchrun's choice) can be handed
+/// to any outgoing connection on this host before the rank binds it, an
+/// "address in use" that a busy host making many connections does hit;
+/// a port below the range is taken only by someone binding it by number.
 pub fn free_port(host: &str) -> std::io::Result<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (ephemeral_start / 2, ephemeral_start);
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut draws = crate::data::rng::SplitMix64::new(u64::from_ne_bytes(seed), 0);
+    for _ in 0..64 {
+        let port = low + draws.below(u64::from(high - low)) as u16;
+        if TcpListener::bind((host, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Everything tried is taken: the kernel's choice, race and all.
     Ok(TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 

@@ -27,6 +27,7 @@ use nix::unistd::Pid;
 use thiserror::Error;
 
 use super::progress::Progress;
+use super::PEER_LOST_STATUS;
 use crate::world::detect::identity_variables;
 
 /// What one launch needs to know.
@@ -157,6 +158,9 @@ fn run_attempt(
     let mut first_failure: Option<(usize, i32)> = None;
     let mut signalled: Option<i32> = None;
     let mut kill_at: Option<Instant> = None;
+    // Whether this launcher has signalled ranks itself: their statuses
+    // then say so, not why the job failed.
+    let mut stopping = false;
     while exited.iter().any(|e| !e) {
         let sig = signal.swap(0, Ordering::SeqCst);
         if sig != 0 {
@@ -167,6 +171,7 @@ fn run_attempt(
             }
             signalled.get_or_insert(sig);
             kill_at.get_or_insert(Instant::now() + opts.grace);
+            stopping = true;
         }
         match exit_rx.recv_timeout(Duration::from_millis(20)) {
             Ok((rank, status)) => {
@@ -185,7 +190,16 @@ fn run_attempt(
                         );
                         signal_alive(&pids, &exited, Signal::SIGTERM);
                         kill_at = Some(Instant::now() + opts.grace);
+                        stopping = true;
                     }
+                } else if first_failure.is_some_and(|(_, s)| s == PEER_LOST_STATUS)
+                    && is_cause(status, stopping)
+                {
+                    // Reaped after a rank that only lost it: the cause.
+                    eprintln!(
+                        "swarmrun: rank {rank} exited with status {status}, the failure the others followed"
+                    );
+                    first_failure = Some((rank, status));
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -318,6 +332,14 @@ fn shell_status(status: ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
+/// Whether a rank's exit `status` may be why the job failed: not the
+/// loss of a peer ([`PEER_LOST_STATUS`]), and not the launcher's own
+/// SIGTERM or SIGKILL once it is `stopping` ranks.
+fn is_cause(status: i32, stopping: bool) -> bool {
+    let ours = [Signal::SIGTERM, Signal::SIGKILL].map(|s| 128 + s as i32);
+    status != 0 && status != PEER_LOST_STATUS && !(stopping && ours.contains(&status))
+}
+
 fn signal_alive(pids: &[Pid], exited: &[bool], sig: Signal) {
     for (pid, _) in pids.iter().zip(exited).filter(|(_, e)| !**e) {
         // The group may be gone already; that is what we wanted.
@@ -328,6 +350,17 @@ fn signal_alive(pids: &[Pid], exited: &[bool], sig: Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_peer_or_the_launchers_own_signal_is_never_the_cause() {
+        assert!(is_cause(7, false) && is_cause(7, true));
+        assert!(!is_cause(PEER_LOST_STATUS, false));
+        assert!(!is_cause(0, false));
+        // SIGTERM and SIGKILL: ours once stopping, someone else's before.
+        assert!(is_cause(143, false) && is_cause(137, false));
+        assert!(!is_cause(143, true) && !is_cause(137, true));
+        assert!(is_cause(128 + 11, true), "a crash is a cause");
+    }
 
     #[test]
     fn relayed_lines_carry_the_prefix_and_end_in_a_newline() {

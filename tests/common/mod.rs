@@ -3,7 +3,6 @@
 
 pub mod train;
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -23,12 +22,9 @@ pub fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// A port nobody listens on right now (the OS's next ephemeral one).
+/// A port nobody listens on right now, as `swarmrun launch` picks one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    swarmrun::launch::free_port("127.0.0.1").expect("a free port")
 }
 
 pub fn stdout(o: &Output) -> String {
