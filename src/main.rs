@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,6 +17,7 @@ use swarmrun::launch::{self, JoinError, LaunchRequest, StartError};
 use swarmrun::ledger;
 use swarmrun::model::SampleOptions;
 use swarmrun::wire::JobKey;
+use swarmrun::world::{Door, Membership};
 
 /// Exit status for bad input (job files, environment), as in sysexits'
 /// spirit and the contract: 2 means "you asked for something wrong".
@@ -70,6 +72,32 @@ enum Cmd {
         /// (implied when a launcher restarts the job).
         #[arg(long)]
         resume: bool,
+        /// Join the training job at --rdzv while it trains, as a miner: the
+        /// job gives this rank its id and stage (launcher variables are
+        /// ignored, so mpirun and srun can start joiners too).
+        #[arg(long)]
+        join: bool,
+        /// The site a joining rank belongs to.
+        #[arg(long, default_value = "joined", requires = "join")]
+        site: String,
+        job: PathBuf,
+    },
+    /// Join a training job while it trains: start N miners on this host
+    /// that get their ranks and stages from the running job. SIGTERM or
+    /// SIGINT makes them leave at the next window boundary.
+    Join {
+        /// Miners to start on this host.
+        #[arg(short = 'n', long = "nprocs", default_value_t = 1)]
+        nprocs: usize,
+        /// The running job's rendezvous (rank 0 prints it), tcp://HOST:PORT.
+        #[arg(long)]
+        rdzv: String,
+        /// The site these miners belong to (a cluster, a lab).
+        #[arg(long, default_value = "joined")]
+        site: String,
+        /// Seconds between SIGTERM and SIGKILL when stopping ranks.
+        #[arg(long, default_value_t = 60.0)]
+        grace_period: f64,
         job: PathBuf,
     },
     /// Validate a job file and print each rank's site, host, role and stage.
@@ -286,10 +314,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
         }
-        Cmd::Rank { rdzv, resume, job } => {
+        Cmd::Rank {
+            rdzv,
+            resume,
+            join,
+            site,
+            job,
+        } => {
             let spec = config::load(&job)?;
-            run_rank(&spec, &job, rdzv.as_deref(), resume)?;
+            if join {
+                run_joined_rank(&spec, rdzv.as_deref(), &site)?;
+            } else {
+                run_rank(&spec, &job, rdzv.as_deref(), resume)?;
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Join {
+            nprocs,
+            rdzv,
+            site,
+            grace_period,
+            job,
+        } => {
+            let spec = config::load(&job)?;
+            let outcome = launch::start_joiners(
+                &spec,
+                &launch::JoinRequest {
+                    job_path: &job,
+                    nprocs,
+                    rdzv: &rdzv,
+                    site: &site,
+                    grace: Duration::from_secs_f64(grace_period.max(0.0)),
+                },
+            )?;
+            Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
         }
         Cmd::Check { nprocs, job } => {
             let spec = config::load(&job)?;
@@ -461,17 +519,21 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
         Task::BenchAllreduce => run_bench_allreduce(spec, &joined),
     };
     if let Err(e) = &result {
-        // Say why while the transport is still open: once it closes, peers
-        // fail at once and the launcher may stop this rank before it could.
-        let code = report(e);
-        if lost_a_peer(e) {
-            // A consequence of another rank's failure: the launcher
-            // reports the cause in preference, whichever it reaps first.
-            std::process::exit(launch::PEER_LOST_STATUS);
-        }
-        std::process::exit(i32::from(code));
+        exit_for(e);
     }
     result
+}
+
+/// Reports a rank's error and exits, while its transport is still open:
+/// once it closes, peers fail at once and the launcher may stop this rank
+/// before it could say why. A rank that only lost a peer exits with
+/// [`launch::PEER_LOST_STATUS`], so the launcher reports the cause instead.
+fn exit_for(e: &anyhow::Error) -> ! {
+    let code = report(e);
+    if lost_a_peer(e) {
+        std::process::exit(launch::PEER_LOST_STATUS);
+    }
+    std::process::exit(i32::from(code));
 }
 
 /// Whether `e` is the loss of a peer, as a rank's transport or collective
@@ -537,9 +599,31 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
                 None => MetricsLog::create(&run_dir),
             }
             .with_context(|| format!("opening the metrics in {}", run_dir.display()))?;
+            // Ranks may join through the rendezvous while the job trains,
+            // when every rank can reach them: over the TCP mesh.
+            let door = match (&joined.door, &joined.transport) {
+                (Some(listener), launch::RankTransport::Tcp(_)) => {
+                    let membership = Membership::new(&joined.world);
+                    let door = Door::open(
+                        listener.try_clone()?,
+                        launch::rank::job_key(spec)?,
+                        spec.job.name.clone(),
+                        Arc::clone(&membership),
+                    )?;
+                    println!(
+                        "joins: swarmrun join {} --rdzv tcp://{}:{}",
+                        job.display(),
+                        joined.world.me().host,
+                        listener.local_addr()?.port()
+                    );
+                    Some((door, membership))
+                }
+                _ => None,
+            };
             let started = std::time::Instant::now();
             let mut written = Ok(());
-            roles::orchestrate(t, spec, &joined.plan, &start, |w| {
+            let membership = door.as_ref().map(|(_, m)| Arc::clone(m));
+            roles::orchestrate(t, spec, &joined.plan, &start, membership, |w| {
                 println!("{w}");
                 if let Some(dir) = &w.checkpoint {
                     println!("checkpoint {}", dir.display());
@@ -552,6 +636,23 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
         }
         Role::Validator => roles::validate(t, spec)?,
         Role::Miner { .. } => roles::mine(t, spec)?,
+    }
+    Ok(())
+}
+
+/// A rank that joins a running training job as a miner.
+fn run_joined_rank(spec: &JobSpec, rdzv: Option<&str>, site: &str) -> Result<()> {
+    let joined = launch::join_running(spec, rdzv, site)?;
+    let me = &joined.admission;
+    println!(
+        "rank {} on {} (pid {}, site {site}) joined the running job; {} ranks in it",
+        me.rank,
+        swarmrun::world::hostname(),
+        std::process::id(),
+        me.peers.len()
+    );
+    if let Err(e) = swarmrun::roles::mine_joined(&joined.transport, spec) {
+        exit_for(&anyhow::Error::new(e));
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ fn with_tcp_world<R: Send>(n: usize, f: impl Fn(TcpTransport) -> R + Sync) -> Ve
         connect_timeout: PATIENCE,
         default_timeout: PATIENCE,
         handshake_timeout: PATIENCE,
+        joinable: false,
     };
     thread::scope(|s| {
         let handles: Vec<_> = listeners

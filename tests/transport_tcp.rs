@@ -22,6 +22,7 @@ fn opts() -> TcpOptions {
         connect_timeout: PATIENCE,
         default_timeout: PATIENCE,
         handshake_timeout: PATIENCE,
+        joinable: false,
     }
 }
 

@@ -314,6 +314,23 @@ pub struct FaultsSpec {
     /// How the orchestrator times miners' passes for routing and
     /// rebalancing.
     pub clock: PassClock,
+    /// `[[faults.hold]]`: windows the orchestrator holds back until ranks
+    /// have joined or left, so that a test of joining runs the same way
+    /// on any host.
+    pub hold: Vec<HoldFault>,
+}
+
+/// Before `window` runs, the orchestrator waits until `joined` ranks have
+/// joined the job since it started, and with `left` until every rank that
+/// joined has left it again.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldFault {
+    pub window: u64,
+    #[serde(default)]
+    pub joined: usize,
+    #[serde(default)]
+    pub left: bool,
 }
 
 /// A miner that takes `factor` times as long for every pass (it waits out

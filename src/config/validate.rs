@@ -234,6 +234,20 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             );
         }
     }
+    for (i, h) in spec.faults.hold.iter().enumerate() {
+        if spec.job.task != Task::Train {
+            return violation(
+                format!("faults.hold[{i}].window"),
+                "only a training job (`task = \"train\"`) has windows to hold",
+            );
+        }
+        if h.joined == 0 && !h.left {
+            return violation(
+                format!("faults.hold[{i}]"),
+                "hold until `joined = N` ranks joined, or until they `left = true`",
+            );
+        }
+    }
     let t = &spec.train;
     if t.windows == 0 {
         return violation("train.windows", "must be at least 1");

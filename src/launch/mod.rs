@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::config::{JobSpec, PlanError, Rendezvous, Role, Task};
 use crate::wire::JobKey;
 
-pub use rank::{join, JoinError, Joined, RankTransport};
+pub use rank::{join, join_running, JoinError, Joined, JoinedLate, RankTransport};
 pub use spawn::{launch, LaunchError, LaunchOptions, Outcome};
 
 #[derive(Debug, Error)]
@@ -37,6 +37,8 @@ pub enum StartError {
     Exe(std::io::Error),
     #[error(transparent)]
     Bind(#[from] bind::BindError),
+    #[error("only a training job (`task = \"train\"`) can be joined while it runs")]
+    JoinNotTrain,
 }
 
 /// The exit status of a rank that failed only because a peer was lost
@@ -87,6 +89,52 @@ pub struct LaunchRequest<'a> {
     pub bind_to: bind::BindTo,
     /// Each rank prints its binding (`--report-bindings`).
     pub report_bindings: bool,
+}
+
+/// What `swarmrun join` was asked: `nprocs` ranks of this host join the
+/// training job whose rendezvous is `rdzv`, as members of `site`.
+#[derive(Debug, Clone)]
+pub struct JoinRequest<'a> {
+    pub job_path: &'a Path,
+    pub nprocs: usize,
+    pub rdzv: &'a str,
+    pub site: &'a str,
+    pub grace: Duration,
+}
+
+/// Starts the joining ranks as children running `swarmrun rank --join`,
+/// with the launcher's usual prefixed output and signal forwarding. Each
+/// is a miner of the running job, so one that fails leaves the others
+/// mining; a SIGTERM or SIGINT makes them all leave at the next window
+/// boundary.
+pub fn start_joiners(spec: &JobSpec, req: &JoinRequest) -> Result<Outcome, StartError> {
+    if spec.job.task != Task::Train {
+        return Err(StartError::JoinNotTrain);
+    }
+    let n = req.nprocs.max(1);
+    let mut env = Vec::new();
+    if n > 1 && std::env::var_os(CANDLE_THREADS).is_none() {
+        env.push((CANDLE_THREADS.to_string(), "1".to_string()));
+    }
+    let opts = LaunchOptions {
+        exe: std::env::current_exe().map_err(StartError::Exe)?,
+        rank_args: vec![
+            req.job_path.as_os_str().to_owned(),
+            "--join".into(),
+            "--rdzv".into(),
+            req.rdzv.into(),
+            "--site".into(),
+            req.site.into(),
+        ],
+        labels: (0..n).map(|i| format!("join {i} {}", req.site)).collect(),
+        expendable: vec![true; n],
+        env,
+        run_id: format!("{}-join-{}", spec.job.name, std::process::id()),
+        max_restarts: 0,
+        grace: req.grace,
+        progress_windows: None,
+    };
+    Ok(launch(&opts)?)
 }
 
 /// Plans the ranks, fixes the rendezvous and the key, and runs the job.

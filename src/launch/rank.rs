@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use super::bind::{self, BindError, Binding};
 
-use crate::config::{Fabric, JobSpec, Plan, PlanError, RankPlan, Rendezvous};
+use crate::config::{Fabric, JobSpec, Plan, PlanError, RankPlan, Rendezvous, Task};
 use crate::transport::shm::{ShmOptions, ShmTransport};
 use crate::transport::{TcpOptions, TcpTransport, Transport, TransportError};
 use crate::wire::{JobKey, WireError};
@@ -86,6 +86,9 @@ pub struct Joined {
     pub launcher: world::LauncherKind,
     /// Where this rank bound itself (SWARMRUN_BIND); `None` when unbound.
     pub binding: Option<Binding>,
+    /// On rank 0 of a TCP rendezvous, the listener it served: the door of
+    /// a training job, through which ranks join while it trains.
+    pub door: Option<TcpListener>,
 }
 
 impl Joined {
@@ -142,7 +145,7 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
         // directory; the job name at least keeps different jobs apart.
         format!("{}-default", spec.job.name)
     });
-    let world = world::rendezvous(
+    let formed = world::rendezvous(
         &endpoint,
         &RendezvousOptions {
             rank: env.rank,
@@ -156,6 +159,7 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
             timeout: connect_timeout,
         },
     )?;
+    let world = formed.world;
     let transport = open_transport(spec, &plan, &world, listener, &key, &run_id)?;
     let startup = launch_t0_elapsed().unwrap_or_else(|| started.elapsed());
     Ok(Joined {
@@ -165,7 +169,85 @@ pub fn join(spec: &JobSpec, rdzv_cli: Option<&str>) -> Result<Joined, JoinError>
         startup,
         launcher: env.launcher,
         binding,
+        door: formed.listener,
     })
+}
+
+/// A rank that joined a running training job through its door.
+pub struct JoinedLate {
+    /// Its id (never used before in this job) and everyone it connected
+    /// to, itself included.
+    pub admission: world::Admission,
+    pub transport: TcpTransport,
+    pub site: String,
+}
+
+/// Joins the training job whose rendezvous is `rdzv` (or the job file's)
+/// while it trains: knock on its door, then dial every rank in the book.
+/// The rank's place in the job (a stage) is the orchestrator's to give.
+pub fn join_running(
+    spec: &JobSpec,
+    rdzv_cli: Option<&str>,
+    site: &str,
+) -> Result<JoinedLate, JoinError> {
+    let key = job_key(spec)?;
+    // The running job's own rendezvous, not one derived from the joiner's
+    // Slurm step: that names another job.
+    let endpoint = match rendezvous_choice(spec, rdzv_cli)? {
+        Rendezvous::Tcp { host, port } if port != 0 => Endpoint::Tcp { host, port },
+        other => {
+            return Err(JoinError::BadRendezvous {
+                value: other.to_string(),
+                source_name: "the join",
+                reason: "join a running job at its tcp://HOST:PORT rendezvous (rank 0 prints it)"
+                    .into(),
+            })
+        }
+    };
+    let listener = TcpListener::bind(("0.0.0.0", 0)).map_err(JoinError::Listen)?;
+    let listen_port = listener.local_addr().map_err(JoinError::Listen)?.port();
+    let connect_timeout = Duration::from_secs_f64(spec.network.connect_timeout_s);
+    let admission = world::knock(
+        &endpoint,
+        &world::KnockOptions {
+            key: &key,
+            job_name: &spec.job.name,
+            site,
+            listen_port,
+            timeout: connect_timeout,
+        },
+    )?;
+    let peers: Vec<(usize, std::net::SocketAddr)> = admission
+        .peers
+        .iter()
+        .filter(|p| p.rank != admission.rank)
+        .map(|p| (p.rank, p.addr))
+        .collect();
+    let transport = TcpTransport::join(
+        admission.rank,
+        listener,
+        &peers,
+        &key,
+        &spec.job.name,
+        tcp_options(spec),
+    )?;
+    Ok(JoinedLate {
+        admission,
+        transport,
+        site: site.to_string(),
+    })
+}
+
+/// The TCP transport's options from the job file. A training job's mesh
+/// is joinable: ranks may join it while it trains.
+fn tcp_options(spec: &JobSpec) -> TcpOptions {
+    TcpOptions {
+        max_frame: spec.network.max_frame,
+        connect_timeout: Duration::from_secs_f64(spec.network.connect_timeout_s),
+        default_timeout: Duration::from_secs_f64(spec.network.collective_timeout_s),
+        joinable: spec.job.task == Task::Train,
+        ..TcpOptions::default()
+    }
 }
 
 /// Connects the transport of the world's fabric.
@@ -186,12 +268,7 @@ fn open_transport(
             &world.addrs(),
             key,
             &spec.job.name,
-            TcpOptions {
-                max_frame: spec.network.max_frame,
-                connect_timeout,
-                default_timeout,
-                ..TcpOptions::default()
-            },
+            tcp_options(spec),
         )?),
         #[cfg(feature = "mpi")]
         Fabric::Mpi => {

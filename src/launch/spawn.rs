@@ -161,6 +161,11 @@ fn run_attempt(
     // Whether this launcher has signalled ranks itself: their statuses
     // then say so, not why the job failed.
     let mut stopping = false;
+    // Whether every rank so far exited with status 0, and the first
+    // failure of a rank the job survives.
+    let mut clean = true;
+    let mut first_expendable: Option<(usize, i32)> = None;
+    let mut survivors = false;
     while exited.iter().any(|e| !e) {
         let sig = signal.swap(0, Ordering::SeqCst);
         if sig != 0 {
@@ -176,8 +181,11 @@ fn run_attempt(
         match exit_rx.recv_timeout(Duration::from_millis(20)) {
             Ok((rank, status)) => {
                 exited[rank] = true;
+                clean &= status == 0;
+                survivors |= status == 0;
                 let survivable = opts.expendable.get(rank).copied().unwrap_or(false);
                 if status != 0 && survivable && signalled.is_none() && first_failure.is_none() {
+                    first_expendable.get_or_insert((rank, status));
                     eprintln!(
                         "swarmrun: rank {rank} ({}) exited with status {status}; the job goes on without it",
                         opts.labels[rank]
@@ -222,9 +230,16 @@ fn run_attempt(
         p.finish();
     }
     Ok(match (signalled, first_failure) {
+        // Every rank took the signal as a request and finished cleanly (a
+        // miner leaves a training job politely): the job ended as asked.
+        (Some(_), None) if clean => Outcome::Success,
         (Some(signal), _) => Outcome::Signalled { signal },
         (None, Some((rank, status))) => Outcome::RankFailed { rank, status },
-        (None, None) => Outcome::Success,
+        // The job may go on without any one of them, but not without all.
+        (None, None) => match first_expendable {
+            Some((rank, status)) if !survivors => Outcome::RankFailed { rank, status },
+            _ => Outcome::Success,
+        },
     })
 }
 

@@ -215,6 +215,41 @@ impl Router {
         });
     }
 
+    /// Puts `rank` on `stage` (a newcomer, or a miner that moves), its
+    /// speed there unmeasured.
+    pub fn place(&mut self, rank: usize, stage: usize) {
+        self.miners.insert(
+            rank,
+            Miner {
+                stage,
+                throughput: None,
+                samples: 0,
+            },
+        );
+    }
+
+    /// The stage a new miner of unknown speed raises the pipeline's pace
+    /// (its slowest stage's capacity) most on, counting it at the mean
+    /// rate of that stage's miners; ties go to the lower stage.
+    pub fn stage_for_newcomer(&self) -> usize {
+        let caps: Vec<f64> = (0..self.stages).map(|s| self.capacity(s)).collect();
+        let pace_with = |s: usize| {
+            let miners = self.stage_miners(s).len();
+            let rate = if miners == 0 {
+                UNMEASURED
+            } else {
+                caps[s] / miners as f64
+            };
+            (0..self.stages)
+                .map(|t| if t == s { caps[t] + rate } else { caps[t] })
+                .fold(f64::INFINITY, f64::min)
+        };
+        (0..self.stages)
+            .rev()
+            .max_by(|&a, &b| pace_with(a).total_cmp(&pace_with(b)))
+            .unwrap_or(0)
+    }
+
     /// (rank, stage) of every miner.
     pub fn assignment(&self) -> Vec<(usize, usize)> {
         self.miners.iter().map(|(r, m)| (*r, m.stage)).collect()
@@ -527,6 +562,30 @@ mod tests {
         r.remove(5);
         let mv = r.rebalance().unwrap();
         assert_eq!((mv.from, mv.to), (0, 1));
+    }
+
+    #[test]
+    fn a_newcomer_goes_where_it_raises_the_pace_most() {
+        // Stage 1 is three times slower per miner: 2 x 10 against 2 x 3.3.
+        let mut r = two_stages();
+        for rank in [1, 2] {
+            r.observe(rank, 0.1);
+        }
+        for rank in [3, 4] {
+            r.observe(rank, 0.3);
+        }
+        assert_eq!(r.stage_for_newcomer(), 1);
+        // Alike stages: the lower one.
+        let even = two_stages();
+        assert_eq!(even.stage_for_newcomer(), 0);
+        // An empty stage always gets it.
+        let mut empty = two_stages();
+        empty.remove(1);
+        empty.remove(2);
+        assert_eq!(empty.stage_for_newcomer(), 0);
+        r.place(9, 1);
+        assert_eq!(r.stage_of(9), Some(1));
+        assert_eq!(r.stage_miners(1), vec![3, 4, 9]);
     }
 
     #[test]

@@ -10,17 +10,22 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
 
 use super::audit::{self, Bundle, Frames};
 use super::cheat::Cheater;
+use super::handover;
 use super::protocol::{
-    self, slice_digest, AuditTask, CheckpointTask, Handover, Order, Receipt, Reduction, Report,
+    self, slice_digest, AuditTask, CheckpointTask, Order, Placement, Receipt, Reduction, Report,
     Route, SliceTask,
 };
-use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
+use super::train::{
+    adamw_config, crash_if_planned, leave_on_signal, recv_order, send_report, Setup, TrainError,
+};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
     all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition, ReduceOp,
@@ -38,6 +43,7 @@ const POLL: std::time::Duration = std::time::Duration::from_millis(2);
 /// Serves the stage the orchestrator's `Start` names until told to stop.
 pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
+    let leaving = leave_on_signal()?;
     let checkpoints = Checkpoints::new(&spec.job.run_dir());
     let me = t.rank();
     let (stage, checkpoint) = match recv_order(t)? {
@@ -62,85 +68,70 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
         let manifest = checkpoints.manifest(window)?;
         checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
     }
-    let boundary = setup.codec(spec);
-    let mut miner = Miner {
-        t,
-        spec,
-        checkpoints,
-        setup,
-        stage,
-        model,
-        opt,
-        grads: BTreeMap::new(),
-        reduced: None,
-        contribution: None,
-        kept: BTreeMap::new(),
-        boundary,
-        unreported: (0, 0),
-        cheater: Cheater::new(spec, t.rank()),
-    };
-    let mut order = recv_order(t)?;
+    Miner::new(t, spec, setup, (stage, model, opt), leaving).serve()
+}
+
+/// A rank that joined the running job: says so, waits until the
+/// orchestrator places it on a stage (it then takes the stage's state from
+/// the stage's miners), and mines that stage until told to stop.
+pub fn mine_joined<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+    let setup = Setup::new(spec)?;
+    let leaving = leave_on_signal()?;
+    let me = t.rank();
+    send_report(t, &Report::Joining)?;
+    let mut announced = false;
     loop {
-        order = match order {
-            Order::Run {
-                window,
-                attempt,
-                routes,
-            } => match miner.run(window, attempt, &routes)? {
-                Some(next) => next,
-                None => recv_order(t)?,
-            },
-            Order::Close {
-                window,
-                attempt,
-                counted,
-                stages,
-                scales,
-            } => {
-                let peers = stages.get(miner.stage).cloned().unwrap_or_default();
-                let scales = scales.get(miner.stage).cloned().unwrap_or_default();
-                miner.close(window, attempt, &counted, peers, scales)?;
-                recv_order(t)?
-            }
-            Order::Step {
-                window,
-                writers,
-                audits,
-                moves,
-            } => {
-                miner.step(window, &writers, &audits)?;
-                for h in &moves {
-                    miner.hand_over(window, h)?;
+        if leaving.load(Ordering::SeqCst) && !announced {
+            send_report(t, &Report::Leaving)?;
+            announced = true;
+        }
+        let Some(order) = poll_order(t)? else {
+            continue;
+        };
+        match order {
+            Order::Place { window, placements } => {
+                let Some(p) = placements.iter().find(|p| p.rank == me) else {
+                    continue;
+                };
+                let placed = handover::receive_state(t, window, p, &setup, spec);
+                let state = match &placed {
+                    Ok((_, _, digests)) => Ok(digests.clone()),
+                    Err(e) => Err(e.to_string()),
+                };
+                send_report(
+                    t,
+                    &Report::Placed {
+                        window,
+                        stage: p.stage,
+                        state,
+                    },
+                )?;
+                if let Ok((model, opt, _)) = placed {
+                    let miner = Miner::new(t, spec, setup, (p.stage, model, opt), leaving);
+                    miner.announced.store(announced, Ordering::SeqCst);
+                    return miner.serve();
                 }
-                recv_order(t)?
-            }
-            Order::Audit {
-                window,
-                attempt,
-                tasks,
-                ..
-            } => {
-                miner.send_audits(window, attempt, &tasks)?;
-                recv_order(t)?
-            }
-            Order::Recompute {
-                window,
-                attempt,
-                tasks,
-            } => {
-                miner.send_slices(window, attempt, &tasks)?;
-                recv_order(t)?
             }
             Order::Stop => return Ok(()),
-            Order::Start { .. } => {
-                return Err(TrainError::Protocol {
-                    rank: 0,
-                    reason: "a second Start".into(),
-                })
-            }
+            // The job's business before this rank has a stage.
+            _ => {}
         }
     }
 }
+
+/// The orchestrator's next order if one comes within [`ORDER_POLL`];
+/// its loss is an error.
+fn poll_order<T: Transport + ?Sized>(t: &T) -> Result<Option<Order>, TrainError> {
+    match t.recv_deadline(0, protocol::ORDER_TAG, Instant::now() + ORDER_POLL) {
+        Ok(bytes) => Ok(Some(protocol::decode_order(&bytes, 0)?)),
+        Err(TransportError::Timeout { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How often a miner waiting for orders looks whether it was asked to
+/// leave.
+const ORDER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct Miner<'a, T: ?Sized> {
     t: &'a T,
@@ -165,6 +156,10 @@ struct Miner<'a, T: ?Sized> {
     unreported: (u64, u64),
     /// `[[faults.cheat]]` for this rank, if any.
     cheater: Option<Cheater>,
+    /// Set by SIGTERM or SIGINT: leave at the next window boundary.
+    leaving: Arc<AtomicBool>,
+    /// Whether the orchestrator has been told.
+    announced: AtomicBool,
 }
 
 /// One pass's parameter gradients and the digests of their chunks (its
@@ -199,7 +194,147 @@ enum Wait {
     Order(Order),
 }
 
-impl<T: Transport + ?Sized> Miner<'_, T> {
+impl<'a, T: Transport + ?Sized> Miner<'a, T> {
+    fn new(
+        t: &'a T,
+        spec: &'a JobSpec,
+        setup: Setup,
+        (stage, model, opt): (usize, StageModel, AdamW),
+        leaving: Arc<AtomicBool>,
+    ) -> Miner<'a, T> {
+        Miner {
+            t,
+            spec,
+            checkpoints: Checkpoints::new(&spec.job.run_dir()),
+            boundary: setup.codec(spec),
+            setup,
+            stage,
+            model,
+            opt,
+            grads: BTreeMap::new(),
+            reduced: None,
+            contribution: None,
+            kept: BTreeMap::new(),
+            unreported: (0, 0),
+            cheater: Cheater::new(spec, t.rank()),
+            leaving,
+            announced: AtomicBool::new(false),
+        }
+    }
+
+    /// Carries out orders until told to stop.
+    fn serve(mut self) -> Result<(), TrainError> {
+        let mut order = self.next_order()?;
+        loop {
+            order = match order {
+                Order::Run {
+                    window,
+                    attempt,
+                    routes,
+                } => match self.run(window, attempt, &routes)? {
+                    Some(next) => next,
+                    None => self.next_order()?,
+                },
+                Order::Close {
+                    window,
+                    attempt,
+                    counted,
+                    stages,
+                    scales,
+                } => {
+                    let peers = stages.get(self.stage).cloned().unwrap_or_default();
+                    let scales = scales.get(self.stage).cloned().unwrap_or_default();
+                    self.close(window, attempt, &counted, peers, scales)?;
+                    self.next_order()?
+                }
+                Order::Step {
+                    window,
+                    writers,
+                    audits,
+                } => {
+                    self.step(window, &writers, &audits)?;
+                    self.next_order()?
+                }
+                Order::Place { window, placements } => {
+                    self.place(window, &placements)?;
+                    self.next_order()?
+                }
+                Order::Audit {
+                    window,
+                    attempt,
+                    tasks,
+                    ..
+                } => {
+                    self.send_audits(window, attempt, &tasks)?;
+                    self.next_order()?
+                }
+                Order::Recompute {
+                    window,
+                    attempt,
+                    tasks,
+                } => {
+                    self.send_slices(window, attempt, &tasks)?;
+                    self.next_order()?
+                }
+                Order::Stop => return Ok(()),
+                Order::Start { .. } => {
+                    return Err(TrainError::Protocol {
+                        rank: 0,
+                        reason: "a second Start".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The orchestrator's next order, however long it takes; meanwhile,
+    /// tells it once if this miner was asked to leave.
+    fn next_order(&self) -> Result<Order, TrainError> {
+        loop {
+            self.announce_leaving()?;
+            if let Some(order) = poll_order(self.t)? {
+                return Ok(order);
+            }
+        }
+    }
+
+    /// Says `Leaving` once SIGTERM or SIGINT came: the orchestrator lets
+    /// this miner finish its window and stops it after the step.
+    fn announce_leaving(&self) -> Result<(), TrainError> {
+        if self.leaving.load(Ordering::SeqCst) && !self.announced.swap(true, Ordering::SeqCst) {
+            send_report(self.t, &Report::Leaving)?;
+        }
+        Ok(())
+    }
+
+    /// Sends this miner's stripe to miners placed on its stage; takes its
+    /// own new stage's state when it is the one placed (a move).
+    fn place(&mut self, window: u64, placements: &[Placement]) -> Result<(), TrainError> {
+        for p in placements.iter().filter(|p| p.stage == self.stage) {
+            handover::send_stripe(self.t, window, p, &self.model, &self.opt)?;
+        }
+        let me = self.t.rank();
+        let Some(p) = placements.iter().find(|p| p.rank == me) else {
+            return Ok(());
+        };
+        let placed = handover::receive_state(self.t, window, p, &self.setup, self.spec);
+        let state = match placed {
+            Ok((model, opt, digests)) => {
+                (self.stage, self.model, self.opt) = (p.stage, model, opt);
+                Ok(digests)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        send_report(
+            self.t,
+            &Report::Placed {
+                window,
+                stage: p.stage,
+                state,
+            },
+        )
+    }
+
     fn last(&self) -> usize {
         self.setup.stages - 1
     }
@@ -507,6 +642,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
     fn wait(&self, from: usize, tag: u64) -> Result<Wait, TrainError> {
         let deadline = Instant::now() + self.t.default_timeout();
         loop {
+            self.announce_leaving()?;
             match self.t.recv_deadline(0, protocol::ORDER_TAG, Instant::now()) {
                 Ok(bytes) => return Ok(Wait::Order(protocol::decode_order(&bytes, 0)?)),
                 Err(TransportError::Timeout { .. }) => {}
@@ -516,9 +652,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             match self.t.recv_deadline(from, tag, until) {
                 Ok(bytes) => return Ok(Wait::Got(bytes)),
                 Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
-                Err(TransportError::PeerLost { .. }) => {
-                    return Ok(Wait::Order(recv_order(self.t)?))
-                }
+                Err(TransportError::PeerLost { .. }) => return Ok(Wait::Order(self.next_order()?)),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -529,7 +663,7 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
     fn send(&self, to: usize, tag: u64, bytes: &[u8]) -> Result<Option<Order>, TrainError> {
         match self.t.send(to, tag, bytes) {
             Ok(()) => Ok(None),
-            Err(TransportError::PeerLost { .. }) => Ok(Some(recv_order(self.t)?)),
+            Err(TransportError::PeerLost { .. }) => Ok(Some(self.next_order()?)),
             Err(e) => Err(e.into()),
         }
     }
@@ -720,28 +854,5 @@ impl<T: Transport + ?Sized> Miner<'_, T> {
             Ok(()) | Err(TransportError::PeerLost { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
-    }
-}
-
-impl<T: Transport + ?Sized> Miner<'_, T> {
-    /// Takes part in one move between stages: the donor sends its stage's
-    /// weights and optimizer state (as a checkpoint's stage file), the
-    /// mover becomes a miner of that stage.
-    fn hand_over(&mut self, window: u64, h: &Handover) -> Result<(), TrainError> {
-        let me = self.t.rank();
-        let label = Path::new("handover");
-        if h.donor == me {
-            let bytes = self.model.to_safetensors(Some(&self.opt), label)?;
-            self.t.send(h.rank, protocol::state_tag(window), &bytes)?;
-        }
-        if h.rank == me {
-            let bytes = self.t.recv(h.donor, protocol::state_tag(window))?;
-            let s = &self.setup;
-            let mut model = StageModel::new(&s.config, &s.layers, h.to, s.seed)?;
-            let mut opt = AdamW::new(adamw_config(self.spec), model.layout());
-            model.load_safetensors_bytes(&bytes, label, Some(&mut opt))?;
-            (self.model, self.opt, self.stage) = (model, opt, h.to);
-        }
-        Ok(())
     }
 }

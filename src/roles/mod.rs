@@ -3,13 +3,14 @@
 
 mod audit;
 mod cheat;
+mod handover;
 mod miner;
 mod orchestrator;
 pub mod protocol;
 pub mod train;
 mod validator;
 
-pub use miner::mine;
+pub use miner::{mine, mine_joined};
 pub use orchestrator::{orchestrate, StartPoint};
 pub use train::{TrainError, WindowLine, WindowReport};
 pub use validator::validate;

@@ -30,11 +30,14 @@
 //!    writer whose file did not is excluded and the window has no
 //!    checkpoint.
 //!
-//!    Then a miner may move to the bottleneck stage (SWARM's rebalancing),
-//!    receiving that stage's state from one of its miners.
-//!
 //! Before the first window, `Start` gives every miner its stage and says
-//! whether to load a checkpoint.
+//! whether to load a checkpoint. Before any window, `Place` may put
+//! miners on stages: ranks that joined the running job (they announced
+//! themselves with `Joining`), and a miner moving to the bottleneck stage
+//! (SWARM's rebalancing). Each takes the stage's state in stripes from the
+//! stage's miners and reports `Placed` with its digests. A miner asked to
+//! leave reports `Leaving`, serves its window to the end and is told to
+//! `Stop` after the step.
 //!
 //! Between 1 and 2, when it drew passes to replay, the orchestrator sends
 //! `Audit`: each named miner sends its stage's weights and the frames it
@@ -109,8 +112,8 @@ pub fn close_tag(window: u64, attempt: u32) -> u64 {
     tag(KIND_CLOSE, ((window << 7) | u64::from(attempt)) << 3)
 }
 
-/// A stage's weights and optimizer state handed to a miner moving to it
-/// after `window`.
+/// A stage's weights and optimizer state, striped over the stage's
+/// miners, for a miner placed on it before `window`.
 pub fn state_tag(window: u64) -> u64 {
     tag(KIND_STATE, window)
 }
@@ -270,13 +273,28 @@ pub enum Verdict {
     Unavailable,
 }
 
-/// A miner moving to the bottleneck stage: `donor`, a miner of stage `to`,
-/// sends it that stage's weights and optimizer state after the step.
+/// A miner placed on a stage between windows: a rank that joined the
+/// job, or a miner moving to the bottleneck. Each of `sources`, the
+/// stage's miners, sends it one stripe of the stage's weights and
+/// optimizer state; it must come out with the digests the stage agreed
+/// on, which the orchestrator states here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Handover {
+pub struct Placement {
     pub rank: usize,
-    pub to: usize,
-    pub donor: usize,
+    pub stage: usize,
+    pub sources: Vec<usize>,
+    /// The stage's weights digest.
+    pub weights: String,
+    /// Its optimizer state digest, when known (a run resumed from a
+    /// checkpoint that does not record it does not know).
+    pub optimizer: Option<String>,
+}
+
+/// Digests of a placed miner's weights and optimizer state, as loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageDigests {
+    pub weights: String,
+    pub optimizer: String,
 }
 
 /// One microbatch and the miner of each stage that serves it.
@@ -330,13 +348,17 @@ pub enum Order {
     },
     /// Apply the reduced gradients; the miners in `writers` (one per stage,
     /// empty when no checkpoint is due) write their stage's checkpoint,
-    /// sending what `audits` asks to validators; then the `moves` change
-    /// stage.
+    /// sending what `audits` asks to validators.
     Step {
         window: u64,
         writers: Vec<usize>,
         audits: Vec<CheckpointTask>,
-        moves: Vec<Handover>,
+    },
+    /// Before `window` runs: each placed miner takes its stage's state
+    /// from the stage's miners (see [`Placement`]) and reports `Placed`.
+    Place {
+        window: u64,
+        placements: Vec<Placement>,
     },
     Stop,
 }
@@ -399,6 +421,19 @@ pub enum Report {
         digest: String,
         optimizer: String,
         checkpoint: Option<StageEntry>,
+    },
+    /// A rank that joined the running job is connected to every rank and
+    /// waits for a stage.
+    Joining,
+    /// A miner asked to leave (SIGTERM or SIGINT): it finishes the work it
+    /// holds and goes at the next window boundary.
+    Leaving,
+    /// A placed miner loaded its stage's state (its digests), or could
+    /// not (why).
+    Placed {
+        window: u64,
+        stage: usize,
+        state: Result<StageDigests, String>,
     },
     /// A validator audited `task`'s checkpoint: the BLAKE3 (hex) of the
     /// file it got, the weights digest its replay of the step gave, and

@@ -3,6 +3,8 @@
 //! [`super::miner`], the protocol between them in [`super::protocol`].
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -212,6 +214,22 @@ pub(super) fn crash_if_planned(spec: &JobSpec, rank: usize, window: u64) {
         eprintln!("exiting with status {code} during window {window} on purpose (faults.crash)");
         std::process::exit(code);
     }
+}
+
+/// A flag SIGTERM and SIGINT set instead of ending the process: a miner
+/// asked to leave finishes the window it holds work in, so no window is
+/// redone because someone left politely.
+pub(super) fn leave_on_signal() -> Result<Arc<AtomicBool>, TrainError> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&flag)).map_err(|e| {
+            TrainError::Protocol {
+                rank: 0,
+                reason: format!("cannot catch signal {signal}: {e}"),
+            }
+        })?;
+    }
+    Ok(flag)
 }
 
 /// The orchestrator's next order. The next order can be a whole window

@@ -198,6 +198,51 @@ impl Transport for LocalTransport {
     fn default_timeout(&self) -> std::time::Duration {
         self.timeout
     }
+
+    /// Every message to this rank wakes its one condition variable, so a
+    /// wait on many senders is a wait on it.
+    fn recv_any(
+        &self,
+        from: &[usize],
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<(usize, Vec<u8>), TransportError> {
+        for &rank in from {
+            self.check_rank(rank)?;
+        }
+        let mailbox = &self.world.mailboxes[self.rank];
+        let mut queues = mailbox.lock();
+        loop {
+            if !self.is_alive(self.rank) {
+                return Err(lost(self.rank, "this rank was killed"));
+            }
+            for &rank in from {
+                if let Some(queue) = queues.get_mut(&(rank, tag)) {
+                    if let Some(message) = queue.pop_front() {
+                        if queue.is_empty() {
+                            queues.remove(&(rank, tag));
+                        }
+                        return Ok((rank, message));
+                    }
+                }
+            }
+            if let Some(&dead) = from.iter().find(|&&r| !self.is_alive(r)) {
+                return Err(lost(dead, "killed"));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::NoneArrived {
+                    ranks: from.len(),
+                    tag,
+                });
+            }
+            queues = mailbox
+                .arrived
+                .wait_timeout(queues, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 impl Drop for LocalTransport {
@@ -265,6 +310,32 @@ mod tests {
         assert!(matches!(
             w[0].recv(1, 3),
             Err(TransportError::Timeout { rank: 1, tag: 3 })
+        ));
+    }
+
+    #[test]
+    fn recv_any_takes_whoever_speaks_and_names_the_dead() {
+        let w = LocalTransport::world(4);
+        let soon = || Instant::now() + Duration::from_secs(5);
+        w[3].send(0, 9, b"three").unwrap();
+        w[2].send(0, 8, b"other tag").unwrap();
+        assert_eq!(
+            w[0].recv_any(&[1, 2, 3], 9, soon()).unwrap(),
+            (3, b"three".to_vec())
+        );
+        assert!(matches!(
+            w[0].recv_any(&[1, 2], 9, Instant::now()),
+            Err(TransportError::NoneArrived { ranks: 2, tag: 9 })
+        ));
+        w[1].send(0, 9, b"last").unwrap();
+        w[1].kill();
+        assert_eq!(
+            w[0].recv_any(&[1], 9, soon()).unwrap(),
+            (1, b"last".to_vec())
+        );
+        assert!(matches!(
+            w[0].recv_any(&[1, 2], 9, soon()),
+            Err(TransportError::PeerLost { rank: 1, .. })
         ));
     }
 

@@ -40,6 +40,39 @@ pub trait Transport: Send + Sync {
     ) -> Result<Vec<u8>, TransportError>;
     /// How long [`recv`](Transport::recv) waits.
     fn default_timeout(&self) -> Duration;
+    /// The next message with `tag` from any rank of `from`, and who sent
+    /// it, or [`TransportError::NoneArrived`] at `deadline`. A rank of
+    /// `from` that is gone, with nothing left queued, comes back as
+    /// [`TransportError::PeerLost`]: leave it out of `from` and call again.
+    ///
+    /// This default looks at each rank in turn and sleeps a millisecond
+    /// between sweeps; transports with one wake-up for every peer override
+    /// it, so an orchestrator of thousands of miners sleeps until one of
+    /// them speaks.
+    fn recv_any(
+        &self,
+        from: &[usize],
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<(usize, Vec<u8>), TransportError> {
+        loop {
+            for &rank in from {
+                match self.recv_deadline(rank, tag, Instant::now()) {
+                    Ok(message) => return Ok((rank, message)),
+                    Err(TransportError::Timeout { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::NoneArrived {
+                    ranks: from.len(),
+                    tag,
+                });
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(1)));
+        }
+    }
     /// [`recv_deadline`](Transport::recv_deadline) with the transport's
     /// default timeout.
     fn recv(&self, from: usize, tag: u64) -> Result<Vec<u8>, TransportError> {
@@ -65,6 +98,11 @@ pub enum TransportError {
     /// connection itself is still up.
     #[error("timed out waiting for a message from rank {rank} with tag {tag}")]
     Timeout { rank: usize, tag: u64 },
+
+    /// [`Transport::recv_any`]: nothing with `tag` came from any of the
+    /// `ranks` it waited on before the deadline.
+    #[error("timed out waiting for a message with tag {tag} from any of {ranks} ranks")]
+    NoneArrived { ranks: usize, tag: u64 },
 
     /// While setting up the mesh, `rank` answered but was not acceptable
     /// (another key or job, or not the rank its address belongs to).

@@ -5,12 +5,14 @@
 //! rank holds the same [`World`], the address book the transport connects by.
 
 pub mod detect;
+pub mod door;
 pub mod rendezvous;
 
 use std::net::SocketAddr;
 
 pub use detect::{detect, detect_from_process, DetectError, LauncherKind, RankEnv};
-pub use rendezvous::{rendezvous, Endpoint, RendezvousError, RendezvousOptions};
+pub use door::{knock, Admission, Door, KnockOptions, Membership};
+pub use rendezvous::{rendezvous, Endpoint, Formed, RendezvousError, RendezvousOptions};
 
 /// One rank as the others see it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -133,27 +133,42 @@ pub struct RendezvousOptions<'a> {
     pub timeout: Duration,
 }
 
+/// A formed world, and on rank 0 of a TCP rendezvous the listener it
+/// served on: the door ([`super::Door`]) of a job that admits joiners.
+#[derive(Debug)]
+pub struct Formed {
+    pub world: World,
+    pub listener: Option<TcpListener>,
+}
+
 /// Blocks until every rank has published its address, or the deadline.
-pub fn rendezvous(endpoint: &Endpoint, opts: &RendezvousOptions) -> Result<World, RendezvousError> {
+pub fn rendezvous(
+    endpoint: &Endpoint,
+    opts: &RendezvousOptions,
+) -> Result<Formed, RendezvousError> {
     let deadline = Instant::now() + opts.timeout;
-    let peers = match endpoint {
+    let (peers, listener) = match endpoint {
         Endpoint::Tcp { host, port } => {
             if *port == 0 {
                 return Err(RendezvousError::PortZero);
             }
             if opts.rank == 0 {
-                tcp_serve(host, *port, opts, deadline)?
+                let (peers, listener) = tcp_serve(host, *port, opts, deadline)?;
+                (peers, Some(listener))
             } else {
-                tcp_join(host, *port, opts, deadline)?
+                (tcp_join(host, *port, opts, deadline)?, None)
             }
         }
-        Endpoint::File { dir } => file_exchange(dir, opts, deadline)?,
+        Endpoint::File { dir } => (file_exchange(dir, opts, deadline)?, None),
     };
-    Ok(World {
-        rank: opts.rank,
-        size: opts.size,
-        local_rank: opts.local_rank,
-        peers,
+    Ok(Formed {
+        world: World {
+            rank: opts.rank,
+            size: opts.size,
+            local_rank: opts.local_rank,
+            peers,
+        },
+        listener,
     })
 }
 
@@ -166,13 +181,14 @@ fn stream_options(opts: &RendezvousOptions) -> StreamOptions {
     }
 }
 
-/// Rank 0: accept the other ranks, collect their lines, answer with the table.
+/// Rank 0: accept the other ranks, collect their lines, answer with the
+/// table; returns it and the listener.
 fn tcp_serve(
     host: &str,
     port: u16,
     opts: &RendezvousOptions,
     deadline: Instant,
-) -> Result<Vec<PeerInfo>, RendezvousError> {
+) -> Result<(Vec<PeerInfo>, TcpListener), RendezvousError> {
     let bind_addr = format!("{host}:{port}");
     let listener = TcpListener::bind(&bind_addr).map_err(|source| RendezvousError::Bind {
         addr: bind_addr.clone(),
@@ -239,7 +255,7 @@ fn tcp_serve(
         s.send(FrameKind::Control, 0, table.as_bytes())
             .map_err(|source| RendezvousError::Wire { peer, source })?;
     }
-    Ok(peers)
+    Ok((peers, listener))
 }
 
 /// Handshake with one connecting rank and read its line.
@@ -348,24 +364,24 @@ fn tcp_join(
 }
 
 /// Errors that name one peer.
-struct Blame(String);
+pub(super) struct Blame(pub(super) String);
 
 impl Blame {
-    fn wire(&self, source: WireError) -> RendezvousError {
+    pub(super) fn wire(&self, source: WireError) -> RendezvousError {
         RendezvousError::Wire {
             peer: self.0.clone(),
             source,
         }
     }
 
-    fn io(&self, source: io::Error) -> RendezvousError {
+    pub(super) fn io(&self, source: io::Error) -> RendezvousError {
         RendezvousError::Io {
             peer: self.0.clone(),
             source,
         }
     }
 
-    fn protocol(&self, reason: String) -> RendezvousError {
+    pub(super) fn protocol(&self, reason: String) -> RendezvousError {
         RendezvousError::Protocol {
             peer: self.0.clone(),
             reason,
@@ -478,11 +494,11 @@ fn abbreviate(items: &[String]) -> String {
 }
 
 /// One rank as one line: `rank<TAB>addr<TAB>host<TAB>site`.
-fn encode_line(p: &PeerInfo) -> String {
+pub(super) fn encode_line(p: &PeerInfo) -> String {
     format!("{}\t{}\t{}\t{}\n", p.rank, p.addr, p.host, p.site)
 }
 
-fn decode_line(line: &str) -> Result<PeerInfo, String> {
+pub(super) fn decode_line(line: &str) -> Result<PeerInfo, String> {
     let line = line.trim_end_matches('\n');
     let fields: Vec<&str> = line.split('\t').collect();
     let [rank, addr, host, site] = fields[..] else {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::state::{lock, Shared};
+use super::state::{lock, Shared, MAX_RANKS};
 use crate::wire::AuthStream;
 
 /// How often the non-blocking listener is polled. Polling, rather than a
@@ -100,8 +100,8 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, abort: &AbortHandle) -> Result
     lock(abort).take();
     let addr = stream.peer_addr();
     let src = usize::try_from(hello.rank).unwrap_or(usize::MAX);
-    let size = shared.peers.len();
-    if src >= size {
+    let size = shared.size();
+    if src >= MAX_RANKS || (src >= size && !shared.opts.joinable) {
         return Err(format!(
             "{addr}: claims rank {}, but the job has {size} ranks",
             hello.rank

@@ -74,6 +74,10 @@ pub struct TcpOptions {
     /// How long one handshake may take; bounds how long a silent connection
     /// can occupy the acceptor.
     pub handshake_timeout: Duration,
+    /// Whether ranks beyond the mesh's size may connect: ranks that joined
+    /// a running job, with the id its door gave them (a training job's
+    /// transport is joinable; a fixed job's refuses such ranks).
+    pub joinable: bool,
 }
 
 impl Default for TcpOptions {
@@ -83,6 +87,7 @@ impl Default for TcpOptions {
             connect_timeout: Duration::from_secs(60),
             default_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),
+            joinable: false,
         }
     }
 }
@@ -110,6 +115,90 @@ impl TcpTransport {
         if rank >= size {
             return Err(TransportError::NoSuchRank { rank, size });
         }
+        let transport = TcpTransport::listen(rank, size, listener, key, job_name, opts)?;
+        let deadline = deadline_after(opts.connect_timeout);
+        for (to, addr) in peers.iter().enumerate().take(rank) {
+            transport.dial(to, *addr, deadline)?;
+        }
+        let missing: Vec<usize> = (rank + 1..size)
+            .filter(|&from| transport.shared.wait_connected(from, deadline))
+            .collect();
+        if !missing.is_empty() {
+            return Err(TransportError::MissingPeers {
+                ranks: missing,
+                waited: opts.connect_timeout,
+            });
+        }
+        Ok(transport)
+    }
+
+    /// Joins a running job's mesh as `rank`, the id its door gave: dials
+    /// every rank of `peers` (all lower, the mesh's rule) at once, then
+    /// accepts ranks that join later. A rank that cannot be reached is
+    /// lost (it may have left since the door's book was read); rank 0, the
+    /// job's coordinator, must answer.
+    pub fn join(
+        rank: usize,
+        listener: TcpListener,
+        peers: &[(usize, SocketAddr)],
+        key: &JobKey,
+        job_name: &str,
+        opts: TcpOptions,
+    ) -> Result<TcpTransport, TransportError> {
+        if let Some(&(higher, _)) = peers.iter().find(|(r, _)| *r >= rank) {
+            return Err(TransportError::InvalidOptions(format!(
+                "joiner {rank} was told to dial rank {higher}; joiners dial lower ranks"
+            )));
+        }
+        let opts = TcpOptions {
+            joinable: true,
+            ..opts
+        };
+        let transport = TcpTransport::listen(rank, rank + 1, listener, key, job_name, opts)?;
+        let deadline = deadline_after(opts.connect_timeout);
+        let dialed: Vec<(usize, Result<(), TransportError>)> = thread::scope(|s| {
+            let dials: Vec<_> = peers
+                .iter()
+                .map(|&(to, addr)| {
+                    let t = &transport;
+                    (to, s.spawn(move || t.dial(to, addr, deadline)))
+                })
+                .collect();
+            dials
+                .into_iter()
+                .map(|(to, d)| {
+                    let result = d.join().unwrap_or_else(|_| {
+                        Err(TransportError::InvalidOptions(
+                            "a dialing thread panicked".into(),
+                        ))
+                    });
+                    (to, result)
+                })
+                .collect()
+        });
+        for (to, result) in dialed {
+            match result {
+                Ok(()) => {}
+                Err(e) if to == 0 => return Err(e),
+                Err(e) => {
+                    transport.shared.grow_to(to);
+                    transport.shared.mark_lost(to, Loss::Failure(e.to_string()));
+                }
+            }
+        }
+        Ok(transport)
+    }
+
+    /// The transport of `rank` in a mesh of `size`, its acceptor running on
+    /// `listener`; nobody dialed yet.
+    fn listen(
+        rank: usize,
+        size: usize,
+        listener: TcpListener,
+        key: &JobKey,
+        job_name: &str,
+        opts: TcpOptions,
+    ) -> Result<TcpTransport, TransportError> {
         let wire_rank = u32::try_from(rank).map_err(|_| {
             TransportError::InvalidOptions(format!("rank {rank} does not fit in 32 bits"))
         })?;
@@ -125,14 +214,12 @@ impl TcpTransport {
                 "default_timeout and handshake_timeout must not be zero".into(),
             ));
         }
-        let deadline = deadline_after(opts.connect_timeout);
         listener
             .set_nonblocking(true)
             .map_err(|source| TransportError::Io {
                 during: "setting up the listener",
                 source,
             })?;
-
         let hello = Hello::new(wire_rank, job_name);
         let shared = Arc::new(Shared::new(rank, size, key.clone(), hello, opts));
         // Built before anything can fail, so that a failed connect shuts
@@ -149,19 +236,6 @@ impl TcpTransport {
                 source,
             })?;
         *lock(&transport.acceptor) = Some(acceptor);
-
-        for (to, addr) in peers.iter().enumerate().take(rank) {
-            transport.dial(to, *addr, deadline)?;
-        }
-        let missing: Vec<usize> = (rank + 1..size)
-            .filter(|&from| transport.shared.wait_connected(from, deadline))
-            .collect();
-        if !missing.is_empty() {
-            return Err(TransportError::MissingPeers {
-                ranks: missing,
-                waited: opts.connect_timeout,
-            });
-        }
         Ok(transport)
     }
 
@@ -222,7 +296,8 @@ impl TcpTransport {
         if let Some(acceptor) = lock(&self.acceptor).take() {
             let _ = acceptor.join();
         }
-        let remote = || (0..self.shared.peers.len()).filter(|&r| r != self.shared.rank);
+        let size = self.shared.size();
+        let remote = || (0..size).filter(|&r| r != self.shared.rank);
         for rank in remote() {
             self.say_goodbye(rank);
         }
@@ -245,7 +320,7 @@ impl TcpTransport {
         if self.shared.lost_reason(rank).is_some() {
             return;
         }
-        let Some(peer) = self.shared.peers.get(rank) else {
+        let Ok(peer) = self.shared.peer(rank) else {
             return;
         };
         let mut writer = match peer.writer.try_lock() {
@@ -264,7 +339,7 @@ impl fmt::Debug for TcpTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcpTransport")
             .field("rank", &self.shared.rank)
-            .field("size", &self.shared.peers.len())
+            .field("size", &self.shared.size())
             .finish_non_exhaustive()
     }
 }
@@ -281,16 +356,23 @@ impl Transport for TcpTransport {
     }
 
     fn size(&self) -> usize {
-        self.shared.peers.len()
+        self.shared.size()
     }
 
+    /// A joiner that has not finished connecting to us yet (it told the
+    /// job it is here while our side of its handshake was still running)
+    /// is waited for, up to the default timeout.
     fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
-        let peer = self.shared.peer(to)?;
+        let peer = self.shared.peer_or_newcomer(to)?;
         if to == self.shared.rank {
             self.shared.deliver(to, tag, payload.to_vec());
             return Ok(());
         }
         let lost = |reason| TransportError::PeerLost { rank: to, reason };
+        let timeout = self.shared.opts.default_timeout;
+        if self.shared.wait_connected(to, deadline_after(timeout)) {
+            return Err(lost(format!("never connected within {timeout:?}")));
+        }
         if let Some(reason) = self.shared.lost_reason(to) {
             return Err(lost(reason));
         }
@@ -313,6 +395,15 @@ impl Transport for TcpTransport {
 
     fn default_timeout(&self) -> Duration {
         self.shared.opts.default_timeout
+    }
+
+    fn recv_any(
+        &self,
+        from: &[usize],
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<(usize, Vec<u8>), TransportError> {
+        self.shared.take_any(from, tag, deadline)
     }
 }
 

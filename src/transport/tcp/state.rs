@@ -4,8 +4,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
@@ -13,15 +13,31 @@ use super::TcpOptions;
 use crate::transport::TransportError;
 use crate::wire::{AuthStream, FrameKind, FrameReader, FrameWriter, Hello, JobKey, StreamOptions};
 
+/// Rank ids a joinable mesh accepts: each costs an entry in the peer
+/// table, so a key holder claiming rank 4 billion must not make us
+/// allocate for it.
+pub(super) const MAX_RANKS: usize = 1 << 16;
+
 pub(super) struct Shared {
     pub(super) rank: usize,
     pub(super) key: JobKey,
     pub(super) hello: Hello,
     pub(super) opts: TcpOptions,
     /// Indexed by rank. Our own entry only ever holds loopback messages.
-    pub(super) peers: Vec<Peer>,
+    /// It grows when a rank that joined the job later connects (see
+    /// [`TcpOptions::joinable`]); entries are never removed, so a rank id
+    /// is never reused.
+    peers: RwLock<Vec<Arc<Peer>>>,
     pub(super) stopping: AtomicBool,
     readers: Mutex<Vec<JoinHandle<()>>>,
+    /// Counts every message filed and every link that changed, on any
+    /// peer, so [`Shared::take_any`] sleeps on one condition variable
+    /// however many peers it listens to.
+    arrivals: Mutex<u64>,
+    arrived: Condvar,
+    /// Where [`Shared::take_any`] starts looking, so that one busy peer
+    /// cannot starve the others.
+    cursor: AtomicUsize,
 }
 
 pub(super) struct Peer {
@@ -47,6 +63,44 @@ enum Link {
     Down(String),
 }
 
+impl Peer {
+    fn new() -> Peer {
+        Peer {
+            inbox: Mutex::new(Inbox {
+                queues: HashMap::new(),
+                link: Link::Waiting,
+            }),
+            changed: Condvar::new(),
+            writer: Mutex::new(None),
+        }
+    }
+}
+
+impl Inbox {
+    /// The next message from `src` with `tag`, or its loss once nothing
+    /// is left; `None` while the link is waiting or up and nothing came.
+    fn take(&mut self, src: usize, tag: u64) -> Option<Result<Vec<u8>, TransportError>> {
+        if let Some(queue) = self.queues.get_mut(&tag) {
+            let message = queue.pop_front();
+            if queue.is_empty() {
+                // Tags are often per step; do not keep one empty queue per
+                // step forever.
+                self.queues.remove(&tag);
+            }
+            if let Some(message) = message {
+                return Some(Ok(message));
+            }
+        }
+        match &self.link {
+            Link::Down(reason) => Some(Err(TransportError::PeerLost {
+                rank: src,
+                reason: reason.clone(),
+            })),
+            Link::Waiting | Link::Up { .. } => None,
+        }
+    }
+}
+
 /// Why a link went down.
 pub(super) enum Loss {
     /// The peer said goodbye. Every job ends this way, so it is not logged.
@@ -69,25 +123,41 @@ impl Shared {
         hello: Hello,
         opts: TcpOptions,
     ) -> Shared {
-        let peers = (0..size)
-            .map(|_| Peer {
-                inbox: Mutex::new(Inbox {
-                    queues: HashMap::new(),
-                    link: Link::Waiting,
-                }),
-                changed: Condvar::new(),
-                writer: Mutex::new(None),
-            })
-            .collect();
         Shared {
             rank,
             key,
             hello,
             opts,
-            peers,
+            peers: RwLock::new((0..size).map(|_| Arc::new(Peer::new())).collect()),
             stopping: AtomicBool::new(false),
             readers: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(0),
+            arrived: Condvar::new(),
+            cursor: AtomicUsize::new(0),
         }
+    }
+
+    /// Rank ids known so far: the mesh's size, plus joiners.
+    pub(super) fn size(&self) -> usize {
+        self.peers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Makes room for rank `rank`, a joiner: every id up to it gets an
+    /// entry that waits for its connection.
+    pub(super) fn grow_to(&self, rank: usize) {
+        let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
+        while peers.len() <= rank {
+            peers.push(Arc::new(Peer::new()));
+        }
+    }
+
+    /// Wakes [`Shared::take_any`]: something happened on some link.
+    fn signal_arrival(&self) {
+        *lock(&self.arrivals) += 1;
+        self.arrived.notify_all();
     }
 
     pub(super) fn stream_options(&self) -> StreamOptions {
@@ -105,10 +175,21 @@ impl Shared {
         eprintln!("swarmrun rank {}: {message}", self.rank);
     }
 
-    pub(super) fn peer(&self, rank: usize) -> Result<&Peer, TransportError> {
-        self.peers.get(rank).ok_or(TransportError::NoSuchRank {
+    /// The peer `rank`; in a joinable mesh, a rank id beyond those known
+    /// is a joiner whose connection may still be on its way, and gets an
+    /// entry to wait on.
+    pub(super) fn peer_or_newcomer(&self, rank: usize) -> Result<Arc<Peer>, TransportError> {
+        if self.opts.joinable && rank < MAX_RANKS {
+            self.grow_to(rank);
+        }
+        self.peer(rank)
+    }
+
+    pub(super) fn peer(&self, rank: usize) -> Result<Arc<Peer>, TransportError> {
+        let peers = self.peers.read().unwrap_or_else(PoisonError::into_inner);
+        peers.get(rank).cloned().ok_or(TransportError::NoSuchRank {
             rank,
-            size: self.peers.len(),
+            size: peers.len(),
         })
     }
 
@@ -124,6 +205,9 @@ impl Shared {
             .set_write_timeout(Some(self.opts.default_timeout))
             .map_err(|e| format!("{addr}: cannot set the send timeout: {e}"))?;
         let (reader, writer) = stream.into_split();
+        if self.opts.joinable {
+            self.grow_to(src);
+        }
         let peer = self.peer(src).map_err(|e| e.to_string())?;
         {
             let mut inbox = lock(&peer.inbox);
@@ -147,6 +231,7 @@ impl Shared {
             inbox.link = Link::Up { socket, addr };
             peer.changed.notify_all();
         }
+        self.signal_arrival();
         let shared = Arc::clone(self);
         let spawned = thread::Builder::new()
             .name(format!("swarmrun-recv-{src}"))
@@ -171,7 +256,7 @@ impl Shared {
             Loss::Goodbye(reason) => (reason, false),
             Loss::Failure(reason) => (reason, true),
         };
-        let Some(peer) = self.peers.get(src) else {
+        let Ok(peer) = self.peer(src) else {
             return reason;
         };
         let mut inbox = lock(&peer.inbox);
@@ -187,13 +272,16 @@ impl Shared {
         }
         inbox.link = Link::Down(reason.clone());
         peer.changed.notify_all();
+        drop(inbox);
+        self.signal_arrival();
         reason
     }
 
     /// The reason `src` was lost, if it was.
     pub(super) fn lost_reason(&self, src: usize) -> Option<String> {
-        let peer = self.peers.get(src)?;
-        match &lock(&peer.inbox).link {
+        let peer = self.peer(src).ok()?;
+        let link = &lock(&peer.inbox).link;
+        match link {
             Link::Down(reason) => Some(reason.clone()),
             Link::Waiting | Link::Up { .. } => None,
         }
@@ -202,7 +290,7 @@ impl Shared {
     /// Half-closes an up link after our goodbye: the peer reads everything we
     /// sent, then answers with its own close, which ends our reader.
     pub(super) fn half_close(&self, src: usize) {
-        if let Some(peer) = self.peers.get(src) {
+        if let Ok(peer) = self.peer(src) {
             if let Link::Up { socket, .. } = &lock(&peer.inbox).link {
                 let _ = socket.shutdown(Shutdown::Write);
             }
@@ -226,10 +314,12 @@ impl Shared {
     }
 
     pub(super) fn deliver(&self, src: usize, tag: u64, message: Vec<u8>) {
-        if let Some(peer) = self.peers.get(src) {
+        if let Ok(peer) = self.peer(src) {
             let mut inbox = lock(&peer.inbox);
             inbox.queues.entry(tag).or_default().push_back(message);
             peer.changed.notify_all();
+            drop(inbox);
+            self.signal_arrival();
         }
     }
 
@@ -242,28 +332,47 @@ impl Shared {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError> {
-        self.peer(src)?;
-        self.wait_for(src, deadline, |inbox| {
-            if let Some(queue) = inbox.queues.get_mut(&tag) {
-                let message = queue.pop_front();
-                if queue.is_empty() {
-                    // Tags are often per step; do not keep one empty queue
-                    // per step forever.
-                    inbox.queues.remove(&tag);
-                }
-                if let Some(message) = message {
-                    return Some(Ok(message));
+        self.peer_or_newcomer(src)?;
+        self.wait_for(src, deadline, |inbox| inbox.take(src, tag))
+            .unwrap_or(Err(TransportError::Timeout { rank: src, tag }))
+    }
+
+    /// The next message with `tag` from any rank of `from`, looking at
+    /// them from a rotating start; see [`crate::transport::Transport::recv_any`].
+    pub(super) fn take_any(
+        &self,
+        from: &[usize],
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<(usize, Vec<u8>), TransportError> {
+        let peers: Vec<Arc<Peer>> = from
+            .iter()
+            .map(|&r| self.peer_or_newcomer(r))
+            .collect::<Result<_, _>>()?;
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let mut arrivals = lock(&self.arrivals);
+        loop {
+            // Whoever files a message signals under this lock afterwards,
+            // so a message filed after the look wakes the wait below.
+            for k in 0..from.len() {
+                let i = (start + k) % from.len();
+                if let Some(taken) = lock(&peers[i].inbox).take(from[i], tag) {
+                    return taken.map(|message| (from[i], message));
                 }
             }
-            match &inbox.link {
-                Link::Down(reason) => Some(Err(TransportError::PeerLost {
-                    rank: src,
-                    reason: reason.clone(),
-                })),
-                Link::Waiting | Link::Up { .. } => None,
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::NoneArrived {
+                    ranks: from.len(),
+                    tag,
+                });
             }
-        })
-        .unwrap_or(Err(TransportError::Timeout { rank: src, tag }))
+            arrivals = self
+                .arrived
+                .wait_timeout(arrivals, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Waits on `src`'s inbox until `ready` returns something, or `deadline`.
@@ -273,7 +382,7 @@ impl Shared {
         deadline: Instant,
         mut ready: impl FnMut(&mut Inbox) -> Option<R>,
     ) -> Option<R> {
-        let peer = self.peers.get(src)?;
+        let peer = self.peer(src).ok()?;
         let mut inbox = lock(&peer.inbox);
         loop {
             if let Some(result) = ready(&mut inbox) {

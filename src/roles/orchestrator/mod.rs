@@ -3,13 +3,16 @@
 //! (reduce everywhere, then step everywhere) so that no stage applies an
 //! update another stage may still have to redo.
 
+mod membership;
+
+use membership::Heard;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::protocol::{
-    self, AuditTask, CheckpointTask, Handover, Order, Receipt, Reduction, Report, Route, SliceTask,
-    Verdict,
+    self, AuditTask, CheckpointTask, Order, Receipt, Reduction, Report, Route, SliceTask, Verdict,
 };
 use super::train::{adamw_config, crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
@@ -20,9 +23,7 @@ use crate::ledger::{Ledger, Tally};
 use crate::model::{AdamW, StageModel};
 use crate::pipeline::{InFlight, Router};
 use crate::transport::{Transport, TransportError};
-
-/// How long one poll waits on one miner when none has anything to say.
-const POLL: Duration = Duration::from_millis(1);
+use crate::world::Membership;
 
 /// Where a run starts: fresh, or after the newest checkpoint.
 #[derive(Debug, Clone)]
@@ -72,11 +73,15 @@ impl StartPoint {
 }
 
 /// Runs the job's windows from `start`, calling `report` after each.
+/// With `membership` (the book of a job whose door is open), ranks that
+/// join while it trains are placed on stages, and the book is kept
+/// current as ranks leave.
 pub fn orchestrate<T: Transport + ?Sized>(
     t: &T,
     spec: &JobSpec,
     plan: &Plan,
     start: &StartPoint,
+    membership: Option<Arc<Membership>>,
     mut report: impl FnMut(&WindowReport),
 ) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
@@ -120,12 +125,17 @@ pub fn orchestrate<T: Transport + ?Sized>(
         optimizers,
         draws: SplitMix64::new(unpredictable_seed(), 0),
         ledger,
-        cursor: 0,
         modelled: match spec.faults.clock {
             PassClock::Wall => None,
             PassClock::Model => Some(modelled_pass_seconds(&setup)?),
         },
         setup,
+        planned: plan.ranks.len(),
+        membership,
+        joining: BTreeSet::new(),
+        joined_ever: BTreeSet::new(),
+        leaving: BTreeSet::new(),
+        departed: BTreeSet::new(),
     };
     o.broadcast(&Order::Start {
         stages: o.stage_miners(),
@@ -165,8 +175,18 @@ struct Orchestrator<'a, T: ?Sized> {
     draws: SplitMix64,
     /// Each window's credited passes and failed checks, per miner.
     ledger: Ledger,
-    /// Where the next poll starts, so every miner gets heard.
-    cursor: usize,
+    /// Ranks of the plan: every rank id from here on joined later.
+    planned: usize,
+    /// The door's book, when ranks may join.
+    membership: Option<Arc<Membership>>,
+    /// Ranks that joined and wait for a stage.
+    joining: BTreeSet<usize>,
+    /// Every rank that ever joined.
+    joined_ever: BTreeSet<usize>,
+    /// Miners that asked to leave at the end of the window.
+    leaving: BTreeSet<usize>,
+    /// Ranks gone for good: lost, excluded or left.
+    departed: BTreeSet<usize>,
     /// Under `[faults] clock = "model"`, the seconds a training pass of
     /// each stage counts as (before its miner's slowdown).
     modelled: Option<Vec<f64>>,
@@ -235,6 +255,7 @@ impl WindowState {
 impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     fn window(&mut self, window: u64, evals: u64) -> Result<WindowReport, TrainError> {
         let started = Instant::now();
+        self.place(window)?;
         let per_window = self.setup.per_window;
         let train_ids = (0..per_window).map(|i| window * per_window + i);
         let val_ids = (0..evals).map(|i| protocol::VALIDATION | (window * evals + i));
@@ -279,6 +300,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             w.failed.entry(rank).or_insert((stage, 0)).1 += 1;
         }
         self.ledger.append(window, &tallies(&w))?;
+        self.dismiss_leavers(window)?;
 
         let (mut train, mut val) = (0.0f64, 0.0f64);
         for (id, loss) in &w.losses {
@@ -680,19 +702,23 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         }
         let mut taken = Vec::new();
         let deadline = Instant::now() + self.t.default_timeout();
-        while let Some((&v, _)) = count.iter().find(|(_, n)| **n > 0) {
-            match self
-                .t
-                .recv_deadline(v, protocol::REPORT_TAG, Instant::now() + POLL)
-            {
-                Ok(bytes) => {
+        loop {
+            let owing: Vec<usize> = count
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(v, _)| *v)
+                .collect();
+            if owing.is_empty() {
+                break;
+            }
+            match self.t.recv_any(&owing, protocol::REPORT_TAG, deadline) {
+                Ok((v, bytes)) => {
                     if let Some(r) = take(protocol::decode_report(&bytes, v)?) {
                         *count.entry(v).or_default() -= 1;
                         taken.push(r);
                     }
                 }
-                Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
-                Err(TransportError::PeerLost { reason, .. }) => {
+                Err(TransportError::PeerLost { rank: v, reason }) => {
                     eprintln!("orchestrator: lost validator {v} ({reason})");
                     count.remove(&v);
                     self.validators.retain(|&r| r != v);
@@ -706,13 +732,7 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
 
     /// Tells a miner caught cheating to leave; the job goes on without it.
     fn exclude(&mut self, rank: usize, window: u64, reason: &str) -> Result<(), TrainError> {
-        match self
-            .t
-            .send(rank, protocol::ORDER_TAG, &protocol::encode(&Order::Stop))
-        {
-            Ok(()) | Err(TransportError::PeerLost { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.send_stop(rank)?;
         self.lose(
             rank,
             &format!("failed a check in window {window}: {reason}; excluded"),
@@ -856,12 +876,10 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             Vec::new()
         };
         let audits = self.checkpoint_tasks(window, &writers, reductions)?;
-        let moves = self.rebalance();
         self.broadcast(&Order::Step {
             window,
             writers: writers.clone(),
             audits: audits.clone(),
-            moves,
         })?;
         let mut waiting: BTreeSet<usize> = self.miners.keys().copied().collect();
         // Each stage's weights and optimizer digests after the step.
@@ -1012,32 +1030,6 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
             .collect()
     }
 
-    /// At most one move per window, from the stage with the most spare
-    /// capacity to the bottleneck, when that raises the pipeline's pace.
-    fn rebalance(&mut self) -> Vec<Handover> {
-        let Some(mv) = self.router.rebalance() else {
-            return Vec::new();
-        };
-        let Some(donor) = self
-            .miners
-            .iter()
-            .find(|(_, s)| **s == mv.to)
-            .map(|(r, _)| *r)
-        else {
-            return Vec::new();
-        };
-        self.miners.insert(mv.rank, mv.to);
-        println!(
-            "moving miner {} from stage {} to stage {} (the bottleneck); miner {donor} hands it the stage",
-            mv.rank, mv.from, mv.to
-        );
-        vec![Handover {
-            rank: mv.rank,
-            to: mv.to,
-            donor,
-        }]
-    }
-
     fn route(&mut self, n: usize) -> Result<Vec<Vec<usize>>, TrainError> {
         self.router.route_batch(n).ok_or_else(|| {
             let stage = (0..self.setup.stages)
@@ -1053,7 +1045,8 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         let bytes = protocol::encode(order);
         for &r in &self.listeners {
             match self.t.send(r, protocol::ORDER_TAG, &bytes) {
-                Err(TransportError::PeerLost { .. }) if self.miners.contains_key(&r) => {}
+                Err(TransportError::PeerLost { .. })
+                    if self.miners.contains_key(&r) || self.joining.contains(&r) => {}
                 other => other?,
             }
         }
@@ -1062,48 +1055,30 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
 
     /// The next report of any live miner, or the loss of one. Silence from
     /// every miner for the transport's timeout is an error: the job is
-    /// stuck, not merely short of a miner.
+    /// stuck, not merely short of a miner. News of joins and leaves is
+    /// taken in passing ([`Orchestrator::take_news`]).
     fn next_event(&mut self) -> Result<Event, TrainError> {
         let deadline = Instant::now() + self.t.default_timeout();
         loop {
-            let live: Vec<usize> = self.miners.keys().copied().collect();
-            if live.is_empty() {
+            if self.miners.is_empty() {
                 return Err(TrainError::EmptyStage { stage: 0 });
             }
-            // One sweep without waiting, then a short wait on one miner.
-            for k in 0..=live.len() {
-                let rank = live[(self.cursor + k) % live.len()];
-                let until = if k < live.len() {
-                    Instant::now()
-                } else {
-                    Instant::now() + POLL
-                };
-                match self.t.recv_deadline(rank, protocol::REPORT_TAG, until) {
-                    Ok(bytes) => {
-                        self.cursor = (self.cursor + k + 1) % live.len();
-                        return Ok(Event::Report(rank, protocol::decode_report(&bytes, rank)?));
-                    }
-                    Err(TransportError::Timeout { .. }) => {}
-                    Err(TransportError::PeerLost { reason, .. }) => {
-                        self.lose(rank, &reason);
-                        return Ok(Event::Lost(rank));
-                    }
-                    Err(e) => return Err(e.into()),
+            match self.next_report(deadline)? {
+                Heard::Event(event) => return Ok(event),
+                Heard::News => {}
+                Heard::Silence if Instant::now() < deadline => {}
+                Heard::Silence => {
+                    return Err(TrainError::Stalled {
+                        waited: self.t.default_timeout(),
+                    })
                 }
-            }
-            self.cursor = (self.cursor + 1) % live.len();
-            if Instant::now() >= deadline {
-                return Err(TrainError::Stalled {
-                    waited: self.t.default_timeout(),
-                });
             }
         }
     }
 
     fn lose(&mut self, rank: usize, reason: &str) {
         let stage = self.miners.remove(&rank);
-        self.listeners.remove(&rank);
-        self.router.remove(rank);
+        self.depart(rank);
         eprintln!(
             "orchestrator: lost miner {rank} of stage {} ({reason}); its microbatches go to the others",
             stage.map_or("?".to_string(), |s| s.to_string())

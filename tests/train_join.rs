@@ -1,0 +1,152 @@
+//! Ranks that join a training job while it trains, and leave it again:
+//! real `swarmrun launch` and `swarmrun join` processes over TCP. The
+//! oracle is the run where nobody joined: exact fixed-point sums and
+//! microbatch ids that fix the data make every loss bit the same.
+//!
+//! `[[faults.hold]]` makes the orchestrator wait, before given windows,
+//! until the joiners have come and until they have gone, so the test runs
+//! the same way on a fast and on a busy host.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Stdio};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use common::train::*;
+use common::*;
+
+const KEY: &str = "5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c";
+
+fn losses(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| format!("{} {}", field(l, "loss"), field(l, "val_loss")))
+        .collect()
+}
+
+/// `job` on a fixed rendezvous port, so joiners know where to knock.
+fn joinable_job(dir: &std::path::Path, name: &str, port: u16, extra: &str) -> std::path::PathBuf {
+    let job = train_job(dir, name, 2, 12, extra);
+    let text = std::fs::read_to_string(&job).unwrap();
+    let text = text.replace(
+        "rendezvous = \"tcp://127.0.0.1:0\"",
+        &format!("rendezvous = \"tcp://127.0.0.1:{port}\""),
+    );
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+fn start(cmd: &mut std::process::Command, key: &str) -> Child {
+    cmd.env("SWARMRUN_JOB_KEY", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Collects a child's stderr on a thread, so a full pipe never blocks it.
+fn collect_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+        text
+    })
+}
+
+/// Reads `out` until a line contains `needle`; returns every line read.
+fn read_until(out: &mut BufReader<ChildStdout>, needle: &str, seen: &mut Vec<String>) {
+    loop {
+        let mut line = String::new();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(n > 0, "output ended before {needle:?}:\n{}", seen.join(""));
+        seen.push(line.clone());
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
+/// Two miners of a second site join before window 3, mine, are asked to
+/// leave (SIGTERM to their launcher) and are gone before window 8. Every
+/// loss has the bits of the run where nobody joined, no window is redone,
+/// and the joiners were placed between windows, on the stage each helps
+/// most, with the stage's state (the orchestrator compares every miner's
+/// weight digests with its stage's after each step, and the run would
+/// fail on a joiner that differs).
+#[test]
+fn a_site_that_joins_and_leaves_changes_no_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, _) = run(&train_job(dir.path(), "clean", 2, 12, ""));
+
+    let port = free_port();
+    let holds = "\n[faults]\nclock = \"model\"\n\n\
+                 [[faults.hold]]\nwindow = 3\njoined = 2\n\n\
+                 [[faults.hold]]\nwindow = 8\nleft = true\n";
+    let job = joinable_job(dir.path(), "joined", port, holds);
+    let mut launch = start(swarmrun().arg("launch").arg(&job), KEY);
+    let launch_err = collect_stderr(&mut launch);
+    let mut out = BufReader::new(launch.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    read_until(&mut out, "joins: swarmrun join", &mut seen);
+    // Window 2 is done, so the joiners come while window 3 is held back.
+    read_until(&mut out, "window     2", &mut seen);
+
+    let rdzv = format!("tcp://127.0.0.1:{port}");
+    let stranger = start(
+        swarmrun().args(["join", "--rdzv", &rdzv]).arg(&job),
+        &"77".repeat(32),
+    );
+    let joiners = start(
+        swarmrun()
+            .args(["join", "-n", "2", "--site", "lab", "--rdzv", &rdzv])
+            .arg(&job),
+        KEY,
+    );
+    read_until(&mut out, "joined stage", &mut seen);
+    read_until(&mut out, "joined stage", &mut seen);
+    kill(Pid::from_raw(joiners.id() as i32), Signal::SIGTERM).unwrap();
+    let joined = joiners.wait_with_output().unwrap();
+    assert!(
+        joined.status.success(),
+        "the joiners left cleanly: {}",
+        stderr(&joined)
+    );
+    let rest: Vec<String> = out.lines().map(|l| l.unwrap() + "\n").collect();
+    seen.extend(rest);
+    let status = launch.wait().unwrap();
+    let text = seen.join("");
+    let err = launch_err.join().unwrap();
+    assert!(status.success(), "{text}\n{err}");
+    let refused = stranger.wait_with_output().unwrap();
+    assert!(!refused.status.success(), "the stranger was let in");
+    assert!(err.contains("join door: refused"), "{err}");
+
+    assert_eq!(losses(&clean), losses(&metrics_of(&job)));
+    for line in metrics_of(&job) {
+        assert_eq!(field(&line, "attempts"), "1", "no window redone: {line}");
+    }
+    // Placed between windows 2 and 3: the first joined line comes after
+    // window 2's line and before window 3's.
+    let at = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle}\n{text}"))
+    };
+    assert!(at("window     2") < at("joined stage"), "{text}");
+    assert!(at("joined stage") < at("window     3"), "{text}");
+    // By the model clock stage 1 (blocks and the LM head) is the
+    // bottleneck: the first joiner goes there, the second to stage 0.
+    assert_eq!(
+        text.matches("(site lab) joined stage 1").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("(site lab) joined stage 0").count(),
+        1,
+        "{text}"
+    );
+}
