@@ -65,3 +65,32 @@ fn mpirun_ranks_meet_through_a_file_rendezvous() {
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(stdout(&out).matches("barrier passed").count(), 3);
 }
+
+/// With the `mpi` feature, a site whose fabric is `mpi` runs its ranks'
+/// messages over MPI point-to-point inside `mpirun` (rsmpi over the system
+/// OpenMPI), after a TCP rendezvous as usual.
+#[cfg(feature = "mpi")]
+#[test]
+fn the_mpi_fabric_carries_the_hello_ring_under_mpirun() {
+    let Some(mut cmd) = mpirun() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        dir.path(),
+        "job.toml",
+        "[job]\nname = \"t\"\ntask = \"hello\"\n\n[[site]]\nname = \"local\"\n\
+         hosts = \"localhost\"\nranks_per_host = 3\nfabric = \"mpi\"\n",
+    );
+    let out = cmd
+        .args(["-n", "3", "-x", "SWARMRUN_JOB_KEY"])
+        .env("SWARMRUN_JOB_KEY", "ef".repeat(32))
+        .arg(env!("CARGO_BIN_EXE_swarmrun"))
+        .args([
+            "rank",
+            "--rdzv",
+            &format!("tcp://127.0.0.1:{}", free_port()),
+        ])
+        .arg(&job)
+        .output()
+        .unwrap();
+    assert_hello_under(&out, 3, "OpenMPI");
+}
