@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openmpi-bin libopenmpi-dev libhwloc-dev libudev-dev libclang-dev pkg-config)
+packages=(openmpi-bin libopenmpi-dev libhwloc-dev libudev-dev libclang-dev pkg-config ethtool iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -99,11 +99,24 @@ part() {
     fi
 }
 
+# Tests of what crosses sites build network namespaces: root only. They
+# are #[ignore]d for a plain `cargo test`; here they run, or the summary
+# says why not.
+wan_tests() {
+    cargo test --locked --test wan_two_sites -- --ignored
+}
+
 suite_started=$SECONDS
 part "cargo fmt --check" cargo fmt --all -- --check
 for features in "" "$all_features" "mpi" "cuda" "hwloc"; do
     part "features [${features}]" feature_tests "$features"
 done
+if [ "$(id -u)" = 0 ] && ip netns add swarmrun-probe 2>/dev/null; then
+    ip netns del swarmrun-probe
+    part "emulated WAN (network namespaces)" wan_tests
+else
+    summary+=("test.sh: emulated WAN (network namespaces) SKIPPED: needs root and ip netns")
+fi
 
 printf '%s\n' "${summary[@]}"
 echo "test.sh: $((SECONDS - suite_started)) s in all; $([ "$failed" = 0 ] && echo "every part passed" || echo "some part FAILED")"

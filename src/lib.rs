@@ -25,5 +25,6 @@ pub mod model;
 pub mod pipeline;
 pub mod roles;
 pub mod transport;
+pub mod wan;
 pub mod wire;
 pub mod world;

@@ -144,6 +144,53 @@ enum Cmd {
         #[command(subcommand)]
         which: BenchCmd,
     },
+    /// Two sites on this machine (network namespaces NAME-a at 10.77.0.1
+    /// and NAME-b at 10.77.0.2) joined by an emulated wide-area link, for
+    /// trying what crosses sites. Needs root, ip, tc and ethtool.
+    Wan {
+        #[command(subcommand)]
+        which: WanCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum WanCmd {
+    /// Create the sites and start the link.
+    Up {
+        /// At most 8 letters, digits or `-`.
+        name: String,
+        /// Bandwidth each way, as tc says it (100mbit, 1gbit); default uncapped.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Round trip the link adds, in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        rtt_ms: f64,
+        /// Each frame's one-way delay varies by up to this, in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        jitter_ms: f64,
+        /// Share of frames lost each way (0.01 = 1%).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Stop the link and remove the sites.
+    Down { name: String },
+    /// The link itself (`up` starts it in namespace NAME-r): bridges two
+    /// interfaces with delay, jitter and loss until killed.
+    #[command(hide = true)]
+    Bridge {
+        a: String,
+        b: String,
+        #[arg(long)]
+        delay_us: u64,
+        #[arg(long)]
+        jitter_us: u64,
+        #[arg(long)]
+        loss: f64,
+        #[arg(long)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -387,6 +434,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             audit(&run_dir)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Wan { which } => {
+            wan(which)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench { which } => match which {
             BenchCmd::Launch { nprocs, reps } => {
                 swarmrun::bench::launch::run(nprocs, reps)?;
@@ -433,6 +484,55 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
     }
+}
+
+/// `swarmrun wan`: two sites joined by an emulated wide-area link.
+fn wan(which: WanCmd) -> Result<()> {
+    use swarmrun::wan::{bridge, Impairment, LinkSpec, Sites, SITE_A, SITE_B};
+    match which {
+        WanCmd::Up {
+            name,
+            rate,
+            rtt_ms,
+            jitter_ms,
+            loss,
+            seed,
+        } => {
+            anyhow::ensure!((0.0..1.0).contains(&loss), "--loss {loss} is not in 0..1");
+            let link = LinkSpec {
+                rate,
+                rtt: Duration::from_secs_f64(rtt_ms.max(0.0) / 1e3),
+                jitter: Duration::from_secs_f64(jitter_ms.max(0.0) / 1e3),
+                loss,
+            };
+            let sites = Sites::new(&name)?;
+            sites.up(&link, &std::env::current_exe()?, seed)?;
+            println!(
+                "sites {name}-a ({SITE_A}) and {name}-b ({SITE_B}) are up; run a rank in one \
+                 with `ip netns exec {name}-a swarmrun ...`; `swarmrun wan down {name}` removes them"
+            );
+        }
+        WanCmd::Down { name } => Sites::new(&name)?.down(),
+        WanCmd::Bridge {
+            a,
+            b,
+            delay_us,
+            jitter_us,
+            loss,
+            seed,
+        } => bridge::run(
+            &a,
+            &b,
+            Impairment {
+                delay: Duration::from_micros(delay_us),
+                jitter: Duration::from_micros(jitter_us),
+                loss,
+                seed,
+            },
+        )
+        .with_context(|| format!("bridging {a} and {b}"))?,
+    }
+    Ok(())
 }
 
 /// `swarmrun sample`: the newest checkpoint of `run_dir` continues
