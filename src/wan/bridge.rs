@@ -27,10 +27,14 @@ pub struct Impairment {
     pub seed: u64,
 }
 
-/// Frames waiting for their time, earliest first (ties in arrival order).
+/// A frame and when it may leave; the sequence number keeps arrival order
+/// among frames due at the same instant.
+type Timed = Reverse<(Instant, u64, Vec<u8>)>;
+
+/// Frames waiting for their time, earliest first.
 #[derive(Default)]
 struct DelayLine {
-    frames: Mutex<BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>>,
+    frames: Mutex<BinaryHeap<Timed>>,
     changed: Condvar,
 }
 

@@ -77,7 +77,7 @@ impl RawLink {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if from.sll_pkttype == libc::PACKET_OUTGOING {
             return Ok(None);
         }
         Ok(Some(n as usize))
