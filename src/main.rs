@@ -241,6 +241,10 @@ enum BenchCmd {
     /// fast validators catch it, honest miners flagged, replay cost against
     /// miner compute, and the ledger's reward-share error.
     Trust(swarmrun::bench::trust::TrustOptions),
+    /// One training job across two sites joined by an emulated wide-area
+    /// link (network namespaces; needs root): tokens/s with the boundary
+    /// codec off, at 8x and at 128x, on the unshaped and the shaped link.
+    Wan(swarmrun::bench::wan::WanOptions),
     /// Boundary codec (int8/int4, with and without zstd): encode and decode
     /// GB/s on one thread beside memcpy, reconstruction error, ratio.
     Compress {
@@ -464,6 +468,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     },
                     algorithm,
                 })?;
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchCmd::Wan(opts) => {
+                swarmrun::bench::wan::run(&opts)?;
                 Ok(ExitCode::SUCCESS)
             }
             BenchCmd::Trust(opts) => {
@@ -701,8 +709,8 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
             .with_context(|| format!("opening the metrics in {}", run_dir.display()))?;
             // Ranks may join through the rendezvous while the job trains,
             // when every rank can reach them: over the TCP mesh.
-            let door = match (&joined.door, &joined.transport) {
-                (Some(listener), launch::RankTransport::Tcp(_)) => {
+            let door = match &joined.door {
+                Some(listener) if joined.transport.joinable() => {
                     let membership = Membership::new(&joined.world);
                     let door = Door::open(
                         listener.try_clone()?,

@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 30);
+    assert_eq!(count, 31);
 }
 
 #[test]
@@ -383,6 +383,17 @@ fn an_unknown_pass_clock_is_refused_and_the_known_ones_named() {
         9,
         Some("faults.clock"),
         "unknown variant `cpu`, expected `wall` or `model`",
+    );
+}
+
+#[test]
+fn a_site_serving_a_stage_the_pipeline_lacks_is_refused() {
+    assert_error(
+        "site_stage_out_of_range",
+        13,
+        10,
+        Some("site[0].stages"),
+        "stage 2 does not exist: the pipeline has stages 0..2",
     );
 }
 

@@ -326,3 +326,46 @@ rank  site  host    local  role          stage
 ";
     assert_eq!(plan.render(), expected);
 }
+
+/// A site that serves one stage keeps that stage's miners (and its
+/// all-reduce) at home; the other site's miners deal themselves over the
+/// stages it names.
+#[test]
+fn a_site_that_serves_stages_gets_miners_of_those_stages_only() {
+    let spec = job(
+        "train",
+        "[pipeline]\nstages = 2\n\n\
+         [[site]]\nname = \"a\"\nhosts = \"h1\"\nranks_per_host = 3\nstages = [0]\n\n\
+         [[site]]\nname = \"b\"\nhosts = \"h2\"\nranks_per_host = 2\nstages = [1]\n",
+    );
+    let plan = spec.plan(None).unwrap();
+    let roles: Vec<(&str, Role)> = plan
+        .ranks
+        .iter()
+        .map(|r| (r.site.as_str(), r.role))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("a", Role::Orchestrator),
+            ("a", Role::Miner { stage: 0 }),
+            ("a", Role::Miner { stage: 0 }),
+            ("b", Role::Miner { stage: 1 }),
+            ("b", Role::Miner { stage: 1 }),
+        ]
+    );
+}
+
+#[test]
+fn stages_no_site_serves_are_refused_by_name() {
+    let spec = job(
+        "train",
+        "[pipeline]\nstages = 3\n\n\
+         [[site]]\nname = \"a\"\nhosts = \"h1\"\nranks_per_host = 5\nstages = [0, 1]\n",
+    );
+    let err = spec.plan(None).unwrap_err();
+    assert!(
+        matches!(err, PlanError::StageWithoutMiner { stage: 2 }),
+        "{err}"
+    );
+}

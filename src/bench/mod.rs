@@ -8,6 +8,7 @@ pub mod launch;
 pub mod matmul;
 pub mod train;
 pub mod trust;
+pub mod wan;
 
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;

@@ -216,6 +216,12 @@ pub struct SiteSpec {
     pub ranks_per_host: u32,
     #[serde(default)]
     pub fabric: Fabric,
+    /// The stages this site's miners serve (dealt round-robin over them),
+    /// joiners of this site included; empty: any. A site that serves one
+    /// stage keeps that stage's all-reduce inside it, and only boundary
+    /// tensors (compressed) cross to other sites.
+    #[serde(default)]
+    pub stages: Vec<usize>,
 }
 
 fn one() -> u32 {
@@ -538,6 +544,11 @@ impl Default for HelloSpec {
 }
 
 impl JobSpec {
+    /// The `[[site]]` called `name`.
+    pub fn site(&self, name: &str) -> Option<&SiteSpec> {
+        self.sites.iter().find(|s| s.name == name)
+    }
+
     /// Blocks per pipeline stage: `pipeline.layers` if given, else
     /// `model.n_layer` split as evenly as possible with the earlier stages
     /// taking the remainder (stage 0 also embeds, the last also computes the

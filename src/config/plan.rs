@@ -84,6 +84,11 @@ pub enum PlanError {
         stages: usize,
         validators: usize,
     },
+    #[error(
+        "no rank serves stage {stage}: the sites' `stages` leave it out, or there are too few \
+         miners"
+    )]
+    StageWithoutMiner { stage: usize },
 }
 
 impl JobSpec {
@@ -126,7 +131,8 @@ impl JobSpec {
         }
 
         let mut on_host: HashMap<(&str, &str), usize> = HashMap::new();
-        let ranks = (0..size)
+        let mut site_miners: HashMap<&str, usize> = HashMap::new();
+        let ranks: Vec<RankPlan> = (0..size)
             .map(|rank| {
                 let (site, host) = slots[rank % slots.len()];
                 let local = on_host.entry((site, host)).or_default();
@@ -135,11 +141,18 @@ impl JobSpec {
                 let role = match rank {
                     0 => Role::Orchestrator,
                     r if r <= validators => Role::Validator,
-                    // `max(1)`: a hand-built, unchecked spec with 0 stages
-                    // gets stage 0 instead of a division by zero.
-                    r => Role::Miner {
-                        stage: (r - 1 - validators) % stages.max(1),
-                    },
+                    r => {
+                        let served = self.site(site).map_or(&[][..], |s| &s.stages[..]);
+                        let nth = site_miners.entry(site).or_default();
+                        *nth += 1;
+                        // `max(1)`: a hand-built, unchecked spec with 0
+                        // stages gets stage 0 instead of a division by zero.
+                        let stage = match served {
+                            [] => (r - 1 - validators) % stages.max(1),
+                            some => some[(*nth - 1) % some.len()],
+                        };
+                        Role::Miner { stage }
+                    }
                 };
                 RankPlan {
                     rank,
@@ -150,6 +163,15 @@ impl JobSpec {
                 }
             })
             .collect();
+        if self.job.task == Task::Train {
+            let served = |s: usize| {
+                let miners = ranks.iter().filter(|r| r.role == Role::Miner { stage: s });
+                miners.count() > 0
+            };
+            if let Some(stage) = (0..stages).find(|&s| !served(s)) {
+                return Err(PlanError::StageWithoutMiner { stage });
+            }
+        }
         Ok(Plan {
             job_name: self.job.name.clone(),
             task: self.job.task,

@@ -134,6 +134,15 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
         if site.ranks_per_host == 0 {
             return violation(format!("site[{i}].ranks_per_host"), "must be at least 1");
         }
+        if let Some(s) = site.stages.iter().find(|&&s| s >= spec.pipeline.stages) {
+            return violation(
+                format!("site[{i}].stages"),
+                format!(
+                    "stage {s} does not exist: the pipeline has stages 0..{}",
+                    spec.pipeline.stages
+                ),
+            );
+        }
     }
 
     let n = &spec.network;

@@ -14,7 +14,7 @@ use super::bind::{self, BindError, Binding};
 
 use crate::config::{Fabric, JobSpec, Plan, PlanError, RankPlan, Rendezvous, Task};
 use crate::transport::shm::{ShmOptions, ShmTransport};
-use crate::transport::{TcpOptions, TcpTransport, Transport, TransportError};
+use crate::transport::{SiteTransport, TcpOptions, TcpTransport, Transport, TransportError};
 use crate::wire::{JobKey, WireError};
 use crate::world::{self, DetectError, Endpoint, RendezvousError, RendezvousOptions, World};
 
@@ -62,6 +62,8 @@ pub enum RankTransport {
     Shm(Box<ShmTransport>),
     #[cfg(feature = "mpi")]
     Mpi(crate::transport::mpi::MpiTransport),
+    /// The site's fabric inside the site, TCP to the rest.
+    Sites(Box<SiteTransport>),
 }
 
 impl RankTransport {
@@ -71,7 +73,14 @@ impl RankTransport {
             RankTransport::Shm(t) => t.as_ref(),
             #[cfg(feature = "mpi")]
             RankTransport::Mpi(t) => t,
+            RankTransport::Sites(t) => t.as_ref(),
         }
+    }
+
+    /// Whether every rank can be reached over the TCP mesh, which is what
+    /// ranks that join later need.
+    pub fn joinable(&self) -> bool {
+        matches!(self, RankTransport::Tcp(_) | RankTransport::Sites(_))
     }
 }
 
@@ -250,7 +259,11 @@ fn tcp_options(spec: &JobSpec) -> TcpOptions {
     }
 }
 
-/// Connects the transport of the world's fabric.
+/// Connects this rank's transport. A rank uses its site's fabric to the
+/// ranks of its site and TCP to everyone else; a training job's ranks also
+/// keep TCP to all, so that ranks joining later (always over TCP) reach
+/// them. A job of one site on a local fabric that nobody can join uses
+/// that fabric alone.
 fn open_transport(
     spec: &JobSpec,
     plan: &Plan,
@@ -259,29 +272,76 @@ fn open_transport(
     key: &JobKey,
     run_id: &str,
 ) -> Result<RankTransport, JoinError> {
-    let connect_timeout = Duration::from_secs_f64(spec.network.connect_timeout_s);
-    let default_timeout = Duration::from_secs_f64(spec.network.collective_timeout_s);
-    Ok(match world_fabric(spec, plan) {
-        Fabric::Tcp => RankTransport::Tcp(TcpTransport::connect(
+    let me = &plan.ranks[world.rank];
+    let fabric = spec.site(&me.site).map_or(Fabric::Tcp, |s| s.fabric);
+    let members: Vec<usize> = plan
+        .ranks
+        .iter()
+        .filter(|r| r.site == me.site)
+        .map(|r| r.rank)
+        .collect();
+    let tcp = || {
+        TcpTransport::connect(
             world.rank,
             listener,
             &world.addrs(),
             key,
             &spec.job.name,
             tcp_options(spec),
-        )?),
+        )
+    };
+    let tcp_too = members.len() < plan.ranks.len() || spec.job.task == Task::Train;
+    Ok(match (fabric, tcp_too) {
+        (Fabric::Tcp, _) => RankTransport::Tcp(tcp()?),
+        (_, true) if members.len() == 1 => RankTransport::Tcp(tcp()?),
+        (fabric, false) => site_fabric(spec, fabric, world, &members, &me.site, run_id)?,
+        (fabric, true) => {
+            // The site fabric first: its ranks wait for each other there,
+            // and the mesh's dialing must not hold them up.
+            let local: Box<dyn Transport> =
+                match site_fabric(spec, fabric, world, &members, &me.site, run_id)? {
+                    RankTransport::Shm(t) => t,
+                    #[cfg(feature = "mpi")]
+                    RankTransport::Mpi(t) => Box::new(t),
+                    other => return Ok(other),
+                };
+            RankTransport::Sites(Box::new(SiteTransport::new(tcp()?, local, members)?))
+        }
+    })
+}
+
+/// The transport of site `site`'s own fabric among its `members`.
+fn site_fabric(
+    spec: &JobSpec,
+    fabric: Fabric,
+    world: &World,
+    members: &[usize],
+    site: &str,
+    run_id: &str,
+) -> Result<RankTransport, JoinError> {
+    let connect_timeout = Duration::from_secs_f64(spec.network.connect_timeout_s);
+    let default_timeout = Duration::from_secs_f64(spec.network.collective_timeout_s);
+    let index = members.iter().position(|&r| r == world.rank).unwrap_or(0);
+    Ok(match fabric {
+        Fabric::Tcp => {
+            return Err(JoinError::FabricUnusable {
+                fabric,
+                reason: "TCP is not a site-local fabric".into(),
+            })
+        }
         #[cfg(feature = "mpi")]
         Fabric::Mpi => {
             let t = crate::transport::mpi::MpiTransport::init(default_timeout)?;
-            if (t.rank(), t.size()) != (world.rank, world.size) {
+            if (t.rank(), t.size()) != (index, members.len()) {
                 return Err(JoinError::FabricUnusable {
                     fabric: Fabric::Mpi,
                     reason: format!(
-                        "MPI says rank {}/{}, the launcher said {}/{}: start the ranks with mpirun",
+                        "MPI says rank {}/{}, the job says rank {}/{} of site {site}: start \
+                         each site's ranks with its own mpirun",
                         t.rank(),
                         t.size(),
-                        world.rank,
-                        world.size
+                        index,
+                        members.len()
                     ),
                 });
             }
@@ -291,19 +351,20 @@ fn open_transport(
         Fabric::Mpi => return Err(JoinError::FabricNotBuilt(Fabric::Mpi, "mpi")),
         Fabric::Nccl => return Err(JoinError::FabricNotBuilt(Fabric::Nccl, "cuda")),
         Fabric::Shm => {
-            if let Some(other) = world.peers.iter().find(|p| p.host != world.me().host) {
+            let host = &world.me().host;
+            let mut site_peers = members.iter().map(|&r| &world.peers[r]);
+            if let Some(other) = site_peers.find(|p| &p.host != host) {
                 return Err(JoinError::FabricUnusable {
                     fabric: Fabric::Shm,
                     reason: format!(
-                        "rank {} is on host {}, not {}: shared memory needs one host",
-                        other.rank,
-                        other.host,
-                        world.me().host
+                        "rank {} of site {site} is on host {}, not {host}: shared memory needs \
+                         one host",
+                        other.rank, other.host
                     ),
                 });
             }
-            // Every rank of this run derives the same name; runs differ.
-            let name: String = format!("swarmrun-{}-{run_id}", spec.job.name)
+            // Every rank of this site and run derives the same name.
+            let name: String = format!("swarmrun-{}-{run_id}-{site}", spec.job.name)
                 .chars()
                 .map(|c| {
                     if c.is_ascii_alphanumeric() || "._-".contains(c) {
@@ -316,8 +377,8 @@ fn open_transport(
                 .collect();
             RankTransport::Shm(Box::new(ShmTransport::open(
                 &name,
-                world.rank,
-                world.size,
+                index,
+                members.len(),
                 ShmOptions {
                     timeout: default_timeout,
                     join_timeout: connect_timeout,
@@ -327,17 +388,6 @@ fn open_transport(
             )?))
         }
     })
-}
-
-/// The fabric the world's transport uses: the site's own when the whole
-/// world is one site, else TCP, the one fabric that crosses sites.
-fn world_fabric(spec: &JobSpec, plan: &Plan) -> Fabric {
-    let first = plan.ranks.first().map(|r| r.site.as_str());
-    let one_site = plan.ranks.iter().all(|r| Some(r.site.as_str()) == first);
-    match spec.sites.iter().find(|s| Some(s.name.as_str()) == first) {
-        Some(site) if one_site => site.fabric,
-        _ => Fabric::Tcp,
-    }
 }
 
 /// Time since `swarmrun launch` started, when it told us.

@@ -228,10 +228,11 @@ impl Router {
         );
     }
 
-    /// The stage a new miner of unknown speed raises the pipeline's pace
-    /// (its slowest stage's capacity) most on, counting it at the mean
-    /// rate of that stage's miners; ties go to the lower stage.
-    pub fn stage_for_newcomer(&self) -> usize {
+    /// The stage of `allowed` (empty: any) a new miner of unknown speed
+    /// raises the pipeline's pace (its slowest stage's capacity) most on,
+    /// counting it at the mean rate of that stage's miners; ties go to the
+    /// lower stage.
+    pub fn stage_for_newcomer(&self, allowed: &[usize]) -> usize {
         let caps: Vec<f64> = (0..self.stages).map(|s| self.capacity(s)).collect();
         let pace_with = |s: usize| {
             let miners = self.stage_miners(s).len();
@@ -246,6 +247,7 @@ impl Router {
         };
         (0..self.stages)
             .rev()
+            .filter(|s| allowed.is_empty() || allowed.contains(s))
             .max_by(|&a, &b| pace_with(a).total_cmp(&pace_with(b)))
             .unwrap_or(0)
     }
@@ -574,15 +576,17 @@ mod tests {
         for rank in [3, 4] {
             r.observe(rank, 0.3);
         }
-        assert_eq!(r.stage_for_newcomer(), 1);
+        assert_eq!(r.stage_for_newcomer(&[]), 1);
+        // Unless its site serves stage 0 only.
+        assert_eq!(r.stage_for_newcomer(&[0]), 0);
         // Alike stages: the lower one.
         let even = two_stages();
-        assert_eq!(even.stage_for_newcomer(), 0);
+        assert_eq!(even.stage_for_newcomer(&[]), 0);
         // An empty stage always gets it.
         let mut empty = two_stages();
         empty.remove(1);
         empty.remove(2);
-        assert_eq!(empty.stage_for_newcomer(), 0);
+        assert_eq!(empty.stage_for_newcomer(&[]), 0);
         r.place(9, 1);
         assert_eq!(r.stage_of(9), Some(1));
         assert_eq!(r.stage_miners(1), vec![3, 4, 9]);

@@ -20,9 +20,11 @@ pub mod local;
 pub mod mpi;
 #[cfg(target_os = "linux")]
 pub mod shm;
+mod sites;
 mod tcp;
 
 pub use local::LocalTransport;
+pub use sites::SiteTransport;
 pub use tcp::{TcpOptions, TcpTransport};
 
 /// Tagged point-to-point messages between the ranks of one job.

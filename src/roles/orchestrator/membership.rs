@@ -104,7 +104,9 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         self.hold(window)?;
         let mut placements: Vec<(Placement, Option<usize>)> = Vec::new();
         for &rank in &self.joining {
-            let stage = self.router.stage_for_newcomer();
+            let site = self.membership.as_ref().and_then(|m| m.peer(rank));
+            let served = site.and_then(|p| self.spec.site(&p.site).map(|s| s.stages.clone()));
+            let stage = self.router.stage_for_newcomer(&served.unwrap_or_default());
             self.router.place(rank, stage);
             placements.push((self.placement(rank, stage), None));
         }

@@ -1,0 +1,60 @@
+//! Training across sites: each site's ranks talk over its own fabric
+//! (shared memory here), ranks of different sites over TCP. The sums are
+//! exact fixed point, so how messages travel changes no loss bit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::train::*;
+use common::*;
+
+fn losses(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| format!("{} {}", field(l, "loss"), field(l, "val_loss")))
+        .collect()
+}
+
+/// `train_job`'s model and schedule with the ranks in `sites`
+/// (`[[site]]` tables).
+fn sites_job(dir: &Path, name: &str, sites: &str) -> PathBuf {
+    let job = train_job(dir, name, 2, 10, "");
+    let text = std::fs::read_to_string(&job).unwrap();
+    let start = text.find("[[site]]").unwrap();
+    let end = text.find("[network]").unwrap();
+    let text = format!("{}{sites}\n{}", &text[..start], &text[end..]);
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+/// Two sites on this host, each on its own shared-memory segment, the
+/// stages' miners spread over both: boundary tensors and all-reduces go
+/// over shared memory inside a site and TCP between, and every loss has
+/// the bits of the one-site TCP run.
+#[test]
+fn two_shared_memory_sites_joined_by_tcp_train_the_bits_of_one_tcp_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tcp, _) = run(&train_job(dir.path(), "tcp", 2, 10, ""));
+    let sites = "[[site]]\nname = \"a\"\nhosts = \"localhost\"\nranks_per_host = 4\nfabric = \"shm\"\n\n\
+                 [[site]]\nname = \"b\"\nhosts = \"localhost\"\nranks_per_host = 2\nfabric = \"shm\"\n";
+    let job = sites_job(dir.path(), "sites", sites);
+    let check = swarmrun().arg("check").arg(&job).output().unwrap();
+    let plan = stdout(&check);
+    // Each stage has a miner in both sites: (site, stage) of every miner.
+    let mut miners: Vec<(String, String)> = plan
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.get(4) == Some(&"miner"))
+        .map(|w| (w[1].to_string(), w[5].to_string()))
+        .collect();
+    miners.sort();
+    let want = [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")];
+    assert_eq!(
+        miners,
+        want.map(|(a, b)| (a.to_string(), b.to_string())),
+        "{plan}"
+    );
+    let (lines, _) = run(&job);
+    assert_eq!(losses(&tcp), losses(&lines));
+}
