@@ -94,3 +94,31 @@ fn the_mpi_fabric_carries_the_hello_ring_under_mpirun() {
         .unwrap();
     assert_hello_under(&out, 3, "OpenMPI");
 }
+
+/// `launch/mpirun/train.sh` with the example hostfile trains a job to its
+/// end under mpirun, with the losses of the same job under
+/// `swarmrun launch`.
+#[test]
+fn the_mpirun_script_trains_a_job_with_the_example_hostfile() {
+    use common::train::{field, metrics_of, run, train_job};
+    if mpirun().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (launched, _) = run(&train_job(dir.path(), "launched", 2, 6, ""));
+    let job = train_job(dir.path(), "mpirun", 2, 6, "");
+    let out = Command::new(repo_file("launch/mpirun/train.sh"))
+        .args(["--port", &free_port().to_string()])
+        .arg(&job)
+        .env("SWARMRUN", env!("CARGO_BIN_EXE_swarmrun"))
+        .env_remove("SWARMRUN_JOB_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("OpenMPI"), "{}", stdout(&out));
+    let losses = |lines: &[String]| -> Vec<String> {
+        let pick = |l: &String| format!("{} {}", field(l, "loss"), field(l, "val_loss"));
+        lines.iter().map(pick).collect()
+    };
+    assert_eq!(losses(&launched), losses(&metrics_of(&job)));
+}
