@@ -33,6 +33,7 @@ fn with_tcp_world<R: Send>(n: usize, f: impl Fn(TcpTransport) -> R + Sync) -> Ve
         default_timeout: PATIENCE,
         handshake_timeout: PATIENCE,
         joinable: false,
+        lanes: 1,
     };
     thread::scope(|s| {
         let handles: Vec<_> = listeners

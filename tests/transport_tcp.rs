@@ -23,6 +23,7 @@ fn opts() -> TcpOptions {
         default_timeout: PATIENCE,
         handshake_timeout: PATIENCE,
         joinable: false,
+        lanes: 1,
     }
 }
 
@@ -372,4 +373,79 @@ fn missing_rank_fails_connect_after_the_timeout() {
         matches!(&result[..], [Err(TransportError::MissingPeers { ranks, .. })] if ranks == &[1]),
         "{result:?}"
     );
+}
+
+fn laned(lanes: usize) -> TcpOptions {
+    TcpOptions { lanes, ..opts() }
+}
+
+/// With 4 lanes, each pair has 3 extra connections, and a message of a
+/// MiB or more is striped over all 4: it arrives whole, in its place among
+/// the small ones of the same tag, from two senders at once.
+#[test]
+fn messages_striped_over_lanes_arrive_whole_and_in_order() {
+    let key = JobKey::generate().unwrap();
+    let (ranks, _) = mesh(3, &key, laned(4));
+    assert_eq!(ranks[0].lanes_up(2), 3);
+    assert_eq!(ranks[2].lanes_up(0), 3);
+    let big = |from: usize, n: usize| -> Vec<u8> {
+        (0..(3 << 20) + n)
+            .map(|i| (i * 31 + from * 7 + n) as u8)
+            .collect()
+    };
+    thread::scope(|s| {
+        for from in [1, 2] {
+            let t = &ranks[from];
+            s.spawn(move || {
+                for n in 0..3 {
+                    t.send(0, 5, &[from as u8, n as u8]).unwrap();
+                    t.send(0, 5, &big(from, n)).unwrap();
+                }
+            });
+        }
+        for from in [1, 2] {
+            for n in 0..3 {
+                assert_eq!(ranks[0].recv(from, 5).unwrap(), [from as u8, n as u8]);
+                assert!(
+                    ranks[0].recv(from, 5).unwrap() == big(from, n),
+                    "{from} {n}"
+                );
+            }
+        }
+    });
+}
+
+/// A lane is a connection like the main one: one that breaks the protocol
+/// takes its peer down, and the others carry on.
+#[test]
+fn a_lane_that_breaks_the_protocol_takes_its_peer_down() {
+    let key = JobKey::generate().unwrap();
+    let (listeners, addrs) = listeners(3);
+    let handles = start_ranks(listeners, &addrs, 2, &key, laned(2));
+    let dial = |lane: u16| {
+        let socket = TcpStream::connect(addrs[0]).unwrap();
+        let hello = Hello::new(2, JOB).on_lane(lane);
+        AuthStream::client(socket, &key, hello, stream_opts())
+            .unwrap()
+            .0
+    };
+    // Rank 2, played here: its main connection to rank 0, then a lane.
+    let main = dial(0);
+    let lane = dial(1);
+    let to_1 = {
+        let socket = TcpStream::connect(addrs[1]).unwrap();
+        AuthStream::client(socket, &key, Hello::new(2, JOB), stream_opts())
+            .unwrap()
+            .0
+    };
+    let ranks = join_ranks(handles);
+    let mut raw = lane.try_clone_socket().unwrap();
+    raw.write_all(b"not a frame at all, just bytes").unwrap();
+    let err = ranks[0].recv(2, 5).unwrap_err();
+    assert!(
+        matches!(err, TransportError::PeerLost { rank: 2, .. }),
+        "{err:?}"
+    );
+    exchange_round(&[&ranks[0], &ranks[1]], 6);
+    drop((main, lane, to_1));
 }

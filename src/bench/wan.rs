@@ -47,6 +47,20 @@ pub struct WanOptions {
     /// Namespaces NAME-a, NAME-b, NAME-r.
     #[arg(long, default_value = "benchwan")]
     pub name: String,
+    /// Only the long-fat-pipe table.
+    #[arg(long)]
+    pub skip_training: bool,
+    /// Lanes (TCP connections per pair of ranks) of the long-fat-pipe
+    /// table: one rank in each site all-reduces over a fast, long link;
+    /// empty skips it.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub lanes: Vec<usize>,
+    /// The long fat pipe's bandwidth each way (tc style).
+    #[arg(long, default_value = "1gbit")]
+    pub lfp_rate: String,
+    /// The long fat pipe's round trip, in milliseconds.
+    #[arg(long, default_value_t = 100.0)]
+    pub lfp_rtt_ms: f64,
 }
 
 #[derive(Debug, Error)]
@@ -138,6 +152,11 @@ pub fn run(opts: &WanOptions) -> Result<(), BenchWanError> {
         (p.microbatches_per_window * p.microbatch_size * spec.model.block_size) as f64;
     let sites = Sites::new(&opts.name)?;
     let mut figures: Vec<Vec<Figures>> = Vec::new();
+    let links = if opts.skip_training {
+        &links[..0]
+    } else {
+        &links[..]
+    };
     for (i, (name, rate, rtt, loss)) in links.iter().enumerate() {
         let link = LinkSpec {
             rate: rate.clone(),
@@ -150,8 +169,7 @@ pub fn run(opts: &WanOptions) -> Result<(), BenchWanError> {
         for (c, codec) in CODECS.iter().enumerate() {
             let run_dir = dir.path().join(format!("{name}-{c}"));
             let job = bench_job(opts, codec, &run_dir, 29600 + (i * 10 + c) as u16)?;
-            let result = run_sites(&sites, &exe, &job, &spec);
-            if let Err(e) = result {
+            if let Err(e) = run_sites(&sites, &exe, &job, &spec) {
                 sites.down();
                 return Err(e);
             }
@@ -160,6 +178,16 @@ pub fn run(opts: &WanOptions) -> Result<(), BenchWanError> {
         sites.down();
         figures.push(row);
     }
+    if !figures.is_empty() {
+        print_training_table(&figures);
+    }
+    if !opts.lanes.is_empty() {
+        lanes_table(opts, &sites, &exe, dir.path())?;
+    }
+    Ok(())
+}
+
+fn print_training_table(figures: &[Vec<Figures>]) {
     println!(
         "{:<32} {:>8} {:>12} {:>20} {:>20}",
         "boundary codec", "ratio", "unshaped", "shaped", "shaped+loss"
@@ -178,7 +206,57 @@ pub fn run(opts: &WanOptions) -> Result<(), BenchWanError> {
             cell(&figures[2][c]),
         );
     }
-    Ok(())
+}
+
+/// One rank in each site all-reduces f32 buffers over the long fat pipe,
+/// with each lane count: the nccl-tests rows of rank 0, per lane count.
+fn lanes_table(
+    opts: &WanOptions,
+    sites: &Sites,
+    exe: &Path,
+    dir: &Path,
+) -> Result<(), BenchWanError> {
+    let link = LinkSpec {
+        rate: Some(opts.lfp_rate.clone()),
+        rtt: Duration::from_secs_f64(opts.lfp_rtt_ms / 1e3),
+        jitter: Duration::ZERO,
+        loss: 0.0,
+    };
+    println!(
+        "#\n# all-reduce between the sites, one rank each, over {} each way and {} ms round trip,\n\
+         # large messages striped over [network] lanes TCP connections per pair\n\
+         # lanes        size        count   type  redop   time(us)   algbw    busbw  #wrong",
+        opts.lfp_rate, opts.lfp_rtt_ms
+    );
+    sites.up(&link, exe, 1)?;
+    let result = (|| {
+        for (i, &lanes) in opts.lanes.iter().enumerate() {
+            let job = dir.join(format!("lanes-{lanes}.toml"));
+            let text = format!(
+                "[job]\nname = \"bench-wan-lanes\"\ntask = \"bench-allreduce\"\n\n\
+                 [[site]]\nname = \"a\"\nhosts = \"site-a\"\n\n\
+                 [[site]]\nname = \"b\"\nhosts = \"site-b\"\n\n\
+                 [network]\nrendezvous = \"tcp://{SITE_A}:{port}\"\ncollective_timeout_s = 300.0\nlanes = {lanes}\n\n\
+                 [bench]\nmin_bytes = \"16MiB\"\nmax_bytes = \"64MiB\"\niters = 3\nwarmup = 1\n",
+                port = 29700 + i
+            );
+            std::fs::write(&job, text).map_err(|source| BenchWanError::Io {
+                what: format!("writing {}", job.display()),
+                source,
+            })?;
+            let spec = config::load(&job)?;
+            let rank0 = run_sites(sites, exe, &job, &spec)?;
+            for row in rank0
+                .lines()
+                .filter_map(|l| l.split_once(super::allreduce::ROW_MARK))
+            {
+                println!("{lanes:>7} {}", row.1);
+            }
+        }
+        Ok(())
+    })();
+    sites.down();
+    result
 }
 
 /// The job file of one run: the user's job with the codec, the windows,
@@ -241,8 +319,14 @@ fn bench_job(
     Ok(path)
 }
 
-/// Starts every rank of `job` in its site's namespace and waits for all.
-fn run_sites(sites: &Sites, exe: &Path, job: &Path, spec: &JobSpec) -> Result<(), BenchWanError> {
+/// Starts every rank of `job` in its site's namespace, waits for all, and
+/// returns rank 0's output.
+fn run_sites(
+    sites: &Sites,
+    exe: &Path,
+    job: &Path,
+    spec: &JobSpec,
+) -> Result<String, BenchWanError> {
     let plan = spec.plan(None)?;
     let key = crate::wire::JobKey::generate().map_err(|e| BenchWanError::Io {
         what: "making a job key".into(),
@@ -278,6 +362,7 @@ fn run_sites(sites: &Sites, exe: &Path, job: &Path, spec: &JobSpec) -> Result<()
         ranks.push((r.rank, child));
     }
     let mut failed = None;
+    let mut rank0 = String::new();
     for (rank, child) in ranks {
         let out = child
             .wait_with_output()
@@ -285,6 +370,9 @@ fn run_sites(sites: &Sites, exe: &Path, job: &Path, spec: &JobSpec) -> Result<()
                 what: format!("waiting for rank {rank}"),
                 source,
             })?;
+        if rank == 0 {
+            rank0 = String::from_utf8_lossy(&out.stdout).into_owned();
+        }
         if !out.status.success() && failed.is_none() {
             let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
@@ -297,7 +385,7 @@ fn run_sites(sites: &Sites, exe: &Path, job: &Path, spec: &JobSpec) -> Result<()
     }
     match failed {
         Some(e) => Err(e.into()),
-        None => Ok(()),
+        None => Ok(rank0),
     }
 }
 

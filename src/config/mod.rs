@@ -290,6 +290,10 @@ pub struct NetworkSpec {
     /// register larger buffers.
     #[serde(deserialize_with = "values::deserialize_size")]
     pub shm_chunk: usize,
+    /// TCP connections per pair of ranks; above 1, messages of a MiB or
+    /// more are striped over all of them, to fill long fat pipes between
+    /// sites (one stream's window limits it long before the link does).
+    pub lanes: usize,
 }
 
 impl Default for NetworkSpec {
@@ -301,6 +305,7 @@ impl Default for NetworkSpec {
             connect_timeout_s: 30.0,
             collective_timeout_s: 60.0,
             shm_chunk: 1 << 20,
+            lanes: 1,
         }
     }
 }

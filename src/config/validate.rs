@@ -170,6 +170,9 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
         }
     }
 
+    if !(1..=64).contains(&n.lanes) {
+        return violation("network.lanes", format!("{} is not in 1..=64", n.lanes));
+    }
     for (field, rate) in [
         ("replay_rate", spec.roles.replay_rate),
         ("slice_audit_rate", spec.roles.slice_audit_rate),

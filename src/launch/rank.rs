@@ -255,6 +255,7 @@ fn tcp_options(spec: &JobSpec) -> TcpOptions {
         connect_timeout: Duration::from_secs_f64(spec.network.connect_timeout_s),
         default_timeout: Duration::from_secs_f64(spec.network.collective_timeout_s),
         joinable: spec.job.task == Task::Train,
+        lanes: spec.network.lanes,
         ..TcpOptions::default()
     }
 }

@@ -22,8 +22,9 @@ use super::WireError;
 /// First bytes of every handshake message and frame.
 pub const MAGIC: [u8; 4] = *b"SWRM";
 
-/// Wire protocol version; bumped on any incompatible change.
-pub const VERSION: u8 = 1;
+/// Wire protocol version; bumped on any incompatible change (2: lanes in
+/// the hello, stripe frames).
+pub const VERSION: u8 = 2;
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 18;
@@ -46,6 +47,45 @@ pub enum FrameKind {
     /// An orderly goodbye: the sender will send nothing more, so the receiver
     /// can tell a clean exit from a crash.
     Close = 4,
+    /// The last frame of one part of a message striped over several
+    /// connections (lanes) to the same peer; the payload starts with
+    /// [`StripeHead`].
+    Stripe = 5,
+    /// A frame of such a part that continues in the next frame.
+    StripeMore = 6,
+}
+
+/// What starts the payload of every stripe frame: which message (a
+/// per-sender counter), which part, of how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StripeHead {
+    pub message: u64,
+    pub part: u16,
+    pub parts: u16,
+}
+
+impl StripeHead {
+    pub const LEN: usize = 12;
+
+    pub fn encode(&self) -> [u8; StripeHead::LEN] {
+        let mut out = [0u8; StripeHead::LEN];
+        out[..8].copy_from_slice(&self.message.to_le_bytes());
+        out[8..10].copy_from_slice(&self.part.to_le_bytes());
+        out[10..].copy_from_slice(&self.parts.to_le_bytes());
+        out
+    }
+
+    /// The head and the rest of a stripe frame's payload; `None` when the
+    /// payload is too short or names a part beyond its count.
+    pub fn split(payload: &[u8]) -> Option<(StripeHead, &[u8])> {
+        let (head, rest) = payload.split_at_checked(StripeHead::LEN)?;
+        let head = StripeHead {
+            message: u64::from_le_bytes(head[..8].try_into().ok()?),
+            part: u16::from_le_bytes(head[8..10].try_into().ok()?),
+            parts: u16::from_le_bytes(head[10..].try_into().ok()?),
+        };
+        (head.part < head.parts).then_some((head, rest))
+    }
 }
 
 impl FrameKind {
@@ -55,6 +95,8 @@ impl FrameKind {
             2 => Some(FrameKind::DataMore),
             3 => Some(FrameKind::Control),
             4 => Some(FrameKind::Close),
+            5 => Some(FrameKind::Stripe),
+            6 => Some(FrameKind::StripeMore),
             _ => None,
         }
     }
@@ -163,7 +205,7 @@ mod tests {
         .encode();
         assert_eq!(
             bytes,
-            [b'S', b'W', b'R', b'M', 1, 4, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]
+            [b'S', b'W', b'R', b'M', VERSION, 4, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]
         );
     }
 
@@ -200,16 +242,16 @@ mod tests {
             Err(WireError::BadMagic { .. })
         ));
         let mut bad_version = good;
-        bad_version[4] = 2;
+        bad_version[4] = VERSION + 1;
         assert!(matches!(
             FrameHeader::decode(bad_version, 1, peer()),
-            Err(WireError::UnsupportedVersion { got: 2, .. })
+            Err(WireError::UnsupportedVersion { got, .. }) if got == VERSION + 1
         ));
         let mut bad_kind = good;
-        bad_kind[5] = 0;
+        bad_kind[5] = 7;
         assert!(matches!(
             FrameHeader::decode(bad_kind, 1, peer()),
-            Err(WireError::UnknownKind { kind: 0, .. })
+            Err(WireError::UnknownKind { kind: 7, .. })
         ));
     }
 }

@@ -18,7 +18,7 @@ mod key;
 mod stream;
 
 pub use error::WireError;
-pub use frame::{Frame, FrameHeader, FrameKind};
+pub use frame::{Frame, FrameHeader, FrameKind, StripeHead};
 pub use key::{JobKey, KEY_ENV, KEY_LEN};
 pub use stream::{job_id, AuthStream, FrameReader, FrameWriter, Hello, StreamOptions};
 

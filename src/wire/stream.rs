@@ -20,7 +20,7 @@
 //! # Frames
 //!
 //! After the handshake each direction has its own session key,
-//! `blake3::derive_key("swarmrun v1 c2s" / "swarmrun v1 s2c", key || nonce_c || nonce_s)`.
+//! `blake3::derive_key("swarmrun v2 c2s" / "swarmrun v2 s2c", key || nonce_c || nonce_s)`.
 //! Each frame ([`super::frame`]) ends with the first 16 bytes of keyed BLAKE3
 //! over (sequence number || header || payload), where the sequence number
 //! counts frames in that direction from zero. A frame that was altered,
@@ -45,20 +45,23 @@ const BUF_CAPACITY: usize = 256 * 1024;
 
 const NONCE_LEN: usize = 32;
 const TAG_LEN: usize = 32;
-const HELLO_LEN: usize = 12;
+const HELLO_LEN: usize = 14;
 /// Magic and version, the part both sides must agree on before the rest can
 /// even be parsed.
 const PREAMBLE_LEN: usize = MAGIC.len() + 1;
 
 const SERVER_LABEL: &[u8] = b"swarmrun server";
 const CLIENT_LABEL: &[u8] = b"swarmrun client";
-const C2S_CONTEXT: &str = "swarmrun v1 c2s";
-const S2C_CONTEXT: &str = "swarmrun v1 s2c";
+const C2S_CONTEXT: &str = "swarmrun v2 c2s";
+const S2C_CONTEXT: &str = "swarmrun v2 s2c";
 
 /// The identity each side announces in the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub rank: u32,
+    /// Which of the connections between two ranks this is: 0 for the main
+    /// one, 1.. for the extra lanes large messages are striped over.
+    pub lane: u16,
     /// [`job_id`] of the job name: lets two jobs share hosts and ports
     /// without their ranks ever talking to each other.
     pub job: [u8; 8],
@@ -68,21 +71,29 @@ impl Hello {
     pub fn new(rank: u32, job_name: &str) -> Hello {
         Hello {
             rank,
+            lane: 0,
             job: job_id(job_name),
         }
+    }
+
+    /// This hello for lane `lane`.
+    pub fn on_lane(self, lane: u16) -> Hello {
+        Hello { lane, ..self }
     }
 
     fn encode(&self) -> [u8; HELLO_LEN] {
         let mut out = [0u8; HELLO_LEN];
         out[..4].copy_from_slice(&self.rank.to_le_bytes());
-        out[4..].copy_from_slice(&self.job);
+        out[4..6].copy_from_slice(&self.lane.to_le_bytes());
+        out[6..].copy_from_slice(&self.job);
         out
     }
 
     fn decode(bytes: [u8; HELLO_LEN]) -> Hello {
-        let [r0, r1, r2, r3, job @ ..] = bytes;
+        let [r0, r1, r2, r3, l0, l1, job @ ..] = bytes;
         Hello {
             rank: u32::from_le_bytes([r0, r1, r2, r3]),
+            lane: u16::from_le_bytes([l0, l1]),
             job,
         }
     }
@@ -613,16 +624,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (socket, _) = listener.accept().unwrap();
-        client.write_all(b"SWRM\x02").unwrap();
+        // A peer of the version before this one.
+        client.write_all(b"SWRM\x01").unwrap();
         let key = JobKey::generate().unwrap();
         let result = AuthStream::server(socket, &key, Hello::new(0, "job"), OPTS);
         assert!(
-            matches!(result, Err(WireError::UnsupportedVersion { got: 2, .. })),
+            matches!(result, Err(WireError::UnsupportedVersion { got: 1, .. })),
             "{result:?}"
         );
         let mut reply = [0u8; PREAMBLE_LEN];
         client.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply, b"SWRM\x01");
+        assert_eq!(reply, [b'S', b'W', b'R', b'M', VERSION]);
     }
 
     #[test]

@@ -113,5 +113,8 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, abort: &AbortHandle) -> Result
             shared.rank
         ));
     }
-    shared.install(src, stream)
+    match hello.lane {
+        0 => shared.install(src, stream),
+        lane => shared.install_lane(src, lane, stream),
+    }
 }

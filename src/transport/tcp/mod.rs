@@ -47,6 +47,7 @@ use super::{Transport, TransportError};
 use crate::wire::{deadline_after, AuthStream, FrameKind, FrameWriter, Hello, JobKey, WireError};
 
 mod accept;
+mod lanes;
 mod state;
 
 use state::{lock, Loss, Shared};
@@ -78,6 +79,10 @@ pub struct TcpOptions {
     /// a running job, with the id its door gave them (a training job's
     /// transport is joinable; a fixed job's refuses such ranks).
     pub joinable: bool,
+    /// Connections per pair of ranks: above 1, messages of a MiB or more
+    /// are striped over all of them ([`lanes`]), for long fat pipes
+    /// between sites. Both ends must agree.
+    pub lanes: usize,
 }
 
 impl Default for TcpOptions {
@@ -88,6 +93,7 @@ impl Default for TcpOptions {
             default_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),
             joinable: false,
+            lanes: 1,
         }
     }
 }
@@ -214,6 +220,13 @@ impl TcpTransport {
                 "default_timeout and handshake_timeout must not be zero".into(),
             ));
         }
+        if !(1..=u16::MAX as usize).contains(&opts.lanes) {
+            return Err(TransportError::InvalidOptions(format!(
+                "{} lanes per peer; 1 to {} make sense",
+                opts.lanes,
+                u16::MAX
+            )));
+        }
         listener
             .set_nonblocking(true)
             .map_err(|source| TransportError::Io {
@@ -242,8 +255,38 @@ impl TcpTransport {
     /// Connects to lower rank `to`, retrying while it is not up yet. A peer
     /// that answers but fails the handshake is not retried: another key or
     /// job will not fix itself.
+    /// Connects to lower rank `to`, then its extra lanes. A lane that
+    /// cannot be set up is left out: messages stripe over the rest.
     fn dial(&self, to: usize, addr: SocketAddr, deadline: Instant) -> Result<(), TransportError> {
+        let stream = self.handshake(to, addr, 0, deadline)?;
+        self.shared
+            .install(to, stream)
+            .map_err(|reason| TransportError::Protocol { rank: to, reason })?;
+        for lane in 1..self.shared.opts.lanes as u16 {
+            let set_up = self
+                .handshake(to, addr, lane, deadline)
+                .map_err(|e| e.to_string())
+                .and_then(|stream| self.shared.install_lane(to, lane, stream));
+            if let Err(reason) = set_up {
+                self.shared.log(format_args!(
+                    "lane {lane} to rank {to} not set up ({reason}); striping over the others"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An authenticated connection to `to` for lane `lane`, retrying while
+    /// it is not listening yet.
+    fn handshake(
+        &self,
+        to: usize,
+        addr: SocketAddr,
+        lane: u16,
+        deadline: Instant,
+    ) -> Result<AuthStream, TransportError> {
         let shared = &self.shared;
+        let hello = shared.hello.on_lane(lane);
         let mut backoff = FIRST_BACKOFF;
         let mut last_error = String::from("connect timeout elapsed before the first attempt");
         loop {
@@ -258,14 +301,10 @@ impl TcpTransport {
             let handshake = TcpStream::connect_timeout(&addr, left)
                 .map_err(|e| WireError::from_io(addr, "connecting", e))
                 .and_then(|stream| {
-                    AuthStream::client(stream, &shared.key, shared.hello, shared.stream_options())
+                    AuthStream::client(stream, &shared.key, hello, shared.stream_options())
                 });
             match handshake {
-                Ok((stream, hello)) if usize::try_from(hello.rank) == Ok(to) => {
-                    return shared
-                        .install(to, stream)
-                        .map_err(|reason| TransportError::Protocol { rank: to, reason });
-                }
+                Ok((stream, hello)) if usize::try_from(hello.rank) == Ok(to) => return Ok(stream),
                 Ok((_, hello)) => {
                     return Err(TransportError::Protocol {
                         rank: to,
@@ -283,6 +322,13 @@ impl TcpTransport {
             thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// The extra lanes connected to `rank` now (0 without lanes).
+    pub fn lanes_up(&self, rank: usize) -> usize {
+        self.shared
+            .peer(rank)
+            .map_or(0, |p| p.lanes.iter().filter(|l| lock(l).is_some()).count())
     }
 
     /// Says goodbye to every peer, closes every connection and joins every
@@ -330,6 +376,13 @@ impl TcpTransport {
         };
         if let Some(writer) = writer.as_mut().and_then(|w| w.as_mut()) {
             let _ = writer.send(FrameKind::Close, 0, &[]);
+        }
+        for lane in &peer.lanes {
+            if let Ok(mut lane) = lane.try_lock() {
+                if let Some(writer) = lane.as_mut() {
+                    let _ = writer.send(FrameKind::Close, 0, &[]);
+                }
+            }
         }
         self.shared.half_close(rank);
     }
@@ -380,7 +433,11 @@ impl Transport for TcpTransport {
         let Some(writer) = writer.as_mut() else {
             return Err(lost("not connected".into()));
         };
-        send_message(writer, tag, payload, self.shared.opts.max_frame)
+        lanes::send_striped(&self.shared, &peer, writer, tag, payload)
+            .and_then(|striped| match striped {
+                true => Ok(()),
+                false => send_message(writer, tag, payload, self.shared.opts.max_frame),
+            })
             .map_err(|e| lost(self.shared.mark_lost(to, Loss::Failure(e.to_string()))))
     }
 

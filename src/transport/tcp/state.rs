@@ -4,14 +4,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
+use super::lanes::Stripes;
 use super::TcpOptions;
 use crate::transport::TransportError;
-use crate::wire::{AuthStream, FrameKind, FrameReader, FrameWriter, Hello, JobKey, StreamOptions};
+use crate::wire::{
+    AuthStream, FrameKind, FrameReader, FrameWriter, Hello, JobKey, StreamOptions, StripeHead,
+};
 
 /// Rank ids a joinable mesh accepts: each costs an entry in the peer
 /// table, so a key holder claiming rank 4 billion must not make us
@@ -38,6 +41,11 @@ pub(super) struct Shared {
     /// Where [`Shared::take_any`] starts looking, so that one busy peer
     /// cannot starve the others.
     cursor: AtomicUsize,
+    /// Parts of striped messages waiting for their part 0.
+    pub(super) stripes: Mutex<Stripes>,
+    pub(super) stripe_filed: Condvar,
+    /// Numbers the striped messages this rank sends.
+    pub(super) next_message: AtomicU64,
 }
 
 pub(super) struct Peer {
@@ -46,6 +54,10 @@ pub(super) struct Peer {
     changed: Condvar,
     /// Held for a whole message, so chunks of two messages never interleave.
     pub(super) writer: Mutex<Option<FrameWriter>>,
+    /// The extra lanes' writers, lane 1 first (see [`super::lanes`]).
+    pub(super) lanes: Vec<Mutex<Option<FrameWriter>>>,
+    /// Second handles on the lanes' sockets, to cut them when the peer goes.
+    pub(super) lane_sockets: Mutex<Vec<TcpStream>>,
 }
 
 struct Inbox {
@@ -64,7 +76,7 @@ enum Link {
 }
 
 impl Peer {
-    fn new() -> Peer {
+    fn new(extra_lanes: usize) -> Peer {
         Peer {
             inbox: Mutex::new(Inbox {
                 queues: HashMap::new(),
@@ -72,6 +84,8 @@ impl Peer {
             }),
             changed: Condvar::new(),
             writer: Mutex::new(None),
+            lanes: (0..extra_lanes).map(|_| Mutex::new(None)).collect(),
+            lane_sockets: Mutex::new(Vec::new()),
         }
     }
 }
@@ -128,12 +142,19 @@ impl Shared {
             key,
             hello,
             opts,
-            peers: RwLock::new((0..size).map(|_| Arc::new(Peer::new())).collect()),
+            peers: RwLock::new(
+                (0..size)
+                    .map(|_| Arc::new(Peer::new(opts.lanes.saturating_sub(1))))
+                    .collect(),
+            ),
             stopping: AtomicBool::new(false),
             readers: Mutex::new(Vec::new()),
             arrivals: Mutex::new(0),
             arrived: Condvar::new(),
             cursor: AtomicUsize::new(0),
+            stripes: Mutex::new(Stripes::default()),
+            stripe_filed: Condvar::new(),
+            next_message: AtomicU64::new(0),
         }
     }
 
@@ -150,7 +171,7 @@ impl Shared {
     pub(super) fn grow_to(&self, rank: usize) {
         let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
         while peers.len() <= rank {
-            peers.push(Arc::new(Peer::new()));
+            peers.push(Arc::new(Peer::new(self.opts.lanes.saturating_sub(1))));
         }
     }
 
@@ -267,6 +288,9 @@ impl Shared {
             // Already-broken sockets refuse this too; either way it is closed.
             let _ = socket.shutdown(Shutdown::Both);
         }
+        for lane in lock(&peer.lane_sockets).iter() {
+            let _ = lane.shutdown(Shutdown::Both);
+        }
         if news && !self.stopping() {
             self.log(format_args!("lost rank {src}: {reason}"));
         }
@@ -274,6 +298,9 @@ impl Shared {
         peer.changed.notify_all();
         drop(inbox);
         self.signal_arrival();
+        // A part 0 waiting for the other parts gives up now.
+        let _stripes = lock(&self.stripes);
+        self.stripe_filed.notify_all();
         reason
     }
 
@@ -400,6 +427,11 @@ impl Shared {
         }
     }
 
+    /// Keeps a reader thread for joining at shutdown.
+    pub(super) fn add_reader(&self, reader: JoinHandle<()>) {
+        lock(&self.readers).push(reader);
+    }
+
     /// Every reader thread started so far, for joining at shutdown.
     pub(super) fn take_readers(&self) -> Vec<JoinHandle<()>> {
         std::mem::take(&mut *lock(&self.readers))
@@ -416,6 +448,8 @@ impl Shared {
         let addr = reader.peer_addr();
         // A message split into DataMore frames, waiting for its last piece.
         let mut partial: Option<(u64, Vec<u8>)> = None;
+        // Part 0 of a striped message, waiting for its last frame.
+        let mut stripe: Option<(u64, StripeHead, Vec<u8>)> = None;
         loop {
             let frame = match reader.recv() {
                 Ok(frame) => frame,
@@ -440,6 +474,30 @@ impl Shared {
                         partial = Some((frame.tag, message));
                     } else {
                         self.deliver(src, frame.tag, message);
+                    }
+                }
+                FrameKind::Stripe | FrameKind::StripeMore => {
+                    let Some((head, data)) = StripeHead::split(&frame.payload) else {
+                        return Loss::Failure(format!("{addr}: a malformed stripe frame"));
+                    };
+                    let (tag, mut part0) = match stripe.take() {
+                        None if head.part == 0 => (frame.tag, Vec::new()),
+                        Some((tag, first, part0)) if tag == frame.tag && first == head => (tag, part0),
+                        _ => {
+                            return Loss::Failure(format!(
+                                "{addr}: stripe frames of message {} out of place on the main connection",
+                                head.message
+                            ))
+                        }
+                    };
+                    part0.extend_from_slice(data);
+                    if frame.kind == FrameKind::StripeMore {
+                        stripe = Some((tag, head, part0));
+                    } else {
+                        match self.join_parts(src, head, part0) {
+                            Ok(message) => self.deliver(src, tag, message),
+                            Err(loss) => return loss,
+                        }
                     }
                 }
                 FrameKind::Close => return Loss::Goodbye(format!("{addr}: closed its transport")),
