@@ -27,9 +27,16 @@ fn losses(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// `job` on a fixed rendezvous port, so joiners know where to knock.
-fn joinable_job(dir: &std::path::Path, name: &str, port: u16, extra: &str) -> std::path::PathBuf {
-    let job = train_job(dir, name, 2, 12, extra);
+/// A job of `windows` on a fixed rendezvous port, so joiners know where
+/// to knock.
+fn joinable_job(
+    dir: &std::path::Path,
+    name: &str,
+    port: u16,
+    windows: u64,
+    extra: &str,
+) -> std::path::PathBuf {
+    let job = train_job(dir, name, 2, windows, extra);
     let text = std::fs::read_to_string(&job).unwrap();
     let text = text.replace(
         "rendezvous = \"tcp://127.0.0.1:0\"",
@@ -86,7 +93,7 @@ fn a_site_that_joins_and_leaves_changes_no_loss() {
     let holds = "\n[faults]\nclock = \"model\"\n\n\
                  [[faults.hold]]\nwindow = 3\njoined = 2\n\n\
                  [[faults.hold]]\nwindow = 8\nleft = true\n";
-    let job = joinable_job(dir.path(), "joined", port, holds);
+    let job = joinable_job(dir.path(), "joined", port, 12, holds);
     let mut launch = start(swarmrun().arg("launch").arg(&job), KEY);
     let launch_err = collect_stderr(&mut launch);
     let mut out = BufReader::new(launch.stdout.take().unwrap());
@@ -149,4 +156,47 @@ fn a_site_that_joins_and_leaves_changes_no_loss() {
         1,
         "{text}"
     );
+}
+
+/// A rank that joins while window 3 closes (the orchestrator holds the
+/// close, once every stage has reduced, until it has joined) is placed at
+/// the boundary, before window 4: window 3 is not redone and no loss
+/// changes.
+#[test]
+fn a_join_while_a_window_closes_waits_for_the_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, _) = run(&train_job(dir.path(), "clean", 2, 6, ""));
+    let port = free_port();
+    let hold = "\n[[faults.hold]]\nwindow = 3\nphase = \"close\"\njoined = 1\n";
+    let job = joinable_job(dir.path(), "closing", port, 6, hold);
+    let mut launch = start(swarmrun().arg("launch").arg(&job), KEY);
+    let launch_err = collect_stderr(&mut launch);
+    let mut out = BufReader::new(launch.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    read_until(&mut out, "holding window 3 (Close)", &mut seen);
+    let joiner = start(
+        swarmrun()
+            .args(["join", "--rdzv", &format!("tcp://127.0.0.1:{port}")])
+            .arg(&job),
+        KEY,
+    );
+    let rest: Vec<String> = out.lines().map(|l| l.unwrap() + "\n").collect();
+    seen.extend(rest);
+    let status = launch.wait().unwrap();
+    let text = seen.join("");
+    let err = launch_err.join().unwrap();
+    assert!(status.success(), "{text}\n{err}");
+    assert!(joiner.wait_with_output().unwrap().status.success());
+    let at = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle}\n{text}"))
+    };
+    assert!(at("window     3") < at("joined stage"), "{text}");
+    assert!(at("joined stage") < at("window     4"), "{text}");
+    let lines = metrics_of(&job);
+    assert!(
+        lines.iter().all(|l| field(l, "attempts") == "1"),
+        "{lines:?}"
+    );
+    assert_eq!(losses(&clean), losses(&lines));
 }

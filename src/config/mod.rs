@@ -331,17 +331,31 @@ pub struct FaultsSpec {
     pub hold: Vec<HoldFault>,
 }
 
-/// Before `window` runs, the orchestrator waits until `joined` ranks have
-/// joined the job since it started, and with `left` until every rank that
-/// joined has left it again.
+/// Before `window` runs (or, with `phase = "close"`, while it closes:
+/// every stage reduced, nothing stepped yet), the orchestrator waits until
+/// `joined` ranks have joined the job since it started, and with `left`
+/// until every rank that joined has left it again.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HoldFault {
     pub window: u64,
     #[serde(default)]
+    pub phase: HoldPhase,
+    #[serde(default)]
     pub joined: usize,
     #[serde(default)]
     pub left: bool,
+}
+
+/// Where in its window a `[[faults.hold]]` holds the orchestrator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldPhase {
+    /// Before the window runs.
+    #[default]
+    Start,
+    /// Between the all-reduce and the step.
+    Close,
 }
 
 /// A miner that takes `factor` times as long for every pass (it waits out

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::{Event, Orchestrator};
+use crate::config::HoldPhase;
 use crate::roles::protocol::{self, Order, Placement, Report, StageDigests};
 use crate::roles::train::TrainError;
 use crate::transport::{Transport, TransportError};
@@ -101,7 +102,8 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
     /// placed again later, one whose state is wrong is stopped.
     pub(super) fn place(&mut self, window: u64) -> Result<(), TrainError> {
         self.take_news()?;
-        self.hold(window)?;
+        // Nothing runs now: a miner lost meanwhile costs nothing.
+        self.hold(window, HoldPhase::Start)?;
         let mut placements: Vec<(Placement, Option<usize>)> = Vec::new();
         for &rank in &self.joining {
             let site = self.membership.as_ref().and_then(|m| m.peer(rank));
@@ -175,15 +177,27 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
         Ok(())
     }
 
-    /// `[[faults.hold]]`: before `window`, waits until as many ranks have
-    /// joined as it says, or until every rank that joined has left (no
-    /// window runs meanwhile, so a rank that asks to leave goes at once).
-    fn hold(&mut self, window: u64) -> Result<(), TrainError> {
-        let holds = self.spec.faults.hold.iter().filter(|h| h.window == window);
-        for h in holds.collect::<Vec<_>>() {
+    /// `[[faults.hold]]`: at `phase` of `window`, waits until as many ranks
+    /// have joined as it says, or until every rank that joined has left
+    /// (before a window, nothing runs, so a rank that asks to leave goes
+    /// at once). Returns the miners lost meanwhile.
+    pub(super) fn hold(&mut self, window: u64, phase: HoldPhase) -> Result<Vec<usize>, TrainError> {
+        let mut lost = Vec::new();
+        let holds = self.spec.faults.hold.iter();
+        let holds: Vec<_> = holds
+            .filter(|h| (h.window, h.phase) == (window, phase))
+            .collect();
+        for h in holds {
+            println!(
+                "holding window {window} ({phase:?}) until {} ranks joined{} ([[faults.hold]])",
+                h.joined,
+                if h.left { " and left" } else { "" }
+            );
             let mut deadline = Instant::now() + self.t.default_timeout();
             loop {
-                self.dismiss_leavers(window.saturating_sub(1))?;
+                if phase == HoldPhase::Start {
+                    self.dismiss_leavers(window.saturating_sub(1))?;
+                }
                 let joined = self.joined_ever.len();
                 let present = self.miners.keys().chain(&self.joining);
                 let joiners_left = !present.into_iter().any(|&r| r >= self.planned);
@@ -196,11 +210,13 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                             waited: self.t.default_timeout(),
                         })
                     }
-                    _ => deadline = Instant::now() + self.t.default_timeout(),
+                    Heard::Event(Event::Lost(rank)) => lost.push(rank),
+                    _ => {}
                 }
+                deadline = Instant::now() + self.t.default_timeout();
             }
         }
-        Ok(())
+        Ok(lost)
     }
 
     /// Stage `stage`'s state for `rank`, from its miners now.

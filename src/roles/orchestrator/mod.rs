@@ -17,7 +17,7 @@ use super::protocol::{
 use super::train::{adamw_config, crash_if_planned, miners_of, Setup, TrainError, WindowReport};
 use crate::checkpoint::{Checkpoints, Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
-use crate::config::{JobSpec, PassClock, Plan, Role};
+use crate::config::{HoldPhase, JobSpec, PassClock, Plan, Role};
 use crate::data::rng::SplitMix64;
 use crate::ledger::{Ledger, Tally};
 use crate::model::{AdamW, StageModel};
@@ -810,6 +810,9 @@ impl<T: Transport + ?Sized> Orchestrator<'_, T> {
                 Event::Report(..) => {}
             }
         }
+        // `[[faults.hold]] phase = "close"`: joins and leaves that come now
+        // wait for the boundary.
+        newly_lost.extend(self.hold(w.window, HoldPhase::Close)?);
         match failure {
             // The all-reduce blamed a miner that is still connected: a
             // hung peer, which this protocol does not evict.
