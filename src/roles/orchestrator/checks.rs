@@ -1,0 +1,618 @@
+//! What validators check, as the orchestrator asks for it and judges it:
+//! replays of sampled passes (and of both ends of any broken chain of
+//! receipts), recomputations of all-reduce slices, and the audit of each
+//! checkpoint file. Everything here decides; the caller's shell sends.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::machine::{Closed, Coordinator, Phase, Stepping, WindowState};
+use crate::checkpoint::{Manifest, StageEntry};
+use crate::collective::{scales_for, slice_holders};
+use crate::ledger::Tally;
+use crate::roles::protocol::{
+    AuditTask, CheckpointTask, Order, Reduction, Report, SliceTask, Verdict,
+};
+use crate::roles::train::{Setup, TrainError};
+
+/// Reports owed by validators, one per task, counted per validator.
+#[derive(Debug, Default)]
+struct Owed(BTreeMap<usize, usize>);
+
+impl Owed {
+    fn of(validators: impl Iterator<Item = usize>) -> Owed {
+        let mut owed = BTreeMap::new();
+        for v in validators {
+            *owed.entry(v).or_default() += 1;
+        }
+        Owed(owed)
+    }
+
+    /// Takes one report from `v` if it owes one.
+    fn take(&mut self, v: usize) -> bool {
+        match self.0.get_mut(&v) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.0.values().all(|n| *n == 0)
+    }
+}
+
+/// Replays in flight: the tasks, what came back, and the chain breaks.
+#[derive(Debug)]
+pub(super) struct PassAudit {
+    window: u64,
+    attempt: u32,
+    owed: Owed,
+    verdicts: Vec<(AuditTask, Verdict)>,
+    /// (pass that sent, pass that received) for each break in a chain.
+    breaks: Vec<((u64, usize), (u64, usize))>,
+}
+
+impl PassAudit {
+    pub fn take(&mut self, from: usize, report: Report, w: &mut WindowState) {
+        if let Report::Audited {
+            window,
+            attempt,
+            task,
+            verdict,
+            replay_s,
+        } = report
+        {
+            if (window, attempt) == (self.window, self.attempt) && self.owed.take(from) {
+                w.replay_s += replay_s;
+                self.verdicts.push((*task, verdict));
+            }
+        }
+    }
+
+    pub fn owes_nothing(&self) -> bool {
+        self.owed.is_done()
+    }
+
+    /// A validator lost on the way leaves its replays unmade.
+    pub fn forget_validator(&mut self, v: usize) {
+        self.owed.0.remove(&v);
+    }
+}
+
+/// Slice recomputations in flight.
+#[derive(Debug)]
+pub(super) struct SliceAudit {
+    window: u64,
+    attempt: u32,
+    owed: Owed,
+    verdicts: Vec<(SliceTask, Vec<(usize, Verdict)>)>,
+    /// Stages whose copies of a slice disagreed.
+    disagreed: Vec<usize>,
+    tasks: u64,
+}
+
+impl SliceAudit {
+    pub fn take(&mut self, from: usize, report: Report, w: &mut WindowState) {
+        if let Report::Recomputed {
+            window,
+            attempt,
+            task,
+            verdicts,
+            replay_s,
+        } = report
+        {
+            if (window, attempt) == (self.window, self.attempt) && self.owed.take(from) {
+                w.replay_s += replay_s;
+                self.verdicts.push((*task, verdicts));
+            }
+        }
+    }
+
+    pub fn owes_nothing(&self) -> bool {
+        self.owed.is_done()
+    }
+
+    pub fn forget_validator(&mut self, v: usize) {
+        self.owed.0.remove(&v);
+    }
+}
+
+impl Coordinator<'_> {
+    /// Has validators replay a random `replay_rate` of the window's passes
+    /// not yet replayed, and every pass whose receipts do not chain with
+    /// its neighbours' (what one stated it sent, the other that it
+    /// received); with nothing to replay, closes at once.
+    pub(super) fn begin_audit(&mut self) -> Result<(), TrainError> {
+        if self.validators.is_empty() {
+            return self.begin_close();
+        }
+        let rate = self.spec.roles.replay_rate;
+        let w = self.window.as_ref().expect("a window runs");
+        let mut breaks = Vec::new();
+        let done: Vec<(u64, usize)> = w.trained().map(|(id, path)| (id, path.len())).collect();
+        // Each miner's passes not replayed yet.
+        let mut unchecked: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
+        for &(id, stages) in &done {
+            for stage in 0..stages {
+                if let Some((miner, _)) = w.receipts.get(&(id, stage)) {
+                    if !w.passed.contains(&(id, stage, *miner)) {
+                        unchecked.entry(*miner).or_default().push((id, stage));
+                    }
+                }
+            }
+        }
+        for (id, stages) in done {
+            for stage in 1..stages {
+                let (Some((_, up)), Some((_, down))) = (
+                    w.receipts.get(&(id, stage - 1)),
+                    w.receipts.get(&(id, stage)),
+                ) else {
+                    continue;
+                };
+                if down.input.as_ref() != Some(&up.output) {
+                    breaks.push(((id, stage - 1), (id, stage)));
+                }
+                if up.grad_in != down.grad_out {
+                    breaks.push(((id, stage), (id, stage - 1)));
+                }
+            }
+        }
+        let mut picked: BTreeSet<(u64, usize)> = BTreeSet::new();
+        for passes in unchecked.values_mut() {
+            picked.extend(self.draw(rate, passes));
+        }
+        for &(sender, receiver) in &breaks {
+            picked.extend([sender, receiver]);
+        }
+        let w = self.window.as_ref().expect("a window runs");
+        let tasks: Vec<AuditTask> = picked
+            .iter()
+            .filter_map(|&(id, stage)| {
+                let (miner, receipt) = w.receipts.get(&(id, stage))?;
+                Some(AuditTask {
+                    id,
+                    stage,
+                    miner: *miner,
+                    validator: self.validators[*miner % self.validators.len()],
+                    receipt: receipt.clone(),
+                })
+            })
+            .collect();
+        if tasks.is_empty() {
+            return self.begin_close();
+        }
+        let (window, attempt) = (w.window, w.attempt);
+        let owed = Owed::of(tasks.iter().map(|t| t.validator));
+        self.broadcast(Order::Audit {
+            window,
+            attempt,
+            tasks,
+            weights: self.weights.clone(),
+        });
+        self.phase = Phase::Auditing(PassAudit {
+            window,
+            attempt,
+            owed,
+            verdicts: Vec::new(),
+            breaks,
+        });
+        Ok(())
+    }
+
+    /// The replays are in: miners caught are excluded and the window is
+    /// redone without them; otherwise it closes.
+    pub(super) fn finish_audit(&mut self) -> Result<(), TrainError> {
+        let Phase::Auditing(audit) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            unreachable!("finish_audit runs in Auditing")
+        };
+        let w = self.window.as_mut().expect("a window runs");
+        let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
+        for (task, verdict) in audit.verdicts {
+            match verdict {
+                Verdict::Passed => {
+                    w.passed.insert((task.id, task.stage, task.miner));
+                }
+                Verdict::Failed(reason) => {
+                    w.wrong += 1;
+                    w.failed.entry(task.miner).or_insert((task.stage, 0)).1 += 1;
+                    reasons.entry(task.miner).or_insert(reason);
+                }
+                Verdict::Unavailable => {}
+            }
+        }
+        // A break between two passes that both replayed right: the
+        // receiver kept (and stated) a frame its sender never sent.
+        for &(sender, receiver) in &audit.breaks {
+            let miner_of = |pass: (u64, usize)| w.receipts.get(&pass).map(|(m, _)| *m);
+            let (Some(s), Some(r)) = (miner_of(sender), miner_of(receiver)) else {
+                continue;
+            };
+            let right = |pass: (u64, usize), m| w.passed.contains(&(pass.0, pass.1, m));
+            if right(sender, s) && right(receiver, r) {
+                w.failed.entry(r).or_insert((receiver.1, 0)).1 += 1;
+                reasons.entry(r).or_insert(format!(
+                    "microbatch {}: it stated a frame that miner {s} never sent",
+                    receiver.0
+                ));
+            }
+        }
+        let window = w.window;
+        let gone = self.exclude_all(window, &reasons);
+        if gone.is_empty() {
+            self.begin_close()
+        } else {
+            self.redo_without(&gone)
+        }
+    }
+
+    /// Has validators recompute, from the contributions the miners stated,
+    /// a random `slice_audit_rate` of each stage's all-reduce slices, and
+    /// every slice of a stage whose copies disagreed.
+    pub(super) fn begin_recompute(&mut self, closed: Closed) -> Result<(), TrainError> {
+        let rate = self.spec.roles.slice_audit_rate;
+        let mut tasks = Vec::new();
+        let mut disagreed = Vec::new();
+        for (stage, peers) in self.stage_miners().into_iter().enumerate() {
+            let n = peers.len();
+            let copies = self.spec.roles.slice_copies.min(n);
+            let stated = |r: &usize| closed.reductions.get(r);
+            let agreed = peers.iter().all(|r| stated(r).is_some_and(|x| x.agreed));
+            let mut slices: Vec<usize> = (0..n).collect();
+            let picked = if agreed {
+                self.draw(rate, &mut slices).to_vec()
+            } else {
+                disagreed.push(stage);
+                slices
+            };
+            if self.validators.is_empty() {
+                continue;
+            }
+            // The slice whose task carries the contribution check.
+            let proved = picked
+                .get(self.draws.below(picked.len().max(1) as u64) as usize)
+                .copied();
+            let w = self.window.as_ref().expect("a window runs");
+            for slice in picked {
+                let contributors = peers
+                    .iter()
+                    .map(|r| {
+                        let digest = stated(r).and_then(|x| x.contributions.get(slice));
+                        (*r, digest.cloned().unwrap_or_default())
+                    })
+                    .collect();
+                let holders = slice_holders(slice, n, copies)
+                    .into_iter()
+                    .map(|h| {
+                        let copy = stated(&peers[h]).and_then(|x| {
+                            x.copies.iter().find(|(j, _)| *j == slice).map(|(_, d)| d)
+                        });
+                        (peers[h], copy.cloned().unwrap_or_default())
+                    })
+                    .collect();
+                let passes = (proved == Some(slice)).then(|| {
+                    peers
+                        .iter()
+                        .map(|&r| {
+                            let credited =
+                                w.trained().filter(|(_, path)| path.get(stage) == Some(&r));
+                            credited
+                                .filter_map(|(id, _)| {
+                                    let (_, receipt) = w.receipts.get(&(id, stage))?;
+                                    Some((id, receipt.params.clone()))
+                                })
+                                .collect()
+                        })
+                        .collect()
+                });
+                tasks.push(SliceTask {
+                    stage,
+                    slice,
+                    validator: self.validators[tasks.len() % self.validators.len()],
+                    contributors,
+                    holders,
+                    scales: closed.scales.get(stage).cloned().unwrap_or_default(),
+                    passes,
+                    probe: self.draws.next_u64(),
+                });
+            }
+        }
+        let w = self.window.as_ref().expect("a window runs");
+        let (window, attempt) = (w.window, w.attempt);
+        let audit = SliceAudit {
+            window,
+            attempt,
+            owed: Owed::of(tasks.iter().map(|t| t.validator)),
+            verdicts: Vec::new(),
+            disagreed,
+            tasks: tasks.len() as u64,
+        };
+        if !tasks.is_empty() {
+            self.broadcast(Order::Recompute {
+                window,
+                attempt,
+                tasks,
+            });
+        }
+        self.phase = Phase::Recomputing(audit, closed);
+        Ok(())
+    }
+
+    /// The recomputations are in: holders with a wrong copy and miners
+    /// whose contribution is not what they stated or not their passes'
+    /// sum are excluded and the window redone; otherwise it steps.
+    pub(super) fn finish_recompute(&mut self) -> Result<(), TrainError> {
+        let Phase::Recomputing(audit, closed) = std::mem::replace(&mut self.phase, Phase::Finished)
+        else {
+            unreachable!("finish_recompute runs in Recomputing")
+        };
+        let w = self.window.as_mut().expect("a window runs");
+        w.recomputed += audit.tasks;
+        let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
+        for (task, verdicts) in audit.verdicts {
+            for (miner, verdict) in verdicts {
+                if let Verdict::Failed(reason) = verdict {
+                    w.failed.entry(miner).or_insert((task.stage, 0)).1 += 1;
+                    reasons.entry(miner).or_insert(format!(
+                        "slice {} of stage {}'s all-reduce: {reason}",
+                        task.slice, task.stage
+                    ));
+                }
+            }
+        }
+        if let (Some(&stage), true) = (audit.disagreed.first(), reasons.is_empty()) {
+            return Err(TrainError::Protocol {
+                rank: 0,
+                reason: format!(
+                    "window {}: the copies of a slice of stage {stage}'s all-reduce disagree \
+                     and no validator found whose copy was wrong",
+                    w.window
+                ),
+            });
+        }
+        let window = w.window;
+        let gone = self.exclude_all(window, &reasons);
+        if gone.is_empty() {
+            self.begin_step(closed)
+        } else {
+            self.redo_without(&gone)
+        }
+    }
+
+    /// With validators, one audit per checkpoint writer: its stage's agreed
+    /// digests before the step and the reduced sum all its miners stated.
+    pub(super) fn checkpoint_tasks(
+        &self,
+        window: u64,
+        writers: &[usize],
+        reductions: &BTreeMap<usize, Reduction>,
+    ) -> Result<Vec<CheckpointTask>, TrainError> {
+        if self.validators.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tasks = Vec::new();
+        for &writer in writers {
+            let Some(&stage) = self.miners.get(&writer) else {
+                continue;
+            };
+            let sums: BTreeSet<Option<&String>> = self
+                .miners
+                .iter()
+                .filter(|(_, s)| **s == stage)
+                .map(|(r, _)| reductions.get(r).and_then(|x| x.result.as_ref()))
+                .collect();
+            let sum = match Vec::from_iter(sums)[..] {
+                [Some(sum)] => sum.clone(),
+                _ => {
+                    return Err(TrainError::Protocol {
+                        rank: 0,
+                        reason: format!(
+                        "window {window}: the miners of stage {stage} state different reduced sums"
+                    ),
+                    })
+                }
+            };
+            tasks.push(CheckpointTask {
+                stage,
+                writer,
+                validator: self.validators[stage % self.validators.len()],
+                weights: self.weights[stage].clone(),
+                optimizer: self.optimizers[stage].clone(),
+                sum,
+            });
+        }
+        Ok(tasks)
+    }
+
+    /// After the step: writers whose checkpoint failed its audit are
+    /// excluded (with their stages, returned); when a checkpoint was due
+    /// and every stage's file passed, it is to be committed.
+    pub(super) fn judge_checkpoint(
+        &mut self,
+        window: u64,
+        s: &Stepping,
+    ) -> Result<Vec<(usize, usize)>, TrainError> {
+        if !s.due {
+            return Ok(Vec::new());
+        }
+        let reasons = checkpoint_faults(&s.entries, &s.digests, &s.audited);
+        let caught: Vec<(usize, usize)> = self
+            .exclude_all(window, &reasons)
+            .into_iter()
+            .filter_map(|rank| s.entries.values().find(|(w, _)| *w == rank))
+            .map(|(rank, entry)| (*rank, entry.stage))
+            .collect();
+        if !caught.is_empty() || s.entries.len() != self.setup.stages {
+            let why = if caught.is_empty() {
+                "a checkpoint writer was lost"
+            } else {
+                "a checkpoint writer failed its audit"
+            };
+            self.say_warn(format!(
+                "orchestrator: {why}; no checkpoint for window {window}"
+            ));
+            return Ok(caught);
+        }
+        let manifest = Manifest {
+            window,
+            step: window + 1,
+            job: self.start.job_text.clone(),
+            seed: self.spec.job.seed,
+            stages: s.entries.values().map(|(_, e)| e.clone()).collect(),
+            router: self.router.state(),
+        };
+        self.out_commit(manifest);
+        Ok(caught)
+    }
+
+    /// Excludes every miner in `reasons` still in the job; returns them.
+    pub(super) fn exclude_all(
+        &mut self,
+        window: u64,
+        reasons: &BTreeMap<usize, String>,
+    ) -> Vec<usize> {
+        let caught: Vec<usize> = reasons
+            .keys()
+            .copied()
+            .filter(|r| self.miners.contains_key(r))
+            .collect();
+        for &rank in &caught {
+            // Told to leave; the job goes on without it.
+            self.send_stop(rank);
+            self.lose(
+                rank,
+                &format!(
+                    "failed a check in window {window}: {}; excluded",
+                    reasons[&rank]
+                ),
+            );
+        }
+        caught
+    }
+
+    /// Moves a random sample of `items`, `rate * items.len()` of them (see
+    /// [`Coordinator::sample_size`]), to the front and returns it.
+    fn draw<'i, I>(&mut self, rate: f64, items: &'i mut [I]) -> &'i [I] {
+        let k = self.sample_size(rate, items.len());
+        for i in 0..k {
+            let j = i + self.draws.below((items.len() - i) as u64) as usize;
+            items.swap(i, j);
+        }
+        &items[..k]
+    }
+
+    /// How many of a miner's `n` passes to replay: `rate * n` rounded down
+    /// or up at random, so that the mean is `rate * n` exactly and a miner
+    /// that serves many passes in a window has at least `floor(rate * n)`
+    /// of them checked (drawing each pass alone would leave a miner of 20
+    /// passes unchecked in 36% of windows at rate 0.05).
+    fn sample_size(&mut self, rate: f64, n: usize) -> usize {
+        let want = rate * n as f64;
+        let k = want.floor() as usize + usize::from(self.draws.unit_open0() <= want.fract());
+        k.min(n)
+    }
+}
+
+/// Each stage's fixed-point scales for the window's all-reduce, from the
+/// largest gradient magnitudes the counted passes' receipts state (a pass
+/// that understates them is caught when replayed).
+pub(super) fn scales(setup: &Setup, w: &WindowState) -> Result<Vec<Vec<i32>>, TrainError> {
+    let mut maxes: Vec<Vec<f32>> = vec![Vec::new(); setup.stages];
+    for (id, path) in w.trained() {
+        for (stage, m) in maxes.iter_mut().enumerate().take(path.len()) {
+            let Some((_, receipt)) = w.receipts.get(&(id, stage)) else {
+                continue;
+            };
+            if m.len() < receipt.maxes.len() {
+                m.resize(receipt.maxes.len(), 0.0);
+            }
+            for (m, &bits) in m.iter_mut().zip(&receipt.maxes) {
+                let x = f32::from_bits(bits);
+                *m = if x.is_nan() { f32::INFINITY } else { m.max(x) };
+            }
+        }
+    }
+    maxes
+        .iter()
+        .enumerate()
+        .map(|(stage, m)| {
+            scales_for(m).map_err(|e| TrainError::Protocol {
+                rank: 0,
+                reason: format!("window {}: stage {stage}'s gradients: {e}", w.window),
+            })
+        })
+        .collect()
+}
+
+/// Why each checkpoint writer failed, if any did: its entry states other
+/// digests than its stage agreed on after the step (`digests`: weights,
+/// optimizer), or a validator found its file is not what the replayed step
+/// gives, or the file the validator checked is not the one it stated.
+fn checkpoint_faults(
+    entries: &BTreeMap<usize, (usize, StageEntry)>,
+    digests: &BTreeMap<usize, (String, String)>,
+    audited: &[(CheckpointTask, Option<String>, Option<String>, Verdict)],
+) -> BTreeMap<usize, String> {
+    let mut reasons = BTreeMap::new();
+    for (stage, (writer, entry)) in entries {
+        let agreed = digests.get(stage);
+        let reason = if agreed.map(|d| &d.0) != Some(&entry.weights_digest) {
+            "its entry states weights other than its stage's"
+        } else if entry.optimizer_digest.as_ref() != agreed.map(|d| &d.1) {
+            "its entry states an optimizer state other than its stage's"
+        } else {
+            continue;
+        };
+        reasons.insert(*writer, format!("checkpoint of stage {stage}: {reason}"));
+    }
+    for (task, file, weights, verdict) in audited {
+        let Some((writer, entry)) = entries.get(&task.stage) else {
+            continue;
+        };
+        let replayed = digests.get(&task.stage).map(|d| &d.0);
+        let reason = match verdict {
+            Verdict::Failed(reason) => reason.clone(),
+            Verdict::Passed if file.as_ref() != Some(&entry.blake3) => {
+                "the file it sent the validator is not the one it stated".into()
+            }
+            Verdict::Passed if weights.as_ref() != replayed => {
+                "its stage stepped to other weights than the validator's replay".into()
+            }
+            Verdict::Passed | Verdict::Unavailable => continue,
+        };
+        reasons
+            .entry(*writer)
+            .or_insert(format!("checkpoint of stage {}: {reason}", task.stage));
+    }
+    reasons
+}
+
+/// Each miner's passes counted in the window's update and its failed
+/// checks: a miner that failed one is credited nothing.
+pub(super) fn tallies(w: &WindowState) -> Vec<Tally> {
+    let mut by_rank: BTreeMap<usize, Tally> = BTreeMap::new();
+    for (_, path) in w.trained() {
+        for (stage, &rank) in path.iter().enumerate() {
+            let tally = by_rank.entry(rank).or_insert(Tally {
+                rank,
+                stage,
+                verified: 0,
+                failed: 0,
+            });
+            tally.verified += 1;
+        }
+    }
+    for (&rank, &(stage, failed)) in &w.failed {
+        by_rank.insert(
+            rank,
+            Tally {
+                rank,
+                stage,
+                verified: 0,
+                failed,
+            },
+        );
+    }
+    by_rank.into_values().collect()
+}

@@ -1,0 +1,882 @@
+//! The orchestrator's decisions as a state machine: it consumes what the
+//! ranks say ([`Input`]) with the time it happened, and answers with what
+//! to do ([`Output`]): orders to send, lines to print, a checkpoint to
+//! commit, a ledger line, a finished window. It has no sockets, files or
+//! clock of its own, and its one source of randomness (which passes are
+//! replayed) is seeded by whoever builds it, like Psyche's coordinator
+//! `tick(clients, time, seed)`. So routing, joins, leaves and audits are
+//! tested without processes (see the tests below), and a benchmark can
+//! drive it with thousands of simulated miners.
+//!
+//! A window runs through phases, each waiting for reports: placing ranks
+//! that joined or move ([`super::membership`]), serving the microbatches,
+//! auditing passes and all-reduce slices ([`super::checks`]), closing
+//! (every stage reduces), stepping (every miner applies the update, a
+//! checkpoint may be written and audited). A miner lost, or caught by a
+//! check, before the step sends the window back to serving without it, in
+//! a new attempt; after the step it only leaves.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::{Manifest, StageEntry};
+use crate::config::{HoldPhase, JobSpec};
+use crate::data::rng::SplitMix64;
+use crate::ledger::Tally;
+use crate::pipeline::{InFlight, Router};
+use crate::roles::protocol::{
+    self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route,
+};
+use crate::roles::train::{Setup, TrainError, WindowReport};
+
+use super::StartPoint;
+
+/// What the orchestrator hears.
+#[derive(Debug)]
+pub enum Input {
+    /// A report from a rank.
+    Report(usize, Report),
+    /// A rank whose connection is gone, and why.
+    Lost(usize, String),
+    /// A rank that joined through the door and is ready for a stage; the
+    /// site it says it belongs to, when known.
+    Joined { rank: usize, site: Option<String> },
+    /// Nothing was heard until [`Coordinator::deadline`].
+    Silence,
+}
+
+/// What the orchestrator does, in order.
+#[derive(Debug)]
+pub enum Output {
+    /// `order` to each of these ranks.
+    Send(Vec<usize>, Order),
+    /// A line for stdout.
+    Say(String),
+    /// A line for stderr.
+    Warn(String),
+    /// `rank` is out of the job for good (the door's book forgets it).
+    Departed(usize),
+    /// Commit this checkpoint (its stage files are written and audited).
+    Commit(Box<Manifest>),
+    /// Append the ledger line of `window`.
+    Ledger { window: u64, tallies: Vec<Tally> },
+    /// A window is done (its checkpoint is filled in by whoever committed).
+    Window(Box<WindowReport>),
+    /// Every window ran and every rank was told to stop.
+    Done,
+}
+
+/// Where the current window is.
+#[derive(Debug)]
+pub(super) enum Phase {
+    /// `[[faults.hold]]` before the window: waiting for joins or leaves.
+    HoldStart,
+    /// Waiting for the ranks placed on stages to load them.
+    Placing {
+        waiting: BTreeSet<usize>,
+        /// Each placement, and the stage a mover came from.
+        placements: Vec<(Placement, Option<usize>)>,
+    },
+    /// Microbatches running; `served` holds the stages done per id.
+    Serving {
+        served: BTreeMap<u64, BTreeSet<usize>>,
+    },
+    /// Validators replaying passes.
+    Auditing(super::checks::PassAudit),
+    /// Every stage all-reducing.
+    Closing {
+        waiting: BTreeSet<usize>,
+        reductions: BTreeMap<usize, Reduction>,
+        failure: Option<(usize, String)>,
+        scales: Vec<Vec<i32>>,
+    },
+    /// `[[faults.hold]] phase = "close"`, after every stage reduced.
+    HoldClose(Closed),
+    /// Validators recomputing all-reduce slices.
+    Recomputing(super::checks::SliceAudit, Closed),
+    /// Every miner applying the update.
+    Stepping(Stepping),
+    /// Every window ran.
+    Finished,
+}
+
+/// What closing left for the step.
+#[derive(Debug, Clone)]
+pub(super) struct Closed {
+    pub reductions: BTreeMap<usize, Reduction>,
+    pub scales: Vec<Vec<i32>>,
+}
+
+/// The step of a window, as its reports come in.
+#[derive(Debug)]
+pub(super) struct Stepping {
+    pub waiting: BTreeSet<usize>,
+    pub due: bool,
+    pub writers: Vec<usize>,
+    /// Checkpoint audits owed, per validator.
+    pub owed: BTreeMap<usize, usize>,
+    /// Each stage's weights and optimizer digests after the step.
+    pub digests: BTreeMap<usize, (String, String)>,
+    pub entries: BTreeMap<usize, (usize, StageEntry)>,
+    pub audited: Vec<(
+        CheckpointTask,
+        Option<String>,
+        Option<String>,
+        protocol::Verdict,
+    )>,
+    pub audit_s: f64,
+}
+
+/// What happened to the microbatches of a window so far.
+#[derive(Debug)]
+pub(super) struct WindowState {
+    pub window: u64,
+    pub evals: u64,
+    pub started: Instant,
+    pub attempt: u32,
+    pub flight: InFlight,
+    pub losses: BTreeMap<u64, f32>,
+    /// Seconds miners spent computing, all attempts included.
+    pub busy_s: f64,
+    /// Boundary bytes sent: as computed, and on the wire.
+    pub dense_bytes: u64,
+    pub wire_bytes: u64,
+    /// The receipt of each training pass `(id, stage)` and its miner.
+    pub receipts: BTreeMap<(u64, usize), (usize, Receipt)>,
+    /// Passes replayed and found right, with their miner.
+    pub passed: BTreeSet<(u64, usize, usize)>,
+    /// Passes replayed and found wrong.
+    pub wrong: u64,
+    /// All-reduce slices recomputed, all attempts included.
+    pub recomputed: u64,
+    /// Checks each miner failed, and its stage.
+    pub failed: BTreeMap<usize, (usize, u64)>,
+    /// Seconds validators spent replaying.
+    pub replay_s: f64,
+}
+
+impl WindowState {
+    /// The training microbatches done, with their final paths: the ones
+    /// the window's update counts.
+    pub fn trained(&self) -> impl Iterator<Item = (u64, &[usize])> + '_ {
+        self.flight
+            .done()
+            .filter(|(id, _)| !protocol::is_validation(*id))
+    }
+}
+
+/// The orchestrator's state: who is in the job, on which stage, how fast,
+/// what each stage agreed on, and the window in progress.
+pub struct Coordinator<'a> {
+    pub(super) spec: &'a JobSpec,
+    pub(super) start: &'a StartPoint,
+    pub(super) setup: Setup,
+    pub(super) router: Router,
+    /// Every rank still in the job but this one: miners, validators and
+    /// ranks that joined.
+    pub(super) listeners: BTreeSet<usize>,
+    /// Live miners and their stages.
+    pub(super) miners: BTreeMap<usize, usize>,
+    /// Validator ranks still in the job.
+    pub(super) validators: Vec<usize>,
+    /// Digest of each stage's weights at the start of the window.
+    pub(super) weights: Vec<String>,
+    /// Digest of each stage's optimizer state then, when known.
+    pub(super) optimizers: Vec<Option<String>>,
+    /// Which passes and slices validators check: seeded by the caller, so
+    /// that a run can be unpredictable to miners and a test repeatable.
+    pub(super) draws: SplitMix64,
+    /// Ranks of the plan: every rank id from here on joined later.
+    pub(super) planned: usize,
+    /// Ranks that joined and wait for a stage, with their sites.
+    pub(super) joining: BTreeMap<usize, Option<String>>,
+    /// Every rank that ever joined.
+    pub(super) joined_ever: BTreeSet<usize>,
+    /// The site each joiner said it belongs to.
+    pub(super) joined_sites: BTreeMap<usize, String>,
+    /// Miners that asked to leave at the end of the window.
+    pub(super) leaving: BTreeSet<usize>,
+    /// Ranks gone for good: lost, excluded or left.
+    pub(super) departed: BTreeSet<usize>,
+    /// Under `[faults] clock = "model"`, the seconds a training pass of
+    /// each stage counts as (before its miner's slowdown).
+    pub(super) modelled: Option<Vec<f64>>,
+    pub(super) window: Option<WindowState>,
+    pub(super) phase: Phase,
+    /// When anything was last heard: silence for the default timeout
+    /// after it means the job is stuck.
+    last_heard: Instant,
+    timeout: Duration,
+    out: Vec<Output>,
+}
+
+/// Everything a [`Coordinator`] starts from.
+pub struct Beginning {
+    pub setup: Setup,
+    pub router: Router,
+    pub validators: Vec<usize>,
+    /// Ranks of the plan (miners, validators and rank 0).
+    pub planned: usize,
+    pub weights: Vec<String>,
+    pub optimizers: Vec<Option<String>>,
+    /// Seeds which passes and slices are checked.
+    pub seed: u64,
+    pub modelled: Option<Vec<f64>>,
+    /// How long silence may last before the job counts as stuck.
+    pub timeout: Duration,
+}
+
+impl<'a> Coordinator<'a> {
+    pub fn new(spec: &'a JobSpec, start: &'a StartPoint, b: Beginning) -> Coordinator<'a> {
+        let miners: BTreeMap<usize, usize> = b.router.assignment().into_iter().collect();
+        let mut listeners: BTreeSet<usize> = miners.keys().copied().collect();
+        listeners.extend(&b.validators);
+        Coordinator {
+            spec,
+            start,
+            setup: b.setup,
+            router: b.router,
+            listeners,
+            miners,
+            validators: b.validators,
+            weights: b.weights,
+            optimizers: b.optimizers,
+            draws: SplitMix64::new(b.seed, 0),
+            planned: b.planned,
+            joining: BTreeMap::new(),
+            joined_ever: BTreeSet::new(),
+            joined_sites: BTreeMap::new(),
+            leaving: BTreeSet::new(),
+            departed: BTreeSet::new(),
+            modelled: b.modelled,
+            window: None,
+            phase: Phase::Finished,
+            last_heard: Instant::now(),
+            timeout: b.timeout,
+            out: Vec::new(),
+        }
+    }
+
+    /// Tells every rank its stage and starts the first window.
+    pub fn begin(&mut self, now: Instant) -> Result<Vec<Output>, TrainError> {
+        self.last_heard = now;
+        let start = Order::Start {
+            stages: self.stage_miners(),
+            checkpoint: self.start.resumed.as_ref().map(|m| m.window),
+        };
+        self.broadcast(start);
+        self.next_window(self.start.first_window(), now)?;
+        self.advance(now)?;
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// Takes one input and returns what to do about it.
+    pub fn on(&mut self, input: Input, now: Instant) -> Result<Vec<Output>, TrainError> {
+        if !matches!(input, Input::Silence) {
+            self.last_heard = now;
+        }
+        match input {
+            Input::Silence if now >= self.deadline() => {
+                return Err(TrainError::Stalled {
+                    waited: self.timeout,
+                })
+            }
+            Input::Silence => {}
+            Input::Joined { rank, site } => {
+                self.say_warn(format!(
+                    "orchestrator: rank {rank} joined; it mines from the next window"
+                ));
+                if let Some(site) = &site {
+                    self.joined_sites.insert(rank, site.clone());
+                }
+                self.joining.insert(rank, site);
+                self.joined_ever.insert(rank);
+                self.listeners.insert(rank);
+            }
+            Input::Report(rank, Report::Leaving) => {
+                self.say_warn(format!(
+                    "orchestrator: rank {rank} asked to leave; it goes after this window"
+                ));
+                self.leaving.insert(rank);
+            }
+            Input::Report(rank, Report::Joining) => {
+                // A joiner whose site the caller did not know.
+                return self.on(Input::Joined { rank, site: None }, now);
+            }
+            Input::Lost(rank, reason) => self.on_lost(rank, &reason)?,
+            Input::Report(rank, report) => self.on_report(rank, report)?,
+        }
+        self.advance(now)?;
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// When silence becomes an error.
+    pub fn deadline(&self) -> Instant {
+        self.last_heard + self.timeout
+    }
+
+    /// Ranks whose reports matter now: everyone in the job, and any rank
+    /// id past the plan not known to be gone (a joiner says `Joining`
+    /// first). `size` is the transport's count of rank ids.
+    pub fn listening(&self, size: usize) -> Vec<usize> {
+        let joined_later = (self.planned..size)
+            .filter(|r| !self.departed.contains(r) && !self.listeners.contains(r));
+        let mut from = self.listeners.clone();
+        from.extend(joined_later);
+        from.into_iter().collect()
+    }
+
+    /// The window in progress, if any.
+    pub fn current_window(&self) -> Option<u64> {
+        self.window.as_ref().map(|w| w.window)
+    }
+
+    // ---- window flow ----
+
+    /// Starts `window`, or ends the job after the last one.
+    fn next_window(&mut self, window: u64, now: Instant) -> Result<(), TrainError> {
+        let train = &self.spec.train;
+        if window >= train.windows {
+            self.phase = Phase::Finished;
+            self.window = None;
+            self.broadcast(Order::Stop);
+            self.out.push(Output::Done);
+            return Ok(());
+        }
+        let last = window + 1 == train.windows;
+        let evals = if last || (window + 1) % train.eval_every == 0 {
+            train.eval_microbatches
+        } else {
+            0
+        };
+        let per_window = self.setup.per_window;
+        let train_ids = (0..per_window).map(|i| window * per_window + i);
+        let val_ids = (0..evals).map(|i| protocol::VALIDATION | (window * evals + i));
+        self.window = Some(WindowState {
+            window,
+            evals,
+            started: now,
+            attempt: 0,
+            flight: InFlight::new(train_ids.chain(val_ids)),
+            losses: BTreeMap::new(),
+            busy_s: 0.0,
+            dense_bytes: 0,
+            wire_bytes: 0,
+            receipts: BTreeMap::new(),
+            passed: BTreeSet::new(),
+            wrong: 0,
+            recomputed: 0,
+            failed: BTreeMap::new(),
+            replay_s: 0.0,
+        });
+        self.announce_hold(window, HoldPhase::Start);
+        self.phase = Phase::HoldStart;
+        Ok(())
+    }
+
+    /// Moves on from phases whose waiting is over, as far as it can.
+    fn advance(&mut self, now: Instant) -> Result<(), TrainError> {
+        loop {
+            let Some(window) = self.window.as_ref().map(|w| w.window) else {
+                return Ok(());
+            };
+            let moved = match &self.phase {
+                Phase::HoldStart => {
+                    self.dismiss_leavers(window.saturating_sub(1));
+                    if self.hold_satisfied(window, HoldPhase::Start) {
+                        self.place(window)?;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                Phase::Placing { waiting, .. } if waiting.is_empty() => {
+                    self.begin_attempt()?;
+                    true
+                }
+                Phase::Serving { .. } => {
+                    let flight = &self.window.as_ref().expect("a window runs").flight;
+                    if flight.running() > 0 {
+                        false
+                    } else if flight.is_complete() {
+                        self.begin_audit()?;
+                        true
+                    } else {
+                        self.route_attempt()?;
+                        true
+                    }
+                }
+                Phase::Auditing(a) if a.owes_nothing() => {
+                    self.finish_audit()?;
+                    true
+                }
+                Phase::Closing { waiting, .. } if waiting.is_empty() => {
+                    self.finish_close()?;
+                    true
+                }
+                Phase::HoldClose(_) if self.hold_satisfied(window, HoldPhase::Close) => {
+                    let Phase::HoldClose(closed) =
+                        std::mem::replace(&mut self.phase, Phase::Finished)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    self.begin_recompute(closed)?;
+                    true
+                }
+                Phase::Recomputing(audit, _) if audit.owes_nothing() => {
+                    self.finish_recompute()?;
+                    true
+                }
+                Phase::Stepping(s) if s.waiting.is_empty() && s.owed.is_empty() => {
+                    self.finish_step(now)?;
+                    true
+                }
+                _ => false,
+            };
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts a new attempt: what is not done is routed again.
+    fn begin_attempt(&mut self) -> Result<(), TrainError> {
+        self.phase = Phase::Serving {
+            served: BTreeMap::new(),
+        };
+        self.route_attempt()
+    }
+
+    /// Routes every queued microbatch and sends the `Run` order.
+    fn route_attempt(&mut self) -> Result<(), TrainError> {
+        let queued = self.window.as_ref().expect("a window runs").flight.queued();
+        let paths = self.route(queued)?;
+        let w = self.window.as_mut().expect("a window runs");
+        let mut routes = Vec::new();
+        for path in paths {
+            if let Some(id) = w.flight.start(path.clone()) {
+                routes.push(Route { id, path });
+            }
+        }
+        let order = Order::Run {
+            window: w.window,
+            attempt: w.attempt,
+            routes,
+        };
+        self.phase = Phase::Serving {
+            served: BTreeMap::new(),
+        };
+        self.broadcast(order);
+        Ok(())
+    }
+
+    /// Abandons the running attempt after `gone` miners were lost or
+    /// caught: their work is queued again, and a new attempt starts.
+    pub(super) fn redo_without(&mut self, gone: &[usize]) -> Result<(), TrainError> {
+        let w = self.window.as_mut().expect("a window runs");
+        for &rank in gone {
+            w.flight.lose(rank);
+        }
+        w.flight.abandon_running();
+        w.attempt += 1;
+        if w.attempt >= protocol::MAX_ATTEMPTS {
+            return Err(TrainError::Protocol {
+                rank: 0,
+                reason: format!(
+                    "window {} lost miners in {} attempts",
+                    w.window,
+                    protocol::MAX_ATTEMPTS
+                ),
+            });
+        }
+        self.begin_attempt()
+    }
+
+    fn on_report(&mut self, from: usize, report: Report) -> Result<(), TrainError> {
+        let Some(w) = self.window.as_mut() else {
+            return Ok(());
+        };
+        let (window, attempt) = (w.window, w.attempt);
+        match &mut self.phase {
+            Phase::Placing { waiting, .. } => {
+                if let Report::Placed {
+                    window: pw,
+                    stage,
+                    state,
+                } = report
+                {
+                    if pw == window && waiting.remove(&from) {
+                        self.placed(from, stage, state)?;
+                    }
+                }
+            }
+            Phase::Serving { served } => {
+                let Report::Served {
+                    window: sw,
+                    attempt: sa,
+                    id,
+                    stage,
+                    compute_s,
+                    loss,
+                    dense_bytes,
+                    wire_bytes,
+                    receipt,
+                } = report
+                else {
+                    return Ok(());
+                };
+                if (sw, sa) != (window, attempt) {
+                    // Late news of an abandoned attempt.
+                    return Ok(());
+                }
+                if let Some(receipt) = receipt {
+                    w.receipts.insert((id, stage), (from, *receipt));
+                }
+                // A validation pass runs forward only: its time says
+                // nothing of a training pass's.
+                if !protocol::is_validation(id) {
+                    let seconds = match &self.modelled {
+                        Some(per_stage) => per_stage[stage] * self.spec.faults.slowdown(from),
+                        None => compute_s,
+                    };
+                    self.router.observe(from, seconds);
+                }
+                w.busy_s += compute_s;
+                w.dense_bytes += dense_bytes;
+                w.wire_bytes += wire_bytes;
+                if let Some(loss) = loss {
+                    w.losses.insert(id, loss);
+                }
+                let stages = served.entry(id).or_default();
+                stages.insert(stage);
+                let complete = if protocol::is_validation(id) {
+                    stage == self.setup.stages - 1
+                } else {
+                    stages.len() == self.setup.stages
+                };
+                if complete {
+                    w.flight.finish(id);
+                }
+            }
+            Phase::Auditing(a) => a.take(from, report, w),
+            Phase::Recomputing(a, _) => a.take(from, report, w),
+            Phase::Closing {
+                waiting,
+                reductions,
+                failure,
+                ..
+            } => match report {
+                Report::Reduced {
+                    window: rw,
+                    attempt: ra,
+                    reduction,
+                } if (rw, ra) == (window, attempt) && waiting.remove(&from) => {
+                    reductions.insert(from, reduction);
+                }
+                Report::ReduceFailed {
+                    window: rw,
+                    attempt: ra,
+                    reason,
+                } if (rw, ra) == (window, attempt) && waiting.remove(&from) => {
+                    failure.get_or_insert((from, reason));
+                }
+                _ => {}
+            },
+            Phase::Stepping(s) => match report {
+                Report::Stepped {
+                    window: sw,
+                    stage,
+                    digest,
+                    optimizer,
+                    checkpoint,
+                } if sw == window && s.waiting.remove(&from) => {
+                    let stated = (digest, optimizer);
+                    if s.digests.get(&stage).is_some_and(|d| *d != stated) {
+                        return Err(TrainError::DigestMismatch { window, stage });
+                    }
+                    if let Some(w) = self.weights.get_mut(stage) {
+                        w.clone_from(&stated.0);
+                    }
+                    if let Some(o) = self.optimizers.get_mut(stage) {
+                        *o = Some(stated.1.clone());
+                    }
+                    s.digests.insert(stage, stated);
+                    if let Some(entry) = checkpoint.filter(|_| s.writers.contains(&from)) {
+                        s.entries.insert(entry.stage, (from, entry));
+                    }
+                }
+                Report::CheckpointAudited {
+                    window: aw,
+                    task,
+                    file,
+                    weights,
+                    verdict,
+                    replay_s,
+                } if aw == window && s.owed.get(&from).is_some_and(|n| *n > 0) => {
+                    if let Some(n) = s.owed.get_mut(&from) {
+                        *n -= 1;
+                        if *n == 0 {
+                            s.owed.remove(&from);
+                        }
+                    }
+                    s.audit_s += replay_s;
+                    s.audited.push((task, file, weights, verdict));
+                }
+                _ => {}
+            },
+            // Late news of an attempt or phase already over.
+            Phase::HoldStart | Phase::HoldClose(_) | Phase::Finished => {}
+        }
+        Ok(())
+    }
+
+    fn on_lost(&mut self, rank: usize, reason: &str) -> Result<(), TrainError> {
+        if self.departed.contains(&rank) {
+            return Ok(());
+        }
+        if self.miners.contains_key(&rank) {
+            self.lose(rank, reason);
+            match &mut self.phase {
+                // Its stage already holds the reduced gradients: the loss
+                // costs nothing but the miner (and, for a writer, this
+                // window's checkpoint).
+                Phase::Stepping(s) => {
+                    s.waiting.remove(&rank);
+                }
+                // A source lost: the ranks it was placing report a failure.
+                Phase::Placing { waiting, .. } => {
+                    waiting.remove(&rank);
+                }
+                // Nothing runs.
+                Phase::HoldStart | Phase::Finished => {}
+                // Everything not yet stepped that touched it is redone.
+                _ => self.redo_without(&[rank])?,
+            }
+            return Ok(());
+        }
+        if self.validators.contains(&rank) {
+            self.say_warn(format!("orchestrator: lost validator {rank} ({reason})"));
+            self.validators.retain(|&v| v != rank);
+            match &mut self.phase {
+                Phase::Auditing(a) => a.forget_validator(rank),
+                Phase::Recomputing(a, _) => a.forget_validator(rank),
+                Phase::Stepping(s) => {
+                    s.owed.remove(&rank);
+                }
+                _ => {}
+            }
+            self.depart(rank);
+            return Ok(());
+        }
+        self.say_warn(format!(
+            "orchestrator: lost rank {rank} before it had a stage ({reason})"
+        ));
+        if let Phase::Placing { waiting, .. } = &mut self.phase {
+            waiting.remove(&rank);
+        }
+        self.router.remove(rank);
+        self.depart(rank);
+        Ok(())
+    }
+
+    /// Phase two of closing: every stage all-reduces the gradients of the
+    /// done microbatches; nothing is applied yet.
+    pub(super) fn begin_close(&mut self) -> Result<(), TrainError> {
+        let w = self.window.as_ref().expect("a window runs");
+        let counted = w
+            .trained()
+            .map(|(id, path)| Route {
+                id,
+                path: path.to_vec(),
+            })
+            .collect();
+        let scales = super::checks::scales(&self.setup, w)?;
+        let order = Order::Close {
+            window: w.window,
+            attempt: w.attempt,
+            counted,
+            stages: self.stage_miners(),
+            scales: scales.clone(),
+        };
+        self.phase = Phase::Closing {
+            waiting: self.miners.keys().copied().collect(),
+            reductions: BTreeMap::new(),
+            failure: None,
+            scales,
+        };
+        self.broadcast(order);
+        Ok(())
+    }
+
+    fn finish_close(&mut self) -> Result<(), TrainError> {
+        let Phase::Closing {
+            reductions,
+            failure,
+            scales,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Finished)
+        else {
+            unreachable!("finish_close runs in Closing")
+        };
+        let window = self.window.as_ref().expect("a window runs").window;
+        if let Some((rank, reason)) = failure {
+            // The all-reduce blamed a miner that is still connected: a hung
+            // peer, which this protocol does not evict.
+            return Err(TrainError::Protocol {
+                rank,
+                reason: format!("window {window} failed to reduce: {reason}"),
+            });
+        }
+        self.announce_hold(window, HoldPhase::Close);
+        self.phase = Phase::HoldClose(Closed { reductions, scales });
+        Ok(())
+    }
+
+    /// Phase two: every miner steps; digests must agree within each stage.
+    /// When a checkpoint is due, the lowest live miner of each stage
+    /// writes its stage and validators audit the files.
+    pub(super) fn begin_step(&mut self, closed: Closed) -> Result<(), TrainError> {
+        let window = self.window.as_ref().expect("a window runs").window;
+        let train = &self.spec.train;
+        let due = train.checkpoint_every > 0
+            && ((window + 1) % train.checkpoint_every == 0 || window + 1 == train.windows);
+        let writers: Vec<usize> = if due {
+            (0..self.setup.stages)
+                .filter_map(|s| self.router.stage_miners(s).into_iter().min())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let audits = self.checkpoint_tasks(window, &writers, &closed.reductions)?;
+        let mut owed: BTreeMap<usize, usize> = BTreeMap::new();
+        for a in &audits {
+            *owed.entry(a.validator).or_default() += 1;
+        }
+        self.phase = Phase::Stepping(Stepping {
+            waiting: self.miners.keys().copied().collect(),
+            due,
+            writers: writers.clone(),
+            owed,
+            digests: BTreeMap::new(),
+            entries: BTreeMap::new(),
+            audited: Vec::new(),
+            audit_s: 0.0,
+        });
+        self.broadcast(Order::Step {
+            window,
+            writers,
+            audits,
+        });
+        Ok(())
+    }
+
+    /// After the step's reports and audits: the checkpoint (if its files
+    /// all passed), the ledger line, the leavers, the window's report; then
+    /// the next window.
+    fn finish_step(&mut self, now: Instant) -> Result<(), TrainError> {
+        let Phase::Stepping(s) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            unreachable!("finish_step runs in Stepping")
+        };
+        let window = self.window.as_ref().expect("a window runs").window;
+        let caught = self.judge_checkpoint(window, &s)?;
+        let mut w = self.window.take().expect("a window runs");
+        for &(rank, stage) in &caught {
+            w.failed.entry(rank).or_insert((stage, 0)).1 += 1;
+        }
+        self.out.push(Output::Ledger {
+            window,
+            tallies: super::checks::tallies(&w),
+        });
+        self.dismiss_leavers(window);
+        let (mut train, mut val) = (0.0f64, 0.0f64);
+        for (id, loss) in &w.losses {
+            if protocol::is_validation(*id) {
+                val += f64::from(*loss);
+            } else {
+                train += f64::from(*loss);
+            }
+        }
+        let per_window = self.setup.per_window;
+        let wall = now
+            .saturating_duration_since(w.started)
+            .as_secs_f64()
+            .max(1e-9);
+        let tokens = per_window as usize * self.setup.batch_size * self.setup.config.block_size;
+        self.out.push(Output::Window(Box::new(WindowReport {
+            window,
+            mean_loss: (train / per_window as f64) as f32,
+            val_loss: (w.evals > 0).then(|| (val / w.evals as f64) as f32),
+            tokens_per_s: tokens as f64 / wall,
+            bubble: 1.0 - w.busy_s / (self.miners.len().max(1) as f64 * wall),
+            attempts: w.attempt + 1,
+            checkpoint: None,
+            compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
+            compute_s: w.busy_s,
+            replayed: w.passed.len() as u64 + w.wrong,
+            recomputed: w.recomputed,
+            replay_s: w.replay_s + s.audit_s,
+            caught: w.failed.keys().copied().collect(),
+        })));
+        self.next_window(window + 1, now)
+    }
+
+    // ---- helpers ----
+
+    /// `order` to every rank still in the job.
+    pub(super) fn broadcast(&mut self, order: Order) {
+        let to = self.listeners.iter().copied().collect();
+        self.out.push(Output::Send(to, order));
+    }
+
+    pub(super) fn push(&mut self, output: Output) {
+        self.out.push(output);
+    }
+
+    pub(super) fn say(&mut self, line: String) {
+        self.out.push(Output::Say(line));
+    }
+
+    pub(super) fn say_warn(&mut self, line: String) {
+        self.out.push(Output::Warn(line));
+    }
+
+    /// The live miners of each stage.
+    pub(super) fn stage_miners(&self) -> Vec<Vec<usize>> {
+        (0..self.setup.stages)
+            .map(|stage| {
+                let on = self.miners.iter().filter(|(_, s)| **s == stage);
+                on.map(|(r, _)| *r).collect()
+            })
+            .collect()
+    }
+
+    fn route(&mut self, n: usize) -> Result<Vec<Vec<usize>>, TrainError> {
+        self.router.route_batch(n).ok_or_else(|| {
+            let stage = (0..self.setup.stages)
+                .find(|s| self.router.stage_miners(*s).is_empty())
+                .unwrap_or(0);
+            TrainError::EmptyStage { stage }
+        })
+    }
+
+    /// A miner is gone (lost, caught or left): no route, no order.
+    pub(super) fn lose(&mut self, rank: usize, reason: &str) {
+        let stage = self.miners.remove(&rank);
+        self.depart(rank);
+        self.say_warn(format!(
+            "orchestrator: lost miner {rank} of stage {} ({reason}); its microbatches go to the others",
+            stage.map_or("?".to_string(), |s| s.to_string())
+        ));
+    }
+
+    /// `rank` is out of the job for good.
+    pub(super) fn depart(&mut self, rank: usize) {
+        self.listeners.remove(&rank);
+        self.joining.remove(&rank);
+        self.leaving.remove(&rank);
+        self.router.remove(rank);
+        if self.departed.insert(rank) {
+            self.out.push(Output::Departed(rank));
+        }
+    }
+}
