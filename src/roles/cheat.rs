@@ -1,10 +1,16 @@
 //! `[[faults.cheat]]`: how a cheating miner fakes a pass, so that tests
 //! and `swarmrun bench trust` can measure whether validators catch it.
-//! An honest miner never gets here: `Cheater::new` is `None` for it.
+//!
+//! [`Conduct`] is the one seam: the miner hands every value a cheat could
+//! change (a boundary output, a pass's gradients, its all-reduce
+//! contribution and slices, a checkpoint's optimizer state) through it
+//! and goes on with what comes back. An honest miner's conduct
+//! ([`Honest`]) gives everything back untouched, so the miner's own close
+//! and step hold no cheat of their own.
 
 use candle_core::Tensor;
 
-use crate::collective::slice_holders;
+use crate::collective::{slice_holders, SliceTamper};
 use crate::config::{CheatKind, JobSpec};
 use crate::data::rng::SplitMix64;
 use crate::model::{AdamW, PassGrads};
@@ -29,6 +35,64 @@ pub struct Cheater {
     /// The last output and gradients it computed, for `replay_stale`.
     last_output: Option<Tensor>,
     last_grads: Option<PassGrads>,
+}
+
+/// How a miner treats what it computes before it is sent, kept or written.
+pub trait Conduct: Send {
+    /// The boundary output it sends for training microbatch `id`.
+    fn output(&mut self, id: u64, honest: &Tensor) -> candle_core::Result<Tensor>;
+    /// The gradients it keeps and sends for training microbatch `id`.
+    fn grads(&mut self, id: u64, honest: PassGrads) -> candle_core::Result<PassGrads>;
+    /// Changes its fixed-point all-reduce contribution of `window` in place.
+    fn contribution(&self, window: u64, contribution: &mut [i64]);
+    /// What it does to the slices it reduces in `window`'s all-reduce among
+    /// `peers` with `copies` copies per slice, if anything.
+    fn slice_tamper(
+        &self,
+        window: u64,
+        peers: &[usize],
+        copies: usize,
+    ) -> Option<Box<SliceTamper<'static, i64>>>;
+    /// The optimizer state it writes into `window`'s checkpoint instead of
+    /// `honest`, if any.
+    fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW>;
+}
+
+/// A miner that follows the protocol.
+#[derive(Debug)]
+pub struct Honest;
+
+impl Conduct for Honest {
+    fn output(&mut self, _: u64, honest: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(honest.clone())
+    }
+
+    fn grads(&mut self, _: u64, honest: PassGrads) -> candle_core::Result<PassGrads> {
+        Ok(honest)
+    }
+
+    fn contribution(&self, _: u64, _: &mut [i64]) {}
+
+    fn slice_tamper(
+        &self,
+        _: u64,
+        _: &[usize],
+        _: usize,
+    ) -> Option<Box<SliceTamper<'static, i64>>> {
+        None
+    }
+
+    fn checkpoint_state(&self, _: u64, _: &AdamW) -> Option<AdamW> {
+        None
+    }
+}
+
+/// `rank`'s conduct: its `[[faults.cheat]]`, or honest.
+pub fn conduct(spec: &JobSpec, rank: usize) -> Box<dyn Conduct> {
+    match Cheater::new(spec, rank) {
+        Some(cheater) => Box::new(cheater),
+        None => Box::new(Honest),
+    }
 }
 
 impl Cheater {
@@ -72,7 +136,7 @@ impl Cheater {
     /// with at least one other colluder, in the windows the colluders'
     /// shared draw picks. Where they are all the holders their copies
     /// agree; where they are the majority they outvote the honest copies.
-    pub fn colluded_slices(&self, window: u64, peers: &[usize], copies: usize) -> Vec<usize> {
+    fn colluded_slices(&self, window: u64, peers: &[usize], copies: usize) -> Vec<usize> {
         if !self.strikes(CheatKind::Collude, COLLUDE_SALT, window) {
             return Vec::new();
         }
@@ -91,7 +155,7 @@ impl Cheater {
     /// For a forger writing a checkpoint in `window` (when its draw says
     /// so), the optimizer state it writes instead of `honest`: the second
     /// moments times 4, so a run resumed from it takes smaller steps.
-    pub fn forged_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
+    fn forged_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
         if !self.strikes(CheatKind::ForgeCheckpoint, FORGE_SALT, window) {
             return None;
         }
@@ -104,7 +168,7 @@ impl Cheater {
 
     /// Whether an inflater multiplies its all-reduce contribution in
     /// `window` (its passes stay honest).
-    pub fn inflates(&self, window: u64) -> bool {
+    fn inflates(&self, window: u64) -> bool {
         self.strikes(CheatKind::ScaleContribution, INFLATE_SALT, window)
     }
 
@@ -118,7 +182,7 @@ impl Cheater {
 
     /// What an inflater makes of its contribution: every integer times 8,
     /// as if its gradients were (exactly, since 8 is a power of two).
-    pub fn inflate(contribution: &mut [i64]) {
+    fn inflate(contribution: &mut [i64]) {
         for x in contribution {
             *x = x.wrapping_mul(8);
         }
@@ -127,14 +191,14 @@ impl Cheater {
     /// What a colluder makes of a slice it changes: every element doubled
     /// (wrapping: the integers are fixed-point sums), the same bits on
     /// every colluder.
-    pub fn collude(slice: &mut [i64]) {
+    fn collude(slice: &mut [i64]) {
         for x in slice {
             *x = x.wrapping_mul(2);
         }
     }
 
     /// The output it sends in place of `honest`.
-    pub fn output(&mut self, id: u64, honest: &Tensor) -> candle_core::Result<Tensor> {
+    fn fake_output(&mut self, id: u64, honest: &Tensor) -> candle_core::Result<Tensor> {
         let previous = self.last_output.replace(honest.clone());
         if !self.cheats_on(id) {
             return Ok(honest.clone());
@@ -147,7 +211,7 @@ impl Cheater {
     }
 
     /// The gradients it keeps and sends in place of `honest`.
-    pub fn grads(&mut self, id: u64, honest: PassGrads) -> candle_core::Result<PassGrads> {
+    fn fake_grads(&mut self, id: u64, honest: PassGrads) -> candle_core::Result<PassGrads> {
         let previous = self.last_grads.replace(honest.clone());
         if !self.cheats_on(id) {
             return Ok(honest);
@@ -176,5 +240,41 @@ impl Cheater {
                 PassGrads { params, input }
             }
         })
+    }
+}
+
+impl Conduct for Cheater {
+    fn output(&mut self, id: u64, honest: &Tensor) -> candle_core::Result<Tensor> {
+        self.fake_output(id, honest)
+    }
+
+    fn grads(&mut self, id: u64, honest: PassGrads) -> candle_core::Result<PassGrads> {
+        self.fake_grads(id, honest)
+    }
+
+    fn contribution(&self, window: u64, contribution: &mut [i64]) {
+        if self.inflates(window) {
+            Cheater::inflate(contribution);
+        }
+    }
+
+    fn slice_tamper(
+        &self,
+        window: u64,
+        peers: &[usize],
+        copies: usize,
+    ) -> Option<Box<SliceTamper<'static, i64>>> {
+        let colluded = self.colluded_slices(window, peers, copies);
+        (!colluded.is_empty()).then(|| {
+            Box::new(move |j: usize, slice: &mut [i64]| {
+                if colluded.contains(&j) {
+                    Cheater::collude(slice);
+                }
+            }) as Box<SliceTamper<'static, i64>>
+        })
+    }
+
+    fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
+        self.forged_state(window, honest)
     }
 }

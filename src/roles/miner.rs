@@ -17,7 +17,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::audit::{self, Bundle, Frames};
-use super::cheat::Cheater;
+use super::cheat::{self, Conduct};
 use super::handover;
 use super::protocol::{
     self, slice_digest, AuditTask, CheckpointTask, Order, Placement, Receipt, Reduction, Report,
@@ -29,7 +29,6 @@ use super::train::{
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
     all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition, ReduceOp,
-    SliceTamper,
 };
 use crate::config::JobSpec;
 use crate::data::Split;
@@ -154,8 +153,9 @@ struct Miner<'a, T: ?Sized> {
     boundary: BoundaryCodec,
     /// Boundary bytes sent and not yet reported: as computed, on the wire.
     unreported: (u64, u64),
-    /// `[[faults.cheat]]` for this rank, if any.
-    cheater: Option<Cheater>,
+    /// Honest, or this rank's `[[faults.cheat]]`: what it computes passes
+    /// through here before it is sent, kept or written.
+    conduct: Box<dyn Conduct>,
     /// Set by SIGTERM or SIGINT: leave at the next window boundary.
     leaving: Arc<AtomicBool>,
     /// Whether the orchestrator has been told.
@@ -216,7 +216,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             contribution: None,
             kept: BTreeMap::new(),
             unreported: (0, 0),
-            cheater: Cheater::new(spec, t.rank()),
+            conduct: cheat::conduct(spec, t.rank()),
             leaving,
             announced: AtomicBool::new(false),
         }
@@ -412,9 +412,10 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 self.served(window, attempt, id, compute, Some(loss), receipt)?;
             } else {
                 let compute = self.computed_since(started);
-                let output = match (&mut self.cheater, validation) {
-                    (Some(c), false) => c.output(id, pass.output())?,
-                    _ => pass.output().clone(),
+                let output = if validation {
+                    pass.output().clone()
+                } else {
+                    self.conduct.output(id, pass.output())?
                 };
                 let bytes = self.encode_boundary(&output)?;
                 stated.output = audit::digest(&bytes);
@@ -480,10 +481,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         grads: PassGrads,
         stated: Stated,
     ) -> Result<Result<Receipt, Order>, TrainError> {
-        let grads = match &mut self.cheater {
-            Some(c) => c.grads(route.id, grads)?,
-            None => grads,
-        };
+        let grads = self.conduct.grads(route.id, grads)?;
         let grad_out = match grads.input {
             Some(g) => {
                 let bytes = self.encode_boundary(&g)?;
@@ -703,25 +701,19 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         let numel = self.model.numel();
         let tag = protocol::close_tag(window, attempt);
         let copies = self.spec.roles.slice_copies.min(group.size());
-        let colluded = self.cheater.as_ref().map_or_else(Vec::new, |c| {
-            c.colluded_slices(window, group.members(), copies)
-        });
-        let collude = |j: usize, slice: &mut [i64]| {
-            if colluded.contains(&j) {
-                Cheater::collude(slice);
-            }
-        };
-        let tamper: Option<&SliceTamper<i64>> = (!colluded.is_empty()).then_some(&collude);
-        let inflate = self.cheater.as_ref().is_some_and(|c| c.inflates(window));
+        let tamper = self.conduct.slice_tamper(window, group.members(), copies);
         let reduced = FixedPoint::with_exponents(&segments, scales).and_then(|scale| {
             let mut contribution = scale.encode(&parts);
-            if inflate {
-                Cheater::inflate(&mut contribution);
-            }
+            self.conduct.contribution(window, &mut contribution);
             let mut sums = contribution.clone();
             let call = Call::new(&group, tag);
-            let held =
-                all_reduce_redundant_checked(call, &mut sums, ReduceOp::Sum, copies, tamper)?;
+            let held = all_reduce_redundant_checked(
+                call,
+                &mut sums,
+                ReduceOp::Sum,
+                copies,
+                tamper.as_deref(),
+            )?;
             Ok((scale, contribution, sums, held))
         });
         let report = match reduced {
@@ -804,10 +796,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         self.contribution = None;
         let optimizer = self.opt.state_digest().to_hex().to_string();
         let checkpoint = if writers.contains(&me) {
-            let forged = self
-                .cheater
-                .as_ref()
-                .and_then(|c| c.forged_state(window, &self.opt));
+            let forged = self.conduct.checkpoint_state(window, &self.opt);
             let entry = match forged {
                 // Other moments on disk, the honest digest stated.
                 Some(forged) => StageEntry {
