@@ -7,8 +7,8 @@ use std::fmt::Debug;
 use half::{bf16, f16};
 use swarmrun::collective::{
     all_reduce, all_reduce_partitioned, all_reduce_redundant, all_reduce_redundant_checked,
-    hierarchical_all_reduce, AllReduceAlgorithm, Call, CollectiveError, Element, Partition,
-    ReduceOp, SliceTamper, CHUNK_BYTES,
+    hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked, AllReduceAlgorithm, Call,
+    CollectiveError, Element, Partition, ReduceOp, SliceTamper, CHUNK_BYTES,
 };
 use swarmrun::transport::{LocalTransport, Transport};
 
@@ -323,5 +323,84 @@ fn a_checked_mismatch_leaves_the_contribution_and_names_the_dissenters() {
     for (rank, (buf, mismatch)) in results.into_iter().enumerate() {
         assert_eq!(mismatch, Some((0, vec![2])), "rank {rank}");
         assert_eq!(buf, input::<i32>(rank, len), "rank {rank}");
+    }
+}
+
+#[test]
+fn hierarchical_redundant_all_reduce_over_two_or_three_sites_has_the_flat_one_s_bits() {
+    let len = 1009;
+    for n in 2..=8 {
+        let layouts: [Vec<usize>; 3] = [
+            (0..n).map(|r| usize::from(r >= n / 2)).collect(),
+            (0..n).map(|r| r % 3).collect(),
+            (0..n).map(|r| [2, 0, 1][r % 3]).collect(),
+        ];
+        // Integers near the top of their range, so that wrapping order
+        // would show if it mattered.
+        let value =
+            |rank: usize, i: usize| ((rank as i64 + 1) * (i64::MAX / 9)).wrapping_add(i as i64);
+        let flat = LocalTransport::run(LocalTransport::world(n), |t| {
+            let mut buf: Vec<i64> = (0..len).map(|i| value(t.rank(), i)).collect();
+            all_reduce_redundant_checked(Call::new(&t, 1), &mut buf, ReduceOp::Sum, 2, None)
+                .unwrap();
+            buf
+        });
+        for sites in &layouts {
+            let hier = LocalTransport::run(LocalTransport::world(n), |t| {
+                let mut buf: Vec<i64> = (0..len).map(|i| value(t.rank(), i)).collect();
+                let copies = hierarchical_all_reduce_redundant_checked(
+                    Call::new(&t, 8),
+                    &mut buf,
+                    ReduceOp::Sum,
+                    2,
+                    sites,
+                    None,
+                )
+                .unwrap();
+                assert!(copies.agreed);
+                // Leaders are the lowest rank of each site; only they
+                // reduce between sites, with their site's partial sum.
+                let leader = (0..n).find(|&r| sites[r] == sites[t.rank()]) == Some(t.rank());
+                assert_eq!(copies.leader.is_some(), leader, "rank {}", t.rank());
+                if let Some((partial, _)) = &copies.leader {
+                    let mine = (0..n).filter(|&r| sites[r] == sites[t.rank()]);
+                    let want: Vec<i64> = (0..len)
+                        .map(|i| mine.clone().fold(0i64, |a, r| a.wrapping_add(value(r, i))))
+                        .collect();
+                    assert_eq!(*partial, want);
+                }
+                buf
+            });
+            assert_eq!(hier, flat, "n={n} sites={sites:?}");
+        }
+    }
+}
+
+#[test]
+fn a_tampered_copy_in_one_site_is_seen_in_every_site() {
+    let (n, len) = (6, 101);
+    let sites = [0, 0, 0, 1, 1, 1];
+    let results = LocalTransport::run(LocalTransport::world(n), |t| {
+        let mut buf: Vec<i64> = (0..len as i64).map(|i| i * (t.rank() as i64 + 1)).collect();
+        let tamper = |_: usize, data: &mut [i64]| data[0] += 1;
+        let hook: Option<&SliceTamper<i64>> = (t.rank() == 4).then_some(&tamper);
+        hierarchical_all_reduce_redundant_checked(
+            Call::new(&t, 8),
+            &mut buf,
+            ReduceOp::Sum,
+            2,
+            &sites,
+            hook,
+        )
+        .unwrap()
+    });
+    for (rank, copies) in results.iter().enumerate() {
+        assert!(!copies.agreed, "rank {rank} believes a result");
+        let in_site_1 = sites[rank] == 1;
+        assert_eq!(copies.site.mismatch.is_some(), in_site_1, "rank {rank}");
+        if let Some((_, ranks)) = &copies.site.mismatch {
+            // Rank 4 is rank 1 of its site: outer ranks are named.
+            assert!(ranks.contains(&4), "{ranks:?}");
+        }
     }
 }

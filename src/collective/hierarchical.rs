@@ -14,6 +14,7 @@ use super::broadcast::broadcast;
 use super::element::{finish, Element, ReduceOp};
 use super::frame::{abort, guarded};
 use super::group::Group;
+use super::redundant::{all_reduce_redundant_checked, SliceCopies, SliceTamper};
 use super::{Call, CollectiveError};
 use crate::transport::Transport;
 
@@ -71,4 +72,103 @@ pub fn hierarchical_all_reduce<T: Transport + ?Sized, E: Element>(
     result?;
     finish(buf, op, size);
     Ok(())
+}
+
+/// What one rank knows after [`hierarchical_all_reduce_redundant_checked`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SitesCopies<E> {
+    /// Its part in its site's redundant all-reduce (its site's members in
+    /// ascending rank are that call's ranks).
+    pub site: SliceCopies,
+    /// For a site's leader: the site's partial result it contributed among
+    /// the leaders, and its part in their redundant all-reduce (the leaders
+    /// in ascending site order are that call's ranks).
+    pub leader: Option<(Vec<E>, SliceCopies)>,
+    /// Whether every copy of both levels, in every site, agreed: only then
+    /// does `buf` hold the result.
+    pub agreed: bool,
+}
+
+/// [`all_reduce_redundant_checked`] in two levels, for ranks spread over
+/// sites (`sites[r]` is the site of rank `r`, the same table everywhere):
+/// inside each site over its fabric, then among one leader per site (its
+/// lowest rank) with the site's partial result, then a broadcast of the
+/// result inside each site. Each level reduces every slice `copies` times
+/// (at most the level's size) and compares the copies, so each can be
+/// audited like a flat one; only the leaders send across sites. For
+/// integers the result has the bits of the flat call's. `tamper` is
+/// applied to the site level's slices. Uses tags `tag` to `tag + 2`.
+pub fn hierarchical_all_reduce_redundant_checked<T: Transport + ?Sized, E: Element>(
+    c: Call<'_, T>,
+    buf: &mut [E],
+    op: ReduceOp,
+    copies: usize,
+    sites: &[usize],
+    tamper: Option<&SliceTamper<'_, E>>,
+) -> Result<SitesCopies<E>, CollectiveError> {
+    let (rank, size) = (c.rank(), c.size());
+    let (site, leaders) = guarded(&c, || {
+        if sites.len() != size {
+            return Err(CollectiveError::InvalidArgument(format!(
+                "{} site ids for {size} ranks",
+                sites.len()
+            )));
+        }
+        let site = Group::new(c.transport, (0..size).filter(|&r| sites[r] == sites[rank]))?;
+        let mut firsts: Vec<usize> = (0..size)
+            .filter(|&r| !sites[..r].contains(&sites[r]))
+            .collect();
+        firsts.sort_by_key(|&r| sites[r]);
+        let leaders = (site.parent_rank(0) == rank)
+            .then(|| Group::new(c.transport, firsts))
+            .transpose()?;
+        Ok((site, leaders))
+    })?;
+    let in_site = c.within(&site, c.tag);
+    let between = leaders.as_ref().map(|l| c.within(l, c.tag.wrapping_add(1)));
+    let told = c.within(&site, c.tag.wrapping_add(2));
+    let result = (|| {
+        let site_copies =
+            all_reduce_redundant_checked(in_site, buf, op, copies.min(in_site.size()), tamper)?;
+        // 1 where a copy disagreed: the leaders take the largest, so that
+        // every site learns of a mismatch in any.
+        let mut disagreed = [i64::from(site_copies.mismatch.is_some())];
+        // A leader goes on whatever its site found, so that no other site
+        // waits for it.
+        let leader = match between {
+            Some(between) => {
+                let partial = buf.to_vec();
+                let among = all_reduce_redundant_checked(
+                    between,
+                    buf,
+                    op,
+                    copies.min(between.size()),
+                    None,
+                )?;
+                disagreed[0] |= i64::from(among.mismatch.is_some());
+                all_reduce(
+                    between,
+                    &mut disagreed,
+                    ReduceOp::Max,
+                    AllReduceAlgorithm::Auto,
+                )?;
+                Some((partial, among))
+            }
+            None => None,
+        };
+        broadcast(told, &mut disagreed, 0)?;
+        broadcast(told, buf, 0)?;
+        Ok(SitesCopies {
+            site: site_copies,
+            leader,
+            agreed: disagreed[0] == 0,
+        })
+    })();
+    if let Err(e) = &result {
+        abort(&in_site, e);
+        if let Some(between) = &between {
+            abort(between, e);
+        }
+    }
+    result
 }

@@ -104,7 +104,9 @@ pub use fixed_point::{
 };
 pub use frame::{BLAME_GRACE, CHUNK_BYTES};
 pub use group::Group;
-pub use hierarchical::hierarchical_all_reduce;
+pub use hierarchical::{
+    hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked, SitesCopies,
+};
 pub use partition::Partition;
 pub use reduce_scatter::reduce_scatter;
 pub use redundant::{
