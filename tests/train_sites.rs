@@ -29,9 +29,10 @@ fn sites_job(dir: &Path, name: &str, sites: &str) -> PathBuf {
 }
 
 /// Two sites on this host, each on its own shared-memory segment, the
-/// stages' miners spread over both: boundary tensors and all-reduces go
-/// over shared memory inside a site and TCP between, and every loss has
-/// the bits of the one-site TCP run.
+/// stages' miners spread over both: boundary tensors go over shared
+/// memory inside a site and TCP between, each stage all-reduces inside
+/// each site and then between the sites' leaders, and every loss has the
+/// bits of the one-site (flat all-reduce) TCP run.
 #[test]
 fn two_shared_memory_sites_joined_by_tcp_train_the_bits_of_one_tcp_site() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,6 +56,17 @@ fn two_shared_memory_sites_joined_by_tcp_train_the_bits_of_one_tcp_site() {
         want.map(|(a, b)| (a.to_string(), b.to_string())),
         "{plan}"
     );
-    let (lines, _) = run(&job);
-    assert_eq!(losses(&tcp), losses(&lines));
+    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{text}\n{err}");
+    // Each stage all-reduces hierarchically, and validators recompute
+    // slices of both levels (every slice, by default) and find nothing.
+    for stage in 0..2 {
+        let line = format!(
+            "stage {stage}'s miners span sites {{\"a\", \"b\"}}: it all-reduces inside each site"
+        );
+        assert!(text.contains(&line), "{text}");
+    }
+    assert!(!err.contains("excluded"), "{err}");
+    assert_eq!(losses(&tcp), losses(&metrics_of(&job)));
 }

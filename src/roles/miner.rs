@@ -8,7 +8,7 @@
 //! added twice, and the fixed-point all-reduce makes the sum the same bits
 //! whichever miners did the work.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,15 +20,16 @@ use super::audit::{self, Bundle, Frames};
 use super::cheat::{self, Conduct};
 use super::handover;
 use super::protocol::{
-    self, slice_digest, AuditTask, CheckpointTask, Order, Placement, Receipt, Reduction, Report,
-    Route, SliceTask,
+    self, slice_digest, Across, AuditTask, CheckpointTask, LeaderPart, Order, Placement, Receipt,
+    Reduction, Report, Route, SliceTask,
 };
 use super::train::{
     adamw_config, crash_if_planned, leave_on_signal, recv_order, send_report, Setup, TrainError,
 };
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
-    all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition, ReduceOp,
+    all_reduce_redundant_checked, hierarchical_all_reduce_redundant_checked, Call, CollectiveError,
+    FixedPoint, Group, Partition, ReduceOp, SitesCopies, SliceCopies,
 };
 use crate::config::JobSpec;
 use crate::data::Split;
@@ -170,12 +171,113 @@ struct KeptGrads {
 }
 
 /// A miner's fixed-point contribution to one all-reduce, cut into the
-/// all-reduce's slices.
+/// all-reduce's slices, and what it knows of the copies.
 struct Contribution {
     window: u64,
     attempt: u32,
     values: Vec<i64>,
+    /// The slices of its (site's) all-reduce.
     part: Partition,
+    held: Held,
+}
+
+/// The copies a miner saw in its stage's all-reduce.
+enum Held {
+    Flat {
+        held: SliceCopies,
+        size: usize,
+    },
+    /// Its stage spans `sites` sites; its own site has `site_size` miners.
+    Sites {
+        held: SitesCopies<i64>,
+        site_size: usize,
+        sites: usize,
+    },
+}
+
+impl Held {
+    fn agreed(&self) -> bool {
+        match self {
+            Held::Flat { held, .. } => held.mismatch.is_none(),
+            Held::Sites { held, .. } => held.agreed,
+        }
+    }
+}
+
+impl Contribution {
+    fn new(window: u64, attempt: u32, values: Vec<i64>, held: Held) -> Contribution {
+        let slices = match &held {
+            Held::Flat { size, .. } => *size,
+            Held::Sites { site_size, .. } => *site_size,
+        };
+        Contribution {
+            window,
+            attempt,
+            part: Partition::equal(values.len(), slices),
+            values,
+            held,
+        }
+    }
+
+    /// The slices of the all-reduce between sites, one per site.
+    fn across(&self) -> Option<Partition> {
+        match &self.held {
+            Held::Sites { sites, .. } => Some(Partition::equal(self.values.len(), *sites)),
+            Held::Flat { .. } => None,
+        }
+    }
+
+    /// What it states in its `Reduced` report, with `result` the digest of
+    /// the sum it will apply (when every copy agreed).
+    fn statement(&self, result: Option<String>) -> Reduction {
+        let digests = |values: &[i64], part: &Partition| {
+            (0..part.parts())
+                .map(|j| slice_digest(&values[part.range(j)]))
+                .collect::<Vec<_>>()
+        };
+        let stated = |copies: &SliceCopies| {
+            copies
+                .held
+                .iter()
+                .map(|(j, d)| (*j, d.to_hex().to_string()))
+                .collect::<Vec<_>>()
+        };
+        let (copies, agreed, across) = match &self.held {
+            Held::Flat { held, .. } => (stated(held), held.mismatch.is_none(), None),
+            Held::Sites { held, .. } => {
+                let part = self.across().unwrap_or_else(|| Partition::equal(0, 1));
+                let leader = held.leader.as_ref().map(|(partial, among)| LeaderPart {
+                    partial: digests(partial, &part),
+                    copies: stated(among),
+                    agreed: among.mismatch.is_none(),
+                });
+                let across = Across {
+                    contributions: digests(&self.values, &part),
+                    leader,
+                };
+                (
+                    stated(&held.site),
+                    held.site.mismatch.is_none(),
+                    Some(across),
+                )
+            }
+        };
+        Reduction {
+            contributions: digests(&self.values, &self.part),
+            copies,
+            agreed,
+            result,
+            across,
+        }
+    }
+
+    /// A leader's site partial, for a validator between sites.
+    fn partial(&self) -> Option<&[i64]> {
+        match &self.held {
+            Held::Sites { held, .. } => held.leader.as_ref().map(|(p, _)| &p[..]),
+            Held::Flat { .. } => None,
+        }
+    }
 }
 
 /// A pass's receipt as far as it is known before its backward pass.
@@ -241,10 +343,16 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     counted,
                     stages,
                     scales,
+                    sites,
                 } => {
                     let peers = stages.get(self.stage).cloned().unwrap_or_default();
                     let scales = scales.get(self.stage).cloned().unwrap_or_default();
-                    self.close(window, attempt, &counted, peers, scales)?;
+                    let sites = sites
+                        .get(self.stage)
+                        .filter(|s| s.len() == peers.len())
+                        .cloned()
+                        .unwrap_or_default();
+                    self.close(window, attempt, &counted, peers, sites, scales)?;
                     self.next_order()?
                 }
                 Order::Step {
@@ -562,20 +670,39 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         else {
             return Ok(());
         };
-        let mine = tasks
-            .iter()
-            .filter(|task| task.contributors.iter().any(|(r, _)| *r == me));
-        for task in mine.filter(|task| task.slice < c.part.parts()) {
-            let values = &c.values[c.part.range(task.slice)];
-            let tag = protocol::slice_tag(window, attempt, task.slice);
-            self.send_to_validator(task.validator, tag, bytemuck::cast_slice(values))?;
-            let Some(credited) = &task.passes else {
+        for task in tasks {
+            let Some(at) = task.contributors.iter().position(|(r, _)| *r == me) else {
                 continue;
             };
-            let at = task.contributors.iter().position(|(r, _)| *r == me);
-            let passes = at.and_then(|i| credited.get(i)).map_or(&[][..], |p| p);
-            let proof = self.gradient_proof(passes, task.probed(c.part.range(task.slice)));
-            self.send_to_validator(task.validator, tag, &proof)?;
+            // A slice of its site's (or a flat) all-reduce, or of the one
+            // between sites.
+            let (part, tag) = match c.across().filter(|_| !task.sites.is_empty()) {
+                Some(part) => (
+                    part,
+                    protocol::across_tag(window, attempt, task.slice, false),
+                ),
+                None => (
+                    c.part.clone(),
+                    protocol::slice_tag(window, attempt, task.slice),
+                ),
+            };
+            if task.slice >= part.parts() {
+                continue;
+            }
+            let range = part.range(task.slice);
+            let values = &c.values[range.clone()];
+            self.send_to_validator(task.validator, tag, bytemuck::cast_slice(values))?;
+            if let Some(credited) = &task.passes {
+                let passes = credited.get(at).map_or(&[][..], |p| p);
+                let proof = self.gradient_proof(passes, task.probed(range.clone()));
+                self.send_to_validator(task.validator, tag, &proof)?;
+            }
+            let leads = task.sites.iter().any(|site| site.leader == me);
+            if let Some(partial) = c.partial().filter(|_| leads) {
+                let tag = protocol::across_tag(window, attempt, task.slice, true);
+                let values = bytemuck::cast_slice(&partial[range]);
+                self.send_to_validator(task.validator, tag, values)?;
+            }
         }
         Ok(())
     }
@@ -667,13 +794,15 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     }
 
     /// Sums the gradients of the microbatches `counted` credits to this
-    /// miner and all-reduces them among the stage's live miners.
+    /// miner and all-reduces them among the stage's live miners `peers`:
+    /// hierarchically when `sites` (each peer's site) names several.
     fn close(
         &mut self,
         window: u64,
         attempt: u32,
         counted: &[Route],
         peers: Vec<usize>,
+        sites: Vec<usize>,
         scales: Vec<i32>,
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
@@ -696,53 +825,73 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 })?;
             parts.push(grads.params.as_slice());
         }
+        let site_of: BTreeMap<usize, usize> = peers.iter().copied().zip(sites).collect();
         let group = Group::new(self.t, peers)?;
+        // Each member's site, in the group's (ascending) order.
+        let sites: Vec<usize> = group
+            .members()
+            .iter()
+            .map(|r| site_of.get(r).copied().unwrap_or_default())
+            .collect();
         let segments: Vec<_> = self.model.layout().iter().map(|p| p.range()).collect();
         let numel = self.model.numel();
-        let tag = protocol::close_tag(window, attempt);
-        let copies = self.spec.roles.slice_copies.min(group.size());
-        let tamper = self.conduct.slice_tamper(window, group.members(), copies);
+        let call = Call::new(&group, protocol::close_tag(window, attempt));
+        let copies = self.spec.roles.slice_copies;
+        let spans_sites = sites.iter().any(|s| Some(s) != sites.first());
         let reduced = FixedPoint::with_exponents(&segments, scales).and_then(|scale| {
             let mut contribution = scale.encode(&parts);
             self.conduct.contribution(window, &mut contribution);
             let mut sums = contribution.clone();
-            let call = Call::new(&group, tag);
-            let held = all_reduce_redundant_checked(
-                call,
-                &mut sums,
-                ReduceOp::Sum,
-                copies,
-                tamper.as_deref(),
-            )?;
+            let held = if spans_sites {
+                let mine = sites[group.rank()];
+                let site: Vec<usize> = (0..group.size())
+                    .filter(|&r| sites[r] == mine)
+                    .map(|r| group.members()[r])
+                    .collect();
+                let tamper = self
+                    .conduct
+                    .slice_tamper(window, &site, copies.min(site.len()));
+                let held = hierarchical_all_reduce_redundant_checked(
+                    call,
+                    &mut sums,
+                    ReduceOp::Sum,
+                    copies,
+                    &sites,
+                    tamper.as_deref(),
+                )?;
+                Held::Sites {
+                    held,
+                    site_size: site.len(),
+                    sites: sites.iter().collect::<BTreeSet<_>>().len(),
+                }
+            } else {
+                let copies = copies.min(group.size());
+                let tamper = self.conduct.slice_tamper(window, group.members(), copies);
+                let held = all_reduce_redundant_checked(
+                    call,
+                    &mut sums,
+                    ReduceOp::Sum,
+                    copies,
+                    tamper.as_deref(),
+                )?;
+                Held::Flat {
+                    held,
+                    size: group.size(),
+                }
+            };
             Ok((scale, contribution, sums, held))
         });
         let report = match reduced {
-            Ok((scale, contribution, sums, held)) => {
-                let part = Partition::equal(numel, group.size());
-                let agreed = held.mismatch.is_none();
-                self.reduced = agreed.then(|| {
+            Ok((scale, values, sums, held)) => {
+                self.reduced = held.agreed().then(|| {
                     let mut sum = vec![0.0f32; numel];
                     scale.decode(&sums, &mut sum);
                     (window, sum)
                 });
-                let reduction = Reduction {
-                    contributions: (0..group.size())
-                        .map(|j| slice_digest(&contribution[part.range(j)]))
-                        .collect(),
-                    copies: held
-                        .held
-                        .iter()
-                        .map(|(j, d)| (*j, d.to_hex().to_string()))
-                        .collect(),
-                    agreed,
-                    result: self.reduced.as_ref().map(|(_, sum)| audit::digest_f32(sum)),
-                };
-                self.contribution = Some(Contribution {
-                    window,
-                    attempt,
-                    values: contribution,
-                    part,
-                });
+                let result = self.reduced.as_ref().map(|(_, sum)| audit::digest_f32(sum));
+                let contribution = Contribution::new(window, attempt, values, held);
+                let reduction = contribution.statement(result);
+                self.contribution = Some(contribution);
                 Report::Reduced {
                     window,
                     attempt,

@@ -69,6 +69,7 @@ const KIND_CLOSE: u64 = 0x43;
 const KIND_STATE: u64 = 0x54;
 const KIND_AUDIT: u64 = 0x56;
 const KIND_SLICE: u64 = 0x53;
+const KIND_ACROSS: u64 = 0x58;
 const KIND_CHECKPOINT: u64 = 0x4b;
 
 fn tag(kind: u64, n: u64) -> u64 {
@@ -133,6 +134,18 @@ pub fn slice_tag(window: u64, attempt: u32, slice: usize) -> u64 {
     )
 }
 
+/// For a stage whose miners span sites, what a miner sends the validator
+/// recomputing `slice` of the all-reduce between the sites: its own
+/// contribution to the slice, or (`partial`) a leader's site's partial sum.
+pub fn across_tag(window: u64, attempt: u32, slice: usize, partial: bool) -> u64 {
+    let slice = (slice as u64) & ((1 << MAX_SLICE_BITS) - 1);
+    tag(
+        KIND_ACROSS,
+        (((((window << 7) | u64::from(attempt)) << MAX_SLICE_BITS) | slice) << 1)
+            | u64::from(partial),
+    )
+}
+
 /// What a checkpoint writer sends the validator auditing its stage file
 /// of `window`: its state before the step, the reduced sum, the file.
 pub fn checkpoint_tag(window: u64) -> u64 {
@@ -192,11 +205,37 @@ pub struct Reduction {
     /// Each slice it reduced, and the digest of its copy.
     pub copies: Vec<(usize, String)>,
     /// Whether every slice's copies agreed, so that the stage holds a
-    /// result; when not, validators must say whose copy was wrong.
+    /// result; when not, validators must say whose copy was wrong. For a
+    /// stage spanning sites: the copies of its site's level.
     pub agreed: bool,
-    /// When they agreed, the result it will apply: `model::digest` of the
-    /// summed gradients (f32).
+    /// When every copy agreed, the result it will apply: `model::digest`
+    /// of the summed gradients (f32).
     pub result: Option<String>,
+    /// For a stage whose miners span sites, where `contributions` and
+    /// `copies` are those of its site's all-reduce: its part in the one
+    /// between the sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub across: Option<Across>,
+}
+
+/// A miner's part in the all-reduce between the sites of its stage, cut
+/// into one slice per site (the sites in the order of their ids).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Across {
+    /// Its own contribution to each slice.
+    pub contributions: Vec<String>,
+    /// For its site's leader: what it contributed among the leaders (its
+    /// site's partial sum) to each slice, each slice it reduced with its
+    /// copy, and whether the leaders' copies agreed.
+    pub leader: Option<LeaderPart>,
+}
+
+/// A site leader's statement of its part among the leaders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderPart {
+    pub partial: Vec<String>,
+    pub copies: Vec<(usize, String)>,
+    pub agreed: bool,
 }
 
 /// A checkpoint to audit: `writer` sends `validator` its stage's state
@@ -252,6 +291,22 @@ pub struct SliceTask {
     /// (`audit::GRAD_CHUNK`) each contribution is checked against its
     /// passes.
     pub probe: u64,
+    /// Empty for a slice of one site's (or a flat) all-reduce. For a slice
+    /// of the all-reduce between sites (one slice per site): each site's
+    /// leader, its stated partial sum, and its members (indices into
+    /// `contributors`, which then hold every miner of the stage). The
+    /// holders are leaders, whose copies must be the sum of the partials,
+    /// and each partial must be the sum of its members' contributions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SitePart>,
+}
+
+/// One site's part in a [`SliceTask`] between sites.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SitePart {
+    pub leader: usize,
+    pub partial: String,
+    pub members: Vec<usize>,
 }
 
 impl SliceTask {
@@ -330,6 +385,11 @@ pub enum Order {
         /// Each stage's fixed-point scales (`FixedPoint::exponents`), from
         /// the counted passes' receipts.
         scales: Vec<Vec<i32>>,
+        /// For each stage whose miners span sites, the site id of each of
+        /// its miners (in `stages` order): it all-reduces hierarchically.
+        /// Empty for a stage inside one site.
+        #[serde(default)]
+        sites: Vec<Vec<usize>>,
     },
     /// Send what the validators need to replay `tasks`; `weights` is the
     /// digest every stage's weights had at the window's start.
@@ -532,6 +592,9 @@ mod tests {
         assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 0, 3));
         assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 1, 2));
         assert_ne!(slice_tag(1, 0, 2), slice_tag(2, 0, 2));
+        assert_ne!(across_tag(1, 0, 2, false), across_tag(1, 0, 2, true));
+        assert_ne!(across_tag(1, 0, 2, false), across_tag(1, 0, 3, false));
+        assert_ne!(across_tag(1, 0, 2, true), slice_tag(1, 0, 2));
         assert_ne!(checkpoint_tag(1), state_tag(1));
     }
 }

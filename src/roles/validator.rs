@@ -216,54 +216,62 @@ fn recompute<T: Transport + ?Sized>(
     task: &SliceTask,
     segments: &[Range<usize>],
 ) -> Result<(Vec<(usize, Verdict)>, f64), TrainError> {
-    let tag = protocol::slice_tag(window, attempt, task.slice);
+    let between_sites = !task.sites.is_empty();
+    let tag = if between_sites {
+        protocol::across_tag(window, attempt, task.slice, false)
+    } else {
+        protocol::slice_tag(window, attempt, task.slice)
+    };
+    let got = |rank: usize, tag: u64| match t.recv(rank, tag) {
+        Ok(bytes) => Ok(Ok(bytes)),
+        Err(TransportError::PeerLost { .. }) => Ok(Err(Verdict::Unavailable)),
+        Err(TransportError::Timeout { .. }) => {
+            Ok(Err(Verdict::Failed("sent nothing to recompute".into())))
+        }
+        Err(e) => Err(TrainError::from(e)),
+    };
     let mut received = Vec::with_capacity(task.contributors.len());
     for (rank, _) in &task.contributors {
-        let got = || match t.recv(*rank, tag) {
-            Ok(bytes) => Ok(Ok(bytes)),
-            Err(TransportError::PeerLost { .. }) => Ok(Err(Verdict::Unavailable)),
-            Err(TransportError::Timeout { .. }) => {
-                Ok(Err(Verdict::Failed("sent nothing to recompute".into())))
-            }
-            Err(e) => Err(TrainError::from(e)),
-        };
-        let contribution = got()?;
+        let contribution = got(*rank, tag)?;
         let proof = match (&contribution, &task.passes) {
-            (Ok(_), Some(_)) => got()?,
+            (Ok(_), Some(_)) => got(*rank, tag)?,
             _ => Ok(Vec::new()),
         };
         received.push(contribution.and_then(|c| proof.map(|p| (c, p))));
     }
+    let partial_tag = protocol::across_tag(window, attempt, task.slice, true);
+    let mut partials = Vec::with_capacity(task.sites.len());
+    for site in &task.sites {
+        partials.push(got(site.leader, partial_tag)?);
+    }
     let started = Instant::now();
     let numel = segments.last().map_or(0, |s| s.end);
-    let n = task.contributors.len();
+    // One slice per contributor, or between sites one per site.
+    let n = if between_sites {
+        task.sites.len()
+    } else {
+        task.contributors.len()
+    };
     let range = if task.slice < n {
         Partition::equal(numel, n).range(task.slice)
     } else {
         0..0
     };
     let len = range.len();
-    let mut sum = vec![0i64; len];
-    let mut whole = true;
+    let mut values: Vec<Option<Vec<i64>>> = Vec::with_capacity(received.len());
     let mut verdicts = Vec::new();
     for (i, ((rank, stated), got)) in task.contributors.iter().zip(received).enumerate() {
         let verdict = match got {
-            Ok((bytes, _)) if bytes.len() != len * 8 => {
-                whole = false;
-                Verdict::Failed(format!(
-                    "sent {} bytes of contribution for a slice of {len} integers",
-                    bytes.len()
-                ))
-            }
+            Ok((bytes, _)) if bytes.len() != len * 8 => Verdict::Failed(format!(
+                "sent {} bytes of contribution for a slice of {len} integers",
+                bytes.len()
+            )),
             // The integers travel little-endian: what the digest covers.
             Ok((bytes, _)) if blake3::hash(&bytes).to_hex().as_str() != stated => {
-                whole = false;
                 Verdict::Failed("sent another contribution than it stated".into())
             }
             Ok((bytes, proof)) => {
-                for (acc, x) in sum.iter_mut().zip(bytes.chunks_exact(8)) {
-                    *acc = acc.wrapping_add(i64::from_le_bytes(x.try_into().unwrap_or_default()));
-                }
+                values.push(Some(integers(&bytes)));
                 // Only the task that carries passes checks contributions.
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
                 let probe = task.probed(range.clone());
@@ -278,28 +286,76 @@ fn recompute<T: Transport + ?Sized>(
                         &proof,
                     )
                 });
-                match checked {
-                    Ok(()) => Verdict::Passed,
-                    Err(reason) => Verdict::Failed(reason),
-                }
+                verdicts.push((
+                    *rank,
+                    match checked {
+                        Ok(()) => Verdict::Passed,
+                        Err(reason) => Verdict::Failed(reason),
+                    },
+                ));
+                continue;
             }
-            Err(verdict) => {
-                whole = false;
-                verdict
-            }
+            Err(verdict) => verdict,
         };
+        values.push(None);
         verdicts.push((*rank, verdict));
     }
-    let digest = slice_digest(&sum);
+    let whole: Option<Vec<&Vec<i64>>> = values.iter().map(Option::as_ref).collect();
+    // What the holders were given to sum: the contributions, or between
+    // sites the leaders' partials, each checked against its members'.
+    let given: Option<Vec<Vec<i64>>> = match (whole, between_sites) {
+        (None, _) => None,
+        (Some(whole), false) => Some(whole.into_iter().cloned().collect()),
+        (Some(whole), true) => {
+            let mut given = Vec::with_capacity(task.sites.len());
+            for (site, partial) in task.sites.iter().zip(partials) {
+                let members = site.members.iter().filter_map(|&i| whole.get(i).copied());
+                let verdict = match partial {
+                    Ok(bytes) if blake3::hash(&bytes).to_hex().as_str() != site.partial => {
+                        Verdict::Failed("sent another site partial sum than it stated".into())
+                    }
+                    Ok(bytes) if integers(&bytes) != sum(members, len) => Verdict::Failed(
+                        "its site's partial sum is not the sum of its members' contributions"
+                            .into(),
+                    ),
+                    Ok(bytes) => {
+                        given.push(integers(&bytes));
+                        Verdict::Passed
+                    }
+                    Err(verdict) => verdict,
+                };
+                verdicts.push((site.leader, verdict));
+            }
+            (given.len() == task.sites.len()).then_some(given)
+        }
+    };
+    let digest = given.map(|given| slice_digest(&sum(given.iter(), len)));
     for (rank, copy) in &task.holders {
-        let verdict = if !whole {
-            Verdict::Unavailable
-        } else if *copy == digest {
-            Verdict::Passed
-        } else {
-            Verdict::Failed("its copy is not the sum of the contributions".into())
+        let verdict = match &digest {
+            None => Verdict::Unavailable,
+            Some(digest) if copy == digest => Verdict::Passed,
+            Some(_) => Verdict::Failed("its copy is not the sum of the contributions".into()),
         };
         verdicts.push((*rank, verdict));
     }
     Ok((verdicts, started.elapsed().as_secs_f64()))
+}
+
+/// Little-endian integers, as contributions travel.
+fn integers(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(8)
+        .map(|x| i64::from_le_bytes(x.try_into().unwrap_or_default()))
+        .collect()
+}
+
+/// The wrapping sum of `parts`, each `len` integers.
+fn sum<'v>(parts: impl Iterator<Item = &'v Vec<i64>>, len: usize) -> Vec<i64> {
+    let mut acc = vec![0i64; len];
+    for part in parts {
+        for (a, x) in acc.iter_mut().zip(part) {
+            *a = a.wrapping_add(*x);
+        }
+    }
+    acc
 }

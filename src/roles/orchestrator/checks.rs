@@ -10,7 +10,7 @@ use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
 use crate::ledger::Tally;
 use crate::roles::protocol::{
-    AuditTask, CheckpointTask, Order, Reduction, Report, SliceTask, Verdict,
+    AuditTask, CheckpointTask, Order, Reduction, Report, SitePart, SliceTask, Verdict,
 };
 use crate::roles::train::{Setup, TrainError};
 
@@ -249,73 +249,33 @@ impl Coordinator<'_> {
 
     /// Has validators recompute, from the contributions the miners stated,
     /// a random `slice_audit_rate` of each stage's all-reduce slices, and
-    /// every slice of a stage whose copies disagreed.
+    /// every slice of an all-reduce whose copies disagreed. A stage whose
+    /// miners span sites has an all-reduce per site and one between the
+    /// sites' leaders, each audited alike.
     pub(super) fn begin_recompute(&mut self, closed: Closed) -> Result<(), TrainError> {
-        let rate = self.spec.roles.slice_audit_rate;
         let mut tasks = Vec::new();
         let mut disagreed = Vec::new();
         for (stage, peers) in self.stage_miners().into_iter().enumerate() {
-            let n = peers.len();
-            let copies = self.spec.roles.slice_copies.min(n);
-            let stated = |r: &usize| closed.reductions.get(r);
-            let agreed = peers.iter().all(|r| stated(r).is_some_and(|x| x.agreed));
-            let mut slices: Vec<usize> = (0..n).collect();
-            let picked = if agreed {
-                self.draw(rate, &mut slices).to_vec()
-            } else {
-                disagreed.push(stage);
-                slices
+            let ids = closed.sites.get(stage).filter(|s| s.len() == peers.len());
+            let groups: Vec<Vec<usize>> = match ids {
+                None => vec![peers.clone()],
+                Some(ids) => {
+                    let mut by_site: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+                    for (&rank, &site) in peers.iter().zip(ids) {
+                        by_site.entry(site).or_default().push(rank);
+                    }
+                    by_site.into_values().collect()
+                }
             };
-            if self.validators.is_empty() {
-                continue;
+            let mut agreed = true;
+            for members in &groups {
+                agreed &= self.group_tasks(stage, members, &closed, &mut tasks);
             }
-            // The slice whose task carries the contribution check.
-            let proved = picked
-                .get(self.draws.below(picked.len().max(1) as u64) as usize)
-                .copied();
-            let w = self.window.as_ref().expect("a window runs");
-            for slice in picked {
-                let contributors = peers
-                    .iter()
-                    .map(|r| {
-                        let digest = stated(r).and_then(|x| x.contributions.get(slice));
-                        (*r, digest.cloned().unwrap_or_default())
-                    })
-                    .collect();
-                let holders = slice_holders(slice, n, copies)
-                    .into_iter()
-                    .map(|h| {
-                        let copy = stated(&peers[h]).and_then(|x| {
-                            x.copies.iter().find(|(j, _)| *j == slice).map(|(_, d)| d)
-                        });
-                        (peers[h], copy.cloned().unwrap_or_default())
-                    })
-                    .collect();
-                let passes = (proved == Some(slice)).then(|| {
-                    peers
-                        .iter()
-                        .map(|&r| {
-                            let credited =
-                                w.trained().filter(|(_, path)| path.get(stage) == Some(&r));
-                            credited
-                                .filter_map(|(id, _)| {
-                                    let (_, receipt) = w.receipts.get(&(id, stage))?;
-                                    Some((id, receipt.params.clone()))
-                                })
-                                .collect()
-                        })
-                        .collect()
-                });
-                tasks.push(SliceTask {
-                    stage,
-                    slice,
-                    validator: self.validators[tasks.len() % self.validators.len()],
-                    contributors,
-                    holders,
-                    scales: closed.scales.get(stage).cloned().unwrap_or_default(),
-                    passes,
-                    probe: self.draws.next_u64(),
-                });
+            if groups.len() > 1 {
+                agreed &= self.across_tasks(stage, &peers, &groups, &closed, &mut tasks);
+            }
+            if !agreed {
+                disagreed.push(stage);
             }
         }
         let w = self.window.as_ref().expect("a window runs");
@@ -337,6 +297,154 @@ impl Coordinator<'_> {
         }
         self.phase = Phase::Recomputing(audit, closed);
         Ok(())
+    }
+
+    /// Tasks for the slices of the all-reduce among `members` (a stage's
+    /// miners, or one site's of them), ascending; returns whether its
+    /// copies agreed. One picked slice carries the contribution check.
+    fn group_tasks(
+        &mut self,
+        stage: usize,
+        members: &[usize],
+        closed: &Closed,
+        tasks: &mut Vec<SliceTask>,
+    ) -> bool {
+        let n = members.len();
+        let copies = self.spec.roles.slice_copies.min(n);
+        let stated = |r: &usize| closed.reductions.get(r);
+        let agreed = members.iter().all(|r| stated(r).is_some_and(|x| x.agreed));
+        let mut slices: Vec<usize> = (0..n).collect();
+        let picked = if agreed {
+            self.draw(self.spec.roles.slice_audit_rate, &mut slices)
+                .to_vec()
+        } else {
+            slices
+        };
+        if self.validators.is_empty() {
+            return agreed;
+        }
+        let proved = picked
+            .get(self.draws.below(picked.len().max(1) as u64) as usize)
+            .copied();
+        let w = self.window.as_ref().expect("a window runs");
+        for slice in picked {
+            let contributors = members
+                .iter()
+                .map(|r| {
+                    let digest = stated(r).and_then(|x| x.contributions.get(slice));
+                    (*r, digest.cloned().unwrap_or_default())
+                })
+                .collect();
+            let holders = slice_holders(slice, n, copies)
+                .into_iter()
+                .map(|h| {
+                    let copy = stated(&members[h]).and_then(|x| copy_of(&x.copies, slice));
+                    (members[h], copy.unwrap_or_default())
+                })
+                .collect();
+            let passes = (proved == Some(slice)).then(|| {
+                members
+                    .iter()
+                    .map(|&r| {
+                        let credited = w.trained().filter(|(_, path)| path.get(stage) == Some(&r));
+                        credited
+                            .filter_map(|(id, _)| {
+                                let (_, receipt) = w.receipts.get(&(id, stage))?;
+                                Some((id, receipt.params.clone()))
+                            })
+                            .collect()
+                    })
+                    .collect()
+            });
+            tasks.push(SliceTask {
+                stage,
+                slice,
+                validator: self.validators[tasks.len() % self.validators.len()],
+                contributors,
+                holders,
+                scales: closed.scales.get(stage).cloned().unwrap_or_default(),
+                passes,
+                probe: self.draws.next_u64(),
+                sites: Vec::new(),
+            });
+        }
+        agreed
+    }
+
+    /// Tasks for the slices of the all-reduce between the sites of a
+    /// stage (`groups`: each site's miners, ascending, in site order; the
+    /// first of each is its leader); returns whether the leaders' copies
+    /// agreed. A validator sums every miner's own contribution per site,
+    /// checks each leader's partial against it, and the leaders' copies
+    /// against the sum of the partials.
+    fn across_tasks(
+        &mut self,
+        stage: usize,
+        peers: &[usize],
+        groups: &[Vec<usize>],
+        closed: &Closed,
+        tasks: &mut Vec<SliceTask>,
+    ) -> bool {
+        let k = groups.len();
+        let copies = self.spec.roles.slice_copies.min(k);
+        let leaders: Vec<usize> = groups.iter().filter_map(|g| g.first().copied()).collect();
+        let across = |r: &usize| closed.reductions.get(r).and_then(|x| x.across.as_ref());
+        let leader_part = |r: &usize| across(r).and_then(|a| a.leader.as_ref());
+        let agreed = leaders
+            .iter()
+            .all(|r| leader_part(r).is_some_and(|p| p.agreed));
+        let mut slices: Vec<usize> = (0..k).collect();
+        let picked = if agreed {
+            self.draw(self.spec.roles.slice_audit_rate, &mut slices)
+                .to_vec()
+        } else {
+            slices
+        };
+        if self.validators.is_empty() {
+            return agreed;
+        }
+        for slice in picked {
+            let contributors = peers
+                .iter()
+                .map(|r| {
+                    let digest = across(r).and_then(|a| a.contributions.get(slice));
+                    (*r, digest.cloned().unwrap_or_default())
+                })
+                .collect();
+            let holders = slice_holders(slice, k, copies)
+                .into_iter()
+                .map(|h| {
+                    let copy = leader_part(&leaders[h]).and_then(|p| copy_of(&p.copies, slice));
+                    (leaders[h], copy.unwrap_or_default())
+                })
+                .collect();
+            let sites = groups
+                .iter()
+                .zip(&leaders)
+                .map(|(members, leader)| SitePart {
+                    leader: *leader,
+                    partial: leader_part(leader)
+                        .and_then(|p| p.partial.get(slice).cloned())
+                        .unwrap_or_default(),
+                    members: members
+                        .iter()
+                        .filter_map(|m| peers.iter().position(|p| p == m))
+                        .collect(),
+                })
+                .collect();
+            tasks.push(SliceTask {
+                stage,
+                slice,
+                validator: self.validators[tasks.len() % self.validators.len()],
+                contributors,
+                holders,
+                scales: closed.scales.get(stage).cloned().unwrap_or_default(),
+                passes: None,
+                probe: self.draws.next_u64(),
+                sites,
+            });
+        }
+        agreed
     }
 
     /// The recomputations are in: holders with a wrong copy and miners
@@ -512,6 +620,14 @@ impl Coordinator<'_> {
         let k = want.floor() as usize + usize::from(self.draws.unit_open0() <= want.fract());
         k.min(n)
     }
+}
+
+/// The digest of `slice` among stated copies.
+fn copy_of(copies: &[(usize, String)], slice: usize) -> Option<String> {
+    copies
+        .iter()
+        .find(|(j, _)| *j == slice)
+        .map(|(_, d)| d.clone())
 }
 
 /// Each stage's fixed-point scales for the window's all-reduce, from the

@@ -89,6 +89,7 @@ pub(super) enum Phase {
         reductions: BTreeMap<usize, Reduction>,
         failure: Option<(usize, String)>,
         scales: Vec<Vec<i32>>,
+        sites: Vec<Vec<usize>>,
     },
     /// `[[faults.hold]] phase = "close"`, after every stage reduced.
     HoldClose(Closed),
@@ -105,6 +106,8 @@ pub(super) enum Phase {
 pub(super) struct Closed {
     pub reductions: BTreeMap<usize, Reduction>,
     pub scales: Vec<Vec<i32>>,
+    /// The `Close` order's site ids of each stage's miners.
+    pub sites: Vec<Vec<usize>>,
 }
 
 /// The step of a window, as its reports come in.
@@ -192,8 +195,11 @@ pub struct Coordinator<'a> {
     pub(super) joining: BTreeMap<usize, Option<String>>,
     /// Every rank that ever joined.
     pub(super) joined_ever: BTreeSet<usize>,
-    /// The site each joiner said it belongs to.
-    pub(super) joined_sites: BTreeMap<usize, String>,
+    /// The site of each rank: the plan's, or the one a joiner named.
+    pub(super) sites: BTreeMap<usize, String>,
+    /// The miners of each stage that spanned sites at the last close
+    /// (empty for a stage inside one site): a change is said once.
+    spanning: Vec<Vec<usize>>,
     /// Miners that asked to leave at the end of the window.
     pub(super) leaving: BTreeSet<usize>,
     /// Ranks gone for good: lost, excluded or left.
@@ -224,6 +230,8 @@ pub struct Beginning {
     pub modelled: Option<Vec<f64>>,
     /// How long silence may last before the job counts as stuck.
     pub timeout: Duration,
+    /// The site of each rank of the plan.
+    pub sites: BTreeMap<usize, String>,
 }
 
 impl<'a> Coordinator<'a> {
@@ -245,7 +253,8 @@ impl<'a> Coordinator<'a> {
             planned: b.planned,
             joining: BTreeMap::new(),
             joined_ever: BTreeSet::new(),
-            joined_sites: BTreeMap::new(),
+            sites: b.sites,
+            spanning: Vec::new(),
             leaving: BTreeSet::new(),
             departed: BTreeSet::new(),
             modelled: b.modelled,
@@ -287,7 +296,7 @@ impl<'a> Coordinator<'a> {
                     "orchestrator: rank {rank} joined; it mines from the next window"
                 ));
                 if let Some(site) = &site {
-                    self.joined_sites.insert(rank, site.clone());
+                    self.sites.insert(rank, site.clone());
                 }
                 self.joining.insert(rank, site);
                 self.joined_ever.insert(rank);
@@ -691,18 +700,24 @@ impl<'a> Coordinator<'a> {
             })
             .collect();
         let scales = super::checks::scales(&self.setup, w)?;
+        let stages = self.stage_miners();
+        let sites: Vec<Vec<usize>> = stages.iter().map(|m| self.site_ids(m)).collect();
+        let (window, attempt) = (w.window, w.attempt);
+        self.announce_spanning(&stages, &sites);
         let order = Order::Close {
-            window: w.window,
-            attempt: w.attempt,
+            window,
+            attempt,
             counted,
-            stages: self.stage_miners(),
+            stages,
             scales: scales.clone(),
+            sites: sites.clone(),
         };
         self.phase = Phase::Closing {
             waiting: self.miners.keys().copied().collect(),
             reductions: BTreeMap::new(),
             failure: None,
             scales,
+            sites,
         };
         self.broadcast(order);
         Ok(())
@@ -713,6 +728,7 @@ impl<'a> Coordinator<'a> {
             reductions,
             failure,
             scales,
+            sites,
             ..
         } = std::mem::replace(&mut self.phase, Phase::Finished)
         else {
@@ -728,7 +744,11 @@ impl<'a> Coordinator<'a> {
             });
         }
         self.announce_hold(window, HoldPhase::Close);
-        self.phase = Phase::HoldClose(Closed { reductions, scales });
+        self.phase = Phase::HoldClose(Closed {
+            reductions,
+            scales,
+            sites,
+        });
         Ok(())
     }
 
@@ -847,6 +867,59 @@ impl<'a> Coordinator<'a> {
                 let on = self.miners.iter().filter(|(_, s)| **s == stage);
                 on.map(|(r, _)| *r).collect()
             })
+            .collect()
+    }
+
+    /// Says which stages' miners span sites, when that changed.
+    fn announce_spanning(&mut self, stages: &[Vec<usize>], sites: &[Vec<usize>]) {
+        let mut lines = Vec::new();
+        for (stage, (ids, miners)) in sites.iter().zip(stages).enumerate() {
+            if !ids.is_empty() && self.spanning.get(stage) != Some(miners) {
+                let names: BTreeSet<&str> = miners
+                    .iter()
+                    .filter_map(|r| self.sites.get(r).map(String::as_str))
+                    .collect();
+                lines.push(format!(
+                    "orchestrator: stage {stage}'s miners span sites {names:?}: it all-reduces \
+                     inside each site, then between one leader per site"
+                ));
+            }
+        }
+        for line in lines {
+            self.say(line);
+        }
+        self.spanning = stages
+            .iter()
+            .zip(sites)
+            .map(|(m, ids)| {
+                if ids.is_empty() {
+                    Vec::new()
+                } else {
+                    m.clone()
+                }
+            })
+            .collect();
+    }
+
+    /// The site id of each of `miners` (a stage's, ascending) when they
+    /// span sites, numbering the sites in the order of their names; empty
+    /// when they share one. A rank that joined without naming a site is a
+    /// site of its own.
+    fn site_ids(&self, miners: &[usize]) -> Vec<usize> {
+        let label = |r: &usize| {
+            self.sites
+                .get(r)
+                .map_or_else(|| format!("\u{0}rank {r}"), String::clone)
+        };
+        let labels: Vec<String> = miners.iter().map(label).collect();
+        let names: BTreeSet<&String> = labels.iter().collect();
+        if names.len() < 2 {
+            return Vec::new();
+        }
+        let names: Vec<&String> = names.into_iter().collect();
+        labels
+            .iter()
+            .map(|l| names.iter().position(|n| *n == l).unwrap_or_default())
             .collect()
     }
 

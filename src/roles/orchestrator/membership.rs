@@ -188,8 +188,9 @@ impl Coordinator<'_> {
 
     /// " (site NAME)" for a joiner that said its site.
     fn site_label(&self, rank: usize) -> String {
-        self.joined_sites
+        self.sites
             .get(&rank)
+            .filter(|_| rank >= self.planned)
             .map_or_else(String::new, |site| format!(" (site {site})"))
     }
 }

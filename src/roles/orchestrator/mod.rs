@@ -137,6 +137,11 @@ pub fn orchestrate<T: Transport + ?Sized>(
             seed: unpredictable_seed(),
             modelled,
             timeout: t.default_timeout(),
+            sites: plan
+                .ranks
+                .iter()
+                .map(|r| (r.rank, r.site.clone()))
+                .collect(),
         },
     );
     let checkpoints = Checkpoints::new(&run_dir);

@@ -142,6 +142,7 @@ impl Sim {
                 seed: 7,
                 modelled: None,
                 timeout: Duration::from_secs(60),
+                sites: plan.ranks.iter().map(|r| (r.rank, r.site.clone())).collect(),
             },
         );
         let mut sim = Sim::new(script);
@@ -273,6 +274,7 @@ impl Sim {
                             copies: Vec::new(),
                             agreed: true,
                             result: Some(format!("sum{window}-{stage}")),
+                            across: None,
                         };
                         self.report(
                             m,
@@ -401,7 +403,8 @@ impl Sim {
         if let Some((w, ranks)) = &self.script.join {
             if *w == window {
                 for &rank in ranks {
-                    self.inbox.push_back(Input::Joined { rank, site: None });
+                    let site = Some("local".to_string());
+                    self.inbox.push_back(Input::Joined { rank, site });
                 }
             }
         }
@@ -610,6 +613,7 @@ fn silence_past_the_timeout_is_a_stall_and_silence_before_it_is_nothing() {
             seed: 1,
             modelled: None,
             timeout: Duration::from_secs(60),
+            sites: BTreeMap::new(),
         },
     );
     let t0 = Instant::now();
