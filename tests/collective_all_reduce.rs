@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use swarmrun::collective::{
     all_reduce, all_reduce_partitioned, all_reduce_redundant, all_reduce_redundant_checked,
     hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked, AllReduceAlgorithm, Call,
-    CollectiveError, Element, Partition, ReduceOp, SliceTamper, CHUNK_BYTES,
+    CollectiveError, Element, Partition, ReduceOp, SliceTamper, Tampers, CHUNK_BYTES,
 };
 use swarmrun::transport::{LocalTransport, Transport};
 
@@ -354,7 +354,7 @@ fn hierarchical_redundant_all_reduce_over_two_or_three_sites_has_the_flat_one_s_
                     ReduceOp::Sum,
                     2,
                     sites,
-                    None,
+                    Tampers::default(),
                 )
                 .unwrap();
                 assert!(copies.agreed);
@@ -390,7 +390,10 @@ fn a_tampered_copy_in_one_site_is_seen_in_every_site() {
             ReduceOp::Sum,
             2,
             &sites,
-            hook,
+            Tampers {
+                slices: hook,
+                partial: None,
+            },
         )
         .unwrap()
     });

@@ -70,3 +70,35 @@ fn two_shared_memory_sites_joined_by_tcp_train_the_bits_of_one_tcp_site() {
     assert!(!err.contains("excluded"), "{err}");
     assert_eq!(losses(&tcp), losses(&metrics_of(&job)));
 }
+
+/// A site's leader that hands the other sites a forged partial sum (its
+/// site's, doubled) is named by the validator that recomputes the slices
+/// between sites, excluded, and the window redone without it; its site's
+/// other miner leads from then on and the run finishes.
+#[test]
+fn a_site_leader_forging_its_site_s_partial_sum_is_caught_between_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = "[[site]]\nname = \"a\"\nhosts = \"localhost\"\nranks_per_host = 4\nfabric = \"shm\"\n\n\
+                 [[site]]\nname = \"b\"\nhosts = \"localhost\"\nranks_per_host = 4\nfabric = \"shm\"\n";
+    let job = sites_job(dir.path(), "forge", sites);
+    // Rank 4 is the lowest of site b's stage-0 miners (4 and 6): its leader.
+    let mut text = std::fs::read_to_string(&job).unwrap();
+    text += "\n[[faults.cheat]]\nrank = 4\nkind = \"forge_partial\"\n";
+    std::fs::write(&job, text).unwrap();
+    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(
+        err.contains("lost miner 4 of stage 0 (failed a check in window 0")
+            && err.contains("its site's partial sum is not the sum of its members' contributions"),
+        "{err}"
+    );
+    let lines = metrics_of(&job);
+    assert_eq!(field(&lines[0], "caught"), "[4]");
+    assert_eq!(field(&lines[0], "attempts"), "2");
+    assert!(lines[1..].iter().all(|l| field(l, "caught") == "[]"));
+    // Nobody else was blamed: every other miner finished.
+    for rank in [2, 3, 5, 6, 7] {
+        assert!(!err.contains(&format!("lost miner {rank} ")), "{err}");
+    }
+}

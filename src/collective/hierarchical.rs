@@ -15,6 +15,19 @@ use super::element::{finish, Element, ReduceOp};
 use super::frame::{abort, guarded};
 use super::group::Group;
 use super::redundant::{all_reduce_redundant_checked, SliceCopies, SliceTamper};
+
+/// Called by a site's leader with its site's partial result before it
+/// goes to the other leaders: the hook for faults that forge it.
+pub type PartialTamper<'a, E> = dyn Fn(&mut [E]) + Sync + 'a;
+
+/// Hooks that change what a rank computes, for tests and faults.
+#[derive(Default, Clone, Copy)]
+pub struct Tampers<'a, E> {
+    /// Applied to the slices this rank reduces inside its site.
+    pub slices: Option<&'a SliceTamper<'a, E>>,
+    /// Applied by a leader to its site's partial result.
+    pub partial: Option<&'a PartialTamper<'a, E>>,
+}
 use super::{Call, CollectiveError};
 use crate::transport::Transport;
 
@@ -96,15 +109,15 @@ pub struct SitesCopies<E> {
 /// result inside each site. Each level reduces every slice `copies` times
 /// (at most the level's size) and compares the copies, so each can be
 /// audited like a flat one; only the leaders send across sites. For
-/// integers the result has the bits of the flat call's. `tamper` is
-/// applied to the site level's slices. Uses tags `tag` to `tag + 2`.
+/// integers the result has the bits of the flat call's. Uses tags `tag`
+/// to `tag + 2`.
 pub fn hierarchical_all_reduce_redundant_checked<T: Transport + ?Sized, E: Element>(
     c: Call<'_, T>,
     buf: &mut [E],
     op: ReduceOp,
     copies: usize,
     sites: &[usize],
-    tamper: Option<&SliceTamper<'_, E>>,
+    tampers: Tampers<'_, E>,
 ) -> Result<SitesCopies<E>, CollectiveError> {
     let (rank, size) = (c.rank(), c.size());
     let (site, leaders) = guarded(&c, || {
@@ -128,8 +141,13 @@ pub fn hierarchical_all_reduce_redundant_checked<T: Transport + ?Sized, E: Eleme
     let between = leaders.as_ref().map(|l| c.within(l, c.tag.wrapping_add(1)));
     let told = c.within(&site, c.tag.wrapping_add(2));
     let result = (|| {
-        let site_copies =
-            all_reduce_redundant_checked(in_site, buf, op, copies.min(in_site.size()), tamper)?;
+        let site_copies = all_reduce_redundant_checked(
+            in_site,
+            buf,
+            op,
+            copies.min(in_site.size()),
+            tampers.slices,
+        )?;
         // 1 where a copy disagreed: the leaders take the largest, so that
         // every site learns of a mismatch in any.
         let mut disagreed = [i64::from(site_copies.mismatch.is_some())];
@@ -137,6 +155,9 @@ pub fn hierarchical_all_reduce_redundant_checked<T: Transport + ?Sized, E: Eleme
         // waits for it.
         let leader = match between {
             Some(between) => {
+                if let Some(forge) = tampers.partial {
+                    forge(buf);
+                }
                 let partial = buf.to_vec();
                 let among = all_reduce_redundant_checked(
                     between,

@@ -105,7 +105,8 @@ pub use fixed_point::{
 pub use frame::{BLAME_GRACE, CHUNK_BYTES};
 pub use group::Group;
 pub use hierarchical::{
-    hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked, SitesCopies,
+    hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked, PartialTamper, SitesCopies,
+    Tampers,
 };
 pub use partition::Partition;
 pub use reduce_scatter::reduce_scatter;

@@ -426,6 +426,10 @@ pub enum CheatKind {
     /// times 8 (the scale_update of a careful cheater, whose receipts and
     /// replays are all right); `probability` is per window.
     ScaleContribution,
+    /// As its site's leader in a stage whose miners span sites, hands the
+    /// other sites' leaders its site's partial sum doubled (and states
+    /// what it handed); `probability` is per window.
+    ForgePartial,
 }
 
 /// One rank that exits with `exit_code` (1..=255): `after_s` seconds after

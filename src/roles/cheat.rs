@@ -10,7 +10,7 @@
 
 use candle_core::Tensor;
 
-use crate::collective::{slice_holders, SliceTamper};
+use crate::collective::{slice_holders, PartialTamper, SliceTamper};
 use crate::config::{CheatKind, JobSpec};
 use crate::data::rng::SplitMix64;
 use crate::model::{AdamW, PassGrads};
@@ -22,6 +22,7 @@ const SALT: u64 = 0xc4ea_7000_0000_0000;
 const COLLUDE_SALT: u64 = 0x0c01_1de0_0000_0000;
 const FORGE_SALT: u64 = 0xf0e9_e000_0000_0000;
 const INFLATE_SALT: u64 = 0x1f1a_7e00_0000_0000;
+const PARTIAL_SALT: u64 = 0x9a27_1a10_0000_0000;
 
 /// A miner's cheats and what it keeps to replay stale work.
 #[derive(Debug)]
@@ -53,6 +54,9 @@ pub trait Conduct: Send {
         peers: &[usize],
         copies: usize,
     ) -> Option<Box<SliceTamper<'static, i64>>>;
+    /// What it does, as a site's leader, to its site's partial sum in
+    /// `window` before handing it to the other sites, if anything.
+    fn partial_tamper(&self, window: u64) -> Option<Box<PartialTamper<'static, i64>>>;
     /// The optimizer state it writes into `window`'s checkpoint instead of
     /// `honest`, if any.
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW>;
@@ -79,6 +83,10 @@ impl Conduct for Honest {
         _: &[usize],
         _: usize,
     ) -> Option<Box<SliceTamper<'static, i64>>> {
+        None
+    }
+
+    fn partial_tamper(&self, _: u64) -> Option<Box<PartialTamper<'static, i64>>> {
         None
     }
 
@@ -188,9 +196,9 @@ impl Cheater {
         }
     }
 
-    /// What a colluder makes of a slice it changes: every element doubled
-    /// (wrapping: the integers are fixed-point sums), the same bits on
-    /// every colluder.
+    /// What a colluder makes of a slice it changes, and a forger of its
+    /// site's partial: every element doubled (wrapping: the integers are
+    /// fixed-point sums), the same bits on every colluder.
     fn collude(slice: &mut [i64]) {
         for x in slice {
             *x = x.wrapping_mul(2);
@@ -236,9 +244,13 @@ impl Cheater {
                 input,
             },
             (CheatKind::ReplayStale, None)
-            | (CheatKind::Collude | CheatKind::ForgeCheckpoint | CheatKind::ScaleContribution, _) => {
-                PassGrads { params, input }
-            }
+            | (
+                CheatKind::Collude
+                | CheatKind::ForgeCheckpoint
+                | CheatKind::ScaleContribution
+                | CheatKind::ForgePartial,
+                _,
+            ) => PassGrads { params, input },
         })
     }
 }
@@ -272,6 +284,11 @@ impl Conduct for Cheater {
                 }
             }) as Box<SliceTamper<'static, i64>>
         })
+    }
+
+    fn partial_tamper(&self, window: u64) -> Option<Box<PartialTamper<'static, i64>>> {
+        self.strikes(CheatKind::ForgePartial, PARTIAL_SALT, window)
+            .then(|| Box::new(Cheater::collude) as Box<PartialTamper<'static, i64>>)
     }
 
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {

@@ -29,7 +29,7 @@ use super::train::{
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
     all_reduce_redundant_checked, hierarchical_all_reduce_redundant_checked, Call, CollectiveError,
-    FixedPoint, Group, Partition, ReduceOp, SitesCopies, SliceCopies,
+    FixedPoint, Group, Partition, ReduceOp, SitesCopies, SliceCopies, Tampers,
 };
 use crate::config::JobSpec;
 use crate::data::Split;
@@ -851,13 +851,18 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 let tamper = self
                     .conduct
                     .slice_tamper(window, &site, copies.min(site.len()));
+                let forge = self.conduct.partial_tamper(window);
+                let tampers = Tampers {
+                    slices: tamper.as_deref(),
+                    partial: forge.as_deref(),
+                };
                 let held = hierarchical_all_reduce_redundant_checked(
                     call,
                     &mut sums,
                     ReduceOp::Sum,
                     copies,
                     &sites,
-                    tamper.as_deref(),
+                    tampers,
                 )?;
                 Held::Sites {
                     held,

@@ -142,7 +142,11 @@ impl Sim {
                 seed: 7,
                 modelled: None,
                 timeout: Duration::from_secs(60),
-                sites: plan.ranks.iter().map(|r| (r.rank, r.site.clone())).collect(),
+                sites: plan
+                    .ranks
+                    .iter()
+                    .map(|r| (r.rank, r.site.clone()))
+                    .collect(),
             },
         );
         let mut sim = Sim::new(script);
