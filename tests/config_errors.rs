@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 31);
+    assert_eq!(count, 56);
 }
 
 #[test]
@@ -406,4 +406,179 @@ fn a_lone_colluder_is_refused() {
         Some("faults.cheat[0].kind"),
         "at least two colluding ranks",
     );
+}
+
+/// Fixture, line, column, field and a fragment of the message, for
+/// fixtures that need no more than [`assert_error`].
+const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
+    (
+        "windows_zero",
+        12,
+        11,
+        "train.windows",
+        "must be at least 1",
+    ),
+    (
+        "eval_every_zero",
+        12,
+        14,
+        "train.eval_every",
+        "must be at least 1",
+    ),
+    (
+        "negative_lr",
+        12,
+        6,
+        "train.lr",
+        "-0.0003 is not a non-negative number",
+    ),
+    ("lanes_zero", 12, 9, "network.lanes", "0 is not in 1..=64"),
+    (
+        "replay_rate_above_one",
+        13,
+        15,
+        "roles.replay_rate",
+        "1.5 is not in 0..=1",
+    ),
+    (
+        "slice_copies_zero",
+        12,
+        16,
+        "roles.slice_copies",
+        "must be at least 1",
+    ),
+    (
+        "crash_exit_zero",
+        13,
+        13,
+        "faults.crash[0].exit_code",
+        "0 is not an exit status in 1..=255",
+    ),
+    (
+        "crash_window_and_after",
+        15,
+        10,
+        "faults.crash[0].window",
+        "give either `window` or `after_s`, not both",
+    ),
+    (
+        "crash_window_in_hello",
+        14,
+        10,
+        "faults.crash[0].window",
+        "only a training job (`task = \"train\"`) has windows",
+    ),
+    (
+        "cheat_in_hello",
+        13,
+        8,
+        "faults.cheat[0].kind",
+        "only a training job (`task = \"train\"`) has miners to cheat",
+    ),
+    (
+        "unknown_cheat_kind",
+        13,
+        8,
+        "faults.cheat[0].kind",
+        "unknown variant `steal_weights`, expected one of `random_grad`",
+    ),
+    (
+        "two_cheats_for_one_rank",
+        16,
+        8,
+        "faults.cheat[1].rank",
+        "rank 2 already cheats in faults.cheat[0]",
+    ),
+    (
+        "two_slowdowns_for_one_rank",
+        16,
+        8,
+        "faults.slow[1].rank",
+        "rank 3 is already slowed by faults.slow[0]",
+    ),
+    (
+        "hold_without_condition",
+        11,
+        1,
+        "faults.hold[0]",
+        "hold until `joined = N` ranks joined, or until they `left = true`",
+    ),
+    (
+        "unknown_hold_phase",
+        14,
+        9,
+        "faults.hold[0].phase",
+        "unknown variant `middle`, expected `start` or `close`",
+    ),
+    (
+        "more_stages_than_layers",
+        10,
+        10,
+        "pipeline.stages",
+        "3 stages cannot share n_layer = 2 blocks",
+    ),
+    (
+        "stage_without_blocks",
+        11,
+        14,
+        "pipeline.layers[1]",
+        "every stage needs at least one block",
+    ),
+    (
+        "microbatch_size_zero",
+        7,
+        19,
+        "pipeline.microbatch_size",
+        "must be at least 1",
+    ),
+    (
+        "shm_chunk_unaligned",
+        13,
+        13,
+        "network.shm_chunk",
+        "5000 bytes is not a positive multiple of 4 KiB",
+    ),
+    (
+        "zero_connect_timeout",
+        12,
+        21,
+        "network.connect_timeout_s",
+        "0 is not a positive number of seconds",
+    ),
+    ("dropout_one", 7, 11, "model.dropout", "1 is not in [0, 1)"),
+    (
+        "bench_sizes_reversed",
+        12,
+        13,
+        "bench.min_bytes",
+        "1048576 is not in 1..=max_bytes (4096)",
+    ),
+    (
+        "site_name_with_slash",
+        7,
+        8,
+        "site[0].name",
+        "'/' is not allowed",
+    ),
+    (
+        "empty_hostlist",
+        8,
+        9,
+        "site[0].hosts",
+        "bad hostlist: empty hostlist",
+    ),
+    (
+        "rendezvous_port_too_big",
+        12,
+        14,
+        "network.rendezvous",
+        "port is not a number in 0..=65535",
+    ),
+];
+
+#[test]
+fn each_listed_fixture_names_its_line_column_field_and_fault() {
+    for &(name, line, column, field, fragment) in EXPECTED {
+        assert_error(name, line, column, Some(field), fragment);
+    }
 }

@@ -224,6 +224,15 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
                 "only a training job (`task = \"train\"`) has miners to cheat",
             );
         }
+        if let Some(j) = spec.faults.cheat[..i].iter().position(|o| o.rank == c.rank) {
+            return violation(
+                format!("faults.cheat[{i}].rank"),
+                format!(
+                    "rank {} already cheats in faults.cheat[{j}]; a miner has one cheat",
+                    c.rank
+                ),
+            );
+        }
         let colluders = spec.faults.cheat.iter();
         if c.kind == CheatKind::Collude && colluders.filter(|o| o.kind == c.kind).count() < 2 {
             return violation(
@@ -237,6 +246,15 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             return violation(
                 format!("faults.slow[{i}].factor"),
                 format!("{} is not a finite factor of at least 1", s.factor),
+            );
+        }
+        if let Some(j) = spec.faults.slow[..i].iter().position(|o| o.rank == s.rank) {
+            return violation(
+                format!("faults.slow[{i}].rank"),
+                format!(
+                    "rank {} is already slowed by faults.slow[{j}]; give one factor",
+                    s.rank
+                ),
             );
         }
         if spec.job.task != Task::Train {
