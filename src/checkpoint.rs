@@ -55,6 +55,77 @@ pub struct Manifest {
     pub router: RouterState,
 }
 
+impl Manifest {
+    /// Reads a manifest's bytes, as read from `path` (named in errors): it
+    /// must be JSON of the right shape with one entry per stage, in stage
+    /// order, each naming a plain file inside the checkpoint directory (a
+    /// manifest that says `../x` or `/etc/x` must not make a resume read
+    /// outside it) and hex digests.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Manifest, CheckpointError> {
+        let bad = |message: String| CheckpointError::Manifest {
+            path: path.to_path_buf(),
+            message,
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("unparsable: {e}")))?;
+        if manifest.stages.is_empty() {
+            return Err(bad("lists no stage".into()));
+        }
+        for (i, entry) in manifest.stages.iter().enumerate() {
+            if entry.stage != i {
+                return Err(bad(format!(
+                    "entry {i} is stage {}: one entry per stage, in stage order",
+                    entry.stage
+                )));
+            }
+            let plain = Path::new(&entry.file).file_name() == Some(entry.file.as_ref());
+            if !plain || entry.file == ".." {
+                return Err(bad(format!(
+                    "stage {i}'s file {:?} is not a plain file name",
+                    entry.file
+                )));
+            }
+            let digests = [Some(&entry.blake3), Some(&entry.weights_digest)];
+            let digests = digests.into_iter().chain([entry.optimizer_digest.as_ref()]);
+            if let Some(d) = digests.flatten().find(|d| !is_digest(d)) {
+                return Err(bad(format!(
+                    "stage {i} states {d:?}, which is not a BLAKE3 digest in hex"
+                )));
+            }
+        }
+        let router = &manifest.router;
+        if router.stages != manifest.stages.len() {
+            return Err(bad(format!(
+                "its routing state has {} stages, its entries {}",
+                router.stages,
+                manifest.stages.len()
+            )));
+        }
+        for (rank, miner) in &router.miners {
+            if miner.stage >= router.stages {
+                return Err(bad(format!(
+                    "its routing state puts miner {rank} on stage {}",
+                    miner.stage
+                )));
+            }
+            if miner
+                .throughput
+                .is_some_and(|t| !(t.is_finite() && t > 0.0))
+            {
+                return Err(bad(format!(
+                    "its routing state gives miner {rank} a throughput that is not a positive number"
+                )));
+            }
+        }
+        Ok(manifest)
+    }
+}
+
+/// 64 lowercase hex digits, as BLAKE3's `to_hex` writes them.
+fn is_digest(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// One stage's file in a checkpoint, as its writer reports it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct StageEntry {
@@ -254,11 +325,7 @@ impl Checkpoints {
     pub fn manifest(&self, window: u64) -> Result<Manifest, CheckpointError> {
         let path = self.dir(window).join(MANIFEST);
         let text = fs::read(&path).map_err(io_error(&path))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|e| CheckpointError::Manifest {
-                path: path.clone(),
-                message: format!("unparsable: {e}"),
-            })?;
+        let manifest = Manifest::parse(&text, &path)?;
         if manifest.window != window {
             return Err(CheckpointError::Manifest {
                 path,

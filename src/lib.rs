@@ -17,6 +17,7 @@ pub mod compress;
 pub mod config;
 pub mod data;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod hello;
 pub mod launch;
 pub mod ledger;

@@ -227,3 +227,33 @@ fn sample_without_a_run_dir_or_a_checkpoint_fails_saying_so() {
         stderr(&out)
     );
 }
+
+/// A manifest is read only through `Manifest::parse`, which refuses one
+/// that would make a resume read outside its checkpoint directory or
+/// route with a state that does not fit it.
+#[test]
+fn a_manifest_naming_a_file_outside_its_directory_or_a_foreign_routing_state_is_refused() {
+    use swarmrun::checkpoint::Manifest;
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/manifest");
+    let good = std::fs::read(corpus.join("two_stages.json")).unwrap();
+    let path = std::path::Path::new("manifest.json");
+    let manifest = Manifest::parse(&good, path).unwrap();
+    assert_eq!(manifest.stages.len(), 2);
+
+    let escaping = std::fs::read(corpus.join("escaping_file.json")).unwrap();
+    let err = Manifest::parse(&escaping, path).unwrap_err().to_string();
+    assert!(
+        err.contains("\"../stage-1.safetensors\" is not a plain file name"),
+        "{err}"
+    );
+
+    let mut value: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    value["router"]["stages"] = serde_json::json!(1_000_000_000_000u64);
+    let err = Manifest::parse(&serde_json::to_vec(&value).unwrap(), path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("its routing state has 1000000000000 stages, its entries 2"),
+        "{err}"
+    );
+}

@@ -249,7 +249,12 @@ pub fn path(run_dir: &Path) -> PathBuf {
 pub fn read(run_dir: &Path) -> Result<Chain, LedgerError> {
     let path = path(run_dir);
     let bytes = fs::read(&path).map_err(io_error(&path))?;
-    Ok(verify(&bytes, &path)?.0)
+    parse(&bytes, &path)
+}
+
+/// Verifies a ledger's bytes, as read from `path` (named in errors).
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Chain, LedgerError> {
+    Ok(verify(bytes, path)?.0)
 }
 
 /// What the chain says so far: enough to check or write the next line.

@@ -89,7 +89,8 @@ impl StripeHead {
 }
 
 impl FrameKind {
-    fn from_u8(value: u8) -> Option<FrameKind> {
+    /// The kind numbered `value` on the wire, if any.
+    pub fn from_u8(value: u8) -> Option<FrameKind> {
         match value {
             1 => Some(FrameKind::Data),
             2 => Some(FrameKind::DataMore),

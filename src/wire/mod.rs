@@ -12,15 +12,17 @@
 //!   [`FrameReader`] and a [`FrameWriter`] for use from different threads.
 //! - [`WireError`]: every failure, naming the peer address and the reason.
 
+pub mod assembly;
 mod error;
 pub mod frame;
 mod key;
 mod stream;
 
+pub use assembly::{Assembled, Assembly};
 pub use error::WireError;
 pub use frame::{Frame, FrameHeader, FrameKind, StripeHead};
 pub use key::{JobKey, KEY_ENV, KEY_LEN};
-pub use stream::{job_id, AuthStream, FrameReader, FrameWriter, Hello, StreamOptions};
+pub use stream::{job_id, AuthStream, FrameReader, FrameWriter, Hello, Session, StreamOptions};
 
 use std::time::{Duration, Instant};
 

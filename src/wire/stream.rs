@@ -275,28 +275,18 @@ impl AuthStream {
 impl FrameReader {
     /// Reads and verifies the next frame, blocking until it arrives.
     pub fn recv(&mut self) -> Result<Frame, WireError> {
-        let peer = self.peer;
-        let mut header = [0u8; HEADER_LEN];
-        self.inner
-            .read_exact(&mut header)
-            .map_err(|e| WireError::from_io(peer, "reading a frame header", e))?;
-        let parsed = FrameHeader::decode(header, self.max_frame, peer)?;
-        // Cannot truncate: decode bounded `len` by `max_frame`, a usize.
-        let mut payload = vec![0u8; parsed.len as usize];
-        let mut mac = [0u8; MAC_LEN];
-        self.inner
-            .read_exact(&mut payload)
-            .and_then(|()| self.inner.read_exact(&mut mac))
-            .map_err(|e| WireError::from_io(peer, "reading a frame", e))?;
-        if !constant_time_eq_n(&mac, &frame_mac(&self.key, self.seq, &header, &payload)) {
-            return Err(WireError::BadMac { peer });
-        }
+        let frame = self.session().read(&mut self.inner)?;
         self.seq += 1;
-        Ok(Frame {
-            kind: parsed.kind,
-            tag: parsed.tag,
-            payload,
-        })
+        Ok(frame)
+    }
+
+    fn session(&self) -> Session {
+        Session {
+            key: self.key,
+            seq: self.seq,
+            max_frame: self.max_frame,
+            peer: self.peer,
+        }
     }
 
     pub fn peer_addr(&self) -> SocketAddr {
@@ -308,6 +298,68 @@ impl FrameWriter {
     /// Sends one frame and flushes it. A payload over the frame limit is
     /// refused here, since the peer would drop the connection for it.
     pub fn send(&mut self, kind: FrameKind, tag: u64, payload: &[u8]) -> Result<(), WireError> {
+        let session = Session {
+            key: self.key,
+            seq: self.seq,
+            max_frame: self.max_frame,
+            peer: self.peer,
+        };
+        session.write(&mut self.inner, kind, tag, payload)?;
+        self.seq += 1;
+        self.inner
+            .flush()
+            .map_err(|e| WireError::from_io(self.peer, "sending a frame", e))
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+/// One direction of a stream at one frame: its session key, the frame's
+/// sequence number, the frame limit and the peer (for errors). Reading
+/// and writing frames needs nothing else, so it works on any byte stream:
+/// the socket, or a buffer in a test or a fuzz target.
+#[derive(Debug, Clone, Copy)]
+pub struct Session {
+    pub key: [u8; 32],
+    pub seq: u64,
+    pub max_frame: usize,
+    pub peer: SocketAddr,
+}
+
+impl Session {
+    /// Reads frame number `seq` from `r` and verifies its MAC.
+    pub fn read(&self, r: &mut impl Read) -> Result<Frame, WireError> {
+        let peer = self.peer;
+        let mut header = [0u8; HEADER_LEN];
+        r.read_exact(&mut header)
+            .map_err(|e| WireError::from_io(peer, "reading a frame header", e))?;
+        let parsed = FrameHeader::decode(header, self.max_frame, peer)?;
+        // Cannot truncate: decode bounded `len` by `max_frame`, a usize.
+        let mut payload = vec![0u8; parsed.len as usize];
+        let mut mac = [0u8; MAC_LEN];
+        r.read_exact(&mut payload)
+            .and_then(|()| r.read_exact(&mut mac))
+            .map_err(|e| WireError::from_io(peer, "reading a frame", e))?;
+        if !constant_time_eq_n(&mac, &frame_mac(&self.key, self.seq, &header, &payload)) {
+            return Err(WireError::BadMac { peer });
+        }
+        Ok(Frame {
+            kind: parsed.kind,
+            tag: parsed.tag,
+            payload,
+        })
+    }
+
+    /// Writes frame number `seq` to `w` (without flushing).
+    pub fn write(
+        &self,
+        w: &mut impl Write,
+        kind: FrameKind,
+        tag: u64,
+        payload: &[u8],
+    ) -> Result<(), WireError> {
         let peer = self.peer;
         let too_large = || WireError::FrameTooLarge {
             peer,
@@ -320,17 +372,10 @@ impl FrameWriter {
         let len = u32::try_from(payload.len()).map_err(|_| too_large())?;
         let header = FrameHeader { kind, tag, len }.encode();
         let mac = frame_mac(&self.key, self.seq, &header, payload);
-        self.seq += 1;
-        self.inner
-            .write_all(&header)
-            .and_then(|()| self.inner.write_all(payload))
-            .and_then(|()| self.inner.write_all(&mac))
-            .and_then(|()| self.inner.flush())
+        w.write_all(&header)
+            .and_then(|()| w.write_all(payload))
+            .and_then(|()| w.write_all(&mac))
             .map_err(|e| WireError::from_io(peer, "sending a frame", e))
-    }
-
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
     }
 }
 

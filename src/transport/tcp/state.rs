@@ -13,7 +13,7 @@ use super::lanes::Stripes;
 use super::TcpOptions;
 use crate::transport::TransportError;
 use crate::wire::{
-    AuthStream, FrameKind, FrameReader, FrameWriter, Hello, JobKey, StreamOptions, StripeHead,
+    Assembled, Assembly, AuthStream, FrameReader, FrameWriter, Hello, JobKey, StreamOptions,
 };
 
 /// Rank ids a joinable mesh accepts: each costs an entry in the peer
@@ -446,66 +446,25 @@ impl Shared {
     /// connection ends; returns why it ended.
     fn pump(&self, src: usize, reader: &mut FrameReader) -> Loss {
         let addr = reader.peer_addr();
-        // A message split into DataMore frames, waiting for its last piece.
-        let mut partial: Option<(u64, Vec<u8>)> = None;
-        // Part 0 of a striped message, waiting for its last frame.
-        let mut stripe: Option<(u64, StripeHead, Vec<u8>)> = None;
+        let mut assembly = Assembly::default();
         loop {
             let frame = match reader.recv() {
                 Ok(frame) => frame,
                 Err(e) => return Loss::Failure(e.to_string()),
             };
-            match frame.kind {
-                FrameKind::Data | FrameKind::DataMore => {
-                    let message = match partial.take() {
-                        None => frame.payload,
-                        Some((tag, mut pieces)) if tag == frame.tag => {
-                            pieces.extend_from_slice(&frame.payload);
-                            pieces
-                        }
-                        Some((tag, _)) => {
-                            return Loss::Failure(format!(
-                                "{addr}: started a message on tag {} before finishing the one on tag {tag}",
-                                frame.tag
-                            ))
-                        }
-                    };
-                    if frame.kind == FrameKind::DataMore {
-                        partial = Some((frame.tag, message));
-                    } else {
-                        self.deliver(src, frame.tag, message);
+            match assembly.take(frame) {
+                Ok(Assembled::Pending) => {}
+                Ok(Assembled::Message { tag, payload }) => self.deliver(src, tag, payload),
+                Ok(Assembled::Striped { tag, head, part }) => {
+                    match self.join_parts(src, head, part) {
+                        Ok(message) => self.deliver(src, tag, message),
+                        Err(loss) => return loss,
                     }
                 }
-                FrameKind::Stripe | FrameKind::StripeMore => {
-                    let Some((head, data)) = StripeHead::split(&frame.payload) else {
-                        return Loss::Failure(format!("{addr}: a malformed stripe frame"));
-                    };
-                    let (tag, mut part0) = match stripe.take() {
-                        None if head.part == 0 => (frame.tag, Vec::new()),
-                        Some((tag, first, part0)) if tag == frame.tag && first == head => (tag, part0),
-                        _ => {
-                            return Loss::Failure(format!(
-                                "{addr}: stripe frames of message {} out of place on the main connection",
-                                head.message
-                            ))
-                        }
-                    };
-                    part0.extend_from_slice(data);
-                    if frame.kind == FrameKind::StripeMore {
-                        stripe = Some((tag, head, part0));
-                    } else {
-                        match self.join_parts(src, head, part0) {
-                            Ok(message) => self.deliver(src, tag, message),
-                            Err(loss) => return loss,
-                        }
-                    }
+                Ok(Assembled::Closed) => {
+                    return Loss::Goodbye(format!("{addr}: closed its transport"))
                 }
-                FrameKind::Close => return Loss::Goodbye(format!("{addr}: closed its transport")),
-                FrameKind::Control => {
-                    return Loss::Failure(format!(
-                        "{addr}: sent a control frame, which the transport does not use"
-                    ))
-                }
+                Err(reason) => return Loss::Failure(format!("{addr}: {reason}")),
             }
         }
     }
