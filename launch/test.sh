@@ -106,6 +106,27 @@ wan_tests() {
     cargo test --locked --test wan_two_sites -- --ignored
 }
 
+# Each fuzz target for a few seconds, from its committed seeds and
+# regressions (new inputs go to a scratch corpus, so the committed one stays
+# as it is). Needs nightly Rust and cargo-fuzz; `tests/fuzz_corpus.rs`
+# replays the corpora on stable either way.
+fuzz_seconds=${SWARMRUN_FUZZ_SECONDS:-8}
+fuzz_targets() {
+    local work t
+    work=$(mktemp -d)
+    (
+        cd fuzz &&
+            for t in $(cargo +nightly fuzz list); do
+                mkdir -p "$work/$t" "regressions/$t" &&
+                    cargo +nightly fuzz run -O "$t" "$work/$t" "corpus/$t" "regressions/$t" \
+                        -- -max_total_time="$fuzz_seconds" -print_final_stats=1 || exit 1
+            done
+    )
+    local rc=$?
+    rm -rf "$work"
+    return $rc
+}
+
 suite_started=$SECONDS
 part "cargo fmt --check" cargo fmt --all -- --check
 for features in "" "$all_features" "mpi" "cuda" "hwloc"; do
@@ -116,6 +137,13 @@ if [ "$(id -u)" = 0 ] && ip netns add swarmrun-probe 2>/dev/null; then
     part "emulated WAN (network namespaces)" wan_tests
 else
     summary+=("test.sh: emulated WAN (network namespaces) SKIPPED: needs root and ip netns")
+fi
+
+if rustup toolchain list 2>/dev/null | grep -q '^nightly' &&
+    { command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz; }; then
+    part "fuzz (${fuzz_seconds} s per target)" fuzz_targets
+else
+    summary+=("test.sh: fuzz SKIPPED: needs nightly Rust and cargo-fuzz")
 fi
 
 printf '%s\n' "${summary[@]}"
