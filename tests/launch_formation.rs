@@ -29,5 +29,8 @@ fn ranks_started_all_at_once_form_one_world_every_time() {
 #[test]
 fn ranks_started_in_a_random_order_form_one_world_every_time() {
     let text = trials("2");
-    assert!(text.contains("3 of 3 trials formed one world (spread 2 s"), "{text}");
+    assert!(
+        text.contains("3 of 3 trials formed one world (spread 2 s"),
+        "{text}"
+    );
 }

@@ -40,6 +40,9 @@ struct Script {
     /// When the first `Run` of this window arrives, this miner is lost
     /// (its reports for it never come).
     lose: Option<(u64, usize)>,
+    /// In this window, this miner is lost after the first `n` reports of
+    /// the first `Run` came in (the others' later reports still come).
+    lose_midway: Option<(u64, usize, usize)>,
     /// This rank asks to leave when the first `Run` of the window arrives.
     leave: Option<(u64, usize)>,
     /// These ranks join when the first `Run` of the window arrives.
@@ -207,9 +210,11 @@ impl Sim {
                 attempt,
                 routes,
             } => {
-                if self.ran.insert(*window) {
+                let first = self.ran.insert(*window);
+                if first {
                     self.script_events(*window);
                 }
+                let queued = self.inbox.len();
                 for route in routes {
                     let last = route.path.len() - 1;
                     for (stage, &miner) in route.path.iter().enumerate() {
@@ -239,6 +244,21 @@ impl Sim {
                             },
                         );
                     }
+                }
+                match self.script.lose_midway {
+                    Some((w, rank, n)) if first && w == *window => {
+                        let at = queued + n;
+                        let later: Vec<Input> =
+                            self.inbox.drain(at.min(self.inbox.len())..).collect();
+                        self.inbox
+                            .push_back(Input::Lost(rank, "connection reset".into()));
+                        let from_others = later
+                            .into_iter()
+                            .filter(|i| !matches!(i, Input::Report(r, _) if *r == rank));
+                        self.inbox.extend(from_others);
+                        self.dead.insert(rank);
+                    }
+                    _ => {}
                 }
             }
             Order::Audit {
@@ -630,5 +650,69 @@ fn silence_past_the_timeout_is_a_stall_and_silence_before_it_is_nothing() {
     assert!(
         matches!(stalled, Err(TrainError::Stalled { .. })),
         "{stalled:?}"
+    );
+}
+
+#[test]
+fn microbatches_finished_before_a_miner_is_lost_are_kept_and_credited_unless_it_holds_them() {
+    let spec = spec("");
+    // Window 1's first Run: the first 3 microbatches come back whole from
+    // both stages (6 reports), then miner 2 is lost.
+    let (seen, result) = Sim::run(
+        &spec,
+        Script {
+            lose_midway: Some((1, 2, 6)),
+            ..Script::default()
+        },
+    );
+    result.unwrap();
+    let runs = seen.runs(1);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let first: Vec<&Vec<usize>> = runs[0].1.iter().take(3).collect();
+    let ids_of_attempt = |attempt: usize| -> Vec<u64> {
+        seen.orders
+            .iter()
+            .filter_map(|(_, o)| match o {
+                Order::Run {
+                    window: 1,
+                    attempt: a,
+                    routes,
+                } if *a as usize == attempt => {
+                    Some(routes.iter().map(|r| r.id).collect::<Vec<_>>())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let (done, redone) = (ids_of_attempt(0), ids_of_attempt(1));
+    let counted: Vec<(u64, Vec<usize>)> = seen
+        .orders
+        .iter()
+        .find_map(|(_, o)| match o {
+            Order::Close {
+                window: 1, counted, ..
+            } => Some(counted.iter().map(|r| (r.id, r.path.clone())).collect()),
+            _ => None,
+        })
+        .unwrap();
+    for (id, path) in done.iter().take(3).zip(first) {
+        if path.contains(&2) {
+            // The lost miner held its gradients: it is served again.
+            assert!(redone.contains(id), "{id} {path:?}");
+        } else {
+            // Finished elsewhere: kept as it was, and counted on its path.
+            assert!(!redone.contains(id), "{id} {path:?} was redone");
+            assert!(
+                counted.contains(&(*id, path.clone())),
+                "{id} {path:?}: {counted:?}"
+            );
+        }
+    }
+    // Nothing the lost miner did counts.
+    assert!(counted.iter().all(|(_, path)| !path.contains(&2)));
+    assert!(
+        seen.runs(1)[0].1.iter().take(3).any(|p| !p.contains(&2)),
+        "the case is covered"
     );
 }
