@@ -241,6 +241,10 @@ enum BenchCmd {
     /// fast validators catch it, honest miners flagged, replay cost against
     /// miner compute, and the ledger's reward-share error.
     Trust(swarmrun::bench::trust::TrustOptions),
+    /// The orchestrator's decisions (routing, rebalancing, audit draws,
+    /// ledger) with 10 to 10,000 simulated miners: time per microbatch and
+    /// per window.
+    Sched(swarmrun::bench::sched::SchedOptions),
     /// One training job across two sites joined by an emulated wide-area
     /// link (network namespaces; needs root): tokens/s with the boundary
     /// codec off, at 8x and at 128x, on the unshaped and the shaped link.
@@ -476,6 +480,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             BenchCmd::Trust(opts) => {
                 swarmrun::bench::trust::run(&opts)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchCmd::Sched(opts) => {
+                swarmrun::bench::sched::run(&opts)?;
                 Ok(ExitCode::SUCCESS)
             }
             BenchCmd::Train { job, windows, part } => {

@@ -6,6 +6,7 @@ pub mod allreduce;
 pub mod compress;
 pub mod launch;
 pub mod matmul;
+pub mod sched;
 pub mod train;
 pub mod trust;
 pub mod wan;

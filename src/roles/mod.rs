@@ -5,7 +5,7 @@ mod audit;
 mod cheat;
 mod handover;
 mod miner;
-mod orchestrator;
+pub(crate) mod orchestrator;
 pub mod protocol;
 pub mod train;
 mod validator;

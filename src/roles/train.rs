@@ -147,7 +147,7 @@ impl WindowLine {
 }
 
 /// What every role needs to know about the job.
-pub(super) struct Setup {
+pub(crate) struct Setup {
     pub stages: usize,
     pub layers: Vec<usize>,
     pub config: GptConfig,

@@ -11,6 +11,7 @@
 mod checks;
 pub mod machine;
 mod membership;
+pub mod sim;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,406 @@
+//! Simulated ranks around a [`Coordinator`]: they answer its orders the
+//! way miners and validators do, at once and without models, sockets or
+//! clocks, unless a [`Script`] makes them misbehave (a loss, a leave, a
+//! join, a cheat). The unit tests drive the orchestrator's decisions with
+//! it, and `swarmrun bench sched` times those decisions for thousands of
+//! miners.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::machine::{Beginning, Coordinator, Input, Output};
+use super::StartPoint;
+use crate::checkpoint::StageEntry;
+use crate::config::{JobSpec, Role};
+use crate::ledger::Tally;
+use crate::pipeline::Router;
+use crate::roles::protocol::{
+    is_validation, Order, Receipt, Reduction, Report, StageDigests, Verdict,
+};
+use crate::roles::train::{miners_of, Setup, TrainError};
+
+/// How the simulated ranks misbehave.
+#[derive(Default)]
+pub struct Script {
+    /// When the first `Run` of this window arrives, this miner is lost
+    /// (its reports for it never come).
+    pub lose: Option<(u64, usize)>,
+    /// In this window, this miner is lost after the first `n` reports of
+    /// the first `Run` came in (the others' later reports still come).
+    pub lose_midway: Option<(u64, usize, usize)>,
+    /// This rank asks to leave when the first `Run` of the window arrives.
+    pub leave: Option<(u64, usize)>,
+    /// These ranks join when the first `Run` of the window arrives.
+    pub join: Option<(u64, Vec<usize>)>,
+    /// The validator finds this miner's passes wrong.
+    pub cheater: Option<usize>,
+    /// This miner states other weights after stepping.
+    pub diverges: Option<usize>,
+}
+
+/// What the simulation saw.
+#[derive(Default)]
+pub struct Seen {
+    pub orders: Vec<(Vec<usize>, Order)>,
+    pub ledger: Vec<(u64, Vec<Tally>)>,
+    pub windows: Vec<(u64, u32, Vec<usize>)>,
+    pub departed: Vec<usize>,
+    pub commits: Vec<u64>,
+    /// Time spent inside the coordinator (not in the simulated ranks).
+    pub deciding: Duration,
+    pub warnings: Vec<String>,
+    pub done: bool,
+}
+
+/// Simulated ranks around a coordinator.
+pub struct Sim {
+    script: Script,
+    /// Ranks that no longer answer.
+    dead: BTreeSet<usize>,
+    /// The stage of every miner, as the orders tell it.
+    stage_of: BTreeMap<usize, usize>,
+    inbox: VecDeque<Input>,
+    seen: Seen,
+    /// Windows whose first `Run` was seen.
+    ran: BTreeSet<u64>,
+}
+
+impl Sim {
+    fn new(script: Script) -> Sim {
+        Sim {
+            script,
+            dead: BTreeSet::new(),
+            stage_of: BTreeMap::new(),
+            inbox: VecDeque::new(),
+            seen: Seen::default(),
+            ran: BTreeSet::new(),
+        }
+    }
+
+    /// Runs the job to its end (or the coordinator's error).
+    pub fn run(spec: &JobSpec, script: Script) -> (Seen, Result<(), TrainError>) {
+        let mut sim = Sim::new(script);
+        let result = sim.drive(spec);
+        (sim.seen, result)
+    }
+
+    /// Answers the coordinator of `spec`'s plan until the job is done,
+    /// timing the coordinator's decisions in [`Seen::deciding`].
+    fn drive(&mut self, spec: &JobSpec) -> Result<(), TrainError> {
+        let start = StartPoint {
+            resumed: None,
+            job_text: String::new(),
+        };
+        let plan = spec.plan(None).map_err(|e| TrainError::Protocol {
+            rank: 0,
+            reason: e.to_string(),
+        })?;
+        let setup = Setup::new(spec)?;
+        let stages = setup.stages;
+        let mut c = Coordinator::new(
+            spec,
+            &start,
+            Beginning {
+                setup,
+                router: Router::new(stages, &miners_of(&plan), spec.job.seed),
+                validators: plan
+                    .ranks
+                    .iter()
+                    .filter(|r| r.role == Role::Validator)
+                    .map(|r| r.rank)
+                    .collect(),
+                planned: plan.ranks.len(),
+                weights: (0..stages).map(|s| format!("start{s}")).collect(),
+                optimizers: (0..stages).map(|s| Some(format!("adam{s}"))).collect(),
+                seed: 7,
+                modelled: None,
+                timeout: Duration::from_secs(60),
+                sites: plan
+                    .ranks
+                    .iter()
+                    .map(|r| (r.rank, r.site.clone()))
+                    .collect(),
+            },
+        );
+        let now = Instant::now();
+        let timed = Instant::now();
+        let outputs = c.begin(now)?;
+        self.seen.deciding += timed.elapsed();
+        self.take(outputs);
+        while let Some(input) = self.inbox.pop_front() {
+            let timed = Instant::now();
+            let outputs = c.on(input, now)?;
+            self.seen.deciding += timed.elapsed();
+            self.take(outputs);
+            if self.seen.done {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send(to, order) => {
+                    self.answer(&to, &order);
+                    self.seen.orders.push((to, order));
+                }
+                Output::Ledger { window, tallies } => self.seen.ledger.push((window, tallies)),
+                Output::Window(w) => self.seen.windows.push((w.window, w.attempts, w.caught)),
+                Output::Departed(rank) => {
+                    self.dead.insert(rank);
+                    self.seen.departed.push(rank);
+                }
+                Output::Commit(m) => self.seen.commits.push(m.window),
+                Output::Warn(line) | Output::Say(line) => self.seen.warnings.push(line),
+                Output::Done => self.seen.done = true,
+            }
+        }
+    }
+
+    fn report(&mut self, from: usize, report: Report) {
+        if !self.dead.contains(&from) {
+            self.inbox.push_back(Input::Report(from, report));
+        }
+    }
+
+    /// What the ranks in `to` say back to `order`.
+    fn answer(&mut self, to: &[usize], order: &Order) {
+        match order {
+            Order::Start { stages, .. } => {
+                for (stage, miners) in stages.iter().enumerate() {
+                    for &m in miners {
+                        self.stage_of.insert(m, stage);
+                    }
+                }
+            }
+            Order::Run {
+                window,
+                attempt,
+                routes,
+            } => {
+                let first = self.ran.insert(*window);
+                if first {
+                    self.script_events(*window);
+                }
+                let queued = self.inbox.len();
+                for route in routes {
+                    let last = route.path.len() - 1;
+                    for (stage, &miner) in route.path.iter().enumerate() {
+                        let receipt = (!is_validation(route.id)).then(|| {
+                            Box::new(Receipt {
+                                input: (stage > 0).then(|| format!("a{}-{}", route.id, stage - 1)),
+                                output: format!("a{}-{stage}", route.id),
+                                grad_in: (stage < last)
+                                    .then(|| format!("g{}-{}", route.id, stage + 1)),
+                                grad_out: (stage > 0).then(|| format!("g{}-{stage}", route.id)),
+                                params: format!("p{}-{stage}", route.id),
+                                maxes: vec![1.0f32.to_bits(); 3],
+                            })
+                        });
+                        self.report(
+                            miner,
+                            Report::Served {
+                                window: *window,
+                                attempt: *attempt,
+                                id: route.id,
+                                stage,
+                                compute_s: 0.01,
+                                loss: (stage == last).then_some(2.5),
+                                dense_bytes: 0,
+                                wire_bytes: 0,
+                                receipt,
+                            },
+                        );
+                    }
+                }
+                match self.script.lose_midway {
+                    Some((w, rank, n)) if first && w == *window => {
+                        let at = queued + n;
+                        let later: Vec<Input> =
+                            self.inbox.drain(at.min(self.inbox.len())..).collect();
+                        self.inbox
+                            .push_back(Input::Lost(rank, "connection reset".into()));
+                        let from_others = later
+                            .into_iter()
+                            .filter(|i| !matches!(i, Input::Report(r, _) if *r == rank));
+                        self.inbox.extend(from_others);
+                        self.dead.insert(rank);
+                    }
+                    _ => {}
+                }
+            }
+            Order::Audit {
+                window,
+                attempt,
+                tasks,
+                ..
+            } => {
+                for task in tasks {
+                    let verdict = if self.script.cheater == Some(task.miner) {
+                        Verdict::Failed("its replay gives other gradients".into())
+                    } else {
+                        Verdict::Passed
+                    };
+                    self.report(
+                        task.validator,
+                        Report::Audited {
+                            window: *window,
+                            attempt: *attempt,
+                            task: Box::new(task.clone()),
+                            verdict,
+                            replay_s: 0.01,
+                        },
+                    );
+                }
+            }
+            Order::Close {
+                window,
+                attempt,
+                stages,
+                ..
+            } => {
+                for (stage, miners) in stages.iter().enumerate() {
+                    for &m in miners.iter().filter(|m| to.contains(m)) {
+                        let reduction = Reduction {
+                            contributions: (0..miners.len()).map(|j| format!("c{m}-{j}")).collect(),
+                            copies: Vec::new(),
+                            agreed: true,
+                            result: Some(format!("sum{window}-{stage}")),
+                            across: None,
+                        };
+                        self.report(
+                            m,
+                            Report::Reduced {
+                                window: *window,
+                                attempt: *attempt,
+                                reduction,
+                            },
+                        );
+                    }
+                }
+            }
+            Order::Recompute {
+                window,
+                attempt,
+                tasks,
+            } => {
+                for task in tasks {
+                    let verdicts = task
+                        .contributors
+                        .iter()
+                        .chain(&task.holders)
+                        .map(|(m, _)| (*m, Verdict::Passed))
+                        .collect();
+                    self.report(
+                        task.validator,
+                        Report::Recomputed {
+                            window: *window,
+                            attempt: *attempt,
+                            task: Box::new(task.clone()),
+                            verdicts,
+                            replay_s: 0.01,
+                        },
+                    );
+                }
+            }
+            Order::Step {
+                window,
+                writers,
+                audits,
+            } => {
+                let digests =
+                    |stage: usize| (format!("w{window}-{stage}"), format!("o{window}-{stage}"));
+                let miners: Vec<(usize, usize)> = self
+                    .stage_of
+                    .iter()
+                    .map(|(m, s)| (*m, *s))
+                    .filter(|(m, _)| to.contains(m))
+                    .collect();
+                for (m, stage) in miners {
+                    let (mut digest, optimizer) = digests(stage);
+                    if self.script.diverges == Some(m) {
+                        digest.push_str("-other");
+                    }
+                    let checkpoint = writers.contains(&m).then(|| StageEntry {
+                        stage,
+                        file: format!("stage{stage}.bin"),
+                        blake3: format!("file{window}-{stage}"),
+                        weights_digest: digest.clone(),
+                        optimizer_digest: Some(optimizer.clone()),
+                    });
+                    self.report(
+                        m,
+                        Report::Stepped {
+                            window: *window,
+                            stage,
+                            digest,
+                            optimizer,
+                            checkpoint,
+                        },
+                    );
+                }
+                for task in audits {
+                    self.report(
+                        task.validator,
+                        Report::CheckpointAudited {
+                            window: *window,
+                            task: task.clone(),
+                            file: Some(format!("file{window}-{}", task.stage)),
+                            weights: Some(digests(task.stage).0),
+                            verdict: Verdict::Passed,
+                            replay_s: 0.01,
+                        },
+                    );
+                }
+            }
+            Order::Place { window, placements } => {
+                for p in placements {
+                    self.stage_of.insert(p.rank, p.stage);
+                    let state = Ok(StageDigests {
+                        weights: p.weights.clone(),
+                        optimizer: p.optimizer.clone().unwrap_or_default(),
+                    });
+                    self.report(
+                        p.rank,
+                        Report::Placed {
+                            window: *window,
+                            stage: p.stage,
+                            state,
+                        },
+                    );
+                }
+            }
+            Order::Stop => {
+                for r in to {
+                    self.stage_of.remove(r);
+                }
+            }
+        }
+    }
+
+    /// What the script makes happen as `window` starts serving.
+    fn script_events(&mut self, window: u64) {
+        if let Some((w, rank)) = self.script.lose {
+            if w == window {
+                self.dead.insert(rank);
+                self.inbox
+                    .push_front(Input::Lost(rank, "connection reset".into()));
+            }
+        }
+        if let Some((w, rank)) = self.script.leave {
+            if w == window {
+                self.inbox.push_back(Input::Report(rank, Report::Leaving));
+            }
+        }
+        if let Some((w, ranks)) = &self.script.join {
+            if *w == window {
+                for &rank in ranks {
+                    let site = Some("local".to_string());
+                    self.inbox.push_back(Input::Joined { rank, site });
+                }
+            }
+        }
+    }
+}
