@@ -132,7 +132,7 @@ pub fn run(o: &SchedOptions) -> Result<Vec<SchedRow>, SchedError> {
     for &miners in &o.miners {
         let row = measure(o, miners)?;
         println!(
-            "{:>8} {:>7} {:>13} {:>16.2} {:>18.1} {:>16.2}",
+            "{:>8} {:>7} {:>13} {:>16.3} {:>18.2} {:>16.3}",
             row.miners,
             row.stages,
             row.microbatches,

@@ -130,32 +130,43 @@ impl Router {
         self.miners.get(&rank).map(|m| m.stage)
     }
 
-    /// A miner's throughput; one not yet measured on its stage (new, or
-    /// just moved) counts as the mean of its stage's measured miners, so
-    /// it gets work and is measured instead of being starved.
-    fn weight(&self, m: &Miner) -> f64 {
-        m.throughput.unwrap_or_else(|| {
-            let measured: Vec<f64> = self
-                .miners
-                .values()
-                .filter(|o| o.stage == m.stage)
-                .filter_map(|o| o.throughput)
-                .collect();
-            if measured.is_empty() {
-                UNMEASURED
-            } else {
-                measured.iter().sum::<f64>() / measured.len() as f64
+    /// Each stage's miner count, measured mean and capacity, from two
+    /// passes over the miners (not one pass per miner: a swarm has
+    /// thousands).
+    fn view(&self) -> StageView {
+        let n = self.stages;
+        let (mut sums, mut measured, mut counts) = (vec![0.0; n], vec![0usize; n], vec![0; n]);
+        for m in self.miners.values().filter(|m| m.stage < n) {
+            counts[m.stage] += 1;
+            if let Some(t) = m.throughput {
+                sums[m.stage] += t;
+                measured[m.stage] += 1;
             }
-        })
+        }
+        let means: Vec<f64> = sums
+            .iter()
+            .zip(&measured)
+            .map(|(sum, &k)| if k == 0 { UNMEASURED } else { sum / k as f64 })
+            .collect();
+        let mut capacity = vec![0.0; n];
+        for m in self.miners.values().filter(|m| m.stage < n) {
+            capacity[m.stage] += m.throughput.unwrap_or(means[m.stage]);
+        }
+        StageView {
+            means,
+            capacity,
+            counts,
+        }
     }
 
-    /// The miners of `stage` with their throughput.
-    fn candidates(&self, stage: usize) -> Vec<(usize, f64)> {
-        self.miners
-            .iter()
-            .filter(|(_, m)| m.stage == stage)
-            .map(|(r, m)| (*r, self.weight(m)))
-            .collect()
+    /// The miners of each stage with their throughput, by rank.
+    fn candidates(&self) -> Vec<Vec<(usize, f64)>> {
+        let view = self.view();
+        let mut by_stage = vec![Vec::new(); self.stages];
+        for (&rank, m) in self.miners.iter().filter(|(_, m)| m.stage < self.stages) {
+            by_stage[m.stage].push((rank, view.weight(m)));
+        }
+        by_stage
     }
 
     /// Paths for `n` microbatches that run together (one window): stage by
@@ -167,8 +178,7 @@ impl Router {
     /// `None` when some stage has no miner left.
     pub fn route_batch(&mut self, n: usize) -> Option<Vec<Vec<usize>>> {
         let mut paths = vec![Vec::with_capacity(self.stages); n];
-        for stage in 0..self.stages {
-            let candidates = self.candidates(stage);
+        for candidates in self.candidates() {
             if candidates.is_empty() {
                 return None;
             }
@@ -233,9 +243,10 @@ impl Router {
     /// counting it at the mean rate of that stage's miners; ties go to the
     /// lower stage.
     pub fn stage_for_newcomer(&self, allowed: &[usize]) -> usize {
-        let caps: Vec<f64> = (0..self.stages).map(|s| self.capacity(s)).collect();
+        let view = self.view();
+        let caps = &view.capacity;
         let pace_with = |s: usize| {
-            let miners = self.stage_miners(s).len();
+            let miners = view.counts[s];
             let rate = if miners == 0 {
                 UNMEASURED
             } else {
@@ -264,28 +275,7 @@ impl Router {
 
     /// Microbatches per second stage `stage` can take (sum of its miners).
     pub fn capacity(&self, stage: usize) -> f64 {
-        self.miners
-            .values()
-            .filter(|m| m.stage == stage)
-            .map(|m| self.weight(m))
-            .sum()
-    }
-
-    /// The microbatches per second miner `m` (`w` on its own stage) would
-    /// serve on `stage`: that stage's mean pace, scaled by how `m` compares
-    /// with its own stage's miners. A pass's time is mostly its stage's
-    /// work (a stage of three blocks is three times slower for everyone),
-    /// so a miner's rate on one stage says little of its rate on another;
-    /// how much faster than its peers it is carries over.
-    fn rate_on(&self, m: &Miner, w: f64, stage: usize) -> f64 {
-        let mean = |s: usize| {
-            let miners = self.stage_miners(s).len();
-            (miners > 0).then(|| self.capacity(s) / miners as f64)
-        };
-        match (mean(m.stage), mean(stage)) {
-            (Some(own), Some(there)) if own > 0.0 => w / own * there,
-            _ => w,
-        }
+        self.view().capacity.get(stage).copied().unwrap_or(0.0)
     }
 
     /// Moves one miner to the bottleneck stage if that raises the slowest
@@ -295,18 +285,19 @@ impl Router {
         if self.miners.values().any(|m| m.samples < REBALANCE_SAMPLES) {
             return None;
         }
-        let caps: Vec<f64> = (0..self.stages).map(|s| self.capacity(s)).collect();
+        let view = self.view();
+        let caps = &view.capacity;
         let bottleneck = (0..self.stages).min_by(|&a, &b| caps[a].total_cmp(&caps[b]))?;
         let before = caps[bottleneck];
         let mut best: Option<(Move, f64)> = None;
-        for (&rank, m) in &self.miners {
-            if m.stage == bottleneck || self.stage_miners(m.stage).len() <= MIN_STAGE_MINERS {
+        for (&rank, m) in self.miners.iter().filter(|(_, m)| m.stage < self.stages) {
+            if m.stage == bottleneck || view.counts[m.stage] <= MIN_STAGE_MINERS {
                 continue;
             }
-            let w = self.weight(m);
+            let w = view.weight(m);
             let mut after = caps.clone();
             after[m.stage] -= w;
-            after[bottleneck] += self.rate_on(m, w, bottleneck);
+            after[bottleneck] += view.rate_on(m, w, bottleneck);
             let slowest = after.iter().cloned().fold(f64::INFINITY, f64::min);
             if slowest > before * REBALANCE_GAIN && best.as_ref().is_none_or(|(_, s)| slowest > *s)
             {
@@ -328,6 +319,41 @@ impl Router {
             m.samples = 0;
         }
         Some(mv)
+    }
+}
+
+/// What the router knows of each stage at one moment.
+struct StageView {
+    /// Mean throughput of each stage's measured miners.
+    means: Vec<f64>,
+    /// Sum of each stage's miners' throughput.
+    capacity: Vec<f64>,
+    counts: Vec<usize>,
+}
+
+impl StageView {
+    /// A miner's throughput; one not yet measured on its stage (new, or
+    /// just moved) counts as the mean of its stage's measured miners, so
+    /// it gets work and is measured instead of being starved.
+    fn weight(&self, m: &Miner) -> f64 {
+        m.throughput.unwrap_or(self.means[m.stage])
+    }
+
+    /// The microbatches per second miner `m` (`w` on its own stage) would
+    /// serve on `stage`: that stage's mean pace, scaled by how `m` compares
+    /// with its own stage's miners. A pass's time is mostly its stage's
+    /// work (a stage of three blocks is three times slower for everyone),
+    /// so a miner's rate on one stage says little of its rate on another;
+    /// how much faster than its peers it is carries over.
+    fn rate_on(&self, m: &Miner, w: f64, stage: usize) -> f64 {
+        let mean = |s: usize| {
+            let miners = self.counts[s];
+            (miners > 0).then(|| self.capacity[s] / miners as f64)
+        };
+        match (mean(m.stage), mean(stage)) {
+            (Some(own), Some(there)) if own > 0.0 => w / own * there,
+            _ => w,
+        }
     }
 }
 
