@@ -77,12 +77,28 @@ fn two_shared_memory_sites_joined_by_tcp_train_the_bits_of_one_tcp_site() {
 /// other miner leads from then on and the run finishes.
 #[test]
 fn a_site_leader_forging_its_site_s_partial_sum_is_caught_between_sites() {
+    // Sites named in rank order, and against it (the leaders reduce in
+    // rank order whatever the sites are called).
+    for (first, second) in [("a", "b"), ("b", "a")] {
+        forging_leader_is_caught(first, second);
+    }
+}
+
+fn forging_leader_is_caught(first: &str, second: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let sites = "[[site]]\nname = \"a\"\nhosts = \"localhost\"\nranks_per_host = 4\nfabric = \"shm\"\n\n\
-                 [[site]]\nname = \"b\"\nhosts = \"localhost\"\nranks_per_host = 4\nfabric = \"shm\"\n";
-    let job = sites_job(dir.path(), "forge", sites);
-    // Rank 4 is the lowest of site b's stage-0 miners (4 and 6): its leader.
-    let mut text = std::fs::read_to_string(&job).unwrap();
+    let site = |name: &str| {
+        format!(
+            "[[site]]\nname = \"{name}\"\nhosts = \"localhost\"\nranks_per_host = 4\nfabric = \"shm\"\n\n"
+        )
+    };
+    let sites = site(first) + &site(second);
+    let job = sites_job(dir.path(), "forge", &sites);
+    // Rank 4 is the lowest of the second site's stage-0 miners (4 and 6):
+    // its leader.
+    // One copy of each slice: every holder's copy is checked on its own.
+    let mut text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("validators = 1\n", "validators = 1\nslice_copies = 1\n");
     text += "\n[[faults.cheat]]\nrank = 4\nkind = \"forge_partial\"\n";
     std::fs::write(&job, text).unwrap();
     let out = swarmrun().arg("launch").arg(&job).output().unwrap();

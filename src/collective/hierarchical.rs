@@ -40,26 +40,7 @@ pub fn hierarchical_all_reduce<T: Transport + ?Sized, E: Element>(
     op: ReduceOp,
     sites: &[usize],
 ) -> Result<(), CollectiveError> {
-    let (rank, size) = (c.rank(), c.size());
-    let (site, leaders) = guarded(&c, || {
-        if sites.len() != size {
-            return Err(CollectiveError::InvalidArgument(format!(
-                "{} site ids for {size} ranks",
-                sites.len()
-            )));
-        }
-        let site = Group::new(c.transport, (0..size).filter(|&r| sites[r] == sites[rank]))?;
-        let is_leader = site.parent_rank(0) == rank;
-        let leaders = is_leader
-            .then(|| {
-                Group::new(
-                    c.transport,
-                    (0..size).filter(|&r| !sites[..r].contains(&sites[r])),
-                )
-            })
-            .transpose()?;
-        Ok((site, leaders))
-    })?;
+    let (site, leaders) = guarded(&c, || site_groups(&c, sites))?;
     let in_site = c.within(&site, c.tag);
     let between = leaders.as_ref().map(|l| c.within(l, c.tag.wrapping_add(1)));
     // Avg divides once, by the whole world, after the last sum.
@@ -83,7 +64,7 @@ pub fn hierarchical_all_reduce<T: Transport + ?Sized, E: Element>(
         }
     }
     result?;
-    finish(buf, op, size);
+    finish(buf, op, c.size());
     Ok(())
 }
 
@@ -95,7 +76,7 @@ pub struct SitesCopies<E> {
     pub site: SliceCopies,
     /// For a site's leader: the site's partial result it contributed among
     /// the leaders, and its part in their redundant all-reduce (the leaders
-    /// in ascending site order are that call's ranks).
+    /// in ascending rank are that call's ranks).
     pub leader: Option<(Vec<E>, SliceCopies)>,
     /// Whether every copy of both levels, in every site, agreed: only then
     /// does `buf` hold the result.
@@ -119,24 +100,7 @@ pub fn hierarchical_all_reduce_redundant_checked<T: Transport + ?Sized, E: Eleme
     sites: &[usize],
     tampers: Tampers<'_, E>,
 ) -> Result<SitesCopies<E>, CollectiveError> {
-    let (rank, size) = (c.rank(), c.size());
-    let (site, leaders) = guarded(&c, || {
-        if sites.len() != size {
-            return Err(CollectiveError::InvalidArgument(format!(
-                "{} site ids for {size} ranks",
-                sites.len()
-            )));
-        }
-        let site = Group::new(c.transport, (0..size).filter(|&r| sites[r] == sites[rank]))?;
-        let mut firsts: Vec<usize> = (0..size)
-            .filter(|&r| !sites[..r].contains(&sites[r]))
-            .collect();
-        firsts.sort_by_key(|&r| sites[r]);
-        let leaders = (site.parent_rank(0) == rank)
-            .then(|| Group::new(c.transport, firsts))
-            .transpose()?;
-        Ok((site, leaders))
-    })?;
+    let (site, leaders) = guarded(&c, || site_groups(&c, sites))?;
     let in_site = c.within(&site, c.tag);
     let between = leaders.as_ref().map(|l| c.within(l, c.tag.wrapping_add(1)));
     let told = c.within(&site, c.tag.wrapping_add(2));
@@ -192,4 +156,29 @@ pub fn hierarchical_all_reduce_redundant_checked<T: Transport + ?Sized, E: Eleme
         }
     }
     result
+}
+
+/// The calling rank's site, and for a site's leader (its lowest rank) the
+/// group of all leaders, in ascending rank. `sites[r]` is rank `r`'s site.
+fn site_groups<'t, T: Transport + ?Sized>(
+    c: &Call<'t, T>,
+    sites: &[usize],
+) -> Result<(Group<'t, T>, Option<Group<'t, T>>), CollectiveError> {
+    let (rank, size) = (c.rank(), c.size());
+    if sites.len() != size {
+        return Err(CollectiveError::InvalidArgument(format!(
+            "{} site ids for {size} ranks",
+            sites.len()
+        )));
+    }
+    let site = Group::new(c.transport, (0..size).filter(|&r| sites[r] == sites[rank]))?;
+    let leaders = (site.parent_rank(0) == rank)
+        .then(|| {
+            Group::new(
+                c.transport,
+                (0..size).filter(|&r| !sites[..r].contains(&sites[r])),
+            )
+        })
+        .transpose()?;
+    Ok((site, leaders))
 }

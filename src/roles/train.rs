@@ -184,6 +184,15 @@ impl Setup {
     }
 }
 
+/// The validators of the plan, by rank.
+pub(super) fn validators_of(plan: &Plan) -> Vec<usize> {
+    plan.ranks
+        .iter()
+        .filter(|r| r.role == Role::Validator)
+        .map(|r| r.rank)
+        .collect()
+}
+
 /// (rank, stage) of every miner of the plan.
 pub(super) fn miners_of(plan: &Plan) -> Vec<(usize, usize)> {
     plan.ranks

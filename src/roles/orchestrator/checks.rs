@@ -43,13 +43,55 @@ impl Owed {
     }
 }
 
-/// Replays in flight: the tasks, what came back, and the chain breaks.
+/// Validators' answers to one attempt's tasks, as they come in.
 #[derive(Debug)]
-pub(super) struct PassAudit {
+pub(super) struct Replies<V> {
     window: u64,
     attempt: u32,
     owed: Owed,
-    verdicts: Vec<(AuditTask, Verdict)>,
+    verdicts: Vec<V>,
+}
+
+impl<V> Replies<V> {
+    fn new(window: u64, attempt: u32, validators: impl Iterator<Item = usize>) -> Replies<V> {
+        Replies {
+            window,
+            attempt,
+            owed: Owed::of(validators),
+            verdicts: Vec::new(),
+        }
+    }
+
+    /// Keeps `verdict` from `from` if it answers this attempt and `from`
+    /// owed an answer; counts its replay time in `w`.
+    fn accept(
+        &mut self,
+        from: usize,
+        (window, attempt): (u64, u32),
+        verdict: V,
+        replay_s: f64,
+        w: &mut WindowState,
+    ) {
+        if (window, attempt) == (self.window, self.attempt) && self.owed.take(from) {
+            w.replay_s += replay_s;
+            self.verdicts.push(verdict);
+        }
+    }
+
+    pub fn owes_nothing(&self) -> bool {
+        self.owed.is_done()
+    }
+
+    /// A validator lost on the way leaves its tasks undone.
+    pub fn forget_validator(&mut self, v: usize) {
+        self.owed.0.remove(&v);
+    }
+}
+
+/// Replays in flight, and the chain breaks they decide.
+#[derive(Debug)]
+pub(super) struct PassAudit {
+    pub replies: Replies<(AuditTask, Verdict)>,
     /// (pass that sent, pass that received) for each break in a chain.
     breaks: Vec<((u64, usize), (u64, usize))>,
 }
@@ -64,30 +106,17 @@ impl PassAudit {
             replay_s,
         } = report
         {
-            if (window, attempt) == (self.window, self.attempt) && self.owed.take(from) {
-                w.replay_s += replay_s;
-                self.verdicts.push((*task, verdict));
-            }
+            let answer = (*task, verdict);
+            self.replies
+                .accept(from, (window, attempt), answer, replay_s, w);
         }
-    }
-
-    pub fn owes_nothing(&self) -> bool {
-        self.owed.is_done()
-    }
-
-    /// A validator lost on the way leaves its replays unmade.
-    pub fn forget_validator(&mut self, v: usize) {
-        self.owed.0.remove(&v);
     }
 }
 
 /// Slice recomputations in flight.
 #[derive(Debug)]
 pub(super) struct SliceAudit {
-    window: u64,
-    attempt: u32,
-    owed: Owed,
-    verdicts: Vec<(SliceTask, Vec<(usize, Verdict)>)>,
+    pub replies: Replies<(SliceTask, Vec<(usize, Verdict)>)>,
     /// Stages whose copies of a slice disagreed.
     disagreed: Vec<usize>,
     tasks: u64,
@@ -103,19 +132,10 @@ impl SliceAudit {
             replay_s,
         } = report
         {
-            if (window, attempt) == (self.window, self.attempt) && self.owed.take(from) {
-                w.replay_s += replay_s;
-                self.verdicts.push((*task, verdicts));
-            }
+            let answer = (*task, verdicts);
+            self.replies
+                .accept(from, (window, attempt), answer, replay_s, w);
         }
-    }
-
-    pub fn owes_nothing(&self) -> bool {
-        self.owed.is_done()
-    }
-
-    pub fn forget_validator(&mut self, v: usize) {
-        self.owed.0.remove(&v);
     }
 }
 
@@ -184,20 +204,14 @@ impl Coordinator<'_> {
             return self.begin_close();
         }
         let (window, attempt) = (w.window, w.attempt);
-        let owed = Owed::of(tasks.iter().map(|t| t.validator));
+        let replies = Replies::new(window, attempt, tasks.iter().map(|t| t.validator));
         self.broadcast(Order::Audit {
             window,
             attempt,
             tasks,
             weights: self.weights.clone(),
         });
-        self.phase = Phase::Auditing(PassAudit {
-            window,
-            attempt,
-            owed,
-            verdicts: Vec::new(),
-            breaks,
-        });
+        self.phase = Phase::Auditing(PassAudit { replies, breaks });
         Ok(())
     }
 
@@ -209,7 +223,7 @@ impl Coordinator<'_> {
         };
         let w = self.window.as_mut().expect("a window runs");
         let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
-        for (task, verdict) in audit.verdicts {
+        for (task, verdict) in audit.replies.verdicts {
             match verdict {
                 Verdict::Passed => {
                     w.passed.insert((task.id, task.stage, task.miner));
@@ -281,10 +295,7 @@ impl Coordinator<'_> {
         let w = self.window.as_ref().expect("a window runs");
         let (window, attempt) = (w.window, w.attempt);
         let audit = SliceAudit {
-            window,
-            attempt,
-            owed: Owed::of(tasks.iter().map(|t| t.validator)),
-            verdicts: Vec::new(),
+            replies: Replies::new(window, attempt, tasks.iter().map(|t| t.validator)),
             disagreed,
             tasks: tasks.len() as u64,
         };
@@ -328,20 +339,16 @@ impl Coordinator<'_> {
             .copied();
         let w = self.window.as_ref().expect("a window runs");
         for slice in picked {
-            let contributors = members
-                .iter()
-                .map(|r| {
-                    let digest = stated(r).and_then(|x| x.contributions.get(slice));
-                    (*r, digest.cloned().unwrap_or_default())
-                })
-                .collect();
-            let holders = slice_holders(slice, n, copies)
+            let contributors = with_digests(members, |r| {
+                stated(r).and_then(|x| x.contributions.get(slice).cloned())
+            });
+            let holding: Vec<usize> = slice_holders(slice, n, copies)
                 .into_iter()
-                .map(|h| {
-                    let copy = stated(&members[h]).and_then(|x| copy_of(&x.copies, slice));
-                    (members[h], copy.unwrap_or_default())
-                })
+                .map(|h| members[h])
                 .collect();
+            let holders = with_digests(&holding, |r| {
+                stated(r).and_then(|x| copy_of(&x.copies, slice))
+            });
             let passes = (proved == Some(slice)).then(|| {
                 members
                     .iter()
@@ -387,7 +394,9 @@ impl Coordinator<'_> {
     ) -> bool {
         let k = groups.len();
         let copies = self.spec.roles.slice_copies.min(k);
-        let leaders: Vec<usize> = groups.iter().filter_map(|g| g.first().copied()).collect();
+        // Each site's lowest rank leads; the leaders reduce in rank order.
+        let mut leaders: Vec<usize> = groups.iter().filter_map(|g| g.first().copied()).collect();
+        leaders.sort_unstable();
         let across = |r: &usize| closed.reductions.get(r).and_then(|x| x.across.as_ref());
         let leader_part = |r: &usize| across(r).and_then(|a| a.leader.as_ref());
         let agreed = leaders
@@ -404,26 +413,22 @@ impl Coordinator<'_> {
             return agreed;
         }
         for slice in picked {
-            let contributors = peers
-                .iter()
-                .map(|r| {
-                    let digest = across(r).and_then(|a| a.contributions.get(slice));
-                    (*r, digest.cloned().unwrap_or_default())
-                })
-                .collect();
-            let holders = slice_holders(slice, k, copies)
+            let contributors = with_digests(peers, |r| {
+                across(r).and_then(|a| a.contributions.get(slice).cloned())
+            });
+            let holding: Vec<usize> = slice_holders(slice, k, copies)
                 .into_iter()
-                .map(|h| {
-                    let copy = leader_part(&leaders[h]).and_then(|p| copy_of(&p.copies, slice));
-                    (leaders[h], copy.unwrap_or_default())
-                })
+                .map(|h| leaders[h])
                 .collect();
+            let holders = with_digests(&holding, |r| {
+                leader_part(r).and_then(|p| copy_of(&p.copies, slice))
+            });
             let sites = groups
                 .iter()
-                .zip(&leaders)
+                .filter_map(|members| Some((members, *members.first()?)))
                 .map(|(members, leader)| SitePart {
-                    leader: *leader,
-                    partial: leader_part(leader)
+                    leader,
+                    partial: leader_part(&leader)
                         .and_then(|p| p.partial.get(slice).cloned())
                         .unwrap_or_default(),
                     members: members
@@ -458,7 +463,7 @@ impl Coordinator<'_> {
         let w = self.window.as_mut().expect("a window runs");
         w.recomputed += audit.tasks;
         let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
-        for (task, verdicts) in audit.verdicts {
+        for (task, verdicts) in audit.replies.verdicts {
             for (miner, verdict) in verdicts {
                 if let Verdict::Failed(reason) = verdict {
                     w.failed.entry(miner).or_insert((task.stage, 0)).1 += 1;
@@ -620,6 +625,18 @@ impl Coordinator<'_> {
         let k = want.floor() as usize + usize::from(self.draws.unit_open0() <= want.fract());
         k.min(n)
     }
+}
+
+/// Each of `ranks` with the digest it stated (empty where it stated none,
+/// which no recomputation matches).
+fn with_digests(
+    ranks: &[usize],
+    stated: impl Fn(&usize) -> Option<String>,
+) -> Vec<(usize, String)> {
+    ranks
+        .iter()
+        .map(|r| (*r, stated(r).unwrap_or_default()))
+        .collect()
 }
 
 /// The digest of `slice` among stated copies.

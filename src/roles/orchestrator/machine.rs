@@ -415,7 +415,7 @@ impl<'a> Coordinator<'a> {
                         true
                     }
                 }
-                Phase::Auditing(a) if a.owes_nothing() => {
+                Phase::Auditing(a) if a.replies.owes_nothing() => {
                     self.finish_audit()?;
                     true
                 }
@@ -432,7 +432,7 @@ impl<'a> Coordinator<'a> {
                     self.begin_recompute(closed)?;
                     true
                 }
-                Phase::Recomputing(audit, _) if audit.owes_nothing() => {
+                Phase::Recomputing(audit, _) if audit.replies.owes_nothing() => {
                     self.finish_recompute()?;
                     true
                 }
@@ -667,8 +667,8 @@ impl<'a> Coordinator<'a> {
             self.say_warn(format!("orchestrator: lost validator {rank} ({reason})"));
             self.validators.retain(|&v| v != rank);
             match &mut self.phase {
-                Phase::Auditing(a) => a.forget_validator(rank),
-                Phase::Recomputing(a, _) => a.forget_validator(rank),
+                Phase::Auditing(a) => a.replies.forget_validator(rank),
+                Phase::Recomputing(a, _) => a.replies.forget_validator(rank),
                 Phase::Stepping(s) => {
                     s.owed.remove(&rank);
                 }

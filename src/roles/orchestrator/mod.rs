@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 use machine::{Beginning, Coordinator, Input, Output};
 
 use super::protocol::{self, Report};
-use super::train::{adamw_config, crash_if_planned, miners_of, Setup, TrainError, WindowReport};
+use super::train::{
+    adamw_config, crash_if_planned, miners_of, validators_of, Setup, TrainError, WindowReport,
+};
 use crate::checkpoint::{Checkpoints, Manifest};
-use crate::config::{JobSpec, PassClock, Plan, Role};
+use crate::config::{JobSpec, PassClock, Plan};
 use crate::ledger::Ledger;
 use crate::model::{AdamW, StageModel};
 use crate::pipeline::Router;
@@ -126,12 +128,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         Beginning {
             setup,
             router,
-            validators: plan
-                .ranks
-                .iter()
-                .filter(|r| r.role == Role::Validator)
-                .map(|r| r.rank)
-                .collect(),
+            validators: validators_of(plan),
             planned: plan.ranks.len(),
             weights,
             optimizers,

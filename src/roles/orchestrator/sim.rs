@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use super::machine::{Beginning, Coordinator, Input, Output};
 use super::StartPoint;
 use crate::checkpoint::StageEntry;
-use crate::config::{JobSpec, Role};
+use crate::config::JobSpec;
 use crate::ledger::Tally;
 use crate::pipeline::Router;
 use crate::roles::protocol::{
     is_validation, Order, Receipt, Reduction, Report, StageDigests, Verdict,
 };
-use crate::roles::train::{miners_of, Setup, TrainError};
+use crate::roles::train::{miners_of, validators_of, Setup, TrainError};
 
 /// How the simulated ranks misbehave.
 #[derive(Default)]
@@ -103,12 +103,7 @@ impl Sim {
             Beginning {
                 setup,
                 router: Router::new(stages, &miners_of(&plan), spec.job.seed),
-                validators: plan
-                    .ranks
-                    .iter()
-                    .filter(|r| r.role == Role::Validator)
-                    .map(|r| r.rank)
-                    .collect(),
+                validators: validators_of(&plan),
                 planned: plan.ranks.len(),
                 weights: (0..stages).map(|s| format!("start{s}")).collect(),
                 optimizers: (0..stages).map(|s| Some(format!("adam{s}"))).collect(),
