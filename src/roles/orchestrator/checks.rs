@@ -310,6 +310,17 @@ impl Coordinator<'_> {
         Ok(())
     }
 
+    /// The slices of an all-reduce of `n` to recompute: a random
+    /// `slice_audit_rate` of them when its copies agreed, all when not.
+    fn pick_slices(&mut self, n: usize, agreed: bool) -> Vec<usize> {
+        let mut slices: Vec<usize> = (0..n).collect();
+        if !agreed {
+            return slices;
+        }
+        self.draw(self.spec.roles.slice_audit_rate, &mut slices)
+            .to_vec()
+    }
+
     /// Tasks for the slices of the all-reduce among `members` (a stage's
     /// miners, or one site's of them), ascending; returns whether its
     /// copies agreed. One picked slice carries the contribution check.
@@ -324,13 +335,7 @@ impl Coordinator<'_> {
         let copies = self.spec.roles.slice_copies.min(n);
         let stated = |r: &usize| closed.reductions.get(r);
         let agreed = members.iter().all(|r| stated(r).is_some_and(|x| x.agreed));
-        let mut slices: Vec<usize> = (0..n).collect();
-        let picked = if agreed {
-            self.draw(self.spec.roles.slice_audit_rate, &mut slices)
-                .to_vec()
-        } else {
-            slices
-        };
+        let picked = self.pick_slices(n, agreed);
         if self.validators.is_empty() {
             return agreed;
         }
@@ -342,10 +347,7 @@ impl Coordinator<'_> {
             let contributors = with_digests(members, |r| {
                 stated(r).and_then(|x| x.contributions.get(slice).cloned())
             });
-            let holding: Vec<usize> = slice_holders(slice, n, copies)
-                .into_iter()
-                .map(|h| members[h])
-                .collect();
+            let holding = holders_of(slice, members, copies);
             let holders = with_digests(&holding, |r| {
                 stated(r).and_then(|x| copy_of(&x.copies, slice))
             });
@@ -402,13 +404,7 @@ impl Coordinator<'_> {
         let agreed = leaders
             .iter()
             .all(|r| leader_part(r).is_some_and(|p| p.agreed));
-        let mut slices: Vec<usize> = (0..k).collect();
-        let picked = if agreed {
-            self.draw(self.spec.roles.slice_audit_rate, &mut slices)
-                .to_vec()
-        } else {
-            slices
-        };
+        let picked = self.pick_slices(k, agreed);
         if self.validators.is_empty() {
             return agreed;
         }
@@ -416,10 +412,7 @@ impl Coordinator<'_> {
             let contributors = with_digests(peers, |r| {
                 across(r).and_then(|a| a.contributions.get(slice).cloned())
             });
-            let holding: Vec<usize> = slice_holders(slice, k, copies)
-                .into_iter()
-                .map(|h| leaders[h])
-                .collect();
+            let holding = holders_of(slice, &leaders, copies);
             let holders = with_digests(&holding, |r| {
                 leader_part(r).and_then(|p| copy_of(&p.copies, slice))
             });
@@ -625,6 +618,15 @@ impl Coordinator<'_> {
         let k = want.floor() as usize + usize::from(self.draws.unit_open0() <= want.fract());
         k.min(n)
     }
+}
+
+/// The ranks of an all-reduce among `ranks` (in its order) that reduce
+/// `slice` with `copies` copies.
+fn holders_of(slice: usize, ranks: &[usize], copies: usize) -> Vec<usize> {
+    slice_holders(slice, ranks.len(), copies)
+        .into_iter()
+        .map(|h| ranks[h])
+        .collect()
 }
 
 /// Each of `ranks` with the digest it stated (empty where it stated none,
