@@ -244,8 +244,8 @@ impl Contribution {
         };
         let (copies, agreed, across) = match &self.held {
             Held::Flat { held, .. } => (stated(held), held.mismatch.is_none(), None),
-            Held::Sites { held, .. } => {
-                let part = self.across().unwrap_or_else(|| Partition::equal(0, 1));
+            Held::Sites { held, sites, .. } => {
+                let part = Partition::equal(self.values.len(), *sites);
                 let leader = held.leader.as_ref().map(|(partial, among)| LeaderPart {
                     partial: digests(partial, &part),
                     copies: stated(among),

@@ -301,11 +301,12 @@ fn recompute<T: Transport + ?Sized>(
         verdicts.push((*rank, verdict));
     }
     let whole: Option<Vec<&Vec<i64>>> = values.iter().map(Option::as_ref).collect();
-    // What the holders were given to sum: the contributions, or between
-    // sites the leaders' partials, each checked against its members'.
-    let given: Option<Vec<Vec<i64>>> = match (whole, between_sites) {
+    // The sum of what the holders were given: the contributions, or
+    // between sites the leaders' partials, each checked against its
+    // members'.
+    let given: Option<Vec<i64>> = match (whole, between_sites) {
         (None, _) => None,
-        (Some(whole), false) => Some(whole.into_iter().cloned().collect()),
+        (Some(whole), false) => Some(sum(whole.into_iter(), len)),
         (Some(whole), true) => {
             let mut given = Vec::with_capacity(task.sites.len());
             for (site, partial) in task.sites.iter().zip(partials) {
@@ -326,10 +327,10 @@ fn recompute<T: Transport + ?Sized>(
                 };
                 verdicts.push((site.leader, verdict));
             }
-            (given.len() == task.sites.len()).then_some(given)
+            (given.len() == task.sites.len()).then(|| sum(given.iter(), len))
         }
     };
-    let digest = given.map(|given| slice_digest(&sum(given.iter(), len)));
+    let digest = given.map(|given| slice_digest(&given));
     for (rank, copy) in &task.holders {
         let verdict = match &digest {
             None => Verdict::Unavailable,

@@ -934,12 +934,18 @@ impl<'a> Coordinator<'a> {
 
     /// A miner is gone (lost, caught or left): no route, no order.
     pub(super) fn lose(&mut self, rank: usize, reason: &str) {
-        let stage = self.miners.remove(&rank);
-        self.depart(rank);
+        let stage = self.forget_miner(rank);
         self.say_warn(format!(
             "orchestrator: lost miner {rank} of stage {} ({reason}); its microbatches go to the others",
             stage.map_or("?".to_string(), |s| s.to_string())
         ));
+    }
+
+    /// A miner out of the job for good; its stage, if it had one.
+    pub(super) fn forget_miner(&mut self, rank: usize) -> Option<usize> {
+        let stage = self.miners.remove(&rank);
+        self.depart(rank);
+        stage
     }
 
     /// `rank` is out of the job for good.

@@ -168,8 +168,7 @@ impl Coordinator<'_> {
     /// Tells `rank` to stop and forgets it.
     pub(super) fn stop(&mut self, rank: usize, reason: &str) {
         self.send_stop(rank);
-        let stage = self.miners.remove(&rank);
-        self.depart(rank);
+        let stage = self.forget_miner(rank);
         self.say_warn(format!(
             "orchestrator: miner {rank} of stage {} {reason}",
             stage.map_or("-".to_string(), |s| s.to_string())
