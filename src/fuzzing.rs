@@ -20,18 +20,19 @@ use crate::wire::{Assembly, Frame, FrameKind, Session};
 /// stripes take several frames.
 const WIRE_MAX_FRAME: usize = 4096;
 
-/// The session of frame `seq` in [`wire_frames`] (for writing seeds).
-pub fn wire_session(seq: usize) -> Session {
-    Session {
-        key: [7; 32],
-        seq: seq as u64,
-        max_frame: WIRE_MAX_FRAME,
-        peer: SocketAddr::from(([127, 0, 0, 1], 9)),
-    }
+/// The session of [`wire_frames`] at its first frame (for writing seeds):
+/// a fixed key, so that committed seeds decrypt on every replay.
+pub fn wire_session() -> Session {
+    Session::new(
+        &[7; 32],
+        WIRE_MAX_FRAME,
+        SocketAddr::from(([127, 0, 0, 1], 9)),
+    )
 }
 
-/// The TCP transport's receiving side: frames off a socket (their header,
-/// length and MAC checks), then messages rebuilt from them ([`Assembly`]).
+/// The TCP transport's receiving side: frames off a socket (their header
+/// and length checks, decryption and tag check), then messages rebuilt
+/// from them ([`Assembly`]).
 /// An even first byte: the rest is raw bytes off the socket. An odd one:
 /// the rest is frames an authenticated peer sends in any order (a kind,
 /// numbered as on the wire modulo 6, a tag, a length, the payload, per
@@ -44,8 +45,9 @@ pub fn wire_frames(data: &[u8]) {
     if mode % 2 == 0 {
         let mut socket = rest;
         let mut assembly = Assembly::default();
-        for seq in 0.. {
-            let Ok(frame) = wire_session(seq).read(&mut socket) else {
+        let mut session = wire_session();
+        loop {
+            let Ok(frame) = session.read(&mut socket) else {
                 return;
             };
             if assembly.take(frame).is_err() {
@@ -65,15 +67,17 @@ pub fn wire_frames(data: &[u8]) {
         rest = &tail[n..];
     }
     let mut stream = Vec::new();
-    for (seq, f) in frames.iter().enumerate() {
-        if let Err(e) = wire_session(seq).write(&mut stream, f.kind, f.tag, &f.payload) {
+    let mut writer = wire_session();
+    for f in &frames {
+        if let Err(e) = writer.write(&mut stream, f.kind, f.tag, &[&f.payload]) {
             panic!("a frame under the limit is refused: {e}");
         }
     }
     let mut socket = &stream[..];
     let mut assembly = Assembly::default();
+    let mut reader = wire_session();
     for (seq, sent) in frames.iter().enumerate() {
-        match wire_session(seq).read(&mut socket) {
+        match reader.read(&mut socket) {
             Ok(got) => assert_eq!(&got, sent, "frame {seq} read back"),
             Err(e) => panic!("frame {seq} written is not read back: {e}"),
         }
@@ -88,7 +92,8 @@ pub fn wire_frames(data: &[u8]) {
     let bit = usize::from(mode / 2) * 131 % (stream.len() * 8);
     stream[bit / 8] ^= 1 << (bit % 8);
     let mut socket = &stream[..];
-    let all_read = (0..frames.len()).all(|seq| wire_session(seq).read(&mut socket).is_ok());
+    let mut reader = wire_session();
+    let all_read = frames.iter().all(|_| reader.read(&mut socket).is_ok());
     assert!(!all_read, "a stream with bit {bit} flipped was read whole");
 }
 

@@ -109,11 +109,12 @@ fn write_generated_seeds() {
     for (name, frames) in streams {
         let mut records = vec![1u8];
         let mut raw = vec![0u8];
-        for (seq, (kind, tag, payload)) in frames.iter().enumerate() {
+        let mut session = fuzzing::wire_session();
+        for (kind, tag, payload) in &frames {
             records.extend([*kind as u8 - 1, *tag, payload.len() as u8]);
             records.extend_from_slice(payload);
-            fuzzing::wire_session(seq)
-                .write(&mut raw, *kind, u64::from(*tag), payload)
+            session
+                .write(&mut raw, *kind, u64::from(*tag), &[payload])
                 .unwrap();
         }
         write("wire_frames", &format!("{name}_records"), &records);

@@ -279,7 +279,7 @@ fn frame_with_bad_mac_drops_only_that_peer() {
     let mut bytes = header(3);
     bytes.extend_from_slice(b"abc");
     bytes.extend_from_slice(&[0u8; 16]);
-    assert_rogue_dropped(rogue_world(&key), &bytes, "bad MAC");
+    assert_rogue_dropped(rogue_world(&key), &bytes, "integrity check");
 }
 
 #[test]

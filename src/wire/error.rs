@@ -33,9 +33,10 @@ pub enum WireError {
         max: usize,
     },
 
-    /// A frame's MAC did not verify: it was corrupted, forged, replayed or
-    /// reordered in transit.
-    #[error("{peer}: frame failed its integrity check (bad MAC)")]
+    /// A frame's authentication tag did not verify: it was corrupted,
+    /// forged, replayed or reordered in transit, or comes from another
+    /// connection.
+    #[error("{peer}: frame failed its integrity check (forged, replayed, reordered or corrupted)")]
     BadMac { peer: SocketAddr },
 
     /// The handshake showed that the peer does not hold our job key.
@@ -84,6 +85,12 @@ pub enum WireError {
     /// was accepted), so there is no one to name in the other variants.
     #[error("cannot read the peer address of a new connection: {0}")]
     PeerAddr(#[source] io::Error),
+
+    /// The Noise library refused to build or run a handshake state; a bug
+    /// of ours rather than of the peer, since the peer's bytes only ever
+    /// fail to decrypt.
+    #[error("Noise handshake: {0}")]
+    Noise(snow::Error),
 
     /// The operating system could not supply random bytes for a key or nonce.
     #[error("cannot get random bytes from the operating system: {0}")]

@@ -1,6 +1,7 @@
 //! Frame layout.
 //!
-//! A frame is an 18-byte header, the payload, then a 16-byte MAC:
+//! A frame is an 18-byte header, the payload (encrypted), then the 16-byte
+//! authentication tag of its cipher ([`super::stream`]):
 //!
 //! | bytes | field   | meaning                                       |
 //! |-------|---------|-----------------------------------------------|
@@ -23,13 +24,13 @@ use super::WireError;
 pub const MAGIC: [u8; 4] = *b"SWRM";
 
 /// Wire protocol version; bumped on any incompatible change (2: lanes in
-/// the hello, stripe frames).
-pub const VERSION: u8 = 2;
+/// the hello, stripe frames; 3: Noise handshake, encrypted frames).
+pub const VERSION: u8 = 3;
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 18;
 
-/// Bytes in the MAC that follows each payload.
+/// Bytes in the authentication tag that follows each payload.
 pub const MAC_LEN: usize = 16;
 
 /// What a frame carries. Unknown values are a protocol error rather than
@@ -103,7 +104,7 @@ impl FrameKind {
     }
 }
 
-/// One received frame, after its MAC has been verified.
+/// One received frame, verified and decrypted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub kind: FrameKind,

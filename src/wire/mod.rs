@@ -1,4 +1,5 @@
-//! Framed, authenticated byte streams between the ranks of one job.
+//! Framed, encrypted and authenticated byte streams between the ranks of
+//! one job.
 //!
 //! Used by the TCP transport and the TCP rendezvous alike, so that every
 //! byte a rank accepts from the network comes from a holder of the job key
@@ -7,8 +8,8 @@
 //! - [`JobKey`]: the job's shared secret, generated, stored and found
 //!   (`SWARMRUN_JOB_KEY` over a key file).
 //! - [`FrameHeader`], [`FrameKind`], [`Frame`]: the frame format.
-//! - [`AuthStream`]: mutual challenge-response handshake on a `TcpStream`,
-//!   then MAC'd frames with per-direction sequence numbers; splits into a
+//! - [`AuthStream`]: a Noise handshake keyed by the job key on a
+//!   `TcpStream`, then AES-GCM frames numbered per direction; splits into a
 //!   [`FrameReader`] and a [`FrameWriter`] for use from different threads.
 //! - [`WireError`]: every failure, naming the peer address and the reason.
 
@@ -20,9 +21,11 @@ mod stream;
 
 pub use assembly::{Assembled, Assembly};
 pub use error::WireError;
-pub use frame::{Frame, FrameHeader, FrameKind, StripeHead};
+pub use frame::{Frame, FrameHeader, FrameKind, StripeHead, HEADER_LEN, MAC_LEN};
 pub use key::{JobKey, KEY_ENV, KEY_LEN};
-pub use stream::{job_id, AuthStream, FrameReader, FrameWriter, Hello, Session, StreamOptions};
+pub use stream::{
+    job_id, AuthStream, FrameReader, FrameWriter, Hello, Session, StreamOptions, SEND_FRAME,
+};
 
 use std::time::{Duration, Instant};
 

@@ -213,7 +213,7 @@ pub(super) fn send_striped(
     }
     let parts = lanes.len() + 1;
     let message = shared.next_message();
-    let max_frame = shared.opts.max_frame;
+    let max_frame = shared.send_frame();
     let range = |k: usize| payload.len() * k / parts..payload.len() * (k + 1) / parts;
     // The guards stay here; the senders borrow the writers they hold.
     let writers: Vec<&mut FrameWriter> = lanes.iter_mut().filter_map(|w| w.as_mut()).collect();
@@ -255,19 +255,15 @@ fn send_part(
     .encode();
     let room = max_frame.saturating_sub(StripeHead::LEN).max(1);
     let mut chunks = data.chunks(room).peekable();
-    let mut frame = Vec::with_capacity(StripeHead::LEN + room.min(data.len()));
     loop {
         let chunk = chunks.next().unwrap_or(&[]);
-        frame.clear();
-        frame.extend_from_slice(&head);
-        frame.extend_from_slice(chunk);
         let last = chunks.peek().is_none();
         let kind = if last {
             FrameKind::Stripe
         } else {
             FrameKind::StripeMore
         };
-        writer.send(kind, tag, &frame)?;
+        writer.send_gather(kind, tag, &[&head, chunk])?;
         if last {
             return Ok(());
         }

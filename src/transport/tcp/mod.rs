@@ -23,10 +23,11 @@
 //! # Sending
 //!
 //! Each link's writer sits behind its own mutex, held for a whole message.
-//! A message larger than `max_frame` goes as `DataMore` frames followed by a
-//! final `Data` frame, and the reader joins them, so big tensors need no big
-//! frame limit (which is also the most any single frame can make a receiver
-//! allocate up front).
+//! A message larger than a frame ([`crate::wire::SEND_FRAME`], or
+//! `max_frame` when that is smaller) goes as `DataMore` frames followed by
+//! a final `Data` frame, and the reader joins them, so big tensors need no
+//! big frame limit (which is also the most any single frame can make a
+//! receiver allocate up front).
 //!
 //! # Shutdown
 //!
@@ -436,7 +437,7 @@ impl Transport for TcpTransport {
         lanes::send_striped(&self.shared, &peer, writer, tag, payload)
             .and_then(|striped| match striped {
                 true => Ok(()),
-                false => send_message(writer, tag, payload, self.shared.opts.max_frame),
+                false => send_message(writer, tag, payload, self.shared.send_frame()),
             })
             .map_err(|e| lost(self.shared.mark_lost(to, Loss::Failure(e.to_string()))))
     }

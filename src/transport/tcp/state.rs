@@ -14,6 +14,7 @@ use super::TcpOptions;
 use crate::transport::TransportError;
 use crate::wire::{
     Assembled, Assembly, AuthStream, FrameReader, FrameWriter, Hello, JobKey, StreamOptions,
+    SEND_FRAME,
 };
 
 /// Rank ids a joinable mesh accepts: each costs an entry in the peer
@@ -186,6 +187,12 @@ impl Shared {
             max_frame: self.opts.max_frame,
             handshake_timeout: self.opts.handshake_timeout,
         }
+    }
+
+    /// Payload bytes of the frames this rank sends: what the peer accepts,
+    /// and no more than one sealing buffer's worth.
+    pub(super) fn send_frame(&self) -> usize {
+        self.opts.max_frame.min(SEND_FRAME)
     }
 
     pub(super) fn stopping(&self) -> bool {
