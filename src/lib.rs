@@ -16,6 +16,7 @@ pub mod collective;
 pub mod compress;
 pub mod config;
 pub mod data;
+pub mod deadline;
 pub mod fsutil;
 pub mod fuzzing;
 pub mod hello;

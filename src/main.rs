@@ -623,7 +623,7 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
     if bind::report_requested() {
         eprintln!("{}", bind::report_line(joined.binding.as_ref()));
     }
-    crash_if_planned(spec, joined.world.rank);
+    inject_planned_fault(spec, joined.world.rank);
     let result = match spec.job.task {
         Task::Hello => run_hello(spec, &joined),
         Task::Train => {
@@ -679,7 +679,7 @@ fn lost_a_peer(e: &anyhow::Error) -> bool {
 
 /// `[[faults.crash]]`: this rank exits on purpose, to exercise the
 /// launcher and the survivors.
-fn crash_if_planned(spec: &JobSpec, rank: usize) {
+fn inject_planned_fault(spec: &JobSpec, rank: usize) {
     let timed = spec.faults.crash.iter().filter(|c| c.window.is_none());
     if let Some(c) = timed.into_iter().find(|c| c.rank == rank) {
         std::thread::sleep(Duration::from_secs_f64(c.after_s));

@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 56);
+    assert_eq!(count, 58);
 }
 
 #[test]
@@ -495,6 +495,20 @@ const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
         8,
         "faults.slow[1].rank",
         "rank 3 is already slowed by faults.slow[0]",
+    ),
+    (
+        "two_hangs_for_one_rank",
+        16,
+        8,
+        "faults.hang[1].rank",
+        "rank 3 already hangs in faults.hang[0]",
+    ),
+    (
+        "hang_in_a_job_without_windows",
+        13,
+        10,
+        "faults.hang[0].window",
+        "only a training job (`task = \"train\"`) has windows",
     ),
     (
         "hold_without_condition",

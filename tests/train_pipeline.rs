@@ -85,6 +85,58 @@ fn a_miner_killed_mid_window_changes_no_loss_and_the_job_finishes() {
     assert_eq!(attempts[6..], ["1"; 4]);
 }
 
+/// Miner 3 (stage 1) stops itself with SIGSTOP after serving its first
+/// microbatch of window 5, its connections open: no error anywhere says
+/// it is gone. Its microbatches overrun the serving deadline, it answers
+/// no liveness ping, and it is evicted; the window is redone without it
+/// and every loss keeps the bits of the run where nobody stopped. The
+/// launcher kills the stopped process once the job is done.
+#[test]
+fn a_stopped_miner_is_evicted_and_no_loss_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, _) = run(&train_job(dir.path(), "clean", 2, 10, ""));
+    let hang = "[[faults.hang]]\nrank = 3\nwindow = 5\n";
+    let (stopped, err) = run(&train_job(dir.path(), "stopped", 2, 10, hang));
+    assert!(err.contains("stopping (SIGSTOP) during window 5"), "{err}");
+    assert!(err.contains("miner 3 answered no liveness ping"), "{err}");
+    assert_eq!(losses(&clean), losses(&stopped));
+    let attempts: Vec<&str> = stopped.iter().map(|l| field(l, "attempts")).collect();
+    assert_eq!(attempts[..5], ["1"; 5]);
+    assert_ne!(attempts[5], "1", "window 5 was redone: {:?}", stopped[5]);
+    // The deadlines the run set itself are in its metrics.
+    for line in &stopped {
+        let serving: f64 = field(line, "serving_deadline_s").parse().unwrap();
+        let answer: f64 = field(line, "answer_deadline_s").parse().unwrap();
+        assert!(serving >= 2.0 && answer >= 2.0, "{line}");
+    }
+}
+
+/// Miner 3 (stage 1) takes five times as long for every pass, timed by the
+/// model clock so that routing follows the job file: it is routed fewer
+/// microbatches than miner 5 beside it, answers its liveness pings and is
+/// never evicted, and every loss keeps the bits of the healthy run.
+#[test]
+fn a_slow_miner_is_routed_fewer_microbatches_and_no_loss_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, _) = run(&train_job(dir.path(), "healthy", 2, 10, ""));
+    let slow = "[faults]\nclock = \"model\"\n\n[[faults.slow]]\nrank = 3\nfactor = 5.0\n";
+    let job = train_job(dir.path(), "slow", 2, 10, slow);
+    let (slowed, err) = run(&job);
+    assert!(!err.contains("evicting"), "{err}");
+    assert_eq!(losses(&clean), losses(&slowed));
+    let chain = swarmrun::ledger::read(&job.with_extension("")).unwrap();
+    let passes = |rank: usize| -> u64 {
+        let of_rank = chain.records.iter().flat_map(|r| &r.miners);
+        of_rank.filter(|m| m.rank == rank).map(|m| m.verified).sum()
+    };
+    assert!(
+        passes(3) < passes(5),
+        "slow miner 3 credited {} passes, miner 5 beside it {}",
+        passes(3),
+        passes(5)
+    );
+}
+
 /// Stage 0 has miners 2, 4, 6 and the heavier stage 1 has 3 and 5 (timed
 /// by the model clock, so the host's load decides nothing): a third miner
 /// on stage 1 would only lift its capacity 1.5x, so nobody moves. When 3

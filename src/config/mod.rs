@@ -322,6 +322,9 @@ pub struct FaultsSpec {
     pub cheat: Vec<CheatFault>,
     /// `[[faults.slow]]`: miners that take longer for every pass.
     pub slow: Vec<SlowFault>,
+    /// `[[faults.hang]]`: miners that stop (SIGSTOP) with their
+    /// connections open.
+    pub hang: Vec<HangFault>,
     /// How the orchestrator times miners' passes for routing and
     /// rebalancing.
     pub clock: PassClock,
@@ -365,6 +368,17 @@ pub enum HoldPhase {
 pub struct SlowFault {
     pub rank: usize,
     pub factor: f64,
+}
+
+/// A miner that stops itself with SIGSTOP during `window`, right after
+/// the first microbatch it serves there: it keeps its connections and
+/// answers nothing, as a frozen host or a suspended process would, until
+/// the orchestrator evicts it (the launcher kills it when the job ends).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HangFault {
+    pub rank: usize,
+    pub window: u64,
 }
 
 /// What the orchestrator's throughput measurements (routing, rebalancing)
@@ -454,6 +468,13 @@ impl FaultsSpec {
             .iter()
             .find(|c| c.rank == rank && c.window == Some(window))
             .map(|c| c.exit_code)
+    }
+
+    /// Whether `rank` stops itself during `window`.
+    pub fn hangs_in_window(&self, rank: usize, window: u64) -> bool {
+        self.hang
+            .iter()
+            .any(|h| h.rank == rank && h.window == window)
     }
 
     /// How many times as long as its work takes `rank` takes for a pass

@@ -241,6 +241,20 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             );
         }
     }
+    for (i, h) in spec.faults.hang.iter().enumerate() {
+        if spec.job.task != Task::Train {
+            return violation(
+                format!("faults.hang[{i}].window"),
+                "only a training job (`task = \"train\"`) has windows",
+            );
+        }
+        if let Some(j) = spec.faults.hang[..i].iter().position(|o| o.rank == h.rank) {
+            return violation(
+                format!("faults.hang[{i}].rank"),
+                format!("rank {} already hangs in faults.hang[{j}]", h.rank),
+            );
+        }
+    }
     for (i, s) in spec.faults.slow.iter().enumerate() {
         if !(s.factor >= 1.0 && s.factor.is_finite()) {
             return violation(

@@ -183,6 +183,14 @@ fn run_attempt(
                 exited[rank] = true;
                 clean &= status == 0;
                 survivors |= status == 0;
+                if orchestrator_done(opts, rank, status, &exited) && kill_at.is_none() {
+                    // What is left are miners the job no longer counts on:
+                    // they have the grace period to see the Stop, then go.
+                    // One evicted while stopped (SIGSTOP) or frozen would
+                    // otherwise hold the launch open for ever.
+                    kill_at = Some(Instant::now() + opts.grace);
+                    stopping = true;
+                }
                 let survivable = opts.expendable.get(rank).copied().unwrap_or(false);
                 if status != 0 && survivable && signalled.is_none() && first_failure.is_none() {
                     first_expendable.get_or_insert((rank, status));
@@ -353,6 +361,18 @@ fn shell_status(status: ExitStatus) -> i32 {
 fn is_cause(status: i32, stopping: bool) -> bool {
     let ours = [Signal::SIGTERM, Signal::SIGKILL].map(|s| 128 + s as i32);
     status != 0 && status != PEER_LOST_STATUS && !(stopping && ours.contains(&status))
+}
+
+/// Whether rank 0, a rank the job cannot do without (a training job's
+/// orchestrator), just finished cleanly while only ranks it can do without
+/// (miners) still run.
+fn orchestrator_done(opts: &LaunchOptions, rank: usize, status: i32, exited: &[bool]) -> bool {
+    let expendable = |r: usize| opts.expendable.get(r).copied().unwrap_or(false);
+    rank == 0
+        && status == 0
+        && !expendable(0)
+        && (1..exited.len()).any(|r| !exited[r])
+        && (1..exited.len()).all(|r| exited[r] || expendable(r))
 }
 
 fn signal_alive(pids: &[Pid], exited: &[bool], sig: Signal) {

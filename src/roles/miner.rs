@@ -18,14 +18,14 @@ use candle_core::Tensor;
 
 use super::audit::{self, Bundle, Frames};
 use super::cheat::{self, Conduct};
-use super::handover;
 use super::protocol::{
     self, slice_digest, Across, AuditTask, CheckpointTask, LeaderPart, Order, Placement, Receipt,
     Reduction, Report, Route, SliceTask,
 };
 use super::train::{
-    adamw_config, crash_if_planned, leave_on_signal, recv_order, send_report, Setup, TrainError,
+    adamw_config, inject_planned_fault, leave_on_signal, recv_order, send_report, Setup, TrainError,
 };
+use super::{handover, liveness};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
     all_reduce_redundant_checked, hierarchical_all_reduce_redundant_checked, Call, CollectiveError,
@@ -40,8 +40,13 @@ use crate::transport::{Transport, TransportError};
 /// How long a miner waits on a peer before looking for new orders.
 const POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// Serves the stage the orchestrator's `Start` names until told to stop.
+/// Serves the stage the orchestrator's `Start` names until told to stop,
+/// answering liveness pings throughout.
 pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+    liveness::answering_pings(t, || mine_planned(t, spec))
+}
+
+fn mine_planned<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let leaving = leave_on_signal()?;
     let checkpoints = Checkpoints::new(&spec.job.run_dir());
@@ -75,6 +80,10 @@ pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainErr
 /// orchestrator places it on a stage (it then takes the stage's state from
 /// the stage's miners), and mines that stage until told to stop.
 pub fn mine_joined<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+    liveness::answering_pings(t, || join_and_mine(t, spec))
+}
+
+fn join_and_mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let leaving = leave_on_signal()?;
     let me = t.rank();
@@ -539,7 +548,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             }
             if served == 0 && attempt == 0 {
                 // Leave with one microbatch served and the rest in flight.
-                crash_if_planned(self.spec, me, window);
+                inject_planned_fault(self.spec, me, window);
             }
         }
         for (route, pass, forward_s, mut stated) in pending {
@@ -807,7 +816,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
         // A miner routed nothing in its crash window leaves here.
-        crash_if_planned(self.spec, me, window);
+        inject_planned_fault(self.spec, me, window);
         let mut parts = Vec::new();
         for route in counted
             .iter()

@@ -4,6 +4,7 @@
 mod audit;
 mod cheat;
 mod handover;
+mod liveness;
 mod miner;
 pub(crate) mod orchestrator;
 pub mod protocol;

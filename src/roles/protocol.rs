@@ -71,6 +71,7 @@ const KIND_AUDIT: u64 = 0x56;
 const KIND_SLICE: u64 = 0x53;
 const KIND_ACROSS: u64 = 0x58;
 const KIND_CHECKPOINT: u64 = 0x4b;
+const KIND_PING: u64 = 0x50;
 
 fn tag(kind: u64, n: u64) -> u64 {
     (kind << 56) | (n & ((1 << 56) - 1))
@@ -80,6 +81,10 @@ fn tag(kind: u64, n: u64) -> u64 {
 pub const ORDER_TAG: u64 = KIND_ORDER << 56;
 /// Reports, miners to the orchestrator.
 pub const REPORT_TAG: u64 = KIND_REPORT << 56;
+/// Liveness pings, orchestrator to a rank's answering thread: a nonce
+/// (u64 LE), answered with [`Report::Alive`]. A tag of their own, so that
+/// the thread takes nothing meant for the rank's main loop.
+pub const PING_TAG: u64 = KIND_PING << 56;
 
 /// Marks a validation microbatch id: forward only, tokens from the
 /// validation split.
@@ -488,6 +493,8 @@ pub enum Report {
     /// A miner asked to leave (SIGTERM or SIGINT): it finishes the work it
     /// holds and goes at the next window boundary.
     Leaving,
+    /// The answer to the liveness ping carrying `nonce`.
+    Alive { nonce: u64 },
     /// A placed miner loaded its stage's state (its digests), or could
     /// not (why).
     Placed {
@@ -587,6 +594,8 @@ mod tests {
         assert_ne!(close_tag(1, 0), close_tag(1, 1));
         assert!(close_tag(1, 0) + 8 <= close_tag(1, 1));
         assert_ne!(ORDER_TAG, REPORT_TAG);
+        assert_ne!(PING_TAG, ORDER_TAG);
+        assert_ne!(PING_TAG, REPORT_TAG);
         assert_ne!(audit_tag(1, 0), audit_tag(1, 1));
         assert_ne!(audit_tag(1, 0), state_tag(1));
         assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 0, 3));

@@ -86,6 +86,9 @@ pub struct WindowReport {
     pub replay_s: f64,
     /// Miners that failed a check in this window (and left the job).
     pub caught: Vec<usize>,
+    /// The liveness deadlines at the window's end, in seconds, as the
+    /// run's times set them: a microbatch's serving, a ping's answer.
+    pub deadlines: (f64, f64),
 }
 
 /// The console line rank 0 prints per window; [`WindowLine::parse`] reads
@@ -217,11 +220,17 @@ pub(super) fn adamw_config(spec: &JobSpec) -> AdamWConfig {
 }
 
 /// `[[faults.crash]]` with a `window`: this rank leaves now, abruptly, the
-/// way a machine drops out of a swarm.
-pub(super) fn crash_if_planned(spec: &JobSpec, rank: usize, window: u64) {
+/// way a machine drops out of a swarm; `[[faults.hang]]`: it stops where it
+/// is, connections open, the way a frozen machine stays in one.
+pub(super) fn inject_planned_fault(spec: &JobSpec, rank: usize, window: u64) {
     if let Some(code) = spec.faults.crash_in_window(rank, window) {
         eprintln!("exiting with status {code} during window {window} on purpose (faults.crash)");
         std::process::exit(code);
+    }
+    if spec.faults.hangs_in_window(rank, window) {
+        eprintln!("stopping (SIGSTOP) during window {window} on purpose (faults.hang)");
+        // If it cannot stop, it goes on as an honest miner would.
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
 }
 
@@ -279,6 +288,7 @@ mod tests {
             recomputed: 2,
             replay_s: 0.05,
             caught: Vec::new(),
+            deadlines: (2.0, 5.0),
         };
         let line = WindowLine::parse(&r.to_string()).unwrap();
         assert_eq!(

@@ -12,7 +12,9 @@ use super::audit::{self, Bundle};
 use super::protocol::{
     self, slice_digest, AuditTask, CheckpointTask, Order, Report, SliceTask, Verdict,
 };
-use super::train::{adamw_config, crash_if_planned, recv_order, send_report, Setup, TrainError};
+use super::train::{
+    adamw_config, inject_planned_fault, recv_order, send_report, Setup, TrainError,
+};
 use crate::collective::Partition;
 use crate::config::JobSpec;
 use crate::model::StageModel;
@@ -29,7 +31,7 @@ pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Trai
             Order::Stop => return Ok(()),
             Order::Run {
                 window, attempt: 0, ..
-            } => crash_if_planned(spec, t.rank(), window),
+            } => inject_planned_fault(spec, t.rank(), window),
             Order::Audit {
                 window,
                 attempt,

@@ -29,6 +29,7 @@ use crate::roles::protocol::{
 };
 use crate::roles::train::{Setup, TrainError, WindowReport};
 
+use super::liveness::Liveness;
 use super::StartPoint;
 
 /// What the orchestrator hears.
@@ -50,6 +51,8 @@ pub enum Input {
 pub enum Output {
     /// `order` to each of these ranks.
     Send(Vec<usize>, Order),
+    /// A liveness ping with this nonce to each of these ranks.
+    Ping(Vec<usize>, u64),
     /// A line for stdout.
     Say(String),
     /// A line for stderr.
@@ -213,6 +216,9 @@ pub struct Coordinator<'a> {
     /// after it means the job is stuck.
     last_heard: Instant,
     timeout: Duration,
+    /// The time of the input being handled.
+    now: Instant,
+    pub(super) liveness: Liveness,
     out: Vec<Output>,
 }
 
@@ -262,6 +268,8 @@ impl<'a> Coordinator<'a> {
             phase: Phase::Finished,
             last_heard: Instant::now(),
             timeout: b.timeout,
+            now: Instant::now(),
+            liveness: Liveness::default(),
             out: Vec::new(),
         }
     }
@@ -269,6 +277,7 @@ impl<'a> Coordinator<'a> {
     /// Tells every rank its stage and starts the first window.
     pub fn begin(&mut self, now: Instant) -> Result<Vec<Output>, TrainError> {
         self.last_heard = now;
+        self.now = now;
         let start = Order::Start {
             stages: self.stage_miners(),
             checkpoint: self.start.resumed.as_ref().map(|m| m.window),
@@ -284,6 +293,7 @@ impl<'a> Coordinator<'a> {
         if !matches!(input, Input::Silence) {
             self.last_heard = now;
         }
+        self.now = now;
         match input {
             Input::Silence if now >= self.deadline() => {
                 return Err(TrainError::Stalled {
@@ -313,8 +323,13 @@ impl<'a> Coordinator<'a> {
                 return self.on(Input::Joined { rank, site: None }, now);
             }
             Input::Lost(rank, reason) => self.on_lost(rank, &reason)?,
+            Input::Report(rank, Report::Alive { nonce }) => {
+                self.liveness.answered(rank, nonce, now);
+            }
             Input::Report(rank, report) => self.on_report(rank, report)?,
         }
+        self.advance(now)?;
+        self.check_liveness(now)?;
         self.advance(now)?;
         Ok(std::mem::take(&mut self.out))
     }
@@ -467,6 +482,7 @@ impl<'a> Coordinator<'a> {
                 routes.push(Route { id, path });
             }
         }
+        self.liveness.routed(routes.iter().map(|r| r.id), self.now);
         let order = Order::Run {
             window: w.window,
             attempt: w.attempt,
@@ -565,6 +581,7 @@ impl<'a> Coordinator<'a> {
                 };
                 if complete {
                     w.flight.finish(id);
+                    self.liveness.finished(id, self.now);
                 }
             }
             Phase::Auditing(a) => a.take(from, report, w),
@@ -639,7 +656,7 @@ impl<'a> Coordinator<'a> {
         Ok(())
     }
 
-    fn on_lost(&mut self, rank: usize, reason: &str) -> Result<(), TrainError> {
+    pub(super) fn on_lost(&mut self, rank: usize, reason: &str) -> Result<(), TrainError> {
         if self.departed.contains(&rank) {
             return Ok(());
         }
@@ -836,6 +853,7 @@ impl<'a> Coordinator<'a> {
             recomputed: w.recomputed,
             replay_s: w.replay_s + s.audit_s,
             caught: w.failed.keys().copied().collect(),
+            deadlines: self.liveness.seconds(),
         })));
         self.next_window(window + 1, now)
     }

@@ -9,6 +9,7 @@
 //! checkpoints' manifests and the window lines.
 
 mod checks;
+mod liveness;
 pub mod machine;
 mod membership;
 pub mod sim;
@@ -22,7 +23,7 @@ use machine::{Beginning, Coordinator, Input, Output};
 
 use super::protocol::{self, Report};
 use super::train::{
-    adamw_config, crash_if_planned, miners_of, validators_of, Setup, TrainError, WindowReport,
+    adamw_config, inject_planned_fault, miners_of, validators_of, Setup, TrainError, WindowReport,
 };
 use crate::checkpoint::{Checkpoints, Manifest};
 use crate::config::{JobSpec, PassClock, Plan};
@@ -159,6 +160,14 @@ pub fn orchestrate<T: Transport + ?Sized>(
                         }
                     }
                 }
+                Output::Ping(to, nonce) => {
+                    for r in to {
+                        match t.send(r, protocol::PING_TAG, &nonce.to_le_bytes()) {
+                            Ok(()) | Err(TransportError::PeerLost { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
                 Output::Say(line) => println!("{line}"),
                 Output::Warn(line) => eprintln!("{line}"),
                 Output::Departed(rank) => {
@@ -182,7 +191,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         if c.current_window() != current {
             current = c.current_window();
             if let Some(window) = current {
-                crash_if_planned(spec, t.rank(), window);
+                inject_planned_fault(spec, t.rank(), window);
             }
         }
         let from = c.listening(t.size());

@@ -36,6 +36,14 @@ pub struct Script {
     pub cheater: Option<usize>,
     /// This miner states other weights after stepping.
     pub diverges: Option<usize>,
+    /// When the first `Run` of this window arrives, this miner stops (as
+    /// under SIGSTOP): no report and no answer to a ping ever comes, and
+    /// its connection stays open.
+    pub stop: Option<(u64, usize)>,
+    /// When the first `Run` of this window arrives, this miner's reports
+    /// are held back until `n` silences have passed; it answers pings
+    /// meanwhile (a miner that is slow, not stopped).
+    pub stall: Option<(u64, usize, u32)>,
 }
 
 /// What the simulation saw.
@@ -49,6 +57,10 @@ pub struct Seen {
     /// Time spent inside the coordinator (not in the simulated ranks).
     pub deciding: Duration,
     pub warnings: Vec<String>,
+    /// The ranks of each liveness ping.
+    pub pings: Vec<Vec<usize>>,
+    /// Each window's liveness deadlines (serving, answer), in seconds.
+    pub deadlines: Vec<(f64, f64)>,
     pub done: bool,
 }
 
@@ -63,7 +75,18 @@ pub struct Sim {
     seen: Seen,
     /// Windows whose first `Run` was seen.
     ran: BTreeSet<u64>,
+    /// Ranks stopped by [`Script::stop`].
+    stopped: BTreeSet<usize>,
+    /// The stalled miner of [`Script::stall`], its held reports, and the
+    /// silences still to pass.
+    stalled: Option<(usize, Vec<Input>, u32)>,
 }
+
+/// Simulated time per input, and per silence (nothing left to hear).
+const TICK: Duration = Duration::from_millis(1);
+const SILENCE: Duration = Duration::from_millis(500);
+/// Silences after which a simulation that never ends is cut.
+const MAX_SILENCES: u32 = 10_000;
 
 impl Sim {
     fn new(script: Script) -> Sim {
@@ -74,6 +97,8 @@ impl Sim {
             inbox: VecDeque::new(),
             seen: Seen::default(),
             ran: BTreeSet::new(),
+            stopped: BTreeSet::new(),
+            stalled: None,
         }
     }
 
@@ -117,21 +142,45 @@ impl Sim {
                     .collect(),
             },
         );
-        let now = Instant::now();
+        let mut now = Instant::now();
         let timed = Instant::now();
         let outputs = c.begin(now)?;
         self.seen.deciding += timed.elapsed();
         self.take(outputs);
-        while let Some(input) = self.inbox.pop_front() {
+        let mut silences = 0;
+        while !self.seen.done {
+            let input = match self.inbox.pop_front() {
+                Some(input) => {
+                    now += TICK;
+                    input
+                }
+                // Nothing to hear: time passes.
+                None if silences < MAX_SILENCES => {
+                    silences += 1;
+                    now += SILENCE;
+                    self.pass_silence();
+                    Input::Silence
+                }
+                None => break,
+            };
             let timed = Instant::now();
             let outputs = c.on(input, now)?;
             self.seen.deciding += timed.elapsed();
             self.take(outputs);
-            if self.seen.done {
-                break;
-            }
         }
         Ok(())
+    }
+
+    /// A silence passes: a stalled miner may catch up.
+    fn pass_silence(&mut self) {
+        if let Some((_, held, left)) = &mut self.stalled {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                let held = std::mem::take(held);
+                self.inbox.extend(held);
+                self.stalled = None;
+            }
+        }
     }
 
     fn take(&mut self, outputs: Vec<Output>) {
@@ -142,21 +191,37 @@ impl Sim {
                     self.seen.orders.push((to, order));
                 }
                 Output::Ledger { window, tallies } => self.seen.ledger.push((window, tallies)),
-                Output::Window(w) => self.seen.windows.push((w.window, w.attempts, w.caught)),
+                Output::Window(w) => {
+                    self.seen.deadlines.push(w.deadlines);
+                    self.seen.windows.push((w.window, w.attempts, w.caught));
+                }
                 Output::Departed(rank) => {
                     self.dead.insert(rank);
                     self.seen.departed.push(rank);
                 }
                 Output::Commit(m) => self.seen.commits.push(m.window),
                 Output::Warn(line) | Output::Say(line) => self.seen.warnings.push(line),
+                Output::Ping(to, nonce) => {
+                    for &r in &to {
+                        if !self.dead.contains(&r) && !self.stopped.contains(&r) {
+                            self.inbox
+                                .push_back(Input::Report(r, Report::Alive { nonce }));
+                        }
+                    }
+                    self.seen.pings.push(to);
+                }
                 Output::Done => self.seen.done = true,
             }
         }
     }
 
     fn report(&mut self, from: usize, report: Report) {
-        if !self.dead.contains(&from) {
-            self.inbox.push_back(Input::Report(from, report));
+        if self.dead.contains(&from) || self.stopped.contains(&from) {
+            return;
+        }
+        match &mut self.stalled {
+            Some((rank, held, _)) if *rank == from => held.push(Input::Report(from, report)),
+            _ => self.inbox.push_back(Input::Report(from, report)),
         }
     }
 
@@ -377,6 +442,16 @@ impl Sim {
 
     /// What the script makes happen as `window` starts serving.
     fn script_events(&mut self, window: u64) {
+        if let Some((w, rank)) = self.script.stop {
+            if w == window {
+                self.stopped.insert(rank);
+            }
+        }
+        if let Some((w, rank, silences)) = self.script.stall {
+            if w == window {
+                self.stalled = Some((rank, Vec::new(), silences));
+            }
+        }
         if let Some((w, rank)) = self.script.lose {
             if w == window {
                 self.dead.insert(rank);

@@ -336,3 +336,70 @@ fn microbatches_finished_before_a_miner_is_lost_are_kept_and_credited_unless_it_
     assert!(counted.iter().all(|(_, path)| !path.contains(&2)));
     assert!(first.iter().any(|p| !p.contains(&2)), "the case is covered");
 }
+
+#[test]
+fn a_stopped_miner_is_pinged_evicted_and_its_window_redone_without_it() {
+    let spec = spec("");
+    let (seen, result) = Sim::run(
+        &spec,
+        Script {
+            stop: Some((1, 3)),
+            ..Script::default()
+        },
+    );
+    result.unwrap();
+    assert!(seen.done);
+    assert!(
+        seen.pings.iter().any(|p| p.contains(&3)),
+        "{:?}",
+        seen.pings
+    );
+    assert_eq!(seen.departed, [3]);
+    assert!(
+        seen.warnings
+            .iter()
+            .any(|w| w.contains("miner 3 answered no liveness ping")),
+        "{:?}",
+        seen.warnings
+    );
+    let runs = runs(&seen, 1);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs[1].1.iter().all(|path| !path.contains(&3)));
+    let (_, tallies) = seen.ledger.iter().find(|(w, _)| *w == 1).unwrap();
+    assert!(tallies.iter().all(|t| t.rank != 3), "{tallies:?}");
+    assert_eq!(tallies.iter().map(|t| t.verified).sum::<u64>(), 6 * 2);
+}
+
+#[test]
+fn a_slow_miner_that_answers_its_pings_is_kept_and_credited() {
+    let spec = spec("");
+    // Eight silences of 0.5 s: past the 2 s serving deadline of a run
+    // whose microbatches take milliseconds.
+    let (seen, result) = Sim::run(
+        &spec,
+        Script {
+            stall: Some((1, 3, 8)),
+            ..Script::default()
+        },
+    );
+    result.unwrap();
+    assert!(
+        seen.pings.iter().any(|p| p.contains(&3)),
+        "{:?}",
+        seen.pings
+    );
+    assert!(seen.departed.is_empty(), "{:?}", seen.departed);
+    assert_eq!(seen.windows[1].1, 1, "window 1 needed no redo");
+    let (_, tallies) = seen.ledger.iter().find(|(w, _)| *w == 1).unwrap();
+    assert!(tallies.iter().any(|t| t.rank == 3 && t.verified > 0));
+}
+
+#[test]
+fn liveness_deadlines_start_generous_then_follow_the_run_and_are_reported() {
+    let (seen, result) = Sim::run(&spec(""), Script::default());
+    result.unwrap();
+    // Window 0 has seen 7 microbatches, fewer than the 8 a deadline needs;
+    // by window 2 the run's millisecond microbatches set the 2 s floor.
+    assert_eq!(seen.deadlines[0], (60.0, 5.0));
+    assert_eq!(seen.deadlines[2].0, 2.0);
+}

@@ -1,0 +1,56 @@
+//! The rank's side of liveness: a thread that answers the orchestrator's
+//! pings at once, whatever the rank's main thread is doing (computing a
+//! pass, waiting on a peer, blocked sending to one).
+//!
+//! A rank that stops answering while its connections stay open (stopped
+//! with SIGSTOP, frozen, its host swapping to death, its path to us
+//! black-holed) shows no read or write error anywhere; silence is the only
+//! sign, and a slow miner is silent too. The ping tells them apart: a slow
+//! miner's answering thread replies in milliseconds, a stopped one never
+//! does (a stopped process stops all its threads).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::protocol::{self, Report};
+use super::train::send_report;
+use crate::transport::{Transport, TransportError};
+
+/// How often the answering thread looks whether its rank is done.
+const DONE_POLL: Duration = Duration::from_millis(50);
+
+/// Runs `body` with a thread answering pings beside it.
+pub(super) fn answering_pings<T: Transport + ?Sized, R>(t: &T, body: impl FnOnce() -> R) -> R {
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        let done = &done;
+        s.spawn(move || answer_pings(t, done));
+        let result = body();
+        done.store(true, Ordering::SeqCst);
+        result
+    })
+}
+
+fn answer_pings<T: Transport + ?Sized>(t: &T, done: &AtomicBool) {
+    while !done.load(Ordering::SeqCst) {
+        match t.recv_deadline(0, protocol::PING_TAG, Instant::now() + DONE_POLL) {
+            Ok(bytes) => {
+                let Ok(nonce) = <[u8; 8]>::try_from(bytes.as_slice()) else {
+                    // Not a ping of ours; the main loop hears of a broken
+                    // orchestrator on its own.
+                    continue;
+                };
+                let alive = Report::Alive {
+                    nonce: u64::from_le_bytes(nonce),
+                };
+                if send_report(t, &alive).is_err() {
+                    return;
+                }
+            }
+            Err(TransportError::Timeout { .. }) => {}
+            // The orchestrator is gone: the main thread finds out and ends.
+            Err(_) => return,
+        }
+    }
+}
