@@ -98,14 +98,14 @@ fn a_stopped_miner_is_evicted_and_no_loss_changes() {
     let hang = "[[faults.hang]]\nrank = 3\nwindow = 5\n";
     let (stopped, err) = run(&train_job(dir.path(), "stopped", 2, 10, hang));
     assert!(err.contains("stopping (SIGSTOP) during window 5"), "{err}");
-    assert!(err.contains("miner 3 answered no liveness ping"), "{err}");
+    assert!(err.contains("rank 3 answered no liveness ping"), "{err}");
     assert_eq!(losses(&clean), losses(&stopped));
     let attempts: Vec<&str> = stopped.iter().map(|l| field(l, "attempts")).collect();
     assert_eq!(attempts[..5], ["1"; 5]);
     assert_ne!(attempts[5], "1", "window 5 was redone: {:?}", stopped[5]);
     // The deadlines the run set itself are in its metrics.
     for line in &stopped {
-        let serving: f64 = field(line, "serving_deadline_s").parse().unwrap();
+        let serving: f64 = field(line, "progress_deadline_s").parse().unwrap();
         let answer: f64 = field(line, "answer_deadline_s").parse().unwrap();
         assert!(serving >= 2.0 && answer >= 2.0, "{line}");
     }

@@ -166,6 +166,8 @@ fn run_attempt(
     let mut clean = true;
     let mut first_expendable: Option<(usize, i32)> = None;
     let mut survivors = false;
+    // Whether rank 0 (a training job's orchestrator) finished cleanly.
+    let mut orchestrator_ok = false;
     while exited.iter().any(|e| !e) {
         let sig = signal.swap(0, Ordering::SeqCst);
         if sig != 0 {
@@ -183,7 +185,8 @@ fn run_attempt(
                 exited[rank] = true;
                 clean &= status == 0;
                 survivors |= status == 0;
-                if orchestrator_done(opts, rank, status, &exited) && kill_at.is_none() {
+                orchestrator_ok |= rank == 0 && status == 0;
+                if orchestrator_ok && only_expendable_left(opts, &exited) && kill_at.is_none() {
                     // What is left are miners the job no longer counts on:
                     // they have the grace period to see the Stop, then go.
                     // One evicted while stopped (SIGSTOP) or frozen would
@@ -363,16 +366,12 @@ fn is_cause(status: i32, stopping: bool) -> bool {
     status != 0 && status != PEER_LOST_STATUS && !(stopping && ours.contains(&status))
 }
 
-/// Whether rank 0, a rank the job cannot do without (a training job's
-/// orchestrator), just finished cleanly while only ranks it can do without
-/// (miners) still run.
-fn orchestrator_done(opts: &LaunchOptions, rank: usize, status: i32, exited: &[bool]) -> bool {
+/// Whether only ranks the job can do without (a training job's miners)
+/// still run, and some do, while rank 0 is one it cannot do without.
+fn only_expendable_left(opts: &LaunchOptions, exited: &[bool]) -> bool {
     let expendable = |r: usize| opts.expendable.get(r).copied().unwrap_or(false);
-    rank == 0
-        && status == 0
-        && !expendable(0)
-        && (1..exited.len()).any(|r| !exited[r])
-        && (1..exited.len()).all(|r| exited[r] || expendable(r))
+    let running = || (0..exited.len()).filter(|&r| !exited[r]);
+    !expendable(0) && running().next().is_some() && running().all(expendable)
 }
 
 fn signal_alive(pids: &[Pid], exited: &[bool], sig: Signal) {

@@ -433,11 +433,6 @@ impl InFlight {
         self.running.len()
     }
 
-    /// The path of running microbatch `id`.
-    pub fn path(&self, id: u64) -> Option<&[usize]> {
-        self.running.get(&id).map(Vec::as_slice)
-    }
-
     pub fn queued(&self) -> usize {
         self.queue.len()
     }

@@ -23,7 +23,8 @@ use super::protocol::{
     Reduction, Report, Route, SliceTask,
 };
 use super::train::{
-    adamw_config, inject_planned_fault, leave_on_signal, recv_order, send_report, Setup, TrainError,
+    adamw_config, inject_planned_fault, leave_on_signal, recv_order, send_report, wait_or_order,
+    Setup, TrainError, Waited,
 };
 use super::{handover, liveness};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
@@ -33,12 +34,10 @@ use crate::collective::{
 };
 use crate::config::JobSpec;
 use crate::data::Split;
+use crate::deadline::{AdaptiveDeadline, DeadlineRule};
 use crate::model::{batch_tensors, AdamW, Pass, PassGrads, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
 use crate::transport::{Transport, TransportError};
-
-/// How long a miner waits on a peer before looking for new orders.
-const POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Serves the stage the orchestrator's `Start` names until told to stop,
 /// answering liveness pings throughout.
@@ -170,7 +169,24 @@ struct Miner<'a, T: ?Sized> {
     leaving: Arc<AtomicBool>,
     /// Whether the orchestrator has been told.
     announced: AtomicBool,
+    /// How long its stage's all-reduce may take: a peer silent past this
+    /// is blamed, so that a stopped peer holds the close for seconds, not
+    /// for the transport's timeout.
+    closes: AdaptiveDeadline,
 }
+
+/// Close all-reduces: alike from window to window, so five times the 95th
+/// percentile of recent ones is far outside a healthy close; the floor
+/// leaves room for a loaded host, and until a few were seen the
+/// transport's timeout holds.
+const CLOSES: DeadlineRule = DeadlineRule {
+    quantile: 0.95,
+    margin: 5.0,
+    floor_s: 5.0,
+    initial_s: 0.0,
+    keep: 32,
+    min_samples: 3,
+};
 
 /// One pass's parameter gradients and the digests of their chunks (its
 /// receipt's `params`), kept until the step.
@@ -330,6 +346,10 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             conduct: cheat::conduct(spec, t.rank()),
             leaving,
             announced: AtomicBool::new(false),
+            closes: AdaptiveDeadline::new(DeadlineRule {
+                initial_s: t.default_timeout().as_secs_f64(),
+                ..CLOSES
+            }),
         }
     }
 
@@ -775,20 +795,11 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// error: it leaves, and the orchestrator routes around it.
     fn wait(&self, from: usize, tag: u64) -> Result<Wait, TrainError> {
         let deadline = Instant::now() + self.t.default_timeout();
-        loop {
-            self.announce_leaving()?;
-            match self.t.recv_deadline(0, protocol::ORDER_TAG, Instant::now()) {
-                Ok(bytes) => return Ok(Wait::Order(protocol::decode_order(&bytes, 0)?)),
-                Err(TransportError::Timeout { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let until = (Instant::now() + POLL).min(deadline);
-            match self.t.recv_deadline(from, tag, until) {
-                Ok(bytes) => return Ok(Wait::Got(bytes)),
-                Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
-                Err(TransportError::PeerLost { .. }) => return Ok(Wait::Order(self.next_order()?)),
-                Err(e) => return Err(e.into()),
-            }
+        match wait_or_order(self.t, from, tag, deadline, || self.announce_leaving())? {
+            Waited::Got(bytes) => Ok(Wait::Got(bytes)),
+            Waited::Order(order) => Ok(Wait::Order(order)),
+            Waited::Lost => Ok(Wait::Order(self.next_order()?)),
+            Waited::TimedOut => Err(TransportError::Timeout { rank: from, tag }.into()),
         }
     }
 
@@ -844,7 +855,9 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             .collect();
         let segments: Vec<_> = self.model.layout().iter().map(|p| p.range()).collect();
         let numel = self.model.numel();
-        let call = Call::new(&group, protocol::close_tag(window, attempt));
+        let started = Instant::now();
+        let call = Call::new(&group, protocol::close_tag(window, attempt))
+            .until(started + self.closes.duration());
         let copies = self.spec.roles.slice_copies;
         let spans_sites = sites.iter().any(|s| Some(s) != sites.first());
         let reduced = FixedPoint::with_exponents(&segments, scales).and_then(|scale| {
@@ -897,6 +910,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         });
         let report = match reduced {
             Ok((scale, values, sums, held)) => {
+                self.closes.observe(started.elapsed().as_secs_f64());
                 self.reduced = held.agreed().then(|| {
                     let mut sum = vec![0.0f32; numel];
                     scale.decode(&sums, &mut sum);

@@ -9,97 +9,184 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::audit::{self, Bundle};
+use super::liveness;
 use super::protocol::{
     self, slice_digest, AuditTask, CheckpointTask, Order, Report, SliceTask, Verdict,
 };
 use super::train::{
-    adamw_config, inject_planned_fault, recv_order, send_report, Setup, TrainError,
+    adamw_config, inject_planned_fault, recv_order, send_report, wait_or_order, Setup, TrainError,
+    Waited,
 };
 use crate::collective::Partition;
 use crate::config::JobSpec;
 use crate::model::StageModel;
 use crate::pipeline::BoundaryCodec;
-use crate::transport::{Transport, TransportError};
+use crate::transport::Transport;
 
 pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+    liveness::answering_pings(t, || follow_orders(t, spec))
+}
+
+fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let codec = setup.codec(spec);
     // Parameters of each stage, once known.
     let mut layouts: BTreeMap<usize, Vec<Range<usize>>> = BTreeMap::new();
+    // An order that came while this validator waited on a miner.
+    let mut next = None;
     loop {
-        match recv_order(t)? {
+        let order = match next.take() {
+            Some(order) => order,
+            None => recv_order(t)?,
+        };
+        next = match order {
             Order::Stop => return Ok(()),
             Order::Run {
                 window, attempt: 0, ..
-            } => inject_planned_fault(spec, t.rank(), window),
+            } => {
+                inject_planned_fault(spec, t.rank(), window);
+                None
+            }
             Order::Audit {
                 window,
                 attempt,
                 tasks,
                 weights,
             } => {
+                let mine = tasks.into_iter().filter(|a| a.validator == t.rank());
                 let mut by_miner: BTreeMap<usize, Vec<AuditTask>> = BTreeMap::new();
-                for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
+                for task in mine {
                     by_miner.entry(task.miner).or_default().push(task);
                 }
-                for (miner, tasks) in by_miner {
-                    let mut started = Instant::now();
-                    let verdicts = match t.recv(miner, protocol::audit_tag(window, attempt)) {
-                        Ok(bytes) => {
-                            // The replay's cost, not the wait for the miner.
-                            started = Instant::now();
-                            judge(&setup, &codec, &bytes, &tasks, &weights)
-                        }
-                        Err(TransportError::PeerLost { .. }) => {
-                            vec![Verdict::Unavailable; tasks.len()]
-                        }
-                        Err(TransportError::Timeout { .. }) => {
-                            let silent = Verdict::Failed("sent nothing to replay".into());
-                            vec![silent; tasks.len()]
-                        }
-                        Err(e) => return Err(e.into()),
-                    };
-                    let replay_s = started.elapsed().as_secs_f64() / tasks.len() as f64;
-                    for (task, verdict) in tasks.into_iter().zip(verdicts) {
-                        let report = Report::Audited {
-                            window,
-                            attempt,
-                            task: Box::new(task),
-                            verdict,
-                            replay_s,
-                        };
-                        send_report(t, &report)?;
-                    }
-                }
+                let replay = |miner, tasks| {
+                    replay_passes(
+                        t,
+                        (&setup, &codec),
+                        (window, attempt),
+                        miner,
+                        tasks,
+                        &weights,
+                    )
+                };
+                each_reported(t, by_miner, replay)?
             }
             Order::Step { window, audits, .. } => {
-                for task in audits.into_iter().filter(|a| a.validator == t.rank()) {
-                    let report = audit_checkpoint(t, spec, &setup, window, task)?;
-                    send_report(t, &report)?;
-                }
+                let mine = audits.into_iter().filter(|a| a.validator == t.rank());
+                let audit = |task| audit_checkpoint(t, spec, &setup, window, task);
+                each_reported(t, mine.map(|task| ((), task)), |(), task| audit(task))?
             }
             Order::Recompute {
                 window,
                 attempt,
                 tasks,
             } => {
-                for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
+                let mine = tasks.into_iter().filter(|a| a.validator == t.rank());
+                let mut check = |task: SliceTask| -> Result<[Report; 1], Halt> {
                     let segments = stage_segments(&setup, &mut layouts, task.stage)?;
                     let (verdicts, replay_s) = recompute(t, window, attempt, &task, segments)?;
-                    let report = Report::Recomputed {
+                    Ok([Report::Recomputed {
                         window,
                         attempt,
                         task: Box::new(task),
                         verdicts,
                         replay_s,
-                    };
+                    }])
+                };
+                each_reported(t, mine.map(|task| ((), task)), |(), task| check(task))?
+            }
+            // Every other order is for miners.
+            _ => None,
+        };
+    }
+}
+
+/// Why a check did not finish.
+enum Halt {
+    Failed(TrainError),
+    /// The orchestrator moved on while the check waited on a miner (a
+    /// lost or evicted miner, a new attempt): the order it gave, which the
+    /// validator follows instead of finishing a moot check.
+    Superseded(Order),
+}
+
+impl<E: Into<TrainError>> From<E> for Halt {
+    fn from(e: E) -> Halt {
+        Halt::Failed(e.into())
+    }
+}
+
+/// Runs `check` on each item and sends its reports, until one is
+/// superseded; returns the order that superseded it.
+fn each_reported<T: Transport + ?Sized, K, V, R: IntoIterator<Item = Report>>(
+    t: &T,
+    items: impl IntoIterator<Item = (K, V)>,
+    mut check: impl FnMut(K, V) -> Result<R, Halt>,
+) -> Result<Option<Order>, TrainError> {
+    for (key, value) in items {
+        match check(key, value) {
+            Ok(reports) => {
+                for report in reports {
                     send_report(t, &report)?;
                 }
             }
-            // Every other order is for miners.
-            _ => {}
+            Err(Halt::Superseded(order)) => return Ok(Some(order)),
+            Err(Halt::Failed(e)) => return Err(e),
         }
     }
+    Ok(None)
+}
+
+/// `from`'s next message on `tag`, or the verdict its absence earns
+/// (`what` it failed to send for).
+fn receive<T: Transport + ?Sized>(
+    t: &T,
+    from: usize,
+    tag: u64,
+    what: &str,
+) -> Result<Result<Vec<u8>, Verdict>, Halt> {
+    let deadline = Instant::now() + t.default_timeout();
+    match wait_or_order(t, from, tag, deadline, || Ok(()))? {
+        Waited::Got(bytes) => Ok(Ok(bytes)),
+        Waited::Lost => Ok(Err(Verdict::Unavailable)),
+        Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
+        Waited::Order(order) => Err(Halt::Superseded(order)),
+    }
+}
+
+/// Replays the passes `tasks` of `miner` from the bundle it sends; one
+/// report each.
+fn replay_passes<T: Transport + ?Sized>(
+    t: &T,
+    (setup, codec): (&Setup, &BoundaryCodec),
+    (window, attempt): (u64, u32),
+    miner: usize,
+    tasks: Vec<AuditTask>,
+    weights: &[String],
+) -> Result<Vec<Report>, Halt> {
+    let waited = Instant::now();
+    let bundle = receive(t, miner, protocol::audit_tag(window, attempt), "replay")?;
+    // The replay's cost, not the wait for the miner.
+    let started = if bundle.is_ok() {
+        Instant::now()
+    } else {
+        waited
+    };
+    let verdicts = match bundle {
+        Ok(bytes) => judge(setup, codec, &bytes, &tasks, weights),
+        Err(verdict) => vec![verdict; tasks.len()],
+    };
+    let replay_s = started.elapsed().as_secs_f64() / tasks.len() as f64;
+    let reports = tasks
+        .into_iter()
+        .zip(verdicts)
+        .map(|(task, verdict)| Report::Audited {
+            window,
+            attempt,
+            task: Box::new(task),
+            verdict,
+            replay_s,
+        });
+    Ok(reports.collect())
 }
 
 /// One verdict per task, from the bundle its miner sent.
@@ -152,18 +239,14 @@ fn audit_checkpoint<T: Transport + ?Sized>(
     setup: &Setup,
     window: u64,
     task: CheckpointTask,
-) -> Result<Report, TrainError> {
+) -> Result<[Report; 1], Halt> {
     // The state before the step, the reduced sum, the file written.
     let mut got = Vec::with_capacity(3);
     let mut missing = None;
     while got.len() < 3 && missing.is_none() {
-        match t.recv(task.writer, protocol::checkpoint_tag(window)) {
+        match receive(t, task.writer, protocol::checkpoint_tag(window), "audit")? {
             Ok(bytes) => got.push(bytes),
-            Err(TransportError::PeerLost { .. }) => missing = Some(Verdict::Unavailable),
-            Err(TransportError::Timeout { .. }) => {
-                missing = Some(Verdict::Failed("sent nothing to audit".into()));
-            }
-            Err(e) => return Err(e.into()),
+            Err(verdict) => missing = Some(verdict),
         }
     }
     let started = Instant::now();
@@ -177,14 +260,14 @@ fn audit_checkpoint<T: Transport + ?Sized>(
         }
         (_, missing) => (None, None, missing.unwrap_or(Verdict::Unavailable)),
     };
-    Ok(Report::CheckpointAudited {
+    Ok([Report::CheckpointAudited {
         window,
         task,
         file,
         weights,
         verdict,
         replay_s: started.elapsed().as_secs_f64(),
-    })
+    }])
 }
 
 /// The parameter layout of `stage` (each tensor's range in the flat
@@ -217,21 +300,14 @@ fn recompute<T: Transport + ?Sized>(
     attempt: u32,
     task: &SliceTask,
     segments: &[Range<usize>],
-) -> Result<(Vec<(usize, Verdict)>, f64), TrainError> {
+) -> Result<(Vec<(usize, Verdict)>, f64), Halt> {
     let between_sites = !task.sites.is_empty();
     let tag = if between_sites {
         protocol::across_tag(window, attempt, task.slice, false)
     } else {
         protocol::slice_tag(window, attempt, task.slice)
     };
-    let got = |rank: usize, tag: u64| match t.recv(rank, tag) {
-        Ok(bytes) => Ok(Ok(bytes)),
-        Err(TransportError::PeerLost { .. }) => Ok(Err(Verdict::Unavailable)),
-        Err(TransportError::Timeout { .. }) => {
-            Ok(Err(Verdict::Failed("sent nothing to recompute".into())))
-        }
-        Err(e) => Err(TrainError::from(e)),
-    };
+    let got = |rank: usize, tag: u64| receive(t, rank, tag, "recompute");
     let mut received = Vec::with_capacity(task.contributors.len());
     for (rank, _) in &task.contributors {
         let contribution = got(*rank, tag)?;

@@ -1,36 +1,37 @@
-//! Telling a stopped miner from a slow one while a window serves.
+//! Telling a stopped rank from a slow one.
 //!
-//! A microbatch running longer than the serving deadline makes the
-//! orchestrator ping the miners on its path whose stage has not reported
-//! it. Every miner answers from a thread of its own
-//! ([`crate::roles::liveness`]), so a slow or waiting miner answers at
-//! once; one that does not answer within the answer deadline is stopped,
-//! frozen or cut off with its connections open. It is evicted like a lost
-//! miner: its microbatches are redone by the others and it is credited
-//! nothing of the attempt. A miner that answers is left alone for another
-//! serving deadline: slowness is for routing to handle, not eviction.
+//! When no rank has reported anything for the progress deadline, the
+//! orchestrator pings every rank still in the job. Every miner and
+//! validator answers from a thread of its own
+//! ([`crate::roles::liveness`]), so a slow or waiting rank answers at once;
+//! one that does not answer within the answer deadline is stopped, frozen
+//! or cut off with its connections open. It is evicted like a lost rank:
+//! a miner's window is redone without it and it is credited nothing of
+//! the attempt, a validator's checks go to the others. When every rank
+//! answers, nobody is pinged again for another progress deadline:
+//! slowness is for routing to handle, not eviction.
 //!
 //! Both deadlines follow what the run shows ([`AdaptiveDeadline`]): the
-//! serving deadline a high quantile of recent microbatch latencies (route
-//! to last stage reported), the answer deadline one of recent ping round
-//! trips; each times a margin, above a floor.
+//! progress deadline a high quantile of recent gaps between reports, the
+//! answer deadline one of recent ping round trips; each times a margin,
+//! above a floor. Pinging costs a message per rank and is harmless, so the
+//! progress deadline may be tight; only the answer deadline evicts.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use super::machine::{Coordinator, Output, Phase};
 use crate::deadline::{AdaptiveDeadline, DeadlineRule};
 use crate::roles::train::TrainError;
 
-/// Microbatch latencies: a microbatch's latency includes its wait behind
-/// the others its miners serve, so the high quantile is about a whole
-/// serving phase, and three of those is far outside any healthy run. The
-/// start value covers the first window's warm-up.
-const SERVING: DeadlineRule = DeadlineRule {
+/// Gaps between reports: milliseconds to a second in a healthy run (a
+/// pass, a replay, a checkpoint write), so three times the 95th percentile
+/// is far outside one. The start value covers start-up and the first
+/// window's warm-up.
+const PROGRESS: DeadlineRule = DeadlineRule {
     quantile: 0.95,
     margin: 3.0,
     floor_s: 2.0,
-    initial_s: 60.0,
+    initial_s: 30.0,
     keep: 256,
     min_samples: 8,
 };
@@ -49,13 +50,15 @@ const ANSWER: DeadlineRule = DeadlineRule {
 /// Deadlines and the ping in flight.
 #[derive(Debug)]
 pub(super) struct Liveness {
-    pub serving: AdaptiveDeadline,
-    pub answer: AdaptiveDeadline,
-    /// When each running microbatch was routed.
-    routed: BTreeMap<u64, Instant>,
+    progress: AdaptiveDeadline,
+    answer: AdaptiveDeadline,
+    /// When a rank last reported something (or the job began).
+    last_report: Option<Instant>,
     ping: Option<Ping>,
     /// No ping before this: the last round was answered in full.
     quiet_until: Option<Instant>,
+    /// Ping at the next check, stalled or not: a rank was blamed.
+    suspicious: bool,
     next_nonce: u64,
 }
 
@@ -63,41 +66,31 @@ pub(super) struct Liveness {
 struct Ping {
     nonce: u64,
     sent: Instant,
-    waiting: BTreeSet<usize>,
+    waiting: Vec<usize>,
 }
 
 impl Default for Liveness {
     fn default() -> Liveness {
         Liveness {
-            serving: AdaptiveDeadline::new(SERVING),
+            progress: AdaptiveDeadline::new(PROGRESS),
             answer: AdaptiveDeadline::new(ANSWER),
-            routed: BTreeMap::new(),
+            last_report: None,
             ping: None,
             quiet_until: None,
+            suspicious: false,
             next_nonce: 1,
         }
     }
 }
 
 impl Liveness {
-    /// `ids` were routed at `now`.
-    pub fn routed(&mut self, ids: impl IntoIterator<Item = u64>, now: Instant) {
-        self.routed.extend(ids.into_iter().map(|id| (id, now)));
-    }
-
-    /// Microbatch `id` was served by every stage at `now`.
-    pub fn finished(&mut self, id: u64, now: Instant) {
-        if let Some(at) = self.routed.remove(&id) {
-            self.serving
-                .observe(now.saturating_duration_since(at).as_secs_f64());
+    /// A rank reported something (not a ping's answer) at `now`.
+    pub fn reported(&mut self, now: Instant) {
+        if let Some(last) = self.last_report {
+            self.progress
+                .observe(now.saturating_duration_since(last).as_secs_f64());
         }
-    }
-
-    /// The attempt is over: nothing runs, nobody is waited on.
-    pub fn reset(&mut self) {
-        self.routed.clear();
-        self.ping = None;
-        self.quiet_until = None;
+        self.last_report = Some(now);
     }
 
     /// `rank` answered the ping `nonce` at `now`.
@@ -105,23 +98,22 @@ impl Liveness {
         let Some(ping) = self.ping.as_mut().filter(|p| p.nonce == nonce) else {
             return;
         };
-        if ping.waiting.remove(&rank) {
+        let before = ping.waiting.len();
+        ping.waiting.retain(|&r| r != rank);
+        if ping.waiting.len() < before {
             let took = now.saturating_duration_since(ping.sent);
             self.answer.observe(took.as_secs_f64());
         }
         if ping.waiting.is_empty() {
             self.ping = None;
-            self.quiet_until = Some(now + self.serving.duration());
+            self.quiet_until = Some(now + self.progress.duration());
         }
     }
 
-    /// Running microbatches routed longer than the serving deadline ago.
-    fn overdue(&self, now: Instant) -> impl Iterator<Item = u64> + '_ {
-        let deadline = self.serving.duration();
-        self.routed
-            .iter()
-            .filter(move |(_, at)| now.saturating_duration_since(**at) > deadline)
-            .map(|(id, _)| *id)
+    /// A peer blamed another for silence: ping everyone at the next check.
+    pub fn suspect(&mut self) {
+        self.suspicious = true;
+        self.quiet_until = None;
     }
 
     /// Ranks pinged and silent past the answer deadline; the ping is over.
@@ -129,21 +121,23 @@ impl Liveness {
         let deadline = self.answer.duration();
         match &self.ping {
             Some(p) if now.saturating_duration_since(p.sent) > deadline => {
-                let silent = p.waiting.iter().copied().collect();
-                self.ping = None;
-                silent
+                self.ping.take().map(|p| p.waiting).unwrap_or_default()
             }
             _ => Vec::new(),
         }
     }
 
-    /// A new ping of `ranks` at `now`, unless one is in flight or the last
-    /// round was answered too recently; its nonce.
-    fn ping(&mut self, ranks: BTreeSet<usize>, now: Instant) -> Option<u64> {
+    /// A ping of `ranks` when nothing was reported for the progress
+    /// deadline (or a rank was blamed), no ping is in flight and the last
+    /// round was not answered too recently; its nonce.
+    fn ping(&mut self, ranks: Vec<usize>, now: Instant) -> Option<u64> {
+        let since = self.last_report.get_or_insert(now);
+        let stalled = now.saturating_duration_since(*since) > self.progress.duration();
         let quiet = self.quiet_until.is_some_and(|t| now < t);
-        if ranks.is_empty() || self.ping.is_some() || quiet {
+        if !(stalled || self.suspicious) || quiet || ranks.is_empty() || self.ping.is_some() {
             return None;
         }
+        self.suspicious = false;
         let nonce = self.next_nonce;
         self.next_nonce += 1;
         self.ping = Some(Ping {
@@ -154,58 +148,34 @@ impl Liveness {
         Some(nonce)
     }
 
-    /// The two deadlines now, in seconds: serving, answer.
+    /// The two deadlines now, in seconds: progress, answer.
     pub fn seconds(&self) -> (f64, f64) {
-        (self.serving.seconds(), self.answer.seconds())
+        (self.progress.seconds(), self.answer.seconds())
     }
 }
 
 impl Coordinator<'_> {
-    /// Evicts miners silent past the answer deadline, then pings the
-    /// miners holding up overdue microbatches.
+    /// Evicts ranks silent past the answer deadline, then pings everyone
+    /// when nothing has been reported for the progress deadline.
     pub(super) fn check_liveness(&mut self, now: Instant) -> Result<(), TrainError> {
-        if !matches!(self.phase, Phase::Serving { .. }) {
-            self.liveness.reset();
+        if matches!(self.phase, Phase::Finished) {
             return Ok(());
         }
         let answer_s = self.liveness.answer.seconds();
         for rank in self.liveness.silent(now) {
-            if !self.miners.contains_key(&rank) {
+            if self.departed.contains(&rank) {
                 continue;
             }
             self.say_warn(format!(
-                "orchestrator: miner {rank} answered no liveness ping in {answer_s:.1} s \
+                "orchestrator: rank {rank} answered no liveness ping in {answer_s:.1} s \
                  (stopped, frozen or cut off); evicting it"
             ));
             self.on_lost(rank, "evicted: no answer to a liveness ping")?;
         }
-        let suspects = self.holding_up(now);
-        if let Some(nonce) = self.liveness.ping(suspects.clone(), now) {
-            self.push(Output::Ping(suspects.into_iter().collect(), nonce));
+        let everyone: Vec<usize> = self.listeners.iter().copied().collect();
+        if let Some(nonce) = self.liveness.ping(everyone.clone(), now) {
+            self.push(Output::Ping(everyone, nonce));
         }
         Ok(())
-    }
-
-    /// The miners on the paths of overdue microbatches whose stage has
-    /// not reported them.
-    fn holding_up(&self, now: Instant) -> BTreeSet<usize> {
-        let (Phase::Serving { served }, Some(w)) = (&self.phase, &self.window) else {
-            return BTreeSet::new();
-        };
-        let mut suspects = BTreeSet::new();
-        for id in self.liveness.overdue(now) {
-            let Some(path) = w.flight.path(id) else {
-                continue;
-            };
-            let reported = served.get(&id);
-            suspects.extend(
-                path.iter()
-                    .enumerate()
-                    .filter(|(stage, _)| reported.is_none_or(|s| !s.contains(stage)))
-                    .map(|(_, rank)| *rank)
-                    .filter(|rank| self.miners.contains_key(rank)),
-            );
-        }
-        suspects
     }
 }

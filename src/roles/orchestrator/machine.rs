@@ -216,8 +216,6 @@ pub struct Coordinator<'a> {
     /// after it means the job is stuck.
     last_heard: Instant,
     timeout: Duration,
-    /// The time of the input being handled.
-    now: Instant,
     pub(super) liveness: Liveness,
     out: Vec<Output>,
 }
@@ -268,7 +266,6 @@ impl<'a> Coordinator<'a> {
             phase: Phase::Finished,
             last_heard: Instant::now(),
             timeout: b.timeout,
-            now: Instant::now(),
             liveness: Liveness::default(),
             out: Vec::new(),
         }
@@ -277,7 +274,6 @@ impl<'a> Coordinator<'a> {
     /// Tells every rank its stage and starts the first window.
     pub fn begin(&mut self, now: Instant) -> Result<Vec<Output>, TrainError> {
         self.last_heard = now;
-        self.now = now;
         let start = Order::Start {
             stages: self.stage_miners(),
             checkpoint: self.start.resumed.as_ref().map(|m| m.window),
@@ -293,7 +289,12 @@ impl<'a> Coordinator<'a> {
         if !matches!(input, Input::Silence) {
             self.last_heard = now;
         }
-        self.now = now;
+        if !matches!(
+            input,
+            Input::Silence | Input::Report(_, Report::Alive { .. })
+        ) {
+            self.liveness.reported(now);
+        }
         match input {
             Input::Silence if now >= self.deadline() => {
                 return Err(TrainError::Stalled {
@@ -482,7 +483,6 @@ impl<'a> Coordinator<'a> {
                 routes.push(Route { id, path });
             }
         }
-        self.liveness.routed(routes.iter().map(|r| r.id), self.now);
         let order = Order::Run {
             window: w.window,
             attempt: w.attempt,
@@ -581,7 +581,6 @@ impl<'a> Coordinator<'a> {
                 };
                 if complete {
                     w.flight.finish(id);
-                    self.liveness.finished(id, self.now);
                 }
             }
             Phase::Auditing(a) => a.take(from, report, w),
@@ -753,12 +752,16 @@ impl<'a> Coordinator<'a> {
         };
         let window = self.window.as_ref().expect("a window runs").window;
         if let Some((rank, reason)) = failure {
-            // The all-reduce blamed a miner that is still connected: a hung
-            // peer, which this protocol does not evict.
-            return Err(TrainError::Protocol {
-                rank,
-                reason: format!("window {window} failed to reduce: {reason}"),
-            });
+            // The all-reduce blamed a peer that is still connected: stopped
+            // or merely slow. Everyone is pinged now, so a stopped one is
+            // evicted; the close is tried again in a new attempt, whose
+            // microbatches are the ones already done.
+            self.say_warn(format!(
+                "orchestrator: window {window} failed to reduce on rank {rank} ({reason}); \
+                 checking who is alive and closing again"
+            ));
+            self.liveness.suspect();
+            return self.redo_without(&[]);
         }
         self.announce_hold(window, HoldPhase::Close);
         self.phase = Phase::HoldClose(Closed {

@@ -358,7 +358,7 @@ fn a_stopped_miner_is_pinged_evicted_and_its_window_redone_without_it() {
     assert!(
         seen.warnings
             .iter()
-            .any(|w| w.contains("miner 3 answered no liveness ping")),
+            .any(|w| w.contains("rank 3 answered no liveness ping")),
         "{:?}",
         seen.warnings
     );
@@ -395,11 +395,18 @@ fn a_slow_miner_that_answers_its_pings_is_kept_and_credited() {
 }
 
 #[test]
-fn liveness_deadlines_start_generous_then_follow_the_run_and_are_reported() {
-    let (seen, result) = Sim::run(&spec(""), Script::default());
+fn liveness_deadlines_follow_the_run_and_are_reported_with_each_window() {
+    let (seen, result) = Sim::run(
+        &spec(""),
+        Script {
+            stall: Some((1, 3, 8)),
+            ..Script::default()
+        },
+    );
     result.unwrap();
-    // Window 0 has seen 7 microbatches, fewer than the 8 a deadline needs;
-    // by window 2 the run's millisecond microbatches set the 2 s floor.
-    assert_eq!(seen.deadlines[0], (60.0, 5.0));
-    assert_eq!(seen.deadlines[2].0, 2.0);
+    // Reports a millisecond apart set the progress deadline's 2 s floor in
+    // the first window; the answer deadline keeps its 5 s start value
+    // until pings are answered (in window 1), then falls to its floor.
+    assert_eq!(seen.deadlines[0], (2.0, 5.0));
+    assert_eq!(seen.deadlines[2], (2.0, 2.0));
 }
