@@ -20,13 +20,6 @@ use common::*;
 
 const KEY: &str = "5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c";
 
-fn losses(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| format!("{} {}", field(l, "loss"), field(l, "val_loss")))
-        .collect()
-}
-
 /// A job of `windows` on a fixed rendezvous port, so joiners know where
 /// to knock.
 fn joinable_job(

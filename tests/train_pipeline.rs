@@ -9,13 +9,6 @@ use std::process::Output;
 use common::train::*;
 use common::*;
 
-fn losses(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| format!("{} {}", field(l, "loss"), field(l, "val_loss")))
-        .collect()
-}
-
 #[test]
 fn two_stages_of_two_miners_train_and_the_loss_goes_down() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,13 +9,6 @@ use std::path::{Path, PathBuf};
 use common::train::*;
 use common::*;
 
-fn losses(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| format!("{} {}", field(l, "loss"), field(l, "val_loss")))
-        .collect()
-}
-
 /// `train_job`'s model and schedule with the ranks in `sites`
 /// (`[[site]]` tables).
 fn sites_job(dir: &Path, name: &str, sites: &str) -> PathBuf {

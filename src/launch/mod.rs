@@ -184,7 +184,10 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
         expendable: plan
             .ranks
             .iter()
-            .map(|r| spec.job.task == Task::Train && matches!(r.role, Role::Miner { .. }))
+            .map(|r| {
+                spec.job.task == Task::Train
+                    && matches!(r.role, Role::Miner { .. } | Role::Validator)
+            })
             .collect(),
         env: {
             let mut env = vec![

@@ -8,8 +8,10 @@
 //! - The first rank to exit non-zero ends the job: the others get SIGTERM,
 //!   then SIGKILL after the grace period; the launcher exits with that
 //!   rank's status, or restarts the whole job up to `max_restarts` times.
-//! - Except an expendable rank (a miner of a training job: SWARM survives
-//!   miners leaving): its failure is reported and the job goes on without it.
+//! - Except an expendable rank (a miner or validator of a training job:
+//!   SWARM survives miners leaving, and the other validators take over a
+//!   lost one's checks): its failure is reported and the job goes on
+//!   without it.
 //! - SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to every rank.
 
 use std::ffi::OsString;

@@ -74,3 +74,12 @@ pub fn field<'a>(line: &'a str, field: &str) -> &'a str {
         + key.len()..];
     &rest[..rest.find([',', '}']).unwrap()]
 }
+
+/// Each window's loss and validation loss as written: runs that must agree
+/// bit for bit compare these.
+pub fn losses(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| format!("{} {}", field(l, "loss"), field(l, "val_loss")))
+        .collect()
+}

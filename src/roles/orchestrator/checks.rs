@@ -81,11 +81,6 @@ impl<V> Replies<V> {
     pub fn owes_nothing(&self) -> bool {
         self.owed.is_done()
     }
-
-    /// A validator lost on the way leaves its tasks undone.
-    pub fn forget_validator(&mut self, v: usize) {
-        self.owed.0.remove(&v);
-    }
 }
 
 /// Replays in flight, and the chain breaks they decide.

@@ -680,17 +680,26 @@ impl<'a> Coordinator<'a> {
             return Ok(());
         }
         if self.validators.contains(&rank) {
-            self.say_warn(format!("orchestrator: lost validator {rank} ({reason})"));
             self.validators.retain(|&v| v != rank);
+            let left = match self.validators.len() {
+                0 => "none left: passes go unchecked from now on".to_string(),
+                n => format!("{n} left"),
+            };
+            self.say_warn(format!(
+                "orchestrator: lost validator {rank} ({reason}); {left}"
+            ));
+            self.depart(rank);
             match &mut self.phase {
-                Phase::Auditing(a) => a.replies.forget_validator(rank),
-                Phase::Recomputing(a, _) => a.replies.forget_validator(rank),
+                // Its checks are redone by the others in a new attempt,
+                // on fresh tags, so that no bundle meant for it is taken
+                // for another task. The window's microbatches stay done.
+                Phase::Auditing(_) | Phase::Recomputing(..) => self.redo_without(&[])?,
+                // The step is done; its checkpoint audits go unaudited.
                 Phase::Stepping(s) => {
                     s.owed.remove(&rank);
                 }
                 _ => {}
             }
-            self.depart(rank);
             return Ok(());
         }
         self.say_warn(format!(

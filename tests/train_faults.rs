@@ -1,0 +1,249 @@
+//! Ranks killed at random moments of real training runs: a miner or a
+//! validator gets SIGKILL at a random point of a random window (serving,
+//! closing, stepping, writing a checkpoint, being audited: wherever the
+//! clock lands), and every run must finish with the losses of the run
+//! where nobody died, bit for bit, and a ledger that credits each pass of
+//! each window exactly once. Where the kill lands is random; what is
+//! asserted holds wherever it lands.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use common::train::*;
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const WINDOWS: u64 = 12;
+/// Training microbatches per window times stages: every window's credits.
+const PASSES_PER_WINDOW: u64 = 6 * 2;
+
+/// A small generator seeded from the clock; the seed is in every failure
+/// message.
+struct Draws(u64);
+
+impl Draws {
+    fn new() -> Draws {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Draws(nanos)
+    }
+
+    /// SplitMix64.
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What a line of the launcher's output says.
+enum Line {
+    /// `rank R/N on HOST (pid P, ...)`.
+    Pid(usize, i32),
+    /// The orchestrator's line of window `w`.
+    Window(u64),
+    Other,
+}
+
+fn parse(line: &str) -> Line {
+    let body = line.split_once("] ").map_or(line, |(_, b)| b);
+    if let Some(rest) = body.strip_prefix("rank ") {
+        let rank = rest.split('/').next().and_then(|r| r.parse().ok());
+        let pid = rest
+            .split_once("(pid ")
+            .and_then(|(_, p)| p.split(',').next())
+            .and_then(|p| p.parse().ok());
+        if let (Some(rank), Some(pid)) = (rank, pid) {
+            return Line::Pid(rank, pid);
+        }
+    }
+    if let Some(rest) = body.strip_prefix("window ") {
+        if let Some(w) = rest.split_whitespace().next().and_then(|w| w.parse().ok()) {
+            return Line::Window(w);
+        }
+    }
+    Line::Other
+}
+
+/// Launches `job` (restarting it once if a rank the job cannot lose
+/// fails), kills `victim` with SIGKILL `delay` after the orchestrator's
+/// line of window `after`, and waits for the launcher; returns everything
+/// it printed.
+fn run_and_kill(job: &Path, victim: usize, after: u64, delay: Duration) -> String {
+    let mut child: Child = swarmrun()
+        .args(["launch", "--max-restarts", "1"])
+        .arg(job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let outputs: [Box<dyn Read + Send>; 2] = [
+        Box::new(child.stdout.take().unwrap()),
+        Box::new(child.stderr.take().unwrap()),
+    ];
+    let readers: Vec<_> = outputs
+        .into_iter()
+        .map(|out| {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let (mut pid, mut killed, mut seen) = (None, false, Vec::new());
+    for line in rx {
+        match parse(&line) {
+            Line::Pid(rank, p) if rank == victim => pid = Some(p),
+            Line::Window(w) if w == after && !killed => {
+                if let Some(p) = pid {
+                    thread::sleep(delay);
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                    killed = true;
+                }
+            }
+            _ => {}
+        }
+        seen.push(line);
+    }
+    readers.into_iter().for_each(|r| r.join().unwrap());
+    let status = child.wait().unwrap();
+    let text = seen.join("\n");
+    assert!(status.success(), "{text}");
+    assert!(killed, "rank {victim} was never killed:\n{text}");
+    text
+}
+
+/// Every window's credits add up to its passes: none lost, none twice.
+fn assert_each_pass_credited_once(job: &Path, context: &str) {
+    let chain = swarmrun::ledger::read(&job.with_extension("")).unwrap();
+    assert_eq!(chain.records.len() as u64, WINDOWS, "{context}");
+    for record in &chain.records {
+        let credited: u64 = record.miners.iter().map(|m| m.verified).sum();
+        assert_eq!(
+            credited, PASSES_PER_WINDOW,
+            "window {} credits {credited} passes: {context}",
+            record.window
+        );
+    }
+}
+
+/// 20 runs, each killing a random miner at a random moment of a random
+/// window (checkpoints every 2 windows, so some kills land in a write).
+#[test]
+fn miners_killed_at_random_moments_change_no_loss_and_lose_no_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "checkpoint_every = 2\n";
+    let (clean, _) = run(&train_job(dir.path(), "clean", 2, WINDOWS, extra));
+    let mut draws = Draws::new();
+    let seed = draws.0;
+    for trial in 0..20 {
+        let victim = 2 + draws.below(4) as usize;
+        let (after, delay) = moment(&mut draws);
+        let name = format!("kill{trial}");
+        let job = train_job(dir.path(), &name, 2, WINDOWS, extra);
+        let context = format!(
+            "seed {seed}, trial {trial}: miner {victim} killed {delay:?} after window {after}"
+        );
+        let err = run_and_kill(&job, victim, after, delay);
+        assert!(
+            err.contains(&format!("lost miner {victim}")),
+            "{context}\n{err}"
+        );
+        assert_eq!(
+            losses(&clean),
+            losses(&metrics_of(&job)),
+            "{context}\n{err}"
+        );
+        assert_each_pass_credited_once(&job, &context);
+    }
+}
+
+/// A random moment: a window after which to wait, and how long, so that
+/// the kill lands in one of the next two or three windows (a window of
+/// these jobs takes 30-80 ms on the 2-core VM) and never after the last.
+fn moment(draws: &mut Draws) -> (u64, Duration) {
+    let after = draws.below(WINDOWS - 4);
+    (after, Duration::from_millis(draws.below(100)))
+}
+
+/// With two validators, one killed at a random moment: the other takes
+/// over its checks and the run keeps every loss bit and every credit.
+#[test]
+fn a_validator_killed_at_a_random_moment_is_replaced_by_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let two_validators = |name: &str| {
+        let job = train_job(dir.path(), name, 2, WINDOWS, "checkpoint_every = 2\n");
+        let text = std::fs::read_to_string(&job).unwrap();
+        let text = text
+            .replace("validators = 1", "validators = 2")
+            .replace("ranks_per_host = 6", "ranks_per_host = 7");
+        std::fs::write(&job, text).unwrap();
+        job
+    };
+    let (clean, _) = run(&two_validators("clean"));
+    let mut draws = Draws::new();
+    let seed = draws.0;
+    for trial in 0..5 {
+        let victim = 1 + draws.below(2) as usize;
+        let (after, delay) = moment(&mut draws);
+        let job = two_validators(&format!("kill{trial}"));
+        let context = format!(
+            "seed {seed}, trial {trial}: validator {victim} killed {delay:?} after window {after}"
+        );
+        let err = run_and_kill(&job, victim, after, delay);
+        assert!(
+            err.contains(&format!("lost validator {victim}")),
+            "{context}\n{err}"
+        );
+        assert_eq!(
+            losses(&clean),
+            losses(&metrics_of(&job)),
+            "{context}\n{err}"
+        );
+        assert_each_pass_credited_once(&job, &context);
+    }
+}
+
+/// The orchestrator killed at a random moment, without a standby: the
+/// launcher restarts the job, which resumes from its last checkpoint and
+/// ends with the uninterrupted run's losses and one credit per pass.
+#[test]
+fn an_orchestrator_killed_at_a_random_moment_is_restarted_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "checkpoint_every = 2\n";
+    let (clean, _) = run(&train_job(dir.path(), "clean", 2, WINDOWS, extra));
+    let mut draws = Draws::new();
+    let seed = draws.0;
+    for trial in 0..3 {
+        let (after, delay) = moment(&mut draws);
+        let job = train_job(dir.path(), &format!("kill{trial}"), 2, WINDOWS, extra);
+        let context =
+            format!("seed {seed}, trial {trial}: rank 0 killed {delay:?} after window {after}");
+        let err = run_and_kill(&job, 0, after, delay);
+        assert!(err.contains("restarting the job (1/1)"), "{context}\n{err}");
+        assert_eq!(
+            losses(&clean),
+            losses(&metrics_of(&job)),
+            "{context}\n{err}"
+        );
+        assert_each_pass_credited_once(&job, &context);
+    }
+}
