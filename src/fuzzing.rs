@@ -19,6 +19,9 @@ use crate::wire::{Assembly, Frame, FrameKind, Session};
 /// The frame limit of the wire target: small, so that long messages and
 /// stripes take several frames.
 const WIRE_MAX_FRAME: usize = 4096;
+/// The message limit of the wire target: a few frames' worth, so that
+/// refusing a message that grows too long is reached too.
+const WIRE_MAX_MESSAGE: usize = 4 * WIRE_MAX_FRAME;
 
 /// The session of [`wire_frames`] at its first frame (for writing seeds):
 /// a fixed key, so that committed seeds decrypt on every replay.
@@ -44,7 +47,7 @@ pub fn wire_frames(data: &[u8]) {
     };
     if mode % 2 == 0 {
         let mut socket = rest;
-        let mut assembly = Assembly::default();
+        let mut assembly = Assembly::new(WIRE_MAX_MESSAGE);
         let mut session = wire_session();
         loop {
             let Ok(frame) = session.read(&mut socket) else {
@@ -74,7 +77,7 @@ pub fn wire_frames(data: &[u8]) {
         }
     }
     let mut socket = &stream[..];
-    let mut assembly = Assembly::default();
+    let mut assembly = Assembly::new(WIRE_MAX_MESSAGE);
     let mut reader = wire_session();
     for (seq, sent) in frames.iter().enumerate() {
         match reader.read(&mut socket) {
@@ -83,7 +86,7 @@ pub fn wire_frames(data: &[u8]) {
         }
         // Frames out of place end the peer; here the next ones start afresh.
         if assembly.take(sent.clone()).is_err() {
-            assembly = Assembly::default();
+            assembly = Assembly::new(WIRE_MAX_MESSAGE);
         }
     }
     if stream.is_empty() {

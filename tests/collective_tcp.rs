@@ -29,6 +29,7 @@ fn with_tcp_world<R: Send>(n: usize, f: impl Fn(TcpTransport) -> R + Sync) -> Ve
     let key = JobKey::from_hex(&"7e".repeat(32)).unwrap();
     let opts = TcpOptions {
         max_frame: 1 << 20,
+        max_message: swarmrun::transport::DEFAULT_MAX_MESSAGE,
         connect_timeout: PATIENCE,
         default_timeout: PATIENCE,
         handshake_timeout: PATIENCE,

@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 58);
+    assert_eq!(count, 59);
 }
 
 #[test]
@@ -495,6 +495,13 @@ const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
         8,
         "faults.slow[1].rank",
         "rank 3 is already slowed by faults.slow[0]",
+    ),
+    (
+        "max_message_below_max_frame",
+        12,
+        15,
+        "network.max_message",
+        "65536 bytes is less than network.max_frame (1048576 bytes)",
     ),
     (
         "two_hangs_for_one_rank",

@@ -10,6 +10,8 @@ use swarmrun::wire::{AuthStream, FrameHeader, FrameKind, Hello, JobKey, StreamOp
 
 const JOB: &str = "transport-test";
 const MAX_FRAME: usize = 1024;
+/// Above the 3 MiB striped messages below, far below what a test host holds.
+const MAX_MESSAGE: usize = 4 << 20;
 
 /// Long beside any scheduling delay of a busy host: a test that waits this
 /// long has failed, and one that asserts "at once" checks it waited well
@@ -19,6 +21,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 fn opts() -> TcpOptions {
     TcpOptions {
         max_frame: MAX_FRAME,
+        max_message: MAX_MESSAGE,
         connect_timeout: PATIENCE,
         default_timeout: PATIENCE,
         handshake_timeout: PATIENCE,
@@ -235,6 +238,17 @@ fn rogue_world(key: &JobKey) -> RogueWorld {
 /// reason), while rank 1 still hears from rank 2 and ranks 0 and 1 still
 /// talk.
 fn assert_rogue_dropped(world: RogueWorld, bad_bytes: &[u8], expected: &str) {
+    let write = |_: &mut AuthStream, raw: &mut TcpStream| raw.write_all(bad_bytes).unwrap();
+    assert_rogue_dropped_by(world, write, expected);
+}
+
+/// [`assert_rogue_dropped`] after `misbehave` on rank 2's stream to rank
+/// 0 (or the raw socket under it).
+fn assert_rogue_dropped_by(
+    world: RogueWorld,
+    misbehave: impl FnOnce(&mut AuthStream, &mut TcpStream),
+    expected: &str,
+) {
     let RogueWorld {
         ranks,
         to_0: (mut to_0, mut raw),
@@ -244,7 +258,7 @@ fn assert_rogue_dropped(world: RogueWorld, bad_bytes: &[u8], expected: &str) {
     to_0.send(FrameKind::Data, 5, b"good").unwrap();
     assert_eq!(ranks[0].recv(2, 5).unwrap(), b"good");
 
-    raw.write_all(bad_bytes).unwrap();
+    misbehave(&mut to_0, &mut raw);
     let rogue_addr = raw.local_addr().unwrap().to_string();
     let err = ranks[0].recv(2, 5).unwrap_err();
     match &err {
@@ -280,6 +294,19 @@ fn frame_with_bad_mac_drops_only_that_peer() {
     bytes.extend_from_slice(b"abc");
     bytes.extend_from_slice(&[0u8; 16]);
     assert_rogue_dropped(rogue_world(&key), &bytes, "integrity check");
+}
+
+#[test]
+fn a_message_growing_past_max_message_drops_only_that_peer() {
+    let key = JobKey::generate().unwrap();
+    // Frames each within the frame limit, of a message that never ends.
+    let chunk = [7u8; MAX_FRAME];
+    let endless = |to_0: &mut AuthStream, _: &mut TcpStream| {
+        for _ in 0..=MAX_MESSAGE / MAX_FRAME {
+            to_0.send(FrameKind::DataMore, 5, &chunk).unwrap();
+        }
+    };
+    assert_rogue_dropped_by(rogue_world(&key), endless, "network.max_message");
 }
 
 #[test]

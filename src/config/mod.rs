@@ -277,6 +277,11 @@ pub struct NetworkSpec {
     /// memory one malicious or broken peer can make a rank allocate.
     #[serde(deserialize_with = "values::deserialize_size")]
     pub max_frame: usize,
+    /// Largest message a peer may send, in bytes (frames of one message
+    /// joined); at least `max_frame`. Bounds what one peer can make a rank
+    /// hold for a message it never finishes. Default 16 GiB.
+    #[serde(deserialize_with = "values::deserialize_size")]
+    pub max_message: usize,
     /// Job key written by `swarmrun keygen`; relative to the current
     /// directory.
     pub key_file: Option<PathBuf>,
@@ -301,6 +306,7 @@ impl Default for NetworkSpec {
         NetworkSpec {
             rendezvous: Rendezvous::default(),
             max_frame: 64 << 20,
+            max_message: crate::transport::DEFAULT_MAX_MESSAGE,
             key_file: None,
             connect_timeout_s: 30.0,
             collective_timeout_s: 60.0,

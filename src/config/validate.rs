@@ -152,6 +152,15 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             format!("{} bytes is outside 4KiB..=4GiB", n.max_frame),
         );
     }
+    if n.max_message < n.max_frame {
+        return violation(
+            "network.max_message",
+            format!(
+                "{} bytes is less than network.max_frame ({} bytes)",
+                n.max_message, n.max_frame
+            ),
+        );
+    }
     if n.shm_chunk == 0 || n.shm_chunk % 4096 != 0 {
         return violation(
             "network.shm_chunk",

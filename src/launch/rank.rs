@@ -252,6 +252,7 @@ pub fn join_running(
 fn tcp_options(spec: &JobSpec) -> TcpOptions {
     TcpOptions {
         max_frame: spec.network.max_frame,
+        max_message: spec.network.max_message,
         connect_timeout: Duration::from_secs_f64(spec.network.connect_timeout_s),
         default_timeout: Duration::from_secs_f64(spec.network.collective_timeout_s),
         joinable: spec.job.task == Task::Train,

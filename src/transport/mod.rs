@@ -25,7 +25,7 @@ mod tcp;
 
 pub use local::LocalTransport;
 pub use sites::SiteTransport;
-pub use tcp::{TcpOptions, TcpTransport};
+pub use tcp::{TcpOptions, TcpTransport, DEFAULT_MAX_MESSAGE};
 
 /// Tagged point-to-point messages between the ranks of one job.
 pub trait Transport: Send + Sync {

@@ -3,8 +3,10 @@
 //! frames ending with a `Data` frame, all on its tag; a striped message
 //! (`[network] lanes`) sends its part 0 here as `StripeMore` frames ending
 //! with a `Stripe` frame, each starting with the same [`StripeHead`], and
-//! its other parts on the lanes. Anything out of that order is an error, which ends the
-//! peer: frames come from the network and are checked, never trusted.
+//! its other parts on the lanes. Anything out of that order, or a message
+//! growing past the connection's limit (`[network] max_message`), is an
+//! error, which ends the peer: frames come from the network and are
+//! checked, never trusted.
 
 use super::frame::{Frame, FrameKind, StripeHead};
 
@@ -27,8 +29,11 @@ pub enum Assembled {
 }
 
 /// The message in progress on one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Assembly {
+    /// Bytes a message may reach: what one peer can make this rank hold
+    /// for a message it never finishes.
+    limit: usize,
     /// A message split into `DataMore` frames, waiting for its last piece.
     partial: Option<(u64, Vec<u8>)>,
     /// Part 0 of a striped message, waiting for its last frame.
@@ -36,9 +41,29 @@ pub struct Assembly {
 }
 
 impl Assembly {
+    /// An empty assembly refusing messages of more than `limit` bytes.
+    pub fn new(limit: usize) -> Assembly {
+        Assembly {
+            limit,
+            partial: None,
+            stripe: None,
+        }
+    }
+
     /// Takes the connection's next frame; an error says what was out of
     /// place.
     pub fn take(&mut self, frame: Frame) -> Result<Assembled, String> {
+        let held = match (&self.partial, &self.stripe) {
+            (Some((_, pieces)), _) => pieces.len(),
+            (_, Some((_, _, part))) => part.len(),
+            _ => 0,
+        };
+        if held.saturating_add(frame.payload.len()) > self.limit {
+            return Err(format!(
+                "a message of more than {} bytes (network.max_message) on tag {}",
+                self.limit, frame.tag
+            ));
+        }
         match frame.kind {
             FrameKind::Data | FrameKind::DataMore => {
                 if let Some((tag, head, _)) = &self.stripe {
@@ -118,7 +143,7 @@ mod tests {
 
     #[test]
     fn data_more_frames_join_into_one_message_on_their_tag() {
-        let mut a = Assembly::default();
+        let mut a = Assembly::new(1 << 20);
         assert_eq!(
             a.take(frame(FrameKind::DataMore, 7, b"ab")),
             Ok(Assembled::Pending)
@@ -141,7 +166,7 @@ mod tests {
 
     #[test]
     fn a_message_interleaved_with_another_or_a_stripe_is_refused() {
-        let mut a = Assembly::default();
+        let mut a = Assembly::new(1 << 20);
         a.take(frame(FrameKind::DataMore, 7, b"ab")).unwrap();
         assert!(a.take(frame(FrameKind::Data, 8, b"c")).is_err());
 
@@ -152,12 +177,27 @@ mod tests {
         };
         let mut striped = head.encode().to_vec();
         striped.extend_from_slice(b"xy");
-        let mut a = Assembly::default();
+        let mut a = Assembly::new(1 << 20);
         a.take(frame(FrameKind::StripeMore, 9, &striped)).unwrap();
         assert!(a.take(frame(FrameKind::Data, 9, b"c")).is_err());
-        let mut a = Assembly::default();
+        let mut a = Assembly::new(1 << 20);
         a.take(frame(FrameKind::DataMore, 9, b"c")).unwrap();
         assert!(a.take(frame(FrameKind::Stripe, 9, &striped)).is_err());
+    }
+
+    #[test]
+    fn a_message_growing_past_the_limit_is_refused() {
+        let mut a = Assembly::new(4);
+        a.take(frame(FrameKind::DataMore, 7, b"ab")).unwrap();
+        a.take(frame(FrameKind::DataMore, 7, b"cd")).unwrap();
+        let err = a.take(frame(FrameKind::Data, 7, b"e")).unwrap_err();
+        assert!(err.contains("more than 4 bytes"), "{err}");
+        assert!(Assembly::new(4)
+            .take(frame(FrameKind::Data, 8, b"12345"))
+            .is_err());
+        assert!(Assembly::new(4)
+            .take(frame(FrameKind::Data, 8, b"1234"))
+            .is_ok());
     }
 
     #[test]
@@ -171,7 +211,7 @@ mod tests {
         first.extend_from_slice(b"12");
         let mut last = head.encode().to_vec();
         last.extend_from_slice(b"3");
-        let mut a = Assembly::default();
+        let mut a = Assembly::new(1 << 20);
         assert_eq!(
             a.take(frame(FrameKind::StripeMore, 5, &first)),
             Ok(Assembled::Pending)

@@ -92,7 +92,19 @@ impl Shared {
                         break format!("{addr}: a malformed stripe frame on a lane");
                     };
                     let key = (head.message, head.part);
-                    building.entry(key).or_default().extend_from_slice(data);
+                    if !building.contains_key(&key) && building.len() >= MAX_PENDING {
+                        break format!(
+                            "{addr}: more than {MAX_PENDING} stripes in flight on a lane"
+                        );
+                    }
+                    let part = building.entry(key).or_default();
+                    if part.len().saturating_add(data.len()) > self.opts.max_message {
+                        break format!(
+                            "{addr}: a stripe of more than {} bytes (network.max_message)",
+                            self.opts.max_message
+                        );
+                    }
+                    part.extend_from_slice(data);
                     if frame.kind == FrameKind::Stripe {
                         let part = building.remove(&key).unwrap_or_default();
                         if let Err(reason) = self.file_part(src, head, part) {

@@ -62,12 +62,20 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// cutting the connections.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// [`TcpOptions::max_message`] unless a job says otherwise: larger than
+/// any tensor slice a stage of a few billion parameters all-reduces, far
+/// below what a rank can hold many of.
+pub const DEFAULT_MAX_MESSAGE: usize = 16 << 30;
+
 /// Limits and timeouts of a [`TcpTransport`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpOptions {
     /// Largest frame payload, in bytes; longer messages are split. At most
     /// `u32::MAX`, the wire's length field.
     pub max_frame: usize,
+    /// Largest message, in bytes, a peer may send: what it can make this
+    /// rank hold for one message (or one stripe of one).
+    pub max_message: usize,
     /// How long [`TcpTransport::connect`] may take to build the whole mesh.
     pub connect_timeout: Duration,
     /// Deadline of [`Transport::recv`], and how long a send may make no
@@ -90,6 +98,7 @@ impl Default for TcpOptions {
     fn default() -> TcpOptions {
         TcpOptions {
             max_frame: 8 << 20,
+            max_message: DEFAULT_MAX_MESSAGE,
             connect_timeout: Duration::from_secs(60),
             default_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),

@@ -453,7 +453,7 @@ impl Shared {
     /// connection ends; returns why it ended.
     fn pump(&self, src: usize, reader: &mut FrameReader) -> Loss {
         let addr = reader.peer_addr();
-        let mut assembly = Assembly::default();
+        let mut assembly = Assembly::new(self.opts.max_message);
         loop {
             let frame = match reader.recv() {
                 Ok(frame) => frame,
