@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod prometheus;
 pub mod roles;
 pub mod transport;
 pub mod wan;

@@ -736,6 +736,15 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
                 }
                 _ => None,
             };
+            let mut exporter = match &spec.metrics.listen {
+                Some(addr) => {
+                    let e = swarmrun::prometheus::Exporter::serve(addr)
+                        .with_context(|| format!("serving metrics on {addr}"))?;
+                    println!("metrics: http://{}/metrics", e.local_addr());
+                    Some(e)
+                }
+                None => None,
+            };
             let started = std::time::Instant::now();
             let mut written = Ok(());
             let membership = door.as_ref().map(|(_, m)| Arc::clone(m));
@@ -746,6 +755,9 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
                 }
                 if written.is_ok() {
                     written = metrics.append(w, started.elapsed().as_secs_f64());
+                }
+                if let Some(e) = exporter.as_mut() {
+                    e.record(w);
                 }
             })?;
             written.with_context(|| format!("writing {}", metrics.path().display()))?;

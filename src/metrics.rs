@@ -106,6 +106,7 @@ mod tests {
             recomputed: 0,
             replay_s: 0.0,
             caught: Vec::new(),
+            credits: Vec::new(),
             deadlines: (2.0, 5.0),
         }
     }

@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 59);
+    assert_eq!(count, 60);
 }
 
 #[test]
@@ -502,6 +502,13 @@ const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
         15,
         "network.max_message",
         "65536 bytes is less than network.max_frame (1048576 bytes)",
+    ),
+    (
+        "metrics_listen_without_port",
+        12,
+        10,
+        "metrics.listen",
+        "\"localhost\" is not an address and port such as \"127.0.0.1:9464\"",
     ),
     (
         "two_hangs_for_one_rank",

@@ -91,6 +91,18 @@ pub struct JobSpec {
     pub train: TrainSpec,
     #[serde(default)]
     pub bench: BenchSpec,
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+/// `[metrics]`: what the orchestrator serves while the job trains.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// `host:port` where the orchestrator serves `GET /metrics` in
+    /// Prometheus' text format (for example `127.0.0.1:9464`); none when
+    /// absent.
+    pub listen: Option<String>,
 }
 
 /// `[job]`: names the job and says what its ranks do.

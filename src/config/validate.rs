@@ -152,6 +152,14 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             format!("{} bytes is outside 4KiB..=4GiB", n.max_frame),
         );
     }
+    if let Some(listen) = &spec.metrics.listen {
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            return violation(
+                "metrics.listen",
+                format!("{listen:?} is not an address and port such as \"127.0.0.1:9464\""),
+            );
+        }
+    }
     if n.max_message < n.max_frame {
         return violation(
             "network.max_message",

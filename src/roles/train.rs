@@ -14,7 +14,7 @@ use crate::checkpoint::CheckpointError;
 use crate::collective::CollectiveError;
 use crate::config::{JobSpec, Plan, Role};
 use crate::data::{Corpus, DataError, Dataset};
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, Tally};
 use crate::model::{AdamWConfig, GptConfig, ModelError};
 use crate::pipeline::{BoundaryCodec, BoundaryError};
 use crate::transport::{Transport, TransportError};
@@ -86,6 +86,9 @@ pub struct WindowReport {
     pub replay_s: f64,
     /// Miners that failed a check in this window (and left the job).
     pub caught: Vec<usize>,
+    /// The window's ledger credits: each miner's verified passes and
+    /// failed checks.
+    pub credits: Vec<Tally>,
     /// The liveness deadlines at the window's end, in seconds, as the
     /// run's times set them: silence before everyone is pinged, a ping's
     /// answer.
@@ -333,6 +336,7 @@ mod tests {
             recomputed: 2,
             replay_s: 0.05,
             caught: Vec::new(),
+            credits: Vec::new(),
             deadlines: (2.0, 5.0),
         };
         let line = WindowLine::parse(&r.to_string()).unwrap();

@@ -832,9 +832,10 @@ impl<'a> Coordinator<'a> {
         for &(rank, stage) in &caught {
             w.failed.entry(rank).or_insert((stage, 0)).1 += 1;
         }
+        let credits = super::checks::tallies(&w);
         self.out.push(Output::Ledger {
             window,
-            tallies: super::checks::tallies(&w),
+            tallies: credits.clone(),
         });
         self.dismiss_leavers(window);
         let (mut train, mut val) = (0.0f64, 0.0f64);
@@ -865,6 +866,7 @@ impl<'a> Coordinator<'a> {
             recomputed: w.recomputed,
             replay_s: w.replay_s + s.audit_s,
             caught: w.failed.keys().copied().collect(),
+            credits,
             deadlines: self.liveness.seconds(),
         })));
         self.next_window(window + 1, now)
