@@ -69,98 +69,89 @@ impl Tallies {
                 let _ = writeln!(out, "swarmrun_{name}{labels} {value}");
             }
         };
-        let one = |v: f64| [(String::new(), v)];
-        metric(
-            "windows_total",
-            "counter",
-            "Training windows finished.",
-            &one(self.windows as f64),
-        );
-        if let Some(w) = &self.last {
-            metric(
+        let last = self.last.as_ref();
+        let gauges = [
+            (
                 "window",
-                "gauge",
                 "The last window finished.",
-                &one(w.window as f64),
-            );
-            metric(
+                last.map(|w| w.window as f64),
+            ),
+            (
                 "loss",
-                "gauge",
                 "Mean training loss of the last window.",
-                &one(f64::from(w.mean_loss)),
-            );
-            if let Some(v) = w.val_loss {
-                metric(
-                    "val_loss",
-                    "gauge",
-                    "Validation loss at the last evaluation window.",
-                    &one(f64::from(v)),
-                );
-            }
-            metric(
+                last.map(|w| f64::from(w.mean_loss)),
+            ),
+            (
+                "val_loss",
+                "Validation loss at the last evaluation window.",
+                last.and_then(|w| w.val_loss).map(f64::from),
+            ),
+            (
                 "tokens_per_second",
-                "gauge",
                 "Training tokens per second over the last window.",
-                &one(w.tokens_per_s),
-            );
-            metric(
+                last.map(|w| w.tokens_per_s),
+            ),
+            (
                 "bubble_ratio",
-                "gauge",
                 "Share of the miners' time not spent computing in the last window.",
-                &one(w.bubble),
-            );
-            if let Some(c) = w.compression {
-                metric(
-                    "compression_ratio",
-                    "gauge",
-                    "Boundary bytes as computed over bytes on the wire, last window.",
-                    &one(c),
-                );
-            }
-            let (progress, answer) = w.deadlines;
-            metric(
+                last.map(|w| w.bubble),
+            ),
+            (
+                "compression_ratio",
+                "Boundary bytes as computed over bytes on the wire, last window.",
+                last.and_then(|w| w.compression),
+            ),
+            (
                 "progress_deadline_seconds",
-                "gauge",
                 "Silence after which every rank is pinged.",
-                &one(progress),
-            );
-            metric(
+                last.map(|w| w.deadlines.0),
+            ),
+            (
                 "answer_deadline_seconds",
-                "gauge",
                 "Time a pinged rank has to answer before it is evicted.",
-                &one(answer),
-            );
+                last.map(|w| w.deadlines.1),
+            ),
+        ];
+        let counters = [
+            (
+                "windows_total",
+                "Training windows finished.",
+                self.windows as f64,
+            ),
+            (
+                "compute_seconds_total",
+                "Seconds miners spent computing.",
+                self.compute_s,
+            ),
+            (
+                "replayed_passes_total",
+                "Passes validators replayed.",
+                self.replayed as f64,
+            ),
+            (
+                "recomputed_slices_total",
+                "All-reduce slices validators recomputed.",
+                self.recomputed as f64,
+            ),
+            (
+                "redone_attempts_total",
+                "Window attempts redone after a miner was lost, evicted or caught.",
+                self.redone_attempts as f64,
+            ),
+            (
+                "miners_caught_total",
+                "Miners that failed a check.",
+                self.caught as f64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                metric(name, "gauge", help, &[(String::new(), v)]);
+            }
         }
-        metric(
-            "compute_seconds_total",
-            "counter",
-            "Seconds miners spent computing.",
-            &one(self.compute_s),
-        );
-        metric(
-            "replayed_passes_total",
-            "counter",
-            "Passes validators replayed.",
-            &one(self.replayed as f64),
-        );
-        metric(
-            "recomputed_slices_total",
-            "counter",
-            "All-reduce slices validators recomputed.",
-            &one(self.recomputed as f64),
-        );
-        metric(
-            "redone_attempts_total",
-            "counter",
-            "Window attempts redone after a miner was lost, evicted or caught.",
-            &one(self.redone_attempts as f64),
-        );
-        metric(
-            "miners_caught_total",
-            "counter",
-            "Miners that failed a check.",
-            &one(self.caught as f64),
-        );
+        for (name, help, value) in counters {
+            metric(name, "counter", help, &[(String::new(), value)]);
+        }
         let per_miner = |pick: fn(&(usize, u64, u64)) -> u64| -> Vec<(String, f64)> {
             self.miners
                 .iter()

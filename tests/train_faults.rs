@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -145,32 +145,31 @@ fn assert_each_pass_credited_once(job: &Path, context: &str) {
     }
 }
 
-/// 20 runs, each killing a random miner at a random moment of a random
-/// window (checkpoints every 2 windows, so some kills land in a write).
-#[test]
-fn miners_killed_at_random_moments_change_no_loss_and_lose_no_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let extra = "checkpoint_every = 2\n";
-    let (clean, _) = run(&train_job(dir.path(), "clean", 2, WINDOWS, extra));
+/// `trials` runs of `job(name)`, each killing the rank `victim` draws at
+/// a random moment; each run must say `said(victim)` and keep every loss
+/// bit and every credit of the run where nobody died.
+fn kill_trials(
+    job: impl Fn(&str) -> PathBuf,
+    trials: usize,
+    victim: impl Fn(&mut Draws) -> usize,
+    said: impl Fn(usize) -> String,
+) {
+    let (clean, _) = run(&job("clean"));
     let mut draws = Draws::new();
     let seed = draws.0;
-    for trial in 0..20 {
-        let victim = 2 + draws.below(4) as usize;
+    for trial in 0..trials {
+        let victim = victim(&mut draws);
         let (after, delay) = moment(&mut draws);
-        let name = format!("kill{trial}");
-        let job = train_job(dir.path(), &name, 2, WINDOWS, extra);
+        let job = job(&format!("kill{trial}"));
         let context = format!(
-            "seed {seed}, trial {trial}: miner {victim} killed {delay:?} after window {after}"
+            "seed {seed}, trial {trial}: rank {victim} killed {delay:?} after window {after}"
         );
-        let err = run_and_kill(&job, victim, after, delay);
-        assert!(
-            err.contains(&format!("lost miner {victim}")),
-            "{context}\n{err}"
-        );
+        let out = run_and_kill(&job, victim, after, delay);
+        assert!(out.contains(&said(victim)), "{context}\n{out}");
         assert_eq!(
             losses(&clean),
             losses(&metrics_of(&job)),
-            "{context}\n{err}"
+            "{context}\n{out}"
         );
         assert_each_pass_credited_once(&job, &context);
     }
@@ -184,13 +183,28 @@ fn moment(draws: &mut Draws) -> (u64, Duration) {
     (after, Duration::from_millis(draws.below(100)))
 }
 
-/// With two validators, one killed at a random moment: the other takes
-/// over its checks and the run keeps every loss bit and every credit.
+/// Checkpoints every 2 windows, so that some kills land in a write.
+const EVERY_2: &str = "checkpoint_every = 2\n";
+
+/// 20 runs, each killing a random miner (ranks 2 to 5).
+#[test]
+fn miners_killed_at_random_moments_change_no_loss_and_lose_no_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    kill_trials(
+        |name| train_job(dir.path(), name, 2, WINDOWS, EVERY_2),
+        20,
+        |d| 2 + d.below(4) as usize,
+        |rank| format!("lost miner {rank}"),
+    );
+}
+
+/// With two validators (ranks 1 and 2), one killed at a random moment:
+/// the other takes over its checks.
 #[test]
 fn a_validator_killed_at_a_random_moment_is_replaced_by_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let two_validators = |name: &str| {
-        let job = train_job(dir.path(), name, 2, WINDOWS, "checkpoint_every = 2\n");
+        let job = train_job(dir.path(), name, 2, WINDOWS, EVERY_2);
         let text = std::fs::read_to_string(&job).unwrap();
         let text = text
             .replace("validators = 1", "validators = 2")
@@ -198,52 +212,23 @@ fn a_validator_killed_at_a_random_moment_is_replaced_by_the_other() {
         std::fs::write(&job, text).unwrap();
         job
     };
-    let (clean, _) = run(&two_validators("clean"));
-    let mut draws = Draws::new();
-    let seed = draws.0;
-    for trial in 0..5 {
-        let victim = 1 + draws.below(2) as usize;
-        let (after, delay) = moment(&mut draws);
-        let job = two_validators(&format!("kill{trial}"));
-        let context = format!(
-            "seed {seed}, trial {trial}: validator {victim} killed {delay:?} after window {after}"
-        );
-        let err = run_and_kill(&job, victim, after, delay);
-        assert!(
-            err.contains(&format!("lost validator {victim}")),
-            "{context}\n{err}"
-        );
-        assert_eq!(
-            losses(&clean),
-            losses(&metrics_of(&job)),
-            "{context}\n{err}"
-        );
-        assert_each_pass_credited_once(&job, &context);
-    }
+    kill_trials(
+        two_validators,
+        5,
+        |d| 1 + d.below(2) as usize,
+        |rank| format!("lost validator {rank}"),
+    );
 }
 
 /// The orchestrator killed at a random moment, without a standby: the
-/// launcher restarts the job, which resumes from its last checkpoint and
-/// ends with the uninterrupted run's losses and one credit per pass.
+/// launcher restarts the job, which resumes from its last checkpoint.
 #[test]
 fn an_orchestrator_killed_at_a_random_moment_is_restarted_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let extra = "checkpoint_every = 2\n";
-    let (clean, _) = run(&train_job(dir.path(), "clean", 2, WINDOWS, extra));
-    let mut draws = Draws::new();
-    let seed = draws.0;
-    for trial in 0..3 {
-        let (after, delay) = moment(&mut draws);
-        let job = train_job(dir.path(), &format!("kill{trial}"), 2, WINDOWS, extra);
-        let context =
-            format!("seed {seed}, trial {trial}: rank 0 killed {delay:?} after window {after}");
-        let err = run_and_kill(&job, 0, after, delay);
-        assert!(err.contains("restarting the job (1/1)"), "{context}\n{err}");
-        assert_eq!(
-            losses(&clean),
-            losses(&metrics_of(&job)),
-            "{context}\n{err}"
-        );
-        assert_each_pass_credited_once(&job, &context);
-    }
+    kill_trials(
+        |name| train_job(dir.path(), name, 2, WINDOWS, EVERY_2),
+        3,
+        |_| 0,
+        |_| "restarting the job (1/1)".to_string(),
+    );
 }
