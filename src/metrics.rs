@@ -65,7 +65,7 @@ impl MetricsLog {
             .val_loss
             .map_or_else(|| "null".to_string(), |v| v.to_string());
         let line = format!(
-            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"recomputed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"progress_deadline_s\":{:.3},\"answer_deadline_s\":{:.3},\"elapsed_s\":{:.3}}}\n",
+            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"recomputed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"progress_deadline_s\":{:.3},\"answer_deadline_s\":{:.3},\"close_deadline_s\":{:.3},\"elapsed_s\":{:.3}}}\n",
             r.window,
             r.window + 1,
             r.mean_loss,
@@ -79,8 +79,9 @@ impl MetricsLog {
             r.recomputed,
             r.replay_s,
             r.caught,
-            r.deadlines.0,
-            r.deadlines.1,
+            r.deadlines.progress_s,
+            r.deadlines.answer_s,
+            r.deadlines.close_s,
             elapsed_s
         );
         self.file.write_all(line.as_bytes())
@@ -90,6 +91,7 @@ impl MetricsLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::roles::train::Deadlines;
 
     fn report(window: u64) -> WindowReport {
         WindowReport {
@@ -107,7 +109,11 @@ mod tests {
             replay_s: 0.0,
             caught: Vec::new(),
             credits: Vec::new(),
-            deadlines: (2.0, 5.0),
+            deadlines: Deadlines {
+                progress_s: 2.0,
+                answer_s: 5.0,
+                close_s: 5.0,
+            },
         }
     }
 
@@ -137,7 +143,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"recomputed\":4,\"replay_s\":0.050,\"caught\":[3],\"progress_deadline_s\":2.000,\"answer_deadline_s\":5.000,\"elapsed_s\":1.500}"
+            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"recomputed\":4,\"replay_s\":0.050,\"caught\":[3],\"progress_deadline_s\":2.000,\"answer_deadline_s\":5.000,\"close_deadline_s\":5.000,\"elapsed_s\":1.500}"
         );
         assert!(lines[1].contains("\"val_loss\":2.25,"));
     }

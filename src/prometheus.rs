@@ -104,12 +104,17 @@ impl Tallies {
             (
                 "progress_deadline_seconds",
                 "Silence after which every rank is pinged.",
-                last.map(|w| w.deadlines.0),
+                last.map(|w| w.deadlines.progress_s),
             ),
             (
                 "answer_deadline_seconds",
                 "Time a pinged rank has to answer before it is evicted.",
-                last.map(|w| w.deadlines.1),
+                last.map(|w| w.deadlines.answer_s),
+            ),
+            (
+                "close_deadline_seconds",
+                "The longest a miner gave its stage's close all-reduce.",
+                last.map(|w| w.deadlines.close_s),
             ),
         ];
         let counters = [
@@ -279,6 +284,7 @@ fn answer(mut stream: TcpStream, page: &Mutex<String>) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::ledger::Tally;
+    use crate::roles::train::Deadlines;
 
     fn window(n: u64) -> WindowReport {
         WindowReport {
@@ -309,7 +315,7 @@ mod tests {
                     failed: 1,
                 },
             ],
-            deadlines: (2.0, 5.0),
+            deadlines: Deadlines::default(),
         }
     }
 

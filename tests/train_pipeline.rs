@@ -100,7 +100,8 @@ fn a_stopped_miner_is_evicted_and_no_loss_changes() {
     for line in &stopped {
         let serving: f64 = field(line, "progress_deadline_s").parse().unwrap();
         let answer: f64 = field(line, "answer_deadline_s").parse().unwrap();
-        assert!(serving >= 2.0 && answer >= 2.0, "{line}");
+        let close: f64 = field(line, "close_deadline_s").parse().unwrap();
+        assert!(serving >= 2.0 && answer >= 2.0 && close >= 5.0, "{line}");
     }
 }
 

@@ -856,8 +856,9 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         let segments: Vec<_> = self.model.layout().iter().map(|p| p.range()).collect();
         let numel = self.model.numel();
         let started = Instant::now();
-        let call = Call::new(&group, protocol::close_tag(window, attempt))
-            .until(started + self.closes.duration());
+        let deadline = self.closes.duration();
+        let call =
+            Call::new(&group, protocol::close_tag(window, attempt)).until(started + deadline);
         let copies = self.spec.roles.slice_copies;
         let spans_sites = sites.iter().any(|s| Some(s) != sites.first());
         let reduced = FixedPoint::with_exponents(&segments, scales).and_then(|scale| {
@@ -924,6 +925,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     window,
                     attempt,
                     reduction,
+                    deadline_s: deadline.as_secs_f64(),
                 }
             }
             Err(e @ CollectiveError::PeerLost { .. }) => Report::ReduceFailed {

@@ -461,6 +461,8 @@ pub enum Report {
         window: u64,
         attempt: u32,
         reduction: Reduction,
+        /// The deadline, in seconds, this miner gave the all-reduce.
+        deadline_s: f64,
     },
     /// A validator recomputed a slice: the verdict on each miner involved
     /// (contributors and holders), after `replay_s` seconds of work.

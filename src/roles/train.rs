@@ -89,10 +89,21 @@ pub struct WindowReport {
     /// The window's ledger credits: each miner's verified passes and
     /// failed checks.
     pub credits: Vec<Tally>,
-    /// The liveness deadlines at the window's end, in seconds, as the
-    /// run's times set them: silence before everyone is pinged, a ping's
-    /// answer.
-    pub deadlines: (f64, f64),
+    /// The deadlines the run's own times set.
+    pub deadlines: Deadlines,
+}
+
+/// Deadlines at a window's end, in seconds, as the run's times set them
+/// ([`crate::deadline::AdaptiveDeadline`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Deadlines {
+    /// Silence after which the orchestrator pings every rank.
+    pub progress_s: f64,
+    /// How long a pinged rank has to answer.
+    pub answer_s: f64,
+    /// The longest any miner gave its stage's close all-reduce (0 when no
+    /// close was reported).
+    pub close_s: f64,
 }
 
 /// The console line rank 0 prints per window; [`WindowLine::parse`] reads
@@ -337,7 +348,7 @@ mod tests {
             replay_s: 0.05,
             caught: Vec::new(),
             credits: Vec::new(),
-            deadlines: (2.0, 5.0),
+            deadlines: Deadlines::default(),
         };
         let line = WindowLine::parse(&r.to_string()).unwrap();
         assert_eq!(

@@ -27,7 +27,7 @@ use crate::pipeline::{InFlight, Router};
 use crate::roles::protocol::{
     self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route,
 };
-use crate::roles::train::{Setup, TrainError, WindowReport};
+use crate::roles::train::{Deadlines, Setup, TrainError, WindowReport};
 
 use super::liveness::Liveness;
 use super::StartPoint;
@@ -159,6 +159,8 @@ pub(super) struct WindowState {
     pub failed: BTreeMap<usize, (usize, u64)>,
     /// Seconds validators spent replaying.
     pub replay_s: f64,
+    /// The longest deadline a miner gave a close all-reduce.
+    pub close_deadline_s: f64,
 }
 
 impl WindowState {
@@ -393,6 +395,7 @@ impl<'a> Coordinator<'a> {
             recomputed: 0,
             failed: BTreeMap::new(),
             replay_s: 0.0,
+            close_deadline_s: 0.0,
         });
         self.announce_hold(window, HoldPhase::Start);
         self.phase = Phase::HoldStart;
@@ -595,8 +598,10 @@ impl<'a> Coordinator<'a> {
                     window: rw,
                     attempt: ra,
                     reduction,
+                    deadline_s,
                 } if (rw, ra) == (window, attempt) && waiting.remove(&from) => {
                     reductions.insert(from, reduction);
+                    w.close_deadline_s = w.close_deadline_s.max(deadline_s);
                 }
                 Report::ReduceFailed {
                     window: rw,
@@ -867,7 +872,14 @@ impl<'a> Coordinator<'a> {
             replay_s: w.replay_s + s.audit_s,
             caught: w.failed.keys().copied().collect(),
             credits,
-            deadlines: self.liveness.seconds(),
+            deadlines: {
+                let (progress_s, answer_s) = self.liveness.seconds();
+                Deadlines {
+                    progress_s,
+                    answer_s,
+                    close_s: w.close_deadline_s,
+                }
+            },
         })));
         self.next_window(window + 1, now)
     }

@@ -17,7 +17,7 @@ use crate::pipeline::Router;
 use crate::roles::protocol::{
     is_validation, Order, Receipt, Reduction, Report, StageDigests, Verdict,
 };
-use crate::roles::train::{miners_of, validators_of, Setup, TrainError};
+use crate::roles::train::{miners_of, validators_of, Deadlines, Setup, TrainError};
 
 /// How the simulated ranks misbehave.
 #[derive(Default)]
@@ -59,8 +59,8 @@ pub struct Seen {
     pub warnings: Vec<String>,
     /// The ranks of each liveness ping.
     pub pings: Vec<Vec<usize>>,
-    /// Each window's liveness deadlines (serving, answer), in seconds.
-    pub deadlines: Vec<(f64, f64)>,
+    /// Each window's deadlines.
+    pub deadlines: Vec<Deadlines>,
     pub done: bool,
 }
 
@@ -336,6 +336,7 @@ impl Sim {
                                 window: *window,
                                 attempt: *attempt,
                                 reduction,
+                                deadline_s: 5.0,
                             },
                         );
                     }

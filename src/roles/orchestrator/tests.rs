@@ -14,7 +14,7 @@ use super::StartPoint;
 use crate::config::{self, JobSpec};
 use crate::pipeline::Router;
 use crate::roles::protocol::Order;
-use crate::roles::train::{miners_of, Setup, TrainError};
+use crate::roles::train::{miners_of, Deadlines, Setup, TrainError};
 
 /// Rank 0 orchestrates, rank 1 validates, ranks 2..6 mine two stages;
 /// `roles` goes into `[roles]`.
@@ -407,6 +407,7 @@ fn liveness_deadlines_follow_the_run_and_are_reported_with_each_window() {
     // Reports a millisecond apart set the progress deadline's 2 s floor in
     // the first window; the answer deadline keeps its 5 s start value
     // until pings are answered (in window 1), then falls to its floor.
-    assert_eq!(seen.deadlines[0], (2.0, 5.0));
-    assert_eq!(seen.deadlines[2], (2.0, 2.0));
+    let seconds = |d: &Deadlines| (d.progress_s, d.answer_s, d.close_s);
+    assert_eq!(seconds(&seen.deadlines[0]), (2.0, 5.0, 5.0));
+    assert_eq!(seconds(&seen.deadlines[2]), (2.0, 2.0, 5.0));
 }
