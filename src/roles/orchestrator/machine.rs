@@ -1,7 +1,8 @@
 //! The orchestrator's decisions as a state machine: it consumes what the
 //! ranks say ([`Input`]) with the time it happened, and answers with what
 //! to do ([`Output`]): orders to send, lines to print, a checkpoint to
-//! commit, a ledger line, a finished window. It has no sockets, files or
+//! commit, a finished window and its ledger credits, liveness pings. It
+//! has no sockets, files or
 //! clock of its own, and its one source of randomness (which passes are
 //! replayed) is seeded by whoever builds it, like Psyche's coordinator
 //! `tick(clients, time, seed)`. So routing, joins, leaves and audits are
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{Manifest, StageEntry};
 use crate::config::{HoldPhase, JobSpec};
 use crate::data::rng::SplitMix64;
-use crate::ledger::Tally;
 use crate::pipeline::{InFlight, Router};
 use crate::roles::protocol::{
     self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route,
@@ -61,9 +61,8 @@ pub enum Output {
     Departed(usize),
     /// Commit this checkpoint (its stage files are written and audited).
     Commit(Box<Manifest>),
-    /// Append the ledger line of `window`.
-    Ledger { window: u64, tallies: Vec<Tally> },
-    /// A window is done (its checkpoint is filled in by whoever committed).
+    /// A window is done: append its ledger line (its `credits`), then
+    /// report it (its checkpoint is filled in by whoever committed).
     Window(Box<WindowReport>),
     /// Every window ran and every rank was told to stop.
     Done,
@@ -331,7 +330,6 @@ impl<'a> Coordinator<'a> {
             }
             Input::Report(rank, report) => self.on_report(rank, report)?,
         }
-        self.advance(now)?;
         self.check_liveness(now)?;
         self.advance(now)?;
         Ok(std::mem::take(&mut self.out))
@@ -837,11 +835,6 @@ impl<'a> Coordinator<'a> {
         for &(rank, stage) in &caught {
             w.failed.entry(rank).or_insert((stage, 0)).1 += 1;
         }
-        let credits = super::checks::tallies(&w);
-        self.out.push(Output::Ledger {
-            window,
-            tallies: credits.clone(),
-        });
         self.dismiss_leavers(window);
         let (mut train, mut val) = (0.0f64, 0.0f64);
         for (id, loss) in &w.losses {
@@ -871,7 +864,7 @@ impl<'a> Coordinator<'a> {
             recomputed: w.recomputed,
             replay_s: w.replay_s + s.audit_s,
             caught: w.failed.keys().copied().collect(),
-            credits,
+            credits: super::checks::tallies(&w),
             deadlines: {
                 let (progress_s, answer_s) = self.liveness.seconds();
                 Deadlines {

@@ -178,10 +178,8 @@ pub fn orchestrate<T: Transport + ?Sized>(
                 Output::Commit(manifest) => {
                     committed = Some(commit(&checkpoints, &manifest, spec)?);
                 }
-                Output::Ledger { window, tallies } => {
-                    ledger.append(window, &tallies)?;
-                }
                 Output::Window(mut w) => {
+                    ledger.append(w.window, &w.credits)?;
                     w.checkpoint = committed.take();
                     report(&w);
                 }

@@ -190,8 +190,8 @@ impl Sim {
                     self.answer(&to, &order);
                     self.seen.orders.push((to, order));
                 }
-                Output::Ledger { window, tallies } => self.seen.ledger.push((window, tallies)),
                 Output::Window(w) => {
+                    self.seen.ledger.push((w.window, w.credits.clone()));
                     self.seen.deadlines.push(w.deadlines);
                     self.seen.windows.push((w.window, w.attempts, w.caught));
                 }
