@@ -1,13 +1,12 @@
 //! The orchestrator's decisions as a state machine: it consumes what the
 //! ranks say ([`Input`]) with the time it happened, and answers with what
 //! to do ([`Output`]): orders to send, lines to print, a checkpoint to
-//! commit, a finished window and its ledger credits, liveness pings. It
-//! has no sockets, files or
-//! clock of its own, and its one source of randomness (which passes are
-//! replayed) is seeded by whoever builds it, like Psyche's coordinator
-//! `tick(clients, time, seed)`. So routing, joins, leaves and audits are
-//! tested without processes (see the tests below), and a benchmark can
-//! drive it with thousands of simulated miners.
+//! commit, a finished window and its ledger credits, liveness pings. It has
+//! no sockets, files or clock of its own, and its one source of randomness
+//! (which passes are replayed) is seeded by whoever builds it, like
+//! Psyche's coordinator `tick(clients, time, seed)`. So routing, joins,
+//! leaves and audits are tested without processes (see the tests below),
+//! and a benchmark can drive it with thousands of simulated miners.
 //!
 //! A window runs through phases, each waiting for reports: placing ranks
 //! that joined or move ([`super::membership`]), serving the microbatches,
