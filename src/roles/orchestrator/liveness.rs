@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use super::machine::{Coordinator, Output, Phase};
 use crate::deadline::{AdaptiveDeadline, DeadlineRule};
+use crate::roles::protocol::Order;
 use crate::roles::train::TrainError;
 
 /// Gaps between reports: milliseconds to a second in a healthy run (a
@@ -170,6 +171,10 @@ impl Coordinator<'_> {
                 "orchestrator: rank {rank} answered no liveness ping in {answer_s:.1} s \
                  (stopped, frozen or cut off); evicting it"
             ));
+            // Should it come back (SIGCONT, a healed path), the first
+            // thing it reads is that it is done: under mpirun or srun no
+            // launcher of ours would end it.
+            self.push(Output::Send(vec![rank], Order::Stop));
             self.on_lost(rank, "evicted: no answer to a liveness ping")?;
         }
         let everyone: Vec<usize> = self.listeners.iter().copied().collect();

@@ -355,6 +355,11 @@ fn a_stopped_miner_is_pinged_evicted_and_its_window_redone_without_it() {
         seen.pings
     );
     assert_eq!(seen.departed, [3]);
+    // Told to stop, should it ever read again.
+    assert!(seen
+        .orders
+        .iter()
+        .any(|(to, o)| to == &[3] && matches!(o, Order::Stop)));
     assert!(
         seen.warnings
             .iter()
