@@ -189,13 +189,7 @@ fn a_frame_replayed_on_its_connection_is_refused() {
     let key = JobKey::generate().unwrap();
     let (mut client, mut server, relay) = relayed_pair(&key);
     let frame = frame_on_the_wire(&mut client, &mut server, &relay);
-    client
-        .try_clone_socket()
-        .unwrap()
-        .write_all(&frame)
-        .unwrap();
-    let err = server.recv().unwrap_err();
-    assert!(matches!(err, WireError::BadMac { .. }), "{err}");
+    assert_injected_frame_refused(&client, &mut server, &frame);
 }
 
 #[test]
@@ -206,12 +200,15 @@ fn a_frame_from_another_connection_of_the_same_job_is_refused() {
     // Both connections at the same frame number: only the keys differ.
     frame_on_the_wire(&mut client_a, &mut server_a, &relay_a);
     let foreign = frame_on_the_wire(&mut client_b, &mut server_b, &relay_b);
-    client_a
-        .try_clone_socket()
-        .unwrap()
-        .write_all(&foreign)
-        .unwrap();
-    let err = server_a.recv().unwrap_err();
+    assert_injected_frame_refused(&client_a, &mut server_a, &foreign);
+}
+
+/// Writes `frame` into `client`'s connection, as an attacker on the path
+/// would, and asserts that the server refuses it.
+fn assert_injected_frame_refused(client: &AuthStream, server: &mut AuthStream, frame: &[u8]) {
+    let mut socket = client.try_clone_socket().unwrap();
+    socket.write_all(frame).unwrap();
+    let err = server.recv().unwrap_err();
     assert!(matches!(err, WireError::BadMac { .. }), "{err}");
 }
 
