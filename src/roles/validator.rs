@@ -58,7 +58,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
                 for task in mine {
                     by_miner.entry(task.miner).or_default().push(task);
                 }
-                let replay = |miner, tasks| {
+                let replay = |(miner, tasks)| {
                     replay_passes(
                         t,
                         (&setup, &codec),
@@ -73,7 +73,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
             Order::Step { window, audits, .. } => {
                 let mine = audits.into_iter().filter(|a| a.validator == t.rank());
                 let audit = |task| audit_checkpoint(t, spec, &setup, window, task);
-                each_reported(t, mine.map(|task| ((), task)), |(), task| audit(task))?
+                each_reported(t, mine, audit)?
             }
             Order::Recompute {
                 window,
@@ -81,7 +81,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
                 tasks,
             } => {
                 let mine = tasks.into_iter().filter(|a| a.validator == t.rank());
-                let mut check = |task: SliceTask| -> Result<[Report; 1], Halt> {
+                let check = |task: SliceTask| -> Result<[Report; 1], Halt> {
                     let segments = stage_segments(&setup, &mut layouts, task.stage)?;
                     let (verdicts, replay_s) = recompute(t, window, attempt, &task, segments)?;
                     Ok([Report::Recomputed {
@@ -92,7 +92,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
                         replay_s,
                     }])
                 };
-                each_reported(t, mine.map(|task| ((), task)), |(), task| check(task))?
+                each_reported(t, mine, check)?
             }
             // Every other order is for miners.
             _ => None,
@@ -117,13 +117,13 @@ impl<E: Into<TrainError>> From<E> for Halt {
 
 /// Runs `check` on each item and sends its reports, until one is
 /// superseded; returns the order that superseded it.
-fn each_reported<T: Transport + ?Sized, K, V, R: IntoIterator<Item = Report>>(
+fn each_reported<T: Transport + ?Sized, I, R: IntoIterator<Item = Report>>(
     t: &T,
-    items: impl IntoIterator<Item = (K, V)>,
-    mut check: impl FnMut(K, V) -> Result<R, Halt>,
+    items: impl IntoIterator<Item = I>,
+    mut check: impl FnMut(I) -> Result<R, Halt>,
 ) -> Result<Option<Order>, TrainError> {
-    for (key, value) in items {
-        match check(key, value) {
+    for item in items {
+        match check(item) {
             Ok(reports) => {
                 for report in reports {
                     send_report(t, &report)?;
