@@ -694,77 +694,103 @@ fn inject_planned_fault(spec: &JobSpec, rank: usize) {
 /// A rank of the training job, by its role.
 fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) -> Result<()> {
     use swarmrun::config::Role;
-    use swarmrun::metrics::MetricsLog;
-    use swarmrun::roles::{self, StartPoint};
+    use swarmrun::roles::{self, Leading, StartPoint};
     let t = joined.transport.as_dyn();
+    let start = || -> Result<StartPoint> {
+        let text =
+            std::fs::read_to_string(job).with_context(|| format!("reading {}", job.display()))?;
+        Ok(StartPoint::find(spec, text, resume)?)
+    };
     match joined.me().role {
-        Role::Orchestrator => {
-            let text = std::fs::read_to_string(job)
-                .with_context(|| format!("reading {}", job.display()))?;
-            let start = StartPoint::find(spec, text, resume)?;
-            let run_dir = spec.job.run_dir();
-            let mut metrics = match &start.resumed {
-                Some(m) => {
-                    println!(
-                        "resuming after window {} from {}",
-                        m.window,
-                        run_dir.join("checkpoints").display()
-                    );
-                    MetricsLog::resume(&run_dir, m.window)
-                }
-                None => MetricsLog::create(&run_dir),
+        Role::Orchestrator => lead(spec, job, joined, &start()?, Leading::Orchestrator)?,
+        Role::Standby => {
+            // Found now: later the run directory holds this run's own
+            // checkpoints.
+            let start = start()?;
+            if let Some(leading) = roles::stand_by(t)? {
+                lead(spec, job, joined, &start, leading)?;
             }
-            .with_context(|| format!("opening the metrics in {}", run_dir.display()))?;
-            // Ranks may join through the rendezvous while the job trains,
-            // when every rank can reach them: over the TCP mesh.
-            let door = match &joined.door {
-                Some(listener) if joined.transport.joinable() => {
-                    let membership = Membership::new(&joined.world);
-                    let door = Door::open(
-                        listener.try_clone()?,
-                        launch::rank::job_key(spec)?,
-                        spec.job.name.clone(),
-                        Arc::clone(&membership),
-                    )?;
-                    println!(
-                        "joins: swarmrun join {} --rdzv tcp://{}:{}",
-                        job.display(),
-                        joined.world.me().host,
-                        listener.local_addr()?.port()
-                    );
-                    Some((door, membership))
-                }
-                _ => None,
-            };
-            let mut exporter = match &spec.metrics.listen {
-                Some(addr) => {
-                    let e = swarmrun::prometheus::Exporter::serve(addr)
-                        .with_context(|| format!("serving metrics on {addr}"))?;
-                    println!("metrics: http://{}/metrics", e.local_addr());
-                    Some(e)
-                }
-                None => None,
-            };
-            let started = std::time::Instant::now();
-            let mut written = Ok(());
-            let membership = door.as_ref().map(|(_, m)| Arc::clone(m));
-            roles::orchestrate(t, spec, &joined.plan, &start, membership, |w| {
-                println!("{w}");
-                if let Some(dir) = &w.checkpoint {
-                    println!("checkpoint {}", dir.display());
-                }
-                if written.is_ok() {
-                    written = metrics.append(w, started.elapsed().as_secs_f64());
-                }
-                if let Some(e) = exporter.as_mut() {
-                    e.record(w);
-                }
-            })?;
-            written.with_context(|| format!("writing {}", metrics.path().display()))?;
         }
         Role::Validator => roles::validate(t, spec)?,
         Role::Miner { .. } => roles::mine(t, spec)?,
     }
+    Ok(())
+}
+
+/// Leads the training job: the orchestrator from the start, or the
+/// standby once it took over. Writes the window lines, `metrics.jsonl`
+/// and, when asked, serves Prometheus metrics and the door for joiners.
+fn lead(
+    spec: &JobSpec,
+    job: &Path,
+    joined: &launch::Joined,
+    start: &swarmrun::roles::StartPoint,
+    leading: swarmrun::roles::Leading,
+) -> Result<()> {
+    use swarmrun::metrics::MetricsLog;
+    use swarmrun::roles;
+    let t = joined.transport.as_dyn();
+    let run_dir = spec.job.run_dir();
+    let resumed = start.resumed.as_ref().map(|m| m.window);
+    if let Some(m) = &start.resumed {
+        println!(
+            "resuming after window {} from {}",
+            m.window,
+            run_dir.join("checkpoints").display()
+        );
+    }
+    let mut metrics = match leading.closed_before(resumed) {
+        Some(window) => MetricsLog::resume(&run_dir, window),
+        None => MetricsLog::create(&run_dir),
+    }
+    .with_context(|| format!("opening the metrics in {}", run_dir.display()))?;
+    // Ranks may join through the rendezvous while the job trains,
+    // when every rank can reach them: over the TCP mesh.
+    let door = match &joined.door {
+        Some(listener) if joined.transport.joinable() => {
+            let membership = Membership::new(&joined.world);
+            let door = Door::open(
+                listener.try_clone()?,
+                launch::rank::job_key(spec)?,
+                spec.job.name.clone(),
+                Arc::clone(&membership),
+            )?;
+            println!(
+                "joins: swarmrun join {} --rdzv tcp://{}:{}",
+                job.display(),
+                joined.world.me().host,
+                listener.local_addr()?.port()
+            );
+            Some((door, membership))
+        }
+        _ => None,
+    };
+    let mut exporter = match &spec.metrics.listen {
+        Some(addr) => {
+            let e = swarmrun::prometheus::Exporter::serve(addr)
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            println!("metrics: http://{}/metrics", e.local_addr());
+            Some(e)
+        }
+        None => None,
+    };
+    let started = std::time::Instant::now();
+    let mut written = Ok(());
+    let membership = door.as_ref().map(|(_, m)| Arc::clone(m));
+    let how = (&joined.plan, start, leading);
+    roles::orchestrate(t, spec, how, membership, |w| {
+        println!("{w}");
+        if let Some(dir) = &w.checkpoint {
+            println!("checkpoint {}", dir.display());
+        }
+        if written.is_ok() {
+            written = metrics.append(w, started.elapsed().as_secs_f64());
+        }
+        if let Some(e) = exporter.as_mut() {
+            e.record(w);
+        }
+    })?;
+    written.with_context(|| format!("writing {}", metrics.path().display()))?;
     Ok(())
 }
 

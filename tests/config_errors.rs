@@ -295,7 +295,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 60);
+    assert_eq!(count, 61);
 }
 
 #[test]
@@ -447,6 +447,7 @@ const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
         "roles.slice_copies",
         "must be at least 1",
     ),
+    ("standby_two", 12, 11, "roles.standby", "at most 1"),
     (
         "crash_exit_zero",
         13,

@@ -264,11 +264,39 @@ fn training_without_a_miner_per_stage_says_how_many_ranks_it_needs() {
             needed: 4,
             got: 3,
             stages: 2,
-            validators: 1
+            validators: 1,
+            standby: 0,
         }
     );
     assert!(err.to_string().contains("needs at least 4 ranks"), "{err}");
     assert!(err.to_string().contains("got 3"), "{err}");
+}
+
+#[test]
+fn the_standby_comes_after_the_validators_and_before_the_miners() {
+    let spec = job(
+        "train",
+        "[pipeline]\nstages = 2\n[roles]\nvalidators = 1\nstandby = 1\n\
+         [[site]]\nname = \"s\"\nhosts = \"h\"\n",
+    );
+    let plan = spec.plan(Some(6)).unwrap();
+    let roles: Vec<Role> = plan.ranks.iter().map(|r| r.role).collect();
+    assert_eq!(
+        roles,
+        [
+            Role::Orchestrator,
+            Role::Validator,
+            Role::Standby,
+            Role::Miner { stage: 0 },
+            Role::Miner { stage: 1 },
+            Role::Miner { stage: 0 },
+        ]
+    );
+    assert_eq!(spec.standby_rank(), Some(2));
+    let err = spec
+        .plan(Some(4))
+        .expect_err("4 ranks leave a stage without a miner");
+    assert!(err.to_string().contains("needs at least 5 ranks"), "{err}");
 }
 
 #[test]

@@ -232,3 +232,26 @@ fn an_orchestrator_killed_at_a_random_moment_is_restarted_from_its_checkpoint() 
         |_| "restarting the job (1/1)".to_string(),
     );
 }
+
+/// With a standby (rank 2, after the validator), the orchestrator killed
+/// at a random moment: the standby takes over from the last window it was
+/// handed, no miner restarts and the launcher restarts nothing.
+#[test]
+fn an_orchestrator_killed_at_a_random_moment_is_replaced_by_its_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_standby = |name: &str| {
+        let job = train_job(dir.path(), name, 2, WINDOWS, EVERY_2);
+        let text = std::fs::read_to_string(&job).unwrap();
+        let text = text
+            .replace("validators = 1", "validators = 1\nstandby = 1")
+            .replace("ranks_per_host = 6", "ranks_per_host = 7");
+        std::fs::write(&job, text).unwrap();
+        job
+    };
+    kill_trials(
+        with_standby,
+        3,
+        |_| 0,
+        |_| "standby: the orchestrator is lost; taking over".to_string(),
+    );
+}

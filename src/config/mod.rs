@@ -267,6 +267,12 @@ pub struct RolesSpec {
     /// validator one addition per element and contribution, and the
     /// miners the bytes of one more all-reduce hop.
     pub slice_audit_rate: f64,
+    /// Standby orchestrators: 0 or 1. A standby (the rank after the
+    /// validators) holds a copy of the orchestrator's state as of the last
+    /// closed window and takes over when the orchestrator is lost, without
+    /// restarting any miner. Default 0: the launcher restarts the job from
+    /// its checkpoint instead.
+    pub standby: u32,
 }
 
 impl Default for RolesSpec {
@@ -276,6 +282,7 @@ impl Default for RolesSpec {
             replay_rate: 0.05,
             slice_copies: 2,
             slice_audit_rate: 1.0,
+            standby: 0,
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum Role {
     Orchestrator,
     /// Re-runs sampled miner work.
     Validator,
+    /// Holds the orchestrator's state as of the last closed window and
+    /// takes over when the orchestrator is lost (`[roles] standby = 1`).
+    Standby,
     /// Computes forward and backward for one pipeline stage (0-based).
     Miner { stage: usize },
 }
@@ -27,6 +30,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Orchestrator => "orchestrator",
             Role::Validator => "validator",
+            Role::Standby => "standby",
             Role::Miner { .. } => "miner",
         })
     }
@@ -39,6 +43,7 @@ impl Role {
         match self {
             Role::Orchestrator => "orch".to_string(),
             Role::Validator => "val".to_string(),
+            Role::Standby => "standby".to_string(),
             Role::Miner { stage } => format!("miner s{stage}"),
         }
     }
@@ -74,15 +79,16 @@ pub enum PlanError {
     #[error("the sites provide no slots (every site needs hosts and ranks_per_host >= 1)")]
     NoSlots,
     #[error(
-        "training with {stages} stage(s) and {validators} validator(s) needs at least \
-         {needed} ranks (1 orchestrator + {validators} validators + one miner per stage), \
-         got {got}"
+        "training with {stages} stage(s), {validators} validator(s) and {standby} standby \
+         needs at least {needed} ranks (1 orchestrator + {validators} validators + {standby} \
+         standby + one miner per stage), got {got}"
     )]
     TooFewRanks {
         needed: usize,
         got: usize,
         stages: usize,
         validators: usize,
+        standby: usize,
     },
     #[error(
         "no rank serves stage {stage}: the sites' `stages` leave it out, or there are too few \
@@ -98,8 +104,9 @@ impl JobSpec {
     /// `world_size` is the rank count the launcher was given (`-n`,
     /// `SLURM_NTASKS`, ...); `None` means one rank per slot. More ranks than
     /// slots wrap around by slot, like `mpirun --oversubscribe`. Rank 0 is
-    /// the orchestrator, the next `roles.validators` ranks validators, and
-    /// the rest miners dealt round-robin over the stages, so that every
+    /// the orchestrator, the next `roles.validators` ranks validators, the
+    /// next (with `roles.standby = 1`) the standby orchestrator, and the
+    /// rest miners dealt round-robin over the stages, so that every
     /// stage gets a miner as early as possible.
     pub fn plan(&self, world_size: Option<usize>) -> Result<Plan, PlanError> {
         let slots: Vec<(&str, &str)> = self
@@ -120,13 +127,15 @@ impl JobSpec {
         }
         let stages = self.pipeline.stages;
         let validators = self.roles.validators as usize;
-        let needed = 1 + validators + stages;
+        let standby = self.roles.standby as usize;
+        let needed = 1 + validators + standby + stages;
         if self.job.task == Task::Train && size < needed {
             return Err(PlanError::TooFewRanks {
                 needed,
                 got: size,
                 stages,
                 validators,
+                standby,
             });
         }
 
@@ -141,6 +150,7 @@ impl JobSpec {
                 let role = match rank {
                     0 => Role::Orchestrator,
                     r if r <= validators => Role::Validator,
+                    r if Some(r) == self.standby_rank() => Role::Standby,
                     r => {
                         let served = self.site(site).map_or(&[][..], |s| &s.stages[..]);
                         let nth = site_miners.entry(site).or_default();
@@ -148,7 +158,7 @@ impl JobSpec {
                         // `max(1)`: a hand-built, unchecked spec with 0
                         // stages gets stage 0 instead of a division by zero.
                         let stage = match served {
-                            [] => (r - 1 - validators) % stages.max(1),
+                            [] => (r - 1 - validators - standby) % stages.max(1),
                             some => some[(*nth - 1) % some.len()],
                         };
                         Role::Miner { stage }
@@ -179,6 +189,15 @@ impl JobSpec {
             rendezvous: self.network.rendezvous.clone(),
             ranks,
         })
+    }
+}
+
+impl JobSpec {
+    /// The standby orchestrator's rank, when the job has one: right after
+    /// the validators, so that every rank finds it from the job file.
+    pub fn standby_rank(&self) -> Option<usize> {
+        (self.job.task == Task::Train && self.roles.standby > 0)
+            .then_some(1 + self.roles.validators as usize)
     }
 }
 

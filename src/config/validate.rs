@@ -201,6 +201,15 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     if spec.roles.slice_copies == 0 {
         return violation("roles.slice_copies", "must be at least 1");
     }
+    if spec.roles.standby > 1 {
+        return violation(
+            "roles.standby",
+            format!(
+                "{} standbys: at most 1 (one takes over; a second would only wait)",
+                spec.roles.standby
+            ),
+        );
+    }
 
     for (i, c) in spec.faults.crash.iter().enumerate() {
         if !(1..=255).contains(&c.exit_code) {

@@ -128,6 +128,7 @@ pub fn start_joiners(spec: &JobSpec, req: &JoinRequest) -> Result<Outcome, Start
         ],
         labels: (0..n).map(|i| format!("join {i} {}", req.site)).collect(),
         expendable: vec![true; n],
+        leaders: Vec::new(),
         env,
         run_id: format!("{}-join-{}", spec.job.name, std::process::id()),
         max_restarts: 0,
@@ -185,9 +186,17 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
             .ranks
             .iter()
             .map(|r| {
+                let leads = matches!(r.role, Role::Orchestrator | Role::Standby);
                 spec.job.task == Task::Train
-                    && matches!(r.role, Role::Miner { .. } | Role::Validator)
+                    && (matches!(r.role, Role::Miner { .. } | Role::Validator)
+                        || (leads && spec.standby_rank().is_some()))
             })
+            .collect(),
+        leaders: plan
+            .ranks
+            .iter()
+            .filter(|r| matches!(r.role, Role::Orchestrator | Role::Standby))
+            .map(|r| r.rank)
             .collect(),
         env: {
             let mut env = vec![

@@ -10,8 +10,9 @@
 //!   rank's status, or restarts the whole job up to `max_restarts` times.
 //! - Except an expendable rank (a miner or validator of a training job:
 //!   SWARM survives miners leaving, and the other validators take over a
-//!   lost one's checks): its failure is reported and the job goes on
-//!   without it.
+//!   lost one's checks; with a standby, the orchestrator and the standby
+//!   too, since each can lead without the other): its failure is reported
+//!   and the job goes on without it.
 //! - SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to every rank.
 
 use std::ffi::OsString;
@@ -45,6 +46,10 @@ pub struct LaunchOptions {
     /// Per rank: whether the job survives its failure (same length as
     /// `labels`).
     pub expendable: Vec<bool>,
+    /// Ranks that lead a training job (its orchestrator, and a standby):
+    /// once one of them finished cleanly, ranks left that the job can do
+    /// without are given the grace period and then killed.
+    pub leaders: Vec<usize>,
     /// Extra environment for every rank (rendezvous endpoint, job key).
     pub env: Vec<(String, String)>,
     /// Shared by all ranks of one attempt; suffixed with the attempt number.
@@ -168,8 +173,9 @@ fn run_attempt(
     let mut clean = true;
     let mut first_expendable: Option<(usize, i32)> = None;
     let mut survivors = false;
-    // Whether rank 0 (a training job's orchestrator) finished cleanly.
-    let mut orchestrator_ok = false;
+    // Whether a leader (a training job's orchestrator or standby)
+    // finished cleanly.
+    let mut leader_ok = false;
     while exited.iter().any(|e| !e) {
         let sig = signal.swap(0, Ordering::SeqCst);
         if sig != 0 {
@@ -187,8 +193,8 @@ fn run_attempt(
                 exited[rank] = true;
                 clean &= status == 0;
                 survivors |= status == 0;
-                orchestrator_ok |= rank == 0 && status == 0;
-                if orchestrator_ok && only_expendable_left(opts, &exited) && kill_at.is_none() {
+                leader_ok |= opts.leaders.contains(&rank) && status == 0;
+                if leader_ok && only_expendable_left(opts, &exited) && kill_at.is_none() {
                     // What is left are miners the job no longer counts on:
                     // they have the grace period to see the Stop, then go.
                     // One evicted while stopped (SIGSTOP) or frozen would
@@ -368,12 +374,13 @@ fn is_cause(status: i32, stopping: bool) -> bool {
     status != 0 && status != PEER_LOST_STATUS && !(stopping && ours.contains(&status))
 }
 
-/// Whether only ranks the job can do without (a training job's miners)
-/// still run, and some do, while rank 0 is one it cannot do without.
+/// Whether only ranks the job can do without (a training job's miners
+/// and validators) still run, and some do: no leader among them.
 fn only_expendable_left(opts: &LaunchOptions, exited: &[bool]) -> bool {
     let expendable = |r: usize| opts.expendable.get(r).copied().unwrap_or(false);
+    let follower = |r: usize| expendable(r) && !opts.leaders.contains(&r);
     let running = || (0..exited.len()).filter(|&r| !exited[r]);
-    !expendable(0) && running().next().is_some() && running().all(expendable)
+    running().next().is_some() && running().all(follower)
 }
 
 fn signal_alive(pids: &[Pid], exited: &[bool], sig: Signal) {

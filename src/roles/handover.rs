@@ -23,7 +23,8 @@ use crate::model::{AdamW, StageModel};
 use crate::transport::Transport;
 
 /// The state as it travels: step (u64), weights, m, v (f32), little-endian.
-fn state_bytes(model: &StageModel, opt: &AdamW) -> Result<Vec<u8>, TrainError> {
+/// A miner also keeps it to go back to a window's start (see `Rewind`).
+pub(super) fn state_bytes(model: &StageModel, opt: &AdamW) -> Result<Vec<u8>, TrainError> {
     let weights = model.params_flat()?;
     let (m, v) = opt.moments();
     let mut bytes = Vec::with_capacity(8 + 4 * (weights.len() + m.len() + v.len()));
@@ -39,10 +40,11 @@ fn stripe(len: usize, k: usize, n: usize) -> Range<usize> {
     len * k / n..len * (k + 1) / n
 }
 
-/// Sends this source's stripe of the stage's state to `p.rank`.
+/// Sends this source's stripe of the stage's state to `p.rank`, placed
+/// before `window` in `attempt`.
 pub(super) fn send_stripe<T: Transport + ?Sized>(
     t: &T,
-    window: u64,
+    (window, attempt): (u64, u32),
     p: &Placement,
     model: &StageModel,
     opt: &AdamW,
@@ -52,7 +54,7 @@ pub(super) fn send_stripe<T: Transport + ?Sized>(
     };
     let bytes = state_bytes(model, opt)?;
     let part = &bytes[stripe(bytes.len(), k, p.sources.len())];
-    t.send(p.rank, protocol::state_tag(window), part)?;
+    t.send(p.rank, protocol::state_tag(window, attempt), part)?;
     Ok(())
 }
 
@@ -60,7 +62,7 @@ pub(super) fn send_stripe<T: Transport + ?Sized>(
 /// returns it once its digests are the ones `p` states.
 pub(super) fn receive_state<T: Transport + ?Sized>(
     t: &T,
-    window: u64,
+    (window, attempt): (u64, u32),
     p: &Placement,
     setup: &Setup,
     spec: &JobSpec,
@@ -71,7 +73,7 @@ pub(super) fn receive_state<T: Transport + ?Sized>(
     let len = 8 + 12 * numel;
     let mut bytes = Vec::with_capacity(len);
     for (k, &source) in p.sources.iter().enumerate() {
-        let part = t.recv(source, protocol::state_tag(window))?;
+        let part = t.recv(source, protocol::state_tag(window, attempt))?;
         if part.len() != stripe(len, k, p.sources.len()).len() {
             return Err(TrainError::Protocol {
                 rank: source,
@@ -85,19 +87,8 @@ pub(super) fn receive_state<T: Transport + ?Sized>(
         }
         bytes.extend_from_slice(&part);
     }
-    let step = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let floats: Vec<f32> = bytes[8..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
-    let (weights, moments) = floats.split_at(numel);
-    let (m, v) = moments.split_at(numel);
-    model.set_params_flat(weights)?;
-    opt.restore(step, m, v)?;
-    let digests = StageDigests {
-        weights: model.weights_digest()?.to_hex().to_string(),
-        optimizer: opt.state_digest().to_hex().to_string(),
-    };
+    restore(&bytes, &mut model, &mut opt)?;
+    let digests = digests(&model, &opt)?;
     let optimizer_ok = p.optimizer.as_ref().is_none_or(|o| *o == digests.optimizer);
     if digests.weights != p.weights || !optimizer_ok {
         return Err(TrainError::Protocol {
@@ -109,6 +100,34 @@ pub(super) fn receive_state<T: Transport + ?Sized>(
         });
     }
     Ok((model, opt, digests))
+}
+
+/// Loads [`state_bytes`] (of `model`'s stage, the length checked by the
+/// caller) into `model` and `opt`.
+pub(super) fn restore(
+    bytes: &[u8],
+    model: &mut StageModel,
+    opt: &mut AdamW,
+) -> Result<(), TrainError> {
+    let numel = model.numel();
+    let step = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let floats: Vec<f32> = bytes[8..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    let (weights, moments) = floats.split_at(numel);
+    let (m, v) = moments.split_at(numel);
+    model.set_params_flat(weights)?;
+    opt.restore(step, m, v)?;
+    Ok(())
+}
+
+/// The digests a stage's miners compare.
+pub(super) fn digests(model: &StageModel, opt: &AdamW) -> Result<StageDigests, TrainError> {
+    Ok(StageDigests {
+        weights: model.weights_digest()?.to_hex().to_string(),
+        optimizer: opt.state_digest().to_hex().to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -13,28 +13,36 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::leader::Leader;
 use super::protocol::{self, Report};
-use super::train::send_report;
 use crate::transport::{Transport, TransportError};
 
 /// How often the answering thread looks whether its rank is done.
 const DONE_POLL: Duration = Duration::from_millis(50);
 
-/// Runs `body` with a thread answering pings beside it.
-pub(super) fn answering_pings<T: Transport + ?Sized, R>(t: &T, body: impl FnOnce() -> R) -> R {
+/// Runs `body` with a thread answering the leader's pings beside it.
+pub(super) fn answering_pings<T: Transport + ?Sized, R>(
+    leader: &Leader<'_, T>,
+    body: impl FnOnce() -> R,
+) -> R {
     let done = AtomicBool::new(false);
     thread::scope(|s| {
         let done = &done;
-        s.spawn(move || answer_pings(t, done));
+        s.spawn(move || answer_pings(leader, done));
         let result = body();
         done.store(true, Ordering::SeqCst);
         result
     })
 }
 
-fn answer_pings<T: Transport + ?Sized>(t: &T, done: &AtomicBool) {
+fn answer_pings<T: Transport + ?Sized>(leader: &Leader<'_, T>, done: &AtomicBool) {
+    let t = leader.transport();
     while !done.load(Ordering::SeqCst) {
-        match t.recv_deadline(0, protocol::PING_TAG, Instant::now() + DONE_POLL) {
+        match t.recv_deadline(
+            leader.rank(),
+            protocol::PING_TAG,
+            Instant::now() + DONE_POLL,
+        ) {
             Ok(bytes) => {
                 let Ok(nonce) = <[u8; 8]>::try_from(bytes.as_slice()) else {
                     // Not a ping of ours; the main loop hears of a broken
@@ -44,12 +52,14 @@ fn answer_pings<T: Transport + ?Sized>(t: &T, done: &AtomicBool) {
                 let alive = Report::Alive {
                     nonce: u64::from_le_bytes(nonce),
                 };
-                if send_report(t, &alive).is_err() {
+                if leader.report(&alive).is_err() {
                     return;
                 }
             }
             Err(TransportError::Timeout { .. }) => {}
-            // The orchestrator is gone: the main thread finds out and ends.
+            // Pings come from the standby now.
+            Err(TransportError::PeerLost { rank, .. }) if leader.lost(rank) => {}
+            // Every leader is gone: the main thread finds out and ends.
             Err(_) => return,
         }
     }

@@ -18,14 +18,12 @@ use candle_core::Tensor;
 
 use super::audit::{self, Bundle, Frames};
 use super::cheat::{self, Conduct};
+use super::leader::{Leader, Waited};
 use super::protocol::{
     self, slice_digest, Across, AuditTask, CheckpointTask, LeaderPart, Order, Placement, Receipt,
-    Reduction, Report, Route, SliceTask,
+    Reduction, Report, Route, SliceTask, StageDigests,
 };
-use super::train::{
-    adamw_config, inject_planned_fault, leave_on_signal, recv_order, send_report, wait_or_order,
-    Setup, TrainError, Waited,
-};
+use super::train::{adamw_config, inject_planned_fault, leave_on_signal, Setup, TrainError};
 use super::{handover, liveness};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
@@ -42,82 +40,102 @@ use crate::transport::{Transport, TransportError};
 /// Serves the stage the orchestrator's `Start` names until told to stop,
 /// answering liveness pings throughout.
 pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    liveness::answering_pings(t, || mine_planned(t, spec))
+    let leader = Leader::new(t, spec);
+    liveness::answering_pings(&leader, || mine_planned(&leader, spec))
 }
 
-fn mine_planned<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+fn mine_planned<T: Transport + ?Sized>(
+    leader: &Leader<'_, T>,
+    spec: &JobSpec,
+) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let leaving = leave_on_signal()?;
     let checkpoints = Checkpoints::new(&spec.job.run_dir());
-    let me = t.rank();
-    let (stage, checkpoint) = match recv_order(t)? {
-        Order::Start { stages, checkpoint } => {
-            let stage = stages.iter().position(|miners| miners.contains(&me));
-            let stage = stage.ok_or_else(|| TrainError::Protocol {
-                rank: 0,
-                reason: format!("Start gives rank {me} no stage"),
-            })?;
-            (stage, checkpoint)
-        }
+    let me = leader.transport().rank();
+    let first = leader.order()?;
+    // A standby that took over before this miner heard the orchestrator's
+    // `Start` sends `Resume` instead: the same news, and no window ran.
+    let (stages, checkpoint, resume) = match first {
+        Order::Start { stages, checkpoint } => (stages, checkpoint, None),
+        Order::Resume {
+            ref stages,
+            checkpoint,
+            ..
+        } => (stages.clone(), checkpoint, Some(first)),
         other => {
             return Err(TrainError::Protocol {
-                rank: 0,
+                rank: leader.rank(),
                 reason: format!("expected Start, got {other:?}"),
             })
         }
     };
+    let stage = stages.iter().position(|miners| miners.contains(&me));
+    let stage = stage.ok_or_else(|| TrainError::Protocol {
+        rank: leader.rank(),
+        reason: format!("Start gives rank {me} no stage"),
+    })?;
     let mut model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
     let mut opt = AdamW::new(adamw_config(spec), model.layout());
     if let Some(window) = checkpoint {
         let manifest = checkpoints.manifest(window)?;
         checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
     }
-    Miner::new(t, spec, setup, (stage, model, opt), leaving).serve()
+    let at = checkpoint.map_or(0, |w| w + 1);
+    Miner::new(leader, spec, setup, (stage, model, opt), leaving)
+        .starting_at(at)
+        .serve(resume)
 }
 
 /// A rank that joined the running job: says so, waits until the
 /// orchestrator places it on a stage (it then takes the stage's state from
 /// the stage's miners), and mines that stage until told to stop.
 pub fn mine_joined<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    liveness::answering_pings(t, || join_and_mine(t, spec))
+    let leader = Leader::new(t, spec);
+    liveness::answering_pings(&leader, || join_and_mine(&leader, spec))
 }
 
-fn join_and_mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+fn join_and_mine<T: Transport + ?Sized>(
+    leader: &Leader<'_, T>,
+    spec: &JobSpec,
+) -> Result<(), TrainError> {
+    let t = leader.transport();
     let setup = Setup::new(spec)?;
     let leaving = leave_on_signal()?;
     let me = t.rank();
-    send_report(t, &Report::Joining)?;
+    leader.report(&Report::Joining)?;
     let mut announced = false;
     loop {
         if leaving.load(Ordering::SeqCst) && !announced {
-            send_report(t, &Report::Leaving)?;
+            leader.report(&Report::Leaving)?;
             announced = true;
         }
-        let Some(order) = poll_order(t)? else {
+        let Some(order) = leader.order_by(Instant::now() + ORDER_POLL)? else {
             continue;
         };
         match order {
-            Order::Place { window, placements } => {
+            Order::Place {
+                window,
+                attempt,
+                placements,
+            } => {
                 let Some(p) = placements.iter().find(|p| p.rank == me) else {
                     continue;
                 };
-                let placed = handover::receive_state(t, window, p, &setup, spec);
+                let placed = handover::receive_state(t, (window, attempt), p, &setup, spec);
                 let state = match &placed {
                     Ok((_, _, digests)) => Ok(digests.clone()),
                     Err(e) => Err(e.to_string()),
                 };
-                send_report(
-                    t,
-                    &Report::Placed {
-                        window,
-                        stage: p.stage,
-                        state,
-                    },
-                )?;
+                leader.report(&Report::Placed {
+                    window,
+                    stage: p.stage,
+                    state,
+                })?;
                 if let Ok((model, opt, _)) = placed {
-                    let miner = Miner::new(t, spec, setup, (p.stage, model, opt), leaving);
+                    let miner = Miner::new(leader, spec, setup, (p.stage, model, opt), leaving)
+                        .starting_at(window);
                     miner.announced.store(announced, Ordering::SeqCst);
-                    return miner.serve();
+                    return miner.serve(None);
                 }
             }
             Order::Stop => return Ok(()),
@@ -127,13 +145,16 @@ fn join_and_mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
     }
 }
 
-/// The orchestrator's next order if one comes within [`ORDER_POLL`];
-/// its loss is an error.
-fn poll_order<T: Transport + ?Sized>(t: &T) -> Result<Option<Order>, TrainError> {
-    match t.recv_deadline(0, protocol::ORDER_TAG, Instant::now() + ORDER_POLL) {
-        Ok(bytes) => Ok(Some(protocol::decode_order(&bytes, 0)?)),
-        Err(TransportError::Timeout { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
+/// The window an order belongs to, when it belongs to one.
+fn window_of(order: &Order) -> Option<u64> {
+    match order {
+        Order::Run { window, .. }
+        | Order::Close { window, .. }
+        | Order::Audit { window, .. }
+        | Order::Recompute { window, .. }
+        | Order::Step { window, .. }
+        | Order::Place { window, .. } => Some(*window),
+        Order::Start { .. } | Order::Resume { .. } | Order::Stop => None,
     }
 }
 
@@ -143,6 +164,7 @@ const ORDER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct Miner<'a, T: ?Sized> {
     t: &'a T,
+    leader: &'a Leader<'a, T>,
     spec: &'a JobSpec,
     checkpoints: Checkpoints,
     setup: Setup,
@@ -173,6 +195,21 @@ struct Miner<'a, T: ?Sized> {
     /// is blamed, so that a stopped peer holds the close for seconds, not
     /// for the transport's timeout.
     closes: AdaptiveDeadline,
+    /// The window whose start this miner's state is, or which runs.
+    at: u64,
+    /// With a standby orchestrator: the state at the start of the window
+    /// that runs, kept until the next, so that a standby taking over can
+    /// start that window again (even after this miner stepped it).
+    start_of_window: Option<WindowStart>,
+    keeps_window_start: bool,
+}
+
+/// A miner's stage and state at the start of `window`, before any
+/// placement.
+struct WindowStart {
+    window: u64,
+    stage: usize,
+    state: Vec<u8>,
 }
 
 /// Close all-reduces: alike from window to window, so five times the 95th
@@ -323,14 +360,16 @@ enum Wait {
 
 impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     fn new(
-        t: &'a T,
+        leader: &'a Leader<'a, T>,
         spec: &'a JobSpec,
         setup: Setup,
         (stage, model, opt): (usize, StageModel, AdamW),
         leaving: Arc<AtomicBool>,
     ) -> Miner<'a, T> {
+        let t = leader.transport();
         Miner {
             t,
+            leader,
             spec,
             checkpoints: Checkpoints::new(&spec.job.run_dir()),
             boundary: setup.codec(spec),
@@ -350,13 +389,28 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 initial_s: t.default_timeout().as_secs_f64(),
                 ..CLOSES
             }),
+            at: 0,
+            start_of_window: None,
+            keeps_window_start: spec.standby_rank().is_some(),
         }
     }
 
-    /// Carries out orders until told to stop.
-    fn serve(mut self) -> Result<(), TrainError> {
-        let mut order = self.next_order()?;
+    /// A miner whose state is the start of `window`.
+    fn starting_at(mut self, window: u64) -> Self {
+        self.at = window;
+        self
+    }
+
+    /// Carries out orders, from `first` if given, until told to stop.
+    fn serve(mut self, first: Option<Order>) -> Result<(), TrainError> {
+        let mut order = match first {
+            Some(order) => order,
+            None => self.next_order()?,
+        };
         loop {
+            if let Some(window) = window_of(&order) {
+                self.keep_window_start(window)?;
+            }
             order = match order {
                 Order::Run {
                     window,
@@ -386,14 +440,28 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 }
                 Order::Step {
                     window,
+                    attempt,
                     writers,
                     audits,
                 } => {
-                    self.step(window, &writers, &audits)?;
+                    self.step((window, attempt), &writers, &audits)?;
                     self.next_order()?
                 }
-                Order::Place { window, placements } => {
-                    self.place(window, &placements)?;
+                Order::Place {
+                    window,
+                    attempt,
+                    placements,
+                } => {
+                    self.place((window, attempt), &placements)?;
+                    self.next_order()?
+                }
+                Order::Resume { window, .. } => {
+                    let state = self.rewind(window);
+                    self.leader.report(&Report::Rewound {
+                        window,
+                        stage: self.stage,
+                        state,
+                    })?;
                     self.next_order()?
                 }
                 Order::Audit {
@@ -416,7 +484,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 Order::Stop => return Ok(()),
                 Order::Start { .. } => {
                     return Err(TrainError::Protocol {
-                        rank: 0,
+                        rank: self.leader.rank(),
                         reason: "a second Start".into(),
                     })
                 }
@@ -424,12 +492,63 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         }
     }
 
+    /// With a standby: keeps the state as it is at the start of `window`
+    /// when this is the window's first order.
+    fn keep_window_start(&mut self, window: u64) -> Result<(), TrainError> {
+        let kept = self.start_of_window.as_ref().map(|k| k.window);
+        if self.keeps_window_start && window == self.at && kept != Some(window) {
+            self.start_of_window = Some(WindowStart {
+                window,
+                stage: self.stage,
+                state: handover::state_bytes(&self.model, &self.opt)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Puts back the state kept at the start of `window`, when it changed.
+    fn restore_window_start(&mut self, window: u64) -> Result<(), TrainError> {
+        match self.start_of_window.take() {
+            Some(kept) if kept.window == window => {
+                if kept.stage != self.stage {
+                    let (config, layers) = (&self.setup.config, &self.setup.layers);
+                    self.model = StageModel::new(config, layers, kept.stage, self.setup.seed)?;
+                    self.opt = AdamW::new(adamw_config(self.spec), self.model.layout());
+                    self.stage = kept.stage;
+                }
+                handover::restore(&kept.state, &mut self.model, &mut self.opt)
+            }
+            // Nothing of `window` ran here: this is its start.
+            _ if self.at == window => Ok(()),
+            _ => Err(TrainError::Protocol {
+                rank: self.leader.rank(),
+                reason: format!(
+                    "cannot go back to the start of window {window}: this miner is at window {}",
+                    self.at
+                ),
+            }),
+        }
+    }
+
+    /// Goes back to the start of `window` (a standby took over and starts
+    /// it again); the digests there, or why it cannot.
+    fn rewind(&mut self, window: u64) -> Result<StageDigests, String> {
+        self.restore_window_start(window)
+            .map_err(|e| e.to_string())?;
+        self.at = window;
+        self.grads.clear();
+        self.kept.clear();
+        self.reduced = None;
+        self.contribution = None;
+        handover::digests(&self.model, &self.opt).map_err(|e| e.to_string())
+    }
+
     /// The orchestrator's next order, however long it takes; meanwhile,
     /// tells it once if this miner was asked to leave.
     fn next_order(&self) -> Result<Order, TrainError> {
         loop {
             self.announce_leaving()?;
-            if let Some(order) = poll_order(self.t)? {
+            if let Some(order) = self.leader.order_by(Instant::now() + ORDER_POLL)? {
                 return Ok(order);
             }
         }
@@ -439,22 +558,26 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// this miner finish its window and stops it after the step.
     fn announce_leaving(&self) -> Result<(), TrainError> {
         if self.leaving.load(Ordering::SeqCst) && !self.announced.swap(true, Ordering::SeqCst) {
-            send_report(self.t, &Report::Leaving)?;
+            self.leader.report(&Report::Leaving)?;
         }
         Ok(())
     }
 
     /// Sends this miner's stripe to miners placed on its stage; takes its
     /// own new stage's state when it is the one placed (a move).
-    fn place(&mut self, window: u64, placements: &[Placement]) -> Result<(), TrainError> {
+    fn place(
+        &mut self,
+        (window, attempt): (u64, u32),
+        placements: &[Placement],
+    ) -> Result<(), TrainError> {
         for p in placements.iter().filter(|p| p.stage == self.stage) {
-            handover::send_stripe(self.t, window, p, &self.model, &self.opt)?;
+            handover::send_stripe(self.t, (window, attempt), p, &self.model, &self.opt)?;
         }
         let me = self.t.rank();
         let Some(p) = placements.iter().find(|p| p.rank == me) else {
             return Ok(());
         };
-        let placed = handover::receive_state(self.t, window, p, &self.setup, self.spec);
+        let placed = handover::receive_state(self.t, (window, attempt), p, &self.setup, self.spec);
         let state = match placed {
             Ok((model, opt, digests)) => {
                 (self.stage, self.model, self.opt) = (p.stage, model, opt);
@@ -462,14 +585,11 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             }
             Err(e) => Err(e.to_string()),
         };
-        send_report(
-            self.t,
-            &Report::Placed {
-                window,
-                stage: p.stage,
-                state,
-            },
-        )
+        self.leader.report(&Report::Placed {
+            window,
+            stage: p.stage,
+            state,
+        })
     }
 
     fn last(&self) -> usize {
@@ -754,20 +874,17 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         receipt: Option<Receipt>,
     ) -> Result<(), TrainError> {
         let (dense_bytes, wire_bytes) = std::mem::take(&mut self.unreported);
-        send_report(
-            self.t,
-            &Report::Served {
-                window,
-                attempt,
-                id,
-                stage: self.stage,
-                compute_s,
-                loss,
-                dense_bytes,
-                wire_bytes,
-                receipt: receipt.map(Box::new),
-            },
-        )
+        self.leader.report(&Report::Served {
+            window,
+            attempt,
+            id,
+            stage: self.stage,
+            compute_s,
+            loss,
+            dense_bytes,
+            wire_bytes,
+            receipt: receipt.map(Box::new),
+        })
     }
 
     /// A boundary tensor (activations or their gradient) coded as the job
@@ -795,7 +912,10 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// error: it leaves, and the orchestrator routes around it.
     fn wait(&self, from: usize, tag: u64) -> Result<Wait, TrainError> {
         let deadline = Instant::now() + self.t.default_timeout();
-        match wait_or_order(self.t, from, tag, deadline, || self.announce_leaving())? {
+        match self
+            .leader
+            .wait_or_order(from, tag, deadline, || self.announce_leaving())?
+        {
             Waited::Got(bytes) => Ok(Wait::Got(bytes)),
             Waited::Order(order) => Ok(Wait::Order(order)),
             Waited::Lost => Ok(Wait::Order(self.next_order()?)),
@@ -837,7 +957,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 .grads
                 .get(&route.id)
                 .ok_or_else(|| TrainError::Protocol {
-                    rank: 0,
+                    rank: self.leader.rank(),
                     reason: format!(
                         "window {window} counts microbatch {} on rank {me}, which never served it",
                         route.id
@@ -935,7 +1055,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             },
             Err(e) => return Err(e.into()),
         };
-        send_report(self.t, &report)
+        self.leader.report(&report)
     }
 
     /// Applies the reduced gradients (the mean over the window's training
@@ -945,7 +1065,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// weights' and optimizer state's digests.
     fn step(
         &mut self,
-        window: u64,
+        (window, attempt): (u64, u32),
         writers: &[usize],
         audits: &[CheckpointTask],
     ) -> Result<(), TrainError> {
@@ -955,12 +1075,12 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             Some((w, sum)) if w == window => sum,
             _ => {
                 return Err(TrainError::Protocol {
-                    rank: 0,
+                    rank: self.leader.rank(),
                     reason: format!("step of window {window} before its gradients were reduced"),
                 })
             }
         };
-        let tag = protocol::checkpoint_tag(window);
+        let tag = protocol::checkpoint_tag(window, attempt);
         if let Some(a) = audit {
             let state = self
                 .model
@@ -970,6 +1090,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         }
         let scale = 1.0 / self.setup.per_window as f32;
         self.model.optimizer_step(&mut self.opt, &sum, scale)?;
+        self.at = window + 1;
         self.grads.clear();
         self.kept.clear();
         self.contribution = None;
@@ -998,16 +1119,13 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         } else {
             None
         };
-        send_report(
-            self.t,
-            &Report::Stepped {
-                window,
-                stage: self.stage,
-                digest: self.model.weights_digest()?.to_hex().to_string(),
-                optimizer,
-                checkpoint,
-            },
-        )
+        self.leader.report(&Report::Stepped {
+            window,
+            stage: self.stage,
+            digest: self.model.weights_digest()?.to_hex().to_string(),
+            optimizer,
+            checkpoint,
+        })
     }
 
     /// Sends a validator what it needs for a check; a validator gone is

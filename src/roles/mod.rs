@@ -4,14 +4,17 @@
 mod audit;
 mod cheat;
 mod handover;
+mod leader;
 mod liveness;
 mod miner;
 pub(crate) mod orchestrator;
 pub mod protocol;
+mod standby;
 pub mod train;
 mod validator;
 
 pub use miner::{mine, mine_joined};
 pub use orchestrator::{orchestrate, StartPoint};
+pub use standby::{stand_by, Leading};
 pub use train::{TrainError, WindowLine, WindowReport};
 pub use validator::validate;

@@ -45,6 +45,16 @@
 //! the miner's [`Receipt`]s and reports each verdict. A miner caught is
 //! told to `Stop` and the window goes back to step 1 without it.
 //!
+//! With a standby orchestrator (`[roles] standby = 1`), the orchestrator
+//! hands it a [`Handover`] after each window (on [`STANDBY_TAG`]) and
+//! waits for its acknowledgement before the next window's first order.
+//! When the orchestrator is lost, every rank takes orders from the
+//! standby, whose first is `Resume`: the window after the last one handed
+//! over starts again, each miner going back to its state at that window's
+//! start (`Rewound`), in attempts numbered from [`ATTEMPTS_PER_LEADER`] so
+//! that no tensor of the lost orchestrator's attempts is taken for one of
+//! the standby's.
+//!
 //! Between 2 and 3, `Recompute`: every stage's all-reduce is redundant
 //! (each slice reduced by `[roles] slice_copies` miners straight from the
 //! contributions, copies compared by digest), and validators recompute a
@@ -72,6 +82,7 @@ const KIND_SLICE: u64 = 0x53;
 const KIND_ACROSS: u64 = 0x58;
 const KIND_CHECKPOINT: u64 = 0x4b;
 const KIND_PING: u64 = 0x50;
+const KIND_STANDBY: u64 = 0x48;
 
 fn tag(kind: u64, n: u64) -> u64 {
     (kind << 56) | (n & ((1 << 56) - 1))
@@ -85,12 +96,18 @@ pub const REPORT_TAG: u64 = KIND_REPORT << 56;
 /// (u64 LE), answered with [`Report::Alive`]. A tag of their own, so that
 /// the thread takes nothing meant for the rank's main loop.
 pub const PING_TAG: u64 = KIND_PING << 56;
+/// Orchestrator to standby: a [`Handover`]; standby to orchestrator: its
+/// acknowledgement (empty).
+pub const STANDBY_TAG: u64 = KIND_STANDBY << 56;
 
 /// Marks a validation microbatch id: forward only, tokens from the
 /// validation split.
 pub const VALIDATION: u64 = 1 << 55;
 /// Attempts of one window are numbered below this (7 bits of a tag).
 pub const MAX_ATTEMPTS: u32 = 1 << 7;
+/// Attempts each orchestrator of a window may make: the orchestrator's
+/// are numbered from 0, a standby's that took over from this on.
+pub const ATTEMPTS_PER_LEADER: u32 = MAX_ATTEMPTS / 2;
 /// Microbatch ids proper are below this (48 bits of a tag).
 pub const MAX_ID: u64 = 1 << 48;
 
@@ -119,9 +136,9 @@ pub fn close_tag(window: u64, attempt: u32) -> u64 {
 }
 
 /// A stage's weights and optimizer state, striped over the stage's
-/// miners, for a miner placed on it before `window`.
-pub fn state_tag(window: u64) -> u64 {
-    tag(KIND_STATE, window)
+/// miners, for a miner placed on it before `window` (in its `attempt`).
+pub fn state_tag(window: u64, attempt: u32) -> u64 {
+    tag(KIND_STATE, (window << 7) | u64::from(attempt))
 }
 
 /// What a miner sends a validator for the audits of `window`'s `attempt`.
@@ -152,9 +169,10 @@ pub fn across_tag(window: u64, attempt: u32, slice: usize, partial: bool) -> u64
 }
 
 /// What a checkpoint writer sends the validator auditing its stage file
-/// of `window`: its state before the step, the reduced sum, the file.
-pub fn checkpoint_tag(window: u64) -> u64 {
-    tag(KIND_CHECKPOINT, window)
+/// of `window` (stepped in `attempt`): its state before the step, the
+/// reduced sum, the file.
+pub fn checkpoint_tag(window: u64, attempt: u32) -> u64 {
+    tag(KIND_CHECKPOINT, (window << 7) | u64::from(attempt))
 }
 
 /// Bits of a slice number in [`slice_tag`]: a stage has at most this
@@ -416,6 +434,7 @@ pub enum Order {
     /// sending what `audits` asks to validators.
     Step {
         window: u64,
+        attempt: u32,
         writers: Vec<usize>,
         audits: Vec<CheckpointTask>,
     },
@@ -423,7 +442,17 @@ pub enum Order {
     /// from the stage's miners (see [`Placement`]) and reports `Placed`.
     Place {
         window: u64,
+        attempt: u32,
         placements: Vec<Placement>,
+    },
+    /// The standby's first order, once the orchestrator is lost: `window`
+    /// starts over. Each miner goes back to its state at the window's
+    /// start (before any placement) and reports `Rewound`. A miner that
+    /// never had `Start` takes this as its `Start`.
+    Resume {
+        window: u64,
+        stages: Vec<Vec<usize>>,
+        checkpoint: Option<u64>,
     },
     Stop,
 }
@@ -504,6 +533,13 @@ pub enum Report {
         stage: usize,
         state: Result<StageDigests, String>,
     },
+    /// A miner went back to the start of `window` after a `Resume`: its
+    /// stage and digests there, or why it could not.
+    Rewound {
+        window: u64,
+        stage: usize,
+        state: Result<StageDigests, String>,
+    },
     /// A validator audited `task`'s checkpoint: the BLAKE3 (hex) of the
     /// file it got, the weights digest its replay of the step gave, and
     /// whether the file holds what the replay does.
@@ -528,6 +564,23 @@ pub struct ProtocolError {
 pub fn encode<M: Serialize>(message: &M) -> Vec<u8> {
     // Plain enums of numbers, strings and vectors always serialize.
     serde_json::to_vec(message).unwrap_or_default()
+}
+
+/// Orchestrator to standby, on [`STANDBY_TAG`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Handover {
+    /// The orchestrator's state as of the start of a window (boxed: large).
+    Boundary(Box<crate::roles::orchestrator::machine::Boundary>),
+    /// The job is done: the standby ends.
+    Finished,
+}
+
+pub fn decode_handover(bytes: &[u8], from: usize) -> Result<Handover, ProtocolError> {
+    serde_json::from_slice(bytes).map_err(|e| ProtocolError {
+        what: "handover",
+        rank: from,
+        reason: e.to_string(),
+    })
 }
 
 pub fn decode_order(bytes: &[u8], from: usize) -> Result<Order, ProtocolError> {
@@ -599,13 +652,16 @@ mod tests {
         assert_ne!(PING_TAG, ORDER_TAG);
         assert_ne!(PING_TAG, REPORT_TAG);
         assert_ne!(audit_tag(1, 0), audit_tag(1, 1));
-        assert_ne!(audit_tag(1, 0), state_tag(1));
+        assert_ne!(audit_tag(1, 0), state_tag(1, 0));
+        assert_ne!(state_tag(1, 0), state_tag(1, ATTEMPTS_PER_LEADER));
+        assert_ne!(checkpoint_tag(1, 0), checkpoint_tag(1, ATTEMPTS_PER_LEADER));
+        assert_ne!(STANDBY_TAG, ORDER_TAG);
         assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 0, 3));
         assert_ne!(slice_tag(1, 0, 2), slice_tag(1, 1, 2));
         assert_ne!(slice_tag(1, 0, 2), slice_tag(2, 0, 2));
         assert_ne!(across_tag(1, 0, 2, false), across_tag(1, 0, 2, true));
         assert_ne!(across_tag(1, 0, 2, false), across_tag(1, 0, 3, false));
         assert_ne!(across_tag(1, 0, 2, true), slice_tag(1, 0, 2));
-        assert_ne!(checkpoint_tag(1), state_tag(1));
+        assert_ne!(checkpoint_tag(1, 0), state_tag(1, 0));
     }
 }

@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 
-use super::protocol::{self, Order, ProtocolError, Report};
+use super::protocol::ProtocolError;
 use crate::checkpoint::CheckpointError;
 use crate::collective::CollectiveError;
 use crate::config::{JobSpec, Plan, Role};
@@ -17,7 +17,7 @@ use crate::data::{Corpus, DataError, Dataset};
 use crate::ledger::{LedgerError, Tally};
 use crate::model::{AdamWConfig, GptConfig, ModelError};
 use crate::pipeline::{BoundaryCodec, BoundaryError};
-use crate::transport::{Transport, TransportError};
+use crate::transport::TransportError;
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -263,68 +263,6 @@ pub(super) fn leave_on_signal() -> Result<Arc<AtomicBool>, TrainError> {
         })?;
     }
     Ok(flag)
-}
-
-/// The orchestrator's next order. The next order can be a whole window
-/// away (a validator waits from one audit to the next), and a window can
-/// outlast the transport's timeout on a loaded host, so only the
-/// orchestrator's loss ends the wait.
-pub(super) fn recv_order<T: Transport + ?Sized>(t: &T) -> Result<Order, TrainError> {
-    loop {
-        match t.recv(0, protocol::ORDER_TAG) {
-            Ok(bytes) => return Ok(protocol::decode_order(&bytes, 0)?),
-            Err(TransportError::Timeout { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-pub(super) fn send_report<T: Transport + ?Sized>(t: &T, r: &Report) -> Result<(), TrainError> {
-    Ok(t.send(0, protocol::REPORT_TAG, &protocol::encode(r))?)
-}
-
-/// How often a rank waiting on a peer looks for new orders.
-const WAIT_POLL: Duration = Duration::from_millis(2);
-
-/// What a wait on a peer ended with.
-pub(super) enum Waited {
-    Got(Vec<u8>),
-    /// The orchestrator gave an order first: it has moved on (a peer was
-    /// lost or evicted, a new attempt began), and waiting longer would
-    /// only hold this rank back.
-    Order(Order),
-    /// The peer is gone.
-    Lost,
-    /// The peer is there but sent nothing until the deadline.
-    TimedOut,
-}
-
-/// The next message from `from` on `tag`, unless an order comes first,
-/// `from` is gone or `deadline` passes. `between` runs before each look
-/// (a miner says there that it was asked to leave).
-pub(super) fn wait_or_order<T: Transport + ?Sized>(
-    t: &T,
-    from: usize,
-    tag: u64,
-    deadline: Instant,
-    mut between: impl FnMut() -> Result<(), TrainError>,
-) -> Result<Waited, TrainError> {
-    loop {
-        between()?;
-        match t.recv_deadline(0, protocol::ORDER_TAG, Instant::now()) {
-            Ok(bytes) => return Ok(Waited::Order(protocol::decode_order(&bytes, 0)?)),
-            Err(TransportError::Timeout { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let until = (Instant::now() + WAIT_POLL).min(deadline);
-        match t.recv_deadline(from, tag, until) {
-            Ok(bytes) => return Ok(Waited::Got(bytes)),
-            Err(TransportError::Timeout { .. }) if Instant::now() < deadline => {}
-            Err(TransportError::Timeout { .. }) => return Ok(Waited::TimedOut),
-            Err(TransportError::PeerLost { .. }) => return Ok(Waited::Lost),
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 #[cfg(test)]

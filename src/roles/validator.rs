@@ -9,14 +9,12 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::audit::{self, Bundle};
+use super::leader::{Leader, Waited};
 use super::liveness;
 use super::protocol::{
     self, slice_digest, AuditTask, CheckpointTask, Order, Report, SliceTask, Verdict,
 };
-use super::train::{
-    adamw_config, inject_planned_fault, recv_order, send_report, wait_or_order, Setup, TrainError,
-    Waited,
-};
+use super::train::{adamw_config, inject_planned_fault, Setup, TrainError};
 use crate::collective::Partition;
 use crate::config::JobSpec;
 use crate::model::StageModel;
@@ -24,10 +22,15 @@ use crate::pipeline::BoundaryCodec;
 use crate::transport::Transport;
 
 pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    liveness::answering_pings(t, || follow_orders(t, spec))
+    let leader = Leader::new(t, spec);
+    liveness::answering_pings(&leader, || follow_orders(&leader, spec))
 }
 
-fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
+fn follow_orders<T: Transport + ?Sized>(
+    leader: &Leader<'_, T>,
+    spec: &JobSpec,
+) -> Result<(), TrainError> {
+    let t = leader.transport();
     let setup = Setup::new(spec)?;
     let codec = setup.codec(spec);
     // Parameters of each stage, once known.
@@ -37,7 +40,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
     loop {
         let order = match next.take() {
             Some(order) => order,
-            None => recv_order(t)?,
+            None => leader.order()?,
         };
         next = match order {
             Order::Stop => return Ok(()),
@@ -60,7 +63,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
                 }
                 let replay = |(miner, tasks)| {
                     replay_passes(
-                        t,
+                        leader,
                         (&setup, &codec),
                         (window, attempt),
                         miner,
@@ -68,12 +71,17 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
                         &weights,
                     )
                 };
-                each_reported(t, by_miner, replay)?
+                each_reported(leader, by_miner, replay)?
             }
-            Order::Step { window, audits, .. } => {
+            Order::Step {
+                window,
+                attempt,
+                audits,
+                ..
+            } => {
                 let mine = audits.into_iter().filter(|a| a.validator == t.rank());
-                let audit = |task| audit_checkpoint(t, spec, &setup, window, task);
-                each_reported(t, mine, audit)?
+                let audit = |task| audit_checkpoint(leader, spec, &setup, (window, attempt), task);
+                each_reported(leader, mine, audit)?
             }
             Order::Recompute {
                 window,
@@ -83,7 +91,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
                 let mine = tasks.into_iter().filter(|a| a.validator == t.rank());
                 let check = |task: SliceTask| -> Result<[Report; 1], Halt> {
                     let segments = stage_segments(&setup, &mut layouts, task.stage)?;
-                    let (verdicts, replay_s) = recompute(t, window, attempt, &task, segments)?;
+                    let (verdicts, replay_s) = recompute(leader, window, attempt, &task, segments)?;
                     Ok([Report::Recomputed {
                         window,
                         attempt,
@@ -92,7 +100,7 @@ fn follow_orders<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), Tra
                         replay_s,
                     }])
                 };
-                each_reported(t, mine, check)?
+                each_reported(leader, mine, check)?
             }
             // Every other order is for miners.
             _ => None,
@@ -118,7 +126,7 @@ impl<E: Into<TrainError>> From<E> for Halt {
 /// Runs `check` on each item and sends its reports, until one is
 /// superseded; returns the order that superseded it.
 fn each_reported<T: Transport + ?Sized, I, R: IntoIterator<Item = Report>>(
-    t: &T,
+    leader: &Leader<'_, T>,
     items: impl IntoIterator<Item = I>,
     mut check: impl FnMut(I) -> Result<R, Halt>,
 ) -> Result<Option<Order>, TrainError> {
@@ -126,7 +134,7 @@ fn each_reported<T: Transport + ?Sized, I, R: IntoIterator<Item = Report>>(
         match check(item) {
             Ok(reports) => {
                 for report in reports {
-                    send_report(t, &report)?;
+                    leader.report(&report)?;
                 }
             }
             Err(Halt::Superseded(order)) => return Ok(Some(order)),
@@ -139,13 +147,13 @@ fn each_reported<T: Transport + ?Sized, I, R: IntoIterator<Item = Report>>(
 /// `from`'s next message on `tag`, or the verdict its absence earns
 /// (`what` it failed to send for).
 fn receive<T: Transport + ?Sized>(
-    t: &T,
+    leader: &Leader<'_, T>,
     from: usize,
     tag: u64,
     what: &str,
 ) -> Result<Result<Vec<u8>, Verdict>, Halt> {
-    let deadline = Instant::now() + t.default_timeout();
-    match wait_or_order(t, from, tag, deadline, || Ok(()))? {
+    let deadline = Instant::now() + leader.transport().default_timeout();
+    match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
         Waited::Got(bytes) => Ok(Ok(bytes)),
         Waited::Lost => Ok(Err(Verdict::Unavailable)),
         Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
@@ -156,7 +164,7 @@ fn receive<T: Transport + ?Sized>(
 /// Replays the passes `tasks` of `miner` from the bundle it sends; one
 /// report each.
 fn replay_passes<T: Transport + ?Sized>(
-    t: &T,
+    leader: &Leader<'_, T>,
     (setup, codec): (&Setup, &BoundaryCodec),
     (window, attempt): (u64, u32),
     miner: usize,
@@ -164,7 +172,12 @@ fn replay_passes<T: Transport + ?Sized>(
     weights: &[String],
 ) -> Result<Vec<Report>, Halt> {
     let waited = Instant::now();
-    let bundle = receive(t, miner, protocol::audit_tag(window, attempt), "replay")?;
+    let bundle = receive(
+        leader,
+        miner,
+        protocol::audit_tag(window, attempt),
+        "replay",
+    )?;
     // The replay's cost, not the wait for the miner.
     let started = if bundle.is_ok() {
         Instant::now()
@@ -234,17 +247,22 @@ fn judge(
 /// sum and the checkpoint file it wrote, and replays the step
 /// ([`audit::replay_step`]).
 fn audit_checkpoint<T: Transport + ?Sized>(
-    t: &T,
+    leader: &Leader<'_, T>,
     spec: &JobSpec,
     setup: &Setup,
-    window: u64,
+    (window, attempt): (u64, u32),
     task: CheckpointTask,
 ) -> Result<[Report; 1], Halt> {
     // The state before the step, the reduced sum, the file written.
     let mut got = Vec::with_capacity(3);
     let mut missing = None;
     while got.len() < 3 && missing.is_none() {
-        match receive(t, task.writer, protocol::checkpoint_tag(window), "audit")? {
+        match receive(
+            leader,
+            task.writer,
+            protocol::checkpoint_tag(window, attempt),
+            "audit",
+        )? {
             Ok(bytes) => got.push(bytes),
             Err(verdict) => missing = Some(verdict),
         }
@@ -295,7 +313,7 @@ fn stage_segments<'c>(
 /// sending other numbers than it stated). Also returns the seconds the
 /// checking took, without the wait for the miners' data.
 fn recompute<T: Transport + ?Sized>(
-    t: &T,
+    leader: &Leader<'_, T>,
     window: u64,
     attempt: u32,
     task: &SliceTask,
@@ -307,7 +325,7 @@ fn recompute<T: Transport + ?Sized>(
     } else {
         protocol::slice_tag(window, attempt, task.slice)
     };
-    let got = |rank: usize, tag: u64| receive(t, rank, tag, "recompute");
+    let got = |rank: usize, tag: u64| receive(leader, rank, tag, "recompute");
     let mut received = Vec::with_capacity(task.contributors.len());
     for (rank, _) in &task.contributors {
         let contribution = got(*rank, tag)?;

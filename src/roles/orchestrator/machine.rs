@@ -19,12 +19,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::checkpoint::{Manifest, StageEntry};
 use crate::config::{HoldPhase, JobSpec};
 use crate::data::rng::SplitMix64;
-use crate::pipeline::{InFlight, Router};
+use crate::pipeline::{InFlight, Router, RouterState};
 use crate::roles::protocol::{
-    self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route,
+    self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route, StageDigests,
 };
 use crate::roles::train::{Deadlines, Setup, TrainError, WindowReport};
 
@@ -63,13 +65,40 @@ pub enum Output {
     /// A window is done: append its ledger line (its `credits`), then
     /// report it (its checkpoint is filled in by whoever committed).
     Window(Box<WindowReport>),
+    /// Hand the standby this state, and have it acknowledged, before any
+    /// order that follows.
+    Handover(Box<Boundary>),
     /// Every window ran and every rank was told to stop.
     Done,
+}
+
+/// The orchestrator's state at the start of a window, before any
+/// placement: what a standby needs to run the job on from there. The
+/// window in progress is not in it: a standby starts that window again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Boundary {
+    /// The window about to run.
+    pub window: u64,
+    router: RouterState,
+    listeners: BTreeSet<usize>,
+    miners: BTreeMap<usize, usize>,
+    validators: Vec<usize>,
+    weights: Vec<String>,
+    optimizers: Vec<Option<String>>,
+    joining: BTreeMap<usize, Option<String>>,
+    joined_ever: BTreeSet<usize>,
+    sites: BTreeMap<usize, String>,
+    spanning: Vec<Vec<usize>>,
+    leaving: BTreeSet<usize>,
+    departed: BTreeSet<usize>,
 }
 
 /// Where the current window is.
 #[derive(Debug)]
 pub(super) enum Phase {
+    /// A standby that took over: waiting for the miners to go back to the
+    /// window's start.
+    Rewinding { waiting: BTreeSet<usize> },
     /// `[[faults.hold]]` before the window: waiting for joins or leaves.
     HoldStart,
     /// Waiting for the ranks placed on stages to load them.
@@ -217,6 +246,9 @@ pub struct Coordinator<'a> {
     last_heard: Instant,
     timeout: Duration,
     pub(super) liveness: Liveness,
+    /// The first attempt of each window: 0, or for a standby that took
+    /// over, [`protocol::ATTEMPTS_PER_LEADER`].
+    first_attempt: u32,
     out: Vec<Output>,
 }
 
@@ -267,8 +299,77 @@ impl<'a> Coordinator<'a> {
             last_heard: Instant::now(),
             timeout: b.timeout,
             liveness: Liveness::default(),
+            first_attempt: 0,
             out: Vec::new(),
         }
+    }
+
+    /// The state a standby takes over from, before `window`.
+    fn boundary(&self, window: u64) -> Boundary {
+        Boundary {
+            window,
+            router: self.router.state(),
+            listeners: self.listeners.clone(),
+            miners: self.miners.clone(),
+            validators: self.validators.clone(),
+            weights: self.weights.clone(),
+            optimizers: self.optimizers.clone(),
+            joining: self.joining.clone(),
+            joined_ever: self.joined_ever.clone(),
+            sites: self.sites.clone(),
+            spanning: self.spanning.clone(),
+            leaving: self.leaving.clone(),
+            departed: self.departed.clone(),
+        }
+    }
+
+    /// Leads the job as the standby, the orchestrator being lost: from the
+    /// state it last handed over (none: the job's start), the window it
+    /// was running starts again. Miners go back to that window's start;
+    /// one that cannot is told to stop.
+    pub fn take_over(
+        &mut self,
+        from: Option<Boundary>,
+        now: Instant,
+    ) -> Result<Vec<Output>, TrainError> {
+        self.last_heard = now;
+        self.first_attempt = protocol::ATTEMPTS_PER_LEADER;
+        let window = match from {
+            Some(b) => {
+                self.router = Router::from_state(b.router);
+                self.listeners = b.listeners;
+                self.miners = b.miners;
+                self.validators = b.validators;
+                self.weights = b.weights;
+                self.optimizers = b.optimizers;
+                self.joining = b.joining;
+                self.joined_ever = b.joined_ever;
+                self.sites = b.sites;
+                self.spanning = b.spanning;
+                self.leaving = b.leaving;
+                self.departed = b.departed;
+                b.window
+            }
+            None => self.start.first_window(),
+        };
+        self.say_warn(format!(
+            "standby: the orchestrator is lost; taking over, window {window} starts again"
+        ));
+        if window < self.spec.train.windows {
+            self.broadcast(Order::Resume {
+                window,
+                stages: self.stage_miners(),
+                checkpoint: self.start.resumed.as_ref().map(|m| m.window),
+            });
+        }
+        self.next_window(window, now)?;
+        if self.window.is_some() {
+            self.phase = Phase::Rewinding {
+                waiting: self.miners.keys().copied().collect(),
+            };
+        }
+        self.advance(now)?;
+        Ok(std::mem::take(&mut self.out))
     }
 
     /// Tells every rank its stage and starts the first window.
@@ -380,7 +481,7 @@ impl<'a> Coordinator<'a> {
             window,
             evals,
             started: now,
-            attempt: 0,
+            attempt: self.first_attempt,
             flight: InFlight::new(train_ids.chain(val_ids)),
             losses: BTreeMap::new(),
             busy_s: 0.0,
@@ -406,6 +507,10 @@ impl<'a> Coordinator<'a> {
                 return Ok(());
             };
             let moved = match &self.phase {
+                Phase::Rewinding { waiting } if waiting.is_empty() => {
+                    self.phase = Phase::HoldStart;
+                    true
+                }
                 Phase::HoldStart => {
                     self.dismiss_leavers(window.saturating_sub(1));
                     if self.hold_satisfied(window, HoldPhase::Start) {
@@ -504,13 +609,13 @@ impl<'a> Coordinator<'a> {
         }
         w.flight.abandon_running();
         w.attempt += 1;
-        if w.attempt >= protocol::MAX_ATTEMPTS {
+        if w.attempt >= self.first_attempt + protocol::ATTEMPTS_PER_LEADER {
             return Err(TrainError::Protocol {
                 rank: 0,
                 reason: format!(
                     "window {} lost miners in {} attempts",
                     w.window,
-                    protocol::MAX_ATTEMPTS
+                    protocol::ATTEMPTS_PER_LEADER
                 ),
             });
         }
@@ -523,6 +628,18 @@ impl<'a> Coordinator<'a> {
         };
         let (window, attempt) = (w.window, w.attempt);
         match &mut self.phase {
+            Phase::Rewinding { waiting } => {
+                if let Report::Rewound {
+                    window: rw,
+                    stage,
+                    state,
+                } = report
+                {
+                    if rw == window && waiting.remove(&from) {
+                        self.rewound(from, stage, state);
+                    }
+                }
+            }
             Phase::Placing { waiting, .. } => {
                 if let Report::Placed {
                     window: pw,
@@ -671,7 +788,7 @@ impl<'a> Coordinator<'a> {
                     s.waiting.remove(&rank);
                 }
                 // A source lost: the ranks it was placing report a failure.
-                Phase::Placing { waiting, .. } => {
+                Phase::Placing { waiting, .. } | Phase::Rewinding { waiting } => {
                     waiting.remove(&rank);
                 }
                 // Nothing runs.
@@ -813,8 +930,10 @@ impl<'a> Coordinator<'a> {
             audited: Vec::new(),
             audit_s: 0.0,
         });
+        let attempt = self.window.as_ref().expect("a window runs").attempt;
         self.broadcast(Order::Step {
             window,
+            attempt,
             writers,
             audits,
         });
@@ -855,7 +974,7 @@ impl<'a> Coordinator<'a> {
             val_loss: (w.evals > 0).then(|| (val / w.evals as f64) as f32),
             tokens_per_s: tokens as f64 / wall,
             bubble: 1.0 - w.busy_s / (self.miners.len().max(1) as f64 * wall),
-            attempts: w.attempt + 1,
+            attempts: w.attempt - self.first_attempt + 1,
             checkpoint: None,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
             compute_s: w.busy_s,
@@ -873,7 +992,38 @@ impl<'a> Coordinator<'a> {
                 }
             },
         })));
+        if self.spec.standby_rank().is_some() && self.first_attempt == 0 {
+            let boundary = self.boundary(window + 1);
+            self.out.push(Output::Handover(Box::new(boundary)));
+        }
         self.next_window(window + 1, now)
+    }
+
+    /// A miner went back to the window's start after the takeover, or
+    /// could not; one that could not, or holds other weights than its
+    /// stage had there, is told to stop.
+    fn rewound(&mut self, rank: usize, stage: usize, state: Result<StageDigests, String>) {
+        let expected = self.miners.get(&rank).copied();
+        let problem = match state {
+            Err(reason) => Some(reason),
+            Ok(_) if expected != Some(stage) => Some(format!(
+                "it went back to stage {stage}, not {}",
+                expected.map_or("-".to_string(), |s| s.to_string())
+            )),
+            Ok(d) => {
+                let optimizer_ok = self.optimizers[stage]
+                    .as_ref()
+                    .is_none_or(|o| *o == d.optimizer);
+                (d.weights != self.weights[stage] || !optimizer_ok)
+                    .then(|| "its state is not the one its stage had".to_string())
+            }
+        };
+        if let Some(reason) = problem {
+            self.stop(
+                rank,
+                &format!("could not start the window again ({reason})"),
+            );
+        }
     }
 
     // ---- helpers ----

@@ -37,8 +37,10 @@ impl Coordinator<'_> {
         if placements.is_empty() {
             return self.run_window();
         }
+        let attempt = self.window.as_ref().map_or(0, |w| w.attempt);
         self.broadcast(Order::Place {
             window,
+            attempt,
             placements: placements.iter().map(|(p, _)| p.clone()).collect(),
         });
         self.phase = Phase::Placing {

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use machine::{Beginning, Coordinator, Input, Output};
 
-use super::protocol::{self, Report};
+use super::protocol::{self, Handover, Report};
+use super::standby::Leading;
 use super::train::{
     adamw_config, inject_planned_fault, miners_of, validators_of, Setup, TrainError, WindowReport,
 };
@@ -84,15 +85,15 @@ impl StartPoint {
     }
 }
 
-/// Runs the job's windows from `start`, calling `report` after each.
-/// With `membership` (the book of a job whose door is open), ranks that
-/// join while it trains are placed on stages, and the book is kept
-/// current as ranks leave.
+/// Runs the job's windows from `start`, or from where the lost
+/// orchestrator left them (`leading`), calling `report` after each. With
+/// `membership` (the book of a job whose door is open), ranks that join
+/// while it trains are placed on stages, and the book is kept current as
+/// ranks leave.
 pub fn orchestrate<T: Transport + ?Sized>(
     t: &T,
     spec: &JobSpec,
-    plan: &Plan,
-    start: &StartPoint,
+    (plan, start, leading): (&Plan, &StartPoint, Leading),
     membership: Option<Arc<Membership>>,
     mut report: impl FnMut(&WindowReport),
 ) -> Result<(), TrainError> {
@@ -115,8 +116,8 @@ pub fn orchestrate<T: Transport + ?Sized>(
     }
     let (weights, optimizers) = start_digests(spec, &setup, start)?;
     let run_dir = spec.job.run_dir();
-    let mut ledger = match &start.resumed {
-        Some(m) => Ledger::resume(&run_dir, m.window)?,
+    let mut ledger = match leading.closed_before(start.resumed.as_ref().map(|m| m.window)) {
+        Some(window) => Ledger::resume(&run_dir, window)?,
         None => Ledger::create(&run_dir)?,
     };
     let modelled = match spec.faults.clock {
@@ -146,7 +147,14 @@ pub fn orchestrate<T: Transport + ?Sized>(
     let checkpoints = Checkpoints::new(&run_dir);
     let mut committed = None;
     let mut current = None;
-    let mut outputs = c.begin(Instant::now())?;
+    let mut standby = match leading {
+        Leading::Orchestrator => spec.standby_rank(),
+        Leading::TakeOver(_) => None,
+    };
+    let mut outputs = match leading {
+        Leading::Orchestrator => c.begin(Instant::now())?,
+        Leading::TakeOver(from) => c.take_over(from.map(|b| *b), Instant::now())?,
+    };
     loop {
         for output in outputs {
             match output {
@@ -183,7 +191,13 @@ pub fn orchestrate<T: Transport + ?Sized>(
                     w.checkpoint = committed.take();
                     report(&w);
                 }
-                Output::Done => return Ok(()),
+                Output::Handover(boundary) => {
+                    hand_over(t, &mut standby, &Handover::Boundary(boundary))?;
+                }
+                Output::Done => {
+                    hand_over(t, &mut standby, &Handover::Finished)?;
+                    return Ok(());
+                }
             }
         }
         if c.current_window() != current {
@@ -210,6 +224,39 @@ pub fn orchestrate<T: Transport + ?Sized>(
             Err(e) => return Err(e.into()),
         };
         outputs = c.on(input, Instant::now())?;
+    }
+}
+
+/// Sends the standby `handover` and waits for its acknowledgement (for a
+/// boundary); a standby lost, or silent for the transport's timeout, is
+/// given up, and the job goes on without one.
+fn hand_over<T: Transport + ?Sized>(
+    t: &T,
+    standby: &mut Option<usize>,
+    handover: &Handover,
+) -> Result<(), TrainError> {
+    let Some(rank) = *standby else {
+        return Ok(());
+    };
+    let sent = t.send(rank, protocol::STANDBY_TAG, &protocol::encode(handover));
+    let acknowledged = sent.and_then(|()| match handover {
+        Handover::Boundary(_) => t
+            .recv_deadline(
+                rank,
+                protocol::STANDBY_TAG,
+                Instant::now() + t.default_timeout(),
+            )
+            .map(drop),
+        Handover::Finished => Ok(()),
+    });
+    match acknowledged {
+        Ok(()) => Ok(()),
+        Err(e @ (TransportError::PeerLost { .. } | TransportError::Timeout { .. })) => {
+            eprintln!("orchestrator: lost the standby (rank {rank}: {e}); going on without one");
+            *standby = None;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -61,6 +61,8 @@ pub struct Seen {
     pub pings: Vec<Vec<usize>>,
     /// Each window's deadlines.
     pub deadlines: Vec<Deadlines>,
+    /// The window of each state handed to a standby.
+    pub handovers: Vec<u64>,
     pub done: bool,
 }
 
@@ -200,6 +202,7 @@ impl Sim {
                     self.seen.departed.push(rank);
                 }
                 Output::Commit(m) => self.seen.commits.push(m.window),
+                Output::Handover(b) => self.seen.handovers.push(b.window),
                 Output::Warn(line) | Output::Say(line) => self.seen.warnings.push(line),
                 Output::Ping(to, nonce) => {
                     for &r in &to {
@@ -370,6 +373,7 @@ impl Sim {
                 window,
                 writers,
                 audits,
+                ..
             } => {
                 let digests =
                     |stage: usize| (format!("w{window}-{stage}"), format!("o{window}-{stage}"));
@@ -416,7 +420,9 @@ impl Sim {
                     );
                 }
             }
-            Order::Place { window, placements } => {
+            Order::Place {
+                window, placements, ..
+            } => {
                 for p in placements {
                     self.stage_of.insert(p.rank, p.stage);
                     let state = Ok(StageDigests {
@@ -431,6 +437,28 @@ impl Sim {
                             state,
                         },
                     );
+                }
+            }
+            Order::Resume { window, stages, .. } => {
+                // Every miner goes back to the state its stage had after
+                // the previous window's step.
+                for (stage, miners) in stages.iter().enumerate() {
+                    for &m in miners {
+                        self.stage_of.insert(m, stage);
+                        let state = window
+                            .checked_sub(1)
+                            .map(|w| StageDigests {
+                                weights: format!("w{w}-{stage}"),
+                                optimizer: format!("o{w}-{stage}"),
+                            })
+                            .ok_or_else(|| "no window ran".to_string());
+                        let rewound = Report::Rewound {
+                            window: *window,
+                            stage,
+                            state,
+                        };
+                        self.report(m, rewound);
+                    }
                 }
             }
             Order::Stop => {

@@ -167,7 +167,9 @@ fn a_rank_that_joins_is_placed_at_the_next_boundary_with_its_stage_s_digests_and
         .orders
         .iter()
         .filter_map(|(_, o)| match o {
-            Order::Place { window, placements } => Some((*window, placements.clone())),
+            Order::Place {
+                window, placements, ..
+            } => Some((*window, placements.clone())),
             _ => None,
         })
         .collect();
