@@ -233,7 +233,9 @@ impl Checkpoints {
 
     /// Commits the partial checkpoint of `manifest.window`: checks that
     /// every stage's file is there as its entry says, writes the manifest,
-    /// renames the directory, and fsyncs. Then deletes all but the `keep`
+    /// renames the directory, and fsyncs. A checkpoint of the window that
+    /// is committed already is kept if it holds the same state, and is an
+    /// error if not. Then deletes all but the `keep`
     /// newest committed checkpoints (at least this one is kept) and
     /// abandoned partial ones of earlier windows. Returns the directory.
     pub fn commit(&self, manifest: &Manifest, keep: usize) -> Result<PathBuf, CheckpointError> {
@@ -256,7 +258,30 @@ impl Checkpoints {
         }
         let dir = self.dir(manifest.window);
         if dir.exists() {
-            return Err(CheckpointError::Exists { path: dir });
+            // A window run again (a standby took over after the lost
+            // orchestrator committed it, before it could hand that over)
+            // comes to the same state, bit for bit: the checkpoint stands.
+            let same = |m: Manifest| {
+                let state = |m: &Manifest| {
+                    let entries = m.stages.iter();
+                    entries
+                        .map(|e| {
+                            (
+                                e.stage,
+                                e.weights_digest.clone(),
+                                e.optimizer_digest.clone(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                };
+                state(&m) == state(manifest)
+            };
+            if !self.manifest(manifest.window).is_ok_and(same) {
+                return Err(CheckpointError::Exists { path: dir });
+            }
+            fs::remove_dir_all(&partial).map_err(io_error(&partial))?;
+            self.prune(manifest.window, keep)?;
+            return Ok(dir);
         }
         let json = serde_json::to_vec_pretty(manifest).map_err(|e| bad(e.to_string()))?;
         write_atomic(&manifest_path, &json).map_err(io_error(&manifest_path))?;

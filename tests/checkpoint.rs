@@ -257,3 +257,33 @@ fn a_manifest_naming_a_file_outside_its_directory_or_a_foreign_routing_state_is_
         "{err}"
     );
 }
+
+/// A window run again (a standby took over after the lost orchestrator had
+/// committed its checkpoint) commits the same state: the checkpoint
+/// stands. Another state for a committed window is refused.
+#[test]
+fn a_window_committed_again_with_the_same_state_keeps_its_checkpoint_and_other_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = Checkpoints::new(dir.path());
+    let stages = trained_stages(1);
+    let first = checkpoint(&checkpoints, 3, &stages, 2);
+    let again = checkpoint(&checkpoints, 3, &stages, 2);
+    // The first stands (its files, byte for byte, may differ from the
+    // second's: only the state must be the same).
+    assert_eq!(checkpoints.latest().unwrap(), Some(first));
+    assert_eq!(names(&dir.path().join("checkpoints")), ["window-00000003"]);
+
+    let other = trained_stages(2);
+    let entries = other
+        .iter()
+        .map(|(model, opt)| checkpoints.write_stage(3, model, opt).unwrap())
+        .collect();
+    let manifest = Manifest {
+        stages: entries,
+        ..again
+    };
+    assert!(matches!(
+        checkpoints.commit(&manifest, 2),
+        Err(CheckpointError::Exists { .. })
+    ));
+}

@@ -147,16 +147,18 @@ fn assert_each_pass_credited_once(job: &Path, context: &str) {
 
 /// `trials` runs of `job(name)`, each killing the rank `victim` draws at
 /// a random moment; each run must say `said(victim)` and keep every loss
-/// bit and every credit of the run where nobody died.
+/// bit and every credit of the run where nobody died. Returns what each
+/// run printed.
 fn kill_trials(
     job: impl Fn(&str) -> PathBuf,
     trials: usize,
     victim: impl Fn(&mut Draws) -> usize,
     said: impl Fn(usize) -> String,
-) {
+) -> Vec<String> {
     let (clean, _) = run(&job("clean"));
     let mut draws = Draws::new();
     let seed = draws.0;
+    let mut outputs = Vec::new();
     for trial in 0..trials {
         let victim = victim(&mut draws);
         let (after, delay) = moment(&mut draws);
@@ -172,7 +174,9 @@ fn kill_trials(
             "{context}\n{out}"
         );
         assert_each_pass_credited_once(&job, &context);
+        outputs.push(out);
     }
+    outputs
 }
 
 /// A random moment: a window after which to wait, and how long, so that
@@ -190,7 +194,7 @@ const EVERY_2: &str = "checkpoint_every = 2\n";
 #[test]
 fn miners_killed_at_random_moments_change_no_loss_and_lose_no_pass() {
     let dir = tempfile::tempdir().unwrap();
-    kill_trials(
+    let _ = kill_trials(
         |name| train_job(dir.path(), name, 2, WINDOWS, EVERY_2),
         20,
         |d| 2 + d.below(4) as usize,
@@ -212,7 +216,7 @@ fn a_validator_killed_at_a_random_moment_is_replaced_by_the_other() {
         std::fs::write(&job, text).unwrap();
         job
     };
-    kill_trials(
+    let _ = kill_trials(
         two_validators,
         5,
         |d| 1 + d.below(2) as usize,
@@ -225,7 +229,7 @@ fn a_validator_killed_at_a_random_moment_is_replaced_by_the_other() {
 #[test]
 fn an_orchestrator_killed_at_a_random_moment_is_restarted_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    kill_trials(
+    let _ = kill_trials(
         |name| train_job(dir.path(), name, 2, WINDOWS, EVERY_2),
         3,
         |_| 0,
@@ -233,25 +237,81 @@ fn an_orchestrator_killed_at_a_random_moment_is_restarted_from_its_checkpoint() 
     );
 }
 
-/// With a standby (rank 2, after the validator), the orchestrator killed
-/// at a random moment: the standby takes over from the last window it was
-/// handed, no miner restarts and the launcher restarts nothing.
+/// The job of [`train_job`] with a standby orchestrator (rank 2, after
+/// the validator; miners are ranks 3 to 6) and `extra` appended.
+fn standby_job(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let job = train_job(dir, name, 2, WINDOWS, &format!("{EVERY_2}{extra}"));
+    let text = std::fs::read_to_string(&job).unwrap();
+    let text = text
+        .replace("validators = 1", "validators = 1\nstandby = 1")
+        .replace("ranks_per_host = 6", "ranks_per_host = 7");
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+const TAKES_OVER: &str = "standby: the orchestrator is lost; taking over";
+
+/// Nothing was restarted: the launcher restarted no job, and every rank
+/// but the orchestrator started once.
+fn assert_nothing_restarted(out: &str) {
+    assert!(!out.contains("restarting the job"), "{out}");
+    for rank in 1..7 {
+        let starts = out
+            .lines()
+            .filter(|l| matches!(parse(l), Line::Pid(r, _) if r == rank))
+            .count();
+        assert_eq!(starts, 1, "rank {rank} started {starts} times:\n{out}");
+    }
+}
+
+/// With a standby, the orchestrator killed at a random moment, 20 times:
+/// the standby takes over from the last window it was handed, the window
+/// in flight runs again with every miner back at its start, and the
+/// launcher restarts nothing.
 #[test]
 fn an_orchestrator_killed_at_a_random_moment_is_replaced_by_its_standby() {
     let dir = tempfile::tempdir().unwrap();
-    let with_standby = |name: &str| {
-        let job = train_job(dir.path(), name, 2, WINDOWS, EVERY_2);
-        let text = std::fs::read_to_string(&job).unwrap();
-        let text = text
-            .replace("validators = 1", "validators = 1\nstandby = 1")
-            .replace("ranks_per_host = 6", "ranks_per_host = 7");
-        std::fs::write(&job, text).unwrap();
-        job
-    };
-    kill_trials(
-        with_standby,
-        3,
+    let outputs = kill_trials(
+        |name| standby_job(dir.path(), name, ""),
+        20,
         |_| 0,
-        |_| "standby: the orchestrator is lost; taking over".to_string(),
+        |_| TAKES_OVER.to_string(),
     );
+    outputs.iter().for_each(|out| assert_nothing_restarted(out));
+}
+
+/// The orchestrator lost at the moments a random kill rarely hits: before
+/// it handed anything over (the standby starts from the job's start);
+/// halfway through ordering a close (the miners told reduce among
+/// themselves and give up as soon as the standby leads); right after it
+/// ordered a step that writes a checkpoint (miners that stepped go back;
+/// the checkpoint is written again).
+#[test]
+fn a_standby_takes_over_before_any_handover_in_a_half_ordered_close_and_after_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, _) = run(&standby_job(dir.path(), "clean", ""));
+    let crashes = [
+        (
+            "window0",
+            "[[faults.crash]]\nrank = 0\nexit_code = 3\nwindow = 0\n",
+        ),
+        (
+            "close1",
+            "[[faults.crash]]\nrank = 0\nexit_code = 3\nwindow = 1\nphase = \"close\"\n",
+        ),
+        (
+            "step5",
+            "[[faults.crash]]\nrank = 0\nexit_code = 3\nwindow = 5\nphase = \"step\"\n",
+        ),
+    ];
+    for (name, crash) in crashes {
+        let job = standby_job(dir.path(), name, crash);
+        let done = swarmrun().arg("launch").arg(&job).output().unwrap();
+        let out = format!("{}\n{}", stdout(&done), stderr(&done));
+        assert!(done.status.success(), "{name}:\n{out}");
+        assert!(out.contains(TAKES_OVER), "{name}:\n{out}");
+        assert_nothing_restarted(&out);
+        assert_eq!(losses(&clean), losses(&metrics_of(&job)), "{name}:\n{out}");
+        assert_each_pass_credited_once(&job, name);
+    }
 }

@@ -16,7 +16,12 @@ pub struct Group<'a, T: ?Sized> {
     parent: &'a T,
     members: Vec<usize>,
     rank: usize,
+    /// Once this says so, waits end as if their peer had timed out.
+    abandoned: Option<&'a (dyn Fn() -> bool + Sync)>,
 }
+
+/// How often a wait on a group with [`Group::abandoned_when`] looks.
+const ABANDON_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl<'a, T: Transport + ?Sized> Group<'a, T> {
     /// The group of `members` (parent ranks, in any order, duplicates
@@ -44,7 +49,20 @@ impl<'a, T: Transport + ?Sized> Group<'a, T> {
             parent,
             members,
             rank,
+            abandoned: None,
         })
+    }
+
+    /// A group whose waits give up as soon as `abandoned` says so, each
+    /// as a timeout of the peer waited on: for a collective that became
+    /// moot (a miner's all-reduce when a standby took over the job, which
+    /// starts the window again), so that it fails within milliseconds
+    /// instead of at its deadline.
+    pub fn abandoned_when(self, abandoned: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Group {
+            abandoned: Some(abandoned),
+            ..self
+        }
     }
 
     /// Every parent rank except `lost`: the survivors of a failure.
@@ -114,9 +132,23 @@ impl<T: Transport + ?Sized> Transport for Group<'_, T> {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError> {
-        self.parent
-            .recv_deadline(self.to_parent(from)?, tag, deadline)
-            .map_err(|e| self.renamed(e))
+        let parent = self.to_parent(from)?;
+        let Some(abandoned) = self.abandoned else {
+            return self
+                .parent
+                .recv_deadline(parent, tag, deadline)
+                .map_err(|e| self.renamed(e));
+        };
+        loop {
+            let until = deadline.min(Instant::now() + ABANDON_POLL);
+            match self.parent.recv_deadline(parent, tag, until) {
+                Err(TransportError::Timeout { .. }) if until < deadline && !abandoned() => {}
+                Err(TransportError::Timeout { .. }) if until < deadline => {
+                    return Err(TransportError::Timeout { rank: from, tag })
+                }
+                other => return other.map_err(|e| self.renamed(e)),
+            }
+        }
     }
 
     fn default_timeout(&self) -> std::time::Duration {

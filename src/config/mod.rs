@@ -475,6 +475,11 @@ pub enum CheatKind {
 /// it has joined the job, or, in a training job, during window `window`
 /// (a miner right after the first microbatch it serves in that window,
 /// so that it leaves work half done; another rank as the window begins).
+/// With `phase = "close"`: the orchestrator once it sent the window's
+/// `Close` to half the ranks (the others never hear of it), a miner as
+/// its close begins. With `phase = "step"`: the orchestrator right after
+/// it sent the window's `Step` (some miners may have stepped, none has
+/// said so), a miner right after it applied the step, before it says so.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CrashFault {
@@ -484,14 +489,35 @@ pub struct CrashFault {
     pub after_s: f64,
     #[serde(default)]
     pub window: Option<u64>,
+    #[serde(default)]
+    pub phase: CrashPhase,
+}
+
+/// Where in its window a `[[faults.crash]]` with a `window` strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrashPhase {
+    /// As the window begins (a miner: after its first microbatch).
+    #[default]
+    Start,
+    /// While the window's close is ordered or begins.
+    Close,
+    /// Once the window's step is ordered or applied.
+    Step,
 }
 
 impl FaultsSpec {
     /// The exit status `rank` must leave with during `window`, if any.
     pub fn crash_in_window(&self, rank: usize, window: u64) -> Option<i32> {
+        self.crash_at(rank, window, CrashPhase::Start)
+    }
+
+    /// The exit status `rank` must leave with at `phase` of `window`
+    /// (see [`CrashFault`]), if any.
+    pub fn crash_at(&self, rank: usize, window: u64, phase: CrashPhase) -> Option<i32> {
         self.crash
             .iter()
-            .find(|c| c.rank == rank && c.window == Some(window))
+            .find(|c| c.rank == rank && c.window == Some(window) && c.phase == phase)
             .map(|c| c.exit_code)
     }
 

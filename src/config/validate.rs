@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
 
-use super::{CheatKind, JobSpec, Task};
+use super::{CheatKind, CrashPhase, JobSpec, Task};
 
 /// The first broken constraint: the field path as written in the file
 /// (`site[1].name`) and what is wrong with it.
@@ -228,6 +228,12 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             return violation(
                 format!("faults.crash[{i}].window"),
                 "give either `window` or `after_s`, not both",
+            );
+        }
+        if c.phase != CrashPhase::Start && c.window.is_none() {
+            return violation(
+                format!("faults.crash[{i}].phase"),
+                "a phase is part of a window: give `window` too",
             );
         }
         if c.window.is_some() && spec.job.task != Task::Train {

@@ -23,14 +23,16 @@ use super::protocol::{
     self, slice_digest, Across, AuditTask, CheckpointTask, LeaderPart, Order, Placement, Receipt,
     Reduction, Report, Route, SliceTask, StageDigests,
 };
-use super::train::{adamw_config, inject_planned_fault, leave_on_signal, Setup, TrainError};
+use super::train::{
+    adamw_config, inject_planned_fault, inject_planned_fault_at, leave_on_signal, Setup, TrainError,
+};
 use super::{handover, liveness};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
     all_reduce_redundant_checked, hierarchical_all_reduce_redundant_checked, Call, CollectiveError,
     FixedPoint, Group, Partition, ReduceOp, SitesCopies, SliceCopies, Tampers,
 };
-use crate::config::JobSpec;
+use crate::config::{CrashPhase, JobSpec};
 use crate::data::Split;
 use crate::deadline::{AdaptiveDeadline, DeadlineRule};
 use crate::model::{batch_tensors, AdamW, Pass, PassGrads, StageInput, StageModel};
@@ -948,6 +950,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         let me = self.t.rank();
         // A miner routed nothing in its crash window leaves here.
         inject_planned_fault(self.spec, me, window);
+        inject_planned_fault_at(self.spec, me, window, CrashPhase::Close);
         let mut parts = Vec::new();
         for route in counted
             .iter()
@@ -966,7 +969,10 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             parts.push(grads.params.as_slice());
         }
         let site_of: BTreeMap<usize, usize> = peers.iter().copied().zip(sites).collect();
-        let group = Group::new(self.t, peers)?;
+        // Moot once a standby took over: it starts the window again.
+        let (leader, leading) = (self.leader, self.leader.rank());
+        let taken_over = move || leader.rank() != leading;
+        let group = Group::new(self.t, peers)?.abandoned_when(&taken_over);
         // Each member's site, in the group's (ascending) order.
         let sites: Vec<usize> = group
             .members()
@@ -1090,6 +1096,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         }
         let scale = 1.0 / self.setup.per_window as f32;
         self.model.optimizer_step(&mut self.opt, &sum, scale)?;
+        inject_planned_fault_at(self.spec, me, window, CrashPhase::Step);
         self.at = window + 1;
         self.grads.clear();
         self.kept.clear();

@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::protocol::ProtocolError;
 use crate::checkpoint::CheckpointError;
 use crate::collective::CollectiveError;
-use crate::config::{JobSpec, Plan, Role};
+use crate::config::{CrashPhase, JobSpec, Plan, Role};
 use crate::data::{Corpus, DataError, Dataset};
 use crate::ledger::{LedgerError, Tally};
 use crate::model::{AdamWConfig, GptConfig, ModelError};
@@ -246,6 +246,17 @@ pub(super) fn inject_planned_fault(spec: &JobSpec, rank: usize, window: u64) {
         eprintln!("stopping (SIGSTOP) during window {window} on purpose (faults.hang)");
         // If it cannot stop, it goes on as an honest miner would.
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
+}
+
+/// `[[faults.crash]]` with a `phase`: this rank leaves now, at `phase`
+/// of `window` (see [`crate::config::CrashFault`]).
+pub(super) fn inject_planned_fault_at(spec: &JobSpec, rank: usize, window: u64, phase: CrashPhase) {
+    if let Some(code) = spec.faults.crash_at(rank, window, phase) {
+        eprintln!(
+            "exiting with status {code} at the {phase:?} of window {window} on purpose (faults.crash)"
+        );
+        std::process::exit(code);
     }
 }
 

@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 
 use machine::{Beginning, Coordinator, Input, Output};
 
-use super::protocol::{self, Handover, Report};
+use super::protocol::{self, Handover, Order, Report};
 use super::standby::Leading;
 use super::train::{
-    adamw_config, inject_planned_fault, miners_of, validators_of, Setup, TrainError, WindowReport,
+    adamw_config, inject_planned_fault, inject_planned_fault_at, miners_of, validators_of, Setup,
+    TrainError, WindowReport,
 };
 use crate::checkpoint::{Checkpoints, Manifest};
-use crate::config::{JobSpec, PassClock, Plan};
+use crate::config::{CrashPhase, JobSpec, PassClock, Plan};
 use crate::ledger::Ledger;
 use crate::model::{AdamW, StageModel};
 use crate::pipeline::Router;
@@ -160,12 +161,19 @@ pub fn orchestrate<T: Transport + ?Sized>(
             match output {
                 Output::Send(to, order) => {
                     let bytes = protocol::encode(&order);
-                    for r in to {
+                    let half = to.len() / 2;
+                    for (i, r) in to.into_iter().enumerate() {
+                        if let (true, Order::Close { window, .. }) = (i == half, &order) {
+                            inject_planned_fault_at(spec, t.rank(), *window, CrashPhase::Close);
+                        }
                         match t.send(r, protocol::ORDER_TAG, &bytes) {
                             // Its loss comes back as an input.
                             Ok(()) | Err(TransportError::PeerLost { .. }) => {}
                             Err(e) => return Err(e.into()),
                         }
+                    }
+                    if let Order::Step { window, .. } = order {
+                        inject_planned_fault_at(spec, t.rank(), window, CrashPhase::Step);
                     }
                 }
                 Output::Ping(to, nonce) => {

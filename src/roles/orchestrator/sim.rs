@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::machine::{Beginning, Coordinator, Input, Output};
+use super::machine::{Beginning, Boundary, Coordinator, Input, Output};
 use super::StartPoint;
 use crate::checkpoint::StageEntry;
 use crate::config::JobSpec;
@@ -44,6 +44,14 @@ pub struct Script {
     /// are held back until `n` silences have passed; it answers pings
     /// meanwhile (a miner that is slow, not stopped).
     pub stall: Option<(u64, usize, u32)>,
+    /// The orchestrator is lost right after it sent the orders that follow
+    /// its handover before this window, and a standby takes over from that
+    /// handover (orders already sent are answered; their reports reach the
+    /// standby).
+    pub take_over: Option<u64>,
+    /// This miner cannot go back to the window's start when the standby
+    /// takes over.
+    pub cannot_rewind: Option<usize>,
 }
 
 /// What the simulation saw.
@@ -82,6 +90,8 @@ pub struct Sim {
     /// The stalled miner of [`Script::stall`], its held reports, and the
     /// silences still to pass.
     stalled: Option<(usize, Vec<Input>, u32)>,
+    /// The handover the standby takes over from, once it is due.
+    handed: Option<Boundary>,
 }
 
 /// Simulated time per input, and per silence (nothing left to hear).
@@ -101,6 +111,7 @@ impl Sim {
             ran: BTreeSet::new(),
             stopped: BTreeSet::new(),
             stalled: None,
+            handed: None,
         }
     }
 
@@ -122,28 +133,30 @@ impl Sim {
             rank: 0,
             reason: e.to_string(),
         })?;
-        let setup = Setup::new(spec)?;
-        let stages = setup.stages;
-        let mut c = Coordinator::new(
-            spec,
-            &start,
-            Beginning {
-                setup,
-                router: Router::new(stages, &miners_of(&plan), spec.job.seed),
-                validators: validators_of(&plan),
-                planned: plan.ranks.len(),
-                weights: (0..stages).map(|s| format!("start{s}")).collect(),
-                optimizers: (0..stages).map(|s| Some(format!("adam{s}"))).collect(),
-                seed: 7,
-                modelled: None,
-                timeout: Duration::from_secs(60),
-                sites: plan
-                    .ranks
-                    .iter()
-                    .map(|r| (r.rank, r.site.clone()))
-                    .collect(),
-            },
-        );
+        let stages = spec.pipeline.stages;
+        let coordinator = || -> Result<Coordinator<'_>, TrainError> {
+            Ok(Coordinator::new(
+                spec,
+                &start,
+                Beginning {
+                    setup: Setup::new(spec)?,
+                    router: Router::new(stages, &miners_of(&plan), spec.job.seed),
+                    validators: validators_of(&plan),
+                    planned: plan.ranks.len(),
+                    weights: (0..stages).map(|s| format!("start{s}")).collect(),
+                    optimizers: (0..stages).map(|s| Some(format!("adam{s}"))).collect(),
+                    seed: 7,
+                    modelled: None,
+                    timeout: Duration::from_secs(60),
+                    sites: plan
+                        .ranks
+                        .iter()
+                        .map(|r| (r.rank, r.site.clone()))
+                        .collect(),
+                },
+            ))
+        };
+        let mut c = coordinator()?;
         let mut now = Instant::now();
         let timed = Instant::now();
         let outputs = c.begin(now)?;
@@ -169,6 +182,11 @@ impl Sim {
             let outputs = c.on(input, now)?;
             self.seen.deciding += timed.elapsed();
             self.take(outputs);
+            if let Some(from) = self.handed.take() {
+                c = coordinator()?;
+                let outputs = c.take_over(Some(from), now)?;
+                self.take(outputs);
+            }
         }
         Ok(())
     }
@@ -202,7 +220,12 @@ impl Sim {
                     self.seen.departed.push(rank);
                 }
                 Output::Commit(m) => self.seen.commits.push(m.window),
-                Output::Handover(b) => self.seen.handovers.push(b.window),
+                Output::Handover(b) => {
+                    self.seen.handovers.push(b.window);
+                    if self.script.take_over == Some(b.window) {
+                        self.handed = Some(*b);
+                    }
+                }
                 Output::Warn(line) | Output::Say(line) => self.seen.warnings.push(line),
                 Output::Ping(to, nonce) => {
                     for &r in &to {
@@ -447,11 +470,12 @@ impl Sim {
                         self.stage_of.insert(m, stage);
                         let state = window
                             .checked_sub(1)
+                            .filter(|_| self.script.cannot_rewind != Some(m))
                             .map(|w| StageDigests {
                                 weights: format!("w{w}-{stage}"),
                                 optimizer: format!("o{w}-{stage}"),
                             })
-                            .ok_or_else(|| "no window ran".to_string());
+                            .ok_or_else(|| "cannot go back".to_string());
                         let rewound = Report::Rewound {
                             window: *window,
                             stage,

@@ -13,7 +13,7 @@ use super::sim::{Script, Seen, Sim};
 use super::StartPoint;
 use crate::config::{self, JobSpec};
 use crate::pipeline::Router;
-use crate::roles::protocol::Order;
+use crate::roles::protocol::{self, Order};
 use crate::roles::train::{miners_of, Deadlines, Setup, TrainError};
 
 /// Rank 0 orchestrates, rank 1 validates, ranks 2..6 mine two stages;
@@ -417,4 +417,73 @@ fn liveness_deadlines_follow_the_run_and_are_reported_with_each_window() {
     let seconds = |d: &Deadlines| (d.progress_s, d.answer_s, d.close_s);
     assert_eq!(seconds(&seen.deadlines[0]), (2.0, 5.0, 5.0));
     assert_eq!(seconds(&seen.deadlines[2]), (2.0, 2.0, 5.0));
+}
+
+#[test]
+fn a_standby_takes_over_from_the_last_handover_and_the_window_in_flight_runs_again() {
+    let spec = spec("standby = 1");
+    let (seen, result) = Sim::run(
+        &spec,
+        Script {
+            take_over: Some(1),
+            ..Script::default()
+        },
+    );
+    result.unwrap();
+    assert!(seen.done);
+    // Handed over after window 0; the standby hands over to no one.
+    assert_eq!(seen.handovers, [1]);
+    let resumes: Vec<u64> = seen
+        .orders
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Order::Resume { window, .. } => Some(*window),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resumes, [1]);
+    // The lost orchestrator's attempt of window 1 ran (its reports reached
+    // the standby, which ignored them); the standby's attempts are its own.
+    let attempts: Vec<u32> = runs(&seen, 1).iter().map(|(a, _)| *a).collect();
+    assert_eq!(attempts, [0, protocol::ATTEMPTS_PER_LEADER]);
+    assert_eq!(
+        seen.windows
+            .iter()
+            .map(|(w, a, _)| (*w, *a))
+            .collect::<Vec<_>>(),
+        [(0, 1), (1, 1), (2, 1)]
+    );
+    // Every pass of every window credited once: none of the lost
+    // orchestrator's attempt counted twice.
+    assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
+    assert_eq!(seen.departed, Vec::<usize>::new());
+}
+
+#[test]
+fn a_miner_that_cannot_go_back_to_the_windows_start_is_stopped_and_the_job_goes_on() {
+    let spec = spec("standby = 1");
+    let (seen, result) = Sim::run(
+        &spec,
+        Script {
+            take_over: Some(1),
+            cannot_rewind: Some(3),
+            ..Script::default()
+        },
+    );
+    result.unwrap();
+    assert!(seen.done);
+    assert_eq!(seen.departed, [3]);
+    assert!(seen
+        .orders
+        .iter()
+        .any(|(to, o)| *to == [3] && *o == Order::Stop));
+    for (attempt, paths) in runs(&seen, 1).iter().skip(1) {
+        assert!(
+            paths.iter().all(|p| !p.contains(&3)),
+            "attempt {attempt} routes through the stopped miner"
+        );
+    }
+    // Its passes of window 0 stay credited.
+    assert!(credited(&seen).get(&3).is_some_and(|&n| n > 0));
+    assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
 }
