@@ -134,10 +134,17 @@ enum Cmd {
         run_dir: PathBuf,
     },
     /// Verify a run's reward ledger (RUN_DIR/ledger.jsonl): check the hash
-    /// chain, recompute every share, print each miner's standing.
+    /// chain and the leaders' signatures (against RUN_DIR/ledger-keys.json,
+    /// and the keys given with --key), recompute every share, print each
+    /// miner's standing.
     Audit {
         /// The job's run directory.
         run_dir: PathBuf,
+        /// A leader's public key (hex) as it printed it when it started
+        /// (`ledger: lines signed with key ...`); repeat for each leader.
+        /// Every key in the run's book must be one of these.
+        #[arg(long = "key", value_name = "HEX")]
+        keys: Vec<String>,
     },
     /// Benchmarks, printed as tables.
     Bench {
@@ -438,8 +445,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             sample(&run_dir, &prompt, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Audit { run_dir } => {
-            audit(&run_dir)?;
+        Cmd::Audit { run_dir, keys } => {
+            audit(&run_dir, &keys)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Wan { which } => {
@@ -587,15 +594,29 @@ fn sample(run_dir: &Path, prompt: &str, opts: &SampleOptions) -> Result<()> {
 /// `swarmrun audit`: the table goes to stdout; a torn last line (a crash
 /// while appending) is reported on stderr and is not an error, since the
 /// complete lines before it are intact.
-fn audit(run_dir: &Path) -> Result<()> {
-    let chain = ledger::read(run_dir).map_err(|e| {
+fn audit(run_dir: &Path, keys: &[String]) -> Result<()> {
+    let failed = |e: ledger::LedgerError| {
         let what = match e {
-            ledger::LedgerError::Line { .. } => "the ledger fails verification",
+            ledger::LedgerError::Line { .. } | ledger::LedgerError::Signature { .. } => {
+                "the ledger fails verification"
+            }
             _ => "reading the ledger",
         };
         anyhow::Error::new(e).context(what)
-    })?;
+    };
+    let chain = ledger::read(run_dir).map_err(failed)?;
+    let book = ledger::check_signatures(&chain, run_dir, keys).map_err(failed)?;
     print!("{}", ledger::audit_table(&chain));
+    match book {
+        Some(book) => println!(
+            "every line signed by a leader in {}: {}",
+            ledger::KeyBook::path(run_dir).display(),
+            book.leaders.join(", ")
+        ),
+        None => eprintln!(
+            "warning: the ledger is not signed (written before leaders signed their lines)"
+        ),
+    }
     if let Some(line) = chain.torn_line {
         eprintln!(
             "warning: {}:{line} ends without a newline (a crash while appending, or a cut file); \

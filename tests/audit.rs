@@ -254,3 +254,88 @@ fn audit_of_a_run_without_a_ledger_says_so() {
         "{err}"
     );
 }
+
+/// The windows of [`write_ledger`] with rank 3's verified passes raised
+/// in window 11: a forger's whole, consistent chain.
+fn write_forged(run_dir: &Path, key: Option<ledger::SigningKey>) {
+    let l = Ledger::create(run_dir).unwrap();
+    let mut l = match key {
+        Some(key) => l.signed_by(key).unwrap(),
+        None => l,
+    };
+    l.append(10, &[tally(2, 0, 9, 0), tally(3, 0, 3, 0)])
+        .unwrap();
+    l.append(11, &[tally(2, 0, 7, 0), tally(3, 0, 50, 0)])
+        .unwrap();
+}
+
+fn audit_with(run_dir: &Path, keys: &[String]) -> std::process::Output {
+    let mut cmd = swarmrun();
+    cmd.arg("audit").arg(run_dir);
+    for k in keys {
+        cmd.args(["--key", k]);
+    }
+    cmd.output().unwrap()
+}
+
+fn assert_forgery_refused(out: &std::process::Output, why: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{}\n{err}", stdout(out));
+    assert!(err.contains(why), "expected {why:?}: {err}");
+    assert!(stdout(out).is_empty(), "no table for a forged ledger");
+}
+
+/// A leader signs every line; a forger who recomputes the whole chain
+/// cannot sign as the leader: unsigned lines, lines signed with a key the
+/// run's book does not list, and signatures copied onto changed lines are
+/// refused. A forger who also adds its key to the book passes only until
+/// the leader's key is pinned with `--key`.
+#[test]
+fn a_forged_chain_with_recomputed_hashes_fails_the_leaders_signatures() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let leader = ledger::SigningKey::generate().unwrap();
+    let leader_key = leader.public_hex();
+    let mut l = Ledger::create(&run).unwrap().signed_by(leader).unwrap();
+    l.append(10, &[tally(2, 0, 9, 0), tally(3, 0, 3, 0)])
+        .unwrap();
+    l.append(11, &[tally(2, 0, 7, 0), tally(3, 0, 5, 0)])
+        .unwrap();
+    drop(l);
+    let genuine = ledger_lines(&run);
+    let out = audit_with(&run, std::slice::from_ref(&leader_key));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&leader_key), "{}", stdout(&out));
+
+    // Recomputed chain, unsigned.
+    let scratch = dir.path().join("scratch");
+    write_forged(&scratch, None);
+    write_lines(&run, &ledger_lines(&scratch));
+    assert_forgery_refused(&audit(&run), "line 1 is not signed");
+
+    // Recomputed chain, signed with the forger's own key.
+    write_forged(&scratch, Some(ledger::SigningKey::generate().unwrap()));
+    write_lines(&run, &ledger_lines(&scratch));
+    assert_forgery_refused(&audit(&run), "which the run's book of keys does not list");
+
+    // The leader's signatures copied onto the changed lines.
+    let forged: Vec<String> = ledger_lines(&scratch)
+        .iter()
+        .zip(&genuine)
+        .map(|(f, g)| {
+            let sig = |l: &str| l[l.find(",\"sig\":").unwrap()..].to_string();
+            f.replace(&sig(f), &sig(g))
+        })
+        .collect();
+    write_lines(&run, &forged);
+    assert_forgery_refused(&audit(&run), "line 2's signature does not match its hash");
+
+    // The forger's key added to the book: caught once the leader's key is
+    // pinned.
+    write_forged(&run, Some(ledger::SigningKey::generate().unwrap()));
+    assert!(audit(&run).status.success());
+    assert_forgery_refused(
+        &audit_with(&run, &[leader_key]),
+        "which is not among the keys given with --key",
+    );
+}

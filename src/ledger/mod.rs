@@ -55,10 +55,14 @@
 //! how. That covers disk corruption, hand edits, and a miner's or an
 //! operator's attempt to raise one number.
 //!
-//! It does not stop someone who can rewrite the file from recomputing every
-//! hash after an edit: the chain uses no secret (a key derived from the job
-//! file was considered, but every miner holds the job file, and a resumed run
-//! may use an edited one, which would split the chain). Nor can it notice
+//! The chain alone does not stop someone who can rewrite the file from
+//! recomputing every hash after an edit, so each line also carries its
+//! leader's Ed25519 signature of its hash (`"sig":{"key":…,"sig":…}`,
+//! after `hash`; see [`signing`]), checked by [`check_signatures`] against
+//! the run's book of keys. The chain itself uses no secret (a key derived
+//! from the job file was considered, but every miner holds the job file,
+//! and a resumed run may use an edited one, which would split the chain).
+//! Nor can it notice
 //! that lines were cut off the end, since nothing outside the file records
 //! how long it was; a crash that leaves half a last line looks the same, and
 //! [`Ledger::open`] drops such a line on resume. Anchoring the head (the last
@@ -77,8 +81,10 @@
 //! checkpoint); `swarmrun audit` reads it with [`read`].
 
 mod rewards;
+mod signing;
 
 pub use rewards::{audit_table, settled, SETTLE_WINDOWS};
+pub use signing::{KeyBook, Signature, SignatureProblem, SigningError, SigningKey};
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -136,6 +142,10 @@ pub struct WindowRecord {
     pub window: u64,
     /// Ranks ascending.
     pub miners: Vec<MinerCredit>,
+    /// The line's hash (over the chain up to it).
+    pub hash: String,
+    /// Its leader's signature of `hash`, when the leader signed.
+    pub signature: Option<Signature>,
 }
 
 /// A ledger read back and verified.
@@ -159,6 +169,8 @@ struct Line {
     miners: Vec<MinerCredit>,
     prev: String,
     hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sig: Option<Signature>,
 }
 
 /// The part of a line its hash covers, besides `prev`.
@@ -198,6 +210,13 @@ pub enum LedgerError {
     WindowNotAfter { window: u64, last: u64 },
     #[error("window {window} counts rank {rank} twice")]
     DuplicateRank { window: u64, rank: usize },
+    #[error(transparent)]
+    Signing(#[from] SigningError),
+    #[error("{}: {problem}", path.display())]
+    Signature {
+        path: PathBuf,
+        problem: SignatureProblem,
+    },
 }
 
 /// What is wrong with one line of a ledger.
@@ -250,6 +269,33 @@ pub fn read(run_dir: &Path) -> Result<Chain, LedgerError> {
     let path = path(run_dir);
     let bytes = fs::read(&path).map_err(io_error(&path))?;
     parse(&bytes, &path)
+}
+
+/// Checks the signatures of `chain`, the ledger of `run_dir`, against the
+/// run's book of keys, and the book against the keys in `pinned` (when
+/// any). A ledger without signatures and without a book passes: it was
+/// written before leaders signed; `swarmrun audit` says so.
+pub fn check_signatures(
+    chain: &Chain,
+    run_dir: &Path,
+    pinned: &[String],
+) -> Result<Option<KeyBook>, LedgerError> {
+    let problem = |problem| LedgerError::Signature {
+        path: chain.path.clone(),
+        problem,
+    };
+    let Some(book) = KeyBook::read(run_dir)? else {
+        if chain.records.iter().any(|r| r.signature.is_some()) || !pinned.is_empty() {
+            return Err(problem(SignatureProblem::NoBook));
+        }
+        return Ok(None);
+    };
+    let lines = chain
+        .records
+        .iter()
+        .map(|r| (r.hash.as_str(), r.signature.as_ref()));
+    book.check(lines, pinned).map_err(problem)?;
+    Ok(Some(book))
 }
 
 /// Verifies a ledger's bytes, as read from `path` (named in errors).
@@ -426,6 +472,8 @@ fn check_line(raw: &[u8], state: &State) -> Result<(WindowRecord, String), LineP
         seq: line.seq,
         window: line.window,
         miners: line.miners,
+        hash: line.hash.clone(),
+        signature: line.sig,
     };
     Ok((record, line.hash))
 }
@@ -436,6 +484,8 @@ pub struct Ledger {
     file: File,
     path: PathBuf,
     state: State,
+    /// The leader's key, when it signs the lines it appends.
+    signer: Option<SigningKey>,
 }
 
 impl Ledger {
@@ -466,6 +516,7 @@ impl Ledger {
                 file,
                 path,
                 state: State::new(),
+                signer: None,
             });
         };
         let (_, state, complete) = verify(&bytes, &path)?;
@@ -478,7 +529,21 @@ impl Ledger {
                 .and_then(|()| file.sync_all())
                 .map_err(io_error(&path))?;
         }
-        Ok(Ledger { file, path, state })
+        Ok(Ledger {
+            file,
+            path,
+            state,
+            signer: None,
+        })
+    }
+
+    /// From now on, every line appended is signed with `key`, which is
+    /// added to the run's book of keys first.
+    pub fn signed_by(mut self, key: SigningKey) -> Result<Ledger, LedgerError> {
+        let run_dir = self.path.parent().unwrap_or(Path::new("."));
+        KeyBook::add(run_dir, &key)?;
+        self.signer = Some(key);
+        Ok(self)
     }
 
     /// A fresh run's ledger: whatever an earlier run left in `run_dir` is
@@ -548,6 +613,7 @@ impl Ledger {
             window,
             miners,
             prev: self.state.head.clone(),
+            sig: self.signer.as_ref().map(|k| k.sign(&hash)),
             hash,
         };
         let mut bytes = serde_json::to_vec(&line).expect("a ledger line serializes");
@@ -562,11 +628,13 @@ impl Ledger {
             let _ = self.file.set_len(len);
             return Err(io_error(&self.path)(e));
         }
-        self.state.advance(window, &line.miners, line.hash);
+        self.state.advance(window, &line.miners, line.hash.clone());
         Ok(WindowRecord {
             seq,
             window,
             miners: line.miners,
+            hash: line.hash,
+            signature: line.sig,
         })
     }
 

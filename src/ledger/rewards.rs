@@ -229,6 +229,8 @@ mod tests {
                 seq: window + 1,
                 window,
                 miners,
+                hash: String::new(),
+                signature: None,
             }
         };
         let records = vec![

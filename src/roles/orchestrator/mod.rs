@@ -29,7 +29,7 @@ use super::train::{
 };
 use crate::checkpoint::{Checkpoints, Manifest};
 use crate::config::{CrashPhase, JobSpec, PassClock, Plan};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, SigningKey};
 use crate::model::{AdamW, StageModel};
 use crate::pipeline::Router;
 use crate::transport::{Transport, TransportError};
@@ -117,10 +117,15 @@ pub fn orchestrate<T: Transport + ?Sized>(
     }
     let (weights, optimizers) = start_digests(spec, &setup, start)?;
     let run_dir = spec.job.run_dir();
-    let mut ledger = match leading.closed_before(start.resumed.as_ref().map(|m| m.window)) {
+    let ledger = match leading.closed_before(start.resumed.as_ref().map(|m| m.window)) {
         Some(window) => Ledger::resume(&run_dir, window)?,
         None => Ledger::create(&run_dir)?,
     };
+    // Each leader signs the lines it appends with a key of its own, added
+    // to the run's book and printed here for `swarmrun audit --key`.
+    let key = SigningKey::generate().map_err(crate::ledger::LedgerError::from)?;
+    println!("ledger: lines signed with key {}", key.public_hex());
+    let mut ledger = ledger.signed_by(key)?;
     let modelled = match spec.faults.clock {
         PassClock::Wall => None,
         PassClock::Model => Some(modelled_pass_seconds(&setup)?),

@@ -1,0 +1,229 @@
+//! Ed25519 signatures on the ledger's lines, so that a file rewritten by
+//! someone without the leader's key fails `swarmrun audit` even when its
+//! hash chain was recomputed.
+//!
+//! Each leader of a run (the orchestrator; a standby that took over; the
+//! orchestrator of a restarted job) makes a key pair of its own when it
+//! opens the ledger, adds the public key to `RUN_DIR/ledger-keys.json`
+//! (the run's book of signing keys) and prints it; every line it appends
+//! carries its signature of the line's hash, which covers the whole chain
+//! up to that line. The book says which keys may sign; what makes the
+//! book itself trustworthy is that its keys match the ones the leaders
+//! printed when they started: `swarmrun audit --key HEX` pins them.
+//!
+//! Keys live in memory only: a leader's key signs nothing after the
+//! process ends. ring's Ed25519 (the crate already carries the links'
+//! AES-GCM) does the signing.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use serde::{Deserialize, Serialize};
+
+/// The book's file name inside the run directory.
+const BOOK: &str = "ledger-keys.json";
+
+/// What a signature covers besides the line's hash: this tag, so that a
+/// signature made for anything else never passes for a ledger line's.
+const DOMAIN: &[u8] = b"swarmrun ledger line v1\n";
+
+/// A leader's signature of one line: its public key and the signature of
+/// the line's hash, both hex.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Signature {
+    pub key: String,
+    pub sig: String,
+}
+
+/// A leader's key pair.
+pub struct SigningKey(Ed25519KeyPair);
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey({})", self.public_hex())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SigningError {
+    #[error("cannot make a signing key: the system's random source failed")]
+    Random,
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: not a book of ledger keys: {reason}", path.display())]
+    Book { path: PathBuf, reason: String },
+}
+
+/// Why a ledger's signatures do not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureProblem {
+    #[error("line {line} is not signed, in a ledger whose leaders sign every line")]
+    Unsigned { line: usize },
+    #[error(
+        "line {line} is signed with key {key:.16}..., which the run's book of keys does not list"
+    )]
+    UnknownKey { line: usize, key: String },
+    #[error("line {line}'s signature does not match its hash: the line was forged")]
+    Forged { line: usize },
+    #[error(
+        "the run's book of keys lists {key:.16}..., which is not among the keys given with --key"
+    )]
+    NotPinned { key: String },
+    #[error("the ledger has signed lines but its run has no book of keys ({BOOK})")]
+    NoBook,
+}
+
+impl SigningKey {
+    pub fn generate() -> Result<SigningKey, SigningError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| SigningError::Random)?;
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+            .map(SigningKey)
+            .map_err(|_| SigningError::Random)
+    }
+
+    pub fn public_hex(&self) -> String {
+        hex(self.0.public_key().as_ref())
+    }
+
+    /// Signs the line whose hash is `hash`.
+    pub fn sign(&self, hash: &str) -> Signature {
+        Signature {
+            key: self.public_hex(),
+            sig: hex(self.0.sign(&message(hash)).as_ref()),
+        }
+    }
+}
+
+fn message(hash: &str) -> Vec<u8> {
+    [DOMAIN, hash.as_bytes()].concat()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Whether `s` is a valid signature of the line whose hash is `hash`.
+pub fn verify(s: &Signature, hash: &str) -> bool {
+    match (unhex(&s.key), unhex(&s.sig)) {
+        (Some(key), Some(sig)) => UnparsedPublicKey::new(&ED25519, key)
+            .verify(&message(hash), &sig)
+            .is_ok(),
+        _ => false,
+    }
+}
+
+/// `RUN_DIR/ledger-keys.json`: the public keys of every leader of the run,
+/// in the order they started.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBook {
+    pub leaders: Vec<String>,
+}
+
+impl KeyBook {
+    pub fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join(BOOK)
+    }
+
+    /// The run's book; `None` for a run whose ledger was never signed.
+    pub fn read(run_dir: &Path) -> Result<Option<KeyBook>, SigningError> {
+        let path = Self::path(run_dir);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SigningError::Io { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SigningError::Book {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Adds `key` to the run's book (created if need be), durably.
+    pub fn add(run_dir: &Path, key: &SigningKey) -> Result<(), SigningError> {
+        let mut book = Self::read(run_dir)?.unwrap_or_default();
+        let public = key.public_hex();
+        if !book.leaders.contains(&public) {
+            book.leaders.push(public);
+        }
+        let path = Self::path(run_dir);
+        let json = serde_json::to_vec_pretty(&book).expect("a key book serializes");
+        crate::fsutil::write_atomic(&path, &json)
+            .map_err(|source| SigningError::Io { path, source })
+    }
+
+    /// Checks every line's signature (`(line's hash, its signature)`, in
+    /// order) against the book, and the book against the keys a user
+    /// pinned (none: any key the book lists).
+    pub fn check<'l>(
+        &self,
+        lines: impl IntoIterator<Item = (&'l str, Option<&'l Signature>)>,
+        pinned: &[String],
+    ) -> Result<(), SignatureProblem> {
+        if let Some(key) = self
+            .leaders
+            .iter()
+            .find(|k| !pinned.is_empty() && !pinned.contains(k))
+        {
+            return Err(SignatureProblem::NotPinned { key: key.clone() });
+        }
+        for (i, (hash, signature)) in lines.into_iter().enumerate() {
+            let line = i + 1;
+            let s = signature.ok_or(SignatureProblem::Unsigned { line })?;
+            if !self.leaders.contains(&s.key) {
+                return Err(SignatureProblem::UnknownKey {
+                    line,
+                    key: s.key.clone(),
+                });
+            }
+            if !verify(s, hash) {
+                return Err(SignatureProblem::Forged { line });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_holds_for_its_hash_only_and_under_its_own_key_only() {
+        let (a, b) = (
+            SigningKey::generate().unwrap(),
+            SigningKey::generate().unwrap(),
+        );
+        let hash = "9f".repeat(32);
+        let s = a.sign(&hash);
+        assert!(verify(&s, &hash));
+        assert!(!verify(&s, &"9e".repeat(32)));
+        let other = Signature {
+            key: b.public_hex(),
+            ..s.clone()
+        };
+        assert!(!verify(&other, &hash));
+        let garbled = Signature {
+            sig: "zz".into(),
+            ..s
+        };
+        assert!(!verify(&garbled, &hash));
+    }
+}
