@@ -145,6 +145,9 @@ enum Cmd {
         /// Every key in the run's book must be one of these.
         #[arg(long = "key", value_name = "HEX")]
         keys: Vec<String>,
+        /// Refuse a line that no validator countersigned.
+        #[arg(long)]
+        countersigned: bool,
     },
     /// Benchmarks, printed as tables.
     Bench {
@@ -445,8 +448,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             sample(&run_dir, &prompt, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Audit { run_dir, keys } => {
-            audit(&run_dir, &keys)?;
+        Cmd::Audit {
+            run_dir,
+            keys,
+            countersigned,
+        } => {
+            audit(&run_dir, &keys, countersigned)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Wan { which } => {
@@ -594,7 +601,7 @@ fn sample(run_dir: &Path, prompt: &str, opts: &SampleOptions) -> Result<()> {
 /// `swarmrun audit`: the table goes to stdout; a torn last line (a crash
 /// while appending) is reported on stderr and is not an error, since the
 /// complete lines before it are intact.
-fn audit(run_dir: &Path, keys: &[String]) -> Result<()> {
+fn audit(run_dir: &Path, keys: &[String], countersigned: bool) -> Result<()> {
     let failed = |e: ledger::LedgerError| {
         let what = match e {
             ledger::LedgerError::Line { .. } | ledger::LedgerError::Signature { .. } => {
@@ -605,9 +612,10 @@ fn audit(run_dir: &Path, keys: &[String]) -> Result<()> {
         anyhow::Error::new(e).context(what)
     };
     let chain = ledger::read(run_dir).map_err(failed)?;
-    let book = ledger::check_signatures(&chain, run_dir, keys).map_err(failed)?;
+    let signatures =
+        ledger::check_signatures(&chain, run_dir, keys, countersigned).map_err(failed)?;
     print!("{}", ledger::audit_table(&chain));
-    match book {
+    match &signatures.book {
         Some(book) => println!(
             "every line signed by a leader in {}: {}",
             ledger::KeyBook::path(run_dir).display(),
@@ -616,6 +624,11 @@ fn audit(run_dir: &Path, keys: &[String]) -> Result<()> {
         None => eprintln!(
             "warning: the ledger is not signed (written before leaders signed their lines)"
         ),
+    }
+    let counts = &signatures.countersigned;
+    let (least, most) = (counts.iter().min(), counts.iter().max());
+    if let (Some(least), Some(most)) = (least, most) {
+        println!("countersigned by {least} to {most} validators per line");
     }
     if let Some(line) = chain.torn_line {
         eprintln!(

@@ -209,3 +209,62 @@ fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
         }
     }
 }
+
+/// A run's ledger is signed by its orchestrator and countersigned by its
+/// validator, line by line, while it trains. Afterwards nobody can
+/// rewrite it alone: a whole new chain with recomputed hashes, signed by a
+/// new leader key added to the run's book (what an orchestrator rewriting
+/// its own ledger after the run could do), has no validator's
+/// countersignature, and `swarmrun audit --countersigned` refuses it.
+#[test]
+fn a_ledger_rewritten_after_the_run_lacks_the_validators_countersignatures() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = checked_job(dir.path(), "signed", 1, 0.05, &[]);
+    run(&job);
+    let run_dir = dir.path().join("signed");
+    let audit = |args: &[&str]| {
+        let mut cmd = swarmrun();
+        cmd.arg("audit").arg(&run_dir).args(args);
+        cmd.output().unwrap()
+    };
+    let out = audit(&["--countersigned"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("countersigned by 1 to 1 validators per line"),
+        "{text}"
+    );
+
+    let genuine = ledger::read(&run_dir).unwrap();
+    let key = ledger::SigningKey::generate().unwrap();
+    let mut forged = ledger::Ledger::create(&run_dir)
+        .unwrap()
+        .signed_by(key)
+        .unwrap();
+    for record in &genuine.records {
+        let mut tallies: Vec<ledger::Tally> = record
+            .miners
+            .iter()
+            .map(|m| ledger::Tally {
+                rank: m.rank,
+                stage: m.stage,
+                verified: m.verified,
+                failed: m.failed,
+            })
+            .collect();
+        // The forger pays itself (the first miner) a little more.
+        tallies[0].verified += 1;
+        forged.append(record.window, &tallies).unwrap();
+    }
+    drop(forged);
+    // Chain and leader signatures hold...
+    assert!(audit(&[]).status.success());
+    // ...but no validator saw these lines.
+    let out = audit(&["--countersigned"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("line 1 is countersigned by no validator"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -58,7 +58,7 @@
 //! The chain alone does not stop someone who can rewrite the file from
 //! recomputing every hash after an edit, so each line also carries its
 //! leader's Ed25519 signature of its hash (`"sig":{"key":…,"sig":…}`,
-//! after `hash`; see [`signing`]), checked by [`check_signatures`] against
+//! after `hash`; see [`SigningKey`]), checked by [`check_signatures`] against
 //! the run's book of keys. The chain itself uses no secret (a key derived
 //! from the job file was considered, but every miner holds the job file,
 //! and a resumed run may use an edited one, which would split the chain).
@@ -80,9 +80,11 @@
 //! ([`Ledger::create`] on a fresh start, [`Ledger::resume`] after a
 //! checkpoint); `swarmrun audit` reads it with [`read`].
 
+mod countersign;
 mod rewards;
 mod signing;
 
+pub use countersign::{CountersignError, Countersignature, Countersigner, Refusal};
 pub use rewards::{audit_table, settled, SETTLE_WINDOWS};
 pub use signing::{KeyBook, Signature, SignatureProblem, SigningError, SigningKey};
 
@@ -271,31 +273,66 @@ pub fn read(run_dir: &Path) -> Result<Chain, LedgerError> {
     parse(&bytes, &path)
 }
 
+/// What the signatures of a ledger say.
+#[derive(Debug, Clone)]
+pub struct Signatures {
+    /// The run's book of leaders' keys; `None` for a ledger written before
+    /// leaders signed.
+    pub book: Option<KeyBook>,
+    /// Per line, how many validators countersigned it.
+    pub countersigned: Vec<usize>,
+}
+
 /// Checks the signatures of `chain`, the ledger of `run_dir`, against the
 /// run's book of keys, and the book against the keys in `pinned` (when
-/// any). A ledger without signatures and without a book passes: it was
-/// written before leaders signed; `swarmrun audit` says so.
+/// any), and counts each line's countersignatures (with `pinned`, only by
+/// pinned keys). With `require_countersigned`, a line no validator
+/// countersigned is refused. A ledger without signatures and without a
+/// book passes: it was written before leaders signed; `swarmrun audit`
+/// says so.
 pub fn check_signatures(
     chain: &Chain,
     run_dir: &Path,
     pinned: &[String],
-) -> Result<Option<KeyBook>, LedgerError> {
+    require_countersigned: bool,
+) -> Result<Signatures, LedgerError> {
     let problem = |problem| LedgerError::Signature {
         path: chain.path.clone(),
         problem,
     };
-    let Some(book) = KeyBook::read(run_dir)? else {
-        if chain.records.iter().any(|r| r.signature.is_some()) || !pinned.is_empty() {
-            return Err(problem(SignatureProblem::NoBook));
+    let book = KeyBook::read(run_dir)?;
+    match &book {
+        Some(book) => {
+            let lines = chain
+                .records
+                .iter()
+                .map(|r| (r.hash.as_str(), r.signature.as_ref()));
+            book.check(lines, pinned).map_err(problem)?;
         }
-        return Ok(None);
-    };
-    let lines = chain
-        .records
+        None if chain.records.iter().any(|r| r.signature.is_some()) || !pinned.is_empty() => {
+            return Err(problem(SignatureProblem::NoBook))
+        }
+        None => {}
+    }
+    let by_key = countersign::read_all(run_dir).map_err(io_error(run_dir))?;
+    let trusted = by_key
         .iter()
-        .map(|r| (r.hash.as_str(), r.signature.as_ref()));
-    book.check(lines, pinned).map_err(problem)?;
-    Ok(Some(book))
+        .filter(|(key, _)| pinned.is_empty() || pinned.contains(key));
+    let mut counts = vec![0; chain.records.len()];
+    for (_, hashes) in trusted {
+        for (count, record) in counts.iter_mut().zip(&chain.records) {
+            *count += usize::from(hashes.contains(&record.hash));
+        }
+    }
+    if let Some(i) = counts.iter().position(|&n| n == 0) {
+        if require_countersigned {
+            return Err(problem(SignatureProblem::NotCountersigned { line: i + 1 }));
+        }
+    }
+    Ok(Signatures {
+        book,
+        countersigned: counts,
+    })
 }
 
 /// Verifies a ledger's bytes, as read from `path` (named in errors).
@@ -481,6 +518,8 @@ fn check_line(raw: &[u8], state: &State) -> Result<(WindowRecord, String), LineP
 /// The ledger of a run, open for appending.
 #[derive(Debug)]
 pub struct Ledger {
+    /// The last line appended, as written (without its newline).
+    last_line: String,
     file: File,
     path: PathBuf,
     state: State,
@@ -513,6 +552,7 @@ impl Ledger {
                 .and_then(|d| d.sync_all())
                 .map_err(io_error(run_dir))?;
             return Ok(Ledger {
+                last_line: String::new(),
                 file,
                 path,
                 state: State::new(),
@@ -530,6 +570,7 @@ impl Ledger {
                 .map_err(io_error(&path))?;
         }
         Ok(Ledger {
+            last_line: String::new(),
             file,
             path,
             state,
@@ -629,6 +670,7 @@ impl Ledger {
             return Err(io_error(&self.path)(e));
         }
         self.state.advance(window, &line.miners, line.hash.clone());
+        self.last_line = String::from_utf8_lossy(&bytes[..bytes.len() - 1]).into_owned();
         Ok(WindowRecord {
             seq,
             window,
@@ -636,6 +678,12 @@ impl Ledger {
             hash: line.hash,
             signature: line.sig,
         })
+    }
+
+    /// The last line appended, as written (for validators to
+    /// countersign); empty before the first.
+    pub fn last_line(&self) -> &str {
+        &self.last_line
     }
 
     /// The ranks excluded from the next window, each with the window in

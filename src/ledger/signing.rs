@@ -75,6 +75,8 @@ pub enum SignatureProblem {
     NotPinned { key: String },
     #[error("the ledger has signed lines but its run has no book of keys ({BOOK})")]
     NoBook,
+    #[error("line {line} is countersigned by no validator")]
+    NotCountersigned { line: usize },
 }
 
 impl SigningKey {

@@ -156,7 +156,9 @@ fn window_of(order: &Order) -> Option<u64> {
         | Order::Recompute { window, .. }
         | Order::Step { window, .. }
         | Order::Place { window, .. } => Some(*window),
-        Order::Start { .. } | Order::Resume { .. } | Order::Stop => None,
+        Order::Start { .. } | Order::Resume { .. } | Order::Countersign { .. } | Order::Stop => {
+            None
+        }
     }
 }
 
@@ -483,6 +485,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     self.send_slices(window, attempt, &tasks)?;
                     self.next_order()?
                 }
+                // For validators.
+                Order::Countersign { .. } => self.next_order()?,
                 Order::Stop => return Ok(()),
                 Order::Start { .. } => {
                     return Err(TrainError::Protocol {

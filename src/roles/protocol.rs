@@ -445,6 +445,12 @@ pub enum Order {
         attempt: u32,
         placements: Vec<Placement>,
     },
+    /// Validators: countersign this ledger line (of `window`), as its
+    /// leader wrote it.
+    Countersign {
+        window: u64,
+        line: String,
+    },
     /// The standby's first order, once the orchestrator is lost: `window`
     /// starts over. Each miner goes back to its state at the window's
     /// start (before any placement) and reports `Rewound`. A miner that

@@ -17,6 +17,7 @@ use super::protocol::{
 use super::train::{adamw_config, inject_planned_fault, Setup, TrainError};
 use crate::collective::Partition;
 use crate::config::JobSpec;
+use crate::ledger::{Countersigner, LedgerError, SigningKey};
 use crate::model::StageModel;
 use crate::pipeline::BoundaryCodec;
 use crate::transport::Transport;
@@ -33,6 +34,14 @@ fn follow_orders<T: Transport + ?Sized>(
     let t = leader.transport();
     let setup = Setup::new(spec)?;
     let codec = setup.codec(spec);
+    let key = SigningKey::generate().map_err(LedgerError::from)?;
+    println!("ledger: countersigning with key {}", key.public_hex());
+    let run_dir = spec.job.run_dir();
+    let mut countersigner =
+        Countersigner::create(&run_dir, key).map_err(|source| LedgerError::Io {
+            path: run_dir.clone(),
+            source,
+        })?;
     // Parameters of each stage, once known.
     let mut layouts: BTreeMap<usize, Vec<Range<usize>>> = BTreeMap::new();
     // An order that came while this validator waited on a miner.
@@ -44,6 +53,14 @@ fn follow_orders<T: Transport + ?Sized>(
         };
         next = match order {
             Order::Stop => return Ok(()),
+            Order::Countersign { window, line } => {
+                // A line it will not sign stays without its signature,
+                // which `swarmrun audit` shows; the run goes on.
+                if let Err(e) = countersigner.countersign(&line) {
+                    eprintln!("validator: window {window}'s ledger line: {e}");
+                }
+                None
+            }
             Order::Run {
                 window, attempt: 0, ..
             } => {

@@ -151,6 +151,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
         },
     );
     let checkpoints = Checkpoints::new(&run_dir);
+    let validators = validators_of(plan);
     let mut committed = None;
     let mut current = None;
     let mut standby = match leading {
@@ -201,6 +202,17 @@ pub fn orchestrate<T: Transport + ?Sized>(
                 }
                 Output::Window(mut w) => {
                     ledger.append(w.window, &w.credits)?;
+                    let countersign = Order::Countersign {
+                        window: w.window,
+                        line: ledger.last_line().to_string(),
+                    };
+                    let bytes = protocol::encode(&countersign);
+                    for &v in &validators {
+                        match t.send(v, protocol::ORDER_TAG, &bytes) {
+                            Ok(()) | Err(TransportError::PeerLost { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                     w.checkpoint = committed.take();
                     report(&w);
                 }

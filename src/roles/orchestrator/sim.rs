@@ -490,6 +490,7 @@ impl Sim {
                     self.stage_of.remove(r);
                 }
             }
+            Order::Countersign { .. } => {}
         }
     }
 
