@@ -2,7 +2,7 @@
 //! microbatch, how the miners are spread over stages, and what happens to
 //! the work of a miner that disappears.
 //!
-//! - [`Router::route`] picks one miner per stage at random with probability
+//! - [`Router::route_batch`] picks one miner per stage at random with probability
 //!   proportional to its measured throughput, so a fast miner gets more
 //!   work and a slow one still gets some (and keeps being measured).
 //! - [`Router::rebalance`] moves one miner from the stage with the most
@@ -279,8 +279,8 @@ impl Router {
     }
 
     /// Moves one miner to the bottleneck stage if that raises the slowest
-    /// stage's capacity by [`REBALANCE_GAIN`]; the donor keeps at least
-    /// [`MIN_STAGE_MINERS`].
+    /// stage's capacity by more than half (`REBALANCE_GAIN`); the donor
+    /// keeps at least two miners (`MIN_STAGE_MINERS`).
     pub fn rebalance(&mut self) -> Option<Move> {
         if self.miners.values().any(|m| m.samples < REBALANCE_SAMPLES) {
             return None;

@@ -15,13 +15,25 @@ use std::time::{Duration, Instant};
 
 use super::leader::Leader;
 use super::protocol::{self, Report};
+use crate::config::JobSpec;
 use crate::transport::{Transport, TransportError};
 
 /// How often the answering thread looks whether its rank is done.
 const DONE_POLL: Duration = Duration::from_millis(50);
 
+/// Runs `body` with this rank's link to whoever leads the job, and a
+/// thread answering the leader's pings beside it.
+pub(super) fn following_leader<T: Transport + ?Sized, R>(
+    t: &T,
+    spec: &JobSpec,
+    body: impl FnOnce(&Leader<'_, T>) -> R,
+) -> R {
+    let leader = Leader::new(t, spec);
+    answering_pings(&leader, || body(&leader))
+}
+
 /// Runs `body` with a thread answering the leader's pings beside it.
-pub(super) fn answering_pings<T: Transport + ?Sized, R>(
+fn answering_pings<T: Transport + ?Sized, R>(
     leader: &Leader<'_, T>,
     body: impl FnOnce() -> R,
 ) -> R {

@@ -42,8 +42,7 @@ use crate::transport::{Transport, TransportError};
 /// Serves the stage the orchestrator's `Start` names until told to stop,
 /// answering liveness pings throughout.
 pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    let leader = Leader::new(t, spec);
-    liveness::answering_pings(&leader, || mine_planned(&leader, spec))
+    liveness::following_leader(t, spec, |leader| mine_planned(leader, spec))
 }
 
 fn mine_planned<T: Transport + ?Sized>(
@@ -92,8 +91,7 @@ fn mine_planned<T: Transport + ?Sized>(
 /// orchestrator places it on a stage (it then takes the stage's state from
 /// the stage's miners), and mines that stage until told to stop.
 pub fn mine_joined<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    let leader = Leader::new(t, spec);
-    liveness::answering_pings(&leader, || join_and_mine(&leader, spec))
+    liveness::following_leader(t, spec, |leader| join_and_mine(leader, spec))
 }
 
 fn join_and_mine<T: Transport + ?Sized>(

@@ -1,6 +1,6 @@
 //! The training job (`task = "train"`): what every role shares. The
-//! orchestrator lives in [`super::orchestrator`], miners in
-//! [`super::miner`], the protocol between them in [`super::protocol`].
+//! orchestrator lives in `roles::orchestrator`, miners in `roles::miner`,
+//! the protocol between them in [`super::protocol`].
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

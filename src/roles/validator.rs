@@ -23,8 +23,7 @@ use crate::pipeline::BoundaryCodec;
 use crate::transport::Transport;
 
 pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    let leader = Leader::new(t, spec);
-    liveness::answering_pings(&leader, || follow_orders(&leader, spec))
+    liveness::following_leader(t, spec, |leader| follow_orders(leader, spec))
 }
 
 fn follow_orders<T: Transport + ?Sized>(
