@@ -65,12 +65,20 @@ impl MetricsLog {
             .val_loss
             .map_or_else(|| "null".to_string(), |v| v.to_string());
         let line = format!(
-            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"recomputed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"progress_deadline_s\":{:.3},\"answer_deadline_s\":{:.3},\"close_deadline_s\":{:.3},\"elapsed_s\":{:.3}}}\n",
+            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"bubble_wait\":{:.4},\"bubble_reduce\":{:.4},\"bubble_step\":{:.4},\"bubble_audit\":{:.4},\"bubble_idle\":{:.4},\"reduce_s\":{:.3},\"dense_bytes\":{},\"wire_bytes\":{},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"recomputed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"progress_deadline_s\":{:.3},\"answer_deadline_s\":{:.3},\"close_deadline_s\":{:.3},\"elapsed_s\":{:.3}}}\n",
             r.window,
             r.window + 1,
             r.mean_loss,
             r.tokens_per_s,
             r.bubble,
+            r.causes.wait,
+            r.causes.reduce,
+            r.causes.step,
+            r.causes.audit,
+            r.causes.idle,
+            r.reduce_s,
+            r.dense_bytes,
+            r.wire_bytes,
             r.attempts,
             r.compression
                 .map_or_else(|| "null".to_string(), |c| format!("{c:.2}")),
@@ -91,7 +99,7 @@ impl MetricsLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::roles::train::Deadlines;
+    use crate::roles::train::{BubbleCauses, Deadlines};
 
     fn report(window: u64) -> WindowReport {
         WindowReport {
@@ -100,6 +108,10 @@ mod tests {
             val_loss: None,
             tokens_per_s: 1.0,
             bubble: 0.0,
+            causes: BubbleCauses::default(),
+            reduce_s: 0.0,
+            dense_bytes: 0,
+            wire_bytes: 0,
             attempts: 1,
             checkpoint: None,
             compression: None,
@@ -124,6 +136,16 @@ mod tests {
         let r = WindowReport {
             tokens_per_s: 1000.0,
             bubble: 0.25,
+            causes: BubbleCauses {
+                wait: 0.125,
+                reduce: 0.0625,
+                step: 0.03125,
+                audit: 0.0,
+                idle: 0.03125,
+            },
+            reduce_s: 0.5,
+            dense_bytes: 4096,
+            wire_bytes: 1024,
             replayed: 2,
             recomputed: 4,
             replay_s: 0.05,
@@ -143,7 +165,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"recomputed\":4,\"replay_s\":0.050,\"caught\":[3],\"progress_deadline_s\":2.000,\"answer_deadline_s\":5.000,\"close_deadline_s\":5.000,\"elapsed_s\":1.500}"
+            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"bubble_wait\":0.1250,\"bubble_reduce\":0.0625,\"bubble_step\":0.0312,\"bubble_audit\":0.0000,\"bubble_idle\":0.0312,\"reduce_s\":0.500,\"dense_bytes\":4096,\"wire_bytes\":1024,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"recomputed\":4,\"replay_s\":0.050,\"caught\":[3],\"progress_deadline_s\":2.000,\"answer_deadline_s\":5.000,\"close_deadline_s\":5.000,\"elapsed_s\":1.500}"
         );
         assert!(lines[1].contains("\"val_loss\":2.25,"));
     }

@@ -37,6 +37,9 @@ pub struct Tallies {
     recomputed: u64,
     redone_attempts: u64,
     caught: u64,
+    reduce_s: f64,
+    dense_bytes: u64,
+    wire_bytes: u64,
     /// Per miner: its stage, verified passes, failed checks.
     miners: BTreeMap<usize, (usize, u64, u64)>,
 }
@@ -50,6 +53,9 @@ impl Tallies {
         self.recomputed += w.recomputed;
         self.redone_attempts += u64::from(w.attempts.saturating_sub(1));
         self.caught += w.caught.len() as u64;
+        self.reduce_s += w.reduce_s;
+        self.dense_bytes += w.dense_bytes;
+        self.wire_bytes += w.wire_bytes;
         for t in &w.credits {
             let entry = self.miners.entry(t.rank).or_default();
             entry.0 = t.stage;
@@ -148,6 +154,11 @@ impl Tallies {
                 "Miners that failed a check.",
                 self.caught as f64,
             ),
+            (
+                "allreduce_seconds_total",
+                "Seconds miners spent in their stages' close all-reduce.",
+                self.reduce_s,
+            ),
         ];
         for (name, help, value) in gauges {
             if let Some(v) = value {
@@ -157,6 +168,30 @@ impl Tallies {
         for (name, help, value) in counters {
             metric(name, "counter", help, &[(String::new(), value)]);
         }
+        if let Some(c) = last.map(|w| w.causes) {
+            let causes = [
+                ("wait", c.wait),
+                ("reduce", c.reduce),
+                ("step", c.step),
+                ("audit", c.audit),
+                ("idle", c.idle),
+            ];
+            metric(
+                "bubble_cause_ratio",
+                "gauge",
+                "The last window's bubble by cause, each a share of the miners' time.",
+                &causes.map(|(cause, v)| (format!("{{cause=\"{cause}\"}}"), v)),
+            );
+        }
+        metric(
+            "boundary_bytes_total",
+            "counter",
+            "Boundary tensor bytes sent: as computed (dense, f32) and on the wire.",
+            &[
+                ("{kind=\"dense\"}".to_string(), self.dense_bytes as f64),
+                ("{kind=\"wire\"}".to_string(), self.wire_bytes as f64),
+            ],
+        );
         let per_miner = |pick: fn(&(usize, u64, u64)) -> u64| -> Vec<(String, f64)> {
             self.miners
                 .iter()
@@ -284,7 +319,7 @@ fn answer(mut stream: TcpStream, page: &Mutex<String>) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::ledger::Tally;
-    use crate::roles::train::Deadlines;
+    use crate::roles::train::{BubbleCauses, Deadlines};
 
     fn window(n: u64) -> WindowReport {
         WindowReport {
@@ -293,6 +328,16 @@ mod tests {
             val_loss: None,
             tokens_per_s: 1000.0,
             bubble: 0.25,
+            causes: BubbleCauses {
+                wait: 0.125,
+                reduce: 0.0625,
+                step: 0.0,
+                audit: 0.0,
+                idle: 0.0625,
+            },
+            reduce_s: 0.75,
+            dense_bytes: 8000,
+            wire_bytes: 1000,
             attempts: 2,
             checkpoint: None,
             compression: Some(8.0),
@@ -336,6 +381,11 @@ mod tests {
             "swarmrun_miner_passes_total{rank=\"2\",stage=\"0\"} 12",
             "swarmrun_miner_failed_checks_total{rank=\"3\",stage=\"1\"} 2",
             "# TYPE swarmrun_miner_passes_total counter",
+            "swarmrun_allreduce_seconds_total 1.5",
+            "swarmrun_boundary_bytes_total{kind=\"dense\"} 16000",
+            "swarmrun_boundary_bytes_total{kind=\"wire\"} 2000",
+            "swarmrun_bubble_cause_ratio{cause=\"wait\"} 0.125",
+            "swarmrun_bubble_cause_ratio{cause=\"idle\"} 0.0625",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
         }

@@ -76,6 +76,39 @@ fn a_run_scraped_while_it_trains_shows_its_window_loss_and_credits() {
         sample(&text, "swarmrun_windows_total"),
         Some((window + 1) as f64)
     );
+    let cause = |c: &str| {
+        sample(
+            &text,
+            &format!("swarmrun_bubble_cause_ratio{{cause=\"{c}\"}}"),
+        )
+    };
+    for c in ["wait", "reduce", "step", "audit", "idle"] {
+        let scraped = cause(c).unwrap();
+        assert!(
+            (scraped - jsonl(&format!("bubble_{c}"))).abs() < 1e-4,
+            "{c}"
+        );
+    }
+    // Boundary bytes so far, summed over the file's windows.
+    let so_far = |f: &str| -> f64 {
+        lines[..=window as usize]
+            .iter()
+            .map(|l| field(l, f).parse::<f64>().unwrap())
+            .sum()
+    };
+    for kind in ["dense", "wire"] {
+        let name = format!("swarmrun_boundary_bytes_total{{kind=\"{kind}\"}}");
+        assert_eq!(sample(&text, &name), Some(so_far(&format!("{kind}_bytes"))));
+    }
+    assert!(so_far("wire_bytes") > 0.0);
+    // The causes split the bubble: none negative, and with the idle rest
+    // they add up to it.
+    for l in &lines {
+        let f = |name: &str| field(l, name).parse::<f64>().unwrap();
+        let causes = ["wait", "reduce", "step", "audit", "idle"].map(|c| f(&format!("bubble_{c}")));
+        assert!(causes.iter().all(|&c| c >= 0.0), "{l}");
+        assert!(causes.iter().sum::<f64>() >= f("bubble") - 1e-3, "{l}");
+    }
 
     // Each miner's credited passes so far, as the ledger has them.
     let chain = swarmrun::ledger::read(&job.with_extension("")).unwrap();

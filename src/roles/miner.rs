@@ -186,6 +186,8 @@ struct Miner<'a, T: ?Sized> {
     boundary: BoundaryCodec,
     /// Boundary bytes sent and not yet reported: as computed, on the wire.
     unreported: (u64, u64),
+    /// Seconds spent waiting for boundary tensors, not yet reported.
+    waited_s: f64,
     /// Honest, or this rank's `[[faults.cheat]]`: what it computes passes
     /// through here before it is sent, kept or written.
     conduct: Box<dyn Conduct>,
@@ -384,6 +386,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             contribution: None,
             kept: BTreeMap::new(),
             unreported: (0, 0),
+            waited_s: 0.0,
             conduct: cheat::conduct(spec, t.rank()),
             leaving,
             announced: AtomicBool::new(false),
@@ -878,7 +881,9 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         receipt: Option<Receipt>,
     ) -> Result<(), TrainError> {
         let (dense_bytes, wire_bytes) = std::mem::take(&mut self.unreported);
+        let wait_s = std::mem::take(&mut self.waited_s);
         self.leader.report(&Report::Served {
+            wait_s,
             window,
             attempt,
             id,
@@ -914,12 +919,14 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// or `from` is gone (then the orchestrator's next order). A peer alive
     /// but silent for the transport's timeout ends this miner with an
     /// error: it leaves, and the orchestrator routes around it.
-    fn wait(&self, from: usize, tag: u64) -> Result<Wait, TrainError> {
-        let deadline = Instant::now() + self.t.default_timeout();
-        match self
+    fn wait(&mut self, from: usize, tag: u64) -> Result<Wait, TrainError> {
+        let started = Instant::now();
+        let deadline = started + self.t.default_timeout();
+        let waited = self
             .leader
-            .wait_or_order(from, tag, deadline, || self.announce_leaving())?
-        {
+            .wait_or_order(from, tag, deadline, || self.announce_leaving());
+        self.waited_s += started.elapsed().as_secs_f64();
+        match waited? {
             Waited::Got(bytes) => Ok(Wait::Got(bytes)),
             Waited::Order(order) => Ok(Wait::Order(order)),
             Waited::Lost => Ok(Wait::Order(self.next_order()?)),
@@ -1039,7 +1046,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         });
         let report = match reduced {
             Ok((scale, values, sums, held)) => {
-                self.closes.observe(started.elapsed().as_secs_f64());
+                let reduce_s = started.elapsed().as_secs_f64();
+                self.closes.observe(reduce_s);
                 self.reduced = held.agreed().then(|| {
                     let mut sum = vec![0.0f32; numel];
                     scale.decode(&sums, &mut sum);
@@ -1054,6 +1062,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     attempt,
                     reduction,
                     deadline_s: deadline.as_secs_f64(),
+                    reduce_s,
                 }
             }
             Err(e @ CollectiveError::PeerLost { .. }) => Report::ReduceFailed {
@@ -1078,6 +1087,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         audits: &[CheckpointTask],
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
+        let started = Instant::now();
         let audit = audits.iter().find(|a| a.writer == me);
         let sum = match self.reduced.take() {
             Some((w, sum)) if w == window => sum,
@@ -1134,6 +1144,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             digest: self.model.weights_digest()?.to_hex().to_string(),
             optimizer,
             checkpoint,
+            step_s: started.elapsed().as_secs_f64(),
         })
     }
 

@@ -481,6 +481,10 @@ pub enum Report {
         wire_bytes: u64,
         /// For a training microbatch (boxed: most reports have none).
         receipt: Option<Box<Receipt>>,
+        /// Seconds it waited for this microbatch's boundary tensors (and
+        /// any waits since its last report).
+        #[serde(default)]
+        wait_s: f64,
     },
     /// A validator replayed `task` in `replay_s` seconds.
     Audited {
@@ -498,6 +502,9 @@ pub enum Report {
         reduction: Reduction,
         /// The deadline, in seconds, this miner gave the all-reduce.
         deadline_s: f64,
+        /// Seconds the all-reduce took it.
+        #[serde(default)]
+        reduce_s: f64,
     },
     /// A validator recomputed a slice: the verdict on each miner involved
     /// (contributors and holders), after `replay_s` seconds of work.
@@ -523,6 +530,10 @@ pub enum Report {
         digest: String,
         optimizer: String,
         checkpoint: Option<StageEntry>,
+        /// Seconds the step took it (writing and sending a checkpoint
+        /// included).
+        #[serde(default)]
+        step_s: f64,
     },
     /// A rank that joined the running job is connected to every rank and
     /// waits for a stage.
@@ -637,6 +648,7 @@ mod tests {
                 params: "01".into(),
                 maxes: vec![0x3f80_0000],
             })),
+            wait_s: 0.125,
         };
         assert_eq!(decode_report(&encode(&report), 4).unwrap(), report);
         let err = decode_report(b"{\"Served\":{}}", 4).unwrap_err();

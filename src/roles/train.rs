@@ -70,6 +70,13 @@ pub struct WindowReport {
     /// bubble, communication, waiting for the close): 1 - busy / (miners x
     /// wall time).
     pub bubble: f64,
+    /// The bubble by cause.
+    pub causes: BubbleCauses,
+    /// Miner-seconds spent in the close all-reduce (the sum over miners).
+    pub reduce_s: f64,
+    /// Boundary bytes sent, as computed (f32) and on the wire.
+    pub dense_bytes: u64,
+    pub wire_bytes: u64,
     /// Attempts the window needed: more than 1 when miners were lost.
     pub attempts: u32,
     /// The checkpoint committed after this window, if one was.
@@ -93,6 +100,23 @@ pub struct WindowReport {
     pub deadlines: Deadlines,
 }
 
+/// Where the miners' time not spent computing went, each a share of the
+/// miners' time (miners x wall time), like the bubble they add up to.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BubbleCauses {
+    /// Waiting for a boundary tensor (activations or their gradients).
+    pub wait: f64,
+    /// The close all-reduce.
+    pub reduce: f64,
+    /// Applying the step (and writing a checkpoint).
+    pub step: f64,
+    /// Validators' replays and slice recomputes, which every miner waits
+    /// out.
+    pub audit: f64,
+    /// The rest: orders in flight, routing, a miner with nothing routed.
+    pub idle: f64,
+}
+
 /// Deadlines at a window's end, in seconds, as the run's times set them
 /// ([`crate::deadline::AdaptiveDeadline`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -114,11 +138,18 @@ impl std::fmt::Display for WindowReport {
         if let Some(v) = self.val_loss {
             write!(f, "  val_loss {v:.4}")?;
         }
+        let c = &self.causes;
+        let pct = |x: f64| (100.0 * x).round();
         write!(
             f,
-            "  {:.0} tokens/s  bubble {:.0}%",
+            "  {:.0} tokens/s  bubble {:.0}% (wait {} reduce {} step {} audit {} idle {})",
             self.tokens_per_s,
-            100.0 * self.bubble
+            100.0 * self.bubble,
+            pct(c.wait),
+            pct(c.reduce),
+            pct(c.step),
+            pct(c.audit),
+            pct(c.idle)
         )?;
         if let Some(ratio) = self.compression.filter(|r| *r != 1.0) {
             write!(f, "  wire {ratio:.1}x")?;
@@ -288,6 +319,10 @@ mod tests {
             val_loss: Some(2.0),
             tokens_per_s: 12345.6,
             bubble: 0.5,
+            causes: BubbleCauses::default(),
+            reduce_s: 0.0,
+            dense_bytes: 0,
+            wire_bytes: 0,
             attempts: 2,
             checkpoint: None,
             compression: Some(3.9),

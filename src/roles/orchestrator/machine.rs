@@ -28,7 +28,7 @@ use crate::pipeline::{InFlight, Router, RouterState};
 use crate::roles::protocol::{
     self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route, StageDigests,
 };
-use crate::roles::train::{Deadlines, Setup, TrainError, WindowReport};
+use crate::roles::train::{BubbleCauses, Deadlines, Setup, TrainError, WindowReport};
 
 use super::liveness::Liveness;
 use super::StartPoint;
@@ -188,6 +188,15 @@ pub(super) struct WindowState {
     pub replay_s: f64,
     /// The longest deadline a miner gave a close all-reduce.
     pub close_deadline_s: f64,
+    /// Miner-seconds spent waiting for boundary tensors, all-reducing and
+    /// stepping, as the miners report them (current attempts only).
+    pub wait_s: f64,
+    pub reduce_s: f64,
+    pub step_s: f64,
+    /// Seconds the window spent in validators' checks (replays, slice
+    /// recomputes), when every miner waits; and since when, while it does.
+    pub audit_wall_s: f64,
+    pub audit_since: Option<Instant>,
 }
 
 impl WindowState {
@@ -494,6 +503,11 @@ impl<'a> Coordinator<'a> {
             failed: BTreeMap::new(),
             replay_s: 0.0,
             close_deadline_s: 0.0,
+            wait_s: 0.0,
+            reduce_s: 0.0,
+            step_s: 0.0,
+            audit_wall_s: 0.0,
+            audit_since: None,
         });
         self.announce_hold(window, HoldPhase::Start);
         self.phase = Phase::HoldStart;
@@ -506,6 +520,7 @@ impl<'a> Coordinator<'a> {
             let Some(window) = self.window.as_ref().map(|w| w.window) else {
                 return Ok(());
             };
+            self.clock_audits(now);
             let moved = match &self.phase {
                 Phase::Rewinding { waiting } if waiting.is_empty() => {
                     self.phase = Phase::HoldStart;
@@ -566,6 +581,22 @@ impl<'a> Coordinator<'a> {
             if !moved {
                 return Ok(());
             }
+        }
+    }
+
+    /// Keeps the time the window spends in validators' checks.
+    fn clock_audits(&mut self, now: Instant) {
+        let auditing = matches!(self.phase, Phase::Auditing(_) | Phase::Recomputing(..));
+        let Some(w) = self.window.as_mut() else {
+            return;
+        };
+        match (auditing, w.audit_since) {
+            (true, None) => w.audit_since = Some(now),
+            (false, Some(since)) => {
+                w.audit_wall_s += now.saturating_duration_since(since).as_secs_f64();
+                w.audit_since = None;
+            }
+            _ => {}
         }
     }
 
@@ -663,6 +694,7 @@ impl<'a> Coordinator<'a> {
                     dense_bytes,
                     wire_bytes,
                     receipt,
+                    wait_s,
                 } = report
                 else {
                     return Ok(());
@@ -684,6 +716,7 @@ impl<'a> Coordinator<'a> {
                     self.router.observe(from, seconds);
                 }
                 w.busy_s += compute_s;
+                w.wait_s += wait_s;
                 w.dense_bytes += dense_bytes;
                 w.wire_bytes += wire_bytes;
                 if let Some(loss) = loss {
@@ -713,8 +746,10 @@ impl<'a> Coordinator<'a> {
                     attempt: ra,
                     reduction,
                     deadline_s,
+                    reduce_s,
                 } if (rw, ra) == (window, attempt) && waiting.remove(&from) => {
                     reductions.insert(from, reduction);
+                    w.reduce_s += reduce_s;
                     w.close_deadline_s = w.close_deadline_s.max(deadline_s);
                 }
                 Report::ReduceFailed {
@@ -733,7 +768,9 @@ impl<'a> Coordinator<'a> {
                     digest,
                     optimizer,
                     checkpoint,
+                    step_s,
                 } if sw == window && s.waiting.remove(&from) => {
+                    w.step_s += step_s;
                     let stated = (digest, optimizer);
                     if s.digests.get(&stage).is_some_and(|d| *d != stated) {
                         return Err(TrainError::DigestMismatch { window, stage });
@@ -968,12 +1005,30 @@ impl<'a> Coordinator<'a> {
             .as_secs_f64()
             .max(1e-9);
         let tokens = per_window as usize * self.setup.batch_size * self.setup.config.block_size;
+        let miner_s = self.miners.len().max(1) as f64 * wall;
+        let bubble = 1.0 - w.busy_s / miner_s;
+        let causes = {
+            let (wait, reduce, step) =
+                (w.wait_s / miner_s, w.reduce_s / miner_s, w.step_s / miner_s);
+            let audit = w.audit_wall_s / wall;
+            BubbleCauses {
+                wait,
+                reduce,
+                step,
+                audit,
+                idle: (bubble - wait - reduce - step - audit).max(0.0),
+            }
+        };
         self.out.push(Output::Window(Box::new(WindowReport {
             window,
             mean_loss: (train / per_window as f64) as f32,
             val_loss: (w.evals > 0).then(|| (val / w.evals as f64) as f32),
             tokens_per_s: tokens as f64 / wall,
-            bubble: 1.0 - w.busy_s / (self.miners.len().max(1) as f64 * wall),
+            bubble,
+            causes,
+            reduce_s: w.reduce_s,
+            dense_bytes: w.dense_bytes,
+            wire_bytes: w.wire_bytes,
             attempts: w.attempt - self.first_attempt + 1,
             checkpoint: None,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),

@@ -297,6 +297,7 @@ impl Sim {
                                 dense_bytes: 0,
                                 wire_bytes: 0,
                                 receipt,
+                                wait_s: 0.0,
                             },
                         );
                     }
@@ -363,6 +364,7 @@ impl Sim {
                                 attempt: *attempt,
                                 reduction,
                                 deadline_s: 5.0,
+                                reduce_s: 0.01,
                             },
                         );
                     }
@@ -426,6 +428,7 @@ impl Sim {
                             digest,
                             optimizer,
                             checkpoint,
+                            step_s: 0.01,
                         },
                     );
                 }
