@@ -205,7 +205,6 @@ struct Miner<'a, T: ?Sized> {
     /// that runs, kept until the next, so that a standby taking over can
     /// start that window again (even after this miner stepped it).
     start_of_window: Option<WindowStart>,
-    keeps_window_start: bool,
 }
 
 /// A miner's stage and state at the start of `window`, before any
@@ -396,7 +395,6 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             }),
             at: 0,
             start_of_window: None,
-            keeps_window_start: spec.standby_rank().is_some(),
         }
     }
 
@@ -503,7 +501,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// when this is the window's first order.
     fn keep_window_start(&mut self, window: u64) -> Result<(), TrainError> {
         let kept = self.start_of_window.as_ref().map(|k| k.window);
-        if self.keeps_window_start && window == self.at && kept != Some(window) {
+        let has_standby = self.spec.standby_rank().is_some();
+        if has_standby && window == self.at && kept != Some(window) {
             self.start_of_window = Some(WindowStart {
                 window,
                 stage: self.stage,

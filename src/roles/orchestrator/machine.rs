@@ -313,6 +313,12 @@ impl<'a> Coordinator<'a> {
         }
     }
 
+    /// Whether this is an orchestrator with a standby to hand its state to
+    /// (a standby that took over has none: its attempts are numbered on).
+    fn hands_over(&self) -> bool {
+        self.spec.standby_rank().is_some() && self.first_attempt == 0
+    }
+
     /// The state a standby takes over from, before `window`.
     fn boundary(&self, window: u64) -> Boundary {
         Boundary {
@@ -1047,7 +1053,7 @@ impl<'a> Coordinator<'a> {
                 }
             },
         })));
-        if self.spec.standby_rank().is_some() && self.first_attempt == 0 {
+        if self.hands_over() {
             let boundary = self.boundary(window + 1);
             self.out.push(Output::Handover(Box::new(boundary)));
         }
