@@ -339,3 +339,42 @@ fn a_forged_chain_with_recomputed_hashes_fails_the_leaders_signatures() {
         "which is not among the keys given with --key",
     );
 }
+
+/// A countersignature is of a line as one leader signed it: left in the
+/// run directory by an earlier run whose lines hash alike (same counts),
+/// it counts for nothing under this run's leader.
+#[test]
+fn a_countersignature_counts_only_for_the_leader_whose_line_it_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |run: &Path| {
+        let key = ledger::SigningKey::generate().unwrap();
+        let mut l = Ledger::create(run).unwrap().signed_by(key).unwrap();
+        l.append(10, &[tally(2, 0, 9, 0), tally(3, 0, 3, 0)])
+            .unwrap();
+        l.last_line().to_string()
+    };
+    let (earlier, now) = (dir.path().join("earlier"), dir.path().join("now"));
+    let line = write(&earlier);
+    let validator = ledger::SigningKey::generate().unwrap();
+    let mut countersigner = ledger::Countersigner::create(&earlier, validator).unwrap();
+    countersigner.countersign(&line).unwrap();
+    let counted = |run: &Path| {
+        let chain = ledger::read(run).unwrap();
+        ledger::check_signatures(&chain, run, &[], false)
+            .unwrap()
+            .countersigned
+    };
+    assert_eq!(counted(&earlier), [1]);
+
+    write(&now);
+    assert_eq!(
+        ledger::read(&now).unwrap().records[0].hash,
+        ledger::read(&earlier).unwrap().records[0].hash
+    );
+    std::fs::copy(
+        countersigner.path(),
+        now.join(countersigner.path().file_name().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(counted(&now), [0]);
+}

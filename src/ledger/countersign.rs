@@ -4,7 +4,11 @@
 //! After appending a window's line, the leader sends it to every
 //! validator, which checks that the line is whole (its hash covers its
 //! contents) and signed by its leader, signs its hash with a key of its
-//! own made when it started, and appends `{"window":…,"hash":…,"sig":…}`
+//! own made when it started, and appends `{"window":…,"hash":…,
+//! "leader":…,"sig":…}` (the signature covers the hash and the key of the
+//! leader that signed the line, so a countersignature left in the run
+//! directory by an earlier run of the same job, whose lines may hash
+//! alike, never counts for this run's lines)
 //! to `RUN_DIR/countersign-KEY.jsonl` (KEY: the start of its public key,
 //! so that a validator of a restarted job adds a file rather than replace
 //! one), fsynced, under a first line `{"key":…}` naming the key. The validator's key ends with its
@@ -45,7 +49,14 @@ struct KeyLine {
 pub struct Countersignature {
     pub window: u64,
     pub hash: String,
+    /// The key of the leader that signed the line.
+    pub leader: String,
     pub sig: String,
+}
+
+/// What a validator signs for a line: its hash and its leader's key.
+fn signed_text(hash: &str, leader: &str) -> String {
+    format!("{hash} {leader}")
 }
 
 /// Why a validator does not countersign a line.
@@ -97,17 +108,15 @@ impl Countersigner {
         if body.hash(&line.prev) != line.hash {
             return Err(CountersignError::Refused(Refusal::Edited));
         }
-        if !line
-            .sig
-            .as_ref()
-            .is_some_and(|s| signing::verify(s, &line.hash))
-        {
-            return Err(CountersignError::Refused(Refusal::Unsigned));
-        }
-        let signed = self.key.sign(&line.hash);
+        let leader = match &line.sig {
+            Some(s) if signing::verify(s, &line.hash) => s.key.clone(),
+            _ => return Err(CountersignError::Refused(Refusal::Unsigned)),
+        };
+        let signed = self.key.sign(&signed_text(&line.hash, &leader));
         let c = Countersignature {
             window: line.window,
             hash: line.hash,
+            leader,
             sig: signed.sig,
         };
         let mut bytes = serde_json::to_vec(&c).expect("a countersignature serializes");
@@ -134,7 +143,7 @@ pub enum CountersignError {
 /// Every validator's countersignatures in `run_dir` that hold: by key, the
 /// hashes it signed with a valid signature. Lines that do not parse or
 /// whose signature fails are left out (they count for nothing).
-pub fn read_all(run_dir: &Path) -> io::Result<BTreeMap<String, Vec<String>>> {
+pub fn read_all(run_dir: &Path) -> io::Result<BTreeMap<String, Vec<(String, String)>>> {
     let mut by_key = BTreeMap::new();
     let entries = match fs::read_dir(run_dir) {
         Ok(entries) => entries,
@@ -152,16 +161,16 @@ pub fn read_all(run_dir: &Path) -> io::Result<BTreeMap<String, Vec<String>>> {
         let Some(Ok(KeyLine { key })) = lines.next().map(serde_json::from_str::<KeyLine>) else {
             continue;
         };
-        let hashes: Vec<String> = lines
+        let hashes: Vec<(String, String)> = lines
             .filter_map(|l| serde_json::from_str::<Countersignature>(l).ok())
             .filter(|c| {
                 let s = Signature {
                     key: key.clone(),
                     sig: c.sig.clone(),
                 };
-                signing::verify(&s, &c.hash)
+                signing::verify(&s, &signed_text(&c.hash, &c.leader))
             })
-            .map(|c| c.hash)
+            .map(|c| (c.hash, c.leader))
             .collect();
         by_key.insert(key, hashes);
     }

@@ -319,9 +319,13 @@ pub fn check_signatures(
         .iter()
         .filter(|(key, _)| pinned.is_empty() || pinned.contains(key));
     let mut counts = vec![0; chain.records.len()];
-    for (_, hashes) in trusted {
+    for (_, signed) in trusted {
         for (count, record) in counts.iter_mut().zip(&chain.records) {
-            *count += usize::from(hashes.contains(&record.hash));
+            let leader = record.signature.as_ref().map(|s| &s.key);
+            let seen = signed
+                .iter()
+                .any(|(hash, by)| *hash == record.hash && Some(by) == leader);
+            *count += usize::from(seen);
         }
     }
     if let Some(i) = counts.iter().position(|&n| n == 0) {
@@ -588,13 +592,15 @@ impl Ledger {
     }
 
     /// A fresh run's ledger: whatever an earlier run left in `run_dir` is
-    /// dropped, as its metrics are.
+    /// dropped, as its metrics are, and so is the book of the keys that
+    /// signed it.
     pub fn create(run_dir: &Path) -> Result<Ledger, LedgerError> {
-        let path = path(run_dir);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path)(e)),
+        for path in [path(run_dir), KeyBook::path(run_dir)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path)(e)),
+            }
         }
         Ledger::open(run_dir)
     }
