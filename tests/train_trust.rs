@@ -268,3 +268,43 @@ fn a_ledger_rewritten_after_the_run_lacks_the_validators_countersignatures() {
         stderr(&out)
     );
 }
+
+/// A miner honest for its first three windows, then cheating on every
+/// pass (`from_window = 3`): it earns its honest windows' credit, is
+/// caught in the first window it cheats in (or the next, if it was routed
+/// no pass there), and settlement claws back the two windows before the
+/// catch, so building a clean record first buys a late cheater nothing
+/// for the windows it may have cheated in unseen.
+#[test]
+fn a_miner_honest_at_first_is_caught_once_it_cheats_and_loses_the_windows_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = checked_job(dir.path(), "late", 3, 1.0, &[(2, "random_grad")]);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "kind = \"random_grad\"\n",
+        "kind = \"random_grad\"\nfrom_window = 3\n",
+    );
+    std::fs::write(&job, text).unwrap();
+    let (lines, err) = run(&job);
+    let caught_in = lines
+        .iter()
+        .position(|l| caught(l) == "[2]")
+        .unwrap_or_else(|| panic!("never caught: {lines:?}\n{err}"));
+    assert!((3..=4).contains(&caught_in), "caught in window {caught_in}");
+    for l in &lines[..caught_in] {
+        assert_eq!(caught(l), "[]", "{l}");
+    }
+    let records = ledger::read(&dir.path().join("late")).unwrap().records;
+    let cheater = |w: usize| records[w].miners.iter().find(|m| m.rank == 2).unwrap();
+    assert!(cheater(0).share > 0.0 && cheater(0).failed == 0);
+    assert!(cheater(caught_in).failed > 0);
+    // Settled: the catch takes back the two windows before it too.
+    let settled = ledger::settled(&records);
+    let paid = |w: usize| {
+        let m = settled[w].miners.iter().find(|m| m.rank == 2).unwrap();
+        m.share
+    };
+    for w in caught_in - 2..records.len() {
+        assert_eq!(paid(w), 0.0, "window {w}");
+    }
+    assert!(paid(caught_in - 3) > 0.0);
+}

@@ -432,6 +432,10 @@ pub struct CheatFault {
     pub kind: CheatKind,
     #[serde(default = "always")]
     pub probability: f64,
+    /// The first window it cheats in: before it, it is honest (a cheater
+    /// that builds a clean record first). Default 0.
+    #[serde(default)]
+    pub from_window: u64,
 }
 
 fn always() -> f64 {

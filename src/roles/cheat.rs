@@ -29,6 +29,11 @@ const PARTIAL_SALT: u64 = 0x9a27_1a10_0000_0000;
 pub struct Cheater {
     kind: CheatKind,
     probability: f64,
+    /// Honest before this window.
+    from_window: u64,
+    /// Training microbatches per window: a pass's window is its id over
+    /// this.
+    per_window: u64,
     seed: u64,
     rank: usize,
     /// Every rank the job makes a colluder, this one among them for `collude`.
@@ -110,6 +115,8 @@ impl Cheater {
         Some(Cheater {
             kind: c.kind,
             probability: c.probability,
+            from_window: c.from_window,
+            per_window: spec.pipeline.microbatches_per_window.max(1) as u64,
             seed: spec.job.seed ^ SALT,
             rank,
             colluders: spec
@@ -128,6 +135,9 @@ impl Cheater {
     /// forward and the backward pass. A colluder's and a forger's passes
     /// are honest.
     pub fn cheats_on(&self, id: u64) -> bool {
+        if id / self.per_window < self.from_window {
+            return false;
+        }
         let mut rng = SplitMix64::new(self.seed, ((self.rank as u64) << 48) ^ id);
         let on_passes = matches!(
             self.kind,
@@ -185,7 +195,7 @@ impl Cheater {
     /// the rank out, so every miner with that cheat (colluders) agrees.
     fn strikes(&self, kind: CheatKind, salt: u64, window: u64) -> bool {
         let mut coin = SplitMix64::new(self.seed, salt ^ window);
-        self.kind == kind && coin.unit_open0() <= self.probability
+        self.kind == kind && window >= self.from_window && coin.unit_open0() <= self.probability
     }
 
     /// What an inflater makes of its contribution: every integer times 8,
