@@ -18,16 +18,22 @@ use thiserror::Error;
 
 use crate::ledger::{self, LedgerError, WindowRecord};
 
-/// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them.
-const KINDS: [&str; 7] = [
-    "random_grad",
-    "skip_compute",
-    "replay_stale",
-    "scale_update",
-    "scale_contribution",
-    "collude",
-    "forge_checkpoint",
+/// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them, each
+/// with the window it starts cheating in (`from_window`: honest before,
+/// a clean record first).
+const KINDS: [(&str, u64); 8] = [
+    ("random_grad", 0),
+    ("skip_compute", 0),
+    ("replay_stale", 0),
+    ("scale_update", 0),
+    ("scale_contribution", 0),
+    ("collude", 0),
+    ("forge_checkpoint", 0),
+    ("random_grad", LATE),
 ];
+
+/// The window a late cheater starts cheating in.
+const LATE: u64 = 2;
 
 /// Ranks 0 and 1 are the orchestrator and the validator; 8 miners follow.
 const MINERS: std::ops::Range<usize> = 2..10;
@@ -96,11 +102,14 @@ struct Line {
 struct Cheat<'a> {
     ranks: Vec<usize>,
     kind: &'a str,
+    /// Honest before this window.
+    from_window: u64,
 }
 
 impl<'a> Cheat<'a> {
-    /// The cheat of run `seed` of `kind`: its rank moves with the seed.
-    fn of(kind: &'a str, seed: u64) -> Self {
+    /// The cheat of run `seed` of `kind`, from `from_window` on: its rank
+    /// moves with the seed.
+    fn of((kind, from_window): (&'a str, u64), seed: u64) -> Self {
         let rank = MINERS.start + (seed as usize * 3) % MINERS.len();
         let ranks = match kind {
             // Stages take alternate ranks, so rank ± 2 is the next miner
@@ -111,7 +120,19 @@ impl<'a> Cheat<'a> {
             "forge_checkpoint" => vec![MINERS.start + seed as usize % 2],
             _ => vec![rank],
         };
-        Cheat { ranks, kind }
+        Cheat {
+            ranks,
+            kind,
+            from_window,
+        }
+    }
+
+    /// Its row's name: the kind, and when it starts if not at once.
+    fn label(&self) -> String {
+        match self.from_window {
+            0 => self.kind.to_string(),
+            w => format!("{} @w{w}", self.kind),
+        }
     }
 
     /// Whether its runs write checkpoints (every window): only a forger
@@ -124,7 +145,8 @@ impl<'a> Cheat<'a> {
 /// One run's findings.
 #[derive(Debug, Default)]
 struct Outcome {
-    /// The window a cheater was first caught in, if one was.
+    /// The window a cheater was first caught in, counted from the first
+    /// it cheats in, if it was caught.
     caught_in: Option<u64>,
     /// Honest miners caught.
     false_positives: usize,
@@ -161,12 +183,15 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         "share err/win",
         "share err"
     );
-    for kind in KINDS {
+    for (row, kind) in KINDS.into_iter().enumerate() {
         let mut outcomes = Vec::new();
+        let mut label = String::new();
         for seed in 1..=opts.seeds {
-            let dir = tmp.path().join(format!("{kind}-{seed}"));
+            let dir = tmp.path().join(format!("{row}-{seed}"));
             let cheat = Cheat::of(kind, seed);
-            outcomes.push(run_one(&exe, &dir, opts, seed, opts.windows, Some(&cheat))?);
+            label = cheat.label();
+            let windows = opts.windows + cheat.from_window;
+            outcomes.push(run_one(&exe, &dir, opts, seed, windows, Some(&cheat))?);
         }
         let caught: Vec<u64> = outcomes.iter().filter_map(|o| o.caught_in).collect();
         let within = caught.iter().filter(|w| **w < WITHIN).count();
@@ -179,7 +204,7 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         };
         println!(
             "{:<18} {:>7.1}% {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
-            kind,
+            label,
             100.0 * within as f64 / outcomes.len() as f64,
             windows,
             outcomes.iter().map(|o| o.false_positives).sum::<usize>(),
@@ -256,10 +281,12 @@ fn run_one(
         outcome.compute_s += line.compute_s;
         outcome.replay_s += line.replay_s;
         for rank in line.caught {
-            if cheat.is_some_and(|c| c.ranks.contains(&rank)) {
-                outcome.caught_in.get_or_insert(line.window);
-            } else {
-                outcome.false_positives += 1;
+            match cheat.filter(|c| c.ranks.contains(&rank)) {
+                // Caught while it was still honest: a false positive.
+                Some(c) if line.window >= c.from_window => {
+                    outcome.caught_in.get_or_insert(line.window - c.from_window);
+                }
+                _ => outcome.false_positives += 1,
             }
         }
     }
@@ -327,8 +354,9 @@ fn job_text(
     if let Some(c) = cheat {
         for rank in &c.ranks {
             text += &format!(
-                "\n[[faults.cheat]]\nrank = {rank}\nkind = \"{}\"\nprobability = {}\n",
-                c.kind, opts.probability
+                "\n[[faults.cheat]]\nrank = {rank}\nkind = \"{}\"\nprobability = {}\n\
+                 from_window = {}\n",
+                c.kind, opts.probability, c.from_window
             );
         }
     }
