@@ -17,7 +17,7 @@
 use std::ops::Range;
 
 use super::protocol::{self, Placement, StageDigests};
-use super::train::{adamw_config, Setup, TrainError};
+use super::train::{Setup, TrainError};
 use crate::config::JobSpec;
 use crate::model::{AdamW, StageModel};
 use crate::transport::Transport;
@@ -67,8 +67,7 @@ pub(super) fn receive_state<T: Transport + ?Sized>(
     setup: &Setup,
     spec: &JobSpec,
 ) -> Result<(StageModel, AdamW, StageDigests), TrainError> {
-    let mut model = StageModel::new(&setup.config, &setup.layers, p.stage, setup.seed)?;
-    let mut opt = AdamW::new(adamw_config(spec), model.layout());
+    let (mut model, mut opt) = setup.stage(spec, p.stage)?;
     let numel = model.numel();
     let len = 8 + 12 * numel;
     let mut bytes = Vec::with_capacity(len);

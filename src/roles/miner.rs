@@ -24,7 +24,8 @@ use super::protocol::{
     Reduction, Report, Route, SliceTask, StageDigests,
 };
 use super::train::{
-    adamw_config, inject_planned_fault, inject_planned_fault_at, leave_on_signal, Setup, TrainError,
+    inject_planned_fault, inject_planned_fault_at, leave_on_signal, send_unless_lost, Setup,
+    TrainError,
 };
 use super::{handover, liveness};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
@@ -75,8 +76,7 @@ fn mine_planned<T: Transport + ?Sized>(
         rank: leader.rank(),
         reason: format!("Start gives rank {me} no stage"),
     })?;
-    let mut model = StageModel::new(&setup.config, &setup.layers, stage, spec.job.seed)?;
-    let mut opt = AdamW::new(adamw_config(spec), model.layout());
+    let (mut model, mut opt) = setup.stage(spec, stage)?;
     if let Some(window) = checkpoint {
         let manifest = checkpoints.manifest(window)?;
         checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
@@ -517,9 +517,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         match self.start_of_window.take() {
             Some(kept) if kept.window == window => {
                 if kept.stage != self.stage {
-                    let (config, layers) = (&self.setup.config, &self.setup.layers);
-                    self.model = StageModel::new(config, layers, kept.stage, self.setup.seed)?;
-                    self.opt = AdamW::new(adamw_config(self.spec), self.model.layout());
+                    (self.model, self.opt) = self.setup.stage(self.spec, kept.stage)?;
                     self.stage = kept.stage;
                 }
                 handover::restore(&kept.state, &mut self.model, &mut self.opt)
@@ -1155,9 +1153,6 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         tag: u64,
         bytes: &[u8],
     ) -> Result<(), TrainError> {
-        match self.t.send(validator, tag, bytes) {
-            Ok(()) | Err(TransportError::PeerLost { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        send_unless_lost(self.t, validator, tag, bytes)
     }
 }

@@ -15,9 +15,9 @@ use crate::collective::CollectiveError;
 use crate::config::{CrashPhase, JobSpec, Plan, Role};
 use crate::data::{Corpus, DataError, Dataset};
 use crate::ledger::{LedgerError, Tally};
-use crate::model::{AdamWConfig, GptConfig, ModelError};
+use crate::model::{AdamW, AdamWConfig, GptConfig, ModelError, StageModel};
 use crate::pipeline::{BoundaryCodec, BoundaryError};
-use crate::transport::TransportError;
+use crate::transport::{Transport, TransportError};
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -218,6 +218,14 @@ impl Setup {
         )
     }
 
+    /// `stage`'s model as the job's seed makes it, with a fresh AdamW:
+    /// what a miner loads a checkpoint or a handed-over state into.
+    pub fn stage(&self, spec: &JobSpec, stage: usize) -> Result<(StageModel, AdamW), TrainError> {
+        let model = StageModel::new(&self.config, &self.layers, stage, self.seed)?;
+        let opt = AdamW::new(adamw_config(spec), model.layout());
+        Ok((model, opt))
+    }
+
     pub fn new(spec: &JobSpec) -> Result<Setup, TrainError> {
         let data = Dataset::new(&Corpus::embedded()?)?;
         let config = GptConfig::for_job(spec, data.tokenizer().vocab_size())?;
@@ -288,6 +296,21 @@ pub(super) fn inject_planned_fault_at(spec: &JobSpec, rank: usize, window: u64, 
             "exiting with status {code} at the {phase:?} of window {window} on purpose (faults.crash)"
         );
         std::process::exit(code);
+    }
+}
+
+/// Sends `bytes` to `rank` on `tag`; a rank gone is no error here (the
+/// orchestrator hears of its loss as an input; a miner mines on without a
+/// validator).
+pub(super) fn send_unless_lost<T: Transport + ?Sized>(
+    t: &T,
+    rank: usize,
+    tag: u64,
+    bytes: &[u8],
+) -> Result<(), TrainError> {
+    match t.send(rank, tag, bytes) {
+        Ok(()) | Err(TransportError::PeerLost { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

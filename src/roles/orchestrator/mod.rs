@@ -24,13 +24,13 @@ use machine::{Beginning, Coordinator, Input, Output};
 use super::protocol::{self, Handover, Order, Report};
 use super::standby::Leading;
 use super::train::{
-    adamw_config, inject_planned_fault, inject_planned_fault_at, miners_of, validators_of, Setup,
-    TrainError, WindowReport,
+    inject_planned_fault, inject_planned_fault_at, miners_of, send_unless_lost, validators_of,
+    Setup, TrainError, WindowReport,
 };
 use crate::checkpoint::{Checkpoints, Manifest};
 use crate::config::{CrashPhase, JobSpec, PassClock, Plan};
 use crate::ledger::{Ledger, SigningKey};
-use crate::model::{AdamW, StageModel};
+use crate::model::StageModel;
 use crate::pipeline::Router;
 use crate::transport::{Transport, TransportError};
 use crate::world::Membership;
@@ -172,11 +172,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
                         if let (true, Order::Close { window, .. }) = (i == half, &order) {
                             inject_planned_fault_at(spec, t.rank(), *window, CrashPhase::Close);
                         }
-                        match t.send(r, protocol::ORDER_TAG, &bytes) {
-                            // Its loss comes back as an input.
-                            Ok(()) | Err(TransportError::PeerLost { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
+                        send_unless_lost(t, r, protocol::ORDER_TAG, &bytes)?;
                     }
                     if let Order::Step { window, .. } = order {
                         inject_planned_fault_at(spec, t.rank(), window, CrashPhase::Step);
@@ -184,10 +180,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
                 }
                 Output::Ping(to, nonce) => {
                     for r in to {
-                        match t.send(r, protocol::PING_TAG, &nonce.to_le_bytes()) {
-                            Ok(()) | Err(TransportError::PeerLost { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
+                        send_unless_lost(t, r, protocol::PING_TAG, &nonce.to_le_bytes())?;
                     }
                 }
                 Output::Say(line) => println!("{line}"),
@@ -208,10 +201,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
                     };
                     let bytes = protocol::encode(&countersign);
                     for &v in &validators {
-                        match t.send(v, protocol::ORDER_TAG, &bytes) {
-                            Ok(()) | Err(TransportError::PeerLost { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
+                        send_unless_lost(t, v, protocol::ORDER_TAG, &bytes)?;
                     }
                     w.checkpoint = committed.take();
                     report(&w);
@@ -314,8 +304,7 @@ fn start_digests(
         }
         None => (0..setup.stages)
             .map(|s| {
-                let model = StageModel::new(&setup.config, &setup.layers, s, setup.seed)?;
-                let opt = AdamW::new(adamw_config(spec), model.layout());
+                let (model, opt) = setup.stage(spec, s)?;
                 Ok((
                     model.weights_digest()?.to_hex().to_string(),
                     Some(opt.state_digest().to_hex().to_string()),
