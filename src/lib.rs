@@ -19,6 +19,8 @@ pub mod data;
 pub mod deadline;
 pub mod fsutil;
 pub mod fuzzing;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod hello;
 pub mod launch;
 pub mod ledger;

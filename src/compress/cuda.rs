@@ -17,7 +17,10 @@ use thiserror::Error;
 use super::quant::{quantize, Bits, QuantError, Quantized, Rounding};
 
 /// Every kernel source of the crate, by file name, embedded at build time.
-pub const SOURCES: &[(&str, &str)] = &[("quant.cu", include_str!("../../kernels/quant.cu"))];
+pub const SOURCES: &[(&str, &str)] = &[
+    ("quant.cu", include_str!("../../kernels/quant.cu")),
+    ("train.cu", include_str!("../../kernels/train.cu")),
+];
 
 const QUANT_SOURCE: &str = SOURCES[0].1;
 
@@ -28,7 +31,7 @@ pub const CHECK_ARCHS: &[&str] = &["sm_80", "sm_90"];
 
 /// The virtual architecture launched kernels are compiled for: the driver
 /// compiles the PTX for whatever GPU it finds (Ampere or newer).
-const LAUNCH_ARCH: &str = "compute_80";
+pub(crate) const LAUNCH_ARCH: &str = "compute_80";
 
 /// Threads per block of the element-wise kernels, and of `row_scales`
 /// (whose reduction needs a power of two, at most 1024).
@@ -85,6 +88,15 @@ pub fn compile(name: &str, source: &str, arch: &'static str) -> Result<Ptx, Cuda
     })
 }
 
+/// GPU `ordinal`'s context, or why there is none: `NoDriver` and
+/// `NoDevice` say that this machine has no GPU to use.
+pub(crate) fn context(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    CudaContext::new(ordinal).map_err(CudaError::NoDevice)
+}
+
 /// The codec's kernels, loaded on one GPU.
 pub struct CudaCodec {
     stream: Arc<CudaStream>,
@@ -100,10 +112,7 @@ impl CudaCodec {
     /// Compiles and loads the kernels on GPU `ordinal`. `NoDriver` and
     /// `NoDevice` say that this machine has no GPU to use.
     pub fn new(ordinal: usize) -> Result<CudaCodec, CudaError> {
-        if !driver_present() {
-            return Err(CudaError::NoDriver);
-        }
-        let ctx = CudaContext::new(ordinal).map_err(CudaError::NoDevice)?;
+        let ctx = context(ordinal)?;
         let module = ctx.load_module(compile("quant.cu", QUANT_SOURCE, LAUNCH_ARCH)?)?;
         Ok(CudaCodec {
             stream: ctx.default_stream(),

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU checks in one run: the GPU tests (the codec's kernels and a
+# stage's passes against the CPU reference, a GPU pass replayed bit for
+# bit, a short training job on GPU miners) and the GPU benchmarks.
+#
+#   launch/gpu-check.sh --build   here, with cargo: builds the release
+#                                 binary and the GPU test binaries into
+#                                 gpu-check/ (git-ignored), to carry to a
+#                                 GPU machine that has no Rust toolchain
+#   launch/gpu-check.sh           runs them (building first when cargo is
+#                                 here and gpu-check/ is not)
+#
+# A GPU machine needs the CUDA driver, NVRTC and cuBLAS (any of CUDA 12 or
+# 13): the script finds their libraries and gives cudarc the names it
+# dlopens. Without a GPU every test says "skipped" and passes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-check
+tests=(gpu_stage compress_nvrtc train_gpu)
+
+build() {
+    set -e
+    cargo build --release --features cuda
+    rm -rf "$out" && mkdir -p "$out"
+    cargo test --release --features cuda --no-run --message-format=json \
+        $(printf -- '--test %s ' "${tests[@]}") |
+        jq -r 'select(.executable != null and .target.kind == ["test"]) | "\(.target.name) \(.executable)"' |
+        while read -r name exe; do strip -o "$out/$name" "$exe"; done
+    strip -o "$out/swarmrun" target/release/swarmrun
+    cp configs/gpu.toml "$out/"
+    ls -l "$out"
+    set +e
+}
+
+if [[ "${1:-}" == --build ]]; then
+    build
+    exit
+fi
+if [[ ! -x "$out/swarmrun" ]]; then
+    command -v cargo >/dev/null || { echo "gpu-check: no $out/ and no cargo to build it" >&2; exit 1; }
+    build
+fi
+
+# cudarc dlopens libcublas.so / libnvrtc.so (or their CUDA 12 names); a
+# CUDA 13 install has libcublas.so.13 and libnvrtc.so.13, perhaps only
+# inside Python wheels: link the names it asks for.
+libs=$(mktemp -d)
+link_lib() {
+    local name=$1 found
+    found=$(find /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu \
+        /opt /usr/local/lib -name "$name.so.[0-9]*" 2>/dev/null | grep -v stubs | sort -V | tail -1)
+    if [[ -n "$found" ]]; then
+        ln -sf "$found" "$libs/$name.so"
+        LD_LIBRARY_PATH="$(dirname "$found"):$LD_LIBRARY_PATH"
+        echo "gpu-check: $name -> $found"
+    else
+        echo "gpu-check: no $name found"
+    fi
+}
+LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+for lib in libnvrtc libcublasLt libcublas; do link_lib "$lib"; done
+export LD_LIBRARY_PATH="$libs:$LD_LIBRARY_PATH"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null ||
+    echo "gpu-check: no nvidia-smi"
+
+failed=0
+started=$SECONDS
+for t in "${tests[@]}"; do
+    echo "== $t"
+    [[ -x "$out/$t" ]] || { echo "gpu-check: no $out/$t"; failed=1; continue; }
+    # Only the tests that run on a GPU: the others read the source tree.
+    "$out/$t" gpu --test-threads=1 --nocapture || failed=1
+done
+echo "== swarmrun bench compress --device cuda"
+"$out/swarmrun" bench compress --device cuda || failed=1
+echo "== swarmrun bench train --device cuda"
+"$out/swarmrun" bench train --device cuda || failed=1
+echo "gpu-check: $((SECONDS - started)) s, $([[ $failed == 0 ]] && echo 'all passed' || echo 'FAILED')"
+exit $failed
