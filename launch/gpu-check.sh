@@ -27,7 +27,7 @@ build() {
         jq -r 'select(.executable != null and .target.kind == ["test"]) | "\(.target.name) \(.executable)"' |
         while read -r name exe; do strip -o "$out/$name" "$exe"; done
     strip -o "$out/swarmrun" target/release/swarmrun
-    cp configs/gpu.toml "$out/"
+    cp configs/gpu.toml configs/quickstart.toml "$out/"
     ls -l "$out"
     set +e
 }
@@ -66,6 +66,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 
 failed=0
 started=$SECONDS
+# The training tests start this binary, not the one of the build tree.
+export SWARMRUN_TEST_BIN="$PWD/$out/swarmrun"
 for t in "${tests[@]}"; do
     echo "== $t"
     [[ -x "$out/$t" ]] || { echo "gpu-check: no $out/$t"; failed=1; continue; }
@@ -73,8 +75,20 @@ for t in "${tests[@]}"; do
     "$out/$t" gpu --test-threads=1 --nocapture || failed=1
 done
 echo "== swarmrun bench compress --device cuda"
-"$out/swarmrun" bench compress --device cuda || failed=1
+"$out/swarmrun" bench compress --device cuda --rows 1048576 || failed=1
 echo "== swarmrun bench train --device cuda"
-"$out/swarmrun" bench train --device cuda || failed=1
+"$out/swarmrun" bench train --device cuda --job "$out/quickstart.toml" || failed=1
+echo "== swarmrun launch configs/gpu.toml (300 windows)"
+run_dir=$(mktemp -d)
+sed "s|^seed = 1337|seed = 1337\nrun_dir = \"$run_dir\"|" "$out/gpu.toml" >"$run_dir.toml"
+"$out/swarmrun" launch "$run_dir.toml" >"$run_dir.log" 2>&1 || failed=1
+grep -E "val_loss|error|panicked|stage passes" "$run_dir.log" | head -20
+python3 - "$run_dir/metrics.jsonl" <<'PY' || failed=1
+import json, statistics, sys
+lines = [json.loads(l) for l in open(sys.argv[1])][10:]
+print(f"windows 10-{lines[-1]['window']}: median {statistics.median(l['tokens_per_s'] for l in lines):.0f} tokens/s, "
+      f"bubble {statistics.median(l['bubble'] for l in lines):.0%}, last loss {lines[-1]['loss']:.4f}, "
+      f"replayed {sum(l['replayed'] for l in lines)}, caught {sorted({c for l in lines for c in l['caught']})}")
+PY
 echo "gpu-check: $((SECONDS - started)) s, $([[ $failed == 0 ]] && echo 'all passed' || echo 'FAILED')"
 exit $failed

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use swarmrun::bench::train::BenchTrainError;
@@ -246,6 +246,9 @@ enum BenchCmd {
         /// One measurement of the benchmark, run in its own process by the benchmark itself.
         #[arg(long, hide = true)]
         part: Option<swarmrun::bench::train::Part>,
+        /// `cuda`: train the job's model on GPU 0 instead (feature `cuda`).
+        #[arg(long, value_enum, default_value_t = swarmrun::config::Device::Cpu)]
+        device: swarmrun::config::Device,
     },
     /// Training jobs with one cheating miner of each kind: how often and how
     /// fast validators catch it, honest miners flagged, replay cost against
@@ -268,6 +271,10 @@ enum BenchCmd {
         /// Width of the boundary tensor (the bottleneck's code width).
         #[arg(long, default_value_t = 128)]
         width: usize,
+        /// `cuda`: the codec's kernels on GPU 0, on data already there,
+        /// beside a device-to-device copy (feature `cuda`).
+        #[arg(long, value_enum, default_value_t = swarmrun::config::Device::Cpu)]
+        device: swarmrun::config::Device,
     },
 }
 
@@ -416,7 +423,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Check { nprocs, job } => {
             let spec = config::load(&job)?;
-            print!("{}", spec.plan(nprocs)?.render());
+            let plan = spec.plan(nprocs)?;
+            print!("{}", plan.render());
+            for device in plan.devices_without_validator(&spec) {
+                println!(
+                    "warning: no validator computes on {device}: passes of {device} miners go unreplayed"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen { path } => {
@@ -500,20 +513,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 swarmrun::bench::sched::run(&opts)?;
                 Ok(ExitCode::SUCCESS)
             }
-            BenchCmd::Train { job, windows, part } => {
+            BenchCmd::Train {
+                job,
+                windows,
+                part,
+                device,
+            } => {
                 let spec = config::load(&job)?;
-                match part {
-                    Some(part) => swarmrun::bench::train::run_part(part, &spec, windows)?,
-                    None => swarmrun::bench::train::run(&spec, &job, windows)?,
+                match (device, part) {
+                    (config::Device::Cuda, _) => bench_on_gpu(|| {
+                        #[cfg(feature = "cuda")]
+                        swarmrun::bench::gpu::train(&spec, windows)?;
+                        Ok(())
+                    })?,
+                    (_, Some(part)) => swarmrun::bench::train::run_part(part, &spec, windows)?,
+                    (_, None) => swarmrun::bench::train::run(&spec, &job, windows)?,
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            BenchCmd::Compress { rows, width } => {
-                swarmrun::bench::compress::run(rows, width)?;
+            BenchCmd::Compress {
+                rows,
+                width,
+                device,
+            } => {
+                match device {
+                    config::Device::Cuda => bench_on_gpu(|| {
+                        #[cfg(feature = "cuda")]
+                        swarmrun::bench::gpu::compress(rows, width)?;
+                        Ok(())
+                    })?,
+                    config::Device::Cpu => swarmrun::bench::compress::run(rows, width)?,
+                }
                 Ok(ExitCode::SUCCESS)
             }
         },
     }
+}
+
+/// A benchmark's GPU side: refused with the reason in a build without
+/// the `cuda` feature.
+fn bench_on_gpu(run: impl FnOnce() -> Result<()>) -> Result<()> {
+    if !cfg!(feature = "cuda") {
+        bail!("--device cuda needs swarmrun built with the `cuda` cargo feature");
+    }
+    run()
 }
 
 /// `swarmrun wan`: two sites joined by an emulated wide-area link.
@@ -745,10 +788,19 @@ fn run_train(spec: &JobSpec, job: &Path, joined: &launch::Joined, resume: bool) 
                 lead(spec, job, joined, &start, leading)?;
             }
         }
-        Role::Validator => roles::validate(t, spec)?,
-        Role::Miner { .. } => roles::mine(t, spec)?,
+        Role::Validator => roles::validate(t, spec, rank_device(spec, joined.me())?)?,
+        Role::Miner { .. } => roles::mine(t, spec, rank_device(spec, joined.me())?)?,
     }
     Ok(())
+}
+
+/// The device of `me`'s site (`[[site]] device`), opened.
+fn rank_device(
+    spec: &JobSpec,
+    me: &swarmrun::config::RankPlan,
+) -> Result<swarmrun::roles::StageDevice> {
+    let device = spec.site(&me.site).map(|s| s.device).unwrap_or_default();
+    Ok(swarmrun::roles::StageDevice::open(device, me.local_rank)?)
 }
 
 /// Leads the training job: the orchestrator from the start, or the
@@ -839,7 +891,11 @@ fn run_joined_rank(spec: &JobSpec, rdzv: Option<&str>, site: &str) -> Result<()>
         std::process::id(),
         me.peers.len()
     );
-    if let Err(e) = swarmrun::roles::mine_joined(&joined.transport, spec) {
+    let device = spec.site(site).map(|s| s.device).unwrap_or_default();
+    // A joiner has no local rank in the plan: its global rank spreads the
+    // joiners of one host over its GPUs.
+    let device = swarmrun::roles::StageDevice::open(device, me.rank)?;
+    if let Err(e) = swarmrun::roles::mine_joined(&joined.transport, spec, device) {
         exit_for(&anyhow::Error::new(e));
     }
     Ok(())

@@ -258,6 +258,17 @@ fn unknown_fabric_lists_the_known_ones() {
 }
 
 #[test]
+fn unknown_device_names_the_choices() {
+    assert_error(
+        "unknown_device",
+        9,
+        10,
+        Some("site[0].device"),
+        "unknown variant `rocm`, expected `cpu` or `cuda`",
+    );
+}
+
+#[test]
 fn any_key_in_faults_is_rejected() {
     assert_error(
         "faults_key",
@@ -295,7 +306,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 62);
+    assert_eq!(count, 63);
 }
 
 #[test]

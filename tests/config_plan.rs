@@ -397,3 +397,39 @@ fn stages_no_site_serves_are_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn a_gpu_site_whose_passes_no_validator_can_replay_is_named() {
+    // Ranks 0-1 (orchestrator, validator) on the CPU site, miners on GPUs.
+    let two_sites = |gpu_ranks: u32| {
+        job(
+            "train",
+            &format!(
+                "[roles]\nvalidators = 1\n\n\
+                 [[site]]\nname = \"cpus\"\nhosts = \"a\"\nranks_per_host = 2\n\n\
+                 [[site]]\nname = \"gpus\"\nhosts = \"b\"\nranks_per_host = {gpu_ranks}\ndevice = \"cuda\"\n"
+            ),
+        )
+    };
+    let spec = two_sites(2);
+    assert_eq!(spec.sites[1].device, config::Device::Cuda);
+    assert_eq!(
+        spec.sites[0].device,
+        config::Device::Cpu,
+        "cpu is the default"
+    );
+    let plan = spec.plan(None).unwrap();
+    assert_eq!(
+        plan.devices_without_validator(&spec),
+        [config::Device::Cuda]
+    );
+
+    // With the validator on the GPU site too, nothing goes unreplayed.
+    let spec = job(
+        "train",
+        "[roles]\nvalidators = 1\n\n\
+         [[site]]\nname = \"gpus\"\nhosts = \"b\"\nranks_per_host = 4\ndevice = \"cuda\"\n",
+    );
+    let plan = spec.plan(None).unwrap();
+    assert!(plan.devices_without_validator(&spec).is_empty());
+}

@@ -4,6 +4,8 @@
 
 pub mod allreduce;
 pub mod compress;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod launch;
 pub mod matmul;
 pub mod sched;

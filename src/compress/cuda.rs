@@ -251,6 +251,83 @@ impl CudaCodec {
     }
 }
 
+/// Seconds per call of the codec's kernels on data already on the GPU,
+/// and of a device-to-device copy of the same `f32` input: the GPU's own
+/// speed, without the host transfers that [`CudaCodec::quantize`] adds
+/// (`swarmrun bench compress --device cuda`).
+#[derive(Debug, Clone, Copy)]
+pub struct ResidentTimes {
+    pub encode_s: f64,
+    pub decode_s: f64,
+    pub copy_s: f64,
+}
+
+impl CudaCodec {
+    /// Times quantizing `x` (`rows x width`) to `bits` and dequantizing it
+    /// back, and copying it, all on the GPU: the median of 5 rounds of
+    /// `calls` calls each, after one warm-up call.
+    pub fn time_resident(
+        &self,
+        x: &[f32],
+        (rows, width): (usize, usize),
+        bits: Bits,
+        calls: usize,
+    ) -> Result<ResidentTimes, CudaError> {
+        let shape = Shape::new(x.len(), rows, width, bits)?;
+        let x_dev = self.stream.clone_htod(x)?;
+        let mut scales = self.stream.alloc_zeros::<u16>(rows)?;
+        let mut codes = self.stream.alloc_zeros::<u8>(shape.code_bytes)?;
+        let mut status = self.stream.alloc_zeros::<u32>(1)?;
+        let mut out = self.stream.alloc_zeros::<f32>(x.len())?;
+        let (quantize_fn, dequantize_fn) = match bits {
+            Bits::Int8 => (&self.quantize_int8, &self.dequantize_int8),
+            Bits::Int4 => (&self.quantize_int4, &self.dequantize_int4),
+        };
+        let time = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
+            f()?;
+            self.stream.synchronize()?;
+            let mut rounds = Vec::with_capacity(5);
+            for _ in 0..5 {
+                let started = std::time::Instant::now();
+                for _ in 0..calls.max(1) {
+                    f()?;
+                }
+                self.stream.synchronize()?;
+                rounds.push(started.elapsed() / calls.max(1) as u32);
+            }
+            Ok(crate::bench::median(rounds).as_secs_f64())
+        };
+        let encode_s = time(&mut || {
+            let args = QuantArgs {
+                x: &x_dev,
+                scales: &mut scales,
+                codes: &mut codes,
+                status: &mut status,
+                qmax: bits.qmax(),
+                stochastic: 0,
+                seed: 0,
+            };
+            launch_quantize(&self.stream, [&self.row_scales, quantize_fn], &shape, args)
+        })?;
+        let decode_s = time(&mut || {
+            launch_dequantize(
+                &self.stream,
+                dequantize_fn,
+                &shape,
+                &codes,
+                &scales,
+                &mut out,
+            )
+        })?;
+        let copy_s = time(&mut || Ok(self.stream.memcpy_dtod(&x_dev, &mut out)?))?;
+        Ok(ResidentTimes {
+            encode_s,
+            decode_s,
+            copy_s,
+        })
+    }
+}
+
 /// A matrix's sizes as the kernels take them (32-bit rows and width).
 struct Shape {
     rows: u32,
@@ -299,7 +376,7 @@ fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-fn driver_present() -> bool {
+pub(crate) fn driver_present() -> bool {
     // SAFETY: as for `nvrtc_present`, with libcuda.
     unsafe { cudarc::driver::sys::is_culib_present() }
 }

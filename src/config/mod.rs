@@ -62,7 +62,7 @@ pub use error::ConfigError;
 pub use hostlist::HostlistError;
 pub use plan::{Plan, PlanError, RankPlan, Role};
 pub use values::{
-    parse_size, AllReduceChoice, Fabric, Rendezvous, RendezvousError, SizeError, Task,
+    parse_size, AllReduceChoice, Device, Fabric, Rendezvous, RendezvousError, SizeError, Task,
 };
 
 /// A whole job file.
@@ -234,6 +234,10 @@ pub struct SiteSpec {
     /// tensors (compressed) cross to other sites.
     #[serde(default)]
     pub stages: Vec<usize>,
+    /// Where the site's miners and validators compute: `cpu` (default) or
+    /// `cuda`.
+    #[serde(default)]
+    pub device: Device,
 }
 
 fn one() -> u32 {

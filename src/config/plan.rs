@@ -9,7 +9,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-use super::{JobSpec, Rendezvous, Task};
+use super::{Device, JobSpec, Rendezvous, Task};
 
 /// What a rank does in the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -202,6 +202,27 @@ impl JobSpec {
 }
 
 impl Plan {
+    /// Devices that miners of this plan compute on and no validator does:
+    /// validators replay passes only on the miner's kind of device (where
+    /// the bits match), so those miners' passes go unreplayed. Empty when
+    /// the job has no validators at all.
+    pub fn devices_without_validator(&self, spec: &JobSpec) -> Vec<Device> {
+        let device = |r: &RankPlan| spec.site(&r.site).map(|s| s.device).unwrap_or_default();
+        let of_role = |miner: bool| {
+            let ranks = self.ranks.iter();
+            let ranks = ranks.filter(move |r| matches!(r.role, Role::Miner { .. }) == miner);
+            ranks
+                .filter(move |r| miner || r.role == Role::Validator)
+                .map(device)
+        };
+        let validating: Vec<Device> = of_role(false).collect();
+        let mut missing: Vec<Device> = of_role(true)
+            .filter(|d| !validating.is_empty() && !validating.contains(d))
+            .collect();
+        missing.dedup();
+        missing
+    }
+
     /// What `swarmrun check JOB.toml` prints: a header line, then one row
     /// per rank with columns `rank site host local role stage`, aligned.
     pub fn render(&self) -> String {

@@ -124,6 +124,27 @@ pub enum Fabric {
     Nccl,
 }
 
+/// Where a site's miners and validators run their stage passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA GPU (cargo feature `cuda`): a rank uses GPU `local_rank`
+    /// modulo the host's GPUs. Validators replay a GPU miner's passes only
+    /// on a GPU, where the replay matches its bits.
+    Cuda,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
 /// What the ranks of a job do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -165,6 +165,15 @@ impl Gpu {
         }))
     }
 
+    /// How many GPUs this machine has; `NoDriver` without a driver.
+    pub fn count() -> Result<usize, GpuError> {
+        if !kernels::driver_present() {
+            return Err(CudaError::NoDriver.into());
+        }
+        let n = cudarc::driver::CudaContext::device_count()?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     /// The device's name, as the driver reports it ("NVIDIA H200").
     pub fn name(&self) -> &str {
         &self.name
@@ -199,6 +208,36 @@ impl Gpu {
     /// Waits for everything queued on the stream.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         Ok(self.stream.synchronize()?)
+    }
+
+    /// FLOP/s of an `n x n x n` FP32 matmul through the same cuBLAS path
+    /// the stages use (pedantic FP32), on random inputs: the median of
+    /// `reps` products after one warm-up.
+    pub fn matmul_flops(&self, n: usize, reps: usize) -> Result<f64, GpuError> {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<f32> = (0..n * n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        let a = self.upload(&noise)?;
+        let b = self.upload(&noise)?;
+        let mut c = self.zeros(n * n)?;
+        let mm = Matmul::plain(n, n, n);
+        self.matmul(&mut c, &a, &b, mm)?;
+        self.synchronize()?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            let started = std::time::Instant::now();
+            self.matmul(&mut c, &a, &b, mm)?;
+            self.synchronize()?;
+            times.push(started.elapsed());
+        }
+        let t = crate::bench::median(times).as_secs_f64();
+        Ok(2.0 * (n as f64).powi(3) / t)
     }
 
     pub(crate) fn matmul(&self, c: &mut Buf, a: &Buf, b: &Buf, mm: Matmul) -> Result<(), GpuError> {

@@ -162,6 +162,11 @@ impl CudaStage {
         &self.gpu
     }
 
+    /// Which stage of the model this is.
+    pub fn stage(&self) -> usize {
+        self.stage
+    }
+
     /// Replaces the weights (after an optimizer step on the host).
     pub fn set_params_flat(&mut self, flat: &[f32]) -> Result<(), GpuError> {
         let want: usize = self.layout.iter().map(ParamInfo::numel).sum();

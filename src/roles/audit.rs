@@ -15,6 +15,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::device::StageDevice;
 use super::protocol::{CheckpointTask, Receipt};
 use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
@@ -357,7 +358,7 @@ pub(super) fn replay_step(
 pub(super) fn replay(
     setup: &Setup,
     codec: &BoundaryCodec,
-    model: &StageModel,
+    (model, device): (&StageModel, &StageDevice),
     id: u64,
     frames: &Frames,
     receipt: &Receipt,
@@ -394,13 +395,13 @@ pub(super) fn replay(
         Some(x) => StageInput::Activations(x, &tokens),
     };
     let last = model.is_last();
-    let pass = model
-        .forward(input, last.then_some(&targets))
+    let pass = device
+        .forward(model, input, last.then_some(&targets))
         .map_err(|e| e.to_string())?;
     let (output, grad_in) = if last {
         (digest_f32(&[pass.loss().map_err(|e| e.to_string())?]), None)
     } else {
-        let bytes = encoded(pass.output())?;
+        let bytes = encoded(&pass.output().map_err(|e| e.to_string())?)?;
         check(
             "the gradient frame",
             frames.grad_in.as_deref().map(digest),
@@ -410,8 +411,8 @@ pub(super) fn replay(
         (digest(&bytes), grad)
     };
     check("the output", Some(output), &Some(receipt.output.clone()))?;
-    let grads = model
-        .gradients(pass, grad_in.as_ref())
+    let grads = device
+        .gradients(model, pass, grad_in.as_ref())
         .map_err(|e| e.to_string())?;
     check(
         "the parameter gradient",

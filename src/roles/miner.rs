@@ -18,6 +18,7 @@ use candle_core::Tensor;
 
 use super::audit::{self, Bundle, Frames};
 use super::cheat::{self, Conduct};
+use super::device::{DevicePass, StageDevice};
 use super::leader::{Leader, Waited};
 use super::protocol::{
     self, slice_digest, Across, AuditTask, CheckpointTask, LeaderPart, Order, Placement, Receipt,
@@ -36,19 +37,24 @@ use crate::collective::{
 use crate::config::{CrashPhase, JobSpec};
 use crate::data::Split;
 use crate::deadline::{AdaptiveDeadline, DeadlineRule};
-use crate::model::{batch_tensors, AdamW, Pass, PassGrads, StageInput, StageModel};
+use crate::model::{batch_tensors, AdamW, PassGrads, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
 use crate::transport::{Transport, TransportError};
 
 /// Serves the stage the orchestrator's `Start` names until told to stop,
 /// answering liveness pings throughout.
-pub fn mine<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    liveness::following_leader(t, spec, |leader| mine_planned(leader, spec))
+pub fn mine<T: Transport + ?Sized>(
+    t: &T,
+    spec: &JobSpec,
+    device: StageDevice,
+) -> Result<(), TrainError> {
+    liveness::following_leader(t, spec, |leader| mine_planned(leader, spec, device))
 }
 
 fn mine_planned<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     spec: &JobSpec,
+    device: StageDevice,
 ) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let leaving = leave_on_signal()?;
@@ -82,7 +88,7 @@ fn mine_planned<T: Transport + ?Sized>(
         checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
     }
     let at = checkpoint.map_or(0, |w| w + 1);
-    Miner::new(leader, spec, setup, (stage, model, opt), leaving)
+    Miner::new(leader, spec, setup, (stage, model, opt), leaving, device)
         .starting_at(at)
         .serve(resume)
 }
@@ -90,13 +96,18 @@ fn mine_planned<T: Transport + ?Sized>(
 /// A rank that joined the running job: says so, waits until the
 /// orchestrator places it on a stage (it then takes the stage's state from
 /// the stage's miners), and mines that stage until told to stop.
-pub fn mine_joined<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    liveness::following_leader(t, spec, |leader| join_and_mine(leader, spec))
+pub fn mine_joined<T: Transport + ?Sized>(
+    t: &T,
+    spec: &JobSpec,
+    device: StageDevice,
+) -> Result<(), TrainError> {
+    liveness::following_leader(t, spec, |leader| join_and_mine(leader, spec, device))
 }
 
 fn join_and_mine<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     spec: &JobSpec,
+    device: StageDevice,
 ) -> Result<(), TrainError> {
     let t = leader.transport();
     let setup = Setup::new(spec)?;
@@ -132,8 +143,9 @@ fn join_and_mine<T: Transport + ?Sized>(
                     state,
                 })?;
                 if let Ok((model, opt, _)) = placed {
-                    let miner = Miner::new(leader, spec, setup, (p.stage, model, opt), leaving)
-                        .starting_at(window);
+                    let state = (p.stage, model, opt);
+                    let miner =
+                        Miner::new(leader, spec, setup, state, leaving, device).starting_at(window);
                     miner.announced.store(announced, Ordering::SeqCst);
                     return miner.serve(None);
                 }
@@ -173,6 +185,8 @@ struct Miner<'a, T: ?Sized> {
     stage: usize,
     model: StageModel,
     opt: AdamW,
+    /// Where its passes run; it gets `model`'s weights before each window.
+    device: StageDevice,
     /// Parameter gradients of each microbatch served this window.
     grads: BTreeMap<u64, KeptGrads>,
     /// The stage's all-reduced gradient sum, waiting for `Step`.
@@ -368,6 +382,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         setup: Setup,
         (stage, model, opt): (usize, StageModel, AdamW),
         leaving: Arc<AtomicBool>,
+        device: StageDevice,
     ) -> Miner<'a, T> {
         let t = leader.transport();
         Miner {
@@ -380,6 +395,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             stage,
             model,
             opt,
+            device,
             grads: BTreeMap::new(),
             reduced: None,
             contribution: None,
@@ -613,7 +629,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         let me = self.t.rank();
         let stage = self.stage;
         let mine = routes.iter().filter(|r| r.path.get(stage) == Some(&me));
-        let mut pending: Vec<(&Route, Pass, f64, Stated)> = Vec::new();
+        self.device.prepare(&self.model)?;
+        let mut pending: Vec<(&Route, DevicePass, f64, Stated)> = Vec::new();
         for (served, route) in mine.enumerate() {
             let id = route.id;
             let validation = protocol::is_validation(id);
@@ -636,7 +653,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 }
             };
             let started = Instant::now();
-            let pass = self.model.forward(
+            let pass = self.device.forward(
+                &self.model,
                 match &received {
                     None => StageInput::Tokens(&tokens),
                     Some((x, _)) => StageInput::Activations(x, &tokens),
@@ -662,7 +680,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 let receipt = match validation {
                     true => None,
                     false => {
-                        let grads = self.model.gradients(pass, None)?;
+                        let grads = self.device.gradients(&self.model, pass, None)?;
                         match self.keep_and_pass_back(route, attempt, grads, stated)? {
                             Ok(receipt) => Some(receipt),
                             Err(next) => return Ok(Some(next)),
@@ -674,9 +692,9 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             } else {
                 let compute = self.computed_since(started);
                 let output = if validation {
-                    pass.output().clone()
+                    pass.output()?
                 } else {
-                    self.conduct.output(id, pass.output())?
+                    self.conduct.output(id, &pass.output()?)?
                 };
                 let bytes = self.encode_boundary(&output)?;
                 stated.output = audit::digest(&bytes);
@@ -708,7 +726,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 kept.grad_in = Some(bytes);
             }
             let started = Instant::now();
-            let grads = self.model.gradients(pass, Some(&grad_out))?;
+            let grads = self.device.gradients(&self.model, pass, Some(&grad_out))?;
             let receipt = match self.keep_and_pass_back(route, attempt, grads, stated)? {
                 Ok(receipt) => receipt,
                 Err(next) => return Ok(Some(next)),

@@ -3,6 +3,7 @@
 
 mod audit;
 mod cheat;
+mod device;
 mod handover;
 mod leader;
 mod liveness;
@@ -13,6 +14,7 @@ mod standby;
 pub mod train;
 mod validator;
 
+pub use device::StageDevice;
 pub use miner::{mine, mine_joined};
 pub use orchestrator::{orchestrate, StartPoint};
 pub use standby::{stand_by, Leading};

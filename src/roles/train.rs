@@ -33,6 +33,13 @@ pub enum TrainError {
     Message(#[from] ProtocolError),
     #[error("candle: {0}")]
     Tensor(#[from] candle_core::Error),
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error("device = \"{0}\" needs swarmrun built with the `{0}` cargo feature")]
+    DeviceNotBuilt(crate::config::Device),
+    #[error("a pass ran on a device not given its stage (a bug)")]
+    DeviceUnprepared,
     #[error("stage {stage} has no miner left")]
     EmptyStage { stage: usize },
     #[error("window {window}: stage {stage} weights differ between its miners")]

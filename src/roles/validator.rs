@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::audit::{self, Bundle};
+use super::device::StageDevice;
 use super::leader::{Leader, Waited};
 use super::liveness;
 use super::protocol::{
@@ -22,13 +23,20 @@ use crate::model::StageModel;
 use crate::pipeline::BoundaryCodec;
 use crate::transport::Transport;
 
-pub fn validate<T: Transport + ?Sized>(t: &T, spec: &JobSpec) -> Result<(), TrainError> {
-    liveness::following_leader(t, spec, |leader| follow_orders(leader, spec))
+/// Follows the leader's orders until told to stop, replaying passes on
+/// `device` (a GPU miner's passes are routed to validators on a GPU).
+pub fn validate<T: Transport + ?Sized>(
+    t: &T,
+    spec: &JobSpec,
+    device: StageDevice,
+) -> Result<(), TrainError> {
+    liveness::following_leader(t, spec, |leader| follow_orders(leader, spec, device))
 }
 
 fn follow_orders<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     spec: &JobSpec,
+    mut device: StageDevice,
 ) -> Result<(), TrainError> {
     let t = leader.transport();
     let setup = Setup::new(spec)?;
@@ -80,7 +88,7 @@ fn follow_orders<T: Transport + ?Sized>(
                 let replay = |(miner, tasks)| {
                     replay_passes(
                         leader,
-                        (&setup, &codec),
+                        (&setup, &codec, &mut device),
                         (window, attempt),
                         miner,
                         tasks,
@@ -181,7 +189,7 @@ fn receive<T: Transport + ?Sized>(
 /// report each.
 fn replay_passes<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
-    (setup, codec): (&Setup, &BoundaryCodec),
+    (setup, codec, device): (&Setup, &BoundaryCodec, &mut StageDevice),
     (window, attempt): (u64, u32),
     miner: usize,
     tasks: Vec<AuditTask>,
@@ -201,7 +209,7 @@ fn replay_passes<T: Transport + ?Sized>(
         waited
     };
     let verdicts = match bundle {
-        Ok(bytes) => judge(setup, codec, &bytes, &tasks, weights),
+        Ok(bytes) => judge(setup, codec, device, &bytes, &tasks, weights).map_err(Halt::Failed)?,
         Err(verdict) => vec![verdict; tasks.len()],
     };
     let replay_s = started.elapsed().as_secs_f64() / tasks.len() as f64;
@@ -219,14 +227,17 @@ fn replay_passes<T: Transport + ?Sized>(
 }
 
 /// One verdict per task, from the bundle its miner sent.
+/// Fails only when this validator's own device does; a bad bundle fails
+/// its tasks.
 fn judge(
     setup: &Setup,
     codec: &BoundaryCodec,
+    device: &mut StageDevice,
     bytes: &[u8],
     tasks: &[AuditTask],
     weights: &[String],
-) -> Vec<Verdict> {
-    let all = |reason: String| vec![Verdict::Failed(reason); tasks.len()];
+) -> Result<Vec<Verdict>, TrainError> {
+    let all = |reason: String| Ok(vec![Verdict::Failed(reason); tasks.len()]);
     let bundle: Bundle = match audit::decode(bytes) {
         Ok(b) => b,
         Err(e) => return all(format!("its audit bundle is malformed: {e}")),
@@ -245,18 +256,27 @@ fn judge(
         Ok(m) => m,
         Err(reason) => return all(reason),
     };
-    tasks
+    device.prepare(&model)?;
+    let verdicts = tasks
         .iter()
         .map(|task| {
             let Some((_, frames)) = bundle.passes.iter().find(|(id, _)| *id == task.id) else {
                 return Verdict::Failed(format!("microbatch {}: no frames sent", task.id));
             };
-            match audit::replay(setup, codec, &model, task.id, frames, &task.receipt) {
+            match audit::replay(
+                setup,
+                codec,
+                (&model, device),
+                task.id,
+                frames,
+                &task.receipt,
+            ) {
                 Ok(()) => Verdict::Passed,
                 Err(reason) => Verdict::Failed(reason),
             }
         })
-        .collect()
+        .collect();
+    Ok(verdicts)
 }
 
 /// Receives from `task`'s writer its state before the step, the reduced

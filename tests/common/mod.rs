@@ -11,7 +11,11 @@ use std::process::{Command, Output};
 use swarmrun::transport::{Transport, TransportError};
 
 pub fn swarmrun() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_swarmrun"));
+    // SWARMRUN_TEST_BIN: the binary under test when the tests run from a
+    // copy on a machine without the build tree (launch/gpu-check.sh).
+    let bin = std::env::var_os("SWARMRUN_TEST_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_swarmrun").into());
+    let mut cmd = Command::new(bin);
     // Tests must not pick up a developer's key or rendezvous.
     cmd.env_remove("SWARMRUN_JOB_KEY")
         .env_remove("SWARMRUN_RENDEZVOUS");

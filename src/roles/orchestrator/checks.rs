@@ -190,7 +190,7 @@ impl Coordinator<'_> {
                     id,
                     stage,
                     miner: *miner,
-                    validator: self.validators[*miner % self.validators.len()],
+                    validator: self.replayer_for(*miner)?,
                     receipt: receipt.clone(),
                 })
             })
@@ -307,6 +307,25 @@ impl Coordinator<'_> {
 
     /// The slices of an all-reduce of `n` to recompute: a random
     /// `slice_audit_rate` of them when its copies agreed, all when not.
+    /// The validator that replays `miner`'s passes: one whose site
+    /// computes on the same kind of device as the miner's (a replay gives
+    /// the miner's bits only there), spread over them by miner rank. `None`
+    /// when no validator has that device: the miner's passes then go
+    /// unreplayed (`swarmrun check` warns of such a plan).
+    fn replayer_for(&self, miner: usize) -> Option<usize> {
+        let device = |rank: usize| {
+            let site = self.sites.get(&rank).and_then(|s| self.spec.site(s));
+            site.map(|s| s.device).unwrap_or_default()
+        };
+        let same: Vec<usize> = self
+            .validators
+            .iter()
+            .copied()
+            .filter(|&v| device(v) == device(miner))
+            .collect();
+        (!same.is_empty()).then(|| same[miner % same.len()])
+    }
+
     fn pick_slices(&mut self, n: usize, agreed: bool) -> Vec<usize> {
         let mut slices: Vec<usize> = (0..n).collect();
         if !agreed {

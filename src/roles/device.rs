@@ -1,0 +1,187 @@
+//! Where a miner or validator runs its stage passes: the CPU, through
+//! [`StageModel`], or a CUDA GPU, through [`crate::gpu::CudaStage`] (site
+//! `device = "cuda"`, cargo feature `cuda`).
+//!
+//! The model itself (weights, AdamW, gradient sums, digests, checkpoints)
+//! stays a host [`StageModel`] on either device; a GPU gets the weights
+//! before each window's passes. So the collectives, receipts and ledger see
+//! the same flat `f32` buffers whichever device computed them.
+
+use candle_core::Tensor;
+
+use super::TrainError;
+use crate::config::Device;
+use crate::model::{Pass, PassGrads, StageInput, StageModel};
+
+/// A rank's compute device, opened once.
+pub struct StageDevice {
+    inner: Inner,
+}
+
+enum Inner {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda {
+        gpu: std::sync::Arc<crate::gpu::Gpu>,
+        /// The stage on the GPU, once a window ran.
+        stage: Option<crate::gpu::CudaStage>,
+    },
+}
+
+/// A forward pass kept for its backward pass, on either device.
+pub(crate) enum DevicePass {
+    Cpu(Pass),
+    #[cfg(feature = "cuda")]
+    Cuda {
+        pass: crate::gpu::CudaPass,
+        /// `(B, T, width)` of the output.
+        shape: (usize, usize, usize),
+    },
+}
+
+impl DevicePass {
+    /// The boundary tensor to send on (a non-last stage).
+    pub(crate) fn output(&self) -> Result<Tensor, TrainError> {
+        match self {
+            DevicePass::Cpu(pass) => Ok(pass.output().clone()),
+            #[cfg(feature = "cuda")]
+            DevicePass::Cuda { pass, shape } => Ok(Tensor::from_slice(
+                pass.output(),
+                *shape,
+                &candle_core::Device::Cpu,
+            )?),
+        }
+    }
+
+    /// The microbatch's loss (the last stage).
+    pub(crate) fn loss(&self) -> Result<f32, TrainError> {
+        match self {
+            DevicePass::Cpu(pass) => Ok(pass.loss()?),
+            #[cfg(feature = "cuda")]
+            DevicePass::Cuda { pass, .. } => match pass.output() {
+                [loss] => Ok(*loss),
+                _ => Err(crate::model::ModelError::NotLastStage.into()),
+            },
+        }
+    }
+}
+
+impl StageDevice {
+    /// Opens `device` for a rank with `local_rank` on its host.
+    pub fn open(device: Device, local_rank: usize) -> Result<StageDevice, TrainError> {
+        let inner = match device {
+            Device::Cpu => Inner::Cpu,
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                let gpus = crate::gpu::Gpu::count()?.max(1);
+                let gpu = crate::gpu::Gpu::new(local_rank % gpus)?;
+                println!("stage passes on GPU {} ({})", local_rank % gpus, gpu.name());
+                Inner::Cuda { gpu, stage: None }
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                let _ = local_rank;
+                return Err(TrainError::DeviceNotBuilt(device));
+            }
+        };
+        Ok(StageDevice { inner })
+    }
+
+    /// The CPU, for ranks that compute no passes of their own.
+    pub fn cpu() -> StageDevice {
+        StageDevice { inner: Inner::Cpu }
+    }
+
+    /// Gives the device `model`'s stage and current weights: before a
+    /// window's passes, and after any step, rewind or move of stage.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn prepare(&mut self, model: &StageModel) -> Result<(), TrainError> {
+        match &mut self.inner {
+            Inner::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { gpu, stage } => {
+                match stage {
+                    Some(s) if s.stage() == model.stage() => {
+                        s.set_params_flat(&model.params_flat()?)?
+                    }
+                    _ => *stage = Some(crate::gpu::CudaStage::new(gpu.clone(), model)?),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `model.forward` on this device (after [`StageDevice::prepare`]).
+    pub(crate) fn forward(
+        &self,
+        model: &StageModel,
+        input: StageInput<'_>,
+        targets: Option<&Tensor>,
+    ) -> Result<DevicePass, TrainError> {
+        match &self.inner {
+            Inner::Cpu => Ok(DevicePass::Cpu(model.forward(input, targets)?)),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { stage, .. } => {
+                let stage = stage.as_ref().ok_or(TrainError::DeviceUnprepared)?;
+                let (ids, acts) = match input {
+                    StageInput::Tokens(ids) => (ids, None),
+                    StageInput::Activations(x, ids) => (ids, Some(x)),
+                };
+                let (b, t) = ids.dims2()?;
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let acts = acts
+                    .map(|x| {
+                        x.flatten_all()?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec1()
+                    })
+                    .transpose()?;
+                let targets = targets
+                    .map(|t| t.flatten_all()?.to_vec1::<u32>())
+                    .transpose()?;
+                let pass = stage.forward(&ids, b, acts.as_deref(), targets.as_deref())?;
+                let width = model.config().boundary_width();
+                Ok(DevicePass::Cuda {
+                    pass,
+                    shape: (b, t, width),
+                })
+            }
+        }
+    }
+
+    /// `model.gradients` on this device.
+    pub(crate) fn gradients(
+        &self,
+        model: &StageModel,
+        pass: DevicePass,
+        grad_output: Option<&Tensor>,
+    ) -> Result<PassGrads, TrainError> {
+        match (&self.inner, pass) {
+            (_, DevicePass::Cpu(pass)) => Ok(model.gradients(pass, grad_output)?),
+            #[cfg(feature = "cuda")]
+            (Inner::Cuda { stage, .. }, DevicePass::Cuda { pass, shape }) => {
+                let stage = stage.as_ref().ok_or(TrainError::DeviceUnprepared)?;
+                let grad = grad_output
+                    .map(|g| {
+                        g.flatten_all()?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec1()
+                    })
+                    .transpose()?;
+                let grads = stage.gradients(pass, grad.as_deref())?;
+                let (b, t, _) = shape;
+                let width = model.config().boundary_width();
+                let input = grads
+                    .input
+                    .map(|g| Tensor::from_vec(g, (b, t, width), &candle_core::Device::Cpu))
+                    .transpose()?;
+                Ok(PassGrads {
+                    params: grads.params,
+                    input,
+                })
+            }
+            #[cfg(feature = "cuda")]
+            (Inner::Cpu, DevicePass::Cuda { .. }) => Err(TrainError::DeviceUnprepared),
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Training jobs on a site with `device = "cuda"`: GPU miners train the
+//! model and GPU validators replay their passes bit for bit; without a
+//! GPU (or without the `cuda` feature) such a job stops with an error that
+//! names what is missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::train::*;
+use common::*;
+
+/// A tiny job on one site whose miners and validator compute on `device`:
+/// 2 stages of 1 miner each, and a validator replaying half the passes.
+fn device_job(dir: &Path, name: &str, device: &str, windows: u64) -> PathBuf {
+    let run_dir = dir.join(name);
+    job_file(
+        dir,
+        &format!("{name}.toml"),
+        &format!(
+            "[job]\nname = \"g\"\ntask = \"train\"\nseed = 3\nrun_dir = {run_dir:?}\n\n\
+             [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
+             [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
+             [roles]\nvalidators = 1\nreplay_rate = 0.5\n\n\
+             [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 4\ndevice = \"{device}\"\n\n\
+             [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
+             [train]\nwindows = {windows}\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n"
+        ),
+    )
+}
+
+/// Whether this machine has a GPU the stage kernels run on.
+fn has_gpu() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        swarmrun::gpu::Gpu::new(0).is_ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+#[test]
+fn gpu_miners_train_the_model_and_gpu_validators_replay_their_passes_exactly() {
+    if !has_gpu() {
+        println!("skipped: no GPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = device_job(dir.path(), "gpu", "cuda", 25);
+    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{text}\n{err}");
+    assert_eq!(
+        text.matches("stage passes on GPU").count(),
+        3,
+        "two miners and the validator on the GPU:\n{text}"
+    );
+    let lines = metrics_of(&job);
+    assert_eq!(lines.len(), 25);
+    let loss: Vec<f32> = lines
+        .iter()
+        .map(|l| field(l, "loss").parse().unwrap())
+        .collect();
+    println!("GPU job losses: {loss:?}");
+    let (head, tail) = (
+        loss[..5].iter().sum::<f32>(),
+        loss[20..].iter().sum::<f32>(),
+    );
+    assert!(tail < head - 0.5, "the loss did not go down: {loss:?}");
+    let replayed: u64 = lines
+        .iter()
+        .map(|l| field(l, "replayed").parse::<u64>().unwrap())
+        .sum();
+    assert!(replayed >= 25, "only {replayed} passes replayed");
+    for l in &lines {
+        assert_eq!(
+            field(l, "caught"),
+            "[]",
+            "an honest GPU miner was flagged: {l}"
+        );
+    }
+    println!("{replayed} GPU passes replayed on the GPU, none flagged");
+}
+
+#[test]
+fn a_cuda_site_without_a_gpu_stops_with_an_error_naming_what_is_missing() {
+    if has_gpu() {
+        println!("skipped: this machine has a GPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = device_job(dir.path(), "nogpu", "cuda", 2);
+    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a cuda job ran without a GPU");
+    let named = if cfg!(feature = "cuda") {
+        err.contains("no CUDA driver") || err.contains("no CUDA device")
+    } else {
+        err.contains("device = \"cuda\" needs swarmrun built with the `cuda` cargo feature")
+    };
+    assert!(named, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
