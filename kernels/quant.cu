@@ -57,97 +57,6 @@ __device__ __forceinline__ int code_of(float x, float inv, int qmax, int stochas
     return clamp_code(__float2int_rn(v), qmax);
 }
 
-// One block per row (blockDim.x a power of two, at most 1024): the row's
-// absolute maximum as bits, then its f16 scale.
-extern "C" __global__ void row_scales(const float* __restrict__ x,
-                                      unsigned short* __restrict__ scales,
-                                      unsigned int* __restrict__ status,
-                                      unsigned int rows, unsigned int width, int qmax) {
-    __shared__ unsigned int partial[1024];
-    unsigned int r = blockIdx.x;
-    if (r >= rows) return;
-    const float* row = x + (unsigned long long)r * width;
-    unsigned int m = 0;
-    for (unsigned int c = threadIdx.x; c < width; c += blockDim.x) {
-        unsigned int b = __float_as_uint(row[c]) & ABS_MASK;
-        m = b > m ? b : m;
-    }
-    partial[threadIdx.x] = m;
-    __syncthreads();
-    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s && partial[threadIdx.x + s] > partial[threadIdx.x]) {
-            partial[threadIdx.x] = partial[threadIdx.x + s];
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        unsigned int bits = partial[0];
-        unsigned short h = 0;
-        if (bits >= INF_BITS) {
-            atomicOr(status, STATUS_NON_FINITE);
-        } else {
-            h = f32_to_f16_up(__fdiv_rn(__uint_as_float(bits), (float)qmax));
-            if ((h & 0x7fffu) == 0x7c00u) atomicOr(status, STATUS_SCALE_OVERFLOW);
-        }
-        scales[r] = h;
-    }
-}
-
-// One thread per code byte: rows x width bytes.
-extern "C" __global__ void quantize_int8(const float* __restrict__ x,
-                                         const unsigned short* __restrict__ scales,
-                                         unsigned char* __restrict__ codes,
-                                         unsigned int rows, unsigned int width,
-                                         int stochastic, unsigned long long seed) {
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (unsigned long long)rows * width) return;
-    float inv = inverse(f16_to_f32(scales[i / width]));
-    codes[i] = (unsigned char)code_of(x[i], inv, 127, stochastic, seed, i);
-}
-
-// One thread per code byte: rows x (width + 1) / 2 bytes.
-extern "C" __global__ void quantize_int4(const float* __restrict__ x,
-                                         const unsigned short* __restrict__ scales,
-                                         unsigned char* __restrict__ codes,
-                                         unsigned int rows, unsigned int width,
-                                         int stochastic, unsigned long long seed) {
-    unsigned long long row_bytes = (width + 1u) / 2u;
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * row_bytes) return;
-    unsigned long long r = i / row_bytes;
-    unsigned long long c = 2ull * (i % row_bytes);
-    unsigned long long e = r * width + c;
-    float inv = inverse(f16_to_f32(scales[r]));
-    int lo = code_of(x[e], inv, 7, stochastic, seed, e);
-    int hi = c + 1 < width ? code_of(x[e + 1], inv, 7, stochastic, seed, e + 1) : 0;
-    codes[i] = (unsigned char)((lo & 0xf) | ((hi & 0xf) << 4));
-}
-
-// One thread per element.
-extern "C" __global__ void dequantize_int8(const unsigned char* __restrict__ codes,
-                                           const unsigned short* __restrict__ scales,
-                                           float* __restrict__ out,
-                                           unsigned int rows, unsigned int width) {
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (unsigned long long)rows * width) return;
-    out[i] = __fmul_rn((float)(signed char)codes[i], f16_to_f32(scales[i / width]));
-}
-
-// One thread per element.
-extern "C" __global__ void dequantize_int4(const unsigned char* __restrict__ codes,
-                                           const unsigned short* __restrict__ scales,
-                                           float* __restrict__ out,
-                                           unsigned int rows, unsigned int width) {
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (unsigned long long)rows * width) return;
-    unsigned long long r = i / width;
-    unsigned long long c = i % width;
-    unsigned int byte = codes[r * ((width + 1u) / 2u) + c / 2u];
-    int nibble = (int)((c & 1u) ? (byte >> 4) : (byte & 0xfu));
-    int q = nibble >= 8 ? nibble - 16 : nibble;
-    out[i] = __fmul_rn((float)q, f16_to_f32(scales[r]));
-}
-
 // The code of element (r, c) read straight from the frame's bytes.
 __device__ __forceinline__ int code_at(const unsigned char* __restrict__ codes, unsigned long long r,
                                        unsigned int c, unsigned int width, int int4) {
@@ -155,6 +64,126 @@ __device__ __forceinline__ int code_at(const unsigned char* __restrict__ codes, 
     unsigned int byte = codes[r * ((width + 1u) / 2u) + c / 2u];
     int nibble = (int)((c & 1u) ? (byte >> 4) : (byte & 0xfu));
     return nibble >= 8 ? nibble - 16 : nibble;
+}
+
+// One warp per row (blockDim.x a multiple of 32): the row's absolute
+// maximum as bits (a max is exact in any order), its f16 scale, then the
+// codes, in one pass over the row; the second read of the row hits the
+// cache. Rows of a width divisible by 4 are read 16 bytes at a time and
+// their codes written 4 (int8) or 2 (int4) bytes at a time.
+// int8 codes[r * width + c]; int4 rows of (width + 1) / 2 bytes.
+extern "C" __global__ void quantize_rows(const float* __restrict__ x,
+                                         unsigned short* __restrict__ scales,
+                                         unsigned char* __restrict__ codes,
+                                         unsigned int* __restrict__ status,
+                                         unsigned int rows, unsigned int width, int int4,
+                                         int stochastic, unsigned long long seed) {
+    unsigned int lane = threadIdx.x & 31u;
+    unsigned long long r = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (r >= rows) return;
+    int qmax = int4 ? 7 : 127;
+    const float* row = x + r * width;
+    bool vec = (width & 3u) == 0u;
+    unsigned int m = 0;
+    if (vec) {
+        const float4* row4 = reinterpret_cast<const float4*>(row);
+        for (unsigned int c = lane; c < width / 4u; c += 32u) {
+            float4 v = row4[c];
+            unsigned int a = __float_as_uint(v.x) & ABS_MASK, b = __float_as_uint(v.y) & ABS_MASK;
+            unsigned int d = __float_as_uint(v.z) & ABS_MASK, e = __float_as_uint(v.w) & ABS_MASK;
+            m = max(m, max(max(a, b), max(d, e)));
+        }
+    } else {
+        for (unsigned int c = lane; c < width; c += 32u) m = max(m, __float_as_uint(row[c]) & ABS_MASK);
+    }
+    for (int off = 16; off > 0; off >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
+    unsigned short h = 0;
+    if (m >= INF_BITS) {
+        if (lane == 0) atomicOr(status, STATUS_NON_FINITE);
+    } else {
+        h = f32_to_f16_up(__fdiv_rn(__uint_as_float(m), (float)qmax));
+        if (lane == 0 && (h & 0x7fffu) == 0x7c00u) atomicOr(status, STATUS_SCALE_OVERFLOW);
+    }
+    if (lane == 0) scales[r] = h;
+    float inv = inverse(f16_to_f32(h));
+    unsigned long long e0 = r * width;
+    if (!int4) {
+        unsigned char* out = codes + r * width;
+        if (vec) {
+            const float4* row4 = reinterpret_cast<const float4*>(row);
+            unsigned int* out4 = reinterpret_cast<unsigned int*>(out);
+            for (unsigned int c = lane; c < width / 4u; c += 32u) {
+                float4 v = row4[c];
+                unsigned long long e = e0 + 4ull * c;
+                unsigned int q0 = (unsigned char)code_of(v.x, inv, qmax, stochastic, seed, e);
+                unsigned int q1 = (unsigned char)code_of(v.y, inv, qmax, stochastic, seed, e + 1);
+                unsigned int q2 = (unsigned char)code_of(v.z, inv, qmax, stochastic, seed, e + 2);
+                unsigned int q3 = (unsigned char)code_of(v.w, inv, qmax, stochastic, seed, e + 3);
+                out4[c] = q0 | (q1 << 8) | (q2 << 16) | (q3 << 24);
+            }
+        } else {
+            for (unsigned int c = lane; c < width; c += 32u) {
+                out[c] = (unsigned char)code_of(row[c], inv, qmax, stochastic, seed, e0 + c);
+            }
+        }
+        return;
+    }
+    unsigned int row_bytes = (width + 1u) / 2u;
+    unsigned char* out = codes + r * row_bytes;
+    if (vec) {
+        const float4* row4 = reinterpret_cast<const float4*>(row);
+        unsigned short* out2 = reinterpret_cast<unsigned short*>(out);
+        for (unsigned int c = lane; c < width / 4u; c += 32u) {
+            float4 v = row4[c];
+            unsigned long long e = e0 + 4ull * c;
+            unsigned int q0 = code_of(v.x, inv, qmax, stochastic, seed, e) & 0xf;
+            unsigned int q1 = code_of(v.y, inv, qmax, stochastic, seed, e + 1) & 0xf;
+            unsigned int q2 = code_of(v.z, inv, qmax, stochastic, seed, e + 2) & 0xf;
+            unsigned int q3 = code_of(v.w, inv, qmax, stochastic, seed, e + 3) & 0xf;
+            out2[c] = (unsigned short)(q0 | (q1 << 4) | (q2 << 8) | (q3 << 12));
+        }
+    } else {
+        for (unsigned int b = lane; b < row_bytes; b += 32u) {
+            unsigned int c = 2u * b;
+            int lo = code_of(row[c], inv, qmax, stochastic, seed, e0 + c);
+            int hi = c + 1 < width ? code_of(row[c + 1], inv, qmax, stochastic, seed, e0 + c + 1) : 0;
+            out[b] = (unsigned char)((lo & 0xf) | ((hi & 0xf) << 4));
+        }
+    }
+}
+
+// One warp per row, as quantize_rows: out[r * width + c] = code * scale_r.
+extern "C" __global__ void dequantize_rows(const unsigned char* __restrict__ codes,
+                                           const unsigned short* __restrict__ scales,
+                                           float* __restrict__ out,
+                                           unsigned int rows, unsigned int width, int int4) {
+    unsigned int lane = threadIdx.x & 31u;
+    unsigned long long r = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (r >= rows) return;
+    float scale = f16_to_f32(scales[r]);
+    float* row = out + r * width;
+    if ((width & 3u) == 0u) {
+        float4* row4 = reinterpret_cast<float4*>(row);
+        for (unsigned int c = lane; c < width / 4u; c += 32u) {
+            int q[4];
+            if (int4) {
+                unsigned int b = reinterpret_cast<const unsigned short*>(codes + r * (width / 2u))[c];
+                for (int k = 0; k < 4; k++) {
+                    int nibble = (int)((b >> (4 * k)) & 0xfu);
+                    q[k] = nibble >= 8 ? nibble - 16 : nibble;
+                }
+            } else {
+                unsigned int b = reinterpret_cast<const unsigned int*>(codes + r * width)[c];
+                for (int k = 0; k < 4; k++) q[k] = (int)(signed char)(b >> (8 * k));
+            }
+            row4[c] = make_float4(__fmul_rn((float)q[0], scale), __fmul_rn((float)q[1], scale),
+                                  __fmul_rn((float)q[2], scale), __fmul_rn((float)q[3], scale));
+        }
+        return;
+    }
+    for (unsigned int c = lane; c < width; c += 32u) {
+        row[c] = __fmul_rn((float)code_at(codes, r, c, width, int4), scale);
+    }
 }
 
 // The receiving side of a bottleneck: its up-projection with the

@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use swarmrun::compress::cuda::CudaError;
+use swarmrun::compress::{quantize, Bits, Rounding};
 use swarmrun::config::ModelSpec;
 use swarmrun::data::{Corpus, Dataset, Split};
-use swarmrun::gpu::{CudaStage, Gpu, GpuError};
+use swarmrun::gpu::{CudaStage, Gpu, GpuError, StageData};
 use swarmrun::model::{batch_tensors, GptConfig, StageInput, StageModel};
 
 fn gpu() -> Option<Arc<Gpu>> {
@@ -57,6 +58,8 @@ struct Case {
     spec: ModelSpec,
     layers: Vec<usize>,
     bottleneck: Option<usize>,
+    /// Frames quantized to these bits: the GPU gets the codes.
+    quant: Option<Bits>,
     batch: usize,
 }
 
@@ -81,6 +84,7 @@ fn cases() -> Vec<Case> {
             spec: small.clone(),
             layers: vec![2],
             bottleneck: None,
+            quant: None,
             batch: 3,
         },
         Case {
@@ -88,6 +92,7 @@ fn cases() -> Vec<Case> {
             spec: small.clone(),
             layers: vec![1, 1],
             bottleneck: None,
+            quant: None,
             batch: 3,
         },
         Case {
@@ -95,13 +100,31 @@ fn cases() -> Vec<Case> {
             spec: small,
             layers: vec![1, 1],
             bottleneck: Some(8),
+            quant: None,
             batch: 3,
         },
         Case {
             name: "quickstart, 2 stages, bottleneck 16",
-            spec: quickstart,
+            spec: quickstart.clone(),
             layers: vec![2, 2],
             bottleneck: Some(16),
+            quant: None,
+            batch: 12,
+        },
+        Case {
+            name: "quickstart, bottleneck 16, int8 codes",
+            spec: quickstart.clone(),
+            layers: vec![2, 2],
+            bottleneck: Some(16),
+            quant: Some(Bits::Int8),
+            batch: 12,
+        },
+        Case {
+            name: "quickstart, 2 stages, int4 codes",
+            spec: quickstart,
+            layers: vec![2, 2],
+            bottleneck: None,
+            quant: Some(Bits::Int4),
             batch: 12,
         },
     ]
@@ -126,7 +149,13 @@ fn run_stage(gpu: &Arc<Gpu>, case: &Case, stage: usize, replays: usize) -> Vec<B
     let (ids, targets) = batch_tensors(&batch).unwrap();
     let n = case.batch * t;
     let width = config.boundary_width();
-    let input = noise(n * width, 11 + stage as u64, 1.0);
+    let raw = noise(n * width, 11 + stage as u64, 1.0);
+    // With a codec, the CPU model gets the frame's values and the GPU its
+    // codes.
+    let coded = case
+        .quant
+        .map(|bits| quantize(&raw, n, width, bits, Rounding::Nearest).unwrap());
+    let input = coded.as_ref().map_or(raw, |q| q.dequantize());
     let input_t =
         candle_core::Tensor::from_slice(&input, (case.batch, t, width), &candle_core::Device::Cpu)
             .unwrap();
@@ -175,7 +204,10 @@ fn run_stage(gpu: &Arc<Gpu>, case: &Case, stage: usize, replays: usize) -> Vec<B
                 .forward(
                     &batch.inputs,
                     case.batch,
-                    (stage > 0).then_some(input.as_slice()),
+                    (stage > 0).then_some(match &coded {
+                        Some(q) => StageData::Codes(q),
+                        None => StageData::Values(&input),
+                    }),
                     last.then_some(batch.targets.as_slice()),
                 )
                 .unwrap();

@@ -13,6 +13,17 @@ use common::*;
 /// A tiny job on one site whose miners and validator compute on `device`:
 /// 2 stages of 1 miner each, and a validator replaying half the passes.
 fn device_job(dir: &Path, name: &str, device: &str, windows: u64) -> PathBuf {
+    coded_device_job(dir, name, device, windows, "")
+}
+
+/// [`device_job`] with `compression` as the `[pipeline.compression]` table.
+fn coded_device_job(
+    dir: &Path,
+    name: &str,
+    device: &str,
+    windows: u64,
+    compression: &str,
+) -> PathBuf {
     let run_dir = dir.join(name);
     job_file(
         dir,
@@ -21,6 +32,7 @@ fn device_job(dir: &Path, name: &str, device: &str, windows: u64) -> PathBuf {
             "[job]\nname = \"g\"\ntask = \"train\"\nseed = 3\nrun_dir = {run_dir:?}\n\n\
              [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
              [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
+             [pipeline.compression]\n{compression}\n\n\
              [roles]\nvalidators = 1\nreplay_rate = 0.5\n\n\
              [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 4\ndevice = \"{device}\"\n\n\
              [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
@@ -43,12 +55,24 @@ fn has_gpu() -> bool {
 
 #[test]
 fn gpu_miners_train_the_model_and_gpu_validators_replay_their_passes_exactly() {
+    gpu_job_trains_and_replays("");
+}
+
+/// With a bottleneck and int8 frames, a GPU stage after the first takes
+/// the frame's codes and dequantizes them inside its up-projection; the
+/// validator's replay takes the same path and matches it bit for bit.
+#[test]
+fn gpu_miners_with_a_coded_bottleneck_train_and_replay_exactly() {
+    gpu_job_trains_and_replays("bottleneck = 8\nquant = \"int8\"");
+}
+
+fn gpu_job_trains_and_replays(compression: &str) {
     if !has_gpu() {
         println!("skipped: no GPU");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let job = device_job(dir.path(), "gpu", "cuda", 25);
+    let job = coded_device_job(dir.path(), "gpu", "cuda", 25, compression);
     let out = swarmrun().arg("launch").arg(&job).output().unwrap();
     let (text, err) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "{text}\n{err}");

@@ -33,8 +33,8 @@ pub const CHECK_ARCHS: &[&str] = &["sm_80", "sm_90"];
 /// compiles the PTX for whatever GPU it finds (Ampere or newer).
 pub(crate) const LAUNCH_ARCH: &str = "compute_80";
 
-/// Threads per block of the element-wise kernels, and of `row_scales`
-/// (whose reduction needs a power of two, at most 1024).
+/// Threads per block: 8 warps, one row each, or one thread per output of
+/// `dequantize_project`.
 const BLOCK: u32 = 256;
 
 /// Why a kernel could not be compiled or run.
@@ -100,11 +100,8 @@ pub(crate) fn context(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
 /// The codec's kernels, loaded on one GPU.
 pub struct CudaCodec {
     stream: Arc<CudaStream>,
-    row_scales: CudaFunction,
-    quantize_int8: CudaFunction,
-    quantize_int4: CudaFunction,
-    dequantize_int8: CudaFunction,
-    dequantize_int4: CudaFunction,
+    quantize_rows: CudaFunction,
+    dequantize_rows: CudaFunction,
     dequantize_project: CudaFunction,
 }
 
@@ -116,11 +113,8 @@ impl CudaCodec {
         let module = ctx.load_module(compile("quant.cu", QUANT_SOURCE, LAUNCH_ARCH)?)?;
         Ok(CudaCodec {
             stream: ctx.default_stream(),
-            row_scales: module.load_function("row_scales")?,
-            quantize_int8: module.load_function("quantize_int8")?,
-            quantize_int4: module.load_function("quantize_int4")?,
-            dequantize_int8: module.load_function("dequantize_int8")?,
-            dequantize_int4: module.load_function("dequantize_int4")?,
+            quantize_rows: module.load_function("quantize_rows")?,
+            dequantize_rows: module.load_function("dequantize_rows")?,
             dequantize_project: module.load_function("dequantize_project")?,
         })
     }
@@ -145,20 +139,16 @@ impl CudaCodec {
         let mut scales = self.stream.alloc_zeros::<u16>(rows)?;
         let mut codes = self.stream.alloc_zeros::<u8>(shape.code_bytes)?;
         let mut status = self.stream.alloc_zeros::<u32>(1)?;
-        let quantize_fn = match bits {
-            Bits::Int8 => &self.quantize_int8,
-            Bits::Int4 => &self.quantize_int4,
-        };
         launch_quantize(
             &self.stream,
-            [&self.row_scales, quantize_fn],
+            &self.quantize_rows,
             &shape,
             QuantArgs {
                 x: &x_dev,
                 scales: &mut scales,
                 codes: &mut codes,
                 status: &mut status,
-                qmax: bits.qmax(),
+                int4: i32::from(bits == Bits::Int4),
                 stochastic,
                 seed,
             },
@@ -184,11 +174,9 @@ impl CudaCodec {
         let scales = self.stream.clone_htod(&scale_bits)?;
         let codes = self.stream.clone_htod(q.codes())?;
         let mut out = self.stream.alloc_zeros::<f32>(shape.elements as usize)?;
-        let f = match q.bits() {
-            Bits::Int8 => &self.dequantize_int8,
-            Bits::Int4 => &self.dequantize_int4,
-        };
-        launch_dequantize(&self.stream, f, &shape, &codes, &scales, &mut out)?;
+        let int4 = i32::from(q.bits() == Bits::Int4);
+        let f = &self.dequantize_rows;
+        launch_dequantize(&self.stream, (f, int4), &shape, &codes, &scales, &mut out)?;
         Ok(self.stream.clone_dtoh(&out)?)
     }
 
@@ -279,10 +267,7 @@ impl CudaCodec {
         let mut codes = self.stream.alloc_zeros::<u8>(shape.code_bytes)?;
         let mut status = self.stream.alloc_zeros::<u32>(1)?;
         let mut out = self.stream.alloc_zeros::<f32>(x.len())?;
-        let (quantize_fn, dequantize_fn) = match bits {
-            Bits::Int8 => (&self.quantize_int8, &self.dequantize_int8),
-            Bits::Int4 => (&self.quantize_int4, &self.dequantize_int4),
-        };
+        let int4 = i32::from(bits == Bits::Int4);
         let time = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
             f()?;
             self.stream.synchronize()?;
@@ -303,16 +288,16 @@ impl CudaCodec {
                 scales: &mut scales,
                 codes: &mut codes,
                 status: &mut status,
-                qmax: bits.qmax(),
+                int4,
                 stochastic: 0,
                 seed: 0,
             };
-            launch_quantize(&self.stream, [&self.row_scales, quantize_fn], &shape, args)
+            launch_quantize(&self.stream, &self.quantize_rows, &shape, args)
         })?;
         let decode_s = time(&mut || {
             launch_dequantize(
                 &self.stream,
-                dequantize_fn,
+                (&self.dequantize_rows, int4),
                 &shape,
                 &codes,
                 &scales,
@@ -365,7 +350,7 @@ struct QuantArgs<'a> {
     scales: &'a mut CudaSlice<u16>,
     codes: &'a mut CudaSlice<u8>,
     status: &'a mut CudaSlice<u32>,
-    qmax: i32,
+    int4: i32,
     stochastic: i32,
     seed: u64,
 }
@@ -381,76 +366,62 @@ pub(crate) fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// `row_scales` (one block per row), then the quantize kernel (one thread
-/// per code byte), on one stream so the second sees the first's scales.
+/// Blocks of [`BLOCK`] threads for one warp per each of `rows` rows.
+fn per_row(rows: u32) -> Result<cudarc::driver::LaunchConfig, CudaError> {
+    Ok(cudarc::driver::LaunchConfig {
+        grid_dim: (Shape::grid(u64::from(rows) * 32)?, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `quantize_rows`: one warp per row computes the row's scale and codes.
 fn launch_quantize(
     stream: &CudaStream,
-    [row_scales, quantize_fn]: [&CudaFunction; 2],
+    quantize_rows: &CudaFunction,
     shape: &Shape,
     a: QuantArgs<'_>,
 ) -> Result<(), CudaError> {
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    use cudarc::driver::PushKernelArg;
     if shape.elements == 0 {
         return Ok(());
     }
-    let per_row = LaunchConfig {
-        grid_dim: (shape.rows, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let per_byte = LaunchConfig {
-        grid_dim: (Shape::grid(shape.code_bytes as u64)?, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the argument list matches the kernels' signatures in
-    // quant.cu (types and order); every buffer holds what the kernels index:
-    // `x` rows x width floats, `scales` rows, `codes` the code bytes,
-    // `status` one word; each thread bounds-checks its index.
+    // SAFETY: the argument list matches `quantize_rows` in quant.cu (types
+    // and order); every buffer holds what the kernel indexes: `x` rows x
+    // width floats, `scales` rows, `codes` the code bytes, `status` one
+    // word; each warp bounds-checks its row.
     unsafe {
         stream
-            .launch_builder(row_scales)
+            .launch_builder(quantize_rows)
             .arg(a.x)
             .arg(&mut *a.scales)
+            .arg(&mut *a.codes)
             .arg(&mut *a.status)
             .arg(&shape.rows)
             .arg(&shape.width)
-            .arg(&a.qmax)
-            .launch(per_row)?;
-        stream
-            .launch_builder(quantize_fn)
-            .arg(a.x)
-            .arg(&*a.scales)
-            .arg(&mut *a.codes)
-            .arg(&shape.rows)
-            .arg(&shape.width)
+            .arg(&a.int4)
             .arg(&a.stochastic)
             .arg(&a.seed)
-            .launch(per_byte)?;
+            .launch(per_row(shape.rows)?)?;
     }
     Ok(())
 }
 
-/// A dequantize kernel, one thread per element.
+/// `dequantize_rows`, one warp per row.
 fn launch_dequantize(
     stream: &CudaStream,
-    f: &CudaFunction,
+    (f, int4): (&CudaFunction, i32),
     shape: &Shape,
     codes: &CudaSlice<u8>,
     scales: &CudaSlice<u16>,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    use cudarc::driver::PushKernelArg;
     if shape.elements == 0 {
         return Ok(());
     }
-    let cfg = LaunchConfig {
-        grid_dim: (Shape::grid(shape.elements)?, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: as in `launch_quantize`: the arguments match
-    // `dequantize_int8/int4(codes, scales, out, rows, width)` and `out`
+    // `dequantize_rows(codes, scales, out, rows, width, int4)` and `out`
     // holds rows x width floats.
     unsafe {
         stream
@@ -460,7 +431,8 @@ fn launch_dequantize(
             .arg(out)
             .arg(&shape.rows)
             .arg(&shape.width)
-            .launch(cfg)?;
+            .arg(&int4)
+            .launch(per_row(shape.rows)?)?;
     }
     Ok(())
 }

@@ -34,7 +34,7 @@ use thiserror::Error;
 use crate::compress::cuda::{self as kernels, CudaError};
 use crate::model::ModelError;
 
-pub use stage::{CudaPass, CudaStage};
+pub use stage::{CudaPass, CudaStage, StageData};
 
 /// A device buffer of `f32`s.
 pub(crate) type Buf = CudaSlice<f32>;
@@ -95,6 +95,9 @@ struct Kernels {
     causal_softmax_bwd: CudaFunction,
     cross_entropy_fwd: CudaFunction,
     cross_entropy_bwd: CudaFunction,
+    /// The boundary codec's (`kernels/quant.cu`), for frames that arrive.
+    dequantize_rows: CudaFunction,
+    dequantize_project: CudaFunction,
 }
 
 /// `C = op(A) @ op(B)` on row-major matrices, `batch` of them at once
@@ -130,13 +133,16 @@ impl Gpu {
     pub fn new(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
         let ctx = kernels::context(ordinal)?;
         let name = ctx.name()?;
-        let source = kernels::SOURCES
-            .iter()
-            .find(|(file, _)| *file == "train.cu")
-            .map(|(_, source)| *source)
-            .unwrap_or_default();
-        let module =
-            ctx.load_module(kernels::compile("train.cu", source, kernels::LAUNCH_ARCH)?)?;
+        let load = |file: &str| {
+            let source = kernels::SOURCES
+                .iter()
+                .find(|(name, _)| *name == file)
+                .map(|(_, source)| *source)
+                .unwrap_or_default();
+            let ptx = kernels::compile(file, source, kernels::LAUNCH_ARCH)?;
+            Ok::<_, GpuError>(ctx.load_module(ptx)?)
+        };
+        let (module, quant) = (load("train.cu")?, load("quant.cu")?);
         let f = |name: &str| module.load_function(name);
         let k = Kernels {
             embed_fwd: f("embed_fwd")?,
@@ -154,6 +160,8 @@ impl Gpu {
             causal_softmax_bwd: f("causal_softmax_bwd")?,
             cross_entropy_fwd: f("cross_entropy_fwd")?,
             cross_entropy_bwd: f("cross_entropy_bwd")?,
+            dequantize_rows: quant.load_function("dequantize_rows")?,
+            dequantize_project: quant.load_function("dequantize_project")?,
         };
         let stream = ctx.default_stream();
         let blas = new_blas(&stream)?;
@@ -183,7 +191,11 @@ impl Gpu {
         Ok(self.stream.clone_htod(host)?)
     }
 
-    pub(crate) fn upload_u32(&self, host: &[u32]) -> Result<CudaSlice<u32>, GpuError> {
+    /// Token ids, codes, scales: any plain values.
+    pub(crate) fn upload_slice<T: cudarc::driver::DeviceRepr>(
+        &self,
+        host: &[T],
+    ) -> Result<CudaSlice<T>, GpuError> {
         Ok(self.stream.clone_htod(host)?)
     }
 
@@ -523,6 +535,34 @@ impl Gpu {
         let rows = targets.len();
         let (n_, v_) = (u32_of(rows)?, u32_of(vocab)?);
         launch!(self, cross_entropy_bwd, rows; &mut *dlogits, logits, targets, &n_, &v_);
+        Ok(())
+    }
+
+    /// A frame's codes back to `rows x width` floats (`quant.cu`).
+    pub(crate) fn dequantize(
+        &self,
+        out: &mut Buf,
+        (codes, scales): (&CudaSlice<u8>, &CudaSlice<u16>),
+        (rows, width, int4): (usize, usize, bool),
+    ) -> Result<(), GpuError> {
+        let (r_, w_, int4) = (u32_of(rows)?, u32_of(width)?, i32::from(int4));
+        launch!(self, dequantize_rows, rows * 32; codes, scales, &mut *out, &r_, &w_, &int4);
+        Ok(())
+    }
+
+    /// `dequantize(codes) @ w` (`w` is `width x n`) without the floats in
+    /// between: the up-projection of a bottleneck fused with the frame's
+    /// dequantization (`quant.cu`).
+    pub(crate) fn dequantize_project(
+        &self,
+        out: &mut Buf,
+        (codes, scales): (&CudaSlice<u8>, &CudaSlice<u16>),
+        w: &Buf,
+        (rows, width, n, int4): (usize, usize, usize, bool),
+    ) -> Result<(), GpuError> {
+        let (r_, w_, n_, int4) = (u32_of(rows)?, u32_of(width)?, u32_of(n)?, i32::from(int4));
+        launch!(self, dequantize_project, rows * n;
+            codes, scales, w, &mut *out, &r_, &w_, &n_, &int4);
         Ok(())
     }
 }

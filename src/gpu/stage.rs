@@ -8,7 +8,28 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 
 use super::{Buf, Gpu, GpuError, Matmul};
+use crate::compress::{Bits, Quantized};
 use crate::model::{GptConfig, ModelError, ParamInfo, StageModel};
+
+/// The boundary tensor a stage after the first gets.
+#[derive(Debug, Clone, Copy)]
+pub enum StageData<'a> {
+    /// `B * T * w` floats (a job without a codec, or decoded on the host).
+    Values(&'a [f32]),
+    /// A frame's codes and scales as they came off the wire: the GPU
+    /// dequantizes them, into the bottleneck's up-projection when the
+    /// stage has one (`dequantize_project`).
+    Codes(&'a Quantized),
+}
+
+impl StageData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            StageData::Values(v) => v.len(),
+            StageData::Codes(q) => q.rows() * q.width(),
+        }
+    }
+}
 
 /// A stage's weights on one GPU, and the passes over them.
 pub struct CudaStage {
@@ -190,7 +211,7 @@ impl CudaStage {
         &self,
         ids: &[u32],
         b: usize,
-        input: Option<&[f32]>,
+        input: Option<StageData<'_>>,
         targets: Option<&[u32]>,
     ) -> Result<CudaPass, GpuError> {
         let cfg = &self.config;
@@ -220,7 +241,7 @@ impl CudaStage {
             .into());
         }
         let gpu = &self.gpu;
-        let ids_dev = gpu.upload_u32(ids)?;
+        let ids_dev = gpu.upload_slice(ids)?;
         let (mut x, input) = match (self.parts.embeddings, input) {
             (Some([wte, wpe]), None) => {
                 let mut x = gpu.zeros(n * c)?;
@@ -228,23 +249,52 @@ impl CudaStage {
                 (x, None)
             }
             (None, Some(input)) => {
-                if input.len() != n * w {
+                let shaped = match input {
+                    StageData::Codes(q) => q.rows() == n && q.width() == w,
+                    StageData::Values(_) => true,
+                };
+                if input.len() != n * w || !shaped {
                     return Err(shape(
                         "input activations",
                         format!("{n} x {w}"),
                         input.len(),
                     ));
                 }
-                let code = gpu.upload(input)?;
-                let x = match self.parts.up {
-                    Some([up, wte, wpe]) => {
-                        let mut x = self.linear(&code, up, (n, w, c))?;
+                let (code, fused) = match input {
+                    StageData::Values(v) => (gpu.upload(v)?, None),
+                    StageData::Codes(q) => {
+                        let codes = gpu.upload_slice(q.codes())?;
+                        let bits: Vec<u16> = q.scales().iter().map(|s| s.to_bits()).collect();
+                        let scales = gpu.upload_slice(&bits)?;
+                        let int4 = q.bits() == Bits::Int4;
+                        // The floats, for the up-projection's weight gradient.
+                        let mut code = gpu.zeros(n * w)?;
+                        gpu.dequantize(&mut code, (&codes, &scales), (n, w, int4))?;
+                        (code, Some((codes, scales, int4)))
+                    }
+                };
+                let x = match (self.parts.up, fused) {
+                    (Some([up, wte, wpe]), fused) => {
+                        let mut x = match fused {
+                            Some((codes, scales, int4)) => {
+                                let mut x = gpu.zeros(n * c)?;
+                                let shape = (n, w, c, int4);
+                                gpu.dequantize_project(
+                                    &mut x,
+                                    (&codes, &scales),
+                                    self.w(up),
+                                    shape,
+                                )?;
+                                x
+                            }
+                            None => self.linear(&code, up, (n, w, c))?,
+                        };
                         let mut emb = gpu.zeros(n * c)?;
                         gpu.embed_fwd(&mut emb, &ids_dev, self.w(wte), self.w(wpe), (t, c))?;
                         gpu.add_assign(&mut x, &emb)?;
                         x
                     }
-                    None => gpu.upload(input)?,
+                    (None, _) => code.clone(),
                 };
                 (x, Some(code))
             }
@@ -277,7 +327,7 @@ impl CudaStage {
                 let v = cfg.vocab_size;
                 let norm = self.layernorm(&x, ln_f, (n, c))?;
                 let logits = self.linear(&norm.out, lm_head, (n, c, v))?;
-                let targets = gpu.upload_u32(targets)?;
+                let targets = gpu.upload_slice(targets)?;
                 let mut losses = gpu.zeros(n)?;
                 gpu.cross_entropy_fwd(&mut losses, &logits, &targets, v)?;
                 let losses = gpu.download(&losses)?;

@@ -10,7 +10,7 @@
 use candle_core::{Device, Tensor};
 use thiserror::Error;
 
-use crate::compress::{frame, quantize, Bits, FrameError, QuantError, Rounding};
+use crate::compress::{frame, quantize, Bits, FrameError, QuantError, Quantized, Rounding};
 use crate::config::{CompressionSpec, Quant};
 
 #[derive(Debug, Error)]
@@ -101,6 +101,20 @@ impl BoundaryCodec {
 
     /// The tensor back, refusing anything but this job's shape and codec.
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<f32>, BoundaryError> {
+        match self.decode_codes(bytes)? {
+            Some(q) => Ok(q.dequantize()),
+            None => Ok(bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()),
+        }
+    }
+
+    /// The frame's codes and scales as they came, checked as
+    /// [`BoundaryCodec::decode`] checks them, for a GPU that dequantizes
+    /// them itself; `None` when this job sends plain `f32` (whose length
+    /// is checked too).
+    pub fn decode_codes(&self, bytes: &[u8]) -> Result<Option<Quantized>, BoundaryError> {
         let Some(want) = self.bits else {
             let expected = self.rows * self.width * 4;
             if bytes.len() != expected {
@@ -109,10 +123,7 @@ impl BoundaryCodec {
                     expected,
                 });
             }
-            return Ok(bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect());
+            return Ok(None);
         };
         let q = frame::decode(bytes, self.rows * self.width)?;
         if (q.rows(), q.width()) != (self.rows, self.width) {
@@ -129,7 +140,7 @@ impl BoundaryCodec {
                 want,
             });
         }
-        Ok(q.dequantize())
+        Ok(Some(q))
     }
 }
 

@@ -395,8 +395,11 @@ pub(super) fn replay(
         Some(x) => StageInput::Activations(x, &tokens),
     };
     let last = model.is_last();
+    let codes = device
+        .codes_of(codec, frames.input.as_deref())
+        .map_err(|e| e.to_string())?;
     let pass = device
-        .forward(model, input, last.then_some(&targets))
+        .forward(model, input, last.then_some(&targets), codes.as_ref())
         .map_err(|e| e.to_string())?;
     let (output, grad_in) = if last {
         (digest_f32(&[pass.loss().map_err(|e| e.to_string())?]), None)

@@ -10,8 +10,10 @@
 use candle_core::Tensor;
 
 use super::TrainError;
+use crate::compress::Quantized;
 use crate::config::Device;
 use crate::model::{Pass, PassGrads, StageInput, StageModel};
+use crate::pipeline::{BoundaryCodec, BoundaryError};
 
 /// A rank's compute device, opened once.
 pub struct StageDevice {
@@ -111,12 +113,32 @@ impl StageDevice {
         }
     }
 
+    /// The input frame's codes for [`StageDevice::forward`]: a GPU
+    /// dequantizes them itself, fused into a bottleneck's up-projection;
+    /// `None` on the CPU, without a frame, or for plain `f32` frames.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn codes_of(
+        &self,
+        codec: &BoundaryCodec,
+        frame: Option<&[u8]>,
+    ) -> Result<Option<Quantized>, BoundaryError> {
+        match (&self.inner, frame) {
+            #[cfg(feature = "cuda")]
+            (Inner::Cuda { .. }, Some(frame)) => codec.decode_codes(frame),
+            _ => Ok(None),
+        }
+    }
+
     /// `model.forward` on this device (after [`StageDevice::prepare`]).
+    /// `codes`: the input frame's codes ([`StageDevice::codes_of`]); a GPU
+    /// then computes from them instead of the decoded tensor in `input`.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn forward(
         &self,
         model: &StageModel,
         input: StageInput<'_>,
         targets: Option<&Tensor>,
+        codes: Option<&Quantized>,
     ) -> Result<DevicePass, TrainError> {
         match &self.inner {
             Inner::Cpu => Ok(DevicePass::Cpu(model.forward(input, targets)?)),
@@ -139,7 +161,12 @@ impl StageDevice {
                 let targets = targets
                     .map(|t| t.flatten_all()?.to_vec1::<u32>())
                     .transpose()?;
-                let pass = stage.forward(&ids, b, acts.as_deref(), targets.as_deref())?;
+                let data = match (codes, &acts) {
+                    (Some(q), _) => Some(crate::gpu::StageData::Codes(q)),
+                    (None, Some(v)) => Some(crate::gpu::StageData::Values(v)),
+                    (None, None) => None,
+                };
+                let pass = stage.forward(&ids, b, data, targets.as_deref())?;
                 let width = model.config().boundary_width();
                 Ok(DevicePass::Cuda {
                     pass,

@@ -653,6 +653,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 }
             };
             let started = Instant::now();
+            let frame = received.as_ref().map(|(_, bytes)| bytes.as_slice());
+            let codes = self.device.codes_of(&self.boundary, frame)?;
             let pass = self.device.forward(
                 &self.model,
                 match &received {
@@ -660,6 +662,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     Some((x, _)) => StageInput::Activations(x, &tokens),
                 },
                 (stage == self.last()).then_some(&targets),
+                codes.as_ref(),
             )?;
             let mut stated = Stated {
                 input: received.as_ref().map(|(_, bytes)| audit::digest(bytes)),
