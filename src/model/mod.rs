@@ -89,7 +89,8 @@
 //! bottleneck is part of the model: its weights train end to end with the
 //! rest, and a split with a bottleneck is another model than the whole.
 //!
-//! Only the CPU is used; parameters and flat buffers are `f32` (a stage
+//! This is the CPU model; `crate::gpu` runs the same stages' passes on a
+//! CUDA GPU (feature `cuda`). Parameters and flat buffers are `f32` (a stage
 //! built with `DType::F64` computes in `f64` but still trades `f32`
 //! buffers). Thread count does not change results: candle's matmul (gemm)
 //! splits work across threads without splitting the sums, and our kernels

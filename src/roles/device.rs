@@ -26,7 +26,7 @@ enum Inner {
     Cuda {
         gpu: std::sync::Arc<crate::gpu::Gpu>,
         /// The stage on the GPU, once a window ran.
-        stage: Option<crate::gpu::CudaStage>,
+        stage: Option<Box<crate::gpu::CudaStage>>,
     },
 }
 
@@ -35,7 +35,7 @@ pub(crate) enum DevicePass {
     Cpu(Pass),
     #[cfg(feature = "cuda")]
     Cuda {
-        pass: crate::gpu::CudaPass,
+        pass: Box<crate::gpu::CudaPass>,
         /// `(B, T, width)` of the output.
         shape: (usize, usize, usize),
     },
@@ -106,7 +106,7 @@ impl StageDevice {
                     Some(s) if s.stage() == model.stage() => {
                         s.set_params_flat(&model.params_flat()?)?
                     }
-                    _ => *stage = Some(crate::gpu::CudaStage::new(gpu.clone(), model)?),
+                    _ => *stage = Some(Box::new(crate::gpu::CudaStage::new(gpu.clone(), model)?)),
                 }
                 Ok(())
             }
@@ -169,7 +169,7 @@ impl StageDevice {
                 let pass = stage.forward(&ids, b, data, targets.as_deref())?;
                 let width = model.config().boundary_width();
                 Ok(DevicePass::Cuda {
-                    pass,
+                    pass: Box::new(pass),
                     shape: (b, t, width),
                 })
             }
@@ -195,7 +195,7 @@ impl StageDevice {
                             .to_vec1()
                     })
                     .transpose()?;
-                let grads = stage.gradients(pass, grad.as_deref())?;
+                let grads = stage.gradients(*pass, grad.as_deref())?;
                 let (b, t, _) = shape;
                 let width = model.config().boundary_width();
                 let input = grads
