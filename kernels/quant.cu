@@ -66,6 +66,17 @@ __device__ __forceinline__ int code_at(const unsigned char* __restrict__ codes, 
     return nibble >= 8 ? nibble - 16 : nibble;
 }
 
+// The codes of four consecutive elements, from element e on, each masked
+// to its width (0xff for int8, 0xf for int4).
+__device__ __forceinline__ void codes4(float4 v, float inv, int qmax, int stochastic,
+                                       unsigned long long seed, unsigned long long e,
+                                       unsigned int mask, unsigned int q[4]) {
+    q[0] = (unsigned int)code_of(v.x, inv, qmax, stochastic, seed, e) & mask;
+    q[1] = (unsigned int)code_of(v.y, inv, qmax, stochastic, seed, e + 1) & mask;
+    q[2] = (unsigned int)code_of(v.z, inv, qmax, stochastic, seed, e + 2) & mask;
+    q[3] = (unsigned int)code_of(v.w, inv, qmax, stochastic, seed, e + 3) & mask;
+}
+
 // One warp per row (blockDim.x a multiple of 32): the row's absolute
 // maximum as bits (a max is exact in any order), its f16 scale, then the
 // codes, in one pass over the row; the second read of the row hits the
@@ -113,13 +124,9 @@ extern "C" __global__ void quantize_rows(const float* __restrict__ x,
             const float4* row4 = reinterpret_cast<const float4*>(row);
             unsigned int* out4 = reinterpret_cast<unsigned int*>(out);
             for (unsigned int c = lane; c < width / 4u; c += 32u) {
-                float4 v = row4[c];
-                unsigned long long e = e0 + 4ull * c;
-                unsigned int q0 = (unsigned char)code_of(v.x, inv, qmax, stochastic, seed, e);
-                unsigned int q1 = (unsigned char)code_of(v.y, inv, qmax, stochastic, seed, e + 1);
-                unsigned int q2 = (unsigned char)code_of(v.z, inv, qmax, stochastic, seed, e + 2);
-                unsigned int q3 = (unsigned char)code_of(v.w, inv, qmax, stochastic, seed, e + 3);
-                out4[c] = q0 | (q1 << 8) | (q2 << 16) | (q3 << 24);
+                unsigned int q[4];
+                codes4(row4[c], inv, qmax, stochastic, seed, e0 + 4ull * c, 0xffu, q);
+                out4[c] = q[0] | (q[1] << 8) | (q[2] << 16) | (q[3] << 24);
             }
         } else {
             for (unsigned int c = lane; c < width; c += 32u) {
@@ -134,13 +141,9 @@ extern "C" __global__ void quantize_rows(const float* __restrict__ x,
         const float4* row4 = reinterpret_cast<const float4*>(row);
         unsigned short* out2 = reinterpret_cast<unsigned short*>(out);
         for (unsigned int c = lane; c < width / 4u; c += 32u) {
-            float4 v = row4[c];
-            unsigned long long e = e0 + 4ull * c;
-            unsigned int q0 = code_of(v.x, inv, qmax, stochastic, seed, e) & 0xf;
-            unsigned int q1 = code_of(v.y, inv, qmax, stochastic, seed, e + 1) & 0xf;
-            unsigned int q2 = code_of(v.z, inv, qmax, stochastic, seed, e + 2) & 0xf;
-            unsigned int q3 = code_of(v.w, inv, qmax, stochastic, seed, e + 3) & 0xf;
-            out2[c] = (unsigned short)(q0 | (q1 << 4) | (q2 << 8) | (q3 << 12));
+            unsigned int q[4];
+            codes4(row4[c], inv, qmax, stochastic, seed, e0 + 4ull * c, 0xfu, q);
+            out2[c] = (unsigned short)(q[0] | (q[1] << 4) | (q[2] << 8) | (q[3] << 12));
         }
     } else {
         for (unsigned int b = lane; b < row_bytes; b += 32u) {

@@ -143,6 +143,16 @@ extern "C" __global__ void add_assign(float* a, const float* b, unsigned long lo
     a[i] += b[i];
 }
 
+// Element i of a (B, nh, T, hs) tensor of heads as (b, h, t, d).
+__device__ __forceinline__ void head_index(unsigned long long i, unsigned T, unsigned nh,
+                                           unsigned hs, unsigned* b, unsigned* t, unsigned* h,
+                                           unsigned* d) {
+    *d = i % hs;
+    *t = (i / hs) % T;
+    *h = (i / ((unsigned long long)hs * T)) % nh;
+    *b = i / ((unsigned long long)hs * T * nh);
+}
+
 // qkv (B, T, 3, nh, hs) <-> q, k, v (B, nh, T, hs). `back` = 0: split the
 // forward's qkv into heads; 1: gather the heads' gradients into dqkv.
 extern "C" __global__ void qkv_heads(float* qkv, float* q, float* k, float* v, unsigned B,
@@ -150,10 +160,8 @@ extern "C" __global__ void qkv_heads(float* qkv, float* q, float* k, float* v, u
     unsigned long long i = tid();
     unsigned long long len = (unsigned long long)B * nh * T * hs;
     if (i >= len) return;
-    unsigned d = i % hs;
-    unsigned t = (i / hs) % T;
-    unsigned h = (i / ((unsigned long long)hs * T)) % nh;
-    unsigned b = i / ((unsigned long long)hs * T * nh);
+    unsigned b, t, h, d;
+    head_index(i, T, nh, hs, &b, &t, &h, &d);
     unsigned long long C = (unsigned long long)nh * hs;
     unsigned long long base = ((unsigned long long)b * T + t) * 3 * C + (unsigned long long)h * hs + d;
     if (back) {
@@ -174,10 +182,8 @@ extern "C" __global__ void merge_heads(float* y, float* heads, unsigned B, unsig
     unsigned long long i = tid();
     unsigned long long len = (unsigned long long)B * nh * T * hs;
     if (i >= len) return;
-    unsigned d = i % hs;
-    unsigned t = (i / hs) % T;
-    unsigned h = (i / ((unsigned long long)hs * T)) % nh;
-    unsigned b = i / ((unsigned long long)hs * T * nh);
+    unsigned b, t, h, d;
+    head_index(i, T, nh, hs, &b, &t, &h, &d);
     unsigned long long at = ((unsigned long long)b * T + t) * nh * hs + (unsigned long long)h * hs + d;
     if (back) heads[i] = y[at];
     else y[at] = heads[i];
@@ -215,16 +221,24 @@ extern "C" __global__ void causal_softmax_bwd(float* dx, const float* y, const f
     for (unsigned j = 0; j < T; j++) dx[r * T + j] = scale * yr[j] * (gr[j] - dot);
 }
 
+// A row's maximum and sum of exp(x - max): log_softmax's statistics.
+__device__ __forceinline__ void softmax_stats(const float* row, unsigned V, float* max, float* sum) {
+    float m = row[0];
+    for (unsigned j = 1; j < V; j++) m = row[j] > m ? row[j] : m;
+    float s = 0.0f;
+    for (unsigned j = 0; j < V; j++) s += expf(row[j] - m);
+    *max = m;
+    *sum = s;
+}
+
 // losses[n] = -log_softmax(logits[n])[targets[n]].
 extern "C" __global__ void cross_entropy_fwd(float* losses, const float* logits,
                                              const unsigned* targets, unsigned N, unsigned V) {
     unsigned long long n = tid();
     if (n >= N) return;
     const float* row = logits + n * V;
-    float max = row[0];
-    for (unsigned j = 1; j < V; j++) max = row[j] > max ? row[j] : max;
-    float sum = 0.0f;
-    for (unsigned j = 0; j < V; j++) sum += expf(row[j] - max);
+    float max, sum;
+    softmax_stats(row, V, &max, &sum);
     losses[n] = -(row[targets[n]] - max - logf(sum));
 }
 
@@ -234,10 +248,8 @@ extern "C" __global__ void cross_entropy_bwd(float* dlogits, const float* logits
     unsigned long long n = tid();
     if (n >= N) return;
     const float* row = logits + n * V;
-    float max = row[0];
-    for (unsigned j = 1; j < V; j++) max = row[j] > max ? row[j] : max;
-    float sum = 0.0f;
-    for (unsigned j = 0; j < V; j++) sum += expf(row[j] - max);
+    float max, sum;
+    softmax_stats(row, V, &max, &sum);
     float inv_n = 1.0f / (float)N;
     for (unsigned j = 0; j < V; j++) {
         float p = expf(row[j] - max) / sum;

@@ -512,29 +512,21 @@ impl Gpu {
         Ok(())
     }
 
-    pub(crate) fn cross_entropy_fwd(
+    /// `backward` false: each row's loss into `out` (`rows`); true: the
+    /// mean loss's gradient into `out` (`rows x vocab`).
+    pub(crate) fn cross_entropy(
         &self,
-        losses: &mut Buf,
+        out: &mut Buf,
         logits: &Buf,
         targets: &CudaSlice<u32>,
-        vocab: usize,
+        (vocab, backward): (usize, bool),
     ) -> Result<(), GpuError> {
         let rows = targets.len();
         let (n_, v_) = (u32_of(rows)?, u32_of(vocab)?);
-        launch!(self, cross_entropy_fwd, rows; &mut *losses, logits, targets, &n_, &v_);
-        Ok(())
-    }
-
-    pub(crate) fn cross_entropy_bwd(
-        &self,
-        dlogits: &mut Buf,
-        logits: &Buf,
-        targets: &CudaSlice<u32>,
-        vocab: usize,
-    ) -> Result<(), GpuError> {
-        let rows = targets.len();
-        let (n_, v_) = (u32_of(rows)?, u32_of(vocab)?);
-        launch!(self, cross_entropy_bwd, rows; &mut *dlogits, logits, targets, &n_, &v_);
+        match backward {
+            false => launch!(self, cross_entropy_fwd, rows; &mut *out, logits, targets, &n_, &v_),
+            true => launch!(self, cross_entropy_bwd, rows; &mut *out, logits, targets, &n_, &v_),
+        }
         Ok(())
     }
 

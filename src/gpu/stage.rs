@@ -329,7 +329,7 @@ impl CudaStage {
                 let logits = self.linear(&norm.out, lm_head, (n, c, v))?;
                 let targets = gpu.upload_slice(targets)?;
                 let mut losses = gpu.zeros(n)?;
-                gpu.cross_entropy_fwd(&mut losses, &logits, &targets, v)?;
+                gpu.cross_entropy(&mut losses, &logits, &targets, (v, false))?;
                 let losses = gpu.download(&losses)?;
                 // Summed on the host in row order: the same bits each time.
                 let sum = losses.iter().fold(0.0f32, |acc, &l| acc + l);
@@ -371,7 +371,7 @@ impl CudaStage {
                     unreachable!("a last stage's pass keeps its head's activations")
                 };
                 let mut dlogits = gpu.zeros(n * v)?;
-                gpu.cross_entropy_bwd(&mut dlogits, logits, targets, v)?;
+                gpu.cross_entropy(&mut dlogits, logits, targets, (v, true))?;
                 let dnorm = self.linear_bwd(&norm.out, lm_head, &dlogits, (n, c, v), &mut grads)?;
                 self.layernorm_bwd(norm, ln_f, &dnorm, (n, c), &mut grads)?
             }

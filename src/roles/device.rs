@@ -151,13 +151,7 @@ impl StageDevice {
                 };
                 let (b, t) = ids.dims2()?;
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-                let acts = acts
-                    .map(|x| {
-                        x.flatten_all()?
-                            .to_dtype(candle_core::DType::F32)?
-                            .to_vec1()
-                    })
-                    .transpose()?;
+                let acts = acts.map(host_f32).transpose()?;
                 let targets = targets
                     .map(|t| t.flatten_all()?.to_vec1::<u32>())
                     .transpose()?;
@@ -188,13 +182,7 @@ impl StageDevice {
             #[cfg(feature = "cuda")]
             (Inner::Cuda { stage, .. }, DevicePass::Cuda { pass, shape }) => {
                 let stage = stage.as_ref().ok_or(TrainError::DeviceUnprepared)?;
-                let grad = grad_output
-                    .map(|g| {
-                        g.flatten_all()?
-                            .to_dtype(candle_core::DType::F32)?
-                            .to_vec1()
-                    })
-                    .transpose()?;
+                let grad = grad_output.map(host_f32).transpose()?;
                 let grads = stage.gradients(*pass, grad.as_deref())?;
                 let (b, t, _) = shape;
                 let width = model.config().boundary_width();
@@ -211,4 +199,12 @@ impl StageDevice {
             (Inner::Cpu, DevicePass::Cuda { .. }) => Err(TrainError::DeviceUnprepared),
         }
     }
+}
+
+/// A tensor's values as flat `f32`s, for a GPU stage.
+#[cfg(feature = "cuda")]
+fn host_f32(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    x.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()
 }
