@@ -127,3 +127,69 @@ fn a_cuda_site_without_a_gpu_stops_with_an_error_naming_what_is_missing() {
     assert!(named, "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// One stage served by a CPU miner and a GPU miner at once: their
+/// gradients merge in the stage's all-reduce, and each one's passes are
+/// replayed by the validator of its own kind of device.
+#[test]
+fn cpu_and_gpu_miners_serve_one_stage_and_each_is_replayed_on_its_own_device() {
+    if !has_gpu() {
+        println!("skipped: no GPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("mixed");
+    // Ranks: 0 orchestrator and 1 validator on "gpu-validators"; 2
+    // validator, 3 and 4 miners on "cpus"; 5 and 6 miners on "gpus".
+    // Miners are dealt round-robin: each stage gets a CPU and a GPU miner.
+    let job = job_file(
+        dir.path(),
+        "mixed.toml",
+        &format!(
+            "[job]\nname = \"m\"\ntask = \"train\"\nseed = 3\nrun_dir = {run_dir:?}\n\n\
+             [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
+             [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
+             [roles]\nvalidators = 2\nreplay_rate = 0.5\n\n\
+             [[site]]\nname = \"gpu-validators\"\nhosts = \"localhost\"\nranks_per_host = 2\ndevice = \"cuda\"\n\n\
+             [[site]]\nname = \"cpus\"\nhosts = \"localhost\"\nranks_per_host = 3\n\n\
+             [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 2\ndevice = \"cuda\"\n\n\
+             [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
+             [train]\nwindows = 20\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n"
+        ),
+    );
+    let check = swarmrun().arg("check").arg(&job).output().unwrap();
+    let plan = stdout(&check);
+    assert!(!plan.contains("warning"), "{plan}");
+    let out = swarmrun().arg("launch").arg(&job).output().unwrap();
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{text}\n{err}");
+    let lines = metrics_of(&job);
+    let loss: Vec<f32> = lines
+        .iter()
+        .map(|l| field(l, "loss").parse().unwrap())
+        .collect();
+    println!("mixed CPU/GPU job losses: {loss:?}");
+    let (head, tail) = (
+        loss[..4].iter().sum::<f32>(),
+        loss[16..].iter().sum::<f32>(),
+    );
+    assert!(tail < head - 0.3, "the loss did not go down: {loss:?}");
+    // A CPU validator replaying a GPU miner's pass (or the reverse) would
+    // find other bits and flag it: none flagged means each pass went to a
+    // validator of its miner's device.
+    for l in &lines {
+        assert_eq!(field(l, "caught"), "[]", "an honest miner was flagged: {l}");
+    }
+    let ledger = std::fs::read_to_string(run_dir.join("ledger.jsonl")).unwrap();
+    for miner in [3, 4, 5, 6] {
+        assert!(
+            ledger.contains(&format!("\"rank\":{miner},")),
+            "miner {miner} missing from the ledger"
+        );
+    }
+    let replayed: u64 = lines
+        .iter()
+        .map(|l| field(l, "replayed").parse::<u64>().unwrap())
+        .sum();
+    assert!(replayed >= 20, "only {replayed} passes replayed");
+}
