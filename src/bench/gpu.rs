@@ -83,11 +83,13 @@ pub fn train(spec: &JobSpec, steps: u32) -> Result<(), BenchGpuError> {
         peak / 1e12
     );
     println!(
-        "{:>10} {:>12} {:>14} {:>12} {:>10} {:>12} {:>12}",
+        "{:>10} {:>12} {:>14} {:>10} {:>8} {:>8} {:>10} {:>11} {:>10}",
         "microbatch",
         "tokens/s",
         "model TFLOP/s",
         "of matmul",
+        "fwd ms",
+        "bwd ms",
         "host step",
         "first loss",
         "last loss"
@@ -103,10 +105,12 @@ pub fn train(spec: &JobSpec, steps: u32) -> Result<(), BenchGpuError> {
             steps,
         )?;
         println!(
-            "{batch:>10} {:>12.0} {:>14.3} {:>11.2}% {:>9.1}% {:>12.4} {:>12.4}",
+            "{batch:>10} {:>12.0} {:>14.3} {:>9.2}% {:>8.2} {:>8.2} {:>9.1}% {:>11.4} {:>10.4}",
             row.tokens_per_s,
             row.flops / 1e12,
             100.0 * row.flops / peak,
+            1e3 * row.forward_s,
+            1e3 * row.backward_s,
             100.0 * row.host_share,
             row.first_loss,
             row.last_loss
@@ -118,7 +122,11 @@ pub fn train(spec: &JobSpec, steps: u32) -> Result<(), BenchGpuError> {
 struct Row {
     tokens_per_s: f64,
     flops: f64,
-    /// Share of the step spent in the host's gradient sum, AdamW and upload.
+    /// Seconds a microbatch's forward pass takes (the loss downloaded), and
+    /// its backward pass (the gradients downloaded and summed on the host).
+    forward_s: f64,
+    backward_s: f64,
+    /// Share of the step spent in AdamW and the weights' upload.
     host_share: f64,
     first_loss: f32,
     last_loss: f32,
@@ -138,6 +146,7 @@ fn train_row(
     let t = config.block_size;
     let warmup = 2;
     let (mut losses, mut timed, mut host) = (Vec::new(), 0.0, 0.0);
+    let (mut forward_s, mut backward_s) = (0.0, 0.0);
     for step in 0..warmup + steps as usize {
         let started = Instant::now();
         let mut sum = vec![0.0f32; model.numel()];
@@ -145,11 +154,17 @@ fn train_row(
         for m in 0..per_window {
             let id = (step * per_window + m) as u64;
             let b = data.batch(Split::Train, id, seed, batch, t)?;
+            let forward_started = Instant::now();
             let pass = stage.forward(&b.inputs, batch, None, Some(&b.targets))?;
             loss += pass.output()[0];
+            let backward_started = Instant::now();
             let grads = stage.gradients(pass, None)?;
             for (s, g) in sum.iter_mut().zip(&grads.params) {
                 *s += g;
+            }
+            if step >= warmup {
+                forward_s += (backward_started - forward_started).as_secs_f64();
+                backward_s += backward_started.elapsed().as_secs_f64();
             }
         }
         let host_started = Instant::now();
@@ -167,6 +182,8 @@ fn train_row(
     Ok(Row {
         tokens_per_s,
         flops: tokens_per_s * model.flops_per_token(),
+        forward_s: forward_s / (steps as usize * per_window) as f64,
+        backward_s: backward_s / (steps as usize * per_window) as f64,
         host_share: host / timed,
         first_loss: losses[0],
         last_loss: *losses.last().unwrap_or(&f32::NAN),

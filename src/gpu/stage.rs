@@ -179,10 +179,6 @@ impl CudaStage {
         })
     }
 
-    pub fn gpu(&self) -> &Arc<Gpu> {
-        &self.gpu
-    }
-
     /// Which stage of the model this is.
     pub fn stage(&self) -> usize {
         self.stage
