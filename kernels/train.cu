@@ -35,17 +35,34 @@ extern "C" __global__ void embed_fwd(float* out, const unsigned* ids, const floa
     out[i] = wte[(unsigned long long)ids[n] * C + c] + wpe[(unsigned long long)(n % T) * C + c];
 }
 
-// dwte[v, c] = sum over rows n with ids[n] == v of dout[n, c], in n order.
-extern "C" __global__ void embed_bwd_wte(float* dwte, const unsigned* ids, const float* dout,
-                                         unsigned N, unsigned V, unsigned C) {
+// Sums over many rows run in two launches with a fixed order: each part
+// of `rpp` consecutive rows is summed in row order into partial[p], then
+// the parts in part order (sum_parts). Parallel over parts, and the same
+// bits every time.
+
+// partial[(p * V + v) * C + c] = sum over the rows n of part p with
+// ids[n] == v of dout[n, c], in n order (partial zeroed before).
+extern "C" __global__ void embed_bwd_wte_parts(float* partial, const unsigned* ids,
+                                               const float* dout, unsigned N, unsigned V,
+                                               unsigned C, unsigned rpp) {
     unsigned long long i = tid();
-    if (i >= (unsigned long long)V * C) return;
-    unsigned v = i / C, c = i % C;
-    float acc = 0.0f;
-    for (unsigned n = 0; n < N; n++) {
-        if (ids[n] == v) acc += dout[(unsigned long long)n * C + c];
+    unsigned parts = (N + rpp - 1) / rpp;
+    if (i >= (unsigned long long)parts * C) return;
+    unsigned p = i / C, c = i % C;
+    unsigned end = min(N, (p + 1) * rpp);
+    for (unsigned n = p * rpp; n < end; n++) {
+        partial[((unsigned long long)p * V + ids[n]) * C + c] += dout[(unsigned long long)n * C + c];
     }
-    dwte[i] = acc;
+}
+
+// out[i] = sum over p of partial[p * width + i], in p order.
+extern "C" __global__ void sum_parts(float* out, const float* partial, unsigned parts,
+                                     unsigned long long width) {
+    unsigned long long i = tid();
+    if (i >= width) return;
+    float acc = 0.0f;
+    for (unsigned p = 0; p < parts; p++) acc += partial[p * width + i];
+    out[i] = acc;
 }
 
 // dwpe[t, c] = sum over b of dout[b, t, c] for t < T; 0 for the rows of
@@ -107,15 +124,21 @@ extern "C" __global__ void layernorm_bwd(float* dx, const float* dout, const flo
     }
 }
 
-// out[c] = sum over n of a[n, c] * b[n, c], in n order: a LayerNorm gain's
-// gradient (a = dout, b = xhat).
-extern "C" __global__ void column_dot(float* out, const float* a, const float* b, unsigned N,
-                                      unsigned C) {
-    unsigned long long c = tid();
-    if (c >= C) return;
+// partial[p * C + c] = sum over the rows n of part p of a[n, c] * b[n, c],
+// in n order: with sum_parts, a LayerNorm gain's gradient (a = dout,
+// b = xhat).
+extern "C" __global__ void column_dot_parts(float* partial, const float* a, const float* b,
+                                            unsigned N, unsigned C, unsigned rpp) {
+    unsigned long long i = tid();
+    unsigned parts = (N + rpp - 1) / rpp;
+    if (i >= (unsigned long long)parts * C) return;
+    unsigned p = i / C, c = i % C;
+    unsigned end = min(N, (p + 1) * rpp);
     float acc = 0.0f;
-    for (unsigned n = 0; n < N; n++) acc += a[(unsigned long long)n * C + c] * b[(unsigned long long)n * C + c];
-    out[c] = acc;
+    for (unsigned n = p * rpp; n < end; n++) {
+        acc += a[(unsigned long long)n * C + c] * b[(unsigned long long)n * C + c];
+    }
+    partial[i] = acc;
 }
 
 extern "C" __global__ void gelu_fwd(float* out, const float* x, unsigned long long len) {

@@ -82,11 +82,12 @@ pub struct Gpu {
 
 struct Kernels {
     embed_fwd: CudaFunction,
-    embed_bwd_wte: CudaFunction,
+    embed_bwd_wte_parts: CudaFunction,
+    sum_parts: CudaFunction,
     embed_bwd_wpe: CudaFunction,
     layernorm_fwd: CudaFunction,
     layernorm_bwd: CudaFunction,
-    column_dot: CudaFunction,
+    column_dot_parts: CudaFunction,
     gelu_fwd: CudaFunction,
     gelu_bwd: CudaFunction,
     add_assign: CudaFunction,
@@ -147,11 +148,12 @@ impl Gpu {
         let f = |name: &str| module.load_function(name);
         let k = Kernels {
             embed_fwd: f("embed_fwd")?,
-            embed_bwd_wte: f("embed_bwd_wte")?,
+            embed_bwd_wte_parts: f("embed_bwd_wte_parts")?,
+            sum_parts: f("sum_parts")?,
             embed_bwd_wpe: f("embed_bwd_wpe")?,
             layernorm_fwd: f("layernorm_fwd")?,
             layernorm_bwd: f("layernorm_bwd")?,
-            column_dot: f("column_dot")?,
+            column_dot_parts: f("column_dot_parts")?,
             gelu_fwd: f("gelu_fwd")?,
             gelu_bwd: f("gelu_bwd")?,
             add_assign: f("add_assign")?,
@@ -360,6 +362,19 @@ fn grid(n: u64) -> Result<cudarc::driver::LaunchConfig, GpuError> {
     })
 }
 
+/// Rows summed per part by the two-launch column sums: [`ROWS_PER_PART`],
+/// or more when `rows / ROWS_PER_PART` parts of `width` floats each would
+/// pass [`PARTIAL_FLOATS`] (a large vocabulary's embedding gradient). A
+/// function of the shapes alone, so the order of the sums is too.
+fn rows_per_part(rows: usize, width: usize) -> usize {
+    let most_parts = (PARTIAL_FLOATS / width.max(1)).max(1);
+    ROWS_PER_PART.max(rows.div_ceil(most_parts))
+}
+
+/// See [`rows_per_part`].
+const ROWS_PER_PART: usize = 32;
+const PARTIAL_FLOATS: usize = 1 << 24;
+
 fn u32_of(v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::TooLarge { m: v, k: 1, n: 1 })
 }
@@ -381,6 +396,7 @@ impl Gpu {
         Ok(())
     }
 
+    /// `dwte[v, c]`: the sum of `dout`'s rows whose token is `v`.
     pub(crate) fn embed_bwd_wte(
         &self,
         dwte: &mut Buf,
@@ -388,8 +404,25 @@ impl Gpu {
         dout: &Buf,
         (vocab, c): (usize, usize),
     ) -> Result<(), GpuError> {
-        let (n_, v_, c_) = (u32_of(ids.len())?, u32_of(vocab)?, u32_of(c)?);
-        launch!(self, embed_bwd_wte, vocab * c; &mut *dwte, ids, dout, &n_, &v_, &c_);
+        let rows = ids.len();
+        let rpp = rows_per_part(rows, vocab * c);
+        let parts = rows.div_ceil(rpp);
+        let mut partial = self.zeros(parts * vocab * c)?;
+        let (n_, v_, c_, rpp_) = (u32_of(rows)?, u32_of(vocab)?, u32_of(c)?, u32_of(rpp)?);
+        launch!(self, embed_bwd_wte_parts, parts * c;
+            &mut partial, ids, dout, &n_, &v_, &c_, &rpp_);
+        self.sum_parts(dwte, &partial, (parts, vocab * c))
+    }
+
+    /// `out[i]`: the sum of `partial`'s `parts` rows of `width`, in order.
+    fn sum_parts(
+        &self,
+        out: &mut Buf,
+        partial: &Buf,
+        (parts, width): (usize, usize),
+    ) -> Result<(), GpuError> {
+        let (p_, w_) = (u32_of(parts)?, width as u64);
+        launch!(self, sum_parts, width; &mut *out, partial, &p_, &w_);
         Ok(())
     }
 
@@ -428,6 +461,7 @@ impl Gpu {
         Ok(())
     }
 
+    /// `out[c]`: the sum over rows of `a[n, c] * b[n, c]`.
     pub(crate) fn column_dot(
         &self,
         out: &mut Buf,
@@ -435,9 +469,12 @@ impl Gpu {
         b: &Buf,
         (rows, c): (usize, usize),
     ) -> Result<(), GpuError> {
-        let (n_, c_) = (u32_of(rows)?, u32_of(c)?);
-        launch!(self, column_dot, c; &mut *out, a, b, &n_, &c_);
-        Ok(())
+        let rpp = rows_per_part(rows, c);
+        let parts = rows.div_ceil(rpp);
+        let mut partial = self.zeros(parts * c)?;
+        let (n_, c_, rpp_) = (u32_of(rows)?, u32_of(c)?, u32_of(rpp)?);
+        launch!(self, column_dot_parts, parts * c; &mut partial, a, b, &n_, &c_, &rpp_);
+        self.sum_parts(out, &partial, (parts, c))
     }
 
     pub(crate) fn gelu_fwd(&self, out: &mut Buf, x: &Buf) -> Result<(), GpuError> {
