@@ -10,13 +10,13 @@
 #   launch/gpu-check.sh           runs them (building first when cargo is
 #                                 here and gpu-check/ is not)
 #
-# A GPU machine needs the CUDA driver, NVRTC and cuBLAS (any of CUDA 12 or
-# 13): the script finds their libraries and gives cudarc the names it
+# A GPU machine needs the CUDA driver, NVRTC, cuBLAS and NCCL (any of CUDA
+# 12 or 13): the script finds their libraries and gives cudarc the names it
 # dlopens. Without a GPU every test says "skipped" and passes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=gpu-check
-tests=(gpu_stage compress_nvrtc train_gpu)
+tests=(gpu_stage gpu_nccl compress_nvrtc train_gpu)
 
 build() {
     set -e
@@ -58,7 +58,7 @@ link_lib() {
     fi
 }
 LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
-for lib in libnvrtc libcublasLt libcublas; do link_lib "$lib"; done
+for lib in libnvrtc libcublasLt libcublas libnccl; do link_lib "$lib"; done
 export LD_LIBRARY_PATH="$libs:$LD_LIBRARY_PATH"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null ||

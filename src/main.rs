@@ -799,8 +799,18 @@ fn rank_device(
     spec: &JobSpec,
     me: &swarmrun::config::RankPlan,
 ) -> Result<swarmrun::roles::StageDevice> {
-    let device = spec.site(&me.site).map(|s| s.device).unwrap_or_default();
-    Ok(swarmrun::roles::StageDevice::open(device, me.local_rank)?)
+    let site = site_fabric(spec, &me.site);
+    Ok(swarmrun::roles::StageDevice::open(site, me.local_rank)?)
+}
+
+/// Site `name`'s device and fabric (the defaults for a site not in the
+/// job file).
+fn site_fabric(spec: &JobSpec, name: &str) -> swarmrun::roles::SiteFabric {
+    let site = spec.site(name);
+    swarmrun::roles::SiteFabric {
+        device: site.map(|s| s.device).unwrap_or_default(),
+        fabric: site.map(|s| s.fabric).unwrap_or_default(),
+    }
 }
 
 /// Leads the training job: the orchestrator from the start, or the
@@ -891,10 +901,9 @@ fn run_joined_rank(spec: &JobSpec, rdzv: Option<&str>, site: &str) -> Result<()>
         std::process::id(),
         me.peers.len()
     );
-    let device = spec.site(site).map(|s| s.device).unwrap_or_default();
     // A joiner has no local rank in the plan: its global rank spreads the
     // joiners of one host over its GPUs.
-    let device = swarmrun::roles::StageDevice::open(device, me.rank)?;
+    let device = swarmrun::roles::StageDevice::open(site_fabric(spec, site), me.rank)?;
     if let Err(e) = swarmrun::roles::mine_joined(&joined.transport, spec, device) {
         exit_for(&anyhow::Error::new(e));
     }

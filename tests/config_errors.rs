@@ -258,6 +258,17 @@ fn unknown_fabric_lists_the_known_ones() {
 }
 
 #[test]
+fn nccl_on_a_cpu_site_is_refused() {
+    assert_error(
+        "nccl_without_cuda",
+        9,
+        10,
+        Some("site[0].fabric"),
+        "nccl moves data between GPUs: the site needs device = \"cuda\"",
+    );
+}
+
+#[test]
 fn unknown_device_names_the_choices() {
     assert_error(
         "unknown_device",
@@ -306,7 +317,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 63);
+    assert_eq!(count, 64);
 }
 
 #[test]

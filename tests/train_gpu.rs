@@ -193,3 +193,37 @@ fn cpu_and_gpu_miners_serve_one_stage_and_each_is_replayed_on_its_own_device() {
         .sum();
     assert!(replayed >= 20, "only {replayed} passes replayed");
 }
+
+/// A site whose fabric is NCCL: its stages' all-reduces go through NCCL
+/// on the GPUs, and, sums of fixed-point values being exact in any order,
+/// every loss has the bits of the same job over TCP. One miner per stage,
+/// as one GPU allows (NCCL refuses two ranks on one GPU).
+#[test]
+fn an_nccl_site_of_gpus_trains_to_the_losses_of_a_tcp_site_bit_for_bit() {
+    if !has_gpu() {
+        println!("skipped: no GPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = |name: &str, fabric: &str| {
+        let run_dir = dir.path().join(name);
+        job_file(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "[job]\nname = \"n\"\ntask = \"train\"\nseed = 3\nrun_dir = {run_dir:?}\n\n\
+                 [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
+                 [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
+                 [roles]\nvalidators = 1\n\n\
+                 [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 4\n\
+                 device = \"cuda\"\nfabric = \"{fabric}\"\n\n\
+                 [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
+                 [train]\nwindows = 10\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n"
+            ),
+        )
+    };
+    let (tcp, _) = run(&job("tcp", "tcp"));
+    let (nccl, _) = run(&job("nccl", "nccl"));
+    assert_eq!(losses(&tcp), losses(&nccl));
+    println!("NCCL site losses: {:?}", losses(&nccl));
+}

@@ -33,6 +33,7 @@
 //! all_reduce_partitioned(c, buf, op, algorithm, &Partition)
 //! all_reduce_redundant(c, buf, op, copies, Option<&SliceTamper<E>>)
 //! all_reduce_redundant_checked(c, buf, op, copies, tamper) -> SliceCopies
+//! all_reduce_redundant_moved(c, buf, (op, copies), tamper, &mut impl SliceMover)
 //! hierarchical_all_reduce(c, buf, op, sites: &[usize])
 //! Group::new(&transport, members) / Group::without(&transport, &lost)
 //! Partition::equal(len, n) / weighted(len, &[f64]) / from_lens(&[usize])
@@ -111,7 +112,8 @@ pub use hierarchical::{
 pub use partition::Partition;
 pub use reduce_scatter::reduce_scatter;
 pub use redundant::{
-    all_reduce_redundant, all_reduce_redundant_checked, slice_holders, SliceCopies, SliceTamper,
+    all_reduce_redundant, all_reduce_redundant_checked, all_reduce_redundant_moved, slice_holders,
+    OverTransport, SliceCopies, SliceMover, SliceTamper,
 };
 #[cfg(target_os = "linux")]
 pub use shm::{all_reduce_shared, all_reduce_shm, all_reduce_shm_into};
@@ -186,16 +188,17 @@ impl<'a, T: Transport + ?Sized> Call<'a, T> {
         }
     }
 
-    fn rank(&self) -> usize {
+    /// This rank in the call's transport.
+    pub fn rank(&self) -> usize {
         self.transport.rank()
     }
 
-    fn size(&self) -> usize {
+    pub fn size(&self) -> usize {
         self.transport.size()
     }
 
     /// The name errors and abort frames use for this transport's `rank`.
-    fn outer(&self, rank: usize) -> usize {
+    pub fn outer(&self, rank: usize) -> usize {
         self.names
             .and_then(|n| n.get(rank).copied())
             .unwrap_or(rank)

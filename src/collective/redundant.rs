@@ -59,6 +59,78 @@ pub fn all_reduce_redundant_checked<T: Transport + ?Sized, E: Element>(
     copies: usize,
     tamper: Option<&SliceTamper<'_, E>>,
 ) -> Result<SliceCopies, CollectiveError> {
+    all_reduce_redundant_moved(c, buf, (op, copies), tamper, &mut OverTransport)
+}
+
+/// How the slices of a redundant all-reduce move: over the call's
+/// transport ([`OverTransport`]), or through another fabric (NCCL between
+/// GPUs, `crate::gpu::nccl`). Digests, their comparison and the blame go
+/// over the call's transport either way, so a mover only carries values.
+pub trait SliceMover<E: Element> {
+    /// Each slice in `held` (ascending) reduced over every rank's
+    /// `data[part.range(j)]` with `op`, `how` being `(part, copies, op)`,
+    /// the same bits on every holder; every
+    /// rank of the call takes part for every slice, held or not.
+    fn reduce_held<T: Transport + ?Sized>(
+        &mut self,
+        c: &Call<'_, T>,
+        data: &[E],
+        how: (&Partition, usize, ReduceOp),
+        held: &[usize],
+    ) -> Result<Vec<Vec<E>>, CollectiveError>;
+
+    /// Every rank's slice `buf[part.range(rank)]` to every rank.
+    fn all_gather<T: Transport + ?Sized>(
+        &mut self,
+        c: &Call<'_, T>,
+        buf: &mut [E],
+        part: &Partition,
+    ) -> Result<(), CollectiveError>;
+}
+
+/// Slices over the call's transport: each holder receives its slices
+/// straight from every rank and adds them in rank order.
+pub struct OverTransport;
+
+impl<E: Element> SliceMover<E> for OverTransport {
+    fn reduce_held<T: Transport + ?Sized>(
+        &mut self,
+        c: &Call<'_, T>,
+        data: &[E],
+        (part, copies, op): (&Partition, usize, ReduceOp),
+        held: &[usize],
+    ) -> Result<Vec<Vec<E>>, CollectiveError> {
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| send_slices(c, data, part, copies));
+            let reduced: Result<Vec<Vec<E>>, _> = held
+                .iter()
+                .map(|&j| reduce_in_rank_order(c, data, part, j, op))
+                .collect();
+            let sent = sender
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            sent.and(reduced)
+        })
+    }
+
+    fn all_gather<T: Transport + ?Sized>(
+        &mut self,
+        c: &Call<'_, T>,
+        buf: &mut [E],
+        part: &Partition,
+    ) -> Result<(), CollectiveError> {
+        ring::all_gather(c, buf, part)
+    }
+}
+
+/// [`all_reduce_redundant_checked`] with the slices moved by `mover`.
+pub fn all_reduce_redundant_moved<T: Transport + ?Sized, E: Element, M: SliceMover<E>>(
+    c: Call<'_, T>,
+    buf: &mut [E],
+    (op, copies): (ReduceOp, usize),
+    tamper: Option<&SliceTamper<'_, E>>,
+    mover: &mut M,
+) -> Result<SliceCopies, CollectiveError> {
     let (rank, n) = (c.rank(), c.size());
     guarded(&c, || {
         if copies == 0 || copies > n {
@@ -68,18 +140,7 @@ pub fn all_reduce_redundant_checked<T: Transport + ?Sized, E: Element>(
         }
         let part = Partition::equal(buf.len(), n);
         let held = held_slices(rank, n, copies);
-        let mut reduced = std::thread::scope(|s| {
-            let data: &[E] = buf;
-            let sender = s.spawn(|| send_slices(&c, data, &part, copies));
-            let reduced: Result<Vec<Vec<E>>, _> = held
-                .iter()
-                .map(|&j| reduce_in_rank_order(&c, data, &part, j, op))
-                .collect();
-            let sent = sender
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            sent.and(reduced)
-        })?;
+        let mut reduced = mover.reduce_held(&c, buf, (&part, copies, op), &held)?;
         let mut digests = Vec::with_capacity(blake3::OUT_LEN * held.len());
         let mut copy_digests = Vec::with_capacity(held.len());
         for (&j, slice) in held.iter().zip(&mut reduced) {
@@ -97,7 +158,7 @@ pub fn all_reduce_redundant_checked<T: Transport + ?Sized, E: Element>(
         if mismatch.is_none() {
             let own = held.iter().position(|&j| j == rank).unwrap_or_default();
             buf[part.range(rank)].copy_from_slice(&reduced[own]);
-            ring::all_gather(&c, buf, &part)?;
+            mover.all_gather(&c, buf, &part)?;
         }
         Ok(SliceCopies {
             held: copy_digests,
@@ -127,7 +188,7 @@ fn held_slices(rank: usize, n: usize, copies: usize) -> Vec<usize> {
 }
 
 fn send_slices<T: Transport + ?Sized, E: Element>(
-    c: &Call<T>,
+    c: &Call<'_, T>,
     data: &[E],
     part: &Partition,
     copies: usize,
@@ -143,7 +204,7 @@ fn send_slices<T: Transport + ?Sized, E: Element>(
 
 /// Slice `j` summed as `((x0 + x1) + x2) + ...`, the same on every holder.
 fn reduce_in_rank_order<T: Transport + ?Sized, E: Element>(
-    c: &Call<T>,
+    c: &Call<'_, T>,
     data: &[E],
     part: &Partition,
     j: usize,

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
 
-use super::{CheatKind, CrashPhase, JobSpec, Task};
+use super::{CheatKind, CrashPhase, Device, Fabric, JobSpec, Task};
 
 /// The first broken constraint: the field path as written in the file
 /// (`site[1].name`) and what is wrong with it.
@@ -133,6 +133,12 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
         }
         if site.ranks_per_host == 0 {
             return violation(format!("site[{i}].ranks_per_host"), "must be at least 1");
+        }
+        if site.fabric == Fabric::Nccl && site.device != Device::Cuda {
+            return violation(
+                format!("site[{i}].fabric"),
+                "nccl moves data between GPUs: the site needs device = \"cuda\"",
+            );
         }
         if let Some(s) = site.stages.iter().find(|&&s| s >= spec.pipeline.stages) {
             return violation(

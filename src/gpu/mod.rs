@@ -23,6 +23,7 @@
 //! its wrappers) and cuBLAS calls, each with the reason it is sound;
 //! [`stage`] sees safe functions.
 
+pub mod nccl;
 pub mod stage;
 
 use std::sync::Arc;
@@ -55,6 +56,12 @@ pub enum GpuError {
         "no cuBLAS library (libcublas cannot be loaded): put its directory on LD_LIBRARY_PATH"
     )]
     NoCublas,
+    #[error("no NCCL library (libnccl cannot be loaded): put its directory on LD_LIBRARY_PATH")]
+    NoNccl,
+    #[error("NCCL: {0}")]
+    Nccl(String),
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("the stage has no parameter {0}")]

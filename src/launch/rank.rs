@@ -295,6 +295,10 @@ fn open_transport(
     let tcp_too = members.len() < plan.ranks.len() || spec.job.task == Task::Train;
     Ok(match (fabric, tcp_too) {
         (Fabric::Tcp, _) => RankTransport::Tcp(tcp()?),
+        // NCCL carries only the stages' all-reduces (`gpu::nccl`), which
+        // set it up over this transport; everything else goes over TCP.
+        #[cfg(feature = "cuda")]
+        (Fabric::Nccl, _) => RankTransport::Tcp(tcp()?),
         (_, true) if members.len() == 1 => RankTransport::Tcp(tcp()?),
         (fabric, false) => site_fabric(spec, fabric, world, &members, &me.site, run_id)?,
         (fabric, true) => {

@@ -10,14 +10,25 @@
 use candle_core::Tensor;
 
 use super::TrainError;
+use crate::collective::{
+    all_reduce_redundant_checked, Call, CollectiveError, ReduceOp, SliceCopies, SliceTamper,
+};
 use crate::compress::Quantized;
-use crate::config::Device;
+use crate::config::{Device, Fabric};
 use crate::model::{Pass, PassGrads, StageInput, StageModel};
 use crate::pipeline::{BoundaryCodec, BoundaryError};
+use crate::transport::Transport;
 
 /// A rank's compute device, opened once.
 pub struct StageDevice {
     inner: Inner,
+}
+
+/// What a miner's site gives its stage all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteFabric {
+    pub device: Device,
+    pub fabric: Fabric,
 }
 
 enum Inner {
@@ -27,6 +38,10 @@ enum Inner {
         gpu: std::sync::Arc<crate::gpu::Gpu>,
         /// The stage on the GPU, once a window ran.
         stage: Option<Box<crate::gpu::CudaStage>>,
+        /// Whether the site's fabric is NCCL, and its communicator among
+        /// the stage's miners of the site, once made.
+        nccl: bool,
+        mover: Option<Box<crate::gpu::nccl::NcclMover>>,
     },
 }
 
@@ -69,21 +84,27 @@ impl DevicePass {
 }
 
 impl StageDevice {
-    /// Opens `device` for a rank with `local_rank` on its host.
-    pub fn open(device: Device, local_rank: usize) -> Result<StageDevice, TrainError> {
-        let inner = match device {
+    /// Opens the device of a rank's site for a rank with `local_rank` on its
+    /// host.
+    pub fn open(site: SiteFabric, local_rank: usize) -> Result<StageDevice, TrainError> {
+        let inner = match site.device {
             Device::Cpu => Inner::Cpu,
             #[cfg(feature = "cuda")]
             Device::Cuda => {
                 let gpus = crate::gpu::Gpu::count()?.max(1);
                 let gpu = crate::gpu::Gpu::new(local_rank % gpus)?;
                 println!("stage passes on GPU {} ({})", local_rank % gpus, gpu.name());
-                Inner::Cuda { gpu, stage: None }
+                Inner::Cuda {
+                    gpu,
+                    stage: None,
+                    nccl: site.fabric == Fabric::Nccl,
+                    mover: None,
+                }
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => {
                 let _ = local_rank;
-                return Err(TrainError::DeviceNotBuilt(device));
+                return Err(TrainError::DeviceNotBuilt(site.device));
             }
         };
         Ok(StageDevice { inner })
@@ -101,7 +122,7 @@ impl StageDevice {
         match &mut self.inner {
             Inner::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
-            Inner::Cuda { gpu, stage } => {
+            Inner::Cuda { gpu, stage, .. } => {
                 match stage {
                     Some(s) if s.stage() == model.stage() => {
                         s.set_params_flat(&model.params_flat()?)?
@@ -110,6 +131,61 @@ impl StageDevice {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The stage's redundant all-reduce of fixed-point `sums` among the
+    /// miners of this rank's site (`call`'s ranks, `members` as the job
+    /// numbers them): through NCCL when the site's fabric is `nccl`, else
+    /// over the call's transport. A communicator is made for each new set
+    /// of members (over the call's transport, on the tag after the call's)
+    /// and dropped, which aborts it, when a call through it fails.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn site_all_reduce<T: Transport + ?Sized>(
+        &mut self,
+        call: Call<'_, T>,
+        sums: &mut [i64],
+        copies: usize,
+        tamper: Option<&SliceTamper<'_, i64>>,
+        members: &[usize],
+    ) -> Result<SliceCopies, CollectiveError> {
+        match &mut self.inner {
+            #[cfg(feature = "cuda")]
+            Inner::Cuda {
+                gpu,
+                nccl: true,
+                mover,
+                ..
+            } => {
+                use crate::gpu::nccl::NcclMover;
+                if mover.as_ref().map(|m| m.members()) != Some(members) {
+                    *mover = None;
+                    let mut setup = Call::new(call.transport, call.tag + 1);
+                    setup.deadline = call.deadline;
+                    let made = NcclMover::connect(gpu.clone(), setup, members.to_vec());
+                    *mover = Some(Box::new(made.map_err(|e| match e {
+                        crate::gpu::GpuError::Collective(e) => e,
+                        other => CollectiveError::InvalidArgument(format!("NCCL: {other}")),
+                    })?));
+                }
+                let Some(m) = mover.as_deref_mut() else {
+                    return Err(CollectiveError::InvalidArgument(
+                        "no NCCL communicator".into(),
+                    ));
+                };
+                let reduced = crate::collective::all_reduce_redundant_moved(
+                    call,
+                    sums,
+                    (ReduceOp::Sum, copies),
+                    tamper,
+                    m,
+                );
+                if reduced.is_err() {
+                    *mover = None;
+                }
+                reduced
+            }
+            _ => all_reduce_redundant_checked(call, sums, ReduceOp::Sum, copies, tamper),
         }
     }
 

@@ -31,8 +31,8 @@ use super::train::{
 use super::{handover, liveness};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
-    all_reduce_redundant_checked, hierarchical_all_reduce_redundant_checked, Call, CollectiveError,
-    FixedPoint, Group, Partition, ReduceOp, SitesCopies, SliceCopies, Tampers,
+    hierarchical_all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition,
+    ReduceOp, SitesCopies, SliceCopies, Tampers,
 };
 use crate::config::{CrashPhase, JobSpec};
 use crate::data::Split;
@@ -1048,12 +1048,13 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             } else {
                 let copies = copies.min(group.size());
                 let tamper = self.conduct.slice_tamper(window, group.members(), copies);
-                let held = all_reduce_redundant_checked(
+                let members = group.members();
+                let held = self.device.site_all_reduce(
                     call,
                     &mut sums,
-                    ReduceOp::Sum,
                     copies,
                     tamper.as_deref(),
+                    members,
                 )?;
                 Held::Flat {
                     held,

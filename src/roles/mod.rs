@@ -14,7 +14,7 @@ mod standby;
 pub mod train;
 mod validator;
 
-pub use device::StageDevice;
+pub use device::{SiteFabric, StageDevice};
 pub use miner::{mine, mine_joined};
 pub use orchestrator::{orchestrate, StartPoint};
 pub use standby::{stand_by, Leading};
