@@ -110,6 +110,7 @@ name = "uni"
 hosts = "node[01-02]"
 ranks_per_host = 2
 fabric = "nccl"
+device = "cuda"
 
 [[site]]
 name = "lab"
@@ -136,6 +137,7 @@ collective_timeout_s = 120.5
     assert_eq!(spec.pipeline.microbatches_per_window, 16);
     assert_eq!(spec.sites[0].hosts, ["node01", "node02"]);
     assert_eq!(spec.sites[0].fabric, Fabric::Nccl);
+    assert_eq!(spec.sites[0].device, config::Device::Cuda);
     assert_eq!(spec.sites[1].fabric, Fabric::Shm);
     assert_eq!(spec.roles.validators, 2);
     assert_eq!(

@@ -355,6 +355,8 @@ fn site_fabric(
         }
         #[cfg(not(feature = "mpi"))]
         Fabric::Mpi => return Err(JoinError::FabricNotBuilt(Fabric::Mpi, "mpi")),
+        // Built with `cuda`, an NCCL site's transport is TCP (see
+        // `open_transport`) and never comes here.
         Fabric::Nccl => return Err(JoinError::FabricNotBuilt(Fabric::Nccl, "cuda")),
         Fabric::Shm => {
             let host = &world.me().host;
