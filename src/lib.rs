@@ -27,6 +27,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod plot;
 pub mod prometheus;
 pub mod roles;
 pub mod transport;
