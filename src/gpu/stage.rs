@@ -86,7 +86,8 @@ pub struct CudaPass {
     t: usize,
     ids: CudaSlice<u32>,
     targets: Option<CudaSlice<u32>>,
-    /// The boundary tensor that came in (later stages).
+    /// The bottleneck's code that came in (later stages with a
+    /// bottleneck), for the up-projection's weight gradient.
     input: Option<Buf>,
     blocks: Vec<BlockActs>,
     /// The LayerNorm before the down-projection or the LM head.
@@ -263,14 +264,13 @@ impl CudaStage {
                         let bits: Vec<u16> = q.scales().iter().map(|s| s.to_bits()).collect();
                         let scales = gpu.upload_slice(&bits)?;
                         let int4 = q.bits() == Bits::Int4;
-                        // The floats, for the up-projection's weight gradient.
                         let mut code = gpu.zeros(n * w)?;
                         gpu.dequantize(&mut code, (&codes, &scales), (n, w, int4))?;
                         (code, Some((codes, scales, int4)))
                     }
                 };
-                let x = match (self.parts.up, fused) {
-                    (Some([up, wte, wpe]), fused) => {
+                match self.parts.up {
+                    Some([up, wte, wpe]) => {
                         let mut x = match fused {
                             Some((codes, scales, int4)) => {
                                 let mut x = gpu.zeros(n * c)?;
@@ -288,11 +288,13 @@ impl CudaStage {
                         let mut emb = gpu.zeros(n * c)?;
                         gpu.embed_fwd(&mut emb, &ids_dev, self.w(wte), self.w(wpe), (t, c))?;
                         gpu.add_assign(&mut x, &emb)?;
-                        x
+                        // The code stays for the up-projection's gradient.
+                        (x, Some(code))
                     }
-                    (None, _) => code.clone(),
-                };
-                (x, Some(code))
+                    // The stream itself crossed: the blocks start from it,
+                    // and the input's gradient is the stream's.
+                    None => (code, None),
+                }
             }
             _ => {
                 return Err(ModelError::WrongInput {
