@@ -603,3 +603,22 @@ impl Gpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_sums_take_parts_of_32_rows_unless_the_partial_sums_would_pass_their_bound() {
+        // The quickstart: 768 rows of 128 (a LayerNorm gain).
+        assert_eq!(rows_per_part(768, 128), ROWS_PER_PART);
+        // Fewer rows than a part: one part of 32.
+        assert_eq!(rows_per_part(5, 8), ROWS_PER_PART);
+        // 12288 rows of 100k: 384 parts would pass the bound; 167 fit.
+        let rpp = rows_per_part(12288, 100_000);
+        assert_eq!(12288usize.div_ceil(rpp), 167);
+        assert!(167 * 100_000 <= PARTIAL_FLOATS);
+        // A width past the bound on its own: one part.
+        assert_eq!(rows_per_part(12288, 50_257 * 768), 12288);
+    }
+}
