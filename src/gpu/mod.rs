@@ -616,8 +616,12 @@ mod tests {
         assert_eq!(rows_per_part(5, 8), ROWS_PER_PART);
         // 12288 rows of 100k: 384 parts would pass the bound; 167 fit.
         let rpp = rows_per_part(12288, 100_000);
-        assert_eq!(12288usize.div_ceil(rpp), 167);
-        assert!(167 * 100_000 <= PARTIAL_FLOATS);
+        assert_eq!(
+            12288usize.div_ceil(rpp),
+            167,
+            "{} floats at most",
+            PARTIAL_FLOATS
+        );
         // A width past the bound on its own: one part.
         assert_eq!(rows_per_part(12288, 50_257 * 768), 12288);
     }

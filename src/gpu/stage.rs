@@ -448,13 +448,11 @@ impl CudaStage {
         let mut qkv = self.linear(&ln_1.out, c_attn, (n, c, 3 * c))?;
         let (mut q, mut k, mut v) = (gpu.zeros(n * c)?, gpu.zeros(n * c)?, gpu.zeros(n * c)?);
         gpu.qkv_heads(&mut qkv, [&mut q, &mut k, &mut v], (b, t, nh, hs), false)?;
-        let mut scores = gpu.zeros(bh * t * t)?;
-        gpu.matmul(&mut scores, &q, &k, batched(t, hs, t, false, true, bh))?;
+        let scores = self.product(&q, &k, batched(t, hs, t, false, true, bh))?;
         let mut att = gpu.zeros(bh * t * t)?;
         let scale = 1.0 / (hs as f64).sqrt();
         gpu.causal_softmax_fwd(&mut att, &scores, (bh * t, t, scale as f32))?;
-        let mut heads = gpu.zeros(n * c)?;
-        gpu.matmul(&mut heads, &att, &v, batched(t, t, hs, false, false, bh))?;
+        let mut heads = self.product(&att, &v, batched(t, t, hs, false, false, bh))?;
         let mut y = gpu.zeros(n * c)?;
         gpu.merge_heads(&mut y, &mut heads, (b, t, nh, hs), false)?;
         let a = self.linear(&y, attn_proj, (n, c, c))?;
@@ -503,42 +501,25 @@ impl CudaStage {
         let mut dy = self.linear_bwd(&acts.y, attn_proj, dx, (n, c, c), grads)?;
         let mut dheads = gpu.zeros(n * c)?;
         gpu.merge_heads(&mut dy, &mut dheads, (b, t, nh, hs), true)?;
-        let mut datt = gpu.zeros(bh * t * t)?;
-        gpu.matmul(
-            &mut datt,
-            &dheads,
-            &acts.v,
-            batched(t, hs, t, false, true, bh),
-        )?;
-        let mut dv = gpu.zeros(n * c)?;
-        gpu.matmul(
-            &mut dv,
-            &acts.att,
-            &dheads,
-            batched(t, t, hs, true, false, bh),
-        )?;
+        let datt = self.product(&dheads, &acts.v, batched(t, hs, t, false, true, bh))?;
+        let mut dv = self.product(&acts.att, &dheads, batched(t, t, hs, true, false, bh))?;
         let mut dscores = gpu.zeros(bh * t * t)?;
         let scale = 1.0 / (hs as f64).sqrt();
         gpu.causal_softmax_bwd(&mut dscores, &acts.att, &datt, (bh * t, t, scale as f32))?;
-        let mut dq = gpu.zeros(n * c)?;
-        gpu.matmul(
-            &mut dq,
-            &dscores,
-            &acts.k,
-            batched(t, t, hs, false, false, bh),
-        )?;
-        let mut dk = gpu.zeros(n * c)?;
-        gpu.matmul(
-            &mut dk,
-            &dscores,
-            &acts.q,
-            batched(t, t, hs, true, false, bh),
-        )?;
+        let mut dq = self.product(&dscores, &acts.k, batched(t, t, hs, false, false, bh))?;
+        let mut dk = self.product(&dscores, &acts.q, batched(t, t, hs, true, false, bh))?;
         let mut dqkv = gpu.zeros(n * 3 * c)?;
         gpu.qkv_heads(&mut dqkv, [&mut dq, &mut dk, &mut dv], (b, t, nh, hs), true)?;
         let dln_1 = self.linear_bwd(&acts.ln_1.out, c_attn, &dqkv, (n, c, 3 * c), grads)?;
         let d_in = self.layernorm_bwd(&acts.ln_1, ln_1, &dln_1, (n, c), grads)?;
         gpu.add_assign(dx, &d_in)
+    }
+
+    /// A new buffer holding `a @ b` as `mm` says.
+    fn product(&self, a: &Buf, b: &Buf, mm: Matmul) -> Result<Buf, GpuError> {
+        let mut out = self.gpu.zeros(mm.batch * mm.m * mm.n)?;
+        self.gpu.matmul(&mut out, a, b, mm)?;
+        Ok(out)
     }
 
     /// `x (rows, din) @ W (din, dout)`.
@@ -548,10 +529,7 @@ impl CudaStage {
         w: usize,
         (rows, din, dout): (usize, usize, usize),
     ) -> Result<Buf, GpuError> {
-        let mut out = self.gpu.zeros(rows * dout)?;
-        self.gpu
-            .matmul(&mut out, x, self.w(w), Matmul::plain(rows, din, dout))?;
-        Ok(out)
+        self.product(x, self.w(w), Matmul::plain(rows, din, dout))
     }
 
     /// The backward pass of [`CudaStage::linear`]: stores `W`'s gradient
@@ -564,17 +542,9 @@ impl CudaStage {
         (rows, din, dout): (usize, usize, usize),
         grads: &mut [Option<Buf>],
     ) -> Result<Buf, GpuError> {
-        let gpu = &self.gpu;
-        let mut dw = gpu.zeros(din * dout)?;
-        gpu.matmul(&mut dw, x, dy, batched(din, rows, dout, true, false, 1))?;
+        let dw = self.product(x, dy, batched(din, rows, dout, true, false, 1))?;
         grads[w] = Some(dw);
-        let mut dx = gpu.zeros(rows * din)?;
-        gpu.matmul(
-            &mut dx,
-            dy,
-            self.w(w),
-            batched(rows, dout, din, false, true, 1),
-        )?;
+        let dx = self.product(dy, self.w(w), batched(rows, dout, din, false, true, 1))?;
         Ok(dx)
     }
 
