@@ -24,7 +24,8 @@ pub struct StageDevice {
     inner: Inner,
 }
 
-/// What a miner's site gives its stage all-reduce.
+/// A rank's site as its stage work sees it: where passes run, and how the
+/// stage's all-reduce moves inside the site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SiteFabric {
     pub device: Device,
@@ -108,11 +109,6 @@ impl StageDevice {
             }
         };
         Ok(StageDevice { inner })
-    }
-
-    /// The CPU, for ranks that compute no passes of their own.
-    pub fn cpu() -> StageDevice {
-        StageDevice { inner: Inner::Cpu }
     }
 
     /// Gives the device `model`'s stage and current weights: before a
