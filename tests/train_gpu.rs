@@ -24,6 +24,21 @@ fn coded_device_job(
     windows: u64,
     compression: &str,
 ) -> PathBuf {
+    let site = format!(
+        "[[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 4\ndevice = \"{device}\"\n"
+    );
+    let roles = "validators = 1\nreplay_rate = 0.5";
+    sited_job(dir, name, (roles, &site, compression), windows)
+}
+
+/// A tiny 2-stage job in `dir/NAME.toml` with the given `[roles]` table,
+/// `[[site]]` tables and `[pipeline.compression]` table, run for `windows`.
+fn sited_job(
+    dir: &Path,
+    name: &str,
+    (roles, sites, compression): (&str, &str, &str),
+    windows: u64,
+) -> PathBuf {
     let run_dir = dir.join(name);
     job_file(
         dir,
@@ -33,8 +48,7 @@ fn coded_device_job(
              [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
              [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
              [pipeline.compression]\n{compression}\n\n\
-             [roles]\nvalidators = 1\nreplay_rate = 0.5\n\n\
-             [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 4\ndevice = \"{device}\"\n\n\
+             [roles]\n{roles}\n\n{sites}\n\
              [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
              [train]\nwindows = {windows}\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n"
         ),
@@ -142,21 +156,11 @@ fn cpu_and_gpu_miners_serve_one_stage_and_each_is_replayed_on_its_own_device() {
     // Ranks: 0 orchestrator and 1 validator on "gpu-validators"; 2
     // validator, 3 and 4 miners on "cpus"; 5 and 6 miners on "gpus".
     // Miners are dealt round-robin: each stage gets a CPU and a GPU miner.
-    let job = job_file(
-        dir.path(),
-        "mixed.toml",
-        &format!(
-            "[job]\nname = \"m\"\ntask = \"train\"\nseed = 3\nrun_dir = {run_dir:?}\n\n\
-             [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
-             [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
-             [roles]\nvalidators = 2\nreplay_rate = 0.5\n\n\
-             [[site]]\nname = \"gpu-validators\"\nhosts = \"localhost\"\nranks_per_host = 2\ndevice = \"cuda\"\n\n\
-             [[site]]\nname = \"cpus\"\nhosts = \"localhost\"\nranks_per_host = 3\n\n\
-             [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 2\ndevice = \"cuda\"\n\n\
-             [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
-             [train]\nwindows = 20\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n"
-        ),
-    );
+    let sites = "[[site]]\nname = \"gpu-validators\"\nhosts = \"localhost\"\nranks_per_host = 2\ndevice = \"cuda\"\n\n\
+                 [[site]]\nname = \"cpus\"\nhosts = \"localhost\"\nranks_per_host = 3\n\n\
+                 [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 2\ndevice = \"cuda\"\n";
+    let roles = "validators = 2\nreplay_rate = 0.5";
+    let job = sited_job(dir.path(), "mixed", (roles, sites, ""), 20);
     let check = swarmrun().arg("check").arg(&job).output().unwrap();
     let plan = stdout(&check);
     assert!(!plan.contains("warning"), "{plan}");
@@ -206,21 +210,11 @@ fn an_nccl_site_of_gpus_trains_to_the_losses_of_a_tcp_site_bit_for_bit() {
     }
     let dir = tempfile::tempdir().unwrap();
     let job = |name: &str, fabric: &str| {
-        let run_dir = dir.path().join(name);
-        job_file(
-            dir.path(),
-            &format!("{name}.toml"),
-            &format!(
-                "[job]\nname = \"n\"\ntask = \"train\"\nseed = 3\nrun_dir = {run_dir:?}\n\n\
-                 [model]\nn_layer = 4\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
-                 [pipeline]\nstages = 2\nmicrobatch_size = 4\nmicrobatches_per_window = 6\n\n\
-                 [roles]\nvalidators = 1\n\n\
-                 [[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 4\n\
-                 device = \"cuda\"\nfabric = \"{fabric}\"\n\n\
-                 [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
-                 [train]\nwindows = 10\nlr = 5e-3\nwarmup_windows = 2\neval_every = 5\neval_microbatches = 2\n"
-            ),
-        )
+        let site = format!(
+            "[[site]]\nname = \"gpus\"\nhosts = \"localhost\"\nranks_per_host = 4\n\
+             device = \"cuda\"\nfabric = \"{fabric}\"\n"
+        );
+        sited_job(dir.path(), name, ("validators = 1", &site, ""), 10)
     };
     let (tcp, _) = run(&job("tcp", "tcp"));
     let (nccl, _) = run(&job("nccl", "nccl"));
