@@ -55,6 +55,29 @@ fn sited_job(
     )
 }
 
+/// Checks that a run's loss went down (its last `n` windows sum to at
+/// least `drop` less than its first `n`) and that no miner was flagged;
+/// returns how many passes validators replayed.
+fn trained_and_unflagged(what: &str, lines: &[String], (n, drop): (usize, f32)) -> u64 {
+    let loss: Vec<f32> = lines
+        .iter()
+        .map(|l| field(l, "loss").parse().unwrap())
+        .collect();
+    println!("{what} losses: {loss:?}");
+    let (head, tail) = (
+        loss[..n].iter().sum::<f32>(),
+        loss[loss.len() - n..].iter().sum::<f32>(),
+    );
+    assert!(tail < head - drop, "the loss did not go down: {loss:?}");
+    for l in lines {
+        assert_eq!(field(l, "caught"), "[]", "an honest miner was flagged: {l}");
+    }
+    lines
+        .iter()
+        .map(|l| field(l, "replayed").parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Whether this machine has a GPU the stage kernels run on.
 fn has_gpu() -> bool {
     #[cfg(feature = "cuda")]
@@ -97,28 +120,8 @@ fn gpu_job_trains_and_replays(compression: &str) {
     );
     let lines = metrics_of(&job);
     assert_eq!(lines.len(), 25);
-    let loss: Vec<f32> = lines
-        .iter()
-        .map(|l| field(l, "loss").parse().unwrap())
-        .collect();
-    println!("GPU job losses: {loss:?}");
-    let (head, tail) = (
-        loss[..5].iter().sum::<f32>(),
-        loss[20..].iter().sum::<f32>(),
-    );
-    assert!(tail < head - 0.5, "the loss did not go down: {loss:?}");
-    let replayed: u64 = lines
-        .iter()
-        .map(|l| field(l, "replayed").parse::<u64>().unwrap())
-        .sum();
+    let replayed = trained_and_unflagged("GPU job", &lines, (5, 0.5));
     assert!(replayed >= 25, "only {replayed} passes replayed");
-    for l in &lines {
-        assert_eq!(
-            field(l, "caught"),
-            "[]",
-            "an honest GPU miner was flagged: {l}"
-        );
-    }
     println!("{replayed} GPU passes replayed on the GPU, none flagged");
 }
 
@@ -168,22 +171,10 @@ fn cpu_and_gpu_miners_serve_one_stage_and_each_is_replayed_on_its_own_device() {
     let (text, err) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "{text}\n{err}");
     let lines = metrics_of(&job);
-    let loss: Vec<f32> = lines
-        .iter()
-        .map(|l| field(l, "loss").parse().unwrap())
-        .collect();
-    println!("mixed CPU/GPU job losses: {loss:?}");
-    let (head, tail) = (
-        loss[..4].iter().sum::<f32>(),
-        loss[16..].iter().sum::<f32>(),
-    );
-    assert!(tail < head - 0.3, "the loss did not go down: {loss:?}");
     // A CPU validator replaying a GPU miner's pass (or the reverse) would
     // find other bits and flag it: none flagged means each pass went to a
     // validator of its miner's device.
-    for l in &lines {
-        assert_eq!(field(l, "caught"), "[]", "an honest miner was flagged: {l}");
-    }
+    let replayed = trained_and_unflagged("mixed CPU/GPU job", &lines, (4, 0.3));
     let ledger = std::fs::read_to_string(run_dir.join("ledger.jsonl")).unwrap();
     for miner in [3, 4, 5, 6] {
         assert!(
@@ -191,10 +182,6 @@ fn cpu_and_gpu_miners_serve_one_stage_and_each_is_replayed_on_its_own_device() {
             "miner {miner} missing from the ledger"
         );
     }
-    let replayed: u64 = lines
-        .iter()
-        .map(|l| field(l, "replayed").parse::<u64>().unwrap())
-        .sum();
     assert!(replayed >= 20, "only {replayed} passes replayed");
 }
 

@@ -223,11 +223,15 @@ impl StageDevice {
                 };
                 let (b, t) = ids.dims2()?;
                 let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-                let acts = acts.map(host_f32).transpose()?;
                 let targets = targets
                     .map(|t| t.flatten_all()?.to_vec1::<u32>())
                     .transpose()?;
-                let data = match (codes, &acts) {
+                // With the frame's codes the decoded tensor goes unused.
+                let values = match codes {
+                    Some(_) => None,
+                    None => acts.map(host_f32).transpose()?,
+                };
+                let data = match (codes, &values) {
                     (Some(q), _) => Some(crate::gpu::StageData::Codes(q)),
                     (None, Some(v)) => Some(crate::gpu::StageData::Values(v)),
                     (None, None) => None,
