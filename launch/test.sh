@@ -2,13 +2,14 @@
 # Runs every test of swarmrun. Installs what the tests need first, when it is
 # missing and we may: OpenMPI (integration tests under a real mpirun), hwloc
 # and libudev (the `hwloc` feature's hwlocality crate), libclang and
-# pkg-config (for the `mpi` and `hwloc` cargo features), a
+# pkg-config (for the `mpi` and `hwloc` cargo features), Chromium (the
+# status page is tested in a real headless browser), a
 # one-node Slurm for the srun tests, and pip's NVRTC wheel (the `cuda`
 # feature's test compiles every kernels/*.cu with it, no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openmpi-bin libopenmpi-dev libhwloc-dev libudev-dev libclang-dev pkg-config ethtool iproute2)
+packages=(openmpi-bin libopenmpi-dev libhwloc-dev libudev-dev libclang-dev pkg-config ethtool iproute2 chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -877,31 +877,67 @@ fn lead(
         }
         _ => None,
     };
-    let mut exporter = match &spec.metrics.listen {
+    let mut monitor = match &spec.metrics.listen {
         Some(addr) => {
-            let e = swarmrun::prometheus::Exporter::serve(addr)
+            let board = swarmrun::status::StatusBoard::new(
+                &spec.job.name,
+                joined.plan.stages,
+                spec.train.windows,
+            );
+            let m = swarmrun::monitor::Monitor::serve(addr, board)
                 .with_context(|| format!("serving metrics on {addr}"))?;
-            println!("metrics: http://{}/metrics", e.local_addr());
-            Some(e)
+            println!(
+                "status: http://{0}/ (metrics: http://{0}/metrics)",
+                m.local_addr()
+            );
+            Some(m)
         }
         None => None,
     };
     let started = std::time::Instant::now();
     let mut written = Ok(());
     let membership = door.as_ref().map(|(_, m)| Arc::clone(m));
+    // The host a rank runs on: the job's ranks from the rendezvous, ranks
+    // that joined from the door's book.
+    let host_of = |rank: usize| {
+        joined
+            .world
+            .peers
+            .get(rank)
+            .map(|p| p.host.clone())
+            .or_else(|| {
+                membership
+                    .as_ref()
+                    .and_then(|m| m.peer(rank))
+                    .map(|p| p.host)
+            })
+    };
     let how = (&joined.plan, start, leading);
-    roles::orchestrate(t, spec, how, membership, |w| {
-        println!("{w}");
-        if let Some(dir) = &w.checkpoint {
-            println!("checkpoint {}", dir.display());
-        }
-        if written.is_ok() {
-            written = metrics.append(w, started.elapsed().as_secs_f64());
-        }
-        if let Some(e) = exporter.as_mut() {
-            e.record(w);
-        }
-    })?;
+    roles::orchestrate(
+        t,
+        spec,
+        how,
+        membership.clone(),
+        |progress| match progress {
+            roles::Progress::Window(w) => {
+                println!("{w}");
+                if let Some(dir) = &w.checkpoint {
+                    println!("checkpoint {}", dir.display());
+                }
+                if written.is_ok() {
+                    written = metrics.append(w, started.elapsed().as_secs_f64());
+                }
+                if let Some(m) = monitor.as_mut() {
+                    m.record_window(w, host_of);
+                }
+            }
+            roles::Progress::Event { line, warning } => {
+                if let Some(m) = monitor.as_mut() {
+                    m.record_event(line, warning);
+                }
+            }
+        },
+    )?;
     written.with_context(|| format!("writing {}", metrics.path().display()))?;
     Ok(())
 }

@@ -126,6 +126,7 @@ mod tests {
                 answer_s: 5.0,
                 close_s: 5.0,
             },
+            roster: Vec::new(),
         }
     }
 

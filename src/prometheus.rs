@@ -4,28 +4,12 @@
 //! the throughput and each miner's credits without reading files on the
 //! orchestrator's host.
 //!
-//! The server is deliberately small: one thread, one request per
-//! connection, `GET /metrics` and nothing else, each client given a few
-//! seconds. What it serves is replaced whole after every window, so a
-//! scrape never mixes two windows.
+//! (The HTTP server is [`crate::monitor`].)
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
 
 use crate::roles::WindowReport;
-
-/// How long one client may take to send its request and read the answer.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the listener looks whether it should stop.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
-/// The longest request read; anything longer is not a scrape.
-const MAX_REQUEST: usize = 8 * 1024;
 
 /// Totals over the windows seen so far.
 #[derive(Debug, Default)]
@@ -40,8 +24,18 @@ pub struct Tallies {
     reduce_s: f64,
     dense_bytes: u64,
     wire_bytes: u64,
-    /// Per miner: its stage, verified passes, failed checks.
-    miners: BTreeMap<usize, (usize, u64, u64)>,
+    miners: BTreeMap<usize, MinerTotals>,
+}
+
+/// One miner's ledger credits over the windows seen so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct MinerTotals {
+    /// The stage it served last.
+    pub stage: usize,
+    /// Backward passes credited.
+    pub verified: u64,
+    /// Checks it failed.
+    pub failed: u64,
 }
 
 impl Tallies {
@@ -58,11 +52,16 @@ impl Tallies {
         self.wire_bytes += w.wire_bytes;
         for t in &w.credits {
             let entry = self.miners.entry(t.rank).or_default();
-            entry.0 = t.stage;
-            entry.1 += t.verified;
-            entry.2 += t.failed;
+            entry.stage = t.stage;
+            entry.verified += t.verified;
+            entry.failed += t.failed;
         }
         self.last = Some(w.clone());
+    }
+
+    /// Each miner's credits so far, by rank.
+    pub fn miners(&self) -> &BTreeMap<usize, MinerTotals> {
+        &self.miners
     }
 
     /// The exposition text.
@@ -192,11 +191,11 @@ impl Tallies {
                 ("{kind=\"wire\"}".to_string(), self.wire_bytes as f64),
             ],
         );
-        let per_miner = |pick: fn(&(usize, u64, u64)) -> u64| -> Vec<(String, f64)> {
+        let per_miner = |pick: fn(&MinerTotals) -> u64| -> Vec<(String, f64)> {
             self.miners
                 .iter()
                 .map(|(rank, m)| {
-                    let labels = format!("{{rank=\"{rank}\",stage=\"{}\"}}", m.0);
+                    let labels = format!("{{rank=\"{rank}\",stage=\"{}\"}}", m.stage);
                     (labels, pick(m) as f64)
                 })
                 .collect()
@@ -205,114 +204,16 @@ impl Tallies {
             "miner_passes_total",
             "counter",
             "Backward passes credited to each miner.",
-            &per_miner(|m| m.1),
+            &per_miner(|m| m.verified),
         );
         metric(
             "miner_failed_checks_total",
             "counter",
             "Checks each miner failed.",
-            &per_miner(|m| m.2),
+            &per_miner(|m| m.failed),
         );
         out
     }
-}
-
-/// The HTTP server, serving the exposition of the windows recorded.
-pub struct Exporter {
-    addr: SocketAddr,
-    page: Arc<Mutex<String>>,
-    tallies: Tallies,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Exporter {
-    /// Listens on `addr` and serves from now on.
-    pub fn serve(addr: &str) -> io::Result<Exporter> {
-        let listener = TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let tallies = Tallies::default();
-        let page = Arc::new(Mutex::new(tallies.render()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (page, stop) = (Arc::clone(&page), Arc::clone(&stop));
-            thread::Builder::new()
-                .name("swarmrun-metrics".into())
-                .spawn(move || accept_loop(&listener, &page, &stop))?
-        };
-        Ok(Exporter {
-            addr,
-            page,
-            tallies,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Counts window `w` in and serves the result.
-    pub fn record(&mut self, w: &WindowReport) {
-        self.tallies.record(w);
-        let text = self.tallies.render();
-        *self.page.lock().unwrap_or_else(PoisonError::into_inner) = text;
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn accept_loop(listener: &TcpListener, page: &Mutex<String>, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            // A client that misbehaves costs itself its answer, nothing more.
-            Ok((stream, _)) => {
-                let _ = answer(stream, page);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
-            Err(_) => thread::sleep(ACCEPT_POLL),
-        }
-    }
-}
-
-/// Reads one request and answers it.
-fn answer(mut stream: TcpStream, page: &Mutex<String>) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
-        match stream.read(&mut buf)? {
-            0 => break,
-            n => request.extend_from_slice(&buf[..n]),
-        }
-    }
-    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
-    let (status, kind, body) = match line.split(|&b| b == b' ').collect::<Vec<_>>()[..] {
-        [b"GET", b"/metrics", _] => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            page.lock().unwrap_or_else(PoisonError::into_inner).clone(),
-        ),
-        [b"GET", _, _] => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-        _ => ("400 Bad Request", "text/plain", "not a GET\n".to_string()),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())
 }
 
 #[cfg(test)]
@@ -361,6 +262,7 @@ mod tests {
                 },
             ],
             deadlines: Deadlines::default(),
+            roster: Vec::new(),
         }
     }
 
@@ -390,32 +292,5 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
         }
         assert!(!text.contains("val_loss"), "{text}");
-    }
-
-    fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        answer
-    }
-
-    #[test]
-    fn get_metrics_answers_the_last_recorded_window_and_other_paths_404() {
-        let mut e = Exporter::serve("127.0.0.1:0").unwrap();
-        let before = get(e.local_addr(), "/metrics");
-        assert!(before.starts_with("HTTP/1.1 200 OK\r\n"), "{before}");
-        assert!(before.contains("swarmrun_windows_total 0"), "{before}");
-        e.record(&window(7));
-        let after = get(e.local_addr(), "/metrics");
-        assert!(after.contains("\nswarmrun_window 7\n"), "{after}");
-        assert!(get(e.local_addr(), "/").starts_with("HTTP/1.1 404"));
-        // Garbage gets an answer, and the server keeps serving.
-        let mut junk = TcpStream::connect(e.local_addr()).unwrap();
-        junk.write_all(b"\x16\x03\x01 hello\r\n\r\n").unwrap();
-        let mut reply = String::new();
-        let _ = junk.read_to_string(&mut reply);
-        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-        assert!(get(e.local_addr(), "/metrics").contains("swarmrun_window 7"));
     }
 }

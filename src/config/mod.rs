@@ -100,8 +100,8 @@ pub struct JobSpec {
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsSpec {
     /// `host:port` where the orchestrator serves `GET /metrics` in
-    /// Prometheus' text format (for example `127.0.0.1:9464`); none when
-    /// absent.
+    /// Prometheus' text format and the live status page at `/` (for
+    /// example `127.0.0.1:9464`); none when absent.
     pub listen: Option<String>,
 }
 

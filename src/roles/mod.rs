@@ -18,5 +18,5 @@ pub use device::{SiteFabric, StageDevice};
 pub use miner::{mine, mine_joined};
 pub use orchestrator::{orchestrate, StartPoint};
 pub use standby::{stand_by, Leading};
-pub use train::{TrainError, WindowLine, WindowReport};
+pub use train::{Member, MemberState, Progress, TrainError, WindowLine, WindowReport};
 pub use validator::validate;

@@ -105,6 +105,51 @@ pub struct WindowReport {
     pub credits: Vec<Tally>,
     /// The deadlines the run's own times set.
     pub deadlines: Deadlines,
+    /// Who is in the job at the window's end (the orchestrator aside).
+    pub roster: Vec<Member>,
+}
+
+/// A rank in the job as the orchestrator sees it at a window's end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub rank: usize,
+    /// The stage it mines, for a miner placed on one.
+    pub stage: Option<usize>,
+    pub validator: bool,
+    /// The site its job file or its join named, when known.
+    pub site: Option<String>,
+    pub state: MemberState,
+}
+
+/// Where a member stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// Mining its stage (or validating).
+    Serving,
+    /// Joined, waiting to be placed at the next window boundary.
+    Joining,
+    /// Asked to leave; goes after the current window.
+    Leaving,
+}
+
+impl MemberState {
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Serving => "serving",
+            MemberState::Joining => "joining",
+            MemberState::Leaving => "leaving",
+        }
+    }
+}
+
+/// What the orchestrator tells its caller as the job trains.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// A window is done.
+    Window(&'a WindowReport),
+    /// An event worth a line (a join, a loss, an exclusion, a move),
+    /// already printed; `warning` when it went to stderr.
+    Event { line: &'a str, warning: bool },
 }
 
 /// Where the miners' time not spent computing went, each a share of the
@@ -363,6 +408,7 @@ mod tests {
             caught: Vec::new(),
             credits: Vec::new(),
             deadlines: Deadlines::default(),
+            roster: Vec::new(),
         };
         let line = WindowLine::parse(&r.to_string()).unwrap();
         assert_eq!(

@@ -1,6 +1,7 @@
 //! What the integration tests share: the binary, job files, free ports.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod join;
 pub mod train;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

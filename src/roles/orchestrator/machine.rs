@@ -28,7 +28,9 @@ use crate::pipeline::{InFlight, Router, RouterState};
 use crate::roles::protocol::{
     self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route, StageDigests,
 };
-use crate::roles::train::{BubbleCauses, Deadlines, Setup, TrainError, WindowReport};
+use crate::roles::train::{
+    BubbleCauses, Deadlines, Member, MemberState, Setup, TrainError, WindowReport,
+};
 
 use super::liveness::Liveness;
 use super::StartPoint;
@@ -1052,6 +1054,7 @@ impl<'a> Coordinator<'a> {
                     close_s: w.close_deadline_s,
                 }
             },
+            roster: self.roster(),
         })));
         if self.hands_over() {
             let boundary = self.boundary(window + 1);
@@ -1115,6 +1118,38 @@ impl<'a> Coordinator<'a> {
                 on.map(|(r, _)| *r).collect()
             })
             .collect()
+    }
+
+    /// Who is in the job now: miners on their stages, validators, joiners
+    /// not yet placed, each with its site and whether it is leaving.
+    fn roster(&self) -> Vec<Member> {
+        let state = |rank: usize| match self.leaving.contains(&rank) {
+            true => MemberState::Leaving,
+            false => MemberState::Serving,
+        };
+        let member =
+            |rank: usize, stage: Option<usize>, validator: bool, state: MemberState| Member {
+                rank,
+                stage,
+                validator,
+                site: self.sites.get(&rank).cloned(),
+                state,
+            };
+        let miners = self
+            .miners
+            .iter()
+            .map(|(&rank, &stage)| member(rank, Some(stage), false, state(rank)));
+        let validators = self
+            .validators
+            .iter()
+            .map(|&rank| member(rank, None, true, state(rank)));
+        let joining = self
+            .joining
+            .keys()
+            .map(|&rank| member(rank, None, false, MemberState::Joining));
+        let mut roster: Vec<Member> = miners.chain(validators).chain(joining).collect();
+        roster.sort_by_key(|m| m.rank);
+        roster
     }
 
     /// Says which stages' miners span sites, when that changed.

@@ -25,7 +25,7 @@ use super::protocol::{self, Handover, Order, Report};
 use super::standby::Leading;
 use super::train::{
     inject_planned_fault, inject_planned_fault_at, miners_of, send_unless_lost, validators_of,
-    Setup, TrainError, WindowReport,
+    Progress, Setup, TrainError,
 };
 use crate::checkpoint::{Checkpoints, Manifest};
 use crate::config::{CrashPhase, JobSpec, PassClock, Plan};
@@ -87,7 +87,8 @@ impl StartPoint {
 }
 
 /// Runs the job's windows from `start`, or from where the lost
-/// orchestrator left them (`leading`), calling `report` after each. With
+/// orchestrator left them (`leading`), telling `report` of each window and
+/// of each event line as it comes. With
 /// `membership` (the book of a job whose door is open), ranks that join
 /// while it trains are placed on stages, and the book is kept current as
 /// ranks leave.
@@ -96,7 +97,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
     spec: &JobSpec,
     (plan, start, leading): (&Plan, &StartPoint, Leading),
     membership: Option<Arc<Membership>>,
-    mut report: impl FnMut(&WindowReport),
+    mut report: impl FnMut(Progress<'_>),
 ) -> Result<(), TrainError> {
     let setup = Setup::new(spec)?;
     let planned = miners_of(plan);
@@ -183,8 +184,20 @@ pub fn orchestrate<T: Transport + ?Sized>(
                         send_unless_lost(t, r, protocol::PING_TAG, &nonce.to_le_bytes())?;
                     }
                 }
-                Output::Say(line) => println!("{line}"),
-                Output::Warn(line) => eprintln!("{line}"),
+                Output::Say(line) => {
+                    println!("{line}");
+                    report(Progress::Event {
+                        line: &line,
+                        warning: false,
+                    });
+                }
+                Output::Warn(line) => {
+                    eprintln!("{line}");
+                    report(Progress::Event {
+                        line: &line,
+                        warning: true,
+                    });
+                }
                 Output::Departed(rank) => {
                     if let Some(m) = &membership {
                         m.remove(rank);
@@ -204,7 +217,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
                         send_unless_lost(t, v, protocol::ORDER_TAG, &bytes)?;
                     }
                     w.checkpoint = committed.take();
-                    report(&w);
+                    report(Progress::Window(&w));
                 }
                 Output::Handover(boundary) => {
                     hand_over(t, &mut standby, &Handover::Boundary(boundary))?;
