@@ -128,14 +128,25 @@ impl Liveness {
         }
     }
 
-    /// A ping of `ranks` when nothing was reported for the progress
-    /// deadline (or a rank was blamed), no ping is in flight and the last
-    /// round was not answered too recently; its nonce.
-    fn ping(&mut self, ranks: Vec<usize>, now: Instant) -> Option<u64> {
+    /// A ping of the ranks `everyone` lists when nothing was reported for
+    /// the progress deadline (or a rank was blamed), no ping is in flight
+    /// and the last round was not answered too recently: the ranks and
+    /// the nonce. `everyone` is called only then: with thousands of
+    /// miners, listing them on every report made the orchestrator's
+    /// bookkeeping quadratic in the swarm.
+    fn ping(
+        &mut self,
+        everyone: impl FnOnce() -> Vec<usize>,
+        now: Instant,
+    ) -> Option<(Vec<usize>, u64)> {
         let since = self.last_report.get_or_insert(now);
         let stalled = now.saturating_duration_since(*since) > self.progress.duration();
         let quiet = self.quiet_until.is_some_and(|t| now < t);
-        if !(stalled || self.suspicious) || quiet || ranks.is_empty() || self.ping.is_some() {
+        if !(stalled || self.suspicious) || quiet || self.ping.is_some() {
+            return None;
+        }
+        let ranks = everyone();
+        if ranks.is_empty() {
             return None;
         }
         self.suspicious = false;
@@ -144,9 +155,9 @@ impl Liveness {
         self.ping = Some(Ping {
             nonce,
             sent: now,
-            waiting: ranks,
+            waiting: ranks.clone(),
         });
-        Some(nonce)
+        Some((ranks, nonce))
     }
 
     /// The two deadlines now, in seconds: progress, answer.
@@ -177,8 +188,11 @@ impl Coordinator<'_> {
             self.push(Output::Send(vec![rank], Order::Stop));
             self.on_lost(rank, "evicted: no answer to a liveness ping")?;
         }
-        let everyone: Vec<usize> = self.listeners.iter().copied().collect();
-        if let Some(nonce) = self.liveness.ping(everyone.clone(), now) {
+        let listeners = &self.listeners;
+        if let Some((everyone, nonce)) = self
+            .liveness
+            .ping(|| listeners.iter().copied().collect(), now)
+        {
             self.push(Output::Ping(everyone, nonce));
         }
         Ok(())
