@@ -24,6 +24,7 @@ pub mod gpu;
 pub mod hello;
 pub mod launch;
 pub mod ledger;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod monitor;

@@ -15,6 +15,7 @@ use swarmrun::data::{Corpus, Tokenizer};
 use swarmrun::launch::bind::{self, BindError, BindTo};
 use swarmrun::launch::{self, JoinError, LaunchRequest, StartError};
 use swarmrun::ledger;
+use swarmrun::logging::LogFormat;
 use swarmrun::model::SampleOptions;
 use swarmrun::wire::JobKey;
 use swarmrun::world::{Door, Membership};
@@ -30,6 +31,18 @@ const EXIT_USAGE: u8 = 2;
     about = "HPC-style launcher and collectives for training one model across many unreliable machines"
 )]
 struct Cli {
+    /// Who reads the log: `text`, a person (lines as printed, tagged by the
+    /// launcher), or `json`, a machine (one JSON object per event and per
+    /// closed span, on stdout; ranks started by the launcher inherit it).
+    /// RUST_LOG filters either, e.g. RUST_LOG=swarmrun=debug.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = swarmrun::logging::FORMAT_ENV,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -160,6 +173,10 @@ enum Cmd {
     },
     /// Benchmarks, printed as tables.
     Bench {
+        /// Also write the tables, with this machine's facts (cores, CPU,
+        /// memcpy bandwidth measured in the run), as JSON to FILE.
+        #[arg(long, global = true, value_name = "FILE")]
+        json: Option<PathBuf>,
         #[command(subcommand)]
         which: BenchCmd,
     },
@@ -214,6 +231,9 @@ enum WanCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Rebuilds BENCHMARKS.md's tables and charts from the `--json` files
+    /// of a suite run (`launch/bench.sh`).
+    Report(ReportArgs),
     /// Time from start until all ranks are past rendezvous, beside mpirun.
     Launch {
         #[arg(short = 'n', long = "nprocs", default_value_t = 16)]
@@ -287,6 +307,36 @@ enum BenchCmd {
     },
 }
 
+/// `swarmrun bench report`: BENCHMARKS.md from a suite run's `--json` files.
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// The directory of `bench --json` files (NAME.json fills the section
+    /// between `<!-- bench NAME -->` and `<!-- /bench NAME -->`).
+    dir: PathBuf,
+    /// The document to update in place.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    into: PathBuf,
+    /// Where charts go.
+    #[arg(long, default_value = "docs/bench")]
+    charts: PathBuf,
+}
+
+impl BenchCmd {
+    /// The bench's name, as on the command line.
+    fn name(&self) -> &'static str {
+        match self {
+            BenchCmd::Launch { .. } => "launch",
+            BenchCmd::Allreduce { .. } => "allreduce",
+            BenchCmd::Train { .. } => "train",
+            BenchCmd::Trust(_) => "trust",
+            BenchCmd::Sched(_) => "sched",
+            BenchCmd::Wan(_) => "wan",
+            BenchCmd::Compress { .. } => "compress",
+            BenchCmd::Report(_) => "report",
+        }
+    }
+}
+
 fn parse_size_arg(s: &str) -> Result<usize, String> {
     config::parse_size(s)
         .map_err(|e| e.to_string())
@@ -304,6 +354,12 @@ fn parse_algorithm(s: &str) -> Result<config::AllReduceChoice, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The ranks a launcher starts log as it does.
+    std::env::set_var(swarmrun::logging::FORMAT_ENV, cli.log_format.name());
+    if let Err(e) = swarmrun::logging::init(cli.log_format) {
+        eprintln!("swarmrun: error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => ExitCode::from(report(&e)),
@@ -312,7 +368,7 @@ fn main() -> ExitCode {
 
 /// Prints `e` and returns the status to exit with.
 fn report(e: &anyhow::Error) -> u8 {
-    eprintln!("swarmrun: error: {}", message(e));
+    tracing::error!("swarmrun: error: {}", message(e));
     if is_usage_error(e) {
         EXIT_USAGE
     } else {
@@ -489,81 +545,103 @@ fn run(cli: Cli) -> Result<ExitCode> {
             wan(which)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { which } => match which {
-            BenchCmd::Launch { nprocs, reps } => {
-                swarmrun::bench::launch::run(nprocs, reps)?;
-                Ok(ExitCode::SUCCESS)
+        Cmd::Bench { json, which } => {
+            let started = std::time::SystemTime::now();
+            let mut tables = swarmrun::bench::record::Tables::default();
+            let name = which.name();
+            bench(which, &mut tables)?;
+            if let Some(path) = json {
+                let command = std::env::args().collect();
+                swarmrun::bench::record::Record::new(name, command, started, tables)
+                    .write(&path)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
-            BenchCmd::Allreduce {
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Runs one bench, its tables printed and kept in `tables`.
+fn bench(which: BenchCmd, tables: &mut swarmrun::bench::record::Tables) -> Result<()> {
+    use swarmrun::bench;
+    match which {
+        BenchCmd::Launch { nprocs, reps } => bench::launch::run(nprocs, reps, tables)?,
+        BenchCmd::Allreduce {
+            nprocs,
+            transport,
+            min,
+            max,
+            iters,
+            warmup,
+            algorithm,
+        } => {
+            let opts = bench::allreduce::DriverOptions {
                 nprocs,
-                transport,
-                min,
-                max,
-                iters,
-                warmup,
+                transports: transport,
+                spec: config::BenchSpec {
+                    min_bytes: min,
+                    max_bytes: max,
+                    iters,
+                    warmup,
+                    registered: false,
+                },
                 algorithm,
-            } => {
-                swarmrun::bench::allreduce::run(&swarmrun::bench::allreduce::DriverOptions {
-                    nprocs,
-                    transports: transport,
-                    spec: config::BenchSpec {
-                        min_bytes: min,
-                        max_bytes: max,
-                        iters,
-                        warmup,
-                        registered: false,
-                    },
-                    algorithm,
-                })?;
-                Ok(ExitCode::SUCCESS)
+            };
+            bench::allreduce::run(&opts, tables)?;
+        }
+        BenchCmd::Wan(opts) => bench::wan::run(&opts, tables)?,
+        BenchCmd::Trust(opts) => bench::trust::run(&opts, tables)?,
+        BenchCmd::Sched(opts) => {
+            bench::sched::run(&opts, tables)?;
+        }
+        BenchCmd::Train {
+            job,
+            windows,
+            part,
+            device,
+        } => {
+            let spec = config::load(&job)?;
+            match (device, part) {
+                (config::Device::Cuda, _) => bench_on_gpu(|| {
+                    #[cfg(feature = "cuda")]
+                    bench::gpu::train(&spec, windows, tables)?;
+                    Ok(())
+                })?,
+                (_, Some(part)) => bench::train::run_part(part, &spec, windows)?,
+                (_, None) => bench::train::run(&spec, &job, windows, tables)?,
             }
-            BenchCmd::Wan(opts) => {
-                swarmrun::bench::wan::run(&opts)?;
-                Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Report(args) => {
+            let done = bench::record::report(&args.dir, &args.into, &args.charts)
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "{}: replaced {}; charts {}",
+                args.into.display(),
+                done.replaced.join(", "),
+                done.charts.len()
+            );
+            if !done.unplaced.is_empty() {
+                bail!(
+                    "{} has no section for {} (add <!-- bench NAME --> <!-- /bench NAME -->)",
+                    args.into.display(),
+                    done.unplaced.join(", ")
+                );
             }
-            BenchCmd::Trust(opts) => {
-                swarmrun::bench::trust::run(&opts)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            BenchCmd::Sched(opts) => {
-                swarmrun::bench::sched::run(&opts)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            BenchCmd::Train {
-                job,
-                windows,
-                part,
-                device,
-            } => {
-                let spec = config::load(&job)?;
-                match (device, part) {
-                    (config::Device::Cuda, _) => bench_on_gpu(|| {
-                        #[cfg(feature = "cuda")]
-                        swarmrun::bench::gpu::train(&spec, windows)?;
-                        Ok(())
-                    })?,
-                    (_, Some(part)) => swarmrun::bench::train::run_part(part, &spec, windows)?,
-                    (_, None) => swarmrun::bench::train::run(&spec, &job, windows)?,
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            BenchCmd::Compress {
-                rows,
-                width,
-                device,
-            } => {
-                match device {
-                    config::Device::Cuda => bench_on_gpu(|| {
-                        #[cfg(feature = "cuda")]
-                        swarmrun::bench::gpu::compress(rows, width)?;
-                        Ok(())
-                    })?,
-                    config::Device::Cpu => swarmrun::bench::compress::run(rows, width)?,
-                }
-                Ok(ExitCode::SUCCESS)
-            }
+        }
+        BenchCmd::Compress {
+            rows,
+            width,
+            device,
+        } => match device {
+            config::Device::Cuda => bench_on_gpu(|| {
+                #[cfg(feature = "cuda")]
+                bench::gpu::compress(rows, width, tables)?;
+                Ok(())
+            })?,
+            config::Device::Cpu => bench::compress::run(rows, width, tables)?,
         },
     }
+    Ok(())
 }
 
 /// A benchmark's GPU side: refused with the reason in a build without
@@ -703,7 +781,10 @@ fn audit(run_dir: &Path, keys: &[String], countersigned: bool) -> Result<()> {
 fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Result<()> {
     let joined = launch::join(spec, rdzv)?;
     let me = joined.me();
-    println!(
+    // Every event and span of this rank is inside this one, so a JSON
+    // line says which rank and role it came from.
+    let _rank = tracing::info_span!("rank", rank = joined.world.rank, role = %me.role).entered();
+    tracing::info!(
         "rank {}/{} on {} (pid {}, site {}, {}): rendezvous done {:.1} ms after start",
         joined.world.rank,
         joined.world.size,
@@ -714,7 +795,7 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
         joined.startup.as_secs_f64() * 1e3
     );
     if bind::report_requested() {
-        eprintln!("{}", bind::report_line(joined.binding.as_ref()));
+        tracing::warn!("{}", bind::report_line(joined.binding.as_ref()));
     }
     inject_planned_fault(spec, joined.world.rank);
     let result = match spec.job.task {
@@ -776,7 +857,7 @@ fn inject_planned_fault(spec: &JobSpec, rank: usize) {
     let timed = spec.faults.crash.iter().filter(|c| c.window.is_none());
     if let Some(c) = timed.into_iter().find(|c| c.rank == rank) {
         std::thread::sleep(Duration::from_secs_f64(c.after_s));
-        eprintln!(
+        tracing::warn!(
             "exiting with status {} on purpose (faults.crash)",
             c.exit_code
         );
@@ -845,7 +926,7 @@ fn lead(
     let run_dir = spec.job.run_dir();
     let resumed = start.resumed.as_ref().map(|m| m.window);
     if let Some(m) = &start.resumed {
-        println!(
+        tracing::info!(
             "resuming after window {} from {}",
             m.window,
             run_dir.join("checkpoints").display()
@@ -867,7 +948,7 @@ fn lead(
                 spec.job.name.clone(),
                 Arc::clone(&membership),
             )?;
-            println!(
+            tracing::info!(
                 "joins: swarmrun join {} --rdzv tcp://{}:{}",
                 job.display(),
                 joined.world.me().host,
@@ -886,7 +967,7 @@ fn lead(
             );
             let m = swarmrun::monitor::Monitor::serve(addr, board)
                 .with_context(|| format!("serving metrics on {addr}"))?;
-            println!(
+            tracing::info!(
                 "status: http://{0}/ (metrics: http://{0}/metrics)",
                 m.local_addr()
             );
@@ -920,9 +1001,16 @@ fn lead(
         membership.clone(),
         |progress| match progress {
             roles::Progress::Window(w) => {
-                println!("{w}");
+                tracing::info!(
+                    window = w.window,
+                    loss = w.mean_loss,
+                    val_loss = w.val_loss,
+                    tokens_per_s = w.tokens_per_s,
+                    bubble = w.bubble,
+                    "{w}"
+                );
                 if let Some(dir) = &w.checkpoint {
-                    println!("checkpoint {}", dir.display());
+                    tracing::info!(window = w.window, "checkpoint {}", dir.display());
                 }
                 if written.is_ok() {
                     written = metrics.append(w, started.elapsed().as_secs_f64());
@@ -946,7 +1034,8 @@ fn lead(
 fn run_joined_rank(spec: &JobSpec, rdzv: Option<&str>, site: &str) -> Result<()> {
     let joined = launch::join_running(spec, rdzv, site)?;
     let me = &joined.admission;
-    println!(
+    let _rank = tracing::info_span!("rank", rank = me.rank, role = "joiner").entered();
+    tracing::info!(
         "rank {} on {} (pid {}, site {site}) joined the running job; {} ranks in it",
         me.rank,
         swarmrun::world::hostname(),
@@ -995,7 +1084,7 @@ fn run_hello(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
         },
     )?;
     if let Some((min, median, max)) = times.summary() {
-        println!(
+        tracing::info!(
             "ring of {} ranks, {} B token, {} rounds: round trip min {:.1} us, median {:.1} us, max {:.1} us",
             joined.world.size,
             spec.hello.token_bytes,
@@ -1005,7 +1094,7 @@ fn run_hello(spec: &JobSpec, joined: &launch::Joined) -> Result<()> {
             max.as_secs_f64() * 1e6
         );
     }
-    println!("barrier passed");
+    tracing::info!("barrier passed");
     if spec.hello.hold_s > 0.0 {
         std::thread::sleep(Duration::from_secs_f64(spec.hello.hold_s));
     }

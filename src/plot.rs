@@ -83,7 +83,8 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<Vec<PathBuf>, PlotError> {
         ("training loss", &train, BLUE),
         ("validation loss", &val, RED),
     ];
-    chart(&path, &format!("{name}: loss"), "loss", &series).map_err(draw_error(&path))?;
+    chart(&path, &format!("{name}: loss"), ("window", "loss"), &series)
+        .map_err(draw_error(&path))?;
     written.push(path);
 
     let path = out.join("throughput.png");
@@ -100,7 +101,7 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<Vec<PathBuf>, PlotError> {
         let path = out.join("compression.png");
         let series = [("dense bytes / wire bytes", &ratios, DARK_GREEN)];
         let title = format!("{name}: boundary compression");
-        chart(&path, &title, "ratio (x)", &series).map_err(draw_error(&path))?;
+        chart(&path, &title, ("window", "ratio (x)"), &series).map_err(draw_error(&path))?;
         written.push(path);
     }
     Ok(written)
@@ -129,11 +130,29 @@ type Drawn = Result<(), Box<dyn std::error::Error>>;
 /// A line's legend, points (window, value) and colour.
 type Series<'a, C> = (&'a str, &'a Vec<(f64, f64)>, C);
 
-/// One chart of several series against the window.
+/// A chart of named series (x, y) in the palette's colours, for charts of
+/// other data than a run's metrics (`swarmrun bench report`).
+pub fn series_chart(
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), PlotError> {
+    register_font()?;
+    let palette = [BLUE, RED, DARK_GREEN, MAGENTA, CYAN, BLACK];
+    let series: Vec<Series<'_, RGBColor>> = series
+        .iter()
+        .zip(palette.iter().cycle())
+        .map(|((label, points), &colour)| (label.as_str(), points, colour))
+        .collect();
+    chart(path, title, (x_desc, y_desc), &series).map_err(draw_error(path))
+}
+
+/// One chart of several series against x (a run's window, usually).
 fn chart<C: Into<RGBAColor> + Copy>(
     path: &Path,
     title: &str,
-    y_desc: &str,
+    (x_desc, y_desc): (&str, &str),
     series: &[Series<'_, C>],
 ) -> Drawn {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
@@ -148,7 +167,7 @@ fn chart<C: Into<RGBAColor> + Copy>(
         .build_cartesian_2d(x, y)?;
     chart
         .configure_mesh()
-        .x_desc("window")
+        .x_desc(x_desc)
         .y_desc(y_desc)
         .x_label_formatter(&whole)
         .label_style(("sans-serif", 16))

@@ -19,11 +19,16 @@ fn bench_allreduce_prints_every_size_with_no_wrong_element() {
     } else {
         "tcp,shm,shm-registered"
     };
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results");
+    std::fs::create_dir(&results).unwrap();
     let out = swarmrun()
         .args(["bench", "allreduce", "-n", "3", "--transport", transports])
         .args([
             "--min", "4", "--max", "256K", "--iters", "2", "--warmup", "1",
         ])
+        .arg("--json")
+        .arg(results.join("allreduce.json"))
         .output()
         .unwrap();
     let text = stdout(&out);
@@ -41,4 +46,32 @@ fn bench_allreduce_prints_every_size_with_no_wrong_element() {
     }
     let largest = rows.iter().find(|r| r[0] == "262144").unwrap();
     assert!(largest[6].parse::<f64>().unwrap() > 0.0, "{largest:?}");
+
+    // The recorded tables, one per transport, chart as busbw against size.
+    let doc = dir.path().join("BENCH.md");
+    std::fs::write(
+        &doc,
+        "<!-- bench allreduce -->\n<!-- /bench allreduce -->\n",
+    )
+    .unwrap();
+    let charts = dir.path().join("charts");
+    let report = swarmrun()
+        .args(["bench", "report"])
+        .arg(&results)
+        .arg("--into")
+        .arg(&doc)
+        .arg("--charts")
+        .arg(&charts)
+        .output()
+        .unwrap();
+    assert!(report.status.success(), "{}", stderr(&report));
+    let text = std::fs::read_to_string(&doc).unwrap();
+    assert_eq!(
+        text.matches("| bytes | time_us |").count(),
+        tables,
+        "{text}"
+    );
+    let png = std::fs::read(charts.join("allreduce-busbw.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG chart");
+    assert!(text.contains("allreduce-busbw.png"), "{text}");
 }

@@ -14,10 +14,11 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use thiserror::Error;
 
+use super::record::Tables;
 use crate::collective::{self, AllReduceAlgorithm, Call, CollectiveError, ReduceOp};
 use crate::config::{AllReduceChoice, BenchSpec, Fabric};
 use crate::launch::free_port;
@@ -240,20 +241,6 @@ pub fn run_rank<T: Transport + ?Sized>(
     Ok(rows)
 }
 
-/// Single-thread memcpy bandwidth of a `bytes` buffer, best of a few, GB/s.
-pub fn memcpy_gbps(bytes: usize) -> f64 {
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let mut best = Duration::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        dst.copy_from_slice(std::hint::black_box(&src));
-        best = best.min(t.elapsed());
-        std::hint::black_box(&dst);
-    }
-    bytes as f64 / best.as_secs_f64() / 1e9
-}
-
 /// What the driver was asked.
 #[derive(Debug, Clone)]
 pub struct DriverOptions {
@@ -264,7 +251,7 @@ pub struct DriverOptions {
 }
 
 /// The driver: memcpy, then one table per transport.
-pub fn run(opts: &DriverOptions) -> Result<(), BenchAllreduceError> {
+pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllreduceError> {
     let exe = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
     let memcpy_bytes = opts.spec.max_bytes.min(256 << 20);
@@ -275,7 +262,7 @@ pub fn run(opts: &DriverOptions) -> Result<(), BenchAllreduceError> {
     println!(
         "# memcpy (1 thread, {} MiB): {:.2} GB/s",
         memcpy_bytes >> 20,
-        memcpy_gbps(memcpy_bytes)
+        super::record::memcpy_gbps(memcpy_bytes)
     );
     for name in &opts.transports {
         let (fabric, label) = match name.as_str() {
@@ -302,6 +289,10 @@ pub fn run(opts: &DriverOptions) -> Result<(), BenchAllreduceError> {
         };
         std::fs::write(&job, job_text(opts, fabric, shm_chunk, registered))?;
         println!("#\n# {label}\n{TABLE_HEADER}");
+        tables.start(
+            format!("{label}, {} ranks", opts.nprocs),
+            &["bytes", "time_us", "algbw_gbps", "busbw_gbps", "wrong"],
+        );
         let cmd = if fabric == Fabric::Mpi {
             mpirun(&exe, &job, opts.nprocs, &JobKey::generate()?)?
         } else {
@@ -312,7 +303,7 @@ pub fn run(opts: &DriverOptions) -> Result<(), BenchAllreduceError> {
                 .arg(&job);
             c
         };
-        relay_rank0(cmd, label)?;
+        relay_rank0(cmd, label, tables)?;
     }
     Ok(())
 }
@@ -357,15 +348,23 @@ fn mpirun(exe: &Path, job: &Path, nprocs: usize, key: &JobKey) -> std::io::Resul
     Ok(c)
 }
 
-/// Prints the table rows rank 0 writes (`BENCH ` lines), prefix removed.
-fn relay_rank0(mut cmd: Command, what: &str) -> Result<(), BenchAllreduceError> {
+/// Prints the table rows rank 0 writes (`BENCH ` lines), prefix removed,
+/// and records them.
+fn relay_rank0(
+    mut cmd: Command,
+    what: &str,
+    tables: &mut Tables,
+) -> Result<(), BenchAllreduceError> {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let mut tail: Vec<String> = Vec::new();
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let line = line?;
             match line.split_once(ROW_MARK) {
-                Some((_, row)) => println!("{row}"),
+                Some((_, row)) => {
+                    println!("{row}");
+                    tables.row(recorded(row));
+                }
                 None => {
                     tail.push(line);
                     if tail.len() > 20 {
@@ -390,6 +389,19 @@ fn relay_rank0(mut cmd: Command, what: &str) -> Result<(), BenchAllreduceError> 
         });
     }
     Ok(())
+}
+
+/// A printed row ([`Row::format`]) as recorded: bytes, time, algbw,
+/// busbw, wrong (count, type and op are implied).
+pub(super) fn recorded(row: &str) -> Vec<serde_json::Value> {
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    let number = |i: usize| {
+        cells
+            .get(i)
+            .and_then(|c| c.parse::<f64>().ok())
+            .map_or(serde_json::Value::Null, serde_json::Value::from)
+    };
+    vec![number(0), number(4), number(5), number(6), number(7)]
 }
 
 /// Rank 0 marks table rows so the driver finds them among other output.

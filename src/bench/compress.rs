@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::median;
+use super::record::Tables;
 use crate::compress::quant::quantize_into;
 use crate::compress::{
     compression_ratio, frame, Bits, FrameError, QuantError, Quantized, Rounding,
@@ -172,10 +173,32 @@ pub fn render(rows: usize, width: usize, lines: &[Line]) -> String {
     s
 }
 
-/// Measures and prints the table.
-pub fn run(rows: usize, width: usize) -> Result<(), BenchCompressError> {
+/// Measures, prints and records the table.
+pub fn run(rows: usize, width: usize, tables: &mut Tables) -> Result<(), BenchCompressError> {
     let lines = measure(rows, width, TIME_PER_MEASURE)?;
     print!("{}", render(rows, width, &lines));
+    let memcpy = lines.first().map_or(f64::NAN, |l| l.encode_gbps);
+    tables.start(
+        format!("{rows} x {width} f32, one thread, Gaussian rows with outlier channels"),
+        &[
+            "codec",
+            "encode_gbps",
+            "decode_gbps",
+            "encode_per_memcpy",
+            "rel_error",
+            "ratio",
+        ],
+    );
+    for l in &lines {
+        tables.row(vec![
+            l.codec.to_string().into(),
+            l.encode_gbps.into(),
+            l.decode_gbps.into(),
+            (l.encode_gbps / memcpy).into(),
+            l.rel_error.into(),
+            l.ratio.into(),
+        ]);
+    }
     Ok(())
 }
 

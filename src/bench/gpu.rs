@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+use super::record::Tables;
 use crate::compress::cuda::{CudaCodec, CudaError};
 use crate::compress::Bits;
 use crate::config::JobSpec;
@@ -29,7 +30,7 @@ pub enum BenchGpuError {
 /// The codec's kernels on a `rows x width` activation-like tensor already
 /// on the GPU, in `f32` input GB/s, beside a device-to-device copy of the
 /// same tensor (also input bytes, so the copy moves twice that).
-pub fn compress(rows: usize, width: usize) -> Result<(), BenchGpuError> {
+pub fn compress(rows: usize, width: usize, tables: &mut Tables) -> Result<(), BenchGpuError> {
     let codec = CudaCodec::new(0)?;
     let x = super::compress::activations(rows, width);
     let bytes = (x.len() * 4) as f64;
@@ -42,8 +43,25 @@ pub fn compress(rows: usize, width: usize) -> Result<(), BenchGpuError> {
         "{:<8} {:>12} {:>12} {:>12} {:>14}",
         "codec", "encode GB/s", "decode GB/s", "copy GB/s", "encode / copy"
     );
+    tables.start(
+        format!("{rows} x {width} f32 on the GPU, input GB/s, median of 5 rounds"),
+        &[
+            "codec",
+            "encode_gbps",
+            "decode_gbps",
+            "copy_gbps",
+            "encode_per_copy",
+        ],
+    );
     for (name, bits) in [("int8", Bits::Int8), ("int4", Bits::Int4)] {
         let t = codec.time_resident(&x, (rows, width), bits, 20)?;
+        tables.row(vec![
+            name.into(),
+            (bytes / t.encode_s / 1e9).into(),
+            (bytes / t.decode_s / 1e9).into(),
+            (bytes / t.copy_s / 1e9).into(),
+            (t.copy_s / t.encode_s).into(),
+        ]);
         let gbps = |s: f64| bytes / s / 1e9;
         println!(
             "{name:<8} {:>12.1} {:>12.1} {:>12.1} {:>13.2}x",
@@ -62,7 +80,7 @@ pub fn compress(rows: usize, width: usize) -> Result<(), BenchGpuError> {
 /// One row at the job's microbatch size and one at 16 times it (an H200
 /// is far from busy with a few hundred tokens), each with the model's
 /// FLOP/s as a share of the FP32 matmul rate measured first.
-pub fn train(spec: &JobSpec, steps: u32) -> Result<(), BenchGpuError> {
+pub fn train(spec: &JobSpec, steps: u32, tables: &mut Tables) -> Result<(), BenchGpuError> {
     let gpu = Gpu::new(0)?;
     let peak = gpu.matmul_flops(8192, 10)?;
     let data = Dataset::new(&Corpus::embedded()?)?;
@@ -94,6 +112,25 @@ pub fn train(spec: &JobSpec, steps: u32) -> Result<(), BenchGpuError> {
         "first loss",
         "last loss"
     );
+    tables.start(
+        format!(
+            "{} on {}, {per_window} microbatches a step; cuBLAS FP32 matmul {:.1} TFLOP/s",
+            spec.job.name,
+            gpu.name(),
+            peak / 1e12
+        ),
+        &[
+            "microbatch",
+            "tokens_per_s",
+            "model_tflops",
+            "of_matmul_pct",
+            "forward_ms",
+            "backward_ms",
+            "host_step_pct",
+            "first_loss",
+            "last_loss",
+        ],
+    );
     let base = spec.pipeline.microbatch_size;
     for batch in [base, base * 16] {
         let row = train_row(
@@ -115,6 +152,17 @@ pub fn train(spec: &JobSpec, steps: u32) -> Result<(), BenchGpuError> {
             row.first_loss,
             row.last_loss
         );
+        tables.row(vec![
+            batch.into(),
+            row.tokens_per_s.into(),
+            (row.flops / 1e12).into(),
+            (100.0 * row.flops / peak).into(),
+            (1e3 * row.forward_s).into(),
+            (1e3 * row.backward_s).into(),
+            (100.0 * row.host_share).into(),
+            row.first_loss.into(),
+            row.last_loss.into(),
+        ]);
     }
     Ok(())
 }

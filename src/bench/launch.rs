@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
+use super::record::Tables;
 use super::{median, mpirun};
 use crate::launch::rank::ENV_LAUNCH_T0_US;
 
@@ -59,7 +60,7 @@ struct Sample {
 }
 
 /// Runs the benchmark and prints its table.
-pub fn run(nprocs: usize, reps: usize) -> Result<(), BenchLaunchError> {
+pub fn run(nprocs: usize, reps: usize, tables: &mut Tables) -> Result<(), BenchLaunchError> {
     let dir = tempfile::tempdir()?;
     let job = dir.path().join("bench-launch.toml");
     std::fs::write(&job, bench_job(nprocs))?;
@@ -99,21 +100,19 @@ pub fn run(nprocs: usize, reps: usize) -> Result<(), BenchLaunchError> {
         "{:<34} {:>22} {:>16}",
         "launcher", "all past rdzv (ms)", "wall (ms)"
     );
-    println!(
-        "{:<34} {:>22.1} {:>16.1}",
-        "swarmrun launch (hello, 1 round)",
-        ms(o_rdzv),
-        ms(o_wall)
+    tables.start(
+        format!("{nprocs} ranks on one host, median of {} runs", reps.max(1)),
+        &["launcher", "all_past_rendezvous_ms", "wall_ms"],
     );
+    let mut row = |launcher: &str, rdzv: f64, wall: f64| {
+        println!("{launcher:<34} {rdzv:>22.1} {wall:>16.1}");
+        tables.row(vec![launcher.into(), rdzv.into(), wall.into()]);
+    };
+    row("swarmrun launch (hello, 1 round)", ms(o_rdzv), ms(o_wall));
     match &mpi {
         Some(_) => {
             let (m_rdzv, m_wall) = summarize(&theirs);
-            println!(
-                "{:<34} {:>22.1} {:>16.1}",
-                "mpirun (MPI_Init + MPI_Barrier)",
-                ms(m_rdzv),
-                ms(m_wall)
-            );
+            row("mpirun (MPI_Init + MPI_Barrier)", ms(m_rdzv), ms(m_wall));
             println!(
                 "{:<34} {:>21.2}x {:>15.2}x",
                 "ratio mpirun / swarmrun",

@@ -8,6 +8,7 @@ pub mod compress;
 pub mod gpu;
 pub mod launch;
 pub mod matmul;
+pub mod record;
 pub mod sched;
 pub mod train;
 pub mod trust;

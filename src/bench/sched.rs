@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use super::record::Tables;
 use crate::config::{self, ConfigError};
 use crate::ledger::{Ledger, LedgerError};
 use crate::roles::orchestrator::sim::{Script, Sim};
@@ -118,7 +119,7 @@ pub fn measure(o: &SchedOptions, miners: usize) -> Result<SchedRow, SchedError> 
 }
 
 /// Prints the table, one row per miner count.
-pub fn run(o: &SchedOptions) -> Result<Vec<SchedRow>, SchedError> {
+pub fn run(o: &SchedOptions, tables: &mut Tables) -> Result<Vec<SchedRow>, SchedError> {
     println!(
         "{:>8} {:>7} {:>13} {:>16} {:>18} {:>16}",
         "miners",
@@ -128,9 +129,28 @@ pub fn run(o: &SchedOptions) -> Result<Vec<SchedRow>, SchedError> {
         "us per microbatch",
         "ledger ms/window"
     );
+    tables.start(
+        "The orchestrator's decisions with simulated miners (no models)",
+        &[
+            "miners",
+            "stages",
+            "microbatches",
+            "ms_per_window",
+            "us_per_microbatch",
+            "ledger_ms_per_window",
+        ],
+    );
     let mut rows = Vec::new();
     for &miners in &o.miners {
         let row = measure(o, miners)?;
+        tables.row(vec![
+            row.miners.into(),
+            row.stages.into(),
+            row.microbatches.into(),
+            (row.per_window.as_secs_f64() * 1e3).into(),
+            (row.per_microbatch.as_secs_f64() * 1e6).into(),
+            (row.ledger_per_window.as_secs_f64() * 1e3).into(),
+        ]);
         println!(
             "{:>8} {:>7} {:>13} {:>16.3} {:>18.2} {:>16.3}",
             row.miners,

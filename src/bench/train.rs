@@ -30,6 +30,7 @@ use thiserror::Error;
 use toml::{Table, Value};
 
 use super::matmul::{self, Gemm};
+use super::record::Tables;
 use super::{child_stdout, ChildError};
 use crate::config::{self, ConfigError, JobSpec, Plan, PlanError, Role, Task};
 use crate::data::{Batch, Corpus, DataError, Dataset, Split};
@@ -182,7 +183,12 @@ fn tokens_per_window(spec: &JobSpec) -> f64 {
 
 /// Runs the whole benchmark for the job in `job` (already loaded as
 /// `spec`) and prints its table.
-pub fn run(spec: &JobSpec, job: &Path, windows: u32) -> Result<(), BenchTrainError> {
+pub fn run(
+    spec: &JobSpec,
+    job: &Path,
+    windows: u32,
+    tables: &mut Tables,
+) -> Result<(), BenchTrainError> {
     if spec.job.task != Task::Train {
         return Err(BenchTrainError::NotTrain(job.to_path_buf()));
     }
@@ -229,6 +235,26 @@ pub fn run(spec: &JobSpec, job: &Path, windows: u32) -> Result<(), BenchTrainErr
         "#  {:<24} {:>5} {:>10} {:>14} {:>8}",
         "setup", "ranks", "tokens/s", "model GFLOP/s", "of peak"
     );
+    tables.start(
+        format!(
+            "{}: {} layers, {} wide, block {}, {} microbatches of {} a step; matmul f32 peak \
+             {:.1} GFLOP/s on {cores} cores",
+            job.display(),
+            c.n_layer,
+            c.n_embd,
+            c.block_size,
+            spec.pipeline.microbatches_per_window,
+            spec.pipeline.microbatch_size,
+            peak / 1e9
+        ),
+        &[
+            "setup",
+            "ranks",
+            "tokens_per_s",
+            "model_gflops",
+            "of_peak_pct",
+        ],
+    );
     for (setup, ranks, tokens_per_s) in [
         ("one process".to_string(), 1, one_process),
         (pipeline_label(&plan), plan.ranks.len(), pipeline),
@@ -239,6 +265,13 @@ pub fn run(spec: &JobSpec, job: &Path, windows: u32) -> Result<(), BenchTrainErr
             flops / 1e9,
             100.0 * flops / peak
         );
+        tables.row(vec![
+            setup.into(),
+            ranks.into(),
+            tokens_per_s.into(),
+            (flops / 1e9).into(),
+            (100.0 * flops / peak).into(),
+        ]);
     }
     println!(
         "   {:<24} {:>5} {:>9.2}x",

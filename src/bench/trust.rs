@@ -16,6 +16,7 @@ use std::process::Command;
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::record::Tables;
 use crate::ledger::{self, LedgerError, WindowRecord};
 
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them, each
@@ -159,7 +160,7 @@ struct Outcome {
     run_error: f64,
 }
 
-pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
+pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustError> {
     let exe = std::env::current_exe().map_err(|source| BenchTrustError::File {
         path: PathBuf::from("swarmrun"),
         source,
@@ -183,6 +184,27 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         "share err/win",
         "share err"
     );
+    tables.start(
+        format!(
+            "2 stages x 4 miners, {} microbatches a window, replay_rate {}, slice_audit_rate {}, \
+             cheat probability {}, {} runs x {} windows per kind",
+            opts.microbatches,
+            opts.rate,
+            opts.slice_rate,
+            opts.probability,
+            opts.seeds,
+            opts.windows
+        ),
+        &[
+            "cheat",
+            "recall_pct",
+            "mean_windows_to_catch",
+            "honest_hit",
+            "validator_pct",
+            "share_err_per_window_pct",
+            "share_err_pct",
+        ],
+    );
     for (row, kind) in KINDS.into_iter().enumerate() {
         let mut outcomes = Vec::new();
         let mut label = String::new();
@@ -195,23 +217,29 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         }
         let caught: Vec<u64> = outcomes.iter().filter_map(|o| o.caught_in).collect();
         let within = caught.iter().filter(|w| **w < WITHIN).count();
-        let windows = match caught.iter().map(|w| w + 1).max() {
-            None => "-".to_string(),
-            Some(max) => {
-                let mean = caught.iter().map(|w| (w + 1) as f64).sum::<f64>() / caught.len() as f64;
-                format!("{mean:.2} / {max}")
-            }
+        let mean = (!caught.is_empty())
+            .then(|| caught.iter().map(|w| (w + 1) as f64).sum::<f64>() / caught.len() as f64);
+        let windows = match (mean, caught.iter().map(|w| w + 1).max()) {
+            (Some(mean), Some(max)) => format!("{mean:.2} / {max}"),
+            _ => "-".to_string(),
         };
+        let recall = 100.0 * within as f64 / outcomes.len() as f64;
+        let hits = outcomes.iter().map(|o| o.false_positives).sum::<usize>();
+        let share = share_of_compute(&outcomes);
+        let window_error = 100.0 * outcomes.iter().map(|o| o.window_error).fold(0.0, f64::max);
+        let run_error = 100.0 * outcomes.iter().map(|o| o.run_error).fold(0.0, f64::max);
         println!(
-            "{:<18} {:>7.1}% {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
-            label,
-            100.0 * within as f64 / outcomes.len() as f64,
-            windows,
-            outcomes.iter().map(|o| o.false_positives).sum::<usize>(),
-            share_of_compute(&outcomes),
-            100.0 * outcomes.iter().map(|o| o.window_error).fold(0.0, f64::max),
-            100.0 * outcomes.iter().map(|o| o.run_error).fold(0.0, f64::max),
+            "{label:<18} {recall:>7.1}% {windows:>16} {hits:>10} {share:>11.2}% {window_error:>12.2}% {run_error:>9.2}%",
         );
+        tables.row(vec![
+            label.into(),
+            recall.into(),
+            mean.into(),
+            hits.into(),
+            share.into(),
+            window_error.into(),
+            run_error.into(),
+        ]);
     }
     let honest = run_one(
         &exe,
@@ -221,16 +249,27 @@ pub fn run(opts: &TrustOptions) -> Result<(), BenchTrustError> {
         opts.honest_windows,
         None,
     )?;
+    let label = format!("none ({}w)", opts.honest_windows);
+    let share = share_of_compute(std::slice::from_ref(&honest));
     println!(
         "{:<18} {:>8} {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
-        format!("none ({}w)", opts.honest_windows),
+        label,
         "-",
         "-",
         honest.false_positives,
-        share_of_compute(std::slice::from_ref(&honest)),
+        share,
         100.0 * honest.window_error,
         100.0 * honest.run_error,
     );
+    tables.row(vec![
+        label.into(),
+        serde_json::Value::Null,
+        serde_json::Value::Null,
+        honest.false_positives.into(),
+        share.into(),
+        (100.0 * honest.window_error).into(),
+        (100.0 * honest.run_error).into(),
+    ]);
     Ok(())
 }
 

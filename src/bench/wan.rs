@@ -18,6 +18,7 @@ use std::time::Duration;
 use thiserror::Error;
 use toml::{Table, Value};
 
+use super::record::Tables;
 use super::ChildError;
 use crate::config::{self, ConfigError, JobSpec, PlanError, Task};
 use crate::wan::{LinkSpec, Sites, WanError, SITE_A};
@@ -114,7 +115,7 @@ struct Figures {
 }
 
 /// Runs every codec on every link and prints the table.
-pub fn run(opts: &WanOptions) -> Result<(), BenchWanError> {
+pub fn run(opts: &WanOptions, tables: &mut Tables) -> Result<(), BenchWanError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(BenchWanError::NotRoot);
     }
@@ -179,15 +180,39 @@ pub fn run(opts: &WanOptions) -> Result<(), BenchWanError> {
         figures.push(row);
     }
     if !figures.is_empty() {
-        print_training_table(&figures);
+        tables.start(
+            format!(
+                "{} across two sites; shaped = {} each way, {} ms round trip, loss {}%; tokens/s",
+                opts.job.display(),
+                opts.rate,
+                opts.rtt_ms,
+                opts.loss * 100.0
+            ),
+            &["codec", "ratio", "unshaped", "shaped", "shaped_loss"],
+        );
+        print_training_table(&figures, tables);
     }
     if !opts.lanes.is_empty() {
-        lanes_table(opts, &sites, &exe, dir.path())?;
+        tables.start(
+            format!(
+                "all-reduce between the sites over {} each way, {} ms round trip",
+                opts.lfp_rate, opts.lfp_rtt_ms
+            ),
+            &[
+                "lanes",
+                "bytes",
+                "time_us",
+                "algbw_gbps",
+                "busbw_gbps",
+                "wrong",
+            ],
+        );
+        lanes_table(opts, &sites, &exe, dir.path(), tables)?;
     }
     Ok(())
 }
 
-fn print_training_table(figures: &[Vec<Figures>]) {
+fn print_training_table(figures: &[Vec<Figures>], tables: &mut Tables) {
     println!(
         "{:<32} {:>8} {:>12} {:>20} {:>20}",
         "boundary codec", "ratio", "unshaped", "shaped", "shaped+loss"
@@ -205,6 +230,13 @@ fn print_training_table(figures: &[Vec<Figures>]) {
             cell(&figures[1][c]),
             cell(&figures[2][c]),
         );
+        tables.row(vec![
+            codec.label.into(),
+            figures[0][c].compression.unwrap_or(1.0).into(),
+            base.into(),
+            figures[1][c].tokens_per_s.into(),
+            figures[2][c].tokens_per_s.into(),
+        ]);
     }
 }
 
@@ -215,6 +247,7 @@ fn lanes_table(
     sites: &Sites,
     exe: &Path,
     dir: &Path,
+    tables: &mut Tables,
 ) -> Result<(), BenchWanError> {
     let link = LinkSpec {
         rate: Some(opts.lfp_rate.clone()),
@@ -251,6 +284,9 @@ fn lanes_table(
                 .filter_map(|l| l.split_once(super::allreduce::ROW_MARK))
             {
                 println!("{lanes:>7} {}", row.1);
+                let mut recorded = super::allreduce::recorded(row.1);
+                recorded.insert(0, lanes.into());
+                tables.row(recorded);
             }
         }
         Ok(())

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
 use crate::config::{JobSpec, PlanError, Rendezvous, Role, Task};
+use crate::logging::LogFormat;
 use crate::wire::JobKey;
 
 pub use rank::{join, join_running, JoinError, Joined, JoinedLate, RankTransport};
@@ -134,6 +135,7 @@ pub fn start_joiners(spec: &JobSpec, req: &JoinRequest) -> Result<Outcome, Start
         max_restarts: 0,
         grace: req.grace,
         progress_windows: None,
+        json_lines: LogFormat::of_process() == LogFormat::Json,
     };
     Ok(launch(&opts)?)
 }
@@ -227,6 +229,7 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
         max_restarts: req.max_restarts,
         grace: req.grace,
         progress_windows: (spec.job.task == Task::Train).then_some(spec.train.windows),
+        json_lines: LogFormat::of_process() == LogFormat::Json,
     };
     Ok(launch(&opts)?)
 }

@@ -58,6 +58,9 @@ pub struct LaunchOptions {
     pub grace: Duration,
     /// Windows of a training job, for the progress bar on a terminal.
     pub progress_windows: Option<u64>,
+    /// Relay ranks' output as JSON lines (`--log-format json`) instead of
+    /// tagging each line with its rank's label.
+    pub json_lines: bool,
 }
 
 #[derive(Debug, Error)]
@@ -114,7 +117,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
         match outcome {
             Outcome::RankFailed { rank, status } if attempt < opts.max_restarts => {
                 attempt += 1;
-                eprintln!(
+                tracing::warn!(
                     "swarmrun: rank {rank} failed with status {status}; restarting the job ({attempt}/{})",
                     opts.max_restarts
                 );
@@ -136,6 +139,7 @@ fn run_attempt(
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(3 * size);
     let progress = opts
         .progress_windows
+        .filter(|_| !opts.json_lines)
         .and_then(Progress::on_terminal)
         .map(Arc::new);
     for (rank, label) in opts.labels.iter().enumerate() {
@@ -157,7 +161,21 @@ fn run_attempt(
             Some(p) if rank == 0 => Relay::Feeding(Arc::clone(p)),
             Some(p) => Relay::Beside(Arc::clone(p)),
         };
-        threads.extend(relay_and_wait(child, rank, label, relay, exit_tx.clone()));
+        let framing = |stream| match opts.json_lines {
+            true => Framing::Json {
+                label: label.clone(),
+                stream,
+            },
+            false => Framing::Tagged(format!("[{label}] ")),
+        };
+        let framings = [framing("stdout"), framing("stderr")];
+        threads.extend(relay_and_wait(
+            child,
+            rank,
+            framings,
+            relay,
+            exit_tx.clone(),
+        ));
     }
     drop(exit_tx);
 
@@ -180,7 +198,7 @@ fn run_attempt(
         let sig = signal.swap(0, Ordering::SeqCst);
         if sig != 0 {
             let sig = sig as i32;
-            eprintln!("swarmrun: got signal {sig}, forwarding it to every rank");
+            tracing::warn!("swarmrun: got signal {sig}, forwarding it to every rank");
             if let Ok(s) = Signal::try_from(sig) {
                 signal_alive(&pids, &exited, s);
             }
@@ -205,14 +223,14 @@ fn run_attempt(
                 let survivable = opts.expendable.get(rank).copied().unwrap_or(false);
                 if status != 0 && survivable && signalled.is_none() && first_failure.is_none() {
                     first_expendable.get_or_insert((rank, status));
-                    eprintln!(
+                    tracing::warn!(
                         "swarmrun: rank {rank} ({}) exited with status {status}; the job goes on without it",
                         opts.labels[rank]
                     );
                 } else if status != 0 && first_failure.is_none() && signalled.is_none() {
                     first_failure = Some((rank, status));
                     if exited.iter().any(|e| !e) {
-                        eprintln!(
+                        tracing::warn!(
                             "swarmrun: rank {rank} exited with status {status}; stopping the other ranks"
                         );
                         signal_alive(&pids, &exited, Signal::SIGTERM);
@@ -223,7 +241,7 @@ fn run_attempt(
                     && is_cause(status, stopping)
                 {
                     // Reaped after a rank that only lost it: the cause.
-                    eprintln!(
+                    tracing::warn!(
                         "swarmrun: rank {rank} exited with status {status}, the failure the others followed"
                     );
                     first_failure = Some((rank, status));
@@ -234,7 +252,7 @@ fn run_attempt(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if kill_at.is_some_and(|t| Instant::now() >= t) {
-            eprintln!(
+            tracing::warn!(
                 "swarmrun: grace period of {:?} is over, killing the remaining ranks",
                 opts.grace
             );
@@ -293,22 +311,48 @@ enum Relay {
     Feeding(Arc<Progress>),
 }
 
-/// Starts the threads that relay a child's stdout and stderr and the one
-/// that waits for it, which reports `(rank, status)` on `exits`.
+/// How a relayed line is marked with the rank it came from.
+#[derive(Clone)]
+enum Framing {
+    /// Prefixed with the rank's label, for a person.
+    Tagged(String),
+    /// One JSON object per line (see [`crate::logging::relayed_json_line`]).
+    Json { label: String, stream: &'static str },
+}
+
+impl Framing {
+    fn frame(&self, line: &[u8], out: &mut Vec<u8>) {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        match self {
+            Framing::Tagged(prefix) => {
+                out.extend_from_slice(prefix.as_bytes());
+                out.extend_from_slice(line);
+            }
+            Framing::Json { label, stream } => {
+                let text = String::from_utf8_lossy(line);
+                let json = crate::logging::relayed_json_line(label, stream, &text);
+                out.extend_from_slice(json.as_bytes());
+            }
+        }
+        out.push(b'\n');
+    }
+}
+
+/// Starts the threads that relay a child's stdout and stderr (framed by
+/// `framings`' first and second) and the one that waits for it, which
+/// reports `(rank, status)` on `exits`.
 fn relay_and_wait(
     mut child: Child,
     rank: usize,
-    label: &str,
+    [out_framing, err_framing]: [Framing; 2],
     relay: Relay,
     exits: mpsc::Sender<(usize, i32)>,
 ) -> Vec<JoinHandle<()>> {
-    let prefix = format!("[{label}] ").into_bytes();
     let mut handles = Vec::with_capacity(3);
     if let Some(out) = child.stdout.take() {
-        let prefix = prefix.clone();
         let relay = relay.clone();
         handles.push(thread::spawn(move || {
-            relay_lines(out, &prefix, io::stdout, &relay)
+            relay_lines(out, &out_framing, io::stdout, &relay)
         }));
     }
     if let Some(err) = child.stderr.take() {
@@ -317,7 +361,7 @@ fn relay_and_wait(
             other => other,
         };
         handles.push(thread::spawn(move || {
-            relay_lines(err, &prefix, io::stderr, &relay)
+            relay_lines(err, &err_framing, io::stderr, &relay)
         }));
     }
     handles.push(thread::spawn(move || {
@@ -327,9 +371,9 @@ fn relay_and_wait(
     handles
 }
 
-/// Copies `from` to `to` line by line, each line prefixed and written with
+/// Copies `from` to `to` line by line, each line framed and written with
 /// one locked write so lines of different ranks never interleave.
-fn relay_lines<R: Read, W: Write>(from: R, prefix: &[u8], to: impl Fn() -> W, relay: &Relay) {
+fn relay_lines<R: Read, W: Write>(from: R, framing: &Framing, to: impl Fn() -> W, relay: &Relay) {
     let mut reader = BufReader::with_capacity(64 * 1024, from);
     let mut line = Vec::with_capacity(256);
     let mut out = Vec::with_capacity(256);
@@ -340,11 +384,7 @@ fn relay_lines<R: Read, W: Write>(from: R, prefix: &[u8], to: impl Fn() -> W, re
             Ok(_) => {}
         }
         out.clear();
-        out.extend_from_slice(prefix);
-        out.extend_from_slice(&line);
-        if !line.ends_with(b"\n") {
-            out.push(b'\n');
-        }
+        framing.frame(&line, &mut out);
         let write = || {
             let mut sink = to();
             // A closed terminal is no reason to stop draining the child's pipe.
@@ -406,7 +446,7 @@ mod tests {
     }
 
     #[test]
-    fn relayed_lines_carry_the_prefix_and_end_in_a_newline() {
+    fn relayed_lines_carry_the_prefix_or_are_json_and_end_in_a_newline() {
         let input: &[u8] = b"hello\npartial";
         let sink = std::sync::Mutex::new(Vec::new());
         struct Sink<'a>(&'a std::sync::Mutex<Vec<u8>>);
@@ -419,11 +459,29 @@ mod tests {
                 Ok(())
             }
         }
-        relay_lines(input, b"[r1 miner s0] ", || Sink(&sink), &Relay::Plain);
-        assert_eq!(
-            String::from_utf8(sink.into_inner().unwrap()).unwrap(),
-            "[r1 miner s0] hello\n[r1 miner s0] partial\n"
+        let tagged = Framing::Tagged("[r1 miner s0] ".into());
+        relay_lines(input, &tagged, || Sink(&sink), &Relay::Plain);
+        let json = Framing::Json {
+            label: "r1 miner s0".into(),
+            stream: "stderr",
+        };
+        relay_lines(
+            &b"{\"level\":\"INFO\"}\nplain"[..],
+            &json,
+            || Sink(&sink),
+            &Relay::Plain,
         );
+        let text = String::from_utf8(sink.into_inner().unwrap()).unwrap();
+        let lines: Vec<&str> = text.split_inclusive('\n').collect();
+        assert_eq!(
+            lines[..2],
+            ["[r1 miner s0] hello\n", "[r1 miner s0] partial\n"]
+        );
+        assert_eq!(
+            lines[2], "{\"level\":\"INFO\"}\n",
+            "a rank's JSON passes as it is"
+        );
+        assert!(lines[3].contains("\"message\":\"plain\"") && lines[3].ends_with("}\n"));
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl StageDevice {
             Device::Cuda => {
                 let gpus = crate::gpu::Gpu::count()?.max(1);
                 let gpu = crate::gpu::Gpu::new(local_rank % gpus)?;
-                println!("stage passes on GPU {} ({})", local_rank % gpus, gpu.name());
+                tracing::info!("stage passes on GPU {} ({})", local_rank % gpus, gpu.name());
                 Inner::Cuda {
                     gpu,
                     stage: None,

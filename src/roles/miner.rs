@@ -620,6 +620,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// point upstream in the forward phase and downstream in the backward
     /// phase, in one global id order, so they cannot form a cycle. Returns
     /// the order that cut the attempt short, if one did.
+    #[tracing::instrument(name = "passes", skip_all, fields(window = window, attempt = attempt, stage = self.stage))]
     fn run(
         &mut self,
         window: u64,
@@ -652,6 +653,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     Wait::Order(next) => return Ok(Some(next)),
                 }
             };
+            let _pass = tracing::debug_span!("forward", id, stage).entered();
             let started = Instant::now();
             let frame = received.as_ref().map(|(_, bytes)| bytes.as_slice());
             let codes = self.device.codes_of(&self.boundary, frame)?;
@@ -728,6 +730,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             if let Some(kept) = self.kept.get_mut(&id) {
                 kept.grad_in = Some(bytes);
             }
+            let _pass = tracing::debug_span!("backward", id, stage).entered();
             let started = Instant::now();
             let grads = self.device.gradients(&self.model, pass, Some(&grad_out))?;
             let receipt = match self.keep_and_pass_back(route, attempt, grads, stated)? {
@@ -965,6 +968,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// Sums the gradients of the microbatches `counted` credits to this
     /// miner and all-reduces them among the stage's live miners `peers`:
     /// hierarchically when `sites` (each peer's site) names several.
+    #[tracing::instrument(name = "all_reduce", skip_all, fields(window = window, attempt = attempt, stage = self.stage, miners = peers.len()))]
     fn close(
         &mut self,
         window: u64,

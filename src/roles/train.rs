@@ -330,11 +330,13 @@ pub(super) fn adamw_config(spec: &JobSpec) -> AdamWConfig {
 /// is, connections open, the way a frozen machine stays in one.
 pub(super) fn inject_planned_fault(spec: &JobSpec, rank: usize, window: u64) {
     if let Some(code) = spec.faults.crash_in_window(rank, window) {
-        eprintln!("exiting with status {code} during window {window} on purpose (faults.crash)");
+        tracing::warn!(
+            "exiting with status {code} during window {window} on purpose (faults.crash)"
+        );
         std::process::exit(code);
     }
     if spec.faults.hangs_in_window(rank, window) {
-        eprintln!("stopping (SIGSTOP) during window {window} on purpose (faults.hang)");
+        tracing::warn!("stopping (SIGSTOP) during window {window} on purpose (faults.hang)");
         // If it cannot stop, it goes on as an honest miner would.
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
@@ -344,7 +346,7 @@ pub(super) fn inject_planned_fault(spec: &JobSpec, rank: usize, window: u64) {
 /// of `window` (see [`crate::config::CrashFault`]).
 pub(super) fn inject_planned_fault_at(spec: &JobSpec, rank: usize, window: u64, phase: CrashPhase) {
     if let Some(code) = spec.faults.crash_at(rank, window, phase) {
-        eprintln!(
+        tracing::warn!(
             "exiting with status {code} at the {phase:?} of window {window} on purpose (faults.crash)"
         );
         std::process::exit(code);

@@ -42,7 +42,7 @@ fn follow_orders<T: Transport + ?Sized>(
     let setup = Setup::new(spec)?;
     let codec = setup.codec(spec);
     let key = SigningKey::generate().map_err(LedgerError::from)?;
-    println!("ledger: countersigning with key {}", key.public_hex());
+    tracing::info!("ledger: countersigning with key {}", key.public_hex());
     let run_dir = spec.job.run_dir();
     let mut countersigner =
         Countersigner::create(&run_dir, key).map_err(|source| LedgerError::Io {
@@ -64,7 +64,7 @@ fn follow_orders<T: Transport + ?Sized>(
                 // A line it will not sign stays without its signature,
                 // which `swarmrun audit` shows; the run goes on.
                 if let Err(e) = countersigner.countersign(&line) {
-                    eprintln!("validator: window {window}'s ledger line: {e}");
+                    tracing::warn!("validator: window {window}'s ledger line: {e}");
                 }
                 None
             }
@@ -187,6 +187,7 @@ fn receive<T: Transport + ?Sized>(
 
 /// Replays the passes `tasks` of `miner` from the bundle it sends; one
 /// report each.
+#[tracing::instrument(name = "audit", skip_all, fields(window = window, attempt = attempt, miner = miner, passes = tasks.len()))]
 fn replay_passes<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     (setup, codec, device): (&Setup, &BoundaryCodec, &mut StageDevice),
@@ -282,6 +283,7 @@ fn judge(
 /// Receives from `task`'s writer its state before the step, the reduced
 /// sum and the checkpoint file it wrote, and replays the step
 /// ([`audit::replay_step`]).
+#[tracing::instrument(name = "checkpoint_audit", skip_all, fields(window = window, attempt = attempt, writer = task.writer))]
 fn audit_checkpoint<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     spec: &JobSpec,
@@ -348,6 +350,7 @@ fn stage_segments<'c>(
 /// unjudged when the sum cannot be made (a contributor lost, silent, or
 /// sending other numbers than it stated). Also returns the seconds the
 /// checking took, without the wait for the miners' data.
+#[tracing::instrument(name = "slice_recompute", skip_all, fields(window = window, attempt = attempt))]
 fn recompute<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     window: u64,

@@ -119,13 +119,15 @@ impl Door {
                             continue;
                         }
                         Err(e) => {
-                            eprintln!("swarmrun: join door: accept failed: {e}");
+                            tracing::warn!("swarmrun: join door: accept failed: {e}");
                             thread::sleep(POLL);
                             continue;
                         }
                     };
                     if knocks.len() >= MAX_KNOCKS {
-                        eprintln!("swarmrun: join door: refused {addr}: too many knocks at once");
+                        tracing::warn!(
+                            "swarmrun: join door: refused {addr}: too many knocks at once"
+                        );
                         continue;
                     }
                     let (key, job_name, membership) =
@@ -135,12 +137,12 @@ impl Door {
                             .name("swarmrun-knock".into())
                             .spawn(move || {
                                 if let Err(e) = answer(stream, &key, &job_name, &membership) {
-                                    eprintln!("swarmrun: join door: refused {addr}: {e}");
+                                    tracing::warn!("swarmrun: join door: refused {addr}: {e}");
                                 }
                             });
                     match answered {
                         Ok(handle) => knocks.push(handle),
-                        Err(e) => eprintln!("swarmrun: join door: refused {addr}: {e}"),
+                        Err(e) => tracing::warn!("swarmrun: join door: refused {addr}: {e}"),
                     }
                 }
                 for k in knocks {
@@ -200,7 +202,7 @@ fn answer(
     let table: String = book.iter().map(encode_line).collect();
     s.send(FrameKind::Control, rank as u64, table.as_bytes())
         .map_err(|e| blame.wire(e))?;
-    eprintln!(
+    tracing::warn!(
         "swarmrun: join door: rank {rank} joins from {}",
         s.peer_addr()
     );

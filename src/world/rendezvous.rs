@@ -238,7 +238,7 @@ fn tcp_serve(
                 slots[r] = Some(info);
                 streams.push(s);
             }
-            Err(e) => eprintln!("swarmrun: rendezvous refused {peer_addr}: {e}"),
+            Err(e) => tracing::warn!("swarmrun: rendezvous refused {peer_addr}: {e}"),
         }
     }
     let ip = my_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));

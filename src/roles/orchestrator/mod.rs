@@ -125,7 +125,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
     // Each leader signs the lines it appends with a key of its own, added
     // to the run's book and printed here for `swarmrun audit --key`.
     let key = SigningKey::generate().map_err(crate::ledger::LedgerError::from)?;
-    println!("ledger: lines signed with key {}", key.public_hex());
+    tracing::info!("ledger: lines signed with key {}", key.public_hex());
     let mut ledger = ledger.signed_by(key)?;
     let modelled = match spec.faults.clock {
         PassClock::Wall => None,
@@ -163,7 +163,11 @@ pub fn orchestrate<T: Transport + ?Sized>(
         Leading::Orchestrator => c.begin(Instant::now())?,
         Leading::TakeOver(from) => c.take_over(from.map(|b| *b), Instant::now())?,
     };
+    // The window in progress, as a span: its close gives the window's
+    // wall time, and events of the window are inside it.
+    let mut window_span = tracing::Span::none();
     loop {
+        let in_window = window_span.clone().entered();
         for output in outputs {
             match output {
                 Output::Send(to, order) => {
@@ -185,14 +189,14 @@ pub fn orchestrate<T: Transport + ?Sized>(
                     }
                 }
                 Output::Say(line) => {
-                    println!("{line}");
+                    tracing::info!("{line}");
                     report(Progress::Event {
                         line: &line,
                         warning: false,
                     });
                 }
                 Output::Warn(line) => {
-                    eprintln!("{line}");
+                    tracing::warn!("{line}");
                     report(Progress::Event {
                         line: &line,
                         warning: true,
@@ -204,6 +208,8 @@ pub fn orchestrate<T: Transport + ?Sized>(
                     }
                 }
                 Output::Commit(manifest) => {
+                    let _span =
+                        tracing::info_span!("checkpoint", window = manifest.window).entered();
                     committed = Some(commit(&checkpoints, &manifest, spec)?);
                 }
                 Output::Window(mut w) => {
@@ -228,12 +234,19 @@ pub fn orchestrate<T: Transport + ?Sized>(
                 }
             }
         }
+        // A new window's span is the rank's child, not the last window's.
+        drop(in_window);
         if c.current_window() != current {
             current = c.current_window();
+            window_span = match current {
+                Some(window) => tracing::info_span!("window", window),
+                None => tracing::Span::none(),
+            };
             if let Some(window) = current {
                 inject_planned_fault(spec, t.rank(), window);
             }
         }
+        let _in_window = window_span.clone().entered();
         let from = c.listening(t.size());
         let until = c.deadline().min(Instant::now() + NEWCOMERS);
         let input = match t.recv_any(&from, protocol::REPORT_TAG, until) {
@@ -280,7 +293,9 @@ fn hand_over<T: Transport + ?Sized>(
     match acknowledged {
         Ok(()) => Ok(()),
         Err(e @ (TransportError::PeerLost { .. } | TransportError::Timeout { .. })) => {
-            eprintln!("orchestrator: lost the standby (rank {rank}: {e}); going on without one");
+            tracing::warn!(
+                "orchestrator: lost the standby (rank {rank}: {e}); going on without one"
+            );
             *standby = None;
             Ok(())
         }

@@ -200,7 +200,7 @@ impl Shared {
     }
 
     pub(super) fn log(&self, message: fmt::Arguments<'_>) {
-        eprintln!("swarmrun rank {}: {message}", self.rank);
+        tracing::warn!("swarmrun rank {}: {message}", self.rank);
     }
 
     /// The peer `rank`; in a joinable mesh, a rank id beyond those known
