@@ -76,6 +76,33 @@ fn json_logs_carry_each_ranks_spans_and_the_windows_losses() {
     }
 }
 
+/// A miner that dies is an event a machine can pick out: its kind and
+/// rank are fields, not only words in the line.
+#[test]
+fn a_lost_miner_is_a_json_event_with_its_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = "\n[[faults.crash]]\nrank = 5\nexit_code = 9\nwindow = 1\n";
+    let job = train_job(dir.path(), "lost", 2, 3, crash);
+    let out = swarmrun()
+        .args(["--log-format", "json", "launch"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    let lines = json_lines(&stdout(&out));
+    let lost: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["event"] == "lost")
+        .collect();
+    assert_eq!(lost.len(), 1, "{}", stdout(&out));
+    assert_eq!(lost[0]["fields"]["rank"], 5);
+    assert_eq!(lost[0]["level"], "WARN");
+    assert!(lost[0]["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("lost miner 5"));
+    assert_eq!(metrics_of(&job).len(), 3, "the job trained on without it");
+}
+
 #[test]
 fn rust_log_filters_and_text_keeps_the_lines_a_person_reads() {
     let dir = tempfile::tempdir().unwrap();

@@ -396,10 +396,12 @@ fn relay_rank0(
 pub(super) fn recorded(row: &str) -> Vec<serde_json::Value> {
     let cells: Vec<&str> = row.split_whitespace().collect();
     let number = |i: usize| {
-        cells
-            .get(i)
-            .and_then(|c| c.parse::<f64>().ok())
-            .map_or(serde_json::Value::Null, serde_json::Value::from)
+        let cell = cells.get(i).copied().unwrap_or_default();
+        match (cell.parse::<u64>(), cell.parse::<f64>()) {
+            (Ok(n), _) => n.into(),
+            (_, Ok(x)) => x.into(),
+            _ => serde_json::Value::Null,
+        }
     };
     vec![number(0), number(4), number(5), number(6), number(7)]
 }

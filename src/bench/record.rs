@@ -353,15 +353,26 @@ fn busbw_chart(
         let (Some(bytes), Some(busbw)) = (col("bytes"), col("busbw_gbps")) else {
             continue;
         };
-        let points: Vec<(f64, f64)> = t
-            .rows
-            .iter()
-            .filter_map(|r| Some((r.get(bytes)?.as_f64()?.log2(), r.get(busbw)?.as_f64()?)))
-            .collect();
-        if !points.is_empty() {
-            let label = t.title.split(',').next().unwrap_or(&t.title).to_string();
-            series.push((label, points));
+        // One line per lane count where the table has several.
+        let lanes = col("lanes");
+        let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for r in &t.rows {
+            let (Some(x), Some(y)) = (
+                r.get(bytes).and_then(Value::as_f64),
+                r.get(busbw).and_then(Value::as_f64),
+            ) else {
+                continue;
+            };
+            let label = match lanes.and_then(|l| r.get(l)) {
+                Some(n) => format!("{n} lanes"),
+                None => t.title.split(',').next().unwrap_or(&t.title).to_string(),
+            };
+            match lines.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, points)) => points.push((x.log2(), y)),
+                None => lines.push((label, vec![(x.log2(), y)])),
+            }
         }
+        series.extend(lines);
     }
     if series.is_empty() {
         return Ok(None);

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::machine::{Closed, Coordinator, Phase, Stepping, WindowState};
+use super::machine::{Closed, Coordinator, Happened, Phase, Stepping, WindowState};
 use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
 use crate::ledger::Tally;
@@ -602,6 +602,7 @@ impl Coordinator<'_> {
             self.send_stop(rank);
             self.lose(
                 rank,
+                Happened::Excluded,
                 &format!(
                     "failed a check in window {window}: {}; excluded",
                     reasons[&rank]

@@ -19,7 +19,7 @@
 
 use std::time::Instant;
 
-use super::machine::{Coordinator, Output, Phase};
+use super::machine::{Coordinator, Happened, Output, Phase};
 use crate::deadline::{AdaptiveDeadline, DeadlineRule};
 use crate::roles::protocol::Order;
 use crate::roles::train::TrainError;
@@ -178,10 +178,14 @@ impl Coordinator<'_> {
             if self.departed.contains(&rank) {
                 continue;
             }
-            self.say_warn(format!(
-                "orchestrator: rank {rank} answered no liveness ping in {answer_s:.1} s \
-                 (stopped, frozen or cut off); evicting it"
-            ));
+            self.say_about(
+                Happened::Evicted,
+                rank,
+                format!(
+                    "orchestrator: rank {rank} answered no liveness ping in {answer_s:.1} s \
+                     (stopped, frozen or cut off); evicting it"
+                ),
+            );
             // Should it come back (SIGCONT, a healed path), the first
             // thing it reads is that it is done: under mpirun or srun no
             // launcher of ours would end it.

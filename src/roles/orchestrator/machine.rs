@@ -56,10 +56,8 @@ pub enum Output {
     Send(Vec<usize>, Order),
     /// A liveness ping with this nonce to each of these ranks.
     Ping(Vec<usize>, u64),
-    /// A line for stdout.
-    Say(String),
-    /// A line for stderr.
-    Warn(String),
+    /// A line for the log.
+    Line(Line),
     /// `rank` is out of the job for good (the door's book forgets it).
     Departed(usize),
     /// Commit this checkpoint (its stage files are written and audited).
@@ -72,6 +70,41 @@ pub enum Output {
     Handover(Box<Boundary>),
     /// Every window ran and every rank was told to stop.
     Done,
+}
+
+/// A line the orchestrator says: for a person its text (a warning goes to
+/// stderr); for a machine reading the log, what happened to which rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub text: String,
+    pub warning: bool,
+    pub about: Option<(Happened, usize)>,
+}
+
+/// What an event line says happened to a rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Happened {
+    Joined,
+    Leaving,
+    Placed,
+    Left,
+    Lost,
+    Evicted,
+    Excluded,
+}
+
+impl Happened {
+    pub fn name(self) -> &'static str {
+        match self {
+            Happened::Joined => "joined",
+            Happened::Leaving => "leaving",
+            Happened::Placed => "placed",
+            Happened::Left => "left",
+            Happened::Lost => "lost",
+            Happened::Evicted => "evicted",
+            Happened::Excluded => "excluded",
+        }
+    }
 }
 
 /// The orchestrator's state at the start of a window, before any
@@ -421,9 +454,11 @@ impl<'a> Coordinator<'a> {
             }
             Input::Silence => {}
             Input::Joined { rank, site } => {
-                self.say_warn(format!(
-                    "orchestrator: rank {rank} joined; it mines from the next window"
-                ));
+                self.say_about(
+                    Happened::Joined,
+                    rank,
+                    format!("orchestrator: rank {rank} joined; it mines from the next window"),
+                );
                 if let Some(site) = &site {
                     self.sites.insert(rank, site.clone());
                 }
@@ -432,9 +467,11 @@ impl<'a> Coordinator<'a> {
                 self.listeners.insert(rank);
             }
             Input::Report(rank, Report::Leaving) => {
-                self.say_warn(format!(
-                    "orchestrator: rank {rank} asked to leave; it goes after this window"
-                ));
+                self.say_about(
+                    Happened::Leaving,
+                    rank,
+                    format!("orchestrator: rank {rank} asked to leave; it goes after this window"),
+                );
                 self.leaving.insert(rank);
             }
             Input::Report(rank, Report::Joining) => {
@@ -824,7 +861,7 @@ impl<'a> Coordinator<'a> {
             return Ok(());
         }
         if self.miners.contains_key(&rank) {
-            self.lose(rank, reason);
+            self.lose(rank, Happened::Lost, reason);
             match &mut self.phase {
                 // Its stage already holds the reduced gradients: the loss
                 // costs nothing but the miner (and, for a writer, this
@@ -849,9 +886,11 @@ impl<'a> Coordinator<'a> {
                 0 => "none left: passes go unchecked from now on".to_string(),
                 n => format!("{n} left"),
             };
-            self.say_warn(format!(
-                "orchestrator: lost validator {rank} ({reason}); {left}"
-            ));
+            self.say_about(
+                Happened::Lost,
+                rank,
+                format!("orchestrator: lost validator {rank} ({reason}); {left}"),
+            );
             self.depart(rank);
             match &mut self.phase {
                 // Its checks are redone by the others in a new attempt,
@@ -866,9 +905,11 @@ impl<'a> Coordinator<'a> {
             }
             return Ok(());
         }
-        self.say_warn(format!(
-            "orchestrator: lost rank {rank} before it had a stage ({reason})"
-        ));
+        self.say_about(
+            Happened::Lost,
+            rank,
+            format!("orchestrator: lost rank {rank} before it had a stage ({reason})"),
+        );
         if let Phase::Placing { waiting, .. } = &mut self.phase {
             waiting.remove(&rank);
         }
@@ -1085,6 +1126,7 @@ impl<'a> Coordinator<'a> {
         if let Some(reason) = problem {
             self.stop(
                 rank,
+                Happened::Excluded,
                 &format!("could not start the window again ({reason})"),
             );
         }
@@ -1102,12 +1144,26 @@ impl<'a> Coordinator<'a> {
         self.out.push(output);
     }
 
-    pub(super) fn say(&mut self, line: String) {
-        self.out.push(Output::Say(line));
+    pub(super) fn say(&mut self, text: String) {
+        self.line(text, false, None);
     }
 
-    pub(super) fn say_warn(&mut self, line: String) {
-        self.out.push(Output::Warn(line));
+    pub(super) fn say_warn(&mut self, text: String) {
+        self.line(text, true, None);
+    }
+
+    /// A line about what happened to `rank`: a warning unless it was
+    /// placed on a stage.
+    pub(super) fn say_about(&mut self, what: Happened, rank: usize, text: String) {
+        self.line(text, what != Happened::Placed, Some((what, rank)));
+    }
+
+    fn line(&mut self, text: String, warning: bool, about: Option<(Happened, usize)>) {
+        self.out.push(Output::Line(Line {
+            text,
+            warning,
+            about,
+        }));
     }
 
     /// The live miners of each stage.
@@ -1214,13 +1270,15 @@ impl<'a> Coordinator<'a> {
         })
     }
 
-    /// A miner is gone (lost, caught or left): no route, no order.
-    pub(super) fn lose(&mut self, rank: usize, reason: &str) {
+    /// A miner is gone (`what`: lost, evicted or excluded): no route, no
+    /// order.
+    pub(super) fn lose(&mut self, rank: usize, what: Happened, reason: &str) {
         let stage = self.forget_miner(rank);
-        self.say_warn(format!(
+        let text = format!(
             "orchestrator: lost miner {rank} of stage {} ({reason}); its microbatches go to the others",
             stage.map_or("?".to_string(), |s| s.to_string())
-        ));
+        );
+        self.say_about(what, rank, text);
     }
 
     /// A miner out of the job for good; its stage, if it had one.

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 
-use super::machine::{Coordinator, Output, Phase};
+use super::machine::{Coordinator, Happened, Output, Phase};
 use crate::checkpoint::Manifest;
 use crate::config::HoldPhase;
 use crate::roles::protocol::{Order, Placement, StageDigests};
@@ -88,7 +88,7 @@ impl Coordinator<'_> {
                         p.sources
                     ),
                 };
-                self.say(line);
+                self.say_about(Happened::Placed, rank, line);
             }
             Err((reason, wrong)) => {
                 self.say_warn(format!(
@@ -101,7 +101,7 @@ impl Coordinator<'_> {
                     (None, false) => {
                         self.router.remove(rank);
                     }
-                    (_, true) => self.stop(rank, &reason),
+                    (_, true) => self.stop(rank, Happened::Excluded, &reason),
                 }
             }
         }
@@ -162,19 +162,22 @@ impl Coordinator<'_> {
     pub(super) fn dismiss_leavers(&mut self, window: u64) {
         for rank in std::mem::take(&mut self.leaving) {
             if self.miners.contains_key(&rank) || self.joining.contains_key(&rank) {
-                self.stop(rank, &format!("left after window {window}, as it asked"));
+                let reason = format!("left after window {window}, as it asked");
+                self.stop(rank, Happened::Left, &reason);
             }
         }
     }
 
-    /// Tells `rank` to stop and forgets it.
-    pub(super) fn stop(&mut self, rank: usize, reason: &str) {
+    /// Tells `rank` to stop and forgets it (`what`: it left, or was
+    /// excluded).
+    pub(super) fn stop(&mut self, rank: usize, what: Happened, reason: &str) {
         self.send_stop(rank);
         let stage = self.forget_miner(rank);
-        self.say_warn(format!(
+        let text = format!(
             "orchestrator: miner {rank} of stage {} {reason}",
             stage.map_or("-".to_string(), |s| s.to_string())
-        ));
+        );
+        self.say_about(what, rank, text);
     }
 
     /// `Stop` to `rank` alone.

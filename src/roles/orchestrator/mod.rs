@@ -188,18 +188,15 @@ pub fn orchestrate<T: Transport + ?Sized>(
                         send_unless_lost(t, r, protocol::PING_TAG, &nonce.to_le_bytes())?;
                     }
                 }
-                Output::Say(line) => {
-                    tracing::info!("{line}");
+                Output::Line(line) => {
+                    let (what, rank) = line.about.map(|(w, r)| (w.name(), r)).unzip();
+                    match line.warning {
+                        true => tracing::warn!(event = what, rank, "{}", line.text),
+                        false => tracing::info!(event = what, rank, "{}", line.text),
+                    }
                     report(Progress::Event {
-                        line: &line,
-                        warning: false,
-                    });
-                }
-                Output::Warn(line) => {
-                    tracing::warn!("{line}");
-                    report(Progress::Event {
-                        line: &line,
-                        warning: true,
+                        line: &line.text,
+                        warning: line.warning,
                     });
                 }
                 Output::Departed(rank) => {

@@ -226,7 +226,7 @@ impl Sim {
                         self.handed = Some(*b);
                     }
                 }
-                Output::Warn(line) | Output::Say(line) => self.seen.warnings.push(line),
+                Output::Line(line) => self.seen.warnings.push(line.text),
                 Output::Ping(to, nonce) => {
                     for &r in &to {
                         if !self.dead.contains(&r) && !self.stopped.contains(&r) {
