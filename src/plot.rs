@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use plotters::prelude::*;
+use SeriesLabelPosition::{UpperLeft, UpperRight};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -83,7 +84,8 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<Vec<PathBuf>, PlotError> {
         ("training loss", &train, BLUE),
         ("validation loss", &val, RED),
     ];
-    chart(&path, &format!("{name}: loss"), ("window", "loss"), &series)
+    let axes = ("window", "loss");
+    chart(&path, &format!("{name}: loss"), axes, &series, UpperRight)
         .map_err(draw_error(&path))?;
     written.push(path);
 
@@ -101,7 +103,8 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<Vec<PathBuf>, PlotError> {
         let path = out.join("compression.png");
         let series = [("dense bytes / wire bytes", &ratios, DARK_GREEN)];
         let title = format!("{name}: boundary compression");
-        chart(&path, &title, ("window", "ratio (x)"), &series).map_err(draw_error(&path))?;
+        chart(&path, &title, ("window", "ratio (x)"), &series, UpperRight)
+            .map_err(draw_error(&path))?;
         written.push(path);
     }
     Ok(written)
@@ -145,7 +148,8 @@ pub fn series_chart(
         .zip(palette.iter().cycle())
         .map(|((label, points), &colour)| (label.as_str(), points, colour))
         .collect();
-    chart(path, title, (x_desc, y_desc), &series).map_err(draw_error(path))
+    // Rates rise with size: the upper left is where the lines are not.
+    chart(path, title, (x_desc, y_desc), &series, UpperLeft).map_err(draw_error(path))
 }
 
 /// One chart of several series against x (a run's window, usually).
@@ -154,6 +158,7 @@ fn chart<C: Into<RGBAColor> + Copy>(
     title: &str,
     (x_desc, y_desc): (&str, &str),
     series: &[Series<'_, C>],
+    legend: SeriesLabelPosition,
 ) -> Drawn {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
@@ -185,7 +190,7 @@ fn chart<C: Into<RGBAColor> + Copy>(
         .label_font(("sans-serif", 16))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend)
         .draw()?;
     root.present()?;
     Ok(())

@@ -290,7 +290,7 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
         std::fs::write(&job, job_text(opts, fabric, shm_chunk, registered))?;
         println!("#\n# {label}\n{TABLE_HEADER}");
         tables.start(
-            format!("{label}, {} ranks", opts.nprocs),
+            format!("{name}: {label}, {} ranks", opts.nprocs),
             &["bytes", "time_us", "algbw_gbps", "busbw_gbps", "wrong"],
         );
         let cmd = if fabric == Fabric::Mpi {

@@ -364,8 +364,9 @@ fn busbw_chart(
                 continue;
             };
             let label = match lanes.and_then(|l| r.get(l)) {
-                Some(n) => format!("{n} lanes"),
-                None => t.title.split(',').next().unwrap_or(&t.title).to_string(),
+                Some(n) => format!("lanes = {n}"),
+                // A title's name is what comes before its first colon.
+                None => t.title.split(':').next().unwrap_or(&t.title).to_string(),
             };
             match lines.iter_mut().find(|(l, _)| *l == label) {
                 Some((_, points)) => points.push((x.log2(), y)),
