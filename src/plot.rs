@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use plotters::prelude::*;
-use SeriesLabelPosition::{UpperLeft, UpperRight};
 use serde::Deserialize;
 use thiserror::Error;
+use SeriesLabelPosition::{UpperLeft, UpperRight};
 
 /// Every chart's size in pixels.
 pub const SIZE: (u32, u32) = (1000, 600);
@@ -85,8 +85,7 @@ pub fn plot(run_dir: &Path, out: &Path) -> Result<Vec<PathBuf>, PlotError> {
         ("validation loss", &val, RED),
     ];
     let axes = ("window", "loss");
-    chart(&path, &format!("{name}: loss"), axes, &series, UpperRight)
-        .map_err(draw_error(&path))?;
+    chart(&path, &format!("{name}: loss"), axes, &series, UpperRight).map_err(draw_error(&path))?;
     written.push(path);
 
     let path = out.join("throughput.png");

@@ -1,5 +1,6 @@
 //! `swarmrun bench train` end to end on a tiny job: the matmul figures, the
-//! one-process row, the pipeline row (a real 6-rank launch) and their ratio.
+//! one-process row, the pipeline row (a real 6-rank launch) and their ratio,
+//! and what it says without the PyTorch reference.
 
 mod common;
 
@@ -32,13 +33,21 @@ fn bench_train_prints_both_setups_with_positive_finite_figures() {
          [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
          [train]\nwindows = 3\neval_every = 1\n",
     );
+    // No PyTorch here (an interpreter that is not there): the bench says
+    // so and measures the rest.
     let out = swarmrun()
         .args(["bench", "train", "--windows", "3", "--job"])
         .arg(&job)
+        .env("SWARMRUN_PYTHON", dir.path().join("no-python"))
         .output()
         .unwrap();
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("# PyTorch reference: none measured (cannot run "),
+        "{text}"
+    );
+    assert!(!text.contains("PyTorch 2 threads"), "{text}");
     let positive = |v: &[f64]| v.iter().all(|x| x.is_finite() && *x > 0.0);
 
     let machine = numbers(row(&text, "# machine:"));

@@ -229,6 +229,10 @@ pub fn run(
         cmd.env(CANDLE_THREADS, "1");
     }
     let one_process = figures(cmd, Part::OneProcess, 1)?[0];
+    let torch = pytorch(spec, c, windows, cores);
+    if let Err(why) = &torch {
+        println!("# PyTorch reference: none measured ({why})");
+    }
     let (pipeline, plan) = pipeline(&exe, spec, job, windows)?;
 
     println!(
@@ -255,10 +259,15 @@ pub fn run(
             "of_peak_pct",
         ],
     );
-    for (setup, ranks, tokens_per_s) in [
+    let reference = torch
+        .as_ref()
+        .ok()
+        .map(|&t| (format!("PyTorch {cores} threads"), 1, t));
+    let ours = [
         ("one process".to_string(), 1, one_process),
         (pipeline_label(&plan), plan.ranks.len(), pipeline),
-    ] {
+    ];
+    for (setup, ranks, tokens_per_s) in reference.into_iter().chain(ours) {
         let flops = tokens_per_s * per_token;
         println!(
             "   {setup:<24} {ranks:>5} {tokens_per_s:>10.0} {:>14.2} {:>7.1}%",
@@ -273,13 +282,58 @@ pub fn run(
             (100.0 * flops / peak).into(),
         ]);
     }
-    println!(
-        "   {:<24} {:>5} {:>9.2}x",
-        "pipeline / one process",
-        "",
-        pipeline / one_process
-    );
+    let mut ratio = |what: &str, r: f64| {
+        println!("   {what:<24} {:>5} {r:>9.2}x", "");
+        tables.row(vec![what.into(), serde_json::Value::Null, r.into()]);
+    };
+    if let Ok(t) = torch {
+        ratio("one process / PyTorch", one_process / t);
+    }
+    ratio("pipeline / one process", pipeline / one_process);
     Ok(())
+}
+
+/// The reference script (`benches/torch_train.py`), carried in the binary
+/// so the bench runs wherever the binary is.
+const TORCH_SCRIPT: &str = include_str!("../../benches/torch_train.py");
+
+/// PyTorch's tokens/s training the job's model the way the one-process
+/// row does, on `threads` threads, or why there is none: `python3` (or
+/// `SWARMRUN_PYTHON`) must import `torch`.
+fn pytorch(spec: &JobSpec, c: &GptConfig, steps: u32, threads: usize) -> Result<f64, String> {
+    let python = std::env::var("SWARMRUN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import torch"])
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "{python} cannot import torch; pip install torch to compare"
+        ));
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let script = dir.path().join("torch_train.py");
+    std::fs::write(&script, TORCH_SCRIPT).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&python);
+    // torch warns on stderr when NumPy is missing; the figure is the same.
+    cmd.arg(&script).env("PYTHONWARNINGS", "ignore");
+    for (flag, value) in [
+        ("--vocab", c.vocab_size),
+        ("--n-layer", c.n_layer),
+        ("--n-head", c.n_head),
+        ("--n-embd", c.n_embd),
+        ("--block", c.block_size),
+        ("--microbatch", spec.pipeline.microbatch_size),
+        ("--microbatches", spec.pipeline.microbatches_per_window),
+        ("--steps", steps as usize),
+        ("--threads", threads),
+    ] {
+        cmd.arg(flag).arg(value.to_string());
+    }
+    let out = child_stdout(cmd, "the PyTorch reference").map_err(|e| e.to_string())?;
+    out.lines()
+        .find_map(|l| l.strip_prefix("tokens_per_s ")?.trim().parse().ok())
+        .ok_or_else(|| format!("the PyTorch reference printed {out:?}"))
 }
 
 /// Measures every shape with all threads in this process and with one
