@@ -103,30 +103,12 @@ mod tests {
 
     fn report(window: u64) -> WindowReport {
         WindowReport {
-            window,
-            mean_loss: 2.5,
-            val_loss: None,
-            tokens_per_s: 1.0,
-            bubble: 0.0,
-            causes: BubbleCauses::default(),
-            reduce_s: 0.0,
-            dense_bytes: 0,
-            wire_bytes: 0,
-            attempts: 1,
-            checkpoint: None,
-            compression: None,
-            compute_s: 1.0,
-            replayed: 0,
-            recomputed: 0,
-            replay_s: 0.0,
-            caught: Vec::new(),
-            credits: Vec::new(),
             deadlines: Deadlines {
                 progress_s: 2.0,
                 answer_s: 5.0,
                 close_s: 5.0,
             },
-            roster: Vec::new(),
+            ..WindowReport::quiet(window)
         }
     }
 

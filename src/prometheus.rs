@@ -220,13 +220,10 @@ impl Tallies {
 mod tests {
     use super::*;
     use crate::ledger::Tally;
-    use crate::roles::train::{BubbleCauses, Deadlines};
+    use crate::roles::train::BubbleCauses;
 
     fn window(n: u64) -> WindowReport {
         WindowReport {
-            window: n,
-            mean_loss: 2.5,
-            val_loss: None,
             tokens_per_s: 1000.0,
             bubble: 0.25,
             causes: BubbleCauses {
@@ -240,7 +237,6 @@ mod tests {
             dense_bytes: 8000,
             wire_bytes: 1000,
             attempts: 2,
-            checkpoint: None,
             compression: Some(8.0),
             compute_s: 1.5,
             replayed: 1,
@@ -261,8 +257,7 @@ mod tests {
                     failed: 1,
                 },
             ],
-            deadlines: Deadlines::default(),
-            roster: Vec::new(),
+            ..WindowReport::quiet(n)
         }
     }
 

@@ -238,7 +238,6 @@ fn is_in_job(state: &str) -> bool {
 mod tests {
     use super::*;
     use crate::ledger::Tally;
-    use crate::roles::train::{BubbleCauses, Deadlines};
     use crate::roles::Member;
 
     fn member(rank: usize, stage: Option<usize>, state: MemberState) -> Member {
@@ -267,26 +266,13 @@ mod tests {
         caught: Vec<usize>,
     ) -> WindowReport {
         WindowReport {
-            window: n,
             mean_loss: 3.0 - n as f32 * 0.1,
-            val_loss: None,
             tokens_per_s: 1200.0,
             bubble: 0.5,
-            causes: BubbleCauses::default(),
-            reduce_s: 0.0,
-            dense_bytes: 0,
-            wire_bytes: 0,
-            attempts: 1,
-            checkpoint: None,
-            compression: None,
-            compute_s: 1.0,
-            replayed: 0,
-            recomputed: 0,
-            replay_s: 0.0,
             caught,
             credits,
-            deadlines: Deadlines::default(),
             roster,
+            ..WindowReport::quiet(n)
         }
     }
 

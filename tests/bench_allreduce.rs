@@ -48,30 +48,17 @@ fn bench_allreduce_prints_every_size_with_no_wrong_element() {
     assert!(largest[6].parse::<f64>().unwrap() > 0.0, "{largest:?}");
 
     // The recorded tables, one per transport, chart as busbw against size.
-    let doc = dir.path().join("BENCH.md");
-    std::fs::write(
-        &doc,
+    let text = bench_report(
+        dir.path(),
+        &results,
         "<!-- bench allreduce -->\n<!-- /bench allreduce -->\n",
-    )
-    .unwrap();
-    let charts = dir.path().join("charts");
-    let report = swarmrun()
-        .args(["bench", "report"])
-        .arg(&results)
-        .arg("--into")
-        .arg(&doc)
-        .arg("--charts")
-        .arg(&charts)
-        .output()
-        .unwrap();
-    assert!(report.status.success(), "{}", stderr(&report));
-    let text = std::fs::read_to_string(&doc).unwrap();
+    );
     assert_eq!(
         text.matches("| bytes | time_us |").count(),
         tables,
         "{text}"
     );
-    let png = std::fs::read(charts.join("allreduce-busbw.png")).unwrap();
+    let png = std::fs::read(dir.path().join("charts/allreduce-busbw.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG chart");
     assert!(text.contains("allreduce-busbw.png"), "{text}");
 }

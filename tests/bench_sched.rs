@@ -78,26 +78,14 @@ fn bench_json_records_the_table_and_report_fills_its_section() {
         );
     }
 
-    let doc = dir.path().join("BENCH.md");
-    std::fs::write(
-        &doc,
-        "# B\nkept\n<!-- bench sched -->\nold table\n<!-- /bench sched -->\nkept too\n",
-    )
-    .unwrap();
     let results = dir.path().join("results");
     std::fs::create_dir(&results).unwrap();
     std::fs::rename(&json, results.join("sched.json")).unwrap();
-    let report = swarmrun()
-        .args(["bench", "report"])
-        .arg(&results)
-        .arg("--into")
-        .arg(&doc)
-        .arg("--charts")
-        .arg(dir.path().join("charts"))
-        .output()
-        .unwrap();
-    assert!(report.status.success(), "{}", stderr(&report));
-    let text = std::fs::read_to_string(&doc).unwrap();
+    let text = bench_report(
+        dir.path(),
+        &results,
+        "# B\nkept\n<!-- bench sched -->\nold table\n<!-- /bench sched -->\nkept too\n",
+    );
     assert!(
         text.starts_with("# B\nkept\n<!-- bench sched -->\n"),
         "{text}"

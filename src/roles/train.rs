@@ -109,6 +109,37 @@ pub struct WindowReport {
     pub roster: Vec<Member>,
 }
 
+#[cfg(test)]
+impl WindowReport {
+    /// Window `window` of a run where nothing happened: loss 2.5, one
+    /// attempt, one second of compute, zeros elsewhere. Tests change what
+    /// they look at with struct update syntax.
+    pub(crate) fn quiet(window: u64) -> WindowReport {
+        WindowReport {
+            window,
+            mean_loss: 2.5,
+            val_loss: None,
+            tokens_per_s: 1.0,
+            bubble: 0.0,
+            causes: BubbleCauses::default(),
+            reduce_s: 0.0,
+            dense_bytes: 0,
+            wire_bytes: 0,
+            attempts: 1,
+            checkpoint: None,
+            compression: None,
+            compute_s: 1.0,
+            replayed: 0,
+            recomputed: 0,
+            replay_s: 0.0,
+            caught: Vec::new(),
+            credits: Vec::new(),
+            deadlines: Deadlines::default(),
+            roster: Vec::new(),
+        }
+    }
+}
+
 /// A rank in the job as the orchestrator sees it at a window's end.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -391,26 +422,16 @@ mod tests {
     #[test]
     fn a_printed_window_reads_back_and_other_lines_do_not() {
         let mut r = WindowReport {
-            window: 42,
             mean_loss: 1.98765,
             val_loss: Some(2.0),
             tokens_per_s: 12345.6,
             bubble: 0.5,
-            causes: BubbleCauses::default(),
-            reduce_s: 0.0,
-            dense_bytes: 0,
-            wire_bytes: 0,
             attempts: 2,
-            checkpoint: None,
             compression: Some(3.9),
-            compute_s: 1.0,
             replayed: 1,
             recomputed: 2,
             replay_s: 0.05,
-            caught: Vec::new(),
-            credits: Vec::new(),
-            deadlines: Deadlines::default(),
-            roster: Vec::new(),
+            ..WindowReport::quiet(42)
         };
         let line = WindowLine::parse(&r.to_string()).unwrap();
         assert_eq!(

@@ -120,3 +120,21 @@ impl<T: Transport> Transport for DiesAfter<T> {
         self.inner.default_timeout()
     }
 }
+
+/// `swarmrun bench report RESULTS` into `doc` (its text before), charts
+/// under `dir/charts`; the document's text after.
+pub fn bench_report(dir: &Path, results: &Path, doc_text: &str) -> String {
+    let doc = dir.join("BENCH.md");
+    std::fs::write(&doc, doc_text).unwrap();
+    let out = swarmrun()
+        .args(["bench", "report"])
+        .arg(results)
+        .arg("--into")
+        .arg(&doc)
+        .arg("--charts")
+        .arg(dir.join("charts"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::read_to_string(&doc).unwrap()
+}
