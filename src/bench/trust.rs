@@ -22,12 +22,13 @@ use crate::ledger::{self, LedgerError, WindowRecord};
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them, each
 /// with the window it starts cheating in (`from_window`: honest before,
 /// a clean record first).
-const KINDS: [(&str, u64); 8] = [
+const KINDS: [(&str, u64); 9] = [
     ("random_grad", 0),
     ("skip_compute", 0),
     ("replay_stale", 0),
     ("scale_update", 0),
     ("scale_contribution", 0),
+    ("nudge_contribution", 0),
     ("collude", 0),
     ("forge_checkpoint", 0),
     ("random_grad", LATE),
@@ -64,13 +65,19 @@ pub struct TrustOptions {
     /// Chance the cheater cheats on each microbatch.
     #[arg(long, default_value_t = 1.0)]
     pub probability: f64,
-    /// Windows of the run without cheaters, for false positives.
+    /// Windows of the run without cheaters, for false positives (0: no
+    /// such run).
     #[arg(long, default_value_t = 1000)]
     pub honest_windows: u64,
+    /// Only these kinds of cheat (comma-separated; default: every kind).
+    #[arg(long, value_delimiter = ',')]
+    pub kinds: Vec<String>,
 }
 
 #[derive(Debug, Error)]
 pub enum BenchTrustError {
+    #[error("no cheat kind {0:?} in the bench (see --help)")]
+    UnknownKind(String),
     #[error("{}: {source}", path.display())]
     File {
         path: PathBuf,
@@ -205,7 +212,15 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
             "share_err_pct",
         ],
     );
-    for (row, kind) in KINDS.into_iter().enumerate() {
+    let asked = |kind: &str| opts.kinds.is_empty() || opts.kinds.iter().any(|k| k == kind);
+    if let Some(unknown) = opts
+        .kinds
+        .iter()
+        .find(|k| !KINDS.iter().any(|(n, _)| n == k))
+    {
+        return Err(BenchTrustError::UnknownKind(unknown.clone()));
+    }
+    for (row, kind) in KINDS.into_iter().enumerate().filter(|(_, k)| asked(k.0)) {
         let mut outcomes = Vec::new();
         let mut label = String::new();
         for seed in 1..=opts.seeds {
@@ -240,6 +255,9 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
             window_error.into(),
             run_error.into(),
         ]);
+    }
+    if opts.honest_windows == 0 {
+        return Ok(());
     }
     let honest = run_one(
         &exe,

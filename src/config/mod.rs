@@ -473,11 +473,20 @@ pub enum CheatKind {
     /// times 8 (the scale_update of a careful cheater, whose receipts and
     /// replays are all right); `probability` is per window.
     ScaleContribution,
+    /// Honest passes, but [`NUDGED_ELEMENTS`] elements of its all-reduce
+    /// contribution, drawn anywhere in it, moved far past rounding: the
+    /// careful cheater the contribution check sees only where its probed
+    /// chunk lands; `probability` is per window.
+    NudgeContribution,
     /// As its site's leader in a stage whose miners span sites, hands the
     /// other sites' leaders its site's partial sum doubled (and states
     /// what it handed); `probability` is per window.
     ForgePartial,
 }
+
+/// Elements of its contribution a `nudge_contribution` cheater changes in a
+/// window it strikes.
+pub const NUDGED_ELEMENTS: usize = 4;
 
 /// One rank that exits with `exit_code` (1..=255): `after_s` seconds after
 /// it has joined the job, or, in a training job, during window `window`

@@ -11,7 +11,7 @@
 use candle_core::Tensor;
 
 use crate::collective::{slice_holders, PartialTamper, SliceTamper};
-use crate::config::{CheatKind, JobSpec};
+use crate::config::{CheatKind, JobSpec, NUDGED_ELEMENTS};
 use crate::data::rng::SplitMix64;
 use crate::model::{AdamW, PassGrads};
 
@@ -22,7 +22,12 @@ const SALT: u64 = 0xc4ea_7000_0000_0000;
 const COLLUDE_SALT: u64 = 0x0c01_1de0_0000_0000;
 const FORGE_SALT: u64 = 0xf0e9_e000_0000_0000;
 const INFLATE_SALT: u64 = 0x1f1a_7e00_0000_0000;
+const NUDGE_SALT: u64 = 0x0d6e_0000_0000_0000;
 const PARTIAL_SALT: u64 = 0x9a27_1a10_0000_0000;
+
+/// How far a nudged element moves, in fixed-point units: far past any
+/// rounding, small beside the sum's range.
+const NUDGE: i64 = 1 << 24;
 
 /// A miner's cheats and what it keeps to replay stale work.
 #[derive(Debug)]
@@ -258,6 +263,7 @@ impl Cheater {
                 CheatKind::Collude
                 | CheatKind::ForgeCheckpoint
                 | CheatKind::ScaleContribution
+                | CheatKind::NudgeContribution
                 | CheatKind::ForgePartial,
                 _,
             ) => PassGrads { params, input },
@@ -277,6 +283,16 @@ impl Conduct for Cheater {
     fn contribution(&self, window: u64, contribution: &mut [i64]) {
         if self.inflates(window) {
             Cheater::inflate(contribution);
+        }
+        if self.strikes(CheatKind::NudgeContribution, NUDGE_SALT, window)
+            && !contribution.is_empty()
+        {
+            // Where is drawn apart from whether, and per rank.
+            let mut at = SplitMix64::new(self.seed ^ self.rank as u64, NUDGE_SALT ^ !window);
+            for _ in 0..NUDGED_ELEMENTS {
+                let i = (at.next_u64() % contribution.len() as u64) as usize;
+                contribution[i] = contribution[i].wrapping_add(NUDGE);
+            }
         }
     }
 
@@ -303,5 +319,47 @@ impl Conduct for Cheater {
 
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
         self.forged_state(window, honest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn cheater(kind: &str, probability: f64) -> Cheater {
+        let text = format!(
+            "[job]\nname = \"t\"\ntask = \"train\"\n\n\
+             [model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
+             [pipeline]\nstages = 2\n\n\
+             [[site]]\nname = \"s\"\nhosts = \"localhost\"\nranks_per_host = 6\n\n\
+             [[faults.cheat]]\nrank = 2\nkind = \"{kind}\"\nprobability = {probability}\n"
+        );
+        let spec = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        Cheater::new(&spec, 2).unwrap()
+    }
+
+    #[test]
+    fn a_nudger_moves_a_few_elements_anywhere_in_the_windows_it_strikes() {
+        let honest = vec![5i64; 100_000];
+        let nudger = cheater("nudge_contribution", 1.0);
+        let mut places = BTreeSet::new();
+        for window in 0..4 {
+            let mut sent = honest.clone();
+            nudger.contribution(window, &mut sent);
+            let moved: Vec<usize> = (0..sent.len()).filter(|&i| sent[i] != honest[i]).collect();
+            assert!(
+                !moved.is_empty() && moved.len() <= NUDGED_ELEMENTS,
+                "{moved:?}"
+            );
+            assert!(moved.iter().all(|&i| sent[i] - honest[i] >= NUDGE));
+            places.extend(moved);
+        }
+        assert!(places.len() > NUDGED_ELEMENTS, "new places each window");
+        // Its passes stay honest, and at probability 0 it never strikes.
+        assert!(!nudger.cheats_on(7));
+        let mut sent = honest.clone();
+        cheater("nudge_contribution", 0.0).contribution(0, &mut sent);
+        assert_eq!(sent, honest);
     }
 }
