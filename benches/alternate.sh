@@ -8,8 +8,7 @@
 #   benches/alternate.sh LABEL_A JOB_A LABEL_B JOB_B [PAIRS] [WINDOWS]
 #
 # PAIRS (default 3) runs of each; WINDOWS (default 200) windows a run.
-# Both jobs must have the quickstart's shape (2 microbatches of 12 x 64
-# tokens a window).
+# Tokens a window come from each job file's [pipeline] and [model].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${SWARMRUN:-target/release/swarmrun}
@@ -19,15 +18,18 @@ pairs=${5:-3}
 windows=${6:-200}
 jobs=$(mktemp -d)
 trap 'rm -rf "$jobs"' EXIT
-# tokens/s of one run: its tokens after window 10 over their wall time.
+# tokens/s of one run of job $2: its tokens after window 10 over their
+# wall time.
 rate() {
-    python3 - "$1" <<'PY'
-import json, sys
+    python3 - "$1" "$2" <<'PY'
+import json, sys, tomllib
 lines = [json.loads(l) for l in open(sys.argv[1])]
+job = tomllib.load(open(sys.argv[2], "rb"))
+p = job["pipeline"]
+per_window = p["microbatches_per_window"] * p["microbatch_size"] * job["model"]["block_size"]
 start = next(l for l in lines if l["window"] == 9)["elapsed_s"]
 timed = [l for l in lines if l["window"] >= 10]
-tokens = 2 * 12 * 64 * len(timed)  # microbatches x batch x block, as the quickstart
-print(f'{tokens / (timed[-1]["elapsed_s"] - start):.0f}')
+print(f'{per_window * len(timed) / (timed[-1]["elapsed_s"] - start):.0f}')
 PY
 }
 declare -A rates=(["$1"]="" ["$3"]="")
@@ -39,7 +41,7 @@ for i in $(seq 1 "$pairs"); do
             -e "s/^checkpoint_every = .*/checkpoint_every = 0/" "${src[$label]}" >"$job"
         rm -rf "runs/ab-$label-$i"
         "$bin" launch "$job" >"$jobs/$label-$i.log" 2>&1 || { tail -20 "$jobs/$label-$i.log" >&2; exit 1; }
-        r=$(rate "runs/ab-$label-$i/metrics.jsonl")
+        r=$(rate "runs/ab-$label-$i/metrics.jsonl" "$job")
         rates[$label]="${rates[$label]} $r"
         echo "run $i $label: $r tokens/s"
         rm -rf "runs/ab-$label-$i"
