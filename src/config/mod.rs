@@ -473,6 +473,13 @@ pub enum CheatKind {
     /// times 8 (the scale_update of a careful cheater, whose receipts and
     /// replays are all right); `probability` is per window.
     ScaleContribution,
+    /// `random_grad` on the passes it guesses go unreplayed: it counts
+    /// which of its passes validators asked for, by place in the window,
+    /// and cheats only in places asked for less than the average so far
+    /// (as often overall as `probability` says). The draws come after its
+    /// receipts and from a seed it never sees, so its guesses should be
+    /// worth nothing; `bench trust` measures that.
+    GuessUnaudited,
     /// Honest passes, but [`NUDGED_ELEMENTS`] elements of its all-reduce
     /// contribution, drawn anywhere in it, moved far past rounding: the
     /// careful cheater the contribution check sees only where its probed

@@ -46,6 +46,9 @@ pub struct Cheater {
     /// The last output and gradients it computed, for `replay_stale`.
     last_output: Option<Tensor>,
     last_grads: Option<PassGrads>,
+    /// For `guess_unaudited`: how often validators asked for its passes,
+    /// by place in the window.
+    audits_by_place: Vec<u64>,
 }
 
 /// How a miner treats what it computes before it is sent, kept or written.
@@ -70,6 +73,9 @@ pub trait Conduct: Send {
     /// The optimizer state it writes into `window`'s checkpoint instead of
     /// `honest`, if any.
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW>;
+    /// Hears which of its training passes validators asked to replay
+    /// (every miner sees that: it sends them the frames).
+    fn audited(&mut self, _ids: &[u64]) {}
 }
 
 /// A miner that follows the protocol.
@@ -133,6 +139,7 @@ impl Cheater {
                 .collect(),
             last_output: None,
             last_grads: None,
+            audits_by_place: vec![0; spec.pipeline.microbatches_per_window.max(1)],
         })
     }
 
@@ -151,7 +158,32 @@ impl Cheater {
                 | CheatKind::ReplayStale
                 | CheatKind::ScaleUpdate
         );
-        on_passes && rng.unit_open0() <= self.probability
+        let probability = match self.kind {
+            CheatKind::GuessUnaudited => self.guessed_probability(id),
+            _ if on_passes => self.probability,
+            _ => 0.0,
+        };
+        rng.unit_open0() <= probability
+    }
+
+    /// A guesser's chance of cheating on pass `id`: none in a place of the
+    /// window validators asked for at least as often as the average, and
+    /// in the others as much more than `probability` as makes its overall
+    /// rate `probability`.
+    fn guessed_probability(&self, id: u64) -> f64 {
+        let counts = &self.audits_by_place;
+        let mean = counts.iter().sum::<u64>() as f64 / counts.len().max(1) as f64;
+        let cold = |c: u64| (c as f64) < mean;
+        let cold_places = counts.iter().filter(|&&c| cold(c)).count();
+        let place = (id % self.per_window) as usize;
+        match counts.get(place) {
+            // Nothing to tell the places apart yet: cheat at the rate.
+            _ if cold_places == 0 => self.probability,
+            Some(&c) if cold(c) => {
+                (self.probability * counts.len() as f64 / cold_places as f64).min(1.0)
+            }
+            _ => 0.0,
+        }
     }
 
     /// For a colluder, the slices of `window`'s all-reduce among `peers`
@@ -241,7 +273,7 @@ impl Cheater {
         }
         let PassGrads { params, input } = honest;
         Ok(match (self.kind, previous) {
-            (CheatKind::RandomGrad, _) => {
+            (CheatKind::RandomGrad | CheatKind::GuessUnaudited, _) => {
                 let mut rng = SplitMix64::new(self.seed, id);
                 let params = params
                     .iter()
@@ -278,6 +310,17 @@ impl Conduct for Cheater {
 
     fn grads(&mut self, id: u64, honest: PassGrads) -> candle_core::Result<PassGrads> {
         self.fake_grads(id, honest)
+    }
+
+    fn audited(&mut self, ids: &[u64]) {
+        for id in ids {
+            if let Some(c) = self
+                .audits_by_place
+                .get_mut((id % self.per_window) as usize)
+            {
+                *c += 1;
+            }
+        }
     }
 
     fn contribution(&self, window: u64, contribution: &mut [i64]) {
@@ -331,12 +374,30 @@ mod tests {
         let text = format!(
             "[job]\nname = \"t\"\ntask = \"train\"\n\n\
              [model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
-             [pipeline]\nstages = 2\n\n\
+             [pipeline]\nstages = 2\nmicrobatches_per_window = 4\n\n\
              [[site]]\nname = \"s\"\nhosts = \"localhost\"\nranks_per_host = 6\n\n\
              [[faults.cheat]]\nrank = 2\nkind = \"{kind}\"\nprobability = {probability}\n"
         );
         let spec = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
         Cheater::new(&spec, 2).unwrap()
+    }
+
+    #[test]
+    fn a_guesser_cheats_only_where_validators_asked_less_at_its_overall_rate() {
+        let mut guesser = cheater("guess_unaudited", 0.5);
+        // Before any audit it cannot tell places apart.
+        let share = |g: &Cheater, places: &[u64]| {
+            let ids = (0..4000u64).filter(|id| places.contains(&(id % 4)));
+            let n = ids.clone().count() as f64;
+            ids.filter(|&id| g.cheats_on(id)).count() as f64 / n
+        };
+        assert!((share(&guesser, &[0, 1, 2, 3]) - 0.5).abs() < 0.05);
+        // Places 0 and 1 were asked for, 2 and 3 never: it cheats there
+        // only, twice as often, and so as often as before overall.
+        guesser.audited(&[0, 4, 9]);
+        assert_eq!(share(&guesser, &[0, 1]), 0.0);
+        assert_eq!(share(&guesser, &[2, 3]), 1.0);
+        assert!((share(&guesser, &[0, 1, 2, 3]) - 0.5).abs() < 0.05);
     }
 
     #[test]

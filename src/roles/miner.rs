@@ -489,6 +489,13 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     tasks,
                     ..
                 } => {
+                    let me = self.t.rank();
+                    let mine: Vec<u64> = tasks
+                        .iter()
+                        .filter(|a| a.miner == me)
+                        .map(|a| a.id)
+                        .collect();
+                    self.conduct.audited(&mine);
                     self.send_audits(window, attempt, &tasks)?;
                     self.next_order()?
                 }
