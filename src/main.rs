@@ -612,8 +612,7 @@ fn bench(which: BenchCmd, tables: &mut swarmrun::bench::record::Tables) -> Resul
             }
         }
         BenchCmd::Report(args) => {
-            let done = bench::record::report(&args.dir, &args.into, &args.charts)
-                .map_err(anyhow::Error::msg)?;
+            let done = bench::record::report(&args.dir, &args.into, &args.charts)?;
             println!(
                 "{}: replaced {}; charts {}",
                 args.into.display(),

@@ -7,11 +7,12 @@
 //! elsewhere (no CDN, no fonts, no build step), so the page works on a
 //! cluster network with no way out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::ledger::Tally;
 use crate::prometheus::Tallies;
 use crate::roles::{MemberState, WindowReport};
 
@@ -46,17 +47,41 @@ struct Point {
 }
 
 /// A rank as last seen: from the window's roster while it is in the job,
-/// kept with its last state once it is gone.
+/// kept with why it went once it is gone.
 #[derive(Debug, Clone)]
 struct Seen {
     stage: Option<usize>,
     validator: bool,
     site: Option<String>,
     host: Option<String>,
-    state: &'static str,
+    standing: Standing,
     /// Its share of its stage's credited passes in the last window, times
     /// the window's tokens/s: the tokens/s it carried.
     tokens_per_s: f64,
+}
+
+/// Where a rank the page has seen stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// In the job, as the last roster had it.
+    In(MemberState),
+    /// Gone after asking to leave.
+    Left,
+    /// Gone without asking (crashed, cut off, evicted).
+    Lost,
+    /// Excluded for failing a check.
+    Caught,
+}
+
+impl Standing {
+    fn name(self) -> &'static str {
+        match self {
+            Standing::In(state) => state.name(),
+            Standing::Left => "left",
+            Standing::Lost => "lost",
+            Standing::Caught => "caught",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -127,20 +152,26 @@ impl StatusBoard {
                 *n += t.verified;
             }
         }
+        // By rank, once: a swarm has thousands of miners.
+        let credits: BTreeMap<usize, &Tally> = w.credits.iter().map(|t| (t.rank, t)).collect();
+        let in_roster: BTreeSet<usize> = w.roster.iter().map(|m| m.rank).collect();
         let carried = |rank: usize| -> f64 {
-            w.credits.iter().find(|t| t.rank == rank).map_or(0.0, |t| {
-                match stage_passes.get(t.stage) {
+            credits
+                .get(&rank)
+                .map_or(0.0, |t| match stage_passes.get(t.stage) {
                     Some(&all) if all > 0 => w.tokens_per_s * t.verified as f64 / all as f64,
                     _ => 0.0,
-                }
-            })
+                })
         };
         // Ranks gone since the last window: caught, left when asked, or lost.
         for (rank, seen) in &mut self.members {
-            if !w.roster.iter().any(|m| m.rank == *rank) && is_in_job(seen.state) {
-                seen.state = match seen.state {
-                    "leaving" => "left",
-                    _ => "lost",
+            let Standing::In(state) = seen.standing else {
+                continue;
+            };
+            if !in_roster.contains(rank) {
+                seen.standing = match state {
+                    MemberState::Leaving => Standing::Left,
+                    _ => Standing::Lost,
                 };
                 seen.tokens_per_s = 0.0;
             }
@@ -158,14 +189,14 @@ impl StatusBoard {
                     validator: m.validator,
                     site: m.site.clone(),
                     host,
-                    state: m.state.name(),
+                    standing: Standing::In(m.state),
                     tokens_per_s: carried(m.rank),
                 },
             );
         }
         for rank in &w.caught {
             if let Some(seen) = self.members.get_mut(rank) {
-                seen.state = "caught";
+                seen.standing = Standing::Caught;
                 seen.tokens_per_s = 0.0;
             }
         }
@@ -197,7 +228,7 @@ impl StatusBoard {
                     stage: seen.stage,
                     site: seen.site.as_deref(),
                     host: seen.host.as_deref(),
-                    state: seen.state,
+                    state: seen.standing.name(),
                     tokens_per_s: seen.tokens_per_s,
                     passes: totals.verified,
                     failed: totals.failed,
@@ -221,17 +252,6 @@ impl StatusBoard {
         // Plain data with string keys: serializing cannot fail.
         serde_json::to_string(&view).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
-}
-
-/// Whether a state is one of a rank still in the job.
-fn is_in_job(state: &str) -> bool {
-    [
-        MemberState::Serving,
-        MemberState::Joining,
-        MemberState::Leaving,
-    ]
-    .iter()
-    .any(|s| s.name() == state)
 }
 
 #[cfg(test)]

@@ -7,11 +7,37 @@
 //! `busbw_gbps`, `time_us`) for scripts, and render as Markdown.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use thiserror::Error;
+
+/// Why a record could not be read or a report written.
+#[derive(Debug, Error)]
+pub enum RecordError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a bench record: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Chart(#[from] crate::plot::PlotError),
+}
+
+/// An I/O error on `path`, for `map_err`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
+    move |source| RecordError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// One bench's results.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,9 +189,12 @@ impl Record {
         crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
-    pub fn read(path: &Path) -> Result<Record, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn read(path: &Path) -> Result<Record, RecordError> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        serde_json::from_str(&text).map_err(|source| RecordError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// The record as Markdown: the command, the machine, each table.
@@ -230,21 +259,21 @@ pub struct Reported {
     /// Records with no section of their own in the document.
     pub unplaced: Vec<String>,
     /// Charts drawn.
-    pub charts: Vec<std::path::PathBuf>,
+    pub charts: Vec<PathBuf>,
 }
 
 /// Rebuilds `doc`'s bench sections from the records `DIR/NAME.json`
 /// (section `NAME`) and the criterion results in `DIR/criterion`
 /// (section `micro`), and draws the all-reduce records' bus bandwidth
 /// against message size into `charts` (linked from their sections).
-pub fn report(dir: &Path, doc: &Path, charts: &Path) -> Result<Reported, String> {
-    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
+pub fn report(dir: &Path, doc: &Path, charts: &Path) -> Result<Reported, RecordError> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     names.sort();
-    let mut text = std::fs::read_to_string(doc).map_err(|e| format!("{}: {e}", doc.display()))?;
+    let mut text = std::fs::read_to_string(doc).map_err(io(doc))?;
     let mut done = Reported::default();
     for path in names {
         let name = path
@@ -275,8 +304,7 @@ pub fn report(dir: &Path, doc: &Path, charts: &Path) -> Result<Reported, String>
             None => done.unplaced.push("micro".into()),
         }
     }
-    crate::fsutil::write_atomic(doc, text.as_bytes())
-        .map_err(|e| format!("{}: {e}", doc.display()))?;
+    crate::fsutil::write_atomic(doc, text.as_bytes()).map_err(io(doc))?;
     Ok(done)
 }
 
@@ -342,11 +370,7 @@ pub fn criterion_markdown(dir: &Path) -> Option<String> {
 
 /// A chart of each table's `busbw_gbps` against `bytes` (log2), for
 /// records that have them.
-fn busbw_chart(
-    record: &Record,
-    name: &str,
-    charts: &Path,
-) -> Result<Option<std::path::PathBuf>, String> {
+fn busbw_chart(record: &Record, name: &str, charts: &Path) -> Result<Option<PathBuf>, RecordError> {
     let mut series = Vec::new();
     for t in &record.tables {
         let col = |key: &str| t.columns.iter().position(|c| c == key);
@@ -378,7 +402,7 @@ fn busbw_chart(
     if series.is_empty() {
         return Ok(None);
     }
-    std::fs::create_dir_all(charts).map_err(|e| format!("{}: {e}", charts.display()))?;
+    std::fs::create_dir_all(charts).map_err(io(charts))?;
     let path = charts.join(format!("{name}-busbw.png"));
     let title = format!("bench {name}: bus bandwidth");
     crate::plot::series_chart(
@@ -386,8 +410,7 @@ fn busbw_chart(
         &title,
         ("log2 message bytes", "busbw (GB/s)"),
         &series,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(Some(path))
 }
 
