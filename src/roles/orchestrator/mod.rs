@@ -88,10 +88,9 @@ impl StartPoint {
 
 /// Runs the job's windows from `start`, or from where the lost
 /// orchestrator left them (`leading`), telling `report` of each window and
-/// of each event line as it comes. With
-/// `membership` (the book of a job whose door is open), ranks that join
-/// while it trains are placed on stages, and the book is kept current as
-/// ranks leave.
+/// each event line as it comes. With `membership` (the book of a job whose
+/// door is open), ranks that join while it trains are placed on stages,
+/// and the book is kept current as ranks leave.
 pub fn orchestrate<T: Transport + ?Sized>(
     t: &T,
     spec: &JobSpec,
