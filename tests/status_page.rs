@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -118,12 +117,9 @@ fn the_status_page_shows_the_planned_miners_a_joined_site_and_the_curves() {
     let url = format!("http://127.0.0.1:{http}/");
     let profile = dir.path().join("chromium");
 
-    let mut launch = start(swarmrun().arg("launch").arg(&job), KEY);
-    let launch_err = collect_stderr(&mut launch);
-    let mut out = BufReader::new(launch.stdout.take().unwrap());
-    let mut seen = Vec::new();
-    read_until(&mut out, "status: http://", &mut seen);
-    read_until(&mut out, "window     2", &mut seen);
+    let mut launch = Launched::start(&job);
+    launch.read_until("status: http://");
+    launch.read_until("window     2");
 
     // Held before window 3: the plan's ranks, as planned.
     let before = dom(&profile, &url);
@@ -158,8 +154,8 @@ fn the_status_page_shows_the_planned_miners_a_joined_site_and_the_curves() {
             .arg(&job),
         KEY,
     );
-    read_until(&mut out, "joined stage", &mut seen);
-    read_until(&mut out, "window     7", &mut seen);
+    launch.read_until("joined stage");
+    launch.read_until("window     7");
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     let _ = std::fs::remove_file(&shot);
     let taken = headless(&profile)
@@ -188,10 +184,8 @@ fn the_status_page_shows_the_planned_miners_a_joined_site_and_the_curves() {
     kill(Pid::from_raw(joiner.id() as i32), Signal::SIGTERM).unwrap();
     let left = joiner.wait_with_output().unwrap();
     assert!(left.status.success(), "{}", stderr(&left));
-    seen.extend(out.lines().map(|l| l.unwrap() + "\n"));
-    let status = launch.wait().unwrap();
-    let err = launch_err.join().unwrap();
-    assert!(status.success(), "{}\n{err}", seen.join(""));
+    let (status, text, err) = launch.finish();
+    assert!(status.success(), "{text}\n{err}");
 
     // The screenshot is the page at its size, with something drawn on it.
     let decoder = png::Decoder::new(std::fs::File::open(&shot).unwrap());

@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -35,13 +33,10 @@ fn a_site_that_joins_and_leaves_changes_no_loss() {
                  [[faults.hold]]\nwindow = 3\njoined = 2\n\n\
                  [[faults.hold]]\nwindow = 8\nleft = true\n";
     let job = joinable_job(dir.path(), "joined", port, 12, holds);
-    let mut launch = start(swarmrun().arg("launch").arg(&job), KEY);
-    let launch_err = collect_stderr(&mut launch);
-    let mut out = BufReader::new(launch.stdout.take().unwrap());
-    let mut seen = Vec::new();
-    read_until(&mut out, "joins: swarmrun join", &mut seen);
+    let mut launch = Launched::start(&job);
+    launch.read_until("joins: swarmrun join");
     // Window 2 is done, so the joiners come while window 3 is held back.
-    read_until(&mut out, "window     2", &mut seen);
+    launch.read_until("window     2");
 
     let rdzv = format!("tcp://127.0.0.1:{port}");
     let stranger = start(
@@ -54,8 +49,8 @@ fn a_site_that_joins_and_leaves_changes_no_loss() {
             .arg(&job),
         KEY,
     );
-    read_until(&mut out, "joined stage", &mut seen);
-    read_until(&mut out, "joined stage", &mut seen);
+    launch.read_until("joined stage");
+    launch.read_until("joined stage");
     kill(Pid::from_raw(joiners.id() as i32), Signal::SIGTERM).unwrap();
     let joined = joiners.wait_with_output().unwrap();
     assert!(
@@ -63,11 +58,7 @@ fn a_site_that_joins_and_leaves_changes_no_loss() {
         "the joiners left cleanly: {}",
         stderr(&joined)
     );
-    let rest: Vec<String> = out.lines().map(|l| l.unwrap() + "\n").collect();
-    seen.extend(rest);
-    let status = launch.wait().unwrap();
-    let text = seen.join("");
-    let err = launch_err.join().unwrap();
+    let (status, text, err) = launch.finish();
     assert!(status.success(), "{text}\n{err}");
     let refused = stranger.wait_with_output().unwrap();
     assert!(!refused.status.success(), "the stranger was let in");
@@ -110,22 +101,15 @@ fn a_join_while_a_window_closes_waits_for_the_boundary() {
     let port = free_port();
     let hold = "\n[[faults.hold]]\nwindow = 3\nphase = \"close\"\njoined = 1\n";
     let job = joinable_job(dir.path(), "closing", port, 6, hold);
-    let mut launch = start(swarmrun().arg("launch").arg(&job), KEY);
-    let launch_err = collect_stderr(&mut launch);
-    let mut out = BufReader::new(launch.stdout.take().unwrap());
-    let mut seen = Vec::new();
-    read_until(&mut out, "holding window 3 (Close)", &mut seen);
+    let mut launch = Launched::start(&job);
+    launch.read_until("holding window 3 (Close)");
     let joiner = start(
         swarmrun()
             .args(["join", "--rdzv", &format!("tcp://127.0.0.1:{port}")])
             .arg(&job),
         KEY,
     );
-    let rest: Vec<String> = out.lines().map(|l| l.unwrap() + "\n").collect();
-    seen.extend(rest);
-    let status = launch.wait().unwrap();
-    let text = seen.join("");
-    let err = launch_err.join().unwrap();
+    let (status, text, err) = launch.finish();
     assert!(status.success(), "{text}\n{err}");
     assert!(joiner.wait_with_output().unwrap().status.success());
     let at = |needle: &str| {

@@ -35,25 +35,57 @@ pub fn start(cmd: &mut std::process::Command, key: &str) -> Child {
         .unwrap()
 }
 
-/// Collects a child's stderr on a thread, so a full pipe never blocks it.
-pub fn collect_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
-    let mut err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut err, &mut text).unwrap();
-        text
-    })
+/// A `swarmrun launch` of a job, with the job key, whose stdout a test
+/// reads line by line while it runs (its stderr is collected on a thread,
+/// so a full pipe never blocks it).
+pub struct Launched {
+    child: Child,
+    stderr: std::thread::JoinHandle<String>,
+    out: BufReader<ChildStdout>,
+    seen: Vec<String>,
 }
 
-/// Reads `out` until a line contains `needle`; returns every line read.
-pub fn read_until(out: &mut BufReader<ChildStdout>, needle: &str, seen: &mut Vec<String>) {
-    loop {
-        let mut line = String::new();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "output ended before {needle:?}:\n{}", seen.join(""));
-        seen.push(line.clone());
-        if line.contains(needle) {
-            return;
+impl Launched {
+    pub fn start(job: &std::path::Path) -> Launched {
+        let mut child = start(super::swarmrun().arg("launch").arg(job), KEY);
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+            text
+        });
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Launched {
+            child,
+            stderr,
+            out,
+            seen: Vec::new(),
         }
+    }
+
+    /// Reads stdout until a line contains `needle`.
+    pub fn read_until(&mut self, needle: &str) {
+        loop {
+            let mut line = String::new();
+            let n = self.out.read_line(&mut line).unwrap();
+            assert!(
+                n > 0,
+                "output ended before {needle:?}:\n{}",
+                self.seen.join("")
+            );
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// Reads the rest and waits: how it ended, all of stdout, its stderr.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String, String) {
+        for line in self.out.lines() {
+            self.seen.push(line.unwrap() + "\n");
+        }
+        let status = self.child.wait().unwrap();
+        (status, self.seen.join(""), self.stderr.join().unwrap())
     }
 }
