@@ -32,6 +32,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod prometheus;
 pub mod roles;
+pub mod signing;
 pub mod status;
 pub mod transport;
 pub mod wan;

@@ -1008,15 +1008,15 @@ fn lead(
                     bubble = w.bubble,
                     "{w}"
                 );
-                if let Some(dir) = &w.checkpoint {
-                    tracing::info!(window = w.window, "checkpoint {}", dir.display());
-                }
                 if written.is_ok() {
                     written = metrics.append(w, started.elapsed().as_secs_f64());
                 }
                 if let Some(m) = monitor.as_mut() {
                     m.record_window(w, host_of);
                 }
+            }
+            roles::Progress::Checkpoint(dir) => {
+                tracing::info!("checkpoint {}", dir.display());
             }
             roles::Progress::Event { line, warning } => {
                 if let Some(m) = monitor.as_mut() {

@@ -7,9 +7,11 @@ use std::fmt::Debug;
 use half::{bf16, f16};
 use swarmrun::collective::{
     all_reduce, all_reduce_partitioned, all_reduce_redundant, all_reduce_redundant_checked,
-    hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked, AllReduceAlgorithm, Call,
-    CollectiveError, Element, Partition, ReduceOp, SliceTamper, Tampers, CHUNK_BYTES,
+    all_reduce_redundant_moved, hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked,
+    AllReduceAlgorithm, Call, CollectiveError, Element, Handing, OverTransport, Partition,
+    ReduceOp, Signing, SliceCopies, SliceTamper, Tampers, CHUNK_BYTES,
 };
+use swarmrun::signing::SigningKey;
 use swarmrun::transport::{LocalTransport, Transport};
 
 const ALGORITHMS: [AllReduceAlgorithm; 2] =
@@ -323,6 +325,123 @@ fn a_checked_mismatch_leaves_the_contribution_and_names_the_dissenters() {
     for (rank, (buf, mismatch)) in results.into_iter().enumerate() {
         assert_eq!(mismatch, Some((0, vec![2])), "rank {rank}");
         assert_eq!(buf, input::<i32>(rank, len), "rank {rank}");
+    }
+}
+
+/// A redundant all-reduce of 4 ranks where rank 1 adds one to the slice
+/// it hands out, signing every statement when `signed`, with rank 1's key
+/// known to the others when `known`. Returns each rank's outcome and
+/// every rank's public key.
+#[allow(clippy::type_complexity)]
+fn forged_hand_out(
+    signed: bool,
+    known: bool,
+) -> (
+    Vec<Result<(Vec<i32>, SliceCopies), CollectiveError>>,
+    Vec<String>,
+) {
+    let keys: Vec<SigningKey> = (0..4).map(|_| SigningKey::generate().unwrap()).collect();
+    let public: Vec<String> = keys.iter().map(|k| k.public_hex()).collect();
+    let told: Vec<Option<String>> = public
+        .iter()
+        .enumerate()
+        .map(|(r, k)| (r != 1 || known).then(|| k.clone()))
+        .collect();
+    let results = LocalTransport::run(LocalTransport::world(4), |t| {
+        let mut buf = input::<i32>(t.rank(), 101);
+        let forge = |_: usize, data: &mut [i32]| data[0] += 1;
+        let handing = Handing {
+            signing: signed.then(|| Signing {
+                own: &keys[t.rank()],
+                keys: &told,
+            }),
+            tamper: (t.rank() == 1).then_some(&forge as &SliceTamper<i32>),
+        };
+        let copies = all_reduce_redundant_moved(
+            Call::new(&t, 1),
+            &mut buf,
+            (ReduceOp::Sum, 2),
+            None,
+            handing,
+            &mut OverTransport,
+        )?;
+        Ok((buf, copies))
+    });
+    (results, public)
+}
+
+#[test]
+fn a_slice_handed_out_other_than_agreed_is_proved_by_its_owner_s_signed_statement() {
+    let (results, keys) = forged_hand_out(true, true);
+    let honest = plain::<i32>(&[0, 1, 2, 3], 101, ReduceOp::Sum);
+    let part = Partition::equal(101, 4);
+    let agreed = blake3::hash(bytemuck::cast_slice(&honest[part.range(1)]))
+        .to_hex()
+        .to_string();
+    for (rank, result) in results.iter().enumerate() {
+        let (buf, copies) = result.as_ref().unwrap();
+        assert_eq!(copies.mismatch, None, "rank {rank}: the copies agreed");
+        if rank == 1 {
+            assert!(copies.wrong.is_empty() && copies.holds_result());
+            continue;
+        }
+        assert!(!copies.holds_result(), "rank {rank}");
+        assert_eq!(buf[part.range(1)][0], honest[part.range(1)][0] + 1);
+        assert_eq!(buf[part.range(2)], honest[part.range(2)], "rank {rank}");
+        let [proof] = &copies.wrong[..] else {
+            panic!("rank {rank}: {copies:?}")
+        };
+        assert_eq!(proof.slice, 1);
+        // Anyone with rank 1's key can check it; it holds for nothing else.
+        assert!(proof.proves(&keys[1], 1, &agreed), "rank {rank}");
+        assert!(!proof.proves(&keys[0], 1, &agreed), "another key");
+        assert!(!proof.proves(&keys[1], 2, &agreed), "another call");
+        assert!(!proof.proves(&keys[1], 1, &proof.digest), "no difference");
+    }
+    // Without a forger nobody holds a proof, and the result is the sum.
+    let clean = LocalTransport::run(LocalTransport::world(3), |t| {
+        let key = SigningKey::generate().unwrap();
+        let told = vec![None; 3];
+        let mut buf = input::<i32>(t.rank(), 50);
+        let handing = Handing {
+            signing: Some(Signing {
+                own: &key,
+                keys: &told,
+            }),
+            tamper: None,
+        };
+        let copies = all_reduce_redundant_moved(
+            Call::new(&t, 1),
+            &mut buf,
+            (ReduceOp::Sum, 2),
+            None,
+            handing,
+            &mut OverTransport,
+        )
+        .unwrap();
+        (buf, copies.holds_result())
+    });
+    for (buf, holds) in clean {
+        assert!(holds);
+        assert_eq!(buf, plain::<i32>(&[0, 1, 2], 50, ReduceOp::Sum));
+    }
+}
+
+#[test]
+fn a_wrong_slice_its_owner_did_not_sign_for_ends_the_call_naming_the_owner() {
+    // Unsigned, or signed with a key the others do not know: one rank's
+    // word against another's, so the call fails and names the owner.
+    for (signed, known) in [(false, false), (true, false)] {
+        let (results, _) = forged_hand_out(signed, known);
+        for (rank, result) in results.into_iter().enumerate() {
+            match result {
+                Err(CollectiveError::Protocol { rank: 1, reason }) if rank != 1 => {
+                    assert!(reason.contains("slice 1"), "{reason}");
+                }
+                Ok((_, copies)) if rank == 1 => assert!(copies.wrong.is_empty()),
+                other => panic!("signed {signed}, rank {rank}: {other:?}"),
+            }
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 #![cfg(feature = "cuda")]
 
 use swarmrun::collective::{
-    all_reduce_redundant_checked, all_reduce_redundant_moved, Call, ReduceOp,
+    all_reduce_redundant_checked, all_reduce_redundant_moved, Call, Handing, ReduceOp,
 };
 use swarmrun::gpu::nccl::NcclMover;
 use swarmrun::gpu::Gpu;
@@ -38,6 +38,7 @@ fn gpu_slices_through_nccl_give_the_sums_and_digests_of_tcp() {
             &mut by_nccl,
             (ReduceOp::Sum, copies),
             None,
+            Handing::default(),
             &mut mover,
         )
         .unwrap();

@@ -47,6 +47,7 @@ fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
         (4, "replay_stale"),
         (3, "scale_update"),
         (2, "scale_contribution"),
+        (3, "forge_gather"),
     ] {
         let (lines, err) = run(&checked_job(dir.path(), kind, 3, 1.0, &[(rank, kind)]));
         assert_eq!(
@@ -59,6 +60,13 @@ fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
             err.contains(&format!("lost miner {rank} of stage")) && err.contains("excluded"),
             "{kind}: {err}"
         );
+        if kind == "forge_gather" {
+            // Named by its own signed statement, not by a replay.
+            assert!(
+                err.contains("other than the copy it agreed on, and signed that it did"),
+                "{err}"
+            );
+        }
         for l in &lines[1..] {
             assert_eq!(caught(l), "[]", "{kind}: {l}");
         }

@@ -22,7 +22,7 @@ use crate::ledger::{self, LedgerError, WindowRecord};
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them, each
 /// with the window it starts cheating in (`from_window`: honest before,
 /// a clean record first).
-const KINDS: [(&str, u64); 10] = [
+const KINDS: [(&str, u64); 11] = [
     ("random_grad", 0),
     ("guess_unaudited", 0),
     ("skip_compute", 0),
@@ -32,6 +32,7 @@ const KINDS: [(&str, u64); 10] = [
     ("nudge_contribution", 0),
     ("collude", 0),
     ("forge_checkpoint", 0),
+    ("forge_gather", 0),
     ("random_grad", LATE),
 ];
 

@@ -33,7 +33,7 @@
 //! all_reduce_partitioned(c, buf, op, algorithm, &Partition)
 //! all_reduce_redundant(c, buf, op, copies, Option<&SliceTamper<E>>)
 //! all_reduce_redundant_checked(c, buf, op, copies, tamper) -> SliceCopies
-//! all_reduce_redundant_moved(c, buf, (op, copies), tamper, &mut impl SliceMover)
+//! all_reduce_redundant_moved(c, buf, (op, copies), tamper, Handing, &mut impl SliceMover)
 //! hierarchical_all_reduce(c, buf, op, sites: &[usize])
 //! Group::new(&transport, members) / Group::without(&transport, &lost)
 //! Partition::equal(len, n) / weighted(len, &[f64]) / from_lens(&[usize])
@@ -113,7 +113,7 @@ pub use partition::Partition;
 pub use reduce_scatter::reduce_scatter;
 pub use redundant::{
     all_reduce_redundant, all_reduce_redundant_checked, all_reduce_redundant_moved, slice_holders,
-    OverTransport, SliceCopies, SliceMover, SliceTamper,
+    Handing, OverTransport, Signing, SliceCopies, SliceMover, SliceTamper, WrongSlice,
 };
 #[cfg(target_os = "linux")]
 pub use shm::{all_reduce_shared, all_reduce_shm, all_reduce_shm_into};

@@ -6,12 +6,24 @@
 //! Each holder receives the slice straight from every rank and adds the
 //! contributions in rank order, so honest copies are bit-identical whoever
 //! computes them. The price is `copies` times the reduce-scatter traffic.
+//!
+//! Once the copies agree, each owner hands its slice straight to every
+//! rank, and every rank checks each slice it receives against the digest
+//! its holders agreed on. In a [`Signing`] call each owner first signs a
+//! statement of what it hands out (one Ed25519 signature per call), so a
+//! rank handed a wrong slice holds its owner's own signature of the
+//! wrong digest: a proof ([`WrongSlice`]) anyone with the owner's key can
+//! check, where "it sent me something else" alone would be one rank's
+//! word against another's.
+
+use serde::{Deserialize, Serialize};
 
 use super::all_gather::exchange_small;
 use super::element::{finish, Element, ReduceOp};
 use super::frame::{guarded, step, Merge};
 use super::partition::Partition;
-use super::{ring, Call, CollectiveError};
+use super::{Call, CollectiveError};
+use crate::signing::{self, SigningKey};
 use crate::transport::Transport;
 
 /// Called with each slice a rank has reduced (slice index, values) before
@@ -35,6 +47,78 @@ pub fn all_reduce_redundant<T: Transport + ?Sized, E: Element>(
     }
 }
 
+/// How the ranks of a signed call vouch for the slices they hand out.
+#[derive(Clone, Copy)]
+pub struct Signing<'a> {
+    /// This rank's key.
+    pub own: &'a SigningKey,
+    /// Each rank's public key (hex), in the call's rank order, as the
+    /// caller trusts them (a swarm's orchestrator hands them out): the
+    /// keys a [`WrongSlice`] is checked against. `None` where unknown:
+    /// that rank's statements prove nothing.
+    pub keys: &'a [Option<String>],
+}
+
+/// What a rank does when it hands out its slice after the copies agreed.
+pub struct Handing<'a, E> {
+    /// Sign a statement of it, and check the others' against their keys.
+    pub signing: Option<Signing<'a>>,
+    /// Called with its slice (index, values) just before it is handed out:
+    /// the hook for faults that forge it.
+    pub tamper: Option<&'a SliceTamper<'a, E>>,
+}
+
+impl<E> Default for Handing<'_, E> {
+    fn default() -> Self {
+        Handing {
+            signing: None,
+            tamper: None,
+        }
+    }
+}
+
+/// Proof that the owner of `slice` handed out something other than the
+/// copy its holders agreed on: its own signed statement of the digest of
+/// what it handed out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrongSlice {
+    /// The slice, whose owner is the call's rank of the same number.
+    pub slice: usize,
+    /// BLAKE3 (hex) of the values the owner says it handed out.
+    pub digest: String,
+    /// The owner's signature (hex) of that statement.
+    pub signature: String,
+}
+
+/// What a signature of a handed-out slice covers besides the statement.
+const HANDED_DOMAIN: &[u8] = b"swarmrun handed slice v1\n";
+
+/// The statement an owner signs: in the call under `tag`, it handed out
+/// `slice` with BLAKE3 `digest` (hex).
+fn handed_statement(tag: u64, slice: usize, digest: &str) -> Vec<u8> {
+    [
+        &tag.to_le_bytes()[..],
+        &(slice as u64).to_le_bytes(),
+        digest.as_bytes(),
+    ]
+    .concat()
+}
+
+impl WrongSlice {
+    /// Whether this proves its slice's owner, whose key is `key` (hex),
+    /// handed out in the call under `tag` a slice other than the copy
+    /// `agreed` (BLAKE3 hex) its holders stated.
+    pub fn proves(&self, key: &str, tag: u64, agreed: &str) -> bool {
+        self.digest != agreed
+            && signing::verify(
+                key,
+                &self.signature,
+                HANDED_DOMAIN,
+                &handed_statement(tag, self.slice, &self.digest),
+            )
+    }
+}
+
 /// What one rank knows after [`all_reduce_redundant_checked`]: enough for
 /// an auditor to tell, by recomputing a slice from the contributions, which
 /// holders reduced it wrong, including holders that agreed on a wrong copy.
@@ -47,6 +131,18 @@ pub struct SliceCopies {
     /// majority (all of them when there is none), as outer ranks. `None`:
     /// the copies agreed and the buffer holds the result.
     pub mismatch: Option<(usize, Vec<usize>)>,
+    /// In a signed call whose copies agreed: the slices handed to this
+    /// rank that are not the agreed copies, each with its owner's proof.
+    /// When any, `buf` holds no result.
+    pub wrong: Vec<WrongSlice>,
+}
+
+impl SliceCopies {
+    /// Whether `buf` holds the result: the copies agreed and every slice
+    /// handed out was the agreed one.
+    pub fn holds_result(&self) -> bool {
+        self.mismatch.is_none() && self.wrong.is_empty()
+    }
 }
 
 /// [`all_reduce_redundant`] that reports a mismatch, with this rank's copy
@@ -59,7 +155,14 @@ pub fn all_reduce_redundant_checked<T: Transport + ?Sized, E: Element>(
     copies: usize,
     tamper: Option<&SliceTamper<'_, E>>,
 ) -> Result<SliceCopies, CollectiveError> {
-    all_reduce_redundant_moved(c, buf, (op, copies), tamper, &mut OverTransport)
+    all_reduce_redundant_moved(
+        c,
+        buf,
+        (op, copies),
+        tamper,
+        Handing::default(),
+        &mut OverTransport,
+    )
 }
 
 /// How the slices of a redundant all-reduce move: over the call's
@@ -79,7 +182,8 @@ pub trait SliceMover<E: Element> {
         held: &[usize],
     ) -> Result<Vec<Vec<E>>, CollectiveError>;
 
-    /// Every rank's slice `buf[part.range(rank)]` to every rank.
+    /// Every rank's slice `buf[part.range(rank)]` to every rank, straight
+    /// from its owner (so that a wrong slice has one rank to answer for it).
     fn all_gather<T: Transport + ?Sized>(
         &mut self,
         c: &Call<'_, T>,
@@ -89,7 +193,8 @@ pub trait SliceMover<E: Element> {
 }
 
 /// Slices over the call's transport: each holder receives its slices
-/// straight from every rank and adds them in rank order.
+/// straight from every rank and adds them in rank order; each owner sends
+/// its reduced slice straight to every rank.
 pub struct OverTransport;
 
 impl<E: Element> SliceMover<E> for OverTransport {
@@ -119,16 +224,41 @@ impl<E: Element> SliceMover<E> for OverTransport {
         buf: &mut [E],
         part: &Partition,
     ) -> Result<(), CollectiveError> {
-        ring::all_gather(c, buf, part)
+        let (rank, n) = (c.rank(), c.size());
+        let own = buf[part.range(rank)].to_vec();
+        std::thread::scope(|s| {
+            // In round k every rank sends to the k-th rank after it and
+            // receives from the k-th before it: pairs meet, nobody queues.
+            let sender = s
+                .spawn(|| (1..n).try_for_each(|k| step(c, Some(((rank + k) % n, &own[..])), None)));
+            let received = (1..n).try_for_each(|k| {
+                let from = (rank + n - k) % n;
+                step(
+                    c,
+                    None,
+                    Some((from, &mut buf[part.range(from)], Merge::Copy)),
+                )
+            });
+            let sent = sender
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            received.and(sent)
+        })
     }
 }
 
-/// [`all_reduce_redundant_checked`] with the slices moved by `mover`.
+/// [`all_reduce_redundant_checked`] with the slices moved by `mover`, and
+/// the agreed slices handed out as `handing` says.
+///
+/// A slice handed to this rank that is not the agreed copy ends the call
+/// with [`CollectiveError::Protocol`] naming its owner, unless its owner's
+/// signed statement proves it: it is then in [`SliceCopies::wrong`].
 pub fn all_reduce_redundant_moved<T: Transport + ?Sized, E: Element, M: SliceMover<E>>(
     c: Call<'_, T>,
     buf: &mut [E],
     (op, copies): (ReduceOp, usize),
     tamper: Option<&SliceTamper<'_, E>>,
+    handing: Handing<'_, E>,
     mover: &mut M,
 ) -> Result<SliceCopies, CollectiveError> {
     let (rank, n) = (c.rank(), c.size());
@@ -155,16 +285,115 @@ pub fn all_reduce_redundant_moved<T: Transport + ?Sized, E: Element, M: SliceMov
         let table = exchange_small(&c, &digests)?;
         let mismatch = first_mismatch(&table, n, copies)
             .map(|(slice, ranks)| (slice, ranks.into_iter().map(|r| c.outer(r)).collect()));
+        let mut wrong = Vec::new();
         if mismatch.is_none() {
             let own = held.iter().position(|&j| j == rank).unwrap_or_default();
             buf[part.range(rank)].copy_from_slice(&reduced[own]);
+            if let Some(tamper) = handing.tamper {
+                tamper(rank, &mut buf[part.range(rank)]);
+            }
+            let statements = match &handing.signing {
+                Some(signing) => Some(state_handed(&c, &buf[part.range(rank)], signing)?),
+                None => None,
+            };
             mover.all_gather(&c, buf, &part)?;
+            let agreed = |j: usize| agreed_copy(&table, j, n, copies);
+            wrong = check_handed(&c, buf, &part, agreed, statements.as_deref(), &handing)?;
         }
         Ok(SliceCopies {
             held: copy_digests,
             mismatch,
+            wrong,
         })
     })
+}
+
+/// Signs the statement of the slice this rank hands out and exchanges it
+/// for every rank's: each rank's (digest hex, signature hex).
+fn state_handed<T: Transport + ?Sized, E: Element>(
+    c: &Call<'_, T>,
+    handed: &[E],
+    signing: &Signing<'_>,
+) -> Result<Vec<(String, String)>, CollectiveError> {
+    let digest = blake3::hash(bytemuck::cast_slice(handed))
+        .to_hex()
+        .to_string();
+    let signature = signing
+        .own
+        .sign(HANDED_DOMAIN, &handed_statement(c.tag, c.rank(), &digest));
+    let mine = [digest.as_bytes(), signature.as_bytes()].concat();
+    exchange_small(c, &mine)?
+        .into_iter()
+        .enumerate()
+        .map(|(from, said)| {
+            let at = blake3::OUT_LEN * 2;
+            match (said.get(..at), said.get(at..)) {
+                (Some(d), Some(s)) => Ok((
+                    String::from_utf8_lossy(d).into_owned(),
+                    String::from_utf8_lossy(s).into_owned(),
+                )),
+                _ => Err(CollectiveError::Protocol {
+                    rank: c.outer(from),
+                    reason: "short statement of its slice".into(),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Checks every slice handed to this rank against the copy its holders
+/// agreed on (`agreed(j)`); returns the wrong ones its owners' signed
+/// statements prove, and fails on a wrong one nothing proves.
+fn check_handed<T: Transport + ?Sized, E: Element>(
+    c: &Call<'_, T>,
+    buf: &[E],
+    part: &Partition,
+    agreed: impl Fn(usize) -> blake3::Hash,
+    statements: Option<&[(String, String)]>,
+    handing: &Handing<'_, E>,
+) -> Result<Vec<WrongSlice>, CollectiveError> {
+    let mut wrong = Vec::new();
+    for j in (0..c.size()).filter(|&j| j != c.rank()) {
+        let expected = agreed(j).to_hex().to_string();
+        let proof = statements
+            .and_then(|st| st.get(j))
+            .map(|(d, s)| WrongSlice {
+                slice: j,
+                digest: d.clone(),
+                signature: s.clone(),
+            });
+        let key = handing
+            .signing
+            .and_then(|s| s.keys.get(j).cloned().flatten());
+        match (proof, key) {
+            (Some(proof), Some(key)) if proof.proves(&key, c.tag, &expected) => wrong.push(proof),
+            _ => {
+                let got = blake3::hash(bytemuck::cast_slice(&buf[part.range(j)]));
+                if got != agreed(j) {
+                    return Err(CollectiveError::Protocol {
+                        rank: c.outer(j),
+                        reason: format!(
+                            "it handed out slice {j} other than the copy its holders agreed on"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(wrong)
+}
+
+/// The copy digest slice `j`'s holders agreed on (its owner's, as every
+/// holder's is the same when there is no mismatch).
+fn agreed_copy(table: &[Vec<u8>], j: usize, n: usize, copies: usize) -> blake3::Hash {
+    let at = held_slices(j, n, copies)
+        .iter()
+        .position(|&s| s == j)
+        .unwrap_or_default();
+    let bytes: [u8; blake3::OUT_LEN] = table[j][at * blake3::OUT_LEN..(at + 1) * blake3::OUT_LEN]
+        .try_into()
+        .unwrap_or([0; blake3::OUT_LEN]);
+    blake3::Hash::from(bytes)
 }
 
 /// Ranks that reduce slice `j` of an [`all_reduce_redundant`] among `n`

@@ -489,6 +489,11 @@ pub enum CheatKind {
     /// other sites' leaders its site's partial sum doubled (and states
     /// what it handed); `probability` is per window.
     ForgePartial,
+    /// Reduces its slices of its stage's all-reduce honestly, and once the
+    /// copies agreed hands out its own slice doubled, signing (as the
+    /// protocol asks) a statement of what it handed out; `probability` is
+    /// per window.
+    ForgeGather,
 }
 
 /// Elements of its contribution a `nudge_contribution` cheater changes in a

@@ -112,7 +112,7 @@ impl Countersigner {
             Some(s) if signing::verify(s, &line.hash) => s.key.clone(),
             _ => return Err(CountersignError::Refused(Refusal::Unsigned)),
         };
-        let signed = self.key.sign(&signed_text(&line.hash, &leader));
+        let signed = signing::sign_line(&self.key, &signed_text(&line.hash, &leader));
         let c = Countersignature {
             window: line.window,
             hash: line.hash,

@@ -660,7 +660,7 @@ impl Ledger {
             window,
             miners,
             prev: self.state.head.clone(),
-            sig: self.signer.as_ref().map(|k| k.sign(&hash)),
+            sig: self.signer.as_ref().map(|k| signing::sign_line(k, &hash)),
             hash,
         };
         let mut bytes = serde_json::to_vec(&line).expect("a ledger line serializes");

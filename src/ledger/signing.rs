@@ -12,16 +12,15 @@
 //! printed when they started: `swarmrun audit --key HEX` pins them.
 //!
 //! Keys live in memory only: a leader's key signs nothing after the
-//! process ends. ring's Ed25519 (the crate already carries the links'
-//! AES-GCM) does the signing.
+//! process ends ([`crate::signing`]).
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Serialize};
+
+pub use crate::signing::{NoRandomness, SigningKey};
 
 /// The book's file name inside the run directory.
 const BOOK: &str = "ledger-keys.json";
@@ -39,19 +38,10 @@ pub struct Signature {
     pub sig: String,
 }
 
-/// A leader's key pair.
-pub struct SigningKey(Ed25519KeyPair);
-
-impl std::fmt::Debug for SigningKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SigningKey({})", self.public_hex())
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
-    #[error("cannot make a signing key: the system's random source failed")]
-    Random,
+    #[error(transparent)]
+    Random(#[from] NoRandomness),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("{}: not a book of ledger keys: {reason}", path.display())]
@@ -79,54 +69,17 @@ pub enum SignatureProblem {
     NotCountersigned { line: usize },
 }
 
-impl SigningKey {
-    pub fn generate() -> Result<SigningKey, SigningError> {
-        let rng = SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| SigningError::Random)?;
-        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-            .map(SigningKey)
-            .map_err(|_| SigningError::Random)
+/// A leader's signature of the line whose hash is `hash`.
+pub fn sign_line(key: &SigningKey, hash: &str) -> Signature {
+    Signature {
+        key: key.public_hex(),
+        sig: key.sign(DOMAIN, hash.as_bytes()),
     }
-
-    pub fn public_hex(&self) -> String {
-        hex(self.0.public_key().as_ref())
-    }
-
-    /// Signs the line whose hash is `hash`.
-    pub fn sign(&self, hash: &str) -> Signature {
-        Signature {
-            key: self.public_hex(),
-            sig: hex(self.0.sign(&message(hash)).as_ref()),
-        }
-    }
-}
-
-fn message(hash: &str) -> Vec<u8> {
-    [DOMAIN, hash.as_bytes()].concat()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Whether `s` is a valid signature of the line whose hash is `hash`.
 pub fn verify(s: &Signature, hash: &str) -> bool {
-    match (unhex(&s.key), unhex(&s.sig)) {
-        (Some(key), Some(sig)) => UnparsedPublicKey::new(&ED25519, key)
-            .verify(&message(hash), &sig)
-            .is_ok(),
-        _ => false,
-    }
+    crate::signing::verify(&s.key, &s.sig, DOMAIN, hash.as_bytes())
 }
 
 /// `RUN_DIR/ledger-keys.json`: the public keys of every leader of the run,
@@ -214,7 +167,7 @@ mod tests {
             SigningKey::generate().unwrap(),
         );
         let hash = "9f".repeat(32);
-        let s = a.sign(&hash);
+        let s = sign_line(&a, &hash);
         assert!(verify(&s, &hash));
         assert!(!verify(&s, &"9e".repeat(32)));
         let other = Signature {

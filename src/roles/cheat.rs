@@ -24,6 +24,7 @@ const FORGE_SALT: u64 = 0xf0e9_e000_0000_0000;
 const INFLATE_SALT: u64 = 0x1f1a_7e00_0000_0000;
 const NUDGE_SALT: u64 = 0x0d6e_0000_0000_0000;
 const PARTIAL_SALT: u64 = 0x9a27_1a10_0000_0000;
+const GATHER_SALT: u64 = 0x6a7e_0000_0000_0000;
 
 /// How far a nudged element moves, in fixed-point units: far past any
 /// rounding, small beside the sum's range.
@@ -70,6 +71,9 @@ pub trait Conduct: Send {
     /// What it does, as a site's leader, to its site's partial sum in
     /// `window` before handing it to the other sites, if anything.
     fn partial_tamper(&self, window: u64) -> Option<Box<PartialTamper<'static, i64>>>;
+    /// What it does to its own slice of `window`'s all-reduce, once the
+    /// copies agreed, before handing it out, if anything.
+    fn handed_tamper(&self, window: u64) -> Option<Box<SliceTamper<'static, i64>>>;
     /// The optimizer state it writes into `window`'s checkpoint instead of
     /// `honest`, if any.
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW>;
@@ -103,6 +107,10 @@ impl Conduct for Honest {
     }
 
     fn partial_tamper(&self, _: u64) -> Option<Box<PartialTamper<'static, i64>>> {
+        None
+    }
+
+    fn handed_tamper(&self, _: u64) -> Option<Box<SliceTamper<'static, i64>>> {
         None
     }
 
@@ -244,7 +252,7 @@ impl Cheater {
     }
 
     /// What a colluder makes of a slice it changes, and a forger of its
-    /// site's partial: every element doubled (wrapping: the integers are
+    /// site's partial or of the slice it hands out: every element doubled (wrapping: the integers are
     /// fixed-point sums), the same bits on every colluder.
     fn collude(slice: &mut [i64]) {
         for x in slice {
@@ -296,7 +304,8 @@ impl Cheater {
                 | CheatKind::ForgeCheckpoint
                 | CheatKind::ScaleContribution
                 | CheatKind::NudgeContribution
-                | CheatKind::ForgePartial,
+                | CheatKind::ForgePartial
+                | CheatKind::ForgeGather,
                 _,
             ) => PassGrads { params, input },
         })
@@ -358,6 +367,11 @@ impl Conduct for Cheater {
     fn partial_tamper(&self, window: u64) -> Option<Box<PartialTamper<'static, i64>>> {
         self.strikes(CheatKind::ForgePartial, PARTIAL_SALT, window)
             .then(|| Box::new(Cheater::collude) as Box<PartialTamper<'static, i64>>)
+    }
+
+    fn handed_tamper(&self, window: u64) -> Option<Box<SliceTamper<'static, i64>>> {
+        self.strikes(CheatKind::ForgeGather, GATHER_SALT, window)
+            .then(|| Box::new(|_: usize, slice: &mut [i64]| Cheater::collude(slice)) as _)
     }
 
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {

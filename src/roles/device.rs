@@ -11,7 +11,8 @@ use candle_core::Tensor;
 
 use super::TrainError;
 use crate::collective::{
-    all_reduce_redundant_checked, Call, CollectiveError, ReduceOp, SliceCopies, SliceTamper,
+    all_reduce_redundant_moved, Call, CollectiveError, Handing, OverTransport, ReduceOp,
+    SliceCopies, SliceTamper,
 };
 use crate::compress::Quantized;
 use crate::config::{Device, Fabric};
@@ -132,8 +133,9 @@ impl StageDevice {
 
     /// The stage's redundant all-reduce of fixed-point `sums` among the
     /// miners of this rank's site (`call`'s ranks, `members` as the job
-    /// numbers them): through NCCL when the site's fabric is `nccl`, else
-    /// over the call's transport. A communicator is made for each new set
+    /// numbers them), with `tamper` on the slices it reduces and the
+    /// reduced slices handed out as `handing` says: through NCCL when the
+    /// site's fabric is `nccl`, else over the call's transport. A communicator is made for each new set
     /// of members (over the call's transport, on the tag after the call's)
     /// and dropped, which aborts it, when a call through it fails.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
@@ -142,7 +144,7 @@ impl StageDevice {
         call: Call<'_, T>,
         sums: &mut [i64],
         copies: usize,
-        tamper: Option<&SliceTamper<'_, i64>>,
+        (tamper, handing): (Option<&SliceTamper<'_, i64>>, Handing<'_, i64>),
         members: &[usize],
     ) -> Result<SliceCopies, CollectiveError> {
         match &mut self.inner {
@@ -169,11 +171,12 @@ impl StageDevice {
                         "no NCCL communicator".into(),
                     ));
                 };
-                let reduced = crate::collective::all_reduce_redundant_moved(
+                let reduced = all_reduce_redundant_moved(
                     call,
                     sums,
                     (ReduceOp::Sum, copies),
                     tamper,
+                    handing,
                     m,
                 );
                 if reduced.is_err() {
@@ -181,7 +184,14 @@ impl StageDevice {
                 }
                 reduced
             }
-            _ => all_reduce_redundant_checked(call, sums, ReduceOp::Sum, copies, tamper),
+            _ => all_reduce_redundant_moved(
+                call,
+                sums,
+                (ReduceOp::Sum, copies),
+                tamper,
+                handing,
+                &mut OverTransport,
+            ),
         }
     }
 

@@ -31,14 +31,15 @@ use super::train::{
 use super::{handover, liveness};
 use crate::checkpoint::{CheckpointError, Checkpoints, StageEntry};
 use crate::collective::{
-    hierarchical_all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Partition,
-    ReduceOp, SitesCopies, SliceCopies, Tampers,
+    hierarchical_all_reduce_redundant_checked, Call, CollectiveError, FixedPoint, Group, Handing,
+    Partition, ReduceOp, Signing, SitesCopies, SliceCopies, Tampers,
 };
 use crate::config::{CrashPhase, JobSpec};
 use crate::data::Split;
 use crate::deadline::{AdaptiveDeadline, DeadlineRule};
 use crate::model::{batch_tensors, AdamW, PassGrads, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
+use crate::signing::SigningKey;
 use crate::transport::{Transport, TransportError};
 
 /// Serves the stage the orchestrator's `Start` names until told to stop,
@@ -88,7 +89,7 @@ fn mine_planned<T: Transport + ?Sized>(
         checkpoints.load_stage(&manifest, &mut model, &mut opt)?;
     }
     let at = checkpoint.map_or(0, |w| w + 1);
-    Miner::new(leader, spec, setup, (stage, model, opt), leaving, device)
+    Miner::new(leader, spec, setup, (stage, model, opt), leaving, device)?
         .starting_at(at)
         .serve(resume)
 }
@@ -144,8 +145,8 @@ fn join_and_mine<T: Transport + ?Sized>(
                 })?;
                 if let Ok((model, opt, _)) = placed {
                     let state = (p.stage, model, opt);
-                    let miner =
-                        Miner::new(leader, spec, setup, state, leaving, device).starting_at(window);
+                    let miner = Miner::new(leader, spec, setup, state, leaving, device)?
+                        .starting_at(window);
                     miner.announced.store(announced, Ordering::SeqCst);
                     return miner.serve(None);
                 }
@@ -219,6 +220,9 @@ struct Miner<'a, T: ?Sized> {
     /// that runs, kept until the next, so that a standby taking over can
     /// start that window again (even after this miner stepped it).
     start_of_window: Option<WindowStart>,
+    /// Signs its statements of the all-reduce slices it hands out; its
+    /// public half goes to each leader, which hands it to the stage.
+    key: SigningKey,
 }
 
 /// A miner's stage and state at the start of `window`, before any
@@ -277,7 +281,7 @@ enum Held {
 impl Held {
     fn agreed(&self) -> bool {
         match self {
-            Held::Flat { held, .. } => held.mismatch.is_none(),
+            Held::Flat { held, .. } => held.holds_result(),
             Held::Sites { held, .. } => held.agreed,
         }
     }
@@ -341,11 +345,16 @@ impl Contribution {
                 )
             }
         };
+        let wrong_slices = match &self.held {
+            Held::Flat { held, .. } => held.wrong.clone(),
+            Held::Sites { .. } => Vec::new(),
+        };
         Reduction {
             contributions: digests(&self.values, &self.part),
             copies,
             agreed,
             result,
+            wrong_slices,
             across,
         }
     }
@@ -383,9 +392,9 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         (stage, model, opt): (usize, StageModel, AdamW),
         leaving: Arc<AtomicBool>,
         device: StageDevice,
-    ) -> Miner<'a, T> {
+    ) -> Result<Miner<'a, T>, TrainError> {
         let t = leader.transport();
-        Miner {
+        Ok(Miner {
             t,
             leader,
             spec,
@@ -411,7 +420,14 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             }),
             at: 0,
             start_of_window: None,
-        }
+            key: SigningKey::generate()?,
+        })
+    }
+
+    fn report_key(&self) -> Result<(), TrainError> {
+        self.leader.report(&Report::SigningKey {
+            key: self.key.public_hex(),
+        })
     }
 
     /// A miner whose state is the start of `window`.
@@ -422,6 +438,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
 
     /// Carries out orders, from `first` if given, until told to stop.
     fn serve(mut self, first: Option<Order>) -> Result<(), TrainError> {
+        self.report_key()?;
         let mut order = match first {
             Some(order) => order,
             None => self.next_order()?,
@@ -446,15 +463,24 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     stages,
                     scales,
                     sites,
+                    keys,
                 } => {
                     let peers = stages.get(self.stage).cloned().unwrap_or_default();
+                    let keys: Vec<Option<String>> = keys
+                        .get(self.stage)
+                        .filter(|k| k.len() == peers.len())
+                        .map(|k| {
+                            let known = |key: &String| (!key.is_empty()).then(|| key.clone());
+                            k.iter().map(known).collect()
+                        })
+                        .unwrap_or_else(|| vec![None; peers.len()]);
                     let scales = scales.get(self.stage).cloned().unwrap_or_default();
                     let sites = sites
                         .get(self.stage)
                         .filter(|s| s.len() == peers.len())
                         .cloned()
                         .unwrap_or_default();
-                    self.close(window, attempt, &counted, peers, sites, scales)?;
+                    self.close(window, attempt, &counted, (peers, keys), sites, scales)?;
                     self.next_order()?
                 }
                 Order::Step {
@@ -481,6 +507,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                         stage: self.stage,
                         state,
                     })?;
+                    // A new leader: it has not heard this miner's key.
+                    self.report_key()?;
                     self.next_order()?
                 }
                 Order::Audit {
@@ -973,15 +1001,16 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     }
 
     /// Sums the gradients of the microbatches `counted` credits to this
-    /// miner and all-reduces them among the stage's live miners `peers`:
-    /// hierarchically when `sites` (each peer's site) names several.
+    /// miner and all-reduces them among the stage's live miners `peers`
+    /// (whose signing keys are `keys`): hierarchically when `sites` (each
+    /// peer's site) names several.
     #[tracing::instrument(name = "all_reduce", skip_all, fields(window = window, attempt = attempt, stage = self.stage, miners = peers.len()))]
     fn close(
         &mut self,
         window: u64,
         attempt: u32,
         counted: &[Route],
-        peers: Vec<usize>,
+        (peers, keys): (Vec<usize>, Vec<Option<String>>),
         sites: Vec<usize>,
         scales: Vec<i32>,
     ) -> Result<(), TrainError> {
@@ -1059,12 +1088,20 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             } else {
                 let copies = copies.min(group.size());
                 let tamper = self.conduct.slice_tamper(window, group.members(), copies);
+                let forge = self.conduct.handed_tamper(window);
+                let handing = Handing {
+                    signing: Some(Signing {
+                        own: &self.key,
+                        keys: &keys,
+                    }),
+                    tamper: forge.as_deref(),
+                };
                 let members = group.members();
                 let held = self.device.site_all_reduce(
                     call,
                     &mut sums,
                     copies,
-                    tamper.as_deref(),
+                    (tamper.as_deref(), handing),
                     members,
                 )?;
                 Held::Flat {
@@ -1095,11 +1132,16 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     reduce_s,
                 }
             }
-            Err(e @ CollectiveError::PeerLost { .. }) => Report::ReduceFailed {
-                window,
-                attempt,
-                reason: e.to_string(),
-            },
+            // A peer gone, or one that sent what the protocol does not
+            // allow (a slice other than the agreed copy, unproved): the
+            // orchestrator sees who is alive and closes again.
+            Err(e @ (CollectiveError::PeerLost { .. } | CollectiveError::Protocol { .. })) => {
+                Report::ReduceFailed {
+                    window,
+                    attempt,
+                    reason: e.to_string(),
+                }
+            }
             Err(e) => return Err(e.into()),
         };
         self.leader.report(&report)

@@ -69,6 +69,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::checkpoint::StageEntry;
+use crate::collective::WrongSlice;
 
 /// Tag kinds, in the top byte; the low bytes carry a window or microbatch.
 const KIND_ORDER: u64 = 0x4f;
@@ -234,6 +235,10 @@ pub struct Reduction {
     /// When every copy agreed, the result it will apply: `model::digest`
     /// of the summed gradients (f32).
     pub result: Option<String>,
+    /// Slices handed to it that are not the agreed copies, each proved by
+    /// its owner's signed statement: it then holds no result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wrong_slices: Vec<WrongSlice>,
     /// For a stage whose miners span sites, where `contributions` and
     /// `copies` are those of its site's all-reduce: its part in the one
     /// between the sites.
@@ -413,6 +418,11 @@ pub enum Order {
         /// Empty for a stage inside one site.
         #[serde(default)]
         sites: Vec<Vec<usize>>,
+        /// Each stage's miners' public keys (hex, in `stages` order; empty
+        /// where the orchestrator has not heard one): the keys their signed
+        /// statements of the slices they hand out are checked against.
+        #[serde(default)]
+        keys: Vec<Vec<String>>,
     },
     /// Send what the validators need to replay `tasks`; `weights` is the
     /// digest every stage's weights had at the window's start.
@@ -543,6 +553,10 @@ pub enum Report {
     Leaving,
     /// The answer to the liveness ping carrying `nonce`.
     Alive { nonce: u64 },
+    /// A miner's public key (hex), which signs its statements of the
+    /// all-reduce slices it hands out: told to each leader it serves,
+    /// before anything else it reports to it.
+    SigningKey { key: String },
     /// A placed miner loaded its stage's state (its digests), or could
     /// not (why).
     Placed {

@@ -61,6 +61,8 @@ pub enum TrainError {
     CheckpointMismatch { window: u64, reason: String },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Signing(#[from] crate::signing::NoRandomness),
 }
 
 /// One window's result, as the orchestrator sees it.
@@ -86,8 +88,6 @@ pub struct WindowReport {
     pub wire_bytes: u64,
     /// Attempts the window needed: more than 1 when miners were lost.
     pub attempts: u32,
-    /// The checkpoint committed after this window, if one was.
-    pub checkpoint: Option<PathBuf>,
     /// Boundary bytes as computed / bytes on the wire (headers and scales
     /// included); `None` with one stage.
     pub compression: Option<f64>,
@@ -126,7 +126,6 @@ impl WindowReport {
             dense_bytes: 0,
             wire_bytes: 0,
             attempts: 1,
-            checkpoint: None,
             compression: None,
             compute_s: 1.0,
             replayed: 0,
@@ -176,8 +175,13 @@ impl MemberState {
 /// What the orchestrator tells its caller as the job trains.
 #[derive(Debug, Clone, Copy)]
 pub enum Progress<'a> {
-    /// A window is done.
+    /// A window is done: its ledger line and countersignature orders are
+    /// out; whatever the callback writes of it comes before the window's
+    /// checkpoint is committed.
     Window(&'a WindowReport),
+    /// The checkpoint of the window just reported is committed, in this
+    /// directory.
+    Checkpoint(&'a std::path::Path),
     /// An event worth a line (a join, a loss, an exclusion, a move),
     /// already printed; `warning` when it went to stderr.
     Event { line: &'a str, warning: bool },

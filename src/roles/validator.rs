@@ -41,7 +41,7 @@ fn follow_orders<T: Transport + ?Sized>(
     let t = leader.transport();
     let setup = Setup::new(spec)?;
     let codec = setup.codec(spec);
-    let key = SigningKey::generate().map_err(LedgerError::from)?;
+    let key = SigningKey::generate()?;
     tracing::info!("ledger: countersigning with key {}", key.public_hex());
     let run_dir = spec.job.run_dir();
     let mut countersigner =
@@ -138,7 +138,7 @@ enum Halt {
     /// The orchestrator moved on while the check waited on a miner (a
     /// lost or evicted miner, a new attempt): the order it gave, which the
     /// validator follows instead of finishing a moot check.
-    Superseded(Order),
+    Superseded(Box<Order>),
 }
 
 impl<E: Into<TrainError>> From<E> for Halt {
@@ -161,7 +161,7 @@ fn each_reported<T: Transport + ?Sized, I, R: IntoIterator<Item = Report>>(
                     leader.report(&report)?;
                 }
             }
-            Err(Halt::Superseded(order)) => return Ok(Some(order)),
+            Err(Halt::Superseded(order)) => return Ok(Some(*order)),
             Err(Halt::Failed(e)) => return Err(e),
         }
     }
@@ -181,7 +181,7 @@ fn receive<T: Transport + ?Sized>(
         Waited::Got(bytes) => Ok(Ok(bytes)),
         Waited::Lost => Ok(Err(Verdict::Unavailable)),
         Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
-        Waited::Order(order) => Err(Halt::Superseded(order)),
+        Waited::Order(order) => Err(Halt::Superseded(Box::new(order))),
     }
 }
 

@@ -1,7 +1,7 @@
 //! What validators check, as the orchestrator asks for it and judges it:
 //! replays of sampled passes (and of both ends of any broken chain of
-//! receipts), recomputations of all-reduce slices, and the audit of each
-//! checkpoint file. Everything here decides; the caller's shell sends.
+//! receipts), recomputations of all-reduce slices, the proofs of slices
+//! handed out wrong, and the audit of each checkpoint file. Everything here decides; the caller's shell sends.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,7 +10,7 @@ use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
 use crate::ledger::Tally;
 use crate::roles::protocol::{
-    AuditTask, CheckpointTask, Order, Reduction, Report, SitePart, SliceTask, Verdict,
+    self, AuditTask, CheckpointTask, Order, Reduction, Report, SitePart, SliceTask, Verdict,
 };
 use crate::roles::train::{Setup, TrainError};
 
@@ -498,6 +498,67 @@ impl Coordinator<'_> {
         } else {
             self.redo_without(&gone)
         }
+    }
+
+    /// The proofs of wrong slices handed out in the close, as the miners
+    /// stated them in `reductions`: a slice's owner whose own signed
+    /// statement shows it handed out other than the copy it stated is to
+    /// be excluded, and so is a miner stating a proof that does not hold
+    /// (an honest one checks a proof before stating it, with the keys this
+    /// leader handed out). Returns each with why. Stages spanning sites
+    /// (`sites`) hand out nothing signed.
+    pub(super) fn judge_handed(
+        &mut self,
+        reductions: &BTreeMap<usize, Reduction>,
+        sites: &[Vec<usize>],
+    ) -> BTreeMap<usize, String> {
+        let stages = self.stage_miners();
+        let w = self.window.as_mut().expect("a window runs");
+        let tag = protocol::close_tag(w.window, w.attempt);
+        let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
+        for (stage, members) in stages.iter().enumerate() {
+            if sites.get(stage).is_some_and(|s| !s.is_empty()) {
+                continue;
+            }
+            for &accuser in members {
+                let stated = reductions.get(&accuser).map(|x| &x.wrong_slices[..]);
+                for proof in stated.unwrap_or_default() {
+                    let slice = proof.slice;
+                    let owner = members.get(slice).copied();
+                    let owned = owner.and_then(|o| Some((o, reductions.get(&o)?)));
+                    let (culprit, reason) = match owned {
+                        // Its owner's statement of its copy is missing: no verdict.
+                        Some((_, x)) if copy_of(&x.copies, slice).is_none() => continue,
+                        Some((owner, x))
+                            if self.keys.get(&owner).is_some_and(|key| {
+                                copy_of(&x.copies, slice)
+                                    .is_some_and(|agreed| proof.proves(key, tag, &agreed))
+                            }) =>
+                        {
+                            (
+                                owner,
+                                format!(
+                                    "it handed rank {accuser} slice {slice} of stage {stage}'s \
+                                     all-reduce other than the copy it agreed on, and signed that it did"
+                                ),
+                            )
+                        }
+                        _ => (
+                            accuser,
+                            format!(
+                                "it stated that slice {slice} of stage {stage}'s all-reduce was \
+                                 handed out wrong, with a proof that does not hold"
+                            ),
+                        ),
+                    };
+                    if let std::collections::btree_map::Entry::Vacant(e) = reasons.entry(culprit) {
+                        w.failed.entry(culprit).or_insert((stage, 0)).1 += 1;
+                        e.insert(reason);
+                    }
+                }
+            }
+        }
+        reasons
     }
 
     /// With validators, one audit per checkpoint writer: its stage's agreed

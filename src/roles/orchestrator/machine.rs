@@ -280,6 +280,10 @@ pub struct Coordinator<'a> {
     pub(super) leaving: BTreeSet<usize>,
     /// Ranks gone for good: lost, excluded or left.
     pub(super) departed: BTreeSet<usize>,
+    /// Each miner's public key, as it told this leader: handed to its
+    /// stage's miners in `Close`, and what proofs against it are checked
+    /// with.
+    pub(super) keys: BTreeMap<usize, String>,
     /// Under `[faults] clock = "model"`, the seconds a training pass of
     /// each stage counts as (before its miner's slowdown).
     pub(super) modelled: Option<Vec<f64>>,
@@ -337,6 +341,7 @@ impl<'a> Coordinator<'a> {
             spanning: Vec::new(),
             leaving: BTreeSet::new(),
             departed: BTreeSet::new(),
+            keys: BTreeMap::new(),
             modelled: b.modelled,
             window: None,
             phase: Phase::Finished,
@@ -481,6 +486,9 @@ impl<'a> Coordinator<'a> {
             Input::Lost(rank, reason) => self.on_lost(rank, &reason)?,
             Input::Report(rank, Report::Alive { nonce }) => {
                 self.liveness.answered(rank, nonce, now);
+            }
+            Input::Report(rank, Report::SigningKey { key }) => {
+                self.keys.insert(rank, key);
             }
             Input::Report(rank, report) => self.on_report(rank, report)?,
         }
@@ -934,6 +942,13 @@ impl<'a> Coordinator<'a> {
         let sites: Vec<Vec<usize>> = stages.iter().map(|m| self.site_ids(m)).collect();
         let (window, attempt) = (w.window, w.attempt);
         self.announce_spanning(&stages, &sites);
+        let keys = stages
+            .iter()
+            .map(|miners| {
+                let key = |r: &usize| self.keys.get(r).cloned().unwrap_or_default();
+                miners.iter().map(key).collect()
+            })
+            .collect();
         let order = Order::Close {
             window,
             attempt,
@@ -941,6 +956,7 @@ impl<'a> Coordinator<'a> {
             stages,
             scales: scales.clone(),
             sites: sites.clone(),
+            keys,
         };
         self.phase = Phase::Closing {
             waiting: self.miners.keys().copied().collect(),
@@ -976,6 +992,11 @@ impl<'a> Coordinator<'a> {
             ));
             self.liveness.suspect();
             return self.redo_without(&[]);
+        }
+        let reasons = self.judge_handed(&reductions, &sites);
+        if !reasons.is_empty() {
+            let gone = self.exclude_all(window, &reasons);
+            return self.redo_without(&gone);
         }
         self.announce_hold(window, HoldPhase::Close);
         self.phase = Phase::HoldClose(Closed {
@@ -1079,7 +1100,6 @@ impl<'a> Coordinator<'a> {
             dense_bytes: w.dense_bytes,
             wire_bytes: w.wire_bytes,
             attempts: w.attempt - self.first_attempt + 1,
-            checkpoint: None,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
             compute_s: w.busy_s,
             replayed: w.passed.len() as u64 + w.wrong,

@@ -123,7 +123,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
     };
     // Each leader signs the lines it appends with a key of its own, added
     // to the run's book and printed here for `swarmrun audit --key`.
-    let key = SigningKey::generate().map_err(crate::ledger::LedgerError::from)?;
+    let key = SigningKey::generate()?;
     tracing::info!("ledger: lines signed with key {}", key.public_hex());
     let mut ledger = ledger.signed_by(key)?;
     let modelled = match spec.faults.clock {
@@ -152,7 +152,7 @@ pub fn orchestrate<T: Transport + ?Sized>(
     );
     let checkpoints = Checkpoints::new(&run_dir);
     let validators = validators_of(plan);
-    let mut committed = None;
+    let mut due = None;
     let mut current = None;
     let mut standby = match leading {
         Leading::Orchestrator => spec.standby_rank(),
@@ -203,12 +203,12 @@ pub fn orchestrate<T: Transport + ?Sized>(
                         m.remove(rank);
                     }
                 }
-                Output::Commit(manifest) => {
-                    let _span =
-                        tracing::info_span!("checkpoint", window = manifest.window).entered();
-                    committed = Some(commit(&checkpoints, &manifest, spec)?);
-                }
-                Output::Window(mut w) => {
+                // Committed after the window's lines are written (below):
+                // a leader killed in between resumes from the checkpoint
+                // before, and every line after that one is written again,
+                // never a window committed without its lines.
+                Output::Commit(manifest) => due = Some(manifest),
+                Output::Window(w) => {
                     ledger.append(w.window, &w.credits)?;
                     let countersign = Order::Countersign {
                         window: w.window,
@@ -218,8 +218,13 @@ pub fn orchestrate<T: Transport + ?Sized>(
                     for &v in &validators {
                         send_unless_lost(t, v, protocol::ORDER_TAG, &bytes)?;
                     }
-                    w.checkpoint = committed.take();
                     report(Progress::Window(&w));
+                    if let Some(manifest) = due.take() {
+                        let _span =
+                            tracing::info_span!("checkpoint", window = manifest.window).entered();
+                        let dir = commit(&checkpoints, &manifest, spec)?;
+                        report(Progress::Checkpoint(&dir));
+                    }
                 }
                 Output::Handover(boundary) => {
                     hand_over(t, &mut standby, &Handover::Boundary(boundary))?;

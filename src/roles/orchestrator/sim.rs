@@ -355,6 +355,7 @@ impl Sim {
                             copies: Vec::new(),
                             agreed: true,
                             result: Some(format!("sum{window}-{stage}")),
+                            wrong_slices: Vec::new(),
                             across: None,
                         };
                         self.report(
