@@ -411,6 +411,33 @@ fn alternating_chunked_and_shared_buffer_all_reduces_stay_correct() {
 }
 
 #[test]
+fn back_to_back_small_all_reduces_are_right_and_never_taken_for_mismatched_calls() {
+    // A small all-reduce takes one barrier, so a fast rank is often in the
+    // next one, its descriptor published, while a slow one still compares
+    // this one's: neither may be taken for a mismatch, nor a set reused
+    // under a reader.
+    let ranks = open_all(&name("reduce-small"), 4, &small_opts());
+    let value = |rank: usize, round: usize, i: usize| ((rank * 5 + round * 11 + i) % 97) as f32;
+    thread::scope(|s| {
+        for t in &ranks {
+            s.spawn(move || {
+                for round in 0..3000 {
+                    let n = 1 + round % 7;
+                    let mut buf: Vec<u8> = (0..n)
+                        .flat_map(|i| value(t.rank(), round, i).to_ne_bytes())
+                        .collect();
+                    t.all_reduce_bytes(&mut buf, 4, &sum_f32).unwrap();
+                    for (i, c) in buf.chunks_exact(4).enumerate() {
+                        let want: f32 = (0..4).map(|r| value(r, round, i)).sum();
+                        assert_eq!(f32::from_ne_bytes(c.try_into().unwrap()), want);
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn a_barrier_with_a_dropped_peer_fails_with_peer_lost_at_once() {
     let mut ranks = open_all(&name("barrier-dropped"), 2, &small_opts());
     drop(ranks.pop());

@@ -32,6 +32,17 @@
 //! reduction, and one copy out; with [`SharedBuffer`] the copies disappear
 //! and only the reduction remains.
 //!
+//! A buffer of at most [`WHOLE_REDUCE_BYTES`] takes one barrier instead of
+//! two: after *in*, every rank reduces the whole chunk from all the regions,
+//! in rank order, into its own buffer. That costs each rank n reads of the
+//! buffer instead of one reduction of 1/n and a copy, nothing beside a
+//! barrier when the buffer is small (waking three other processes is what a
+//! small all-reduce spends its time on when ranks share cores). The sum is
+//! folded in the same order as the slices are, so both paths give the same
+//! bits. The set stays safe to reuse: a rank reads it before it leaves the
+//! operation, and the set's next writer, three phases on, has passed a
+//! barrier that every rank reached only after leaving it.
+//!
 //! Collectives are called by every rank in the same order (as in MPI). Each
 //! rank publishes a descriptor (operation number, byte length, element size)
 //! before the first barrier of an operation, and all ranks compare them after
@@ -51,6 +62,11 @@ use super::p2p::{lock, ShmTransport};
 use super::segment::SETS;
 use super::{CHECK_PERIOD, CONTROL_TAG};
 use crate::transport::TransportError;
+
+/// Largest buffer that every rank reduces whole, after one barrier (see
+/// the module docs): past it, reading every region costs more than the
+/// second barrier saves.
+pub const WHOLE_REDUCE_BYTES: usize = 32 << 10;
 
 /// A reduction: `combine(dst, src)` folds `src` into `dst` elementwise; both
 /// hold the same whole number of elements and start 64-byte aligned.
@@ -220,6 +236,9 @@ impl ShmTransport {
         let piece = |k: usize| k * chunk..len.min((k + 1) * chunk);
         let mut state = lock(&self.collective);
         self.publish_descriptor(&mut state, buf.len(), elem_size);
+        if len <= WHOLE_REDUCE_BYTES.min(chunk) {
+            return self.reduce_whole(&mut state, input, buf, combine);
+        }
         let first = state.phase;
         let set = |k: usize| ((first + k as u64) % SETS as u64) as usize;
         // Iteration k: in(k), reduce(k - 1), barrier, out(k - 1).
@@ -252,6 +271,38 @@ impl ShmTransport {
             }
         }
         state.phase = first + chunks as u64;
+        Ok(())
+    }
+
+    /// The whole all-reduce of a buffer of at most one chunk, after one
+    /// barrier: in, barrier, every rank folds every region into `buf`.
+    fn reduce_whole(
+        &self,
+        state: &mut CollectiveState,
+        input: Option<&[u8]>,
+        buf: &mut [u8],
+        combine: Combine<'_>,
+    ) -> Result<(), TransportError> {
+        let set = state.set();
+        let len = buf.len();
+        // SAFETY: *in*: our own region of this phase's set, which nobody
+        // reads until the barrier (module docs).
+        let region = unsafe { self.segment.region_mut(set, self.rank, 0..len) };
+        region.copy_from_slice(input.unwrap_or(buf));
+        self.barrier_locked(state)?;
+        state.phase += 1;
+        if let Err(mismatch) = self.compare_descriptors() {
+            return Err(self.abandon(state, mismatch));
+        }
+        for rank in 0..self.size {
+            // SAFETY: every region of the set is only read from here until
+            // each rank leaves the operation (module docs).
+            let theirs = unsafe { self.segment.region(set, rank, 0..len) };
+            match rank {
+                0 => buf.copy_from_slice(theirs),
+                _ => combine(buf, theirs),
+            }
+        }
         Ok(())
     }
 
@@ -336,7 +387,12 @@ impl ShmTransport {
             )
         };
         let mine = describe(self.rank);
-        match (0..self.size).find(|&rank| describe(rank) != mine) {
+        // A rank already in the next operation compared this one's
+        // descriptors and found them equal, or it would have stayed for
+        // the abandoning barrier: after a one-barrier all-reduce, a fast
+        // rank may have published its next one before a slow one compares.
+        let agrees = |theirs: (u64, u64, u64)| theirs == mine || theirs.0 == mine.0.wrapping_add(1);
+        match (0..self.size).find(|&rank| !agrees(describe(rank))) {
             None => Ok(()),
             Some(rank) => {
                 let theirs = describe(rank);
