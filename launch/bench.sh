@@ -22,7 +22,7 @@ features=()
 transports=tcp,shm,shm-registered
 if command -v mpicc >/dev/null && dpkg-query -W -f='${Status}' libopenmpi-dev 2>/dev/null | grep -q "install ok installed"; then
     features=(--features mpi)
-    transports=$transports,mpi
+    transports=$transports,mpi,mpi-tcp
 fi
 cargo build --release --locked "${features[@]}"
 sw=./target/release/swarmrun

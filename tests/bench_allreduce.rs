@@ -15,7 +15,7 @@ fn rows(text: &str) -> Vec<Vec<String>> {
 #[test]
 fn bench_allreduce_prints_every_size_with_no_wrong_element() {
     let transports = if cfg!(feature = "mpi") {
-        "tcp,shm,shm-registered,mpi"
+        "tcp,shm,shm-registered,mpi,mpi-tcp"
     } else {
         "tcp,shm,shm-registered"
     };

@@ -37,7 +37,7 @@ pub enum BenchAllreduceError {
         status: std::process::ExitStatus,
         tail: String,
     },
-    #[error("transport {0:?} is not one of tcp, shm, shm-registered, mpi")]
+    #[error("transport {0:?} is not one of tcp, shm, shm-registered, mpi, mpi-tcp")]
     UnknownTransport(String),
     #[error("job key: {0}")]
     Key(#[from] WireError),
@@ -276,7 +276,11 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
                 "ours over shared memory, registered buffers (in place, nothing copied)",
             ),
             "mpi" if cfg!(feature = "mpi") => (Fabric::Mpi, "OpenMPI MPI_Allreduce"),
-            "mpi" => return Err(BenchAllreduceError::NoMpiFeature),
+            "mpi-tcp" if cfg!(feature = "mpi") => (
+                Fabric::Mpi,
+                "OpenMPI MPI_Allreduce over TCP (--mca btl tcp,self, loopback)",
+            ),
+            "mpi" | "mpi-tcp" => return Err(BenchAllreduceError::NoMpiFeature),
             other => return Err(BenchAllreduceError::UnknownTransport(other.to_string())),
         };
         let job = dir.path().join(format!("bench-allreduce-{name}.toml"));
@@ -294,7 +298,13 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
             &["bytes", "time_us", "algbw_gbps", "busbw_gbps", "wrong"],
         );
         let cmd = if fabric == Fabric::Mpi {
-            mpirun(&exe, &job, opts.nprocs, &JobKey::generate()?)?
+            // OpenMPI's own TCP path, the reference for ours over TCP: its
+            // default between ranks of one host is shared memory.
+            let btl: &[&str] = match name.as_str() {
+                "mpi-tcp" => &MCA_TCP_ONLY,
+                _ => &[],
+            };
+            mpirun(&exe, &job, (opts.nprocs, btl), &JobKey::generate()?)?
         } else {
             let mut c = Command::new(&exe);
             c.arg("launch")
@@ -334,11 +344,28 @@ fn job_text(opts: &DriverOptions, fabric: Fabric, shm_chunk: usize, registered: 
     )
 }
 
+/// mpirun's options that leave OpenMPI only its TCP path, over loopback
+/// (which its TCP transport leaves out unless told).
+const MCA_TCP_ONLY: [&str; 6] = [
+    "--mca",
+    "btl",
+    "tcp,self",
+    "--mca",
+    "btl_tcp_if_include",
+    "lo",
+];
+
 /// `mpirun` of our ranks; the key travels in the environment (`-x`), as a
 /// user would pass it.
-fn mpirun(exe: &Path, job: &Path, nprocs: usize, key: &JobKey) -> std::io::Result<Command> {
+fn mpirun(
+    exe: &Path,
+    job: &Path,
+    (nprocs, mca): (usize, &[&str]),
+    key: &JobKey,
+) -> std::io::Result<Command> {
     let mut c = super::mpirun(nprocs);
-    c.env(KEY_ENV, key.to_hex())
+    c.args(mca)
+        .env(KEY_ENV, key.to_hex())
         .args(["-x", KEY_ENV])
         .arg(exe)
         .arg("rank")
