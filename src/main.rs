@@ -255,10 +255,15 @@ enum BenchCmd {
         /// Largest message.
         #[arg(long, default_value = "64M", value_parser = parse_size_arg)]
         max: usize,
+        /// Timed calls per size, at least.
         #[arg(long, default_value_t = 20)]
         iters: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// More calls where --iters of them would take less than this
+        /// (milliseconds per size): small messages are noisy on shared hosts.
+        #[arg(long, default_value_t = 200)]
+        min_time_ms: u64,
         /// auto, butterfly or ring.
         #[arg(long, default_value = "auto", value_parser = parse_algorithm)]
         algorithm: config::AllReduceChoice,
@@ -573,6 +578,7 @@ fn bench(which: BenchCmd, tables: &mut swarmrun::bench::record::Tables) -> Resul
             max,
             iters,
             warmup,
+            min_time_ms,
             algorithm,
         } => {
             let opts = bench::allreduce::DriverOptions {
@@ -583,6 +589,7 @@ fn bench(which: BenchCmd, tables: &mut swarmrun::bench::record::Tables) -> Resul
                     max_bytes: max,
                     iters,
                     warmup,
+                    min_time_ms,
                     registered: false,
                 },
                 algorithm,

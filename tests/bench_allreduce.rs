@@ -27,6 +27,7 @@ fn bench_allreduce_prints_every_size_with_no_wrong_element() {
         .args([
             "--min", "4", "--max", "256K", "--iters", "2", "--warmup", "1",
         ])
+        .args(["--min-time-ms", "20"])
         .arg("--json")
         .arg(results.join("allreduce.json"))
         .output()
@@ -34,6 +35,10 @@ fn bench_allreduce_prints_every_size_with_no_wrong_element() {
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
     assert!(text.contains("memcpy"), "{text}");
+    assert!(
+        text.contains("at least 2 iters and 20 ms per size"),
+        "{text}"
+    );
     let rows = rows(&text);
     // 4 B .. 256 KiB doubling: 17 sizes per transport.
     let tables = transports.split(',').count();

@@ -188,6 +188,35 @@ impl AllReduceUnderTest for MpiNative<'_> {
     }
 }
 
+/// Most timed calls one size gets, however fast a call is.
+const MAX_ITERS: usize = 100_000;
+
+/// How many timed calls a size gets: `spec.iters`, or as many more as fill
+/// `spec.min_time_ms` at the pace of one call timed on each rank (the
+/// slowest rank's, so that every rank makes the same number).
+fn iterations<T: Transport + ?Sized>(
+    t: &T,
+    spec: &BenchSpec,
+    under_test: &dyn AllReduceUnderTest,
+    src: &[f32],
+    out: &mut [f32],
+) -> Result<usize, BenchAllreduceError> {
+    if spec.min_time_ms == 0 {
+        return Ok(spec.iters);
+    }
+    let start = Instant::now();
+    under_test.timed(src, out)?;
+    let mut once = [start.elapsed().as_secs_f32()];
+    collective::all_reduce(
+        Call::new(t, TAG_BENCH + 32),
+        &mut once,
+        ReduceOp::Max,
+        AllReduceAlgorithm::Auto,
+    )?;
+    let wanted = (spec.min_time_ms as f32 / 1e3 / once[0].max(1e-7)).ceil() as usize;
+    Ok(wanted.clamp(spec.iters.max(1), MAX_ITERS.max(spec.iters)))
+}
+
 /// Times every size on every rank; returns the rows (the same on all ranks).
 pub fn run_rank<T: Transport + ?Sized>(
     t: &T,
@@ -204,12 +233,13 @@ pub fn run_rank<T: Transport + ?Sized>(
         for _ in 0..spec.warmup {
             under_test.timed(&src, &mut out)?;
         }
+        let iters = iterations(t, spec, under_test, &src, &mut out)?;
         collective::barrier(Call::new(t, TAG_BENCH + 8))?;
         let start = Instant::now();
-        for _ in 0..spec.iters {
+        for _ in 0..iters {
             under_test.timed(&src, &mut out)?;
         }
-        let mut stats = [start.elapsed().as_secs_f32() * 1e6 / spec.iters as f32];
+        let mut stats = [start.elapsed().as_secs_f32() * 1e6 / iters as f32];
         // The slowest rank sets the time, as in nccl-tests.
         collective::all_reduce(
             Call::new(t, TAG_BENCH + 16),
@@ -256,8 +286,9 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
     let dir = tempfile::tempdir()?;
     let memcpy_bytes = opts.spec.max_bytes.min(256 << 20);
     println!(
-        "# swarmrun bench allreduce: {} ranks on one host, {} iters after {} warm-up, algorithm {:?}",
-        opts.nprocs, opts.spec.iters, opts.spec.warmup, opts.algorithm
+        "# swarmrun bench allreduce: {} ranks on one host, at least {} iters and {} ms per size \
+         after {} warm-up, algorithm {:?}",
+        opts.nprocs, opts.spec.iters, opts.spec.min_time_ms, opts.spec.warmup, opts.algorithm
     );
     println!(
         "# memcpy (1 thread, {} MiB): {:.2} GB/s",
@@ -335,12 +366,14 @@ fn job_text(opts: &DriverOptions, fabric: Fabric, shm_chunk: usize, registered: 
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {n}\nfabric = \"{fabric}\"\n\n\
          [network]\nrendezvous = \"tcp://127.0.0.1:0\"\nmax_frame = \"64MiB\"\ncollective_timeout_s = 300.0\nshm_chunk = {shm_chunk}\n\n\
          [collective]\nalgorithm = \"{algorithm}\"\n\n\
-         [bench]\nmin_bytes = {min}\nmax_bytes = {max}\niters = {iters}\nwarmup = {warmup}\nregistered = {registered}\n",
+         [bench]\nmin_bytes = {min}\nmax_bytes = {max}\niters = {iters}\nwarmup = {warmup}\n\
+         min_time_ms = {min_time_ms}\nregistered = {registered}\n",
         n = opts.nprocs,
         min = opts.spec.min_bytes,
         max = opts.spec.max_bytes,
         iters = opts.spec.iters,
         warmup = opts.spec.warmup,
+        min_time_ms = opts.spec.min_time_ms,
     )
 }
 

@@ -623,9 +623,13 @@ pub struct BenchSpec {
     pub min_bytes: usize,
     #[serde(deserialize_with = "values::deserialize_size")]
     pub max_bytes: usize,
-    /// Timed repetitions per size (after `warmup` untimed ones).
+    /// Timed repetitions per size (after `warmup` untimed ones), at least.
     pub iters: usize,
     pub warmup: usize,
+    /// Each size runs more than `iters` times where that many calls would
+    /// take less than this (milliseconds): a small message's time is a few
+    /// microseconds of scheduling noise unless averaged over many calls.
+    pub min_time_ms: u64,
     /// Shared-memory fabric: time all-reduce on buffers registered in the
     /// segment (nothing copied in or out); needs `network.shm_chunk >=
     /// max_bytes`.
@@ -639,6 +643,7 @@ impl Default for BenchSpec {
             max_bytes: 64 << 20,
             iters: 20,
             warmup: 2,
+            min_time_ms: 0,
             registered: false,
         }
     }
