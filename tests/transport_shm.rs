@@ -370,6 +370,19 @@ fn a_length_that_is_not_whole_elements_is_refused_before_any_barrier() {
     assert!(matches!(err, TransportError::Io { .. }), "{err}");
 }
 
+/// One all-reduce of `n` f32 elements on `t`, rank r's element i being
+/// `value(r, i)`, checked against the sum over the world's 4 ranks.
+fn sum_round(t: &ShmTransport, n: usize, value: impl Fn(usize, usize) -> f32) {
+    let mut buf: Vec<u8> = (0..n)
+        .flat_map(|i| value(t.rank(), i).to_ne_bytes())
+        .collect();
+    t.all_reduce_bytes(&mut buf, 4, &sum_f32).unwrap();
+    for (i, c) in buf.chunks_exact(4).enumerate() {
+        let want: f32 = (0..4).map(|r| value(r, i)).sum();
+        assert_eq!(f32::from_ne_bytes(c.try_into().unwrap()), want, "elem {i}");
+    }
+}
+
 #[test]
 fn alternating_chunked_and_shared_buffer_all_reduces_stay_correct() {
     // Every length from one to four chunks, interleaved with shared-buffer
@@ -381,18 +394,7 @@ fn alternating_chunked_and_shared_buffer_all_reduces_stay_correct() {
             s.spawn(move || {
                 for round in 0..60 {
                     let n = 1 + round * 8192 * 4 / 4 / 60 + round % 5;
-                    let mut buf: Vec<u8> = (0..n)
-                        .flat_map(|i| value(t.rank(), round, i).to_ne_bytes())
-                        .collect();
-                    t.all_reduce_bytes(&mut buf, 4, &sum_f32).unwrap();
-                    for (i, c) in buf.chunks_exact(4).enumerate() {
-                        let want: f32 = (0..4).map(|r| value(r, round, i)).sum();
-                        assert_eq!(
-                            f32::from_ne_bytes(c.try_into().unwrap()),
-                            want,
-                            "round {round} elem {i}"
-                        );
-                    }
+                    sum_round(t, n, |rank, i| value(rank, round, i));
                     if round % 3 == 0 {
                         let mut shared = t.shared_buffer(4 * 100).unwrap();
                         for (i, c) in shared.as_mut_slice().chunks_exact_mut(4).enumerate() {
@@ -422,15 +424,7 @@ fn back_to_back_small_all_reduces_are_right_and_never_taken_for_mismatched_calls
         for t in &ranks {
             s.spawn(move || {
                 for round in 0..3000 {
-                    let n = 1 + round % 7;
-                    let mut buf: Vec<u8> = (0..n)
-                        .flat_map(|i| value(t.rank(), round, i).to_ne_bytes())
-                        .collect();
-                    t.all_reduce_bytes(&mut buf, 4, &sum_f32).unwrap();
-                    for (i, c) in buf.chunks_exact(4).enumerate() {
-                        let want: f32 = (0..4).map(|r| value(r, round, i)).sum();
-                        assert_eq!(f32::from_ne_bytes(c.try_into().unwrap()), want);
-                    }
+                    sum_round(t, 1 + round % 7, |rank, i| value(rank, round, i));
                 }
             });
         }
