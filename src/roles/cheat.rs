@@ -252,8 +252,9 @@ impl Cheater {
     }
 
     /// What a colluder makes of a slice it changes, and a forger of its
-    /// site's partial or of the slice it hands out: every element doubled (wrapping: the integers are
-    /// fixed-point sums), the same bits on every colluder.
+    /// site's partial or of the slice it hands out: every element doubled
+    /// (wrapping: the integers are fixed-point sums), the same bits on
+    /// every colluder.
     fn collude(slice: &mut [i64]) {
         for x in slice {
             *x = x.wrapping_mul(2);

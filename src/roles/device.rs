@@ -135,9 +135,10 @@ impl StageDevice {
     /// miners of this rank's site (`call`'s ranks, `members` as the job
     /// numbers them), with `tamper` on the slices it reduces and the
     /// reduced slices handed out as `handing` says: through NCCL when the
-    /// site's fabric is `nccl`, else over the call's transport. A communicator is made for each new set
-    /// of members (over the call's transport, on the tag after the call's)
-    /// and dropped, which aborts it, when a call through it fails.
+    /// site's fabric is `nccl`, else over the call's transport. A
+    /// communicator is made for each new set of members (over the call's
+    /// transport, on the tag after the call's) and dropped, which aborts
+    /// it, when a call through it fails.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn site_all_reduce<T: Transport + ?Sized>(
         &mut self,

@@ -1,7 +1,8 @@
 //! What validators check, as the orchestrator asks for it and judges it:
 //! replays of sampled passes (and of both ends of any broken chain of
 //! receipts), recomputations of all-reduce slices, the proofs of slices
-//! handed out wrong, and the audit of each checkpoint file. Everything here decides; the caller's shell sends.
+//! handed out wrong, and the audit of each checkpoint file. Everything
+//! here decides; the caller's shell sends.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -524,16 +525,18 @@ impl Coordinator<'_> {
                 let stated = reductions.get(&accuser).map(|x| &x.wrong_slices[..]);
                 for proof in stated.unwrap_or_default() {
                     let slice = proof.slice;
-                    let owner = members.get(slice).copied();
-                    let owned = owner.and_then(|o| Some((o, reductions.get(&o)?)));
+                    // The owner and the copy it stated of its slice.
+                    let owned = members
+                        .get(slice)
+                        .and_then(|&o| Some((o, copy_of(&reductions.get(&o)?.copies, slice))));
                     let (culprit, reason) = match owned {
-                        // Its owner's statement of its copy is missing: no verdict.
-                        Some((_, x)) if copy_of(&x.copies, slice).is_none() => continue,
-                        Some((owner, x))
-                            if self.keys.get(&owner).is_some_and(|key| {
-                                copy_of(&x.copies, slice)
-                                    .is_some_and(|agreed| proof.proves(key, tag, &agreed))
-                            }) =>
+                        // Its owner stated no copy of it: no verdict.
+                        Some((_, None)) => continue,
+                        Some((owner, Some(agreed)))
+                            if self
+                                .keys
+                                .get(&owner)
+                                .is_some_and(|key| proof.proves(key, tag, &agreed)) =>
                         {
                             (
                                 owner,

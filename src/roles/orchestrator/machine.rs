@@ -1314,6 +1314,7 @@ impl<'a> Coordinator<'a> {
         self.joining.remove(&rank);
         self.leaving.remove(&rank);
         self.router.remove(rank);
+        self.keys.remove(&rank);
         if self.departed.insert(rank) {
             self.out.push(Output::Departed(rank));
         }
