@@ -61,6 +61,7 @@ use super::futex::{self, Backoff};
 use super::p2p::{lock, ShmTransport};
 use super::segment::SETS;
 use super::{CHECK_PERIOD, CONTROL_TAG};
+use crate::data::rng::splitmix64;
 use crate::transport::TransportError;
 
 /// Largest buffer that every rank reduces whole, after one barrier (see
@@ -346,6 +347,9 @@ impl ShmTransport {
         slot.op_seq.store(state.ops, Ordering::Relaxed);
         slot.op_len.store(len as u64, Ordering::Relaxed);
         slot.op_elem.store(elem_size as u64, Ordering::Relaxed);
+        // Release: whoever reads this print sees the fields it stands for.
+        let print = fingerprint((state.ops, len as u64, elem_size as u64));
+        slot.op_print.store(print, Ordering::Release);
         state.ops += 1;
     }
 
@@ -387,12 +391,18 @@ impl ShmTransport {
             )
         };
         let mine = describe(self.rank);
-        // A rank already in the next operation compared this one's
-        // descriptors and found them equal, or it would have stayed for
-        // the abandoning barrier: after a one-barrier all-reduce, a fast
-        // rank may have published its next one before a slow one compares.
-        let agrees = |theirs: (u64, u64, u64)| theirs == mine || theirs.0 == mine.0.wrapping_add(1);
-        match (0..self.size).find(|&rank| !agrees(describe(rank))) {
+        // After a one-barrier all-reduce a fast rank may be publishing its
+        // next descriptor while a slow one compares this one's, so a rank
+        // is judged by its print, one word read whole. A rank already in
+        // the next operation compared this one's descriptors and found
+        // them equal, or it would have stayed for the abandoning barrier.
+        let agrees = |rank: usize| {
+            let slot = self.segment.slot(rank);
+            // Acquire: a print of the next operation shows its op_seq.
+            slot.op_print.load(Ordering::Acquire) == fingerprint(mine)
+                || slot.op_seq.load(Ordering::Relaxed) == mine.0.wrapping_add(1)
+        };
+        match (0..self.size).find(|&rank| !agrees(rank)) {
             None => Ok(()),
             Some(rank) => {
                 let theirs = describe(rank);
@@ -408,6 +418,12 @@ impl ShmTransport {
             }
         }
     }
+}
+
+/// One word for an operation's descriptor (number, byte length, element
+/// size), mixed so that different descriptors differ.
+fn fingerprint((seq, len, elem): (u64, u64, u64)) -> u64 {
+    splitmix64(splitmix64(splitmix64(seq) ^ len) ^ elem)
 }
 
 fn check_elements(len: usize, elem_size: usize, chunk_bytes: usize) -> Result<(), TransportError> {

@@ -19,7 +19,7 @@ use memmap2::{MmapOptions, MmapRaw};
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"swrmshm1");
 /// Bumped whenever the layout below changes; a segment of another version is
 /// treated as stale and replaced.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 
 /// Two cache lines: adjacent-line prefetchers on x86 pull pairs of lines, so
 /// fields written by different processes are kept this far apart.
@@ -55,6 +55,7 @@ const S_EPOCH: usize = 16;
 const S_OP_SEQ: usize = 24;
 const S_OP_LEN: usize = 32;
 const S_OP_ELEM: usize = 40;
+const S_OP_PRINT: usize = 48;
 const S_BELL: usize = LINE;
 const S_BELL_WAITERS: usize = LINE + 4;
 
@@ -296,6 +297,7 @@ impl Segment {
             op_seq: self.u64_at(base + S_OP_SEQ),
             op_len: self.u64_at(base + S_OP_LEN),
             op_elem: self.u64_at(base + S_OP_ELEM),
+            op_print: self.u64_at(base + S_OP_PRINT),
             bell: self.u32_at(base + S_BELL),
             bell_waiters: self.u32_at(base + S_BELL_WAITERS),
         }
@@ -388,6 +390,10 @@ pub(crate) struct Slot<'a> {
     pub(crate) op_seq: &'a AtomicU64,
     pub(crate) op_len: &'a AtomicU64,
     pub(crate) op_elem: &'a AtomicU64,
+    /// One word standing for the three above, written after them: what
+    /// ranks compare, since a peer may be rewriting the three for its next
+    /// operation while they are read.
+    pub(crate) op_print: &'a AtomicU64,
     /// Futex word bumped by whoever has news for this rank.
     pub(crate) bell: &'a AtomicU32,
     pub(crate) bell_waiters: &'a AtomicU32,
