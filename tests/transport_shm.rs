@@ -317,12 +317,22 @@ fn all_reduce_over_many_chunks_matches_the_sum_in_rank_order_on_threads() {
 
 #[test]
 fn shared_buffer_all_reduce_reads_the_result_in_place() {
-    let ranks = open_all(&name("shared-buffer"), 4, &small_opts());
+    // 8 KiB folds after one barrier; 64 KiB is reduced slice by slice.
+    for len in [8 << 10, 64 << 10] {
+        let opts = ShmOptions {
+            chunk_bytes: len,
+            ..small_opts()
+        };
+        shared_buffer_rounds(&open_all(&name("shared-buffer"), 4, &opts), len);
+    }
+}
+
+fn shared_buffer_rounds(ranks: &[ShmTransport], len: usize) {
     thread::scope(|s| {
-        for t in &ranks {
+        for t in ranks {
             s.spawn(move || {
                 for round in 0..5u32 {
-                    let mut shared = t.shared_buffer(8192).unwrap();
+                    let mut shared = t.shared_buffer(len).unwrap();
                     for (i, c) in shared.as_mut_slice().chunks_exact_mut(4).enumerate() {
                         c.copy_from_slice(
                             &((i as u32 + round) as f32 * (t.rank() + 1) as f32).to_ne_bytes(),

@@ -34,7 +34,8 @@
 //!
 //! A buffer of at most [`WHOLE_REDUCE_BYTES`] takes one barrier instead of
 //! two: after *in*, every rank reduces the whole chunk from all the regions,
-//! in rank order, into its own buffer. That costs each rank n reads of the
+//! in rank order, into its own buffer (for a [`SharedBuffer`], one of its
+//! own that the [`Reduced`] result holds). That costs each rank n reads of the
 //! buffer instead of one reduction of 1/n and a copy, nothing beside a
 //! barrier when the buffer is small (waking three other processes is what a
 //! small all-reduce spends its time on when ranks share cores). The sum is
@@ -284,21 +285,34 @@ impl ShmTransport {
         buf: &mut [u8],
         combine: Combine<'_>,
     ) -> Result<(), TransportError> {
-        let set = state.set();
-        let len = buf.len();
         // SAFETY: *in*: our own region of this phase's set, which nobody
         // reads until the barrier (module docs).
-        let region = unsafe { self.segment.region_mut(set, self.rank, 0..len) };
+        let region = unsafe {
+            self.segment
+                .region_mut(state.set(), self.rank, 0..buf.len())
+        };
         region.copy_from_slice(input.unwrap_or(buf));
-        self.barrier_locked(state)?;
+        self.fold_whole(state, buf, combine)
+    }
+
+    /// The rest of a one-barrier all-reduce, every rank's *in* done in
+    /// this phase's set: barrier, then every region folded into `buf`.
+    fn fold_whole(
+        &self,
+        state: &mut CollectiveState,
+        buf: &mut [u8],
+        combine: Combine<'_>,
+    ) -> Result<(), TransportError> {
+        let set = state.set();
         state.phase += 1;
+        self.barrier_locked(state)?;
         if let Err(mismatch) = self.compare_descriptors() {
             return Err(self.abandon(state, mismatch));
         }
         for rank in 0..self.size {
             // SAFETY: every region of the set is only read from here until
             // each rank leaves the operation (module docs).
-            let theirs = unsafe { self.segment.region(set, rank, 0..len) };
+            let theirs = unsafe { self.segment.region(set, rank, 0..buf.len()) };
             match rank {
                 0 => buf.copy_from_slice(theirs),
                 _ => combine(buf, theirs),
@@ -310,7 +324,8 @@ impl ShmTransport {
     /// Borrows this rank's scratch region for the next collective, so that
     /// the input can be written straight into shared memory (say, gradients
     /// computed in place) and the result read straight out of it: the
-    /// all-reduce then copies nothing. `len` may be up to
+    /// all-reduce then copies nothing (past [`WHOLE_REDUCE_BYTES`]; below,
+    /// one barrier saved is worth more than a copy). `len` may be up to
     /// [`ShmTransport::max_shared_len`].
     ///
     /// Holding the buffer (or its [`Reduced`] result) keeps other threads of
@@ -482,7 +497,9 @@ impl<'a> SharedBuffer<'a> {
     }
 
     /// Reduces the buffers of all ranks as [`ShmTransport::all_reduce_bytes`]
-    /// does and returns the result, still in shared memory.
+    /// does and returns the result, still in shared memory; a buffer of at
+    /// most [`WHOLE_REDUCE_BYTES`] is reduced after one barrier into memory
+    /// of this rank's, as there.
     pub fn all_reduce(
         mut self,
         elem_size: usize,
@@ -492,9 +509,18 @@ impl<'a> SharedBuffer<'a> {
         check_elements(self.len, elem_size, transport.opts.chunk_bytes)?;
         let set = self.state.set();
         if transport.size > 1 {
-            // One phase: the caller did *in*; barrier, *reduce*, barrier.
             let state = &mut *self.state;
             transport.publish_descriptor(state, self.len, elem_size);
+            if self.len <= WHOLE_REDUCE_BYTES {
+                let mut own = vec![0; self.len];
+                transport.fold_whole(state, &mut own, combine)?;
+                return Ok(Reduced {
+                    transport,
+                    _state: self.state,
+                    at: Place::Own(own),
+                });
+            }
+            // One phase: the caller did *in*; barrier, *reduce*, barrier.
             state.phase += 1;
             transport.barrier_locked(state)?;
             if let Err(mismatch) = transport.compare_descriptors() {
@@ -506,8 +532,7 @@ impl<'a> SharedBuffer<'a> {
         Ok(Reduced {
             transport,
             _state: self.state,
-            set,
-            len: self.len,
+            at: Place::Shared { set, len: self.len },
         })
     }
 }
@@ -519,19 +544,31 @@ pub struct Reduced<'a> {
     /// Held so that no later phase starts on this rank (and so on none)
     /// while the result is borrowed.
     _state: MutexGuard<'a, CollectiveState>,
-    set: usize,
-    len: usize,
+    at: Place,
+}
+
+/// Where a [`Reduced`] result is.
+enum Place {
+    /// Region 0 of a set, `len` bytes.
+    Shared { set: usize, len: usize },
+    /// This rank's own memory (a one-barrier all-reduce).
+    Own(Vec<u8>),
 }
 
 impl Deref for Reduced<'_> {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: *out* of the finished phase p: region 0 of its set is
-        // written again only in phase p + 3, and no rank gets past phase
-        // p + 1's first barrier while this rank holds its collective lock and
-        // so stays out of phase p + 1.
-        unsafe { self.transport.segment.region(self.set, 0, 0..self.len) }
+        match &self.at {
+            // SAFETY: *out* of the finished phase p: region 0 of its set is
+            // written again only in phase p + 3, and no rank gets past phase
+            // p + 1's first barrier while this rank holds its collective lock
+            // and so stays out of phase p + 1.
+            Place::Shared { set, len } => unsafe {
+                self.transport.segment.region(*set, 0, 0..*len)
+            },
+            Place::Own(own) => own,
+        }
     }
 }
 
