@@ -316,3 +316,26 @@ fn a_miner_honest_at_first_is_caught_once_it_cheats_and_loses_the_windows_before
     }
     assert!(paid(caught_in - 3) > 0.0);
 }
+
+#[test]
+fn a_forger_that_signs_the_agreed_slice_but_hands_out_another_leaves_with_the_miner_disputing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // 6 miners: ranks 2, 4, 6 serve stage 0; rank 2 hands out its slice
+    // doubled after signing the agreed one, every window.
+    let extra = "\n[[faults.cheat]]\nrank = 2\nkind = \"forge_gather_deniably\"\n";
+    let (lines, err) = run(&sized_train_job(dir.path(), "deny", 2, 8, 4, extra));
+    assert_eq!(lines.len(), 4, "every window trained:\n{err}");
+    assert!(
+        err.contains("handed it a slice of the all-reduce other than the copy agreed on")
+            && err.contains("no signature settles it; both leave"),
+        "{err}"
+    );
+    // The forger leaves, with one of the two it handed the slice to: one
+    // of them lies and nothing shows which, so neither is blamed.
+    let left = |rank: usize| err.contains(&format!("lost miner {rank} of stage 0"));
+    assert!(left(2), "{err}");
+    assert!(left(4) != left(6), "one disputer leaves: {err}");
+    for l in &lines {
+        assert_eq!(caught(l), "[]", "{l}");
+    }
+}

@@ -128,7 +128,9 @@ pub(crate) fn abort<T: Transport + ?Sized>(c: &Call<T>, e: &CollectiveError) {
     let blamed = match e {
         // Every rank reaches the same verdict from the same digests: no one waits.
         CollectiveError::SliceMismatch { .. } | CollectiveError::NonFinite { .. } => return,
-        CollectiveError::PeerLost { rank } | CollectiveError::Protocol { rank, .. } => *rank,
+        CollectiveError::PeerLost { rank }
+        | CollectiveError::Protocol { rank, .. }
+        | CollectiveError::UnprovedSlice { rank, .. } => *rank,
         CollectiveError::InvalidArgument(_) | CollectiveError::Transport(_) => c.outer(c.rank()),
     };
     let mut frame = [ABORT_MARK; 9];

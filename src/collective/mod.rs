@@ -236,6 +236,11 @@ pub enum CollectiveError {
     /// disagree with the majority (all holders when there is none).
     #[error("slice {slice} reduced differently by ranks {ranks:?}")]
     SliceMismatch { slice: usize, ranks: Vec<usize> },
+    /// `rank` handed this rank `slice` other than the copy its holders
+    /// agreed on, and no signature of its proves it: its word against this
+    /// rank's (see `all_reduce_redundant_moved`).
+    #[error("rank {rank} handed out slice {slice} other than the copy its holders agreed on")]
+    UnprovedSlice { rank: usize, slice: usize },
     /// A NaN or infinity in `segment` of a fixed-point sum's input, seen by
     /// every rank of the call.
     #[error("non-finite value in segment {segment}")]
@@ -270,6 +275,10 @@ impl CollectiveError {
             CollectiveError::Protocol { rank, reason } => CollectiveError::Protocol {
                 rank: f(rank),
                 reason,
+            },
+            CollectiveError::UnprovedSlice { rank, slice } => CollectiveError::UnprovedSlice {
+                rank: f(rank),
+                slice,
             },
             other => other,
         }

@@ -66,6 +66,9 @@ pub struct Handing<'a, E> {
     /// Called with its slice (index, values) just before it is handed out:
     /// the hook for faults that forge it.
     pub tamper: Option<&'a SliceTamper<'a, E>>,
+    /// Called with its slice after its statement is signed: a forgery the
+    /// signature does not cover, for faults that deny what they did.
+    pub deniable: Option<&'a SliceTamper<'a, E>>,
 }
 
 impl<E> Default for Handing<'_, E> {
@@ -73,6 +76,7 @@ impl<E> Default for Handing<'_, E> {
         Handing {
             signing: None,
             tamper: None,
+            deniable: None,
         }
     }
 }
@@ -251,8 +255,8 @@ impl<E: Element> SliceMover<E> for OverTransport {
 /// the agreed slices handed out as `handing` says.
 ///
 /// A slice handed to this rank that is not the agreed copy ends the call
-/// with [`CollectiveError::Protocol`] naming its owner, unless its owner's
-/// signed statement proves it: it is then in [`SliceCopies::wrong`].
+/// with [`CollectiveError::UnprovedSlice`] naming its owner, unless its
+/// owner's signed statement proves it: it is then in [`SliceCopies::wrong`].
 pub fn all_reduce_redundant_moved<T: Transport + ?Sized, E: Element, M: SliceMover<E>>(
     c: Call<'_, T>,
     buf: &mut [E],
@@ -296,6 +300,9 @@ pub fn all_reduce_redundant_moved<T: Transport + ?Sized, E: Element, M: SliceMov
                 Some(signing) => Some(state_handed(&c, &buf[part.range(rank)], signing)?),
                 None => None,
             };
+            if let Some(deny) = handing.deniable {
+                deny(rank, &mut buf[part.range(rank)]);
+            }
             mover.all_gather(&c, buf, &part)?;
             let agreed = |j: usize| agreed_copy(&table, j, n, copies);
             wrong = check_handed(&c, buf, &part, agreed, statements.as_deref(), &handing)?;
@@ -370,11 +377,9 @@ fn check_handed<T: Transport + ?Sized, E: Element>(
             _ => {
                 let got = blake3::hash(bytemuck::cast_slice(&buf[part.range(j)]));
                 if got != agreed(j) {
-                    return Err(CollectiveError::Protocol {
+                    return Err(CollectiveError::UnprovedSlice {
                         rank: c.outer(j),
-                        reason: format!(
-                            "it handed out slice {j} other than the copy its holders agreed on"
-                        ),
+                        slice: j,
                     });
                 }
             }

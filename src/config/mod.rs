@@ -494,6 +494,11 @@ pub enum CheatKind {
     /// protocol asks) a statement of what it handed out; `probability` is
     /// per window.
     ForgeGather,
+    /// `forge_gather`, but signing a statement of the agreed slice and
+    /// then handing out the doubled one, so that no signature proves it:
+    /// the miners it hands it to dispute it, and a dispute repeated leaves
+    /// neither in the job; `probability` is per window.
+    ForgeGatherDeniably,
 }
 
 /// Elements of its contribution a `nudge_contribution` cheater changes in a

@@ -72,8 +72,9 @@ pub trait Conduct: Send {
     /// `window` before handing it to the other sites, if anything.
     fn partial_tamper(&self, window: u64) -> Option<Box<PartialTamper<'static, i64>>>;
     /// What it does to its own slice of `window`'s all-reduce, once the
-    /// copies agreed, before handing it out, if anything.
-    fn handed_tamper(&self, window: u64) -> Option<Box<SliceTamper<'static, i64>>>;
+    /// copies agreed, before handing it out, if anything; `deniably`: after
+    /// signing the statement of what it hands out.
+    fn handed_tamper(&self, window: u64, deniably: bool) -> Option<Box<SliceTamper<'static, i64>>>;
     /// The optimizer state it writes into `window`'s checkpoint instead of
     /// `honest`, if any.
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW>;
@@ -110,7 +111,7 @@ impl Conduct for Honest {
         None
     }
 
-    fn handed_tamper(&self, _: u64) -> Option<Box<SliceTamper<'static, i64>>> {
+    fn handed_tamper(&self, _: u64, _: bool) -> Option<Box<SliceTamper<'static, i64>>> {
         None
     }
 
@@ -306,7 +307,8 @@ impl Cheater {
                 | CheatKind::ScaleContribution
                 | CheatKind::NudgeContribution
                 | CheatKind::ForgePartial
-                | CheatKind::ForgeGather,
+                | CheatKind::ForgeGather
+                | CheatKind::ForgeGatherDeniably,
                 _,
             ) => PassGrads { params, input },
         })
@@ -370,8 +372,12 @@ impl Conduct for Cheater {
             .then(|| Box::new(Cheater::collude) as Box<PartialTamper<'static, i64>>)
     }
 
-    fn handed_tamper(&self, window: u64) -> Option<Box<SliceTamper<'static, i64>>> {
-        self.strikes(CheatKind::ForgeGather, GATHER_SALT, window)
+    fn handed_tamper(&self, window: u64, deniably: bool) -> Option<Box<SliceTamper<'static, i64>>> {
+        let kind = match deniably {
+            false => CheatKind::ForgeGather,
+            true => CheatKind::ForgeGatherDeniably,
+        };
+        self.strikes(kind, GATHER_SALT, window)
             .then(|| Box::new(|_: usize, slice: &mut [i64]| Cheater::collude(slice)) as _)
     }
 

@@ -1088,13 +1088,15 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             } else {
                 let copies = copies.min(group.size());
                 let tamper = self.conduct.slice_tamper(window, group.members(), copies);
-                let forge = self.conduct.handed_tamper(window);
+                let forge = self.conduct.handed_tamper(window, false);
+                let deny = self.conduct.handed_tamper(window, true);
                 let handing = Handing {
                     signing: Some(Signing {
                         own: &self.key,
                         keys: &keys,
                     }),
                     tamper: forge.as_deref(),
+                    deniable: deny.as_deref(),
                 };
                 let members = group.members();
                 let held = self.device.site_all_reduce(
@@ -1133,13 +1135,28 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 }
             }
             // A peer gone, or one that sent what the protocol does not
-            // allow (a slice other than the agreed copy, unproved): the
-            // orchestrator sees who is alive and closes again.
+            // allow: the orchestrator sees who is alive and closes again.
+            // A slice handed out wrong without proof is disputed, naming
+            // its owner as the job numbers it.
+            Err(CollectiveError::UnprovedSlice { rank, slice }) => {
+                let owner = group.members().get(rank).copied();
+                Report::ReduceFailed {
+                    window,
+                    attempt,
+                    reason: format!(
+                        "rank {} handed out slice {slice} other than the copy its holders \
+                         agreed on, and no signature proves it",
+                        owner.unwrap_or(rank)
+                    ),
+                    disputed: owner,
+                }
+            }
             Err(e @ (CollectiveError::PeerLost { .. } | CollectiveError::Protocol { .. })) => {
                 Report::ReduceFailed {
                     window,
                     attempt,
                     reason: e.to_string(),
+                    disputed: None,
                 }
             }
             Err(e) => return Err(e.into()),

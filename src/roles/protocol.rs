@@ -530,6 +530,11 @@ pub enum Report {
         window: u64,
         attempt: u32,
         reason: String,
+        /// The miner that handed this one a slice other than the agreed
+        /// copy, where no signature proves it: a dispute, one's word
+        /// against the other's.
+        #[serde(default)]
+        disputed: Option<usize>,
     },
     /// The step is applied; `digest` and `optimizer` are the digests of
     /// the new weights and optimizer state; `checkpoint` is the stage file

@@ -35,6 +35,12 @@ use crate::roles::train::{
 use super::liveness::Liveness;
 use super::StartPoint;
 
+/// Closes of one window in which a miner says the same owner handed it a
+/// slice other than the agreed copy, with no signature to settle it,
+/// before both leave: once may be a fault of the moment, twice is a
+/// dispute the window cannot close with.
+const DISPUTED_CLOSES: u32 = 2;
+
 /// What the orchestrator hears.
 #[derive(Debug)]
 pub enum Input {
@@ -219,6 +225,9 @@ pub(super) struct WindowState {
     pub recomputed: u64,
     /// Checks each miner failed, and its stage.
     pub failed: BTreeMap<usize, (usize, u64)>,
+    /// Slices handed out wrong without proof, as (the miner that says so,
+    /// the owner it names), and how many closes said it: all attempts.
+    pub disputes: BTreeMap<(usize, usize), u32>,
     /// Seconds validators spent replaying.
     pub replay_s: f64,
     /// The longest deadline a miner gave a close all-reduce.
@@ -554,6 +563,7 @@ impl<'a> Coordinator<'a> {
             wrong: 0,
             recomputed: 0,
             failed: BTreeMap::new(),
+            disputes: BTreeMap::new(),
             replay_s: 0.0,
             close_deadline_s: 0.0,
             wait_s: 0.0,
@@ -809,7 +819,11 @@ impl<'a> Coordinator<'a> {
                     window: rw,
                     attempt: ra,
                     reason,
+                    disputed,
                 } if (rw, ra) == (window, attempt) && waiting.remove(&from) => {
+                    if let Some(owner) = disputed {
+                        *w.disputes.entry((from, owner)).or_default() += 1;
+                    }
                     failure.get_or_insert((from, reason));
                 }
                 _ => {}
@@ -981,6 +995,35 @@ impl<'a> Coordinator<'a> {
             unreachable!("finish_close runs in Closing")
         };
         let window = self.window.as_ref().expect("a window runs").window;
+        let repeated = self.window.as_ref().and_then(|w| {
+            w.disputes
+                .iter()
+                .find(|(_, &closes)| closes >= DISPUTED_CLOSES)
+                .map(|(&pair, _)| pair)
+        });
+        if let Some((said, owner)) = repeated {
+            if let Some(w) = self.window.as_mut() {
+                // Their other disputes leave with them.
+                w.disputes
+                    .retain(|&(a, b), _| ![a, b].iter().any(|r| [said, owner].contains(r)));
+            }
+            // One of the two lies and nothing shows which: both leave,
+            // neither blamed (no failed check, their credits stand), so
+            // that the window can close.
+            let why = format!(
+                "rank {said} said, in {DISPUTED_CLOSES} closes of window {window}, that rank \
+                 {owner} handed it a slice of the all-reduce other than the copy agreed on, \
+                 and no signature settles it"
+            );
+            for rank in [said, owner] {
+                if self.miners.contains_key(&rank) {
+                    self.send_stop(rank);
+                    self.lose(rank, Happened::Excluded, &format!("{why}; both leave"));
+                }
+            }
+            self.liveness.suspect();
+            return self.redo_without(&[said, owner]);
+        }
         if let Some((rank, reason)) = failure {
             // The all-reduce blamed a peer that is still connected: stopped
             // or merely slow. Everyone is pinged now, so a stopped one is
