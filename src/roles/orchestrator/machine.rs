@@ -995,31 +995,28 @@ impl<'a> Coordinator<'a> {
             unreachable!("finish_close runs in Closing")
         };
         let window = self.window.as_ref().expect("a window runs").window;
+        // A dispute between two miners still in the job, said again.
         let repeated = self.window.as_ref().and_then(|w| {
+            let both_in = |(said, owner): &(usize, usize)| {
+                self.miners.contains_key(said) && self.miners.contains_key(owner)
+            };
             w.disputes
                 .iter()
-                .find(|(_, &closes)| closes >= DISPUTED_CLOSES)
+                .find(|(pair, &closes)| closes >= DISPUTED_CLOSES && both_in(pair))
                 .map(|(&pair, _)| pair)
         });
         if let Some((said, owner)) = repeated {
-            if let Some(w) = self.window.as_mut() {
-                // Their other disputes leave with them.
-                w.disputes
-                    .retain(|&(a, b), _| ![a, b].iter().any(|r| [said, owner].contains(r)));
-            }
             // One of the two lies and nothing shows which: both leave,
-            // neither blamed (no failed check, their credits stand), so
-            // that the window can close.
+            // neither blamed (no failed check: what they earned in earlier
+            // windows stands), so that the window can close.
             let why = format!(
                 "rank {said} said, in {DISPUTED_CLOSES} closes of window {window}, that rank \
                  {owner} handed it a slice of the all-reduce other than the copy agreed on, \
                  and no signature settles it"
             );
             for rank in [said, owner] {
-                if self.miners.contains_key(&rank) {
-                    self.send_stop(rank);
-                    self.lose(rank, Happened::Excluded, &format!("{why}; both leave"));
-                }
+                self.send_stop(rank);
+                self.lose(rank, Happened::Excluded, &format!("{why}; both leave"));
             }
             self.liveness.suspect();
             return self.redo_without(&[said, owner]);

@@ -238,7 +238,7 @@ impl ShmTransport {
         let piece = |k: usize| k * chunk..len.min((k + 1) * chunk);
         let mut state = lock(&self.collective);
         self.publish_descriptor(&mut state, buf.len(), elem_size);
-        if len <= WHOLE_REDUCE_BYTES.min(chunk) {
+        if self.reduces_whole(len) {
             return self.reduce_whole(&mut state, input, buf, combine);
         }
         let first = state.phase;
@@ -274,6 +274,14 @@ impl ShmTransport {
         }
         state.phase = first + chunks as u64;
         Ok(())
+    }
+
+    /// Whether an all-reduce of `len` bytes takes the one-barrier path: the
+    /// one decision both entries (a buffer of the caller's, a
+    /// [`SharedBuffer`]) make, so that ranks calling either for the same
+    /// operation meet at the same barriers.
+    fn reduces_whole(&self, len: usize) -> bool {
+        len <= WHOLE_REDUCE_BYTES.min(self.opts.chunk_bytes)
     }
 
     /// The whole all-reduce of a buffer of at most one chunk, after one
@@ -511,7 +519,7 @@ impl<'a> SharedBuffer<'a> {
         if transport.size > 1 {
             let state = &mut *self.state;
             transport.publish_descriptor(state, self.len, elem_size);
-            if self.len <= WHOLE_REDUCE_BYTES {
+            if transport.reduces_whole(self.len) {
                 let mut own = vec![0; self.len];
                 transport.fold_whole(state, &mut own, combine)?;
                 return Ok(Reduced {
