@@ -74,7 +74,7 @@
 //!
 //! # Waiting and lost peers
 //!
-//! Waiters spin briefly, yield, then sleep on a futex in the segment (see
+//! Waiters yield a few times, then sleep on a futex in the segment (see
 //! the `futex` module for why: four ranks on two cores cannot afford to
 //! spin). Sleeps last at most [`CHECK_PERIOD`], after which the waiter checks
 //! that the peer it waits for is alive (pid and start time, zombies count as
