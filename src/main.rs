@@ -791,20 +791,21 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
     // line says which rank and role it came from.
     let _rank = tracing::info_span!("rank", rank = joined.world.rank, role = %me.role).entered();
     tracing::info!(
-        "rank {}/{} on {} (pid {}, site {}, {}): rendezvous done {:.1} ms after start",
+        "rank {}/{} on {} (pid {}, site {}, {}, {}): rendezvous done {:.1} ms after start",
         joined.world.rank,
         joined.world.size,
         joined.world.me().host,
         std::process::id(),
         me.site,
         joined.launcher,
+        compute_threads(),
         joined.startup.as_secs_f64() * 1e3
     );
     if bind::report_requested() {
         tracing::warn!("{}", bind::report_line(joined.binding.as_ref()));
     }
     inject_planned_fault(spec, joined.world.rank);
-    let result = match spec.job.task {
+    let result = on_compute_thread(|| match spec.job.task {
         Task::Hello => run_hello(spec, &joined),
         Task::Train => {
             // torchrun's restarts rerun the script, which loads its own
@@ -813,11 +814,50 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
             run_train(spec, job, &joined, resume || restarted)
         }
         Task::BenchAllreduce => run_bench_allreduce(spec, &joined),
-    };
+    });
     if let Err(e) = &result {
         exit_for(e);
     }
     result
+}
+
+/// "N compute threads": how many threads this process's matmuls and
+/// elementwise loops use (candle reads `RAYON_NUM_THREADS`, else counts the
+/// cores).
+fn compute_threads() -> String {
+    match candle_core::utils::get_num_threads() {
+        1 => "1 compute thread".to_string(),
+        n => format!("{n} compute threads"),
+    }
+}
+
+/// Runs a rank's task. With one compute thread (`RAYON_NUM_THREADS=1`, as
+/// `swarmrun launch` sets for ranks sharing a host) it runs on the thread of
+/// a one-thread rayon pool, so that candle's parallel loops and ours run
+/// inline: called from outside, each would be handed to a pool thread and
+/// back, two context switches per op and hundreds of ops per pass.
+fn on_compute_thread<R: Send>(task: impl FnOnce() -> R + Send) -> R {
+    if candle_core::utils::get_num_threads() != 1 {
+        return task();
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(|_| "swarmrun-compute".to_string())
+        // As much as the main thread had: the task used to run there.
+        .stack_size(8 << 20)
+        .build();
+    match pool {
+        Ok(pool) => {
+            let span = tracing::Span::current();
+            pool.install(|| span.in_scope(task))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot start this rank's compute thread ({e}); computing on the main thread"
+            );
+            task()
+        }
+    }
 }
 
 /// Reports a rank's error and exits, while its transport is still open:

@@ -48,8 +48,23 @@ pub enum StartError {
 /// failure, the cause, in preference to this one.
 pub const PEER_LOST_STATUS: i32 = 75;
 
-/// candle's thread count for one process.
-const CANDLE_THREADS: &str = "CANDLE_NUM_THREADS";
+/// The variables that size a process's compute threads: candle's
+/// elementwise pool, and rayon's pool, from which candle also takes the
+/// thread count of its matmuls.
+const THREAD_COUNTS: [&str; 2] = ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"];
+
+/// As torchrun sets OMP_NUM_THREADS=1: when several ranks share a host's
+/// cores, each computes on one thread, since thread pools per rank only make
+/// ranks fight (candle's elementwise pool spins between ops, and a matmul
+/// split over two threads hands each piece to a pool thread and back). A
+/// setting of the user's own wins.
+fn one_compute_thread(env: &mut Vec<(String, String)>) {
+    for name in THREAD_COUNTS {
+        if std::env::var_os(name).is_none() {
+            env.push((name.to_string(), "1".to_string()));
+        }
+    }
+}
 
 /// A port on `host` that nobody listens on now, for a rank to bind a
 /// moment later. It is drawn at random below the kernel's ephemeral range:
@@ -114,8 +129,8 @@ pub fn start_joiners(spec: &JobSpec, req: &JoinRequest) -> Result<Outcome, Start
     }
     let n = req.nprocs.max(1);
     let mut env = Vec::new();
-    if n > 1 && std::env::var_os(CANDLE_THREADS).is_none() {
-        env.push((CANDLE_THREADS.to_string(), "1".to_string()));
+    if n > 1 {
+        one_compute_thread(&mut env);
     }
     let opts = LaunchOptions {
         exe: std::env::current_exe().map_err(StartError::Exe)?,
@@ -216,12 +231,8 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
             if std::env::var_os(rank::ENV_LAUNCH_T0_US).is_none() {
                 env.push((rank::ENV_LAUNCH_T0_US.to_string(), now_us.to_string()));
             }
-            // As torchrun sets OMP_NUM_THREADS=1: several ranks share this
-            // host's cores, and candle's elementwise pool spins between ops,
-            // so a thread pool per rank only makes ranks fight. The user's
-            // own setting wins.
-            if plan.ranks.len() > 1 && std::env::var_os(CANDLE_THREADS).is_none() {
-                env.push((CANDLE_THREADS.to_string(), "1".to_string()));
+            if plan.ranks.len() > 1 {
+                one_compute_thread(&mut env);
             }
             env
         },
