@@ -358,6 +358,7 @@ fn parse_algorithm(s: &str) -> Result<config::AllReduceChoice, String> {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     // The ranks a launcher starts log as it does.
     std::env::set_var(swarmrun::logging::FORMAT_ENV, cli.log_format.name());
@@ -828,6 +829,26 @@ fn compute_threads() -> String {
     match candle_core::utils::get_num_threads() {
         1 => "1 compute thread".to_string(),
         n => format!("{n} compute threads"),
+    }
+}
+
+/// Has glibc keep memory this process frees for its next allocations
+/// instead of handing it back to the kernel at once. A transport allocates
+/// a buffer per message and candle one per op, up to megabytes each and
+/// thousands of times a second; by default glibc unmaps a freed block above
+/// its mmap threshold (128 KiB until it adapts) and trims the heap top, so
+/// the next allocation faults its pages in again, zeroed by the kernel.
+/// Measured on 2 cores (`perf stat`, `bench allreduce -n 4 --transport tcp
+/// --min 64M --max 64M --iters 10`): 4x fewer page faults, 7-19% less CPU.
+/// A process keeps at most 64 MiB free at a heap's top; blocks from 32 MiB
+/// up are still mapped and unmapped one by one.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters, and runs before this
+    // process starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }
 
