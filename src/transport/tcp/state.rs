@@ -116,6 +116,11 @@ impl Inbox {
     }
 }
 
+/// How often a receiver gives its core away before sleeping on its inbox:
+/// a small message is often microseconds away, and the reader thread that
+/// will file it may be waiting for this very core.
+const YIELDS_BEFORE_SLEEP: u32 = 16;
+
 /// Why a link went down.
 pub(super) enum Loss {
     /// The peer said goodbye. Every job ends this way, so it is not logged.
@@ -418,6 +423,7 @@ impl Shared {
     ) -> Option<R> {
         let peer = self.peer(src).ok()?;
         let mut inbox = lock(&peer.inbox);
+        let mut yields = 0;
         loop {
             if let Some(result) = ready(&mut inbox) {
                 return Some(result);
@@ -425,6 +431,13 @@ impl Shared {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
+            }
+            if yields < YIELDS_BEFORE_SLEEP {
+                drop(inbox);
+                std::thread::yield_now();
+                yields += 1;
+                inbox = lock(&peer.inbox);
+                continue;
             }
             inbox = peer
                 .changed
