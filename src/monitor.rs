@@ -2,15 +2,19 @@
 //! exposition at `/metrics`, the live status page at `/` and its data at
 //! `/status.json`.
 //!
-//! The server is deliberately small: one thread, one request per
-//! connection, `GET` of those three paths and nothing else, each client
-//! given a few seconds. What it serves is rendered by the orchestrator's
-//! thread after each window or event and replaced whole, so a scrape
-//! never mixes two windows and a slow client never holds up training.
+//! The server is deliberately small: one request per connection, `GET` of
+//! those three paths and nothing else, each client given a few seconds on
+//! a thread of its own, at most [`MAX_CLIENTS`] at once (more wait to be
+//! accepted). A thread per client because a connection that sends nothing (a
+//! browser's speculative preconnect, a port scan) would otherwise hold
+//! every scrape and page load behind it for its whole timeout. What it
+//! serves is rendered by the orchestrator's thread after each window or
+//! event and replaced whole, so a scrape never mixes two windows and a
+//! slow client never holds up training.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -25,6 +29,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 /// The longest request read; anything longer is not a GET of ours.
 const MAX_REQUEST: usize = 8 * 1024;
+/// Clients answered at once; more wait in the listen queue.
+const MAX_CLIENTS: usize = 16;
 
 /// What the listener serves, rendered ahead of any request.
 #[derive(Debug, Default)]
@@ -46,6 +52,11 @@ pub struct Monitor {
 impl Monitor {
     /// Listens on `addr` and serves `board` (with no window yet) from now on.
     pub fn serve(addr: &str, board: StatusBoard) -> io::Result<Monitor> {
+        Self::serve_with(addr, board, CLIENT_TIMEOUT)
+    }
+
+    /// [`Monitor::serve`], each client given `client_timeout`.
+    fn serve_with(addr: &str, board: StatusBoard, client_timeout: Duration) -> io::Result<Monitor> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -55,7 +66,7 @@ impl Monitor {
             let (rendered, stop) = (Arc::clone(&rendered), Arc::clone(&stop));
             thread::Builder::new()
                 .name("swarmrun-monitor".into())
-                .spawn(move || accept_loop(&listener, &rendered, &stop))?
+                .spawn(move || accept_loop(&listener, &rendered, &stop, client_timeout))?
         };
         let mut monitor = Monitor {
             addr,
@@ -107,23 +118,44 @@ impl Drop for Monitor {
     }
 }
 
-fn accept_loop(listener: &TcpListener, rendered: &Mutex<Rendered>, stop: &AtomicBool) {
+fn accept_loop(
+    listener: &TcpListener,
+    rendered: &Arc<Mutex<Rendered>>,
+    stop: &AtomicBool,
+    client_timeout: Duration,
+) {
+    let clients = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            // A client that misbehaves costs itself its answer, nothing more.
-            Ok((stream, _)) => {
-                let _ = answer(stream, rendered);
-            }
-            Err(_) => thread::sleep(ACCEPT_POLL),
+        // At the limit, newcomers wait in the listen queue until a client
+        // is done or times out.
+        if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+            thread::sleep(ACCEPT_POLL);
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            thread::sleep(ACCEPT_POLL);
+            continue;
+        };
+        clients.fetch_add(1, Ordering::SeqCst);
+        let (rendered, left) = (Arc::clone(rendered), Arc::clone(&clients));
+        let spawned = thread::Builder::new()
+            .name("swarmrun-monitor-client".into())
+            .spawn(move || {
+                // A client that misbehaves costs itself its answer, nothing more.
+                let _ = answer(stream, &rendered, client_timeout);
+                left.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            clients.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
 /// Reads one request and answers it.
-fn answer(mut stream: TcpStream, rendered: &Mutex<Rendered>) -> io::Result<()> {
+fn answer(mut stream: TcpStream, rendered: &Mutex<Rendered>, timeout: Duration) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
@@ -168,6 +200,9 @@ mod tests {
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
+        // Far longer than any answer takes; only a server stuck behind
+        // another client runs into it.
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
@@ -197,5 +232,57 @@ mod tests {
         let _ = junk.read_to_string(&mut reply);
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
         assert!(get(m.local_addr(), "/metrics").contains("swarmrun_windows_total 0"));
+    }
+
+    #[test]
+    fn a_client_that_sends_nothing_holds_up_no_other() {
+        // Silent clients would hold a one-at-a-time server for an hour each.
+        let m = Monitor::serve_with(
+            "127.0.0.1:0",
+            StatusBoard::new("job", 2, 5),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let silent: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(m.local_addr()).unwrap())
+            .collect();
+        let metrics = get(m.local_addr(), "/metrics");
+        assert!(metrics.contains("swarmrun_windows_total 0"), "{metrics}");
+        drop(silent);
+    }
+
+    #[test]
+    fn clients_past_the_limit_wait_until_one_is_done() {
+        let m = Monitor::serve_with(
+            "127.0.0.1:0",
+            StatusBoard::new("job", 2, 5),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let mut silent: Vec<TcpStream> = (0..MAX_CLIENTS)
+            .map(|_| TcpStream::connect(m.local_addr()).unwrap())
+            .collect();
+        let mut waiting = TcpStream::connect(m.local_addr()).unwrap();
+        write!(waiting, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // While every place is taken, no answer can come (however long
+        // this looks).
+        waiting
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let early = waiting.read(&mut byte);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut),
+            "answered past the limit: {early:?}"
+        );
+        // A silent client hangs up; its place goes to the one waiting.
+        drop(silent.pop());
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut answer = String::new();
+        waiting.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("swarmrun_windows_total 0"), "{answer}");
     }
 }
