@@ -234,18 +234,25 @@ mod tests {
         assert!(get(m.local_addr(), "/metrics").contains("swarmrun_windows_total 0"));
     }
 
-    #[test]
-    fn a_client_that_sends_nothing_holds_up_no_other() {
-        // Silent clients would hold a one-at-a-time server for an hour each.
+    /// A monitor giving each client an hour, and `n` clients connected to
+    /// it that send nothing.
+    fn with_silent_clients(n: usize) -> (Monitor, Vec<TcpStream>) {
         let m = Monitor::serve_with(
             "127.0.0.1:0",
             StatusBoard::new("job", 2, 5),
             Duration::from_secs(3600),
         )
         .unwrap();
-        let silent: Vec<TcpStream> = (0..3)
+        let silent = (0..n)
             .map(|_| TcpStream::connect(m.local_addr()).unwrap())
             .collect();
+        (m, silent)
+    }
+
+    #[test]
+    fn a_client_that_sends_nothing_holds_up_no_other() {
+        // Each would hold a one-at-a-time server for its hour.
+        let (m, silent) = with_silent_clients(3);
         let metrics = get(m.local_addr(), "/metrics");
         assert!(metrics.contains("swarmrun_windows_total 0"), "{metrics}");
         drop(silent);
@@ -253,15 +260,7 @@ mod tests {
 
     #[test]
     fn clients_past_the_limit_wait_until_one_is_done() {
-        let m = Monitor::serve_with(
-            "127.0.0.1:0",
-            StatusBoard::new("job", 2, 5),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-        let mut silent: Vec<TcpStream> = (0..MAX_CLIENTS)
-            .map(|_| TcpStream::connect(m.local_addr()).unwrap())
-            .collect();
+        let (m, mut silent) = with_silent_clients(MAX_CLIENTS);
         let mut waiting = TcpStream::connect(m.local_addr()).unwrap();
         write!(waiting, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         // While every place is taken, no answer can come (however long

@@ -66,47 +66,32 @@ fn every_output_line_is_whole_and_prefixed_with_rank_and_role() {
     assert!(stdout(&out).lines().any(|l| l.starts_with("[r0 orch] ")));
 }
 
-/// Each rank's start-up line, "rank i/n on HOST (..., N compute threads)".
-fn start_lines(out: &std::process::Output) -> Vec<String> {
-    stdout(out)
+/// Launches the hello job on 2 ranks with `env` set, and checks that each
+/// rank's start-up line, "rank i/n on HOST (..., N compute threads)", says
+/// `threads`.
+fn assert_compute_threads(env: &[(&str, &str)], threads: &str) {
+    let out = swarmrun()
+        .args(["launch", "-n", "2", "--rdzv", "tcp://127.0.0.1:0"])
+        .arg(repo_file("configs/hello.toml"))
+        .envs(env.iter().copied())
+        .output()
+        .expect("run swarmrun launch");
+    assert_hello_ran(&out, 2);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(" compute thread"))
-        .map(str::to_string)
-        .collect()
+        .collect();
+    assert_eq!(lines.len(), 2, "one start-up line per rank:\n{text}");
+    for line in lines {
+        assert!(line.contains(&format!(", {threads})")), "{line}");
+    }
 }
 
 #[test]
 fn ranks_sharing_a_host_compute_on_one_thread_each_unless_the_user_says_otherwise() {
-    let out = launch_hello(2, "tcp://127.0.0.1:0");
-    assert_hello_ran(&out, 2);
-    let lines = start_lines(&out);
-    assert_eq!(
-        lines.len(),
-        2,
-        "one start-up line per rank:\n{}",
-        stdout(&out)
-    );
-    for line in &lines {
-        assert!(line.contains(", 1 compute thread)"), "{line}");
-    }
-
-    let out = swarmrun()
-        .args(["launch", "-n", "2", "--rdzv", "tcp://127.0.0.1:0"])
-        .arg(repo_file("configs/hello.toml"))
-        .env("RAYON_NUM_THREADS", "3")
-        .output()
-        .expect("run swarmrun launch");
-    assert_hello_ran(&out, 2);
-    let lines = start_lines(&out);
-    assert_eq!(
-        lines.len(),
-        2,
-        "one start-up line per rank:\n{}",
-        stdout(&out)
-    );
-    for line in &lines {
-        assert!(line.contains(", 3 compute threads)"), "{line}");
-    }
+    assert_compute_threads(&[], "1 compute thread");
+    assert_compute_threads(&[("RAYON_NUM_THREADS", "3")], "3 compute threads");
 }
 
 #[test]
