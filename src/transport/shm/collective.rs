@@ -58,11 +58,12 @@ use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 use std::time::Instant;
 
-use super::futex::{self, Backoff};
+use super::futex;
 use super::p2p::{lock, ShmTransport};
 use super::segment::SETS;
 use super::{CHECK_PERIOD, CONTROL_TAG};
 use crate::data::rng::splitmix64;
+use crate::transport::backoff::Backoff;
 use crate::transport::TransportError;
 
 /// Largest buffer that every rank reduces whole, after one barrier (see

@@ -5,7 +5,7 @@
 //! from the very peer it waits for, and a fixed `sleep` adds its whole
 //! granularity (tens of microseconds at best) to every wake-up. A futex wait
 //! gives the core away and is woken within microseconds. Waiters still yield
-//! a few times first (see [`Backoff`]), because a message is often already
+//! a few times first (see [`crate::transport::backoff::Backoff`]), because a message is often already
 //! on its way, and they always sleep with a timeout so that a peer
 //! that died (and will never wake them) is noticed.
 //!
@@ -114,44 +114,5 @@ impl Drop for Ticket<'_> {
         // only makes ringers wake needlessly or, until our timeout, not at
         // all).
         self.bell.waiters.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// How a waiter spends the first moments before sleeping: a few
-/// `yield_now`s (a message is often microseconds away, and a yield lets the
-/// peer that will send it run if it shares our core), then futex sleeps.
-///
-/// Why no busy spinning first: with four ranks on two cores the peer we
-/// wait for is often runnable but without a core, and every `pause` spent
-/// spinning keeps it off ours. Measured with `bench allreduce -n 4 --transport
-/// shm` on two cores, 16 rounds of exponential `pause` spinning before the
-/// yields made a 1 KiB all-reduce take 21-25 us; yielding at once, 4-5 us.
-/// Where cores are plenty a yield with nothing else to run returns at once,
-/// so it costs no more than a spin check.
-pub(crate) struct Backoff {
-    round: u32,
-}
-
-impl Backoff {
-    const YIELDS: u32 = 16;
-
-    pub(crate) fn new() -> Self {
-        Self { round: 0 }
-    }
-
-    /// True once the yields are used up and the caller should sleep on a
-    /// futex instead of calling [`Backoff::snooze`].
-    pub(crate) fn should_sleep(&self) -> bool {
-        self.round >= Self::YIELDS
-    }
-
-    pub(crate) fn snooze(&mut self) {
-        std::thread::yield_now();
-        self.round += 1;
-    }
-
-    /// Back to yielding after progress.
-    pub(crate) fn reset(&mut self) {
-        self.round = 0;
     }
 }

@@ -8,12 +8,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Instant;
 
 use super::collective::CollectiveState;
-use super::futex::{self, Backoff, Doorbell};
+use super::futex::{self, Doorbell};
 use super::join;
 use super::liveness::ProcessId;
 use super::ring::{self, RxState, TxState};
 use super::segment::{Segment, SegmentLayout};
 use super::{ShmOptions, CHECK_PERIOD, SLOT_LEFT};
+use crate::transport::backoff::Backoff;
 use crate::transport::{Transport, TransportError};
 
 /// The ranks of one host, talking through one shared-memory segment.

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::lanes::Stripes;
 use super::TcpOptions;
+use crate::transport::backoff::Backoff;
 use crate::transport::TransportError;
 use crate::wire::{
     Assembled, Assembly, AuthStream, FrameReader, FrameWriter, Hello, JobKey, StreamOptions,
@@ -115,11 +116,6 @@ impl Inbox {
         }
     }
 }
-
-/// How often a receiver gives its core away before sleeping on its inbox:
-/// a small message is often microseconds away, and the reader thread that
-/// will file it may be waiting for this very core.
-const YIELDS_BEFORE_SLEEP: u32 = 16;
 
 /// Why a link went down.
 pub(super) enum Loss {
@@ -423,7 +419,7 @@ impl Shared {
     ) -> Option<R> {
         let peer = self.peer(src).ok()?;
         let mut inbox = lock(&peer.inbox);
-        let mut yields = 0;
+        let mut backoff = Backoff::new();
         loop {
             if let Some(result) = ready(&mut inbox) {
                 return Some(result);
@@ -432,10 +428,9 @@ impl Shared {
             if left.is_zero() {
                 return None;
             }
-            if yields < YIELDS_BEFORE_SLEEP {
+            if !backoff.should_sleep() {
                 drop(inbox);
-                std::thread::yield_now();
-                yields += 1;
+                backoff.snooze();
                 inbox = lock(&peer.inbox);
                 continue;
             }
