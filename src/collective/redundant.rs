@@ -9,7 +9,10 @@
 //!
 //! Once the copies agree, each owner hands its slice straight to every
 //! rank, and every rank checks each slice it receives against the digest
-//! its holders agreed on. In a [`Signing`] call each owner first signs a
+//! its holders agreed on. Where every rank holds every slice (`copies` =
+//! world size, as with two miners a stage and the default two copies),
+//! each keeps its own copies instead: nothing is handed out, which saves
+//! the hand-out's traffic and leaves a forger nothing to forge. In a [`Signing`] call each owner first signs a
 //! statement of what it hands out (one Ed25519 signature per call), so a
 //! rank handed a wrong slice holds its owner's own signature of the
 //! wrong digest: a proof ([`WrongSlice`]) anyone with the owner's key can
@@ -290,7 +293,13 @@ pub fn all_reduce_redundant_moved<T: Transport + ?Sized, E: Element, M: SliceMov
         let mismatch = first_mismatch(&table, n, copies)
             .map(|(slice, ranks)| (slice, ranks.into_iter().map(|r| c.outer(r)).collect()));
         let mut wrong = Vec::new();
-        if mismatch.is_none() {
+        if mismatch.is_none() && copies == n {
+            // Every rank reduced every slice and every copy agrees: each
+            // keeps its own, and nobody's hand-out needs trusting.
+            for (&j, slice) in held.iter().zip(&reduced) {
+                buf[part.range(j)].copy_from_slice(slice);
+            }
+        } else if mismatch.is_none() {
             let own = held.iter().position(|&j| j == rank).unwrap_or_default();
             buf[part.range(rank)].copy_from_slice(&reduced[own]);
             if let Some(tamper) = handing.tamper {
