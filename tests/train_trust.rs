@@ -310,6 +310,28 @@ fn a_miner_honest_at_first_is_caught_once_it_cheats_and_loses_the_windows_before
 }
 
 #[test]
+fn a_miner_skipping_a_few_passes_is_caught_by_its_gradient_maxima_without_random_replays() {
+    // No uniform draw (replay_rate 0): only passes whose stated maxima
+    // stand out from their stage's are replayed. 3 miners a stage, so
+    // rank 2's passes are a third of stage 0's.
+    let dir = tempfile::tempdir().unwrap();
+    let cheat = "\n[[faults.cheat]]\nrank = 2\nkind = \"skip_compute\"\nprobability = 0.3\n";
+    let job = sized_train_job(dir.path(), "skip", 2, 8, 4, cheat);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("validators = 1\n", "validators = 1\nreplay_rate = 0.0\n");
+    std::fs::write(&job, text).unwrap();
+    let (lines, err) = run(&job);
+    let caught_in = lines
+        .iter()
+        .position(|l| caught(l) == "[2]")
+        .unwrap_or_else(|| panic!("never caught: {lines:?}\n{err}"));
+    for (w, l) in lines.iter().enumerate().filter(|&(w, _)| w != caught_in) {
+        assert_eq!(caught(l), "[]", "window {w}: {l}");
+    }
+}
+
+#[test]
 fn a_miner_handing_out_a_wrong_slice_is_named_by_its_own_signature_and_excluded() {
     let dir = tempfile::tempdir().unwrap();
     // 6 miners: ranks 2, 4, 6 serve stage 0, so each slice has 2 of the 3

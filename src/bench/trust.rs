@@ -22,12 +22,13 @@ use crate::ledger::{self, LedgerError, WindowRecord};
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them, each
 /// with the window it starts cheating in (`from_window`: honest before,
 /// a clean record first).
-const KINDS: [(&str, u64); 11] = [
+const KINDS: [(&str, u64); 12] = [
     ("random_grad", 0),
     ("guess_unaudited", 0),
     ("skip_compute", 0),
     ("replay_stale", 0),
     ("scale_update", 0),
+    ("flip_grad", 0),
     ("scale_contribution", 0),
     ("nudge_contribution", 0),
     ("collude", 0),

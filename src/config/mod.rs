@@ -261,6 +261,11 @@ pub struct RolesSpec {
     /// miners cannot predict. Default 0.05: a replay costs what the pass
     /// cost, so validators spend about 5% of the miners' compute.
     pub replay_rate: f64,
+    /// Besides that draw, how many of a miner's passes a window are
+    /// replayed because their stated gradient maxima stand out from the
+    /// other passes of their stage (random, zero, scaled or repeated
+    /// gradients do; honest passes almost never). Default 2; 0 turns it off.
+    pub suspect_replays: u32,
     /// How many miners of a stage reduce each slice of its all-reduce
     /// (capped at the stage's miners), straight from the contributions, so
     /// that a lone miner cannot change the update unseen. Default 2.
@@ -284,6 +289,7 @@ impl Default for RolesSpec {
         RolesSpec {
             validators: 0,
             replay_rate: 0.05,
+            suspect_replays: 2,
             slice_copies: 2,
             slice_audit_rate: 1.0,
             standby: 0,
@@ -459,6 +465,10 @@ pub enum CheatKind {
     ReplayStale,
     /// Its parameter gradients times 10, to pull the model its way.
     ScaleUpdate,
+    /// Its parameter gradients negated, to push the model uphill: every
+    /// magnitude, so every stated gradient maximum, is the honest one,
+    /// and only a replay tells it apart.
+    FlipGrad,
     /// With the other colluders of its stage, doubles every all-reduce
     /// slice two or more of them reduce, so that their copies agree (and
     /// outvote an honest copy where they are the majority); `probability`

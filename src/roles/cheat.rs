@@ -166,6 +166,7 @@ impl Cheater {
                 | CheatKind::SkipCompute
                 | CheatKind::ReplayStale
                 | CheatKind::ScaleUpdate
+                | CheatKind::FlipGrad
         );
         let probability = match self.kind {
             CheatKind::GuessUnaudited => self.guessed_probability(id),
@@ -298,6 +299,10 @@ impl Cheater {
             (CheatKind::ReplayStale, Some(stale)) => stale,
             (CheatKind::ScaleUpdate, _) => PassGrads {
                 params: params.iter().map(|g| g * 10.0).collect(),
+                input,
+            },
+            (CheatKind::FlipGrad, _) => PassGrads {
+                params: params.iter().map(|g| -g).collect(),
                 input,
             },
             (CheatKind::ReplayStale, None)

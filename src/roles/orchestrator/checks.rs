@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::machine::{Closed, Coordinator, Happened, Phase, Stepping, WindowState};
+use super::suspicion;
 use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
 use crate::ledger::Tally;
@@ -137,9 +138,11 @@ impl SliceAudit {
 
 impl Coordinator<'_> {
     /// Has validators replay a random `replay_rate` of the window's passes
-    /// not yet replayed, and every pass whose receipts do not chain with
-    /// its neighbours' (what one stated it sent, the other that it
-    /// received); with nothing to replay, closes at once.
+    /// not yet replayed, up to `suspect_replays` of each miner's passes
+    /// whose stated gradient maxima stand out (see [`suspicion`]), and
+    /// every pass whose receipts do not chain with its neighbours' (what
+    /// one stated it sent, the other that it received); with nothing to
+    /// replay, closes at once.
     pub(super) fn begin_audit(&mut self) -> Result<(), TrainError> {
         if self.validators.is_empty() {
             return self.begin_close();
@@ -175,7 +178,10 @@ impl Coordinator<'_> {
                 }
             }
         }
-        let mut picked: BTreeSet<(u64, usize)> = BTreeSet::new();
+        let mut picked: BTreeSet<(u64, usize)> =
+            suspects(w, &unchecked, self.spec.roles.suspect_replays)
+                .into_iter()
+                .collect();
         for passes in unchecked.values_mut() {
             picked.extend(self.draw(rate, passes));
         }
@@ -697,6 +703,43 @@ impl Coordinator<'_> {
         let k = want.floor() as usize + usize::from(self.draws.unit_open0() <= want.fract());
         k.min(n)
     }
+}
+
+/// Each miner's `limit` unchecked passes that stand out most from their
+/// stage's passes in window `w`, among those past [`suspicion::THRESHOLD`].
+fn suspects(
+    w: &WindowState,
+    unchecked: &BTreeMap<usize, Vec<(u64, usize)>>,
+    limit: u32,
+) -> Vec<(u64, usize)> {
+    if limit == 0 {
+        return Vec::new();
+    }
+    let mut by_stage: BTreeMap<usize, Vec<(u64, &[u32])>> = BTreeMap::new();
+    for (&(id, stage), (_, receipt)) in &w.receipts {
+        by_stage
+            .entry(stage)
+            .or_default()
+            .push((id, &receipt.maxes));
+    }
+    let mut score: BTreeMap<(u64, usize), f64> = BTreeMap::new();
+    for (stage, passes) in by_stage {
+        let maxes: Vec<&[u32]> = passes.iter().map(|&(_, m)| m).collect();
+        for ((id, _), s) in passes.iter().zip(suspicion::scores(&maxes)) {
+            score.insert((*id, stage), s);
+        }
+    }
+    let mut picked = Vec::new();
+    for passes in unchecked.values() {
+        let mut standing_out: Vec<((u64, usize), f64)> = passes
+            .iter()
+            .filter_map(|p| Some((*p, *score.get(p)?)))
+            .filter(|&(_, s)| s >= suspicion::THRESHOLD)
+            .collect();
+        standing_out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        picked.extend(standing_out.iter().take(limit as usize).map(|&(p, _)| p));
+    }
+    picked
 }
 
 /// The ranks of an all-reduce among `ranks` (in its order) that reduce

@@ -13,6 +13,7 @@ mod liveness;
 pub mod machine;
 mod membership;
 pub mod sim;
+mod suspicion;
 #[cfg(test)]
 mod tests;
 

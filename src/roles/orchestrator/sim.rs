@@ -34,6 +34,9 @@ pub struct Script {
     pub join: Option<(u64, Vec<usize>)>,
     /// The validator finds this miner's passes wrong.
     pub cheater: Option<usize>,
+    /// The passes of this microbatch state gradient maxima a thousand
+    /// times their stages'.
+    pub outlier: Option<u64>,
     /// This miner states other weights after stepping.
     pub diverges: Option<usize>,
     /// When the first `Run` of this window arrives, this miner stops (as
@@ -113,6 +116,18 @@ impl Sim {
             stalled: None,
             handed: None,
         }
+    }
+
+    /// The gradient maxima stated for microbatch `id`: near 1, no two
+    /// passes alike, unless the script makes it an outlier.
+    fn maxes(&self, id: u64) -> Vec<u32> {
+        let scale = match self.script.outlier == Some(id) {
+            true => 1000.0,
+            false => 1.0,
+        };
+        (0..3)
+            .map(|j| (scale * (1.0 + ((id * 3 + j) % 97) as f32 / 1000.0)).to_bits())
+            .collect()
     }
 
     /// Runs the job to its end (or the coordinator's error).
@@ -282,7 +297,7 @@ impl Sim {
                                     .then(|| format!("g{}-{}", route.id, stage + 1)),
                                 grad_out: (stage > 0).then(|| format!("g{}-{stage}", route.id)),
                                 params: format!("p{}-{stage}", route.id),
-                                maxes: vec![1.0f32.to_bits(); 3],
+                                maxes: self.maxes(route.id),
                             })
                         });
                         self.report(

@@ -224,6 +224,37 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
     assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
 }
 
+/// The passes, (microbatch, stage), in the `Audit` orders of `window`.
+fn audited(seen: &Seen, window: u64) -> Vec<(u64, usize)> {
+    seen.orders
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Order::Audit {
+                window: w, tasks, ..
+            } if *w == window => Some(tasks.iter().map(|t| (t.id, t.stage))),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn passes_whose_stated_maxima_stand_out_are_replayed_without_a_random_draw() {
+    let script = || Script {
+        outlier: Some(2),
+        ..Script::default()
+    };
+    let (seen, result) = Sim::run(&spec("replay_rate = 0.0"), script());
+    result.unwrap();
+    assert_eq!(audited(&seen, 0), [(2, 0), (2, 1)]);
+    assert!(audited(&seen, 1).is_empty(), "honest maxima draw no replay");
+
+    let off = spec("replay_rate = 0.0\nsuspect_replays = 0");
+    let (seen, result) = Sim::run(&off, script());
+    result.unwrap();
+    assert!(audited(&seen, 0).is_empty());
+}
+
 #[test]
 fn miners_of_one_stage_that_step_to_different_weights_stop_the_run() {
     let spec = spec("");
