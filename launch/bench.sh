@@ -51,7 +51,7 @@ step allreduce allreduce -n 4 --transport "$transports" --min 1K --max 64M
 step compress compress
 step train train --windows 30
 step sched sched
-step trust trust --seeds 10 --probability 0.1
+step trust trust --seeds 20 --probability 0.1
 if [ "$(id -u)" = 0 ]; then
     step wan wan --windows 10
 else
