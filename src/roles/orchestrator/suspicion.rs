@@ -122,11 +122,11 @@ mod tests {
     fn honest(n: usize) -> Vec<Vec<u32>> {
         (0..n)
             .map(|i| {
-                (0..8)
+                (0..8i32)
                     .map(|j| {
                         let phase = (i as f32 * 0.618_034 + j as f32 * 0.414).fract();
                         let wobble = 1.0 + 0.2 * (phase - 0.5);
-                        (2f32.powi(-3 - j as i32) * wobble).to_bits()
+                        (2f32.powi(-3 - j) * wobble).to_bits()
                     })
                     .collect()
             })
