@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::train::*;
 use common::*;
@@ -80,10 +80,11 @@ fn parse(line: &str) -> Line {
 }
 
 /// Launches `job` (restarting it once if a rank the job cannot lose
-/// fails), kills `victim` with SIGKILL `delay` after the orchestrator's
-/// line of window `after`, and waits for the launcher; returns everything
-/// it printed.
-fn run_and_kill(job: &Path, victim: usize, after: u64, delay: Duration) -> String {
+/// fails), kills `victim` with SIGKILL `share` of two windows after the
+/// orchestrator's line of window `after` (a window as long as the mean
+/// between the lines before it), and waits for the launcher; returns
+/// everything it printed and the delay it waited.
+fn run_and_kill(job: &Path, victim: usize, after: u64, share: f64) -> (String, Duration) {
     let mut child: Child = swarmrun()
         .args(["launch", "--max-restarts", "1"])
         .arg(job)
@@ -109,14 +110,20 @@ fn run_and_kill(job: &Path, victim: usize, after: u64, delay: Duration) -> Strin
         .collect();
     drop(tx);
     let (mut pid, mut killed, mut seen) = (None, false, Vec::new());
+    let (mut first_window, mut delay) = (None, Duration::ZERO);
     for line in rx {
         match parse(&line) {
             Line::Pid(rank, p) if rank == victim => pid = Some(p),
-            Line::Window(w) if w == after && !killed => {
-                if let Some(p) = pid {
-                    thread::sleep(delay);
-                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-                    killed = true;
+            Line::Window(w) => {
+                let (first, at) = *first_window.get_or_insert((w, Instant::now()));
+                if w == after && !killed {
+                    if let Some(p) = pid {
+                        let window = at.elapsed() / (w - first).max(1) as u32;
+                        delay = window.mul_f64(2.0 * share);
+                        thread::sleep(delay);
+                        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                        killed = true;
+                    }
                 }
             }
             _ => {}
@@ -128,7 +135,7 @@ fn run_and_kill(job: &Path, victim: usize, after: u64, delay: Duration) -> Strin
     let text = seen.join("\n");
     assert!(status.success(), "{text}");
     assert!(killed, "rank {victim} was never killed:\n{text}");
-    text
+    (text, delay)
 }
 
 /// Every window's credits add up to its passes: none lost, none twice.
@@ -161,12 +168,13 @@ fn kill_trials(
     let mut outputs = Vec::new();
     for trial in 0..trials {
         let victim = victim(&mut draws);
-        let (after, delay) = moment(&mut draws);
+        let (after, share) = moment(&mut draws);
         let job = job(&format!("kill{trial}"));
+        let (out, delay) = run_and_kill(&job, victim, after, share);
         let context = format!(
-            "seed {seed}, trial {trial}: rank {victim} killed {delay:?} after window {after}"
+            "seed {seed}, trial {trial}: rank {victim} killed {delay:?} ({share:.2} of two \
+             windows) after window {after}"
         );
-        let out = run_and_kill(&job, victim, after, delay);
         assert!(out.contains(&said(victim)), "{context}\n{out}");
         assert_eq!(
             losses(&clean),
@@ -179,12 +187,14 @@ fn kill_trials(
     outputs
 }
 
-/// A random moment: a window after which to wait, and how long, so that
-/// the kill lands in one of the next two or three windows (a window of
-/// these jobs takes 30-80 ms on the 2-core VM) and never after the last.
-fn moment(draws: &mut Draws) -> (u64, Duration) {
-    let after = draws.below(WINDOWS - 4);
-    (after, Duration::from_millis(draws.below(100)))
+/// A random moment: a window after whose line to wait, and for what share
+/// of two windows, so that the kill lands in one of the next two windows
+/// (however long a window takes on this host: a fixed delay of up to 100
+/// ms, right when windows took 30-80 ms, landed after the last window once
+/// they took 20) and at least two windows before the last.
+fn moment(draws: &mut Draws) -> (u64, f64) {
+    let after = 1 + draws.below(WINDOWS - 5);
+    (after, draws.below(1000) as f64 / 1000.0)
 }
 
 /// Checkpoints every 2 windows, so that some kills land in a write.
