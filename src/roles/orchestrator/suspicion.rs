@@ -18,7 +18,7 @@
 //! A cheater that states plausible maxima for a wrong gradient is not seen
 //! here; the uniform draw, which stays, is what catches it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// How far a pass's log2 maxima must sit from its stage's medians, as the
 /// root mean square over tensors of the distance in robust spreads, to be
@@ -62,7 +62,7 @@ pub fn scores(maxes: &[&[u32]]) -> Vec<f64> {
             (mid, spread.max(MIN_SPREAD))
         })
         .collect();
-    let mut seen: BTreeMap<&[u32], ()> = BTreeMap::new();
+    let mut seen: BTreeSet<&[u32]> = BTreeSet::new();
     maxes
         .iter()
         .zip(&logs)
@@ -70,7 +70,7 @@ pub fn scores(maxes: &[&[u32]]) -> Vec<f64> {
             let Some(logs) = logs else {
                 return f64::INFINITY;
             };
-            if seen.insert(stated, ()).is_some() {
+            if !seen.insert(stated) {
                 return f64::INFINITY;
             }
             let squares: f64 = logs
