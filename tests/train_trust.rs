@@ -22,19 +22,28 @@ fn checked_job(
         extra += &format!("\n[[faults.cheat]]\nrank = {rank}\nkind = \"{kind}\"\n");
     }
     let job = train_job(dir, name, 2, 6, &extra);
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(
-            "validators = 1\n",
-            &format!("validators = 1\nreplay_rate = {rate}\n"),
-        )
-        .replace("seed = 3\n", &format!("seed = {seed}\n"));
-    std::fs::write(&job, text).unwrap();
+    let replaying = format!("validators = 1\nreplay_rate = {rate}\n");
+    edit(&job, "validators = 1\n", &replaying);
+    edit(&job, "seed = 3\n", &format!("seed = {seed}\n"));
     job
 }
 
 fn caught(line: &str) -> &str {
     field(line, "caught")
+}
+
+/// The window whose line names `rank` caught; none is a failure.
+fn window_catching(lines: &[String], rank: usize, err: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| caught(l) == format!("[{rank}]"))
+        .unwrap_or_else(|| panic!("never caught: {lines:?}\n{err}"))
+}
+
+/// Rewrites `job` with `from` replaced by `to`.
+fn edit(job: &std::path::Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(job).unwrap().replace(from, to);
+    std::fs::write(job, text).unwrap();
 }
 
 #[test]
@@ -279,16 +288,13 @@ fn a_ledger_rewritten_after_the_run_lacks_the_validators_countersignatures() {
 fn a_miner_honest_at_first_is_caught_once_it_cheats_and_loses_the_windows_before() {
     let dir = tempfile::tempdir().unwrap();
     let job = checked_job(dir.path(), "late", 3, 1.0, &[(2, "random_grad")]);
-    let text = std::fs::read_to_string(&job).unwrap().replace(
+    edit(
+        &job,
         "kind = \"random_grad\"\n",
         "kind = \"random_grad\"\nfrom_window = 3\n",
     );
-    std::fs::write(&job, text).unwrap();
     let (lines, err) = run(&job);
-    let caught_in = lines
-        .iter()
-        .position(|l| caught(l) == "[2]")
-        .unwrap_or_else(|| panic!("never caught: {lines:?}\n{err}"));
+    let caught_in = window_catching(&lines, 2, &err);
     assert!((3..=4).contains(&caught_in), "caught in window {caught_in}");
     for l in &lines[..caught_in] {
         assert_eq!(caught(l), "[]", "{l}");
@@ -319,15 +325,13 @@ fn a_miner_skipping_some_passes_is_caught_by_its_gradient_maxima_without_random_
     let dir = tempfile::tempdir().unwrap();
     let cheat = "\n[[faults.cheat]]\nrank = 2\nkind = \"skip_compute\"\nprobability = 0.5\n";
     let job = sized_train_job(dir.path(), "skip", 2, 8, 6, cheat);
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("validators = 1\n", "validators = 1\nreplay_rate = 0.0\n");
-    std::fs::write(&job, text).unwrap();
+    edit(
+        &job,
+        "validators = 1\n",
+        "validators = 1\nreplay_rate = 0.0\n",
+    );
     let (lines, err) = run(&job);
-    let caught_in = lines
-        .iter()
-        .position(|l| caught(l) == "[2]")
-        .unwrap_or_else(|| panic!("never caught: {lines:?}\n{err}"));
+    let caught_in = window_catching(&lines, 2, &err);
     for (w, l) in lines.iter().enumerate().filter(|&(w, _)| w != caught_in) {
         assert_eq!(caught(l), "[]", "window {w}: {l}");
     }
