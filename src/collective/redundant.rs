@@ -12,10 +12,10 @@
 //! its holders agreed on. Where every rank holds every slice (`copies` =
 //! world size, as with two miners a stage and the default two copies),
 //! each keeps its own copies instead: nothing is handed out, which saves
-//! the hand-out's traffic and leaves a forger nothing to forge. In a [`Signing`] call each owner first signs a
-//! statement of what it hands out (one Ed25519 signature per call), so a
-//! rank handed a wrong slice holds its owner's own signature of the
-//! wrong digest: a proof ([`WrongSlice`]) anyone with the owner's key can
+//! the hand-out's traffic and leaves a forger nothing to forge. In a
+//! [`Signing`] call each owner first signs a statement of what it hands out
+//! (one Ed25519 signature per call), so a rank handed a wrong slice holds
+//! its owner's own signature of the wrong digest: a proof ([`WrongSlice`]) anyone with the owner's key can
 //! check, where "it sent me something else" alone would be one rank's
 //! word against another's.
 

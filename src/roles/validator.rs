@@ -249,20 +249,14 @@ impl LoadedWeights {
         weights: &[u8],
         expected: &str,
     ) -> Result<&StageModel, String> {
-        match self.0.entry(stage) {
-            Entry::Occupied(held) if held.get().0 == expected => Ok(&held.into_mut().1),
-            entry => {
-                let model = audit::load_weights(setup, stage, weights, expected, None)?;
-                let held = match entry {
-                    Entry::Occupied(mut held) => {
-                        held.insert((expected.to_string(), model));
-                        held.into_mut()
-                    }
-                    Entry::Vacant(empty) => empty.insert((expected.to_string(), model)),
-                };
-                Ok(&held.1)
-            }
+        if self.0.get(&stage).is_none_or(|(held, _)| held != expected) {
+            let model = audit::load_weights(setup, stage, weights, expected, None)?;
+            self.0.insert(stage, (expected.to_string(), model));
         }
+        self.0
+            .get(&stage)
+            .map(|(_, model)| model)
+            .ok_or_else(|| format!("no weights held for stage {stage}"))
     }
 }
 

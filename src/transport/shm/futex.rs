@@ -5,9 +5,9 @@
 //! from the very peer it waits for, and a fixed `sleep` adds its whole
 //! granularity (tens of microseconds at best) to every wake-up. A futex wait
 //! gives the core away and is woken within microseconds. Waiters still yield
-//! a few times first (see [`crate::transport::backoff::Backoff`]), because a message is often already
-//! on its way, and they always sleep with a timeout so that a peer
-//! that died (and will never wake them) is noticed.
+//! a few times first (see [`crate::transport::backoff::Backoff`]), because a
+//! message is often already on its way, and they always sleep with a
+//! timeout so that a peer that died (and will never wake them) is noticed.
 //!
 //! The words are in a `MAP_SHARED` file mapping, so the futexes are the
 //! process-shared kind (no `FUTEX_PRIVATE_FLAG`): the kernel keys them by
