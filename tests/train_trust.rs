@@ -191,14 +191,16 @@ fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
     let dir = tempfile::tempdir().unwrap();
     for seed in [1, 2, 3] {
         let seeded = |name: &str, rate| {
-            run(&checked_job(
-                dir.path(),
-                &format!("{name}{seed}"),
-                seed,
-                rate,
-                &[],
-            ))
-            .0
+            let job = checked_job(dir.path(), &format!("{name}{seed}"), seed, rate, &[]);
+            if rate == 0.0 {
+                // Nothing replayed at all: no suspects either.
+                edit(
+                    &job,
+                    "validators = 1\n",
+                    "validators = 1\nsuspect_replays = 0\n",
+                );
+            }
+            run(&job).0
         };
         let audited = seeded("audited", 1.0);
         let records = ledger::read(&dir.path().join(format!("audited{seed}")))
@@ -316,24 +318,27 @@ fn a_miner_honest_at_first_is_caught_once_it_cheats_and_loses_the_windows_before
 }
 
 #[test]
-fn a_miner_skipping_some_passes_is_caught_by_its_gradient_maxima_without_random_replays() {
-    // No uniform draw (replay_rate 0): only passes whose stated maxima
-    // stand out from their stage's are replayed. 3 miners a stage, so
-    // rank 2's passes are a third of stage 0's. Which microbatches it
-    // serves follows the routing, so it skips none of its ~12 passes in 6
-    // windows once in 4096 runs.
+fn a_miner_cheating_on_some_passes_is_caught_by_what_its_receipts_state_without_random_replays() {
+    // No uniform draw (replay_rate 0): only passes whose stated gradient
+    // maxima (skipped work: zeros) or gradient sketch (negated gradients,
+    // whose maxima are the honest ones) stand out from their stage's are
+    // replayed. 3 miners a stage, so rank 2's passes are a third of stage
+    // 0's. Which microbatches it serves follows the routing, so it cheats
+    // on none of its ~12 passes in 6 windows once in 4096 runs.
     let dir = tempfile::tempdir().unwrap();
-    let cheat = "\n[[faults.cheat]]\nrank = 2\nkind = \"skip_compute\"\nprobability = 0.5\n";
-    let job = sized_train_job(dir.path(), "skip", 2, 8, 6, cheat);
-    edit(
-        &job,
-        "validators = 1\n",
-        "validators = 1\nreplay_rate = 0.0\n",
-    );
-    let (lines, err) = run(&job);
-    let caught_in = window_catching(&lines, 2, &err);
-    for (w, l) in lines.iter().enumerate().filter(|&(w, _)| w != caught_in) {
-        assert_eq!(caught(l), "[]", "window {w}: {l}");
+    for kind in ["skip_compute", "flip_grad"] {
+        let cheat = format!("\n[[faults.cheat]]\nrank = 2\nkind = \"{kind}\"\nprobability = 0.5\n");
+        let job = sized_train_job(dir.path(), kind, 2, 8, 6, &cheat);
+        edit(
+            &job,
+            "validators = 1\n",
+            "validators = 1\nreplay_rate = 0.0\n",
+        );
+        let (lines, err) = run(&job);
+        let caught_in = window_catching(&lines, 2, &err);
+        for (w, l) in lines.iter().enumerate().filter(|&(w, _)| w != caught_in) {
+            assert_eq!(caught(l), "[]", "{kind}: window {w}: {l}");
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::device::StageDevice;
-use super::protocol::{CheckpointTask, Receipt};
+use super::protocol::{CheckpointTask, CreditedPass, Receipt};
 use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
 use crate::data::Split;
@@ -175,6 +175,63 @@ pub fn gradient_maxes(model: &StageModel, params: &[f32]) -> Vec<u32> {
         .collect()
 }
 
+/// Entries of a receipt's gradient sketch, at least: enough that the
+/// cosine of two sketches is within about 0.06 of their gradients' (the
+/// error of a count sketch falls as one over the root of its length),
+/// few enough that a receipt stays a few kilobytes.
+pub const SKETCH_LEN: usize = 256;
+
+/// Entries of a sketch of `numel` gradients that each [`GRAD_CHUNK`]
+/// sums into: every entry sums elements of one chunk only, so that the
+/// contribution check, which holds one chunk of each pass, can recompute
+/// that chunk's entries.
+pub fn sketch_per_chunk(numel: usize) -> usize {
+    SKETCH_LEN.div_ceil(numel.div_ceil(GRAD_CHUNK).max(1))
+}
+
+/// A receipt's `sketch` (f32 bits): a count sketch of the pass's
+/// parameter gradients, each element added with a sign and into an entry
+/// of its chunk that a hash of its index picks. Two sketches' inner
+/// product estimates their gradients', so the orchestrator can see a pass
+/// whose gradient points against its stage's (see
+/// `orchestrator::suspicion`) without the gradients; a replay recomputes
+/// it bit for bit.
+pub fn gradient_sketch(params: &[f32]) -> Vec<u32> {
+    let per_chunk = sketch_per_chunk(params.len());
+    params
+        .chunks(GRAD_CHUNK)
+        .enumerate()
+        .flat_map(|(q, chunk)| chunk_sketch(q, chunk, per_chunk))
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// The `per_chunk` sketch entries of chunk `q`, whose floats are `chunk`.
+/// The signs and entries are public (a miner must compute them): a
+/// cheater that shapes a wrong gradient to them could state a sketch that
+/// looks right; drawing them after the receipts would close that.
+fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize) -> Vec<f32> {
+    // Four partial sums an entry, by element index, added up in a fixed
+    // order at the end: one running sum would make every addition wait
+    // for the one before.
+    let mut sums = vec![[0.0f64; 4]; per_chunk];
+    for (i, &x) in (q * GRAD_CHUNK..).zip(chunk) {
+        let mut h = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        h ^= h >> 31;
+        // The entry by multiply-shift and the sign by flipping the sign
+        // bit: a division and a branch (mispredicted every other element)
+        // made the sketch three times as slow.
+        let entry = ((h >> 32) * per_chunk as u64) >> 32;
+        let signed = f32::from_bits(x.to_bits() ^ ((h as u32) << 31));
+        sums[entry as usize][i % 4] += f64::from(signed);
+    }
+    sums.into_iter()
+        .map(|[a, b, c, d]| ((a + b) + (c + d)) as f32)
+        .collect()
+}
+
 /// What shows a validator, for each pass's parameter gradients and
 /// their [`chunk_digests`] in `passes`, the chunk holding element `probe`
 /// against the pass's receipt: every chunk's digest, then that chunk's
@@ -199,13 +256,14 @@ pub fn gradient_proof<'p>(
 /// Checks that `contribution` (a miner's integers for the slice `slice`
 /// of its stage's all-reduce, little-endian) is, in the gradient chunk
 /// holding element `probe`, the fixed-point sum at `scales` of the
-/// gradients of `passes` (its credited passes and their receipts'
-/// `params`). `proof` holds, pass by pass, every chunk's digest and then
+/// gradients of `passes` (its credited passes, as their receipts state
+/// them), and that their receipts' sketches are those chunk's gradients'.
+/// `proof` holds, pass by pass, every chunk's digest and then
 /// the probed chunk's floats, little-endian ([`gradient_proof`]).
 pub fn check_contribution(
     segments: &[Range<usize>],
     scales: &[i32],
-    passes: &[(u64, String)],
+    passes: &[CreditedPass],
     probe: usize,
     slice: &Range<usize>,
     contribution: &[u8],
@@ -230,9 +288,11 @@ pub fn check_contribution(
     let fixed = FixedPoint::with_exponents(segments, scales.to_vec()).map_err(|e| e.to_string())?;
     let probed = chunk.start.max(slice.start)..chunk.end.min(slice.end);
     let mut sum = vec![0i64; probed.len()];
-    for ((id, stated), bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
+    let per_chunk = sketch_per_chunk(numel);
+    for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
+        let id = pass.id;
         let (digests, floats) = bytes.split_at(n_chunks * blake3::OUT_LEN);
-        if blake3::hash(digests).to_hex().as_str() != stated {
+        if blake3::hash(digests).to_hex().as_str() != pass.params {
             return Err(format!(
                 "microbatch {id}: the gradient chunk digests it sent are not its receipt's"
             ));
@@ -247,6 +307,18 @@ pub fn check_contribution(
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()))
             .collect();
+        let sketched = chunk_sketch(q, &values, per_chunk)
+            .into_iter()
+            .map(f32::to_bits);
+        if !pass
+            .sketch
+            .get(q * per_chunk..(q + 1) * per_chunk)
+            .is_some_and(|stated| sketched.eq(stated.iter().copied()))
+        {
+            return Err(format!(
+                "microbatch {id}: its receipt's gradient sketch is not its gradients'"
+            ));
+        }
         let inside = probed.start - chunk.start..probed.end - chunk.start;
         fixed.add_rounded(&values[inside], probed.clone(), &mut sum);
     }
@@ -427,6 +499,11 @@ pub(super) fn replay(
             "microbatch {id}: the gradient maxes differ from the receipt's"
         ));
     }
+    if gradient_sketch(&grads.params) != receipt.sketch {
+        return Err(format!(
+            "microbatch {id}: the gradient sketch differs from the receipt's"
+        ));
+    }
     let grad_out = match &grads.input {
         None => None,
         Some(g) => Some(digest(&encoded(g)?)),
@@ -455,10 +532,14 @@ mod tests {
         }
         let fixed = FixedPoint::from_maxes(&segments, &maxes).unwrap();
         let contribution = fixed.encode(&parts);
-        let stated: Vec<(u64, String)> = passes
+        let stated: Vec<CreditedPass> = passes
             .iter()
             .enumerate()
-            .map(|(id, p)| (id as u64, params_digest(&chunk_digests(p))))
+            .map(|(id, p)| CreditedPass {
+                id: id as u64,
+                params: params_digest(&chunk_digests(p)),
+                sketch: gradient_sketch(p),
+            })
             .collect();
         // The second of two slices; the probe lands in its first chunk.
         let slice = numel / 2..numel;
@@ -474,18 +555,34 @@ mod tests {
             parts.iter().copied().zip(chunks.iter().map(Vec::as_slice)),
             probe,
         );
-        let check = |contribution: &[u8], proof: &[u8]| {
+        let check_stated = |stated: &[CreditedPass], contribution: &[u8], proof: &[u8]| {
             check_contribution(
                 &segments,
                 fixed.exponents(),
-                &stated,
+                stated,
                 probe,
                 &slice,
                 contribution,
                 proof,
             )
         };
+        let check = |contribution: &[u8], proof: &[u8]| check_stated(&stated, contribution, proof);
         assert_eq!(check(&bytes(&contribution), &proof), Ok(()));
+
+        // A receipt stating the sketch of other gradients than the pass's
+        // (the honest one's, for gradients it negated) in the probed chunk.
+        let mut lying = stated.clone();
+        let probed_entries = (probe / GRAD_CHUNK) * sketch_per_chunk(numel);
+        lying[1].sketch[probed_entries] ^= 0x8000_0000;
+        let err = check_stated(&lying, &bytes(&contribution), &proof).unwrap_err();
+        assert!(
+            err.contains("microbatch 1: its receipt's gradient sketch is not"),
+            "{err}"
+        );
+        // Its lie elsewhere is left to the probes of other windows.
+        let mut lying = stated.clone();
+        lying[1].sketch[0] ^= 0x8000_0000;
+        assert_eq!(check_stated(&lying, &bytes(&contribution), &proof), Ok(()));
 
         let inflated: Vec<i64> = contribution.iter().map(|x| x * 8).collect();
         let err = check(&bytes(&inflated), &proof).unwrap_err();
@@ -502,6 +599,37 @@ mod tests {
 
         let err = check(&bytes(&contribution), &proof[1..]).unwrap_err();
         assert!(err.contains("bytes of gradients for 3 passes"), "{err}");
+    }
+
+    #[test]
+    fn a_sketch_sums_each_chunk_into_its_own_entries_and_negates_with_the_gradient() {
+        let numel = 5 * GRAD_CHUNK + 3;
+        let mut rng = crate::data::rng::SplitMix64::new(8, 0);
+        let grads: Vec<f32> = (0..numel).map(|_| rng.normal() as f32).collect();
+        let per_chunk = sketch_per_chunk(numel);
+        assert_eq!(per_chunk, SKETCH_LEN.div_ceil(6));
+        let sketch = gradient_sketch(&grads);
+        assert_eq!(sketch.len(), 6 * per_chunk);
+        // Changing one element changes its own chunk's entries only.
+        let mut moved = grads.clone();
+        moved[2 * GRAD_CHUNK + 5] += 1.0;
+        let other = gradient_sketch(&moved);
+        let changed: Vec<usize> = (0..sketch.len())
+            .filter(|&i| sketch[i] != other[i])
+            .map(|i| i / per_chunk)
+            .collect();
+        assert_eq!(changed, [2]);
+        let negated: Vec<f32> = grads.iter().map(|x| -x).collect();
+        let flipped: Vec<u32> = gradient_sketch(&negated);
+        let value = |bits: &u32| f32::from_bits(*bits);
+        assert!(sketch
+            .iter()
+            .zip(&flipped)
+            .all(|(a, b)| value(a) == -value(b)));
+        // A big gradient's sketch is one entry a chunk, never fewer than
+        // SKETCH_LEN in all.
+        assert_eq!(sketch_per_chunk(400 * GRAD_CHUNK), 1);
+        assert_eq!(sketch_per_chunk(10), SKETCH_LEN);
     }
 
     fn bundle() -> Bundle {

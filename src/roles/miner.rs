@@ -21,8 +21,8 @@ use super::cheat::{self, Conduct};
 use super::device::{DevicePass, StageDevice};
 use super::leader::{Leader, Waited};
 use super::protocol::{
-    self, slice_digest, Across, AuditTask, CheckpointTask, LeaderPart, Order, Placement, Receipt,
-    Reduction, Report, Route, SliceTask, StageDigests,
+    self, slice_digest, Across, AuditTask, CheckpointTask, CreditedPass, LeaderPart, Order,
+    Placement, Receipt, Reduction, Report, Route, SliceTask, StageDigests,
 };
 use super::train::{
     inject_planned_fault, inject_planned_fault_at, leave_on_signal, send_unless_lost, Setup,
@@ -822,6 +822,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             grad_out,
             params: audit::params_digest(&chunks),
             maxes: audit::gradient_maxes(&self.model, &grads.params),
+            sketch: audit::gradient_sketch(&grads.params),
         };
         let kept = KeptGrads {
             params: grads.params,
@@ -920,8 +921,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     }
 
     /// [`audit::gradient_proof`] of the gradients of `passes` it kept.
-    fn gradient_proof(&self, passes: &[(u64, String)], probe: usize) -> Vec<u8> {
-        let kept = passes.iter().filter_map(|(id, _)| self.grads.get(id));
+    fn gradient_proof(&self, passes: &[CreditedPass], probe: usize) -> Vec<u8> {
+        let kept = passes.iter().filter_map(|p| self.grads.get(&p.id));
         audit::gradient_proof(kept.map(|k| (&k.params[..], &k.chunks[..])), probe)
     }
 

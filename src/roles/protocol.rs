@@ -206,6 +206,10 @@ pub struct Receipt {
     /// tensor (f32 bits; infinity for a NaN): the orchestrator sets the
     /// all-reduce's fixed-point scales from them.
     pub maxes: Vec<u32>,
+    /// `audit::gradient_sketch` of the parameter gradients (f32 bits):
+    /// the orchestrator compares its direction with the stage's other
+    /// passes'.
+    pub sketch: Vec<u32>,
 }
 
 /// One pass to replay: microbatch `id` on `stage`, served by `miner`, whose
@@ -293,6 +297,17 @@ pub fn slice_digest(values: &[i64]) -> String {
         .to_string()
 }
 
+/// A pass a window credits a miner with, as its receipt states it: what a
+/// contribution check holds the probed chunk of its gradients against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditedPass {
+    pub id: u64,
+    /// The receipt's `params`.
+    pub params: String,
+    /// The receipt's `sketch`.
+    pub sketch: Vec<u32>,
+}
+
 /// One slice of `stage`'s all-reduce for `validator` to recompute from
 /// the contributions and compare with the copies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,12 +323,12 @@ pub struct SliceTask {
     /// The stage's fixed-point scales, as the `Close` order gave them.
     pub scales: Vec<i32>,
     /// For each contributor (same order), the passes the window credits
-    /// it with and their receipts' `params` digests: its contribution must
-    /// be their gradients' fixed-point sum. Only one recomputed slice of a
+    /// it with: its contribution must be their gradients' fixed-point sum,
+    /// and their sketches those gradients'. Only one recomputed slice of a
     /// stage carries them (`None` on the others): one probe per miner and
     /// window catches a scaled contribution, and each costs the validator
     /// a chunk of every pass.
-    pub passes: Option<Vec<Vec<(u64, String)>>>,
+    pub passes: Option<Vec<Vec<CreditedPass>>>,
     /// Drawn after the miners stated their contributions: picks the
     /// element of the slice ([`SliceTask::probed`]) in whose gradient chunk
     /// (`audit::GRAD_CHUNK`) each contribution is checked against its
@@ -666,6 +681,7 @@ mod tests {
                 grad_out: Some("ef".into()),
                 params: "01".into(),
                 maxes: vec![0x3f80_0000],
+                sketch: vec![0xbf80_0000, 0],
             })),
             wait_s: 0.125,
         };

@@ -12,7 +12,8 @@ use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
 use crate::ledger::Tally;
 use crate::roles::protocol::{
-    self, AuditTask, CheckpointTask, Order, Reduction, Report, SitePart, SliceTask, Verdict,
+    self, AuditTask, CheckpointTask, CreditedPass, Order, Receipt, Reduction, Report, SitePart,
+    SliceTask, Verdict,
 };
 use crate::roles::train::{Setup, TrainError};
 
@@ -380,7 +381,11 @@ impl Coordinator<'_> {
                         credited
                             .filter_map(|(id, _)| {
                                 let (_, receipt) = w.receipts.get(&(id, stage))?;
-                                Some((id, receipt.params.clone()))
+                                Some(CreditedPass {
+                                    id,
+                                    params: receipt.params.clone(),
+                                    sketch: receipt.sketch.clone(),
+                                })
                             })
                             .collect()
                     })
@@ -706,7 +711,8 @@ impl Coordinator<'_> {
 }
 
 /// Each miner's `limit` unchecked passes that stand out most from their
-/// stage's passes in window `w`, among those past [`suspicion::THRESHOLD`].
+/// stage's passes in window `w` (by [`suspicion::standing`]), among those
+/// past their threshold.
 fn suspects(
     w: &WindowState,
     unchecked: &BTreeMap<usize, Vec<(u64, usize)>>,
@@ -715,17 +721,16 @@ fn suspects(
     if limit == 0 {
         return Vec::new();
     }
-    let mut by_stage: BTreeMap<usize, Vec<(u64, &[u32])>> = BTreeMap::new();
+    let mut by_stage: BTreeMap<usize, Vec<(u64, &Receipt)>> = BTreeMap::new();
     for (&(id, stage), (_, receipt)) in &w.receipts {
-        by_stage
-            .entry(stage)
-            .or_default()
-            .push((id, &receipt.maxes));
+        by_stage.entry(stage).or_default().push((id, receipt));
     }
     let mut score: BTreeMap<(u64, usize), f64> = BTreeMap::new();
     for (stage, passes) in by_stage {
-        let maxes: Vec<&[u32]> = passes.iter().map(|&(_, m)| m).collect();
-        for ((id, _), s) in passes.iter().zip(suspicion::scores(&maxes)) {
+        let maxes: Vec<&[u32]> = passes.iter().map(|(_, r)| &r.maxes[..]).collect();
+        let sketches: Vec<&[u32]> = passes.iter().map(|(_, r)| &r.sketch[..]).collect();
+        let standing = suspicion::standing(&maxes, &sketches);
+        for ((id, _), s) in passes.iter().zip(standing) {
             score.insert((*id, stage), s);
         }
     }
@@ -734,7 +739,7 @@ fn suspects(
         let mut standing_out: Vec<((u64, usize), f64)> = passes
             .iter()
             .filter_map(|p| Some((*p, *score.get(p)?)))
-            .filter(|&(_, s)| s >= suspicion::THRESHOLD)
+            .filter(|&(_, s)| s >= 1.0)
             .collect();
         standing_out.sort_by(|a, b| b.1.total_cmp(&a.1));
         picked.extend(standing_out.iter().take(limit as usize).map(|&(p, _)| p));

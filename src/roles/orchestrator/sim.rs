@@ -37,6 +37,9 @@ pub struct Script {
     /// The passes of this microbatch state gradient maxima a thousand
     /// times their stages'.
     pub outlier: Option<u64>,
+    /// The passes of this microbatch state a gradient sketch pointing
+    /// against their stages'.
+    pub flipped: Option<u64>,
     /// This miner states other weights after stepping.
     pub diverges: Option<usize>,
     /// When the first `Run` of this window arrives, this miner stops (as
@@ -116,6 +119,19 @@ impl Sim {
             stalled: None,
             handed: None,
         }
+    }
+
+    /// The gradient sketch stated for microbatch `id`: entries between 1
+    /// and 2, so that every pass points with the others, unless the script
+    /// flips it.
+    fn sketch(&self, id: u64) -> Vec<u32> {
+        let sign = match self.script.flipped == Some(id) {
+            true => -1.0,
+            false => 1.0,
+        };
+        (0..8)
+            .map(|j| (sign * (1.0 + ((id * 7 + j) % 13) as f32 / 13.0)).to_bits())
+            .collect()
     }
 
     /// The gradient maxima stated for microbatch `id`: near 1, no two
@@ -298,6 +314,7 @@ impl Sim {
                                 grad_out: (stage > 0).then(|| format!("g{}-{stage}", route.id)),
                                 params: format!("p{}-{stage}", route.id),
                                 maxes: self.maxes(route.id),
+                                sketch: self.sketch(route.id),
                             })
                         });
                         self.report(

@@ -239,20 +239,29 @@ fn audited(seen: &Seen, window: u64) -> Vec<(u64, usize)> {
 }
 
 #[test]
-fn passes_whose_stated_maxima_stand_out_are_replayed_without_a_random_draw() {
-    let script = || Script {
+fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_random_draw() {
+    let outlier = || Script {
         outlier: Some(2),
         ..Script::default()
     };
-    let (seen, result) = Sim::run(&spec("replay_rate = 0.0"), script());
-    result.unwrap();
-    assert_eq!(audited(&seen, 0), [(2, 0), (2, 1)]);
-    assert!(audited(&seen, 1).is_empty(), "honest maxima draw no replay");
+    let flipped = || Script {
+        flipped: Some(2),
+        ..Script::default()
+    };
+    for script in [outlier, flipped] {
+        let (seen, result) = Sim::run(&spec("replay_rate = 0.0"), script());
+        result.unwrap();
+        assert_eq!(audited(&seen, 0), [(2, 0), (2, 1)]);
+        assert!(
+            audited(&seen, 1).is_empty(),
+            "honest receipts draw no replay"
+        );
 
-    let off = spec("replay_rate = 0.0\nsuspect_replays = 0");
-    let (seen, result) = Sim::run(&off, script());
-    result.unwrap();
-    assert!(audited(&seen, 0).is_empty());
+        let off = spec("replay_rate = 0.0\nsuspect_replays = 0");
+        let (seen, result) = Sim::run(&off, script());
+        result.unwrap();
+        assert!(audited(&seen, 0).is_empty());
+    }
 }
 
 #[test]
