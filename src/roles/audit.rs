@@ -207,6 +207,13 @@ pub fn gradient_sketch(params: &[f32]) -> Vec<u32> {
 }
 
 /// The `per_chunk` sketch entries of chunk `q`, whose floats are `chunk`.
+/// Element `i`'s sign is bit `i % 64` of a hash of `i / 64`, its entry
+/// (where a chunk has more than one) a hash of `i` taken to `per_chunk`
+/// by multiply-shift; it is added by flipping its sign bit. Branches,
+/// divisions and a hash per element for the signs made this several
+/// times slower; a big stage has one entry a chunk and needs no entry
+/// hashes at all.
+///
 /// The signs and entries are public (a miner must compute them): a
 /// cheater that shapes a wrong gradient to them could state a sketch that
 /// looks right; drawing them after the receipts would close that.
@@ -215,21 +222,32 @@ fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize) -> Vec<f32> {
     // order at the end: one running sum would make every addition wait
     // for the one before.
     let mut sums = vec![[0.0f64; 4]; per_chunk];
-    for (i, &x) in (q * GRAD_CHUNK..).zip(chunk) {
-        let mut h = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
-        h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        h ^= h >> 31;
-        // The entry by multiply-shift and the sign by flipping the sign
-        // bit: a division and a branch (mispredicted every other element)
-        // made the sketch three times as slow.
-        let entry = ((h >> 32) * per_chunk as u64) >> 32;
-        let signed = f32::from_bits(x.to_bits() ^ ((h as u32) << 31));
-        sums[entry as usize][i % 4] += f64::from(signed);
+    let first = q * GRAD_CHUNK;
+    for (b, block) in chunk.chunks(64).enumerate() {
+        let base = first + 64 * b;
+        let signs = mix64((base / 64) as u64);
+        for (j, &x) in block.iter().enumerate() {
+            let flip = ((signs >> j) as u32 & 1) << 31;
+            let signed = f64::from(f32::from_bits(x.to_bits() ^ flip));
+            let entry = match per_chunk {
+                1 => 0,
+                n => (((mix64((base + j) as u64) >> 32) * n as u64) >> 32) as usize,
+            };
+            sums[entry][j % 4] += signed;
+        }
     }
     sums.into_iter()
         .map(|[a, b, c, d]| ((a + b) + (c + d)) as f32)
         .collect()
+}
+
+/// SplitMix64's finalizer: every bit of the result depends on every bit
+/// of `x`.
+fn mix64(x: u64) -> u64 {
+    let mut h = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 31)
 }
 
 /// What shows a validator, for each pass's parameter gradients and
