@@ -262,9 +262,10 @@ pub struct RolesSpec {
     /// cost, so validators spend about 5% of the miners' compute.
     pub replay_rate: f64,
     /// Besides that draw, how many of a miner's passes a window are
-    /// replayed because their stated gradient maxima stand out from the
-    /// other passes of their stage (random, zero, scaled or repeated
-    /// gradients do; honest passes almost never). Default 2; 0 turns it off.
+    /// replayed because their stated gradient maxima or gradient sketch
+    /// stand out from the other passes of their stage (random, zero,
+    /// scaled, repeated or, early in training, negated gradients do; honest
+    /// passes seldom). Default 2; 0 turns it off.
     pub suspect_replays: u32,
     /// How many miners of a stage reduce each slice of its all-reduce
     /// (capped at the stage's miners), straight from the contributions, so
