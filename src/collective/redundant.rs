@@ -15,9 +15,9 @@
 //! the hand-out's traffic and leaves a forger nothing to forge. In a
 //! [`Signing`] call each owner first signs a statement of what it hands out
 //! (one Ed25519 signature per call), so a rank handed a wrong slice holds
-//! its owner's own signature of the wrong digest: a proof ([`WrongSlice`]) anyone with the owner's key can
-//! check, where "it sent me something else" alone would be one rank's
-//! word against another's.
+//! its owner's own signature of the wrong digest: a proof ([`WrongSlice`])
+//! anyone with the owner's key can check, where "it sent me something
+//! else" alone would be one rank's word against another's.
 
 use serde::{Deserialize, Serialize};
 

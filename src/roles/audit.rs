@@ -19,6 +19,7 @@ use super::device::StageDevice;
 use super::protocol::{CheckpointTask, CreditedPass, Receipt};
 use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
+use crate::data::rng::splitmix64;
 use crate::data::Split;
 use crate::model::{batch_tensors, AdamW, AdamWConfig, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
@@ -225,13 +226,13 @@ fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize) -> Vec<f32> {
     let first = q * GRAD_CHUNK;
     for (b, block) in chunk.chunks(64).enumerate() {
         let base = first + 64 * b;
-        let signs = mix64((base / 64) as u64);
+        let signs = splitmix64((base / 64) as u64);
         for (j, &x) in block.iter().enumerate() {
             let flip = ((signs >> j) as u32 & 1) << 31;
             let signed = f64::from(f32::from_bits(x.to_bits() ^ flip));
             let entry = match per_chunk {
                 1 => 0,
-                n => (((mix64((base + j) as u64) >> 32) * n as u64) >> 32) as usize,
+                n => (((splitmix64((base + j) as u64) >> 32) * n as u64) >> 32) as usize,
             };
             sums[entry][j % 4] += signed;
         }
@@ -239,15 +240,6 @@ fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize) -> Vec<f32> {
     sums.into_iter()
         .map(|[a, b, c, d]| ((a + b) + (c + d)) as f32)
         .collect()
-}
-
-/// SplitMix64's finalizer: every bit of the result depends on every bit
-/// of `x`.
-fn mix64(x: u64) -> u64 {
-    let mut h = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^ (h >> 31)
 }
 
 /// What shows a validator, for each pass's parameter gradients and
