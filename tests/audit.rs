@@ -100,8 +100,8 @@ fn audit_prints_each_miners_standing_from_the_verified_counts() {
     );
     let head = ledger::read(dir.path()).unwrap().head;
     assert!(table.contains(&head), "{table}");
-    // Window totals of credited passes: 18 (rank 5 forfeits window 10, in
-    // the 3 windows up to its failure), 20 (rank 5 failed), 20.
+    // Window totals of credited passes: 18 (rank 5 forfeits window 10, as
+    // every window of the run), 20 (rank 5 failed), 20.
     let share = |parts: &[f64]| format!("{:.6}", parts.iter().sum::<f64>() / 3.0);
     let expected = [
         // rank stages windows verified credited failed share excluded_after

@@ -39,11 +39,11 @@
 //! [`Ledger::open`] recompute both from the counts and refuse a line whose
 //! stored values differ by a single bit.
 //!
-//! Payment settles later: a miner that fails a check in window `c` also
-//! forfeits the windows `c - 2` and `c - 1` ([`SETTLE_WINDOWS`]), since
-//! validators replay a sample and a cheater caught now may have cheated
-//! unseen before; [`settled`] gives the shares as paid, and `swarmrun
-//! audit` prints those. The lines themselves are never rewritten.
+//! Payment settles when the run ends: a miner that fails a check in any
+//! window also forfeits every window before it, since validators replay a
+//! sample and a cheater caught now may have cheated unseen all along;
+//! [`settled`] gives the shares as paid, and `swarmrun audit` prints
+//! those. The lines themselves are never rewritten.
 //!
 //! # What the chain protects, and what it does not
 //!
@@ -85,7 +85,7 @@ mod rewards;
 mod signing;
 
 pub use countersign::{CountersignError, Countersignature, Countersigner, Refusal};
-pub use rewards::{audit_table, settled, SETTLE_WINDOWS};
+pub use rewards::{audit_table, settled};
 pub use signing::{KeyBook, Signature, SignatureProblem, SigningError, SigningKey};
 
 use std::collections::BTreeMap;

@@ -26,34 +26,32 @@ pub(super) fn assign_shares(miners: &mut [MinerCredit]) {
     }
 }
 
-/// Windows whose credit a miner forfeits when it fails a check: the window
-/// it was caught in and the two before it. Validators replay a sample of
-/// the passes, so a cheater caught now may have cheated unseen before;
-/// detection within 3 windows is what they are built for (`swarmrun bench
-/// trust`), so 3 windows of credit are held back.
-pub const SETTLE_WINDOWS: u64 = 3;
-
-/// `records` as paid: a miner that failed a check in window `c` also earns
-/// nothing in the [`SETTLE_WINDOWS`]` - 1` windows before `c`, whose shares
-/// go to the others. Each line of the ledger holds the window's shares as
-/// known when it was written; these are final once [`SETTLE_WINDOWS`]
-/// later windows are written.
+/// `records` as paid: a miner that failed a check in any window earns
+/// nothing in any window of the run, and its shares go to the others.
+///
+/// Why the whole run: a replay is exact, so a failed check proves the miner
+/// sent work it did not do; validators replay a sample, so any earlier
+/// window may hold cheating nobody drew. Taking back only the windows near
+/// the catch paid a cheater for its early windows (`swarmrun bench trust`'s
+/// late cheater: 1.8% of the run's reward against its truth of nothing),
+/// and a cheater that is honest at first to earn a clean record would keep
+/// it. The cost: no share is final until the run ends, and a miner whose
+/// hardware computes wrong loses the run, as its wrong gradients would
+/// have cost the model. Each line of the ledger holds the window's shares
+/// as known when it was written.
 pub fn settled(records: &[WindowRecord]) -> Vec<WindowRecord> {
-    let mut caught: BTreeMap<usize, u64> = BTreeMap::new();
-    for record in records {
-        for m in record.miners.iter().filter(|m| m.failed > 0) {
-            caught.entry(m.rank).or_insert(record.window);
-        }
-    }
+    let caught: BTreeSet<usize> = records
+        .iter()
+        .flat_map(|record| record.miners.iter())
+        .filter(|m| m.failed > 0)
+        .map(|m| m.rank)
+        .collect();
     records
         .iter()
         .map(|record| {
             let mut record = record.clone();
             for m in &mut record.miners {
-                let forfeits = caught
-                    .get(&m.rank)
-                    .is_some_and(|&c| record.window < c && record.window + SETTLE_WINDOWS > c);
-                if forfeits {
+                if caught.contains(&m.rank) {
                     // Paid as if excluded: no share, and none of the total.
                     m.excluded = true;
                 }
@@ -88,11 +86,12 @@ pub(super) struct Standing {
     pub excluded_after: Option<u64>,
 }
 
-/// Each miner's standing over `records`, ranks ascending.
+/// Each miner's standing over `records` as paid ([`settled`]), ranks
+/// ascending.
 pub(super) fn standings(records: &[WindowRecord]) -> Vec<Standing> {
     let mut by_rank: BTreeMap<usize, (Standing, BTreeSet<usize>, f64)> = BTreeMap::new();
-    for record in records {
-        for m in &record.miners {
+    for (written, record) in records.iter().zip(settled(records)) {
+        for (served, m) in written.miners.iter().zip(&record.miners) {
             let (s, stages, share_sum) = by_rank.entry(m.rank).or_insert_with(|| {
                 let standing = Standing {
                     rank: m.rank,
@@ -106,7 +105,7 @@ pub(super) fn standings(records: &[WindowRecord]) -> Vec<Standing> {
                 };
                 (standing, BTreeSet::new(), 0.0)
             });
-            if !m.excluded {
+            if !served.excluded {
                 stages.insert(m.stage);
             }
             s.verified = s.verified.saturating_add(m.verified);
@@ -151,7 +150,7 @@ pub fn audit_table(chain: &Chain) -> String {
         records.len(),
         chain.head
     );
-    let rows = standings(&settled(records));
+    let rows = standings(records);
     let _ = writeln!(
         out,
         "{:>6}  {:<8}  {:>7}  {:>9}  {:>9}  {:>6}  {:>8}  excluded_after",
@@ -221,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn standings_sum_windows_and_average_shares_over_all_windows() {
+    fn standings_sum_windows_and_average_the_settled_shares_over_all_windows() {
         let record = |window, miners: Vec<MinerCredit>| {
             let mut miners = miners;
             assign_shares(&mut miners);
@@ -240,17 +239,19 @@ mod tests {
         ];
         let s = standings(&records);
         assert_eq!(s.len(), 2);
+        // Rank 2's window 0, credited as written, is forfeited as paid.
+        assert_eq!(records[0].miners[1].share, 0.5);
         assert_eq!(
             (s[0].windows, s[0].verified, s[0].credited, s[0].failed),
             (3, 11, 11, 0)
         );
-        assert_eq!(s[0].share, (0.5 + 1.0 + 1.0) / 3.0);
+        assert_eq!(s[0].share, 1.0);
         assert_eq!(s[0].excluded_after, None);
         assert_eq!(
             (s[1].windows, s[1].verified, s[1].credited, s[1].failed),
-            (1, 8, 2, 1)
+            (0, 8, 0, 1)
         );
-        assert_eq!(s[1].share, 0.5 / 3.0);
+        assert_eq!(s[1].share, 0.0);
         assert_eq!(s[1].excluded_after, Some(1));
         assert_eq!(s[1].stages, [0]);
     }

@@ -407,16 +407,22 @@ fn resuming_cuts_the_windows_after_the_checkpoint_and_a_fresh_start_empties_it()
 }
 
 #[test]
-fn a_miner_caught_forfeits_the_credit_of_the_windows_before_and_the_others_get_it() {
+fn a_miner_caught_forfeits_the_credit_of_every_window_of_the_run_and_the_others_get_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut ledger = Ledger::open(dir.path()).unwrap();
-    for window in 0..4 {
-        let failed = u64::from(window == 3);
+    for window in 0..6 {
+        let failed = u64::from(window == 4);
         ledger
-            .append(window, &[tally(1, 0, 3, 0), tally(2, 0, 1, failed)])
+            .append(
+                window,
+                &[tally(1, 0, 3, 0), tally(2, 0, 1, failed), tally(3, 1, 2, 0)],
+            )
             .unwrap();
     }
-    let settled = settled(&read(dir.path()).unwrap().records);
+    let records = read(dir.path()).unwrap().records;
+    // As written, rank 2 earned its share in the windows before the catch.
+    assert_eq!(records[0].miners[1].share, 1.0 / 6.0);
+    let settled = settled(&records);
     let share_of = |w: usize, rank: usize| {
         settled[w]
             .miners
@@ -425,9 +431,11 @@ fn a_miner_caught_forfeits_the_credit_of_the_windows_before_and_the_others_get_i
             .unwrap()
             .share
     };
-    // Window 0 is more than SETTLE_WINDOWS - 1 windows before the failure.
-    assert_eq!((share_of(0, 1), share_of(0, 2)), (0.75, 0.25));
-    for w in 1..4 {
-        assert_eq!((share_of(w, 1), share_of(w, 2)), (1.0, 0.0), "window {w}");
+    for w in 0..6 {
+        assert_eq!(
+            (share_of(w, 1), share_of(w, 2), share_of(w, 3)),
+            (0.6, 0.0, 0.4),
+            "window {w}"
+        );
     }
 }
