@@ -142,11 +142,14 @@ impl Coordinator<'_> {
     /// not yet replayed, up to `suspect_replays` of each miner's passes
     /// whose stated gradient maxima stand out (see [`suspicion`]), and
     /// every pass whose receipts do not chain with its neighbours' (what
-    /// one stated it sent, the other that it received); with nothing to
-    /// replay, closes at once.
+    /// one stated it sent, the other that it received), and closes the
+    /// window at the same time: the replays take a validator's compute,
+    /// the close the miners' network and copies, so on shared cores each
+    /// hides much of the other. The close is judged with the replays and
+    /// thrown away if they catch a miner (rare: a cheater's one window).
     pub(super) fn begin_audit(&mut self) -> Result<(), TrainError> {
         if self.validators.is_empty() {
-            return self.begin_close();
+            return self.begin_close(None);
         }
         let rate = self.spec.roles.replay_rate;
         let w = self.window.as_ref().expect("a window runs");
@@ -204,7 +207,7 @@ impl Coordinator<'_> {
             })
             .collect();
         if tasks.is_empty() {
-            return self.begin_close();
+            return self.begin_close(None);
         }
         let (window, attempt) = (w.window, w.attempt);
         let replies = Replies::new(window, attempt, tasks.iter().map(|t| t.validator));
@@ -214,16 +217,12 @@ impl Coordinator<'_> {
             tasks,
             weights: self.weights.clone(),
         });
-        self.phase = Phase::Auditing(PassAudit { replies, breaks });
-        Ok(())
+        self.begin_close(Some(PassAudit { replies, breaks }))
     }
 
-    /// The replays are in: miners caught are excluded and the window is
-    /// redone without them; otherwise it closes.
-    pub(super) fn finish_audit(&mut self) -> Result<(), TrainError> {
-        let Phase::Auditing(audit) = std::mem::replace(&mut self.phase, Phase::Finished) else {
-            unreachable!("finish_audit runs in Auditing")
-        };
+    /// The replays are in: the miners caught, excluded from the job; the
+    /// window is to be redone without them.
+    pub(super) fn judge_replays(&mut self, audit: PassAudit) -> Vec<usize> {
         let w = self.window.as_mut().expect("a window runs");
         let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
         for (task, verdict) in audit.replies.verdicts {
@@ -256,12 +255,7 @@ impl Coordinator<'_> {
             }
         }
         let window = w.window;
-        let gone = self.exclude_all(window, &reasons);
-        if gone.is_empty() {
-            self.begin_close()
-        } else {
-            self.redo_without(&gone)
-        }
+        self.exclude_all(window, &reasons)
     }
 
     /// Has validators recompute, from the contributions the miners stated,

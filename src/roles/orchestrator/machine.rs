@@ -10,9 +10,9 @@
 //!
 //! A window runs through phases, each waiting for reports: placing ranks
 //! that joined or move ([`super::membership`]), serving the microbatches,
-//! auditing passes and all-reduce slices ([`super::checks`]), closing
-//! (every stage reduces), stepping (every miner applies the update, a
-//! checkpoint may be written and audited). A miner lost, or caught by a
+//! closing (every stage reduces while validators replay passes,
+//! [`super::checks`]), recomputing all-reduce slices, stepping (every
+//! miner applies the update, a checkpoint may be written and audited). A miner lost, or caught by a
 //! check, before the step sends the window back to serving without it, in
 //! a new attempt; after the step it only leaves.
 
@@ -152,11 +152,11 @@ pub(super) enum Phase {
     Serving {
         served: BTreeMap<u64, BTreeSet<usize>>,
     },
-    /// Validators replaying passes.
-    Auditing(super::checks::PassAudit),
-    /// Every stage all-reducing.
+    /// Every stage all-reducing, and validators replaying passes.
     Closing {
         waiting: BTreeSet<usize>,
+        /// The replays, when any were asked for.
+        replays: Option<super::checks::PassAudit>,
         reductions: BTreeMap<usize, Reduction>,
         failure: Option<(usize, String)>,
         scales: Vec<Vec<i32>>,
@@ -614,11 +614,11 @@ impl<'a> Coordinator<'a> {
                         true
                     }
                 }
-                Phase::Auditing(a) if a.replies.owes_nothing() => {
-                    self.finish_audit()?;
-                    true
-                }
-                Phase::Closing { waiting, .. } if waiting.is_empty() => {
+                Phase::Closing {
+                    waiting, replays, ..
+                } if waiting.is_empty()
+                    && replays.as_ref().is_none_or(|a| a.replies.owes_nothing()) =>
+                {
                     self.finish_close()?;
                     true
                 }
@@ -647,9 +647,16 @@ impl<'a> Coordinator<'a> {
         }
     }
 
-    /// Keeps the time the window spends in validators' checks.
+    /// Keeps the time the window spends in validators' checks: recomputing
+    /// slices, and replays the close is done before.
     fn clock_audits(&mut self, now: Instant) {
-        let auditing = matches!(self.phase, Phase::Auditing(_) | Phase::Recomputing(..));
+        let auditing = match &self.phase {
+            Phase::Recomputing(..) => true,
+            Phase::Closing {
+                waiting, replays, ..
+            } => waiting.is_empty() && replays.is_some(),
+            _ => false,
+        };
         let Some(w) = self.window.as_mut() else {
             return;
         };
@@ -796,8 +803,10 @@ impl<'a> Coordinator<'a> {
                     w.flight.finish(id);
                 }
             }
-            Phase::Auditing(a) => a.take(from, report, w),
             Phase::Recomputing(a, _) => a.take(from, report, w),
+            Phase::Closing {
+                replays: Some(a), ..
+            } if matches!(report, Report::Audited { .. }) => a.take(from, report, w),
             Phase::Closing {
                 waiting,
                 reductions,
@@ -918,7 +927,10 @@ impl<'a> Coordinator<'a> {
                 // Its checks are redone by the others in a new attempt,
                 // on fresh tags, so that no bundle meant for it is taken
                 // for another task. The window's microbatches stay done.
-                Phase::Auditing(_) | Phase::Recomputing(..) => self.redo_without(&[])?,
+                Phase::Closing {
+                    replays: Some(_), ..
+                }
+                | Phase::Recomputing(..) => self.redo_without(&[])?,
                 // The step is done; its checkpoint audits go unaudited.
                 Phase::Stepping(s) => {
                     s.owed.remove(&rank);
@@ -940,9 +952,12 @@ impl<'a> Coordinator<'a> {
         Ok(())
     }
 
-    /// Phase two of closing: every stage all-reduces the gradients of the
-    /// done microbatches; nothing is applied yet.
-    pub(super) fn begin_close(&mut self) -> Result<(), TrainError> {
+    /// Every stage all-reduces the gradients of the done microbatches,
+    /// while validators do `replays`; nothing is applied yet.
+    pub(super) fn begin_close(
+        &mut self,
+        replays: Option<super::checks::PassAudit>,
+    ) -> Result<(), TrainError> {
         let w = self.window.as_ref().expect("a window runs");
         let counted = w
             .trained()
@@ -974,6 +989,7 @@ impl<'a> Coordinator<'a> {
         };
         self.phase = Phase::Closing {
             waiting: self.miners.keys().copied().collect(),
+            replays,
             reductions: BTreeMap::new(),
             failure: None,
             scales,
@@ -985,6 +1001,7 @@ impl<'a> Coordinator<'a> {
 
     fn finish_close(&mut self) -> Result<(), TrainError> {
         let Phase::Closing {
+            replays,
             reductions,
             failure,
             scales,
@@ -994,6 +1011,14 @@ impl<'a> Coordinator<'a> {
         else {
             unreachable!("finish_close runs in Closing")
         };
+        // Miners caught by a replay: what this close summed included their
+        // gradients, so it is thrown away and the window redone.
+        if let Some(audit) = replays {
+            let caught = self.judge_replays(audit);
+            if !caught.is_empty() {
+                return self.redo_without(&caught);
+            }
+        }
         let window = self.window.as_ref().expect("a window runs").window;
         // A dispute between two miners still in the job, said again.
         let repeated = self.window.as_ref().and_then(|w| {

@@ -222,6 +222,46 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
     assert!(!credited(&seen).contains_key(&5) || credited(&seen)[&5] == 0);
     // Everyone else is replayed and credited for every pass.
     assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
+    // The close ran beside the replays, and was thrown away with the
+    // cheater's gradients in it: nothing stepped before the redo.
+    assert_eq!(
+        flow(&seen, 0),
+        [
+            ("run", 0),
+            ("audit", 0),
+            ("close", 0),
+            ("run", 1),
+            ("audit", 1),
+            ("close", 1),
+            ("recompute", 1),
+            ("step", 1)
+        ]
+    );
+}
+
+/// The window orders of `window` in the order sent, as (kind, attempt).
+fn flow(seen: &Seen, window: u64) -> Vec<(&'static str, u32)> {
+    seen.orders
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Order::Run {
+                window: w, attempt, ..
+            } if *w == window => Some(("run", *attempt)),
+            Order::Audit {
+                window: w, attempt, ..
+            } if *w == window => Some(("audit", *attempt)),
+            Order::Close {
+                window: w, attempt, ..
+            } if *w == window => Some(("close", *attempt)),
+            Order::Recompute {
+                window: w, attempt, ..
+            } if *w == window => Some(("recompute", *attempt)),
+            Order::Step {
+                window: w, attempt, ..
+            } if *w == window => Some(("step", *attempt)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The passes, (microbatch, stage), in the `Audit` orders of `window`.
