@@ -314,11 +314,11 @@ fn a_miner_honest_at_first_is_caught_once_it_cheats_and_loses_every_window() {
 }
 
 #[test]
-fn a_miner_cheating_on_some_passes_is_caught_by_what_its_receipts_state_without_random_replays() {
-    // No uniform draw (replay_rate 0): only passes whose stated gradient
-    // maxima (skipped work: zeros) or gradient sketch (negated gradients,
-    // whose maxima are the honest ones) stand out from their stage's are
-    // replayed. 3 miners a stage, so rank 2's passes are a third of stage
+fn a_miner_cheating_on_some_passes_is_caught_by_what_it_states_of_them_without_random_replays() {
+    // No uniform draw (replay_rate 0): only passes whose gradient maxima
+    // (stated in the receipt; skipped work: zeros) or gradient sketch
+    // (stated at the close, with its seed; negated gradients, whose maxima
+    // are the honest ones) stand out from their stage's are replayed. 3 miners a stage, so rank 2's passes are a third of stage
     // 0's. Which microbatches it serves follows the routing, so it cheats
     // on none of its ~12 passes in 6 windows once in 4096 runs.
     let dir = tempfile::tempdir().unwrap();

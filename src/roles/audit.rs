@@ -176,7 +176,7 @@ pub fn gradient_maxes(model: &StageModel, params: &[f32]) -> Vec<u32> {
         .collect()
 }
 
-/// Entries of a receipt's gradient sketch, at least: enough that the
+/// Entries of a pass's gradient sketch, at least: enough that the
 /// cosine of two sketches is within about 0.06 of their gradients' (the
 /// error of a count sketch falls as one over the root of its length),
 /// few enough that a receipt stays a few kilobytes.
@@ -190,35 +190,37 @@ pub fn sketch_per_chunk(numel: usize) -> usize {
     SKETCH_LEN.div_ceil(numel.div_ceil(GRAD_CHUNK).max(1))
 }
 
-/// A receipt's `sketch` (f32 bits): a count sketch of the pass's
-/// parameter gradients, each element added with a sign and into an entry
-/// of its chunk that a hash of its index picks. Two sketches' inner
-/// product estimates their gradients', so the orchestrator can see a pass
-/// whose gradient points against its stage's (see
-/// `orchestrator::suspicion`) without the gradients; a replay recomputes
-/// it bit for bit.
-pub fn gradient_sketch(params: &[f32]) -> Vec<u32> {
+/// A pass's sketch as a miner states it when it reduces (f32 bits): a
+/// count sketch of the pass's parameter gradients, each element added
+/// with a sign and into an entry of its chunk that a hash of `seed` and
+/// its index picks. Two sketches of one seed have an inner product that
+/// estimates their gradients', so the orchestrator can see a pass whose
+/// gradient points against its stage's (see `orchestrator::suspicion`)
+/// without the gradients.
+pub fn gradient_sketch(params: &[f32], seed: u64) -> Vec<u32> {
     let per_chunk = sketch_per_chunk(params.len());
     params
         .chunks(GRAD_CHUNK)
         .enumerate()
-        .flat_map(|(q, chunk)| chunk_sketch(q, chunk, per_chunk))
+        .flat_map(|(q, chunk)| chunk_sketch(q, chunk, per_chunk, seed))
         .map(f32::to_bits)
         .collect()
 }
 
 /// The `per_chunk` sketch entries of chunk `q`, whose floats are `chunk`.
-/// Element `i`'s sign is bit `i % 64` of a hash of `i / 64`, its entry
-/// (where a chunk has more than one) a hash of `i` taken to `per_chunk`
-/// by multiply-shift; it is added by flipping its sign bit. Branches,
+/// With `key` a hash of `seed`, element `i`'s sign is bit `i % 64` of a
+/// hash of `key ^ i / 64`, its entry (where a chunk has more than one) a
+/// hash of `key ^ i` with its halves swapped, taken to `per_chunk` by
+/// multiply-shift; it is added by flipping its sign bit. Branches,
 /// divisions and a hash per element for the signs made this several
 /// times slower; a big stage has one entry a chunk and needs no entry
 /// hashes at all.
 ///
-/// The signs and entries are public (a miner must compute them): a
-/// cheater that shapes a wrong gradient to them could state a sketch that
-/// looks right; drawing them after the receipts would close that.
-fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize) -> Vec<f32> {
+/// The seed comes with the `Close` order, after the receipts bound each
+/// pass's gradients: with signs known beforehand, a cheater could shape a
+/// wrong gradient so that its sketch looks right.
+fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize, seed: u64) -> Vec<f32> {
+    let key = splitmix64(seed);
     // Four partial sums an entry, by element index, added up in a fixed
     // order at the end: one running sum would make every addition wait
     // for the one before.
@@ -226,13 +228,16 @@ fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize) -> Vec<f32> {
     let first = q * GRAD_CHUNK;
     for (b, block) in chunk.chunks(64).enumerate() {
         let base = first + 64 * b;
-        let signs = splitmix64((base / 64) as u64);
+        let signs = splitmix64(key ^ (base / 64) as u64);
         for (j, &x) in block.iter().enumerate() {
             let flip = ((signs >> j) as u32 & 1) << 31;
             let signed = f64::from(f32::from_bits(x.to_bits() ^ flip));
             let entry = match per_chunk {
                 1 => 0,
-                n => (((splitmix64((base + j) as u64) >> 32) * n as u64) >> 32) as usize,
+                n => {
+                    let h = splitmix64(key.rotate_left(32) ^ (base + j) as u64);
+                    (((h >> 32) * n as u64) >> 32) as usize
+                }
             };
             sums[entry][j % 4] += signed;
         }
@@ -267,12 +272,13 @@ pub fn gradient_proof<'p>(
 /// of its stage's all-reduce, little-endian) is, in the gradient chunk
 /// holding element `probe`, the fixed-point sum at `scales` of the
 /// gradients of `passes` (its credited passes, as their receipts state
-/// them), and that their receipts' sketches are those chunk's gradients'.
+/// them), and that the sketches it stated for them (with `sketch_seed`)
+/// are, in that chunk, those gradients'.
 /// `proof` holds, pass by pass, every chunk's digest and then
 /// the probed chunk's floats, little-endian ([`gradient_proof`]).
 pub fn check_contribution(
     segments: &[Range<usize>],
-    scales: &[i32],
+    (scales, sketch_seed): (&[i32], u64),
     passes: &[CreditedPass],
     probe: usize,
     slice: &Range<usize>,
@@ -317,7 +323,7 @@ pub fn check_contribution(
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()))
             .collect();
-        let sketched = chunk_sketch(q, &values, per_chunk)
+        let sketched = chunk_sketch(q, &values, per_chunk, sketch_seed)
             .into_iter()
             .map(f32::to_bits);
         if !pass
@@ -326,7 +332,7 @@ pub fn check_contribution(
             .is_some_and(|stated| sketched.eq(stated.iter().copied()))
         {
             return Err(format!(
-                "microbatch {id}: its receipt's gradient sketch is not its gradients'"
+                "microbatch {id}: the gradient sketch it stated is not its gradients'"
             ));
         }
         let inside = probed.start - chunk.start..probed.end - chunk.start;
@@ -509,11 +515,6 @@ pub(super) fn replay(
             "microbatch {id}: the gradient maxes differ from the receipt's"
         ));
     }
-    if gradient_sketch(&grads.params) != receipt.sketch {
-        return Err(format!(
-            "microbatch {id}: the gradient sketch differs from the receipt's"
-        ));
-    }
     let grad_out = match &grads.input {
         None => None,
         Some(g) => Some(digest(&encoded(g)?)),
@@ -524,6 +525,9 @@ pub(super) fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Close` order's sketch seed.
+    const SEED: u64 = 0x5eed;
 
     #[test]
     fn a_contribution_is_checked_against_its_passes_in_the_probed_chunk() {
@@ -548,7 +552,7 @@ mod tests {
             .map(|(id, p)| CreditedPass {
                 id: id as u64,
                 params: params_digest(&chunk_digests(p)),
-                sketch: gradient_sketch(p),
+                sketch: gradient_sketch(p, SEED),
             })
             .collect();
         // The second of two slices; the probe lands in its first chunk.
@@ -568,7 +572,7 @@ mod tests {
         let check_stated = |stated: &[CreditedPass], contribution: &[u8], proof: &[u8]| {
             check_contribution(
                 &segments,
-                fixed.exponents(),
+                (fixed.exponents(), SEED),
                 stated,
                 probe,
                 &slice,
@@ -579,14 +583,22 @@ mod tests {
         let check = |contribution: &[u8], proof: &[u8]| check_stated(&stated, contribution, proof);
         assert_eq!(check(&bytes(&contribution), &proof), Ok(()));
 
-        // A receipt stating the sketch of other gradients than the pass's
-        // (the honest one's, for gradients it negated) in the probed chunk.
+        // A sketch of other gradients than the pass's (the honest one's,
+        // for gradients it negated) in the probed chunk.
         let mut lying = stated.clone();
         let probed_entries = (probe / GRAD_CHUNK) * sketch_per_chunk(numel);
         lying[1].sketch[probed_entries] ^= 0x8000_0000;
         let err = check_stated(&lying, &bytes(&contribution), &proof).unwrap_err();
         assert!(
-            err.contains("microbatch 1: its receipt's gradient sketch is not"),
+            err.contains("microbatch 1: the gradient sketch it stated is not"),
+            "{err}"
+        );
+        // A sketch made with signs of its own choosing, not the close's.
+        let mut own_signs = stated.clone();
+        own_signs[2].sketch = gradient_sketch(parts[2], SEED + 1);
+        let err = check_stated(&own_signs, &bytes(&contribution), &proof).unwrap_err();
+        assert!(
+            err.contains("microbatch 2: the gradient sketch it stated is not"),
             "{err}"
         );
         // Its lie elsewhere is left to the probes of other windows.
@@ -618,19 +630,29 @@ mod tests {
         let grads: Vec<f32> = (0..numel).map(|_| rng.normal() as f32).collect();
         let per_chunk = sketch_per_chunk(numel);
         assert_eq!(per_chunk, SKETCH_LEN.div_ceil(6));
-        let sketch = gradient_sketch(&grads);
+        let sketch = gradient_sketch(&grads, SEED);
         assert_eq!(sketch.len(), 6 * per_chunk);
+        assert_eq!(
+            gradient_sketch(&grads, SEED),
+            sketch,
+            "one seed, one sketch"
+        );
+        // Another seed draws other signs and entries: every entry of the
+        // full chunks changes (the last holds 3 elements, most entries 0).
+        let reseeded = gradient_sketch(&grads, SEED + 1);
+        let full = 5 * per_chunk;
+        assert!(sketch[..full].iter().zip(&reseeded).all(|(a, b)| a != b));
         // Changing one element changes its own chunk's entries only.
         let mut moved = grads.clone();
         moved[2 * GRAD_CHUNK + 5] += 1.0;
-        let other = gradient_sketch(&moved);
+        let other = gradient_sketch(&moved, SEED);
         let changed: Vec<usize> = (0..sketch.len())
             .filter(|&i| sketch[i] != other[i])
             .map(|i| i / per_chunk)
             .collect();
         assert_eq!(changed, [2]);
         let negated: Vec<f32> = grads.iter().map(|x| -x).collect();
-        let flipped: Vec<u32> = gradient_sketch(&negated);
+        let flipped: Vec<u32> = gradient_sketch(&negated, SEED);
         let value = |bits: &u32| f32::from_bits(*bits);
         assert!(sketch
             .iter()

@@ -22,7 +22,7 @@ use super::device::{DevicePass, StageDevice};
 use super::leader::{Leader, Waited};
 use super::protocol::{
     self, slice_digest, Across, AuditTask, CheckpointTask, CreditedPass, LeaderPart, Order,
-    Placement, Receipt, Reduction, Report, Route, SliceTask, StageDigests,
+    PassSketch, Placement, Receipt, Reduction, Report, Route, SliceTask, StageDigests,
 };
 use super::train::{
     inject_planned_fault, inject_planned_fault_at, leave_on_signal, send_unless_lost, Setup,
@@ -464,6 +464,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     scales,
                     sites,
                     keys,
+                    sketch_seed,
                 } => {
                     let peers = stages.get(self.stage).cloned().unwrap_or_default();
                     let keys: Vec<Option<String>> = keys
@@ -480,6 +481,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                         .filter(|s| s.len() == peers.len())
                         .cloned()
                         .unwrap_or_default();
+                    let scales = (scales, sketch_seed);
                     self.close(window, attempt, &counted, (peers, keys), sites, scales)?;
                     self.next_order()?
                 }
@@ -822,7 +824,6 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             grad_out,
             params: audit::params_digest(&chunks),
             maxes: audit::gradient_maxes(&self.model, &grads.params),
-            sketch: audit::gradient_sketch(&grads.params),
         };
         let kept = KeptGrads {
             params: grads.params,
@@ -1013,13 +1014,13 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         counted: &[Route],
         (peers, keys): (Vec<usize>, Vec<Option<String>>),
         sites: Vec<usize>,
-        scales: Vec<i32>,
+        (scales, sketch_seed): (Vec<i32>, u64),
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
         // A miner routed nothing in its crash window leaves here.
         inject_planned_fault(self.spec, me, window);
         inject_planned_fault_at(self.spec, me, window, CrashPhase::Close);
-        let mut parts = Vec::new();
+        let (mut ids, mut parts) = (Vec::new(), Vec::new());
         for route in counted
             .iter()
             .filter(|r| r.path.get(self.stage) == Some(&me))
@@ -1034,6 +1035,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                         route.id
                     ),
                 })?;
+            ids.push(route.id);
             parts.push(grads.params.as_slice());
         }
         let site_of: BTreeMap<usize, usize> = peers.iter().copied().zip(sites).collect();
@@ -1127,12 +1129,21 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 let contribution = Contribution::new(window, attempt, values, held);
                 let reduction = contribution.statement(result);
                 self.contribution = Some(contribution);
+                let sketches = ids
+                    .iter()
+                    .zip(&parts)
+                    .map(|(&id, grads)| PassSketch {
+                        id,
+                        sketch: audit::gradient_sketch(grads, sketch_seed),
+                    })
+                    .collect();
                 Report::Reduced {
                     window,
                     attempt,
-                    reduction,
+                    reduction: Box::new(reduction),
                     deadline_s: deadline.as_secs_f64(),
                     reduce_s,
+                    sketches,
                 }
             }
             // A peer gone, or one that sent what the protocol does not

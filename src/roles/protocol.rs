@@ -209,10 +209,6 @@ pub struct Receipt {
     /// tensor (f32 bits; infinity for a NaN): the orchestrator sets the
     /// all-reduce's fixed-point scales from them.
     pub maxes: Vec<u32>,
-    /// `audit::gradient_sketch` of the parameter gradients (f32 bits):
-    /// the orchestrator compares its direction with the stage's other
-    /// passes'.
-    pub sketch: Vec<u32>,
 }
 
 /// One pass to replay: microbatch `id` on `stage`, served by `miner`, whose
@@ -300,14 +296,24 @@ pub fn slice_digest(values: &[i64]) -> String {
         .to_string()
 }
 
-/// A pass a window credits a miner with, as its receipt states it: what a
-/// contribution check holds the probed chunk of its gradients against.
+/// A pass a window credits a miner with, as its receipt and its close
+/// state it: what a contribution check holds the probed chunk of its
+/// gradients against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditedPass {
     pub id: u64,
     /// The receipt's `params`.
     pub params: String,
-    /// The receipt's `sketch`.
+    /// The gradient sketch the miner stated for it when it reduced.
+    pub sketch: Vec<u32>,
+}
+
+/// A miner's `audit::gradient_sketch` of one pass's parameter gradients
+/// (f32 bits), with the window's `Close` seed: the orchestrator compares
+/// its direction with the stage's other passes'.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassSketch {
+    pub id: u64,
     pub sketch: Vec<u32>,
 }
 
@@ -325,6 +331,8 @@ pub struct SliceTask {
     pub holders: Vec<(usize, String)>,
     /// The stage's fixed-point scales, as the `Close` order gave them.
     pub scales: Vec<i32>,
+    /// The `Close` order's sketch seed.
+    pub sketch_seed: u64,
     /// For each contributor (same order), the passes the window credits
     /// it with: its contribution must be their gradients' fixed-point sum,
     /// and their sketches those gradients'. Only one recomputed slice of a
@@ -441,6 +449,11 @@ pub enum Order {
         /// statements of the slices they hand out are checked against.
         #[serde(default)]
         keys: Vec<Vec<String>>,
+        /// Picks the signs and entries of the gradient sketches each miner
+        /// states with its reduction. Drawn now, after every pass's receipt
+        /// bound its gradients, so no miner can shape a wrong gradient to
+        /// look right in its sketch.
+        sketch_seed: u64,
     },
     /// Send what the validators need to replay `tasks`; `weights` is the
     /// digest every stage's weights had at the window's start.
@@ -527,12 +540,14 @@ pub enum Report {
     Reduced {
         window: u64,
         attempt: u32,
-        reduction: Reduction,
+        reduction: Box<Reduction>,
         /// The deadline, in seconds, this miner gave the all-reduce.
         deadline_s: f64,
         /// Seconds the all-reduce took it.
         #[serde(default)]
         reduce_s: f64,
+        /// The sketch of each counted pass it served, by microbatch.
+        sketches: Vec<PassSketch>,
     },
     /// A validator recomputed a slice: the verdict on each miner involved
     /// (contributors and holders), after `replay_s` seconds of work.
@@ -684,7 +699,6 @@ mod tests {
                 grad_out: Some("ef".into()),
                 params: "01".into(),
                 maxes: vec![0x3f80_0000],
-                sketch: vec![0xbf80_0000, 0],
             })),
             wait_s: 0.125,
         };

@@ -448,7 +448,7 @@ fn recompute<T: Transport + ?Sized>(
                 let checked = passes.map_or(Ok(()), |passes| {
                     audit::check_contribution(
                         segments,
-                        &task.scales,
+                        (&task.scales, task.sketch_seed),
                         passes,
                         probe,
                         &range,

@@ -12,8 +12,8 @@ use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
 use crate::ledger::Tally;
 use crate::roles::protocol::{
-    self, AuditTask, CheckpointTask, CreditedPass, Order, Receipt, Reduction, Report, SitePart,
-    SliceTask, Verdict,
+    self, AuditTask, CheckpointTask, CreditedPass, Order, Reduction, Report, SitePart, SliceTask,
+    Verdict,
 };
 use crate::roles::train::{Setup, TrainError};
 
@@ -152,22 +152,11 @@ impl Coordinator<'_> {
             return self.begin_close(None);
         }
         let rate = self.spec.roles.replay_rate;
-        let w = self.window.as_ref().expect("a window runs");
+        let w = self.window.as_mut().expect("a window runs");
+        w.suspected.clear();
         let mut breaks = Vec::new();
-        let done: Vec<(u64, usize)> = w.trained().map(|(id, path)| (id, path.len())).collect();
-        // Each miner's passes not replayed yet.
-        let mut unchecked: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
-        for &(id, stages) in &done {
-            for stage in 0..stages {
-                if let Some((miner, _)) = w.receipts.get(&(id, stage)) {
-                    if !w.passed.contains(&(id, stage, *miner)) {
-                        unchecked.entry(*miner).or_default().push((id, stage));
-                    }
-                }
-            }
-        }
-        for (id, stages) in done {
-            for stage in 1..stages {
+        for (id, path) in w.trained() {
+            for stage in 1..path.len() {
                 let (Some((_, up)), Some((_, down))) = (
                     w.receipts.get(&(id, stage - 1)),
                     w.receipts.get(&(id, stage)),
@@ -182,16 +171,39 @@ impl Coordinator<'_> {
                 }
             }
         }
-        let mut picked: BTreeSet<(u64, usize)> =
-            suspects(w, &unchecked, self.spec.roles.suspect_replays)
-                .into_iter()
-                .collect();
+        let mut unchecked = unchecked(w);
+        let mut picked = self.suspects(&unchecked, false);
         for passes in unchecked.values_mut() {
             picked.extend(self.draw(rate, passes));
         }
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
         }
+        let replays = self.send_replays(&picked, breaks);
+        self.begin_close(replays)
+    }
+
+    /// Once every miner stated its passes' sketches with its reduction:
+    /// has validators replay the passes that, by direction too, stand out
+    /// most from their stage's (see [`suspicion`]), within what is left of
+    /// each miner's `suspect_replays` this attempt; `None` when there are
+    /// none, as in most windows.
+    pub(super) fn replay_by_direction(&mut self) -> Option<PassAudit> {
+        if self.validators.is_empty() {
+            return None;
+        }
+        let unchecked = unchecked(self.window.as_ref().expect("a window runs"));
+        let picked = self.suspects(&unchecked, true);
+        self.send_replays(&picked, Vec::new())
+    }
+
+    /// Sends validators the `Audit` order for `picked` passes, whose
+    /// chain `breaks` the replays decide.
+    fn send_replays(
+        &mut self,
+        picked: &BTreeSet<(u64, usize)>,
+        breaks: Vec<((u64, usize), (u64, usize))>,
+    ) -> Option<PassAudit> {
         let w = self.window.as_ref().expect("a window runs");
         let tasks: Vec<AuditTask> = picked
             .iter()
@@ -207,7 +219,7 @@ impl Coordinator<'_> {
             })
             .collect();
         if tasks.is_empty() {
-            return self.begin_close(None);
+            return None;
         }
         let (window, attempt) = (w.window, w.attempt);
         let replies = Replies::new(window, attempt, tasks.iter().map(|t| t.validator));
@@ -217,7 +229,63 @@ impl Coordinator<'_> {
             tasks,
             weights: self.weights.clone(),
         });
-        self.begin_close(Some(PassAudit { replies, breaks }))
+        Some(PassAudit { replies, breaks })
+    }
+
+    /// Each miner's unchecked passes that stand out most from their
+    /// stage's passes in this window (by [`suspicion::standing`]: by their
+    /// stated maxima, and with `by_direction` by their sketches too), past
+    /// their threshold, up to what is left of its `suspect_replays` this
+    /// attempt, which they use up.
+    fn suspects(
+        &mut self,
+        unchecked: &BTreeMap<usize, Vec<(u64, usize)>>,
+        by_direction: bool,
+    ) -> BTreeSet<(u64, usize)> {
+        let limit = self.spec.roles.suspect_replays;
+        let w = self.window.as_mut().expect("a window runs");
+        let mut by_stage: BTreeMap<usize, Vec<Stated>> = BTreeMap::new();
+        for (&(id, stage), (_, receipt)) in &w.receipts {
+            let sketch = match by_direction {
+                // None stated is a sketch of the wrong length: a lie.
+                true => w.sketches.get(&(id, stage)).map_or(&[][..], |s| &s[..]),
+                false => &[],
+            };
+            by_stage
+                .entry(stage)
+                .or_default()
+                .push((id, &receipt.maxes[..], sketch));
+        }
+        let mut score: BTreeMap<(u64, usize), f64> = BTreeMap::new();
+        for (stage, passes) in by_stage {
+            let maxes: Vec<&[u32]> = passes.iter().map(|p| p.1).collect();
+            let sketches: Vec<&[u32]> = match by_direction {
+                true => passes.iter().map(|p| p.2).collect(),
+                false => Vec::new(),
+            };
+            let standing = suspicion::standing(&maxes, &sketches);
+            for (p, s) in passes.iter().zip(standing) {
+                score.insert((p.0, stage), s);
+            }
+        }
+        let mut picked = BTreeSet::new();
+        for (miner, passes) in unchecked {
+            let used = w.suspected.entry(*miner).or_default();
+            let mut standing_out: Vec<((u64, usize), f64)> = passes
+                .iter()
+                .filter_map(|p| Some((*p, *score.get(p)?)))
+                .filter(|&(_, s)| s >= 1.0)
+                .collect();
+            standing_out.sort_by(|a, b| b.1.total_cmp(&a.1));
+            for &(pass, _) in standing_out
+                .iter()
+                .take(limit.saturating_sub(*used) as usize)
+            {
+                picked.insert(pass);
+                *used += 1;
+            }
+        }
+        picked
     }
 
     /// The replays are in: the miners caught, excluded from the job; the
@@ -378,7 +446,11 @@ impl Coordinator<'_> {
                                 Some(CreditedPass {
                                     id,
                                     params: receipt.params.clone(),
-                                    sketch: receipt.sketch.clone(),
+                                    sketch: w
+                                        .sketches
+                                        .get(&(id, stage))
+                                        .cloned()
+                                        .unwrap_or_default(),
                                 })
                             })
                             .collect()
@@ -392,6 +464,7 @@ impl Coordinator<'_> {
                 contributors,
                 holders,
                 scales: closed.scales.get(stage).cloned().unwrap_or_default(),
+                sketch_seed: closed.sketch_seed,
                 passes,
                 probe: self.draws.next_u64(),
                 sites: Vec::new(),
@@ -457,6 +530,7 @@ impl Coordinator<'_> {
                 contributors,
                 holders,
                 scales: closed.scales.get(stage).cloned().unwrap_or_default(),
+                sketch_seed: closed.sketch_seed,
                 passes: None,
                 probe: self.draws.next_u64(),
                 sites,
@@ -704,41 +778,22 @@ impl Coordinator<'_> {
     }
 }
 
-/// Each miner's `limit` unchecked passes that stand out most from their
-/// stage's passes in window `w` (by [`suspicion::standing`]), among those
-/// past their threshold.
-fn suspects(
-    w: &WindowState,
-    unchecked: &BTreeMap<usize, Vec<(u64, usize)>>,
-    limit: u32,
-) -> Vec<(u64, usize)> {
-    if limit == 0 {
-        return Vec::new();
-    }
-    let mut by_stage: BTreeMap<usize, Vec<(u64, &Receipt)>> = BTreeMap::new();
-    for (&(id, stage), (_, receipt)) in &w.receipts {
-        by_stage.entry(stage).or_default().push((id, receipt));
-    }
-    let mut score: BTreeMap<(u64, usize), f64> = BTreeMap::new();
-    for (stage, passes) in by_stage {
-        let maxes: Vec<&[u32]> = passes.iter().map(|(_, r)| &r.maxes[..]).collect();
-        let sketches: Vec<&[u32]> = passes.iter().map(|(_, r)| &r.sketch[..]).collect();
-        let standing = suspicion::standing(&maxes, &sketches);
-        for ((id, _), s) in passes.iter().zip(standing) {
-            score.insert((*id, stage), s);
+/// A pass as its miner stated it: microbatch, gradient maxima, sketch.
+type Stated<'a> = (u64, &'a [u32], &'a [u32]);
+
+/// Each miner's passes in `w` not replayed yet.
+fn unchecked(w: &WindowState) -> BTreeMap<usize, Vec<(u64, usize)>> {
+    let mut unchecked: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
+    for (id, path) in w.trained() {
+        for stage in 0..path.len() {
+            if let Some((miner, _)) = w.receipts.get(&(id, stage)) {
+                if !w.passed.contains(&(id, stage, *miner)) {
+                    unchecked.entry(*miner).or_default().push((id, stage));
+                }
+            }
         }
     }
-    let mut picked = Vec::new();
-    for passes in unchecked.values() {
-        let mut standing_out: Vec<((u64, usize), f64)> = passes
-            .iter()
-            .filter_map(|p| Some((*p, *score.get(p)?)))
-            .filter(|&(_, s)| s >= 1.0)
-            .collect();
-        standing_out.sort_by(|a, b| b.1.total_cmp(&a.1));
-        picked.extend(standing_out.iter().take(limit as usize).map(|&(p, _)| p));
-    }
-    picked
+    unchecked
 }
 
 /// The ranks of an all-reduce among `ranks` (in its order) that reduce

@@ -26,7 +26,8 @@ use crate::config::{HoldPhase, JobSpec};
 use crate::data::rng::SplitMix64;
 use crate::pipeline::{InFlight, Router, RouterState};
 use crate::roles::protocol::{
-    self, CheckpointTask, Order, Placement, Receipt, Reduction, Report, Route, StageDigests,
+    self, CheckpointTask, Order, PassSketch, Placement, Receipt, Reduction, Report, Route,
+    StageDigests,
 };
 use crate::roles::train::{
     BubbleCauses, Deadlines, Member, MemberState, Setup, TrainError, WindowReport,
@@ -157,6 +158,11 @@ pub(super) enum Phase {
         waiting: BTreeSet<usize>,
         /// The replays, when any were asked for.
         replays: Option<super::checks::PassAudit>,
+        /// The seed of the sketches the miners state as they reduce.
+        sketch_seed: u64,
+        /// Whether the passes' directions were judged (and any suspect
+        /// among them is in `replays`).
+        directions_judged: bool,
         reductions: BTreeMap<usize, Reduction>,
         failure: Option<(usize, String)>,
         scales: Vec<Vec<i32>>,
@@ -177,6 +183,7 @@ pub(super) enum Phase {
 pub(super) struct Closed {
     pub reductions: BTreeMap<usize, Reduction>,
     pub scales: Vec<Vec<i32>>,
+    pub sketch_seed: u64,
     /// The `Close` order's site ids of each stage's miners.
     pub sites: Vec<Vec<usize>>,
 }
@@ -219,6 +226,11 @@ pub(super) struct WindowState {
     pub receipts: BTreeMap<(u64, usize), (usize, Receipt)>,
     /// Passes replayed and found right, with their miner.
     pub passed: BTreeSet<(u64, usize, usize)>,
+    /// The gradient sketch of each pass `(id, stage)` counted by the
+    /// current attempt's close, as its miner stated it.
+    pub sketches: BTreeMap<(u64, usize), Vec<u32>>,
+    /// Suspect replays each miner had this attempt.
+    pub suspected: BTreeMap<usize, u32>,
     /// Passes replayed and found wrong.
     pub wrong: u64,
     /// All-reduce slices recomputed, all attempts included.
@@ -560,6 +572,8 @@ impl<'a> Coordinator<'a> {
             wire_bytes: 0,
             receipts: BTreeMap::new(),
             passed: BTreeSet::new(),
+            sketches: BTreeMap::new(),
+            suspected: BTreeMap::new(),
             wrong: 0,
             recomputed: 0,
             failed: BTreeMap::new(),
@@ -819,8 +833,20 @@ impl<'a> Coordinator<'a> {
                     reduction,
                     deadline_s,
                     reduce_s,
+                    sketches,
                 } if (rw, ra) == (window, attempt) && waiting.remove(&from) => {
-                    reductions.insert(from, reduction);
+                    reductions.insert(from, *reduction);
+                    if let Some(&stage) = self.miners.get(&from) {
+                        for PassSketch { id, sketch } in sketches {
+                            // Only a pass it served, as its receipt says.
+                            if w.receipts
+                                .get(&(id, stage))
+                                .is_some_and(|(m, _)| *m == from)
+                            {
+                                w.sketches.insert((id, stage), sketch);
+                            }
+                        }
+                    }
                     w.reduce_s += reduce_s;
                     w.close_deadline_s = w.close_deadline_s.max(deadline_s);
                 }
@@ -978,6 +1004,10 @@ impl<'a> Coordinator<'a> {
                 miners.iter().map(key).collect()
             })
             .collect();
+        let sketch_seed = self.draws.next_u64();
+        if let Some(w) = self.window.as_mut() {
+            w.sketches.clear();
+        }
         let order = Order::Close {
             window,
             attempt,
@@ -986,10 +1016,13 @@ impl<'a> Coordinator<'a> {
             scales: scales.clone(),
             sites: sites.clone(),
             keys,
+            sketch_seed,
         };
         self.phase = Phase::Closing {
             waiting: self.miners.keys().copied().collect(),
             replays,
+            sketch_seed,
+            directions_judged: false,
             reductions: BTreeMap::new(),
             failure: None,
             scales,
@@ -1006,6 +1039,8 @@ impl<'a> Coordinator<'a> {
             failure,
             scales,
             sites,
+            sketch_seed,
+            directions_judged,
             ..
         } = std::mem::replace(&mut self.phase, Phase::Finished)
         else {
@@ -1063,10 +1098,26 @@ impl<'a> Coordinator<'a> {
             let gone = self.exclude_all(window, &reasons);
             return self.redo_without(&gone);
         }
+        if !directions_judged {
+            if let Some(replays) = self.replay_by_direction() {
+                self.phase = Phase::Closing {
+                    waiting: BTreeSet::new(),
+                    replays: Some(replays),
+                    sketch_seed,
+                    directions_judged: true,
+                    reductions,
+                    failure: None,
+                    scales,
+                    sites,
+                };
+                return Ok(());
+            }
+        }
         self.announce_hold(window, HoldPhase::Close);
         self.phase = Phase::HoldClose(Closed {
             reductions,
             scales,
+            sketch_seed,
             sites,
         });
         Ok(())

@@ -15,7 +15,7 @@ use crate::config::JobSpec;
 use crate::ledger::Tally;
 use crate::pipeline::Router;
 use crate::roles::protocol::{
-    is_validation, Order, Receipt, Reduction, Report, StageDigests, Verdict,
+    is_validation, Order, PassSketch, Receipt, Reduction, Report, StageDigests, Verdict,
 };
 use crate::roles::train::{miners_of, validators_of, Deadlines, Setup, TrainError};
 
@@ -121,9 +121,9 @@ impl Sim {
         }
     }
 
-    /// The gradient sketch stated for microbatch `id`: entries between 1
-    /// and 2, so that every pass points with the others, unless the script
-    /// flips it.
+    /// The gradient sketch stated for microbatch `id` as its miners
+    /// reduce: entries between 1 and 2, so that every pass points with the
+    /// others, unless the script flips it.
     fn sketch(&self, id: u64) -> Vec<u32> {
         let sign = match self.script.flipped == Some(id) {
             true => -1.0,
@@ -314,7 +314,6 @@ impl Sim {
                                 grad_out: (stage > 0).then(|| format!("g{}-{stage}", route.id)),
                                 params: format!("p{}-{stage}", route.id),
                                 maxes: self.maxes(route.id),
-                                sketch: self.sketch(route.id),
                             })
                         });
                         self.report(
@@ -377,11 +376,20 @@ impl Sim {
             Order::Close {
                 window,
                 attempt,
+                counted,
                 stages,
                 ..
             } => {
                 for (stage, miners) in stages.iter().enumerate() {
                     for &m in miners.iter().filter(|m| to.contains(m)) {
+                        let sketches = counted
+                            .iter()
+                            .filter(|r| r.path.get(stage) == Some(&m))
+                            .map(|r| PassSketch {
+                                id: r.id,
+                                sketch: self.sketch(r.id),
+                            })
+                            .collect();
                         let reduction = Reduction {
                             contributions: (0..miners.len()).map(|j| format!("c{m}-{j}")).collect(),
                             copies: Vec::new(),
@@ -395,9 +403,10 @@ impl Sim {
                             Report::Reduced {
                                 window: *window,
                                 attempt: *attempt,
-                                reduction,
+                                reduction: Box::new(reduction),
                                 deadline_s: 5.0,
                                 reduce_s: 0.01,
+                                sketches,
                             },
                         );
                     }

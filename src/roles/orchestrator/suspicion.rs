@@ -16,9 +16,11 @@
 //! of the replays alone.
 //!
 //! Maxima say nothing of signs: a negated gradient (a miner pushing the
-//! model uphill) states the honest maxima. Every receipt also states a
-//! count sketch of its gradient (`audit::gradient_sketch`), whose inner
-//! products estimate the gradients'; one microbatch's gradient points
+//! model uphill) states the honest maxima. With its reduction, each miner
+//! also states a count sketch of each pass's gradient
+//! (`audit::gradient_sketch`, with a seed the `Close` order draws after
+//! the receipts), whose inner products estimate the gradients'; one
+//! microbatch's gradient points
 //! with the sum of its stage's other passes in the window, and a negated
 //! one against it. How far with depends on how much of a microbatch's
 //! gradient is the stage's common direction and how much its own noise,
@@ -142,7 +144,7 @@ pub fn standing(maxes: &[&[u32]], sketches: &[&[u32]]) -> Vec<f64> {
         .collect()
 }
 
-/// The cosine of each pass's stated sketch (f32 bits, as in a receipt)
+/// The cosine of each pass's stated sketch (f32 bits, as miners state it)
 /// with the sum of the other passes' sketches: 0 where either is zero (no
 /// evidence either way), negative infinity for a sketch of another length
 /// than most passes state or with an entry not finite (left out of the

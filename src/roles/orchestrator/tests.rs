@@ -288,10 +288,16 @@ fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_rand
         flipped: Some(2),
         ..Script::default()
     };
-    for script in [outlier, flipped] {
+    // Maxima come with the receipts, so their suspects are replayed
+    // beside the close; sketches come with the close, drawn with its seed,
+    // so theirs after it.
+    let beside = [("run", 0), ("audit", 0), ("close", 0), ("recompute", 0)];
+    let after = [("run", 0), ("close", 0), ("audit", 0), ("recompute", 0)];
+    for (script, when) in [(outlier as fn() -> Script, beside), (flipped, after)] {
         let (seen, result) = Sim::run(&spec("replay_rate = 0.0"), script());
         result.unwrap();
         assert_eq!(audited(&seen, 0), [(2, 0), (2, 1)]);
+        assert_eq!(flow(&seen, 0)[..4], when);
         assert!(
             audited(&seen, 1).is_empty(),
             "honest receipts draw no replay"
