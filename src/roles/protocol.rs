@@ -39,14 +39,14 @@
 //! leave reports `Leaving`, serves its window to the end and is told to
 //! `Stop` after the step.
 //!
-//! Just before 2, when it drew passes to replay, the orchestrator sends
+//! Between 1 and 2, when it drew passes to replay, the orchestrator sends
 //! `Audit`: each named miner sends its stage's weights and the frames it
 //! received for those passes to a validator, which replays them against
-//! the miner's [`Receipt`]s and reports each verdict, while the miners
-//! close (a validator ignores the `Close` that comes while it waits on a
-//! miner). The window steps only when both are in: a miner caught is told
-//! to `Stop`, the close is thrown away, and the window goes back to step
-//! 1 without it.
+//! the miner's [`Receipt`]s and reports each verdict. A miner caught is
+//! told to `Stop` and the window goes back to step 1 without it. Passes
+//! whose gradient sketches (stated with the reductions, with the `Close`
+//! order's seed) point against their stage's are audited the same way
+//! after 2.
 //!
 //! With a standby orchestrator (`[roles] standby = 1`), the orchestrator
 //! hands it a [`Handover`] after each window (on [`STANDBY_TAG`]) and

@@ -178,15 +178,11 @@ fn receive<T: Transport + ?Sized>(
     what: &str,
 ) -> Result<Result<Vec<u8>, Verdict>, Halt> {
     let deadline = Instant::now() + leader.transport().default_timeout();
-    loop {
-        return match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
-            Waited::Got(bytes) => Ok(Ok(bytes)),
-            Waited::Lost => Ok(Err(Verdict::Unavailable)),
-            Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
-            // The window's close runs beside its replays, among miners.
-            Waited::Order(Order::Close { .. }) => continue,
-            Waited::Order(order) => Err(Halt::Superseded(Box::new(order))),
-        };
+    match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
+        Waited::Got(bytes) => Ok(Ok(bytes)),
+        Waited::Lost => Ok(Err(Verdict::Unavailable)),
+        Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
+        Waited::Order(order) => Err(Halt::Superseded(Box::new(order))),
     }
 }
 

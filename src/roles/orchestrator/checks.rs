@@ -142,14 +142,11 @@ impl Coordinator<'_> {
     /// not yet replayed, up to `suspect_replays` of each miner's passes
     /// whose stated gradient maxima stand out (see [`suspicion`]), and
     /// every pass whose receipts do not chain with its neighbours' (what
-    /// one stated it sent, the other that it received), and closes the
-    /// window at the same time: the replays take a validator's compute,
-    /// the close the miners' network and copies, so on shared cores each
-    /// hides much of the other. The close is judged with the replays and
-    /// thrown away if they catch a miner (rare: a cheater's one window).
+    /// one stated it sent, the other that it received); with nothing to
+    /// replay, closes at once.
     pub(super) fn begin_audit(&mut self) -> Result<(), TrainError> {
         if self.validators.is_empty() {
-            return self.begin_close(None);
+            return self.begin_close();
         }
         let rate = self.spec.roles.replay_rate;
         let w = self.window.as_mut().expect("a window runs");
@@ -179,8 +176,13 @@ impl Coordinator<'_> {
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
         }
-        let replays = self.send_replays(&picked, breaks);
-        self.begin_close(replays)
+        match self.send_replays(&picked, breaks) {
+            Some(replays) => {
+                self.phase = Phase::Auditing(replays, None);
+                Ok(())
+            }
+            None => self.begin_close(),
+        }
     }
 
     /// Once every miner stated its passes' sketches with its reduction:
@@ -288,9 +290,14 @@ impl Coordinator<'_> {
         picked
     }
 
-    /// The replays are in: the miners caught, excluded from the job; the
-    /// window is to be redone without them.
-    pub(super) fn judge_replays(&mut self, audit: PassAudit) -> Vec<usize> {
+    /// The replays are in: miners caught are excluded and the window is
+    /// redone without them; otherwise it closes, or after a close goes on
+    /// to the slices.
+    pub(super) fn finish_audit(&mut self) -> Result<(), TrainError> {
+        let Phase::Auditing(audit, closed) = std::mem::replace(&mut self.phase, Phase::Finished)
+        else {
+            unreachable!("finish_audit runs in Auditing")
+        };
         let w = self.window.as_mut().expect("a window runs");
         let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
         for (task, verdict) in audit.replies.verdicts {
@@ -323,7 +330,15 @@ impl Coordinator<'_> {
             }
         }
         let window = w.window;
-        self.exclude_all(window, &reasons)
+        let gone = self.exclude_all(window, &reasons);
+        match closed {
+            _ if !gone.is_empty() => self.redo_without(&gone),
+            None => self.begin_close(),
+            Some(closed) => {
+                self.hold_close(closed);
+                Ok(())
+            }
+        }
     }
 
     /// Has validators recompute, from the contributions the miners stated,

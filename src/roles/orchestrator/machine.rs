@@ -10,9 +10,10 @@
 //!
 //! A window runs through phases, each waiting for reports: placing ranks
 //! that joined or move ([`super::membership`]), serving the microbatches,
-//! closing (every stage reduces while validators replay passes,
-//! [`super::checks`]), recomputing all-reduce slices, stepping (every
-//! miner applies the update, a checkpoint may be written and audited). A miner lost, or caught by a
+//! auditing passes ([`super::checks`]), closing (every stage reduces;
+//! passes whose sketches stand out are audited after it), recomputing
+//! all-reduce slices, stepping (every miner applies the update, a
+//! checkpoint may be written and audited). A miner lost, or caught by a
 //! check, before the step sends the window back to serving without it, in
 //! a new attempt; after the step it only leaves.
 
@@ -153,16 +154,14 @@ pub(super) enum Phase {
     Serving {
         served: BTreeMap<u64, BTreeSet<usize>>,
     },
-    /// Every stage all-reducing, and validators replaying passes.
+    /// Validators replaying passes: before the close, or after it (what
+    /// it left for the step) for passes whose sketches stand out.
+    Auditing(super::checks::PassAudit, Option<Closed>),
+    /// Every stage all-reducing.
     Closing {
         waiting: BTreeSet<usize>,
-        /// The replays, when any were asked for.
-        replays: Option<super::checks::PassAudit>,
         /// The seed of the sketches the miners state as they reduce.
         sketch_seed: u64,
-        /// Whether the passes' directions were judged (and any suspect
-        /// among them is in `replays`).
-        directions_judged: bool,
         reductions: BTreeMap<usize, Reduction>,
         failure: Option<(usize, String)>,
         scales: Vec<Vec<i32>>,
@@ -628,11 +627,11 @@ impl<'a> Coordinator<'a> {
                         true
                     }
                 }
-                Phase::Closing {
-                    waiting, replays, ..
-                } if waiting.is_empty()
-                    && replays.as_ref().is_none_or(|a| a.replies.owes_nothing()) =>
-                {
+                Phase::Auditing(a, _) if a.replies.owes_nothing() => {
+                    self.finish_audit()?;
+                    true
+                }
+                Phase::Closing { waiting, .. } if waiting.is_empty() => {
                     self.finish_close()?;
                     true
                 }
@@ -661,16 +660,9 @@ impl<'a> Coordinator<'a> {
         }
     }
 
-    /// Keeps the time the window spends in validators' checks: recomputing
-    /// slices, and replays the close is done before.
+    /// Keeps the time the window spends in validators' checks.
     fn clock_audits(&mut self, now: Instant) {
-        let auditing = match &self.phase {
-            Phase::Recomputing(..) => true,
-            Phase::Closing {
-                waiting, replays, ..
-            } => waiting.is_empty() && replays.is_some(),
-            _ => false,
-        };
+        let auditing = matches!(self.phase, Phase::Auditing(..) | Phase::Recomputing(..));
         let Some(w) = self.window.as_mut() else {
             return;
         };
@@ -817,10 +809,8 @@ impl<'a> Coordinator<'a> {
                     w.flight.finish(id);
                 }
             }
+            Phase::Auditing(a, _) => a.take(from, report, w),
             Phase::Recomputing(a, _) => a.take(from, report, w),
-            Phase::Closing {
-                replays: Some(a), ..
-            } if matches!(report, Report::Audited { .. }) => a.take(from, report, w),
             Phase::Closing {
                 waiting,
                 reductions,
@@ -953,10 +943,7 @@ impl<'a> Coordinator<'a> {
                 // Its checks are redone by the others in a new attempt,
                 // on fresh tags, so that no bundle meant for it is taken
                 // for another task. The window's microbatches stay done.
-                Phase::Closing {
-                    replays: Some(_), ..
-                }
-                | Phase::Recomputing(..) => self.redo_without(&[])?,
+                Phase::Auditing(..) | Phase::Recomputing(..) => self.redo_without(&[])?,
                 // The step is done; its checkpoint audits go unaudited.
                 Phase::Stepping(s) => {
                     s.owed.remove(&rank);
@@ -978,12 +965,10 @@ impl<'a> Coordinator<'a> {
         Ok(())
     }
 
-    /// Every stage all-reduces the gradients of the done microbatches,
-    /// while validators do `replays`; nothing is applied yet.
-    pub(super) fn begin_close(
-        &mut self,
-        replays: Option<super::checks::PassAudit>,
-    ) -> Result<(), TrainError> {
+    /// Phase two of closing: every stage all-reduces the gradients of the
+    /// done microbatches, and states their sketches; nothing is applied
+    /// yet.
+    pub(super) fn begin_close(&mut self) -> Result<(), TrainError> {
         let w = self.window.as_ref().expect("a window runs");
         let counted = w
             .trained()
@@ -1020,9 +1005,7 @@ impl<'a> Coordinator<'a> {
         };
         self.phase = Phase::Closing {
             waiting: self.miners.keys().copied().collect(),
-            replays,
             sketch_seed,
-            directions_judged: false,
             reductions: BTreeMap::new(),
             failure: None,
             scales,
@@ -1034,26 +1017,16 @@ impl<'a> Coordinator<'a> {
 
     fn finish_close(&mut self) -> Result<(), TrainError> {
         let Phase::Closing {
-            replays,
             reductions,
             failure,
             scales,
             sites,
             sketch_seed,
-            directions_judged,
             ..
         } = std::mem::replace(&mut self.phase, Phase::Finished)
         else {
             unreachable!("finish_close runs in Closing")
         };
-        // Miners caught by a replay: what this close summed included their
-        // gradients, so it is thrown away and the window redone.
-        if let Some(audit) = replays {
-            let caught = self.judge_replays(audit);
-            if !caught.is_empty() {
-                return self.redo_without(&caught);
-            }
-        }
         let window = self.window.as_ref().expect("a window runs").window;
         // A dispute between two miners still in the job, said again.
         let repeated = self.window.as_ref().and_then(|w| {
@@ -1098,29 +1071,25 @@ impl<'a> Coordinator<'a> {
             let gone = self.exclude_all(window, &reasons);
             return self.redo_without(&gone);
         }
-        if !directions_judged {
-            if let Some(replays) = self.replay_by_direction() {
-                self.phase = Phase::Closing {
-                    waiting: BTreeSet::new(),
-                    replays: Some(replays),
-                    sketch_seed,
-                    directions_judged: true,
-                    reductions,
-                    failure: None,
-                    scales,
-                    sites,
-                };
-                return Ok(());
-            }
-        }
-        self.announce_hold(window, HoldPhase::Close);
-        self.phase = Phase::HoldClose(Closed {
+        let closed = Closed {
             reductions,
             scales,
             sketch_seed,
             sites,
-        });
+        };
+        match self.replay_by_direction() {
+            Some(replays) => self.phase = Phase::Auditing(replays, Some(closed)),
+            None => self.hold_close(closed),
+        }
         Ok(())
+    }
+
+    /// The close is done and judged: on to the slices' recomputation,
+    /// after `[[faults.hold]] phase = "close"` if one is due.
+    pub(super) fn hold_close(&mut self, closed: Closed) {
+        let window = self.window.as_ref().expect("a window runs").window;
+        self.announce_hold(window, HoldPhase::Close);
+        self.phase = Phase::HoldClose(closed);
     }
 
     /// Phase two: every miner steps; digests must agree within each stage.

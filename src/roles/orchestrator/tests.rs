@@ -222,14 +222,13 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
     assert!(!credited(&seen).contains_key(&5) || credited(&seen)[&5] == 0);
     // Everyone else is replayed and credited for every pass.
     assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
-    // The close ran beside the replays, and was thrown away with the
-    // cheater's gradients in it: nothing stepped before the redo.
+    // The replays come before the close, so the cheater's gradients are
+    // never summed.
     assert_eq!(
         flow(&seen, 0),
         [
             ("run", 0),
             ("audit", 0),
-            ("close", 0),
             ("run", 1),
             ("audit", 1),
             ("close", 1),
@@ -289,11 +288,11 @@ fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_rand
         ..Script::default()
     };
     // Maxima come with the receipts, so their suspects are replayed
-    // beside the close; sketches come with the close, drawn with its seed,
+    // before the close; sketches come with the close, drawn with its seed,
     // so theirs after it.
-    let beside = [("run", 0), ("audit", 0), ("close", 0), ("recompute", 0)];
+    let before = [("run", 0), ("audit", 0), ("close", 0), ("recompute", 0)];
     let after = [("run", 0), ("close", 0), ("audit", 0), ("recompute", 0)];
-    for (script, when) in [(outlier as fn() -> Script, beside), (flipped, after)] {
+    for (script, when) in [(outlier as fn() -> Script, before), (flipped, after)] {
         let (seen, result) = Sim::run(&spec("replay_rate = 0.0"), script());
         result.unwrap();
         assert_eq!(audited(&seen, 0), [(2, 0), (2, 1)]);
