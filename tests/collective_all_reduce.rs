@@ -6,10 +6,11 @@ use std::fmt::Debug;
 
 use half::{bf16, f16};
 use swarmrun::collective::{
-    all_reduce, all_reduce_partitioned, all_reduce_redundant, all_reduce_redundant_checked,
-    all_reduce_redundant_moved, hierarchical_all_reduce, hierarchical_all_reduce_redundant_checked,
-    AllReduceAlgorithm, Call, CollectiveError, Element, Handing, OverTransport, Partition,
-    ReduceOp, Signing, SliceCopies, SliceTamper, Tampers, CHUNK_BYTES,
+    all_reduce, all_reduce_into, all_reduce_partitioned, all_reduce_redundant,
+    all_reduce_redundant_checked, all_reduce_redundant_moved, hierarchical_all_reduce,
+    hierarchical_all_reduce_redundant_checked, AllReduceAlgorithm, Call, CollectiveError, Element,
+    Handing, OverTransport, Partition, ReduceOp, Signing, SliceCopies, SliceTamper, Tampers,
+    CHUNK_BYTES,
 };
 use swarmrun::signing::SigningKey;
 use swarmrun::transport::{LocalTransport, Transport};
@@ -170,6 +171,33 @@ fn rounded_results_are_bit_identical_on_every_rank_and_across_runs() {
             assert_eq!(first, run(), "n={n} {algorithm:?}: runs differ");
             // The values really were rounded: the check above is not trivial.
             assert!(first[0].iter().any(|&b| f32::from_bits(b).fract() != 0.0));
+        }
+    }
+}
+
+#[test]
+fn out_of_place_results_are_the_in_place_bits_and_leave_the_input_alone() {
+    // Two chunks and a bit, so the ring's first step (sent from the input)
+    // and its later ones (from the output) each cross frames; rounded
+    // values, so a different order of additions would show.
+    let len = CHUNK_BYTES / 4 * 2 + 17;
+    for n in 1..=5 {
+        for algorithm in ALGORITHMS {
+            for op in OPS {
+                let pairs = LocalTransport::run(LocalTransport::world(n), |t| {
+                    let input = noise(t.rank(), len);
+                    let mut in_place = input.clone();
+                    all_reduce(Call::new(&t, 1), &mut in_place, op, algorithm).unwrap();
+                    let mut out = vec![f32::NAN; len];
+                    all_reduce_into(Call::new(&t, 2), &input, &mut out, op, algorithm).unwrap();
+                    assert_eq!(input, noise(t.rank(), len), "the input changed");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    (bits(&in_place), bits(&out))
+                });
+                for (in_place, out) in pairs {
+                    assert!(in_place == out, "n={n} {algorithm:?} {op:?}");
+                }
+            }
         }
     }
 }

@@ -78,19 +78,64 @@ pub fn all_reduce_partitioned<T: Transport + ?Sized, E: Element>(
 ) -> Result<(), CollectiveError> {
     guarded(&c, || {
         part.check(c.size(), buf.len())?;
+        in_place(&c, buf, op, algorithm, part)
+    })
+}
+
+/// Reduces `input` over all ranks with `op` into `output`, as long:
+/// [`all_reduce`] out of place. The ring reads `input` where the in-place
+/// call would have read a copy of it, so a big out-of-place call costs no
+/// more than an in-place one (the butterfly copies `input` in first).
+pub fn all_reduce_into<T: Transport + ?Sized, E: Element>(
+    c: Call<'_, T>,
+    input: &[E],
+    output: &mut [E],
+    op: ReduceOp,
+    algorithm: AllReduceAlgorithm,
+) -> Result<(), CollectiveError> {
+    let part = Partition::equal(output.len(), c.size());
+    guarded(&c, || {
+        if input.len() != output.len() {
+            return Err(CollectiveError::InvalidArgument(format!(
+                "an all-reduce of {} elements into {}",
+                input.len(),
+                output.len()
+            )));
+        }
         let (rank, size) = (c.rank(), c.size());
-        match algorithm.resolve(std::mem::size_of_val(buf)) {
-            Chosen::Ring => {
-                ring::reduce_scatter(&c, buf, op, part)?;
-                finish(&mut buf[part.range(rank)], op, size);
-                ring::all_gather(&c, buf, part)
+        match algorithm.resolve(std::mem::size_of_val(output)) {
+            Chosen::Ring if size > 1 => {
+                ring::reduce_scatter_from(&c, input, output, op, &part)?;
+                finish(&mut output[part.range(rank)], op, size);
+                ring::all_gather(&c, output, &part)
             }
-            Chosen::Butterfly => {
-                let butterfly = Butterfly::new(rank, size);
-                butterfly.reduce_scatter(&c, buf, op, part)?;
-                finish(&mut buf[butterfly.owned(part)], op, size);
-                butterfly.all_gather(&c, buf, part)
+            _ => {
+                output.copy_from_slice(input);
+                in_place(&c, output, op, algorithm, &part)
             }
         }
     })
+}
+
+fn in_place<T: Transport + ?Sized, E: Element>(
+    c: &Call<'_, T>,
+    buf: &mut [E],
+    op: ReduceOp,
+    algorithm: AllReduceAlgorithm,
+    part: &Partition,
+) -> Result<(), CollectiveError> {
+    let (rank, size) = (c.rank(), c.size());
+    match algorithm.resolve(std::mem::size_of_val(buf)) {
+        Chosen::Ring => {
+            ring::reduce_scatter(c, buf, op, part)?;
+            finish(&mut buf[part.range(rank)], op, size);
+            ring::all_gather(c, buf, part)
+        }
+        Chosen::Butterfly => {
+            let butterfly = Butterfly::new(rank, size);
+            butterfly.reduce_scatter(c, buf, op, part)?;
+            finish(&mut buf[butterfly.owned(part)], op, size);
+            butterfly.all_gather(c, buf, part)
+        }
+    }
 }

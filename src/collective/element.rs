@@ -108,21 +108,39 @@ half_element!(f16);
 /// fork-join costs more than it saves on small chunks.
 pub const PARALLEL_REDUCE_MIN: usize = 64 * 1024;
 
-/// `dst[i] = op(dst[i], src[i])`, where `src` holds the little-endian bytes
-/// of `dst.len()` elements exactly as received (not necessarily aligned).
-pub(crate) fn reduce_bytes<E: Element>(dst: &mut [E], src: &[u8], op: ReduceOp) {
+/// `dst[i] = op(dst[i], src[i])`, or with a `base` `op(base[i], src[i])`,
+/// where `src` holds the little-endian bytes of `dst.len()` elements
+/// exactly as received (not necessarily aligned).
+pub(crate) fn reduce_bytes<E: Element>(
+    dst: &mut [E],
+    base: Option<&[E]>,
+    src: &[u8],
+    op: ReduceOp,
+) {
     let width = std::mem::size_of::<E>();
     debug_assert_eq!(std::mem::size_of_val(dst), src.len());
     if dst.len() < PARALLEL_REDUCE_MIN {
-        return reduce_serial(dst, src, op);
+        return reduce_serial(dst, base, src, op);
     }
-    dst.par_chunks_mut(PARALLEL_REDUCE_MIN)
-        .zip(src.par_chunks(PARALLEL_REDUCE_MIN * width))
-        .for_each(|(d, s)| reduce_serial(d, s, op));
+    let bases = base.map(|b| b.par_chunks(PARALLEL_REDUCE_MIN));
+    let pieces = dst
+        .par_chunks_mut(PARALLEL_REDUCE_MIN)
+        .zip(src.par_chunks(PARALLEL_REDUCE_MIN * width));
+    match bases {
+        Some(bases) => pieces
+            .zip(bases)
+            .for_each(|((d, s), b)| reduce_serial(d, Some(b), s, op)),
+        None => pieces.for_each(|(d, s)| reduce_serial(d, None, s, op)),
+    }
 }
 
 /// One plain loop per op so LLVM sees a branch-free body it can vectorize.
-fn reduce_serial<E: Element>(dst: &mut [E], src: &[u8], op: ReduceOp) {
+/// A `base` is copied in first: a piece is at most [`PARALLEL_REDUCE_MIN`]
+/// elements, so the loop finds it in cache.
+fn reduce_serial<E: Element>(dst: &mut [E], base: Option<&[E]>, src: &[u8], op: ReduceOp) {
+    if let Some(base) = base {
+        dst.copy_from_slice(base);
+    }
     let src = src
         .chunks_exact(std::mem::size_of::<E>())
         .map(bytemuck::pod_read_unaligned::<E>);
@@ -174,9 +192,9 @@ mod tests {
             .chain(bytemuck::cast_slice(&[1.0f32, 2.0, 3.0]).iter().copied())
             .collect();
         let mut dst = [10.0f32, 20.0, 30.0];
-        reduce_bytes(&mut dst, &src[1..], ReduceOp::Sum);
+        reduce_bytes(&mut dst, None, &src[1..], ReduceOp::Sum);
         assert_eq!(dst, [11.0, 22.0, 33.0]);
-        reduce_bytes(&mut dst, &src[1..], ReduceOp::Max);
+        reduce_bytes(&mut dst, None, &src[1..], ReduceOp::Max);
         assert_eq!(dst, [11.0, 22.0, 33.0]);
     }
 
@@ -186,8 +204,12 @@ mod tests {
         let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.37).collect();
         let b: Vec<f32> = (0..n).map(|i| (n - i) as f32 * 1.13).collect();
         let mut parallel = a.clone();
-        reduce_bytes(&mut parallel, bytemuck::cast_slice(&b), ReduceOp::Sum);
+        reduce_bytes(&mut parallel, None, bytemuck::cast_slice(&b), ReduceOp::Sum);
         let serial: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         assert_eq!(parallel, serial);
+        // Onto a base in another buffer: whatever `dst` held is replaced.
+        let mut onto = vec![f32::NAN; n];
+        reduce_bytes(&mut onto, Some(&a), bytemuck::cast_slice(&b), ReduceOp::Sum);
+        assert_eq!(onto, serial);
     }
 }

@@ -172,17 +172,24 @@ fn pointer_of<T: Transport + ?Sized>(c: &Call<T>, peer: usize) -> Option<usize> 
 
 /// What a step does with the elements it receives.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Merge {
+pub(crate) enum Merge<'b, E> {
     Copy,
     Reduce(ReduceOp),
+    /// Reduce onto these elements of another buffer (an out-of-place
+    /// call's input), the ones the destination stands for, overwriting
+    /// the destination.
+    ReduceOnto(ReduceOp, &'b [E]),
 }
 
-impl Merge {
-    /// Merges the little-endian bytes of `dst.len()` elements into `dst`.
-    pub(crate) fn apply<E: Element>(self, dst: &mut [E], bytes: &[u8]) {
-        match self {
-            Merge::Copy => copy_bytes(dst, bytes),
-            Merge::Reduce(op) => reduce_bytes(dst, bytes, op),
+impl<E: Element> Merge<'_, E> {
+    /// Merges the little-endian bytes of `dst[at]`'s elements into them.
+    pub(crate) fn apply(&self, dst: &mut [E], at: Range<usize>, bytes: &[u8]) {
+        match *self {
+            Merge::Copy => copy_bytes(&mut dst[at], bytes),
+            Merge::Reduce(op) => reduce_bytes(&mut dst[at], None, bytes, op),
+            Merge::ReduceOnto(op, base) => {
+                reduce_bytes(&mut dst[at.clone()], Some(&base[at]), bytes, op)
+            }
         }
     }
 }
@@ -194,7 +201,7 @@ impl Merge {
 pub(crate) fn step<T: Transport + ?Sized, E: Element>(
     c: &Call<T>,
     out: Option<(usize, &[E])>,
-    into: Option<(usize, &mut [E], Merge)>,
+    into: Option<(usize, &mut [E], Merge<'_, E>)>,
 ) -> Result<(), CollectiveError> {
     match (out, into) {
         (Some((to, data)), Some(into)) if data.len() > chunk_len::<E>() => {
@@ -238,11 +245,11 @@ fn send_chunks<T: Transport + ?Sized, E: Element>(
 
 fn recv_chunks<T: Transport + ?Sized, E: Element>(
     c: &Call<T>,
-    (from, dst, merge): (usize, &mut [E], Merge),
+    (from, dst, merge): (usize, &mut [E], Merge<'_, E>),
 ) -> Result<(), CollectiveError> {
     for r in chunks::<E>(dst.len()) {
         let frame = recv(c, from, r.len() * std::mem::size_of::<E>())?;
-        merge.apply(&mut dst[r], &frame);
+        merge.apply(dst, r, &frame);
     }
     Ok(())
 }

@@ -95,7 +95,9 @@ mod ring;
 mod shm;
 
 pub use all_gather::{all_gather, all_gather_varied};
-pub use all_reduce::{all_reduce, all_reduce_partitioned, AllReduceAlgorithm, RING_MIN_BYTES};
+pub use all_reduce::{
+    all_reduce, all_reduce_into, all_reduce_partitioned, AllReduceAlgorithm, RING_MIN_BYTES,
+};
 pub use bandwidth::measure_bandwidth;
 pub use barrier::barrier;
 pub use broadcast::broadcast;

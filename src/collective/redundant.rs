@@ -461,7 +461,8 @@ fn reduce_in_rank_order<T: Transport + ?Sized, E: Element>(
             Merge::Reduce(op)
         };
         if k == c.rank() {
-            merge.apply(&mut acc, bytemuck::cast_slice(&data[part.range(j)]));
+            let len = acc.len();
+            merge.apply(&mut acc, 0..len, bytemuck::cast_slice(&data[part.range(j)]));
         } else {
             step(c, None, Some((k, &mut acc[..], merge)))?;
         }

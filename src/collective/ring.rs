@@ -20,7 +20,23 @@ pub(crate) fn reduce_scatter<T: Transport + ?Sized, E: Element>(
     op: ReduceOp,
     part: &Partition,
 ) -> Result<(), CollectiveError> {
-    run(c, buf, part, 1, Merge::Reduce(op))
+    run(c, buf, None, part, 1, Some(op))
+}
+
+/// [`reduce_scatter`] out of place: `input` is this rank's contribution
+/// and `buf` (as long) is written, never read before it is. The first
+/// step sends from `input` and every step adds what it receives to
+/// `input`'s elements, so nothing is copied into `buf` first (as NCCL
+/// reads `sendbuff` and writes `recvbuff`); the part left unwritten is one
+/// the all-gather fills.
+pub(crate) fn reduce_scatter_from<T: Transport + ?Sized, E: Element>(
+    c: &Call<T>,
+    input: &[E],
+    buf: &mut [E],
+    op: ReduceOp,
+    part: &Partition,
+) -> Result<(), CollectiveError> {
+    run(c, buf, Some(input), part, 1, Some(op))
 }
 
 /// Fills every part of `buf` from its owner, given that each rank holds its own part.
@@ -29,26 +45,46 @@ pub(crate) fn all_gather<T: Transport + ?Sized, E: Element>(
     buf: &mut [E],
     part: &Partition,
 ) -> Result<(), CollectiveError> {
-    run(c, buf, part, 0, Merge::Copy)
+    run(c, buf, None, part, 0, None)
 }
 
 /// At step s rank r sends part r-s-lag to r+1 and merges part r-s-lag-1
-/// from r-1: with lag 1 the last part merged is r's own (reduce-scatter),
-/// with lag 0 the first part sent is (all-gather).
+/// from r-1 (reducing with `op`, or copying without): with lag 1 the last
+/// part merged is r's own (reduce-scatter), with lag 0 the first part
+/// sent is (all-gather). With an `input`, the part merged into at each
+/// step is one not written before, so it is reduced onto `input`'s
+/// elements, and the first part sent is `input`'s.
 fn run<T: Transport + ?Sized, E: Element>(
     c: &Call<T>,
     buf: &mut [E],
+    input: Option<&[E]>,
     part: &Partition,
     lag: usize,
-    merge: Merge,
+    op: Option<ReduceOp>,
 ) -> Result<(), CollectiveError> {
     let (rank, n) = (c.rank(), c.size());
     let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
     for s in 0..n - 1 {
-        let out = (rank + 2 * n - s - lag) % n;
-        let into = (out + n - 1) % n;
-        let (out, into) = split(buf, part.range(out), part.range(into));
-        step(c, Some((next, out)), Some((prev, into, merge)))?;
+        let (out, into) = (
+            (rank + 2 * n - s - lag) % n,
+            (rank + 2 * n - s - lag - 1) % n,
+        );
+        let merge = match (op, input) {
+            (None, _) => Merge::Copy,
+            (Some(op), None) => Merge::Reduce(op),
+            (Some(op), Some(input)) => Merge::ReduceOnto(op, &input[part.range(into)]),
+        };
+        match input.filter(|_| s == 0) {
+            Some(input) => step(
+                c,
+                Some((next, &input[part.range(out)])),
+                Some((prev, &mut buf[part.range(into)], merge)),
+            )?,
+            None => {
+                let (out, into) = split(buf, part.range(out), part.range(into));
+                step(c, Some((next, out)), Some((prev, into, merge)))?;
+            }
+        }
     }
     Ok(())
 }

@@ -70,7 +70,7 @@ pub fn all_reduce_shared<'a, E: Element>(
 /// The byte-level reduction the shared-memory layer calls: `dst op= src`.
 fn combiner<E: Element>(op: ReduceOp) -> impl Fn(&mut [u8], &[u8]) {
     move |dst: &mut [u8], src: &[u8]| match bytemuck::try_cast_slice_mut::<u8, E>(dst) {
-        Ok(typed) => reduce_bytes(typed, src, op),
+        Ok(typed) => reduce_bytes(typed, None, src, op),
         // The segment's slices are 64-byte aligned, so this is the rare
         // path of a caller's odd buffer: reduce through an aligned copy.
         Err(_) => {
@@ -78,7 +78,7 @@ fn combiner<E: Element>(op: ReduceOp) -> impl Fn(&mut [u8], &[u8]) {
                 .chunks_exact(std::mem::size_of::<E>())
                 .map(bytemuck::pod_read_unaligned)
                 .collect();
-            reduce_bytes(&mut typed, src, op);
+            reduce_bytes(&mut typed, None, src, op);
             dst.copy_from_slice(bytemuck::cast_slice(&typed));
         }
     }
