@@ -778,23 +778,31 @@ mod tests {
         assert_eq!(reply, [b'S', b'W', b'R', b'M', VERSION]);
     }
 
-    #[test]
-    fn tampered_frame_fails_its_mac() {
+    /// An authenticated link whose client wrote, past the cipher, the
+    /// header of a data frame of `len` bytes and then `body`: the server
+    /// end, the client end, and the client's raw socket.
+    fn raw_frame(len: u32, body: &[u8]) -> (AuthStream, AuthStream, TcpStream) {
         let key = JobKey::generate().unwrap();
         let (server, client) =
             handshake((&key, Hello::new(0, "job")), (&key, Hello::new(1, "job")));
-        let (mut server, _) = server.unwrap();
+        let (server, _) = server.unwrap();
         let (client, _) = client.unwrap();
         let mut raw = client.try_clone_socket().unwrap();
         let header = FrameHeader {
             kind: FrameKind::Data,
             tag: 1,
-            len: 3,
+            len,
         }
         .encode();
         raw.write_all(&header).unwrap();
-        raw.write_all(b"abc").unwrap();
-        raw.write_all(&[0u8; MAC_LEN]).unwrap();
+        raw.write_all(body).unwrap();
+        (server, client, raw)
+    }
+
+    #[test]
+    fn tampered_frame_fails_its_mac() {
+        let body: Vec<u8> = b"abc".iter().copied().chain([0u8; MAC_LEN]).collect();
+        let (mut server, _client, _raw) = raw_frame(3, &body);
         let result = server.recv();
         assert!(
             matches!(result, Err(WireError::BadMac { .. })),
@@ -804,20 +812,7 @@ mod tests {
 
     #[test]
     fn a_frame_cut_short_by_its_peer_closing_is_a_closed_link() {
-        let key = JobKey::generate().unwrap();
-        let (server, client) =
-            handshake((&key, Hello::new(0, "job")), (&key, Hello::new(1, "job")));
-        let (mut server, _) = server.unwrap();
-        let (client, _) = client.unwrap();
-        let mut raw = client.try_clone_socket().unwrap();
-        let header = FrameHeader {
-            kind: FrameKind::Data,
-            tag: 1,
-            len: 100,
-        }
-        .encode();
-        raw.write_all(&header).unwrap();
-        raw.write_all(&[7u8; 40]).unwrap();
+        let (mut server, client, raw) = raw_frame(100, &[7u8; 40]);
         raw.shutdown(std::net::Shutdown::Both).unwrap();
         drop(client);
         let result = server.recv();

@@ -240,26 +240,29 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
 
 /// The window orders of `window` in the order sent, as (kind, attempt).
 fn flow(seen: &Seen, window: u64) -> Vec<(&'static str, u32)> {
+    let kind = |o: &Order| match *o {
+        Order::Run {
+            window, attempt, ..
+        } => Some(("run", window, attempt)),
+        Order::Audit {
+            window, attempt, ..
+        } => Some(("audit", window, attempt)),
+        Order::Close {
+            window, attempt, ..
+        } => Some(("close", window, attempt)),
+        Order::Recompute {
+            window, attempt, ..
+        } => Some(("recompute", window, attempt)),
+        Order::Step {
+            window, attempt, ..
+        } => Some(("step", window, attempt)),
+        _ => None,
+    };
     seen.orders
         .iter()
-        .filter_map(|(_, o)| match o {
-            Order::Run {
-                window: w, attempt, ..
-            } if *w == window => Some(("run", *attempt)),
-            Order::Audit {
-                window: w, attempt, ..
-            } if *w == window => Some(("audit", *attempt)),
-            Order::Close {
-                window: w, attempt, ..
-            } if *w == window => Some(("close", *attempt)),
-            Order::Recompute {
-                window: w, attempt, ..
-            } if *w == window => Some(("recompute", *attempt)),
-            Order::Step {
-                window: w, attempt, ..
-            } if *w == window => Some(("step", *attempt)),
-            _ => None,
-        })
+        .filter_map(|(_, o)| kind(o))
+        .filter(|&(_, w, _)| w == window)
+        .map(|(k, _, attempt)| (k, attempt))
         .collect()
 }
 
