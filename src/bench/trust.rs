@@ -42,6 +42,8 @@ const LATE: u64 = 2;
 
 /// Ranks 0 and 1 are the orchestrator and the validator; 8 miners follow.
 const MINERS: std::ops::Range<usize> = 2..10;
+/// Pipeline stages of the benchmark's job.
+const STAGES: u64 = 2;
 
 /// Detection counts within this many windows.
 const WITHIN: u64 = 3;
@@ -104,6 +106,7 @@ struct Line {
     window: u64,
     compute_s: f64,
     replay_s: f64,
+    replayed: u64,
     caught: Vec<usize>,
 }
 
@@ -163,6 +166,10 @@ struct Outcome {
     false_positives: usize,
     compute_s: f64,
     replay_s: f64,
+    /// Passes replayed, and passes trained (a window's microbatches on
+    /// every stage).
+    replayed: u64,
+    passes: u64,
     /// Largest |share - true share| of any miner in any window.
     window_error: f64,
     /// Largest |mean share - mean true share| of any miner over the run:
@@ -185,11 +192,12 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         opts.microbatches, opts.rate, opts.slice_rate, opts.probability, opts.seeds, opts.windows
     );
     println!(
-        "{:<18} {:>8} {:>16} {:>10} {:>12} {:>13} {:>10}",
+        "{:<18} {:>8} {:>16} {:>10} {:>10} {:>12} {:>13} {:>10}",
         "cheat",
         "recall",
         "windows to catch",
         "honest hit",
+        "replayed %",
         "validator %",
         "share err/win",
         "share err"
@@ -210,6 +218,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
             "recall_pct",
             "mean_windows_to_catch",
             "honest_hit",
+            "replayed_pct",
             "validator_pct",
             "share_err_per_window_pct",
             "share_err_pct",
@@ -243,17 +252,18 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         };
         let recall = 100.0 * within as f64 / outcomes.len() as f64;
         let hits = outcomes.iter().map(|o| o.false_positives).sum::<usize>();
-        let share = share_of_compute(&outcomes);
+        let (replayed, share) = (share_replayed(&outcomes), share_of_compute(&outcomes));
         let window_error = 100.0 * outcomes.iter().map(|o| o.window_error).fold(0.0, f64::max);
         let run_error = 100.0 * outcomes.iter().map(|o| o.run_error).fold(0.0, f64::max);
         println!(
-            "{label:<18} {recall:>7.1}% {windows:>16} {hits:>10} {share:>11.2}% {window_error:>12.2}% {run_error:>9.2}%",
+            "{label:<18} {recall:>7.1}% {windows:>16} {hits:>10} {replayed:>9.2}% {share:>11.2}% {window_error:>12.2}% {run_error:>9.2}%",
         );
         tables.row(vec![
             label.into(),
             recall.into(),
             mean.into(),
             hits.into(),
+            replayed.into(),
             share.into(),
             window_error.into(),
             run_error.into(),
@@ -271,13 +281,15 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         None,
     )?;
     let label = format!("none ({}w)", opts.honest_windows);
-    let share = share_of_compute(std::slice::from_ref(&honest));
+    let honest_only = std::slice::from_ref(&honest);
+    let (replayed, share) = (share_replayed(honest_only), share_of_compute(honest_only));
     println!(
-        "{:<18} {:>8} {:>16} {:>10} {:>11.2}% {:>12.2}% {:>9.2}%",
+        "{:<18} {:>8} {:>16} {:>10} {:>9.2}% {:>11.2}% {:>12.2}% {:>9.2}%",
         label,
         "-",
         "-",
         honest.false_positives,
+        replayed,
         share,
         100.0 * honest.window_error,
         100.0 * honest.run_error,
@@ -287,6 +299,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         serde_json::Value::Null,
         serde_json::Value::Null,
         honest.false_positives.into(),
+        replayed.into(),
         share.into(),
         (100.0 * honest.window_error).into(),
         (100.0 * honest.run_error).into(),
@@ -294,6 +307,20 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
     Ok(())
 }
 
+/// Passes replayed over passes trained, in percent: what validators spend
+/// on replays in compute, a replay being its pass again, whatever the
+/// host's load did to either's wall time.
+fn share_replayed(outcomes: &[Outcome]) -> f64 {
+    let replayed: u64 = outcomes.iter().map(|o| o.replayed).sum();
+    let passes: u64 = outcomes.iter().map(|o| o.passes).sum();
+    100.0 * replayed as f64 / passes.max(1) as f64
+}
+
+/// Validators' seconds over miners' compute seconds, in percent. Both are
+/// wall times: a pass that shares its core with other miners' passes
+/// takes longer than its compute, while replays mostly run alone, so on a
+/// loaded host this understates what replays cost (see
+/// [`share_replayed`]).
 fn share_of_compute(outcomes: &[Outcome]) -> f64 {
     let replay: f64 = outcomes.iter().map(|o| o.replay_s).sum();
     let compute: f64 = outcomes.iter().map(|o| o.compute_s).sum();
@@ -340,6 +367,8 @@ fn run_one(
         })?;
         outcome.compute_s += line.compute_s;
         outcome.replay_s += line.replay_s;
+        outcome.replayed += line.replayed;
+        outcome.passes += opts.microbatches * STAGES;
         for rank in line.caught {
             match cheat.filter(|c| c.ranks.contains(&rank)) {
                 // Caught while it was still honest: a false positive.
@@ -399,7 +428,7 @@ fn job_text(
     let mut text = format!(
         "[job]\nname = \"bench-trust\"\ntask = \"train\"\nseed = {seed}\nrun_dir = {run_dir:?}\n\n\
          [model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
-         [pipeline]\nstages = 2\nmicrobatch_size = 2\nmicrobatches_per_window = {}\n\n\
+         [pipeline]\nstages = {STAGES}\nmicrobatch_size = 2\nmicrobatches_per_window = {}\n\n\
          [roles]\nvalidators = 1\nreplay_rate = {}\nslice_audit_rate = {}\n\n\
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {}\n\n\
          [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
