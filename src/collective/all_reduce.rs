@@ -78,7 +78,7 @@ pub fn all_reduce_partitioned<T: Transport + ?Sized, E: Element>(
 ) -> Result<(), CollectiveError> {
     guarded(&c, || {
         part.check(c.size(), buf.len())?;
-        in_place(&c, buf, op, algorithm, part)
+        reduce(&c, None, buf, op, algorithm, part)
     })
 }
 
@@ -102,23 +102,14 @@ pub fn all_reduce_into<T: Transport + ?Sized, E: Element>(
                 output.len()
             )));
         }
-        let (rank, size) = (c.rank(), c.size());
-        match algorithm.resolve(std::mem::size_of_val(output)) {
-            Chosen::Ring if size > 1 => {
-                ring::reduce_scatter_from(&c, input, output, op, &part)?;
-                finish(&mut output[part.range(rank)], op, size);
-                ring::all_gather(&c, output, &part)
-            }
-            _ => {
-                output.copy_from_slice(input);
-                in_place(&c, output, op, algorithm, &part)
-            }
-        }
+        reduce(&c, Some(input), output, op, algorithm, &part)
     })
 }
 
-fn in_place<T: Transport + ?Sized, E: Element>(
+/// Reduces into `buf`: in place, or from `input` (as long) when given.
+fn reduce<T: Transport + ?Sized, E: Element>(
     c: &Call<'_, T>,
+    input: Option<&[E]>,
     buf: &mut [E],
     op: ReduceOp,
     algorithm: AllReduceAlgorithm,
@@ -127,11 +118,14 @@ fn in_place<T: Transport + ?Sized, E: Element>(
     let (rank, size) = (c.rank(), c.size());
     match algorithm.resolve(std::mem::size_of_val(buf)) {
         Chosen::Ring => {
-            ring::reduce_scatter(c, buf, op, part)?;
+            ring::reduce_scatter(c, input, buf, op, part)?;
             finish(&mut buf[part.range(rank)], op, size);
             ring::all_gather(c, buf, part)
         }
         Chosen::Butterfly => {
+            if let Some(input) = input {
+                buf.copy_from_slice(input);
+            }
             let butterfly = Butterfly::new(rank, size);
             butterfly.reduce_scatter(c, buf, op, part)?;
             finish(&mut buf[butterfly.owned(part)], op, size);

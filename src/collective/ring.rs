@@ -14,29 +14,28 @@ use crate::transport::Transport;
 ///
 /// Part `j` starts at rank j+1, and each rank after it adds its own values,
 /// so the order of additions is fixed by the ring.
+///
+/// Out of place, with an `input` (this rank's contribution, as long as
+/// `buf`): `buf` is written, never read before it is. The first step sends
+/// from `input` and every step adds what it receives to `input`'s
+/// elements, so nothing is copied into `buf` first (as NCCL reads
+/// `sendbuff` and writes `recvbuff`); the part left unwritten is one an
+/// all-gather fills.
 pub(crate) fn reduce_scatter<T: Transport + ?Sized, E: Element>(
     c: &Call<T>,
+    input: Option<&[E]>,
     buf: &mut [E],
     op: ReduceOp,
     part: &Partition,
 ) -> Result<(), CollectiveError> {
-    run(c, buf, None, part, 1, Some(op))
-}
-
-/// [`reduce_scatter`] out of place: `input` is this rank's contribution
-/// and `buf` (as long) is written, never read before it is. The first
-/// step sends from `input` and every step adds what it receives to
-/// `input`'s elements, so nothing is copied into `buf` first (as NCCL
-/// reads `sendbuff` and writes `recvbuff`); the part left unwritten is one
-/// the all-gather fills.
-pub(crate) fn reduce_scatter_from<T: Transport + ?Sized, E: Element>(
-    c: &Call<T>,
-    input: &[E],
-    buf: &mut [E],
-    op: ReduceOp,
-    part: &Partition,
-) -> Result<(), CollectiveError> {
-    run(c, buf, Some(input), part, 1, Some(op))
+    match input {
+        // One rank takes no step to read `input` in: its part is all of it.
+        Some(input) if c.size() == 1 => {
+            buf.copy_from_slice(input);
+            Ok(())
+        }
+        _ => run(c, buf, input, part, 1, Some(op)),
+    }
 }
 
 /// Fills every part of `buf` from its owner, given that each rank holds its own part.
