@@ -138,12 +138,20 @@ impl SliceAudit {
 }
 
 impl Coordinator<'_> {
-    /// Has validators replay a random `replay_rate` of the window's passes
-    /// not yet replayed, up to `suspect_replays` of each miner's passes
-    /// whose stated gradient maxima stand out (see [`suspicion`]), and
+    /// Has validators replay `replay_rate` of each miner's passes not yet
+    /// replayed: first those whose stated gradient maxima stand out (see
+    /// [`suspicion`]; up to `suspect_replays`, which may go past the rate),
+    /// the rest drawn at random, so that suspects cost no more than the
+    /// uniform draw they take the place of. Each pass is in one draw: a
+    /// redo (after a miner was caught or lost) draws from the passes new
+    /// to it, not again from those an earlier attempt left undrawn. And
     /// every pass whose receipts do not chain with its neighbours' (what
-    /// one stated it sent, the other that it received); with nothing to
+    /// one stated it sent, the other that it received). With nothing to
     /// replay, closes at once.
+    ///
+    /// A suspect takes a drawn pass's place without weakening the draw: a
+    /// miner cannot make an honest pass a suspect (replays check the
+    /// maxima it stated), and one made a suspect by cheating is caught.
     pub(super) fn begin_audit(&mut self) -> Result<(), TrainError> {
         if self.validators.is_empty() {
             return self.begin_close();
@@ -168,10 +176,23 @@ impl Coordinator<'_> {
                 }
             }
         }
-        let mut unchecked = unchecked(w);
+        let unchecked = unchecked(w);
         let mut picked = self.suspects(&unchecked, false);
-        for passes in unchecked.values_mut() {
-            picked.extend(self.draw(rate, passes));
+        let w = self.window.as_mut().expect("a window runs");
+        let mut pools = Vec::new();
+        for (miner, passes) in unchecked {
+            let suspected = passes.iter().filter(|p| picked.contains(p)).count();
+            let mut new: Vec<(u64, usize)> = passes
+                .into_iter()
+                .filter(|&(id, stage)| w.pooled.insert((id, stage, miner)))
+                .collect();
+            let n = new.len();
+            new.retain(|p| !picked.contains(p));
+            pools.push((n, suspected, new));
+        }
+        for (n, suspected, mut pool) in pools {
+            let due = self.sample_size(rate, n);
+            picked.extend(self.draw(due.saturating_sub(suspected), &mut pool));
         }
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
@@ -303,10 +324,11 @@ impl Coordinator<'_> {
         for (task, verdict) in audit.replies.verdicts {
             match verdict {
                 Verdict::Passed => {
+                    w.replayed += 1;
                     w.passed.insert((task.id, task.stage, task.miner));
                 }
                 Verdict::Failed(reason) => {
-                    w.wrong += 1;
+                    w.replayed += 1;
                     w.failed.entry(task.miner).or_insert((task.stage, 0)).1 += 1;
                     reasons.entry(task.miner).or_insert(reason);
                 }
@@ -416,8 +438,8 @@ impl Coordinator<'_> {
         if !agreed {
             return slices;
         }
-        self.draw(self.spec.roles.slice_audit_rate, &mut slices)
-            .to_vec()
+        let k = self.sample_size(self.spec.roles.slice_audit_rate, n);
+        self.draw(k, &mut slices).to_vec()
     }
 
     /// Tasks for the slices of the all-reduce among `members` (a stage's
@@ -770,10 +792,9 @@ impl Coordinator<'_> {
         caught
     }
 
-    /// Moves a random sample of `items`, `rate * items.len()` of them (see
-    /// [`Coordinator::sample_size`]), to the front and returns it.
-    fn draw<'i, I>(&mut self, rate: f64, items: &'i mut [I]) -> &'i [I] {
-        let k = self.sample_size(rate, items.len());
+    /// Moves a random sample of `k` of `items` to the front and returns it.
+    fn draw<'i, I>(&mut self, k: usize, items: &'i mut [I]) -> &'i [I] {
+        let k = k.min(items.len());
         for i in 0..k {
             let j = i + self.draws.below((items.len() - i) as u64) as usize;
             items.swap(i, j);

@@ -223,15 +223,19 @@ pub(super) struct WindowState {
     pub wire_bytes: u64,
     /// The receipt of each training pass `(id, stage)` and its miner.
     pub receipts: BTreeMap<(u64, usize), (usize, Receipt)>,
-    /// Passes replayed and found right, with their miner.
+    /// Passes replayed and found right, with their miner (a pass trained
+    /// again is new work, and leaves this).
     pub passed: BTreeSet<(u64, usize, usize)>,
     /// The gradient sketch of each pass `(id, stage)` counted by the
     /// current attempt's close, as its miner stated it.
     pub sketches: BTreeMap<(u64, usize), Vec<u32>>,
+    /// Passes that were in a uniform draw for replay, with their miner:
+    /// all attempts.
+    pub pooled: BTreeSet<(u64, usize, usize)>,
     /// Suspect replays each miner had this attempt.
     pub suspected: BTreeMap<usize, u32>,
-    /// Passes replayed and found wrong.
-    pub wrong: u64,
+    /// Passes replayed, right or wrong: all attempts.
+    pub replayed: u64,
     /// All-reduce slices recomputed, all attempts included.
     pub recomputed: u64,
     /// Checks each miner failed, and its stage.
@@ -572,8 +576,9 @@ impl<'a> Coordinator<'a> {
             receipts: BTreeMap::new(),
             passed: BTreeSet::new(),
             sketches: BTreeMap::new(),
+            pooled: BTreeSet::new(),
             suspected: BTreeMap::new(),
-            wrong: 0,
+            replayed: 0,
             recomputed: 0,
             failed: BTreeMap::new(),
             disputes: BTreeMap::new(),
@@ -712,7 +717,12 @@ impl<'a> Coordinator<'a> {
     pub(super) fn redo_without(&mut self, gone: &[usize]) -> Result<(), TrainError> {
         let w = self.window.as_mut().expect("a window runs");
         for &rank in gone {
-            w.flight.lose(rank);
+            for id in w.flight.lose(rank) {
+                // Trained again, a pass is new work: replayed or drawn
+                // before, it is neither now.
+                w.passed.retain(|p| p.0 != id);
+                w.pooled.retain(|p| p.0 != id);
+            }
         }
         w.flight.abandon_running();
         w.attempt += 1;
@@ -1187,7 +1197,7 @@ impl<'a> Coordinator<'a> {
             attempts: w.attempt - self.first_attempt + 1,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
             compute_s: w.busy_s,
-            replayed: w.passed.len() as u64 + w.wrong,
+            replayed: w.replayed,
             recomputed: w.recomputed,
             replay_s: w.replay_s + s.audit_s,
             caught: w.failed.keys().copied().collect(),

@@ -4,7 +4,7 @@
 //! what the orchestrator decides. No sockets, no clock: time is an
 //! `Instant` the test moves by hand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -222,6 +222,41 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
     assert!(!credited(&seen).contains_key(&5) || credited(&seen)[&5] == 0);
     // Everyone else is replayed and credited for every pass.
     assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
+    // A pass trained again is replayed again, even where the same miner
+    // served it before and passed: its new receipt is new work.
+    let retrained: BTreeSet<(u64, usize)> = seen
+        .orders
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Order::Run {
+                window: 0,
+                attempt: 1,
+                routes,
+            } => Some(
+                routes
+                    .iter()
+                    .flat_map(|r| (0..r.path.len()).map(|s| (r.id, s))),
+            ),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let replayed_again: BTreeSet<(u64, usize)> = seen
+        .orders
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Order::Audit {
+                window: 0,
+                attempt: 1,
+                tasks,
+                ..
+            } => Some(tasks.iter().map(|t| (t.id, t.stage))),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(!retrained.is_empty());
+    assert_eq!(replayed_again, retrained);
     // The replays come before the close, so the cheater's gradients are
     // never summed.
     assert_eq!(
@@ -310,6 +345,44 @@ fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_rand
         result.unwrap();
         assert!(audited(&seen, 0).is_empty());
     }
+}
+
+#[test]
+fn a_suspect_takes_the_place_of_a_drawn_pass_so_each_miner_is_replayed_at_the_rate() {
+    let script = Script {
+        outlier: Some(2),
+        ..Script::default()
+    };
+    // Each miner serves 3 of its stage's 6 passes: a third is one replay.
+    let (seen, result) = Sim::run(&spec("replay_rate = 0.3333333333333333"), script);
+    result.unwrap();
+    let routes: BTreeMap<u64, Vec<usize>> = seen
+        .orders
+        .iter()
+        .find_map(|(_, o)| match o {
+            Order::Run {
+                window: 0, routes, ..
+            } => Some(routes.iter().map(|r| (r.id, r.path.clone())).collect()),
+            _ => None,
+        })
+        .expect("window 0 runs");
+    let mut served: BTreeMap<usize, usize> = BTreeMap::new();
+    for path in routes.values() {
+        for &miner in path {
+            *served.entry(miner).or_default() += 1;
+        }
+    }
+    assert_eq!(served.into_values().collect::<Vec<_>>(), [3; 4]);
+    let replayed = audited(&seen, 0);
+    assert!(
+        replayed.contains(&(2, 0)) && replayed.contains(&(2, 1)),
+        "{replayed:?}"
+    );
+    let mut per_miner: BTreeMap<usize, usize> = BTreeMap::new();
+    for (id, stage) in replayed {
+        *per_miner.entry(routes[&id][stage]).or_default() += 1;
+    }
+    assert_eq!(per_miner.into_values().collect::<Vec<_>>(), [1; 4]);
 }
 
 #[test]
