@@ -65,7 +65,7 @@ impl MetricsLog {
             .val_loss
             .map_or_else(|| "null".to_string(), |v| v.to_string());
         let line = format!(
-            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"bubble_wait\":{:.4},\"bubble_reduce\":{:.4},\"bubble_step\":{:.4},\"bubble_audit\":{:.4},\"bubble_idle\":{:.4},\"reduce_s\":{:.3},\"dense_bytes\":{},\"wire_bytes\":{},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"replayed\":{},\"recomputed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"progress_deadline_s\":{:.3},\"answer_deadline_s\":{:.3},\"close_deadline_s\":{:.3},\"elapsed_s\":{:.3}}}\n",
+            "{{\"window\":{},\"step\":{},\"loss\":{},\"val_loss\":{val},\"tokens_per_s\":{:.1},\"bubble\":{:.4},\"bubble_wait\":{:.4},\"bubble_reduce\":{:.4},\"bubble_step\":{:.4},\"bubble_audit\":{:.4},\"bubble_idle\":{:.4},\"reduce_s\":{:.3},\"dense_bytes\":{},\"wire_bytes\":{},\"attempts\":{},\"compression\":{},\"compute_s\":{:.3},\"trained\":{},\"replayed\":{},\"recomputed\":{},\"replay_s\":{:.3},\"caught\":{:?},\"progress_deadline_s\":{:.3},\"answer_deadline_s\":{:.3},\"close_deadline_s\":{:.3},\"elapsed_s\":{:.3}}}\n",
             r.window,
             r.window + 1,
             r.mean_loss,
@@ -83,6 +83,7 @@ impl MetricsLog {
             r.compression
                 .map_or_else(|| "null".to_string(), |c| format!("{c:.2}")),
             r.compute_s,
+            r.trained,
             r.replayed,
             r.recomputed,
             r.replay_s,
@@ -148,7 +149,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"bubble_wait\":0.1250,\"bubble_reduce\":0.0625,\"bubble_step\":0.0312,\"bubble_audit\":0.0000,\"bubble_idle\":0.0312,\"reduce_s\":0.500,\"dense_bytes\":4096,\"wire_bytes\":1024,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"replayed\":2,\"recomputed\":4,\"replay_s\":0.050,\"caught\":[3],\"progress_deadline_s\":2.000,\"answer_deadline_s\":5.000,\"close_deadline_s\":5.000,\"elapsed_s\":1.500}"
+            "{\"window\":4,\"step\":5,\"loss\":2.5,\"val_loss\":null,\"tokens_per_s\":1000.0,\"bubble\":0.2500,\"bubble_wait\":0.1250,\"bubble_reduce\":0.0625,\"bubble_step\":0.0312,\"bubble_audit\":0.0000,\"bubble_idle\":0.0312,\"reduce_s\":0.500,\"dense_bytes\":4096,\"wire_bytes\":1024,\"attempts\":1,\"compression\":null,\"compute_s\":1.000,\"trained\":0,\"replayed\":2,\"recomputed\":4,\"replay_s\":0.050,\"caught\":[3],\"progress_deadline_s\":2.000,\"answer_deadline_s\":5.000,\"close_deadline_s\":5.000,\"elapsed_s\":1.500}"
         );
         assert!(lines[1].contains("\"val_loss\":2.25,"));
     }

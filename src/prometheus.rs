@@ -17,6 +17,7 @@ pub struct Tallies {
     last: Option<WindowReport>,
     windows: u64,
     compute_s: f64,
+    trained: u64,
     replayed: u64,
     recomputed: u64,
     redone_attempts: u64,
@@ -43,6 +44,7 @@ impl Tallies {
     pub fn record(&mut self, w: &WindowReport) {
         self.windows += 1;
         self.compute_s += w.compute_s;
+        self.trained += w.trained;
         self.replayed += w.replayed;
         self.recomputed += w.recomputed;
         self.redone_attempts += u64::from(w.attempts.saturating_sub(1));
@@ -134,8 +136,13 @@ impl Tallies {
                 self.compute_s,
             ),
             (
+                "trained_passes_total",
+                "Training passes miners trained, passes trained again included.",
+                self.trained as f64,
+            ),
+            (
                 "replayed_passes_total",
-                "Passes validators replayed.",
+                "Passes validators replayed: over trained_passes_total, what checking costs.",
                 self.replayed as f64,
             ),
             (
@@ -239,6 +246,7 @@ mod tests {
             attempts: 2,
             compression: Some(8.0),
             compute_s: 1.5,
+            trained: 24,
             replayed: 1,
             recomputed: 2,
             replay_s: 0.1,
@@ -273,6 +281,8 @@ mod tests {
             "swarmrun_loss 2.5",
             "swarmrun_compression_ratio 8",
             "swarmrun_compute_seconds_total 3",
+            "swarmrun_trained_passes_total 48",
+            "swarmrun_replayed_passes_total 2",
             "swarmrun_redone_attempts_total 2",
             "swarmrun_miners_caught_total 2",
             "swarmrun_miner_passes_total{rank=\"2\",stage=\"0\"} 12",

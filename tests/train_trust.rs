@@ -214,6 +214,12 @@ fn honest_miners_are_never_flagged_and_checking_changes_no_bit() {
         let unchecked = seeded("unchecked", 0.0);
         for (a, u) in audited.iter().zip(&unchecked) {
             assert_eq!(caught(a), "[]", "seed {seed}: {a}");
+            // At rate 1 each pass trained is replayed, once.
+            assert_eq!(
+                field(a, "replayed"),
+                field(a, "trained"),
+                "seed {seed}: {a}"
+            );
             assert_ne!(field(a, "replayed"), "0", "seed {seed}: {a}");
             assert_eq!(field(u, "replayed"), "0", "seed {seed}: {u}");
             assert_eq!(field(a, "loss"), field(u, "loss"), "seed {seed}");
@@ -318,22 +324,35 @@ fn a_miner_cheating_on_some_passes_is_caught_by_what_it_states_of_them_without_r
     // No uniform draw (replay_rate 0): only passes whose gradient maxima
     // (stated in the receipt; skipped work: zeros) or gradient sketch
     // (stated at the close, with its seed; negated gradients, whose maxima
-    // are the honest ones) stand out from their stage's are replayed. 3 miners a stage, so rank 2's passes are a third of stage
-    // 0's. Which microbatches it serves follows the routing, so it cheats
-    // on none of its ~12 passes in 6 windows once in 4096 runs.
+    // are the honest ones; or honest passes with negated sketches, stated
+    // to thin later draws) stand out from their stage's are replayed. 3
+    // miners a stage, so rank 2's passes are a third of stage 0's. Which
+    // microbatches it serves follows the routing, so it cheats on none of
+    // its ~12 passes in 6 windows once in 4096 runs.
     let dir = tempfile::tempdir().unwrap();
-    for kind in ["skip_compute", "flip_grad"] {
+    for kind in ["skip_compute", "flip_grad", "flip_sketch"] {
         let cheat = format!("\n[[faults.cheat]]\nrank = 2\nkind = \"{kind}\"\nprobability = 0.5\n");
         let job = sized_train_job(dir.path(), kind, 2, 8, 6, &cheat);
+        // For flip_sketch, no slice recomputed either: the contribution
+        // check would see the sketch's probed entries are not the
+        // gradients', and the replay is the check under test.
+        let slices = match kind {
+            "flip_sketch" => "slice_audit_rate = 0.0\n",
+            _ => "",
+        };
         edit(
             &job,
             "validators = 1\n",
-            "validators = 1\nreplay_rate = 0.0\n",
+            &format!("validators = 1\nreplay_rate = 0.0\n{slices}"),
         );
         let (lines, err) = run(&job);
         let caught_in = window_catching(&lines, 2, &err);
         for (w, l) in lines.iter().enumerate().filter(|&(w, _)| w != caught_in) {
             assert_eq!(caught(l), "[]", "{kind}: window {w}: {l}");
+        }
+        if kind == "flip_sketch" {
+            let said = "the gradient sketch differs from the one it stated";
+            assert!(err.contains(said), "{err}");
         }
     }
 }

@@ -22,13 +22,14 @@ use crate::ledger::{self, LedgerError, WindowRecord};
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them, each
 /// with the window it starts cheating in (`from_window`: honest before,
 /// a clean record first).
-const KINDS: [(&str, u64); 12] = [
+const KINDS: [(&str, u64); 13] = [
     ("random_grad", 0),
     ("guess_unaudited", 0),
     ("skip_compute", 0),
     ("replay_stale", 0),
     ("scale_update", 0),
     ("flip_grad", 0),
+    ("flip_sketch", 0),
     ("scale_contribution", 0),
     ("nudge_contribution", 0),
     ("collude", 0),
@@ -105,6 +106,7 @@ pub enum BenchTrustError {
 struct Line {
     window: u64,
     compute_s: f64,
+    trained: u64,
     replay_s: f64,
     replayed: u64,
     caught: Vec<usize>,
@@ -166,8 +168,8 @@ struct Outcome {
     false_positives: usize,
     compute_s: f64,
     replay_s: f64,
-    /// Passes replayed, and passes trained (a window's microbatches on
-    /// every stage).
+    /// Passes replayed, and passes trained (all attempts: a pass trained
+    /// again after a cheater's exclusion counts again).
     replayed: u64,
     passes: u64,
     /// Largest |share - true share| of any miner in any window.
@@ -368,7 +370,7 @@ fn run_one(
         outcome.compute_s += line.compute_s;
         outcome.replay_s += line.replay_s;
         outcome.replayed += line.replayed;
-        outcome.passes += opts.microbatches * STAGES;
+        outcome.passes += line.trained;
         for rank in line.caught {
             match cheat.filter(|c| c.ranks.contains(&rank)) {
                 // Caught while it was still honest: a false positive.

@@ -470,6 +470,11 @@ pub enum CheatKind {
     /// magnitude, so every stated gradient maximum, is the honest one,
     /// and only a replay tells it apart.
     FlipGrad,
+    /// Honest passes, but the gradient sketch it states of each negated,
+    /// so that they look pushed uphill and are replayed as suspects, in
+    /// place of passes its later draws would pick: a miner thinning the
+    /// uniform draw before it cheats. The replay recomputes the sketch.
+    FlipSketch,
     /// With the other colluders of its stage, doubles every all-reduce
     /// slice two or more of them reduce, so that their copies agree (and
     /// outvote an honest copy where they are the majority); `probability`

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::device::StageDevice;
-use super::protocol::{CheckpointTask, CreditedPass, Receipt};
+use super::protocol::{CheckpointTask, CreditedPass, Receipt, StatedSketch};
 use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
 use crate::data::rng::splitmix64;
@@ -442,14 +442,15 @@ pub(super) fn replay_step(
 }
 
 /// Replays microbatch `id` through `model` from `frames` and checks every
-/// digest of `receipt`; the error says the first that differs.
+/// digest of `receipt`, and the `sketch` its miner stated where there is
+/// one; the error says the first that differs.
 pub(super) fn replay(
     setup: &Setup,
     codec: &BoundaryCodec,
     (model, device): (&StageModel, &StageDevice),
     id: u64,
     frames: &Frames,
-    receipt: &Receipt,
+    (receipt, sketch): (&Receipt, Option<&StatedSketch>),
 ) -> Result<(), String> {
     let check = |what: &str, got: Option<String>, stated: &Option<String>| match got == *stated {
         true => Ok(()),
@@ -513,6 +514,13 @@ pub(super) fn replay(
     if gradient_maxes(model, &grads.params) != receipt.maxes {
         return Err(format!(
             "microbatch {id}: the gradient maxes differ from the receipt's"
+        ));
+    }
+    // A sketch stated wrong would make an honest pass a suspect at will,
+    // and a suspect's replay takes the place of a drawn one.
+    if sketch.is_some_and(|s| gradient_sketch(&grads.params, s.seed) != s.sketch) {
+        return Err(format!(
+            "microbatch {id}: the gradient sketch differs from the one it stated"
         ));
     }
     let grad_out = match &grads.input {

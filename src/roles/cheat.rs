@@ -81,6 +81,11 @@ pub trait Conduct: Send {
     /// Hears which of its training passes validators asked to replay
     /// (every miner sees that: it sends them the frames).
     fn audited(&mut self, _ids: &[u64]) {}
+    /// The gradient sketch (f32 bits) it states of training pass `id`
+    /// instead of `honest`.
+    fn sketch(&self, _id: u64, honest: Vec<u32>) -> Vec<u32> {
+        honest
+    }
 }
 
 /// A miner that follows the protocol.
@@ -167,6 +172,7 @@ impl Cheater {
                 | CheatKind::ReplayStale
                 | CheatKind::ScaleUpdate
                 | CheatKind::FlipGrad
+                | CheatKind::FlipSketch
         );
         let probability = match self.kind {
             CheatKind::GuessUnaudited => self.guessed_probability(id),
@@ -307,7 +313,8 @@ impl Cheater {
             },
             (CheatKind::ReplayStale, None)
             | (
-                CheatKind::Collude
+                CheatKind::FlipSketch
+                | CheatKind::Collude
                 | CheatKind::ForgeCheckpoint
                 | CheatKind::ScaleContribution
                 | CheatKind::NudgeContribution
@@ -388,6 +395,13 @@ impl Conduct for Cheater {
 
     fn checkpoint_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
         self.forged_state(window, honest)
+    }
+
+    fn sketch(&self, id: u64, honest: Vec<u32>) -> Vec<u32> {
+        match self.kind == CheatKind::FlipSketch && self.cheats_on(id) {
+            true => honest.into_iter().map(|b| b ^ 0x8000_0000).collect(),
+            false => honest,
+        }
     }
 }
 

@@ -1134,7 +1134,9 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     .zip(&parts)
                     .map(|(&id, grads)| PassSketch {
                         id,
-                        sketch: audit::gradient_sketch(grads, sketch_seed),
+                        sketch: self
+                            .conduct
+                            .sketch(id, audit::gradient_sketch(grads, sketch_seed)),
                     })
                     .collect();
                 Report::Reduced {

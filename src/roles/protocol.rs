@@ -212,7 +212,8 @@ pub struct Receipt {
 }
 
 /// One pass to replay: microbatch `id` on `stage`, served by `miner`, whose
-/// receipt says `receipt`, replayed by `validator`.
+/// receipt says `receipt`, replayed by `validator`. Replayed after a close,
+/// also the sketch its miner stated of it with the close's seed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditTask {
     pub id: u64,
@@ -220,6 +221,15 @@ pub struct AuditTask {
     pub miner: usize,
     pub validator: usize,
     pub receipt: Receipt,
+    pub sketch: Option<StatedSketch>,
+}
+
+/// A pass's `audit::gradient_sketch` with `seed`, as its miner stated it
+/// (empty where it stated none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatedSketch {
+    pub seed: u64,
+    pub sketch: Vec<u32>,
 }
 
 /// What a miner states about its part in its stage's all-reduce: enough

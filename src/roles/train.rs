@@ -91,8 +91,11 @@ pub struct WindowReport {
     /// Boundary bytes as computed / bytes on the wire (headers and scales
     /// included); `None` with one stage.
     pub compression: Option<f64>,
-    /// Seconds miners spent computing, all attempts included.
+    /// Seconds miners spent computing, and the training passes they
+    /// trained, all attempts included (a pass trained again after a loss
+    /// counts twice, as it cost twice).
     pub compute_s: f64,
+    pub trained: u64,
     /// Passes validators replayed, all-reduce slices they recomputed, and
     /// the seconds both took them.
     pub replayed: u64,
@@ -128,6 +131,7 @@ impl WindowReport {
             attempts: 1,
             compression: None,
             compute_s: 1.0,
+            trained: 0,
             replayed: 0,
             recomputed: 0,
             replay_s: 0.0,

@@ -301,7 +301,7 @@ fn judge(
                 (model, device),
                 task.id,
                 frames,
-                &task.receipt,
+                (&task.receipt, task.sketch.as_ref()),
             ) {
                 Ok(()) => Verdict::Passed,
                 Err(reason) => Verdict::Failed(reason),

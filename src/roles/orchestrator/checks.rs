@@ -13,7 +13,7 @@ use crate::collective::{scales_for, slice_holders};
 use crate::ledger::Tally;
 use crate::roles::protocol::{
     self, AuditTask, CheckpointTask, CreditedPass, Order, Reduction, Report, SitePart, SliceTask,
-    Verdict,
+    StatedSketch, Verdict,
 };
 use crate::roles::train::{Setup, TrainError};
 
@@ -181,6 +181,7 @@ impl Coordinator<'_> {
         let w = self.window.as_mut().expect("a window runs");
         let mut pools = Vec::new();
         for (miner, passes) in unchecked {
+            let owed = self.owed_draws.remove(&miner).unwrap_or(0);
             let suspected = passes.iter().filter(|p| picked.contains(p)).count();
             let mut new: Vec<(u64, usize)> = passes
                 .into_iter()
@@ -188,16 +189,19 @@ impl Coordinator<'_> {
                 .collect();
             let n = new.len();
             new.retain(|p| !picked.contains(p));
-            pools.push((n, suspected, new));
+            pools.push((miner, n, suspected + owed, new));
         }
-        for (n, suspected, mut pool) in pools {
+        for (miner, n, taken, mut pool) in pools {
             let due = self.sample_size(rate, n);
-            picked.extend(self.draw(due.saturating_sub(suspected), &mut pool));
+            picked.extend(self.draw(due.saturating_sub(taken), &mut pool));
+            if taken > due {
+                self.owed_draws.insert(miner, taken - due);
+            }
         }
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
         }
-        match self.send_replays(&picked, breaks) {
+        match self.send_replays(&picked, breaks, None) {
             Some(replays) => {
                 self.phase = Phase::Auditing(replays, None);
                 Ok(())
@@ -210,22 +214,32 @@ impl Coordinator<'_> {
     /// has validators replay the passes that, by direction too, stand out
     /// most from their stage's (see [`suspicion`]), within what is left of
     /// each miner's `suspect_replays` this attempt; `None` when there are
-    /// none, as in most windows.
-    pub(super) fn replay_by_direction(&mut self) -> Option<PassAudit> {
+    /// none, as in most windows. The miner's next draw is smaller by as
+    /// many (see [`Coordinator::owed_draws`]).
+    pub(super) fn replay_by_direction(&mut self, sketch_seed: u64) -> Option<PassAudit> {
         if self.validators.is_empty() {
             return None;
         }
         let unchecked = unchecked(self.window.as_ref().expect("a window runs"));
         let picked = self.suspects(&unchecked, true);
-        self.send_replays(&picked, Vec::new())
+        let audit = self.send_replays(&picked, Vec::new(), Some(sketch_seed))?;
+        let w = self.window.as_ref().expect("a window runs");
+        for pass in &picked {
+            if let Some((miner, _)) = w.receipts.get(pass) {
+                *self.owed_draws.entry(*miner).or_default() += 1;
+            }
+        }
+        Some(audit)
     }
 
     /// Sends validators the `Audit` order for `picked` passes, whose
-    /// chain `breaks` the replays decide.
+    /// chain `breaks` the replays decide; after a close, with the sketches
+    /// stated with its `sketch_seed`.
     fn send_replays(
         &mut self,
         picked: &BTreeSet<(u64, usize)>,
         breaks: Vec<((u64, usize), (u64, usize))>,
+        sketch_seed: Option<u64>,
     ) -> Option<PassAudit> {
         let w = self.window.as_ref().expect("a window runs");
         let tasks: Vec<AuditTask> = picked
@@ -238,6 +252,10 @@ impl Coordinator<'_> {
                     miner: *miner,
                     validator: self.replayer_for(*miner)?,
                     receipt: receipt.clone(),
+                    sketch: sketch_seed.map(|seed| StatedSketch {
+                        seed,
+                        sketch: w.sketches.get(&(id, stage)).cloned().unwrap_or_default(),
+                    }),
                 })
             })
             .collect();

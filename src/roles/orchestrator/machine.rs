@@ -216,8 +216,10 @@ pub(super) struct WindowState {
     pub attempt: u32,
     pub flight: InFlight,
     pub losses: BTreeMap<u64, f32>,
-    /// Seconds miners spent computing, all attempts included.
+    /// Seconds miners spent computing, and training passes they trained:
+    /// all attempts included.
     pub busy_s: f64,
+    pub trained: u64,
     /// Boundary bytes sent: as computed, and on the wire.
     pub dense_bytes: u64,
     pub wire_bytes: u64,
@@ -289,6 +291,13 @@ pub struct Coordinator<'a> {
     /// Which passes and slices validators check: seeded by the caller, so
     /// that a run can be unpredictable to miners and a test repeatable.
     pub(super) draws: SplitMix64,
+    /// Replays each miner had past its uniform draw's size (suspects),
+    /// which its next draws are smaller by: validators replay
+    /// `replay_rate` of a miner's passes, suspects included, and never
+    /// more than that rate plus the suspects alone. Safe because no miner
+    /// can make an honest pass a suspect at will: a replay checks the
+    /// maxima and the sketch it stated of the pass.
+    pub(super) owed_draws: BTreeMap<usize, usize>,
     /// Ranks of the plan: every rank id from here on joined later.
     pub(super) planned: usize,
     /// Ranks that joined and wait for a stage, with their sites.
@@ -358,6 +367,7 @@ impl<'a> Coordinator<'a> {
             weights: b.weights,
             optimizers: b.optimizers,
             draws: SplitMix64::new(b.seed, 0),
+            owed_draws: BTreeMap::new(),
             planned: b.planned,
             joining: BTreeMap::new(),
             joined_ever: BTreeSet::new(),
@@ -571,6 +581,7 @@ impl<'a> Coordinator<'a> {
             flight: InFlight::new(train_ids.chain(val_ids)),
             losses: BTreeMap::new(),
             busy_s: 0.0,
+            trained: 0,
             dense_bytes: 0,
             wire_bytes: 0,
             receipts: BTreeMap::new(),
@@ -790,6 +801,7 @@ impl<'a> Coordinator<'a> {
                     return Ok(());
                 }
                 if let Some(receipt) = receipt {
+                    w.trained += 1;
                     w.receipts.insert((id, stage), (from, *receipt));
                 }
                 // A validation pass runs forward only: its time says
@@ -1087,7 +1099,7 @@ impl<'a> Coordinator<'a> {
             sketch_seed,
             sites,
         };
-        match self.replay_by_direction() {
+        match self.replay_by_direction(closed.sketch_seed) {
             Some(replays) => self.phase = Phase::Auditing(replays, Some(closed)),
             None => self.hold_close(closed),
         }
@@ -1197,6 +1209,7 @@ impl<'a> Coordinator<'a> {
             attempts: w.attempt - self.first_attempt + 1,
             compression: (w.wire_bytes > 0).then(|| w.dense_bytes as f64 / w.wire_bytes as f64),
             compute_s: w.busy_s,
+            trained: w.trained,
             replayed: w.replayed,
             recomputed: w.recomputed,
             replay_s: w.replay_s + s.audit_s,

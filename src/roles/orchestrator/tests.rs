@@ -347,42 +347,99 @@ fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_rand
     }
 }
 
+/// Each miner serves 3 of its stage's 6 passes a window: a third is one
+/// replay a window.
+const ONE_PASS_IN_THREE: &str = "replay_rate = 0.3333333333333333";
+
+/// The miner of each pass `(id, stage)` of `window`'s first `Run`.
+fn miners_of_passes(seen: &Seen, window: u64) -> BTreeMap<(u64, usize), usize> {
+    let routes = seen
+        .orders
+        .iter()
+        .find_map(|(_, o)| match o {
+            Order::Run {
+                window: w, routes, ..
+            } if *w == window => Some(routes),
+            _ => None,
+        })
+        .expect("the window runs");
+    let passes: BTreeMap<(u64, usize), usize> = routes
+        .iter()
+        .flat_map(|r| r.path.iter().enumerate().map(|(s, &m)| ((r.id, s), m)))
+        .collect();
+    passes
+}
+
+/// How many of its passes each miner served in `window`, and how many of
+/// them were replayed.
+fn replays_per_miner(seen: &Seen, window: u64) -> BTreeMap<usize, (usize, usize)> {
+    let miners = miners_of_passes(seen, window);
+    let mut per_miner: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+    for &miner in miners.values() {
+        per_miner.entry(miner).or_default().0 += 1;
+    }
+    for pass in audited(seen, window) {
+        per_miner.entry(miners[&pass]).or_default().1 += 1;
+    }
+    per_miner
+}
+
 #[test]
 fn a_suspect_takes_the_place_of_a_drawn_pass_so_each_miner_is_replayed_at_the_rate() {
     let script = Script {
         outlier: Some(2),
         ..Script::default()
     };
-    // Each miner serves 3 of its stage's 6 passes: a third is one replay.
-    let (seen, result) = Sim::run(&spec("replay_rate = 0.3333333333333333"), script);
+    let (seen, result) = Sim::run(&spec(ONE_PASS_IN_THREE), script);
     result.unwrap();
-    let routes: BTreeMap<u64, Vec<usize>> = seen
-        .orders
-        .iter()
-        .find_map(|(_, o)| match o {
-            Order::Run {
-                window: 0, routes, ..
-            } => Some(routes.iter().map(|r| (r.id, r.path.clone())).collect()),
-            _ => None,
-        })
-        .expect("window 0 runs");
-    let mut served: BTreeMap<usize, usize> = BTreeMap::new();
-    for path in routes.values() {
-        for &miner in path {
-            *served.entry(miner).or_default() += 1;
-        }
-    }
-    assert_eq!(served.into_values().collect::<Vec<_>>(), [3; 4]);
     let replayed = audited(&seen, 0);
     assert!(
         replayed.contains(&(2, 0)) && replayed.contains(&(2, 1)),
         "{replayed:?}"
     );
-    let mut per_miner: BTreeMap<usize, usize> = BTreeMap::new();
-    for (id, stage) in replayed {
-        *per_miner.entry(routes[&id][stage]).or_default() += 1;
+    let per_miner = replays_per_miner(&seen, 0);
+    assert_eq!(per_miner.into_values().collect::<Vec<_>>(), [(3, 1); 4]);
+}
+
+#[test]
+fn a_suspect_replayed_after_the_close_makes_its_miners_next_draw_smaller() {
+    let script = Script {
+        flipped: Some(2),
+        ..Script::default()
+    };
+    let (seen, result) = Sim::run(&spec(ONE_PASS_IN_THREE), script);
+    result.unwrap();
+    // Window 0: one drawn replay each before the close; after it, those
+    // of microbatch 2's passes by their sketches the draw did not pick.
+    let orders: Vec<Vec<(u64, usize)>> = seen
+        .orders
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Order::Audit {
+                window: 0, tasks, ..
+            } => Some(tasks.iter().map(|t| (t.id, t.stage)).collect()),
+            _ => None,
+        })
+        .collect();
+    let [drawn, by_sketch] = &orders[..] else {
+        panic!("two replay orders in window 0: {orders:?}");
+    };
+    assert_eq!(drawn.len(), 4);
+    assert!(!by_sketch.is_empty() && by_sketch.iter().all(|p| p.0 == 2));
+    let miners = miners_of_passes(&seen, 0);
+    let owing: Vec<usize> = by_sketch.iter().map(|p| miners[p]).collect();
+    // Window 1: their miners' draws are smaller by one (a third of 3 or 4
+    // passes is 1, or for 4 passes 2 one time in 3); nobody else's.
+    let window1 = replays_per_miner(&seen, 1);
+    for (miner, &(served, replayed)) in &window1 {
+        let drawn = served / 3..=served.div_ceil(3);
+        let want = match owing.contains(miner) {
+            true => drawn.start() - 1..=drawn.end() - 1,
+            false => drawn,
+        };
+        assert!(want.contains(&replayed), "miner {miner}: {window1:?}");
     }
-    assert_eq!(per_miner.into_values().collect::<Vec<_>>(), [1; 4]);
+    assert!(owing.iter().any(|m| window1[m] == (3, 0)), "{window1:?}");
 }
 
 #[test]
