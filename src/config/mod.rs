@@ -257,15 +257,17 @@ pub struct RolesSpec {
     pub validators: u32,
     /// Share of the training passes (one microbatch on one stage) that
     /// validators replay, in `0..=1`: of a miner's `n` passes in a window,
-    /// `rate * n` rounded down or up at random, drawn by a generator the
-    /// miners cannot predict. Default 0.05: a replay costs what the pass
-    /// cost, so validators spend about 5% of the miners' compute.
+    /// `rate * n` rounded down or up at random, suspects (below) first and
+    /// the rest drawn by a generator the miners cannot predict. Default
+    /// 0.05: a replay costs what the pass cost, so validators spend 5% of
+    /// the miners' compute.
     pub replay_rate: f64,
-    /// Besides that draw, how many of a miner's passes a window are
-    /// replayed because their stated gradient maxima or gradient sketch
-    /// stand out from the other passes of their stage (random, zero,
-    /// scaled, repeated or, early in training, negated gradients do; honest
-    /// passes seldom). Default 2; 0 turns it off.
+    /// How many of a miner's passes a window are replayed because their
+    /// stated gradient maxima or gradient sketch stand out from the other
+    /// passes of their stage (random, zero, scaled, repeated or, early in
+    /// training, negated gradients do; honest passes seldom), in place of
+    /// drawn ones: past the miner's share, its next draws are smaller by
+    /// as many. Default 2; 0 turns it off.
     pub suspect_replays: u32,
     /// How many miners of a stage reduce each slice of its all-reduce
     /// (capped at the stage's miners), straight from the contributions, so
