@@ -241,19 +241,10 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
         })
         .flatten()
         .collect();
-    let replayed_again: BTreeSet<(u64, usize)> = seen
-        .orders
-        .iter()
-        .filter_map(|(_, o)| match o {
-            Order::Audit {
-                window: 0,
-                attempt: 1,
-                tasks,
-                ..
-            } => Some(tasks.iter().map(|t| (t.id, t.stage))),
-            _ => None,
-        })
-        .flatten()
+    let replayed_again: BTreeSet<(u64, usize)> = audit_orders(&seen, 0)
+        .into_iter()
+        .filter(|(attempt, _)| *attempt == 1)
+        .flat_map(|(_, passes)| passes)
         .collect();
     assert!(!retrained.is_empty());
     assert_eq!(replayed_again, retrained);
@@ -303,15 +294,25 @@ fn flow(seen: &Seen, window: u64) -> Vec<(&'static str, u32)> {
 
 /// The passes, (microbatch, stage), in the `Audit` orders of `window`.
 fn audited(seen: &Seen, window: u64) -> Vec<(u64, usize)> {
+    audit_orders(seen, window)
+        .into_iter()
+        .flat_map(|(_, passes)| passes)
+        .collect()
+}
+
+/// Each `Audit` order of `window`: its attempt and the passes it names.
+fn audit_orders(seen: &Seen, window: u64) -> Vec<(u32, Vec<(u64, usize)>)> {
     seen.orders
         .iter()
         .filter_map(|(_, o)| match o {
             Order::Audit {
-                window: w, tasks, ..
-            } if *w == window => Some(tasks.iter().map(|t| (t.id, t.stage))),
+                window: w,
+                attempt,
+                tasks,
+                ..
+            } if *w == window => Some((*attempt, tasks.iter().map(|t| (t.id, t.stage)).collect())),
             _ => None,
         })
-        .flatten()
         .collect()
 }
 
@@ -411,15 +412,9 @@ fn a_suspect_replayed_after_the_close_makes_its_miners_next_draw_smaller() {
     result.unwrap();
     // Window 0: one drawn replay each before the close; after it, those
     // of microbatch 2's passes by their sketches the draw did not pick.
-    let orders: Vec<Vec<(u64, usize)>> = seen
-        .orders
-        .iter()
-        .filter_map(|(_, o)| match o {
-            Order::Audit {
-                window: 0, tasks, ..
-            } => Some(tasks.iter().map(|t| (t.id, t.stage)).collect()),
-            _ => None,
-        })
+    let orders: Vec<Vec<(u64, usize)>> = audit_orders(&seen, 0)
+        .into_iter()
+        .map(|(_, passes)| passes)
         .collect();
     let [drawn, by_sketch] = &orders[..] else {
         panic!("two replay orders in window 0: {orders:?}");
