@@ -296,7 +296,9 @@ pub struct Coordinator<'a> {
     /// `replay_rate` of a miner's passes, suspects included, and never
     /// more than that rate plus the suspects alone. Safe because no miner
     /// can make an honest pass a suspect at will: a replay checks the
-    /// maxima and the sketch it stated of the pass.
+    /// maxima and the sketch it stated of the pass. Not handed to a
+    /// standby: one that takes over owes nothing, and replays a few
+    /// passes more, never fewer.
     pub(super) owed_draws: BTreeMap<usize, usize>,
     /// Ranks of the plan: every rank id from here on joined later.
     pub(super) planned: usize,
