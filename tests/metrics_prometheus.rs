@@ -101,6 +101,11 @@ fn a_run_scraped_while_it_trains_shows_its_window_loss_and_credits() {
         assert_eq!(sample(&text, &name), Some(so_far(&format!("{kind}_bytes"))));
     }
     assert!(so_far("wire_bytes") > 0.0);
+    for passes in ["trained", "replayed"] {
+        let name = format!("swarmrun_{passes}_passes_total");
+        assert_eq!(sample(&text, &name), Some(so_far(passes)), "{name}");
+    }
+    assert!(so_far("trained") > 0.0);
     // The causes split the bubble: none negative, and with the idle rest
     // they add up to it.
     for l in &lines {
