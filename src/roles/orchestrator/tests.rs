@@ -224,23 +224,7 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
     assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
     // A pass trained again is replayed again, even where the same miner
     // served it before and passed: its new receipt is new work.
-    let retrained: BTreeSet<(u64, usize)> = seen
-        .orders
-        .iter()
-        .filter_map(|(_, o)| match o {
-            Order::Run {
-                window: 0,
-                attempt: 1,
-                routes,
-            } => Some(
-                routes
-                    .iter()
-                    .flat_map(|r| (0..r.path.len()).map(|s| (r.id, s))),
-            ),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let retrained: BTreeSet<(u64, usize)> = miners_of_passes(&seen, 0, 1).into_keys().collect();
     let replayed_again: BTreeSet<(u64, usize)> = audit_orders(&seen, 0)
         .into_iter()
         .filter(|(attempt, _)| *attempt == 1)
@@ -352,29 +336,28 @@ fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_rand
 /// replay a window.
 const ONE_PASS_IN_THREE: &str = "replay_rate = 0.3333333333333333";
 
-/// The miner of each pass `(id, stage)` of `window`'s first `Run`.
-fn miners_of_passes(seen: &Seen, window: u64) -> BTreeMap<(u64, usize), usize> {
-    let routes = seen
-        .orders
+/// The miner of each pass `(id, stage)` that `window`'s `Run` orders of
+/// `attempt` route.
+fn miners_of_passes(seen: &Seen, window: u64, attempt: u32) -> BTreeMap<(u64, usize), usize> {
+    seen.orders
         .iter()
-        .find_map(|(_, o)| match o {
+        .filter_map(|(_, o)| match o {
             Order::Run {
-                window: w, routes, ..
-            } if *w == window => Some(routes),
+                window: w,
+                attempt: a,
+                routes,
+            } if (*w, *a) == (window, attempt) => Some(routes),
             _ => None,
         })
-        .expect("the window runs");
-    let passes: BTreeMap<(u64, usize), usize> = routes
-        .iter()
+        .flatten()
         .flat_map(|r| r.path.iter().enumerate().map(|(s, &m)| ((r.id, s), m)))
-        .collect();
-    passes
+        .collect()
 }
 
-/// How many of its passes each miner served in `window`, and how many of
-/// them were replayed.
+/// How many of its passes each miner served in `window`'s first attempt,
+/// and how many of them were replayed.
 fn replays_per_miner(seen: &Seen, window: u64) -> BTreeMap<usize, (usize, usize)> {
-    let miners = miners_of_passes(seen, window);
+    let miners = miners_of_passes(seen, window, 0);
     let mut per_miner: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
     for &miner in miners.values() {
         per_miner.entry(miner).or_default().0 += 1;
@@ -421,7 +404,7 @@ fn a_suspect_replayed_after_the_close_makes_its_miners_next_draw_smaller() {
     };
     assert_eq!(drawn.len(), 4);
     assert!(!by_sketch.is_empty() && by_sketch.iter().all(|p| p.0 == 2));
-    let miners = miners_of_passes(&seen, 0);
+    let miners = miners_of_passes(&seen, 0, 0);
     let owing: Vec<usize> = by_sketch.iter().map(|p| miners[p]).collect();
     // Window 1: their miners' draws are smaller by one (a third of 3 or 4
     // passes is 1, or for 4 passes 2 one time in 3); nobody else's.
