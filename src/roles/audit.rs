@@ -1,6 +1,6 @@
 //! Replaying a miner's work: what a miner hands a validator for it (its
 //! stage's weights and the frames it received, one message per validator),
-//! and the replay, which must give the miner's [`Receipt`] bit for bit.
+//! and the replay, which must give the miner's [`Receipt`](super::protocol::Receipt) bit for bit.
 //!
 //! A replay is exact because every pass is a pure function of the stage's
 //! weights and the pass's inputs (see `crate::model`), and the codec is
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::device::StageDevice;
-use super::protocol::{CheckpointTask, CreditedPass, Receipt, StatedSketch};
+use super::protocol::{AuditTask, CheckpointTask, CreditedPass};
 use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
 use crate::data::rng::splitmix64;
@@ -441,17 +441,23 @@ pub(super) fn replay_step(
     Ok(weights.to_string())
 }
 
-/// Replays microbatch `id` through `model` from `frames` and checks every
-/// digest of `receipt`, and the `sketch` its miner stated where there is
-/// one; the error says the first that differs.
+/// Replays `task`'s pass through `model` from `frames` and checks every
+/// digest of its receipt, and the sketch its miner stated where the task
+/// carries one; the error says the first that differs.
 pub(super) fn replay(
     setup: &Setup,
     codec: &BoundaryCodec,
     (model, device): (&StageModel, &StageDevice),
-    id: u64,
+    task: &AuditTask,
     frames: &Frames,
-    (receipt, sketch): (&Receipt, Option<&StatedSketch>),
 ) -> Result<(), String> {
+    let AuditTask {
+        id,
+        receipt,
+        sketch,
+        ..
+    } = task;
+    let id = *id;
     let check = |what: &str, got: Option<String>, stated: &Option<String>| match got == *stated {
         true => Ok(()),
         false => Err(format!("microbatch {id}: {what} differs from its receipt")),
@@ -518,7 +524,10 @@ pub(super) fn replay(
     }
     // A sketch stated wrong would make an honest pass a suspect at will,
     // and a suspect's replay takes the place of a drawn one.
-    if sketch.is_some_and(|s| gradient_sketch(&grads.params, s.seed) != s.sketch) {
+    if sketch
+        .as_ref()
+        .is_some_and(|s| gradient_sketch(&grads.params, s.seed) != s.sketch)
+    {
         return Err(format!(
             "microbatch {id}: the gradient sketch differs from the one it stated"
         ));

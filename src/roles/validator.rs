@@ -295,14 +295,7 @@ fn judge(
             let Some((_, frames)) = bundle.passes.iter().find(|(id, _)| *id == task.id) else {
                 return Verdict::Failed(format!("microbatch {}: no frames sent", task.id));
             };
-            match audit::replay(
-                setup,
-                codec,
-                (model, device),
-                task.id,
-                frames,
-                (&task.receipt, task.sketch.as_ref()),
-            ) {
+            match audit::replay(setup, codec, (model, device), task, frames) {
                 Ok(()) => Verdict::Passed,
                 Err(reason) => Verdict::Failed(reason),
             }
