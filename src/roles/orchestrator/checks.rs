@@ -10,6 +10,7 @@ use super::machine::{Closed, Coordinator, Happened, Phase, Stepping, WindowState
 use super::suspicion;
 use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
+use crate::data::rng::SplitMix64;
 use crate::ledger::Tally;
 use crate::roles::protocol::{
     self, AuditTask, CheckpointTask, CreditedPass, Order, Reduction, Report, SitePart, SliceTask,
@@ -179,24 +180,19 @@ impl Coordinator<'_> {
         let unchecked = unchecked(w);
         let mut picked = self.suspects(&unchecked, false);
         let w = self.window.as_mut().expect("a window runs");
-        let mut pools = Vec::new();
         for (miner, passes) in unchecked {
-            let owed = self.owed_draws.remove(&miner).unwrap_or(0);
             let suspected = passes.iter().filter(|p| picked.contains(p)).count();
+            let taken = suspected + self.owed_draws.remove(&miner).unwrap_or(0);
             let mut new: Vec<(u64, usize)> = passes
                 .into_iter()
                 .filter(|&(id, stage)| w.pooled.insert((id, stage, miner)))
                 .collect();
-            let n = new.len();
-            new.retain(|p| !picked.contains(p));
-            pools.push((miner, n, suspected + owed, new));
-        }
-        for (miner, n, taken, mut pool) in pools {
-            let due = self.sample_size(rate, n);
-            picked.extend(self.draw(due.saturating_sub(taken), &mut pool));
+            let due = sample_size(&mut self.draws, rate, new.len());
             if taken > due {
                 self.owed_draws.insert(miner, taken - due);
             }
+            new.retain(|p| !picked.contains(p));
+            picked.extend(draw(&mut self.draws, due.saturating_sub(taken), &mut new));
         }
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
@@ -456,8 +452,8 @@ impl Coordinator<'_> {
         if !agreed {
             return slices;
         }
-        let k = self.sample_size(self.spec.roles.slice_audit_rate, n);
-        self.draw(k, &mut slices).to_vec()
+        let k = sample_size(&mut self.draws, self.spec.roles.slice_audit_rate, n);
+        draw(&mut self.draws, k, &mut slices).to_vec()
     }
 
     /// Tasks for the slices of the all-reduce among `members` (a stage's
@@ -809,27 +805,28 @@ impl Coordinator<'_> {
         }
         caught
     }
+}
 
-    /// Moves a random sample of `k` of `items` to the front and returns it.
-    fn draw<'i, I>(&mut self, k: usize, items: &'i mut [I]) -> &'i [I] {
-        let k = k.min(items.len());
-        for i in 0..k {
-            let j = i + self.draws.below((items.len() - i) as u64) as usize;
-            items.swap(i, j);
-        }
-        &items[..k]
+/// Moves a random sample of `k` of `items`, drawn with `draws`, to the
+/// front and returns it.
+fn draw<'i, I>(draws: &mut SplitMix64, k: usize, items: &'i mut [I]) -> &'i [I] {
+    let k = k.min(items.len());
+    for i in 0..k {
+        let j = i + draws.below((items.len() - i) as u64) as usize;
+        items.swap(i, j);
     }
+    &items[..k]
+}
 
-    /// How many of a miner's `n` passes to replay: `rate * n` rounded down
-    /// or up at random, so that the mean is `rate * n` exactly and a miner
-    /// that serves many passes in a window has at least `floor(rate * n)`
-    /// of them checked (drawing each pass alone would leave a miner of 20
-    /// passes unchecked in 36% of windows at rate 0.05).
-    fn sample_size(&mut self, rate: f64, n: usize) -> usize {
-        let want = rate * n as f64;
-        let k = want.floor() as usize + usize::from(self.draws.unit_open0() <= want.fract());
-        k.min(n)
-    }
+/// How many of a miner's `n` passes to replay: `rate * n` rounded down or
+/// up at random (with `draws`), so that the mean is `rate * n` exactly and
+/// a miner that serves many passes in a window has at least
+/// `floor(rate * n)` of them checked (drawing each pass alone would leave
+/// a miner of 20 passes unchecked in 36% of windows at rate 0.05).
+fn sample_size(draws: &mut SplitMix64, rate: f64, n: usize) -> usize {
+    let want = rate * n as f64;
+    let k = want.floor() as usize + usize::from(draws.unit_open0() <= want.fract());
+    k.min(n)
 }
 
 /// A pass as its miner stated it: microbatch, gradient maxima, sketch.

@@ -122,9 +122,10 @@ pub const DIRECTION_THRESHOLD: f64 = -0.15;
 /// 50-200, median 0.08: 27% and 55%.
 pub const DIRECTION_MIN_MEDIAN: f64 = 0.1;
 
-/// How many robust spreads (the median absolute deviation, scaled to a
-/// standard deviation) the median cosine of a stage's passes in a window
-/// must stand above zero for their directions to tell. A negated pass
+/// How many robust spreads (the median distance of the cosines above the
+/// median from it, scaled to a standard deviation) the median cosine of a
+/// stage's passes in a window must stand above zero for their directions
+/// to tell. A negated pass
 /// sits about as far below zero as honest ones sit above it, so where the
 /// median is small beside the spread, honest passes reach the threshold
 /// about as often as negated ones. Measured on `bench trust`'s model over
@@ -225,14 +226,18 @@ pub fn directions(sketches: &[&[u32]]) -> Vec<f64> {
 pub fn telling(cosines: &[f64]) -> bool {
     let finite: Vec<f64> = cosines.iter().copied().filter(|c| c.is_finite()).collect();
     let mid = median(finite.clone());
+    if mid < DIRECTION_MIN_MEDIAN {
+        return false;
+    }
+    if finite.len() < DIRECTION_SPREAD_PASSES {
+        return true;
+    }
     let above: Vec<f64> = finite
         .iter()
         .filter(|&&c| c >= mid)
         .map(|c| c - mid)
         .collect();
-    let spread = median(above) * MAD_TO_SIGMA;
-    let judged = finite.len() >= DIRECTION_SPREAD_PASSES;
-    mid >= DIRECTION_MIN_MEDIAN && (!judged || mid >= DIRECTION_MIN_SPREADS * spread)
+    mid >= DIRECTION_MIN_SPREADS * median(above) * MAD_TO_SIGMA
 }
 
 /// The length most passes' lists (maxima or sketches) have: a stage's
