@@ -1,31 +1,18 @@
 //! The GPT's layers, written out on candle tensors as nanoGPT's model.py.
 //!
-//! Matmuls are candle's; GELU, the causal softmax and LayerNorm's
-//! normalization are our fused kernels (`ops`). All linear layers are
+//! Matmuls are candle's; GELU, the causal softmax, LayerNorm and the
+//! linear layer are our fused ops (`ops`). All linear layers are
 //! bias-free (nanoGPT's `bias = False`) and keep weights as `(in, out)`, so
 //! a layer is `x @ W` with no transpose.
 
 use candle_core::{Tensor, Var};
 
-use super::ops::{causal_softmax, gelu, normalize};
+use super::ops::{causal_softmax, gelu, layer_norm, linear};
 use super::params::{Init, ParamSet};
 use super::{GptConfig, ModelError};
 
 /// nanoGPT's initial weight spread.
 const INIT_STD: f64 = 0.02;
-
-/// `x: (B, T, in) @ w: (in, out)`, as one 2-D matmul so the weight gradient
-/// is one matmul too (a broadcast matmul would sum B partial products).
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t, c) = x.dims3()?;
-    let out = w.dim(1)?;
-    x.reshape((b * t, c))?.matmul(w)?.reshape((b, t, out))
-}
-
-/// LayerNorm over the last dimension with a gain and no bias.
-fn layer_norm(x: &Tensor, gain: &Tensor) -> candle_core::Result<Tensor> {
-    normalize(x)?.broadcast_mul(gain)
-}
 
 /// Token and position embeddings (stage 0 only). Not tied to the LM head:
 /// the head lives on the last stage, and a tied weight would need its

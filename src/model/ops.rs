@@ -1,5 +1,5 @@
-//! Fused CPU kernels, each with its backward pass: GELU, causal softmax
-//! and LayerNorm's normalization.
+//! Fused CPU kernels, each with its backward pass: GELU, causal softmax,
+//! LayerNorm with its gain, and the bias-free linear layer.
 //!
 //! Composed from candle's primitive ops these take 5 to 10 passes over
 //! memory each way (candle's fused `softmax_last_dim` and `layer_norm` have
@@ -13,7 +13,10 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Elements per parallel work unit: big enough to amortize hand-out,
@@ -34,10 +37,13 @@ trait Real:
     fn of(x: f64) -> Self;
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
+    /// The storage's data, when it holds this type.
+    fn data(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(data: Vec<Self>) -> CpuStorage;
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $variant:ident) => {
         impl Real for $t {
             fn of(x: f64) -> Self {
                 x as $t
@@ -48,11 +54,20 @@ macro_rules! real {
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            fn data(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn storage(data: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(data)
+            }
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, F32);
+real!(f64, F64);
 
 /// A kernel over rows of `n` elements of one or two same-shaped inputs.
 trait RowKernel: Sync {
@@ -72,6 +87,58 @@ trait Differentiable: RowKernel {
     fn backward(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Tensor>;
 }
 
+/// An op over the contiguous data of its inputs, all of one float type.
+trait Fused: Sync {
+    fn name(&self) -> &'static str;
+    /// The output and its shape, from the inputs' data and shapes.
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)>;
+}
+
+/// Runs `k` on the storages of its inputs, `f32` or `f64` as the first is.
+fn fused<K: Fused>(k: &K, inputs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+    match inputs.first().map(|(s, _)| s) {
+        Some(CpuStorage::F32(_)) => fused_as::<K, f32>(k, inputs),
+        Some(CpuStorage::F64(_)) => fused_as::<K, f64>(k, inputs),
+        _ => bail!("{}: f32 or f64 inputs of one dtype only", k.name()),
+    }
+}
+
+fn fused_as<K: Fused, T: Real>(
+    k: &K,
+    inputs: &[(&CpuStorage, &Layout)],
+) -> Result<(CpuStorage, Shape)> {
+    let data = inputs
+        .iter()
+        .map(|&(s, l)| match (T::data(s), l.contiguous_offsets()) {
+            (Some(v), Some((start, end))) => Ok((&v[start..end], l.shape())),
+            (None, _) => bail!("{}: f32 or f64 inputs of one dtype only", k.name()),
+            (_, None) => bail!("{}: inputs must be contiguous", k.name()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (out, shape) = k.compute(&data)?;
+    Ok((T::storage(out), shape))
+}
+
+/// A [`RowKernel`] as a [`Fused`] op: one or two inputs of one shape.
+struct Rows<'k, K>(&'k K);
+
+impl<K: RowKernel> Fused for Rows<'_, K> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let (a, b) = match inputs {
+            [(a, shape)] => ((a, shape), &[][..]),
+            [(a, shape), (b, other)] if other == shape => ((a, shape), *b),
+            _ => bail!("{}: one input, or two of one shape", self.name()),
+        };
+        let (a, shape) = a;
+        self.0.check(shape)?;
+        let n = shape.dims().last().copied().unwrap_or(1);
+        Ok((run_rows(self.0, n, a, b), (*shape).clone()))
+    }
+}
+
 /// Makes a [`Differentiable`] kernel a candle op.
 struct Op<K>(K);
 
@@ -80,18 +147,18 @@ impl<K: Differentiable> CustomOp1 for Op<K> {
         self.0.name()
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        apply(&self.0, (s, l), None)
+        fused(&Rows(&self.0), &[(s, l)])
     }
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.0.backward(arg, res, &grad.contiguous()?)?))
     }
 }
 
-/// Makes a two-input kernel (a backward kernel) a candle op with no
-/// backward pass of its own.
+/// Makes a [`Fused`] op (a backward kernel) a candle op with no backward
+/// pass of its own.
 struct NoGrad<K>(K);
 
-impl<K: RowKernel> CustomOp2 for NoGrad<K> {
+impl<K: Fused> CustomOp2 for NoGrad<K> {
     fn name(&self) -> &'static str {
         self.0.name()
     }
@@ -102,75 +169,48 @@ impl<K: RowKernel> CustomOp2 for NoGrad<K> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        apply(&self.0, (s1, l1), Some((s2, l2)))
+        fused(&self.0, &[(s1, l1), (s2, l2)])
     }
 }
 
-fn contiguous<'a, T>(name: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{name}: input must be contiguous"),
+impl<K: Fused> CustomOp3 for NoGrad<K> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fused(&self.0, &[(s1, l1), (s2, l2), (s3, l3)])
     }
 }
 
-fn run_rows<K: RowKernel, T: Real>(k: &K, n: usize, a: &[T], b: &[T]) -> Vec<T> {
-    let mut out = vec![T::of(0.0); a.len()];
+/// `len` elements written `n` at a time by `row(index, out)`, rows
+/// handed out to rayon in chunks.
+fn par_rows<T: Real>(n: usize, len: usize, row: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::of(0.0); len];
     let rows_per_chunk = (CHUNK / n.max(1)).max(1);
-    out.par_chunks_mut(rows_per_chunk * n)
+    out.par_chunks_mut(rows_per_chunk * n.max(1))
         .enumerate()
         .for_each(|(c, chunk)| {
-            for (r, o) in chunk.chunks_mut(n).enumerate() {
-                let row = c * rows_per_chunk + r;
-                let span = row * n..(row + 1) * n;
-                let b = b.get(span.clone()).unwrap_or(&[]);
-                k.row(row, &a[span], b, o);
+            for (r, o) in chunk.chunks_mut(n.max(1)).enumerate() {
+                row(c * rows_per_chunk + r, o);
             }
         });
     out
 }
 
-/// Runs `k` on contiguous data of one or two tensors.
-fn run<K: RowKernel, T: Real>(
-    k: &K,
-    n: usize,
-    a: (&[T], &Layout),
-    b: Option<(&[T], &Layout)>,
-) -> Result<Vec<T>> {
-    let a = contiguous(k.name(), a.0, a.1)?;
-    let b = match b {
-        Some((data, layout)) => contiguous(k.name(), data, layout)?,
-        None => &[],
-    };
-    Ok(run_rows(k, n, a, b))
-}
-
-/// Runs `k` on the storages of one or two tensors of the same shape.
-fn apply<K: RowKernel>(
-    k: &K,
-    a: (&CpuStorage, &Layout),
-    b: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    let (s1, l1) = a;
-    let shape = l1.shape().clone();
-    k.check(&shape)?;
-    let n = shape.dims().last().copied().unwrap_or(1);
-    if let Some((_, l2)) = b {
-        if l2.shape() != &shape {
-            bail!("{}: shapes {shape:?} and {:?} differ", k.name(), l2.shape());
-        }
-    }
-    let storage = match (s1, b) {
-        (CpuStorage::F32(x), None) => CpuStorage::F32(run(k, n, (x, l1), None)?),
-        (CpuStorage::F64(x), None) => CpuStorage::F64(run(k, n, (x, l1), None)?),
-        (CpuStorage::F32(x), Some((CpuStorage::F32(y), l2))) => {
-            CpuStorage::F32(run(k, n, (x, l1), Some((y, l2)))?)
-        }
-        (CpuStorage::F64(x), Some((CpuStorage::F64(y), l2))) => {
-            CpuStorage::F64(run(k, n, (x, l1), Some((y, l2)))?)
-        }
-        _ => bail!("{}: f32 or f64 inputs of one dtype only", k.name()),
-    };
-    Ok((storage, shape))
+fn run_rows<K: RowKernel, T: Real>(k: &K, n: usize, a: &[T], b: &[T]) -> Vec<T> {
+    par_rows(n, a.len(), |row, out| {
+        let span = row * n..(row + 1) * n;
+        let b = b.get(span.clone()).unwrap_or(&[]);
+        k.row(row, &a[span], b, out);
+    })
 }
 
 // ---- GELU ----
@@ -208,7 +248,7 @@ impl RowKernel for Gelu {
 
 impl Differentiable for Gelu {
     fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        arg.apply_op2_no_bwd(grad, &NoGrad(GeluGrad))
+        arg.apply_op2_no_bwd(grad, &NoGrad(Rows(&GeluGrad)))
     }
 }
 
@@ -274,7 +314,10 @@ impl RowKernel for CausalSoftmax {
 
 impl Differentiable for CausalSoftmax {
     fn backward(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        res.apply_op2_no_bwd(grad, &NoGrad(CausalSoftmaxGrad { scale: self.scale }))
+        res.apply_op2_no_bwd(
+            grad,
+            &NoGrad(Rows(&CausalSoftmaxGrad { scale: self.scale })),
+        )
     }
 }
 
@@ -296,18 +339,181 @@ impl RowKernel for CausalSoftmaxGrad {
     }
 }
 
+// ---- linear ----
+
+/// `x: (B, T, in) @ w: (in, out)` -> `(B, T, out)`, a bias-free linear
+/// layer as one 2-D product. Its backward pass is the two products of
+/// candle's matmul (`dy w^T`, `x^T dy`), so the bits are the same; as one
+/// op it spares the graph the reshapes around the product, each of which
+/// cost the backward pass a zeroed buffer and an addition the size of an
+/// activation.
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(w, Linear)
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "swarmrun-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, k) = l1.shape().dims3()?;
+        let (k_w, n) = l2.shape().dims2()?;
+        if k != k_w || !l1.is_contiguous() {
+            bail!(
+                "linear: a contiguous (B, T, {k_w}) input, got {:?}",
+                l1.shape()
+            );
+        }
+        let rows = Layout::contiguous_with_offset((b * t, k), l1.start_offset());
+        let product = s1.matmul(s2, (1, b * t, n, k), &rows, l2)?;
+        Ok((product, Shape::from((b, t, n))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, t, k) = x.dims3()?;
+        let grad = grad.reshape((b * t, w.dim(1)?))?;
+        let dx = grad.matmul(&w.t()?)?.reshape((b, t, k))?;
+        let dw = x.reshape((b * t, k))?.t()?.matmul(&grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 // ---- LayerNorm ----
 
 const LN_EPS: f64 = 1e-5;
 
-/// `(x - mean) / sqrt(var + 1e-5)` over the last dimension; the gain is a
-/// plain broadcast multiply after it, so candle derives its gradient.
-pub(crate) fn normalize(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Op(Normalize))
+/// LayerNorm over the last dimension with a gain and no bias,
+/// `(x - mean) / sqrt(var + 1e-5) * gain`, `gain` as long as a row. One
+/// op, so the backward pass broadcasts no gain and sums its gradient
+/// without candle's strided reduction; the bits are those of the
+/// normalization followed by a broadcast multiply (the gain's gradient
+/// summed over the rows in order, as candle's sum adds them).
+pub(crate) fn layer_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&gain.contiguous()?, LayerNorm)
 }
 
+struct LayerNorm;
+/// `(x, g, gain) -> dx`.
+struct LayerNormGrad;
+/// `(x, g) -> dgain`, the sum over rows of `g * xhat`.
+struct GainGrad;
 struct Normalize;
 struct NormalizeGrad;
+
+/// The length of `shape`'s rows, which `other` must also be.
+fn row_length(name: &str, shape: &Shape, other: usize) -> Result<usize> {
+    match shape.dims().last() {
+        Some(&n) if n == other && n > 0 => Ok(n),
+        _ => bail!("{name}: rows of {shape:?} against {other} elements"),
+    }
+}
+
+impl Fused for LayerNorm {
+    fn name(&self) -> &'static str {
+        "swarmrun-layer-norm"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(x, shape), (gain, _)] = inputs else {
+            bail!("{}: takes (x, gain)", Fused::name(self))
+        };
+        let n = row_length(Fused::name(self), shape, gain.len())?;
+        let out = par_rows(n, x.len(), |row, out| {
+            Normalize.row(row, &x[row * n..(row + 1) * n], &[], out);
+            for (o, &g) in out.iter_mut().zip(*gain) {
+                *o = *o * g;
+            }
+        });
+        Ok((out, (*shape).clone()))
+    }
+}
+
+impl CustomOp2 for LayerNorm {
+    fn name(&self) -> &'static str {
+        Fused::name(self)
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fused(self, &[(s1, l1), (s2, l2)])
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gain: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(&grad, gain, &NoGrad(LayerNormGrad))?;
+        let dgain = x.apply_op2_no_bwd(&grad, &NoGrad(GainGrad))?;
+        Ok((Some(dx), Some(dgain)))
+    }
+}
+
+impl Fused for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "swarmrun-layer-norm-grad"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(x, shape), (g, g_shape), (gain, _)] = inputs else {
+            bail!("{}: takes (x, g, gain)", self.name())
+        };
+        if g_shape != shape {
+            bail!("{}: shapes {shape:?} and {g_shape:?} differ", self.name());
+        }
+        let n = row_length(self.name(), shape, gain.len())?;
+        let out = par_rows(n, x.len(), |row, out| {
+            let span = row * n..(row + 1) * n;
+            let g: Vec<T> = g[span.clone()]
+                .iter()
+                .zip(*gain)
+                .map(|(&g, &w)| g * w)
+                .collect();
+            NormalizeGrad.row(row, &x[span], &g, out);
+        });
+        Ok((out, (*shape).clone()))
+    }
+}
+
+impl Fused for GainGrad {
+    fn name(&self) -> &'static str {
+        "swarmrun-gain-grad"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(x, shape), (g, g_shape)] = inputs else {
+            bail!("{}: takes (x, g)", self.name())
+        };
+        if g_shape != shape {
+            bail!("{}: shapes {shape:?} and {g_shape:?} differ", self.name());
+        }
+        let n = shape.dims().last().copied().unwrap_or(0).max(1);
+        let (mut xhat, mut sum) = (vec![T::of(0.0); n], vec![T::of(0.0); n]);
+        for (x, g) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
+            Normalize.row(0, x, &[], &mut xhat);
+            for ((s, &g), &h) in sum.iter_mut().zip(g).zip(&xhat) {
+                *s = *s + g * h;
+            }
+        }
+        Ok((sum, Shape::from(n)))
+    }
+}
 
 /// Mean and 1 / std of a row.
 fn moments<T: Real>(x: &[T]) -> (T, T) {
@@ -332,12 +538,6 @@ impl RowKernel for Normalize {
     }
 }
 
-impl Differentiable for Normalize {
-    fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        arg.apply_op2_no_bwd(grad, &NoGrad(NormalizeGrad))
-    }
-}
-
 /// `(x, g) -> rstd * (g - mean(g) - xhat * mean(g * xhat))` per row, the
 /// statistics recomputed from `x` rather than kept from the forward pass.
 impl RowKernel for NormalizeGrad {
@@ -355,6 +555,76 @@ impl RowKernel for NormalizeGrad {
         let (g_mean, gx_mean) = (g_mean / n, gx_mean / n);
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
             *o = rstd * (g - g_mean - (v - mean) * rstd * gx_mean);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// The normalization alone as an op, as layers used it before
+    /// [`layer_norm`]: the reference the fused op must match bit for bit.
+    impl Differentiable for Normalize {
+        fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+            arg.apply_op2_no_bwd(grad, &NoGrad(Rows(&NormalizeGrad)))
+        }
+    }
+
+    /// Deterministic values of spread ~1 (an LCG), shaped.
+    fn values(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn fused_linear_and_layer_norm_give_the_bits_of_the_ops_they_replace() {
+        let x = Var::from_tensor(&values(&[3, 7, 16], 1)).unwrap();
+        let gain = Var::from_tensor(&(values(&[16], 2) + 1.0).unwrap()).unwrap();
+        let w = Var::from_tensor(&values(&[16, 24], 3)).unwrap();
+        let weights = values(&[3, 7, 24], 4);
+        let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
+
+        let fused = linear(&layer_norm(&x, &gain).unwrap(), &w).unwrap();
+        let composed = {
+            let norm = x
+                .contiguous()
+                .unwrap()
+                .apply_op1(Op(Normalize))
+                .unwrap()
+                .broadcast_mul(&gain)
+                .unwrap();
+            norm.reshape((21, 16))
+                .unwrap()
+                .matmul(&w)
+                .unwrap()
+                .reshape((3, 7, 24))
+                .unwrap()
+        };
+        assert_eq!(bits(&fused), bits(&composed));
+        let (g_fused, g_composed) = (
+            loss(fused).backward().unwrap(),
+            loss(composed).backward().unwrap(),
+        );
+        for v in [&x, &gain, &w] {
+            let grad = |g: &candle_core::backprop::GradStore| bits(g.get(v).unwrap());
+            assert_eq!(grad(&g_fused), grad(&g_composed));
         }
     }
 }
