@@ -114,6 +114,7 @@ mod checkpoint;
 mod generate;
 mod layers;
 mod local;
+mod matmul;
 mod ops;
 mod params;
 mod stage;
@@ -125,6 +126,7 @@ use candle_core::{Device, Tensor};
 pub use adamw::{AdamW, AdamWConfig};
 pub use generate::{generate, SampleOptions};
 pub use local::LocalPipeline;
+pub use matmul::check_cpu;
 pub use params::ParamInfo;
 pub use stage::{Pass, PassGrads, StageInput, StageModel};
 
@@ -259,6 +261,8 @@ pub enum ModelError {
     },
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    #[error("this CPU's matrix products are not in the order every rank uses, so validators could not replay its passes bit for bit ({0})")]
+    CpuProducts(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

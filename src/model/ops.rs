@@ -13,18 +13,20 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
+use super::matmul::{product, Operand};
+
 /// Elements per parallel work unit: big enough to amortize hand-out,
 /// small enough to split a (768, 512) activation across cores.
 const CHUNK: usize = 1 << 14;
 
-trait Real:
-    Copy
+pub(crate) trait Real:
+    'static
+    + Copy
     + Send
     + Sync
     + PartialOrd
@@ -37,6 +39,8 @@ trait Real:
     fn of(x: f64) -> Self;
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
+    /// `self * a + b` rounded once.
+    fn mul_add(self, a: Self, b: Self) -> Self;
     /// The storage's data, when it holds this type.
     fn data(s: &CpuStorage) -> Option<&[Self]>;
     fn storage(data: Vec<Self>) -> CpuStorage;
@@ -53,6 +57,9 @@ macro_rules! real {
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
+            }
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
             }
             fn data(s: &CpuStorage) -> Option<&[Self]> {
                 match s {
@@ -342,20 +349,74 @@ impl RowKernel for CausalSoftmaxGrad {
 // ---- linear ----
 
 /// `x: (B, T, in) @ w: (in, out)` -> `(B, T, out)`, a bias-free linear
-/// layer as one 2-D product. Its backward pass is the two products of
-/// candle's matmul (`dy w^T`, `x^T dy`), so the bits are the same; as one
-/// op it spares the graph the reshapes around the product, each of which
-/// cost the backward pass a zeroed buffer and an addition the size of an
-/// activation.
+/// layer as one 2-D product, and its backward pass `dy w^T`, `x^T dy`:
+/// all three products through [`product`], whose bits are the same on
+/// every CPU (candle's matmul, deeper than a block, sums in an order that
+/// depends on the CPU). As one op it also spares the graph the reshapes
+/// around the product, each of which cost the backward pass a zeroed
+/// buffer and an addition the size of an activation.
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(w, Linear)
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }
 
 struct Linear;
+/// `(dy, w) -> dy w^T`, the gradient of a linear layer's input.
+struct InputGrad;
+/// `(x, dy) -> x^T dy`, the gradient of its weight.
+struct WeightGrad;
+
+/// The `(B * T, C)` rows of a `(B, T, C)` shape, which a linear layer
+/// multiplies as one matrix.
+fn token_rows(name: &str, shape: &Shape) -> Result<(usize, usize)> {
+    match shape.dims3() {
+        Ok((b, t, c)) => Ok((b * t, c)),
+        Err(_) => bail!("{name}: a (B, T, C) tensor, got {shape:?}"),
+    }
+}
+
+/// `shape` with its last dimension `n`.
+fn with_last(shape: &Shape, n: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
+}
+
+/// `a @ b`, or an error naming `name` when the inner dimensions differ.
+fn checked_product<T: Real>(
+    name: &str,
+    a: Option<Operand<T>>,
+    b: Option<Operand<T>>,
+) -> Result<Vec<T>> {
+    match a.zip(b).and_then(|(a, b)| product(a, b)) {
+        Some(out) => Ok(out),
+        None => bail!("{name}: operands of mismatched shapes"),
+    }
+}
+
+impl Fused for Linear {
+    fn name(&self) -> &'static str {
+        "swarmrun-linear"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(x, xs), (w, ws)] = inputs else {
+            bail!("{}: takes (x, w)", Fused::name(self))
+        };
+        let (rows, k) = token_rows(Fused::name(self), xs)?;
+        let (k_w, n) = ws.dims2()?;
+        let y = checked_product(
+            Fused::name(self),
+            Operand::rows(x, rows, k),
+            Operand::rows(w, k_w, n),
+        )?;
+        Ok((y, with_last(xs, n)))
+    }
+}
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
-        "swarmrun-linear"
+        Fused::name(self)
     }
     fn cpu_fwd(
         &self,
@@ -364,17 +425,7 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, k) = l1.shape().dims3()?;
-        let (k_w, n) = l2.shape().dims2()?;
-        if k != k_w || !l1.is_contiguous() {
-            bail!(
-                "linear: a contiguous (B, T, {k_w}) input, got {:?}",
-                l1.shape()
-            );
-        }
-        let rows = Layout::contiguous_with_offset((b * t, k), l1.start_offset());
-        let product = s1.matmul(s2, (1, b * t, n, k), &rows, l2)?;
-        Ok((product, Shape::from((b, t, n))))
+        fused(self, &[(s1, l1), (s2, l2)])
     }
     fn bwd(
         &self,
@@ -383,11 +434,48 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, t, k) = x.dims3()?;
-        let grad = grad.reshape((b * t, w.dim(1)?))?;
-        let dx = grad.matmul(&w.t()?)?.reshape((b, t, k))?;
-        let dw = x.reshape((b * t, k))?.t()?.matmul(&grad)?;
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(w, &NoGrad(InputGrad))?;
+        let dw = x.apply_op2_no_bwd(&grad, &NoGrad(WeightGrad))?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl Fused for InputGrad {
+    fn name(&self) -> &'static str {
+        "swarmrun-linear-input-grad"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(dy, dys), (w, ws)] = inputs else {
+            bail!("{}: takes (dy, w)", self.name())
+        };
+        let (rows, n) = token_rows(self.name(), dys)?;
+        let (k, n_w) = ws.dims2()?;
+        let dx = checked_product(
+            self.name(),
+            Operand::rows(dy, rows, n),
+            Operand::rows(w, k, n_w).map(Operand::t),
+        )?;
+        Ok((dx, with_last(dys, k)))
+    }
+}
+
+impl Fused for WeightGrad {
+    fn name(&self) -> &'static str {
+        "swarmrun-linear-weight-grad"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(x, xs), (dy, dys)] = inputs else {
+            bail!("{}: takes (x, dy)", self.name())
+        };
+        let (rows, k) = token_rows(self.name(), xs)?;
+        let (rows_y, n) = token_rows(self.name(), dys)?;
+        let dw = checked_product(
+            self.name(),
+            Operand::rows(x, rows, k).map(Operand::t),
+            Operand::rows(dy, rows_y, n),
+        )?;
+        Ok((dw, Shape::from((k, n))))
     }
 }
 

@@ -1,0 +1,247 @@
+//! Matrix products whose bits do not depend on the CPU.
+//!
+//! A validator's replay must give a miner's bits, on whatever CPU each
+//! runs. gemm (candle's CPU matmul) sums each output element as one chain
+//! of fused multiply-adds over `k`, unless `k` is deeper than the block
+//! it sizes from the CPU's vector width and L1 cache; then it adds the
+//! blocks' partial sums, and a product's bits depend on the CPU. Measured
+//! on the project's VM (Intel Xeon, 48 KiB L1d): with gemm's AVX-512
+//! kernels a 768-deep product (a weight gradient over 12 x 64 tokens) no
+//! longer matched the AVX2 one, while every product up to 512 deep did.
+//!
+//! So the model's products split `k` themselves into chunks of
+//! [`K_CHUNK`], each summed as one chain and added to the result in order,
+//! which any CPU with fused multiply-add computes alike; and each process
+//! checks once, before its first pass, that its CPU gives exactly those
+//! bits ([`check_cpu`]), so a CPU that would not is refused with a reason
+//! instead of having its honest passes fail their replays.
+//!
+//! gemm takes other kernels for products of at most 256 outputs, of one
+//! column, or at most 2 deep; the model's products are never that small,
+//! and the check covers the shapes it runs.
+
+use std::sync::OnceLock;
+
+use super::ops::Real;
+use super::ModelError;
+
+/// The depth of one chain of multiply-adds: below the block gemm picks
+/// on any CPU we know of (at least 512 here with AVX-512), so that a
+/// chunk is never split again.
+pub(crate) const K_CHUNK: usize = 256;
+
+/// A matrix operand: `rows x cols` elements of `data`, element `(i, j)`
+/// at `i * row_stride + j * col_stride`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Operand<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a, T> Operand<'a, T> {
+    /// `data` as a row-major `rows x cols` matrix; `None` when it holds a
+    /// different number of elements.
+    pub(crate) fn rows(data: &'a [T], rows: usize, cols: usize) -> Option<Self> {
+        (data.len() == rows * cols).then_some(Operand {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        })
+    }
+
+    /// The transpose, without moving an element.
+    pub(crate) fn t(self) -> Self {
+        Operand {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `a @ b` as a row-major `a.rows x b.cols` matrix: for each output, the
+/// chunks of [`K_CHUNK`] along `k` each summed as one chain of fused
+/// multiply-adds from zero, then added up in order. `None` when the inner
+/// dimensions differ.
+pub(crate) fn product<T: Real>(a: Operand<T>, b: Operand<T>) -> Option<Vec<T>> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        return None;
+    }
+    let mut out = vec![T::of(0.0); m * n];
+    if m == 0 || n == 0 {
+        return Some(out);
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = match threads {
+        1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    for start in (0..k).step_by(K_CHUNK) {
+        let depth = K_CHUNK.min(k - start);
+        let (a_at, b_at) = (start * a.col_stride, start * b.row_stride);
+        // SAFETY: every element gemm reads is inside its slice: the last
+        // of `a`'s chunk is (m-1, start+depth-1), at
+        // (m-1)*row_stride + (start+depth-1)*col_stride < a.data.len() as
+        // `Operand` holds rows x cols elements at its strides (and likewise
+        // for `b`); `out` is m x n row-major, written only there.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                depth,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                start > 0,
+                a.data[a_at..].as_ptr(),
+                a.col_stride as isize,
+                a.row_stride as isize,
+                b.data[b_at..].as_ptr(),
+                b.col_stride as isize,
+                b.row_stride as isize,
+                T::of(1.0),
+                T::of(1.0),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    Some(out)
+}
+
+/// What [`product`] must give, one element at a time.
+fn reference<T: Real>(a: Operand<T>, b: Operand<T>) -> Vec<T> {
+    let at = |o: &Operand<T>, i: usize, j: usize| o.data[i * o.row_stride + j * o.col_stride];
+    let mut out = Vec::with_capacity(a.rows * b.cols);
+    for i in 0..a.rows {
+        for j in 0..b.cols {
+            let mut sum = T::of(0.0);
+            for start in (0..a.cols).step_by(K_CHUNK) {
+                let end = (start + K_CHUNK).min(a.cols);
+                let chain =
+                    (start..end).fold(T::of(0.0), |acc, t| at(&a, i, t).mul_add(at(&b, t, j), acc));
+                // The first chunk is the result as it is (adding it to
+                // zero would turn a -0 into +0, which gemm does not).
+                sum = if start == 0 { chain } else { sum + chain };
+            }
+            out.push(sum);
+        }
+    }
+    out
+}
+
+/// Checks, once per process, that this CPU's products are [`product`]'s
+/// definition, on shapes like the model's (rows of tokens, a weight
+/// gradient over them, transposed operands).
+pub fn check_cpu() -> Result<(), ModelError> {
+    static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let values = |n: usize, seed: u32| -> Vec<f32> {
+                (0..n as u32)
+                    .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                    .collect()
+            };
+            let (rows, k, n) = (96, 2 * K_CHUNK + 40, 72);
+            let (x, w) = (values(rows * k, 1), values(k * n, 2));
+            let x = Operand::rows(&x, rows, k).ok_or("shape")?;
+            let w = Operand::rows(&w, k, n).ok_or("shape")?;
+            let y = values(rows * n, 3);
+            let y = Operand::rows(&y, rows, n).ok_or("shape")?;
+            for (what, a, b) in [
+                ("x @ w", x, w),
+                ("x^T @ y (a weight gradient)", x.t(), y),
+                ("y @ w^T (an input gradient)", y, w.t()),
+            ] {
+                let got = product(a, b).ok_or("shape")?;
+                let want = reference(a, b);
+                if let Some(at) = got
+                    .iter()
+                    .zip(&want)
+                    .position(|(g, w)| g.to_bits() != w.to_bits())
+                {
+                    return Err(format!(
+                        "{what}: element {at} is {:e}, the reference order gives {:e}",
+                        got[at], want[at]
+                    ));
+                }
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(ModelError::CpuProducts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn this_cpu_gives_the_reference_bits() {
+        check_cpu().unwrap();
+    }
+
+    #[test]
+    fn products_deeper_than_a_chunk_are_the_reference_with_any_thread_count() {
+        // A weight gradient of the quickstart: 768 tokens deep.
+        let (x, dy) = (values(768 * 128, 1), values(768 * 96, 2));
+        let x = Operand::rows(&x, 768, 128).unwrap();
+        let dy = Operand::rows(&dy, 768, 96).unwrap();
+        let want = bits(&reference(x.t(), dy));
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| product(x.t(), dy)).unwrap();
+            assert_eq!(bits(&got), want, "{threads} threads");
+        }
+        // One chain over all 768 would differ: the chunks are what is checked.
+        let one_chain: Vec<u32> = (0..128 * 96)
+            .map(|o| {
+                let (i, j) = (o / 96, o % 96);
+                (0..768)
+                    .fold(0.0f32, |acc, t| {
+                        x.data[t * 128 + i].mul_add(dy.data[t * 96 + j], acc)
+                    })
+                    .to_bits()
+            })
+            .collect();
+        assert_ne!(one_chain, want);
+    }
+
+    #[test]
+    fn mismatched_inner_dimensions_are_refused() {
+        let a = values(6, 1);
+        let a = Operand::rows(&a, 2, 3).unwrap();
+        assert!(product(a, a).is_none());
+        assert!(product(a, a.t()).is_some());
+        assert!(Operand::rows(&values(5, 1), 2, 3).is_none());
+    }
+}
