@@ -92,9 +92,12 @@
 //! This is the CPU model; `crate::gpu` runs the same stages' passes on a
 //! CUDA GPU (feature `cuda`). Parameters and flat buffers are `f32` (a stage
 //! built with `DType::F64` computes in `f64` but still trades `f32`
-//! buffers). Thread count does not change results: candle's matmul (gemm)
-//! splits work across threads without splitting the sums, and our kernels
-//! split only by rows (`tests/model_training.rs` compares 1 and 2 threads).
+//! buffers). Thread count does not change results: gemm splits work across
+//! threads without splitting the sums, and our kernels split only by rows
+//! (`tests/model_training.rs` compares 1 and 2 threads). Nor does the CPU:
+//! the linear layers' products split their depth themselves, in the same
+//! chunks on every CPU (`matmul`), and each process checks before its
+//! first pass that its CPU gives the reference bits.
 //!
 //! Speed: nanoGPT's small CPU model (4 layers, 4 heads, 128 wide, block
 //! 64, 12 sequences a step) trains at about 16k tokens/s on two cores,
