@@ -73,7 +73,7 @@ impl Butterfly {
     /// is the one that sits out.
     fn fold_partner(&self) -> Option<(usize, bool)> {
         (self.rank < 2 * self.extra).then(|| {
-            let sits_out = self.rank % 2 == 0;
+            let sits_out = self.rank.is_multiple_of(2);
             (self.rank ^ 1, sits_out)
         })
     }

@@ -42,7 +42,7 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             return violation(format!("model.{field}"), "must be at least 1");
         }
     }
-    if m.n_embd % m.n_head != 0 {
+    if !m.n_embd.is_multiple_of(m.n_head) {
         return violation(
             "model.n_embd",
             format!(
@@ -175,7 +175,7 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
             ),
         );
     }
-    if n.shm_chunk == 0 || n.shm_chunk % 4096 != 0 {
+    if n.shm_chunk == 0 || !n.shm_chunk.is_multiple_of(4096) {
         return violation(
             "network.shm_chunk",
             format!("{} bytes is not a positive multiple of 4 KiB", n.shm_chunk),

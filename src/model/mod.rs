@@ -155,7 +155,7 @@ impl GptConfig {
         if spec.dropout != 0.0 {
             return Err(ModelError::Dropout(spec.dropout));
         }
-        if spec.n_head == 0 || spec.n_embd % spec.n_head != 0 {
+        if spec.n_head == 0 || !spec.n_embd.is_multiple_of(spec.n_head) {
             return Err(ModelError::Heads {
                 n_embd: spec.n_embd,
                 n_head: spec.n_head,

@@ -567,7 +567,7 @@ impl<'a> Coordinator<'a> {
             return Ok(());
         }
         let last = window + 1 == train.windows;
-        let evals = if last || (window + 1) % train.eval_every == 0 {
+        let evals = if last || (window + 1).is_multiple_of(train.eval_every) {
             train.eval_microbatches
         } else {
             0
@@ -1123,7 +1123,7 @@ impl<'a> Coordinator<'a> {
         let window = self.window.as_ref().expect("a window runs").window;
         let train = &self.spec.train;
         let due = train.checkpoint_every > 0
-            && ((window + 1) % train.checkpoint_every == 0 || window + 1 == train.windows);
+            && ((window + 1).is_multiple_of(train.checkpoint_every) || window + 1 == train.windows);
         let writers: Vec<usize> = if due {
             (0..self.setup.stages)
                 .filter_map(|s| self.router.stage_miners(s).into_iter().min())

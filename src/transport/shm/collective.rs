@@ -451,7 +451,7 @@ fn fingerprint((seq, len, elem): (u64, u64, u64)) -> u64 {
 }
 
 fn check_elements(len: usize, elem_size: usize, chunk_bytes: usize) -> Result<(), TransportError> {
-    if elem_size == 0 || elem_size > chunk_bytes || len % elem_size != 0 {
+    if elem_size == 0 || elem_size > chunk_bytes || !len.is_multiple_of(elem_size) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
@@ -600,7 +600,7 @@ mod tests {
                 for rank in 0..size {
                     let slice = my_slice(len, elem, size, rank);
                     assert_eq!(slice.start, next, "len {len} elem {elem} size {size}");
-                    assert!(slice.is_empty() || slice.start % 64 == 0);
+                    assert!(slice.is_empty() || slice.start.is_multiple_of(64));
                     assert_eq!(slice.len() % elem, 0);
                     next = slice.end;
                 }

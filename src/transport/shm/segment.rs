@@ -113,7 +113,7 @@ impl SegmentLayout {
                 "ring capacity {ring_capacity} is not a power of two of at least {PAGE}"
             )));
         }
-        if chunk_bytes == 0 || chunk_bytes % PAGE != 0 {
+        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(PAGE) {
             return Err(invalid(format!(
                 "chunk size {chunk_bytes} is not a positive multiple of {PAGE}"
             )));
@@ -251,7 +251,7 @@ impl Segment {
 
     fn u32_at(&self, offset: usize) -> &AtomicU32 {
         assert!(
-            offset % 4 == 0 && offset + 4 <= self.map.len(),
+            offset.is_multiple_of(4) && offset + 4 <= self.map.len(),
             "bad u32 offset {offset}"
         );
         // SAFETY: the offset is 4-aligned (and the mapping page-aligned) and
@@ -263,7 +263,7 @@ impl Segment {
 
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
         assert!(
-            offset % 8 == 0 && offset + 8 <= self.map.len(),
+            offset.is_multiple_of(8) && offset + 8 <= self.map.len(),
             "bad u64 offset {offset}"
         );
         // SAFETY: as in `u32_at`, with 8-byte alignment and AtomicU64.
