@@ -197,6 +197,41 @@ impl<K: Fused> CustomOp3 for NoGrad<K> {
     }
 }
 
+/// A two-input [`Fused`] op with its backward pass, which runs other ops.
+trait Differentiable2: Fused {
+    /// The gradients of both inputs, given the output's (contiguous)
+    /// gradient `grad`.
+    fn backward(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)>;
+}
+
+/// Makes a [`Differentiable2`] op a candle op.
+struct Op2<K>(K);
+
+impl<K: Differentiable2> CustomOp2 for Op2<K> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fused(&self.0, &[(s1, l1), (s2, l2)])
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = self.0.backward(a, b, &grad.contiguous()?)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
 /// `len` elements written `n` at a time by `row(index, out)`, rows
 /// handed out to rayon in chunks.
 fn par_rows<T: Real>(n: usize, len: usize, row: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
@@ -356,7 +391,7 @@ impl RowKernel for CausalSoftmaxGrad {
 /// around the product, each of which cost the backward pass a zeroed
 /// buffer and an addition the size of an activation.
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+    x.contiguous()?.apply_op2(&w.contiguous()?, Op2(Linear))
 }
 
 struct Linear;
@@ -401,12 +436,12 @@ impl Fused for Linear {
     }
     fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
         let [(x, xs), (w, ws)] = inputs else {
-            bail!("{}: takes (x, w)", Fused::name(self))
+            bail!("{}: takes (x, w)", self.name())
         };
-        let (rows, k) = token_rows(Fused::name(self), xs)?;
+        let (rows, k) = token_rows(self.name(), xs)?;
         let (k_w, n) = ws.dims2()?;
         let y = checked_product(
-            Fused::name(self),
+            self.name(),
             Operand::rows(x, rows, k),
             Operand::rows(w, k_w, n),
         )?;
@@ -414,30 +449,11 @@ impl Fused for Linear {
     }
 }
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        Fused::name(self)
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fused(self, &[(s1, l1), (s2, l2)])
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+impl Differentiable2 for Linear {
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let dx = grad.apply_op2_no_bwd(w, &NoGrad(InputGrad))?;
-        let dw = x.apply_op2_no_bwd(&grad, &NoGrad(WeightGrad))?;
-        Ok((Some(dx), Some(dw)))
+        let dw = x.apply_op2_no_bwd(grad, &NoGrad(WeightGrad))?;
+        Ok((dx, dw))
     }
 }
 
@@ -490,7 +506,8 @@ const LN_EPS: f64 = 1e-5;
 /// normalization followed by a broadcast multiply (the gain's gradient
 /// summed over the rows in order, as candle's sum adds them).
 pub(crate) fn layer_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&gain.contiguous()?, LayerNorm)
+    x.contiguous()?
+        .apply_op2(&gain.contiguous()?, Op2(LayerNorm))
 }
 
 struct LayerNorm;
@@ -515,9 +532,9 @@ impl Fused for LayerNorm {
     }
     fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
         let [(x, shape), (gain, _)] = inputs else {
-            bail!("{}: takes (x, gain)", Fused::name(self))
+            bail!("{}: takes (x, gain)", self.name())
         };
-        let n = row_length(Fused::name(self), shape, gain.len())?;
+        let n = row_length(self.name(), shape, gain.len())?;
         let out = par_rows(n, x.len(), |row, out| {
             Normalize.row(row, &x[row * n..(row + 1) * n], &[], out);
             for (o, &g) in out.iter_mut().zip(*gain) {
@@ -528,30 +545,11 @@ impl Fused for LayerNorm {
     }
 }
 
-impl CustomOp2 for LayerNorm {
-    fn name(&self) -> &'static str {
-        Fused::name(self)
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fused(self, &[(s1, l1), (s2, l2)])
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gain: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(&grad, gain, &NoGrad(LayerNormGrad))?;
-        let dgain = x.apply_op2_no_bwd(&grad, &NoGrad(GainGrad))?;
-        Ok((Some(dx), Some(dgain)))
+impl Differentiable2 for LayerNorm {
+    fn backward(&self, x: &Tensor, gain: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dx = x.apply_op3_no_bwd(grad, gain, &NoGrad(LayerNormGrad))?;
+        let dgain = x.apply_op2_no_bwd(grad, &NoGrad(GainGrad))?;
+        Ok((dx, dgain))
     }
 }
 
