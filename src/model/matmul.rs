@@ -54,6 +54,11 @@ impl<'a, T> Operand<'a, T> {
         })
     }
 
+    /// `(rows, cols)`.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
     /// The transpose, without moving an element.
     pub(crate) fn t(self) -> Self {
         Operand {

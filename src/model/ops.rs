@@ -13,9 +13,7 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
-};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{product, Operand};
@@ -99,6 +97,11 @@ trait Fused: Sync {
     fn name(&self) -> &'static str;
     /// The output and its shape, from the inputs' data and shapes.
     fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)>;
+    /// The gradients of a two-input op's inputs, given the output's
+    /// (contiguous) gradient `grad`; a backward kernel has none.
+    fn backward(&self, _a: &Tensor, _b: &Tensor, _grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        bail!("{} has no backward pass", self.name())
+    }
 }
 
 /// Runs `k` on the storages of its inputs, `f32` or `f64` as the first is.
@@ -161,53 +164,10 @@ impl<K: Differentiable> CustomOp1 for Op<K> {
     }
 }
 
-/// Makes a [`Fused`] op (a backward kernel) a candle op with no backward
-/// pass of its own.
-struct NoGrad<K>(K);
-
-impl<K: Fused> CustomOp2 for NoGrad<K> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fused(&self.0, &[(s1, l1), (s2, l2)])
-    }
-}
-
-impl<K: Fused> CustomOp3 for NoGrad<K> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fused(&self.0, &[(s1, l1), (s2, l2), (s3, l3)])
-    }
-}
-
-/// A two-input [`Fused`] op with its backward pass, which runs other ops.
-trait Differentiable2: Fused {
-    /// The gradients of both inputs, given the output's (contiguous)
-    /// gradient `grad`.
-    fn backward(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)>;
-}
-
-/// Makes a [`Differentiable2`] op a candle op.
+/// Makes a two-input [`Fused`] op a candle op.
 struct Op2<K>(K);
 
-impl<K: Differentiable2> CustomOp2 for Op2<K> {
+impl<K: Fused> CustomOp2 for Op2<K> {
     fn name(&self) -> &'static str {
         self.0.name()
     }
@@ -290,7 +250,7 @@ impl RowKernel for Gelu {
 
 impl Differentiable for Gelu {
     fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        arg.apply_op2_no_bwd(grad, &NoGrad(Rows(&GeluGrad)))
+        arg.apply_op2_no_bwd(grad, &Op2(Rows(&GeluGrad)))
     }
 }
 
@@ -356,10 +316,7 @@ impl RowKernel for CausalSoftmax {
 
 impl Differentiable for CausalSoftmax {
     fn backward(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        res.apply_op2_no_bwd(
-            grad,
-            &NoGrad(Rows(&CausalSoftmaxGrad { scale: self.scale })),
-        )
+        res.apply_op2_no_bwd(grad, &Op2(Rows(&CausalSoftmaxGrad { scale: self.scale })))
     }
 }
 
@@ -395,38 +352,77 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 struct Linear;
-/// `(dy, w) -> dy w^T`, the gradient of a linear layer's input.
-struct InputGrad;
-/// `(x, dy) -> x^T dy`, the gradient of its weight.
-struct WeightGrad;
 
-/// The `(B * T, C)` rows of a `(B, T, C)` shape, which a linear layer
-/// multiplies as one matrix.
-fn token_rows(name: &str, shape: &Shape) -> Result<(usize, usize)> {
-    match shape.dims3() {
-        Ok((b, t, c)) => Ok((b * t, c)),
-        Err(_) => bail!("{name}: a (B, T, C) tensor, got {shape:?}"),
+/// `a @ b` with each input taken as a matrix (a `(B, T, C)` tensor as its
+/// `(B * T, C)` rows) and transposed where asked: a linear layer's product
+/// and the two of its backward pass.
+struct Product {
+    transpose_a: bool,
+    transpose_b: bool,
+}
+
+impl Product {
+    /// `x @ w`, the forward product.
+    const FORWARD: Product = Product {
+        transpose_a: false,
+        transpose_b: false,
+    };
+    /// `dy @ w^T`, the gradient of a linear layer's input.
+    const INPUT_GRAD: Product = Product {
+        transpose_a: false,
+        transpose_b: true,
+    };
+    /// `x^T @ dy`, the gradient of its weight.
+    const WEIGHT_GRAD: Product = Product {
+        transpose_a: true,
+        transpose_b: false,
+    };
+}
+
+/// `data` of `shape` as a matrix: a `(B, T, C)` tensor as `(B * T, C)`.
+fn matrix<'a, T>(name: &str, data: &'a [T], shape: &Shape) -> Result<Operand<'a, T>> {
+    let (rows, cols) = match shape.dims() {
+        &[b, t, c] => (b * t, c),
+        &[r, c] => (r, c),
+        dims => bail!("{name}: a matrix or (B, T, C) tensor, got {dims:?}"),
+    };
+    match Operand::rows(data, rows, cols) {
+        Some(m) => Ok(m),
+        None => bail!("{name}: {} elements for {shape:?}", data.len()),
     }
 }
 
-/// `shape` with its last dimension `n`.
-fn with_last(shape: &Shape, n: usize) -> Shape {
-    let mut dims = shape.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = n;
+impl Fused for Product {
+    fn name(&self) -> &'static str {
+        "swarmrun-linear-product"
     }
-    Shape::from(dims)
-}
-
-/// `a @ b`, or an error naming `name` when the inner dimensions differ.
-fn checked_product<T: Real>(
-    name: &str,
-    a: Option<Operand<T>>,
-    b: Option<Operand<T>>,
-) -> Result<Vec<T>> {
-    match a.zip(b).and_then(|(a, b)| product(a, b)) {
-        Some(out) => Ok(out),
-        None => bail!("{name}: operands of mismatched shapes"),
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(a, a_shape), (b, b_shape)] = inputs else {
+            bail!("{}: takes two inputs", self.name())
+        };
+        let (mut a_m, mut b_m) = (
+            matrix(self.name(), a, a_shape)?,
+            matrix(self.name(), b, b_shape)?,
+        );
+        if self.transpose_a {
+            a_m = a_m.t();
+        }
+        if self.transpose_b {
+            b_m = b_m.t();
+        }
+        let (m, n) = (a_m.shape().0, b_m.shape().1);
+        let Some(out) = product(a_m, b_m) else {
+            bail!(
+                "{}: {a_shape:?} and {b_shape:?} do not multiply",
+                self.name()
+            )
+        };
+        // Rows of tokens in, rows of tokens out.
+        let shape = match (self.transpose_a, a_shape.dims()) {
+            (false, &[b, t, _]) => Shape::from((b, t, n)),
+            _ => Shape::from((m, n)),
+        };
+        Ok((out, shape))
     }
 }
 
@@ -435,63 +431,12 @@ impl Fused for Linear {
         "swarmrun-linear"
     }
     fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
-        let [(x, xs), (w, ws)] = inputs else {
-            bail!("{}: takes (x, w)", self.name())
-        };
-        let (rows, k) = token_rows(self.name(), xs)?;
-        let (k_w, n) = ws.dims2()?;
-        let y = checked_product(
-            self.name(),
-            Operand::rows(x, rows, k),
-            Operand::rows(w, k_w, n),
-        )?;
-        Ok((y, with_last(xs, n)))
+        Product::FORWARD.compute(inputs)
     }
-}
-
-impl Differentiable2 for Linear {
     fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        let dx = grad.apply_op2_no_bwd(w, &NoGrad(InputGrad))?;
-        let dw = x.apply_op2_no_bwd(grad, &NoGrad(WeightGrad))?;
+        let dx = grad.apply_op2_no_bwd(w, &Op2(Product::INPUT_GRAD))?;
+        let dw = x.apply_op2_no_bwd(grad, &Op2(Product::WEIGHT_GRAD))?;
         Ok((dx, dw))
-    }
-}
-
-impl Fused for InputGrad {
-    fn name(&self) -> &'static str {
-        "swarmrun-linear-input-grad"
-    }
-    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
-        let [(dy, dys), (w, ws)] = inputs else {
-            bail!("{}: takes (dy, w)", self.name())
-        };
-        let (rows, n) = token_rows(self.name(), dys)?;
-        let (k, n_w) = ws.dims2()?;
-        let dx = checked_product(
-            self.name(),
-            Operand::rows(dy, rows, n),
-            Operand::rows(w, k, n_w).map(Operand::t),
-        )?;
-        Ok((dx, with_last(dys, k)))
-    }
-}
-
-impl Fused for WeightGrad {
-    fn name(&self) -> &'static str {
-        "swarmrun-linear-weight-grad"
-    }
-    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
-        let [(x, xs), (dy, dys)] = inputs else {
-            bail!("{}: takes (x, dy)", self.name())
-        };
-        let (rows, k) = token_rows(self.name(), xs)?;
-        let (rows_y, n) = token_rows(self.name(), dys)?;
-        let dw = checked_product(
-            self.name(),
-            Operand::rows(x, rows, k).map(Operand::t),
-            Operand::rows(dy, rows_y, n),
-        )?;
-        Ok((dw, Shape::from((k, n))))
     }
 }
 
@@ -511,8 +456,11 @@ pub(crate) fn layer_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {
 }
 
 struct LayerNorm;
-/// `(x, g, gain) -> dx`.
-struct LayerNormGrad;
+/// `(x, g) -> dx`, for the gain held here (a row's worth; `f64` holds an
+/// `f32` or `f64` gain exactly).
+struct LayerNormGrad {
+    gain: Vec<f64>,
+}
 /// `(x, g) -> dgain`, the sum over rows of `g * xhat`.
 struct GainGrad;
 struct Normalize;
@@ -543,12 +491,10 @@ impl Fused for LayerNorm {
         });
         Ok((out, (*shape).clone()))
     }
-}
-
-impl Differentiable2 for LayerNorm {
     fn backward(&self, x: &Tensor, gain: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        let dx = x.apply_op3_no_bwd(grad, gain, &NoGrad(LayerNormGrad))?;
-        let dgain = x.apply_op2_no_bwd(grad, &NoGrad(GainGrad))?;
+        let gain = gain.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let dx = x.apply_op2_no_bwd(grad, &Op2(LayerNormGrad { gain }))?;
+        let dgain = x.apply_op2_no_bwd(grad, &Op2(GainGrad))?;
         Ok((dx, dgain))
     }
 }
@@ -558,18 +504,19 @@ impl Fused for LayerNormGrad {
         "swarmrun-layer-norm-grad"
     }
     fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
-        let [(x, shape), (g, g_shape), (gain, _)] = inputs else {
-            bail!("{}: takes (x, g, gain)", self.name())
+        let [(x, shape), (g, g_shape)] = inputs else {
+            bail!("{}: takes (x, g)", self.name())
         };
         if g_shape != shape {
             bail!("{}: shapes {shape:?} and {g_shape:?} differ", self.name());
         }
-        let n = row_length(self.name(), shape, gain.len())?;
+        let n = row_length(self.name(), shape, self.gain.len())?;
+        let gain: Vec<T> = self.gain.iter().map(|&w| T::of(w)).collect();
         let out = par_rows(n, x.len(), |row, out| {
             let span = row * n..(row + 1) * n;
             let g: Vec<T> = g[span.clone()]
                 .iter()
-                .zip(*gain)
+                .zip(&gain)
                 .map(|(&g, &w)| g * w)
                 .collect();
             NormalizeGrad.row(row, &x[span], &g, out);
@@ -655,7 +602,7 @@ mod tests {
     /// [`layer_norm`]: the reference the fused op must match bit for bit.
     impl Differentiable for Normalize {
         fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-            arg.apply_op2_no_bwd(grad, &NoGrad(Rows(&NormalizeGrad)))
+            arg.apply_op2_no_bwd(grad, &Op2(Rows(&NormalizeGrad)))
         }
     }
 
