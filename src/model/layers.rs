@@ -7,7 +7,7 @@
 
 use candle_core::{Tensor, Var};
 
-use super::ops::{causal_softmax, gelu, layer_norm, linear};
+use super::ops::{attention, gelu, layer_norm, linear};
 use super::params::{Init, ParamSet};
 use super::{GptConfig, ModelError};
 
@@ -103,17 +103,7 @@ impl Block {
     }
 
     fn attention(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let (nh, hs) = (self.n_head, c / self.n_head);
-        // (B, T, 3C) -> (3, B, nh, T, hs): q, k, v with heads as a batch dim.
-        let qkv = linear(x, &self.c_attn)?
-            .reshape((b, t, 3, nh, hs))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let att = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let y = attention(&linear(x, &self.c_attn)?, self.n_head)?;
         linear(&y, &self.attn_proj)
     }
 }

@@ -54,6 +54,26 @@ impl<'a, T> Operand<'a, T> {
         })
     }
 
+    /// `rows x cols` elements of `data` at the given strides; `None` when
+    /// the last one would lie outside it.
+    pub(crate) fn strided(
+        data: &'a [T],
+        (rows, cols): (usize, usize),
+        (row_stride, col_stride): (usize, usize),
+    ) -> Option<Self> {
+        let last = match (rows, cols) {
+            (0, _) | (_, 0) => 0,
+            _ => (rows - 1) * row_stride + (cols - 1) * col_stride + 1,
+        };
+        (last <= data.len()).then_some(Operand {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+
     /// `(rows, cols)`.
     pub(crate) fn shape(&self) -> (usize, usize) {
         (self.rows, self.cols)
@@ -76,6 +96,12 @@ impl<'a, T> Operand<'a, T> {
 /// multiply-adds from zero, then added up in order. `None` when the inner
 /// dimensions differ.
 pub(crate) fn product<T: Real>(a: Operand<T>, b: Operand<T>) -> Option<Vec<T>> {
+    product_on(a, b, rayon::current_num_threads())
+}
+
+/// [`product`] on at most `threads` threads (1: on the caller's alone, for
+/// small products that run many at once).
+pub(crate) fn product_on<T: Real>(a: Operand<T>, b: Operand<T>, threads: usize) -> Option<Vec<T>> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
         return None;
@@ -84,9 +110,8 @@ pub(crate) fn product<T: Real>(a: Operand<T>, b: Operand<T>) -> Option<Vec<T>> {
     if m == 0 || n == 0 {
         return Some(out);
     }
-    let threads = rayon::current_num_threads();
     let parallelism = match threads {
-        1 => gemm::Parallelism::None,
+        0 | 1 => gemm::Parallelism::None,
         t => gemm::Parallelism::Rayon(t),
     };
     for start in (0..k).step_by(K_CHUNK) {

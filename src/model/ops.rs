@@ -16,7 +16,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{product, Operand};
+use super::matmul::{product, product_on, Operand};
 
 /// Elements per parallel work unit: big enough to amortize hand-out,
 /// small enough to split a (768, 512) activation across cores.
@@ -273,11 +273,7 @@ impl RowKernel for GeluGrad {
 
 /// `softmax(scale * att)` over the last dimension, keeping only entries
 /// `j <= i` of each `(T, T)` matrix (the rest are 0): the attention mask,
-/// the scaling and the softmax in one pass. `att` is `(..., T, T)`.
-pub(crate) fn causal_softmax(att: &Tensor, scale: f64) -> Result<Tensor> {
-    att.contiguous()?.apply_op1(Op(CausalSoftmax { scale }))
-}
-
+/// the scaling and the softmax in one pass, row by row.
 struct CausalSoftmax {
     scale: f64,
 }
@@ -311,12 +307,6 @@ impl RowKernel for CausalSoftmax {
         for o in &mut out[..visible] {
             *o = *o / sum;
         }
-    }
-}
-
-impl Differentiable for CausalSoftmax {
-    fn backward(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        res.apply_op2_no_bwd(grad, &Op2(Rows(&CausalSoftmaxGrad { scale: self.scale })))
     }
 }
 
@@ -437,6 +427,185 @@ impl Fused for Linear {
         let dx = grad.apply_op2_no_bwd(w, &Op2(Product::INPUT_GRAD))?;
         let dw = x.apply_op2_no_bwd(grad, &Op2(Product::WEIGHT_GRAD))?;
         Ok((dx, dw))
+    }
+}
+
+// ---- causal self-attention ----
+
+/// Causal self-attention of `qkv: (B, T, 3C)` (queries, keys and values
+/// side by side, `n_head` heads each) -> `(B, T, C)`, the heads' outputs
+/// side by side: per head `softmax(q k^T / sqrt(hs), causal) v`. One op:
+/// the heads are read where they lie in `qkv` (strided operands) instead
+/// of being split off, copied contiguous and merged back, nodes whose
+/// backward passes cost a zeroed buffer and an addition each. The softmax
+/// is recomputed in the backward pass rather than kept. The products and
+/// the softmax are the ones the split-off heads went through, so the bits
+/// are the same (a test compares them).
+pub(crate) fn attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention { n_head })
+}
+
+struct Attention {
+    n_head: usize,
+}
+
+/// `(dy, qkv) -> dqkv` for [`Attention`].
+struct AttentionGrad {
+    n_head: usize,
+}
+
+/// Where head `h` of sequence `b` lies in a `(B, T, 3C)` buffer.
+#[derive(Clone, Copy)]
+struct Heads {
+    t: usize,
+    c: usize,
+    hs: usize,
+    scale: f64,
+}
+
+impl Heads {
+    fn of(name: &str, shape: &Shape, n_head: usize) -> Result<(usize, Heads)> {
+        match shape.dims3() {
+            Ok((b, t, c3)) if n_head > 0 && c3 % (3 * n_head) == 0 && c3 > 0 => {
+                let (c, hs) = (c3 / 3, c3 / 3 / n_head);
+                let scale = 1.0 / (hs as f64).sqrt();
+                Ok((b, Heads { t, c, hs, scale }))
+            }
+            _ => bail!("{name}: (B, T, 3C) with C a multiple of {n_head} heads, got {shape:?}"),
+        }
+    }
+
+    /// Part `part` (0 q, 1 k, 2 v) of head `h` in sequence `seq`, a
+    /// `(T, 3C)` slice: `T x hs`, rows 3C apart.
+    fn part<'a, T>(&self, seq: &'a [T], part: usize, h: usize) -> Result<Operand<'a, T>> {
+        let at = part * self.c + h * self.hs;
+        match Operand::strided(&seq[at..], (self.t, self.hs), (3 * self.c, 1)) {
+            Some(o) => Ok(o),
+            None => bail!("attention: a head outside its sequence"),
+        }
+    }
+
+    /// The causal softmax of head `h`'s scores, `(T, T)`.
+    fn softmax<T: Real>(&self, seq: &[T], h: usize) -> Result<Vec<T>> {
+        let (q, k) = (self.part(seq, 0, h)?, self.part(seq, 1, h)?);
+        let scores = checked_product_on(q, k.t())?;
+        let mut att = vec![T::of(0.0); self.t * self.t];
+        let softmax = CausalSoftmax { scale: self.scale };
+        for (i, (row, out)) in scores
+            .chunks(self.t)
+            .zip(att.chunks_mut(self.t))
+            .enumerate()
+        {
+            softmax.row(i, row, &[], out);
+        }
+        Ok(att)
+    }
+}
+
+fn shapes() -> candle_core::Error {
+    candle_core::Error::Msg("attention: operands of mismatched shapes".into())
+}
+
+/// One head's small product on the calling thread (heads run in parallel).
+fn checked_product_on<T: Real>(a: Operand<T>, b: Operand<T>) -> Result<Vec<T>> {
+    product_on(a, b, 1).ok_or_else(shapes)
+}
+
+/// Writes `rows` (`T x hs`, row-major) into `out` at `at`, rows `stride` apart.
+fn scatter<T: Copy>(rows: &[T], hs: usize, out: &mut [T], at: usize, stride: usize) {
+    for (i, row) in rows.chunks(hs).enumerate() {
+        out[at + i * stride..at + i * stride + hs].copy_from_slice(row);
+    }
+}
+
+impl Fused for Attention {
+    fn name(&self) -> &'static str {
+        "swarmrun-attention"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(qkv, shape)] = inputs else {
+            bail!("{}: takes qkv", Fused::name(self))
+        };
+        let (b, heads) = Heads::of(Fused::name(self), shape, self.n_head)?;
+        let (t, c, hs) = (heads.t, heads.c, heads.hs);
+        let mut y = vec![T::of(0.0); b * t * c];
+        y.par_chunks_mut((t * c).max(1))
+            .zip(qkv.par_chunks((3 * t * c).max(1)))
+            .try_for_each(|(y, seq)| -> Result<()> {
+                for h in 0..self.n_head {
+                    let att = heads.softmax(seq, h)?;
+                    let att = Operand::rows(&att, t, t).ok_or_else(shapes)?;
+                    let out = checked_product_on(att, heads.part(seq, 2, h)?)?;
+                    scatter(&out, hs, y, h * hs, c);
+                }
+                Ok(())
+            })?;
+        Ok((y, Shape::from((b, t, c))))
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        Fused::name(self)
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fused(self, &[(s, l)])
+    }
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = AttentionGrad {
+            n_head: self.n_head,
+        };
+        Ok(Some(grad.apply_op2_no_bwd(qkv, &Op2(op))?))
+    }
+}
+
+impl Fused for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "swarmrun-attention-grad"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(dy, dy_shape), (qkv, shape)] = inputs else {
+            bail!("{}: takes (dy, qkv)", self.name())
+        };
+        let (b, heads) = Heads::of(self.name(), shape, self.n_head)?;
+        let (t, c, hs) = (heads.t, heads.c, heads.hs);
+        if dy_shape.dims() != [b, t, c] {
+            bail!("{}: dy {dy_shape:?} for qkv {shape:?}", self.name());
+        }
+        let softmax_grad = CausalSoftmaxGrad { scale: heads.scale };
+        let mut dqkv = vec![T::of(0.0); b * t * 3 * c];
+        dqkv.par_chunks_mut((3 * t * c).max(1))
+            .zip(qkv.par_chunks((3 * t * c).max(1)))
+            .zip(dy.par_chunks((t * c).max(1)))
+            .try_for_each(|((dqkv, seq), dy)| -> Result<()> {
+                for h in 0..self.n_head {
+                    let att = heads.softmax(seq, h)?;
+                    let att_m = Operand::rows(&att, t, t).ok_or_else(shapes)?;
+                    let dy_h =
+                        Operand::strided(&dy[h * hs..], (t, hs), (c, 1)).ok_or_else(shapes)?;
+                    let (q, k, v) = (
+                        heads.part(seq, 0, h)?,
+                        heads.part(seq, 1, h)?,
+                        heads.part(seq, 2, h)?,
+                    );
+                    let datt = checked_product_on(dy_h, v.t())?;
+                    let dv = checked_product_on(att_m.t(), dy_h)?;
+                    let mut dscores = vec![T::of(0.0); t * t];
+                    for (i, out) in dscores.chunks_mut(t).enumerate() {
+                        let span = i * t..(i + 1) * t;
+                        softmax_grad.row(i, &att[span.clone()], &datt[span], out);
+                    }
+                    let ds = Operand::rows(&dscores, t, t).ok_or_else(shapes)?;
+                    let dq = checked_product_on(ds, k)?;
+                    let dk = checked_product_on(ds.t(), q)?;
+                    for (part, rows) in [(0, &dq), (1, &dk), (2, &dv)] {
+                        scatter(rows, hs, dqkv, part * c + h * hs, 3 * c);
+                    }
+                }
+                Ok(())
+            })?;
+        Ok((dqkv, (*shape).clone()))
     }
 }
 
@@ -604,6 +773,54 @@ mod tests {
         fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
             arg.apply_op2_no_bwd(grad, &Op2(Rows(&NormalizeGrad)))
         }
+    }
+
+    /// The causal softmax alone as an op, as the attention used it before
+    /// [`attention`]: part of the reference it must match bit for bit.
+    impl Differentiable for CausalSoftmax {
+        fn backward(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+            res.apply_op2_no_bwd(grad, &Op2(Rows(&CausalSoftmaxGrad { scale: self.scale })))
+        }
+    }
+
+    /// Attention as the layers composed it before [`attention`]: heads
+    /// split off and copied contiguous, batched products, merged back.
+    fn attention_composed(qkv: &Tensor, nh: usize) -> Tensor {
+        let (b, t, c3) = qkv.dims3().unwrap();
+        let (c, hs) = (c3 / 3, c3 / 3 / nh);
+        let qkv = qkv
+            .reshape((b, t, 3, nh, hs))
+            .unwrap()
+            .permute((2, 0, 3, 1, 4))
+            .unwrap();
+        let part = |i| qkv.get(i).unwrap().contiguous().unwrap();
+        let (q, k, v) = (part(0), part(1), part(2));
+        let scores = q.matmul(&k.t().unwrap()).unwrap().contiguous().unwrap();
+        let att = scores
+            .apply_op1(Op(CausalSoftmax {
+                scale: 1.0 / (hs as f64).sqrt(),
+            }))
+            .unwrap();
+        let y = att.matmul(&v).unwrap().transpose(1, 2).unwrap();
+        y.reshape((b, t, c)).unwrap()
+    }
+
+    #[test]
+    fn fused_attention_gives_the_bits_of_the_split_heads_it_replaces() {
+        let qkv = Var::from_tensor(&values(&[3, 64, 3 * 32], 5)).unwrap();
+        let weights = values(&[3, 64, 32], 6);
+        let (fused, composed) = (attention(&qkv, 4).unwrap(), attention_composed(&qkv, 4));
+        assert_eq!(bits(&fused), bits(&composed));
+        let grad = |y: Tensor| {
+            let g = (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            bits(g.get(&qkv).unwrap())
+        };
+        assert_eq!(grad(fused), grad(composed));
     }
 
     /// Deterministic values of spread ~1 (an LCG), shaped.
