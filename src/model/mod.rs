@@ -100,11 +100,14 @@
 //! first pass that its CPU gives the reference bits.
 //!
 //! Speed: nanoGPT's small CPU model (4 layers, 4 heads, 128 wide, block
-//! 64, 12 sequences a step) trains at about 16k tokens/s on two cores,
-//! forward, backward and AdamW, when [`LocalPipeline`] runs the step as two
-//! concurrent microbatches of 6, and at about 10.5k as one microbatch of 12
-//! (9.3k on one thread); it reaches nanoGPT's validation loss (1.89 after
-//! 2000 steps; nanoGPT reports 1.88). See `tests/model_throughput.rs`.
+//! 64) trains at about 24.7k tokens/s on two cores of an AVX-512 Xeon,
+//! forward, backward and AdamW, when [`LocalPipeline`] runs the quickstart's
+//! step of four concurrent microbatches of 12 (`swarmrun bench train`,
+//! 0.77x PyTorch 2.15 in the same run; BENCHMARKS.md). Before the fused
+//! linear, LayerNorm and attention ops and the AVX-512 products it was
+//! about 16k with two microbatches of 6 (`tests/model_throughput.rs`);
+//! it reaches nanoGPT's validation loss (1.89 after 2000 steps; nanoGPT
+//! reports 1.88).
 //! One microbatch per core beats splitting each op across cores: matmuls
 //! run near the core's peak either way, but the rest of a step (candle's
 //! one allocation per op, its backward pass adding every gradient into a
