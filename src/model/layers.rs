@@ -1,7 +1,9 @@
 //! The GPT's layers, written out on candle tensors as nanoGPT's model.py.
 //!
-//! Matmuls are candle's; GELU, the causal softmax, LayerNorm and the
-//! linear layer are our fused ops (`ops`). All linear layers are
+//! The linear layer, causal self-attention, LayerNorm and GELU are our
+//! fused ops (`ops`), their products gemm's with our own depth chunks
+//! (`matmul`); the embeddings, residual additions and cross-entropy are
+//! candle's. All linear layers are
 //! bias-free (nanoGPT's `bias = False`) and keep weights as `(in, out)`, so
 //! a layer is `x @ W` with no transpose.
 

@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 
 use super::ops::Real;
 use super::ModelError;
+use crate::data::rng::SplitMix64;
 
 /// The depth of one chain of multiply-adds: below the block gemm picks
 /// on any CPU we know of (at least 512 here with AVX-512), so that a
@@ -170,23 +171,27 @@ fn reference<T: Real>(a: Operand<T>, b: Operand<T>) -> Vec<T> {
     out
 }
 
+/// `n` values uniform in (-1, 1], the same for the same `seed`: operands
+/// for checking products.
+pub(crate) fn sample_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut draws = SplitMix64::new(seed, 0);
+    (0..n)
+        .map(|_| (draws.unit_open0() * 2.0 - 1.0) as f32)
+        .collect()
+}
+
 /// Checks, once per process, that this CPU's products are [`product`]'s
 /// definition, on shapes like the model's (rows of tokens, a weight
 /// gradient over them, transposed operands).
-pub fn check_cpu() -> Result<(), ModelError> {
+pub(crate) fn check_cpu() -> Result<(), ModelError> {
     static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
     CHECKED
         .get_or_init(|| {
-            let values = |n: usize, seed: u32| -> Vec<f32> {
-                (0..n as u32)
-                    .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-                    .collect()
-            };
             let (rows, k, n) = (96, 2 * K_CHUNK + 40, 72);
-            let (x, w) = (values(rows * k, 1), values(k * n, 2));
+            let (x, w) = (sample_values(rows * k, 1), sample_values(k * n, 2));
             let x = Operand::rows(&x, rows, k).ok_or("shape")?;
             let w = Operand::rows(&w, k, n).ok_or("shape")?;
-            let y = values(rows * n, 3);
+            let y = sample_values(rows * n, 3);
             let y = Operand::rows(&y, rows, n).ok_or("shape")?;
             for (what, a, b) in [
                 ("x @ w", x, w),
@@ -213,22 +218,13 @@ pub fn check_cpu() -> Result<(), ModelError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::sample_values as values;
 
-    fn bits(v: &[f32]) -> Vec<u32> {
+    /// The bit patterns of `v`, for comparing results exactly.
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
 

@@ -132,7 +132,6 @@ use candle_core::{Device, Tensor};
 pub use adamw::{AdamW, AdamWConfig};
 pub use generate::{generate, SampleOptions};
 pub use local::LocalPipeline;
-pub use matmul::check_cpu;
 pub use params::ParamInfo;
 pub use stage::{Pass, PassGrads, StageInput, StageModel};
 

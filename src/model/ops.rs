@@ -1,5 +1,6 @@
-//! Fused CPU kernels, each with its backward pass: GELU, causal softmax,
-//! LayerNorm with its gain, and the bias-free linear layer.
+//! Fused CPU kernels, each with its backward pass: GELU, causal
+//! self-attention (with its causal softmax), LayerNorm with its gain, and
+//! the bias-free linear layer, whose products go through [`product`].
 //!
 //! Composed from candle's primitive ops these take 5 to 10 passes over
 //! memory each way (candle's fused `softmax_last_dim` and `layer_norm` have
@@ -7,9 +8,11 @@
 //! ops with 1/sqrt(2 pi) rounded to 0.398942, an error an `f64` gradient
 //! check sees. Here each is one pass forward and one back, with exact
 //! derivatives (backward 10-15% faster than the composed ops).
-//! Every kernel works row by row (or element by element) in a fixed order,
-//! so results do not depend on the thread count; rayon only hands out
-//! rows. `f32` and `f64` are served (`f64` for gradient checks).
+//! Every kernel works row by row (or element by element, or sequence by
+//! sequence) in a fixed order, so results do not depend on the thread
+//! count; rayon only hands out rows or sequences, and gemm splits a
+//! product's outputs, never its sums. `f32` and `f64` are served (`f64`
+//! for gradient checks).
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -196,11 +199,12 @@ impl<K: Fused> CustomOp2 for Op2<K> {
 /// handed out to rayon in chunks.
 fn par_rows<T: Real>(n: usize, len: usize, row: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
     let mut out = vec![T::of(0.0); len];
-    let rows_per_chunk = (CHUNK / n.max(1)).max(1);
-    out.par_chunks_mut(rows_per_chunk * n.max(1))
+    let n = n.max(1);
+    let rows_per_chunk = (CHUNK / n).max(1);
+    out.par_chunks_mut(rows_per_chunk * n)
         .enumerate()
         .for_each(|(c, chunk)| {
-            for (r, o) in chunk.chunks_mut(n.max(1)).enumerate() {
+            for (r, o) in chunk.chunks_mut(n).enumerate() {
                 row(c * rows_per_chunk + r, o);
             }
         });
@@ -466,7 +470,7 @@ struct Heads {
 impl Heads {
     fn of(name: &str, shape: &Shape, n_head: usize) -> Result<(usize, Heads)> {
         match shape.dims3() {
-            Ok((b, t, c3)) if n_head > 0 && c3 % (3 * n_head) == 0 && c3 > 0 => {
+            Ok((b, t, c3)) if n_head > 0 && c3 > 0 && c3.is_multiple_of(3 * n_head) => {
                 let (c, hs) = (c3 / 3, c3 / 3 / n_head);
                 let scale = 1.0 / (hs as f64).sqrt();
                 Ok((b, Heads { t, c, hs, scale }))
@@ -765,6 +769,7 @@ impl RowKernel for NormalizeGrad {
 mod tests {
     use candle_core::{Device, Var};
 
+    use super::super::matmul::{self, sample_values};
     use super::*;
 
     /// The normalization alone as an op, as layers used it before
@@ -823,24 +828,14 @@ mod tests {
         assert_eq!(grad(fused), grad(composed));
     }
 
-    /// Deterministic values of spread ~1 (an LCG), shaped.
+    /// Values uniform in (-1, 1], shaped.
     fn values(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        let n = shape.iter().product();
+        Tensor::from_vec(sample_values(n, seed), shape, &Device::Cpu).unwrap()
     }
 
     fn bits(t: &Tensor) -> Vec<u32> {
-        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        v.iter().map(|x| x.to_bits()).collect()
+        matmul::tests::bits(&t.flatten_all().unwrap().to_vec1().unwrap())
     }
 
     #[test]

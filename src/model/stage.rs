@@ -108,7 +108,7 @@ impl StageModel {
         if !matches!(dtype, DType::F32 | DType::F64) {
             return Err(ModelError::DType(dtype));
         }
-        super::check_cpu()?;
+        super::matmul::check_cpu()?;
         if layers.is_empty() || layers.iter().sum::<usize>() != config.n_layer {
             return Err(ModelError::LayerSplit {
                 layers: layers.to_vec(),
