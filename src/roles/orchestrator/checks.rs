@@ -147,15 +147,17 @@ impl Coordinator<'_> {
     /// redo (after a miner was caught or lost) draws from the passes new
     /// to it, not again from those an earlier attempt left undrawn. And
     /// every pass whose receipts do not chain with its neighbours' (what
-    /// one stated it sent, the other that it received). With nothing to
-    /// replay, closes at once.
+    /// one stated it sent, the other that it received). The close starts
+    /// at once, beside the replays: they take a validator's core, it takes
+    /// the miners', and a caught miner, rare, costs one close thrown away
+    /// (its window is redone without it, as before).
     ///
     /// A suspect takes a drawn pass's place without weakening the draw: a
     /// miner cannot make an honest pass a suspect (replays check the
     /// maxima it stated), and one made a suspect by cheating is caught.
     pub(super) fn begin_audit(&mut self) -> Result<(), TrainError> {
         if self.validators.is_empty() {
-            return self.begin_close();
+            return self.begin_close(None);
         }
         let rate = self.spec.roles.replay_rate;
         let w = self.window.as_mut().expect("a window runs");
@@ -197,13 +199,8 @@ impl Coordinator<'_> {
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
         }
-        match self.send_replays(&picked, breaks, None) {
-            Some(replays) => {
-                self.phase = Phase::Auditing(replays, None);
-                Ok(())
-            }
-            None => self.begin_close(),
-        }
+        let replays = self.send_replays(&picked, breaks, None);
+        self.begin_close(replays)
     }
 
     /// Once every miner stated its passes' sketches with its reduction:
@@ -325,14 +322,25 @@ impl Coordinator<'_> {
         picked
     }
 
-    /// The replays are in: miners caught are excluded and the window is
-    /// redone without them; otherwise it closes, or after a close goes on
-    /// to the slices.
+    /// The replays drawn by direction after the close are in: miners
+    /// caught are excluded and the window is redone without them;
+    /// otherwise it goes on to the slices.
     pub(super) fn finish_audit(&mut self) -> Result<(), TrainError> {
         let Phase::Auditing(audit, closed) = std::mem::replace(&mut self.phase, Phase::Finished)
         else {
             unreachable!("finish_audit runs in Auditing")
         };
+        let gone = self.settle_replays(audit);
+        if !gone.is_empty() {
+            return self.redo_without(&gone);
+        }
+        self.hold_close(closed);
+        Ok(())
+    }
+
+    /// Counts replays' verdicts and judges chain breaks; excludes the
+    /// miners caught and returns them.
+    pub(super) fn settle_replays(&mut self, audit: PassAudit) -> Vec<usize> {
         let w = self.window.as_mut().expect("a window runs");
         let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
         for (task, verdict) in audit.replies.verdicts {
@@ -366,15 +374,7 @@ impl Coordinator<'_> {
             }
         }
         let window = w.window;
-        let gone = self.exclude_all(window, &reasons);
-        match closed {
-            _ if !gone.is_empty() => self.redo_without(&gone),
-            None => self.begin_close(),
-            Some(closed) => {
-                self.hold_close(closed);
-                Ok(())
-            }
-        }
+        self.exclude_all(window, &reasons)
     }
 
     /// Has validators recompute, from the contributions the miners stated,

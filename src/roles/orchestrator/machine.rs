@@ -10,8 +10,9 @@
 //!
 //! A window runs through phases, each waiting for reports: placing ranks
 //! that joined or move ([`super::membership`]), serving the microbatches,
-//! auditing passes ([`super::checks`]), closing (every stage reduces;
-//! passes whose sketches stand out are audited after it), recomputing
+//! closing (every stage reduces while validators replay passes drawn from
+//! their receipts, [`super::checks`]; passes whose sketches stand out are
+//! replayed after it), recomputing
 //! all-reduce slices, stepping (every miner applies the update, a
 //! checkpoint may be written and audited). A miner lost, or caught by a
 //! check, before the step sends the window back to serving without it, in
@@ -154,12 +155,14 @@ pub(super) enum Phase {
     Serving {
         served: BTreeMap<u64, BTreeSet<usize>>,
     },
-    /// Validators replaying passes: before the close, or after it (what
-    /// it left for the step) for passes whose sketches stand out.
-    Auditing(super::checks::PassAudit, Option<Closed>),
-    /// Every stage all-reducing.
+    /// Validators replaying passes whose sketches, stated with the close,
+    /// stand out (what the close left for the step).
+    Auditing(super::checks::PassAudit, Closed),
+    /// Every stage all-reducing, and validators replaying the passes drawn
+    /// before it.
     Closing {
         waiting: BTreeSet<usize>,
+        replays: Option<super::checks::PassAudit>,
         /// The seed of the sketches the miners state as they reduce.
         sketch_seed: u64,
         reductions: BTreeMap<usize, Reduction>,
@@ -649,7 +652,11 @@ impl<'a> Coordinator<'a> {
                     self.finish_audit()?;
                     true
                 }
-                Phase::Closing { waiting, .. } if waiting.is_empty() => {
+                Phase::Closing {
+                    waiting, replays, ..
+                } if waiting.is_empty()
+                    && replays.as_ref().is_none_or(|r| r.replies.owes_nothing()) =>
+                {
                     self.finish_close()?;
                     true
                 }
@@ -680,7 +687,14 @@ impl<'a> Coordinator<'a> {
 
     /// Keeps the time the window spends in validators' checks.
     fn clock_audits(&mut self, now: Instant) {
-        let auditing = matches!(self.phase, Phase::Auditing(..) | Phase::Recomputing(..));
+        // Replays beside the close count once every miner has reduced.
+        let auditing = match &self.phase {
+            Phase::Auditing(..) | Phase::Recomputing(..) => true,
+            Phase::Closing {
+                waiting, replays, ..
+            } => waiting.is_empty() && replays.is_some(),
+            _ => false,
+        };
         let Some(w) = self.window.as_mut() else {
             return;
         };
@@ -837,10 +851,16 @@ impl<'a> Coordinator<'a> {
             Phase::Recomputing(a, _) => a.take(from, report, w),
             Phase::Closing {
                 waiting,
+                replays,
                 reductions,
                 failure,
                 ..
             } => match report {
+                Report::Audited { .. } => {
+                    if let Some(r) = replays {
+                        r.take(from, report, w);
+                    }
+                }
                 Report::Reduced {
                     window: rw,
                     attempt: ra,
@@ -967,7 +987,11 @@ impl<'a> Coordinator<'a> {
                 // Its checks are redone by the others in a new attempt,
                 // on fresh tags, so that no bundle meant for it is taken
                 // for another task. The window's microbatches stay done.
-                Phase::Auditing(..) | Phase::Recomputing(..) => self.redo_without(&[])?,
+                Phase::Auditing(..)
+                | Phase::Recomputing(..)
+                | Phase::Closing {
+                    replays: Some(_), ..
+                } => self.redo_without(&[])?,
                 // The step is done; its checkpoint audits go unaudited.
                 Phase::Stepping(s) => {
                     s.owed.remove(&rank);
@@ -990,9 +1014,12 @@ impl<'a> Coordinator<'a> {
     }
 
     /// Phase two of closing: every stage all-reduces the gradients of the
-    /// done microbatches, and states their sketches; nothing is applied
-    /// yet.
-    pub(super) fn begin_close(&mut self) -> Result<(), TrainError> {
+    /// done microbatches, and states their sketches, while validators work
+    /// through `replays`; nothing is applied yet.
+    pub(super) fn begin_close(
+        &mut self,
+        replays: Option<super::checks::PassAudit>,
+    ) -> Result<(), TrainError> {
         let w = self.window.as_ref().expect("a window runs");
         let counted = w
             .trained()
@@ -1029,6 +1056,7 @@ impl<'a> Coordinator<'a> {
         };
         self.phase = Phase::Closing {
             waiting: self.miners.keys().copied().collect(),
+            replays,
             sketch_seed,
             reductions: BTreeMap::new(),
             failure: None,
@@ -1041,6 +1069,7 @@ impl<'a> Coordinator<'a> {
 
     fn finish_close(&mut self) -> Result<(), TrainError> {
         let Phase::Closing {
+            replays,
             reductions,
             failure,
             scales,
@@ -1051,6 +1080,14 @@ impl<'a> Coordinator<'a> {
         else {
             unreachable!("finish_close runs in Closing")
         };
+        // A miner caught by a replay: the close, its work in it, is thrown
+        // away.
+        if let Some(replays) = replays {
+            let gone = self.settle_replays(replays);
+            if !gone.is_empty() {
+                return self.redo_without(&gone);
+            }
+        }
         let window = self.window.as_ref().expect("a window runs").window;
         // A dispute between two miners still in the job, said again.
         let repeated = self.window.as_ref().and_then(|w| {
@@ -1102,7 +1139,7 @@ impl<'a> Coordinator<'a> {
             sites,
         };
         match self.replay_by_direction(closed.sketch_seed) {
-            Some(replays) => self.phase = Phase::Auditing(replays, Some(closed)),
+            Some(replays) => self.phase = Phase::Auditing(replays, closed),
             None => self.hold_close(closed),
         }
         Ok(())

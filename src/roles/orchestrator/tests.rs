@@ -198,11 +198,20 @@ fn a_rank_that_joins_is_placed_at_the_next_boundary_with_its_stage_s_digests_and
 
 #[test]
 fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone() {
+    // The validator's verdicts come before the miners' reductions, or
+    // (its reports held back over two silences) well after them.
+    for stall in [None, Some((0, 1, 2))] {
+        a_caught_miner_is_excluded_and_never_stepped(stall);
+    }
+}
+
+fn a_caught_miner_is_excluded_and_never_stepped(stall: Option<(u64, usize, u32)>) {
     let spec = spec("replay_rate = 1.0");
     let (seen, result) = Sim::run(
         &spec,
         Script {
             cheater: Some(5),
+            stall,
             ..Script::default()
         },
     );
@@ -232,13 +241,14 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
         .collect();
     assert!(!retrained.is_empty());
     assert_eq!(replayed_again, retrained);
-    // The replays come before the close, so the cheater's gradients are
-    // never summed.
+    // The replays run beside the close; the close the cheater was in is
+    // thrown away, never recomputed or stepped.
     assert_eq!(
         flow(&seen, 0),
         [
             ("run", 0),
             ("audit", 0),
+            ("close", 0),
             ("run", 1),
             ("audit", 1),
             ("close", 1),
