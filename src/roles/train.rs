@@ -202,7 +202,8 @@ pub struct BubbleCauses {
     /// Applying the step (and writing a checkpoint).
     pub step: f64,
     /// Validators' replays and slice recomputes, which every miner waits
-    /// out.
+    /// out (replays run beside the close, so only from when the last
+    /// miner has reduced).
     pub audit: f64,
     /// The rest: orders in flight, routing, a miner with nothing routed.
     pub idle: f64,
