@@ -130,6 +130,7 @@ fuzz_targets() {
 
 suite_started=$SECONDS
 part "cargo fmt --check" cargo fmt --all -- --check
+part "cargo doc (warnings are errors)" env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
 for features in "" "$all_features" "mpi" "cuda" "hwloc"; do
     part "features [${features}]" feature_tests "$features"
 done

@@ -4,7 +4,7 @@
 //!
 //! The server is deliberately small: one request per connection, `GET` of
 //! those three paths and nothing else, each client given a few seconds on
-//! a thread of its own, at most [`MAX_CLIENTS`] at once (more wait to be
+//! a thread of its own, at most `MAX_CLIENTS` at once (more wait to be
 //! accepted). A thread per client because a connection that sends nothing (a
 //! browser's speculative preconnect, a port scan) would otherwise hold
 //! every scrape and page load behind it for its whole timeout. What it

@@ -118,7 +118,7 @@ impl Transport for SiteTransport {
     }
 
     /// Waits on each fabric's own `recv_any`; with ranks on both, takes
-    /// turns of [`SWITCH`] on each.
+    /// turns of `SWITCH` on each.
     fn recv_any(
         &self,
         from: &[usize],

@@ -1,7 +1,7 @@
 //! Frame layout.
 //!
 //! A frame is an 18-byte header, the payload (encrypted), then the 16-byte
-//! authentication tag of its cipher ([`super::stream`]):
+//! authentication tag of its cipher (`wire::stream`):
 //!
 //! | bytes | field   | meaning                                       |
 //! |-------|---------|-----------------------------------------------|

@@ -1,7 +1,7 @@
 //! The world of one job: who every rank is and where it listens.
 //!
-//! A rank learns its own identity from its launcher ([`detect`]) and
-//! everybody else's through a rendezvous ([`rendezvous`]): afterwards every
+//! A rank learns its own identity from its launcher ([`detect()`]) and
+//! everybody else's through a rendezvous ([`rendezvous()`]): afterwards every
 //! rank holds the same [`World`], the address book the transport connects by.
 
 pub mod detect;

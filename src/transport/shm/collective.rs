@@ -333,7 +333,7 @@ impl ShmTransport {
     /// Borrows this rank's scratch region for the next collective, so that
     /// the input can be written straight into shared memory (say, gradients
     /// computed in place) and the result read straight out of it: the
-    /// all-reduce then copies nothing (past [`WHOLE_REDUCE_BYTES`]; below,
+    /// all-reduce then copies nothing (past `WHOLE_REDUCE_BYTES`; below,
     /// one barrier saved is worth more than a copy). `len` may be up to
     /// [`ShmTransport::max_shared_len`].
     ///
@@ -507,7 +507,7 @@ impl<'a> SharedBuffer<'a> {
 
     /// Reduces the buffers of all ranks as [`ShmTransport::all_reduce_bytes`]
     /// does and returns the result, still in shared memory; a buffer of at
-    /// most [`WHOLE_REDUCE_BYTES`] is reduced after one barrier into memory
+    /// most `WHOLE_REDUCE_BYTES` is reduced after one barrier into memory
     /// of this rank's, as there.
     pub fn all_reduce(
         mut self,

@@ -89,7 +89,7 @@ pub struct TcpOptions {
     /// transport is joinable; a fixed job's refuses such ranks).
     pub joinable: bool,
     /// Connections per pair of ranks: above 1, messages of a MiB or more
-    /// are striped over all of them ([`lanes`]), for long fat pipes
+    /// are striped over all of them (the private `lanes` module), for long fat pipes
     /// between sites. Both ends must agree.
     pub lanes: usize,
 }
