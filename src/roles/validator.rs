@@ -181,17 +181,17 @@ fn receive<T: Transport + ?Sized>(
 ) -> Result<Result<Vec<u8>, Verdict>, Halt> {
     let deadline = Instant::now() + leader.transport().default_timeout();
     loop {
-        return match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
-            Waited::Got(bytes) => Ok(Ok(bytes)),
-            Waited::Lost => Ok(Err(Verdict::Unavailable)),
-            Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
+        match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
+            Waited::Got(bytes) => return Ok(Ok(bytes)),
+            Waited::Lost => return Ok(Err(Verdict::Unavailable)),
+            Waited::TimedOut => return Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
             Waited::Order(Order::Close {
                 window: w,
                 attempt: a,
                 ..
-            }) if (w, a) == (window, attempt) => continue,
-            Waited::Order(order) => Err(Halt::Superseded(Box::new(order))),
-        };
+            }) if (w, a) == (window, attempt) => {}
+            Waited::Order(order) => return Err(Halt::Superseded(Box::new(order))),
+        }
     }
 }
 

@@ -692,7 +692,7 @@ impl<'a> Coordinator<'a> {
             Phase::Auditing(..) | Phase::Recomputing(..) => true,
             Phase::Closing {
                 waiting, replays, ..
-            } => waiting.is_empty() && replays.is_some(),
+            } => waiting.is_empty() && replays.as_ref().is_some_and(|r| !r.replies.owes_nothing()),
             _ => false,
         };
         let Some(w) = self.window.as_mut() else {
