@@ -74,6 +74,11 @@ enum Cmd {
         /// Each rank prints what it is bound to and the CPUs it may run on.
         #[arg(long)]
         report_bindings: bool,
+        /// Stop the job once it has run this many seconds, restarts
+        /// included, as mpirun's --timeout: SIGTERM to every rank, SIGKILL
+        /// after the grace period, exit status 124.
+        #[arg(long, value_name = "SECONDS", env = "SWARMRUN_TIMEOUT", value_parser = positive_seconds)]
+        timeout: Option<Duration>,
         job: PathBuf,
     },
     /// Run one rank; rank and size come from mpirun, srun, PMI(x) or RANK/WORLD_SIZE.
@@ -372,6 +377,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// A time limit in seconds, fractions allowed; more than none.
+fn positive_seconds(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
+
 /// Prints `e` and returns the status to exit with.
 fn report(e: &anyhow::Error) -> u8 {
     tracing::error!("swarmrun: error: {}", message(e));
@@ -439,6 +452,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             resume,
             bind_to,
             report_bindings,
+            timeout,
             job,
         } => {
             let spec = config::load(&job)?;
@@ -453,6 +467,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     resume,
                     bind_to,
                     report_bindings,
+                    timeout,
                 },
             )?;
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))

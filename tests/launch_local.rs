@@ -150,6 +150,45 @@ fn max_restarts_restarts_the_job_before_giving_up() {
     assert!(!err.contains("(3/2)"), "{err}");
 }
 
+/// `--timeout`, as mpirun's: a job still running past it (ranks holding
+/// ten minutes) is stopped, every rank, and the launch exits 124 saying
+/// why; a mistyped limit is refused before anything starts.
+#[test]
+fn a_job_past_its_timeout_is_stopped_with_status_124() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = hello_job(dir.path(), 3, "[hello]\nhold_s = 600\n");
+    let out = swarmrun()
+        .args(["launch", "--timeout", "2", "--grace-period", "1"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(124), "{err}");
+    assert!(err.contains("ran past its time limit of 2s"), "{err}");
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    let pids = rank_pids(&lines);
+    assert_eq!(pids.len(), 3, "{lines:?}");
+    assert!(
+        pids.iter().all(|&p| !alive(p)),
+        "ranks left running: {pids:?}"
+    );
+    for bad in ["0", "-1", "soon"] {
+        let out = swarmrun()
+            .arg("launch")
+            .arg(format!("--timeout={bad}"))
+            .arg(&job)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--timeout {bad}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("--timeout"), "{}", stderr(&out));
+    }
+}
+
 /// Pids the ranks report in their start-up lines.
 fn rank_pids(lines: &[String]) -> Vec<i32> {
     lines

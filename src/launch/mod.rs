@@ -105,6 +105,8 @@ pub struct LaunchRequest<'a> {
     pub bind_to: bind::BindTo,
     /// Each rank prints its binding (`--report-bindings`).
     pub report_bindings: bool,
+    /// Stop the job past this wall-clock time (`--timeout`).
+    pub timeout: Option<Duration>,
 }
 
 /// What `swarmrun join` was asked: `nprocs` ranks of this host join the
@@ -151,6 +153,8 @@ pub fn start_joiners(spec: &JobSpec, req: &JoinRequest) -> Result<Outcome, Start
         grace: req.grace,
         progress_windows: None,
         json_lines: LogFormat::of_process() == LogFormat::Json,
+        // Joiners mine until the job stops them or they are told to leave.
+        time_limit: None,
     };
     Ok(launch(&opts)?)
 }
@@ -241,6 +245,7 @@ pub fn start(spec: &JobSpec, req: &LaunchRequest) -> Result<Outcome, StartError>
         grace: req.grace,
         progress_windows: (spec.job.task == Task::Train).then_some(spec.train.windows),
         json_lines: LogFormat::of_process() == LogFormat::Json,
+        time_limit: req.timeout,
     };
     Ok(launch(&opts)?)
 }

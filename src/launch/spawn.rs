@@ -61,6 +61,10 @@ pub struct LaunchOptions {
     /// Relay ranks' output as JSON lines (`--log-format json`) instead of
     /// tagging each line with its rank's label.
     pub json_lines: bool,
+    /// The job's wall-clock limit over all its attempts (`--timeout`, as
+    /// mpirun's `--timeout` and srun's `--time`): past it every rank gets
+    /// SIGTERM, and SIGKILL after the grace period.
+    pub time_limit: Option<Duration>,
 }
 
 #[derive(Debug, Error)]
@@ -75,6 +79,9 @@ pub enum LaunchError {
     Signals(io::Error),
 }
 
+/// The launcher's exit status when the job ran past `--timeout`.
+pub const TIMED_OUT_STATUS: i32 = 124;
+
 /// How a launch ended: the status the launcher itself should exit with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -88,6 +95,9 @@ pub enum Outcome {
     Signalled {
         signal: i32,
     },
+    /// The job ran past its time limit and was stopped; 124, as
+    /// timeout(1) exits.
+    TimedOut,
 }
 
 impl Outcome {
@@ -96,6 +106,7 @@ impl Outcome {
             Outcome::Success => 0,
             Outcome::RankFailed { status, .. } => status,
             Outcome::Signalled { signal } => 128 + signal,
+            Outcome::TimedOut => TIMED_OUT_STATUS,
         }
     }
 }
@@ -111,9 +122,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
         signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
             .map_err(LaunchError::Signals)?;
     }
+    let deadline = opts.time_limit.map(|limit| Instant::now() + limit);
     let mut attempt = 0;
     loop {
-        let outcome = run_attempt(opts, attempt, &signal)?;
+        let outcome = run_attempt(opts, attempt, &signal, deadline)?;
         match outcome {
             Outcome::RankFailed { rank, status } if attempt < opts.max_restarts => {
                 attempt += 1;
@@ -132,6 +144,7 @@ fn run_attempt(
     opts: &LaunchOptions,
     attempt: u32,
     signal: &AtomicUsize,
+    deadline: Option<Instant>,
 ) -> Result<Outcome, LaunchError> {
     let size = opts.labels.len();
     let (exit_tx, exit_rx) = mpsc::channel::<(usize, i32)>();
@@ -194,7 +207,18 @@ fn run_attempt(
     // Whether a leader (a training job's orchestrator or standby)
     // finished cleanly.
     let mut leader_ok = false;
+    let mut timed_out = false;
     while exited.iter().any(|e| !e) {
+        if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::warn!(
+                "swarmrun: the job ran past its time limit of {:?} (--timeout); stopping every rank",
+                opts.time_limit.unwrap_or_default()
+            );
+            signal_alive(&pids, &exited, Signal::SIGTERM);
+            kill_at.get_or_insert(Instant::now() + opts.grace);
+            stopping = true;
+            timed_out = true;
+        }
         let sig = signal.swap(0, Ordering::SeqCst);
         if sig != 0 {
             let sig = sig as i32;
@@ -265,6 +289,9 @@ fn run_attempt(
     }
     if let Some(p) = progress {
         p.finish();
+    }
+    if timed_out {
+        return Ok(Outcome::TimedOut);
     }
     Ok(match (signalled, first_failure) {
         // Every rank took the signal as a request and finished cleanly (a

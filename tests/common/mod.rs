@@ -20,6 +20,12 @@ pub fn swarmrun() -> Command {
     // Tests must not pick up a developer's key or rendezvous.
     cmd.env_remove("SWARMRUN_JOB_KEY")
         .env_remove("SWARMRUN_RENDEZVOUS");
+    // A job that hangs (a report that never comes) fails its test with the
+    // launcher's reason, exit status 124, instead of holding the suite
+    // until CI's limit. The longest test job takes under a minute.
+    if std::env::var_os("SWARMRUN_TIMEOUT").is_none() {
+        cmd.env("SWARMRUN_TIMEOUT", "900");
+    }
     cmd
 }
 
