@@ -165,6 +165,10 @@ fn a_job_past_its_timeout_is_stopped_with_status_124() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(124), "{err}");
     assert!(err.contains("ran past its time limit of 2s"), "{err}");
+    assert!(
+        !err.contains("exited with status"),
+        "ranks stopped as told are no failure: {err}"
+    );
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
     let pids = rank_pids(&lines);
     assert_eq!(pids.len(), 3, "{lines:?}");

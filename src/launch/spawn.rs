@@ -245,13 +245,16 @@ fn run_attempt(
                     stopping = true;
                 }
                 let survivable = opts.expendable.get(rank).copied().unwrap_or(false);
-                if status != 0 && survivable && signalled.is_none() && first_failure.is_none() {
+                // Ranks this launcher stopped, on a signal or past the
+                // time limit, fail as told: no failure of theirs is news.
+                let told = signalled.is_some() || timed_out;
+                if status != 0 && survivable && !told && first_failure.is_none() {
                     first_expendable.get_or_insert((rank, status));
                     tracing::warn!(
                         "swarmrun: rank {rank} ({}) exited with status {status}; the job goes on without it",
                         opts.labels[rank]
                     );
-                } else if status != 0 && first_failure.is_none() && signalled.is_none() {
+                } else if status != 0 && first_failure.is_none() && !told {
                     first_failure = Some((rank, status));
                     if exited.iter().any(|e| !e) {
                         tracing::warn!(
