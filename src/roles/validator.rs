@@ -243,14 +243,16 @@ fn replay_passes<T: Transport + ?Sized>(
 /// its weights. Every bundle of a stage in a window carries the same
 /// agreed weights, so they are loaded once per stage and window instead of
 /// once per miner: on `bench trust`'s model a load (building the stage,
-/// reading the file, hashing) took 0.47 ms against 0.32 ms for a replay.
+/// reading the file, hashing) took 0.47 ms against 0.32 ms for a replay;
+/// and a new window's weights go into the stage's model held.
 #[derive(Default)]
 struct LoadedWeights(BTreeMap<usize, (String, StageModel)>);
 
 impl LoadedWeights {
     /// Stage `stage`'s model with the weights of digest `expected`: the one
     /// held if it has them, else loaded from `weights` (a miner's stage
-    /// file), which must have that digest.
+    /// file), which must have that digest, into the stage's model held
+    /// when there is one (a new window's weights).
     fn model(
         &mut self,
         setup: &Setup,
@@ -258,14 +260,24 @@ impl LoadedWeights {
         weights: &[u8],
         expected: &str,
     ) -> Result<&StageModel, String> {
-        if self.0.get(&stage).is_none_or(|(held, _)| held != expected) {
-            let model = audit::load_weights(setup, stage, weights, expected, None)?;
-            self.0.insert(stage, (expected.to_string(), model));
+        match self.0.entry(stage) {
+            Entry::Vacant(entry) => {
+                let model = audit::load_weights(setup, stage, weights, expected, None)?;
+                Ok(&entry.insert((expected.to_string(), model)).1)
+            }
+            Entry::Occupied(mut entry) => {
+                let (held, model) = entry.get_mut();
+                if held != expected {
+                    if let Err(refused) = audit::reload_weights(model, weights, expected, None) {
+                        // It may hold the refused weights now.
+                        entry.remove();
+                        return Err(refused);
+                    }
+                    *held = expected.to_string();
+                }
+                Ok(&entry.into_mut().1)
+            }
         }
-        self.0
-            .get(&stage)
-            .map(|(_, model)| model)
-            .ok_or_else(|| format!("no weights held for stage {stage}"))
     }
 }
 
@@ -553,9 +565,24 @@ mod tests {
         assert!(loaded.model(&setup, 1, &file, &digest).is_ok());
         // Held: another miner's bundle of the same weights is not read.
         assert!(loaded.model(&setup, 1, &[], &digest).is_ok());
-        // Weights of another digest are loaded and must have it.
+        // A new window's weights go into the model held, and must have
+        // their digest.
+        let next = StageModel::new(&setup.config, &setup.layers, 1, setup.seed + 1).unwrap();
+        let next_file = next.to_safetensors(None, Path::new("stage-1")).unwrap();
+        let next_digest = next.weights_digest().unwrap().to_hex().to_string();
+        assert_ne!(next_digest, digest);
+        let held = loaded.model(&setup, 1, &next_file, &next_digest).unwrap();
+        assert_eq!(
+            held.weights_digest().unwrap().to_hex().as_str(),
+            next_digest
+        );
+        // Weights of another digest are loaded and must have it; refused,
+        // they leave nothing held (the model may hold them), so the
+        // digest it had before is not taken as held either.
         let err = loaded.model(&setup, 1, &file, "0000").unwrap_err();
         assert!(err.contains("weights have digest"), "{err}");
+        assert!(loaded.model(&setup, 1, &[], &next_digest).is_err());
+        assert!(loaded.model(&setup, 1, &file, &digest).is_ok());
         // Nor is anything held for a stage not loaded yet.
         assert!(loaded.model(&setup, 0, &[], &digest).is_err());
     }
