@@ -88,8 +88,8 @@ trait RowKernel: Sync {
     fn row<T: Real>(&self, index: usize, a: &[T], b: &[T], out: &mut [T]);
 }
 
-/// A one-input kernel with its backward pass, which runs other kernels.
-trait Differentiable: RowKernel {
+/// A one-input op with its backward pass, which runs other ops.
+trait Differentiable: Fused {
     /// The gradient of the input `arg`, given the output `res` and the
     /// output's (contiguous) gradient `grad`.
     fn backward(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Tensor>;
@@ -133,9 +133,9 @@ fn fused_as<K: Fused, T: Real>(
 }
 
 /// A [`RowKernel`] as a [`Fused`] op: one or two inputs of one shape.
-struct Rows<'k, K>(&'k K);
+struct Rows<K>(K);
 
-impl<K: RowKernel> Fused for Rows<'_, K> {
+impl<K: RowKernel> Fused for Rows<K> {
     fn name(&self) -> &'static str {
         self.0.name()
     }
@@ -148,11 +148,11 @@ impl<K: RowKernel> Fused for Rows<'_, K> {
         let (a, shape) = a;
         self.0.check(shape)?;
         let n = shape.dims().last().copied().unwrap_or(1);
-        Ok((run_rows(self.0, n, a, b), (*shape).clone()))
+        Ok((run_rows(&self.0, n, a, b), (*shape).clone()))
     }
 }
 
-/// Makes a [`Differentiable`] kernel a candle op.
+/// Makes a [`Differentiable`] op a candle op.
 struct Op<K>(K);
 
 impl<K: Differentiable> CustomOp1 for Op<K> {
@@ -160,10 +160,11 @@ impl<K: Differentiable> CustomOp1 for Op<K> {
         self.0.name()
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        fused(&Rows(&self.0), &[(s, l)])
+        fused(&self.0, &[(s, l)])
     }
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.0.backward(arg, res, &grad.contiguous()?)?))
+        let grad = grad.contiguous()?;
+        Ok(Some(Differentiable::backward(&self.0, arg, res, &grad)?))
     }
 }
 
@@ -230,7 +231,7 @@ const GELU_A: f64 = 0.044_715;
 /// form needs only `exp`, with tanh(u) = 1 - 2 / (exp(2u) + 1), which is
 /// exact at both ends (exp overflowing to inf gives 1).
 pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Op(Gelu))
+    x.contiguous()?.apply_op1(Op(Rows(Gelu)))
 }
 
 struct Gelu;
@@ -252,9 +253,9 @@ impl RowKernel for Gelu {
     }
 }
 
-impl Differentiable for Gelu {
+impl Differentiable for Rows<Gelu> {
     fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        arg.apply_op2_no_bwd(grad, &Op2(Rows(&GeluGrad)))
+        arg.apply_op2_no_bwd(grad, &Op2(Rows(GeluGrad)))
     }
 }
 
@@ -446,7 +447,7 @@ impl Fused for Linear {
 /// the softmax are the ones the split-off heads went through, so the bits
 /// are the same (a test compares them).
 pub(crate) fn attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(Attention { n_head })
+    qkv.contiguous()?.apply_op1(Op(Attention { n_head }))
 }
 
 struct Attention {
@@ -528,9 +529,9 @@ impl Fused for Attention {
     }
     fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
         let [(qkv, shape)] = inputs else {
-            bail!("{}: takes qkv", Fused::name(self))
+            bail!("{}: takes qkv", self.name())
         };
-        let (b, heads) = Heads::of(Fused::name(self), shape, self.n_head)?;
+        let (b, heads) = Heads::of(self.name(), shape, self.n_head)?;
         let (t, c, hs) = (heads.t, heads.c, heads.hs);
         let mut y = vec![T::of(0.0); b * t * c];
         y.par_chunks_mut((t * c).max(1))
@@ -548,19 +549,12 @@ impl Fused for Attention {
     }
 }
 
-impl CustomOp1 for Attention {
-    fn name(&self) -> &'static str {
-        Fused::name(self)
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        fused(self, &[(s, l)])
-    }
-    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
+impl Differentiable for Attention {
+    fn backward(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let op = AttentionGrad {
             n_head: self.n_head,
         };
-        Ok(Some(grad.apply_op2_no_bwd(qkv, &Op2(op))?))
+        grad.apply_op2_no_bwd(qkv, &Op2(op))
     }
 }
 
@@ -774,17 +768,18 @@ mod tests {
 
     /// The normalization alone as an op, as layers used it before
     /// [`layer_norm`]: the reference the fused op must match bit for bit.
-    impl Differentiable for Normalize {
+    impl Differentiable for Rows<Normalize> {
         fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-            arg.apply_op2_no_bwd(grad, &Op2(Rows(&NormalizeGrad)))
+            arg.apply_op2_no_bwd(grad, &Op2(Rows(NormalizeGrad)))
         }
     }
 
     /// The causal softmax alone as an op, as the attention used it before
     /// [`attention`]: part of the reference it must match bit for bit.
-    impl Differentiable for CausalSoftmax {
+    impl Differentiable for Rows<CausalSoftmax> {
         fn backward(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-            res.apply_op2_no_bwd(grad, &Op2(Rows(&CausalSoftmaxGrad { scale: self.scale })))
+            let scale = self.0.scale;
+            res.apply_op2_no_bwd(grad, &Op2(Rows(CausalSoftmaxGrad { scale })))
         }
     }
 
@@ -802,9 +797,9 @@ mod tests {
         let (q, k, v) = (part(0), part(1), part(2));
         let scores = q.matmul(&k.t().unwrap()).unwrap().contiguous().unwrap();
         let att = scores
-            .apply_op1(Op(CausalSoftmax {
+            .apply_op1(Op(Rows(CausalSoftmax {
                 scale: 1.0 / (hs as f64).sqrt(),
-            }))
+            })))
             .unwrap();
         let y = att.matmul(&v).unwrap().transpose(1, 2).unwrap();
         y.reshape((b, t, c)).unwrap()
@@ -851,7 +846,7 @@ mod tests {
             let norm = x
                 .contiguous()
                 .unwrap()
-                .apply_op1(Op(Normalize))
+                .apply_op1(Op(Rows(Normalize)))
                 .unwrap()
                 .broadcast_mul(&gain)
                 .unwrap();
