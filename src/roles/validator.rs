@@ -169,29 +169,20 @@ fn each_reported<T: Transport + ?Sized, I, R: IntoIterator<Item = Report>>(
     Ok(None)
 }
 
-/// `from`'s next message on `tag` for a check of `(window, attempt)`, or
-/// the verdict its absence earns (`what` it failed to send for). The
-/// attempt's own `Close`, which miners run beside the replays, is for
-/// them and supersedes nothing.
+/// `from`'s next message on `tag`, or the verdict its absence earns
+/// (`what` it failed to send for).
 fn receive<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     from: usize,
-    (tag, window, attempt): (u64, u64, u32),
+    tag: u64,
     what: &str,
 ) -> Result<Result<Vec<u8>, Verdict>, Halt> {
     let deadline = Instant::now() + leader.transport().default_timeout();
-    loop {
-        match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
-            Waited::Got(bytes) => return Ok(Ok(bytes)),
-            Waited::Lost => return Ok(Err(Verdict::Unavailable)),
-            Waited::TimedOut => return Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
-            Waited::Order(Order::Close {
-                window: w,
-                attempt: a,
-                ..
-            }) if (w, a) == (window, attempt) => {}
-            Waited::Order(order) => return Err(Halt::Superseded(Box::new(order))),
-        }
+    match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
+        Waited::Got(bytes) => Ok(Ok(bytes)),
+        Waited::Lost => Ok(Err(Verdict::Unavailable)),
+        Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
+        Waited::Order(order) => Err(Halt::Superseded(Box::new(order))),
     }
 }
 
@@ -210,7 +201,7 @@ fn replay_passes<T: Transport + ?Sized>(
     let bundle = receive(
         leader,
         miner,
-        (protocol::audit_tag(window, attempt), window, attempt),
+        protocol::audit_tag(window, attempt),
         "replay",
     )?;
     // The replay's cost, not the wait for the miner.
@@ -343,7 +334,7 @@ fn audit_checkpoint<T: Transport + ?Sized>(
         match receive(
             leader,
             task.writer,
-            (protocol::checkpoint_tag(window, attempt), window, attempt),
+            protocol::checkpoint_tag(window, attempt),
             "audit",
         )? {
             Ok(bytes) => got.push(bytes),
@@ -409,7 +400,7 @@ fn recompute<T: Transport + ?Sized>(
     } else {
         protocol::slice_tag(window, attempt, task.slice)
     };
-    let got = |rank: usize, tag: u64| receive(leader, rank, (tag, window, attempt), "recompute");
+    let got = |rank: usize, tag: u64| receive(leader, rank, tag, "recompute");
     let mut received = Vec::with_capacity(task.contributors.len());
     for (rank, _) in &task.contributors {
         let contribution = got(*rank, tag)?;

@@ -1054,8 +1054,9 @@ impl<'a> Coordinator<'a> {
             keys,
             sketch_seed,
         };
+        let miners: Vec<usize> = self.miners.keys().copied().collect();
         self.phase = Phase::Closing {
-            waiting: self.miners.keys().copied().collect(),
+            waiting: miners.iter().copied().collect(),
             replays,
             sketch_seed,
             reductions: BTreeMap::new(),
@@ -1063,7 +1064,9 @@ impl<'a> Coordinator<'a> {
             scales,
             sites,
         };
-        self.broadcast(order);
+        // To the miners alone: a validator replaying beside the close
+        // takes any order it hears for the orchestrator moving on.
+        self.push(Output::Send(miners, order));
         Ok(())
     }
 

@@ -241,6 +241,13 @@ fn a_caught_miner_is_excluded_and_never_stepped(stall: Option<(u64, usize, u32)>
         .collect();
     assert!(!retrained.is_empty());
     assert_eq!(replayed_again, retrained);
+    // The close goes to the miners alone: validator 1, replaying beside
+    // it, would take it for the orchestrator moving on.
+    assert!(seen
+        .orders
+        .iter()
+        .filter(|(_, o)| matches!(o, Order::Close { .. }))
+        .all(|(to, _)| !to.is_empty() && !to.contains(&1)));
     // The replays run beside the close; the close the cheater was in is
     // thrown away, never recomputed or stepped.
     assert_eq!(
