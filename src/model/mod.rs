@@ -117,6 +117,7 @@
 
 mod adamw;
 mod checkpoint;
+mod exp;
 mod generate;
 mod layers;
 mod local;

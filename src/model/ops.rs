@@ -48,13 +48,14 @@ pub(crate) trait Real:
 }
 
 macro_rules! real {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident, $exp:expr) => {
         impl Real for $t {
             fn of(x: f64) -> Self {
                 x as $t
             }
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
@@ -74,8 +75,10 @@ macro_rules! real {
         }
     };
 }
-real!(f32, F32);
-real!(f64, F64);
+// f32 through our own exp, so the kernels' loops vectorize and their bits
+// are the same on every CPU (see `exp`); f64 serves gradient checks only.
+real!(f32, F32, super::exp::exp_f32);
+real!(f64, F64, f64::exp);
 
 /// A kernel over rows of `n` elements of one or two same-shaped inputs.
 trait RowKernel: Sync {
@@ -304,11 +307,11 @@ impl RowKernel for CausalSoftmax {
         let max = x[..visible]
             .iter()
             .fold(x[0], |m, &v| if v > m { v } else { m });
-        let mut sum = T::of(0.0);
+        // Apart from the sum, which runs in order, so that the exps vectorize.
         for (o, &v) in out[..visible].iter_mut().zip(x) {
             *o = ((v - max) * scale).exp();
-            sum = sum + *o;
         }
+        let sum = out[..visible].iter().fold(T::of(0.0), |s, &o| s + o);
         for o in &mut out[..visible] {
             *o = *o / sum;
         }
