@@ -31,14 +31,8 @@ const HIGHEST: f32 = 89.0;
 /// `e^x`, `x` a NaN giving NaN.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    // Written as comparisons (not `max`/`min`) so a NaN falls through both.
-    let x = if x < LOWEST {
-        LOWEST
-    } else if x > HIGHEST {
-        HIGHEST
-    } else {
-        x
-    };
+    // `clamp` keeps a NaN (`max` and `min` would drop it).
+    let x = x.clamp(LOWEST, HIGHEST);
     let rounded = x * LOG2_E + ROUNDER;
     let n = rounded - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -47,7 +41,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e_r = p * (r * r) + r + 1.0;
     // n sits in the low bits of `rounded`, offset by ROUNDER's bits.
     let n = (rounded.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
