@@ -125,6 +125,7 @@ mod matmul;
 mod ops;
 mod params;
 mod stage;
+mod wide;
 
 use std::path::PathBuf;
 

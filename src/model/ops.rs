@@ -20,6 +20,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::matmul::{product, product_on, Operand};
+use super::wide;
 
 /// Elements per parallel work unit: big enough to amortize hand-out,
 /// small enough to split a (768, 512) activation across cores.
@@ -81,7 +82,7 @@ real!(f32, F32, super::exp::exp_f32);
 real!(f64, F64, f64::exp);
 
 /// A kernel over rows of `n` elements of one or two same-shaped inputs.
-trait RowKernel: Sync {
+pub(super) trait RowKernel: Sync {
     fn name(&self) -> &'static str;
     /// Refuses shapes the kernel cannot serve.
     fn check(&self, _shape: &Shape) -> Result<()> {
@@ -219,7 +220,7 @@ fn run_rows<K: RowKernel, T: Real>(k: &K, n: usize, a: &[T], b: &[T]) -> Vec<T> 
     par_rows(n, a.len(), |row, out| {
         let span = row * n..(row + 1) * n;
         let b = b.get(span.clone()).unwrap_or(&[]);
-        k.row(row, &a[span], b, out);
+        wide::row(k, row, &a[span], b, out);
     })
 }
 
@@ -240,6 +241,7 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
 struct Gelu;
 struct GeluGrad;
 
+#[inline(always)]
 fn tanh_of<T: Real>(u: T) -> T {
     T::of(1.0) - T::of(2.0) / ((u + u).exp() + T::of(1.0))
 }
@@ -248,6 +250,7 @@ impl RowKernel for Gelu {
     fn name(&self) -> &'static str {
         "swarmrun-gelu"
     }
+    #[inline(always)]
     fn row<T: Real>(&self, _: usize, x: &[T], _: &[T], out: &mut [T]) {
         for (o, &x) in out.iter_mut().zip(x) {
             let t = tanh_of(T::of(GELU_C) * (x + T::of(GELU_A) * x * x * x));
@@ -267,6 +270,7 @@ impl RowKernel for GeluGrad {
     fn name(&self) -> &'static str {
         "swarmrun-gelu-grad"
     }
+    #[inline(always)]
     fn row<T: Real>(&self, _: usize, x: &[T], g: &[T], out: &mut [T]) {
         let (c, a, half, one) = (T::of(GELU_C), T::of(GELU_A), T::of(0.5), T::of(1.0));
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
@@ -301,6 +305,7 @@ impl RowKernel for CausalSoftmax {
     }
     /// Row `i` of a matrix sees `x[..=i]`; `scale > 0`, so the maximum
     /// of `x` is the maximum of `scale * x`.
+    #[inline(always)]
     fn row<T: Real>(&self, index: usize, x: &[T], _: &[T], out: &mut [T]) {
         let visible = index % x.len() + 1;
         let scale = T::of(self.scale);
@@ -324,6 +329,7 @@ impl RowKernel for CausalSoftmaxGrad {
     fn name(&self) -> &'static str {
         "swarmrun-causal-softmax-grad"
     }
+    #[inline(always)]
     fn row<T: Real>(&self, _: usize, y: &[T], g: &[T], out: &mut [T]) {
         let dot = y
             .iter()
@@ -504,7 +510,7 @@ impl Heads {
             .zip(att.chunks_mut(self.t))
             .enumerate()
         {
-            softmax.row(i, row, &[], out);
+            wide::row(&softmax, i, row, &[], out);
         }
         Ok(att)
     }
@@ -595,7 +601,7 @@ impl Fused for AttentionGrad {
                     let mut dscores = vec![T::of(0.0); t * t];
                     for (i, out) in dscores.chunks_mut(t).enumerate() {
                         let span = i * t..(i + 1) * t;
-                        softmax_grad.row(i, &att[span.clone()], &datt[span], out);
+                        wide::row(&softmax_grad, i, &att[span.clone()], &datt[span], out);
                     }
                     let ds = Operand::rows(&dscores, t, t).ok_or_else(shapes)?;
                     let dq = checked_product_on(ds, k)?;
@@ -654,7 +660,7 @@ impl Fused for LayerNorm {
         };
         let n = row_length(self.name(), shape, gain.len())?;
         let out = par_rows(n, x.len(), |row, out| {
-            Normalize.row(row, &x[row * n..(row + 1) * n], &[], out);
+            wide::row(&Normalize, row, &x[row * n..(row + 1) * n], &[], out);
             for (o, &g) in out.iter_mut().zip(*gain) {
                 *o = *o * g;
             }
@@ -689,7 +695,7 @@ impl Fused for LayerNormGrad {
                 .zip(&gain)
                 .map(|(&g, &w)| g * w)
                 .collect();
-            NormalizeGrad.row(row, &x[span], &g, out);
+            wide::row(&NormalizeGrad, row, &x[span], &g, out);
         });
         Ok((out, (*shape).clone()))
     }
@@ -709,7 +715,7 @@ impl Fused for GainGrad {
         let n = shape.dims().last().copied().unwrap_or(0).max(1);
         let (mut xhat, mut sum) = (vec![T::of(0.0); n], vec![T::of(0.0); n]);
         for (x, g) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
-            Normalize.row(0, x, &[], &mut xhat);
+            wide::row(&Normalize, 0, x, &[], &mut xhat);
             for ((s, &g), &h) in sum.iter_mut().zip(g).zip(&xhat) {
                 *s = *s + g * h;
             }
@@ -719,6 +725,7 @@ impl Fused for GainGrad {
 }
 
 /// Mean and 1 / std of a row.
+#[inline(always)]
 fn moments<T: Real>(x: &[T]) -> (T, T) {
     let n = T::of(x.len() as f64);
     let mean = x.iter().fold(T::of(0.0), |a, &v| a + v) / n;
@@ -733,6 +740,7 @@ impl RowKernel for Normalize {
     fn name(&self) -> &'static str {
         "swarmrun-normalize"
     }
+    #[inline(always)]
     fn row<T: Real>(&self, _: usize, x: &[T], _: &[T], out: &mut [T]) {
         let (mean, rstd) = moments(x);
         for (o, &v) in out.iter_mut().zip(x) {
@@ -747,6 +755,7 @@ impl RowKernel for NormalizeGrad {
     fn name(&self) -> &'static str {
         "swarmrun-normalize-grad"
     }
+    #[inline(always)]
     fn row<T: Real>(&self, _: usize, x: &[T], g: &[T], out: &mut [T]) {
         let (mean, rstd) = moments(x);
         let n = T::of(x.len() as f64);
@@ -827,6 +836,45 @@ mod tests {
     }
 
     /// Values uniform in (-1, 1], shaped.
+    /// Every kernel's rows, through each instruction set this CPU has,
+    /// against the baseline build: the same bits, so a pass replays to
+    /// the same digests on any x86-64.
+    #[test]
+    fn row_kernels_give_the_same_bits_at_every_vector_width() {
+        use super::wide::{row_on, Isa};
+        fn same<K: RowKernel>(isa: Isa, k: &K, a: &[f32], b: &[f32], n: usize) {
+            for (i, a) in a.chunks(n).enumerate() {
+                let b = b.get(i * n..(i + 1) * n).unwrap_or(&[]);
+                let (mut wide, mut base) = (vec![0.0f32; n], vec![0.0f32; n]);
+                row_on(isa, k, i, a, b, &mut wide);
+                k.row(i, a, b, &mut base);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&wide), bits(&base), "{} on {isa:?}, row {i}", k.name());
+            }
+        }
+        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|isa| isa.here())
+            .collect();
+        if isas.is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2, only the baseline runs");
+        }
+        for isa in isas {
+            for n in [64, 67, 512] {
+                // Wide enough that tanh saturates and exp underflows.
+                let a: Vec<f32> = sample_values(n * n, 11).iter().map(|x| x * 12.0).collect();
+                let b = sample_values(n * n, 12);
+                let probs: Vec<f32> = a.iter().map(|x| x.abs() / 12.0 / n as f32).collect();
+                same(isa, &Gelu, &a, &[], n);
+                same(isa, &GeluGrad, &a, &b, n);
+                same(isa, &CausalSoftmax { scale: 0.125 }, &a, &[], n);
+                same(isa, &CausalSoftmaxGrad { scale: 0.125 }, &probs, &b, n);
+                same(isa, &Normalize, &a, &[], n);
+                same(isa, &NormalizeGrad, &a, &b, n);
+            }
+        }
+    }
+
     fn values(shape: &[usize], seed: u64) -> Tensor {
         let n = shape.iter().product();
         Tensor::from_vec(sample_values(n, seed), shape, &Device::Cpu).unwrap()
