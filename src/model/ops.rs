@@ -309,14 +309,11 @@ impl RowKernel for CausalSoftmax {
     fn row<T: Real>(&self, index: usize, x: &[T], _: &[T], out: &mut [T]) {
         let visible = index % x.len() + 1;
         let scale = T::of(self.scale);
-        let max = x[..visible]
-            .iter()
-            .fold(x[0], |m, &v| if v > m { v } else { m });
-        // Apart from the sum, which runs in order, so that the exps vectorize.
+        let max = lane_max(&x[..visible]);
         for (o, &v) in out[..visible].iter_mut().zip(x) {
             *o = ((v - max) * scale).exp();
         }
-        let sum = out[..visible].iter().fold(T::of(0.0), |s, &o| s + o);
+        let sum = lane_sum(&out[..visible], &out[..visible], |o, _| o);
         for o in &mut out[..visible] {
             *o = *o / sum;
         }
@@ -331,10 +328,7 @@ impl RowKernel for CausalSoftmaxGrad {
     }
     #[inline(always)]
     fn row<T: Real>(&self, _: usize, y: &[T], g: &[T], out: &mut [T]) {
-        let dot = y
-            .iter()
-            .zip(g)
-            .fold(T::of(0.0), |acc, (&y, &g)| acc + y * g);
+        let dot = lane_sum(y, g, |y, g| y * g);
         let scale = T::of(self.scale);
         for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
             *o = scale * y * (g - dot);
@@ -728,12 +722,56 @@ impl Fused for GainGrad {
 #[inline(always)]
 fn moments<T: Real>(x: &[T]) -> (T, T) {
     let n = T::of(x.len() as f64);
-    let mean = x.iter().fold(T::of(0.0), |a, &v| a + v) / n;
-    let var = x
-        .iter()
-        .fold(T::of(0.0), |a, &v| a + (v - mean) * (v - mean))
-        / n;
+    let mean = lane_sum(x, x, |v, _| v) / n;
+    let var = lane_sum(x, x, |v, _| (v - mean) * (v - mean)) / n;
     (mean, T::of(1.0) / (var + T::of(LN_EPS)).sqrt())
+}
+
+/// The largest of `x` (not empty), NaNs skipped unless `x[0]` is one,
+/// as one chain of comparisons from `x[0]` would give, but in `LANES`
+/// chains, which vectorize. Where a +0 and a -0 tie it may pick the
+/// other zero; the softmax uses it only as `v - max`, where that gives
+/// the same bits.
+#[inline(always)]
+fn lane_max<T: Real>(x: &[T]) -> T {
+    let larger = |m: T, v: T| if v > m { v } else { m };
+    let mut maxima = [x[0]; LANES];
+    let whole = x.chunks_exact(LANES);
+    let tail = whole.remainder();
+    for chunk in whole {
+        for (m, &v) in maxima.iter_mut().zip(chunk) {
+            *m = larger(*m, v);
+        }
+    }
+    let max = maxima.iter().fold(x[0], |m, &v| larger(m, v));
+    tail.iter().fold(max, |m, &v| larger(m, v))
+}
+
+/// Running sums in [`lane_sum`]: one AVX-512 register of `f32`.
+const LANES: usize = 16;
+
+/// The sum of `term(a[i], b[i])` over `a`'s length (`b` at least as long)
+/// in a fixed order that vectorizes: `LANES` running sums, sum `j` taking
+/// the terms `j, j + LANES, ...`, added in order, then the terms past the
+/// last whole `LANES`. One running sum, as before, made every row's sums
+/// a chain of dependent additions (LayerNorm's rows were the slowest
+/// kernel per element); the order is the code's, so the bits are still
+/// the same on every CPU and at every vector width.
+#[inline(always)]
+fn lane_sum<T: Real>(a: &[T], b: &[T], term: impl Fn(T, T) -> T) -> T {
+    let mut sums = [T::of(0.0); LANES];
+    let (whole, rest) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_tail, b_tail) = (whole.remainder(), &b[a.len() - a.len() % LANES..]);
+    for (a, b) in whole.zip(rest) {
+        for ((s, &a), &b) in sums.iter_mut().zip(a).zip(b) {
+            *s = *s + term(a, b);
+        }
+    }
+    let sum = sums.iter().fold(T::of(0.0), |acc, &s| acc + s);
+    a_tail
+        .iter()
+        .zip(b_tail)
+        .fold(sum, |acc, (&a, &b)| acc + term(a, b))
 }
 
 impl RowKernel for Normalize {
@@ -759,12 +797,8 @@ impl RowKernel for NormalizeGrad {
     fn row<T: Real>(&self, _: usize, x: &[T], g: &[T], out: &mut [T]) {
         let (mean, rstd) = moments(x);
         let n = T::of(x.len() as f64);
-        let (mut g_mean, mut gx_mean) = (T::of(0.0), T::of(0.0));
-        for (&v, &g) in x.iter().zip(g) {
-            g_mean = g_mean + g;
-            gx_mean = gx_mean + g * (v - mean) * rstd;
-        }
-        let (g_mean, gx_mean) = (g_mean / n, gx_mean / n);
+        let g_mean = lane_sum(g, g, |g, _| g) / n;
+        let gx_mean = lane_sum(x, g, |v, g| g * (v - mean) * rstd) / n;
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
             *o = rstd * (g - g_mean - (v - mean) * rstd * gx_mean);
         }
