@@ -869,7 +869,6 @@ mod tests {
         assert_eq!(grad(fused), grad(composed));
     }
 
-    /// Values uniform in (-1, 1], shaped.
     /// Every kernel's rows, through each instruction set this CPU has,
     /// against the baseline build: the same bits, so a pass replays to
     /// the same digests on any x86-64.
@@ -882,8 +881,8 @@ mod tests {
                 let (mut wide, mut base) = (vec![0.0f32; n], vec![0.0f32; n]);
                 row_on(isa, k, i, a, b, &mut wide);
                 k.row(i, a, b, &mut base);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&wide), bits(&base), "{} on {isa:?}, row {i}", k.name());
+                let (wide, base) = (matmul::tests::bits(&wide), matmul::tests::bits(&base));
+                assert_eq!(wide, base, "{} on {isa:?}, row {i}", k.name());
             }
         }
         let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
@@ -909,6 +908,7 @@ mod tests {
         }
     }
 
+    /// Values uniform in (-1, 1], shaped.
     fn values(shape: &[usize], seed: u64) -> Tensor {
         let n = shape.iter().product();
         Tensor::from_vec(sample_values(n, seed), shape, &Device::Cpu).unwrap()
