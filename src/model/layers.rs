@@ -1,15 +1,15 @@
 //! The GPT's layers, written out on candle tensors as nanoGPT's model.py.
 //!
-//! The linear layer, causal self-attention, LayerNorm and GELU are our
-//! fused ops (`ops`), their products gemm's with our own depth chunks
-//! (`matmul`); the embeddings, residual additions and cross-entropy are
+//! The linear layer, causal self-attention, LayerNorm, GELU and the
+//! cross-entropy are our fused ops (`ops`), their products gemm's with our
+//! own depth chunks (`matmul`); the embeddings and residual additions are
 //! candle's. All linear layers are
 //! bias-free (nanoGPT's `bias = False`) and keep weights as `(in, out)`, so
 //! a layer is `x @ W` with no transpose.
 
 use candle_core::{Tensor, Var};
 
-use super::ops::{attention, gelu, layer_norm, linear};
+use super::ops::{attention, cross_entropy, gelu, layer_norm, linear};
 use super::params::{Init, ParamSet};
 use super::{GptConfig, ModelError};
 
@@ -138,7 +138,7 @@ impl Head {
     /// Mean cross-entropy of `x: (B, T, C)` against `targets: (B, T)` u32.
     pub(crate) fn loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
         let logits = self.logits(x)?;
-        candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+        cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
     }
 }
 

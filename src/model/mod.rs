@@ -100,10 +100,10 @@
 //! first pass that its CPU gives the reference bits.
 //!
 //! Speed: nanoGPT's small CPU model (4 layers, 4 heads, 128 wide, block
-//! 64) trains at about 24.7k tokens/s on two cores of an AVX-512 Xeon,
+//! 64) trains at about 30k tokens/s on two cores of an AVX-512 Xeon,
 //! forward, backward and AdamW, when [`LocalPipeline`] runs the quickstart's
 //! step of four concurrent microbatches of 12 (`swarmrun bench train`,
-//! 0.77x PyTorch 2.15 in the same run; BENCHMARKS.md). Before the fused
+//! 0.97-1.02x PyTorch 2.15 in the same run over six runs; BENCHMARKS.md). Before the fused
 //! linear, LayerNorm and attention ops and the AVX-512 products it was
 //! about 16k with two microbatches of 6 (`tests/model_throughput.rs`);
 //! it reaches nanoGPT's validation loss (1.89 after 2000 steps; nanoGPT
@@ -117,7 +117,7 @@
 
 mod adamw;
 mod checkpoint;
-mod exp;
+mod elementary;
 mod generate;
 mod layers;
 mod local;

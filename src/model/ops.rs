@@ -19,6 +19,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::elementary;
 use super::matmul::{product, product_on, Operand};
 use super::wide;
 
@@ -40,6 +41,7 @@ pub(crate) trait Real:
 {
     fn of(x: f64) -> Self;
     fn exp(self) -> Self;
+    fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     /// `self * a + b` rounded once.
     fn mul_add(self, a: Self, b: Self) -> Self;
@@ -49,7 +51,7 @@ pub(crate) trait Real:
 }
 
 macro_rules! real {
-    ($t:ty, $variant:ident, $exp:expr) => {
+    ($t:ty, $variant:ident, $exp:expr, $ln:expr) => {
         impl Real for $t {
             fn of(x: f64) -> Self {
                 x as $t
@@ -57,6 +59,9 @@ macro_rules! real {
             #[inline(always)]
             fn exp(self) -> Self {
                 $exp(self)
+            }
+            fn ln(self) -> Self {
+                $ln(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
@@ -76,10 +81,11 @@ macro_rules! real {
         }
     };
 }
-// f32 through our own exp, so the kernels' loops vectorize and their bits
-// are the same on every CPU (see `exp`); f64 serves gradient checks only.
-real!(f32, F32, super::exp::exp_f32);
-real!(f64, F64, f64::exp);
+// f32 through our own exp and ln, so the kernels' loops vectorize and their
+// bits are the same on every CPU (see `elementary`); f64 serves gradient
+// checks only.
+real!(f32, F32, elementary::exp_f32, elementary::ln_f32);
+real!(f64, F64, f64::exp, f64::ln);
 
 /// A kernel over rows of `n` elements of one or two same-shaped inputs.
 pub(super) trait RowKernel: Sync {
@@ -718,6 +724,107 @@ impl Fused for GainGrad {
     }
 }
 
+// ---- cross-entropy ----
+
+/// The mean cross-entropy of `logits: (N, V)` against `targets: (N,)`
+/// u32 token ids, a scalar. candle's `cross_entropy` is a log-softmax of
+/// six ops and a gather, with libm's `expf` and `logf` (whose last bit
+/// may differ by CPU, and a validator must replay the loss and its
+/// gradient to the bit); here it is one pass each way with our `exp` and
+/// `ln`, each row's sums in the fixed order of the other kernels.
+pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_vec1::<u32>()?.into();
+    logits.contiguous()?.apply_op1(Op(CrossEntropy { targets }))
+}
+
+struct CrossEntropy {
+    targets: std::sync::Arc<[u32]>,
+}
+
+/// `(logits, g) -> g / N * (softmax(logits) - onehot(targets))`, `g` the
+/// loss's gradient, a scalar.
+struct CrossEntropyGrad {
+    targets: std::sync::Arc<[u32]>,
+}
+
+/// Each row's length `V`, once `shape` is `(N, V)` with `N` the number of
+/// targets, every target below `V`.
+fn classes(name: &str, targets: &[u32], shape: &Shape) -> Result<usize> {
+    let &[n, v] = shape.dims() else {
+        bail!("{name}: logits must be (N, V), got {:?}", shape.dims())
+    };
+    if n != targets.len() || n == 0 || v == 0 {
+        bail!(
+            "{name}: {n} rows of {v} logits against {} targets",
+            targets.len()
+        );
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("{name}: target {t} is not one of the {v} classes");
+    }
+    Ok(v)
+}
+
+/// A row's maximum and the sum of `exp(x - max)`: the softmax is
+/// `exp(x - max) / sum`, the log-softmax `x - max - ln sum`.
+#[inline(always)]
+fn max_and_sum<T: Real>(row: &[T]) -> (T, T) {
+    let max = lane_max(row);
+    (max, lane_sum(row, row, |x, _| (x - max).exp()))
+}
+
+impl Fused for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "swarmrun-cross-entropy"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(logits, shape)] = inputs else {
+            bail!("{}: takes the logits alone", self.name())
+        };
+        let v = classes(self.name(), &self.targets, shape)?;
+        let losses: Vec<T> = logits
+            .chunks_exact(v)
+            .zip(self.targets.iter())
+            .map(|(row, &t)| {
+                let (max, sum) = max_and_sum(row);
+                sum.ln() - (row[t as usize] - max)
+            })
+            .collect();
+        let mean = lane_sum(&losses, &losses, |l, _| l) / T::of(losses.len() as f64);
+        Ok((vec![mean], Shape::from(())))
+    }
+}
+
+impl Differentiable for CrossEntropy {
+    fn backward(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let targets = self.targets.clone();
+        arg.apply_op2_no_bwd(grad, &Op2(CrossEntropyGrad { targets }))
+    }
+}
+
+impl Fused for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "swarmrun-cross-entropy-grad"
+    }
+    fn compute<T: Real>(&self, inputs: &[(&[T], &Shape)]) -> Result<(Vec<T>, Shape)> {
+        let [(logits, shape), (&[g], _)] = inputs else {
+            bail!("{}: takes the logits and a scalar gradient", self.name())
+        };
+        let v = classes(self.name(), &self.targets, shape)?;
+        let scale = g / T::of(self.targets.len() as f64);
+        let out = par_rows(v, logits.len(), |r, out| {
+            let row = &logits[r * v..(r + 1) * v];
+            let (max, sum) = max_and_sum(row);
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = (x - max).exp() / sum * scale;
+            }
+            let t = self.targets[r] as usize;
+            out[t] = ((row[t] - max).exp() / sum - T::of(1.0)) * scale;
+        });
+        Ok((out, (*shape).clone()))
+    }
+}
+
 /// Mean and 1 / std of a row.
 #[inline(always)]
 fn moments<T: Real>(x: &[T]) -> (T, T) {
@@ -951,5 +1058,60 @@ mod tests {
             let grad = |g: &candle_core::backprop::GradStore| bits(g.get(v).unwrap());
             assert_eq!(grad(&g_fused), grad(&g_composed));
         }
+    }
+
+    /// The log-softmax and gather the head used before [`cross_entropy`]
+    /// (candle_nn's, through libm): the same loss and gradient to within
+    /// rounding, and a target past the vocabulary is an error, not a panic.
+    #[test]
+    fn cross_entropy_matches_the_composed_log_softmax_and_refuses_bad_targets() {
+        let (n, v) = (50, 65);
+        let logits = Var::from_tensor(&(values(&[n, v], 7) * 8.0).unwrap()).unwrap();
+        let ids: Vec<u32> = (0..n as u32).map(|i| i * 37 % v as u32).collect();
+        let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let composed = {
+            let max = logits.max_keepdim(1).unwrap();
+            let shifted = logits.broadcast_sub(&max).unwrap();
+            let log_sum = shifted
+                .exp()
+                .unwrap()
+                .sum_keepdim(1)
+                .unwrap()
+                .log()
+                .unwrap();
+            let log_probs = shifted.broadcast_sub(&log_sum).unwrap();
+            let picked = log_probs.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
+            (picked.sum_all().unwrap() / -(n as f64)).unwrap()
+        };
+        let fused = cross_entropy(&logits, &targets).unwrap();
+        let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        let (a, b) = (scalar(&fused), scalar(&composed));
+        assert!((a - b).abs() <= 2e-6 * b.abs(), "loss {a} against {b}");
+        let grad = |t: &Tensor| {
+            let g = t.backward().unwrap();
+            g.get(&logits)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (ga, gb) = (grad(&fused), grad(&composed));
+        let worst = ga
+            .iter()
+            .zip(&gb)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst <= 1e-8, "gradients differ by up to {worst}");
+        assert!(ga.iter().any(|&g| g != 0.0));
+
+        let bad = Tensor::new(&[3u32, 65][..], &Device::Cpu).unwrap();
+        let two = logits.narrow(0, 0, 2).unwrap();
+        let err = cross_entropy(&two, &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("target 65 is not one of the 65 classes"),
+            "{err}"
+        );
+        assert!(cross_entropy(&logits, &bad).is_err());
     }
 }
