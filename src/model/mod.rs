@@ -103,15 +103,17 @@
 //! 64) trains at about 30k tokens/s on two cores of an AVX-512 Xeon,
 //! forward, backward and AdamW, when [`LocalPipeline`] runs the quickstart's
 //! step of four concurrent microbatches of 12 (`swarmrun bench train`,
-//! 0.97-1.02x PyTorch 2.15 in the same run over six runs; BENCHMARKS.md). Before the fused
-//! linear, LayerNorm and attention ops and the AVX-512 products it was
-//! about 16k with two microbatches of 6 (`tests/model_throughput.rs`);
-//! it reaches nanoGPT's validation loss (1.89 after 2000 steps; nanoGPT
-//! reports 1.88).
+//! 0.97-1.02x PyTorch 2.15 in the same run over six runs; BENCHMARKS.md).
+//! Before the fused linear, LayerNorm and attention ops and the AVX-512
+//! products it was about 16k with two microbatches of 6
+//! (`tests/model_throughput.rs`); it reaches nanoGPT's validation loss
+//! (1.89 after 2000 steps; nanoGPT reports 1.88).
 //! One microbatch per core beats splitting each op across cores: matmuls
 //! run near the core's peak either way, but the rest of a step (candle's
-//! one allocation per op, its backward pass adding every gradient into a
-//! fresh zero tensor) is serial. Run ranks with `CANDLE_NUM_THREADS=1`:
+//! one allocation per op and per gradient) is serial. candle is built from
+//! `third_party/candle-core` with one patch: its backward pass no longer
+//! adds each first gradient to a fresh tensor of zeros
+//! (third_party/README.md). Run ranks with `CANDLE_NUM_THREADS=1`:
 //! candle's elementwise thread pool spins between ops and serializes
 //! concurrent callers (two microbatches then reach only 6.6k tokens/s).
 
