@@ -1,6 +1,7 @@
 //! Fused CPU kernels, each with its backward pass: GELU, causal
-//! self-attention (with its causal softmax), LayerNorm with its gain, and
-//! the bias-free linear layer, whose products go through [`product`].
+//! self-attention (with its causal softmax), LayerNorm with its gain, the
+//! bias-free linear layer, whose products go through [`product`], and the
+//! mean cross-entropy of the logits.
 //!
 //! Composed from candle's primitive ops these take 5 to 10 passes over
 //! memory each way (candle's fused `softmax_last_dim` and `layer_norm` have
