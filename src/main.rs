@@ -74,11 +74,8 @@ enum Cmd {
         /// Each rank prints what it is bound to and the CPUs it may run on.
         #[arg(long)]
         report_bindings: bool,
-        /// Stop the job once it has run this many seconds, restarts
-        /// included, as mpirun's --timeout: SIGTERM to every rank, SIGKILL
-        /// after the grace period, exit status 124.
-        #[arg(long, value_name = "SECONDS", env = "SWARMRUN_TIMEOUT", value_parser = positive_seconds)]
-        timeout: Option<Duration>,
+        #[command(flatten)]
+        limit: TimeLimit,
         job: PathBuf,
     },
     /// Run one rank; rank and size come from mpirun, srun, PMI(x) or RANK/WORLD_SIZE.
@@ -102,7 +99,9 @@ enum Cmd {
     },
     /// Join a training job while it trains: start N miners on this host
     /// that get their ranks and stages from the running job. SIGTERM or
-    /// SIGINT makes them leave at the next window boundary.
+    /// SIGINT, or --timeout running out, makes them leave at the next
+    /// window boundary (a limit a little under a batch allocation's lets
+    /// them go before the scheduler kills them).
     Join {
         /// Miners to start on this host.
         #[arg(short = 'n', long = "nprocs", default_value_t = 1)]
@@ -116,6 +115,8 @@ enum Cmd {
         /// Seconds between SIGTERM and SIGKILL when stopping ranks.
         #[arg(long, default_value_t = 60.0)]
         grace_period: f64,
+        #[command(flatten)]
+        limit: TimeLimit,
         job: PathBuf,
     },
     /// Validate a job file and print each rank's site, host, role and stage.
@@ -378,6 +379,16 @@ fn main() -> ExitCode {
 }
 
 /// A time limit in seconds, fractions allowed; more than none.
+/// `--timeout` of `launch` and `join`.
+#[derive(clap::Args, Debug)]
+struct TimeLimit {
+    /// Stop the ranks once they have run this many seconds, restarts
+    /// included, as mpirun's --timeout: SIGTERM to every rank, SIGKILL
+    /// after the grace period, exit status 124.
+    #[arg(long, value_name = "SECONDS", env = "SWARMRUN_TIMEOUT", value_parser = positive_seconds)]
+    timeout: Option<Duration>,
+}
+
 fn positive_seconds(text: &str) -> Result<Duration, String> {
     match text.parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
@@ -452,7 +463,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             resume,
             bind_to,
             report_bindings,
-            timeout,
+            limit,
             job,
         } => {
             let spec = config::load(&job)?;
@@ -467,7 +478,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     resume,
                     bind_to,
                     report_bindings,
-                    timeout,
+                    timeout: limit.timeout,
                 },
             )?;
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))
@@ -492,6 +503,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rdzv,
             site,
             grace_period,
+            limit,
             job,
         } => {
             let spec = config::load(&job)?;
@@ -503,6 +515,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     rdzv: &rdzv,
                     site: &site,
                     grace: Duration::from_secs_f64(grace_period.max(0.0)),
+                    timeout: limit.timeout,
                 },
             )?;
             Ok(ExitCode::from(outcome.exit_code().clamp(0, 255) as u8))

@@ -125,3 +125,46 @@ fn a_join_while_a_window_closes_waits_for_the_boundary() {
     );
     assert_eq!(losses(&clean), losses(&lines));
 }
+
+/// `join --timeout`, as `launch --timeout`: joiners still running past it
+/// (here knocking at a rendezvous that takes their connection and never
+/// answers) are stopped and `join` exits 124 saying why; a mistyped limit
+/// is refused before anything starts.
+#[test]
+fn a_join_past_its_timeout_is_stopped_with_status_124() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let job = joinable_job(dir.path(), "silent", port, 6, "");
+    let rdzv = format!("tcp://127.0.0.1:{port}");
+    let joiner = start(
+        swarmrun()
+            .args(["join", "-n", "2", "--timeout", "2", "--grace-period", "1"])
+            .args(["--rdzv", &rdzv])
+            .arg(&job),
+        KEY,
+    );
+    let out = joiner.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(124), "{err}");
+    assert!(err.contains("ran past its time limit of 2s"), "{err}");
+    assert!(
+        !err.contains("exited with status"),
+        "joiners stopped as told are no failure: {err}"
+    );
+    drop(silent);
+    for bad in ["0", "-1", "soon"] {
+        let out = swarmrun()
+            .args(["join", &format!("--timeout={bad}"), "--rdzv", &rdzv])
+            .arg(&job)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--timeout {bad}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("--timeout"), "{}", stderr(&out));
+    }
+}

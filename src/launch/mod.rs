@@ -118,6 +118,9 @@ pub struct JoinRequest<'a> {
     pub rdzv: &'a str,
     pub site: &'a str,
     pub grace: Duration,
+    /// Stop the joiners past this wall-clock time (`--timeout`): they get
+    /// SIGTERM, so they leave at the next window boundary.
+    pub timeout: Option<Duration>,
 }
 
 /// Starts the joining ranks as children running `swarmrun rank --join`,
@@ -153,8 +156,9 @@ pub fn start_joiners(spec: &JobSpec, req: &JoinRequest) -> Result<Outcome, Start
         grace: req.grace,
         progress_windows: None,
         json_lines: LogFormat::of_process() == LogFormat::Json,
-        // Joiners mine until the job stops them or they are told to leave.
-        time_limit: None,
+        // Joiners mine until the job stops them, they are told to leave,
+        // or their time is up.
+        time_limit: req.timeout,
     };
     Ok(launch(&opts)?)
 }
