@@ -94,14 +94,14 @@ pub(crate) fn ln_f32(x: f32) -> f32 {
     };
     let z = m * m;
     let p = 7.037_683_6e-2;
-    let p = p * m - 1.151_461_0e-1;
+    let p = p * m - 1.151_461e-1;
     let p = p * m + 1.167_699_9e-1;
     let p = p * m - 1.242_014_1e-1;
     let p = p * m + 1.424_932_3e-1;
     let p = p * m - 1.666_805_8e-1;
     let p = p * m + 2.000_071_5e-1;
     let p = p * m - 2.499_999_4e-1;
-    let p = p * m + 3.333_333_1e-1;
+    let p = p * m + 3.333_333e-1;
     let e = e as f32;
     let y = p * m * z + e * LN2_LO - 0.5 * z;
     m + y + e * LN2_HI
