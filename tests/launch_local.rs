@@ -176,21 +176,7 @@ fn a_job_past_its_timeout_is_stopped_with_status_124() {
         pids.iter().all(|&p| !alive(p)),
         "ranks left running: {pids:?}"
     );
-    for bad in ["0", "-1", "soon"] {
-        let out = swarmrun()
-            .arg("launch")
-            .arg(format!("--timeout={bad}"))
-            .arg(&job)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "--timeout {bad}: {}",
-            stderr(&out)
-        );
-        assert!(stderr(&out).contains("--timeout"), "{}", stderr(&out));
-    }
+    assert_bad_timeouts_refused(&["launch"], &[job.as_os_str()]);
 }
 
 /// Pids the ranks report in their start-up lines.

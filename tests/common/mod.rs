@@ -46,6 +46,23 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `swarmrun <args> --timeout=BAD <rest>` for limits that are no positive
+/// number of seconds: each refused as a usage error (status 2) naming the
+/// flag, before anything starts.
+pub fn assert_bad_timeouts_refused(args: &[&str], rest: &[&std::ffi::OsStr]) {
+    for bad in ["0", "-1", "soon"] {
+        let out = swarmrun()
+            .args(args)
+            .arg(format!("--timeout={bad}"))
+            .args(rest)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "--timeout {bad}: {err}");
+        assert!(err.contains("--timeout"), "{err}");
+    }
+}
+
 /// Asserts that the hello job ran to the end with `n` ranks, each of which
 /// found its identity through `launcher` (as named in its start-up line).
 pub fn assert_hello_under(out: &Output, n: usize, launcher: &str) {
