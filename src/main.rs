@@ -378,7 +378,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// A time limit in seconds, fractions allowed; more than none.
 /// `--timeout` of `launch` and `join`.
 #[derive(clap::Args, Debug)]
 struct TimeLimit {
@@ -389,6 +388,7 @@ struct TimeLimit {
     timeout: Option<Duration>,
 }
 
+/// A time limit in seconds, fractions allowed; more than none.
 fn positive_seconds(text: &str) -> Result<Duration, String> {
     match text.parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
