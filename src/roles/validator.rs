@@ -52,6 +52,7 @@ fn follow_orders<T: Transport + ?Sized>(
     // Parameters of each stage, once known.
     let mut layouts: BTreeMap<usize, Vec<Range<usize>>> = BTreeMap::new();
     let mut loaded = LoadedWeights::default();
+    let replays = replay_pool();
     // An order that came while this validator waited on a miner.
     let mut next = None;
     loop {
@@ -90,7 +91,7 @@ fn follow_orders<T: Transport + ?Sized>(
                     replay_passes(
                         leader,
                         (&setup, &codec, &mut device, &mut loaded),
-                        (window, attempt),
+                        (window, attempt, &replays),
                         miner,
                         tasks,
                         &weights,
@@ -192,7 +193,7 @@ fn receive<T: Transport + ?Sized>(
 fn replay_passes<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     (setup, codec, device, loaded): (&Setup, &BoundaryCodec, &mut StageDevice, &mut LoadedWeights),
-    (window, attempt): (u64, u32),
+    (window, attempt, pool): (u64, u32, &ReplayPool),
     miner: usize,
     tasks: Vec<AuditTask>,
     weights: &[String],
@@ -211,9 +212,9 @@ fn replay_passes<T: Transport + ?Sized>(
         waited
     };
     let verdicts = match bundle {
-        Ok(bytes) => {
-            judge((setup, codec, device, loaded), &bytes, &tasks, weights).map_err(Halt::Failed)?
-        }
+        Ok(bytes) => pool
+            .run(|| judge((setup, codec, device, loaded), &bytes, &tasks, weights))
+            .map_err(Halt::Failed)?,
         Err(verdict) => vec![verdict; tasks.len()],
     };
     let replay_s = started.elapsed().as_secs_f64() / tasks.len() as f64;
@@ -228,6 +229,40 @@ fn replay_passes<T: Transport + ?Sized>(
             replay_s,
         });
     Ok(reports.collect())
+}
+
+/// Where replays compute: a pool as wide as the host, when one can be
+/// had. A validator is handed one compute thread like every rank sharing
+/// a host, but its replays are what the miners wait for at a window's
+/// close, with nothing of their own to compute (a replay gives the same
+/// bits on any number of threads: `model::matmul`).
+struct ReplayPool(Option<rayon::ThreadPool>);
+
+fn replay_pool() -> ReplayPool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        return ReplayPool(None);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cores)
+        .thread_name(|i| format!("swarmrun-replay-{i}"))
+        .build();
+    match pool {
+        Ok(pool) => ReplayPool(Some(pool)),
+        Err(e) => {
+            tracing::warn!("validator: no replay threads ({e}); replaying on one");
+            ReplayPool(None)
+        }
+    }
+}
+
+impl ReplayPool {
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.0 {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
 }
 
 /// The model each stage's passes were last replayed on, by the digest of
