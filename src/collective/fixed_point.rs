@@ -199,7 +199,9 @@ fn add_scaled_avx512(values: &[f32], scale: f64, acc: &mut [i64]) {
 fn add_scaled_plain(values: &[f32], scale: f64, acc: &mut [i64]) {
     for (a, &x) in acc.iter_mut().zip(values) {
         let rounded = round_half_away(f64::from(x) * scale);
-        // `max` first: a NaN (refused before any encoding) goes to a bound.
+        // Not `clamp`, which keeps a NaN (refused before any encoding):
+        // `max` sends it to a bound, the same on every path.
+        #[allow(clippy::manual_clamp)]
         let held = rounded.max(-ROUNDED_LIMIT).min(ROUNDED_LIMIT);
         *a = a.wrapping_add(integer_of(held));
     }
@@ -453,10 +455,7 @@ mod tests {
         // Every 65521st float (all signs and exponents), the ties and
         // their neighbours, the specials; at scales from 2^-150 to 2^150,
         // against the plain rounding, held within 2^51.
-        let mut xs: Vec<f32> = (0..=u32::MAX)
-            .step_by(65521)
-            .map(f32::from_bits)
-            .collect();
+        let mut xs: Vec<f32> = (0..=u32::MAX).step_by(65521).map(f32::from_bits).collect();
         for t in [0.5f32, 1.5, 2.5, 3.5, 4_194_304.5, 8_388_607.5] {
             xs.extend([t, -t, t.next_up(), t.next_down(), -t.next_up()]);
         }

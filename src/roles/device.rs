@@ -112,6 +112,16 @@ impl StageDevice {
         Ok(StageDevice { inner })
     }
 
+    /// The CPU, which needs nothing opened: a device that can be made on
+    /// any thread, where one opened on another cannot be sent.
+    pub(crate) fn cpu() -> StageDevice {
+        StageDevice { inner: Inner::Cpu }
+    }
+
+    pub(crate) fn is_cpu(&self) -> bool {
+        matches!(self.inner, Inner::Cpu)
+    }
+
     /// Gives the device `model`'s stage and current weights: before a
     /// window's passes, and after any step, rewind or move of stage.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]

@@ -213,7 +213,9 @@ fn replay_passes<T: Transport + ?Sized>(
     };
     let verdicts = match bundle {
         Ok(bytes) => pool
-            .run(|| judge((setup, codec, device, loaded), &bytes, &tasks, weights))
+            .run(device, |device| {
+                judge((setup, codec, device, loaded), &bytes, &tasks, weights)
+            })
             .map_err(Halt::Failed)?,
         Err(verdict) => vec![verdict; tasks.len()],
     };
@@ -231,11 +233,11 @@ fn replay_passes<T: Transport + ?Sized>(
     Ok(reports.collect())
 }
 
-/// Where replays compute: a pool as wide as the host, when one can be
-/// had. A validator is handed one compute thread like every rank sharing
-/// a host, but its replays are what the miners wait for at a window's
-/// close, with nothing of their own to compute (a replay gives the same
-/// bits on any number of threads: `model::matmul`).
+/// Where replays on the CPU compute: a pool as wide as the host, when one
+/// can be had. A validator is handed one compute thread like every rank
+/// sharing a host, but its replays are what the miners wait for at a
+/// window's close, with nothing of their own to compute (a replay gives
+/// the same bits on any number of threads: `model::matmul`).
 struct ReplayPool(Option<rayon::ThreadPool>);
 
 fn replay_pool() -> ReplayPool {
@@ -257,10 +259,16 @@ fn replay_pool() -> ReplayPool {
 }
 
 impl ReplayPool {
-    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+    /// `replay` on `device`: on the pool's threads when it is the CPU (a
+    /// GPU is driven from the thread that opened it).
+    fn run<R: Send>(
+        &self,
+        device: &mut StageDevice,
+        replay: impl FnOnce(&mut StageDevice) -> R + Send,
+    ) -> R {
         match &self.0 {
-            Some(pool) => pool.install(f),
-            None => f(),
+            Some(pool) if device.is_cpu() => pool.install(|| replay(&mut StageDevice::cpu())),
+            _ => replay(device),
         }
     }
 }
