@@ -262,6 +262,8 @@ struct Contribution {
     /// The slices of its (site's) all-reduce.
     part: Partition,
     held: Held,
+    /// The slices it sent to validators at the close, and to whom.
+    sent_early: Vec<(usize, usize)>,
 }
 
 /// The copies a miner saw in its stage's all-reduce.
@@ -299,6 +301,7 @@ impl Contribution {
             part: Partition::equal(values.len(), slices),
             values,
             held,
+            sent_early: Vec::new(),
         }
     }
 
@@ -465,6 +468,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     sites,
                     keys,
                     sketch_seed,
+                    recomputers,
                 } => {
                     let peers = stages.get(self.stage).cloned().unwrap_or_default();
                     let keys: Vec<Option<String>> = keys
@@ -482,6 +486,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                         .cloned()
                         .unwrap_or_default();
                     let scales = (scales, sketch_seed);
+                    let recomputers = recomputers.get(self.stage).cloned().unwrap_or_default();
+                    let sites = (sites, recomputers);
                     self.close(window, attempt, &counted, (peers, keys), sites, scales)?;
                     self.next_order()?
                 }
@@ -905,7 +911,11 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             }
             let range = part.range(task.slice);
             let values = &c.values[range.clone()];
-            self.send_to_validator(task.validator, tag, bytemuck::cast_slice(values))?;
+            let sent =
+                task.sites.is_empty() && c.sent_early.contains(&(task.slice, task.validator));
+            if !sent {
+                self.send_to_validator(task.validator, tag, bytemuck::cast_slice(values))?;
+            }
             if let Some(credited) = &task.passes {
                 let passes = credited.get(at).map_or(&[][..], |p| p);
                 let proof = self.gradient_proof(passes, task.probed(range.clone()));
@@ -1013,7 +1023,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         attempt: u32,
         counted: &[Route],
         (peers, keys): (Vec<usize>, Vec<Option<String>>),
-        sites: Vec<usize>,
+        (sites, recomputers): (Vec<usize>, Vec<usize>),
         (scales, sketch_seed): (Vec<i32>, u64),
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
@@ -1057,9 +1067,14 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             Call::new(&group, protocol::close_tag(window, attempt)).until(started + deadline);
         let copies = self.spec.roles.slice_copies;
         let spans_sites = sites.iter().any(|s| Some(s) != sites.first());
+        let mut sent_early = Ok(Vec::new());
         let reduced = FixedPoint::with_exponents(&segments, scales).and_then(|scale| {
             let mut contribution = scale.encode(&parts);
             self.conduct.contribution(window, &mut contribution);
+            if !spans_sites {
+                let to = (window, attempt, &recomputers[..]);
+                sent_early = send_contributions(self.t, to, &contribution, group.size());
+            }
             let mut sums = contribution.clone();
             let held = if spans_sites {
                 let mine = sites[group.rank()];
@@ -1126,7 +1141,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     (window, sum)
                 });
                 let result = self.reduced.as_ref().map(|(_, sum)| audit::digest_f32(sum));
-                let contribution = Contribution::new(window, attempt, values, held);
+                let mut contribution = Contribution::new(window, attempt, values, held);
+                contribution.sent_early = sent_early?;
                 let reduction = contribution.statement(result);
                 self.contribution = Some(contribution);
                 let sketches = ids
@@ -1261,4 +1277,27 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     ) -> Result<(), TrainError> {
         send_unless_lost(self.t, validator, tag, bytes)
     }
+}
+
+/// Sends `contribution`'s slice `j` (of `slices`, as the flat all-reduce
+/// cuts it) to `recomputers[j]`, the validator the `Close` order named to
+/// recompute it; the slices sent, with their validators.
+fn send_contributions<T: Transport + ?Sized>(
+    t: &T,
+    (window, attempt, recomputers): (u64, u32, &[usize]),
+    contribution: &[i64],
+    slices: usize,
+) -> Result<Vec<(usize, usize)>, TrainError> {
+    if recomputers.len() != slices {
+        return Ok(Vec::new());
+    }
+    let part = Partition::equal(contribution.len(), slices);
+    let mut sent = Vec::with_capacity(slices);
+    for (slice, &validator) in recomputers.iter().enumerate() {
+        let tag = protocol::slice_tag(window, attempt, slice);
+        let values = &contribution[part.range(slice)];
+        send_unless_lost(t, validator, tag, bytemuck::cast_slice(values))?;
+        sent.push((slice, validator));
+    }
+    Ok(sent)
 }

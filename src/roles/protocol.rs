@@ -464,6 +464,14 @@ pub enum Order {
         /// bound its gradients, so no miner can shape a wrong gradient to
         /// look right in its sketch.
         sketch_seed: u64,
+        /// For each stage whose every slice validators recompute (the
+        /// default `slice_audit_rate = 1`, a stage inside one site), the
+        /// validator recomputing each slice: its miners send their
+        /// contributions to it beside the all-reduce, so that `Recompute`
+        /// finds them there. Empty for a stage whose slices are drawn
+        /// after the close, whose contributions wait for `Recompute`.
+        #[serde(default)]
+        recomputers: Vec<Vec<usize>>,
     },
     /// Send what the validators need to replay `tasks`; `weights` is the
     /// digest every stage's weights had at the window's start.

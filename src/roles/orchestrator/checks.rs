@@ -426,8 +426,6 @@ impl Coordinator<'_> {
         Ok(())
     }
 
-    /// The slices of an all-reduce of `n` to recompute: a random
-    /// `slice_audit_rate` of them when its copies agreed, all when not.
     /// The validator that replays `miner`'s passes: one whose site
     /// computes on the same kind of device as the miner's (a replay gives
     /// the miner's bits only there), spread over them by miner rank. `None`
@@ -447,6 +445,37 @@ impl Coordinator<'_> {
         (!same.is_empty()).then(|| same[miner % same.len()])
     }
 
+    /// For the `Close` order: the validator that will recompute each slice
+    /// of each stage's all-reduce, where every slice is recomputed whatever
+    /// the close shows (`slice_audit_rate = 1`) and the stage's miners are
+    /// inside one site (a stage spanning sites is recomputed per site and
+    /// between them, from what only the close makes); spread as
+    /// [`Self::begin_recompute`] spreads tasks. The miners then send their
+    /// contributions beside the all-reduce instead of after it, when the
+    /// recomputation would wait for them: the slice audit stops costing a
+    /// round trip and a transfer between the all-reduce and the step.
+    pub(super) fn recomputers(
+        &self,
+        stages: &[Vec<usize>],
+        sites: &[Vec<usize>],
+    ) -> Vec<Vec<usize>> {
+        if self.validators.is_empty() || self.spec.roles.slice_audit_rate < 1.0 {
+            return Vec::new();
+        }
+        let mut spread = self.validators.iter().copied().cycle();
+        let mut assigned = Vec::with_capacity(stages.len());
+        for (stage, miners) in stages.iter().enumerate() {
+            let spans_sites = sites.get(stage).is_some_and(|s| !s.is_empty());
+            assigned.push(match spans_sites {
+                true => Vec::new(),
+                false => spread.by_ref().take(miners.len()).collect(),
+            });
+        }
+        assigned
+    }
+
+    /// The slices of an all-reduce of `n` to recompute: a random
+    /// `slice_audit_rate` of them when its copies agreed, all when not.
     fn pick_slices(&mut self, n: usize, agreed: bool) -> Vec<usize> {
         let mut slices: Vec<usize> = (0..n).collect();
         if !agreed {
@@ -508,10 +537,17 @@ impl Coordinator<'_> {
                     })
                     .collect()
             });
+            // The validator the miners sent this slice to at the close,
+            // if it is still here.
+            let sent_to = closed.recomputers.get(stage).and_then(|v| v.get(slice));
+            let validator = match sent_to {
+                Some(v) if self.validators.contains(v) => *v,
+                _ => self.validators[tasks.len() % self.validators.len()],
+            };
             tasks.push(SliceTask {
                 stage,
                 slice,
-                validator: self.validators[tasks.len() % self.validators.len()],
+                validator,
                 contributors,
                 holders,
                 scales: closed.scales.get(stage).cloned().unwrap_or_default(),

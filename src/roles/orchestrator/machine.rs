@@ -169,6 +169,7 @@ pub(super) enum Phase {
         failure: Option<(usize, String)>,
         scales: Vec<Vec<i32>>,
         sites: Vec<Vec<usize>>,
+        recomputers: Vec<Vec<usize>>,
     },
     /// `[[faults.hold]] phase = "close"`, after every stage reduced.
     HoldClose(Closed),
@@ -188,6 +189,8 @@ pub(super) struct Closed {
     pub sketch_seed: u64,
     /// The `Close` order's site ids of each stage's miners.
     pub sites: Vec<Vec<usize>>,
+    /// The `Close` order's validators that got each slice's contributions.
+    pub recomputers: Vec<Vec<usize>>,
 }
 
 /// The step of a window, as its reports come in.
@@ -1044,6 +1047,7 @@ impl<'a> Coordinator<'a> {
         if let Some(w) = self.window.as_mut() {
             w.sketches.clear();
         }
+        let recomputers = self.recomputers(&stages, &sites);
         let order = Order::Close {
             window,
             attempt,
@@ -1053,6 +1057,7 @@ impl<'a> Coordinator<'a> {
             sites: sites.clone(),
             keys,
             sketch_seed,
+            recomputers: recomputers.clone(),
         };
         let miners: Vec<usize> = self.miners.keys().copied().collect();
         self.phase = Phase::Closing {
@@ -1063,6 +1068,7 @@ impl<'a> Coordinator<'a> {
             failure: None,
             scales,
             sites,
+            recomputers,
         };
         // To the miners alone: a validator replaying beside the close
         // takes any order it hears for the orchestrator moving on.
@@ -1078,6 +1084,7 @@ impl<'a> Coordinator<'a> {
             scales,
             sites,
             sketch_seed,
+            recomputers,
             ..
         } = std::mem::replace(&mut self.phase, Phase::Finished)
         else {
@@ -1140,6 +1147,7 @@ impl<'a> Coordinator<'a> {
             scales,
             sketch_seed,
             sites,
+            recomputers,
         };
         match self.replay_by_direction(closed.sketch_seed) {
             Some(replays) => self.phase = Phase::Auditing(replays, closed),

@@ -19,7 +19,12 @@ use crate::roles::train::{miners_of, Deadlines, Setup, TrainError};
 /// Rank 0 orchestrates, rank 1 validates, ranks 2..6 mine two stages;
 /// `roles` goes into `[roles]`.
 fn spec(roles: &str) -> JobSpec {
-    let text = format!(
+    config::parse(&spec_text(roles), Path::new("unit.toml")).expect("the unit job parses")
+}
+
+/// [`spec`]'s job file.
+fn spec_text(roles: &str) -> String {
+    format!(
         "[job]\nname = \"unit\"\ntask = \"train\"\nseed = 3\n\n\
          [model]\nn_layer = 2\nn_head = 2\nn_embd = 16\nblock_size = 8\n\n\
          [pipeline]\nstages = 2\nmicrobatch_size = 2\nmicrobatches_per_window = 6\n\n\
@@ -27,8 +32,7 @@ fn spec(roles: &str) -> JobSpec {
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = 6\n\n\
          [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
          [train]\nwindows = 3\neval_every = 2\neval_microbatches = 1\ncheckpoint_every = 2\n"
-    );
-    config::parse(&text, Path::new("unit.toml")).expect("the unit job parses")
+    )
 }
 
 /// The `Run` orders of `window`, as (attempt, routes' paths).
@@ -699,4 +703,59 @@ fn a_miner_that_cannot_go_back_to_the_windows_start_is_stopped_and_the_job_goes_
     // Its passes of window 0 stay credited.
     assert!(credited(&seen).get(&3).is_some_and(|&n| n > 0));
     assert_eq!(credited(&seen).values().sum::<u64>(), 3 * 6 * 2);
+}
+
+#[test]
+fn each_slice_is_recomputed_by_the_validator_the_close_had_its_miners_send_it_to() {
+    let two = |roles: &str| {
+        let text = spec_text(roles)
+            .replace("validators = 1", "validators = 2")
+            .replace("ranks_per_host = 6", "ranks_per_host = 7");
+        config::parse(&text, Path::new("unit.toml")).expect("the unit job parses")
+    };
+    let (seen, result) = Sim::run(&two(""), Script::default());
+    result.unwrap();
+    let mut named = BTreeMap::new();
+    let mut recomputed = 0;
+    for (_, order) in &seen.orders {
+        match order {
+            Order::Close {
+                window,
+                attempt,
+                stages,
+                recomputers,
+                ..
+            } => {
+                // One validator for each slice (one slice a miner), both
+                // validators (ranks 1 and 2) given slices.
+                let slices: Vec<usize> = stages.iter().map(Vec::len).collect();
+                assert_eq!(recomputers.iter().map(Vec::len).collect::<Vec<_>>(), slices);
+                let given: BTreeSet<usize> = recomputers.iter().flatten().copied().collect();
+                assert_eq!(given, BTreeSet::from([1, 2]));
+                named.insert((*window, *attempt), recomputers.clone());
+            }
+            Order::Recompute {
+                window,
+                attempt,
+                tasks,
+            } => {
+                let recomputers = &named[&(*window, *attempt)];
+                for task in tasks {
+                    assert_eq!(task.validator, recomputers[task.stage][task.slice]);
+                    recomputed += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    // 3 windows of 2 stages of 2 slices.
+    assert_eq!(recomputed, 12);
+    // A share drawn after the close: nothing is sent before it.
+    let (seen, result) = Sim::run(&two("slice_audit_rate = 0.5"), Script::default());
+    result.unwrap();
+    for (_, order) in &seen.orders {
+        if let Order::Close { recomputers, .. } = order {
+            assert!(recomputers.is_empty());
+        }
+    }
 }
