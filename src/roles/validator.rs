@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use super::audit::{self, Bundle};
 use super::device::StageDevice;
 use super::leader::{Leader, Waited};
@@ -114,19 +116,41 @@ fn follow_orders<T: Transport + ?Sized>(
                 attempt,
                 tasks,
             } => {
-                let mine = tasks.into_iter().filter(|a| a.validator == t.rank());
-                let check = |task: SliceTask| -> Result<[Report; 1], Halt> {
-                    let segments = stage_segments(&setup, &mut layouts, task.stage)?;
-                    let (verdicts, replay_s) = recompute(leader, window, attempt, &task, segments)?;
-                    Ok([Report::Recomputed {
+                // Every slice's data first (the miners mostly sent it
+                // beside the all-reduce), then the slices judged side by
+                // side on the replay pool: the miners wait for the step.
+                let mut received = Vec::new();
+                for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
+                    stage_segments(&setup, &mut layouts, task.stage)?;
+                    match receive_slice(leader, window, attempt, &task) {
+                        Ok(got) => received.push((task, got)),
+                        Err(Halt::Superseded(order)) => {
+                            next = Some(*order);
+                            break;
+                        }
+                        Err(Halt::Failed(e)) => return Err(e),
+                    }
+                }
+                let judged: Vec<_> = replays.install(|| {
+                    received
+                        .par_iter()
+                        .map(|(task, got)| {
+                            let segments = layouts.get(&task.stage).map_or(&[][..], |s| s);
+                            judge_slice((window, attempt), task, segments, got)
+                        })
+                        .collect()
+                });
+                for ((task, _), (verdicts, replay_s)) in received.into_iter().zip(judged) {
+                    leader.report(&Report::Recomputed {
                         window,
                         attempt,
                         task: Box::new(task),
                         verdicts,
                         replay_s,
-                    }])
-                };
-                each_reported(leader, mine, check)?
+                    })?;
+                }
+                // An order that superseded a receive comes next.
+                continue;
             }
             // Every other order is for miners.
             _ => None,
@@ -259,6 +283,14 @@ fn replay_pool() -> ReplayPool {
 }
 
 impl ReplayPool {
+    /// `f` on the pool's threads, when there is a pool.
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.0 {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
     /// `replay` on `device`: on the pool's threads when it is the CPU (a
     /// GPU is driven from the thread that opened it).
     fn run<R: Send>(
@@ -421,22 +453,21 @@ fn stage_segments<'c>(
     })
 }
 
-/// Sums slice `task.slice` of a stage's all-reduce from every miner's
-/// contribution, each checked against the digest it stated, and judges
-/// every miner involved: a contributor by what it sent (and by whether its
-/// contribution is the fixed-point sum of its passes' gradients in the
-/// probed chunk), a holder by whether its copy is the sum. Holders go
-/// unjudged when the sum cannot be made (a contributor lost, silent, or
-/// sending other numbers than it stated). Also returns the seconds the
-/// checking took, without the wait for the miners' data.
-#[tracing::instrument(name = "slice_recompute", skip_all, fields(window = window, attempt = attempt))]
-fn recompute<T: Transport + ?Sized>(
+/// What the miners sent for one slice task: each contributor's
+/// contribution and proof (or the verdict its absence earns), and between
+/// sites each leader's partial.
+struct SliceData {
+    contributions: Vec<Result<(Vec<u8>, Vec<u8>), Verdict>>,
+    partials: Vec<Result<Vec<u8>, Verdict>>,
+}
+
+/// Receives what `task`'s miners send for it.
+fn receive_slice<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     window: u64,
     attempt: u32,
     task: &SliceTask,
-    segments: &[Range<usize>],
-) -> Result<(Vec<(usize, Verdict)>, f64), Halt> {
+) -> Result<SliceData, Halt> {
     let between_sites = !task.sites.is_empty();
     let tag = if between_sites {
         protocol::across_tag(window, attempt, task.slice, false)
@@ -458,6 +489,28 @@ fn recompute<T: Transport + ?Sized>(
     for site in &task.sites {
         partials.push(got(site.leader, partial_tag)?);
     }
+    Ok(SliceData {
+        contributions: received,
+        partials,
+    })
+}
+
+/// Sums slice `task.slice` of a stage's all-reduce from every miner's
+/// contribution, each checked against the digest it stated, and judges
+/// every miner involved: a contributor by what it sent (and by whether its
+/// contribution is the fixed-point sum of its passes' gradients in the
+/// probed chunk), a holder by whether its copy is the sum. Holders go
+/// unjudged when the sum cannot be made (a contributor lost, silent, or
+/// sending other numbers than it stated). Also returns the seconds the
+/// checking took.
+#[tracing::instrument(name = "slice_recompute", skip_all, fields(window = window, attempt = attempt))]
+fn judge_slice(
+    (window, attempt): (u64, u32),
+    task: &SliceTask,
+    segments: &[Range<usize>],
+    data: &SliceData,
+) -> (Vec<(usize, Verdict)>, f64) {
+    let between_sites = !task.sites.is_empty();
     let started = Instant::now();
     let numel = segments.last().map_or(0, |s| s.end);
     // One slice per contributor, or between sites one per site.
@@ -472,9 +525,10 @@ fn recompute<T: Transport + ?Sized>(
         0..0
     };
     let len = range.len();
-    let mut values: Vec<Option<Vec<i64>>> = Vec::with_capacity(received.len());
+    let mut values: Vec<Option<Vec<i64>>> = Vec::with_capacity(data.contributions.len());
     let mut verdicts = Vec::new();
-    for (i, ((rank, stated), got)) in task.contributors.iter().zip(received).enumerate() {
+    let received = task.contributors.iter().zip(&data.contributions);
+    for (i, ((rank, stated), got)) in received.enumerate() {
         let verdict = match got {
             Ok((bytes, _)) if bytes.len() != len * 8 => Verdict::Failed(format!(
                 "sent {} bytes of contribution for a slice of {len} integers",
@@ -509,7 +563,7 @@ fn recompute<T: Transport + ?Sized>(
                 ));
                 continue;
             }
-            Err(verdict) => verdict,
+            Err(verdict) => verdict.clone(),
         };
         values.push(None);
         verdicts.push((*rank, verdict));
@@ -523,7 +577,7 @@ fn recompute<T: Transport + ?Sized>(
         (Some(whole), false) => Some(sum(whole.into_iter(), len)),
         (Some(whole), true) => {
             let mut given = Vec::with_capacity(task.sites.len());
-            for (site, partial) in task.sites.iter().zip(partials) {
+            for (site, partial) in task.sites.iter().zip(&data.partials) {
                 let members = site.members.iter().filter_map(|&i| whole.get(i).copied());
                 let verdict = match partial {
                     Ok(bytes) if blake3::hash(&bytes).to_hex().as_str() != site.partial => {
@@ -537,7 +591,7 @@ fn recompute<T: Transport + ?Sized>(
                         given.push(integers(&bytes));
                         Verdict::Passed
                     }
-                    Err(verdict) => verdict,
+                    Err(verdict) => verdict.clone(),
                 };
                 verdicts.push((site.leader, verdict));
             }
@@ -553,7 +607,7 @@ fn recompute<T: Transport + ?Sized>(
         };
         verdicts.push((*rank, verdict));
     }
-    Ok((verdicts, started.elapsed().as_secs_f64()))
+    (verdicts, started.elapsed().as_secs_f64())
 }
 
 /// Little-endian integers, as contributions travel.
