@@ -54,7 +54,7 @@ fn follow_orders<T: Transport + ?Sized>(
     // Parameters of each stage, once known.
     let mut layouts: BTreeMap<usize, Vec<Range<usize>>> = BTreeMap::new();
     let mut loaded = LoadedWeights::default();
-    let replays = replay_pool();
+    let checks = check_pool();
     // An order that came while this validator waited on a miner.
     let mut next = None;
     loop {
@@ -93,7 +93,7 @@ fn follow_orders<T: Transport + ?Sized>(
                     replay_passes(
                         leader,
                         (&setup, &codec, &mut device, &mut loaded),
-                        (window, attempt, &replays),
+                        (window, attempt, &checks),
                         miner,
                         tasks,
                         &weights,
@@ -118,20 +118,20 @@ fn follow_orders<T: Transport + ?Sized>(
             } => {
                 // Every slice's data first (the miners mostly sent it
                 // beside the all-reduce), then the slices judged side by
-                // side on the replay pool: the miners wait for the step.
-                let mut received = Vec::new();
+                // side on the check pool: the miners wait for the step.
+                let (mut received, mut superseded) = (Vec::new(), None);
                 for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
                     stage_segments(&setup, &mut layouts, task.stage)?;
                     match receive_slice(leader, window, attempt, &task) {
                         Ok(got) => received.push((task, got)),
                         Err(Halt::Superseded(order)) => {
-                            next = Some(*order);
+                            superseded = Some(*order);
                             break;
                         }
                         Err(Halt::Failed(e)) => return Err(e),
                     }
                 }
-                let judged: Vec<_> = replays.install(|| {
+                let judged: Vec<_> = checks.install(|| {
                     received
                         .par_iter()
                         .map(|(task, got)| {
@@ -149,8 +149,7 @@ fn follow_orders<T: Transport + ?Sized>(
                         replay_s,
                     })?;
                 }
-                // An order that superseded a receive comes next.
-                continue;
+                superseded
             }
             // Every other order is for miners.
             _ => None,
@@ -217,7 +216,7 @@ fn receive<T: Transport + ?Sized>(
 fn replay_passes<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
     (setup, codec, device, loaded): (&Setup, &BoundaryCodec, &mut StageDevice, &mut LoadedWeights),
-    (window, attempt, pool): (u64, u32, &ReplayPool),
+    (window, attempt, pool): (u64, u32, &CheckPool),
     miner: usize,
     tasks: Vec<AuditTask>,
     weights: &[String],
@@ -257,32 +256,33 @@ fn replay_passes<T: Transport + ?Sized>(
     Ok(reports.collect())
 }
 
-/// Where replays on the CPU compute: a pool as wide as the host, when one
-/// can be had. A validator is handed one compute thread like every rank
-/// sharing a host, but its replays are what the miners wait for at a
-/// window's close, with nothing of their own to compute (a replay gives
-/// the same bits on any number of threads: `model::matmul`).
-struct ReplayPool(Option<rayon::ThreadPool>);
+/// Where a validator's checks compute (CPU replays, slice recomputes): a
+/// pool as wide as the host, when one can be had. A validator is handed
+/// one compute thread like every rank sharing a host, but its checks are
+/// what the miners wait for at a window's close, with nothing of their own
+/// to compute (a replay gives the same bits on any number of threads:
+/// `model::matmul`).
+struct CheckPool(Option<rayon::ThreadPool>);
 
-fn replay_pool() -> ReplayPool {
+fn check_pool() -> CheckPool {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cores < 2 {
-        return ReplayPool(None);
+        return CheckPool(None);
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cores)
-        .thread_name(|i| format!("swarmrun-replay-{i}"))
+        .thread_name(|i| format!("swarmrun-check-{i}"))
         .build();
     match pool {
-        Ok(pool) => ReplayPool(Some(pool)),
+        Ok(pool) => CheckPool(Some(pool)),
         Err(e) => {
-            tracing::warn!("validator: no replay threads ({e}); replaying on one");
-            ReplayPool(None)
+            tracing::warn!("validator: no check threads ({e}); checking on one");
+            CheckPool(None)
         }
     }
 }
 
-impl ReplayPool {
+impl CheckPool {
     /// `f` on the pool's threads, when there is a pool.
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.0 {
@@ -453,11 +453,15 @@ fn stage_segments<'c>(
     })
 }
 
+/// A contributor's contribution and proof, or the verdict their absence
+/// earns.
+type Contributed = Result<(Vec<u8>, Vec<u8>), Verdict>;
+
 /// What the miners sent for one slice task: each contributor's
 /// contribution and proof (or the verdict its absence earns), and between
 /// sites each leader's partial.
 struct SliceData {
-    contributions: Vec<Result<(Vec<u8>, Vec<u8>), Verdict>>,
+    contributions: Vec<Contributed>,
     partials: Vec<Result<Vec<u8>, Verdict>>,
 }
 
@@ -535,11 +539,11 @@ fn judge_slice(
                 bytes.len()
             )),
             // The integers travel little-endian: what the digest covers.
-            Ok((bytes, _)) if blake3::hash(&bytes).to_hex().as_str() != stated => {
+            Ok((bytes, _)) if blake3::hash(bytes).to_hex().as_str() != stated => {
                 Verdict::Failed("sent another contribution than it stated".into())
             }
             Ok((bytes, proof)) => {
-                values.push(Some(integers(&bytes)));
+                values.push(Some(integers(bytes)));
                 // Only the task that carries passes checks contributions.
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
                 let probe = task.probed(range.clone());
@@ -550,8 +554,8 @@ fn judge_slice(
                         passes,
                         probe,
                         &range,
-                        &bytes,
-                        &proof,
+                        bytes,
+                        proof,
                     )
                 });
                 verdicts.push((
@@ -580,15 +584,15 @@ fn judge_slice(
             for (site, partial) in task.sites.iter().zip(&data.partials) {
                 let members = site.members.iter().filter_map(|&i| whole.get(i).copied());
                 let verdict = match partial {
-                    Ok(bytes) if blake3::hash(&bytes).to_hex().as_str() != site.partial => {
+                    Ok(bytes) if blake3::hash(bytes).to_hex().as_str() != site.partial => {
                         Verdict::Failed("sent another site partial sum than it stated".into())
                     }
-                    Ok(bytes) if integers(&bytes) != sum(members, len) => Verdict::Failed(
+                    Ok(bytes) if integers(bytes) != sum(members, len) => Verdict::Failed(
                         "its site's partial sum is not the sum of its members' contributions"
                             .into(),
                     ),
                     Ok(bytes) => {
-                        given.push(integers(&bytes));
+                        given.push(integers(bytes));
                         Verdict::Passed
                     }
                     Err(verdict) => verdict.clone(),
