@@ -131,12 +131,16 @@ fn follow_orders<T: Transport + ?Sized>(
                         Err(Halt::Failed(e)) => return Err(e),
                     }
                 }
+                // Each slice's span inside this rank's, on whichever
+                // thread judges it.
+                let rank_span = tracing::Span::current();
                 let judged: Vec<_> = checks.install(|| {
                     received
                         .par_iter()
                         .map(|(task, got)| {
                             let segments = layouts.get(&task.stage).map_or(&[][..], |s| s);
-                            judge_slice((window, attempt), task, segments, got)
+                            let judge = || judge_slice((window, attempt), task, segments, got);
+                            rank_span.in_scope(judge)
                         })
                         .collect()
                 });
@@ -283,10 +287,14 @@ fn check_pool() -> CheckPool {
 }
 
 impl CheckPool {
-    /// `f` on the pool's threads, when there is a pool.
+    /// `f` on the pool's threads, when there is a pool, inside the
+    /// caller's span (what it logs stays this rank's).
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.0 {
-            Some(pool) => pool.install(f),
+            Some(pool) => {
+                let span = tracing::Span::current();
+                pool.install(|| span.in_scope(f))
+            }
             None => f(),
         }
     }
@@ -298,9 +306,9 @@ impl CheckPool {
         device: &mut StageDevice,
         replay: impl FnOnce(&mut StageDevice) -> R + Send,
     ) -> R {
-        match &self.0 {
-            Some(pool) if device.is_cpu() => pool.install(|| replay(&mut StageDevice::cpu())),
-            _ => replay(device),
+        match device.is_cpu() {
+            true => self.install(|| replay(&mut StageDevice::cpu())),
+            false => replay(device),
         }
     }
 }
