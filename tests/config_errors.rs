@@ -317,7 +317,7 @@ fn every_bad_fixture_fails_to_load() {
         assert!(config::load(&path).is_err(), "{} loaded", path.display());
         count += 1;
     }
-    assert_eq!(count, 64);
+    assert_eq!(count, 65);
 }
 
 #[test]
@@ -467,6 +467,13 @@ const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
         12,
         16,
         "roles.slice_copies",
+        "must be at least 1",
+    ),
+    (
+        "contribution_chunks_zero",
+        12,
+        23,
+        "roles.contribution_chunks",
         "must be at least 1",
     ),
     ("standby_two", 12, 11, "roles.standby", "at most 1"),

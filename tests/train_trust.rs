@@ -106,6 +106,28 @@ fn every_kind_of_cheat_is_caught_in_its_first_window_and_the_job_goes_on() {
 }
 
 #[test]
+fn a_contribution_nudged_anywhere_is_caught_in_that_window_where_every_chunk_is_probed() {
+    let dir = tempfile::tempdir().unwrap();
+    // No replays: only the contribution check can see it. Each stage has
+    // about 27 gradient chunks in 2 slices, so 16 a slice probe them all.
+    let job = checked_job(dir.path(), "nudge", 3, 0.0, &[(3, "nudge_contribution")]);
+    edit(
+        &job,
+        "validators = 1\n",
+        "validators = 1\ncontribution_chunks = 16\n",
+    );
+    let (lines, err) = run(&job);
+    assert_eq!(caught(&lines[0]), "[3]", "{}\n{err}", lines[0]);
+    assert!(
+        err.contains("not the fixed-point sum of its passes' gradients"),
+        "{err}"
+    );
+    for l in &lines[1..] {
+        assert_eq!(caught(l), "[]", "{l}");
+    }
+}
+
+#[test]
 fn colluders_agreeing_on_a_wrong_slice_are_caught_by_recomputation_and_the_honest_holder_is_not() {
     let dir = tempfile::tempdir().unwrap();
     // 6 miners: ranks 2, 4, 6 serve stage 0. With 2 copies the colluders

@@ -68,6 +68,10 @@ pub struct TrustOptions {
     /// slice_audit_rate`).
     #[arg(long, default_value_t = 1.0)]
     pub slice_rate: f64,
+    /// Gradient chunks of each recomputed slice in which contributions are
+    /// checked against their passes (`[roles] contribution_chunks`).
+    #[arg(long, default_value_t = crate::config::RolesSpec::default().contribution_chunks)]
+    pub chunks: usize,
     /// Chance the cheater cheats on each microbatch.
     #[arg(long, default_value_t = 1.0)]
     pub probability: f64,
@@ -188,11 +192,18 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         path: std::env::temp_dir(),
         source,
     })?;
-    println!(
-        "# swarmrun bench trust: 2 stages x 4 miners, {} microbatches a window, replay_rate {}, \
-         slice_audit_rate {}, slice_copies 2, cheat probability {}, {} runs x {} windows per kind",
-        opts.microbatches, opts.rate, opts.slice_rate, opts.probability, opts.seeds, opts.windows
+    let setup = format!(
+        "2 stages x 4 miners, {} microbatches a window, replay_rate {}, slice_audit_rate {}, \
+         contribution_chunks {}, slice_copies 2, cheat probability {}, {} runs x {} windows per kind",
+        opts.microbatches,
+        opts.rate,
+        opts.slice_rate,
+        opts.chunks,
+        opts.probability,
+        opts.seeds,
+        opts.windows
     );
+    println!("# swarmrun bench trust: {setup}");
     println!(
         "{:<18} {:>8} {:>16} {:>10} {:>10} {:>12} {:>13} {:>10}",
         "cheat",
@@ -205,16 +216,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         "share err"
     );
     tables.start(
-        format!(
-            "2 stages x 4 miners, {} microbatches a window, replay_rate {}, slice_audit_rate {}, \
-             cheat probability {}, {} runs x {} windows per kind",
-            opts.microbatches,
-            opts.rate,
-            opts.slice_rate,
-            opts.probability,
-            opts.seeds,
-            opts.windows
-        ),
+        setup,
         &[
             "cheat",
             "recall_pct",
@@ -431,13 +433,14 @@ fn job_text(
         "[job]\nname = \"bench-trust\"\ntask = \"train\"\nseed = {seed}\nrun_dir = {run_dir:?}\n\n\
          [model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n\n\
          [pipeline]\nstages = {STAGES}\nmicrobatch_size = 2\nmicrobatches_per_window = {}\n\n\
-         [roles]\nvalidators = 1\nreplay_rate = {}\nslice_audit_rate = {}\n\n\
+         [roles]\nvalidators = 1\nreplay_rate = {}\nslice_audit_rate = {}\ncontribution_chunks = {}\n\n\
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {}\n\n\
          [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n\n\
          [train]\nwindows = {windows}\neval_every = {}\neval_microbatches = 0\ncheckpoint_every = {}\n",
         opts.microbatches,
         opts.rate,
         opts.slice_rate,
+        opts.chunks,
         MINERS.end,
         windows + 1,
         u64::from(cheat.is_some_and(Cheat::checkpoints)),

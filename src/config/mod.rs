@@ -279,6 +279,15 @@ pub struct RolesSpec {
     /// validator one addition per element and contribution, and the
     /// miners the bytes of one more all-reduce hop.
     pub slice_audit_rate: f64,
+    /// Gradient chunks (1024 floats each) of every recomputed slice in
+    /// which each miner's contribution is checked against the passes it
+    /// is credited with, drawn after the contributions were stated; at
+    /// least 1. Each costs a miner one chunk of every credited pass sent
+    /// to the validator, and the validator an addition per float. A
+    /// contribution changed in `k` elements is caught in a window with
+    /// probability about `1 - (1 - slice_audit_rate * min(1, c / s))^k`
+    /// for `c` chunks of slices of `s` chunks. Default 2.
+    pub contribution_chunks: usize,
     /// Standby orchestrators: 0 or 1. A standby (the rank after the
     /// validators) holds a copy of the orchestrator's state as of the last
     /// closed window and takes over when the orchestrator is lost, without
@@ -295,6 +304,7 @@ impl Default for RolesSpec {
             suspect_replays: 2,
             slice_copies: 2,
             slice_audit_rate: 1.0,
+            contribution_chunks: 2,
             standby: 0,
         }
     }
@@ -501,7 +511,8 @@ pub enum CheatKind {
     /// Honest passes, but [`NUDGED_ELEMENTS`] elements of its all-reduce
     /// contribution, drawn anywhere in it, moved far past rounding: the
     /// careful cheater the contribution check sees only where its probed
-    /// chunk lands; `probability` is per window.
+    /// chunks land (`[roles] contribution_chunks`); `probability` is per
+    /// window.
     NudgeContribution,
     /// As its site's leader in a stage whose miners span sites, hands the
     /// other sites' leaders its site's partial sum doubled (and states

@@ -207,6 +207,9 @@ pub(crate) fn check(spec: &JobSpec) -> Result<(), Violation> {
     if spec.roles.slice_copies == 0 {
         return violation("roles.slice_copies", "must be at least 1");
     }
+    if spec.roles.contribution_chunks == 0 {
+        return violation("roles.contribution_chunks", "must be at least 1");
+    }
     if spec.roles.standby > 1 {
         return violation(
             "roles.standby",

@@ -58,6 +58,17 @@ impl SplitMix64 {
         ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// Moves a uniform sample of `k` of `items` (all where there are fewer)
+    /// to the front, by a partial Fisher-Yates shuffle, and returns it.
+    pub fn sample<'i, I>(&mut self, k: usize, items: &'i mut [I]) -> &'i [I] {
+        let k = k.min(items.len());
+        for i in 0..k {
+            let j = i + self.below((items.len() - i) as u64) as usize;
+            items.swap(i, j);
+        }
+        &items[..k]
+    }
+
     /// Standard normal by Box-Muller (one value per two draws, so a value
     /// depends only on its index in the stream).
     pub fn normal(&mut self) -> f64 {

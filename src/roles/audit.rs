@@ -19,7 +19,7 @@ use super::device::StageDevice;
 use super::protocol::{AuditTask, CheckpointTask, CreditedPass};
 use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
-use crate::data::rng::splitmix64;
+use crate::data::rng::{splitmix64, SplitMix64};
 use crate::data::Split;
 use crate::model::{batch_tensors, AdamW, AdamWConfig, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
@@ -247,40 +247,59 @@ fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize, seed: u64) -> Vec<f32
         .collect()
 }
 
+/// The gradient chunks, ascending, in which contributions to the elements
+/// `slice` are checked against their passes: `count` of the chunks the
+/// slice touches (every one where it touches no more), drawn with `seed`
+/// (a [`SliceTask`](super::protocol::SliceTask)'s `probe`, drawn after
+/// the miners stated their contributions). Miner and validator draw the
+/// same.
+pub fn probed_chunks(seed: u64, slice: &Range<usize>, count: usize) -> Vec<usize> {
+    if slice.is_empty() {
+        return Vec::new();
+    }
+    let mut chunks: Vec<usize> =
+        (slice.start / GRAD_CHUNK..slice.end.div_ceil(GRAD_CHUNK)).collect();
+    let mut picked = SplitMix64::new(seed, 0).sample(count, &mut chunks).to_vec();
+    picked.sort_unstable();
+    picked
+}
+
 /// What shows a validator, for each pass's parameter gradients and
-/// their [`chunk_digests`] in `passes`, the chunk holding element `probe`
-/// against the pass's receipt: every chunk's digest, then that chunk's
-/// floats (little-endian).
+/// their [`chunk_digests`] in `passes`, the chunks `probed` (ascending)
+/// against the pass's receipt: every chunk's digest, then each probed
+/// chunk's floats (little-endian).
 pub fn gradient_proof<'p>(
     passes: impl Iterator<Item = (&'p [f32], &'p [blake3::Hash])>,
-    probe: usize,
+    probed: &[usize],
 ) -> Vec<u8> {
     let mut proof = Vec::new();
     for (params, chunks) in passes {
         for digest in chunks {
             proof.extend_from_slice(digest.as_bytes());
         }
-        let chunk = params.chunks(GRAD_CHUNK).nth(probe / GRAD_CHUNK);
-        for x in chunk.unwrap_or_default() {
-            proof.extend_from_slice(&x.to_le_bytes());
+        for &q in probed {
+            let chunk = params.chunks(GRAD_CHUNK).nth(q);
+            for x in chunk.unwrap_or_default() {
+                proof.extend_from_slice(&x.to_le_bytes());
+            }
         }
     }
     proof
 }
 
 /// Checks that `contribution` (a miner's integers for the slice `slice`
-/// of its stage's all-reduce, little-endian) is, in the gradient chunk
-/// holding element `probe`, the fixed-point sum at `scales` of the
+/// of its stage's all-reduce, little-endian) is, in each gradient chunk
+/// of `probed` ([`probed_chunks`]), the fixed-point sum at `scales` of the
 /// gradients of `passes` (its credited passes, as their receipts state
 /// them), and that the sketches it stated for them (with `sketch_seed`)
-/// are, in that chunk, those gradients'.
+/// are, in those chunks, those gradients'.
 /// `proof` holds, pass by pass, every chunk's digest and then
-/// the probed chunk's floats, little-endian ([`gradient_proof`]).
+/// the probed chunks' floats, little-endian ([`gradient_proof`]).
 pub fn check_contribution(
     segments: &[Range<usize>],
     (scales, sketch_seed): (&[i32], u64),
     passes: &[CreditedPass],
-    probe: usize,
+    probed: &[usize],
     slice: &Range<usize>,
     contribution: &[u8],
     proof: &[u8],
@@ -289,10 +308,13 @@ pub fn check_contribution(
         return Ok(());
     }
     let numel = segments.last().map_or(0, |s| s.end);
-    let q = probe / GRAD_CHUNK;
-    let chunk = q * GRAD_CHUNK..((q + 1) * GRAD_CHUNK).min(numel);
     let n_chunks = numel.div_ceil(GRAD_CHUNK);
-    let per_pass = n_chunks * blake3::OUT_LEN + chunk.len() * 4;
+    let chunk_range = |q: usize| q * GRAD_CHUNK..((q + 1) * GRAD_CHUNK).min(numel);
+    if let Some(q) = probed.iter().find(|&&q| q >= n_chunks) {
+        return Err(format!("chunk {q} probed of {n_chunks}"));
+    }
+    let floats: usize = probed.iter().map(|&q| chunk_range(q).len()).sum();
+    let per_pass = n_chunks * blake3::OUT_LEN + floats * 4;
     if proof.len() != per_pass * passes.len() {
         return Err(format!(
             "sent {} bytes of gradients for {} passes, not {}",
@@ -302,52 +324,67 @@ pub fn check_contribution(
         ));
     }
     let fixed = FixedPoint::with_exponents(segments, scales.to_vec()).map_err(|e| e.to_string())?;
-    let probed = chunk.start.max(slice.start)..chunk.end.min(slice.end);
-    let mut sum = vec![0i64; probed.len()];
     let per_chunk = sketch_per_chunk(numel);
+    // Each probed chunk's part of the slice, and the passes' sum there.
+    let parts: Vec<(usize, Range<usize>)> = probed
+        .iter()
+        .map(|&q| {
+            let chunk = chunk_range(q);
+            (q, chunk.start.max(slice.start)..chunk.end.min(slice.end))
+        })
+        .collect();
+    let mut sums: Vec<Vec<i64>> = parts.iter().map(|(_, p)| vec![0; p.len()]).collect();
     for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
         let id = pass.id;
-        let (digests, floats) = bytes.split_at(n_chunks * blake3::OUT_LEN);
+        let (digests, mut floats) = bytes.split_at(n_chunks * blake3::OUT_LEN);
         if blake3::hash(digests).to_hex().as_str() != pass.params {
             return Err(format!(
                 "microbatch {id}: the gradient chunk digests it sent are not its receipt's"
             ));
         }
-        let own = &digests[q * blake3::OUT_LEN..(q + 1) * blake3::OUT_LEN];
-        if blake3::hash(floats).as_bytes() != own {
-            return Err(format!(
-                "microbatch {id}: the gradient chunk it sent is not its receipt's"
-            ));
+        for ((q, part), sum) in parts.iter().zip(&mut sums) {
+            let chunk = chunk_range(*q);
+            let (bytes, rest) = floats.split_at(chunk.len() * 4);
+            floats = rest;
+            let own = &digests[q * blake3::OUT_LEN..(q + 1) * blake3::OUT_LEN];
+            if blake3::hash(bytes).as_bytes() != own {
+                return Err(format!(
+                    "microbatch {id}: the gradient chunk {q} it sent is not its receipt's"
+                ));
+            }
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()))
+                .collect();
+            let sketched = chunk_sketch(*q, &values, per_chunk, sketch_seed)
+                .into_iter()
+                .map(f32::to_bits);
+            if !pass
+                .sketch
+                .get(q * per_chunk..(q + 1) * per_chunk)
+                .is_some_and(|stated| sketched.eq(stated.iter().copied()))
+            {
+                return Err(format!(
+                    "microbatch {id}: the gradient sketch it stated is not its gradients'"
+                ));
+            }
+            let inside = part.start - chunk.start..part.end - chunk.start;
+            fixed.add_rounded(&values[inside], part.clone(), sum);
         }
-        let values: Vec<f32> = floats
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()))
-            .collect();
-        let sketched = chunk_sketch(q, &values, per_chunk, sketch_seed)
-            .into_iter()
-            .map(f32::to_bits);
-        if !pass
-            .sketch
-            .get(q * per_chunk..(q + 1) * per_chunk)
-            .is_some_and(|stated| sketched.eq(stated.iter().copied()))
-        {
-            return Err(format!(
-                "microbatch {id}: the gradient sketch it stated is not its gradients'"
-            ));
+    }
+    for ((_, part), sum) in parts.iter().zip(&sums) {
+        let at = (part.start - slice.start) * 8..(part.end - slice.start) * 8;
+        let stated = contribution.get(at).unwrap_or_default().chunks_exact(8);
+        let matches = stated
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
+            .eq(sum.iter().copied());
+        if !matches {
+            return Err(
+                "its contribution is not the fixed-point sum of its passes' gradients".into(),
+            );
         }
-        let inside = probed.start - chunk.start..probed.end - chunk.start;
-        fixed.add_rounded(&values[inside], probed.clone(), &mut sum);
     }
-    let at = (probed.start - slice.start) * 8..(probed.end - slice.start) * 8;
-    let stated = contribution.get(at).unwrap_or_default().chunks_exact(8);
-    let matches = stated
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
-        .eq(sum.iter().copied());
-    if matches {
-        Ok(())
-    } else {
-        Err("its contribution is not the fixed-point sum of its passes' gradients".into())
-    }
+    Ok(())
 }
 
 /// The digest of f32s as little-endian bytes (parameter gradients, a loss).
@@ -562,8 +599,8 @@ mod tests {
     const SEED: u64 = 0x5eed;
 
     #[test]
-    fn a_contribution_is_checked_against_its_passes_in_the_probed_chunk() {
-        let numel = 3 * GRAD_CHUNK + 100;
+    fn a_contribution_is_checked_against_its_passes_in_every_probed_chunk() {
+        let numel = 5 * GRAD_CHUNK + 100;
         let segments = vec![0..1000, 1000..numel];
         let mut rng = crate::data::rng::SplitMix64::new(5, 0);
         let passes: Vec<Vec<f32>> = (0..3)
@@ -587,9 +624,10 @@ mod tests {
                 sketch: gradient_sketch(p, SEED),
             })
             .collect();
-        // The second of two slices; the probe lands in its first chunk.
+        // The second of two slices (elements 2610.. of 5220: chunks 2 to
+        // 5, chunk 2 partly), probed in its first and third chunks.
         let slice = numel / 2..numel;
-        let probe = slice.start + 7;
+        let probed = [2, 4];
         let bytes = |c: &[i64]| -> Vec<u8> {
             c[slice.clone()]
                 .iter()
@@ -599,14 +637,14 @@ mod tests {
         let chunks: Vec<Vec<blake3::Hash>> = parts.iter().map(|p| chunk_digests(p)).collect();
         let proof = gradient_proof(
             parts.iter().copied().zip(chunks.iter().map(Vec::as_slice)),
-            probe,
+            &probed,
         );
         let check_stated = |stated: &[CreditedPass], contribution: &[u8], proof: &[u8]| {
             check_contribution(
                 &segments,
                 (fixed.exponents(), SEED),
                 stated,
-                probe,
+                &probed,
                 &slice,
                 contribution,
                 proof,
@@ -616,15 +654,16 @@ mod tests {
         assert_eq!(check(&bytes(&contribution), &proof), Ok(()));
 
         // A sketch of other gradients than the pass's (the honest one's,
-        // for gradients it negated) in the probed chunk.
-        let mut lying = stated.clone();
-        let probed_entries = (probe / GRAD_CHUNK) * sketch_per_chunk(numel);
-        lying[1].sketch[probed_entries] ^= 0x8000_0000;
-        let err = check_stated(&lying, &bytes(&contribution), &proof).unwrap_err();
-        assert!(
-            err.contains("microbatch 1: the gradient sketch it stated is not"),
-            "{err}"
-        );
+        // for gradients it negated) in either probed chunk.
+        for q in probed {
+            let mut lying = stated.clone();
+            lying[1].sketch[q * sketch_per_chunk(numel)] ^= 0x8000_0000;
+            let err = check_stated(&lying, &bytes(&contribution), &proof).unwrap_err();
+            assert!(
+                err.contains("microbatch 1: the gradient sketch it stated is not"),
+                "{err}"
+            );
+        }
         // A sketch made with signs of its own choosing, not the close's.
         let mut own_signs = stated.clone();
         own_signs[2].sketch = gradient_sketch(parts[2], SEED + 1);
@@ -641,18 +680,57 @@ mod tests {
         let inflated: Vec<i64> = contribution.iter().map(|x| x * 8).collect();
         let err = check(&bytes(&inflated), &proof).unwrap_err();
         assert!(err.contains("not the fixed-point sum"), "{err}");
+        // One element moved: caught in a probed chunk (the part of chunk 2
+        // in the slice, or chunk 4), not in chunk 3 or 5.
+        for (at, caught) in [
+            (slice.start, true),
+            (4 * GRAD_CHUNK + 9, true),
+            (3 * GRAD_CHUNK, false),
+            (numel - 1, false),
+        ] {
+            let mut nudged = contribution.clone();
+            nudged[at] += 1 << 24;
+            assert_eq!(
+                check(&bytes(&nudged), &proof).is_err(),
+                caught,
+                "element {at}"
+            );
+        }
 
         let mut forged = proof.clone();
         let last = forged.len() - 1;
         forged[last] ^= 1;
         let err = check(&bytes(&contribution), &forged).unwrap_err();
         assert!(
-            err.contains("microbatch 2: the gradient chunk it sent"),
+            err.contains("microbatch 2: the gradient chunk 4 it sent"),
             "{err}"
         );
 
         let err = check(&bytes(&contribution), &proof[1..]).unwrap_err();
         assert!(err.contains("bytes of gradients for 3 passes"), "{err}");
+    }
+
+    #[test]
+    fn probes_draw_distinct_chunks_of_the_slice_and_all_of_a_small_one() {
+        let slice = 3 * GRAD_CHUNK + 5..20 * GRAD_CHUNK + 1;
+        let picked = probed_chunks(9, &slice, 8);
+        assert_eq!(picked.len(), 8);
+        assert!(picked.windows(2).all(|w| w[0] < w[1]), "{picked:?}");
+        assert!(picked.iter().all(|q| (3..=20).contains(q)), "{picked:?}");
+        assert_eq!(probed_chunks(9, &slice, 8), picked, "one seed, one draw");
+        // Over seeds, every chunk the slice touches is drawn, the partial
+        // ones at its ends included.
+        let mut seen = [false; 21];
+        for seed in 0..200 {
+            for q in probed_chunks(seed, &slice, 8) {
+                seen[q] = true;
+            }
+        }
+        assert_eq!(seen.iter().filter(|s| **s).count(), 18);
+        // A slice of fewer chunks than asked is probed whole.
+        let small = GRAD_CHUNK - 1..3 * GRAD_CHUNK;
+        assert_eq!(probed_chunks(1, &small, 8), [0, 1, 2]);
+        assert!(probed_chunks(1, &(7..7), 8).is_empty());
     }
 
     #[test]

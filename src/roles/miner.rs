@@ -918,7 +918,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             }
             if let Some(credited) = &task.passes {
                 let passes = credited.get(at).map_or(&[][..], |p| p);
-                let proof = self.gradient_proof(passes, task.probed(range.clone()));
+                let probed = task.probed(&range, self.spec.roles.contribution_chunks);
+                let proof = self.gradient_proof(passes, &probed);
                 self.send_to_validator(task.validator, tag, &proof)?;
             }
             let leads = task.sites.iter().any(|site| site.leader == me);
@@ -932,9 +933,9 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     }
 
     /// [`audit::gradient_proof`] of the gradients of `passes` it kept.
-    fn gradient_proof(&self, passes: &[CreditedPass], probe: usize) -> Vec<u8> {
+    fn gradient_proof(&self, passes: &[CreditedPass], probed: &[usize]) -> Vec<u8> {
         let kept = passes.iter().filter_map(|p| self.grads.get(&p.id));
-        audit::gradient_proof(kept.map(|k| (&k.params[..], &k.chunks[..])), probe)
+        audit::gradient_proof(kept.map(|k| (&k.params[..], &k.chunks[..])), probed)
     }
 
     /// Reports a microbatch served, with the boundary bytes sent since the

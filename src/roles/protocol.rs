@@ -65,7 +65,7 @@
 //! contributions each miner stated in its [`Reduction`]. Holders that
 //! agreed on a wrong slice (colluders) are caught here, and so is a
 //! miner that sends a validator a contribution it did not state, or one
-//! that is not, in a probed chunk, the sum of its credited passes'
+//! that is not, in the probed chunks, the sum of its credited passes'
 //! gradients; the window then goes back to step 1 without them.
 
 use serde::{Deserialize, Serialize};
@@ -307,7 +307,7 @@ pub fn slice_digest(values: &[i64]) -> String {
 }
 
 /// A pass a window credits a miner with, as its receipt and its close
-/// state it: what a contribution check holds the probed chunk of its
+/// state it: what a contribution check holds the probed chunks of its
 /// gradients against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditedPass {
@@ -345,15 +345,14 @@ pub struct SliceTask {
     pub sketch_seed: u64,
     /// For each contributor (same order), the passes the window credits
     /// it with: its contribution must be their gradients' fixed-point sum,
-    /// and their sketches those gradients'. Only one recomputed slice of a
-    /// stage carries them (`None` on the others): one probe per miner and
-    /// window catches a scaled contribution, and each costs the validator
-    /// a chunk of every pass.
+    /// and their sketches those gradients', in the probed chunks. Every
+    /// recomputed slice of one site's (or a flat) all-reduce carries them
+    /// (`None` between sites, whose partials mix the sites' miners).
     pub passes: Option<Vec<Vec<CreditedPass>>>,
     /// Drawn after the miners stated their contributions: picks the
-    /// element of the slice ([`SliceTask::probed`]) in whose gradient chunk
-    /// (`audit::GRAD_CHUNK`) each contribution is checked against its
-    /// passes.
+    /// gradient chunks (`audit::GRAD_CHUNK` floats) of the slice in which
+    /// each contribution is checked against its passes
+    /// ([`SliceTask::probed`]).
     pub probe: u64,
     /// Empty for a slice of one site's (or a flat) all-reduce. For a slice
     /// of the all-reduce between sites (one slice per site): each site's
@@ -374,9 +373,10 @@ pub struct SitePart {
 }
 
 impl SliceTask {
-    /// The element [`SliceTask::probe`] picks in the slice's `range`.
-    pub fn probed(&self, range: std::ops::Range<usize>) -> usize {
-        range.start + (self.probe % range.len().max(1) as u64) as usize
+    /// The `count` gradient chunks [`SliceTask::probe`] picks in the
+    /// slice's `range` (`[roles] contribution_chunks`).
+    pub fn probed(&self, range: &std::ops::Range<usize>, count: usize) -> Vec<usize> {
+        super::audit::probed_chunks(self.probe, range, count)
     }
 }
 

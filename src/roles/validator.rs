@@ -134,12 +134,14 @@ fn follow_orders<T: Transport + ?Sized>(
                 // Each slice's span inside this rank's, on whichever
                 // thread judges it.
                 let rank_span = tracing::Span::current();
+                let chunks = spec.roles.contribution_chunks;
                 let judged: Vec<_> = checks.install(|| {
                     received
                         .par_iter()
                         .map(|(task, got)| {
                             let segments = layouts.get(&task.stage).map_or(&[][..], |s| s);
-                            let judge = || judge_slice((window, attempt), task, segments, got);
+                            let judge =
+                                || judge_slice((window, attempt), task, (segments, chunks), got);
                             rank_span.in_scope(judge)
                         })
                         .collect()
@@ -510,8 +512,8 @@ fn receive_slice<T: Transport + ?Sized>(
 /// Sums slice `task.slice` of a stage's all-reduce from every miner's
 /// contribution, each checked against the digest it stated, and judges
 /// every miner involved: a contributor by what it sent (and by whether its
-/// contribution is the fixed-point sum of its passes' gradients in the
-/// probed chunk), a holder by whether its copy is the sum. Holders go
+/// contribution is the fixed-point sum of its passes' gradients in
+/// `chunks` probed chunks), a holder by whether its copy is the sum. Holders go
 /// unjudged when the sum cannot be made (a contributor lost, silent, or
 /// sending other numbers than it stated). Also returns the seconds the
 /// checking took.
@@ -519,7 +521,7 @@ fn receive_slice<T: Transport + ?Sized>(
 fn judge_slice(
     (window, attempt): (u64, u32),
     task: &SliceTask,
-    segments: &[Range<usize>],
+    (segments, chunks): (&[Range<usize>], usize),
     data: &SliceData,
 ) -> (Vec<(usize, Verdict)>, f64) {
     let between_sites = !task.sites.is_empty();
@@ -552,15 +554,15 @@ fn judge_slice(
             }
             Ok((bytes, proof)) => {
                 values.push(Some(integers(bytes)));
-                // Only the task that carries passes checks contributions.
+                // Between sites no task carries passes.
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
-                let probe = task.probed(range.clone());
+                let probed = task.probed(&range, chunks);
                 let checked = passes.map_or(Ok(()), |passes| {
                     audit::check_contribution(
                         segments,
                         (&task.scales, task.sketch_seed),
                         passes,
-                        probe,
+                        &probed,
                         &range,
                         bytes,
                         proof,

@@ -194,7 +194,7 @@ impl Coordinator<'_> {
                 self.owed_draws.insert(miner, taken - due);
             }
             new.retain(|p| !picked.contains(p));
-            picked.extend(draw(&mut self.draws, due.saturating_sub(taken), &mut new));
+            picked.extend(self.draws.sample(due.saturating_sub(taken), &mut new));
         }
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
@@ -482,12 +482,12 @@ impl Coordinator<'_> {
             return slices;
         }
         let k = sample_size(&mut self.draws, self.spec.roles.slice_audit_rate, n);
-        draw(&mut self.draws, k, &mut slices).to_vec()
+        self.draws.sample(k, &mut slices).to_vec()
     }
 
     /// Tasks for the slices of the all-reduce among `members` (a stage's
     /// miners, or one site's of them), ascending; returns whether its
-    /// copies agreed. One picked slice carries the contribution check.
+    /// copies agreed. Every picked slice carries the contribution check.
     fn group_tasks(
         &mut self,
         stage: usize,
@@ -503,10 +503,25 @@ impl Coordinator<'_> {
         if self.validators.is_empty() {
             return agreed;
         }
-        let proved = picked
-            .get(self.draws.below(picked.len().max(1) as u64) as usize)
-            .copied();
         let w = self.window.as_ref().expect("a window runs");
+        // Each miner's credited passes, as their receipts and sketches
+        // state them.
+        let credited: Vec<Vec<CreditedPass>> = members
+            .iter()
+            .map(|&r| {
+                let credited = w.trained().filter(|(_, path)| path.get(stage) == Some(&r));
+                credited
+                    .filter_map(|(id, _)| {
+                        let (_, receipt) = w.receipts.get(&(id, stage))?;
+                        Some(CreditedPass {
+                            id,
+                            params: receipt.params.clone(),
+                            sketch: w.sketches.get(&(id, stage)).cloned().unwrap_or_default(),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
         for slice in picked {
             let contributors = with_digests(members, |r| {
                 stated(r).and_then(|x| x.contributions.get(slice).cloned())
@@ -514,28 +529,6 @@ impl Coordinator<'_> {
             let holding = holders_of(slice, members, copies);
             let holders = with_digests(&holding, |r| {
                 stated(r).and_then(|x| copy_of(&x.copies, slice))
-            });
-            let passes = (proved == Some(slice)).then(|| {
-                members
-                    .iter()
-                    .map(|&r| {
-                        let credited = w.trained().filter(|(_, path)| path.get(stage) == Some(&r));
-                        credited
-                            .filter_map(|(id, _)| {
-                                let (_, receipt) = w.receipts.get(&(id, stage))?;
-                                Some(CreditedPass {
-                                    id,
-                                    params: receipt.params.clone(),
-                                    sketch: w
-                                        .sketches
-                                        .get(&(id, stage))
-                                        .cloned()
-                                        .unwrap_or_default(),
-                                })
-                            })
-                            .collect()
-                    })
-                    .collect()
             });
             // The validator the miners sent this slice to at the close,
             // if it is still here.
@@ -552,7 +545,7 @@ impl Coordinator<'_> {
                 holders,
                 scales: closed.scales.get(stage).cloned().unwrap_or_default(),
                 sketch_seed: closed.sketch_seed,
-                passes,
+                passes: Some(credited.clone()),
                 probe: self.draws.next_u64(),
                 sites: Vec::new(),
             });
@@ -841,17 +834,6 @@ impl Coordinator<'_> {
         }
         caught
     }
-}
-
-/// Moves a random sample of `k` of `items`, drawn with `draws`, to the
-/// front and returns it.
-fn draw<'i, I>(draws: &mut SplitMix64, k: usize, items: &'i mut [I]) -> &'i [I] {
-    let k = k.min(items.len());
-    for i in 0..k {
-        let j = i + draws.below((items.len() - i) as u64) as usize;
-        items.swap(i, j);
-    }
-    &items[..k]
 }
 
 /// How many of a miner's `n` passes to replay: `rate * n` rounded down or

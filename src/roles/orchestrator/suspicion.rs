@@ -35,7 +35,7 @@
 //!
 //! A cheater that states plausible maxima and a plausible sketch for a
 //! wrong gradient is not seen here; the sketch is bound to the gradient
-//! by the contribution check (which recomputes the probed chunk's entries
+//! by the contribution check (which recomputes the probed chunks' entries
 //! of every credited pass), the maxima only by replays, and the uniform
 //! draw, which stays, catches both.
 
