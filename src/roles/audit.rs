@@ -264,16 +264,20 @@ pub fn probed_chunks(seed: u64, slice: &Range<usize>, count: usize) -> Vec<usize
     picked
 }
 
-/// What shows a validator, for each pass's parameter gradients and
-/// their [`chunk_digests`] in `passes`, the chunks `probed` (ascending)
-/// against the pass's receipt: every chunk's digest, then each probed
-/// chunk's floats (little-endian).
+/// What shows a validator, for each pass's parameter gradients, their
+/// [`chunk_digests`] and the sketch the miner stated of them in
+/// `passes`, the chunks `probed` (ascending) against the pass's receipt
+/// and that statement: the sketch (f32 bits), every chunk's digest, then
+/// each probed chunk's floats, all little-endian.
 pub fn gradient_proof<'p>(
-    passes: impl Iterator<Item = (&'p [f32], &'p [blake3::Hash])>,
+    passes: impl Iterator<Item = (&'p [f32], &'p [blake3::Hash], &'p [u32])>,
     probed: &[usize],
 ) -> Vec<u8> {
     let mut proof = Vec::new();
-    for (params, chunks) in passes {
+    for (params, chunks, sketch) in passes {
+        for entry in sketch {
+            proof.extend_from_slice(&entry.to_le_bytes());
+        }
         for digest in chunks {
             proof.extend_from_slice(digest.as_bytes());
         }
@@ -293,8 +297,8 @@ pub fn gradient_proof<'p>(
 /// gradients of `passes` (its credited passes, as their receipts state
 /// them), and that the sketches it stated for them (with `sketch_seed`)
 /// are, in those chunks, those gradients'.
-/// `proof` holds, pass by pass, every chunk's digest and then
-/// the probed chunks' floats, little-endian ([`gradient_proof`]).
+/// `proof` holds, pass by pass, the sketch it stated, every chunk's
+/// digest and then the probed chunks' floats ([`gradient_proof`]).
 pub fn check_contribution(
     segments: &[Range<usize>],
     (scales, sketch_seed): (&[i32], u64),
@@ -314,7 +318,9 @@ pub fn check_contribution(
         return Err(format!("chunk {q} probed of {n_chunks}"));
     }
     let floats: usize = probed.iter().map(|&q| chunk_range(q).len()).sum();
-    let per_pass = n_chunks * blake3::OUT_LEN + floats * 4;
+    let per_chunk = sketch_per_chunk(numel);
+    let sketch_bytes = n_chunks * per_chunk * 4;
+    let per_pass = sketch_bytes + n_chunks * blake3::OUT_LEN + floats * 4;
     if proof.len() != per_pass * passes.len() {
         return Err(format!(
             "sent {} bytes of gradients for {} passes, not {}",
@@ -324,7 +330,6 @@ pub fn check_contribution(
         ));
     }
     let fixed = FixedPoint::with_exponents(segments, scales.to_vec()).map_err(|e| e.to_string())?;
-    let per_chunk = sketch_per_chunk(numel);
     // Each probed chunk's part of the slice, and the passes' sum there.
     let parts: Vec<(usize, Range<usize>)> = probed
         .iter()
@@ -336,6 +341,12 @@ pub fn check_contribution(
     let mut sums: Vec<Vec<i64>> = parts.iter().map(|(_, p)| vec![0; p.len()]).collect();
     for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
         let id = pass.id;
+        let (sketch, bytes) = bytes.split_at(sketch_bytes);
+        if blake3::hash(sketch).to_hex().as_str() != pass.sketch {
+            return Err(format!(
+                "microbatch {id}: the gradient sketch it sent is not the one it stated"
+            ));
+        }
         let (digests, mut floats) = bytes.split_at(n_chunks * blake3::OUT_LEN);
         if blake3::hash(digests).to_hex().as_str() != pass.params {
             return Err(format!(
@@ -358,12 +369,9 @@ pub fn check_contribution(
                 .collect();
             let sketched = chunk_sketch(*q, &values, per_chunk, sketch_seed)
                 .into_iter()
-                .map(f32::to_bits);
-            if !pass
-                .sketch
-                .get(q * per_chunk..(q + 1) * per_chunk)
-                .is_some_and(|stated| sketched.eq(stated.iter().copied()))
-            {
+                .map(|x| x.to_bits().to_le_bytes());
+            let stated = sketch[q * per_chunk * 4..(q + 1) * per_chunk * 4].chunks_exact(4);
+            if !sketched.eq(stated.map(|b| <[u8; 4]>::try_from(b).unwrap_or_default())) {
                 return Err(format!(
                     "microbatch {id}: the gradient sketch it stated is not its gradients'"
                 ));
@@ -615,15 +623,7 @@ mod tests {
         }
         let fixed = FixedPoint::from_maxes(&segments, &maxes).unwrap();
         let contribution = fixed.encode(&parts);
-        let stated: Vec<CreditedPass> = passes
-            .iter()
-            .enumerate()
-            .map(|(id, p)| CreditedPass {
-                id: id as u64,
-                params: params_digest(&chunk_digests(p)),
-                sketch: gradient_sketch(p, SEED),
-            })
-            .collect();
+        let honest: Vec<Vec<u32>> = parts.iter().map(|p| gradient_sketch(p, SEED)).collect();
         // The second of two slices (elements 2610.. of 5220: chunks 2 to
         // 5, chunk 2 partly), probed in its first and third chunks.
         let slice = numel / 2..numel;
@@ -635,10 +635,26 @@ mod tests {
                 .collect()
         };
         let chunks: Vec<Vec<blake3::Hash>> = parts.iter().map(|p| chunk_digests(p)).collect();
-        let proof = gradient_proof(
-            parts.iter().copied().zip(chunks.iter().map(Vec::as_slice)),
-            &probed,
-        );
+        // What the close states of the passes with `sketches`, and the
+        // proof a miner that stated them sends.
+        let stating = |sketches: &[Vec<u32>]| {
+            let stated: Vec<CreditedPass> = parts
+                .iter()
+                .zip(sketches)
+                .enumerate()
+                .map(|(id, (p, sketch))| CreditedPass {
+                    id: id as u64,
+                    params: params_digest(&chunk_digests(p)),
+                    sketch: crate::roles::protocol::sketch_digest(sketch),
+                })
+                .collect();
+            let kept = parts.iter().zip(&chunks).zip(sketches);
+            let proof = gradient_proof(
+                kept.map(|((p, c), s)| (*p, c.as_slice(), s.as_slice())),
+                &probed,
+            );
+            (stated, proof)
+        };
         let check_stated = |stated: &[CreditedPass], contribution: &[u8], proof: &[u8]| {
             check_contribution(
                 &segments,
@@ -650,32 +666,44 @@ mod tests {
                 proof,
             )
         };
+        let check_sketches = |sketches: &[Vec<u32>]| {
+            let (stated, proof) = stating(sketches);
+            check_stated(&stated, &bytes(&contribution), &proof)
+        };
+        let (stated, proof) = stating(&honest);
         let check = |contribution: &[u8], proof: &[u8]| check_stated(&stated, contribution, proof);
         assert_eq!(check(&bytes(&contribution), &proof), Ok(()));
 
         // A sketch of other gradients than the pass's (the honest one's,
         // for gradients it negated) in either probed chunk.
         for q in probed {
-            let mut lying = stated.clone();
-            lying[1].sketch[q * sketch_per_chunk(numel)] ^= 0x8000_0000;
-            let err = check_stated(&lying, &bytes(&contribution), &proof).unwrap_err();
+            let mut lying = honest.clone();
+            lying[1][q * sketch_per_chunk(numel)] ^= 0x8000_0000;
+            let err = check_sketches(&lying).unwrap_err();
             assert!(
                 err.contains("microbatch 1: the gradient sketch it stated is not"),
                 "{err}"
             );
         }
         // A sketch made with signs of its own choosing, not the close's.
-        let mut own_signs = stated.clone();
-        own_signs[2].sketch = gradient_sketch(parts[2], SEED + 1);
-        let err = check_stated(&own_signs, &bytes(&contribution), &proof).unwrap_err();
+        let mut own_signs = honest.clone();
+        own_signs[2] = gradient_sketch(parts[2], SEED + 1);
+        let err = check_sketches(&own_signs).unwrap_err();
         assert!(
             err.contains("microbatch 2: the gradient sketch it stated is not"),
             "{err}"
         );
         // Its lie elsewhere is left to the probes of other windows.
-        let mut lying = stated.clone();
-        lying[1].sketch[0] ^= 0x8000_0000;
-        assert_eq!(check_stated(&lying, &bytes(&contribution), &proof), Ok(()));
+        let mut lying = honest.clone();
+        lying[1][0] ^= 0x8000_0000;
+        assert_eq!(check_sketches(&lying), Ok(()));
+        // Showing the validator another sketch than it stated.
+        let (_, showing) = stating(&lying);
+        let err = check(&bytes(&contribution), &showing).unwrap_err();
+        assert!(
+            err.contains("microbatch 1: the gradient sketch it sent is not the one it stated"),
+            "{err}"
+        );
 
         let inflated: Vec<i64> = contribution.iter().map(|x| x * 8).collect();
         let err = check(&bytes(&inflated), &proof).unwrap_err();

@@ -264,6 +264,9 @@ struct Contribution {
     held: Held,
     /// The slices it sent to validators at the close, and to whom.
     sent_early: Vec<(usize, usize)>,
+    /// The gradient sketch it stated of each credited pass, by microbatch:
+    /// what it shows validators beside the pass's chunks.
+    sketches: BTreeMap<u64, Vec<u32>>,
 }
 
 /// The copies a miner saw in its stage's all-reduce.
@@ -302,6 +305,7 @@ impl Contribution {
             values,
             held,
             sent_early: Vec::new(),
+            sketches: BTreeMap::new(),
         }
     }
 
@@ -919,7 +923,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             if let Some(credited) = &task.passes {
                 let passes = credited.get(at).map_or(&[][..], |p| p);
                 let probed = task.probed(&range, self.spec.roles.contribution_chunks);
-                let proof = self.gradient_proof(passes, &probed);
+                let proof = self.gradient_proof(c, passes, &probed);
                 self.send_to_validator(task.validator, tag, &proof)?;
             }
             let leads = task.sites.iter().any(|site| site.leader == me);
@@ -932,10 +936,20 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         Ok(())
     }
 
-    /// [`audit::gradient_proof`] of the gradients of `passes` it kept.
-    fn gradient_proof(&self, passes: &[CreditedPass], probed: &[usize]) -> Vec<u8> {
-        let kept = passes.iter().filter_map(|p| self.grads.get(&p.id));
-        audit::gradient_proof(kept.map(|k| (&k.params[..], &k.chunks[..])), probed)
+    /// [`audit::gradient_proof`] of the gradients of `passes` it kept,
+    /// with the sketches it stated of them in `c`'s close.
+    fn gradient_proof(
+        &self,
+        c: &Contribution,
+        passes: &[CreditedPass],
+        probed: &[usize],
+    ) -> Vec<u8> {
+        let kept = passes.iter().filter_map(|p| {
+            let k = self.grads.get(&p.id)?;
+            let sketch = c.sketches.get(&p.id).map_or(&[][..], Vec::as_slice);
+            Some((&k.params[..], &k.chunks[..], sketch))
+        });
+        audit::gradient_proof(kept, probed)
     }
 
     /// Reports a microbatch served, with the boundary bytes sent since the
@@ -1145,17 +1159,23 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                 let mut contribution = Contribution::new(window, attempt, values, held);
                 contribution.sent_early = sent_early?;
                 let reduction = contribution.statement(result);
-                self.contribution = Some(contribution);
-                let sketches = ids
+                contribution.sketches = ids
                     .iter()
                     .zip(&parts)
-                    .map(|(&id, grads)| PassSketch {
-                        id,
-                        sketch: self
-                            .conduct
-                            .sketch(id, audit::gradient_sketch(grads, sketch_seed)),
+                    .map(|(&id, grads)| {
+                        let honest = audit::gradient_sketch(grads, sketch_seed);
+                        (id, self.conduct.sketch(id, honest))
                     })
                     .collect();
+                let sketches = contribution
+                    .sketches
+                    .iter()
+                    .map(|(&id, sketch)| PassSketch {
+                        id,
+                        sketch: sketch.clone(),
+                    })
+                    .collect();
+                self.contribution = Some(contribution);
                 Report::Reduced {
                     window,
                     attempt,

@@ -314,8 +314,18 @@ pub struct CreditedPass {
     pub id: u64,
     /// The receipt's `params`.
     pub params: String,
-    /// The gradient sketch the miner stated for it when it reduced.
-    pub sketch: Vec<u32>,
+    /// [`sketch_digest`] of the gradient sketch the miner stated for it
+    /// when it reduced: the miner sends the sketch itself to the validator
+    /// with its proof, so the order stays small.
+    pub sketch: String,
+}
+
+/// The digest a [`CreditedPass`] states of a sketch: BLAKE3, hex, of its
+/// f32 bits, little-endian.
+pub fn sketch_digest(sketch: &[u32]) -> String {
+    blake3::hash(bytemuck::cast_slice(sketch))
+        .to_hex()
+        .to_string()
 }
 
 /// A miner's `audit::gradient_sketch` of one pass's parameter gradients

@@ -516,7 +516,9 @@ impl Coordinator<'_> {
                         Some(CreditedPass {
                             id,
                             params: receipt.params.clone(),
-                            sketch: w.sketches.get(&(id, stage)).cloned().unwrap_or_default(),
+                            sketch: protocol::sketch_digest(
+                                w.sketches.get(&(id, stage)).map_or(&[][..], Vec::as_slice),
+                            ),
                         })
                     })
                     .collect()
