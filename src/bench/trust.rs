@@ -42,6 +42,7 @@ const KINDS: [(&str, u64); 13] = [
 const LATE: u64 = 2;
 
 /// Ranks 0 and 1 are the orchestrator and the validator; 8 miners follow.
+const VALIDATOR: usize = 1;
 const MINERS: std::ops::Range<usize> = 2..10;
 /// Pipeline stages of the benchmark's job.
 const STAGES: u64 = 2;
@@ -109,9 +110,7 @@ pub enum BenchTrustError {
 #[derive(Debug, Deserialize)]
 struct Line {
     window: u64,
-    compute_s: f64,
     trained: u64,
-    replay_s: f64,
     replayed: u64,
     caught: Vec<usize>,
 }
@@ -170,8 +169,10 @@ struct Outcome {
     caught_in: Option<u64>,
     /// Honest miners caught.
     false_positives: usize,
-    compute_s: f64,
-    replay_s: f64,
+    /// CPU seconds of the validator and of all miners, as each rank stated
+    /// it at its end (`launch::usage`).
+    validator_cpu_s: f64,
+    miners_cpu_s: f64,
     /// Passes replayed, and passes trained (all attempts: a pass trained
     /// again after a cheater's exclusion counts again).
     replayed: u64,
@@ -205,13 +206,13 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
     );
     println!("# swarmrun bench trust: {setup}");
     println!(
-        "{:<18} {:>8} {:>16} {:>10} {:>10} {:>12} {:>13} {:>10}",
+        "{:<18} {:>8} {:>16} {:>10} {:>10} {:>15} {:>13} {:>10}",
         "cheat",
         "recall",
         "windows to catch",
         "honest hit",
         "replayed %",
-        "validator %",
+        "validator CPU %",
         "share err/win",
         "share err"
     );
@@ -223,7 +224,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
             "mean_windows_to_catch",
             "honest_hit",
             "replayed_pct",
-            "validator_pct",
+            "validator_cpu_pct",
             "share_err_per_window_pct",
             "share_err_pct",
         ],
@@ -260,7 +261,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         let window_error = 100.0 * outcomes.iter().map(|o| o.window_error).fold(0.0, f64::max);
         let run_error = 100.0 * outcomes.iter().map(|o| o.run_error).fold(0.0, f64::max);
         println!(
-            "{label:<18} {recall:>7.1}% {windows:>16} {hits:>10} {replayed:>9.2}% {share:>11.2}% {window_error:>12.2}% {run_error:>9.2}%",
+            "{label:<18} {recall:>7.1}% {windows:>16} {hits:>10} {replayed:>9.2}% {share:>14.2}% {window_error:>12.2}% {run_error:>9.2}%",
         );
         tables.row(vec![
             label.into(),
@@ -288,7 +289,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
     let honest_only = std::slice::from_ref(&honest);
     let (replayed, share) = (share_replayed(honest_only), share_of_compute(honest_only));
     println!(
-        "{:<18} {:>8} {:>16} {:>10} {:>9.2}% {:>11.2}% {:>12.2}% {:>9.2}%",
+        "{:<18} {:>8} {:>16} {:>10} {:>9.2}% {:>14.2}% {:>12.2}% {:>9.2}%",
         label,
         "-",
         "-",
@@ -320,15 +321,15 @@ fn share_replayed(outcomes: &[Outcome]) -> f64 {
     100.0 * replayed as f64 / passes.max(1) as f64
 }
 
-/// Validators' seconds over miners' compute seconds, in percent. Both are
-/// wall times: a pass that shares its core with other miners' passes
-/// takes longer than its compute, while replays mostly run alone, so on a
-/// loaded host this understates what replays cost (see
-/// [`share_replayed`]).
+/// The validator's CPU over the miners', in percent: all it spends
+/// (replays, slice and contribution checks, receiving what they need)
+/// against all they spend (passes, the all-reduce, their reports). CPU,
+/// not wall time: a pass that shares its core takes longer than its
+/// compute, and checks on a pool as wide as the host take less.
 fn share_of_compute(outcomes: &[Outcome]) -> f64 {
-    let replay: f64 = outcomes.iter().map(|o| o.replay_s).sum();
-    let compute: f64 = outcomes.iter().map(|o| o.compute_s).sum();
-    100.0 * replay / compute.max(f64::MIN_POSITIVE)
+    let validator: f64 = outcomes.iter().map(|o| o.validator_cpu_s).sum();
+    let miners: f64 = outcomes.iter().map(|o| o.miners_cpu_s).sum();
+    100.0 * validator / miners.max(f64::MIN_POSITIVE)
 }
 
 /// Runs one job in `dir` and reads its metrics and ledger.
@@ -349,9 +350,11 @@ fn run_one(
     let job = dir.join("job.toml");
     let text = job_text(&run_dir, opts, seed, windows, cheat);
     std::fs::write(&job, text).map_err(file(&job))?;
+    // Info is the level of the ranks' CPU lines.
     let out = Command::new(exe)
         .arg("launch")
         .arg(&job)
+        .env("RUST_LOG", "info")
         .output()
         .map_err(file(exe))?;
     if !out.status.success() {
@@ -363,14 +366,24 @@ fn run_one(
     let metrics = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics).map_err(file(&metrics))?;
     let mut outcome = Outcome::default();
+    let said = [&out.stdout, &out.stderr].map(|s| String::from_utf8_lossy(s).into_owned());
+    for (rank, seconds) in said
+        .iter()
+        .flat_map(|s| s.lines())
+        .filter_map(crate::launch::usage::cpu_of)
+    {
+        match rank {
+            VALIDATOR => outcome.validator_cpu_s += seconds,
+            r if MINERS.contains(&r) => outcome.miners_cpu_s += seconds,
+            _ => {}
+        }
+    }
     for (i, l) in text.lines().enumerate() {
         let line: Line = serde_json::from_str(l).map_err(|source| BenchTrustError::Metrics {
             path: metrics.clone(),
             line: i + 1,
             source,
         })?;
-        outcome.compute_s += line.compute_s;
-        outcome.replay_s += line.replay_s;
         outcome.replayed += line.replayed;
         outcome.passes += line.trained;
         for rank in line.caught {

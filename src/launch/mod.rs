@@ -5,6 +5,7 @@ pub mod bind;
 pub mod progress;
 pub mod rank;
 mod spawn;
+pub mod usage;
 
 use std::net::TcpListener;
 use std::path::Path;
