@@ -539,6 +539,31 @@ fn judge_slice(
         0..0
     };
     let len = range.len();
+    let mut decoded: Vec<Option<Vec<i64>>> = data
+        .contributions
+        .iter()
+        .map(|got| match got {
+            Ok((bytes, _)) if bytes.len() == len * 8 => Some(integers(bytes)),
+            _ => None,
+        })
+        .collect();
+    // A slice of one all-reduce whose contributions sum to the copy every
+    // holder stated: the contributions' own digests can only tell whether
+    // some sent the validator other numbers than they reduced with, which
+    // would have to cancel out in the sum (so the update is the honest
+    // one) and are checked against their passes as sent. Only where the
+    // sum is not the copies is each digest needed, to say who lied.
+    let agreed = match decoded
+        .iter()
+        .map(Option::as_ref)
+        .collect::<Option<Vec<_>>>()
+    {
+        Some(all) if !between_sites && !task.holders.is_empty() => {
+            Some(slice_digest(&sum(all.into_iter(), len)))
+                .filter(|d| task.holders.iter().all(|(_, copy)| copy == d))
+        }
+        _ => None,
+    };
     let mut values: Vec<Option<Vec<i64>>> = Vec::with_capacity(data.contributions.len());
     let mut verdicts = Vec::new();
     let received = task.contributors.iter().zip(&data.contributions);
@@ -549,11 +574,13 @@ fn judge_slice(
                 bytes.len()
             )),
             // The integers travel little-endian: what the digest covers.
-            Ok((bytes, _)) if blake3::hash(bytes).to_hex().as_str() != stated => {
+            Ok((bytes, _))
+                if agreed.is_none() && blake3::hash(bytes).to_hex().as_str() != stated =>
+            {
                 Verdict::Failed("sent another contribution than it stated".into())
             }
             Ok((bytes, proof)) => {
-                values.push(Some(integers(bytes)));
+                values.push(decoded.get_mut(i).and_then(Option::take));
                 // Between sites no task carries passes.
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
                 let probed = task.probed(&range, chunks);
@@ -587,6 +614,7 @@ fn judge_slice(
     // between sites the leaders' partials, each checked against its
     // members'.
     let given: Option<Vec<i64>> = match (whole, between_sites) {
+        _ if agreed.is_some() => None,
         (None, _) => None,
         (Some(whole), false) => Some(sum(whole.into_iter(), len)),
         (Some(whole), true) => {
@@ -612,7 +640,7 @@ fn judge_slice(
             (given.len() == task.sites.len()).then(|| sum(given.iter(), len))
         }
     };
-    let digest = given.map(|given| slice_digest(&given));
+    let digest = agreed.or_else(|| given.map(|given| slice_digest(&given)));
     for (rank, copy) in &task.holders {
         let verdict = match &digest {
             None => Verdict::Unavailable,
@@ -648,6 +676,79 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// Slice 0 of a 2-miner all-reduce of 10 integers (ranks 4 and 5),
+    /// with no passes to check: the miners stated `stated`, sent `sent`,
+    /// and the holders stated `copies`.
+    fn judged(
+        stated: [&[i64]; 2],
+        sent: [&[i64]; 2],
+        copies: [&[i64]; 2],
+    ) -> Vec<(usize, Verdict)> {
+        let bytes = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let task = SliceTask {
+            stage: 0,
+            slice: 0,
+            validator: 1,
+            contributors: vec![(4, slice_digest(stated[0])), (5, slice_digest(stated[1]))],
+            holders: vec![(4, slice_digest(copies[0])), (5, slice_digest(copies[1]))],
+            scales: vec![0],
+            sketch_seed: 0,
+            passes: None,
+            probe: 0,
+            sites: Vec::new(),
+        };
+        let data = SliceData {
+            contributions: sent.iter().map(|s| Ok((bytes(s), Vec::new()))).collect(),
+            partials: Vec::new(),
+        };
+        judge_slice((0, 0), &task, (&[0..10], 2), &data).0
+    }
+
+    #[test]
+    fn a_slice_is_judged_by_its_sum_and_a_contribution_by_its_digest_only_when_the_sum_is_off() {
+        let (a, b): (Vec<i64>, Vec<i64>) = ((0..5).collect(), (10..15).collect());
+        let total: Vec<i64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let passed = |v: &[(usize, Verdict)]| v.iter().all(|(_, x)| *x == Verdict::Passed);
+        let honest = judged([&a, &b], [&a, &b], [&total, &total]);
+        assert_eq!(honest.len(), 4, "{honest:?}");
+        assert!(passed(&honest), "{honest:?}");
+        // Sending other numbers than it stated: the sum is off, so each
+        // digest is checked, and the holders cannot be judged.
+        let mut other = b.clone();
+        other[2] += 1;
+        let lied = judged([&a, &b], [&a, &other], [&total, &total]);
+        assert_eq!(lied[0], (4, Verdict::Passed));
+        assert_eq!(
+            lied[1],
+            (
+                5,
+                Verdict::Failed("sent another contribution than it stated".into())
+            )
+        );
+        assert!(
+            lied[2..].iter().all(|(_, v)| *v == Verdict::Unavailable),
+            "{lied:?}"
+        );
+        // Two that sent other numbers than they reduced with, cancelling
+        // out: the update was the honest sum, and that is what is judged.
+        let (mut up, mut down) = (a.clone(), b.clone());
+        up[1] += 7;
+        down[1] -= 7;
+        assert!(passed(&judged([&up, &down], [&a, &b], [&total, &total])));
+        // A holder whose copy is not the sum.
+        let mut wrong = total.clone();
+        wrong[0] *= 2;
+        let copied = judged([&a, &b], [&a, &b], [&total, &wrong]);
+        assert_eq!(copied[2], (4, Verdict::Passed));
+        assert_eq!(
+            copied[3],
+            (
+                5,
+                Verdict::Failed("its copy is not the sum of the contributions".into())
+            )
+        );
+    }
 
     #[test]
     fn a_stages_weights_are_loaded_once_per_digest_and_checked_when_loaded() {
