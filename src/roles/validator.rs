@@ -702,7 +702,9 @@ mod tests {
             contributions: sent.iter().map(|s| Ok((bytes(s), Vec::new()))).collect(),
             partials: Vec::new(),
         };
-        judge_slice((0, 0), &task, (&[0..10], 2), &data).0
+        // One segment of 10 elements.
+        let segments = vec![0..10; 1];
+        judge_slice((0, 0), &task, (&segments, 2), &data).0
     }
 
     #[test]
