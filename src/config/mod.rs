@@ -283,7 +283,9 @@ pub struct RolesSpec {
     /// which each miner's contribution is checked against the passes it
     /// is credited with, drawn after the contributions were stated; at
     /// least 1. Each costs a miner one chunk of every credited pass sent
-    /// to the validator, and the validator an addition per float. A
+    /// to the validator, and the validator, per pass, the chunk's digest,
+    /// its sketch entries and an addition per float: on a stage whose
+    /// passes are small, about what the pass cost (`bench trust`). A
     /// contribution changed in `k` elements is caught in a window with
     /// probability about `1 - (1 - slice_audit_rate * min(1, c / s))^k`
     /// for `c` chunks of slices of `s` chunks. Default 2.
