@@ -539,11 +539,13 @@ fn judge_slice(
         0..0
     };
     let len = range.len();
-    let mut decoded: Vec<Option<Vec<i64>>> = data
+    // Each contribution's bytes where it has the slice's length: the
+    // integers as they travel, summed straight from them.
+    let sized: Vec<Option<&[u8]>> = data
         .contributions
         .iter()
         .map(|got| match got {
-            Ok((bytes, _)) if bytes.len() == len * 8 => Some(integers(bytes)),
+            Ok((bytes, _)) if bytes.len() == len * 8 => Some(&bytes[..]),
             _ => None,
         })
         .collect();
@@ -553,18 +555,14 @@ fn judge_slice(
     // would have to cancel out in the sum (so the update is the honest
     // one) and are checked against their passes as sent. Only where the
     // sum is not the copies is each digest needed, to say who lied.
-    let agreed = match decoded
-        .iter()
-        .map(Option::as_ref)
-        .collect::<Option<Vec<_>>>()
-    {
+    let agreed = match sized.iter().copied().collect::<Option<Vec<_>>>() {
         Some(all) if !between_sites && !task.holders.is_empty() => {
             Some(slice_digest(&sum(all.into_iter(), len)))
                 .filter(|d| task.holders.iter().all(|(_, copy)| copy == d))
         }
         _ => None,
     };
-    let mut values: Vec<Option<Vec<i64>>> = Vec::with_capacity(data.contributions.len());
+    let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(data.contributions.len());
     let mut verdicts = Vec::new();
     let received = task.contributors.iter().zip(&data.contributions);
     for (i, ((rank, stated), got)) in received.enumerate() {
@@ -580,7 +578,7 @@ fn judge_slice(
                 Verdict::Failed("sent another contribution than it stated".into())
             }
             Ok((bytes, proof)) => {
-                values.push(decoded.get_mut(i).and_then(Option::take));
+                values.push(sized.get(i).copied().flatten());
                 // Between sites no task carries passes.
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
                 let probed = task.probed(&range, chunks);
@@ -609,7 +607,7 @@ fn judge_slice(
         values.push(None);
         verdicts.push((*rank, verdict));
     }
-    let whole: Option<Vec<&Vec<i64>>> = values.iter().map(Option::as_ref).collect();
+    let whole: Option<Vec<&[u8]>> = values.iter().copied().collect();
     // The sum of what the holders were given: the contributions, or
     // between sites the leaders' partials, each checked against its
     // members'.
@@ -630,14 +628,14 @@ fn judge_slice(
                             .into(),
                     ),
                     Ok(bytes) => {
-                        given.push(integers(bytes));
+                        given.push(&bytes[..]);
                         Verdict::Passed
                     }
                     Err(verdict) => verdict.clone(),
                 };
                 verdicts.push((site.leader, verdict));
             }
-            (given.len() == task.sites.len()).then(|| sum(given.iter(), len))
+            (given.len() == task.sites.len()).then(|| sum(given.into_iter(), len))
         }
     };
     let digest = agreed.or_else(|| given.map(|given| slice_digest(&given)));
@@ -660,12 +658,13 @@ fn integers(bytes: &[u8]) -> Vec<i64> {
         .collect()
 }
 
-/// The wrapping sum of `parts`, each `len` integers.
-fn sum<'v>(parts: impl Iterator<Item = &'v Vec<i64>>, len: usize) -> Vec<i64> {
+/// The wrapping sum of `parts`, each `len` little-endian integers as they
+/// travel: read in place, not copied into integers first.
+fn sum<'v>(parts: impl Iterator<Item = &'v [u8]>, len: usize) -> Vec<i64> {
     let mut acc = vec![0i64; len];
     for part in parts {
-        for (a, x) in acc.iter_mut().zip(part) {
-            *a = a.wrapping_add(*x);
+        for (a, x) in acc.iter_mut().zip(part.chunks_exact(8)) {
+            *a = a.wrapping_add(i64::from_le_bytes(x.try_into().unwrap_or_default()));
         }
     }
     acc
