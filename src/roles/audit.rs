@@ -342,7 +342,8 @@ pub fn check_contribution(
     for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
         let id = pass.id;
         let (sketch, bytes) = bytes.split_at(sketch_bytes);
-        if blake3::hash(sketch).to_hex().as_str() != pass.sketch {
+        // The bytes as sent: what `protocol::sketch_digest` covers.
+        if digest(sketch) != pass.sketch {
             return Err(format!(
                 "microbatch {id}: the gradient sketch it sent is not the one it stated"
             ));

@@ -301,9 +301,7 @@ pub struct CheckpointTask {
 /// The digest a [`Reduction`] states for fixed-point integers: BLAKE3,
 /// hex, of their bytes as they travel (little-endian on every host we run).
 pub fn slice_digest(values: &[i64]) -> String {
-    blake3::hash(bytemuck::cast_slice(values))
-        .to_hex()
-        .to_string()
+    super::audit::digest(bytemuck::cast_slice(values))
 }
 
 /// A pass a window credits a miner with, as its receipt and its close
@@ -323,9 +321,7 @@ pub struct CreditedPass {
 /// The digest a [`CreditedPass`] states of a sketch: BLAKE3, hex, of its
 /// f32 bits, little-endian.
 pub fn sketch_digest(sketch: &[u32]) -> String {
-    blake3::hash(bytemuck::cast_slice(sketch))
-        .to_hex()
-        .to_string()
+    super::audit::digest(bytemuck::cast_slice(sketch))
 }
 
 /// A miner's `audit::gradient_sketch` of one pass's parameter gradients

@@ -510,13 +510,13 @@ fn receive_slice<T: Transport + ?Sized>(
 }
 
 /// Sums slice `task.slice` of a stage's all-reduce from every miner's
-/// contribution, each checked against the digest it stated, and judges
-/// every miner involved: a contributor by what it sent (and by whether its
-/// contribution is the fixed-point sum of its passes' gradients in
-/// `chunks` probed chunks), a holder by whether its copy is the sum. Holders go
-/// unjudged when the sum cannot be made (a contributor lost, silent, or
-/// sending other numbers than it stated). Also returns the seconds the
-/// checking took.
+/// contribution and judges every miner involved: a contributor by what it
+/// sent (checked against the digest it stated where the sum is not every
+/// holder's copy, and by whether its contribution is the fixed-point sum
+/// of its passes' gradients in `chunks` probed chunks), a holder by
+/// whether its copy is the sum. Holders go unjudged when the sum cannot
+/// be made (a contributor lost, silent, or sending other numbers than it
+/// stated). Also returns the seconds the checking took.
 #[tracing::instrument(name = "slice_recompute", skip_all, fields(window = window, attempt = attempt))]
 fn judge_slice(
     (window, attempt): (u64, u32),
@@ -562,6 +562,7 @@ fn judge_slice(
         }
         _ => None,
     };
+    let probed = task.probed(&range, chunks);
     let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(data.contributions.len());
     let mut verdicts = Vec::new();
     let received = task.contributors.iter().zip(&data.contributions);
@@ -572,16 +573,13 @@ fn judge_slice(
                 bytes.len()
             )),
             // The integers travel little-endian: what the digest covers.
-            Ok((bytes, _))
-                if agreed.is_none() && blake3::hash(bytes).to_hex().as_str() != stated =>
-            {
+            Ok((bytes, _)) if agreed.is_none() && audit::digest(bytes) != *stated => {
                 Verdict::Failed("sent another contribution than it stated".into())
             }
             Ok((bytes, proof)) => {
                 values.push(sized.get(i).copied().flatten());
                 // Between sites no task carries passes.
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
-                let probed = task.probed(&range, chunks);
                 let checked = passes.map_or(Ok(()), |passes| {
                     audit::check_contribution(
                         segments,
@@ -620,7 +618,7 @@ fn judge_slice(
             for (site, partial) in task.sites.iter().zip(&data.partials) {
                 let members = site.members.iter().filter_map(|&i| whole.get(i).copied());
                 let verdict = match partial {
-                    Ok(bytes) if blake3::hash(bytes).to_hex().as_str() != site.partial => {
+                    Ok(bytes) if audit::digest(bytes) != site.partial => {
                         Verdict::Failed("sent another site partial sum than it stated".into())
                     }
                     Ok(bytes) if integers(bytes) != sum(members, len) => Verdict::Failed(
