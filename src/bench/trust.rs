@@ -17,7 +17,9 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::record::Tables;
+use crate::config::{self, ConfigError};
 use crate::ledger::{self, LedgerError, WindowRecord};
+use crate::roles::cheat::Cheater;
 
 /// Kinds of cheat measured, as `[[faults.cheat]] kind` spells them, each
 /// with the window it starts cheating in (`from_window`: honest before,
@@ -50,6 +52,10 @@ const STAGES: u64 = 2;
 /// Detection counts within this many windows.
 const WITHIN: u64 = 3;
 
+/// How many windows past those asked for a run may go on, so that a cheat
+/// that strikes late still has [`WITHIN`] windows to be caught in.
+const HORIZON: u64 = 60;
+
 /// What `swarmrun bench trust` runs (its command-line options).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrustOptions {
@@ -73,7 +79,8 @@ pub struct TrustOptions {
     /// checked against their passes (`[roles] contribution_chunks`).
     #[arg(long, default_value_t = crate::config::RolesSpec::default().contribution_chunks)]
     pub chunks: usize,
-    /// Chance the cheater cheats on each microbatch.
+    /// Chance the cheater cheats on each microbatch (in each window, for a
+    /// once-a-window cheat such as `nudge_contribution`).
     #[arg(long, default_value_t = 1.0)]
     pub probability: f64,
     /// Windows of the run without cheaters, for false positives (0: no
@@ -104,6 +111,8 @@ pub enum BenchTrustError {
     },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// What the benchmark reads from each metrics line.
@@ -123,6 +132,9 @@ struct Cheat<'a> {
     kind: &'a str,
     /// Honest before this window.
     from_window: u64,
+    /// The first window it cheats in (see [`Cheater::first_window`]), if
+    /// any: windows to catch count from there.
+    first: Option<u64>,
 }
 
 impl<'a> Cheat<'a> {
@@ -143,7 +155,31 @@ impl<'a> Cheat<'a> {
             ranks,
             kind,
             from_window,
+            first: None,
         }
+    }
+
+    /// The same cheat, knowing the first window it cheats in within the
+    /// longest run the bench would make for it: its draws are its job's
+    /// (seed, probability), so the job file tells.
+    fn with_first_window(mut self, opts: &TrustOptions, seed: u64) -> Result<Self, ConfigError> {
+        let end = opts.windows + self.from_window + HORIZON;
+        let text = job_text(Path::new("run"), opts, seed, end, Some(&self));
+        let spec = config::parse(&text, Path::new("bench-trust.toml"))?;
+        self.first = self
+            .ranks
+            .iter()
+            .filter_map(|&rank| Cheater::new(&spec, rank)?.first_window(end))
+            .min();
+        Ok(self)
+    }
+
+    /// Windows of its run: those asked for (after its honest ones), or
+    /// more, so that it has [`WITHIN`] windows to be caught in after it
+    /// first cheats.
+    fn windows(&self, asked: u64) -> u64 {
+        let asked = asked + self.from_window;
+        self.first.map_or(asked, |first| asked.max(first + WITHIN))
     }
 
     /// Its row's name: the kind, and when it starts if not at once.
@@ -164,6 +200,8 @@ impl<'a> Cheat<'a> {
 /// One run's findings.
 #[derive(Debug, Default)]
 struct Outcome {
+    /// Whether the cheater cheated at all.
+    cheated: bool,
     /// The window a cheater was first caught in, counted from the first
     /// it cheats in, if it was caught.
     caught_in: Option<u64>,
@@ -195,7 +233,8 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
     })?;
     let setup = format!(
         "2 stages x 4 miners, {} microbatches a window, replay_rate {}, slice_audit_rate {}, \
-         contribution_chunks {}, slice_copies 2, cheat probability {}, {} runs x {} windows per kind",
+         contribution_chunks {}, slice_copies 2, cheat probability {}, {} runs x {} windows per kind \
+         (or until {WITHIN} past the cheater's first cheating window)",
         opts.microbatches,
         opts.rate,
         opts.slice_rate,
@@ -206,8 +245,9 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
     );
     println!("# swarmrun bench trust: {setup}");
     println!(
-        "{:<18} {:>8} {:>16} {:>10} {:>10} {:>15} {:>13} {:>10}",
+        "{:<18} {:>7} {:>8} {:>16} {:>10} {:>10} {:>15} {:>13} {:>10}",
         "cheat",
+        "cheated",
         "recall",
         "windows to catch",
         "honest hit",
@@ -220,6 +260,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         setup,
         &[
             "cheat",
+            "runs_cheated",
             "recall_pct",
             "mean_windows_to_catch",
             "honest_hit",
@@ -242,9 +283,9 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
         let mut label = String::new();
         for seed in 1..=opts.seeds {
             let dir = tmp.path().join(format!("{row}-{seed}"));
-            let cheat = Cheat::of(kind, seed);
+            let cheat = Cheat::of(kind, seed).with_first_window(opts, seed)?;
             label = cheat.label();
-            let windows = opts.windows + cheat.from_window;
+            let windows = cheat.windows(opts.windows);
             outcomes.push(run_one(&exe, &dir, opts, seed, windows, Some(&cheat))?);
         }
         let caught: Vec<u64> = outcomes.iter().filter_map(|o| o.caught_in).collect();
@@ -255,16 +296,20 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
             (Some(mean), Some(max)) => format!("{mean:.2} / {max}"),
             _ => "-".to_string(),
         };
-        let recall = 100.0 * within as f64 / outcomes.len() as f64;
+        // Runs whose cheater never cheated are no misses.
+        let cheated = outcomes.iter().filter(|o| o.cheated).count();
+        let recall = (cheated > 0).then(|| 100.0 * within as f64 / cheated as f64);
+        let recall_text = recall.map_or("-".to_string(), |r| format!("{r:.1}%"));
         let hits = outcomes.iter().map(|o| o.false_positives).sum::<usize>();
         let (replayed, share) = (share_replayed(&outcomes), share_of_compute(&outcomes));
         let window_error = 100.0 * outcomes.iter().map(|o| o.window_error).fold(0.0, f64::max);
         let run_error = 100.0 * outcomes.iter().map(|o| o.run_error).fold(0.0, f64::max);
         println!(
-            "{label:<18} {recall:>7.1}% {windows:>16} {hits:>10} {replayed:>9.2}% {share:>14.2}% {window_error:>12.2}% {run_error:>9.2}%",
+            "{label:<18} {cheated:>7} {recall_text:>8} {windows:>16} {hits:>10} {replayed:>9.2}% {share:>14.2}% {window_error:>12.2}% {run_error:>9.2}%",
         );
         tables.row(vec![
             label.into(),
+            cheated.into(),
             recall.into(),
             mean.into(),
             hits.into(),
@@ -289,8 +334,9 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
     let honest_only = std::slice::from_ref(&honest);
     let (replayed, share) = (share_replayed(honest_only), share_of_compute(honest_only));
     println!(
-        "{:<18} {:>8} {:>16} {:>10} {:>9.2}% {:>14.2}% {:>12.2}% {:>9.2}%",
+        "{:<18} {:>7} {:>8} {:>16} {:>10} {:>9.2}% {:>14.2}% {:>12.2}% {:>9.2}%",
         label,
+        "-",
         "-",
         "-",
         honest.false_positives,
@@ -301,6 +347,7 @@ pub fn run(opts: &TrustOptions, tables: &mut Tables) -> Result<(), BenchTrustErr
     );
     tables.row(vec![
         label.into(),
+        serde_json::Value::Null,
         serde_json::Value::Null,
         serde_json::Value::Null,
         honest.false_positives.into(),
@@ -387,17 +434,23 @@ fn run_one(
         outcome.replayed += line.replayed;
         outcome.passes += line.trained;
         for rank in line.caught {
-            match cheat.filter(|c| c.ranks.contains(&rank)) {
-                // Caught while it was still honest: a false positive.
-                Some(c) if line.window >= c.from_window => {
-                    outcome.caught_in.get_or_insert(line.window - c.from_window);
+            let first = cheat
+                .filter(|c| c.ranks.contains(&rank))
+                .and_then(|c| c.first);
+            match first {
+                // Caught before it cheated: a false positive.
+                Some(first) if line.window >= first => {
+                    outcome.caught_in.get_or_insert(line.window - first);
                 }
                 _ => outcome.false_positives += 1,
             }
         }
     }
     let chain = ledger::read(&run_dir)?;
-    let cheaters = cheat.map_or(&[][..], |c| &c.ranks);
+    // One that never cheated earned its share.
+    let cheaters = cheat.filter(|c| c.first.is_some());
+    outcome.cheated = cheaters.is_some();
+    let cheaters = cheaters.map_or(&[][..], |c| &c.ranks);
     (outcome.window_error, outcome.run_error) =
         share_errors(&ledger::settled(&chain.records), cheaters);
     Ok(outcome)

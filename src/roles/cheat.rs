@@ -26,6 +26,26 @@ const NUDGE_SALT: u64 = 0x0d6e_0000_0000_0000;
 const PARTIAL_SALT: u64 = 0x9a27_1a10_0000_0000;
 const GATHER_SALT: u64 = 0x6a7e_0000_0000_0000;
 
+/// The salt of a once-a-window cheat's draw; `None` for a cheat drawn
+/// pass by pass.
+fn window_salt(kind: CheatKind) -> Option<u64> {
+    match kind {
+        CheatKind::Collude => Some(COLLUDE_SALT),
+        CheatKind::ForgeCheckpoint => Some(FORGE_SALT),
+        CheatKind::ScaleContribution => Some(INFLATE_SALT),
+        CheatKind::NudgeContribution => Some(NUDGE_SALT),
+        CheatKind::ForgePartial => Some(PARTIAL_SALT),
+        CheatKind::ForgeGather | CheatKind::ForgeGatherDeniably => Some(GATHER_SALT),
+        CheatKind::RandomGrad
+        | CheatKind::SkipCompute
+        | CheatKind::ReplayStale
+        | CheatKind::ScaleUpdate
+        | CheatKind::FlipGrad
+        | CheatKind::FlipSketch
+        | CheatKind::GuessUnaudited => None,
+    }
+}
+
 /// How far a nudged element moves, in fixed-point units: far past any
 /// rounding, small beside the sum's range.
 const NUDGE: i64 = 1 << 24;
@@ -165,18 +185,9 @@ impl Cheater {
             return false;
         }
         let mut rng = SplitMix64::new(self.seed, ((self.rank as u64) << 48) ^ id);
-        let on_passes = matches!(
-            self.kind,
-            CheatKind::RandomGrad
-                | CheatKind::SkipCompute
-                | CheatKind::ReplayStale
-                | CheatKind::ScaleUpdate
-                | CheatKind::FlipGrad
-                | CheatKind::FlipSketch
-        );
         let probability = match self.kind {
             CheatKind::GuessUnaudited => self.guessed_probability(id),
-            _ if on_passes => self.probability,
+            kind if window_salt(kind).is_none() => self.probability,
             _ => 0.0,
         };
         rng.unit_open0() <= probability
@@ -208,7 +219,7 @@ impl Cheater {
     /// shared draw picks. Where they are all the holders their copies
     /// agree; where they are the majority they outvote the honest copies.
     fn colluded_slices(&self, window: u64, peers: &[usize], copies: usize) -> Vec<usize> {
-        if !self.strikes(CheatKind::Collude, COLLUDE_SALT, window) {
+        if !self.strikes(CheatKind::Collude, window) {
             return Vec::new();
         }
         let n = peers.len();
@@ -227,7 +238,7 @@ impl Cheater {
     /// so), the optimizer state it writes instead of `honest`: the second
     /// moments times 4, so a run resumed from it takes smaller steps.
     fn forged_state(&self, window: u64, honest: &AdamW) -> Option<AdamW> {
-        if !self.strikes(CheatKind::ForgeCheckpoint, FORGE_SALT, window) {
+        if !self.strikes(CheatKind::ForgeCheckpoint, window) {
             return None;
         }
         let (m, v) = honest.moments();
@@ -240,15 +251,37 @@ impl Cheater {
     /// Whether an inflater multiplies its all-reduce contribution in
     /// `window` (its passes stay honest).
     fn inflates(&self, window: u64) -> bool {
-        self.strikes(CheatKind::ScaleContribution, INFLATE_SALT, window)
+        self.strikes(CheatKind::ScaleContribution, window)
     }
 
     /// Whether a once-a-window cheat of `kind` strikes in `window`: it is
-    /// this miner's kind and the draw under `salt` says so. The draw leaves
-    /// the rank out, so every miner with that cheat (colluders) agrees.
-    fn strikes(&self, kind: CheatKind, salt: u64, window: u64) -> bool {
+    /// this miner's kind and its draw says so.
+    fn strikes(&self, kind: CheatKind, window: u64) -> bool {
+        self.kind == kind && self.strikes_in(window)
+    }
+
+    /// Whether this miner's once-a-window cheat strikes in `window`, by a
+    /// draw under its kind's salt. The draw leaves the rank out, so every
+    /// miner with that cheat (colluders) agrees.
+    fn strikes_in(&self, window: u64) -> bool {
+        let Some(salt) = window_salt(self.kind) else {
+            return false;
+        };
         let mut coin = SplitMix64::new(self.seed, salt ^ window);
-        self.kind == kind && window >= self.from_window && coin.unit_open0() <= self.probability
+        window >= self.from_window && coin.unit_open0() <= self.probability
+    }
+
+    /// The first of windows `0..end` it cheats in, as known before the
+    /// run: for a once-a-window cheat the first its draw strikes in, for
+    /// one drawn pass by pass the first it may cheat in (`from_window`).
+    /// `None`: it is honest throughout. `bench trust` counts the windows
+    /// to catch a cheater from here, so a cheat that strikes late is not
+    /// counted as missed before it struck.
+    pub fn first_window(&self, end: u64) -> Option<u64> {
+        match window_salt(self.kind) {
+            Some(_) => (self.from_window..end).find(|&w| self.strikes_in(w)),
+            None => (self.from_window < end).then_some(self.from_window),
+        }
     }
 
     /// What an inflater makes of its contribution: every integer times 8,
@@ -351,9 +384,7 @@ impl Conduct for Cheater {
         if self.inflates(window) {
             Cheater::inflate(contribution);
         }
-        if self.strikes(CheatKind::NudgeContribution, NUDGE_SALT, window)
-            && !contribution.is_empty()
-        {
+        if self.strikes(CheatKind::NudgeContribution, window) && !contribution.is_empty() {
             // Where is drawn apart from whether, and per rank.
             let mut at = SplitMix64::new(self.seed ^ self.rank as u64, NUDGE_SALT ^ !window);
             for _ in 0..NUDGED_ELEMENTS {
@@ -380,7 +411,7 @@ impl Conduct for Cheater {
     }
 
     fn partial_tamper(&self, window: u64) -> Option<Box<PartialTamper<'static, i64>>> {
-        self.strikes(CheatKind::ForgePartial, PARTIAL_SALT, window)
+        self.strikes(CheatKind::ForgePartial, window)
             .then(|| Box::new(Cheater::collude) as Box<PartialTamper<'static, i64>>)
     }
 
@@ -389,7 +420,7 @@ impl Conduct for Cheater {
             false => CheatKind::ForgeGather,
             true => CheatKind::ForgeGatherDeniably,
         };
-        self.strikes(kind, GATHER_SALT, window)
+        self.strikes(kind, window)
             .then(|| Box::new(|_: usize, slice: &mut [i64]| Cheater::collude(slice)) as _)
     }
 
@@ -462,5 +493,28 @@ mod tests {
         let mut sent = honest.clone();
         cheater("nudge_contribution", 0.0).contribution(0, &mut sent);
         assert_eq!(sent, honest);
+    }
+
+    #[test]
+    fn the_first_cheating_window_is_the_first_a_once_a_window_cheat_changes_anything_in() {
+        let honest = vec![5i64; 1000];
+        let changed = |c: &Cheater, window: u64| {
+            let mut sent = honest.clone();
+            c.contribution(window, &mut sent);
+            sent != honest
+        };
+        for kind in ["nudge_contribution", "scale_contribution"] {
+            let c = cheater(kind, 0.3);
+            let first = c.first_window(40).expect("0.3 a window strikes within 40");
+            // The test job's draws strike after window 0, so that the
+            // windows before are checked too.
+            assert!(first > 0, "{kind} struck at once");
+            assert!(changed(&c, first), "{kind} strikes in {first}");
+            assert!((0..first).all(|w| !changed(&c, w)), "{kind} before {first}");
+            assert_eq!(c.first_window(first), None, "none before {first}");
+        }
+        assert_eq!(cheater("nudge_contribution", 0.0).first_window(40), None);
+        // A cheat drawn pass by pass may cheat from its first window.
+        assert_eq!(cheater("random_grad", 0.1).first_window(40), Some(0));
     }
 }

@@ -2,7 +2,7 @@
 //! miners compute their stage, validators replay sampled miner work.
 
 mod audit;
-mod cheat;
+pub mod cheat;
 mod device;
 mod handover;
 mod leader;
