@@ -209,41 +209,50 @@ pub fn gradient_sketch(params: &[f32], seed: u64) -> Vec<u32> {
 
 /// The `per_chunk` sketch entries of chunk `q`, whose floats are `chunk`.
 /// With `key` a hash of `seed`, element `i`'s sign is bit `i % 64` of a
-/// hash of `key ^ i / 64`, its entry (where a chunk has more than one) a
-/// hash of `key ^ i` with its halves swapped, taken to `per_chunk` by
-/// multiply-shift; it is added by flipping its sign bit. Branches,
-/// divisions and a hash per element for the signs made this several
-/// times slower; a big stage has one entry a chunk and needs no entry
-/// hashes at all.
+/// hash of `key ^ i / 64`, its entry (where a chunk has more than one)
+/// byte `i % 8` of a hash of `key ^ i / 8` with its halves swapped, taken
+/// to `per_chunk` (at most 256) by multiply-shift; it is added by flipping
+/// its sign bit. Branches, divisions and a hash per element for the signs
+/// or the entries made this several times slower (miners sketch every
+/// pass, validators every probed chunk of every pass); a big stage has
+/// one entry a chunk and needs no entry hashes at all.
 ///
 /// The seed comes with the `Close` order, after the receipts bound each
 /// pass's gradients: with signs known beforehand, a cheater could shape a
 /// wrong gradient so that its sketch looks right.
 fn chunk_sketch(q: usize, chunk: &[f32], per_chunk: usize, seed: u64) -> Vec<f32> {
     let key = splitmix64(seed);
-    // Four partial sums an entry, by element index, added up in a fixed
-    // order at the end: one running sum would make every addition wait
-    // for the one before.
-    let mut sums = vec![[0.0f64; 4]; per_chunk];
+    // Eight partial sums an entry, by element index, added up in a fixed
+    // order at the end: fewer made additions wait for the one before into
+    // the same sum. An entry is a byte ([`sketch_per_chunk`] is at most
+    // [`SKETCH_LEN`], 256), so no index is checked against the bounds.
+    let mut sums = [[0.0f64; 8]; 256];
+    let per_chunk = per_chunk.clamp(1, 256);
     let first = q * GRAD_CHUNK;
+    let signed = |x: f32, signs: u64, j: usize| {
+        let flip = ((signs >> j) as u32 & 1) << 31;
+        f64::from(f32::from_bits(x.to_bits() ^ flip))
+    };
     for (b, block) in chunk.chunks(64).enumerate() {
         let base = first + 64 * b;
         let signs = splitmix64(key ^ (base / 64) as u64);
-        for (j, &x) in block.iter().enumerate() {
-            let flip = ((signs >> j) as u32 & 1) << 31;
-            let signed = f64::from(f32::from_bits(x.to_bits() ^ flip));
-            let entry = match per_chunk {
-                1 => 0,
-                n => {
-                    let h = splitmix64(key.rotate_left(32) ^ (base + j) as u64);
-                    (((h >> 32) * n as u64) >> 32) as usize
-                }
-            };
-            sums[entry][j % 4] += signed;
+        if per_chunk == 1 {
+            for (j, &x) in block.iter().enumerate() {
+                sums[0][j % 8] += signed(x, signs, j);
+            }
+            continue;
+        }
+        for (e, eight) in block.chunks(8).enumerate() {
+            let picks = splitmix64(key.rotate_left(32) ^ ((base / 8 + e) as u64));
+            for (i, &x) in eight.iter().enumerate() {
+                let entry = (((picks >> (8 * i)) & 0xff) * per_chunk as u64) >> 8;
+                sums[usize::from(entry as u8)][i] += signed(x, signs, 8 * e + i);
+            }
         }
     }
-    sums.into_iter()
-        .map(|[a, b, c, d]| ((a + b) + (c + d)) as f32)
+    sums[..per_chunk]
+        .iter()
+        .map(|[a, b, c, d, e, f, g, h]| (((a + b) + (c + d)) + ((e + f) + (g + h))) as f32)
         .collect()
 }
 
