@@ -522,3 +522,50 @@ fn job_text(
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(probability: f64) -> TrustOptions {
+        TrustOptions {
+            windows: 5,
+            seeds: 20,
+            microbatches: 8,
+            rate: 0.05,
+            slice_rate: 1.0,
+            chunks: 2,
+            probability,
+            honest_windows: 0,
+            kinds: Vec::new(),
+        }
+    }
+
+    fn cheat(kind: (&str, u64), probability: f64, seed: u64) -> Cheat<'_> {
+        Cheat::of(kind, seed)
+            .with_first_window(&options(probability), seed)
+            .expect("the bench's job file parses")
+    }
+
+    #[test]
+    fn a_once_a_window_cheat_runs_until_three_windows_past_its_first_strike() {
+        let runs: Vec<Cheat> = (1..=20)
+            .map(|seed| cheat(("nudge_contribution", 0), 0.1, seed))
+            .collect();
+        // At 0.1 a window some strike at once, some after the 5 asked for.
+        let at_once = runs.iter().find(|c| c.first == Some(0)).expect("one");
+        assert_eq!(at_once.windows(5), 5);
+        let late = runs
+            .iter()
+            .find(|c| c.first.is_some_and(|f| f + WITHIN > 5))
+            .expect("one strikes late");
+        assert_eq!(late.windows(5), late.first.unwrap() + WITHIN);
+        // One that never strikes runs the windows asked for.
+        let never = cheat(("nudge_contribution", 0), 0.0, 1);
+        assert_eq!((never.first, never.windows(5)), (None, 5));
+        // A cheat drawn pass by pass is judged from its first window.
+        let late_passes = cheat(("random_grad", LATE), 0.1, 1);
+        assert_eq!(late_passes.first, Some(LATE));
+        assert_eq!(late_passes.windows(5), 5 + LATE);
+    }
+}
