@@ -119,6 +119,7 @@
 
 mod adamw;
 mod checkpoint;
+pub mod digest_wide;
 mod elementary;
 mod generate;
 mod layers;

@@ -21,7 +21,7 @@ use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
 use crate::data::rng::{splitmix64, SplitMix64};
 use crate::data::Split;
-use crate::model::{batch_tensors, AdamW, AdamWConfig, StageInput, StageModel};
+use crate::model::{batch_tensors, digest_wide, AdamW, AdamWConfig, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
 
 /// The frames one pass took in, kept by its miner until the window closes.
@@ -149,6 +149,13 @@ pub const GRAD_CHUNK: usize = 1024;
 /// The digest of each [`GRAD_CHUNK`] floats of a pass's parameter
 /// gradients, in order.
 pub fn chunk_digests(params: &[f32]) -> Vec<blake3::Hash> {
+    if cfg!(target_endian = "little") {
+        let chunks: Vec<&[u8]> = params
+            .chunks(GRAD_CHUNK)
+            .map(bytemuck::cast_slice)
+            .collect();
+        return digest_wide::digests(&chunks);
+    }
     params
         .chunks(GRAD_CHUNK)
         .map(crate::model::digest)
@@ -348,6 +355,20 @@ pub fn check_contribution(
         })
         .collect();
     let mut sums: Vec<Vec<i64>> = parts.iter().map(|(_, p)| vec![0; p.len()]).collect();
+    // Every probed chunk of every pass, digested together (4 KiB digests
+    // run wider in groups), in the order the loop below takes them.
+    let probed_bytes: Vec<&[u8]> = proof
+        .chunks(per_pass.max(1))
+        .flat_map(|bytes| {
+            let floats = &bytes[sketch_bytes + n_chunks * blake3::OUT_LEN..];
+            parts.iter().scan(floats, |rest, (q, _)| {
+                let (chunk, after) = rest.split_at(chunk_range(*q).len() * 4);
+                *rest = after;
+                Some(chunk)
+            })
+        })
+        .collect();
+    let mut probed_digests = digest_wide::digests(&probed_bytes).into_iter();
     for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
         let id = pass.id;
         let (sketch, bytes) = bytes.split_at(sketch_bytes);
@@ -368,7 +389,10 @@ pub fn check_contribution(
             let (bytes, rest) = floats.split_at(chunk.len() * 4);
             floats = rest;
             let own = &digests[q * blake3::OUT_LEN..(q + 1) * blake3::OUT_LEN];
-            if blake3::hash(bytes).as_bytes() != own {
+            if probed_digests
+                .next()
+                .is_none_or(|h| h.as_bytes()[..] != *own)
+            {
                 return Err(format!(
                     "microbatch {id}: the gradient chunk {q} it sent is not its receipt's"
                 ));
