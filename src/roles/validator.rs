@@ -121,9 +121,9 @@ fn follow_orders<T: Transport + ?Sized>(
                 // side on the check pool: the miners wait for the step.
                 let (mut received, mut superseded) = (Vec::new(), None);
                 for task in tasks.into_iter().filter(|a| a.validator == t.rank()) {
-                    stage_segments(&setup, &mut layouts, task.stage)?;
+                    let segments = stage_segments(&setup, &mut layouts, task.stage)?.to_vec();
                     match receive_slice(leader, window, attempt, &task) {
-                        Ok(got) => received.push((task, got)),
+                        Ok(got) => received.push((task, got, segments)),
                         Err(Halt::Superseded(order)) => {
                             superseded = Some(*order);
                             break;
@@ -138,15 +138,14 @@ fn follow_orders<T: Transport + ?Sized>(
                 let judged: Vec<_> = checks.install(|| {
                     received
                         .par_iter()
-                        .map(|(task, got)| {
-                            let segments = layouts.get(&task.stage).map_or(&[][..], |s| s);
+                        .map(|(task, got, segments)| {
                             let judge =
                                 || judge_slice((window, attempt), task, (segments, chunks), got);
                             rank_span.in_scope(judge)
                         })
                         .collect()
                 });
-                for ((task, _), (verdicts, replay_s)) in received.into_iter().zip(judged) {
+                for ((task, _, _), (verdicts, replay_s)) in received.into_iter().zip(judged) {
                     leader.report(&Report::Recomputed {
                         window,
                         attempt,
