@@ -554,13 +554,14 @@ fn judge_slice(
     // would have to cancel out in the sum (so the update is the honest
     // one) and are checked against their passes as sent. Only where the
     // sum is not the copies is each digest needed, to say who lied.
-    let agreed = match sized.iter().copied().collect::<Option<Vec<_>>>() {
-        Some(all) if !between_sites && !task.holders.is_empty() => {
-            Some(slice_digest(&sum(all.into_iter(), len)))
-                .filter(|d| task.holders.iter().all(|(_, copy)| copy == d))
-        }
+    let summed = match sized.iter().copied().collect::<Option<Vec<_>>>() {
+        Some(all) if !between_sites && !task.holders.is_empty() => Some(sum(all.into_iter(), len)),
         _ => None,
     };
+    let agreed = summed
+        .as_ref()
+        .map(|s| slice_digest(s))
+        .filter(|d| task.holders.iter().all(|(_, copy)| copy == d));
     let probed = task.probed(&range, chunks);
     let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(data.contributions.len());
     let mut verdicts = Vec::new();
@@ -611,7 +612,8 @@ fn judge_slice(
     let given: Option<Vec<i64>> = match (whole, between_sites) {
         _ if agreed.is_some() => None,
         (None, _) => None,
-        (Some(whole), false) => Some(sum(whole.into_iter(), len)),
+        // Every contribution checked out, so they are the ones summed above.
+        (Some(whole), false) => Some(summed.unwrap_or_else(|| sum(whole.into_iter(), len))),
         (Some(whole), true) => {
             let mut given = Vec::with_capacity(task.sites.len());
             for (site, partial) in task.sites.iter().zip(&data.partials) {
