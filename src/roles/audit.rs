@@ -355,8 +355,9 @@ pub fn check_contribution(
         })
         .collect();
     let mut sums: Vec<Vec<i64>> = parts.iter().map(|(_, p)| vec![0; p.len()]).collect();
-    // Every probed chunk of every pass, digested together (4 KiB digests
-    // run wider in groups), in the order the loop below takes them.
+    // Every probed chunk of every pass, pass by pass, digested together
+    // (4 KiB digests run wider in groups); the loop below takes them in
+    // this order.
     let probed_bytes: Vec<&[u8]> = proof
         .chunks(per_pass.max(1))
         .flat_map(|bytes| {
@@ -368,7 +369,8 @@ pub fn check_contribution(
             })
         })
         .collect();
-    let mut probed_digests = digest_wide::digests(&probed_bytes).into_iter();
+    let probed_digests = digest_wide::digests(&probed_bytes);
+    let mut probed_chunks = probed_bytes.iter().zip(&probed_digests);
     for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
         let id = pass.id;
         let (sketch, bytes) = bytes.split_at(sketch_bytes);
@@ -378,21 +380,17 @@ pub fn check_contribution(
                 "microbatch {id}: the gradient sketch it sent is not the one it stated"
             ));
         }
-        let (digests, mut floats) = bytes.split_at(n_chunks * blake3::OUT_LEN);
+        let digests = &bytes[..n_chunks * blake3::OUT_LEN];
         if blake3::hash(digests).to_hex().as_str() != pass.params {
             return Err(format!(
                 "microbatch {id}: the gradient chunk digests it sent are not its receipt's"
             ));
         }
-        for ((q, part), sum) in parts.iter().zip(&mut sums) {
+        let this_pass = parts.iter().zip(&mut sums).zip(probed_chunks.by_ref());
+        for (((q, part), sum), (bytes, got)) in this_pass {
             let chunk = chunk_range(*q);
-            let (bytes, rest) = floats.split_at(chunk.len() * 4);
-            floats = rest;
             let own = &digests[q * blake3::OUT_LEN..(q + 1) * blake3::OUT_LEN];
-            if probed_digests
-                .next()
-                .is_none_or(|h| h.as_bytes()[..] != *own)
-            {
+            if got.as_bytes()[..] != *own {
                 return Err(format!(
                     "microbatch {id}: the gradient chunk {q} it sent is not its receipt's"
                 ));
