@@ -51,6 +51,39 @@ impl Isa {
     }
 }
 
+/// `f()` built for the widest instruction set this CPU has, for loops
+/// elsewhere that the compiler vectorizes the same way (inline them into
+/// `f` with `#[inline(always)]`: a call out of `f` runs as the baseline
+/// build).
+pub fn on_widest<R>(f: impl FnOnce() -> R) -> R {
+    on(Isa::widest(), f)
+}
+
+/// `f()` built for `isa`, or for the baseline where this CPU lacks it.
+fn on<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    match isa {
+        // SAFETY: the CPU has the features these were compiled for
+        // (`here`), which is all `target_feature` asks of a caller.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.here() => unsafe { call_avx512(f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.here() => unsafe { call_avx2(f) },
+        _ => f(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn call_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn call_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// `k.row(...)` built for the widest instruction set this CPU has.
 pub(super) fn row<K: RowKernel, T: Real>(k: &K, index: usize, a: &[T], b: &[T], out: &mut [T]) {
     row_on(Isa::widest(), k, index, a, b, out)
@@ -66,25 +99,9 @@ pub(super) fn row_on<K: RowKernel, T: Real>(
     b: &[T],
     out: &mut [T],
 ) {
-    match isa {
-        // SAFETY: the CPU has the features these were compiled for
-        // (`here`), which is all `target_feature` asks of a caller.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.here() => unsafe { row_avx512(k, index, a, b, out) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.here() => unsafe { row_avx2(k, index, a, b, out) },
-        _ => k.row(index, a, b, out),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn row_avx512<K: RowKernel, T: Real>(k: &K, index: usize, a: &[T], b: &[T], out: &mut [T]) {
-    k.row(index, a, b, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn row_avx2<K: RowKernel, T: Real>(k: &K, index: usize, a: &[T], b: &[T], out: &mut [T]) {
-    k.row(index, a, b, out)
+    on(
+        isa,
+        #[inline(always)]
+        || k.row(index, a, b, out),
+    )
 }

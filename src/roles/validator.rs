@@ -135,12 +135,13 @@ fn follow_orders<T: Transport + ?Sized>(
                 // thread judges it.
                 let rank_span = tracing::Span::current();
                 let chunks = spec.roles.contribution_chunks;
+                let checked = audit::CheckedStatements::default();
                 let judged: Vec<_> = checks.install(|| {
                     received
                         .par_iter()
                         .map(|(task, got, segments)| {
-                            let judge =
-                                || judge_slice((window, attempt), task, (segments, chunks), got);
+                            let probes = (&segments[..], chunks, &checked);
+                            let judge = || judge_slice((window, attempt), task, probes, got);
                             rank_span.in_scope(judge)
                         })
                         .collect()
@@ -512,7 +513,8 @@ fn receive_slice<T: Transport + ?Sized>(
 /// contribution and judges every miner involved: a contributor by what it
 /// sent (checked against the digest it stated where the sum is not every
 /// holder's copy, and by whether its contribution is the fixed-point sum
-/// of its passes' gradients in `chunks` probed chunks), a holder by
+/// of its passes' gradients in `chunks` probed chunks, with what the
+/// window's other slices found true in `checked`), a holder by
 /// whether its copy is the sum. Holders go unjudged when the sum cannot
 /// be made (a contributor lost, silent, or sending other numbers than it
 /// stated). Also returns the seconds the checking took.
@@ -520,7 +522,7 @@ fn receive_slice<T: Transport + ?Sized>(
 fn judge_slice(
     (window, attempt): (u64, u32),
     task: &SliceTask,
-    (segments, chunks): (&[Range<usize>], usize),
+    (segments, chunks, checked): (&[Range<usize>], usize, &audit::CheckedStatements),
     data: &SliceData,
 ) -> (Vec<(usize, Verdict)>, f64) {
     let between_sites = !task.sites.is_empty();
@@ -582,13 +584,13 @@ fn judge_slice(
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
                 let checked = passes.map_or(Ok(()), |passes| {
                     audit::check_contribution(
+                        (checked, *rank),
                         segments,
                         (&task.scales, task.sketch_seed),
                         passes,
                         &probed,
                         &range,
-                        bytes,
-                        proof,
+                        (bytes, proof),
                     )
                 });
                 verdicts.push((
@@ -702,7 +704,8 @@ mod tests {
         };
         // One segment of 10 elements.
         let segments = vec![0..10; 1];
-        judge_slice((0, 0), &task, (&segments, 2), &data).0
+        let checked = audit::CheckedStatements::default();
+        judge_slice((0, 0), &task, (&segments, 2, &checked), &data).0
     }
 
     #[test]
