@@ -22,6 +22,7 @@ pub mod fuzzing;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod hello;
+pub mod isa;
 pub mod launch;
 pub mod ledger;
 pub mod logging;

@@ -20,6 +20,7 @@
 use std::ops::Range;
 
 use super::{all_reduce, AllReduceAlgorithm, Call, CollectiveError, ReduceOp, TAGS_PER_CALL};
+use crate::isa::on_widest;
 use crate::transport::Transport;
 
 /// Most contributions (over all ranks) one sum may have.
@@ -172,28 +173,18 @@ impl FixedPoint {
 /// a contribution beyond the stated maxes (a cheater's) must give a wrong
 /// sum, not a panic. `scale` is a power of two.
 ///
-/// Built once more for AVX-512 and picked at run time, because the plain
-/// `(x * scale).round() as i64` cannot be vectorized at all: `f64::round`
-/// has no x86 instruction (a libm call per element), and the saturating
-/// `as i64` stayed one element at a time even in an AVX-512 build;
-/// encoding was 3% of a miner's CPU, half of it in `round`. Both builds
-/// run the same operations, so they give the same bits
+/// Built for the widest vectors this CPU has ([`on_widest`]), because
+/// the plain `(x * scale).round() as i64` cannot be vectorized at all:
+/// `f64::round` has no x86 instruction (a libm call per element), and the
+/// saturating `as i64` stayed one element at a time even in an AVX-512
+/// build; encoding was 3% of a miner's CPU, half of it in `round`. Every
+/// build runs the same operations, so they give the same bits
 /// ([`round_half_away`], [`integer_of`]).
 fn add_scaled(values: &[f32], scale: f64, acc: &mut [i64]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512dq")
-    {
-        // SAFETY: the CPU has the features it was compiled for.
-        return unsafe { add_scaled_avx512(values, scale, acc) };
-    }
-    add_scaled_plain(values, scale, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn add_scaled_avx512(values: &[f32], scale: f64, acc: &mut [i64]) {
-    add_scaled_plain(values, scale, acc)
+    on_widest(
+        #[inline(always)]
+        || add_scaled_plain(values, scale, acc),
+    )
 }
 
 #[inline(always)]
@@ -311,6 +302,7 @@ fn check_arguments(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::isa::{on, Isa};
     use crate::transport::LocalTransport;
 
     /// `per_rank[r]` are rank r's contributions; returns rank 0's result
@@ -474,13 +466,21 @@ mod tests {
                 .zip(&start)
                 .map(|(&x, &a)| a.wrapping_add(held(x)))
                 .collect();
-            let mut widest = start.clone();
-            add_scaled(&xs, scale, &mut widest);
-            let mut plain = start;
-            add_scaled_plain(&xs, scale, &mut plain);
-            for (i, ((w, p), g)) in widest.iter().zip(&plain).zip(&want).enumerate() {
-                assert_eq!((w, p), (g, g), "{} at 2^{e}", xs[i]);
+            let isas = [Isa::Avx512, Isa::Avx2, Isa::Baseline];
+            for isa in isas.into_iter().filter(|isa| isa.here()) {
+                let mut got = start.clone();
+                on(
+                    isa,
+                    #[inline(always)]
+                    || add_scaled_plain(&xs, scale, &mut got),
+                );
+                for (i, (w, g)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(w, g, "{} at 2^{e} with {isa:?}", xs[i]);
+                }
             }
+            let mut widest = start;
+            add_scaled(&xs, scale, &mut widest);
+            assert_eq!(widest, want, "at 2^{e}");
         }
     }
 

@@ -139,7 +139,6 @@ pub use generate::{generate, SampleOptions};
 pub use local::LocalPipeline;
 pub use params::ParamInfo;
 pub use stage::{Pass, PassGrads, StageInput, StageModel};
-pub use wide::on_widest;
 
 use crate::config::{JobSpec, ModelSpec};
 use crate::data::Batch;

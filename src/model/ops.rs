@@ -982,7 +982,8 @@ mod tests {
     /// the same digests on any x86-64.
     #[test]
     fn row_kernels_give_the_same_bits_at_every_vector_width() {
-        use super::wide::{row_on, Isa};
+        use super::wide::row_on;
+        use crate::isa::Isa;
         fn same<K: RowKernel>(isa: Isa, k: &K, a: &[f32], b: &[f32], n: usize) {
             for (i, a) in a.chunks(n).enumerate() {
                 let b = b.get(i * n..(i + 1) * n).unwrap_or(&[]);

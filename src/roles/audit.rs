@@ -23,9 +23,8 @@ use super::train::Setup;
 use crate::collective::{segment_maxes, FixedPoint};
 use crate::data::rng::{splitmix64, SplitMix64};
 use crate::data::Split;
-use crate::model::{
-    batch_tensors, digest_wide, on_widest, AdamW, AdamWConfig, StageInput, StageModel,
-};
+use crate::isa::on_widest;
+use crate::model::{batch_tensors, digest_wide, AdamW, AdamWConfig, StageInput, StageModel};
 use crate::pipeline::BoundaryCodec;
 
 /// The frames one pass took in, kept by its miner until the window closes.
