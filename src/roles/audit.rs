@@ -328,20 +328,36 @@ pub fn gradient_proof<'p>(
 ) -> Vec<u8> {
     let mut proof = Vec::new();
     for (params, chunks, sketch) in passes {
-        for entry in sketch {
-            proof.extend_from_slice(&entry.to_le_bytes());
-        }
+        let probed_floats: usize = probed
+            .iter()
+            .filter_map(|&q| params.get(q * GRAD_CHUNK..))
+            .map(|rest| rest.len().min(GRAD_CHUNK))
+            .sum();
+        proof.reserve(4 * (sketch.len() + probed_floats) + chunks.len() * blake3::OUT_LEN);
+        extend_le(&mut proof, sketch);
         for digest in chunks {
             proof.extend_from_slice(digest.as_bytes());
         }
         for &q in probed {
             let chunk = params.chunks(GRAD_CHUNK).nth(q);
-            for x in chunk.unwrap_or_default() {
-                proof.extend_from_slice(&x.to_le_bytes());
-            }
+            extend_le(&mut proof, chunk.unwrap_or_default());
         }
     }
     proof
+}
+
+/// Words (`f32`s, `u32`s) appended to `out` little-endian: on a
+/// little-endian CPU their bytes as they lie, not four bytes at a time (a
+/// miner sends each probed chunk of every credited pass for every slice).
+fn extend_le<T: bytemuck::Pod>(out: &mut Vec<u8>, values: &[T]) {
+    let words: &[u32] = bytemuck::cast_slice(values);
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(words));
+    } else {
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
 }
 
 /// What a window's contribution checks found true so far: each credited
