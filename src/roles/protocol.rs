@@ -229,6 +229,7 @@ pub struct AuditTask {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatedSketch {
     pub seed: u64,
+    #[serde(with = "words_hex")]
     pub sketch: Vec<u32>,
 }
 
@@ -330,7 +331,68 @@ pub fn sketch_digest(sketch: &[u32]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PassSketch {
     pub id: u64,
+    #[serde(with = "words_hex")]
     pub sketch: Vec<u32>,
+}
+
+/// A sketch in a message: the hex of its words' little-endian bytes, not
+/// a JSON array of numbers. A miner states 256 words for every pass it
+/// served in a window, and parsing them as numbers was the orchestrator's
+/// largest cost on `bench trust`'s job (many small passes). The `hex`
+/// crate's iterators cost as much again, so the digits are done here.
+mod words_hex {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+    /// Each byte's value as a hex digit, 0xff where it is none.
+    const VALUES: [u8; 256] = {
+        let mut values = [0xff; 256];
+        let mut i = 0;
+        while i < 16 {
+            values[DIGITS[i] as usize] = i as u8;
+            values[DIGITS[i].to_ascii_uppercase() as usize] = i as u8;
+            i += 1;
+        }
+        values
+    };
+
+    pub fn serialize<S: Serializer>(words: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        let mut text = String::with_capacity(8 * words.len());
+        for byte in words.iter().flat_map(|w| w.to_le_bytes()) {
+            text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            text.push(char::from(DIGITS[usize::from(byte & 15)]));
+        }
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        let digits = text.as_bytes();
+        if !digits.len().is_multiple_of(8) {
+            return Err(D::Error::custom(format!(
+                "a sketch of {} hex digits is not whole 4-byte words",
+                digits.len()
+            )));
+        }
+        let mut words = Vec::with_capacity(digits.len() / 8);
+        // Any digit that is none sets a high bit of `seen`.
+        let mut seen = 0u8;
+        for eight in digits.chunks_exact(8) {
+            let mut word = 0u32;
+            for (i, pair) in eight.chunks_exact(2).enumerate() {
+                let (high, low) = (VALUES[usize::from(pair[0])], VALUES[usize::from(pair[1])]);
+                seen |= high | low;
+                word |= u32::from(high << 4 | low & 15) << (8 * i);
+            }
+            words.push(word);
+        }
+        if seen & 0xf0 != 0 {
+            return Err(D::Error::custom("a sketch that is not hex"));
+        }
+        Ok(words)
+    }
 }
 
 /// One slice of `stage`'s all-reduce for `validator` to recompute from
@@ -733,6 +795,31 @@ mod tests {
             "{err}"
         );
         assert!(decode_order(&[0xff; 9], 0).is_err());
+    }
+
+    #[test]
+    fn sketches_travel_as_hex_and_malformed_ones_are_refused() {
+        let sketch = PassSketch {
+            id: 7,
+            sketch: vec![0x3f80_0000, 0xbf80_0000, 0, u32::MAX],
+        };
+        let bytes = encode(&sketch);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(
+            text.contains("\"0000803f000080bf00000000ffffffff\""),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_slice::<PassSketch>(&bytes).unwrap(),
+            sketch
+        );
+        for bad in [r#""0000803""#, r#""0000803g""#, r#""000080""#, "[1,2]"] {
+            let message = format!(r#"{{"id":7,"sketch":{bad}}}"#);
+            assert!(
+                serde_json::from_str::<PassSketch>(&message).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
