@@ -35,38 +35,24 @@ impl SigningKey {
     }
 
     pub fn public_hex(&self) -> String {
-        hex(self.0.public_key().as_ref())
+        hex::encode(self.0.public_key())
     }
 
     /// The signature (hex) of `message` under `domain`.
     pub fn sign(&self, domain: &[u8], message: &[u8]) -> String {
-        hex(self.0.sign(&[domain, message].concat()).as_ref())
+        hex::encode(self.0.sign(&[domain, message].concat()))
     }
 }
 
 /// Whether `signature` (hex) is `key`'s (hex) of `message` under `domain`;
 /// false for anything that does not parse.
 pub fn verify(key: &str, signature: &str, domain: &[u8], message: &[u8]) -> bool {
-    match (unhex(key), unhex(signature)) {
+    match (hex::decode(key).ok(), hex::decode(signature).ok()) {
         (Some(key), Some(sig)) => UnparsedPublicKey::new(&ED25519, key)
             .verify(&[domain, message].concat(), &sig)
             .is_ok(),
         _ => false,
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
