@@ -328,19 +328,18 @@ pub fn gradient_proof<'p>(
 ) -> Vec<u8> {
     let mut proof = Vec::new();
     for (params, chunks, sketch) in passes {
-        let probed_floats: usize = probed
+        let floats: Vec<&[f32]> = probed
             .iter()
-            .filter_map(|&q| params.get(q * GRAD_CHUNK..))
-            .map(|rest| rest.len().min(GRAD_CHUNK))
-            .sum();
-        proof.reserve(4 * (sketch.len() + probed_floats) + chunks.len() * blake3::OUT_LEN);
+            .filter_map(|&q| params.chunks(GRAD_CHUNK).nth(q))
+            .collect();
+        let float_count: usize = floats.iter().map(|chunk| chunk.len()).sum();
+        proof.reserve(4 * (sketch.len() + float_count) + chunks.len() * blake3::OUT_LEN);
         extend_le(&mut proof, sketch);
         for digest in chunks {
             proof.extend_from_slice(digest.as_bytes());
         }
-        for &q in probed {
-            let chunk = params.chunks(GRAD_CHUNK).nth(q);
-            extend_le(&mut proof, chunk.unwrap_or_default());
+        for chunk in floats {
+            extend_le(&mut proof, chunk);
         }
     }
     proof
@@ -461,10 +460,9 @@ pub fn check_contribution(
     let mut probed_chunks = probed_bytes.iter().zip(&probed_digests);
     for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
         let id = pass.id;
-        let stated = &bytes[..sketch_bytes + n_chunks * blake3::OUT_LEN];
-        let (sketch, bytes) = bytes.split_at(sketch_bytes);
-        let digests = &bytes[..n_chunks * blake3::OUT_LEN];
-        if !checked.holds(rank, pass, stated) {
+        let statement = &bytes[..sketch_bytes + n_chunks * blake3::OUT_LEN];
+        let (sketch, digests) = statement.split_at(sketch_bytes);
+        if !checked.holds(rank, pass, statement) {
             // The bytes as sent: what `protocol::sketch_digest` covers.
             if digest(sketch) != pass.sketch {
                 return Err(format!(
@@ -476,7 +474,7 @@ pub fn check_contribution(
                     "microbatch {id}: the gradient chunk digests it sent are not its receipt's"
                 ));
             }
-            checked.insert(rank, pass, stated);
+            checked.insert(rank, pass, statement);
         }
         let this_pass = parts.iter().zip(&mut sums).zip(probed_chunks.by_ref());
         for (((q, part), sum), (bytes, got)) in this_pass {

@@ -582,7 +582,7 @@ fn judge_slice(
                 values.push(sized.get(i).copied().flatten());
                 // Between sites no task carries passes.
                 let passes = task.passes.as_ref().and_then(|p| p.get(i));
-                let checked = passes.map_or(Ok(()), |passes| {
+                let check = passes.map_or(Ok(()), |passes| {
                     audit::check_contribution(
                         (checked, *rank),
                         segments,
@@ -595,7 +595,7 @@ fn judge_slice(
                 });
                 verdicts.push((
                     *rank,
-                    match checked {
+                    match check {
                         Ok(()) => Verdict::Passed,
                         Err(reason) => Verdict::Failed(reason),
                     },
