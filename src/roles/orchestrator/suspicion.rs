@@ -273,10 +273,12 @@ fn median(mut values: Vec<f64>) -> f64 {
         return 0.0;
     }
     let (below, &mut mid, _) = values.select_nth_unstable_by(n / 2, f64::total_cmp);
-    match below.iter().copied().max_by(f64::total_cmp) {
-        Some(lower) if n.is_multiple_of(2) => (lower + mid) / 2.0,
-        _ => mid,
+    if !n.is_multiple_of(2) {
+        return mid;
     }
+    // The other middle value is the largest of those below.
+    let lower = below.iter().copied().max_by(f64::total_cmp).unwrap_or(mid);
+    (lower + mid) / 2.0
 }
 
 #[cfg(test)]
