@@ -252,7 +252,7 @@ enum BenchCmd {
     Allreduce {
         #[arg(short = 'n', long = "nprocs", default_value_t = 4)]
         nprocs: usize,
-        /// Comma-separated: tcp, shm, shm-registered, mpi (OpenMPI's MPI_Allreduce), mpi-tcp (the same over its TCP path only); the mpi ones need --features mpi.
+        /// Comma-separated: tcp, tcp-sealed (every frame sealed, as between hosts), shm, shm-registered, mpi (OpenMPI's MPI_Allreduce), mpi-tcp (the same over its TCP path only); the mpi ones need --features mpi.
         #[arg(long, default_value = "tcp", value_delimiter = ',')]
         transport: Vec<String>,
         /// Smallest message (1K, 64KiB, 4M...).

@@ -169,6 +169,7 @@ fn a_stranger_with_a_wrong_key_is_refused_and_the_job_goes_on() {
     let opts = StreamOptions {
         max_frame: 1 << 16,
         handshake_timeout: Duration::from_secs(5),
+        seal_loopback: false,
     };
     let refused = AuthStream::client(stream, &wrong, Hello::new(1, "t"), opts);
     assert!(

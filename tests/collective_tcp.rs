@@ -20,8 +20,13 @@ use swarmrun::wire::JobKey;
 /// it, so no outcome depends on how fast the host is.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Connects an n-rank mesh on loopback and runs `f` on every rank's thread.
-fn with_tcp_world<R: Send>(n: usize, f: impl Fn(TcpTransport) -> R + Sync) -> Vec<R> {
+/// Connects an n-rank mesh on loopback, its frames sealed or not, and
+/// runs `f` on every rank's thread.
+fn with_tcp_world<R: Send>(
+    n: usize,
+    seal_loopback: bool,
+    f: impl Fn(TcpTransport) -> R + Sync,
+) -> Vec<R> {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -35,6 +40,7 @@ fn with_tcp_world<R: Send>(n: usize, f: impl Fn(TcpTransport) -> R + Sync) -> Ve
         handshake_timeout: PATIENCE,
         joinable: false,
         lanes: 1,
+        seal_loopback,
     };
     thread::scope(|s| {
         let handles: Vec<_> = listeners
@@ -64,18 +70,21 @@ fn sum_over(ranks: impl Iterator<Item = usize>, len: usize) -> Vec<f32> {
 }
 
 #[test]
-fn all_reduce_over_tcp_gives_the_exact_sum_on_every_rank() {
-    for n in [3, 5] {
+fn all_reduce_over_tcp_gives_the_exact_sum_on_every_rank_sealed_or_not() {
+    for (n, seal) in [(3, false), (5, false), (3, true), (5, true)] {
         for len in [0, 1, 1009, 600_000] {
             for algorithm in [AllReduceAlgorithm::Butterfly, AllReduceAlgorithm::Ring] {
                 let want = sum_over(0..n, len);
-                let got = with_tcp_world(n, |t| {
+                let got = with_tcp_world(n, seal, |t| {
                     let mut buf = input(t.rank(), len);
                     all_reduce(Call::new(&t, 1), &mut buf, ReduceOp::Sum, algorithm).unwrap();
                     buf
                 });
                 for (rank, buf) in got.iter().enumerate() {
-                    assert!(*buf == want, "n={n} len={len} {algorithm:?} rank {rank}");
+                    assert!(
+                        *buf == want,
+                        "n={n} sealed={seal} len={len} {algorithm:?} rank {rank}"
+                    );
                 }
             }
         }
@@ -87,7 +96,7 @@ fn a_rank_whose_connections_die_mid_all_reduce_is_blamed_and_survivors_retry() {
     let (n, victim, len) = (4, 2, 400_000);
     let want = sum_over((0..n).filter(|&r| r != victim), len);
     let start = Instant::now();
-    let results = with_tcp_world(n, |t| {
+    let results = with_tcp_world(n, false, |t| {
         let mut buf = input(t.rank(), len);
         if t.rank() == victim {
             let dying = DiesAfter::new(t, 0, TcpTransport::shutdown);

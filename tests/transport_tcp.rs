@@ -27,6 +27,7 @@ fn opts() -> TcpOptions {
         handshake_timeout: PATIENCE,
         joinable: false,
         lanes: 1,
+        seal_loopback: false,
     }
 }
 
@@ -34,6 +35,7 @@ fn stream_opts() -> StreamOptions {
     StreamOptions {
         max_frame: MAX_FRAME,
         handshake_timeout: PATIENCE,
+        seal_loopback: false,
     }
 }
 
@@ -215,12 +217,22 @@ struct RogueWorld {
     to_1: AuthStream,
 }
 
-fn rogue_world(key: &JobKey) -> RogueWorld {
+/// [`RogueWorld`] with its links' frames sealed (as between hosts) or not
+/// (as the ranks of one host send them by default).
+fn rogue_world(key: &JobKey, seal_loopback: bool) -> RogueWorld {
     let (listeners, addrs) = listeners(3);
-    let handles = start_ranks(listeners, &addrs, 2, key, opts());
+    let rank_opts = TcpOptions {
+        seal_loopback,
+        ..opts()
+    };
+    let handles = start_ranks(listeners, &addrs, 2, key, rank_opts);
+    let rogue_opts = StreamOptions {
+        seal_loopback,
+        ..stream_opts()
+    };
     let dial = |to: usize| {
         let socket = TcpStream::connect(addrs[to]).unwrap();
-        AuthStream::client(socket, key, Hello::new(2, JOB), stream_opts())
+        AuthStream::client(socket, key, Hello::new(2, JOB), rogue_opts)
             .unwrap()
             .0
     };
@@ -293,7 +305,7 @@ fn frame_with_bad_mac_drops_only_that_peer() {
     let mut bytes = header(3);
     bytes.extend_from_slice(b"abc");
     bytes.extend_from_slice(&[0u8; 16]);
-    assert_rogue_dropped(rogue_world(&key), &bytes, "integrity check");
+    assert_rogue_dropped(rogue_world(&key, true), &bytes, "integrity check");
 }
 
 #[test]
@@ -306,22 +318,26 @@ fn a_message_growing_past_max_message_drops_only_that_peer() {
             to_0.send(FrameKind::DataMore, 5, &chunk).unwrap();
         }
     };
-    assert_rogue_dropped_by(rogue_world(&key), endless, "network.max_message");
+    assert_rogue_dropped_by(rogue_world(&key, false), endless, "network.max_message");
 }
 
 #[test]
-fn oversized_frame_drops_only_that_peer() {
+fn oversized_frame_drops_only_that_peer_sealed_or_not() {
     let key = JobKey::generate().unwrap();
     let bytes = header(MAX_FRAME as u32 + 1);
-    assert_rogue_dropped(rogue_world(&key), &bytes, "exceeds the limit");
+    for seal in [false, true] {
+        assert_rogue_dropped(rogue_world(&key, seal), &bytes, "exceeds the limit");
+    }
 }
 
 #[test]
-fn frame_with_bad_magic_drops_only_that_peer() {
+fn frame_with_bad_magic_drops_only_that_peer_sealed_or_not() {
     let key = JobKey::generate().unwrap();
     let mut bytes = header(0);
     bytes[..4].copy_from_slice(b"XXXX");
-    assert_rogue_dropped(rogue_world(&key), &bytes, "bad magic");
+    for seal in [false, true] {
+        assert_rogue_dropped(rogue_world(&key, seal), &bytes, "bad magic");
+    }
 }
 
 #[test]
@@ -345,7 +361,7 @@ fn peer_that_shuts_down_is_lost_at_once_after_its_last_messages() {
 #[test]
 fn peer_that_vanishes_without_goodbye_is_lost_at_once() {
     let key = JobKey::generate().unwrap();
-    let world = rogue_world(&key);
+    let world = rogue_world(&key, false);
     let started = Instant::now();
     drop(world.to_0);
     let err = world.ranks[0].recv(2, 1).unwrap_err();

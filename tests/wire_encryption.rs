@@ -21,9 +21,13 @@ const JOB: &str = "wire-encryption";
 /// for it unless it has failed.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The relays here stand for the network between two sites: on loopback,
+/// only `seal_loopback` makes the links seal their frames as such a link
+/// would.
 const STREAM: StreamOptions = StreamOptions {
     max_frame: 1 << 20,
     handshake_timeout: PATIENCE,
+    seal_loopback: true,
 };
 
 /// A TCP relay for one connection to `target`, recording each direction.
@@ -114,6 +118,7 @@ fn a_tensor_between_two_sites_never_crosses_the_wire_in_clear() {
         connect_timeout: PATIENCE,
         default_timeout: PATIENCE,
         handshake_timeout: PATIENCE,
+        seal_loopback: true,
         ..TcpOptions::default()
     };
     let tensor = known_tensor(1 << 18);
@@ -159,17 +164,95 @@ fn a_tensor_between_two_sites_never_crosses_the_wire_in_clear() {
 /// A client and a server handshaking over a relay; returns both streams
 /// and the relay.
 fn relayed_pair(key: &JobKey) -> (AuthStream, AuthStream, Relay) {
+    let (client, server, relay) = relayed_handshake(key, (STREAM, STREAM));
+    (client.unwrap(), server.unwrap(), relay)
+}
+
+/// A client and a server with their own options handshaking over a
+/// relay: what each side's handshake gave, and the relay.
+fn relayed_handshake(
+    key: &JobKey,
+    (client_opts, server_opts): (StreamOptions, StreamOptions),
+) -> (
+    Result<AuthStream, WireError>,
+    Result<AuthStream, WireError>,
+    Relay,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay = Relay::to(listener.local_addr().unwrap());
     let server_key = key.clone();
     let server = thread::spawn(move || {
         let (socket, _) = listener.accept().unwrap();
-        AuthStream::server(socket, &server_key, Hello::new(0, JOB), STREAM)
+        AuthStream::server(socket, &server_key, Hello::new(0, JOB), server_opts)
     });
     let socket = TcpStream::connect(relay.addr).unwrap();
-    let (client, _) = AuthStream::client(socket, key, Hello::new(1, JOB), STREAM).unwrap();
-    let (server, _) = server.join().unwrap().unwrap();
-    (client, server, relay)
+    let client = AuthStream::client(socket, key, Hello::new(1, JOB), client_opts);
+    let server = server.join().unwrap();
+    (client.map(|c| c.0), server.map(|s| s.0), relay)
+}
+
+#[test]
+fn ranks_of_one_host_send_frames_unsealed_once_the_handshake_proved_the_key() {
+    let key = JobKey::generate().unwrap();
+    let unsealed = StreamOptions {
+        seal_loopback: false,
+        ..STREAM
+    };
+    let (client, server, relay) = relayed_handshake(&key, (unsealed, unsealed));
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    assert!(!client.sealed() && !server.sealed());
+    let payload = b"stage 3 gradients, slice 5";
+    let before = relay.client_to_server().len();
+    client.send(FrameKind::Data, 42, payload).unwrap();
+    assert_eq!(server.recv().unwrap().payload, payload);
+    // The header and the payload as they are: nothing sealed, nothing added.
+    let wire = relay.client_to_server()[before..].to_vec();
+    assert_eq!(wire.len(), HEADER_LEN + payload.len());
+    assert_eq!(&wire[HEADER_LEN..], payload);
+
+    // The key is still proven: another key gets no link at all.
+    let other = JobKey::generate().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = thread::spawn(move || {
+        let (socket, _) = listener.accept().unwrap();
+        AuthStream::server(socket, &other, Hello::new(0, JOB), unsealed)
+    });
+    let client = AuthStream::client(
+        TcpStream::connect(addr).unwrap(),
+        &key,
+        Hello::new(1, JOB),
+        unsealed,
+    );
+    assert!(
+        matches!(client, Err(WireError::AuthFailed { .. })),
+        "{client:?}"
+    );
+    let server = refused.join().unwrap();
+    assert!(
+        matches!(server, Err(WireError::AuthFailed { .. })),
+        "{server:?}"
+    );
+}
+
+#[test]
+fn ends_that_disagree_on_sealing_a_loopback_link_are_refused_with_the_setting_named() {
+    let key = JobKey::generate().unwrap();
+    let unsealed = StreamOptions {
+        seal_loopback: false,
+        ..STREAM
+    };
+    for (client_opts, server_opts, client_seals) in
+        [(unsealed, STREAM, false), (STREAM, unsealed, true)]
+    {
+        let (_client, server, _relay) = relayed_handshake(&key, (client_opts, server_opts));
+        let err = server.unwrap_err();
+        assert!(
+            matches!(err, WireError::SealMismatch { theirs_sealed, .. } if theirs_sealed == client_seals),
+            "{err}"
+        );
+        assert!(err.to_string().contains("seal_loopback"), "{err}");
+    }
 }
 
 /// Sends `payload` client -> server, receives it, and returns the frame's

@@ -37,7 +37,7 @@ pub enum BenchAllreduceError {
         status: std::process::ExitStatus,
         tail: String,
     },
-    #[error("transport {0:?} is not one of tcp, shm, shm-registered, mpi, mpi-tcp")]
+    #[error("transport {0:?} is not one of tcp, tcp-sealed, shm, shm-registered, mpi, mpi-tcp")]
     UnknownTransport(String),
     #[error("job key: {0}")]
     Key(#[from] WireError),
@@ -297,7 +297,14 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
     );
     for name in &opts.transports {
         let (fabric, label) = match name.as_str() {
-            "tcp" => (Fabric::Tcp, "ours over TCP"),
+            "tcp" => (
+                Fabric::Tcp,
+                "ours over TCP (loopback: frames unsealed after the handshake)",
+            ),
+            "tcp-sealed" => (
+                Fabric::Tcp,
+                "ours over TCP, every frame sealed (AES-256-GCM) as between hosts",
+            ),
             "shm" => (
                 Fabric::Shm,
                 "ours over shared memory (out of place: copy in, reduce, copy out)",
@@ -322,7 +329,8 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
         } else {
             1 << 20
         };
-        std::fs::write(&job, job_text(opts, fabric, shm_chunk, registered))?;
+        let sealed = name == "tcp-sealed";
+        std::fs::write(&job, job_text(opts, fabric, shm_chunk, registered, sealed))?;
         println!("#\n# {label}\n{TABLE_HEADER}");
         tables.start(
             format!("{name}: {label}, {} ranks", opts.nprocs),
@@ -349,7 +357,13 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
     Ok(())
 }
 
-fn job_text(opts: &DriverOptions, fabric: Fabric, shm_chunk: usize, registered: bool) -> String {
+fn job_text(
+    opts: &DriverOptions,
+    fabric: Fabric,
+    shm_chunk: usize,
+    registered: bool,
+    seal_loopback: bool,
+) -> String {
     let fabric = match fabric {
         Fabric::Tcp => "tcp",
         Fabric::Shm => "shm",
@@ -364,7 +378,8 @@ fn job_text(opts: &DriverOptions, fabric: Fabric, shm_chunk: usize, registered: 
     format!(
         "[job]\nname = \"bench-allreduce\"\ntask = \"bench-allreduce\"\n\n\
          [[site]]\nname = \"local\"\nhosts = \"localhost\"\nranks_per_host = {n}\nfabric = \"{fabric}\"\n\n\
-         [network]\nrendezvous = \"tcp://127.0.0.1:0\"\nmax_frame = \"64MiB\"\ncollective_timeout_s = 300.0\nshm_chunk = {shm_chunk}\n\n\
+         [network]\nrendezvous = \"tcp://127.0.0.1:0\"\nmax_frame = \"64MiB\"\ncollective_timeout_s = 300.0\nshm_chunk = {shm_chunk}\n\
+         seal_loopback = {seal_loopback}\n\n\
          [collective]\nalgorithm = \"{algorithm}\"\n\n\
          [bench]\nmin_bytes = {min}\nmax_bytes = {max}\niters = {iters}\nwarmup = {warmup}\n\
          min_time_ms = {min_time_ms}\nregistered = {registered}\n",

@@ -257,6 +257,7 @@ fn tcp_options(spec: &JobSpec) -> TcpOptions {
         default_timeout: Duration::from_secs_f64(spec.network.collective_timeout_s),
         joinable: spec.job.task == Task::Train,
         lanes: spec.network.lanes,
+        seal_loopback: spec.network.seal_loopback,
         ..TcpOptions::default()
     }
 }

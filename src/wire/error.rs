@@ -39,6 +39,18 @@ pub enum WireError {
     #[error("{peer}: frame failed its integrity check (forged, replayed, reordered or corrupted)")]
     BadMac { peer: SocketAddr },
 
+    /// The two ends of a loopback link disagree on sealing its frames:
+    /// their job files differ in `[network] seal_loopback`.
+    #[error(
+        "{peer}: {} loopback frames and we do not: `[network] seal_loopback` differs between \
+         our job files",
+        if *theirs_sealed { "seals" } else { "does not seal" }
+    )]
+    SealMismatch {
+        peer: SocketAddr,
+        theirs_sealed: bool,
+    },
+
     /// The handshake showed that the peer does not hold our job key.
     #[error("{peer}: authentication failed: {reason}")]
     AuthFailed {

@@ -24,8 +24,9 @@ use super::WireError;
 pub const MAGIC: [u8; 4] = *b"SWRM";
 
 /// Wire protocol version; bumped on any incompatible change (2: lanes in
-/// the hello, stripe frames; 3: Noise handshake, encrypted frames).
-pub const VERSION: u8 = 3;
+/// the hello, stripe frames; 3: Noise handshake, encrypted frames; 4:
+/// loopback links unsealed, the key confirmation's tag saying so).
+pub const VERSION: u8 = 4;
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 18;

@@ -170,6 +170,8 @@ fn stream_options() -> StreamOptions {
         // The book: one line per rank.
         max_frame: 64 * 1024 * 1024,
         handshake_timeout: Duration::from_secs(10),
+        // A few small control messages: sealed on every link.
+        seal_loopback: true,
     }
 }
 

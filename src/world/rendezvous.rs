@@ -178,6 +178,8 @@ fn stream_options(opts: &RendezvousOptions) -> StreamOptions {
         // long host names, and a million-rank table still fits in 64 MiB.
         max_frame: 64 * 1024 * 1024,
         handshake_timeout: Duration::from_secs(10).min(opts.timeout),
+        // A few small control messages: sealed on every link.
+        seal_loopback: true,
     }
 }
 

@@ -92,6 +92,11 @@ pub struct TcpOptions {
     /// are striped over all of them (the private `lanes` module), for long fat pipes
     /// between sites. Both ends must agree.
     pub lanes: usize,
+    /// Seal the frames between ranks of one host too (`[network]
+    /// seal_loopback`); otherwise a loopback link sends them as they are
+    /// after the handshake (`crate::wire`'s "Loopback links"). Both ends
+    /// must agree.
+    pub seal_loopback: bool,
 }
 
 impl Default for TcpOptions {
@@ -104,6 +109,7 @@ impl Default for TcpOptions {
             handshake_timeout: Duration::from_secs(10),
             joinable: false,
             lanes: 1,
+            seal_loopback: false,
         }
     }
 }

@@ -187,6 +187,7 @@ impl Shared {
         StreamOptions {
             max_frame: self.opts.max_frame,
             handshake_timeout: self.opts.handshake_timeout,
+            seal_loopback: self.opts.seal_loopback,
         }
     }
 
