@@ -19,7 +19,7 @@ mkdir -p "$out"
 # The MPI reference rows need the `mpi` feature (and OpenMPI); without it the
 # suite runs, and the tables say which rows are missing.
 features=()
-transports=tcp,shm,shm-registered
+transports=tcp,tcp-sealed,shm,shm-registered
 if command -v mpicc >/dev/null && dpkg-query -W -f='${Status}' libopenmpi-dev 2>/dev/null | grep -q "install ok installed"; then
     features=(--features mpi)
     transports=$transports,mpi,mpi-tcp
