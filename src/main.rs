@@ -270,7 +270,7 @@ enum BenchCmd {
         /// (milliseconds per size): small messages are noisy on shared hosts.
         #[arg(long, default_value_t = 200)]
         min_time_ms: u64,
-        /// auto, butterfly or ring.
+        /// auto, doubling, butterfly or ring.
         #[arg(long, default_value = "auto", value_parser = parse_algorithm)]
         algorithm: config::AllReduceChoice,
     },
@@ -357,9 +357,12 @@ fn parse_size_arg(s: &str) -> Result<usize, String> {
 fn parse_algorithm(s: &str) -> Result<config::AllReduceChoice, String> {
     match s {
         "auto" => Ok(config::AllReduceChoice::Auto),
+        "doubling" => Ok(config::AllReduceChoice::Doubling),
         "butterfly" => Ok(config::AllReduceChoice::Butterfly),
         "ring" => Ok(config::AllReduceChoice::Ring),
-        other => Err(format!("{other:?} is not auto, butterfly or ring")),
+        other => Err(format!(
+            "{other:?} is not auto, doubling, butterfly or ring"
+        )),
     }
 }
 

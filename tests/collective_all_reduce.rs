@@ -15,8 +15,11 @@ use swarmrun::collective::{
 use swarmrun::signing::SigningKey;
 use swarmrun::transport::{LocalTransport, Transport};
 
-const ALGORITHMS: [AllReduceAlgorithm; 2] =
-    [AllReduceAlgorithm::Butterfly, AllReduceAlgorithm::Ring];
+const ALGORITHMS: [AllReduceAlgorithm; 3] = [
+    AllReduceAlgorithm::Doubling,
+    AllReduceAlgorithm::Butterfly,
+    AllReduceAlgorithm::Ring,
+];
 const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
 
 /// Element types built from small integers, so that sums over nine ranks

@@ -136,6 +136,7 @@ impl<T: Transport + ?Sized> AllReduceUnderTest for Ours<'_, T> {
 pub fn algorithm(choice: AllReduceChoice) -> AllReduceAlgorithm {
     match choice {
         AllReduceChoice::Auto => AllReduceAlgorithm::Auto,
+        AllReduceChoice::Doubling => AllReduceAlgorithm::Doubling,
         AllReduceChoice::Butterfly => AllReduceAlgorithm::Butterfly,
         AllReduceChoice::Ring => AllReduceAlgorithm::Ring,
     }
@@ -372,6 +373,7 @@ fn job_text(
     };
     let algorithm = match opts.algorithm {
         AllReduceChoice::Auto => "auto",
+        AllReduceChoice::Doubling => "doubling",
         AllReduceChoice::Butterfly => "butterfly",
         AllReduceChoice::Ring => "ring",
     };

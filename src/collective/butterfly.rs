@@ -142,6 +142,45 @@ impl Butterfly {
         }
     }
 
+    /// Reduces the whole of `buf` over all ranks by recursive doubling:
+    /// at each of log2(p) steps a virtual rank swaps its whole buffer with
+    /// a partner and adds the two, the fewest round trips of any
+    /// algorithm, for buffers where latency, not bytes, is the cost. Both
+    /// partners add the same two values (`op` is commutative), so every
+    /// rank ends with the same bits. Not finished for `Avg`.
+    pub(crate) fn doubling<T: Transport + ?Sized, E: Element>(
+        &self,
+        c: &Call<T>,
+        buf: &mut [E],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        match self.fold_partner() {
+            Some((partner, true)) => {
+                step(c, Some((partner, &*buf)), None)?;
+                return step(c, None, Some((partner, buf, Merge::Copy)));
+            }
+            Some((partner, false)) => step(c, None, Some((partner, &mut *buf, Merge::Reduce(op))))?,
+            None => {}
+        }
+        if let Some(v) = self.virtual_rank() {
+            let mut mask = 1;
+            while mask < self.p {
+                let partner = self.real(v ^ mask);
+                let mine = buf.to_vec();
+                step(
+                    c,
+                    Some((partner, &mine)),
+                    Some((partner, &mut *buf, Merge::Reduce(op))),
+                )?;
+                mask *= 2;
+            }
+        }
+        match self.fold_partner() {
+            Some((partner, false)) => step(c, Some((partner, &*buf)), None),
+            _ => Ok(()),
+        }
+    }
+
     /// Given each virtual rank's span reduced, gives every rank the whole
     /// buffer: recursive doubling, then the result to the partners that sat out.
     pub(crate) fn all_gather<T: Transport + ?Sized, E: Element>(

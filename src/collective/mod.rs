@@ -39,10 +39,13 @@
 //! Partition::equal(len, n) / weighted(len, &[f64]) / from_lens(&[usize])
 //! ```
 //!
-//! * [`AllReduceAlgorithm::Butterfly`] is Rabenseifner's (recursive halving,
-//!   then recursive doubling) for any world size, extra ranks folded in as
-//!   MPICH does; [`AllReduceAlgorithm::Ring`] is the bandwidth baseline;
-//!   `Auto` switches at [`RING_MIN_BYTES`].
+//! * [`AllReduceAlgorithm::Doubling`] swaps whole buffers in log2(n) steps
+//!   (the fewest round trips); [`AllReduceAlgorithm::Butterfly`] is
+//!   Rabenseifner's (recursive halving, then recursive doubling); both take
+//!   any world size, extra ranks folded in as MPICH does;
+//!   [`AllReduceAlgorithm::Ring`] is the bandwidth baseline; `Auto` picks
+//!   the doubling below [`DOUBLING_MAX_BYTES`] and the ring from
+//!   [`RING_MIN_BYTES`].
 //! * [`all_reduce_redundant`] has each slice reduced by `copies` ranks and
 //!   compares their blake3 digests before anyone uses the result.
 //! * [`hierarchical_all_reduce`] reduces inside sites, then between site
@@ -96,7 +99,8 @@ mod shm;
 
 pub use all_gather::{all_gather, all_gather_varied};
 pub use all_reduce::{
-    all_reduce, all_reduce_into, all_reduce_partitioned, AllReduceAlgorithm, RING_MIN_BYTES,
+    all_reduce, all_reduce_into, all_reduce_partitioned, AllReduceAlgorithm, DOUBLING_MAX_BYTES,
+    RING_MIN_BYTES,
 };
 pub use bandwidth::measure_bandwidth;
 pub use barrier::barrier;

@@ -24,7 +24,9 @@ pub fn reduce_scatter<T: Transport + ?Sized, E: Element>(
         let (rank, size) = (c.rank(), c.size());
         match algorithm.resolve(std::mem::size_of_val(buf)) {
             Chosen::Ring => ring::reduce_scatter(&c, None, buf, op, part)?,
-            Chosen::Butterfly => {
+            // Recursive halving is already log2(n) steps: the doubling's
+            // whole-buffer swaps would only move more bytes.
+            Chosen::Doubling | Chosen::Butterfly => {
                 let butterfly = Butterfly::new(rank, size);
                 butterfly.reduce_scatter(&c, buf, op, part)?;
                 butterfly.return_parts(&c, buf, part)?;

@@ -166,6 +166,8 @@ pub enum AllReduceChoice {
     /// Chosen by message size and world size.
     #[default]
     Auto,
+    /// Recursive doubling of the whole buffer (small buffers).
+    Doubling,
     /// Rabenseifner: recursive halving, then recursive doubling.
     Butterfly,
     /// Ring reduce-scatter and all-gather.
