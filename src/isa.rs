@@ -37,12 +37,17 @@ impl Isa {
         }
     }
 
-    /// The widest this CPU runs (detection is cached by std).
-    pub fn widest() -> Isa {
-        [Isa::Avx512, Isa::Avx2]
+    /// Every instruction set this CPU runs, widest first, the baseline
+    /// last (detection is cached by std).
+    pub fn available() -> impl Iterator<Item = Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Baseline]
             .into_iter()
-            .find(|isa| isa.here())
-            .unwrap_or(Isa::Baseline)
+            .filter(|isa| isa.here())
+    }
+
+    /// The widest this CPU runs.
+    pub fn widest() -> Isa {
+        Isa::available().next().unwrap_or(Isa::Baseline)
     }
 }
 

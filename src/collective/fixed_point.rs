@@ -466,8 +466,7 @@ mod tests {
                 .zip(&start)
                 .map(|(&x, &a)| a.wrapping_add(held(x)))
                 .collect();
-            let isas = [Isa::Avx512, Isa::Avx2, Isa::Baseline];
-            for isa in isas.into_iter().filter(|isa| isa.here()) {
+            for isa in Isa::available() {
                 let mut got = start.clone();
                 on(
                     isa,

@@ -457,7 +457,7 @@ pub fn check_contribution(
         })
         .collect();
     let probed_digests = digest_wide::digests(&probed_bytes);
-    let mut probed_chunks = probed_bytes.iter().zip(&probed_digests);
+    let mut digested = probed_bytes.iter().zip(&probed_digests);
     for (pass, bytes) in passes.iter().zip(proof.chunks(per_pass.max(1))) {
         let id = pass.id;
         let statement = &bytes[..sketch_bytes + n_chunks * blake3::OUT_LEN];
@@ -476,7 +476,7 @@ pub fn check_contribution(
             }
             checked.insert(rank, pass, statement);
         }
-        let this_pass = parts.iter().zip(&mut sums).zip(probed_chunks.by_ref());
+        let this_pass = parts.iter().zip(&mut sums).zip(digested.by_ref());
         for (((q, part), sum), (bytes, got)) in this_pass {
             let chunk = chunk_range(*q);
             let own = &digests[q * blake3::OUT_LEN..(q + 1) * blake3::OUT_LEN];
