@@ -76,6 +76,19 @@ fn bench_train_prints_both_setups_with_positive_finite_figures() {
     let ratio = numbers(row(&text, "pipeline / one process"));
     assert_eq!(ratio.len(), 1, "{text}");
     assert!(positive(&ratio), "{text}");
+
+    // CPU per 1k tokens: one process, the pipeline, its miners, validators
+    // and orchestrator, every rank's line read. (Differences of CPU
+    // between two runs: their signs are the host's business.)
+    let cpu = row(&text, "#  CPU ms per 1k tokens:");
+    assert!(cpu.ends_with("(6 of 6 ranks said)"), "{text}");
+    let figures: Vec<f64> = cpu
+        .split([' ', ',', ';', ':', '('])
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(figures.len(), 7, "five figures and 6 of 6: {cpu}");
+    assert!(figures.iter().all(|x| x.is_finite()), "{cpu}");
+    assert!(figures[0] >= 0.0, "one process's own CPU: {cpu}");
 }
 
 #[test]

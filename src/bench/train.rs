@@ -15,7 +15,12 @@
 //!    `N` + [`PIPELINE_WARMUP`] windows without evaluation, timed from its
 //!    `metrics.jsonl` over the last `N` windows;
 //! 4. model FLOP/s: [`StageModel::flops_per_token`] of the whole model x
-//!    tokens/s.
+//!    tokens/s;
+//! 5. CPU per token, which on a host whose cores the ranks share says
+//!    where the pipeline's time goes: getrusage of the one-process child
+//!    over its timed steps, and of every rank of the pipeline (the CPU line
+//!    each prints as it ends) less that of a one-window run of the same
+//!    job, by role.
 //!
 //! The children are this executable again (`swarmrun bench train --part
 //! ...`), as the other benchmarks start theirs.
@@ -34,6 +39,7 @@ use super::record::Tables;
 use super::{child_stdout, ChildError};
 use crate::config::{self, ConfigError, JobSpec, Plan, PlanError, Role, Task};
 use crate::data::{Batch, Corpus, DataError, Dataset, Split};
+use crate::launch::usage::{cpu_of, own_cpu};
 use crate::model::{AdamWConfig, GptConfig, LocalPipeline, ModelError, StageModel};
 
 #[derive(Debug, Error)]
@@ -106,7 +112,8 @@ const CANDLE_THREADS: &str = "CANDLE_NUM_THREADS";
 pub enum Part {
     /// FLOP/s of every shape measured, in the order `run` prints them.
     Matmul,
-    /// Tokens/s of the whole model trained in this process.
+    /// Tokens/s of the whole model trained in this process, and its CPU
+    /// seconds per token over the timed steps.
     OneProcess,
 }
 
@@ -228,12 +235,17 @@ pub fn run(
     if std::env::var_os(CANDLE_THREADS).is_none() {
         cmd.env(CANDLE_THREADS, "1");
     }
-    let one_process = figures(cmd, Part::OneProcess, 1)?[0];
+    let one = figures(cmd, Part::OneProcess, 2)?;
+    let (one_process, one_cpu_per_token) = (one[0], one[1]);
     let torch = pytorch(spec, c, windows, cores);
     if let Err(why) = &torch {
         println!("# PyTorch reference: none measured ({why})");
     }
-    let (pipeline, plan) = pipeline(&exe, spec, job, windows)?;
+    let PipelineRun {
+        tokens_per_s: pipeline,
+        plan,
+        cpu_by_rank,
+    } = pipeline(&exe, spec, job, windows)?;
 
     println!(
         "#  {:<24} {:>5} {:>10} {:>14} {:>8}",
@@ -290,7 +302,40 @@ pub fn run(
         ratio("one process / PyTorch", one_process / t);
     }
     ratio("pipeline / one process", pipeline / one_process);
+    // The one-window run taken off leaves the others.
+    let pipeline_tokens =
+        tokens_per_window(spec) * (f64::from(windows) + PIPELINE_WARMUP as f64 - 1.0);
+    println!(
+        "#  CPU ms per 1k tokens: one process {:.1} (its timed steps); {}",
+        one_cpu_per_token * 1e6,
+        cpu_by_role(&plan, &cpu_by_rank, pipeline_tokens)
+    );
     Ok(())
+}
+
+/// The pipeline's CPU per 1k tokens in all and by role, from each rank's
+/// CPU over `tokens` (the warm-up windows included, where connections and
+/// buffers are still new: a little high beside the one-process figure).
+fn cpu_by_role(plan: &Plan, cpu_by_rank: &[(usize, f64)], tokens: f64) -> String {
+    let ms = |s: f64| s / tokens * 1e6;
+    let of = |want: fn(&Role) -> bool| -> f64 {
+        cpu_by_rank
+            .iter()
+            .filter(|(r, _)| plan.ranks.get(*r).is_some_and(|p| want(&p.role)))
+            .map(|(_, s)| s)
+            .sum()
+    };
+    let total: f64 = cpu_by_rank.iter().map(|(_, s)| s).sum();
+    format!(
+        "pipeline {:.1} (its windows but the first): miners {:.1}, validators {:.1}, \
+         orchestrator {:.1} ({} of {} ranks said)",
+        ms(total),
+        ms(of(|r| matches!(r, Role::Miner { .. }))),
+        ms(of(|r| matches!(r, Role::Validator))),
+        ms(of(|r| matches!(r, Role::Orchestrator))),
+        cpu_by_rank.len(),
+        plan.ranks.len()
+    )
 }
 
 /// The reference script (`benches/torch_train.py`), carried in the binary
@@ -373,7 +418,10 @@ pub fn run_part(part: Part, spec: &JobSpec, windows: u32) -> Result<(), BenchTra
     let model = Model::of(spec)?;
     let figures = match part {
         Part::Matmul => matmul_rates(&gemms(&model.config, spec.pipeline.microbatch_size))?,
-        Part::OneProcess => vec![one_process(spec, &model, windows)?],
+        Part::OneProcess => {
+            let (tokens_per_s, cpu_per_token) = one_process(spec, &model, windows)?;
+            vec![tokens_per_s, cpu_per_token]
+        }
     };
     let line: Vec<String> = figures.iter().map(f64::to_string).collect();
     println!("{}", line.join(" "));
@@ -404,9 +452,10 @@ fn figures(cmd: Command, part: Part, want: usize) -> Result<Vec<f64>, BenchTrain
         .ok_or(BenchTrainError::Figures { what, output, want })
 }
 
-/// Tokens/s of the whole model trained as one stage in this process.
+/// Tokens/s of the whole model trained as one stage in this process, and
+/// the CPU seconds it spent per token meanwhile (getrusage: every thread).
 /// AdamW's settings are the defaults: they change no step's cost.
-fn one_process(spec: &JobSpec, model: &Model, windows: u32) -> Result<f64, BenchTrainError> {
+fn one_process(spec: &JobSpec, model: &Model, windows: u32) -> Result<(f64, f64), BenchTrainError> {
     let mut trainer = LocalPipeline::new(
         &model.config,
         &[model.config.n_layer],
@@ -416,11 +465,16 @@ fn one_process(spec: &JobSpec, model: &Model, windows: u32) -> Result<f64, Bench
     for step in 0..ONE_PROCESS_WARMUP {
         trainer.train_step(&step_batches(spec, model, step)?)?;
     }
-    let start = Instant::now();
+    let cpu = || own_cpu().map_or(0.0, |(user, system)| user + system);
+    let (start, cpu_start) = (Instant::now(), cpu());
     for step in ONE_PROCESS_WARMUP..ONE_PROCESS_WARMUP + u64::from(windows) {
         trainer.train_step(&step_batches(spec, model, step)?)?;
     }
-    Ok(tokens_per_window(spec) * f64::from(windows) / start.elapsed().as_secs_f64())
+    let tokens = tokens_per_window(spec) * f64::from(windows);
+    Ok((
+        tokens / start.elapsed().as_secs_f64(),
+        (cpu() - cpu_start) / tokens,
+    ))
 }
 
 /// The microbatches the pipeline trains on in window `step`: the same ids,
@@ -440,13 +494,62 @@ fn step_batches(spec: &JobSpec, model: &Model, step: u64) -> Result<Vec<Batch>, 
         .collect()
 }
 
-/// Tokens/s of the job itself, started by `swarmrun launch`, and its plan.
+/// What the pipeline row measures: tokens/s over the windows after the
+/// warm-up, the plan, and each rank's CPU seconds over those windows and
+/// the warm-up ones (a one-window run's taken off: start-up, connections,
+/// the last checkpoint).
+struct PipelineRun {
+    tokens_per_s: f64,
+    plan: Plan,
+    cpu_by_rank: Vec<(usize, f64)>,
+}
+
+/// Runs the job itself, `swarmrun launch`, for the bench's windows and
+/// for one window.
 fn pipeline(
     exe: &Path,
     spec: &JobSpec,
     job: &Path,
     windows: u32,
-) -> Result<(f64, Plan), BenchTrainError> {
+) -> Result<PipelineRun, BenchTrainError> {
+    let full = launched(exe, job, u64::from(windows) + PIPELINE_WARMUP)?;
+    let start_up = launched(exe, job, 1)?;
+    let tokens_per_s = tokens_per_s_after(
+        &full.metrics,
+        PIPELINE_WARMUP as usize,
+        tokens_per_window(spec),
+    )
+    .map_err(|source| BenchTrainError::Metrics {
+        path: full.metrics_path.clone(),
+        source,
+    })?;
+    let cpu_by_rank = full
+        .cpu_by_rank
+        .iter()
+        .map(|&(rank, cpu)| {
+            let before = start_up.cpu_by_rank.iter().find(|(r, _)| *r == rank);
+            (rank, cpu - before.map_or(0.0, |(_, c)| *c))
+        })
+        .collect();
+    Ok(PipelineRun {
+        tokens_per_s,
+        plan: full.plan,
+        cpu_by_rank,
+    })
+}
+
+/// One run of the job through `swarmrun launch`.
+struct Launched {
+    plan: Plan,
+    metrics: String,
+    metrics_path: PathBuf,
+    /// The CPU seconds each rank said it used.
+    cpu_by_rank: Vec<(usize, f64)>,
+}
+
+/// The job in `job` run for `windows` windows (see [`bench_job`]) in a
+/// directory of its own.
+fn launched(exe: &Path, job: &Path, windows: u64) -> Result<Launched, BenchTrainError> {
     let file = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BenchTrainError::File { path, source }
@@ -455,22 +558,21 @@ fn pipeline(
     let run_dir = dir.path().join("run");
     let bench_job_path = dir.path().join("bench-train.toml");
     let text = std::fs::read_to_string(job).map_err(file(job))?;
-    let text = bench_job(&text, &run_dir, u64::from(windows) + PIPELINE_WARMUP)?;
+    let text = bench_job(&text, &run_dir, windows)?;
     let plan = config::parse(&text, &bench_job_path)?.plan(None)?;
     std::fs::write(&bench_job_path, text).map_err(file(&bench_job_path))?;
 
     let mut cmd = Command::new(exe);
     cmd.arg("launch").arg(&bench_job_path);
-    child_stdout(cmd, "swarmrun launch (the pipeline)")?;
-
+    let out = child_stdout(cmd, "swarmrun launch (the pipeline)")?;
     let metrics_path = run_dir.join("metrics.jsonl");
     let metrics = std::fs::read_to_string(&metrics_path).map_err(file(&metrics_path))?;
-    let rate = tokens_per_s_after(&metrics, PIPELINE_WARMUP as usize, tokens_per_window(spec))
-        .map_err(|source| BenchTrainError::Metrics {
-            path: metrics_path,
-            source,
-        })?;
-    Ok((rate, plan))
+    Ok(Launched {
+        plan,
+        metrics,
+        metrics_path,
+        cpu_by_rank: out.lines().filter_map(cpu_of).collect(),
+    })
 }
 
 /// The job file `text` changed to run `windows` windows without evaluation
