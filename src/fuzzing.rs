@@ -23,14 +23,14 @@ const WIRE_MAX_FRAME: usize = 4096;
 /// refusing a message that grows too long is reached too.
 const WIRE_MAX_MESSAGE: usize = 4 * WIRE_MAX_FRAME;
 
+/// The peer errors of the wire target name.
+const WIRE_PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
 /// The session of [`wire_frames`] at its first frame (for writing seeds):
 /// a fixed key, so that committed seeds decrypt on every replay.
 pub fn wire_session() -> Session {
-    Session::new(
-        &[7; 32],
-        WIRE_MAX_FRAME,
-        SocketAddr::from(([127, 0, 0, 1], 9)),
-    )
+    Session::new(&[7; 32], WIRE_MAX_FRAME, WIRE_PEER)
 }
 
 /// The TCP transport's receiving side: frames off a socket (their header
@@ -51,7 +51,7 @@ pub fn wire_frames(data: &[u8]) {
         let mut assembly = Assembly::new(WIRE_MAX_MESSAGE);
         let mut session = match mode % 4 {
             0 => wire_session(),
-            _ => Session::unsealed(WIRE_MAX_FRAME, SocketAddr::from(([127, 0, 0, 1], 9))),
+            _ => Session::unsealed(WIRE_MAX_FRAME, WIRE_PEER),
         };
         loop {
             let Ok(frame) = session.read(&mut socket) else {

@@ -345,9 +345,10 @@ pub struct NetworkSpec {
     pub lanes: usize,
     /// Seal (encrypt and authenticate) the frames between ranks of one
     /// host too. Off, a loopback link sends frames as they are once its
-    /// handshake proved the job key: sealing there protects nothing only
-    /// root could not reach anyway, and cost a quarter of the CPU of a
-    /// large all-reduce. Links between hosts are always sealed.
+    /// handshake proved the job key: there only root can read or alter
+    /// them, and root can read the ranks' memory anyway; sealing cost a
+    /// quarter of the CPU of a large all-reduce. Links between hosts are
+    /// always sealed.
     pub seal_loopback: bool,
 }
 
