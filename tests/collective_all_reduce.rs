@@ -15,11 +15,6 @@ use swarmrun::collective::{
 use swarmrun::signing::SigningKey;
 use swarmrun::transport::{LocalTransport, Transport};
 
-const ALGORITHMS: [AllReduceAlgorithm; 3] = [
-    AllReduceAlgorithm::Doubling,
-    AllReduceAlgorithm::Butterfly,
-    AllReduceAlgorithm::Ring,
-];
 const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
 
 /// Element types built from small integers, so that sums over nine ranks
@@ -118,7 +113,7 @@ fn check<E: Exact>(n: usize, len: usize, op: ReduceOp, algorithm: AllReduceAlgor
 fn all_reduce_equals_a_plain_reduction_for_every_size_length_type_op_and_algorithm() {
     for n in 1..=9 {
         for len in [0, 1, 1009] {
-            for algorithm in ALGORITHMS {
+            for algorithm in AllReduceAlgorithm::CHOSEN {
                 for op in OPS {
                     check::<f32>(n, len, op, algorithm);
                     check::<bf16>(n, len, op, algorithm);
@@ -135,7 +130,7 @@ fn all_reduce_of_megabytes_crosses_chunks_and_stays_exact() {
     // 3 MiB of f32 plus a ragged tail: several chunks per step.
     let len = 3 * (1 << 20) / 4 + 3;
     for n in [5, 8] {
-        for algorithm in ALGORITHMS {
+        for algorithm in AllReduceAlgorithm::CHOSEN {
             check::<f32>(n, len, ReduceOp::Sum, algorithm);
         }
     }
@@ -158,7 +153,7 @@ fn noise(rank: usize, len: usize) -> Vec<f32> {
 fn rounded_results_are_bit_identical_on_every_rank_and_across_runs() {
     let len = CHUNK_BYTES / 4 * 2 + 17;
     for n in [3, 6, 8] {
-        for algorithm in ALGORITHMS {
+        for algorithm in AllReduceAlgorithm::CHOSEN {
             let run = || {
                 LocalTransport::run(LocalTransport::world(n), |t| {
                     let mut buf = noise(t.rank(), len);
@@ -185,7 +180,7 @@ fn out_of_place_results_are_the_in_place_bits_and_leave_the_input_alone() {
     // values, so a different order of additions would show.
     let len = CHUNK_BYTES / 4 * 2 + 17;
     for n in 1..=5 {
-        for algorithm in ALGORITHMS {
+        for algorithm in AllReduceAlgorithm::CHOSEN {
             for op in OPS {
                 let pairs = LocalTransport::run(LocalTransport::world(n), |t| {
                     let input = noise(t.rank(), len);
@@ -212,7 +207,7 @@ fn weighted_partitions_give_the_same_result_as_equal_ones() {
         let weights: Vec<f64> = (0..n).map(|r| (r % 3 + 1) as f64).collect();
         let part = Partition::weighted(len, &weights).unwrap();
         let want = plain::<f32>(&(0..n).collect::<Vec<_>>(), len, ReduceOp::Sum);
-        for algorithm in ALGORITHMS {
+        for algorithm in AllReduceAlgorithm::CHOSEN {
             let got = LocalTransport::run(LocalTransport::world(n), |t| {
                 let mut buf = input::<f32>(t.rank(), len);
                 all_reduce_partitioned(Call::new(&t, 1), &mut buf, ReduceOp::Sum, algorithm, &part)

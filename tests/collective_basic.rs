@@ -117,11 +117,7 @@ fn check_reduce_scatter(n: usize, len: usize, part: &Partition, algorithm: AllRe
 #[test]
 fn reduce_scatter_leaves_each_rank_its_part_reduced() {
     for n in 1..=9 {
-        for algorithm in [
-            AllReduceAlgorithm::Doubling,
-            AllReduceAlgorithm::Butterfly,
-            AllReduceAlgorithm::Ring,
-        ] {
+        for algorithm in AllReduceAlgorithm::CHOSEN {
             for len in [0, 1, 1009] {
                 check_reduce_scatter(n, len, &Partition::equal(len, n), algorithm);
             }
@@ -144,11 +140,7 @@ fn weighted_reduce_scatter_gives_parts_proportional_to_weight() {
             );
         }
         assert_eq!(part.len(), len);
-        for algorithm in [
-            AllReduceAlgorithm::Doubling,
-            AllReduceAlgorithm::Butterfly,
-            AllReduceAlgorithm::Ring,
-        ] {
+        for algorithm in AllReduceAlgorithm::CHOSEN {
             check_reduce_scatter(n, len, &part, algorithm);
         }
     }

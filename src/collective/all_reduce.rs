@@ -48,6 +48,10 @@ pub(crate) enum Chosen {
 }
 
 impl AllReduceAlgorithm {
+    /// Every algorithm `Auto` chooses among: for tests and benchmarks that
+    /// try each.
+    pub const CHOSEN: [AllReduceAlgorithm; 3] = [Self::Doubling, Self::Butterfly, Self::Ring];
+
     pub(crate) fn resolve(self, bytes: usize) -> Chosen {
         match self {
             Self::Auto if bytes < DOUBLING_MAX_BYTES => Chosen::Doubling,
@@ -131,24 +135,23 @@ fn reduce<T: Transport + ?Sized, E: Element>(
     part: &Partition,
 ) -> Result<(), CollectiveError> {
     let (rank, size) = (c.rank(), c.size());
-    match algorithm.resolve(std::mem::size_of_val(buf)) {
+    let chosen = algorithm.resolve(std::mem::size_of_val(buf));
+    // The ring reads `input` where it lies; the others start from a copy.
+    if let (Some(input), Chosen::Doubling | Chosen::Butterfly) = (input, &chosen) {
+        buf.copy_from_slice(input);
+    }
+    match chosen {
         Chosen::Ring => {
             ring::reduce_scatter(c, input, buf, op, part)?;
             finish(&mut buf[part.range(rank)], op, size);
             ring::all_gather(c, buf, part)
         }
         Chosen::Doubling => {
-            if let Some(input) = input {
-                buf.copy_from_slice(input);
-            }
             Butterfly::new(rank, size).doubling(c, buf, op)?;
             finish(buf, op, size);
             Ok(())
         }
         Chosen::Butterfly => {
-            if let Some(input) = input {
-                buf.copy_from_slice(input);
-            }
             let butterfly = Butterfly::new(rank, size);
             butterfly.reduce_scatter(c, buf, op, part)?;
             finish(&mut buf[butterfly.owned(part)], op, size);

@@ -87,11 +87,7 @@ impl Butterfly {
         op: ReduceOp,
         part: &Partition,
     ) -> Result<(), CollectiveError> {
-        match self.fold_partner() {
-            Some((partner, true)) => return step(c, Some((partner, &*buf)), None),
-            Some((partner, false)) => step(c, None, Some((partner, &mut *buf, Merge::Reduce(op))))?,
-            None => {}
-        }
+        self.fold_in(c, buf, op)?;
         let Some(v) = self.virtual_rank() else {
             return Ok(());
         };
@@ -115,6 +111,35 @@ impl Butterfly {
             mask /= 2;
         }
         Ok(())
+    }
+
+    /// The fold's first half: a rank that sits out hands its whole buffer
+    /// to its partner, which adds it in.
+    fn fold_in<T: Transport + ?Sized, E: Element>(
+        &self,
+        c: &Call<T>,
+        buf: &mut [E],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        match self.fold_partner() {
+            Some((partner, true)) => step(c, Some((partner, &*buf)), None),
+            Some((partner, false)) => step(c, None, Some((partner, buf, Merge::Reduce(op)))),
+            None => Ok(()),
+        }
+    }
+
+    /// The fold's second half: the partner hands the whole result back to
+    /// the rank that sat out.
+    fn fold_out<T: Transport + ?Sized, E: Element>(
+        &self,
+        c: &Call<T>,
+        buf: &mut [E],
+    ) -> Result<(), CollectiveError> {
+        match self.fold_partner() {
+            Some((partner, true)) => step(c, None, Some((partner, buf, Merge::Copy))),
+            Some((partner, false)) => step(c, Some((partner, &*buf)), None),
+            None => Ok(()),
+        }
     }
 
     /// This rank's span after [`Butterfly::reduce_scatter`]; empty if it sits out.
@@ -154,14 +179,7 @@ impl Butterfly {
         buf: &mut [E],
         op: ReduceOp,
     ) -> Result<(), CollectiveError> {
-        match self.fold_partner() {
-            Some((partner, true)) => {
-                step(c, Some((partner, &*buf)), None)?;
-                return step(c, None, Some((partner, buf, Merge::Copy)));
-            }
-            Some((partner, false)) => step(c, None, Some((partner, &mut *buf, Merge::Reduce(op))))?,
-            None => {}
-        }
+        self.fold_in(c, buf, op)?;
         if let Some(v) = self.virtual_rank() {
             let mut mask = 1;
             while mask < self.p {
@@ -175,10 +193,7 @@ impl Butterfly {
                 mask *= 2;
             }
         }
-        match self.fold_partner() {
-            Some((partner, false)) => step(c, Some((partner, &*buf)), None),
-            _ => Ok(()),
-        }
+        self.fold_out(c, buf)
     }
 
     /// Given each virtual rank's span reduced, gives every rank the whole
@@ -204,11 +219,7 @@ impl Butterfly {
                 mask *= 2;
             }
         }
-        match self.fold_partner() {
-            Some((partner, true)) => step(c, None, Some((partner, buf, Merge::Copy))),
-            Some((partner, false)) => step(c, Some((partner, &*buf)), None),
-            None => Ok(()),
-        }
+        self.fold_out(c, buf)
     }
 }
 
