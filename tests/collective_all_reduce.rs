@@ -175,8 +175,8 @@ fn rounded_results_are_bit_identical_on_every_rank_and_across_runs() {
 
 #[test]
 fn out_of_place_results_are_the_in_place_bits_and_leave_the_input_alone() {
-    // Two chunks and a bit, so the ring's first step (sent from the input)
-    // and its later ones (from the output) each cross frames; rounded
+    // Two chunks and a bit, so every algorithm's first step (sent from the
+    // input) and its later ones (from the output) each cross frames; rounded
     // values, so a different order of additions would show.
     let len = CHUNK_BYTES / 4 * 2 + 17;
     for n in 1..=5 {

@@ -102,9 +102,9 @@ pub fn all_reduce_partitioned<T: Transport + ?Sized, E: Element>(
 }
 
 /// Reduces `input` over all ranks with `op` into `output`, as long:
-/// [`all_reduce`] out of place. The ring reads `input` where the in-place
-/// call would have read a copy of it, so a big out-of-place call costs no
-/// more than an in-place one (the butterfly copies `input` in first).
+/// [`all_reduce`] out of place. Every algorithm reads `input` where the
+/// in-place call would have read a copy of it, so an out-of-place call
+/// costs no more than an in-place one.
 pub fn all_reduce_into<T: Transport + ?Sized, E: Element>(
     c: Call<'_, T>,
     input: &[E],
@@ -135,25 +135,20 @@ fn reduce<T: Transport + ?Sized, E: Element>(
     part: &Partition,
 ) -> Result<(), CollectiveError> {
     let (rank, size) = (c.rank(), c.size());
-    let chosen = algorithm.resolve(std::mem::size_of_val(buf));
-    // The ring reads `input` where it lies; the others start from a copy.
-    if let (Some(input), Chosen::Doubling | Chosen::Butterfly) = (input, &chosen) {
-        buf.copy_from_slice(input);
-    }
-    match chosen {
+    match algorithm.resolve(std::mem::size_of_val(buf)) {
         Chosen::Ring => {
             ring::reduce_scatter(c, input, buf, op, part)?;
             finish(&mut buf[part.range(rank)], op, size);
             ring::all_gather(c, buf, part)
         }
         Chosen::Doubling => {
-            Butterfly::new(rank, size).doubling(c, buf, op)?;
+            Butterfly::new(rank, size).doubling(c, input, buf, op)?;
             finish(buf, op, size);
             Ok(())
         }
         Chosen::Butterfly => {
             let butterfly = Butterfly::new(rank, size);
-            butterfly.reduce_scatter(c, buf, op, part)?;
+            butterfly.reduce_scatter(c, input, buf, op, part)?;
             finish(&mut buf[butterfly.owned(part)], op, size);
             butterfly.all_gather(c, buf, part)
         }

@@ -28,7 +28,7 @@ pub fn reduce_scatter<T: Transport + ?Sized, E: Element>(
             // whole-buffer swaps would only move more bytes.
             Chosen::Doubling | Chosen::Butterfly => {
                 let butterfly = Butterfly::new(rank, size);
-                butterfly.reduce_scatter(&c, buf, op, part)?;
+                butterfly.reduce_scatter(&c, None, buf, op, part)?;
                 butterfly.return_parts(&c, buf, part)?;
             }
         }
