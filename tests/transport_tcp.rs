@@ -373,6 +373,86 @@ fn peer_that_vanishes_without_goodbye_is_lost_at_once() {
 }
 
 #[test]
+fn recv_into_places_a_message_of_its_length_and_hands_back_any_other_sealed_or_not() {
+    let key = JobKey::generate().unwrap();
+    for seal_loopback in [false, true] {
+        let (ranks, _) = mesh(
+            2,
+            &key,
+            TcpOptions {
+                seal_loopback,
+                ..opts()
+            },
+        );
+        let patience = || Instant::now() + PATIENCE;
+        // Two and a half frames' worth, received a frame a message.
+        let pieces: Vec<u8> = (0..MAX_FRAME * 5 / 2).map(|i| (i * 7) as u8).collect();
+        let three_frames = big_message(1, 0);
+        thread::scope(|s| {
+            // Waiting before anything is sent (a receive a reader can lend
+            // its stream to) and after (messages already queued) alike.
+            let receiver = s.spawn(|| {
+                let mut into = vec![0u8; pieces.len()];
+                let got = ranks[0].recv_into(1, 9, patience(), &mut into, MAX_FRAME);
+                assert_eq!(got.unwrap(), None, "sealed: {seal_loopback}");
+                assert_eq!(into, pieces);
+                let cut = ranks[0].recv_into(1, 9, patience(), &mut into, MAX_FRAME);
+                assert_eq!(cut.unwrap(), Some((MAX_FRAME, b"abort".to_vec())));
+                assert_eq!(into[..MAX_FRAME], pieces[..MAX_FRAME]);
+                // A message longer than a frame, joined from its frames.
+                let mut big = vec![0u8; three_frames.len()];
+                let got = ranks[0].recv_into(1, 9, patience(), &mut big, three_frames.len());
+                assert_eq!(got.unwrap(), None);
+                assert_eq!(big, three_frames);
+            });
+            for piece in pieces.chunks(MAX_FRAME) {
+                ranks[1].send(0, 9, piece).unwrap();
+            }
+            ranks[1].send(0, 9, &pieces[..MAX_FRAME]).unwrap();
+            ranks[1].send(0, 9, b"abort").unwrap();
+            ranks[1].send(0, 9, &three_frames).unwrap();
+            receiver.join().unwrap();
+        });
+        ranks[1].send(0, 10, b"que").unwrap();
+        ranks[1].send(0, 10, b"ued").unwrap();
+        let mut into = [0u8; 6];
+        assert_eq!(
+            ranks[0].recv_into(1, 10, patience(), &mut into, 3).unwrap(),
+            None
+        );
+        assert_eq!(&into, b"queued");
+        ranks[1].send(0, 10, b"").unwrap();
+        assert_eq!(
+            ranks[0].recv_into(1, 10, patience(), &mut [], 3).unwrap(),
+            None
+        );
+        exchange_round(&[&ranks[0], &ranks[1]], 11);
+    }
+}
+
+#[test]
+fn recv_into_times_out_when_nothing_is_sent_and_what_comes_later_is_kept() {
+    let key = JobKey::generate().unwrap();
+    let (ranks, _) = mesh(2, &key, opts());
+    let mut into = [0u8; 4];
+    let started = Instant::now();
+    let err = ranks[0]
+        .recv_into(1, 7, started + Duration::from_millis(100), &mut into, 4)
+        .unwrap_err();
+    assert!(
+        matches!(err, TransportError::Timeout { rank: 1, tag: 7 }),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < PATIENCE / 2);
+    ranks[1].send(0, 7, b"late").unwrap();
+    assert_eq!(ranks[0].recv(1, 7).unwrap(), b"late");
+    ranks[1].send(0, 7, b"next").unwrap();
+    let got = ranks[0].recv_into(1, 7, Instant::now() + PATIENCE, &mut into, 4);
+    assert_eq!(got.unwrap(), None);
+    assert_eq!(&into, b"next");
+}
+
+#[test]
 fn recv_deadline_times_out_when_nothing_is_sent() {
     let key = JobKey::generate().unwrap();
     let (ranks, _) = mesh(2, &key, opts());

@@ -61,22 +61,58 @@ pub(crate) fn recv<T: Transport + ?Sized>(
         None => c.transport.recv(from, c.tag),
     }
     .map_err(|e| CollectiveError::from(e).renamed(|r| c.outer(r)))?;
-    if frame.len() % 2 == 1 {
-        return Err(match parse_abort(c, &frame) {
-            Some(rank) => CollectiveError::PeerLost { rank },
-            None => malformed_abort(c, from, &frame),
-        });
-    }
-    if frame.len() != expected {
-        return Err(CollectiveError::Protocol {
-            rank: c.outer(from),
-            reason: format!(
-                "expected a {expected}-byte frame, got {} bytes",
-                frame.len()
-            ),
-        });
+    if frame.len() % 2 == 1 || frame.len() != expected {
+        return Err(refused(c, from, expected, &frame));
     }
     Ok(frame)
+}
+
+/// [`recv`] of the [`CHUNK_BYTES`] frames that fill `into`, straight into
+/// it: no buffer of each frame's own to copy out of where the transport
+/// can place the bytes itself. (Element sizes are even, so a frame as
+/// long as the one expected is never an abort frame.)
+fn recv_into<T: Transport + ?Sized>(
+    c: &Call<T>,
+    from: usize,
+    into: &mut [u8],
+) -> Result<(), CollectiveError> {
+    let deadline = c
+        .deadline
+        .unwrap_or_else(|| crate::wire::deadline_after(c.transport.default_timeout()));
+    match c
+        .transport
+        .recv_into(from, c.tag, deadline, into, CHUNK_BYTES)
+    {
+        Ok(None) => Ok(()),
+        Ok(Some((at, frame))) => {
+            let expected = (into.len() - at).min(CHUNK_BYTES);
+            Err(refused(c, from, expected, &frame))
+        }
+        Err(e) => Err(CollectiveError::from(e).renamed(|r| c.outer(r))),
+    }
+}
+
+/// Why `frame`, which is not the `expected`-byte data frame, ends the call:
+/// a peer's abort, or a protocol error.
+fn refused<T: Transport + ?Sized>(
+    c: &Call<T>,
+    from: usize,
+    expected: usize,
+    frame: &[u8],
+) -> CollectiveError {
+    if frame.len() % 2 == 1 {
+        return match parse_abort(c, frame) {
+            Some(rank) => CollectiveError::PeerLost { rank },
+            None => malformed_abort(c, from, frame),
+        };
+    }
+    CollectiveError::Protocol {
+        rank: c.outer(from),
+        reason: format!(
+            "expected a {expected}-byte frame, got {} bytes",
+            frame.len()
+        ),
+    }
 }
 
 /// The rank an abort frame blames, if it is well formed.
@@ -247,6 +283,9 @@ fn recv_chunks<T: Transport + ?Sized, E: Element>(
     c: &Call<T>,
     (from, dst, merge): (usize, &mut [E], Merge<'_, E>),
 ) -> Result<(), CollectiveError> {
+    if let Merge::Copy = merge {
+        return recv_into(c, from, bytemuck::cast_slice_mut(dst));
+    }
     for r in chunks::<E>(dst.len()) {
         let frame = recv(c, from, r.len() * std::mem::size_of::<E>())?;
         merge.apply(dst, r, &frame);

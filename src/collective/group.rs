@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use super::CollectiveError;
-use crate::transport::{Transport, TransportError};
+use crate::transport::{copy_each_into, Transport, TransportError};
 
 /// Ranks `members` of `parent`, where parent rank `members[i]` is rank `i`.
 /// Members are sorted so that every member computes the same numbering.
@@ -149,6 +149,24 @@ impl<T: Transport + ?Sized> Transport for Group<'_, T> {
                 other => return other.map_err(|e| self.renamed(e)),
             }
         }
+    }
+
+    /// The parent's own, when the group waits without watching for
+    /// abandonment; otherwise the copying default over `recv_deadline`.
+    fn recv_into(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+        into: &mut [u8],
+        chunk: usize,
+    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+        if self.abandoned.is_some() {
+            return copy_each_into(self, from, tag, deadline, into, chunk);
+        }
+        self.parent
+            .recv_into(self.to_parent(from)?, tag, deadline, into, chunk)
+            .map_err(|e| self.renamed(e))
     }
 
     fn default_timeout(&self) -> std::time::Duration {

@@ -41,6 +41,25 @@ pub trait Transport: Send + Sync {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError>;
+    /// [`recv_deadline`](Transport::recv_deadline) of the messages that
+    /// fill `into`, in order, for a receiver that knows where they go: `chunk`
+    /// bytes each, the last one shorter (an empty `into` is one empty
+    /// message). `None` once all arrived; a message of another length ends
+    /// the receive and comes back as it is, with the offset it would have
+    /// gone to. This default copies each message into place; a transport
+    /// that can read them straight into `into` overrides it (TCP on an
+    /// unsealed link), saving the copy a collective's all-gather made of
+    /// every byte it received.
+    fn recv_into(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+        into: &mut [u8],
+        chunk: usize,
+    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+        copy_each_into(self, from, tag, deadline, into, chunk)
+    }
     /// How long [`recv`](Transport::recv) waits.
     fn default_timeout(&self) -> Duration;
     /// The next message with `tag` from any rank of `from`, and who sent
@@ -85,6 +104,38 @@ pub trait Transport: Send + Sync {
             crate::wire::deadline_after(self.default_timeout()),
         )
     }
+}
+
+/// [`Transport::recv_into`] by [`Transport::recv_deadline`] and a copy of
+/// each message into place.
+pub(crate) fn copy_each_into<T: Transport + ?Sized>(
+    t: &T,
+    from: usize,
+    tag: u64,
+    deadline: Instant,
+    into: &mut [u8],
+    chunk: usize,
+) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+    for (at, piece) in chunks_of(into, chunk) {
+        let message = t.recv_deadline(from, tag, deadline)?;
+        if message.len() != piece.len() {
+            return Ok(Some((at, message)));
+        }
+        piece.copy_from_slice(&message);
+    }
+    Ok(None)
+}
+
+/// The pieces [`Transport::recv_into`] fills, each with its offset:
+/// `chunk` bytes each, the last one shorter, and one empty piece for an
+/// empty `into`.
+fn chunks_of(into: &mut [u8], chunk: usize) -> impl Iterator<Item = (usize, &mut [u8])> {
+    let chunk = chunk.max(1);
+    let empty = into.is_empty();
+    let pieces = into.chunks_mut(chunk).enumerate();
+    let pieces = pieces.map(move |(i, piece)| (i * chunk, piece));
+    let none: &mut [u8] = &mut [];
+    pieces.chain(empty.then_some((0, none)))
 }
 
 /// Why a message could not be sent or received.

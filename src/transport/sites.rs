@@ -113,6 +113,23 @@ impl Transport for SiteTransport {
         }
     }
 
+    fn recv_into(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+        into: &mut [u8],
+        chunk: usize,
+    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+        match self.local_rank(from) {
+            Some(r) => self
+                .local
+                .recv_into(r, tag, deadline, into, chunk)
+                .map_err(|e| self.renamed(e)),
+            None => self.tcp.recv_into(from, tag, deadline, into, chunk),
+        }
+    }
+
     fn default_timeout(&self) -> Duration {
         self.tcp.default_timeout()
     }

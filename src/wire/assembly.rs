@@ -50,6 +50,12 @@ impl Assembly {
         }
     }
 
+    /// Whether no message is half built: the next `Data` frame is a whole
+    /// message by itself.
+    pub fn idle(&self) -> bool {
+        self.partial.is_none() && self.stripe.is_none()
+    }
+
     /// Takes the connection's next frame; an error says what was out of
     /// place.
     pub fn take(&mut self, frame: Frame) -> Result<Assembled, String> {

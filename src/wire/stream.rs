@@ -343,6 +343,48 @@ impl FrameReader {
         self.session.read(&mut self.inner)
     }
 
+    /// The next frame's header, blocking until it arrives; read its
+    /// payload next with [`FrameReader::recv_payload`] or
+    /// [`FrameReader::recv_payload_into`].
+    pub fn recv_header(&mut self) -> Result<FrameHeader, WireError> {
+        self.session.read_header(&mut self.inner)
+    }
+
+    /// See [`Session::read_payload`].
+    pub fn recv_payload(&mut self, header: FrameHeader) -> Result<Frame, WireError> {
+        self.session.read_payload(&mut self.inner, header)
+    }
+
+    /// See [`Session::reads_in_place`].
+    pub fn reads_in_place(&self) -> bool {
+        self.session.reads_in_place()
+    }
+
+    /// [`Session::read_payload_into`], giving up at `deadline`: the stream
+    /// is then mid-frame and no longer usable, which the caller must treat
+    /// as the link's end.
+    pub fn recv_payload_into(
+        &mut self,
+        header: &FrameHeader,
+        into: &mut [u8],
+        deadline: Instant,
+    ) -> Result<(), WireError> {
+        let peer = self.session.peer;
+        let socket = self.inner.get_ref();
+        let left = deadline.saturating_duration_since(Instant::now());
+        // A zero timeout would mean none at all.
+        let timeout = |d: Duration| socket.set_read_timeout(Some(d.max(Duration::from_micros(1))));
+        timeout(left).map_err(|e| WireError::from_io(peer, "setting a read deadline", e))?;
+        let read = self
+            .session
+            .read_payload_into(&mut self.inner, header, into);
+        self.inner
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(|e| WireError::from_io(peer, "clearing a read deadline", e))?;
+        read
+    }
+
     pub fn peer_addr(&self) -> SocketAddr {
         self.session.peer
     }
@@ -431,11 +473,60 @@ impl Session {
     /// Reads the next frame from `r`, verifies and decrypts it (when
     /// sealed).
     pub fn read(&mut self, r: &mut impl Read) -> Result<Frame, WireError> {
-        let peer = self.peer;
+        let header = self.read_header(r)?;
+        self.read_payload(r, header)
+    }
+
+    /// Reads and checks the next frame's header; its payload, which must be
+    /// read next, with [`Session::read_payload`] or
+    /// [`Session::read_payload_into`], is not verified yet.
+    pub fn read_header(&mut self, r: &mut impl Read) -> Result<FrameHeader, WireError> {
         let mut header = [0u8; HEADER_LEN];
         r.read_exact(&mut header)
-            .map_err(|e| WireError::from_io(peer, "reading a frame header", e))?;
-        let parsed = FrameHeader::decode(header, self.max_frame, peer)?;
+            .map_err(|e| WireError::from_io(self.peer, "reading a frame header", e))?;
+        FrameHeader::decode(header, self.max_frame, self.peer)
+    }
+
+    /// Whether [`Session::read_payload_into`] can read this stream's
+    /// payloads: unsealed ones only, which need no room for a MAC.
+    pub fn reads_in_place(&self) -> bool {
+        self.cipher.is_none()
+    }
+
+    /// Reads the payload of the frame `header` announced straight into
+    /// `into`, which is `header.len` bytes long, on an unsealed stream
+    /// (see [`Session::reads_in_place`]): a receiver that knows where the
+    /// bytes go skips the buffer of their own and the copy out of it.
+    ///
+    /// # Panics
+    /// On a sealed stream or an `into` of another length: the caller
+    /// checks both first, since either would lose the stream's place.
+    pub fn read_payload_into(
+        &mut self,
+        r: &mut impl Read,
+        header: &FrameHeader,
+        into: &mut [u8],
+    ) -> Result<(), WireError> {
+        assert!(
+            self.reads_in_place() && into.len() == header.len as usize,
+            "a {}-byte payload read in place into {} bytes (sealed: {})",
+            header.len,
+            into.len(),
+            !self.reads_in_place()
+        );
+        r.read_exact(into)
+            .map_err(|e| WireError::from_io(self.peer, "reading a frame", e))
+    }
+
+    /// Reads, verifies and decrypts (when sealed) the payload of the frame
+    /// `header` announced.
+    pub fn read_payload(
+        &mut self,
+        r: &mut impl Read,
+        parsed: FrameHeader,
+    ) -> Result<Frame, WireError> {
+        let peer = self.peer;
+        let header = parsed.encode();
         // Cannot truncate: decode bounded `len` by `max_frame`, a usize.
         let len = parsed.len as usize;
         let want = len + if self.cipher.is_some() { MAC_LEN } else { 0 };

@@ -466,6 +466,17 @@ impl Transport for TcpTransport {
         self.shared.take(from, tag, deadline)
     }
 
+    fn recv_into(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+        into: &mut [u8],
+        chunk: usize,
+    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+        self.shared.take_into(from, tag, deadline, into, chunk)
+    }
+
     fn default_timeout(&self) -> Duration {
         self.shared.opts.default_timeout
     }
