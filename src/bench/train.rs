@@ -523,12 +523,14 @@ fn pipeline(
         path: full.metrics_path.clone(),
         source,
     })?;
+    // A rank that said nothing in either run is left out (and the CPU
+    // line counts the ranks that said both), not taken as 0 s.
     let cpu_by_rank = full
         .cpu_by_rank
         .iter()
-        .map(|&(rank, cpu)| {
-            let before = start_up.cpu_by_rank.iter().find(|(r, _)| *r == rank);
-            (rank, cpu - before.map_or(0.0, |(_, c)| *c))
+        .filter_map(|&(rank, cpu)| {
+            let before = start_up.cpu_by_rank.iter().find(|(r, _)| *r == rank)?;
+            Some((rank, cpu - before.1))
         })
         .collect();
     Ok(PipelineRun {
