@@ -707,6 +707,26 @@ mod tests {
         lock(&shared.peer(1).unwrap().inbox).handoff = Handoff::Posted { tag, len };
     }
 
+    /// `queued` on tag 5 as if the reader had read it before a receive of
+    /// its length was posted, then `sent` by rank 1, once the reader has
+    /// lent its stream on the first of them.
+    fn queued_then_lent(shared: &Shared, rank1: &mut AuthStream, queued: &[u8], sent: &[&[u8]]) {
+        shared.deliver(1, 5, queued.to_vec());
+        post(shared, 5, queued.len());
+        for message in sent {
+            rank1.send(FrameKind::Data, 5, message).unwrap();
+        }
+        let peer = shared.peer(1).unwrap();
+        let started = Instant::now();
+        while !matches!(lock(&peer.inbox).handoff, Handoff::Lent(..)) {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "the reader never lent its stream"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn a_posted_receive_reads_the_payload_itself_and_the_reader_goes_on_after_it() {
         let (shared, mut rank1) = linked();
@@ -728,20 +748,7 @@ mod tests {
     #[test]
     fn a_receive_that_takes_a_queued_message_gives_back_the_stream_lent_to_it_unread() {
         let (shared, mut rank1) = linked();
-        let peer = shared.peer(1).unwrap();
-        // Queued before the receive was posted (the reader had read its
-        // header first), then the next message's header lent to it.
-        shared.deliver(1, 5, b"first!".to_vec());
-        post(&shared, 5, 6);
-        rank1.send(FrameKind::Data, 5, b"second").unwrap();
-        let started = Instant::now();
-        while !matches!(lock(&peer.inbox).handoff, Handoff::Lent(..)) {
-            assert!(
-                started.elapsed() < PATIENCE,
-                "the reader never lent its stream"
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
+        queued_then_lent(&shared, &mut rank1, b"first!", &[b"second"]);
         let mut into = [0u8; 6];
         let got = shared.take_into(1, 5, deadline_after(PATIENCE), &mut into, 6);
         assert_eq!(got.unwrap(), None);
@@ -754,20 +761,8 @@ mod tests {
     #[test]
     fn a_receive_of_several_messages_stays_posted_for_each_next_one() {
         let (shared, mut rank1) = linked();
+        queued_then_lent(&shared, &mut rank1, b"aa", &[b"bb", b"c", b"after"]);
         let peer = shared.peer(1).unwrap();
-        shared.deliver(1, 5, b"aa".to_vec());
-        post(&shared, 5, 2);
-        for piece in [&b"bb"[..], b"c", b"after"] {
-            rank1.send(FrameKind::Data, 5, piece).unwrap();
-        }
-        let started = Instant::now();
-        while !matches!(lock(&peer.inbox).handoff, Handoff::Lent(..)) {
-            assert!(
-                started.elapsed() < PATIENCE,
-                "the reader never lent its stream"
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
         // "aa" from the queue, "bb" from the stream lent meanwhile, and
         // "c" from the stream lent again, on the posting for it.
         let mut into = [0u8; 5];
