@@ -47,9 +47,9 @@ pub trait Transport: Send + Sync {
     /// message). `None` once all arrived; a message of another length ends
     /// the receive and comes back as it is, with the offset it would have
     /// gone to. This default copies each message into place; a transport
-    /// that can read them straight into `into` overrides it (TCP on an
-    /// unsealed link), saving the copy a collective's all-gather made of
-    /// every byte it received.
+    /// that can read them straight into `into` overrides it (TCP, where
+    /// a sealed payload is also opened in place), saving the copy a
+    /// collective's all-gather made of every byte it received.
     fn recv_into(
         &self,
         from: usize,

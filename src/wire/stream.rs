@@ -355,11 +355,6 @@ impl FrameReader {
         self.session.read_payload(&mut self.inner, header)
     }
 
-    /// See [`Session::reads_in_place`].
-    pub fn reads_in_place(&self) -> bool {
-        self.session.reads_in_place()
-    }
-
     /// [`Session::read_payload_into`], giving up at `deadline`: the stream
     /// is then mid-frame and no longer usable, which the caller must treat
     /// as the link's end.
@@ -487,35 +482,39 @@ impl Session {
         FrameHeader::decode(header, self.max_frame, self.peer)
     }
 
-    /// Whether [`Session::read_payload_into`] can read this stream's
-    /// payloads: unsealed ones only, which need no room for a MAC.
-    pub fn reads_in_place(&self) -> bool {
-        self.cipher.is_none()
-    }
-
     /// Reads the payload of the frame `header` announced straight into
-    /// `into`, which is `header.len` bytes long, on an unsealed stream
-    /// (see [`Session::reads_in_place`]): a receiver that knows where the
-    /// bytes go skips the buffer of their own and the copy out of it.
+    /// `into`, which is `header.len` bytes long, and verifies and decrypts
+    /// it there when sealed (the MAC read apart): a receiver that knows
+    /// where the bytes go skips the buffer of their own and the copy out
+    /// of it. On a bad MAC `into` holds no plaintext worth keeping.
     ///
     /// # Panics
-    /// On a sealed stream or an `into` of another length: the caller
-    /// checks both first, since either would lose the stream's place.
+    /// On an `into` of another length: the caller checks first, since
+    /// reading another number of bytes would lose the stream's place.
     pub fn read_payload_into(
         &mut self,
         r: &mut impl Read,
         header: &FrameHeader,
         into: &mut [u8],
     ) -> Result<(), WireError> {
-        assert!(
-            self.reads_in_place() && into.len() == header.len as usize,
-            "a {}-byte payload read in place into {} bytes (sealed: {})",
-            header.len,
+        assert_eq!(
             into.len(),
-            !self.reads_in_place()
+            header.len as usize,
+            "a payload read in place into a slice of another length"
         );
-        r.read_exact(into)
-            .map_err(|e| WireError::from_io(self.peer, "reading a frame", e))
+        let peer = self.peer;
+        let reading = |e| WireError::from_io(peer, "reading a frame", e);
+        r.read_exact(into).map_err(reading)?;
+        let Some(cipher) = &self.cipher else {
+            return Ok(());
+        };
+        let mut mac = [0u8; MAC_LEN];
+        r.read_exact(&mut mac).map_err(reading)?;
+        let nonce = next_nonce(&mut self.seq);
+        cipher
+            .open_in_place_separate_tag(nonce, Aad::from(&header.encode()), mac.into(), into, 0..)
+            .map(|_| ())
+            .map_err(|_| WireError::BadMac { peer })
     }
 
     /// Reads, verifies and decrypts (when sealed) the payload of the frame
