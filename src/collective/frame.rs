@@ -56,32 +56,35 @@ pub(crate) fn recv<T: Transport + ?Sized>(
     from: usize,
     expected: usize,
 ) -> Result<Vec<u8>, CollectiveError> {
-    let frame = match c.deadline {
-        Some(deadline) => c.transport.recv_deadline(from, c.tag, deadline),
-        None => c.transport.recv(from, c.tag),
-    }
-    .map_err(|e| CollectiveError::from(e).renamed(|r| c.outer(r)))?;
-    if frame.len() % 2 == 1 || frame.len() != expected {
+    let frame = c
+        .transport
+        .recv_deadline(from, c.tag, deadline(c))
+        .map_err(|e| CollectiveError::from(e).renamed(|r| c.outer(r)))?;
+    // Element sizes are even, so an abort frame (odd) is never `expected`.
+    if frame.len() != expected {
         return Err(refused(c, from, expected, &frame));
     }
     Ok(frame)
 }
 
+/// The call's deadline, or the transport's default timeout from now (as
+/// [`Transport::recv`] waits).
+fn deadline<T: Transport + ?Sized>(c: &Call<T>) -> Instant {
+    c.deadline
+        .unwrap_or_else(|| crate::wire::deadline_after(c.transport.default_timeout()))
+}
+
 /// [`recv`] of the [`CHUNK_BYTES`] frames that fill `into`, straight into
 /// it: no buffer of each frame's own to copy out of where the transport
-/// can place the bytes itself. (Element sizes are even, so a frame as
-/// long as the one expected is never an abort frame.)
+/// can place the bytes itself.
 fn recv_into<T: Transport + ?Sized>(
     c: &Call<T>,
     from: usize,
     into: &mut [u8],
 ) -> Result<(), CollectiveError> {
-    let deadline = c
-        .deadline
-        .unwrap_or_else(|| crate::wire::deadline_after(c.transport.default_timeout()));
     match c
         .transport
-        .recv_into(from, c.tag, deadline, into, CHUNK_BYTES)
+        .recv_into(from, c.tag, deadline(c), into, CHUNK_BYTES)
     {
         Ok(None) => Ok(()),
         Ok(Some((at, frame))) => {

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use super::CollectiveError;
-use crate::transport::{copy_each_into, Transport, TransportError};
+use crate::transport::{copy_each_into, Placed, Transport, TransportError};
 
 /// Ranks `members` of `parent`, where parent rank `members[i]` is rank `i`.
 /// Members are sorted so that every member computes the same numbering.
@@ -160,7 +160,7 @@ impl<T: Transport + ?Sized> Transport for Group<'_, T> {
         deadline: Instant,
         into: &mut [u8],
         chunk: usize,
-    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+    ) -> Result<Placed, TransportError> {
         if self.abandoned.is_some() {
             return copy_each_into(self, from, tag, deadline, into, chunk);
         }

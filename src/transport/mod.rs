@@ -57,7 +57,7 @@ pub trait Transport: Send + Sync {
         deadline: Instant,
         into: &mut [u8],
         chunk: usize,
-    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+    ) -> Result<Placed, TransportError> {
         copy_each_into(self, from, tag, deadline, into, chunk)
     }
     /// How long [`recv`](Transport::recv) waits.
@@ -106,6 +106,11 @@ pub trait Transport: Send + Sync {
     }
 }
 
+/// What [`Transport::recv_into`] got: `None` once every message is in
+/// place, or the message of another length that ended it, with the offset
+/// it would have gone to.
+pub type Placed = Option<(usize, Vec<u8>)>;
+
 /// [`Transport::recv_into`] by [`Transport::recv_deadline`] and a copy of
 /// each message into place.
 pub(crate) fn copy_each_into<T: Transport + ?Sized>(
@@ -115,7 +120,7 @@ pub(crate) fn copy_each_into<T: Transport + ?Sized>(
     deadline: Instant,
     into: &mut [u8],
     chunk: usize,
-) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+) -> Result<Placed, TransportError> {
     for (at, piece) in chunks_of(into, chunk) {
         let message = t.recv_deadline(from, tag, deadline)?;
         if message.len() != piece.len() {

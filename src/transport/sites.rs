@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::{TcpTransport, Transport, TransportError};
+use super::{Placed, TcpTransport, Transport, TransportError};
 
 /// How long a wait on ranks of both fabrics sleeps on one before it looks
 /// at the other.
@@ -120,7 +120,7 @@ impl Transport for SiteTransport {
         deadline: Instant,
         into: &mut [u8],
         chunk: usize,
-    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+    ) -> Result<Placed, TransportError> {
         match self.local_rank(from) {
             Some(r) => self
                 .local

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::{Transport, TransportError};
+use super::{Placed, Transport, TransportError};
 use crate::wire::{deadline_after, AuthStream, FrameKind, FrameWriter, Hello, JobKey, WireError};
 
 mod accept;
@@ -473,7 +473,7 @@ impl Transport for TcpTransport {
         deadline: Instant,
         into: &mut [u8],
         chunk: usize,
-    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+    ) -> Result<Placed, TransportError> {
         self.shared.take_into(from, tag, deadline, into, chunk)
     }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 use super::lanes::Stripes;
 use super::TcpOptions;
 use crate::transport::backoff::Backoff;
-use crate::transport::TransportError;
+use crate::transport::{Placed, TransportError};
 use crate::wire::{
     Assembled, Assembly, AuthStream, FrameHeader, FrameKind, FrameReader, FrameWriter, Hello,
     JobKey, StreamOptions, SEND_FRAME,
@@ -118,6 +118,12 @@ impl Peer {
     }
 }
 
+/// Whether `header` starts the message a receive posted for `len` bytes
+/// on `tag` waits for.
+fn announces(header: &FrameHeader, tag: u64, len: usize) -> bool {
+    header.tag == tag && header.len as usize == len
+}
+
 impl Inbox {
     /// Moves the posting of a receive that just got its message of `len`
     /// bytes on `tag` from the queue on to its `next` message, or withdraws
@@ -132,7 +138,7 @@ impl Inbox {
                     self.handoff = Handoff::Posted { tag, len };
                 }
             }
-            Handoff::Lent(reader, header) if header.tag == tag && header.len as usize == len => {
+            Handoff::Lent(reader, header) if announces(&header, tag, len) => {
                 if next == Some(len) {
                     self.handoff = Handoff::Lent(reader, header);
                 } else {
@@ -440,7 +446,7 @@ impl Shared {
         deadline: Instant,
         into: &mut [u8],
         chunk: usize,
-    ) -> Result<Option<(usize, Vec<u8>)>, TransportError> {
+    ) -> Result<Placed, TransportError> {
         enum Got {
             Message(Result<Vec<u8>, TransportError>),
             Lent(Box<FrameReader>, FrameHeader),
@@ -461,9 +467,7 @@ impl Shared {
                     return Some(Got::Message(taken));
                 }
                 match std::mem::replace(&mut inbox.handoff, Handoff::Idle) {
-                    Handoff::Lent(reader, header)
-                        if header.tag == tag && header.len as usize == len =>
-                    {
+                    Handoff::Lent(reader, header) if announces(&header, tag, len) => {
                         inbox.handoff = Handoff::Reading;
                         return Some(Got::Lent(reader, header));
                     }
@@ -513,7 +517,8 @@ impl Shared {
             return Err(reader);
         };
         let mut inbox = lock(&peer.inbox);
-        let wanted = matches!(inbox.handoff, Handoff::Posted { tag, len } if tag == header.tag && len == header.len as usize);
+        let wanted =
+            matches!(inbox.handoff, Handoff::Posted { tag, len } if announces(&header, tag, len));
         if !wanted {
             return Err(reader);
         }
@@ -748,27 +753,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_sealed_payload_failing_its_mac_where_it_was_read_ends_the_link() {
-        let (shared, rank1) = linked(true);
-        post(&shared, 5, 3);
+    /// Posts a receive of `len` bytes on tag 5, has rank 1 write the
+    /// header of such a frame and then `body` raw on a link sealed or not,
+    /// and returns rank 0's state and what the receive got by `wait`.
+    fn raw_frame_to_a_posted_receive(
+        sealed: bool,
+        len: u32,
+        body: &[u8],
+        wait: Duration,
+    ) -> (Arc<Shared>, Result<Placed, TransportError>) {
+        let (shared, rank1) = linked(sealed);
+        post(&shared, 5, len as usize);
         let mut raw = rank1.try_clone_socket().unwrap();
         let header = FrameHeader {
             kind: FrameKind::Data,
             tag: 5,
-            len: 3,
+            len,
         };
         raw.write_all(&header.encode()).unwrap();
-        raw.write_all(b"abc").unwrap();
-        raw.write_all(&[0u8; crate::wire::MAC_LEN]).unwrap();
-        let mut into = [0u8; 3];
-        match shared.take_into(1, 5, deadline_after(PATIENCE), &mut into, 3) {
+        raw.write_all(body).unwrap();
+        let mut into = vec![0u8; len as usize];
+        let got = shared.take_into(1, 5, deadline_after(wait), &mut into, len as usize);
+        drop(rank1);
+        (shared, got)
+    }
+
+    #[test]
+    fn a_sealed_payload_failing_its_mac_where_it_was_read_ends_the_link() {
+        let body: Vec<u8> = b"abc"
+            .iter()
+            .copied()
+            .chain([0; crate::wire::MAC_LEN])
+            .collect();
+        match raw_frame_to_a_posted_receive(true, 3, &body, PATIENCE).1 {
             Err(TransportError::PeerLost { rank: 1, reason }) => {
                 assert!(reason.contains("integrity check"), "{reason}")
             }
             other => panic!("expected rank 1 lost for its MAC, got {other:?}"),
         }
-        drop(rank1);
     }
 
     #[test]
@@ -802,27 +824,16 @@ mod tests {
 
     #[test]
     fn a_payload_cut_off_at_the_receives_deadline_ends_the_link() {
-        let (shared, rank1) = linked(false);
-        post(&shared, 5, 100);
-        let mut raw = rank1.try_clone_socket().unwrap();
-        let header = FrameHeader {
-            kind: FrameKind::Data,
-            tag: 5,
-            len: 100,
-        };
-        raw.write_all(&header.encode()).unwrap();
-        raw.write_all(&[7u8; 10]).unwrap();
-        let mut into = [0u8; 100];
         // Long beside the reader meeting the header, which it has read long
         // before on any host; the receive then waits this long for the rest.
-        let deadline = deadline_after(Duration::from_secs(5));
-        match shared.take_into(1, 5, deadline, &mut into, 100) {
+        let wait = Duration::from_secs(5);
+        let (shared, got) = raw_frame_to_a_posted_receive(false, 100, &[7u8; 10], wait);
+        match got {
             Err(TransportError::PeerLost { rank: 1, reason }) => {
                 assert!(reason.contains("timed out reading a frame"), "{reason}")
             }
             other => panic!("expected rank 1 lost mid-message, got {other:?}"),
         }
         assert!(shared.lost_reason(1).is_some());
-        drop(rank1);
     }
 }
