@@ -127,6 +127,45 @@ fn a_dropped_peer_is_reported_lost_after_its_messages_are_delivered() {
     ));
 }
 
+#[test]
+fn recv_any_sleeps_until_whichever_peer_speaks_and_names_one_that_left() {
+    let mut ranks = open_all(&name("any"), 3, &small_opts());
+    let two = ranks.pop().unwrap();
+    let far = Instant::now() + PATIENCE;
+    let nothing = ranks[0].recv_any(&[1, 2], 5, Instant::now()).unwrap_err();
+    assert!(
+        matches!(nothing, TransportError::NoneArrived { ranks: 2, tag: 5 }),
+        "{nothing}"
+    );
+    thread::scope(|s| {
+        let waiter = s.spawn(|| ranks[0].recv_any(&[1, 2], 5, far));
+        two.send(0, 5, b"from two").unwrap();
+        assert_eq!(waiter.join().unwrap().unwrap(), (2, b"from two".to_vec()));
+    });
+    // Another tag is not taken; what a peer sent before leaving comes
+    // first, then its loss.
+    two.send(0, 6, b"other tag").unwrap();
+    two.send(0, 5, b"last words").unwrap();
+    drop(two);
+    assert_eq!(
+        ranks[0].recv_any(&[1, 2], 5, far).unwrap(),
+        (2, b"last words".to_vec())
+    );
+    let start = Instant::now();
+    let lost = ranks[0].recv_any(&[1, 2], 5, far).unwrap_err();
+    assert!(
+        matches!(lost, TransportError::PeerLost { rank: 2, .. }),
+        "{lost}"
+    );
+    assert!(start.elapsed() < PATIENCE / 2, "waited for a timeout");
+    assert_eq!(ranks[0].recv(2, 6).unwrap(), b"other tag");
+    ranks[1].send(0, 5, b"from one").unwrap();
+    assert_eq!(
+        ranks[0].recv_any(&[1], 5, far).unwrap(),
+        (1, b"from one".to_vec())
+    );
+}
+
 /// Writes `bytes` at `offset` of the segment file, as a misbehaving peer
 /// writing through its mapping would.
 fn scribble(segment: &str, offset: usize, bytes: &[u8]) {
