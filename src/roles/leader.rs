@@ -7,7 +7,9 @@
 //! for a ping), and made once: a rank never goes back, and the standby's
 //! own loss ends the rank as the orchestrator's did before.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::protocol::{self, Order, Report};
@@ -26,6 +28,9 @@ pub(super) struct Leader<'a, T: ?Sized> {
     t: &'a T,
     current: AtomicUsize,
     standby: Option<usize>,
+    /// Orders taken during a wait and put off until the work in hand is
+    /// done; [`Leader::order`] gives them first, in the order they came.
+    put_off: Mutex<VecDeque<Order>>,
 }
 
 /// What a wait on a peer ended with.
@@ -47,6 +52,7 @@ impl<'a, T: Transport + ?Sized> Leader<'a, T> {
             t,
             current: AtomicUsize::new(ORCHESTRATOR),
             standby: spec.standby_rank(),
+            put_off: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -86,8 +92,28 @@ impl<'a, T: Transport + ?Sized> Leader<'a, T> {
         }
     }
 
-    /// The leader's next order, however long it takes.
+    /// Keeps `order`, taken by a wait (see [`Leader::wait_or_order`]), for
+    /// the next [`Leader::order`].
+    pub fn put_off(&self, order: Order) {
+        self.put_off_orders().push_back(order);
+    }
+
+    /// Forgets the orders put off that `moot` says the leader has moved
+    /// past.
+    pub fn forget_put_off(&self, moot: impl Fn(&Order) -> bool) {
+        self.put_off_orders().retain(|order| !moot(order));
+    }
+
+    fn put_off_orders(&self) -> std::sync::MutexGuard<'_, VecDeque<Order>> {
+        self.put_off.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The leader's next order, however long it takes: first those put
+    /// off.
     pub fn order(&self) -> Result<Order, TrainError> {
+        if let Some(order) = self.put_off_orders().pop_front() {
+            return Ok(order);
+        }
         loop {
             let until = Instant::now() + self.t.default_timeout();
             if let Some(order) = self.order_by(until)? {

@@ -158,21 +158,6 @@ fn join_and_mine<T: Transport + ?Sized>(
     }
 }
 
-/// The window an order belongs to, when it belongs to one.
-fn window_of(order: &Order) -> Option<u64> {
-    match order {
-        Order::Run { window, .. }
-        | Order::Close { window, .. }
-        | Order::Audit { window, .. }
-        | Order::Recompute { window, .. }
-        | Order::Step { window, .. }
-        | Order::Place { window, .. } => Some(*window),
-        Order::Start { .. } | Order::Resume { .. } | Order::Countersign { .. } | Order::Stop => {
-            None
-        }
-    }
-}
-
 /// How often a miner waiting for orders looks whether it was asked to
 /// leave.
 const ORDER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -451,7 +436,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
             None => self.next_order()?,
         };
         loop {
-            if let Some(window) = window_of(&order) {
+            if let Some((window, _)) = order.attempt() {
                 self.keep_window_start(window)?;
             }
             order = match order {
@@ -529,14 +514,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
                     tasks,
                     ..
                 } => {
-                    let me = self.t.rank();
-                    let mine: Vec<u64> = tasks
-                        .iter()
-                        .filter(|a| a.miner == me)
-                        .map(|a| a.id)
-                        .collect();
-                    self.conduct.audited(&mine);
-                    self.send_audits(window, attempt, &tasks)?;
+                    self.answer_audit(window, attempt, &tasks)?;
                     self.next_order()?
                 }
                 Order::Recompute {
@@ -843,6 +821,24 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         Ok(Ok(receipt))
     }
 
+    /// An `Audit` order: what this miner's passes among `tasks` need sent
+    /// to their validators (its conduct hears which were asked for).
+    fn answer_audit(
+        &mut self,
+        window: u64,
+        attempt: u32,
+        tasks: &[AuditTask],
+    ) -> Result<(), TrainError> {
+        let me = self.t.rank();
+        let mine: Vec<u64> = tasks
+            .iter()
+            .filter(|a| a.miner == me)
+            .map(|a| a.id)
+            .collect();
+        self.conduct.audited(&mine);
+        self.send_audits(window, attempt, tasks)
+    }
+
     /// Sends the validators named in `tasks` what they need to replay this
     /// miner's passes: the window's weights and the frames it kept.
     fn send_audits(
@@ -1002,18 +998,32 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// or `from` is gone (then the orchestrator's next order). A peer alive
     /// but silent for the transport's timeout ends this miner with an
     /// error: it leaves, and the orchestrator routes around it.
+    /// An `Audit` order that comes meanwhile is answered here and the wait
+    /// goes on: the orchestrator draws passes for replay as their
+    /// microbatches finish, while the window still runs.
     fn wait(&mut self, from: usize, tag: u64) -> Result<Wait, TrainError> {
-        let started = Instant::now();
-        let deadline = started + self.t.default_timeout();
-        let waited = self
-            .leader
-            .wait_or_order(from, tag, deadline, || self.announce_leaving());
-        self.waited_s += started.elapsed().as_secs_f64();
-        match waited? {
-            Waited::Got(bytes) => Ok(Wait::Got(bytes)),
-            Waited::Order(order) => Ok(Wait::Order(order)),
-            Waited::Lost => Ok(Wait::Order(self.next_order()?)),
-            Waited::TimedOut => Err(TransportError::Timeout { rank: from, tag }.into()),
+        let deadline = Instant::now() + self.t.default_timeout();
+        loop {
+            let started = Instant::now();
+            let waited = self
+                .leader
+                .wait_or_order(from, tag, deadline, || self.announce_leaving());
+            self.waited_s += started.elapsed().as_secs_f64();
+            return match waited? {
+                Waited::Got(bytes) => Ok(Wait::Got(bytes)),
+                Waited::Order(Order::Audit {
+                    window,
+                    attempt,
+                    tasks,
+                    ..
+                }) => {
+                    self.answer_audit(window, attempt, &tasks)?;
+                    continue;
+                }
+                Waited::Order(order) => Ok(Wait::Order(order)),
+                Waited::Lost => Ok(Wait::Order(self.next_order()?)),
+                Waited::TimedOut => Err(TransportError::Timeout { rank: from, tag }.into()),
+            };
         }
     }
 

@@ -183,6 +183,37 @@ pub fn checkpoint_tag(window: u64, attempt: u32) -> u64 {
 /// many miners' worth of slices.
 pub const MAX_SLICE_BITS: u32 = 12;
 
+impl Order {
+    /// The window and attempt the order belongs to, when it belongs to
+    /// one.
+    pub fn attempt(&self) -> Option<(u64, u32)> {
+        match self {
+            Order::Run {
+                window, attempt, ..
+            }
+            | Order::Close {
+                window, attempt, ..
+            }
+            | Order::Audit {
+                window, attempt, ..
+            }
+            | Order::Recompute {
+                window, attempt, ..
+            }
+            | Order::Step {
+                window, attempt, ..
+            }
+            | Order::Place {
+                window, attempt, ..
+            } => Some((*window, *attempt)),
+            Order::Start { .. }
+            | Order::Resume { .. }
+            | Order::Countersign { .. }
+            | Order::Stop => None,
+        }
+    }
+}
+
 /// What a miner states about one training pass (one microbatch through
 /// its stage): BLAKE3 digests, hex, of what it took in and gave out. The
 /// orchestrator checks that neighbours' receipts chain (what one sent is

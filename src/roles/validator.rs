@@ -56,10 +56,17 @@ fn follow_orders<T: Transport + ?Sized>(
     let mut loaded = LoadedWeights::default();
     let checks = check_pool();
     // An order that came while this validator waited on a miner.
-    let mut next = None;
+    let mut next: Option<Order> = None;
     loop {
         let order = match next.take() {
-            Some(order) => order,
+            Some(order) => {
+                // Replays put off for another attempt are moot now.
+                let moving_on = order.attempt();
+                leader.forget_put_off(|o| {
+                    matches!(o, Order::Audit { .. }) && o.attempt() != moving_on
+                });
+                order
+            }
             None => leader.order()?,
         };
         next = match order {
@@ -200,19 +207,34 @@ fn each_reported<T: Transport + ?Sized, I, R: IntoIterator<Item = Report>>(
 }
 
 /// `from`'s next message on `tag`, or the verdict its absence earns
-/// (`what` it failed to send for).
+/// (`what` it failed to send for), for a check of `attempt` (window,
+/// attempt). More replays of the same attempt, which the orchestrator
+/// draws as microbatches finish, and ledger lines to countersign are put
+/// off until the check is done; any other order supersedes it.
 fn receive<T: Transport + ?Sized>(
     leader: &Leader<'_, T>,
-    from: usize,
-    tag: u64,
+    (from, tag): (usize, u64),
+    attempt: (u64, u32),
     what: &str,
 ) -> Result<Result<Vec<u8>, Verdict>, Halt> {
     let deadline = Instant::now() + leader.transport().default_timeout();
-    match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
-        Waited::Got(bytes) => Ok(Ok(bytes)),
-        Waited::Lost => Ok(Err(Verdict::Unavailable)),
-        Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
-        Waited::Order(order) => Err(Halt::Superseded(Box::new(order))),
+    loop {
+        return match leader.wait_or_order(from, tag, deadline, || Ok(()))? {
+            Waited::Got(bytes) => Ok(Ok(bytes)),
+            Waited::Lost => Ok(Err(Verdict::Unavailable)),
+            Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
+            Waited::Order(order) => match &order {
+                Order::Audit { .. } if order.attempt() == Some(attempt) => {
+                    leader.put_off(order);
+                    continue;
+                }
+                Order::Countersign { .. } => {
+                    leader.put_off(order);
+                    continue;
+                }
+                _ => Err(Halt::Superseded(Box::new(order))),
+            },
+        };
     }
 }
 
@@ -230,8 +252,8 @@ fn replay_passes<T: Transport + ?Sized>(
     let waited = Instant::now();
     let bundle = receive(
         leader,
-        miner,
-        protocol::audit_tag(window, attempt),
+        (miner, protocol::audit_tag(window, attempt)),
+        (window, attempt),
         "replay",
     )?;
     // The replay's cost, not the wait for the miner.
@@ -418,8 +440,8 @@ fn audit_checkpoint<T: Transport + ?Sized>(
     while got.len() < 3 && missing.is_none() {
         match receive(
             leader,
-            task.writer,
-            protocol::checkpoint_tag(window, attempt),
+            (task.writer, protocol::checkpoint_tag(window, attempt)),
+            (window, attempt),
             "audit",
         )? {
             Ok(bytes) => got.push(bytes),
@@ -488,7 +510,7 @@ fn receive_slice<T: Transport + ?Sized>(
     } else {
         protocol::slice_tag(window, attempt, task.slice)
     };
-    let got = |rank: usize, tag: u64| receive(leader, rank, tag, "recompute");
+    let got = |rank: usize, tag: u64| receive(leader, (rank, tag), (window, attempt), "recompute");
     let mut received = Vec::with_capacity(task.contributors.len());
     for (rank, _) in &task.contributors {
         let contribution = got(*rank, tag)?;

@@ -85,6 +85,11 @@ impl<V> Replies<V> {
     pub fn owes_nothing(&self) -> bool {
         self.owed.is_done()
     }
+
+    /// The window and attempt answered.
+    fn of(&self) -> (u64, u32) {
+        (self.window, self.attempt)
+    }
 }
 
 /// Replays in flight, and the chain breaks they decide.
@@ -96,6 +101,23 @@ pub(super) struct PassAudit {
 }
 
 impl PassAudit {
+    /// The replays of `a` and `b` as one audit; of two attempts, the
+    /// later's alone (an abandoned attempt's answers are moot).
+    fn merged(a: Option<PassAudit>, b: Option<PassAudit>) -> Option<PassAudit> {
+        match (a, b) {
+            (Some(mut a), Some(b)) if a.replies.of() == b.replies.of() => {
+                for (v, n) in b.replies.owed.0 {
+                    *a.replies.owed.0.entry(v).or_default() += n;
+                }
+                a.replies.verdicts.extend(b.replies.verdicts);
+                a.breaks.extend(b.breaks);
+                Some(a)
+            }
+            (a, None) => a,
+            (_, b) => b,
+        }
+    }
+
     pub fn take(&mut self, from: usize, report: Report, w: &mut WindowState) {
         if let Report::Audited {
             window,
@@ -139,17 +161,62 @@ impl SliceAudit {
 }
 
 impl Coordinator<'_> {
-    /// Has validators replay `replay_rate` of each miner's passes not yet
-    /// replayed: first those whose stated gradient maxima stand out (see
-    /// [`suspicion`]; up to `suspect_replays`, which may go past the rate),
-    /// the rest drawn at random, so that suspects cost no more than the
-    /// uniform draw they take the place of. Each pass is in one draw: a
-    /// redo (after a miner was caught or lost) draws from the passes new
-    /// to it, not again from those an earlier attempt left undrawn. And
-    /// every pass whose receipts do not chain with its neighbours' (what
-    /// one stated it sent, the other that it received). The close starts
-    /// at once, beside the replays: they take a validator's core, it takes
-    /// the miners', and a caught miner, rare, costs one close thrown away
+    /// A training microbatch is done: each of its passes is drawn for
+    /// replay now, on its own with probability `replay_rate`, so that
+    /// validators replay beside the window's other microbatches instead
+    /// of at its close, where every miner waits for them (on the
+    /// quickstart, a tenth of each window went there). Drawn one by one, a
+    /// miner that sees a pass of its own audited mid-window learns nothing
+    /// of its other passes' chances. A draw that lands on a miner owing
+    /// draws (a suspect was replayed in the place of one) pays one off
+    /// instead. Each pass is in one draw: a redo (after a miner was caught
+    /// or lost) draws the passes new to it, not again those an earlier
+    /// attempt left undrawn.
+    pub(super) fn draw_done(&mut self, id: u64) {
+        if self.validators.is_empty() {
+            return;
+        }
+        let rate = self.spec.roles.replay_rate;
+        let w = self.window.as_mut().expect("a window runs");
+        let mut picked = BTreeSet::new();
+        for stage in 0..self.setup.stages {
+            let Some(&(miner, _)) = w.receipts.get(&(id, stage)) else {
+                continue;
+            };
+            if !w.pooled.insert((id, stage, miner)) || self.draws.unit_open0() > rate {
+                continue;
+            }
+            match self.owed_draws.get_mut(&miner) {
+                Some(owed) if *owed > 0 => {
+                    *owed -= 1;
+                    *w.paid.entry(miner).or_default() += 1;
+                }
+                _ => {
+                    picked.insert((id, stage));
+                }
+            }
+        }
+        if picked.is_empty() {
+            return;
+        }
+        let attempt = w.attempt;
+        w.drawn_early
+            .extend(picked.iter().map(|&pass| (pass, attempt)));
+        let drawn = self.send_replays(&picked, Vec::new(), None);
+        let w = self.window.as_mut().expect("a window runs");
+        w.early = PassAudit::merged(w.early.take(), drawn);
+    }
+
+    /// At the end of serving, beside the replays drawn as microbatches
+    /// finished ([`Coordinator::draw_done`]), has validators replay the
+    /// passes whose stated gradient maxima stand out (see [`suspicion`];
+    /// up to `suspect_replays`; each miner's next draws are fewer by as
+    /// many, so that suspects cost no more than the uniform draw), those
+    /// drawn in an attempt abandoned before its close, and every pass
+    /// whose receipts do not chain with its neighbours' (what one stated
+    /// it sent, the other that it received). The close starts at once,
+    /// beside the replays: they take a validator's core, it takes the
+    /// miners', and a caught miner, rare, costs one close thrown away
     /// (its window is redone without it, as before).
     ///
     /// A suspect takes a drawn pass's place without weakening the draw: a
@@ -159,7 +226,6 @@ impl Coordinator<'_> {
         if self.validators.is_empty() {
             return self.begin_close(None);
         }
-        let rate = self.spec.roles.replay_rate;
         let w = self.window.as_mut().expect("a window runs");
         w.suspected.clear();
         let mut breaks = Vec::new();
@@ -179,27 +245,50 @@ impl Coordinator<'_> {
                 }
             }
         }
-        let unchecked = unchecked(w);
+        let mut unchecked = unchecked(w);
+        for passes in unchecked.values_mut() {
+            passes.retain(|pass| !w.drawn_early.contains_key(pass));
+        }
         let mut picked = self.suspects(&unchecked, false);
         let w = self.window.as_mut().expect("a window runs");
-        for (miner, passes) in unchecked {
+        for (miner, mut passes) in unchecked {
+            // A miner's draws this window come to at least `floor(rate *
+            // n)` of its `n` passes: drawing each alone would leave a
+            // miner of 20 passes unchecked in 36% of windows at rate 0.05.
+            // What the draws fell short by is drawn now; a suspect stands
+            // in for one such draw, and beyond them is owed (its miner's
+            // next draws pay it off), as is what it owed before.
+            let pooled = w.pooled.iter().filter(|p| p.2 == miner).count();
+            let floor = (self.spec.roles.replay_rate * pooled as f64).floor() as usize;
+            let drawn = w.paid.get(&miner).copied().unwrap_or(0)
+                + w.drawn_early
+                    .keys()
+                    .filter(|p| w.receipts.get(p).is_some_and(|(m, _)| *m == miner))
+                    .count();
             let suspected = passes.iter().filter(|p| picked.contains(p)).count();
-            let taken = suspected + self.owed_draws.remove(&miner).unwrap_or(0);
-            let mut new: Vec<(u64, usize)> = passes
-                .into_iter()
-                .filter(|&(id, stage)| w.pooled.insert((id, stage, miner)))
-                .collect();
-            let due = sample_size(&mut self.draws, rate, new.len());
-            if taken > due {
-                self.owed_draws.insert(miner, taken - due);
+            let owed = self.owed_draws.entry(miner).or_default();
+            let due;
+            (due, *owed) = draws_at_close(floor, drawn, suspected, *owed);
+            passes.retain(|p| !picked.contains(p));
+            picked.extend(self.draws.sample(due, &mut passes));
+        }
+        let attempt = w.attempt;
+        for (pass, drawn_in) in w.drawn_early.iter_mut() {
+            let done = w
+                .receipts
+                .get(pass)
+                .is_none_or(|(miner, _)| w.passed.contains(&(pass.0, pass.1, *miner)));
+            if *drawn_in != attempt && !done {
+                *drawn_in = attempt;
+                picked.insert(*pass);
             }
-            new.retain(|p| !picked.contains(p));
-            picked.extend(self.draws.sample(due.saturating_sub(taken), &mut new));
         }
         for &(sender, receiver) in &breaks {
             picked.extend([sender, receiver]);
         }
-        let replays = self.send_replays(&picked, breaks, None);
+        let drawn = self.send_replays(&picked, breaks, None);
+        let w = self.window.as_mut().expect("a window runs");
+        let replays = PassAudit::merged(w.early.take(), drawn);
         self.begin_close(replays)
     }
 
@@ -838,15 +927,26 @@ impl Coordinator<'_> {
     }
 }
 
-/// How many of a miner's `n` passes to replay: `rate * n` rounded down or
+/// How many of `n` things to check at `rate`: `rate * n` rounded down or
 /// up at random (with `draws`), so that the mean is `rate * n` exactly and
-/// a miner that serves many passes in a window has at least
-/// `floor(rate * n)` of them checked (drawing each pass alone would leave
-/// a miner of 20 passes unchecked in 36% of windows at rate 0.05).
+/// at least `floor(rate * n)` are checked.
 fn sample_size(draws: &mut SplitMix64, rate: f64, n: usize) -> usize {
     let want = rate * n as f64;
     let k = want.floor() as usize + usize::from(draws.unit_open0() <= want.fract());
     k.min(n)
+}
+
+/// A miner's draws at the close (see [`Coordinator::begin_audit`]): with
+/// `floor` replays due this window, `drawn` made as its microbatches
+/// finished (or that paid off a draw it owed), `suspected` suspects
+/// replayed now and `owed` draws owed before, how many more to draw now
+/// and how many it owes after. A suspect stands in for a draw the floor
+/// asks for, and is owed beyond them; what is owed pays for such draws.
+fn draws_at_close(floor: usize, drawn: usize, suspected: usize, owed: usize) -> (usize, usize) {
+    let short = floor.saturating_sub(drawn);
+    let covered = suspected.min(short);
+    let paid = (short - covered).min(owed);
+    (short - covered - paid, owed - paid + (suspected - covered))
 }
 
 /// A pass as its miner stated it: microbatch, gradient maxima, sketch.
@@ -997,4 +1097,21 @@ pub(super) fn tallies(w: &WindowState) -> Vec<Tally> {
         );
     }
     by_rank.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::draws_at_close;
+
+    #[test]
+    fn the_close_draws_what_the_floor_lacks_and_suspects_and_debts_stand_in() {
+        // (floor, drawn, suspected, owed) -> (drawn now, owed after)
+        assert_eq!(draws_at_close(1, 0, 0, 0), (1, 0), "the floor is drawn");
+        assert_eq!(draws_at_close(1, 2, 0, 0), (0, 0), "the draw went past it");
+        assert_eq!(draws_at_close(1, 0, 1, 0), (0, 0), "a suspect stands in");
+        assert_eq!(draws_at_close(1, 1, 1, 0), (0, 1), "past the floor: owed");
+        assert_eq!(draws_at_close(2, 0, 0, 1), (1, 0), "a debt pays a draw");
+        assert_eq!(draws_at_close(3, 1, 1, 3), (0, 2), "part of it");
+        assert_eq!(draws_at_close(0, 0, 2, 3), (0, 5));
+    }
 }

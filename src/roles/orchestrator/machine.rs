@@ -240,6 +240,15 @@ pub(super) struct WindowState {
     /// Passes that were in a uniform draw for replay, with their miner:
     /// all attempts.
     pub pooled: BTreeSet<(u64, usize, usize)>,
+    /// Replays drawn as their microbatches finished, this attempt's (see
+    /// `Coordinator::draw_done`).
+    pub early: Option<super::checks::PassAudit>,
+    /// Every pass so drawn and the attempt that drew it: one drawn in an
+    /// attempt abandoned before its close is asked for again at the next.
+    pub drawn_early: BTreeMap<(u64, usize), u32>,
+    /// Draws of each miner that paid off what it owed instead of being
+    /// replayed.
+    pub paid: BTreeMap<usize, usize>,
     /// Suspect replays each miner had this attempt.
     pub suspected: BTreeMap<usize, u32>,
     /// Passes replayed, right or wrong: all attempts.
@@ -596,6 +605,9 @@ impl<'a> Coordinator<'a> {
             passed: BTreeSet::new(),
             sketches: BTreeMap::new(),
             pooled: BTreeSet::new(),
+            early: None,
+            drawn_early: BTreeMap::new(),
+            paid: BTreeMap::new(),
             suspected: BTreeMap::new(),
             replayed: 0,
             recomputed: 0,
@@ -752,9 +764,11 @@ impl<'a> Coordinator<'a> {
                 // before, it is neither now.
                 w.passed.retain(|p| p.0 != id);
                 w.pooled.retain(|p| p.0 != id);
+                w.drawn_early.retain(|p, _| p.0 != id);
             }
         }
         w.flight.abandon_running();
+        w.early = None;
         w.attempt += 1;
         if w.attempt >= self.first_attempt + protocol::ATTEMPTS_PER_LEADER {
             return Err(TrainError::Protocol {
@@ -800,6 +814,13 @@ impl<'a> Coordinator<'a> {
                 }
             }
             Phase::Serving { served } => {
+                if let Report::Audited { .. } = report {
+                    if let Some(mut early) = w.early.take() {
+                        early.take(from, report, w);
+                        w.early = Some(early);
+                    }
+                    return Ok(());
+                }
                 let Report::Served {
                     window: sw,
                     attempt: sa,
@@ -848,6 +869,9 @@ impl<'a> Coordinator<'a> {
                 };
                 if complete {
                     w.flight.finish(id);
+                    if !protocol::is_validation(id) {
+                        self.draw_done(id);
+                    }
                 }
             }
             Phase::Auditing(a, _) => a.take(from, report, w),

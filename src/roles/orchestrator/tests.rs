@@ -252,10 +252,13 @@ fn a_caught_miner_is_excluded_and_never_stepped(stall: Option<(u64, usize, u32)>
         .iter()
         .filter(|(_, o)| matches!(o, Order::Close { .. }))
         .all(|(to, _)| !to.is_empty() && !to.contains(&1)));
-    // The replays run beside the close; the close the cheater was in is
-    // thrown away, never recomputed or stepped.
+    // The replays, drawn as microbatches finish, run beside the serving
+    // and the close; the close the cheater was in is thrown away, never
+    // recomputed or stepped.
+    let mut flow = flow(&seen, 0);
+    flow.dedup();
     assert_eq!(
-        flow(&seen, 0),
+        flow,
         [
             ("run", 0),
             ("audit", 0),
@@ -390,7 +393,7 @@ fn replays_per_miner(seen: &Seen, window: u64) -> BTreeMap<usize, (usize, usize)
 }
 
 #[test]
-fn a_suspect_takes_the_place_of_a_drawn_pass_so_each_miner_is_replayed_at_the_rate() {
+fn a_suspect_is_replayed_and_every_miner_at_least_at_the_rates_floor() {
     let script = Script {
         outlier: Some(2),
         ..Script::default()
@@ -402,43 +405,48 @@ fn a_suspect_takes_the_place_of_a_drawn_pass_so_each_miner_is_replayed_at_the_ra
         replayed.contains(&(2, 0)) && replayed.contains(&(2, 1)),
         "{replayed:?}"
     );
+    // A third of 3 passes: at least one each, drawn as they finish or
+    // at the close where the draw fell short.
     let per_miner = replays_per_miner(&seen, 0);
-    assert_eq!(per_miner.into_values().collect::<Vec<_>>(), [(3, 1); 4]);
+    assert!(
+        per_miner
+            .values()
+            .all(|&(served, replayed)| served == 3 && replayed >= 1),
+        "{per_miner:?}"
+    );
 }
 
 #[test]
-fn a_suspect_replayed_after_the_close_makes_its_miners_next_draw_smaller() {
+fn a_suspect_by_its_sketch_is_replayed_after_the_close_and_the_rest_at_the_rates_floor() {
     let script = Script {
         flipped: Some(2),
         ..Script::default()
     };
     let (seen, result) = Sim::run(&spec(ONE_PASS_IN_THREE), script);
     result.unwrap();
-    // Window 0: one drawn replay each before the close; after it, those
-    // of microbatch 2's passes by their sketches the draw did not pick.
+    // Window 0: drawn replays, at least one a miner, before the close;
+    // after it, those of microbatch 2's passes by their sketches the draw
+    // did not pick.
     let orders: Vec<Vec<(u64, usize)>> = audit_orders(&seen, 0)
         .into_iter()
         .map(|(_, passes)| passes)
         .collect();
-    let [drawn, by_sketch] = &orders[..] else {
-        panic!("two replay orders in window 0: {orders:?}");
+    let Some((by_sketch, drawn)) = orders.split_last() else {
+        panic!("no replay orders in window 0");
     };
-    assert_eq!(drawn.len(), 4);
-    assert!(!by_sketch.is_empty() && by_sketch.iter().all(|p| p.0 == 2));
     let miners = miners_of_passes(&seen, 0, 0);
+    let drawn_miners: BTreeSet<usize> = drawn.iter().flatten().map(|p| miners[p]).collect();
+    assert_eq!(drawn_miners.len(), 4, "{orders:?}");
+    assert!(!by_sketch.is_empty() && by_sketch.iter().all(|p| p.0 == 2));
     let owing: Vec<usize> = by_sketch.iter().map(|p| miners[p]).collect();
-    // Window 1: their miners' draws are smaller by one (a third of 3 or 4
-    // passes is 1, or for 4 passes 2 one time in 3); nobody else's.
+    // Window 1: a third of 3 or 4 passes is at least one replay a miner
+    // that owes nothing (what one owes pays off its draws: see
+    // `checks::tests`).
     let window1 = replays_per_miner(&seen, 1);
     for (miner, &(served, replayed)) in &window1 {
-        let drawn = served / 3..=served.div_ceil(3);
-        let want = match owing.contains(miner) {
-            true => drawn.start() - 1..=drawn.end() - 1,
-            false => drawn,
-        };
-        assert!(want.contains(&replayed), "miner {miner}: {window1:?}");
+        let floor = served / 3 - usize::from(owing.contains(miner));
+        assert!(replayed >= floor, "miner {miner}: {window1:?}");
     }
-    assert!(owing.iter().any(|m| window1[m] == (3, 0)), "{window1:?}");
 }
 
 #[test]
