@@ -249,6 +249,8 @@ pub(super) struct WindowState {
     /// Draws of each miner that paid off what it owed instead of being
     /// replayed.
     pub paid: BTreeMap<usize, usize>,
+    /// Training passes routed to each miner, all attempts.
+    pub routed: BTreeMap<usize, usize>,
     /// Suspect replays each miner had this attempt.
     pub suspected: BTreeMap<usize, u32>,
     /// Passes replayed, right or wrong: all attempts.
@@ -608,6 +610,7 @@ impl<'a> Coordinator<'a> {
             early: None,
             drawn_early: BTreeMap::new(),
             paid: BTreeMap::new(),
+            routed: BTreeMap::new(),
             suspected: BTreeMap::new(),
             replayed: 0,
             recomputed: 0,
@@ -739,6 +742,11 @@ impl<'a> Coordinator<'a> {
         let mut routes = Vec::new();
         for path in paths {
             if let Some(id) = w.flight.start(path.clone()) {
+                if !protocol::is_validation(id) {
+                    for &miner in &path {
+                        *w.routed.entry(miner).or_default() += 1;
+                    }
+                }
                 routes.push(Route { id, path });
             }
         }
