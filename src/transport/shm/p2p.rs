@@ -330,38 +330,12 @@ impl Transport for ShmTransport {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError> {
-        if from >= self.size {
-            return Err(TransportError::NoSuchRank {
-                rank: from,
-                size: self.size(),
-            });
-        }
-        let mine = self.doorbell(self.rank);
-        let mut backoff = Backoff::new();
-        let mut next_check = Instant::now() + CHECK_PERIOD;
-        loop {
-            let ticket = backoff.should_sleep().then(|| mine.prepare());
-            if let Some(message) = self.try_take(from, tag)? {
-                return Ok(message);
+        match self.recv_any(&[from], tag, deadline) {
+            Ok((_, message)) => Ok(message),
+            Err(TransportError::NoneArrived { .. }) => {
+                Err(TransportError::Timeout { rank: from, tag })
             }
-            let now = Instant::now();
-            if self.has_left(from) || now >= next_check || now >= deadline {
-                // Status first, then one more look: whatever a peer sent
-                // before leaving or dying is delivered before its loss.
-                let status = self.peer_status(from);
-                if let Some(message) = self.try_take(from, tag)? {
-                    return Ok(message);
-                }
-                status?;
-                if now >= deadline {
-                    return Err(TransportError::Timeout { rank: from, tag });
-                }
-                next_check = now + CHECK_PERIOD;
-            }
-            match ticket {
-                Some(ticket) => ticket.sleep(CHECK_PERIOD.min(deadline - now)),
-                None => backoff.snooze(),
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -402,8 +376,8 @@ impl Transport for ShmTransport {
             let now = Instant::now();
             let left = from.iter().any(|&r| self.has_left(r));
             if left || now >= next_check || now >= deadline {
-                // As in `recv_deadline`: what a lost peer sent before is
-                // delivered before its loss.
+                // Status first, then one more look: whatever a peer sent
+                // before leaving or dying is delivered before its loss.
                 let lost = from.iter().find_map(|&r| self.peer_status(r).err());
                 if let Some(got) = take_any()? {
                     return Ok(got);
