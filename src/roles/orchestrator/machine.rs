@@ -1027,6 +1027,17 @@ impl<'a> Coordinator<'a> {
                 | Phase::Closing {
                     replays: Some(_), ..
                 } => self.redo_without(&[])?,
+                // Replays drawn while serving, likewise: a new attempt
+                // asks for them again at its close.
+                Phase::Serving { .. }
+                    if self
+                        .window
+                        .as_ref()
+                        .and_then(|w| w.early.as_ref())
+                        .is_some_and(|early| !early.replies.owes_nothing()) =>
+                {
+                    self.redo_without(&[])?
+                }
                 // The step is done; its checkpoint audits go unaudited.
                 Phase::Stepping(s) => {
                     s.owed.remove(&rank);

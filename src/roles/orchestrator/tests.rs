@@ -131,6 +131,28 @@ fn a_miner_lost_while_serving_has_its_window_redone_without_it_and_is_never_cred
 }
 
 #[test]
+fn a_validator_lost_while_replays_drawn_mid_window_are_owed_has_the_window_redone() {
+    // Every pass drawn as its microbatch finishes; validator 1 is lost
+    // after four of window 1's reports, its verdicts never come.
+    let spec = spec("replay_rate = 1.0");
+    let (seen, result) = Sim::run(
+        &spec,
+        Script {
+            lose_midway: Some((1, 1, 4)),
+            ..Script::default()
+        },
+    );
+    result.unwrap();
+    assert!(seen.done, "the run finished");
+    let runs = runs(&seen, 1);
+    assert_eq!(runs.iter().map(|(a, _)| *a).collect::<Vec<_>>(), [0, 1]);
+    assert!(audit_orders(&seen, 1)
+        .iter()
+        .any(|(attempt, _)| *attempt == 0));
+    assert_eq!(seen.departed, [1]);
+}
+
+#[test]
 fn a_miner_that_asks_to_leave_finishes_its_window_and_goes_without_a_redo() {
     let spec = spec("");
     let (seen, result) = Sim::run(
