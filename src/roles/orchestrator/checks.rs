@@ -163,10 +163,10 @@ impl SliceAudit {
 impl Coordinator<'_> {
     /// A training microbatch is done: each of its passes is drawn for
     /// replay now, on its own (with about `replay_rate`: [`draw_chance`]),
-    /// so that
-    /// validators replay beside the window's other microbatches instead
-    /// of at its close, where every miner waits for them (on the
-    /// quickstart, a tenth of each window went there). Drawn one by one, a
+    /// so that validators replay beside the window's other microbatches
+    /// instead of at its close, where every miner waits for them (on the
+    /// quickstart the miners spent 5-6% of their time waiting there, half
+    /// that since). Drawn one by one, a
     /// miner that sees a pass of its own audited mid-window learns nothing
     /// of its other passes' chances. A draw that lands on a miner owing
     /// draws (a suspect was replayed in the place of one) pays one off
@@ -213,9 +213,11 @@ impl Coordinator<'_> {
     /// At the end of serving, beside the replays drawn as microbatches
     /// finished ([`Coordinator::draw_done`]), has validators replay the
     /// passes whose stated gradient maxima stand out (see [`suspicion`];
-    /// up to `suspect_replays`; each miner's next draws are fewer by as
-    /// many, so that suspects cost no more than the uniform draw), those
-    /// drawn in an attempt abandoned before its close, and every pass
+    /// up to `suspect_replays`; a suspect stands in for a draw the rate's
+    /// floor still asks for, and past that is owed, so that suspects cost
+    /// about no more than the uniform draw: [`draws_at_close`]), the
+    /// draws the floor asks for, those drawn in an attempt abandoned
+    /// before its close, and every pass
     /// whose receipts do not chain with its neighbours' (what one stated
     /// it sent, the other that it received). The close starts at once,
     /// beside the replays: they take a validator's core, it takes the
