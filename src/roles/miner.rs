@@ -998,6 +998,7 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     /// or `from` is gone (then the orchestrator's next order). A peer alive
     /// but silent for the transport's timeout ends this miner with an
     /// error: it leaves, and the orchestrator routes around it.
+    ///
     /// An `Audit` order that comes meanwhile is answered here and the wait
     /// goes on: the orchestrator draws passes for replay as their
     /// microbatches finish, while the window still runs.
