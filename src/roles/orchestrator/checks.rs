@@ -256,6 +256,20 @@ impl Coordinator<'_> {
         }
         let mut picked = self.suspects(&unchecked, false);
         let w = self.window.as_mut().expect("a window runs");
+        // Each miner's passes in a draw this window, and its draws (those
+        // that paid off a debt too), counted once for all miners.
+        let mut draws: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        for &(_, _, miner) in &w.pooled {
+            draws.entry(miner).or_default().0 += 1;
+        }
+        for pass in w.drawn_early.keys() {
+            if let Some((miner, _)) = w.receipts.get(pass) {
+                draws.entry(*miner).or_default().1 += 1;
+            }
+        }
+        for (&miner, &paid) in &w.paid {
+            draws.entry(miner).or_default().1 += paid;
+        }
         for (miner, mut passes) in unchecked {
             // A miner's draws this window come to at least `floor(rate *
             // n)` of its `n` passes: drawing each alone would leave a
@@ -263,13 +277,8 @@ impl Coordinator<'_> {
             // What the draws fell short by is drawn now; a suspect stands
             // in for one such draw, and beyond them is owed (its miner's
             // next draws pay it off), as is what it owed before.
-            let pooled = w.pooled.iter().filter(|p| p.2 == miner).count();
+            let (pooled, drawn) = draws.get(&miner).copied().unwrap_or_default();
             let floor = (self.spec.roles.replay_rate * pooled as f64).floor() as usize;
-            let drawn = w.paid.get(&miner).copied().unwrap_or(0)
-                + w.drawn_early
-                    .keys()
-                    .filter(|p| w.receipts.get(p).is_some_and(|(m, _)| *m == miner))
-                    .count();
             let suspected = passes.iter().filter(|p| picked.contains(p)).count();
             let owed = self.owed_draws.entry(miner).or_default();
             let due;
