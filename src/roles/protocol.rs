@@ -573,7 +573,8 @@ pub enum Order {
         recomputers: Vec<Vec<usize>>,
     },
     /// Send what the validators need to replay `tasks`; `weights` is the
-    /// digest every stage's weights had at the window's start.
+    /// digest every stage's weights had at the window's start. Goes to
+    /// the miners and validators `tasks` names alone.
     Audit {
         window: u64,
         attempt: u32,

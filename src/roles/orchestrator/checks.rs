@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::machine::{Closed, Coordinator, Happened, Phase, Stepping, WindowState};
+use super::machine::{Closed, Coordinator, Happened, Output, Phase, Stepping, WindowState};
 use super::suspicion;
 use crate::checkpoint::{Manifest, StageEntry};
 use crate::collective::{scales_for, slice_holders};
@@ -360,12 +360,17 @@ impl Coordinator<'_> {
         }
         let (window, attempt) = (w.window, w.attempt);
         let replies = Replies::new(window, attempt, tasks.iter().map(|t| t.validator));
-        self.broadcast(Order::Audit {
+        // To the miners and validators it names alone: drawn as
+        // microbatches finish, a window has as many of these as draws,
+        // and every other rank would read each to find nothing in it.
+        let named: BTreeSet<usize> = tasks.iter().flat_map(|t| [t.miner, t.validator]).collect();
+        let order = Order::Audit {
             window,
             attempt,
             tasks,
             weights: self.weights.clone(),
-        });
+        };
+        self.push(Output::Send(named.into_iter().collect(), order));
         Some(PassAudit { replies, breaks })
     }
 
