@@ -37,8 +37,9 @@ pub struct Frames {
 }
 
 /// A miner's material for one validator: its stage's weights (a stage file
-/// as checkpoints write it, without optimizer state) and the frames of each
-/// pass to replay.
+/// as checkpoints write it, without optimizer state; empty where the
+/// validator holds them, see `AuditTask::weights_held`) and the frames of
+/// each pass to replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
     pub stage: usize,

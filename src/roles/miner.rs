@@ -840,7 +840,8 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
     }
 
     /// Sends the validators named in `tasks` what they need to replay this
-    /// miner's passes: the window's weights and the frames it kept.
+    /// miner's passes: the window's weights, unless a validator holds them
+    /// already, and the frames it kept.
     fn send_audits(
         &self,
         window: u64,
@@ -848,25 +849,28 @@ impl<'a, T: Transport + ?Sized> Miner<'a, T> {
         tasks: &[AuditTask],
     ) -> Result<(), TrainError> {
         let me = self.t.rank();
-        let mut by_validator: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        // Each validator's passes, and whether it needs the weights.
+        let mut by_validator: BTreeMap<usize, (Vec<u64>, bool)> = BTreeMap::new();
         for task in tasks.iter().filter(|a| a.miner == me) {
-            by_validator
-                .entry(task.validator)
-                .or_default()
-                .push(task.id);
+            let (ids, needs_weights) = by_validator.entry(task.validator).or_default();
+            ids.push(task.id);
+            *needs_weights |= !task.weights_held;
         }
-        if by_validator.is_empty() {
-            return Ok(());
-        }
-        let weights = self.model.to_safetensors(None, Path::new("audit"))?;
-        for (validator, ids) in by_validator {
+        let weights = match by_validator.values().any(|(_, needs)| *needs) {
+            true => self.model.to_safetensors(None, Path::new("audit"))?,
+            false => Vec::new(),
+        };
+        for (validator, (ids, needs_weights)) in by_validator {
             let passes = ids
                 .into_iter()
                 .map(|id| (id, self.kept.get(&id).cloned().unwrap_or_default()))
                 .collect();
             let bundle = audit::encode(&Bundle {
                 stage: self.stage,
-                weights: weights.clone(),
+                weights: match needs_weights {
+                    true => weights.clone(),
+                    false => Vec::new(),
+                },
                 passes,
             });
             self.send_to_validator(validator, protocol::audit_tag(window, attempt), &bundle)?;

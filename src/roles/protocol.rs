@@ -253,6 +253,15 @@ pub struct AuditTask {
     pub validator: usize,
     pub receipt: Receipt,
     pub sketch: Option<StatedSketch>,
+    /// An earlier `Audit` of this attempt already had `validator` sent
+    /// the stage's weights, so the miner leaves them out of its bundle.
+    /// Replays are drawn as microbatches finish, one order each, and the
+    /// weights are the same all window: sent with every bundle, each
+    /// replay after a stage's first cost a copy of the stage (on a real
+    /// model, gigabytes). A validator that does not hold them after all
+    /// (that bundle never came) judges nothing and blames no one.
+    #[serde(default)]
+    pub weights_held: bool,
 }
 
 /// A pass's `audit::gradient_sketch` with `seed`, as its miner stated it

@@ -347,6 +347,14 @@ impl CheckPool {
 struct LoadedWeights(BTreeMap<usize, (String, StageModel)>);
 
 impl LoadedWeights {
+    /// Stage `stage`'s model, if it holds the weights of digest `expected`.
+    fn held(&self, stage: usize, expected: &str) -> Option<&StageModel> {
+        self.0
+            .get(&stage)
+            .filter(|(held, _)| held == expected)
+            .map(|(_, model)| model)
+    }
+
     /// Stage `stage`'s model with the weights of digest `expected`: the one
     /// held if it has them, else loaded from `weights` (a miner's stage
     /// file), which must have that digest, into the stage's model held
@@ -403,9 +411,19 @@ fn judge(
     let Some(expected) = weights.get(stage) else {
         return all(format!("no weights digest for stage {stage}"));
     };
-    let model = match loaded.model(setup, stage, &bundle.weights, expected) {
-        Ok(m) => m,
-        Err(reason) => return all(reason),
+    let model = if !bundle.weights.is_empty() {
+        match loaded.model(setup, stage, &bundle.weights, expected) {
+            Ok(m) => m,
+            Err(reason) => return all(reason),
+        }
+    } else if tasks.iter().any(|t| !t.weights_held) {
+        return all("its audit bundle left out the stage's weights".into());
+    } else {
+        match loaded.held(stage, expected) {
+            Some(m) => m,
+            // The bundle that had them never came: nobody is to blame.
+            None => return Ok(vec![Verdict::Unavailable; tasks.len()]),
+        }
     };
     device.prepare(model)?;
     let verdicts = tasks
@@ -698,6 +716,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::roles::protocol::Receipt;
 
     /// Slice 0 of a 2-miner all-reduce of 10 integers (ranks 4 and 5),
     /// with no passes to check: the miners stated `stated`, sent `sent`,
@@ -775,8 +794,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_stages_weights_are_loaded_once_per_digest_and_checked_when_loaded() {
+    /// A 2-stage job of a tiny model, and its set-up.
+    fn unit_job() -> (JobSpec, Setup) {
         let text = "[job]\nname = \"unit\"\ntask = \"train\"\nseed = 3\n\n\
                     [model]\nn_layer = 2\nn_head = 2\nn_embd = 16\nblock_size = 8\n\n\
                     [pipeline]\nstages = 2\nmicrobatch_size = 2\nmicrobatches_per_window = 2\n\n\
@@ -785,6 +804,74 @@ mod tests {
                     [network]\nrendezvous = \"tcp://127.0.0.1:0\"\n";
         let spec = crate::config::parse(text, Path::new("unit.toml")).unwrap();
         let setup = Setup::new(&spec).unwrap();
+        (spec, setup)
+    }
+
+    #[test]
+    fn a_bundle_without_weights_is_judged_on_those_held_and_blames_no_one_when_none_are() {
+        let (spec, setup) = unit_job();
+        let codec = setup.codec(&spec);
+        let mut device = StageDevice::cpu();
+        let model = StageModel::new(&setup.config, &setup.layers, 1, setup.seed).unwrap();
+        let file = model.to_safetensors(None, Path::new("stage-1")).unwrap();
+        let digests = [
+            "stage 0's".to_string(),
+            model.weights_digest().unwrap().to_hex().to_string(),
+        ];
+        let task = |weights_held| AuditTask {
+            id: 7,
+            stage: 1,
+            miner: 2,
+            validator: 1,
+            receipt: Receipt {
+                input: Some("a frame's".into()),
+                output: "a loss".into(),
+                grad_in: None,
+                grad_out: Some("a gradient's".into()),
+                params: "the gradients'".into(),
+                maxes: Vec::new(),
+            },
+            sketch: None,
+            weights_held,
+        };
+        // No frames in any bundle: a bundle judged on weights gets that.
+        let bundle = |weights: &[u8]| {
+            audit::encode(&Bundle {
+                stage: 1,
+                weights: weights.to_vec(),
+                passes: Vec::new(),
+            })
+        };
+        let judged = Verdict::Failed("microbatch 7: no frames sent".into());
+        let mut loaded = LoadedWeights::default();
+        let mut judge_one = |bytes: &[u8], weights_held| {
+            let parts = (&setup, &codec, &mut device, &mut loaded);
+            judge(parts, bytes, &[task(weights_held)], &digests).unwrap()
+        };
+
+        // The order said its validator held them, but the bundle that had
+        // them never came.
+        assert_eq!(judge_one(&bundle(&[]), true), [Verdict::Unavailable]);
+        // A miner may not leave out weights its validator was not sent.
+        assert_eq!(
+            judge_one(&bundle(&[]), false),
+            [Verdict::Failed(
+                "its audit bundle left out the stage's weights".into()
+            )]
+        );
+        // Sent once, they are held for the bundles that leave them out.
+        // (A bundle that has them anyway is judged on them.)
+        for (weights, held) in [(&file[..], false), (&[], true), (&file, true)] {
+            assert_eq!(
+                judge_one(&bundle(weights), held),
+                std::slice::from_ref(&judged)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stages_weights_are_loaded_once_per_digest_and_checked_when_loaded() {
+        let (_, setup) = unit_job();
         let model = StageModel::new(&setup.config, &setup.layers, 1, setup.seed).unwrap();
         let file = model.to_safetensors(None, Path::new("stage-1")).unwrap();
         let digest = model.weights_digest().unwrap().to_hex().to_string();

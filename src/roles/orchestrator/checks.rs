@@ -342,22 +342,29 @@ impl Coordinator<'_> {
             .iter()
             .filter_map(|&(id, stage)| {
                 let (miner, receipt) = w.receipts.get(&(id, stage))?;
+                let validator = self.replayer_for(*miner)?;
                 Some(AuditTask {
                     id,
                     stage,
                     miner: *miner,
-                    validator: self.replayer_for(*miner)?,
+                    validator,
                     receipt: receipt.clone(),
                     sketch: sketch_seed.map(|seed| StatedSketch {
                         seed,
                         sketch: w.sketches.get(&(id, stage)).cloned().unwrap_or_default(),
                     }),
+                    // Only an earlier order's: a validator takes the
+                    // bundles of one order in whatever order they come.
+                    weights_held: w.weights_sent.contains(&(validator, stage)),
                 })
             })
             .collect();
         if tasks.is_empty() {
             return None;
         }
+        let w = self.window.as_mut().expect("a window runs");
+        w.weights_sent
+            .extend(tasks.iter().map(|t| (t.validator, t.stage)));
         let (window, attempt) = (w.window, w.attempt);
         let replies = Replies::new(window, attempt, tasks.iter().map(|t| t.validator));
         // To the miners and validators it names alone: drawn as

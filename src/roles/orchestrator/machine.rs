@@ -246,6 +246,9 @@ pub(super) struct WindowState {
     /// Every pass so drawn and the attempt that drew it: one drawn in an
     /// attempt abandoned before its close is asked for again at the next.
     pub drawn_early: BTreeMap<(u64, usize), u32>,
+    /// Each validator and stage whose weights an `Audit` of this attempt
+    /// had sent (see `AuditTask::weights_held`).
+    pub weights_sent: BTreeSet<(usize, usize)>,
     /// Draws of each miner that paid off what it owed instead of being
     /// replayed.
     pub paid: BTreeMap<usize, usize>,
@@ -609,6 +612,7 @@ impl<'a> Coordinator<'a> {
             pooled: BTreeSet::new(),
             early: None,
             drawn_early: BTreeMap::new(),
+            weights_sent: BTreeSet::new(),
             paid: BTreeMap::new(),
             routed: BTreeMap::new(),
             suspected: BTreeMap::new(),
@@ -777,6 +781,9 @@ impl<'a> Coordinator<'a> {
         }
         w.flight.abandon_running();
         w.early = None;
+        // A validator may have dropped a replay of the attempt before
+        // loading its bundle.
+        w.weights_sent.clear();
         w.attempt += 1;
         if w.attempt >= self.first_attempt + protocol::ATTEMPTS_PER_LEADER {
             return Err(TrainError::Protocol {

@@ -347,6 +347,55 @@ fn audit_orders(seen: &Seen, window: u64) -> Vec<(u32, Vec<(u64, usize)>)> {
 }
 
 #[test]
+fn a_validator_is_sent_a_stages_weights_once_an_attempt() {
+    // Every pass replayed, by one validator, drawn microbatch by
+    // microbatch; miner 5 is caught, so window 0 has a second attempt.
+    let (seen, result) = Sim::run(
+        &spec("replay_rate = 1.0"),
+        Script {
+            cheater: Some(5),
+            ..Script::default()
+        },
+    );
+    result.unwrap();
+    for window in 0..3 {
+        let mut sent: BTreeSet<(u32, usize, usize)> = BTreeSet::new();
+        let mut held = 0;
+        for (_, o) in &seen.orders {
+            let Order::Audit {
+                window: w,
+                attempt,
+                tasks,
+                ..
+            } = o
+            else {
+                continue;
+            };
+            if *w != window {
+                continue;
+            }
+            // Held only where an earlier order of the attempt sent them:
+            // the bundles of one order may be taken in any order.
+            for t in tasks {
+                let before = sent.contains(&(*attempt, t.validator, t.stage));
+                assert_eq!(t.weights_held, before, "window {window}: {t:?}");
+                held += usize::from(t.weights_held);
+            }
+            sent.extend(tasks.iter().map(|t| (*attempt, t.validator, t.stage)));
+        }
+        assert!(held > 0, "window {window}: every bundle had the weights");
+        if window == 0 {
+            let attempts: BTreeSet<u32> = sent.iter().map(|s| s.0).collect();
+            assert_eq!(
+                attempts,
+                BTreeSet::from([0, 1]),
+                "a new attempt sends them again"
+            );
+        }
+    }
+}
+
+#[test]
 fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_random_draw() {
     let outlier = || Script {
         outlier: Some(2),
