@@ -156,22 +156,30 @@ pub(crate) fn product_on<T: Real>(a: Operand<T>, b: Operand<T>, threads: usize) 
     Some(out)
 }
 
-/// What [`product`] must give, one element at a time.
+/// What [`product`] must give: each element one chain of fused
+/// multiply-adds per [`K_CHUNK`] of `k`, from zero, the chains added in
+/// order. A row's chains run side by side (each still in its own order),
+/// so that they do not wait on each other's latency.
+#[inline(always)]
 fn reference<T: Real>(a: Operand<T>, b: Operand<T>) -> Vec<T> {
     let at = |o: &Operand<T>, i: usize, j: usize| o.data[i * o.row_stride + j * o.col_stride];
-    let mut out = Vec::with_capacity(a.rows * b.cols);
-    for i in 0..a.rows {
-        for j in 0..b.cols {
-            let mut sum = T::of(0.0);
-            for start in (0..a.cols).step_by(K_CHUNK) {
-                let end = (start + K_CHUNK).min(a.cols);
-                let chain =
-                    (start..end).fold(T::of(0.0), |acc, t| at(&a, i, t).mul_add(at(&b, t, j), acc));
-                // The first chunk is the result as it is (adding it to
-                // zero would turn a -0 into +0, which gemm does not).
-                sum = if start == 0 { chain } else { sum + chain };
+    let mut out = vec![T::of(0.0); a.rows * b.cols];
+    let mut chains = vec![T::of(0.0); b.cols];
+    for (i, row) in out.chunks_exact_mut(b.cols.max(1)).enumerate() {
+        for start in (0..a.cols).step_by(K_CHUNK) {
+            let end = (start + K_CHUNK).min(a.cols);
+            chains.fill(T::of(0.0));
+            for t in start..end {
+                let x = at(&a, i, t);
+                for (j, chain) in chains.iter_mut().enumerate() {
+                    *chain = x.mul_add(at(&b, t, j), *chain);
+                }
             }
-            out.push(sum);
+            // The first chunk is the result as it is (adding it to zero
+            // would turn a -0 into +0, which gemm does not).
+            for (sum, &chain) in row.iter_mut().zip(&chains) {
+                *sum = if start == 0 { chain } else { *sum + chain };
+            }
         }
     }
     out
@@ -205,7 +213,14 @@ pub(crate) fn check_cpu() -> Result<(), ModelError> {
                 ("y @ w^T (an input gradient)", y, w.t()),
             ] {
                 let got = product(a, b).ok_or("shape")?;
-                let want = reference(a, b);
+                // Fused multiply-adds as instructions where the CPU has
+                // them: the baseline build calls libm's `fmaf` for each
+                // (the same bits, rounded once), which made this check
+                // ~3% of a validator's CPU in `bench trust`'s short runs.
+                let want = crate::isa::on_widest(
+                    #[inline(always)]
+                    || reference(a, b),
+                );
                 if let Some(at) = got
                     .iter()
                     .zip(&want)

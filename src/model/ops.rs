@@ -67,6 +67,9 @@ macro_rules! real {
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            // Inlined, so that code built for a CPU with FMA has the
+            // instruction instead of a call to libm's `fmaf`.
+            #[inline(always)]
             fn mul_add(self, a: Self, b: Self) -> Self {
                 <$t>::mul_add(self, a, b)
             }
