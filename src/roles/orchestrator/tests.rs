@@ -13,7 +13,7 @@ use super::sim::{Script, Seen, Sim};
 use super::StartPoint;
 use crate::config::{self, JobSpec};
 use crate::pipeline::Router;
-use crate::roles::protocol::{self, Order};
+use crate::roles::protocol::{self, AuditTask, Order};
 use crate::roles::train::{miners_of, Deadlines, Setup, TrainError};
 
 /// Rank 0 orchestrates, rank 1 validates, ranks 2..6 mine two stages;
@@ -332,6 +332,15 @@ fn audited(seen: &Seen, window: u64) -> Vec<(u64, usize)> {
 
 /// Each `Audit` order of `window`: its attempt and the passes it names.
 fn audit_orders(seen: &Seen, window: u64) -> Vec<(u32, Vec<(u64, usize)>)> {
+    audit_tasks(seen, window)
+        .into_iter()
+        .map(|(attempt, tasks)| (attempt, tasks.iter().map(|t| (t.id, t.stage)).collect()))
+        .collect()
+}
+
+/// Each `Audit` order of `window`, in the order sent: its attempt and its
+/// tasks.
+fn audit_tasks(seen: &Seen, window: u64) -> Vec<(u32, &[AuditTask])> {
     seen.orders
         .iter()
         .filter_map(|(_, o)| match o {
@@ -340,7 +349,7 @@ fn audit_orders(seen: &Seen, window: u64) -> Vec<(u32, Vec<(u64, usize)>)> {
                 attempt,
                 tasks,
                 ..
-            } if *w == window => Some((*attempt, tasks.iter().map(|t| (t.id, t.stage)).collect())),
+            } if *w == window => Some((*attempt, &tasks[..])),
             _ => None,
         })
         .collect()
@@ -361,27 +370,15 @@ fn a_validator_is_sent_a_stages_weights_once_an_attempt() {
     for window in 0..3 {
         let mut sent: BTreeSet<(u32, usize, usize)> = BTreeSet::new();
         let mut held = 0;
-        for (_, o) in &seen.orders {
-            let Order::Audit {
-                window: w,
-                attempt,
-                tasks,
-                ..
-            } = o
-            else {
-                continue;
-            };
-            if *w != window {
-                continue;
-            }
+        for (attempt, tasks) in audit_tasks(&seen, window) {
             // Held only where an earlier order of the attempt sent them:
             // the bundles of one order may be taken in any order.
             for t in tasks {
-                let before = sent.contains(&(*attempt, t.validator, t.stage));
+                let before = sent.contains(&(attempt, t.validator, t.stage));
                 assert_eq!(t.weights_held, before, "window {window}: {t:?}");
                 held += usize::from(t.weights_held);
             }
-            sent.extend(tasks.iter().map(|t| (*attempt, t.validator, t.stage)));
+            sent.extend(tasks.iter().map(|t| (attempt, t.validator, t.stage)));
         }
         assert!(held > 0, "window {window}: every bundle had the weights");
         if window == 0 {
