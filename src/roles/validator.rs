@@ -223,17 +223,18 @@ fn receive<T: Transport + ?Sized>(
             Waited::Got(bytes) => Ok(Ok(bytes)),
             Waited::Lost => Ok(Err(Verdict::Unavailable)),
             Waited::TimedOut => Ok(Err(Verdict::Failed(format!("sent nothing to {what}")))),
-            Waited::Order(order) => match &order {
-                Order::Audit { .. } if order.attempt() == Some(attempt) => {
+            Waited::Order(order) => {
+                let later = match &order {
+                    Order::Audit { .. } => order.attempt() == Some(attempt),
+                    Order::Countersign { .. } => true,
+                    _ => false,
+                };
+                if later {
                     leader.put_off(order);
                     continue;
                 }
-                Order::Countersign { .. } => {
-                    leader.put_off(order);
-                    continue;
-                }
-                _ => Err(Halt::Superseded(Box::new(order))),
-            },
+                Err(Halt::Superseded(Box::new(order)))
+            }
         };
     }
 }

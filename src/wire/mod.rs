@@ -21,7 +21,7 @@ mod stream;
 
 pub use assembly::{Assembled, Assembly};
 pub use error::WireError;
-pub use frame::{Frame, FrameHeader, FrameKind, StripeHead, HEADER_LEN, MAC_LEN};
+pub use frame::{Frame, FrameHeader, FrameKind, StripeHead, HEADER_LEN, MAC_LEN, VERSION};
 pub use key::{JobKey, KEY_ENV, KEY_LEN};
 pub use stream::{
     job_id, AuthStream, FrameReader, FrameWriter, Hello, Session, StreamOptions, SEND_FRAME,
