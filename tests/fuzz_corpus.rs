@@ -46,6 +46,30 @@ fn every_corpus_and_regression_input_keeps_its_target_s_property() {
     }
 }
 
+/// The generated raw TCP streams begin with this build's frame header:
+/// seeds of another wire version stop at the version check, so a fuzzer
+/// started from them would reach nothing past it until it guessed the byte.
+/// After a bump of `wire::VERSION`, regenerate them (`write_generated_seeds`).
+#[test]
+fn raw_wire_seeds_speak_this_builds_wire_version() {
+    let dir = fuzz_dir().join("corpus").join("wire_frames");
+    let raw: Vec<PathBuf> = inputs(&dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with("_raw"))
+        .collect();
+    assert!(!raw.is_empty(), "no raw seeds in {}", dir.display());
+    for path in raw {
+        let bytes = std::fs::read(&path).unwrap();
+        // The mode byte, then the first frame's magic and version.
+        assert_eq!(
+            bytes.get(1..6),
+            Some(&[b'S', b'W', b'R', b'M', swarmrun::wire::VERSION][..]),
+            "{}",
+            path.display()
+        );
+    }
+}
+
 /// The fuzz targets in `fuzz/Cargo.toml` are the ones replayed here.
 #[test]
 fn every_fuzz_target_is_replayed() {
