@@ -1,8 +1,9 @@
 //! What the orchestrator and the miners say to each other, and the tags
 //! their messages travel under.
 //!
-//! A change here that an older build would misread bumps
-//! [`crate::wire::VERSION`], so that such builds cannot join one job.
+//! A change of these messages' shape bumps [`crate::wire::VERSION`], so
+//! that builds that would misread each other cannot join one job
+//! (`tests/protocol_version.rs` holds the shape to the version).
 //!
 //! Control is centralized and ordered: the orchestrator sends [`Order`]s
 //! to every other rank on one tag, so each rank reads them in the order

@@ -24,8 +24,9 @@ use super::WireError;
 pub const MAGIC: [u8; 4] = *b"SWRM";
 
 /// Wire protocol version; bumped on any incompatible change of the frames
-/// or of what ranks say in them (`roles::protocol`'s orders, reports and
-/// bundles), so that ranks of two builds that would misread each other
+/// and on any change of the shape of what ranks say in them
+/// (`roles::protocol`'s orders and reports, which `tests/protocol_version.rs`
+/// pins to this version), so that ranks of two builds that would misread each other
 /// (a site joining with an older release) are refused at the handshake,
 /// naming both versions, instead of failing honest miners' audits later
 /// (2: lanes in the hello, stripe frames; 3: Noise handshake, encrypted
