@@ -60,7 +60,7 @@ pub enum BundleError {
 /// The bundle header: sizes of what follows it, in order.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Header {
+pub(super) struct Header {
     stage: usize,
     weights: u64,
     passes: Vec<(u64, Option<u64>, Option<u64>)>,

@@ -3,7 +3,7 @@
 //!
 //! A change of these messages' shape bumps [`crate::wire::VERSION`], so
 //! that builds that would misread each other cannot join one job
-//! (`tests/protocol_version.rs` holds the shape to the version).
+//! (a test here holds the shape to the version).
 //!
 //! Control is centralized and ordered: the orchestrator sends [`Order`]s
 //! to every other rank on one tag, so each rank reads them in the order
@@ -802,6 +802,58 @@ pub fn decode_report(bytes: &[u8], from: usize) -> Result<Report, ProtocolError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wire version and the digest of the messages' shape at that
+    /// version (see [`shape`]).
+    const PINNED: (u8, &str) = (
+        5,
+        "21050f90d3a018c88d662665aa67e8fb9e7d3e7d36148df5c6fea5dfc98b95f8",
+    );
+
+    /// The serde shape of every message roles send each other, and of
+    /// every type inside them: these orders, reports, handovers and pass
+    /// sketches, and the audit bundle's header.
+    fn shape() -> serde_reflection::Registry {
+        use serde_reflection::{Samples, Tracer, TracerConfig};
+        let mut tracer = Tracer::new(TracerConfig::default());
+        let samples = Samples::new();
+        // Enums inside the messages, each traced whole on its own first.
+        tracer.trace_simple_type::<Verdict>().unwrap();
+        tracer
+            .trace_simple_type::<Result<StageDigests, String>>()
+            .unwrap();
+        tracer.trace_type::<Order>(&samples).unwrap();
+        tracer.trace_type::<Report>(&samples).unwrap();
+        tracer.trace_type::<Handover>(&samples).unwrap();
+        tracer.trace_type::<PassSketch>(&samples).unwrap();
+        tracer
+            .trace_type::<crate::roles::audit::Header>(&samples)
+            .unwrap();
+        tracer.registry().unwrap()
+    }
+
+    /// Ranks of two builds that would misread each other's messages must
+    /// be refused at the handshake, which compares [`crate::wire::VERSION`];
+    /// so every change of the messages' shape (field and variant names and
+    /// types) must come with a bump of that version, which this holds it
+    /// to (last it was forgotten: `AuditTask::weights_held`).
+    #[test]
+    fn the_shape_of_what_roles_say_changes_only_with_the_wire_version() {
+        let json = serde_json::to_vec(&shape()).unwrap();
+        let digest = blake3::hash(&json).to_hex().to_string();
+        let version = match digest == PINNED.1 {
+            true => crate::wire::VERSION,
+            false => crate::wire::VERSION.max(PINNED.0 + 1),
+        };
+        assert_eq!(
+            (crate::wire::VERSION, digest.as_str()),
+            PINNED,
+            "what roles say, or wire::VERSION, is not as pinned: a change of \
+             the messages' shape needs a bump of wire::VERSION \
+             (src/wire/frame.rs, with a word on why), then pin ({version}, \
+             \"{digest}\") here",
+        );
+    }
 
     #[test]
     fn orders_and_reports_round_trip_and_garbage_is_refused() {

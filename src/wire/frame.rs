@@ -25,8 +25,8 @@ pub const MAGIC: [u8; 4] = *b"SWRM";
 
 /// Wire protocol version; bumped on any incompatible change of the frames
 /// and on any change of the shape of what ranks say in them
-/// (`roles::protocol`'s orders and reports, which
-/// `tests/protocol_version.rs` pins to this version), so that ranks of two
+/// (`roles::protocol`'s orders and reports, whose tests pin their shape
+/// to this version), so that ranks of two
 /// builds that would misread each other (a site joining with an older
 /// release) are refused at the handshake, naming both versions, instead
 /// of failing honest miners' audits later (2: lanes in the hello, stripe frames; 3: Noise handshake, encrypted
