@@ -85,7 +85,12 @@ sed "s|^seed = 1337|seed = 1337\nrun_dir = \"$run_dir\"|" "$out/gpu.toml" >"$run
 grep -E "val_loss|error|panicked|stage passes" "$run_dir.log" | head -20
 python3 - "$run_dir/metrics.jsonl" <<'PY' || failed=1
 import json, statistics, sys
-lines = [json.loads(l) for l in open(sys.argv[1])][10:]
+try:
+    lines = [json.loads(l) for l in open(sys.argv[1])][10:]
+except OSError as e:
+    sys.exit(f"gpu-check: the training job left no metrics ({e})")
+if not lines:
+    sys.exit("gpu-check: the training job ended before its window 10 (its errors are above)")
 print(f"windows 10-{lines[-1]['window']}: median {statistics.median(l['tokens_per_s'] for l in lines):.0f} tokens/s, "
       f"bubble {statistics.median(l['bubble'] for l in lines):.0%}, last loss {lines[-1]['loss']:.4f}, "
       f"replayed {sum(l['replayed'] for l in lines)}, caught {sorted({c for l in lines for c in l['caught']})}")
