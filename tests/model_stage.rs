@@ -243,6 +243,37 @@ fn miners_applying_the_same_gradients_agree_on_the_weights_digest() {
     assert_ne!(a.weights_digest().unwrap(), before);
 }
 
+/// The step updates the weights where candle keeps them; a miner on an
+/// older build, or a validator replaying the step from a checkpoint's flat
+/// buffers, steps a flat copy: both must land on the same bits.
+#[test]
+fn a_step_in_place_lands_on_the_bits_of_a_step_on_the_flat_weights() {
+    let layers = [1, 1];
+    let mut stage = StageModel::new(&tiny(2), &layers, 1, SEED).unwrap();
+    let mut flat = stage.params_flat().unwrap();
+    let config = AdamWConfig {
+        warmup_steps: 1,
+        ..AdamWConfig::default()
+    };
+    let (mut in_place, mut on_flat) = (
+        AdamW::new(config.clone(), stage.layout()),
+        AdamW::new(config, stage.layout()),
+    );
+    for step in 0..3 {
+        let grads: Vec<f32> = normal(stage.numel(), 10 + step)
+            .iter()
+            .map(|&g| g as f32)
+            .collect();
+        stage.optimizer_step(&mut in_place, &grads, 0.25).unwrap();
+        on_flat.step(&mut flat, &grads, 0.25).unwrap();
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&stage.params_flat().unwrap()), bits(&flat));
+    assert_eq!(stage.weights_digest().unwrap(), digest(&flat));
+    assert_eq!(in_place.state_digest(), on_flat.state_digest());
+    assert_eq!(in_place.steps_taken(), 3);
+}
+
 #[test]
 fn checkpoint_round_trips_and_refuses_other_stages_and_damage() {
     let dir = tempfile::tempdir().unwrap();

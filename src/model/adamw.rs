@@ -133,29 +133,79 @@ impl AdamW {
         grad_scale: f32,
     ) -> Result<(), ModelError> {
         check_flat_len(params.len(), self.m.len())?;
+        let ranges: Vec<Range<usize>> = self.segments.iter().map(|(r, _)| r.clone()).collect();
+        let mut steps = self.begin_step(grads, grad_scale)?;
+        for range in ranges {
+            steps.update(&mut params[range])?;
+        }
+        Ok(())
+    }
+
+    /// Starts one update with gradient `grads * grad_scale`, as
+    /// [`AdamW::step`], for a stage whose parameters are not one flat
+    /// buffer: the returned [`SegmentSteps`] updates them one segment at a
+    /// time, in layout order, wherever each is kept.
+    pub fn begin_step<'a>(
+        &'a mut self,
+        grads: &'a [f32],
+        grad_scale: f32,
+    ) -> Result<SegmentSteps<'a>, ModelError> {
         check_flat_len(grads.len(), self.m.len())?;
         let c = &self.config;
         let lr = c.lr_at(self.step);
         self.step += 1;
         let t = self.step as i32;
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
-        let inv_sqrt_bc2 = (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32;
-        let eps = c.eps as f32;
-        for (range, decay) in &self.segments {
-            let keep = if *decay {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
-            let r = range.clone();
-            let moments = self.m[r.clone()].iter_mut().zip(&mut self.v[r.clone()]);
-            for ((p, &g), (m, v)) in params[r.clone()].iter_mut().zip(&grads[r]).zip(moments) {
-                let g = g * grad_scale;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *p = *p * keep - step_size * *m / (v.sqrt() * inv_sqrt_bc2 + eps);
-            }
+        Ok(SegmentSteps {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+            inv_sqrt_bc2: (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32,
+            eps: c.eps as f32,
+            decayed: (1.0 - lr * c.weight_decay) as f32,
+            grad_scale,
+            grads,
+            m: &mut self.m,
+            v: &mut self.v,
+            segments: &self.segments,
+            next: 0,
+        })
+    }
+}
+
+/// One AdamW update under way, segment by segment ([`AdamW::begin_step`]).
+pub struct SegmentSteps<'a> {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+    /// What a decaying parameter is multiplied by before its step.
+    decayed: f32,
+    grad_scale: f32,
+    grads: &'a [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    segments: &'a [(Range<usize>, bool)],
+    next: usize,
+}
+
+impl SegmentSteps<'_> {
+    /// Updates the next segment's `params`, which must be as long as the
+    /// segment (past the last segment: none).
+    pub fn update(&mut self, params: &mut [f32]) -> Result<(), ModelError> {
+        let (range, decay) = self.segments.get(self.next).cloned().unwrap_or_default();
+        check_flat_len(params.len(), range.len())?;
+        self.next += 1;
+        let keep = if decay { self.decayed } else { 1.0 };
+        let (b1, b2, grad_scale) = (self.b1, self.b2, self.grad_scale);
+        let (step_size, inv_sqrt_bc2, eps) = (self.step_size, self.inv_sqrt_bc2, self.eps);
+        let r = range.clone();
+        let moments = self.m[r.clone()].iter_mut().zip(&mut self.v[r.clone()]);
+        for ((p, &g), (m, v)) in params.iter_mut().zip(&self.grads[r]).zip(moments) {
+            let g = g * grad_scale;
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p = *p * keep - step_size * *m / (v.sqrt() * inv_sqrt_bc2 + eps);
         }
         Ok(())
     }

@@ -3,7 +3,9 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
 
 use super::layers::{Block, BottleneckDown, BottleneckUp, Embeddings, Head};
 use super::params::{ParamInfo, ParamSet};
@@ -354,7 +356,7 @@ impl StageModel {
             let grad = grads
                 .get(var.as_tensor())
                 .ok_or_else(|| ModelError::NoGradient(info.name.clone()))?;
-            params.extend(grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            with_f32(grad, |values| params.extend_from_slice(values))?;
         }
         let input = match pass.input {
             None => None,
@@ -400,7 +402,7 @@ impl StageModel {
     pub fn params_flat(&self) -> Result<Vec<f32>, ModelError> {
         let mut flat = Vec::with_capacity(self.numel());
         for var in &self.params.vars {
-            flat.extend(var.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            with_f32(var, |values| flat.extend_from_slice(values))?;
         }
         Ok(flat)
     }
@@ -425,14 +427,33 @@ impl StageModel {
         grads: &[f32],
         grad_scale: f32,
     ) -> Result<(), ModelError> {
-        let mut params = self.params_flat()?;
-        opt.step(&mut params, grads, grad_scale)?;
-        self.set_params_flat(&params)
+        if self.params.dtype() != DType::F32 {
+            let mut params = self.params_flat()?;
+            opt.step(&mut params, grads, grad_scale)?;
+            return self.set_params_flat(&params);
+        }
+        // Where the weights are kept: copying them out to a flat buffer
+        // and back cost a miner four passes over them a window.
+        let mut steps = opt.begin_step(grads, grad_scale)?;
+        for var in &self.params.vars {
+            let mut updated = Ok(());
+            var.inplace_op1(&InPlace::new(|values: &mut [f32]| {
+                updated = steps.update(values);
+            }))?;
+            updated?;
+        }
+        Ok(())
     }
 
-    /// BLAKE3 of the weights: the window's "known hash" of this stage.
+    /// BLAKE3 of the weights: the window's "known hash" of this stage,
+    /// [`super::digest`] of [`StageModel::params_flat`], read where they are
+    /// kept.
     pub fn weights_digest(&self) -> Result<blake3::Hash, ModelError> {
-        Ok(super::digest(&self.params_flat()?))
+        let mut hasher = blake3::Hasher::new();
+        for var in &self.params.vars {
+            with_f32(var, |values| super::hash_f32(&mut hasher, values))?;
+        }
+        Ok(hasher.finalize())
     }
 
     fn check_tokens(&self, ids: &Tensor) -> Result<(), ModelError> {
@@ -476,5 +497,49 @@ pub(crate) fn check_flat_len(got: usize, want: usize) -> Result<(), ModelError> 
     match got == want {
         true => Ok(()),
         false => Err(ModelError::FlatLength { got, want }),
+    }
+}
+
+/// Calls `f` with `t`'s values as `f32`, in row-major order: read where
+/// they are kept when `t` is contiguous `f32` on the host (parameters and
+/// their gradients are), else from a converted copy.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    let (storage, layout) = t.storage_and_layout();
+    if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(f(&values[start..end]));
+    }
+    drop(storage);
+    Ok(f(&t
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?))
+}
+
+/// A candle in-place op that hands a contiguous `f32` host tensor's values
+/// to a closure, once: how [`StageModel::optimizer_step`] updates each
+/// weight where it is kept.
+struct InPlace<F>(RefCell<F>);
+
+impl<F: FnMut(&mut [f32])> InPlace<F> {
+    fn new(update: F) -> InPlace<F> {
+        InPlace(RefCell::new(update))
+    }
+}
+
+impl<F: FnMut(&mut [f32])> InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "in-place f32 update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(values), Some((start, end))) => {
+                (self.0.borrow_mut())(&mut values[start..end]);
+                Ok(())
+            }
+            _ => candle_core::bail!("an in-place update of a tensor that is not contiguous f32"),
+        }
     }
 }
