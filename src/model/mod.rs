@@ -134,7 +134,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamW, AdamWConfig, SegmentSteps};
 pub use generate::{generate, SampleOptions};
 pub use local::LocalPipeline;
 pub use params::ParamInfo;
