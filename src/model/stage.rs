@@ -1,9 +1,8 @@
 //! One pipeline stage: a slice of the GPT's blocks, its forward and
 //! backward pass, and its parameters as flat `f32` buffers.
 
-use std::ops::Range;
-
 use std::cell::RefCell;
+use std::ops::Range;
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
 
