@@ -70,6 +70,12 @@ fn fixed_point(c: &mut Criterion) {
     let mut group = c.benchmark_group("fixed_point");
     group.throughput(Throughput::Bytes((n * 4) as u64));
     group.bench_function("encode", |b| b.iter(|| fixed.encode(black_box(&[&g]))));
+    // A miner's close: the window's passes on this miner, summed as encoded.
+    let passes: Vec<Vec<f32>> = (0..4).map(|p| activations(n + p)[p..].to_vec()).collect();
+    let passes: Vec<&[f32]> = passes.iter().map(Vec::as_slice).collect();
+    group.bench_function("encode 4 passes", |b| {
+        b.iter(|| fixed.encode(black_box(&passes)))
+    });
     let sums = fixed.encode(&[&g]);
     let mut out = vec![0.0f32; n];
     group.bench_function("decode", |b| {

@@ -134,11 +134,21 @@ impl FixedPoint {
 
     /// This rank's contribution: the sum of its `parts`, each rounded to
     /// its segment's scale, as integers.
+    ///
+    /// Block by block, every part added into the block's sums while they
+    /// are in cache: adding one part at a time over the whole buffer read
+    /// and wrote the sums once per part (a miner's close sums four or
+    /// more passes). Each sum takes the same additions in the same order.
     pub fn encode(&self, parts: &[&[f32]]) -> Vec<i64> {
+        /// Sums per block: 64 KiB of them, with a block of each part beside.
+        const BLOCK: usize = 8 << 10;
         let len = self.segments.last().map_or(0, |s| s.end);
         let mut sums = vec![0i64; len];
-        for part in parts {
-            self.add_rounded(part, 0..len, &mut sums);
+        for (b, block) in sums.chunks_mut(BLOCK).enumerate() {
+            let range = b * BLOCK..b * BLOCK + block.len();
+            for part in parts {
+                self.add_rounded(&part[range.clone()], range.clone(), block);
+            }
         }
         sums
     }
@@ -400,6 +410,28 @@ mod tests {
         );
         assert_eq!(one_rank, spread);
         assert_eq!(one_rank, three);
+    }
+
+    #[test]
+    fn a_contribution_of_many_passes_is_their_rounded_sum_element_by_element() {
+        // Longer than a few of encode's blocks, with segment ends off
+        // their edges.
+        let len = 30_001;
+        let parts = contributions(5, len);
+        let parts: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+        let segments = vec![0..7_000, 7_000..20_123, 20_123..len];
+        let maxes = parts
+            .iter()
+            .map(|p| segment_maxes(p, &segments))
+            .fold(vec![0.0f32; segments.len()], |m, p| {
+                m.iter().zip(&p).map(|(a, b)| a.max(*b)).collect()
+            });
+        let scale = FixedPoint::from_maxes(&segments, &maxes).expect("finite maxes give scales");
+        let mut expected = vec![0i64; len];
+        for part in &parts {
+            scale.add_rounded(part, 0..len, &mut expected);
+        }
+        assert_eq!(scale.encode(&parts), expected);
     }
 
     #[test]
