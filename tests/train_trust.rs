@@ -349,12 +349,16 @@ fn a_miner_cheating_on_some_passes_is_caught_by_what_it_states_of_them_without_r
     // are the honest ones; or honest passes with negated sketches, stated
     // to thin later draws) stand out from their stage's are replayed. 3
     // miners a stage, so rank 2's passes are a third of stage 0's. Which
-    // microbatches it serves follows the routing, so it cheats on none of
-    // its ~12 passes in 6 windows once in 4096 runs.
+    // microbatches it serves follows the routing, which follows timing.
+    // 12 windows: a negated sketch stands out only where its stage's
+    // directions tell (`suspicion::telling`), about half the time in a
+    // stage this small, so 6 windows (some 6 negated passes) let a
+    // flip_sketch miner through about once in 100 runs under load; 12
+    // (some 12) about once in 10,000.
     let dir = tempfile::tempdir().unwrap();
     for kind in ["skip_compute", "flip_grad", "flip_sketch"] {
         let cheat = format!("\n[[faults.cheat]]\nrank = 2\nkind = \"{kind}\"\nprobability = 0.5\n");
-        let job = sized_train_job(dir.path(), kind, 2, 8, 6, &cheat);
+        let job = sized_train_job(dir.path(), kind, 2, 8, 12, &cheat);
         // For flip_sketch, no slice recomputed either: the contribution
         // check would see the sketch's probed entries are not the
         // gradients', and the replay is the check under test.
