@@ -212,6 +212,23 @@ pub fn digest(flat: &[f32]) -> blake3::Hash {
     hasher.finalize()
 }
 
+/// Calls `f` with `t`'s values as `f32`, in row-major order: read where
+/// they are kept when `t` is contiguous `f32` on the host (parameters,
+/// their gradients and boundary tensors are), else from a converted copy.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(f(&values[start..end]));
+    }
+    drop(storage);
+    Ok(f(&t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?))
+}
+
 /// Feeds `flat`'s little-endian bytes to `hasher`: straight from memory
 /// on little-endian hosts (the digests are on the hot path of every pass's
 /// receipt), converted 4096 values at a time elsewhere.

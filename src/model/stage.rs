@@ -4,11 +4,11 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
 
 use super::layers::{Block, BottleneckDown, BottleneckUp, Embeddings, Head};
 use super::params::{ParamInfo, ParamSet};
-use super::{GptConfig, ModelError};
+use super::{with_f32, GptConfig, ModelError};
 
 /// What enters a stage.
 #[derive(Debug, Clone, Copy)]
@@ -497,23 +497,6 @@ pub(crate) fn check_flat_len(got: usize, want: usize) -> Result<(), ModelError> 
         true => Ok(()),
         false => Err(ModelError::FlatLength { got, want }),
     }
-}
-
-/// Calls `f` with `t`'s values as `f32`, in row-major order: read where
-/// they are kept when `t` is contiguous `f32` on the host (parameters and
-/// their gradients are), else from a converted copy.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
-    let (storage, layout) = t.storage_and_layout();
-    if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    {
-        return Ok(f(&values[start..end]));
-    }
-    drop(storage);
-    Ok(f(&t
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?))
 }
 
 /// A candle in-place op that hands a contiguous `f32` host tensor's values

@@ -88,7 +88,7 @@ impl BoundaryCodec {
 
     /// [`BoundaryCodec::encode`] of a tensor's values, whatever its shape.
     pub fn encode_tensor(&self, x: &Tensor) -> Result<Vec<u8>, BoundaryError> {
-        self.encode(&x.flatten_all()?.to_vec1::<f32>()?)
+        crate::model::with_f32(x, |values| self.encode(values))?
     }
 
     /// [`BoundaryCodec::decode`] as a `(batch, rows / batch, width)`
