@@ -26,12 +26,13 @@ pub const MAGIC: [u8; 4] = *b"SWRM";
 /// Wire protocol version; bumped on any incompatible change of the frames
 /// and on any change of the shape of what ranks say in them
 /// (`roles::protocol`'s orders and reports, whose tests pin their shape
-/// to this version), so that ranks of two
-/// builds that would misread each other (a site joining with an older
-/// release) are refused at the handshake, naming both versions, instead
-/// of failing honest miners' audits later (2: lanes in the hello, stripe frames; 3: Noise handshake, encrypted
-/// frames; 4: loopback links unsealed, the key confirmation's tag saying
-/// so; 5: audit tasks say whether the validator holds the stage's weights).
+/// to this version), so that ranks of two builds that would misread each
+/// other (a site joining with an older release) are refused at the
+/// handshake, naming both versions, instead of failing honest miners'
+/// audits later (2: lanes in the hello, stripe frames; 3: Noise
+/// handshake, encrypted frames; 4: loopback links unsealed, the key
+/// confirmation's tag saying so; 5: audit tasks say whether the validator
+/// holds the stage's weights).
 pub const VERSION: u8 = 5;
 
 /// Bytes in a frame header.
