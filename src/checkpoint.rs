@@ -6,7 +6,7 @@
 //!   window-00000123/              committed: complete, manifest last
 //!     stage-0.safetensors         weights, adamw.m, adamw.v, step in the metadata
 //!     stage-1.safetensors
-//!     manifest.json               window, step, job text, seed, stages, router
+//!     manifest.json               format, window, step, job text, seed, stages, router
 //!   .partial-window-00000124/     being written; never read
 //! ```
 //!
@@ -34,6 +34,13 @@ use crate::model::{AdamW, GptConfig, ModelError, StageModel};
 use crate::pipeline::RouterState;
 
 const MANIFEST: &str = "manifest.json";
+/// The format `manifest.json` is written in, as its `format` field says.
+/// Raised whenever a manifest's fields change meaning, so that a swarmrun
+/// older than the checkpoint refuses it, naming both formats, instead of
+/// misreading it or (since [`Checkpoints::latest`] passes over manifests
+/// it cannot read) resuming quietly from an older checkpoint. Manifests
+/// written before the field existed are format 1.
+pub const MANIFEST_FORMAT: u32 = 1;
 const COMMITTED_PREFIX: &str = "window-";
 const PARTIAL_PREFIX: &str = ".partial-window-";
 
@@ -66,8 +73,19 @@ impl Manifest {
             path: path.to_path_buf(),
             message,
         };
-        let manifest: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| bad(format!("unparsable: {e}")))?;
+        let unparsable = |e: serde_json::Error| bad(format!("unparsable: {e}"));
+        // Read first on its own: a newer format may change any other field.
+        let Versioned { format } = serde_json::from_slice(bytes).map_err(unparsable)?;
+        if format > MANIFEST_FORMAT {
+            return Err(CheckpointError::NewerFormat {
+                path: path.to_path_buf(),
+                format,
+            });
+        }
+        if format == 0 {
+            return Err(bad("format 0: formats start at 1".into()));
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(unparsable)?;
         if manifest.stages.is_empty() {
             return Err(bad("lists no stage".into()));
         }
@@ -121,6 +139,25 @@ impl Manifest {
     }
 }
 
+/// A manifest's `format` field alone (the other fields ignored).
+#[derive(Deserialize)]
+struct Versioned {
+    #[serde(default = "first_format")]
+    format: u32,
+}
+
+fn first_format() -> u32 {
+    1
+}
+
+/// A manifest as written: its fields after the format they are in.
+#[derive(Serialize)]
+struct Written<'a> {
+    format: u32,
+    #[serde(flatten)]
+    manifest: &'a Manifest,
+}
+
 /// 64 lowercase hex digits, as BLAKE3's `to_hex` writes them.
 fn is_digest(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -152,6 +189,12 @@ pub enum CheckpointError {
     },
     #[error("manifest {}: {message}", path.display())]
     Manifest { path: PathBuf, message: String },
+    #[error(
+        "manifest {}: format {format}, newer than the {MANIFEST_FORMAT} this swarmrun reads: \
+         resume with the swarmrun that wrote it, or a newer one",
+        path.display()
+    )]
+    NewerFormat { path: PathBuf, format: u32 },
     #[error("{}: {what} {actual} does not match the manifest's {expected}", path.display())]
     Digest {
         path: PathBuf,
@@ -283,7 +326,11 @@ impl Checkpoints {
             self.prune(manifest.window, keep)?;
             return Ok(dir);
         }
-        let json = serde_json::to_vec_pretty(manifest).map_err(|e| bad(e.to_string()))?;
+        let written = Written {
+            format: MANIFEST_FORMAT,
+            manifest,
+        };
+        let json = serde_json::to_vec_pretty(&written).map_err(|e| bad(e.to_string()))?;
         write_atomic(&manifest_path, &json).map_err(io_error(&manifest_path))?;
         fs::rename(&partial, &dir).map_err(io_error(&partial))?;
         // The rename, and on the first commit the checkpoints directory
@@ -362,10 +409,19 @@ impl Checkpoints {
 
     /// The newest committed checkpoint: the highest window whose manifest
     /// reads. Partial directories are ignored, and so is a directory whose
-    /// manifest is missing (a crash while pruning it) or unreadable.
+    /// manifest is missing (a crash while pruning it) or unreadable; but
+    /// a manifest in a newer format ends the search with its error, as
+    /// the checkpoints before it are not the run's latest.
     pub fn latest(&self) -> Result<Option<Manifest>, CheckpointError> {
         let (committed, _) = self.windows()?;
-        Ok(committed.iter().rev().find_map(|&w| self.manifest(w).ok()))
+        for &window in committed.iter().rev() {
+            match self.manifest(window) {
+                Ok(manifest) => return Ok(Some(manifest)),
+                Err(e @ CheckpointError::NewerFormat { .. }) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(None)
     }
 
     /// Loads `model.stage()`'s weights and optimizer state from the

@@ -131,6 +131,46 @@ fn latest_ignores_partial_directories_and_directories_without_a_readable_manifes
     );
 }
 
+/// A checkpoint written by a newer swarmrun, whose manifest says a format
+/// this one does not know, is refused naming both formats, and `latest`
+/// does not resume from the older checkpoint behind it instead. Manifests
+/// from before the format field read as format 1.
+#[test]
+fn a_manifest_in_a_newer_format_is_refused_and_latest_does_not_pass_over_it() {
+    let run = tempfile::tempdir().unwrap();
+    let checkpoints = Checkpoints::new(run.path());
+    let stages = trained_stages(5);
+    checkpoint(&checkpoints, 3, &stages, 5);
+    checkpoint(&checkpoints, 5, &stages, 5);
+    let path = checkpoints.dir(5).join("manifest.json");
+    let mut value: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    assert_eq!(value["format"], 1, "the format is written down");
+
+    value["format"] = serde_json::json!(2);
+    fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+    let err = checkpoints.latest().unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::NewerFormat { format: 2, .. }),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(
+        err.contains(
+            "window-00000005/manifest.json: format 2, newer than the 1 this swarmrun reads"
+        ),
+        "{err}"
+    );
+
+    value["format"] = serde_json::json!(0);
+    fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+    let err = checkpoints.manifest(5).unwrap_err().to_string();
+    assert!(err.contains("format 0"), "{err}");
+
+    value.as_object_mut().unwrap().remove("format");
+    fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+    assert_eq!(checkpoints.latest().unwrap().unwrap().window, 5);
+}
+
 #[test]
 fn an_edited_byte_in_a_stage_file_is_refused_naming_the_file() {
     let run = tempfile::tempdir().unwrap();
