@@ -283,6 +283,12 @@ enum BenchCmd {
         /// Steps (windows) timed in each setup, after warm-up.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
         windows: u32,
+        /// Rounds of the measurements (one process, PyTorch, the pipeline,
+        /// back to back); the table is the round whose pipeline / one
+        /// process ratio is the median, after a line with every round's.
+        /// On a shared host more rounds steady the ratio.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
         /// One measurement of the benchmark, run in its own process by the benchmark itself.
         #[arg(long, hide = true)]
         part: Option<swarmrun::bench::train::Part>,
@@ -636,18 +642,23 @@ fn bench(which: BenchCmd, tables: &mut swarmrun::bench::record::Tables) -> Resul
         BenchCmd::Train {
             job,
             windows,
+            rounds,
             part,
             device,
         } => {
             let spec = config::load(&job)?;
             match (device, part) {
                 (config::Device::Cuda, _) => bench_on_gpu(|| {
+                    anyhow::ensure!(
+                        rounds == 1,
+                        "--rounds is for the CPU benchmark; --device cuda measures one round"
+                    );
                     #[cfg(feature = "cuda")]
                     bench::gpu::train(&spec, windows, tables)?;
                     Ok(())
                 })?,
                 (_, Some(part)) => bench::train::run_part(part, &spec, windows)?,
-                (_, None) => bench::train::run(&spec, &job, windows, tables)?,
+                (_, None) => bench::train::run(&spec, &job, (windows, rounds), tables)?,
             }
         }
         BenchCmd::Report(args) => {

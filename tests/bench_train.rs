@@ -19,6 +19,8 @@ fn row<'a>(text: &'a str, label: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no row {label:?}:\n{text}"))
 }
 
+/// Two rounds: the line of every round's figures, and a table that is the
+/// median round's (for two, the one with the lower ratio).
 #[test]
 fn bench_train_prints_both_setups_with_positive_finite_figures() {
     let dir = tempfile::tempdir().unwrap();
@@ -36,7 +38,7 @@ fn bench_train_prints_both_setups_with_positive_finite_figures() {
     // No PyTorch here (an interpreter that is not there): the bench says
     // so and measures the rest.
     let out = swarmrun()
-        .args(["bench", "train", "--windows", "3", "--job"])
+        .args(["bench", "train", "--windows", "3", "--rounds", "2", "--job"])
         .arg(&job)
         .env("SWARMRUN_PYTHON", dir.path().join("no-python"))
         .output()
@@ -76,6 +78,18 @@ fn bench_train_prints_both_setups_with_positive_finite_figures() {
     let ratio = numbers(row(&text, "pipeline / one process"));
     assert_eq!(ratio.len(), 1, "{text}");
     assert!(positive(&ratio), "{text}");
+    let rounds: Vec<&str> = row(&text, "# rounds, pipeline / one process tokens/s:")
+        .split(": ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_default()
+        .split(", ")
+        .collect();
+    assert_eq!(rounds.len(), 2, "{text}");
+    let ratios: Vec<f64> = rounds.iter().map(|r| numbers(r)[2]).collect();
+    let (lower, tokens) = (ratios[0].min(ratios[1]), numbers(rounds[0]));
+    assert!(tokens.len() == 3 && positive(&tokens), "{text}");
+    assert_eq!(format!("{lower:.2}"), format!("{:.2}", ratio[0]), "{text}");
 
     // CPU per 1k tokens: one process, the pipeline, its miners, validators
     // and orchestrator, every rank's line read. (Differences of CPU

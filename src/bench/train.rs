@@ -193,7 +193,7 @@ fn tokens_per_window(spec: &JobSpec) -> f64 {
 pub fn run(
     spec: &JobSpec,
     job: &Path,
-    windows: u32,
+    (windows, rounds): (u32, u32),
     tables: &mut Tables,
 ) -> Result<(), BenchTrainError> {
     if spec.job.task != Task::Train {
@@ -229,23 +229,43 @@ pub fn run(
         per_token / 1e6
     );
 
-    // As launch does for ranks: candle's spinning elementwise pool only
-    // slows concurrent microbatches down. The user's own setting wins.
-    let mut cmd = part_command(&exe, job, windows, Part::OneProcess);
-    if std::env::var_os(CANDLE_THREADS).is_none() {
-        cmd.env(CANDLE_THREADS, "1");
+    let mut measured = Vec::new();
+    let mut torch_missing = false;
+    for _ in 0..rounds {
+        // As launch does for ranks: candle's spinning elementwise pool only
+        // slows concurrent microbatches down. The user's own setting wins.
+        let mut cmd = part_command(&exe, job, windows, Part::OneProcess);
+        if std::env::var_os(CANDLE_THREADS).is_none() {
+            cmd.env(CANDLE_THREADS, "1");
+        }
+        let one = figures(cmd, Part::OneProcess, 2)?;
+        let torch = match torch_missing {
+            true => None,
+            false => pytorch(spec, c, windows, cores)
+                .inspect_err(|why| {
+                    println!("# PyTorch reference: none measured ({why})");
+                    torch_missing = true;
+                })
+                .ok(),
+        };
+        measured.push(Round {
+            one_process: one[0],
+            one_cpu_per_token: one[1],
+            torch,
+            pipeline: pipeline(&exe, spec, job, windows)?,
+        });
     }
-    let one = figures(cmd, Part::OneProcess, 2)?;
-    let (one_process, one_cpu_per_token) = (one[0], one[1]);
-    let torch = pytorch(spec, c, windows, cores);
-    if let Err(why) = &torch {
-        println!("# PyTorch reference: none measured ({why})");
-    }
-    let PipelineRun {
-        tokens_per_s: pipeline,
-        plan,
-        cpu_by_rank,
-    } = pipeline(&exe, spec, job, windows)?;
+    let Round {
+        one_process,
+        one_cpu_per_token,
+        torch,
+        pipeline:
+            PipelineRun {
+                tokens_per_s: pipeline,
+                plan,
+                cpu_by_rank,
+            },
+    } = median_round(measured);
 
     println!(
         "#  {:<24} {:>5} {:>10} {:>14} {:>8}",
@@ -271,10 +291,7 @@ pub fn run(
             "of_peak_pct",
         ],
     );
-    let reference = torch
-        .as_ref()
-        .ok()
-        .map(|&t| (format!("PyTorch {cores} threads"), 1, t));
+    let reference = torch.map(|t| (format!("PyTorch {cores} threads"), 1, t));
     let ours = [
         ("one process".to_string(), 1, one_process),
         (pipeline_label(&plan), plan.ranks.len(), pipeline),
@@ -298,7 +315,7 @@ pub fn run(
         println!("   {what:<24} {:>5} {r:>9.2}x", "");
         tables.row(vec![what.into(), serde_json::Value::Null, r.into()]);
     };
-    if let Ok(t) = torch {
+    if let Some(t) = torch {
         ratio("one process / PyTorch", one_process / t);
     }
     ratio("pipeline / one process", pipeline / one_process);
@@ -311,6 +328,49 @@ pub fn run(
         cpu_by_role(&plan, &cpu_by_rank, pipeline_tokens)
     );
     Ok(())
+}
+
+/// One round of the measurements: one process, PyTorch (when there is a
+/// reference), the pipeline, back to back.
+struct Round {
+    one_process: f64,
+    one_cpu_per_token: f64,
+    torch: Option<f64>,
+    pipeline: PipelineRun,
+}
+
+impl Round {
+    fn ratio(&self) -> f64 {
+        self.pipeline.tokens_per_s / self.one_process
+    }
+}
+
+/// With several rounds, the round whose pipeline / one process ratio is
+/// the median (the lower of the middle two for an even count), after a
+/// line with every round's figures. Whole rounds, not each setup's median:
+/// a host that slows down for a while slows every setup of a round alike,
+/// so a round's rows are the ones that belong together.
+fn median_round(mut rounds: Vec<Round>) -> Round {
+    if rounds.len() > 1 {
+        let each: Vec<String> = rounds
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:.0} / {:.0} = {:.2}x",
+                    r.pipeline.tokens_per_s,
+                    r.one_process,
+                    r.ratio()
+                )
+            })
+            .collect();
+        println!(
+            "# rounds, pipeline / one process tokens/s: {}; the table is the median round's",
+            each.join(", ")
+        );
+    }
+    rounds.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+    let middle = (rounds.len() - 1) / 2;
+    rounds.swap_remove(middle)
 }
 
 /// The pipeline's CPU per 1k tokens in all and by role, from each rank's
