@@ -49,7 +49,7 @@ step() {
 step launch launch -n 16 --reps 5
 step allreduce allreduce -n 4 --transport "$transports" --min 1K --max 64M
 step compress compress
-step train train --windows 30
+step train train --windows 30 --rounds 3
 step sched sched
 step trust trust --seeds 20 --probability 0.1
 if [ "$(id -u)" = 0 ]; then

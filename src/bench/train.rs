@@ -265,7 +265,7 @@ pub fn run(
                 plan,
                 cpu_by_rank,
             },
-    } = median_round(measured);
+    } = median_round(measured, tables);
 
     println!(
         "#  {:<24} {:>5} {:>10} {:>14} {:>8}",
@@ -350,8 +350,20 @@ impl Round {
 /// line with every round's figures. Whole rounds, not each setup's median:
 /// a host that slows down for a while slows every setup of a round alike,
 /// so a round's rows are the ones that belong together.
-fn median_round(mut rounds: Vec<Round>) -> Round {
+fn median_round(mut rounds: Vec<Round>, tables: &mut Tables) -> Round {
     if rounds.len() > 1 {
+        tables.start(
+            "every round, back to back".to_string(),
+            &["round", "one_process", "pipeline", "pipeline_over_one"],
+        );
+        for (i, r) in rounds.iter().enumerate() {
+            tables.row(vec![
+                (i + 1).into(),
+                r.one_process.into(),
+                r.pipeline.tokens_per_s.into(),
+                r.ratio().into(),
+            ]);
+        }
         let each: Vec<String> = rounds
             .iter()
             .map(|r| {
