@@ -14,7 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -22,11 +22,13 @@ use std::time::Duration;
 use crate::prometheus::Tallies;
 use crate::roles::WindowReport;
 use crate::status::{StatusBoard, PAGE};
+use crate::wire::listener::{Listener, Stopper};
 
 /// How long one client may take to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the listener looks whether it should stop.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// How long the listener waits before looking again, when every client
+/// slot is taken or an accept failed.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest request read; anything longer is not a GET of ours.
 const MAX_REQUEST: usize = 8 * 1024;
 /// Clients answered at once; more wait in the listen queue.
@@ -45,7 +47,7 @@ pub struct Monitor {
     rendered: Arc<Mutex<Rendered>>,
     tallies: Tallies,
     board: StatusBoard,
-    stop: Arc<AtomicBool>,
+    stop: Stopper,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -58,15 +60,14 @@ impl Monitor {
     /// [`Monitor::serve`], each client given `client_timeout`.
     fn serve_with(addr: &str, board: StatusBoard, client_timeout: Duration) -> io::Result<Monitor> {
         let listener = TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let (listener, stop) = Listener::new(listener)?;
         let rendered = Arc::new(Mutex::new(Rendered::default()));
-        let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (rendered, stop) = (Arc::clone(&rendered), Arc::clone(&stop));
+            let rendered = Arc::clone(&rendered);
             thread::Builder::new()
                 .name("swarmrun-monitor".into())
-                .spawn(move || accept_loop(&listener, &rendered, &stop, client_timeout))?
+                .spawn(move || accept_loop(&listener, &rendered, client_timeout))?
         };
         let mut monitor = Monitor {
             addr,
@@ -111,30 +112,32 @@ impl Monitor {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-fn accept_loop(
-    listener: &TcpListener,
-    rendered: &Arc<Mutex<Rendered>>,
-    stop: &AtomicBool,
-    client_timeout: Duration,
-) {
+fn accept_loop(listener: &Listener, rendered: &Arc<Mutex<Rendered>>, client_timeout: Duration) {
     let clients = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::SeqCst) {
+    loop {
         // At the limit, newcomers wait in the listen queue until a client
         // is done or times out.
         if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
-            thread::sleep(ACCEPT_POLL);
+            if listener.is_stopped() {
+                return;
+            }
+            thread::sleep(ACCEPT_BACKOFF);
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else {
-            thread::sleep(ACCEPT_POLL);
-            continue;
+        let stream = match listener.accept() {
+            None => return,
+            Some(Ok((stream, _))) => stream,
+            Some(Err(_)) => {
+                thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
         };
         clients.fetch_add(1, Ordering::SeqCst);
         let (rendered, left) = (Arc::clone(rendered), Arc::clone(&clients));

@@ -12,11 +12,13 @@
 //!   `TcpStream`, then AES-GCM frames numbered per direction; splits into a
 //!   [`FrameReader`] and a [`FrameWriter`] for use from different threads.
 //! - [`WireError`]: every failure, naming the peer address and the reason.
+//! - [`listener::Listener`]: a blocking accept that another thread can stop.
 
 pub mod assembly;
 mod error;
 pub mod frame;
 mod key;
+pub mod listener;
 mod stream;
 
 pub use assembly::{Assembled, Assembly};

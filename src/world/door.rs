@@ -14,21 +14,21 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::rendezvous::{decode_line, encode_line, Blame};
 use super::{Endpoint, PeerInfo, RendezvousError, World};
+use crate::wire::listener::{Listener, Stopper};
 use crate::wire::{AuthStream, FrameKind, Hello, JobKey, StreamOptions};
 
 /// The rank a joiner claims in its handshake: it has none yet.
 pub const JOINER: u32 = u32::MAX;
 
-/// How often the door looks for a knock: joins are rare, and a joiner
-/// waits a window for its first work anyway.
-const POLL: Duration = Duration::from_millis(20);
+/// How long the door backs off after a failed accept (out of file
+/// descriptors and the like), instead of spinning on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Knocks answered at once; each ends within the handshake timeout.
 const MAX_KNOCKS: usize = 16;
@@ -89,7 +89,7 @@ impl Membership {
 
 /// Rank 0's open door; closed when dropped.
 pub struct Door {
-    stop: Arc<AtomicBool>,
+    stop: Stopper,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -103,24 +103,18 @@ impl Door {
         job_name: String,
         membership: Arc<Membership>,
     ) -> io::Result<Door> {
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
+        let (listener, stop) = Listener::new(listener)?;
         let thread = thread::Builder::new()
             .name("swarmrun-door".into())
             .spawn(move || {
                 let mut knocks: Vec<JoinHandle<()>> = Vec::new();
-                while !stopped.load(Ordering::SeqCst) {
+                while let Some(accepted) = listener.accept() {
                     knocks.retain(|k| !k.is_finished());
-                    let (stream, addr) = match listener.accept() {
+                    let (stream, addr) = match accepted {
                         Ok(pair) => pair,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            thread::sleep(POLL);
-                            continue;
-                        }
                         Err(e) => {
                             tracing::warn!("swarmrun: join door: accept failed: {e}");
-                            thread::sleep(POLL);
+                            thread::sleep(ACCEPT_BACKOFF);
                             continue;
                         }
                     };
@@ -158,7 +152,7 @@ impl Door {
 
 impl Drop for Door {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -2,18 +2,18 @@
 //! whole lifetime, and turns everyone else away without disturbing the job.
 
 use std::io;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use super::state::{lock, Shared, MAX_RANKS};
+use crate::wire::listener::Listener;
 use crate::wire::AuthStream;
 
-/// How often the non-blocking listener is polled. Polling, rather than a
-/// blocking accept, is what lets shutdown stop the acceptor without having
-/// to connect to itself; 20 ms is invisible next to a mesh setup.
-const ACCEPT_POLL: Duration = Duration::from_millis(20);
+/// How long the acceptor backs off after a failed accept (out of file
+/// descriptors and the like), instead of spinning on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Handshakes allowed in flight at once. Each ends within the handshake
 /// timeout, so this bounds the threads a flood of connections can cost.
@@ -30,16 +30,17 @@ struct Pending {
 /// cutting can never hit a connection that has become a live link.
 type AbortHandle = Arc<Mutex<Option<TcpStream>>>;
 
-pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+/// Admits connections until the transport's shutdown stops `listener`.
+pub(super) fn accept_loop(shared: Arc<Shared>, listener: Listener) {
     let mut pending: Vec<Pending> = Vec::new();
-    while !shared.stopping() {
+    while let Some(accepted) = listener.accept() {
         let (done, running): (Vec<_>, Vec<_>) =
             pending.into_iter().partition(|p| p.thread.is_finished());
         pending = running;
         done.into_iter().for_each(|p| {
             let _ = p.thread.join();
         });
-        match listener.accept() {
+        match accepted {
             Ok((stream, addr)) => {
                 if pending.len() >= MAX_PENDING_HANDSHAKES {
                     shared.log(format_args!(
@@ -54,13 +55,9 @@ pub(super) fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                // Out of file descriptors and the like: say so, and back off
-                // instead of spinning on the error.
                 shared.log(format_args!("accept failed: {e}"));
-                thread::sleep(ACCEPT_POLL);
+                thread::sleep(ACCEPT_BACKOFF);
             }
         }
     }
@@ -81,7 +78,12 @@ fn start_handshake(shared: &Arc<Shared>, stream: TcpStream) -> io::Result<Pendin
     let thread = thread::Builder::new()
         .name("swarmrun-handshake".into())
         .spawn(move || {
-            if let Err(reason) = admit(&shared, stream, &disarm) {
+            let admitted = admit(&shared, stream, &disarm);
+            // A refused connection closes now, not once the acceptor (which
+            // sleeps in accept) next wakes to reap this thread: the handle
+            // kept for shutdown is the last one open.
+            lock(&disarm).take();
+            if let Err(reason) = admitted {
                 if !shared.stopping() {
                     // `reason` names the address already.
                     shared.log(format_args!("rejected connection: {reason}"));

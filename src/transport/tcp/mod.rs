@@ -45,6 +45,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::{Placed, Transport, TransportError};
+use crate::wire::listener::{Listener, Stopper};
 use crate::wire::{deadline_after, AuthStream, FrameKind, FrameWriter, Hello, JobKey, WireError};
 
 mod accept;
@@ -118,6 +119,8 @@ impl Default for TcpOptions {
 pub struct TcpTransport {
     shared: Arc<Shared>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// Ends the acceptor's blocked accept at shutdown.
+    stop_accepting: Stopper,
 }
 
 impl TcpTransport {
@@ -243,9 +246,8 @@ impl TcpTransport {
                 u16::MAX
             )));
         }
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| TransportError::Io {
+        let (listener, stop_accepting) =
+            Listener::new(listener).map_err(|source| TransportError::Io {
                 during: "setting up the listener",
                 source,
             })?;
@@ -256,6 +258,7 @@ impl TcpTransport {
         let transport = TcpTransport {
             shared: Arc::clone(&shared),
             acceptor: Mutex::new(None),
+            stop_accepting,
         };
         let acceptor = thread::Builder::new()
             .name("swarmrun-accept".into())
@@ -355,6 +358,7 @@ impl TcpTransport {
             return;
         }
         // The acceptor first, so no new link appears behind our back.
+        self.stop_accepting.stop();
         if let Some(acceptor) = lock(&self.acceptor).take() {
             let _ = acceptor.join();
         }
