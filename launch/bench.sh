@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite and rebuilds BENCHMARKS.md's suite tables and
-# charts from what it measured (about 20 minutes on 2 cores). Each bench
+# charts from what it measured (about 30 minutes on 2 cores). Each bench
 # writes its tables with the machine's facts (cores, CPU, memcpy bandwidth
 # measured in the run) to bench-results/NAME.json; `swarmrun bench report`
 # then fills the section between <!-- bench NAME --> and <!-- /bench NAME -->
@@ -47,7 +47,7 @@ step() {
 }
 
 step launch launch -n 16 --reps 5
-step allreduce allreduce -n 4 --transport "$transports" --min 1K --max 64M
+step allreduce allreduce -n 4 --transport "$transports" --min 1K --max 64M --rounds 3
 step compress compress
 step train train --windows 30 --rounds 3
 step sched sched

@@ -273,6 +273,11 @@ enum BenchCmd {
         /// auto, doubling, butterfly or ring.
         #[arg(long, default_value = "auto", value_parser = parse_algorithm)]
         algorithm: config::AllReduceChoice,
+        /// Rounds: every transport measured this many times, taking turns;
+        /// each size's row is its median-time round's. On a shared host
+        /// more rounds steady the ratios between transports.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
     },
     /// Tokens/s of one process and of the job's pipeline, and model FLOP/s
     /// as a fraction of this machine's matmul FLOP/s, measured in one run.
@@ -618,8 +623,10 @@ fn bench(which: BenchCmd, tables: &mut swarmrun::bench::record::Tables) -> Resul
             warmup,
             min_time_ms,
             algorithm,
+            rounds,
         } => {
             let opts = bench::allreduce::DriverOptions {
+                rounds: usize::try_from(rounds)?,
                 nprocs,
                 transports: transport,
                 spec: config::BenchSpec {

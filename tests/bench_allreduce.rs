@@ -67,3 +67,28 @@ fn bench_allreduce_prints_every_size_with_no_wrong_element() {
     assert!(png.starts_with(b"\x89PNG"), "a PNG chart");
     assert!(text.contains("allreduce-busbw.png"), "{text}");
 }
+
+/// With rounds, each transport is measured that many times in turn and
+/// prints one row a size (its median-time round's), under one header.
+#[test]
+fn bench_allreduce_in_rounds_prints_one_row_a_size() {
+    let out = swarmrun()
+        .args(["bench", "allreduce", "-n", "2", "--transport", "tcp,shm"])
+        .args(["--min", "4", "--max", "1K", "--iters", "2", "--warmup", "1"])
+        .args(["--min-time-ms", "5", "--rounds", "3"])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains(
+            "# 3 rounds, the transports taking turns; each size's row is its median-time round's"
+        ),
+        "{text}"
+    );
+    assert_eq!(text.matches("# ours over TCP").count(), 1, "{text}");
+    let rows = rows(&text);
+    // 4 B .. 1 KiB doubling: 9 sizes, for each of the two transports.
+    assert_eq!(rows.len(), 2 * 9, "{text}");
+    assert!(rows.iter().all(|r| r.len() == 8 && r[7] == "0"), "{text}");
+}

@@ -279,6 +279,9 @@ pub struct DriverOptions {
     pub transports: Vec<String>,
     pub spec: BenchSpec,
     pub algorithm: AllReduceChoice,
+    /// Times each transport is measured, the transports taking turns;
+    /// each size's row is then its median-time round's.
+    pub rounds: usize,
 }
 
 /// The driver: memcpy, then one table per transport.
@@ -296,8 +299,78 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
         memcpy_bytes >> 20,
         super::record::memcpy_gbps(memcpy_bytes)
     );
-    for name in &opts.transports {
-        let (fabric, label) = match name.as_str() {
+    let setups = opts
+        .transports
+        .iter()
+        .map(|name| Setup::new(name, opts, dir.path()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if opts.rounds <= 1 {
+        for setup in &setups {
+            setup.start_table(opts, tables);
+            relay_rank0(setup.command(&exe, opts)?, setup.label, |row| {
+                println!("{row}");
+                tables.row(recorded(row));
+            })?;
+        }
+        return Ok(());
+    }
+    // Every transport once a round, in turn, so that a host slowing down
+    // for a while weighs on each alike.
+    let mut measured: Vec<Vec<Vec<String>>> = vec![Vec::new(); setups.len()];
+    for _ in 0..opts.rounds {
+        for (setup, rounds) in setups.iter().zip(&mut measured) {
+            let mut rows = Vec::new();
+            relay_rank0(setup.command(&exe, opts)?, setup.label, |row| {
+                rows.push(row.to_string())
+            })?;
+            rounds.push(rows);
+        }
+    }
+    println!(
+        "#\n# {} rounds, the transports taking turns; each size's row is its median-time round's",
+        opts.rounds
+    );
+    for (setup, rounds) in setups.iter().zip(&measured) {
+        setup.start_table(opts, tables);
+        for row in median_rows(rounds) {
+            println!("{row}");
+            tables.row(recorded(row));
+        }
+    }
+    Ok(())
+}
+
+/// For each size, the row whose time is the median of the rounds' (the
+/// lower of the middle two for an even count).
+fn median_rows(rounds: &[Vec<String>]) -> Vec<&str> {
+    let sizes = rounds.iter().map(Vec::len).min().unwrap_or(0);
+    let time = |row: &str| {
+        row.split_whitespace()
+            .nth(4)
+            .and_then(|t| t.parse::<f64>().ok())
+            .unwrap_or(f64::INFINITY)
+    };
+    (0..sizes)
+        .map(|k| {
+            let mut rows: Vec<&str> = rounds.iter().map(|r| r[k].as_str()).collect();
+            rows.sort_by(|a, b| time(a).total_cmp(&time(b)));
+            rows[(rows.len() - 1) / 2]
+        })
+        .collect()
+}
+
+/// One transport's measurement: its job file and how its ranks start.
+struct Setup {
+    name: String,
+    label: &'static str,
+    fabric: Fabric,
+    job: std::path::PathBuf,
+}
+
+impl Setup {
+    /// Checks `name` and writes its job file into `dir`.
+    fn new(name: &str, opts: &DriverOptions, dir: &Path) -> Result<Setup, BenchAllreduceError> {
+        let (fabric, label) = match name {
             "tcp" => (
                 Fabric::Tcp,
                 "ours over TCP (loopback: frames unsealed after the handshake)",
@@ -322,7 +395,7 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
             "mpi" | "mpi-tcp" => return Err(BenchAllreduceError::NoMpiFeature),
             other => return Err(BenchAllreduceError::UnknownTransport(other.to_string())),
         };
-        let job = dir.path().join(format!("bench-allreduce-{name}.toml"));
+        let job = dir.join(format!("bench-allreduce-{name}.toml"));
         // Registering a buffer needs a chunk as large as the largest size.
         let registered = name == "shm-registered";
         let shm_chunk = if registered {
@@ -332,30 +405,46 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
         };
         let sealed = name == "tcp-sealed";
         std::fs::write(&job, job_text(opts, fabric, shm_chunk, registered, sealed))?;
-        println!("#\n# {label}\n{TABLE_HEADER}");
+        Ok(Setup {
+            name: name.to_string(),
+            label,
+            fabric,
+            job,
+        })
+    }
+
+    /// Prints the transport's header and starts its recorded table.
+    fn start_table(&self, opts: &DriverOptions, tables: &mut Tables) {
+        println!("#\n# {}\n{TABLE_HEADER}", self.label);
         tables.start(
-            format!("{name}: {label}, {} ranks", opts.nprocs),
+            format!("{}: {}, {} ranks", self.name, self.label, opts.nprocs),
             &["bytes", "time_us", "algbw_gbps", "busbw_gbps", "wrong"],
         );
-        let cmd = if fabric == Fabric::Mpi {
+    }
+
+    /// The command that runs the transport's ranks once.
+    fn command(&self, exe: &Path, opts: &DriverOptions) -> Result<Command, BenchAllreduceError> {
+        if self.fabric == Fabric::Mpi {
             // OpenMPI's own TCP path, the reference for ours over TCP: its
             // default between ranks of one host is shared memory.
-            let btl: &[&str] = match name.as_str() {
+            let btl: &[&str] = match self.name.as_str() {
                 "mpi-tcp" => &MCA_TCP_ONLY,
                 _ => &[],
             };
-            mpirun(&exe, &job, (opts.nprocs, btl), &JobKey::generate()?)?
-        } else {
-            let mut c = Command::new(&exe);
-            c.arg("launch")
-                .arg("-n")
-                .arg(opts.nprocs.to_string())
-                .arg(&job);
-            c
-        };
-        relay_rank0(cmd, label, tables)?;
+            return Ok(mpirun(
+                exe,
+                &self.job,
+                (opts.nprocs, btl),
+                &JobKey::generate()?,
+            )?);
+        }
+        let mut c = Command::new(exe);
+        c.arg("launch")
+            .arg("-n")
+            .arg(opts.nprocs.to_string())
+            .arg(&self.job);
+        Ok(c)
     }
-    Ok(())
 }
 
 fn job_text(
@@ -430,7 +519,7 @@ fn mpirun(
 fn relay_rank0(
     mut cmd: Command,
     what: &str,
-    tables: &mut Tables,
+    mut on_row: impl FnMut(&str),
 ) -> Result<(), BenchAllreduceError> {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let mut tail: Vec<String> = Vec::new();
@@ -438,10 +527,7 @@ fn relay_rank0(
         for line in BufReader::new(out).lines() {
             let line = line?;
             match line.split_once(ROW_MARK) {
-                Some((_, row)) => {
-                    println!("{row}");
-                    tables.row(recorded(row));
-                }
+                Some((_, row)) => on_row(row),
                 None => {
                     tail.push(line);
                     if tail.len() > 20 {
@@ -485,3 +571,30 @@ pub(super) fn recorded(row: &str) -> Vec<serde_json::Value> {
 
 /// Rank 0 marks table rows so the driver finds them among other output.
 pub const ROW_MARK: &str = "BENCH ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(bytes: usize, time_us: f64) -> String {
+        Row {
+            bytes,
+            time_us,
+            wrong: 0,
+        }
+        .format(4)
+    }
+
+    #[test]
+    fn each_size_takes_its_own_median_round() {
+        let rounds = vec![
+            vec![row(1024, 30.0), row(2048, 9.0)],
+            vec![row(1024, 10.0), row(2048, 7.0)],
+            vec![row(1024, 20.0), row(2048, 8.0)],
+        ];
+        let medians = median_rows(&rounds);
+        assert_eq!(medians, [rounds[2][0].as_str(), rounds[2][1].as_str()]);
+        // Of two, the faster: the lower of the middle two.
+        assert_eq!(median_rows(&rounds[..2])[0], rounds[1][0]);
+    }
+}
