@@ -239,14 +239,15 @@ pub fn run(
             cmd.env(CANDLE_THREADS, "1");
         }
         let one = figures(cmd, Part::OneProcess, 2)?;
-        let torch = match torch_missing {
-            true => None,
-            false => pytorch(spec, c, windows, cores)
+        let torch = if torch_missing {
+            None
+        } else {
+            pytorch(spec, c, windows, cores)
                 .inspect_err(|why| {
                     println!("# PyTorch reference: none measured ({why})");
                     torch_missing = true;
                 })
-                .ok(),
+                .ok()
         };
         measured.push(Round {
             one_process: one[0],
