@@ -276,8 +276,8 @@ enum BenchCmd {
         /// Rounds: every transport measured this many times, taking turns;
         /// each size's row is its median-time round's. On a shared host
         /// more rounds steady the ratios between transports.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-        rounds: u64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
     },
     /// Tokens/s of one process and of the job's pipeline, and model FLOP/s
     /// as a fraction of this machine's matmul FLOP/s, measured in one run.
@@ -626,7 +626,7 @@ fn bench(which: BenchCmd, tables: &mut swarmrun::bench::record::Tables) -> Resul
             rounds,
         } => {
             let opts = bench::allreduce::DriverOptions {
-                rounds: usize::try_from(rounds)?,
+                rounds,
                 nprocs,
                 transports: transport,
                 spec: config::BenchSpec {

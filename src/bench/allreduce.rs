@@ -281,7 +281,7 @@ pub struct DriverOptions {
     pub algorithm: AllReduceChoice,
     /// Times each transport is measured, the transports taking turns;
     /// each size's row is then its median-time round's.
-    pub rounds: usize,
+    pub rounds: u32,
 }
 
 /// The driver: memcpy, then one table per transport.
@@ -308,8 +308,7 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
         for setup in &setups {
             setup.start_table(opts, tables);
             relay_rank0(setup.command(&exe, opts)?, setup.label, |row| {
-                println!("{row}");
-                tables.row(recorded(row));
+                print_row(row, tables)
             })?;
         }
         return Ok(());
@@ -333,11 +332,16 @@ pub fn run(opts: &DriverOptions, tables: &mut Tables) -> Result<(), BenchAllredu
     for (setup, rounds) in setups.iter().zip(&measured) {
         setup.start_table(opts, tables);
         for row in median_rows(rounds) {
-            println!("{row}");
-            tables.row(recorded(row));
+            print_row(row, tables);
         }
     }
     Ok(())
+}
+
+/// Prints a table row under its transport's header and records it.
+fn print_row(row: &str, tables: &mut Tables) {
+    println!("{row}");
+    tables.row(recorded(row));
 }
 
 /// For each size, the row whose time is the median of the rounds' (the
@@ -351,10 +355,9 @@ fn median_rows(rounds: &[Vec<String>]) -> Vec<&str> {
             .unwrap_or(f64::INFINITY)
     };
     (0..sizes)
-        .map(|k| {
-            let mut rows: Vec<&str> = rounds.iter().map(|r| r[k].as_str()).collect();
-            rows.sort_by(|a, b| time(a).total_cmp(&time(b)));
-            rows[(rows.len() - 1) / 2]
+        .filter_map(|k| {
+            let rows: Vec<&str> = rounds.iter().map(|r| r[k].as_str()).collect();
+            super::lower_median_by(rows, |row| time(row))
         })
         .collect()
 }

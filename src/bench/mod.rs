@@ -25,6 +25,15 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// The item whose `key` is the median, the lower of the middle two for an
+/// even count (`None` for none): for rounds of a benchmark, where the
+/// item is a whole round's figures and the key its headline number.
+pub fn lower_median_by<T>(mut items: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    items.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let middle = items.len().checked_sub(1)? / 2;
+    Some(items.swap_remove(middle))
+}
+
 /// `mpirun -n N` on this host, ranks oversubscribed and unbound (they
 /// share two cores with each other), with --allow-run-as-root when root.
 pub fn mpirun(nprocs: usize) -> std::process::Command {

@@ -231,7 +231,8 @@ pub fn run(
 
     let mut measured = Vec::new();
     let mut torch_missing = false;
-    for _ in 0..rounds {
+    // At least one round, whatever a caller asks.
+    for _ in 0..rounds.max(1) {
         // As launch does for ranks: candle's spinning elementwise pool only
         // slows concurrent microbatches down. The user's own setting wins.
         let mut cmd = part_command(&exe, job, windows, Part::OneProcess);
@@ -351,7 +352,7 @@ impl Round {
 /// line with every round's figures. Whole rounds, not each setup's median:
 /// a host that slows down for a while slows every setup of a round alike,
 /// so a round's rows are the ones that belong together.
-fn median_round(mut rounds: Vec<Round>, tables: &mut Tables) -> Round {
+fn median_round(rounds: Vec<Round>, tables: &mut Tables) -> Round {
     if rounds.len() > 1 {
         tables.start(
             "every round, back to back".to_string(),
@@ -381,9 +382,7 @@ fn median_round(mut rounds: Vec<Round>, tables: &mut Tables) -> Round {
             each.join(", ")
         );
     }
-    rounds.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
-    let middle = (rounds.len() - 1) / 2;
-    rounds.swap_remove(middle)
+    super::lower_median_by(rounds, Round::ratio).expect("run measures at least one round")
 }
 
 /// The pipeline's CPU per 1k tokens in all and by role, from each rank's
