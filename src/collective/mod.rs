@@ -55,9 +55,8 @@
 //!
 //! Elements are `f32`, `bf16`, `f16`, `i32` and `i64`, reduced with a [`ReduceOp`].
 //! Buffers are cut into [`CHUNK_BYTES`] messages; a step sends its chunks
-//! from a second thread while the caller's thread receives and reduces
-//! (with rayon from [`PARALLEL_REDUCE_MIN`] elements), so the two
-//! directions and the arithmetic overlap.
+//! from a second thread while the caller's thread receives and reduces,
+//! so the two directions and the arithmetic overlap.
 //!
 //! **Determinism.** Which rank adds which values in which order is fixed by
 //! the algorithm, world size and partition, never by arrival timing, and
@@ -105,7 +104,7 @@ pub use all_reduce::{
 pub use bandwidth::measure_bandwidth;
 pub use barrier::barrier;
 pub use broadcast::broadcast;
-pub use element::{Element, ReduceOp, PARALLEL_REDUCE_MIN};
+pub use element::{Element, ReduceOp};
 pub use fixed_point::{
     all_reduce_fixed_point, scales_for, segment_maxes, FixedPoint, MAX_CONTRIBUTIONS,
 };
