@@ -10,6 +10,7 @@
 //! every later one too, so the loop blocks and [`Stopper::stop`] ends it
 //! without a connection to itself.
 
+use nix::sys::socket::{shutdown, Shutdown};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -74,12 +75,9 @@ impl Stopper {
     /// Ends the listener's accept, now and for good. Idempotent.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
-        // SAFETY: `socket` owns its descriptor, open for as long as `self`
-        // lives; shutdown(2) only changes the socket's state (a listening
-        // socket stops listening, and a blocked accept on it returns).
-        unsafe {
-            libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR);
-        }
+        // A listening socket stops listening, and a blocked accept on it
+        // returns. It fails only on a descriptor that is not a socket.
+        let _ = shutdown(self.socket.as_raw_fd(), Shutdown::Both);
     }
 }
 
