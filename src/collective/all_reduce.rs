@@ -136,11 +136,7 @@ fn reduce<T: Transport + ?Sized, E: Element>(
 ) -> Result<(), CollectiveError> {
     let (rank, size) = (c.rank(), c.size());
     match algorithm.resolve(std::mem::size_of_val(buf)) {
-        Chosen::Ring => {
-            ring::reduce_scatter(c, input, buf, op, part)?;
-            finish(&mut buf[part.range(rank)], op, size);
-            ring::all_gather(c, buf, part)
-        }
+        Chosen::Ring => ring::all_reduce(c, input, buf, op, part),
         Chosen::Doubling => {
             Butterfly::new(rank, size).doubling(c, input, buf, op)?;
             finish(buf, op, size);
