@@ -233,10 +233,11 @@ impl<'b, E: Element> Chunks<'b, E> {
     }
 
     /// Chunk `id`, waiting for the sending thread to hand it back if it is
-    /// lent. A chunk is lent only to be sent to the next rank, and it is
-    /// taken again only to merge a later part into it, which the previous
-    /// rank cannot send before the next rank has read the lent one, so
-    /// the wait ends once that send has returned.
+    /// lent. Only the all-gather takes lent chunks (a reduce-scatter
+    /// merges each part before it first sends it), and they were lent in
+    /// the reduce-scatter. No rank waits here during its reduce-scatter,
+    /// so every rank reads all of its predecessor's reduce-scatter frames,
+    /// and each wait ends once the next rank has read the lent chunk.
     fn take(&mut self, id: usize, returned: &Receiver<(usize, &'b mut [E])>) -> &'b mut [E] {
         while self.slots[id].is_none() {
             match returned.recv() {
