@@ -53,12 +53,9 @@ pub(crate) fn all_gather<T: Transport + ?Sized, E: Element>(
     part: &Partition,
 ) -> Result<(), CollectiveError> {
     let n = c.size();
-    Ring {
-        c,
-        part,
-        op: ReduceOp::Sum,
-    }
-    .run(None, buf, n - 1..2 * n - 2, false)
+    // The all-gather only copies: no op is applied.
+    let op = ReduceOp::Sum;
+    Ring { c, part, op }.run(None, buf, n - 1..2 * n - 2, false)
 }
 
 /// [`reduce_scatter`], [`finish`] of this rank's part, then [`all_gather`],
