@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use swarmrun::collective::{
     all_reduce, broadcast, hierarchical_all_reduce, AllReduceAlgorithm, Call, CollectiveError,
-    Group, ReduceOp,
+    Group, ReduceOp, CHUNK_BYTES,
 };
 use swarmrun::transport::{LocalTransport, Transport};
 
@@ -85,6 +85,114 @@ fn survivors_of_a_rank_killed_mid_all_reduce_blame_it_and_retry_without_it() {
                 );
             }
         }
+    }
+}
+
+/// The ring lends each merged chunk to its sending thread and takes it
+/// back in the all-gather: a rank that dies with chunks in flight, in the
+/// reduce-scatter or in the all-gather, must still end every survivor's
+/// call at once, with its blame or (dying late) the full result.
+#[test]
+fn a_rank_dying_mid_ring_with_chunks_in_flight_ends_every_call_at_once() {
+    let (n, victim) = (4, 2);
+    // Two chunks a part: each rank sends 6 frames in the reduce-scatter.
+    let len = n * 2 * CHUNK_BYTES / 4;
+    let want = sum_over(0..n, len);
+    for sends in [1, 3, 8] {
+        let start = Instant::now();
+        let results = LocalTransport::run(LocalTransport::world_with_timeout(n, PATIENCE), |t| {
+            let mut buf = input(t.rank(), len);
+            if t.rank() == victim {
+                let dying = DiesAfter::new(t, sends, LocalTransport::kill);
+                let call = Call::new(&dying, 1);
+                let _ = all_reduce(call, &mut buf, ReduceOp::Sum, AllReduceAlgorithm::Ring);
+                return None;
+            }
+            let result = all_reduce(
+                Call::new(&t, 1),
+                &mut buf,
+                ReduceOp::Sum,
+                AllReduceAlgorithm::Ring,
+            );
+            Some(result.map(|()| buf))
+        });
+        assert!(
+            start.elapsed() < PATIENCE / 2,
+            "sends={sends}: waited for a timeout"
+        );
+        for (rank, result) in results
+            .into_iter()
+            .enumerate()
+            .filter(|(r, _)| *r != victim)
+        {
+            match result.unwrap() {
+                Err(CollectiveError::PeerLost { rank: lost }) => {
+                    assert_eq!(lost, victim, "sends={sends}: rank {rank} blamed {lost}")
+                }
+                Ok(buf) if sends >= 6 => assert!(buf == want, "sends={sends}: rank {rank} wrong"),
+                other => panic!("sends={sends}: rank {rank} got {:?}", other.map(|_| ())),
+            }
+        }
+    }
+}
+
+/// The rank before a dead one cannot send it anything, yet can finish its
+/// reduce-scatter (no part it reduces passes through the dead rank first)
+/// and then takes back, for the all-gather, chunks whose sends failed. The
+/// ring's sending thread must hand those back too, or that rank waits for
+/// them forever instead of hearing of the death.
+#[test]
+fn the_rank_before_a_dead_one_is_not_stuck_on_chunks_it_could_not_send() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+
+    let (n, victim) = (4, 2);
+    let len = n * 2 * CHUNK_BYTES / 4;
+    let dead = Arc::new(AtomicBool::new(false));
+    let (done, results) = mpsc::channel();
+    // A thread of its own, so that a stuck rank fails the test instead of
+    // hanging it.
+    std::thread::spawn(move || {
+        let results = LocalTransport::run(LocalTransport::world_with_timeout(n, PATIENCE), |t| {
+            let mut buf = input(t.rank(), len);
+            if t.rank() == victim {
+                // The ring's first sends (this rank's values of part
+                // rank-1, two chunks) and nothing more.
+                let part = &buf[(victim - 1) * len / n..victim * len / n];
+                for chunk in part.chunks(CHUNK_BYTES / 4) {
+                    t.send(victim + 1, 1, bytemuck::cast_slice(chunk)).unwrap();
+                }
+                t.kill();
+                dead.store(true, Ordering::SeqCst);
+                return None;
+            }
+            if t.rank() == victim - 1 {
+                while !dead.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let call = Call::new(&t, 1);
+            Some(all_reduce(
+                call,
+                &mut buf,
+                ReduceOp::Sum,
+                AllReduceAlgorithm::Ring,
+            ))
+        });
+        let _ = done.send(results);
+    });
+    let results = results
+        .recv_timeout(PATIENCE)
+        .expect("a survivor is stuck: the all-reduce never returned");
+    for (rank, result) in results
+        .into_iter()
+        .enumerate()
+        .filter(|(r, _)| *r != victim)
+    {
+        assert!(
+            matches!(result, Some(Err(CollectiveError::PeerLost { rank: 2 }))),
+            "rank {rank}: {result:?}"
+        );
     }
 }
 
