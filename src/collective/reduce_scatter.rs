@@ -23,7 +23,7 @@ pub fn reduce_scatter<T: Transport + ?Sized, E: Element>(
         part.check(c.size(), buf.len())?;
         let (rank, size) = (c.rank(), c.size());
         match algorithm.resolve(std::mem::size_of_val(buf)) {
-            Chosen::Ring => ring::reduce_scatter(&c, None, buf, op, part)?,
+            Chosen::Ring => ring::reduce_scatter(&c, buf, op, part)?,
             // Recursive halving is already log2(n) steps: the doubling's
             // whole-buffer swaps would only move more bytes.
             Chosen::Doubling | Chosen::Butterfly => {

@@ -28,22 +28,14 @@ use crate::transport::Transport;
 ///
 /// Part `j` starts at rank j+1, and each rank after it adds its own values,
 /// so the order of additions is fixed by the ring.
-///
-/// Out of place, with an `input` (this rank's contribution, as long as
-/// `buf`): `buf` is written, never read before it is. The first step sends
-/// from `input` and every step adds what it receives to `input`'s
-/// elements, so nothing is copied into `buf` first (as NCCL reads
-/// `sendbuff` and writes `recvbuff`); the part left unwritten is one an
-/// all-gather fills.
 pub(crate) fn reduce_scatter<T: Transport + ?Sized, E: Element>(
     c: &Call<T>,
-    input: Option<&[E]>,
     buf: &mut [E],
     op: ReduceOp,
     part: &Partition,
 ) -> Result<(), CollectiveError> {
     let n = c.size();
-    Ring { c, part, op }.run(input, buf, 0..n - 1, false)
+    Ring { c, part, op }.run(None, buf, 0..n - 1, false)
 }
 
 /// Fills every part of `buf` from its owner, given that each rank holds its own part.
@@ -61,6 +53,13 @@ pub(crate) fn all_gather<T: Transport + ?Sized, E: Element>(
 /// [`reduce_scatter`], [`finish`] of this rank's part, then [`all_gather`],
 /// as one pipeline: each chunk of the finished part goes on as soon as it
 /// is finished.
+///
+/// Out of place, with an `input` (this rank's contribution, as long as
+/// `buf`): `buf` is written, never read before it is. The first part is
+/// sent from `input` and every reduce-scatter step adds what it receives
+/// to `input`'s elements, so nothing is copied into `buf` first (as NCCL
+/// reads `sendbuff` and writes `recvbuff`); the part left unwritten there
+/// is one the all-gather fills.
 pub(crate) fn all_reduce<T: Transport + ?Sized, E: Element>(
     c: &Call<T>,
     input: Option<&[E]>,
