@@ -10,7 +10,7 @@ use swarmrun::collective::{
 use swarmrun::transport::{LocalTransport, Transport};
 
 mod common;
-use common::DiesAfter;
+use common::{survivors, DiesAfter};
 
 /// Long enough that a test relying on it would be obviously slow.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -69,12 +69,7 @@ fn survivors_of_a_rank_killed_mid_all_reduce_blame_it_and_retry_without_it() {
                 start.elapsed() < PATIENCE / 2,
                 "{algorithm:?}: waited for a timeout"
             );
-            for (rank, result) in results
-                .into_iter()
-                .enumerate()
-                .filter(|(r, _)| *r != victim)
-            {
-                let (lost, buf) = result.unwrap();
+            for (rank, (lost, buf)) in survivors(results, victim) {
                 assert_eq!(
                     lost, victim,
                     "{algorithm:?} sends={sends}: rank {rank} blamed {lost}"
@@ -120,12 +115,8 @@ fn a_rank_dying_mid_ring_with_chunks_in_flight_ends_every_call_at_once() {
             start.elapsed() < PATIENCE / 2,
             "sends={sends}: waited for a timeout"
         );
-        for (rank, result) in results
-            .into_iter()
-            .enumerate()
-            .filter(|(r, _)| *r != victim)
-        {
-            match result.unwrap() {
+        for (rank, result) in survivors(results, victim) {
+            match result {
                 Err(CollectiveError::PeerLost { rank: lost }) => {
                     assert_eq!(lost, victim, "sends={sends}: rank {rank} blamed {lost}")
                 }
@@ -184,13 +175,9 @@ fn the_rank_before_a_dead_one_is_not_stuck_on_chunks_it_could_not_send() {
     let results = results
         .recv_timeout(PATIENCE)
         .expect("a survivor is stuck: the all-reduce never returned");
-    for (rank, result) in results
-        .into_iter()
-        .enumerate()
-        .filter(|(r, _)| *r != victim)
-    {
+    for (rank, result) in survivors(results, victim) {
         assert!(
-            matches!(result, Some(Err(CollectiveError::PeerLost { rank: 2 }))),
+            matches!(result, Err(CollectiveError::PeerLost { rank: 2 })),
             "rank {rank}: {result:?}"
         );
     }
@@ -246,12 +233,7 @@ fn every_site_blames_the_rank_that_died_in_another_site() {
             &sites,
         ))
     });
-    for (rank, result) in results
-        .into_iter()
-        .enumerate()
-        .filter(|(r, _)| *r != victim)
-    {
-        let result = result.unwrap();
+    for (rank, result) in survivors(results, victim) {
         assert!(
             matches!(result, Err(CollectiveError::PeerLost { rank: 4 })),
             "rank {rank}: {result:?}"

@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::DiesAfter;
+use common::{survivors, DiesAfter};
 use swarmrun::collective::{
     all_reduce, AllReduceAlgorithm, Call, CollectiveError, Group, ReduceOp,
 };
@@ -132,12 +132,7 @@ fn a_rank_whose_connections_die_mid_all_reduce_is_blamed_and_survivors_retry() {
         start.elapsed() < PATIENCE / 2,
         "survivors waited for a timeout"
     );
-    for (rank, r) in results
-        .into_iter()
-        .enumerate()
-        .filter(|(r, _)| *r != victim)
-    {
-        let (lost, buf) = r.unwrap();
+    for (rank, (lost, buf)) in survivors(results, victim) {
         assert_eq!(lost, victim, "rank {rank} blamed {lost}");
         assert!(
             buf == want,

@@ -11,6 +11,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use swarmrun::transport::{Transport, TransportError};
 
+/// Every rank's result but `victim`'s, with its rank: the survivors of a
+/// collective test in which `victim` returned `None` (it died or stayed
+/// silent).
+pub fn survivors<T>(results: Vec<Option<T>>, victim: usize) -> impl Iterator<Item = (usize, T)> {
+    results
+        .into_iter()
+        .enumerate()
+        .filter(move |(rank, _)| *rank != victim)
+        .map(|(rank, result)| (rank, result.expect("a survivor returns its result")))
+}
+
 pub fn swarmrun() -> Command {
     // SWARMRUN_TEST_BIN: the binary under test when the tests run from a
     // copy on a machine without the build tree (launch/gpu-check.sh).
