@@ -107,6 +107,9 @@ impl<T: Transport + ?Sized> Ring<'_, '_, T> {
         finish_own: bool,
     ) -> Result<(), CollectiveError> {
         let (c, r, n) = (self.c, self.c.rank(), self.c.size());
+        // `input` is what the first send reads, and only the whole
+        // sequence starts from it.
+        debug_assert!(input.is_none() || receives.start == 0);
         if n == 1 {
             // One rank takes no step to read `input` in: its part is all of it.
             if let Some(input) = input {
@@ -146,7 +149,7 @@ impl<T: Transport + ?Sized> Ring<'_, '_, T> {
             });
             let first = (r + 2 * n - receives.start - 1) % n;
             for id in chunks.of_part(first) {
-                let out = match input.filter(|_| receives.start == 0) {
+                let out = match input {
                     Some(input) => Out::Input(&input[chunks.range(id)]),
                     None => Out::Lent(id, chunks.take(id, &returned)),
                 };
