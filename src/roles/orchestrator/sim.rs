@@ -153,6 +153,17 @@ impl Sim {
         (sim.seen, result)
     }
 
+    /// [`Sim::run`] of a job that must finish: what was seen, or a panic
+    /// with the coordinator's error.
+    #[cfg(test)]
+    pub fn finished(spec: &JobSpec, script: Script) -> Seen {
+        let (seen, result) = Sim::run(spec, script);
+        if let Err(e) = result {
+            panic!("the simulated job failed: {e}");
+        }
+        seen
+    }
+
     /// Answers the coordinator of `spec`'s plan until the job is done,
     /// timing the coordinator's decisions in [`Seen::deciding`].
     fn drive(&mut self, spec: &JobSpec) -> Result<(), TrainError> {

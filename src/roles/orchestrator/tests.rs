@@ -77,8 +77,7 @@ fn credited(seen: &Seen) -> BTreeMap<usize, u64> {
 #[test]
 fn an_undisturbed_run_serves_every_microbatch_once_per_stage_and_commits_due_checkpoints() {
     let spec = spec("");
-    let (seen, result) = Sim::run(&spec, Script::default());
-    result.unwrap();
+    let seen = Sim::finished(&spec, Script::default());
     assert!(seen.done);
     assert_eq!(
         seen.windows
@@ -104,14 +103,13 @@ fn an_undisturbed_run_serves_every_microbatch_once_per_stage_and_commits_due_che
 #[test]
 fn a_miner_lost_while_serving_has_its_window_redone_without_it_and_is_never_credited_there() {
     let spec = spec("");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             lose: Some((1, 3)),
             ..Script::default()
         },
     );
-    result.unwrap();
     let runs = runs(&seen, 1);
     assert_eq!(runs.iter().map(|(a, _)| *a).collect::<Vec<_>>(), [0, 1]);
     for path in &runs[1].1 {
@@ -135,14 +133,13 @@ fn a_validator_lost_while_replays_drawn_mid_window_are_owed_has_the_window_redon
     // Every pass drawn as its microbatch finishes; validator 1 is lost
     // after four of window 1's reports, its verdicts never come.
     let spec = spec("replay_rate = 1.0");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             lose_midway: Some((1, 1, 4)),
             ..Script::default()
         },
     );
-    result.unwrap();
     assert!(seen.done, "the run finished");
     let runs = runs(&seen, 1);
     assert_eq!(runs.iter().map(|(a, _)| *a).collect::<Vec<_>>(), [0, 1]);
@@ -155,14 +152,13 @@ fn a_validator_lost_while_replays_drawn_mid_window_are_owed_has_the_window_redon
 #[test]
 fn a_miner_that_asks_to_leave_finishes_its_window_and_goes_without_a_redo() {
     let spec = spec("");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             leave: Some((1, 4)),
             ..Script::default()
         },
     );
-    result.unwrap();
     assert_eq!(
         runs(&seen, 1).len(),
         1,
@@ -181,14 +177,13 @@ fn a_miner_that_asks_to_leave_finishes_its_window_and_goes_without_a_redo() {
 #[test]
 fn a_rank_that_joins_is_placed_at_the_next_boundary_with_its_stage_s_digests_and_mines() {
     let spec = spec("");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             join: Some((0, vec![6])),
             ..Script::default()
         },
     );
-    result.unwrap();
     let places: Vec<_> = seen
         .orders
         .iter()
@@ -233,7 +228,7 @@ fn a_miner_whose_replay_fails_is_excluded_credited_nothing_and_its_window_redone
 
 fn a_caught_miner_is_excluded_and_never_stepped(stall: Option<(u64, usize, u32)>) {
     let spec = spec("replay_rate = 1.0");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             cheater: Some(5),
@@ -241,7 +236,6 @@ fn a_caught_miner_is_excluded_and_never_stepped(stall: Option<(u64, usize, u32)>
             ..Script::default()
         },
     );
-    result.unwrap();
     let runs = runs(&seen, 0);
     assert_eq!(runs.len(), 2, "window 0 is redone without the cheater");
     assert!(runs[1].1.iter().all(|path| !path.contains(&5)));
@@ -359,14 +353,13 @@ fn audit_tasks(seen: &Seen, window: u64) -> Vec<(u32, &[AuditTask])> {
 fn a_validator_is_sent_a_stages_weights_once_an_attempt() {
     // Every pass replayed, by one validator, drawn microbatch by
     // microbatch; miner 5 is caught, so window 0 has a second attempt.
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec("replay_rate = 1.0"),
         Script {
             cheater: Some(5),
             ..Script::default()
         },
     );
-    result.unwrap();
     for window in 0..3 {
         let mut sent: BTreeSet<(u32, usize, usize)> = BTreeSet::new();
         let mut held = 0;
@@ -408,8 +401,7 @@ fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_rand
     let before = [("run", 0), ("audit", 0), ("close", 0), ("recompute", 0)];
     let after = [("run", 0), ("close", 0), ("audit", 0), ("recompute", 0)];
     for (script, when) in [(outlier as fn() -> Script, before), (flipped, after)] {
-        let (seen, result) = Sim::run(&spec("replay_rate = 0.0"), script());
-        result.unwrap();
+        let seen = Sim::finished(&spec("replay_rate = 0.0"), script());
         assert_eq!(audited(&seen, 0), [(2, 0), (2, 1)]);
         assert_eq!(flow(&seen, 0)[..4], when);
         assert!(
@@ -418,8 +410,7 @@ fn passes_whose_stated_maxima_or_direction_stand_out_are_replayed_without_a_rand
         );
 
         let off = spec("replay_rate = 0.0\nsuspect_replays = 0");
-        let (seen, result) = Sim::run(&off, script());
-        result.unwrap();
+        let seen = Sim::finished(&off, script());
         assert!(audited(&seen, 0).is_empty());
     }
 }
@@ -466,8 +457,7 @@ fn a_suspect_is_replayed_and_every_miner_at_least_at_the_rates_floor() {
         outlier: Some(2),
         ..Script::default()
     };
-    let (seen, result) = Sim::run(&spec(ONE_PASS_IN_THREE), script);
-    result.unwrap();
+    let seen = Sim::finished(&spec(ONE_PASS_IN_THREE), script);
     let replayed = audited(&seen, 0);
     assert!(
         replayed.contains(&(2, 0)) && replayed.contains(&(2, 1)),
@@ -490,8 +480,7 @@ fn a_suspect_by_its_sketch_is_replayed_after_the_close_and_the_rest_at_the_rates
         flipped: Some(2),
         ..Script::default()
     };
-    let (seen, result) = Sim::run(&spec(ONE_PASS_IN_THREE), script);
-    result.unwrap();
+    let seen = Sim::finished(&spec(ONE_PASS_IN_THREE), script);
     // Window 0: drawn replays, at least one a miner, before the close;
     // after it, those of microbatch 2's passes by their sketches the draw
     // did not pick.
@@ -576,14 +565,13 @@ fn microbatches_finished_before_a_miner_is_lost_are_kept_and_credited_unless_it_
     let spec = spec("");
     // Window 1's first Run: the first 3 microbatches come back whole from
     // both stages (6 reports), then miner 2 is lost.
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             lose_midway: Some((1, 2, 6)),
             ..Script::default()
         },
     );
-    result.unwrap();
     let runs = runs(&seen, 1);
     assert_eq!(runs.len(), 2, "{runs:?}");
     let first: Vec<&Vec<usize>> = runs[0].1.iter().take(3).collect();
@@ -635,14 +623,13 @@ fn microbatches_finished_before_a_miner_is_lost_are_kept_and_credited_unless_it_
 #[test]
 fn a_stopped_miner_is_pinged_evicted_and_its_window_redone_without_it() {
     let spec = spec("");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             stop: Some((1, 3)),
             ..Script::default()
         },
     );
-    result.unwrap();
     assert!(seen.done);
     assert!(
         seen.pings.iter().any(|p| p.contains(&3)),
@@ -675,14 +662,13 @@ fn a_slow_miner_that_answers_its_pings_is_kept_and_credited() {
     let spec = spec("");
     // Eight silences of 0.5 s: past the 2 s serving deadline of a run
     // whose microbatches take milliseconds.
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             stall: Some((1, 3, 8)),
             ..Script::default()
         },
     );
-    result.unwrap();
     assert!(
         seen.pings.iter().any(|p| p.contains(&3)),
         "{:?}",
@@ -696,14 +682,13 @@ fn a_slow_miner_that_answers_its_pings_is_kept_and_credited() {
 
 #[test]
 fn liveness_deadlines_follow_the_run_and_are_reported_with_each_window() {
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec(""),
         Script {
             stall: Some((1, 3, 8)),
             ..Script::default()
         },
     );
-    result.unwrap();
     // Reports a millisecond apart set the progress deadline's 2 s floor in
     // the first window; the answer deadline keeps its 5 s start value
     // until pings are answered (in window 1), then falls to its floor.
@@ -715,14 +700,13 @@ fn liveness_deadlines_follow_the_run_and_are_reported_with_each_window() {
 #[test]
 fn a_standby_takes_over_from_the_last_handover_and_the_window_in_flight_runs_again() {
     let spec = spec("standby = 1");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             take_over: Some(1),
             ..Script::default()
         },
     );
-    result.unwrap();
     assert!(seen.done);
     // Handed over after window 0; the standby hands over to no one.
     assert_eq!(seen.handovers, [1]);
@@ -755,7 +739,7 @@ fn a_standby_takes_over_from_the_last_handover_and_the_window_in_flight_runs_aga
 #[test]
 fn a_miner_that_cannot_go_back_to_the_windows_start_is_stopped_and_the_job_goes_on() {
     let spec = spec("standby = 1");
-    let (seen, result) = Sim::run(
+    let seen = Sim::finished(
         &spec,
         Script {
             take_over: Some(1),
@@ -763,7 +747,6 @@ fn a_miner_that_cannot_go_back_to_the_windows_start_is_stopped_and_the_job_goes_
             ..Script::default()
         },
     );
-    result.unwrap();
     assert!(seen.done);
     assert_eq!(seen.departed, [3]);
     assert!(seen
@@ -789,8 +772,7 @@ fn each_slice_is_recomputed_by_the_validator_the_close_had_its_miners_send_it_to
             .replace("ranks_per_host = 6", "ranks_per_host = 7");
         config::parse(&text, Path::new("unit.toml")).expect("the unit job parses")
     };
-    let (seen, result) = Sim::run(&two(""), Script::default());
-    result.unwrap();
+    let seen = Sim::finished(&two(""), Script::default());
     let mut named = BTreeMap::new();
     let mut recomputed = 0;
     for (_, order) in &seen.orders {
@@ -827,8 +809,7 @@ fn each_slice_is_recomputed_by_the_validator_the_close_had_its_miners_send_it_to
     // 3 windows of 2 stages of 2 slices.
     assert_eq!(recomputed, 12);
     // A share drawn after the close: nothing is sent before it.
-    let (seen, result) = Sim::run(&two("slice_audit_rate = 0.5"), Script::default());
-    result.unwrap();
+    let seen = Sim::finished(&two("slice_audit_rate = 0.5"), Script::default());
     for (_, order) in &seen.orders {
         if let Order::Close { recomputers, .. } = order {
             assert!(recomputers.is_empty());
