@@ -865,8 +865,8 @@ fn run_rank(spec: &JobSpec, job: &Path, rdzv: Option<&str>, resume: bool) -> Res
         }
         Task::BenchAllreduce => run_bench_allreduce(spec, &joined),
     });
-    if let Some(cpu) = launch::usage::own_cpu() {
-        tracing::info!("{}", launch::usage::cpu_line(joined.world.rank, cpu));
+    if let Some(usage) = launch::usage::own_usage() {
+        tracing::info!("{}", launch::usage::cpu_line(joined.world.rank, &usage));
     }
     if let Err(e) = &result {
         exit_for(e);
