@@ -77,7 +77,7 @@ fn deadline<T: Transport + ?Sized>(c: &Call<T>) -> Instant {
 /// [`recv`] of the [`CHUNK_BYTES`] frames that fill `into`, straight into
 /// it: no buffer of each frame's own to copy out of where the transport
 /// can place the bytes itself.
-fn recv_into<T: Transport + ?Sized>(
+pub(crate) fn recv_into<T: Transport + ?Sized>(
     c: &Call<T>,
     from: usize,
     into: &mut [u8],

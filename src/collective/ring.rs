@@ -18,7 +18,7 @@ use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver};
 
 use super::element::{finish, Element, ReduceOp};
-use super::frame::{chunks, recv, send, Merge};
+use super::frame::{chunks, recv, recv_into, send, Merge};
 use super::partition::Partition;
 use super::{Call, CollectiveError};
 use crate::transport::Transport;
@@ -162,13 +162,18 @@ impl<T: Transport + ?Sized> Ring<'_, '_, T> {
                 for id in chunks.of_part(p) {
                     let at = chunks.range(id);
                     let dst = chunks.take(id, &returned);
-                    let frame = recv(c, prev, std::mem::size_of_val(dst))?;
-                    let merge = match input {
-                        _ if k >= n - 1 => Merge::Copy,
-                        Some(input) => Merge::ReduceOnto(self.op, &input[at]),
-                        None => Merge::Reduce(self.op),
-                    };
-                    merge.apply(dst, 0..dst.len(), &frame);
+                    if k >= n - 1 {
+                        // The all-gather only copies: the transport places
+                        // the frame straight into the chunk.
+                        recv_into(c, prev, bytemuck::cast_slice_mut(dst))?;
+                    } else {
+                        let frame = recv(c, prev, std::mem::size_of_val(dst))?;
+                        let merge = match input {
+                            Some(input) => Merge::ReduceOnto(self.op, &input[at]),
+                            None => Merge::Reduce(self.op),
+                        };
+                        merge.apply(dst, 0..dst.len(), &frame);
+                    }
                     if finish_own && p == r {
                         finish(dst, self.op, n);
                     }
