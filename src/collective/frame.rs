@@ -58,7 +58,7 @@ pub(crate) fn recv<T: Transport + ?Sized>(
 ) -> Result<Vec<u8>, CollectiveError> {
     let frame = c
         .transport
-        .recv_deadline(from, c.tag, deadline(c))
+        .recv_due(from, c.tag, deadline(c))
         .map_err(|e| CollectiveError::from(e).renamed(|r| c.outer(r)))?;
     // Element sizes are even, so an abort frame (odd) is never `expected`.
     if frame.len() != expected {

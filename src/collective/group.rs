@@ -109,6 +109,31 @@ impl<'a, T: Transport + ?Sized> Group<'a, T> {
             other => other,
         }
     }
+
+    /// A receive from member `from` through the parent's `recv`, in
+    /// slices of [`ABANDON_POLL`] while the group watches for abandonment.
+    fn recv_from_parent(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+        recv: impl Fn(&T, usize, u64, Instant) -> Result<Vec<u8>, TransportError>,
+    ) -> Result<Vec<u8>, TransportError> {
+        let parent = self.to_parent(from)?;
+        let Some(abandoned) = self.abandoned else {
+            return recv(self.parent, parent, tag, deadline).map_err(|e| self.renamed(e));
+        };
+        loop {
+            let until = deadline.min(Instant::now() + ABANDON_POLL);
+            match recv(self.parent, parent, tag, until) {
+                Err(TransportError::Timeout { .. }) if until < deadline && !abandoned() => {}
+                Err(TransportError::Timeout { .. }) if until < deadline => {
+                    return Err(TransportError::Timeout { rank: from, tag })
+                }
+                other => return other.map_err(|e| self.renamed(e)),
+            }
+        }
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Group<'_, T> {
@@ -132,23 +157,16 @@ impl<T: Transport + ?Sized> Transport for Group<'_, T> {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError> {
-        let parent = self.to_parent(from)?;
-        let Some(abandoned) = self.abandoned else {
-            return self
-                .parent
-                .recv_deadline(parent, tag, deadline)
-                .map_err(|e| self.renamed(e));
-        };
-        loop {
-            let until = deadline.min(Instant::now() + ABANDON_POLL);
-            match self.parent.recv_deadline(parent, tag, until) {
-                Err(TransportError::Timeout { .. }) if until < deadline && !abandoned() => {}
-                Err(TransportError::Timeout { .. }) if until < deadline => {
-                    return Err(TransportError::Timeout { rank: from, tag })
-                }
-                other => return other.map_err(|e| self.renamed(e)),
-            }
-        }
+        self.recv_from_parent(from, tag, deadline, T::recv_deadline)
+    }
+
+    fn recv_due(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.recv_from_parent(from, tag, deadline, T::recv_due)
     }
 
     /// The parent's own, when the group waits without watching for

@@ -41,6 +41,21 @@ pub trait Transport: Send + Sync {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError>;
+    /// [`recv_deadline`](Transport::recv_deadline) of a message that is
+    /// due within microseconds, as a collective's next step is: the wait
+    /// may stay awake longer before it sleeps, which over TCP lets it read
+    /// the message from the socket itself. A wait for a message that may
+    /// be milliseconds away (an order, a boundary tensor) calls
+    /// `recv_deadline`, which gives its core away sooner. This default is
+    /// `recv_deadline`.
+    fn recv_due(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.recv_deadline(from, tag, deadline)
+    }
     /// [`recv_deadline`](Transport::recv_deadline) of the messages that
     /// fill `into`, in order, for a receiver that knows where they go: `chunk`
     /// bytes each, the last one shorter (an empty `into` is one empty

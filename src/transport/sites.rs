@@ -113,6 +113,21 @@ impl Transport for SiteTransport {
         }
     }
 
+    fn recv_due(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        match self.local_rank(from) {
+            Some(r) => self
+                .local
+                .recv_due(r, tag, deadline)
+                .map_err(|e| self.renamed(e)),
+            None => self.tcp.recv_due(from, tag, deadline),
+        }
+    }
+
     fn recv_into(
         &self,
         from: usize,

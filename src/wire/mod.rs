@@ -26,7 +26,7 @@ pub use error::WireError;
 pub use frame::{Frame, FrameHeader, FrameKind, StripeHead, HEADER_LEN, MAC_LEN, VERSION};
 pub use key::{JobKey, KEY_ENV, KEY_LEN};
 pub use stream::{
-    job_id, AuthStream, FrameReader, FrameWriter, Hello, Session, StreamOptions, SEND_FRAME,
+    job_id, AuthStream, FrameReader, FrameWriter, Hello, Queued, Session, StreamOptions, SEND_FRAME,
 };
 
 use std::time::{Duration, Instant};

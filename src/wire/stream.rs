@@ -58,9 +58,10 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use super::frame::{Frame, FrameHeader, FrameKind, HEADER_LEN, MAC_LEN, MAGIC, VERSION};
@@ -349,6 +350,20 @@ impl AuthStream {
     }
 }
 
+/// What a socket holds of a stream's next frame, as
+/// [`FrameReader::queued_frame`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Nothing, or the start of a frame whose rest is on its way.
+    Nothing,
+    /// All of the frame with this header: reading it does not block.
+    Whole(FrameHeader),
+    /// Something a [`FrameReader::recv`] must read: a frame too large to
+    /// look at, bytes already in the reader's buffer, a header that does
+    /// not parse, the stream's end or an error.
+    Other,
+}
+
 impl FrameReader {
     /// Reads, verifies and decrypts the next frame, blocking until it
     /// arrives.
@@ -395,6 +410,62 @@ impl FrameReader {
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.session.peer
+    }
+
+    /// What the socket holds of the next frame (see [`Queued`]), looked at
+    /// without consuming it; a frame of more than `at_most` payload bytes
+    /// counts as [`Queued::Other`]. `scratch` is where the bytes are
+    /// looked at, kept by the caller between calls.
+    pub fn queued_frame(&self, at_most: usize, scratch: &mut Vec<u8>) -> Queued {
+        if !self.inner.buffer().is_empty() {
+            return Queued::Other;
+        }
+        let socket = self.inner.get_ref();
+        let peek = |into: &mut [u8]| {
+            let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+            recv(socket.as_raw_fd(), into, flags)
+        };
+        let mut header = [0u8; HEADER_LEN];
+        match peek(&mut header) {
+            Ok(n) if n == HEADER_LEN => {}
+            // The end of the stream, which a read reports.
+            Ok(0) => return Queued::Other,
+            Ok(_) | Err(nix::errno::Errno::EAGAIN) => return Queued::Nothing,
+            Err(_) => return Queued::Other,
+        }
+        // A header that does not parse is left to a read, which reports it.
+        let Ok(header) = FrameHeader::decode(header, self.session.max_frame, self.session.peer)
+        else {
+            return Queued::Other;
+        };
+        let len = header.len as usize;
+        if len > at_most {
+            return Queued::Other;
+        }
+        let mac = if self.session.cipher.is_some() {
+            MAC_LEN
+        } else {
+            0
+        };
+        scratch.resize(HEADER_LEN + len + mac, 0);
+        match peek(scratch) {
+            Ok(n) if n == scratch.len() => Queued::Whole(header),
+            _ => Queued::Nothing,
+        }
+    }
+
+    /// Reads the frame [`FrameReader::queued_frame`] found whole, straight
+    /// from the socket: nothing is read ahead into this reader's buffer, so
+    /// whoever waits on the socket for the frames after it still sees them
+    /// there.
+    pub fn recv_queued(&mut self) -> Result<Frame, WireError> {
+        self.session.read(self.inner.get_mut())
+    }
+
+    /// Whether this reader holds bytes already read from the socket: the
+    /// next frame may start there, with nothing queued in the socket.
+    pub fn has_buffered(&self) -> bool {
+        !self.inner.buffer().is_empty()
     }
 }
 

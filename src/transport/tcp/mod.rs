@@ -15,6 +15,11 @@
 //!
 //! One reader thread per peer verifies frames and files each message into a
 //! per-(source, tag) queue, so `recv` on one tag never blocks behind another.
+//! A receive of a message that is due within microseconds
+//! ([`Transport::recv_due`], a collective's next step) reads small frames
+//! already whole in the socket itself while it waits, and the reader
+//! thread is not woken for them: the thread's wake-up, then the receive's,
+//! were most of a small all-reduce's time.
 //! A frame that breaks the protocol (bad MAC, oversized, bad magic, unknown
 //! kind) ends that peer's link: the reason, naming its rank and address, is
 //! logged and returned by every later `recv` from it as
@@ -467,7 +472,16 @@ impl Transport for TcpTransport {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError> {
-        self.shared.take(from, tag, deadline)
+        self.shared.take(from, tag, deadline, false)
+    }
+
+    fn recv_due(
+        &self,
+        from: usize,
+        tag: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.shared.take(from, tag, deadline, true)
     }
 
     fn recv_into(
