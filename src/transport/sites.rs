@@ -62,6 +62,19 @@ impl SiteTransport {
         self.index.get(&rank).copied()
     }
 
+    /// `call` on the fabric that reaches job rank `rank`, with `rank` as
+    /// that fabric numbers it, and its errors naming the job's rank.
+    fn routed<R>(
+        &self,
+        rank: usize,
+        call: impl FnOnce(&dyn Transport, usize) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
+        match self.local_rank(rank) {
+            Some(r) => call(&*self.local, r).map_err(|e| self.renamed(e)),
+            None => call(&self.tcp, rank),
+        }
+    }
+
     /// Names the job rank in an error of the site fabric.
     fn renamed(&self, e: TransportError) -> TransportError {
         let job = |r: usize| self.members.get(r).copied().unwrap_or(r);
@@ -89,13 +102,7 @@ impl Transport for SiteTransport {
     }
 
     fn send(&self, to: usize, tag: u64, payload: &[u8]) -> Result<(), TransportError> {
-        match self.local_rank(to) {
-            Some(r) => self
-                .local
-                .send(r, tag, payload)
-                .map_err(|e| self.renamed(e)),
-            None => self.tcp.send(to, tag, payload),
-        }
+        self.routed(to, |t, r| t.send(r, tag, payload))
     }
 
     fn recv_deadline(
@@ -104,13 +111,7 @@ impl Transport for SiteTransport {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError> {
-        match self.local_rank(from) {
-            Some(r) => self
-                .local
-                .recv_deadline(r, tag, deadline)
-                .map_err(|e| self.renamed(e)),
-            None => self.tcp.recv_deadline(from, tag, deadline),
-        }
+        self.routed(from, |t, r| t.recv_deadline(r, tag, deadline))
     }
 
     fn recv_due(
@@ -119,13 +120,7 @@ impl Transport for SiteTransport {
         tag: u64,
         deadline: Instant,
     ) -> Result<Vec<u8>, TransportError> {
-        match self.local_rank(from) {
-            Some(r) => self
-                .local
-                .recv_due(r, tag, deadline)
-                .map_err(|e| self.renamed(e)),
-            None => self.tcp.recv_due(from, tag, deadline),
-        }
+        self.routed(from, |t, r| t.recv_due(r, tag, deadline))
     }
 
     fn recv_into(
@@ -136,13 +131,7 @@ impl Transport for SiteTransport {
         into: &mut [u8],
         chunk: usize,
     ) -> Result<Placed, TransportError> {
-        match self.local_rank(from) {
-            Some(r) => self
-                .local
-                .recv_into(r, tag, deadline, into, chunk)
-                .map_err(|e| self.renamed(e)),
-            None => self.tcp.recv_into(from, tag, deadline, into, chunk),
-        }
+        self.routed(from, |t, r| t.recv_into(r, tag, deadline, into, chunk))
     }
 
     fn default_timeout(&self) -> Duration {
