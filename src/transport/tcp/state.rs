@@ -96,7 +96,9 @@ struct Pump {
 /// cores, would only find the frame read. A hang-up or error still does.
 struct Watch {
     epoll: Epoll,
-    /// A handle on the link's socket, registered with `epoll`.
+    /// A second handle on the link's socket, registered with `epoll`; also
+    /// the one the link is shut down by while its reader or a writer is
+    /// blocked on it.
     socket: TcpStream,
     /// Receives holding a [`Claim`].
     claims: AtomicUsize,
@@ -205,9 +207,8 @@ enum Handoff {
 enum Link {
     /// Not connected yet (and, for our own rank, never).
     Waiting,
-    /// Connected; `socket` is a second handle so the link can be shut down
-    /// while its reader or a writer is blocked on it.
-    Up { socket: TcpStream, addr: SocketAddr },
+    /// Connected (the peer's [`Watch`] holds the handle it is shut down by).
+    Up { addr: SocketAddr },
     /// Gone for good, and why.
     Down(String),
 }
@@ -403,11 +404,8 @@ impl Shared {
         socket
             .set_write_timeout(Some(self.opts.default_timeout))
             .map_err(|e| format!("{addr}: cannot set the send timeout: {e}"))?;
-        let watch = socket
-            .try_clone()
-            .map_err(|e| e.to_string())
-            .and_then(|socket| Watch::new(socket).map_err(|e| e.to_string()))
-            .map_err(|e| format!("{addr}: cannot watch the socket: {e}"))?;
+        let watch =
+            Watch::new(socket).map_err(|e| format!("{addr}: cannot watch the socket: {e}"))?;
         let (reader, writer) = stream.into_split();
         if self.opts.joinable {
             self.grow_to(src);
@@ -439,7 +437,7 @@ impl Shared {
                 assembly: Assembly::new(self.opts.max_message),
                 scratch: Vec::new(),
             });
-            inbox.link = Link::Up { socket, addr };
+            inbox.link = Link::Up { addr };
             peer.changed.notify_all();
         }
         self.signal_arrival();
@@ -474,9 +472,9 @@ impl Shared {
         if let Link::Down(first) = &inbox.link {
             return first.clone();
         }
-        if let Link::Up { socket, .. } = &inbox.link {
+        if let (Link::Up { .. }, Some(watch)) = (&inbox.link, peer.watch.get()) {
             // Already-broken sockets refuse this too; either way it is closed.
-            let _ = socket.shutdown(Shutdown::Both);
+            let _ = watch.socket.shutdown(Shutdown::Both);
         }
         for lane in lock(&peer.lane_sockets).iter() {
             let _ = lane.shutdown(Shutdown::Both);
@@ -508,8 +506,9 @@ impl Shared {
     /// sent, then answers with its own close, which ends our reader.
     pub(super) fn half_close(&self, src: usize) {
         if let Ok(peer) = self.peer(src) {
-            if let Link::Up { socket, .. } = &lock(&peer.inbox).link {
-                let _ = socket.shutdown(Shutdown::Write);
+            let up = matches!(lock(&peer.inbox).link, Link::Up { .. });
+            if let (true, Some(watch)) = (up, peer.watch.get()) {
+                let _ = watch.socket.shutdown(Shutdown::Write);
             }
         }
     }
