@@ -386,6 +386,11 @@ fn main() -> ExitCode {
         eprintln!("swarmrun: error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    // Not fatal: a rank with few peers needs few descriptors, and one that
+    // runs out says so (EMFILE) where it happens.
+    if let Err(e) = swarmrun::launch::limits::raise_open_files() {
+        tracing::debug!("swarmrun: cannot raise the limit on open files: {e}");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => ExitCode::from(report(&e)),

@@ -54,6 +54,29 @@ fn launch_runs_the_hello_job_with_1_4_and_8_ranks() {
 }
 
 #[test]
+fn a_job_needing_more_open_files_than_the_soft_limit_raises_it_to_the_hard_one() {
+    // 16 ranks over TCP hold four descriptors per peer, 60 and more each:
+    // past a soft limit of 48, which failed such a job with EMFILE in its
+    // handshakes. The hard limit is the host's, untouched.
+    let launch = swarmrun();
+    let mut shell = std::process::Command::new("sh");
+    for (key, value) in launch.get_envs() {
+        match value {
+            Some(value) => shell.env(key, value),
+            None => shell.env_remove(key),
+        };
+    }
+    let out = shell
+        .args(["-c", "ulimit -Sn 48 && exec \"$@\"", "sh"])
+        .arg(launch.get_program())
+        .args(["launch", "-n", "16", "--rdzv", "tcp://127.0.0.1:0"])
+        .arg(repo_file("configs/hello.toml"))
+        .output()
+        .expect("run swarmrun launch under a lowered soft limit");
+    assert_hello_ran(&out, 16);
+}
+
+#[test]
 fn every_output_line_is_whole_and_prefixed_with_rank_and_role() {
     let out = launch_hello(4, "tcp://127.0.0.1:0");
     for line in stdout(&out).lines() {

@@ -2,6 +2,7 @@
 //! `swarmrun rank` (one rank, under any launcher).
 
 pub mod bind;
+pub mod limits;
 pub mod progress;
 pub mod rank;
 mod spawn;
