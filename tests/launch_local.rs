@@ -9,10 +9,17 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn launch_hello(n: usize, rdzv: &str) -> std::process::Output {
-    swarmrun()
+/// `swarmrun launch -n N --rdzv RDZV` of the hello job.
+fn hello_command(n: usize, rdzv: &str) -> std::process::Command {
+    let mut launch = swarmrun();
+    launch
         .args(["launch", "-n", &n.to_string(), "--rdzv", rdzv])
-        .arg(repo_file("configs/hello.toml"))
+        .arg(repo_file("configs/hello.toml"));
+    launch
+}
+
+fn launch_hello(n: usize, rdzv: &str) -> std::process::Output {
+    hello_command(n, rdzv)
         .output()
         .expect("run swarmrun launch")
 }
@@ -53,12 +60,10 @@ fn launch_runs_the_hello_job_with_1_4_and_8_ranks() {
     }
 }
 
-#[test]
-fn a_job_needing_more_open_files_than_the_soft_limit_raises_it_to_the_hard_one() {
-    // 16 ranks over TCP hold four descriptors per peer, 60 and more each:
-    // past a soft limit of 48, which failed such a job with EMFILE in its
-    // handshakes. The hard limit is the host's, untouched.
-    let launch = swarmrun();
+/// [`launch_hello`] under the open-file limits `ulimit` sets from
+/// `limits` (`-Sn 48`: the soft one; `-n 40`: both).
+fn launch_hello_limited(n: usize, limits: &str) -> std::process::Output {
+    let launch = hello_command(n, "tcp://127.0.0.1:0");
     let mut shell = std::process::Command::new("sh");
     for (key, value) in launch.get_envs() {
         match value {
@@ -66,14 +71,33 @@ fn a_job_needing_more_open_files_than_the_soft_limit_raises_it_to_the_hard_one()
             None => shell.env_remove(key),
         };
     }
-    let out = shell
-        .args(["-c", "ulimit -Sn 48 && exec \"$@\"", "sh"])
+    shell
+        .args(["-c", &format!("ulimit {limits} && exec \"$@\""), "sh"])
         .arg(launch.get_program())
-        .args(["launch", "-n", "16", "--rdzv", "tcp://127.0.0.1:0"])
-        .arg(repo_file("configs/hello.toml"))
+        .args(launch.get_args())
         .output()
-        .expect("run swarmrun launch under a lowered soft limit");
-    assert_hello_ran(&out, 16);
+        .expect("run swarmrun launch under lowered limits")
+}
+
+#[test]
+fn a_job_needing_more_open_files_than_the_soft_limit_raises_it_to_the_hard_one() {
+    // 16 ranks over TCP hold four descriptors per peer, 60 and more each:
+    // past a soft limit of 48, which failed such a job with EMFILE in its
+    // handshakes. The hard limit is the host's, untouched.
+    assert_hello_ran(&launch_hello_limited(16, "-Sn 48"), 16);
+}
+
+#[test]
+fn a_job_needing_more_open_files_than_the_hard_limit_is_refused_saying_so() {
+    // 12 ranks need 44 descriptors each for their links alone.
+    let out = launch_hello_limited(12, "-n 40");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let text = stdout(&out) + &stderr(&out);
+    assert!(
+        text.contains("links to 11 peers take about")
+            && text.contains("may hold 40: raise the hard limit on open files"),
+        "{text}"
+    );
 }
 
 #[test]

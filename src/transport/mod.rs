@@ -201,6 +201,20 @@ pub enum TransportError {
     #[error("invalid transport options: {0}")]
     InvalidOptions(String),
 
+    /// A link to every peer would take more open files than this process
+    /// may hold: refused before dialing, where running out halfway failed
+    /// handshakes on both sides and left the job waiting for its connect
+    /// timeout.
+    #[error(
+        "links to {peers} peers take about {needed} open files, and this process may hold \
+         {limit}: raise the hard limit on open files (`ulimit -Hn`)"
+    )]
+    TooManyPeersForOpenFiles {
+        peers: usize,
+        needed: u64,
+        limit: u64,
+    },
+
     /// Local resources failed (the listener, spawning a thread, a shared
     /// memory segment).
     #[error("{during}: {source}")]

@@ -49,6 +49,8 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{getrlimit, Resource};
+
 use super::{Placed, Transport, TransportError};
 use crate::wire::listener::{Listener, Stopper};
 use crate::wire::{deadline_after, AuthStream, FrameKind, FrameWriter, Hello, JobKey, WireError};
@@ -128,6 +130,37 @@ pub struct TcpTransport {
     stop_accepting: Stopper,
 }
 
+/// Open files a link to a peer holds: its reader and writer, the handle it
+/// is shut down by and its reader thread's epoll set; and each extra lane
+/// its socket and the handle it is cut by.
+const FILES_PER_LINK: u64 = 4;
+const FILES_PER_EXTRA_LANE: u64 = 2;
+
+/// Refuses links to `peers` peers over `lanes` lanes each that would take
+/// more open files than this process may hold, counting those it holds
+/// now (`/proc/self/fd`); says nothing where either cannot be read. Only
+/// a certain failure is refused: what a rank opens besides (a handshake's
+/// second handle while it lasts, a checkpoint) is left out of the count.
+fn room_for_links(peers: usize, lanes: usize) -> Result<(), TransportError> {
+    let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return Ok(());
+    };
+    let Ok(open) = std::fs::read_dir("/proc/self/fd") else {
+        return Ok(());
+    };
+    let open = open.count() as u64;
+    let per_peer = FILES_PER_LINK + FILES_PER_EXTRA_LANE * (lanes.max(1) as u64 - 1);
+    let needed = open + per_peer * peers as u64;
+    if needed > limit {
+        return Err(TransportError::TooManyPeersForOpenFiles {
+            peers,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 impl TcpTransport {
     /// Joins the mesh as `rank`. `listener` is this rank's bound listener and
     /// `peers[r]` the address rank `r` listens on (our own entry included,
@@ -145,6 +178,7 @@ impl TcpTransport {
         if rank >= size {
             return Err(TransportError::NoSuchRank { rank, size });
         }
+        room_for_links(size - 1, opts.lanes)?;
         let transport = TcpTransport::listen(rank, size, listener, key, job_name, opts)?;
         let deadline = deadline_after(opts.connect_timeout);
         for (to, addr) in peers.iter().enumerate().take(rank) {
@@ -184,6 +218,7 @@ impl TcpTransport {
             joinable: true,
             ..opts
         };
+        room_for_links(peers.len(), opts.lanes)?;
         let transport = TcpTransport::listen(rank, rank + 1, listener, key, job_name, opts)?;
         let deadline = deadline_after(opts.connect_timeout);
         let dialed: Vec<(usize, Result<(), TransportError>)> = thread::scope(|s| {
