@@ -32,8 +32,9 @@ pub(super) const MAX_RANKS: usize = 1 << 16;
 /// reader thread, which may lend its stream for their payload. With 32
 /// KiB a 64 KiB all-reduce over TCP on 4 ranks took 253 us against 181-198
 /// (the bench's doubling sends it as one frame); 64 KiB spans two
-/// loopback segments, and a 256 KiB all-reduce was 5-10% slower than
-/// with the reader thread alone (noisy: 572-621 us against 515-559).
+/// loopback segments, and a 256 KiB all-reduce looked 5-10% slower than
+/// with the reader thread alone (572-621 us against 515-559), which six
+/// runs each, 8 rounds, did not confirm (502-648 against 522-606).
 const QUEUED_FRAME_MAX: usize = 64 << 10;
 
 pub(super) struct Shared {
