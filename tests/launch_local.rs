@@ -95,7 +95,7 @@ fn a_job_needing_more_open_files_than_the_hard_limit_is_refused_saying_so() {
     let text = stdout(&out) + &stderr(&out);
     assert!(
         text.contains("links to 11 peers take about")
-            && text.contains("may hold 40: raise the hard limit on open files"),
+            && text.contains("may hold 40: raise the limit on open files"),
         "{text}"
     );
 }

@@ -207,7 +207,8 @@ pub enum TransportError {
     /// timeout.
     #[error(
         "links to {peers} peers take about {needed} open files, and this process may hold \
-         {limit}: raise the hard limit on open files (`ulimit -Hn`)"
+         {limit}: raise the limit on open files (`ulimit -n`, and the hard limit, `ulimit -Hn`, \
+         where it is lower)"
     )]
     TooManyPeersForOpenFiles {
         peers: usize,
