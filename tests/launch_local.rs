@@ -80,7 +80,7 @@ fn launch_hello_limited(n: usize, limits: &str) -> std::process::Output {
 }
 
 #[test]
-fn a_job_needing_more_open_files_than_the_soft_limit_raises_it_to_the_hard_one() {
+fn a_job_needing_more_open_files_than_the_soft_limit_raises_the_limit_and_runs() {
     // 16 ranks over TCP hold four descriptors per peer, 60 and more each:
     // past a soft limit of 48, which failed such a job with EMFILE in its
     // handshakes. The hard limit is the host's, untouched.

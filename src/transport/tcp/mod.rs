@@ -148,7 +148,8 @@ fn room_for_links(peers: usize, lanes: usize) -> Result<(), TransportError> {
     let Ok(open) = std::fs::read_dir("/proc/self/fd") else {
         return Ok(());
     };
-    let open = open.count() as u64;
+    // Less the one the listing itself holds open.
+    let open = open.count().saturating_sub(1) as u64;
     let per_peer = FILES_PER_LINK + FILES_PER_EXTRA_LANE * (lanes.max(1) as u64 - 1);
     let needed = open + per_peer * peers as u64;
     if needed > limit {
