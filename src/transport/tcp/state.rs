@@ -799,25 +799,32 @@ impl Shared {
         let Some(watch) = peer.watch.get() else {
             return;
         };
+        // Whether the reader holds bytes it read ahead, which the socket
+        // no longer signals. It changes only in this thread's turns (a
+        // stream lent to a receive comes back before `pump_one` returns;
+        // a receive reading a queued frame reads the socket itself, not
+        // this buffer), so it is looked at once a turn; the handshake may
+        // have left some before the first.
+        let mut buffered = true;
         loop {
-            let buffered = match lock(&peer.pump).as_ref() {
-                Some(pump) => pump.reader.has_buffered(),
-                // A receive reading the link ended it.
-                None => return,
-            };
             if !buffered {
                 watch.wait();
             }
             let mut held = lock(&peer.pump);
+            // None: a receive reading the link ended it.
             let Some(pump) = held.take() else {
                 return;
             };
-            if !pump.reader.has_buffered() && !readable(&watch.socket) {
+            buffered = pump.reader.has_buffered();
+            if !buffered && !readable(&watch.socket) {
                 *held = Some(pump);
                 continue;
             }
             match self.pump_one(src, pump) {
-                Ok(pump) => *held = Some(pump),
+                Ok(pump) => {
+                    buffered = pump.reader.has_buffered();
+                    *held = Some(pump);
+                }
                 Err(loss) => {
                     drop(held);
                     self.mark_lost(src, loss);
