@@ -16,6 +16,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The accepting end: [`Listener::accept`] blocks until a connection
 /// comes or the [`Stopper`] stops it.
@@ -81,11 +82,118 @@ impl Stopper {
     }
 }
 
+/// How often a streak of failed accepts is summed up while it lasts.
+const FAILED_ACCEPTS_SAID_EVERY: Duration = Duration::from_secs(10);
+
+/// What an accept loop says about its failed accepts: the first of a
+/// streak, then one line every [`FAILED_ACCEPTS_SAID_EVERY`] with how many
+/// failed, and one when accepts work again.
+///
+/// Why: a loop that backs off 20 ms after each failure and logs each one
+/// wrote fifty identical lines a second for as long as the process was out
+/// of descriptors (`EMFILE`), burying whatever else the rank said.
+#[derive(Debug, Default)]
+pub struct FailedAccepts {
+    streak: Option<Streak>,
+}
+
+#[derive(Debug)]
+struct Streak {
+    began: Instant,
+    failed: u64,
+    /// Failures since the last line said, and when that was.
+    unsaid: u64,
+    said: Instant,
+}
+
+impl FailedAccepts {
+    /// An accept failed with `error` at `now`: the line to log, if one is
+    /// due.
+    pub fn failed(&mut self, error: &io::Error, now: Instant) -> Option<String> {
+        let Some(streak) = &mut self.streak else {
+            self.streak = Some(Streak {
+                began: now,
+                failed: 1,
+                unsaid: 0,
+                said: now,
+            });
+            return Some(format!("accept failed: {error} (retrying)"));
+        };
+        streak.failed += 1;
+        streak.unsaid += 1;
+        if now.saturating_duration_since(streak.said) < FAILED_ACCEPTS_SAID_EVERY {
+            return None;
+        }
+        let line = format!(
+            "accept still failing: {error} ({} more failures in {:.0} s, {} since the first {:.0} s ago)",
+            streak.unsaid,
+            now.saturating_duration_since(streak.said).as_secs_f64(),
+            streak.failed,
+            now.saturating_duration_since(streak.began).as_secs_f64(),
+        );
+        streak.unsaid = 0;
+        streak.said = now;
+        Some(line)
+    }
+
+    /// An accept worked at `now`: the line that ends a streak of more than
+    /// one failure, if there was one.
+    pub fn accepted(&mut self, now: Instant) -> Option<String> {
+        let streak = self.streak.take()?;
+        (streak.failed > 1).then(|| {
+            format!(
+                "accepting again after {} failed accepts over {:.1} s",
+                streak.failed,
+                now.saturating_duration_since(streak.began).as_secs_f64()
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::mpsc;
     use std::thread;
+
+    fn out_of_files() -> io::Error {
+        io::Error::from_raw_os_error(libc::EMFILE)
+    }
+
+    #[test]
+    fn a_streak_of_failed_accepts_is_said_once_then_summed_up_every_ten_seconds() {
+        let mut failures = FailedAccepts::default();
+        let start = Instant::now();
+        let first = failures.failed(&out_of_files(), start).unwrap();
+        assert!(first.contains("Too many open files"), "{first}");
+        // Fifty a second for just under ten seconds: nothing more said.
+        let mut said = Vec::new();
+        for i in 1..500u64 {
+            let at = start + Duration::from_millis(20 * i);
+            said.extend(failures.failed(&out_of_files(), at));
+        }
+        assert!(said.is_empty(), "{said:?}");
+        let at = start + Duration::from_secs(10);
+        let summary = failures.failed(&out_of_files(), at).unwrap();
+        assert!(
+            summary.contains("500 more failures in 10 s, 501 since the first 10 s ago"),
+            "{summary}"
+        );
+        let at = start + Duration::from_millis(10_500);
+        let back = failures.accepted(at).unwrap();
+        assert_eq!(back, "accepting again after 501 failed accepts over 10.5 s");
+        assert_eq!(failures.accepted(at), None, "the streak is over");
+    }
+
+    #[test]
+    fn a_single_failed_accept_is_said_once_and_its_recovery_not_at_all() {
+        let mut failures = FailedAccepts::default();
+        let start = Instant::now();
+        assert!(failures.failed(&out_of_files(), start).is_some());
+        assert_eq!(failures.accepted(start), None);
+        let again = failures.failed(&out_of_files(), start + Duration::from_secs(1));
+        assert!(again.is_some(), "a new streak is said again");
+    }
 
     #[test]
     fn a_stopped_listener_ends_its_blocked_accept_and_stops_listening() {

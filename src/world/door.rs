@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::rendezvous::{decode_line, encode_line, Blame};
 use super::{Endpoint, PeerInfo, RendezvousError, World};
-use crate::wire::listener::{Listener, Stopper};
+use crate::wire::listener::{FailedAccepts, Listener, Stopper};
 use crate::wire::{AuthStream, FrameKind, Hello, JobKey, StreamOptions};
 
 /// The rank a joiner claims in its handshake: it has none yet.
@@ -108,16 +108,22 @@ impl Door {
             .name("swarmrun-door".into())
             .spawn(move || {
                 let mut knocks: Vec<JoinHandle<()>> = Vec::new();
+                let mut failures = FailedAccepts::default();
                 while let Some(accepted) = listener.accept() {
                     knocks.retain(|k| !k.is_finished());
                     let (stream, addr) = match accepted {
                         Ok(pair) => pair,
                         Err(e) => {
-                            tracing::warn!("swarmrun: join door: accept failed: {e}");
+                            if let Some(line) = failures.failed(&e, Instant::now()) {
+                                tracing::warn!("swarmrun: join door: {line}");
+                            }
                             thread::sleep(ACCEPT_BACKOFF);
                             continue;
                         }
                     };
+                    if let Some(line) = failures.accepted(Instant::now()) {
+                        tracing::warn!("swarmrun: join door: {line}");
+                    }
                     if knocks.len() >= MAX_KNOCKS {
                         tracing::warn!(
                             "swarmrun: join door: refused {addr}: too many knocks at once"

@@ -5,10 +5,10 @@ use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::state::{lock, Shared, MAX_RANKS};
-use crate::wire::listener::Listener;
+use crate::wire::listener::{FailedAccepts, Listener};
 use crate::wire::AuthStream;
 
 /// How long the acceptor backs off after a failed accept (out of file
@@ -33,6 +33,7 @@ type AbortHandle = Arc<Mutex<Option<TcpStream>>>;
 /// Admits connections until the transport's shutdown stops `listener`.
 pub(super) fn accept_loop(shared: Arc<Shared>, listener: Listener) {
     let mut pending: Vec<Pending> = Vec::new();
+    let mut failures = FailedAccepts::default();
     while let Some(accepted) = listener.accept() {
         let (done, running): (Vec<_>, Vec<_>) =
             pending.into_iter().partition(|p| p.thread.is_finished());
@@ -42,6 +43,9 @@ pub(super) fn accept_loop(shared: Arc<Shared>, listener: Listener) {
         });
         match accepted {
             Ok((stream, addr)) => {
+                if let Some(line) = failures.accepted(Instant::now()) {
+                    shared.log(format_args!("{line}"));
+                }
                 if pending.len() >= MAX_PENDING_HANDSHAKES {
                     shared.log(format_args!(
                         "rejected connection from {addr}: too many handshakes in progress"
@@ -56,7 +60,9 @@ pub(super) fn accept_loop(shared: Arc<Shared>, listener: Listener) {
                 }
             }
             Err(e) => {
-                shared.log(format_args!("accept failed: {e}"));
+                if let Some(line) = failures.failed(&e, Instant::now()) {
+                    shared.log(format_args!("{line}"));
+                }
                 thread::sleep(ACCEPT_BACKOFF);
             }
         }
