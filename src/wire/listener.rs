@@ -86,8 +86,8 @@ impl Stopper {
 const FAILED_ACCEPTS_SAID_EVERY: Duration = Duration::from_secs(10);
 
 /// What an accept loop says about its failed accepts: the first of a
-/// streak, then one line every ten seconds with how many
-/// failed, and one when accepts work again.
+/// streak, then one line every ten seconds with how many failed, and one
+/// when accepts work again.
 ///
 /// Why: a loop that backs off 20 ms after each failure and logs each one
 /// wrote fifty identical lines a second for as long as the process was out
