@@ -4,7 +4,8 @@
 //!
 //! - [`Router::route_batch`] picks one miner per stage at random with probability
 //!   proportional to its measured throughput, so a fast miner gets more
-//!   work and a slow one still gets some (and keeps being measured).
+//!   work and a slow one still gets some (and keeps being measured); a
+//!   difference within the noise of the measurements is no difference.
 //! - [`Router::rebalance`] moves one miner from the stage with the most
 //!   spare capacity to the bottleneck stage, between windows, when that
 //!   raises the pipeline's throughput (the slowest stage's capacity).
@@ -38,6 +39,10 @@ const MIN_STAGE_MINERS: usize = 2;
 const REBALANCE_SAMPLES: u32 = 8;
 /// Weight of a new measurement in the moving average.
 const EMA: f64 = 0.3;
+/// Standard errors of its moving average by which a miner's throughput
+/// must stand off its stage's mean before routing follows it (see
+/// [`StageView::route_weight`]).
+const ROUTE_NOISE_SIGMAS: f64 = 2.0;
 
 /// One miner as the router sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +53,22 @@ pub struct Miner {
     /// Measurements since it joined or last moved.
     #[serde(default)]
     pub samples: u32,
+    /// Moving variance of its measured rates, beside `throughput` (with
+    /// the same weight): how far one measurement strays from the average.
+    #[serde(default)]
+    pub rate_variance: f64,
+}
+
+impl Miner {
+    /// A miner of `stage` whose speed there is not measured yet.
+    fn unmeasured(stage: usize) -> Miner {
+        Miner {
+            stage,
+            throughput: None,
+            samples: 0,
+            rate_variance: 0.0,
+        }
+    }
 }
 
 /// A miner moved between stages by [`Router::rebalance`].
@@ -85,16 +106,7 @@ impl Router {
             stages,
             miners: assignment
                 .iter()
-                .map(|&(rank, stage)| {
-                    (
-                        rank,
-                        Miner {
-                            stage,
-                            throughput: None,
-                            samples: 0,
-                        },
-                    )
-                })
+                .map(|&(rank, stage)| (rank, Miner::unmeasured(stage)))
                 .collect(),
             rng: SplitMix64::new(seed, 0x524f_5554_4552),
         }
@@ -164,7 +176,7 @@ impl Router {
         let view = self.view();
         let mut by_stage = vec![Vec::new(); self.stages];
         for (&rank, m) in self.miners.iter().filter(|(_, m)| m.stage < self.stages) {
-            by_stage[m.stage].push((rank, view.weight(m)));
+            by_stage[m.stage].push((rank, view.route_weight(m)));
         }
         by_stage
     }
@@ -210,7 +222,11 @@ impl Router {
         let rate = 1.0 / seconds;
         m.samples = m.samples.saturating_add(1);
         m.throughput = Some(match m.throughput {
-            Some(old) => (1.0 - EMA) * old + EMA * rate,
+            Some(old) => {
+                let off = rate - old;
+                m.rate_variance = (1.0 - EMA) * (m.rate_variance + EMA * off * off);
+                (1.0 - EMA) * old + EMA * rate
+            }
             None => rate,
         });
     }
@@ -218,24 +234,15 @@ impl Router {
     /// Adds a miner of `stage` unless `rank` is known (as when a run resumes
     /// with every miner back, some of which had left before the checkpoint).
     pub fn join(&mut self, rank: usize, stage: usize) {
-        self.miners.entry(rank).or_insert(Miner {
-            stage,
-            throughput: None,
-            samples: 0,
-        });
+        self.miners
+            .entry(rank)
+            .or_insert_with(|| Miner::unmeasured(stage));
     }
 
     /// Puts `rank` on `stage` (a newcomer, or a miner that moves), its
     /// speed there unmeasured.
     pub fn place(&mut self, rank: usize, stage: usize) {
-        self.miners.insert(
-            rank,
-            Miner {
-                stage,
-                throughput: None,
-                samples: 0,
-            },
-        );
+        self.miners.insert(rank, Miner::unmeasured(stage));
     }
 
     /// The stage of `allowed` (empty: any) a new miner of unknown speed
@@ -313,10 +320,8 @@ impl Router {
         }
         let (mv, _) = best?;
         if let Some(m) = self.miners.get_mut(&mv.rank) {
-            m.stage = mv.to;
             // Its speed on the new stage is unknown.
-            m.throughput = None;
-            m.samples = 0;
+            *m = Miner::unmeasured(mv.to);
         }
         Some(mv)
     }
@@ -337,6 +342,27 @@ impl StageView {
     /// it gets work and is measured instead of being starved.
     fn weight(&self, m: &Miner) -> f64 {
         m.throughput.unwrap_or(self.means[m.stage])
+    }
+
+    /// A miner's weight in routing: its [`weight`](StageView::weight)
+    /// where that stands off its stage's mean by more than
+    /// [`ROUTE_NOISE_SIGMAS`] standard errors of its moving average, else
+    /// the mean. Why: on a host whose miners share cores, one pass's time
+    /// says as much about who else ran as about the miner, and routing by
+    /// the raw averages split 19 of a 60-window quickstart's windows 5 to
+    /// 3 between two miners of the same speed, so the stage waited on
+    /// one miner's fifth pass while the other idled (`BENCHMARKS.md`).
+    /// Measurements that agree (a `[[faults.slow]]` factor, a model clock,
+    /// a slower machine over its passes) keep the split they show.
+    fn route_weight(&self, m: &Miner) -> f64 {
+        let (own, mean) = (self.weight(m), self.means[m.stage]);
+        // The standard error of an exponential moving average of weight
+        // `EMA` over samples of this variance.
+        let noise = (m.rate_variance * EMA / (2.0 - EMA)).sqrt();
+        match (own - mean).abs() > ROUTE_NOISE_SIGMAS * noise {
+            true => own,
+            false => mean,
+        }
     }
 
     /// The microbatches per second miner `m` (`w` on its own stage) would
@@ -491,6 +517,36 @@ mod tests {
         r.remove(3);
         r.remove(4);
         assert_eq!(r.route_batch(1), None);
+    }
+
+    #[test]
+    fn miners_of_one_speed_whose_passes_scatter_split_a_window_evenly() {
+        let mut r = two_stages();
+        // Both take 0.1 s a pass on average, each pass 0.07-0.13 s as the
+        // host's other work comes and goes; miner 1's last passes were
+        // quick and miner 2's slow, so their averages stand 29% apart,
+        // which split 8 microbatches 5 to 3.
+        let quick_last = [0.13, 0.07, 0.12, 0.08, 0.11, 0.07, 0.07];
+        let slow_last = [0.07, 0.13, 0.08, 0.12, 0.09, 0.13, 0.13];
+        for (quick, slow) in quick_last.iter().zip(&slow_last) {
+            r.observe(1, *quick);
+            r.observe(2, *slow);
+        }
+        let on_1 = |r: &mut Router, n| {
+            r.route_batch(n)
+                .unwrap()
+                .iter()
+                .filter(|p| p[0] == 1)
+                .count()
+        };
+        assert_eq!(on_1(&mut r, 8), 4);
+        // Miner 2 twice as slow over the same scatter: that shows, and
+        // the window follows it.
+        for (quick, slow) in quick_last.iter().zip(&slow_last) {
+            r.observe(1, *quick);
+            r.observe(2, 2.0 * slow);
+        }
+        assert_eq!(on_1(&mut r, 9), 7);
     }
 
     #[test]

@@ -806,8 +806,8 @@ mod tests {
     /// The wire version and the digest of the messages' shape at that
     /// version (see [`shape`]).
     const PINNED: (u8, &str) = (
-        5,
-        "21050f90d3a018c88d662665aa67e8fb9e7d3e7d36148df5c6fea5dfc98b95f8",
+        6,
+        "ec26e739873d9d7aae933598949f56b0396861f870bc7626fdd90932099be1f5",
     );
 
     /// The serde shape of every message roles send each other, and of

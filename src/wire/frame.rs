@@ -32,8 +32,9 @@ pub const MAGIC: [u8; 4] = *b"SWRM";
 /// audits later (2: lanes in the hello, stripe frames; 3: Noise
 /// handshake, encrypted frames; 4: loopback links unsealed, the key
 /// confirmation's tag saying so; 5: audit tasks say whether the validator
-/// holds the stage's weights).
-pub const VERSION: u8 = 5;
+/// holds the stage's weights; 6: the router's state, which a standby
+/// orchestrator takes over, carries each miner's rate variance).
+pub const VERSION: u8 = 6;
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 18;
