@@ -17,12 +17,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::prometheus::Tallies;
 use crate::roles::WindowReport;
 use crate::status::{StatusBoard, PAGE};
-use crate::wire::listener::{FailedAccepts, Listener, Stopper};
+use crate::wire::listener::{Listener, Stopper};
 
 /// How long one client may take to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,7 +121,7 @@ impl Drop for Monitor {
 
 fn accept_loop(listener: &Listener, rendered: &Arc<Mutex<Rendered>>, client_timeout: Duration) {
     let clients = Arc::new(AtomicUsize::new(0));
-    let mut failures = FailedAccepts::default();
+    let say = |line: &str| tracing::warn!("swarmrun: status page: {line}");
     loop {
         // At the limit, newcomers wait in the listen queue until a client
         // is done or times out.
@@ -132,20 +132,9 @@ fn accept_loop(listener: &Listener, rendered: &Arc<Mutex<Rendered>>, client_time
             thread::sleep(ACCEPT_BACKOFF);
             continue;
         }
-        let stream = match listener.accept() {
-            None => return,
-            Some(Ok((stream, _))) => stream,
-            Some(Err(e)) => {
-                if let Some(line) = failures.failed(&e, Instant::now()) {
-                    tracing::warn!("swarmrun: status page: {line}");
-                }
-                thread::sleep(ACCEPT_BACKOFF);
-                continue;
-            }
+        let Some((stream, _)) = listener.accept_or_back_off(ACCEPT_BACKOFF, say) else {
+            return;
         };
-        if let Some(line) = failures.accepted(Instant::now()) {
-            tracing::warn!("swarmrun: status page: {line}");
-        }
         clients.fetch_add(1, Ordering::SeqCst);
         let (rendered, left) = (Arc::clone(rendered), Arc::clone(&clients));
         let spawned = thread::Builder::new()

@@ -70,6 +70,35 @@ impl Listener {
             }
         }
     }
+
+    /// The next connection, backing off `backoff` after each failed
+    /// accept (out of descriptors and the like) and telling `say` of the
+    /// failures: the first, a count every ten seconds, and the accept that
+    /// ends them (see `FailedAccepts`); `None` once stopped. A streak of
+    /// failures is the span of one call.
+    pub fn accept_or_back_off(
+        &self,
+        backoff: Duration,
+        mut say: impl FnMut(&str),
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let mut failures = FailedAccepts::default();
+        loop {
+            match self.accept()? {
+                Ok(pair) => {
+                    if let Some(line) = failures.accepted(Instant::now()) {
+                        say(&line);
+                    }
+                    return Some(pair);
+                }
+                Err(e) => {
+                    if let Some(line) = failures.failed(&e, Instant::now()) {
+                        say(&line);
+                    }
+                    std::thread::sleep(backoff);
+                }
+            }
+        }
+    }
 }
 
 impl Stopper {
@@ -93,7 +122,7 @@ const FAILED_ACCEPTS_SAID_EVERY: Duration = Duration::from_secs(10);
 /// wrote fifty identical lines a second for as long as the process was out
 /// of descriptors (`EMFILE`), burying whatever else the rank said.
 #[derive(Debug, Default)]
-pub struct FailedAccepts {
+struct FailedAccepts {
     streak: Option<Streak>,
 }
 
@@ -109,7 +138,7 @@ struct Streak {
 impl FailedAccepts {
     /// An accept failed with `error` at `now`: the line to log, if one is
     /// due.
-    pub fn failed(&mut self, error: &io::Error, now: Instant) -> Option<String> {
+    fn failed(&mut self, error: &io::Error, now: Instant) -> Option<String> {
         let Some(streak) = &mut self.streak else {
             self.streak = Some(Streak {
                 began: now,
@@ -138,7 +167,7 @@ impl FailedAccepts {
 
     /// An accept worked at `now`: the line that ends a streak of more than
     /// one failure, if there was one.
-    pub fn accepted(&mut self, now: Instant) -> Option<String> {
+    fn accepted(&mut self, now: Instant) -> Option<String> {
         let streak = self.streak.take()?;
         (streak.failed > 1).then(|| {
             format!(

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::rendezvous::{decode_line, encode_line, Blame};
 use super::{Endpoint, PeerInfo, RendezvousError, World};
-use crate::wire::listener::{FailedAccepts, Listener, Stopper};
+use crate::wire::listener::{Listener, Stopper};
 use crate::wire::{AuthStream, FrameKind, Hello, JobKey, StreamOptions};
 
 /// The rank a joiner claims in its handshake: it has none yet.
@@ -108,22 +108,9 @@ impl Door {
             .name("swarmrun-door".into())
             .spawn(move || {
                 let mut knocks: Vec<JoinHandle<()>> = Vec::new();
-                let mut failures = FailedAccepts::default();
-                while let Some(accepted) = listener.accept() {
+                let say = |line: &str| tracing::warn!("swarmrun: join door: {line}");
+                while let Some((stream, addr)) = listener.accept_or_back_off(ACCEPT_BACKOFF, say) {
                     knocks.retain(|k| !k.is_finished());
-                    let (stream, addr) = match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            if let Some(line) = failures.failed(&e, Instant::now()) {
-                                tracing::warn!("swarmrun: join door: {line}");
-                            }
-                            thread::sleep(ACCEPT_BACKOFF);
-                            continue;
-                        }
-                    };
-                    if let Some(line) = failures.accepted(Instant::now()) {
-                        tracing::warn!("swarmrun: join door: {line}");
-                    }
                     if knocks.len() >= MAX_KNOCKS {
                         tracing::warn!(
                             "swarmrun: join door: refused {addr}: too many knocks at once"

@@ -5,10 +5,10 @@ use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::state::{lock, Shared, MAX_RANKS};
-use crate::wire::listener::{FailedAccepts, Listener};
+use crate::wire::listener::Listener;
 use crate::wire::AuthStream;
 
 /// How long the acceptor backs off after a failed accept (out of file
@@ -33,37 +33,24 @@ type AbortHandle = Arc<Mutex<Option<TcpStream>>>;
 /// Admits connections until the transport's shutdown stops `listener`.
 pub(super) fn accept_loop(shared: Arc<Shared>, listener: Listener) {
     let mut pending: Vec<Pending> = Vec::new();
-    let mut failures = FailedAccepts::default();
-    while let Some(accepted) = listener.accept() {
+    let say = |line: &str| shared.log(format_args!("{line}"));
+    while let Some((stream, addr)) = listener.accept_or_back_off(ACCEPT_BACKOFF, say) {
         let (done, running): (Vec<_>, Vec<_>) =
             pending.into_iter().partition(|p| p.thread.is_finished());
         pending = running;
         done.into_iter().for_each(|p| {
             let _ = p.thread.join();
         });
-        match accepted {
-            Ok((stream, addr)) => {
-                if let Some(line) = failures.accepted(Instant::now()) {
-                    shared.log(format_args!("{line}"));
-                }
-                if pending.len() >= MAX_PENDING_HANDSHAKES {
-                    shared.log(format_args!(
-                        "rejected connection from {addr}: too many handshakes in progress"
-                    ));
-                    continue;
-                }
-                match start_handshake(&shared, stream) {
-                    Ok(started) => pending.push(started),
-                    Err(e) => {
-                        shared.log(format_args!("rejected connection from {addr}: {e}"));
-                    }
-                }
-            }
+        if pending.len() >= MAX_PENDING_HANDSHAKES {
+            shared.log(format_args!(
+                "rejected connection from {addr}: too many handshakes in progress"
+            ));
+            continue;
+        }
+        match start_handshake(&shared, stream) {
+            Ok(started) => pending.push(started),
             Err(e) => {
-                if let Some(line) = failures.failed(&e, Instant::now()) {
-                    shared.log(format_args!("{line}"));
-                }
-                thread::sleep(ACCEPT_BACKOFF);
+                shared.log(format_args!("rejected connection from {addr}: {e}"));
             }
         }
     }
